@@ -1,0 +1,34 @@
+//! `medvlm bench ...`: benchmarks. Speed and memory are claimed here, never in tests.
+
+pub mod embed;
+pub mod fewshot;
+pub mod io;
+pub mod phantoms;
+
+/// Benchmarks.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum BenchCommand {
+    /// Image-embedding throughput and peak memory of a full-size architecture (random weights).
+    Embed(embed::Args),
+    /// Few-shot sweep of adaptation methods over shots and seeds.
+    Fewshot(fewshot::Args),
+    /// Decode + preprocess throughput of medical files.
+    Io(io::Args),
+    /// Phantom generation speed.
+    Phantoms(phantoms::Args),
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Embed(a) => embed::run(a),
+        BenchCommand::Fewshot(a) => fewshot::run(a),
+        BenchCommand::Io(a) => io::run(a),
+        BenchCommand::Phantoms(a) => phantoms::run(a),
+    }
+}

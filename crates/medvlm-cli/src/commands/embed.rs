@@ -1,0 +1,9 @@
+//! `medvlm embed`: not implemented yet (issue #2).
+
+/// Arguments of `medvlm embed`.
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`medvlm embed` is not available yet (issue #2)")
+}

@@ -1,0 +1,92 @@
+//! `medvlm`: adapt vision-language foundation models to medical image analysis.
+//!
+//! Each subcommand lives in its own module under `commands/`, with a clap
+//! `Args` struct and a `run` function; this file only wires them together and
+//! turns errors into a message and a non-zero exit code (never a panic).
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "medvlm",
+    version,
+    about = "Adapt vision-language foundation models (CLIP, SigLIP, BiomedCLIP, ...) to medical images",
+    long_about = "Adapt vision-language foundation models to medical image analysis: load published \
+                  VLMs, read DICOM/NIfTI/PNG data, adapt with zero-shot prompting, prompt learning, \
+                  adapters, fine-tuning or continued pretraining, evaluate honestly, and serve.\n\n\
+                  Start with `medvlm quickstart`: fully offline, on a built-in phantom benchmark."
+)]
+struct Cli {
+    /// Log more (repeat for debug output); logs go to stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Offline first run: phantom data, pretrain a small CLIP, evaluate, write a report.
+    Quickstart(commands::quickstart::Args),
+    /// List presets of known medical VLMs (hub id, family, input size, licence).
+    Models(commands::models::Args),
+    /// Write image (and text) embeddings of a model to safetensors.
+    Embed(commands::embed::Args),
+    /// Zero-shot classification of images with class names or prompts.
+    ZeroShot(commands::zero_shot::Args),
+    /// Convert a DICOM / NIfTI / image file to PNG or NumPy .npy (with windowing).
+    Convert(commands::convert::Args),
+    /// Dataset tools: validate manifests.
+    Data(commands::data::Args),
+    /// Synthetic phantom benchmark.
+    Phantoms(commands::phantoms::Args),
+    /// Contrastive (CLIP / SigLIP) pretraining from a TOML config.
+    Pretrain(commands::pretrain::Args),
+    /// Encoder fine-tuning (full, partial, BitFit, LoRA) from a TOML config.
+    Finetune(commands::finetune::Args),
+    /// Adapt a model to a labelled few-shot support set with one method.
+    Adapt(commands::adapt::Args),
+    /// Predict with an adapted model.
+    Predict(commands::predict::Args),
+    /// Benchmarks (throughput, memory, few-shot sweeps).
+    Bench(commands::bench::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Quickstart(a) => commands::quickstart::run(a),
+        Command::Models(a) => commands::models::run(a),
+        Command::Embed(a) => commands::embed::run(a),
+        Command::ZeroShot(a) => commands::zero_shot::run(a),
+        Command::Convert(a) => commands::convert::run(a),
+        Command::Data(a) => commands::data::run(a),
+        Command::Phantoms(a) => commands::phantoms::run(a),
+        Command::Pretrain(a) => commands::pretrain::run(a),
+        Command::Finetune(a) => commands::finetune::run(a),
+        Command::Adapt(a) => commands::adapt::run(a),
+        Command::Predict(a) => commands::predict::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MEDVLM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
