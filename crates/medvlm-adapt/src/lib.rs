@@ -1,1 +1,10 @@
-//! medvlm-adapt
+//! medvlm-adapt: adapting VLMs. The training engine (losses, optimisers,
+//! schedules, checkpoints) and the five adaptation strategies, one file per
+//! method under `methods/`, behind the shared traits in `method`.
+
+pub mod checkpoint;
+pub mod fewshot;
+pub mod losses;
+pub mod method;
+pub mod methods;
+pub mod optim;

@@ -1,0 +1,1 @@
+//! fewshot (to be written).
