@@ -1,1 +1,24 @@
-//! medvlm-eval
+//! medvlm-eval: model-independent evaluation for medvlm.
+//!
+//! Metrics are plain Rust over `&[f32]` / `&[usize]` slices (row-major matrices where a matrix
+//! is needed) and return serde-serialisable structs; plots are drawn with `plotters` (SVG and
+//! PNG); [`report::Report`] assembles a self-contained HTML report.
+//!
+//! * [`classification`]: accuracy, balanced accuracy, macro-F1, confusion matrix.
+//! * [`auroc`]: exact (Mann-Whitney) AUROC, one-vs-rest and multi-label.
+//! * [`multilabel`]: macro/micro F1 at a threshold.
+//! * [`calibration`]: expected calibration error and reliability diagrams.
+//! * [`conformal`]: split-conformal APS and RAPS prediction sets.
+//! * [`retrieval`]: image-text recall@K.
+//! * [`fewshot_table`]: mean ± std tables over seeds.
+
+pub mod auroc;
+pub mod calibration;
+pub mod classification;
+pub mod conformal;
+pub mod error;
+pub mod fewshot_table;
+pub mod multilabel;
+pub mod retrieval;
+
+pub use error::{EvalError, Result};
