@@ -1,1 +1,25 @@
-//! medvlm-models
+//! medvlm-models: vision-language model families on candle.
+//!
+//! - [`clip`]: HF `CLIPModel` (OpenAI CLIP, PubMedCLIP, PLIP);
+//! - [`siglip`]: HF `SiglipModel` (SigLIP, MedSigLIP);
+//! - [`biomedclip`]: open_clip layout with a timm ViT ([`timm_vit`]) and an HF
+//!   BERT text tower ([`bert`]);
+//! - [`weights`]: safetensors / PyTorch pickle loading with name/shape checks;
+//! - [`vlm`]: the common trait and the extension points for adaptation;
+//! - [`linear`]: wrappable linear layers (LoRA, adapters, BitFit).
+
+pub mod bert;
+pub mod biomedclip;
+pub mod error;
+pub mod linear;
+pub mod timm_vit;
+pub mod vlm;
+pub mod weights;
+
+pub use error::{ModelError, Result};
+pub use linear::{LinearLayer, LinearLayers, LinearWrapper};
+pub use vlm::{
+    Family, ImageEncoder, TextEncoder, TextOutput, TextPrompt, TokenBatch, VisionLanguageModel,
+    VisionOutput, VisualPrompts,
+};
+pub use weights::{LoadMode, WeightFile};

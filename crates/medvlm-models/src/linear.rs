@@ -1,0 +1,187 @@
+//! [`LinearLayer`]: a linear map `y = x Wᵀ + b` that parameter-efficient
+//! methods can wrap without touching the model code.
+//!
+//! Every attention projection (q, k, v, out) and MLP layer (fc1, fc2) of the
+//! medvlm model families is a `LinearLayer`, addressable by its checkpoint
+//! module path (e.g. `text_model.encoder.layers.3.self_attn.q_proj`).
+//! A [`LinearWrapper`] sees the layer input and the output computed so far and
+//! returns a new output, which covers:
+//! - LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
+//!   Models"): `y + (α/r) · x Aᵀ Bᵀ`;
+//! - bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer
+//!   Learning for NLP"): `y + f(y)`;
+//! - BitFit (Ben Zaken et al. 2022) trains only biases: [`LinearLayer::set_bias`]
+//!   swaps in a `Var` when the model was loaded frozen (when it was loaded
+//!   trainable, every bias already is a `Var` in the model's `VarMap`).
+//!
+//! Wrappers run in the order they were pushed; with none the layer is exactly
+//! `candle_nn::Linear`.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+/// A modification of a linear layer's output (LoRA, adapters, ...).
+pub trait LinearWrapper: Send + Sync + std::fmt::Debug {
+    /// Short name of the method, for listings (e.g. `"lora"`).
+    fn kind(&self) -> &str;
+    /// `x`: the layer input `[.., in]`; `y`: the output so far `[.., out]`.
+    /// Returns the new output, same shape as `y`.
+    fn forward(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor>;
+    /// Downcasting, so a method can find its own wrappers again (e.g. to merge LoRA).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A linear layer `y = x Wᵀ + b` (weight `[out, in]`, PyTorch layout) with
+/// optional wrappers, named by its checkpoint module path.
+#[derive(Clone, Debug)]
+pub struct LinearLayer {
+    path: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    wrappers: Vec<Arc<dyn LinearWrapper>>,
+}
+
+impl LinearLayer {
+    /// A layer from tensors; `path` is its module path (used to address it).
+    pub fn new(path: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            path: path.into(),
+            weight,
+            bias,
+            wrappers: Vec::new(),
+        }
+    }
+
+    /// Load `{prefix}.weight` `[out, in]` and, if `bias`, `{prefix}.bias` `[out]`.
+    pub fn load(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> candle_core::Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self::new(vb.prefix(), weight, bias))
+    }
+
+    /// Module path, e.g. `vision_model.encoder.layers.0.mlp.fc1`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    /// The weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    /// The bias `[out]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.weight.dims().get(1).copied().unwrap_or(0)
+    }
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+    /// Replace the weight (e.g. after merging LoRA). Shape must stay `[out, in]`.
+    pub fn set_weight(&mut self, weight: Tensor) -> candle_core::Result<()> {
+        if weight.dims() != self.weight.dims() {
+            candle_core::bail!(
+                "{}: new weight shape {:?} differs from {:?}",
+                self.path,
+                weight.dims(),
+                self.weight.dims()
+            )
+        }
+        self.weight = weight;
+        Ok(())
+    }
+    /// Replace the bias (e.g. with a `Var` for BitFit). Shape must be `[out]`.
+    pub fn set_bias(&mut self, bias: Option<Tensor>) -> candle_core::Result<()> {
+        if let Some(b) = &bias {
+            if b.dims() != [self.out_features()] {
+                candle_core::bail!(
+                    "{}: bias shape {:?}, expected [{}]",
+                    self.path,
+                    b.dims(),
+                    self.out_features()
+                )
+            }
+        }
+        self.bias = bias;
+        Ok(())
+    }
+    /// Append a wrapper (applied after the ones already present).
+    pub fn push_wrapper(&mut self, wrapper: Arc<dyn LinearWrapper>) {
+        self.wrappers.push(wrapper);
+    }
+    /// The wrappers, in application order.
+    pub fn wrappers(&self) -> &[Arc<dyn LinearWrapper>] {
+        &self.wrappers
+    }
+    /// Remove all wrappers and return them.
+    pub fn take_wrappers(&mut self) -> Vec<Arc<dyn LinearWrapper>> {
+        std::mem::take(&mut self.wrappers)
+    }
+    /// `x Wᵀ + b` without wrappers.
+    pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x)
+    }
+}
+
+impl Module for LinearLayer {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = self.forward_base(x)?;
+        for w in &self.wrappers {
+            y = w.forward(x, y)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Access to all [`LinearLayer`]s of a model, by module path.
+pub trait LinearLayers {
+    /// All linear layers (attention, MLP, projections).
+    fn linear_layers(&self) -> Vec<&LinearLayer>;
+    /// All linear layers, mutably (to wrap or modify them).
+    fn linear_layers_mut(&mut self) -> Vec<&mut LinearLayer>;
+
+    /// Module paths of all linear layers.
+    fn linear_paths(&self) -> Vec<String> {
+        self.linear_layers()
+            .iter()
+            .map(|l| l.path().to_string())
+            .collect()
+    }
+
+    /// The layer at `path`, or an error that lists a few valid paths.
+    fn linear_mut(&mut self, path: &str) -> crate::Result<&mut LinearLayer> {
+        let paths = self.linear_paths();
+        match self
+            .linear_layers_mut()
+            .into_iter()
+            .find(|l| l.path() == path)
+        {
+            Some(l) => Ok(l),
+            None => Err(crate::ModelError::invalid(format!(
+                "no linear layer at {path:?}; the model has {} linear layers, e.g. {}",
+                paths.len(),
+                paths.iter().take(6).cloned().collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    /// Push `wrapper` onto the layer at `path`.
+    fn wrap_linear(&mut self, path: &str, wrapper: Arc<dyn LinearWrapper>) -> crate::Result<()> {
+        self.linear_mut(path)?.push_wrapper(wrapper);
+        Ok(())
+    }
+}
