@@ -1,6 +1,116 @@
 //! medvlm-io: files to tensors. DICOM, NIfTI, PNG/JPEG/TIFF, MedMNIST, windowing,
 //! transforms and dataset manifests.
+//!
+//! # Stable entry points
+//!
+//! Readers (all return a [`MedImage`]: `f32` after the Modality LUT, before windowing):
+//! - [`load_any`]`(path)`: dispatch on extension and magic bytes.
+//! - [`dicom::read_dicom`], [`volume::read_nifti`].
+//!
+//! Writers (atomic: temp file + rename):
+//! - [`dicom::write_secondary_capture`]`(path, &[u8 | u16 | i16], rows, cols, &ScMetadata)`:
+//!   explicit VR little endian MONOCHROME2 Secondary Capture with optional
+//!   modality, descriptions, rescale slope/intercept, window, pixel spacing.
+//! - [`volume::write_nifti1`]`(path, &[f32], dims, &affine)`: `.nii` or `.nii.gz`,
+//!   `data` C-ordered over `dims` (`[x, y, z]`), affine stored as the sform.
+//!
+//! Manifests ([`manifest`]):
+//! - [`read_manifest`]`(path) -> Manifest` (JSONL, CSV/TSV, or folder-per-class),
+//! - [`write_manifest_jsonl`]`(path, &records)`, [`write_manifest_csv`]`(path, &records)`.
 
+pub mod atomic;
+pub mod dicom;
+pub mod error;
 pub mod manifest;
+pub mod medimage;
+pub mod volume;
 
-pub use manifest::{BoundingBox, ManifestRecord, QaPair, RegionMask};
+pub use error::{IoError, Result};
+pub use manifest::{
+    read_class_folders, read_manifest, write_manifest_csv, write_manifest_jsonl, BoundingBox,
+    Manifest, ManifestRecord, QaPair, RegionMask,
+};
+pub use medimage::{Layout, MedImage, Photometric, Plane, PlaneSelect, SourceFormat};
+
+/// Kinds of file medvlm reads, detected by [`detect_format`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Dicom,
+    Nifti,
+    Raster,
+    Npy,
+    Npz,
+}
+
+/// Detect a file's kind from its name, falling back to its first bytes
+/// (`DICM` at 128, NIfTI header size, PNG/JPEG/TIFF magic, NumPy magic).
+pub fn detect_format(path: &std::path::Path) -> Result<FileKind> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if name.ends_with(".nii") || name.ends_with(".nii.gz") {
+        return Ok(FileKind::Nifti);
+    }
+    if name.ends_with(".dcm") || name.ends_with(".dicom") {
+        return Ok(FileKind::Dicom);
+    }
+    for ext in [".png", ".jpg", ".jpeg", ".tif", ".tiff"] {
+        if name.ends_with(ext) {
+            return Ok(FileKind::Raster);
+        }
+    }
+    if name.ends_with(".npy") {
+        return Ok(FileKind::Npy);
+    }
+    if name.ends_with(".npz") {
+        return Ok(FileKind::Npz);
+    }
+    let head = {
+        use std::io::Read;
+        let f = std::fs::File::open(path).map_err(|e| IoError::os(path, e))?;
+        let mut b = Vec::new();
+        f.take(132)
+            .read_to_end(&mut b)
+            .map_err(|e| IoError::os(path, e))?;
+        b
+    };
+    if head.len() >= 132 && &head[128..132] == b"DICM" {
+        return Ok(FileKind::Dicom);
+    }
+    if head.len() >= 4 {
+        let le = i32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        let be = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        if [348, 540].contains(&le) || [348, 540].contains(&be) {
+            return Ok(FileKind::Nifti);
+        }
+    }
+    if head.starts_with(&[0x89, b'P', b'N', b'G'])
+        || head.starts_with(&[0xFF, 0xD8])
+        || head.starts_with(b"II*\0")
+        || head.starts_with(b"MM\0*")
+    {
+        return Ok(FileKind::Raster);
+    }
+    if head.starts_with(b"\x93NUMPY") {
+        return Ok(FileKind::Npy);
+    }
+    Err(IoError::UnsupportedFormat {
+        path: path.to_path_buf(),
+        reason:
+            "not recognised as DICOM, NIfTI, PNG/JPEG/TIFF or NumPy from its name or first bytes"
+                .into(),
+    })
+}
+
+/// Read any supported single image or volume file into a [`MedImage`].
+pub fn load_any(path: &std::path::Path) -> Result<MedImage> {
+    match detect_format(path)? {
+        FileKind::Dicom => dicom::read_dicom(path),
+        FileKind::Nifti => volume::read_nifti(path),
+        FileKind::Raster | FileKind::Npy | FileKind::Npz => Err(IoError::UnsupportedFormat {
+            path: path.to_path_buf(),
+            reason: "reader not available yet".into(),
+        }),
+    }
+}

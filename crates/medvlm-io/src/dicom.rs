@@ -1,0 +1,730 @@
+//! DICOM reading (dicom-rs: `dicom-object` + `dicom-pixeldata`) and a minimal
+//! Secondary Capture writer.
+//!
+//! Reading follows DICOM PS3.3 C.7.6.3 (Image Pixel module) and C.11.1 (Modality LUT):
+//! samples are unpacked by Bits Allocated / Bits Stored / Pixel Representation,
+//! then `value * RescaleSlope + RescaleIntercept` is applied to monochrome images,
+//! so CT comes out in Hounsfield units. Colour is returned as RGB: YBR_FULL is
+//! converted with the ITU-R BT.601 full-range matrix (the one pydicom uses) and
+//! PALETTE COLOR through its lookup tables. MONOCHROME1 is kept as stored and
+//! flagged in [`MedImage::photometric`]; windowing inverts it.
+//!
+//! Transfer syntaxes decodable in this build: implicit/explicit VR little endian,
+//! explicit VR big endian, deflated explicit VR little endian, RLE lossless, JPEG
+//! baseline / extended (12-bit) / lossless (via `jpeg-decoder`), JPEG 2000 when the
+//! `openjp2` feature of this crate is enabled, and JPEG-LS when the `charls`
+//! feature is enabled (it needs a C++ toolchain). Anything else gives
+//! [`IoError::UnsupportedTransferSyntax`] naming the syntax and the file.
+
+use std::path::Path;
+
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, FileMetaTableBuilder, InMemDicomObject, OpenFileOptions};
+use dicom_pixeldata::PixelDecoder;
+use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
+
+use crate::error::{IoError, Result};
+use crate::medimage::{Layout, MedImage, Photometric, SourceFormat};
+
+/// SOP Class UID of Secondary Capture Image Storage.
+pub const SECONDARY_CAPTURE_SOP_CLASS: &str = "1.2.840.10008.5.1.4.1.1.7";
+/// Explicit VR Little Endian transfer syntax UID.
+pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+
+/// Name and UID of a transfer syntax, for messages: `"RLE Lossless (1.2.840.10008.1.2.5)"`.
+pub fn transfer_syntax_label(uid: &str) -> String {
+    let uid = uid.trim_end_matches(['\0', ' ']);
+    match TransferSyntaxRegistry.get(uid) {
+        Some(ts) => format!("{} ({uid})", ts.name()),
+        None => format!("unknown transfer syntax ({uid})"),
+    }
+}
+
+/// Open a DICOM Part 10 file (header and pixel data), with a clear error when it is not one.
+pub fn open(path: &Path) -> Result<DefaultDicomObject> {
+    let bytes_head = read_head(path, 132)?;
+    if bytes_head.len() < 132 || &bytes_head[128..132] != b"DICM" {
+        return Err(IoError::Dicom {
+            path: path.to_path_buf(),
+            transfer_syntax: "unknown".into(),
+            reason: "no DICOM Part 10 file header ('DICM' at byte 128 missing), so the \
+                     transfer syntax cannot be determined; a bare data set without file \
+                     meta information is not supported"
+                .into(),
+        });
+    }
+    OpenFileOptions::new()
+        .open_file(path)
+        .map_err(|e| IoError::Dicom {
+            path: path.to_path_buf(),
+            transfer_syntax: meta_transfer_syntax(path).unwrap_or_else(|| "unknown".into()),
+            reason: format!("cannot parse the data set: {}", error_chain(&e)),
+        })
+}
+
+fn read_head(path: &Path, n: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| IoError::os(path, e))?;
+    let mut buf = Vec::with_capacity(n);
+    f.take(n as u64)
+        .read_to_end(&mut buf)
+        .map_err(|e| IoError::os(path, e))?;
+    Ok(buf)
+}
+
+/// Best-effort transfer syntax of a file whose data set is unreadable: parse only the meta group.
+fn meta_transfer_syntax(path: &Path) -> Option<String> {
+    let f = std::fs::File::open(path).ok()?;
+    let mut r = std::io::BufReader::new(f);
+    let mut pre = [0u8; 128];
+    std::io::Read::read_exact(&mut r, &mut pre).ok()?;
+    let meta = dicom_object::FileMetaTable::from_reader(r).ok()?;
+    Some(transfer_syntax_label(meta.transfer_syntax()))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let m = inner.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = inner.source();
+    }
+    s
+}
+
+fn elem_str(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+    obj.element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
+}
+
+fn elem_f64s(obj: &InMemDicomObject, tag: Tag) -> Vec<f64> {
+    obj.element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_multi_float64().ok())
+        .unwrap_or_default()
+}
+
+fn elem_u16(obj: &InMemDicomObject, tag: Tag) -> Option<u16> {
+    obj.element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|e| e.to_int::<u16>().ok())
+}
+
+/// Read a DICOM file into a [`MedImage`] (all frames, Modality LUT applied).
+pub fn read_dicom(path: &Path) -> Result<MedImage> {
+    let obj = open(path)?;
+    decode_object(path, &obj)
+}
+
+/// Decode the pixel data of an opened DICOM object. See the module docs.
+pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> {
+    let ts_uid = obj
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches(['\0', ' '])
+        .to_string();
+    let ts_label = transfer_syntax_label(&ts_uid);
+    let dicom_err = |reason: String| IoError::Dicom {
+        path: path.to_path_buf(),
+        transfer_syntax: ts_label.clone(),
+        reason,
+    };
+    if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
+        let sop = elem_str(obj, tags::SOP_CLASS_UID).unwrap_or_default();
+        return Err(dicom_err(format!(
+            "no Pixel Data (7FE0,0010) element: not an image (SOP class {sop})"
+        )));
+    }
+    match TransferSyntaxRegistry.get(&ts_uid) {
+        None => {
+            return Err(IoError::UnsupportedTransferSyntax {
+                path: path.to_path_buf(),
+                name: "unknown".into(),
+                uid: ts_uid.clone(),
+                reason: "not in the transfer syntax registry".into(),
+            })
+        }
+        Some(ts) if ts.is_unsupported_pixel_encapsulation() || !ts.can_decode_all() => {
+            let name = ts.name().to_string();
+            return Err(IoError::UnsupportedTransferSyntax {
+                path: path.to_path_buf(),
+                name,
+                uid: ts_uid.clone(),
+                reason: "no pixel data decoder for it is compiled in (see docs/io.md: \
+                         JPEG 2000 needs feature `openjp2`, JPEG-LS feature `charls`)"
+                    .into(),
+            });
+        }
+        Some(_) => {}
+    }
+    // Decoders of compressed streams run on untrusted bytes: contain any panic.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        obj.decode_pixel_data().map(|d| d.to_owned())
+    }))
+    .map_err(|_| dicom_err("the pixel data decoder panicked on this file".into()))?
+    .map_err(|e| dicom_err(format!("cannot decode pixel data: {}", error_chain(&e))))?;
+
+    let rows = decoded.rows() as usize;
+    let cols = decoded.columns() as usize;
+    let frames = (decoded.number_of_frames() as usize).max(1);
+    let spp = decoded.samples_per_pixel() as usize;
+    let bits_alloc = decoded.bits_allocated();
+    let bits_stored = decoded.bits_stored();
+    let signed = decoded.pixel_representation() == dicom_pixeldata::PixelRepresentation::Signed;
+    let planar = decoded.planar_configuration() == dicom_pixeldata::PlanarConfiguration::PixelFirst;
+    let pmi = decoded.photometric_interpretation().as_str().to_string();
+    if rows == 0 || cols == 0 {
+        return Err(dicom_err(format!(
+            "empty image: {rows} rows x {cols} columns"
+        )));
+    }
+    if spp != 1 && spp != 3 {
+        return Err(dicom_err(format!(
+            "unsupported Samples per Pixel {spp} (expected 1 or 3)"
+        )));
+    }
+    let bytes_per = match bits_alloc {
+        8 => 1,
+        16 => 2,
+        32 => 4,
+        other => {
+            return Err(dicom_err(format!(
+                "unsupported Bits Allocated {other} (supported: 8, 16, 32)"
+            )))
+        }
+    };
+    if bits_stored == 0 || bits_stored > bits_alloc {
+        return Err(dicom_err(format!(
+            "Bits Stored {bits_stored} does not fit Bits Allocated {bits_alloc}"
+        )));
+    }
+    let n_samples = frames * rows * cols * spp;
+    let raw = decoded.data();
+    if raw.len() < n_samples * bytes_per {
+        return Err(dicom_err(format!(
+            "pixel data truncated: {} bytes, {} expected for {frames} frame(s) of \
+             {rows}x{cols}x{spp} at {bits_alloc} bits",
+            raw.len(),
+            n_samples * bytes_per
+        )));
+    }
+    let mut data = unpack_samples(raw, n_samples, bits_alloc, bits_stored, signed);
+
+    // Planar configuration 1 (RRR...GGG...BBB per frame) -> interleaved.
+    if spp == 3 && planar {
+        let per = rows * cols;
+        let mut out = vec![0f32; data.len()];
+        for f in 0..frames {
+            let src = &data[f * per * 3..(f + 1) * per * 3];
+            let dst = &mut out[f * per * 3..(f + 1) * per * 3];
+            for i in 0..per {
+                for ch in 0..3 {
+                    dst[i * 3 + ch] = src[ch * per + i];
+                }
+            }
+        }
+        data = out;
+    }
+
+    let (photometric, channels) = match pmi.as_str() {
+        "MONOCHROME1" => (Photometric::Monochrome1, 1),
+        "MONOCHROME2" => (Photometric::Monochrome2, 1),
+        "RGB" => (Photometric::Rgb, 3),
+        "YBR_FULL" => {
+            ybr_full_to_rgb(&mut data);
+            (Photometric::Rgb, 3)
+        }
+        "PALETTE COLOR" => {
+            data = apply_palette(obj, &data).map_err(dicom_err)?;
+            (Photometric::Rgb, 3)
+        }
+        other => {
+            return Err(dicom_err(format!(
+                "unsupported Photometric Interpretation {other} for decoded data"
+            )))
+        }
+    };
+    if channels != spp && pmi != "PALETTE COLOR" {
+        return Err(dicom_err(format!(
+            "Photometric Interpretation {pmi} with Samples per Pixel {spp}"
+        )));
+    }
+
+    // Modality LUT (PS3.3 C.11.1): grey images only.
+    if channels == 1 {
+        let rescale = decoded.rescale().map_err(|e| dicom_err(e.to_string()))?;
+        let per = rows * cols;
+        for f in 0..frames {
+            let r = if rescale.len() > 1 {
+                rescale.get(f).or(rescale.first())
+            } else {
+                rescale.first()
+            };
+            if let Some(r) = r {
+                if r.slope != 1.0 || r.intercept != 0.0 {
+                    for v in &mut data[f * per..(f + 1) * per] {
+                        *v = (*v as f64 * r.slope + r.intercept) as f32;
+                    }
+                }
+            }
+        }
+    }
+
+    let centres = elem_f64s(obj, tags::WINDOW_CENTER);
+    let widths = elem_f64s(obj, tags::WINDOW_WIDTH);
+    let file_windows = centres
+        .iter()
+        .zip(widths.iter())
+        .filter(|(_, w)| **w > 0.0)
+        .map(|(c, w)| (*c, *w))
+        .collect();
+    let mut shape = Vec::new();
+    if frames > 1 {
+        shape.push(frames);
+    }
+    shape.push(rows);
+    shape.push(cols);
+    if channels == 3 {
+        shape.push(3);
+    }
+    Ok(MedImage {
+        data,
+        shape,
+        layout: Layout::Planar {
+            frames,
+            rows,
+            cols,
+            channels,
+        },
+        photometric,
+        format: SourceFormat::Dicom,
+        file_windows,
+        modality: elem_str(obj, tags::MODALITY),
+        transfer_syntax: Some(ts_label),
+        affine: None,
+        spacing: elem_f64s(obj, tags::PIXEL_SPACING),
+        bits_stored: Some(bits_stored),
+    })
+}
+
+/// Unpack native-endian samples into f32, honouring Bits Stored (masking unsigned
+/// values, sign-extending signed ones, PS3.5 8.1.1).
+fn unpack_samples(
+    raw: &[u8],
+    n: usize,
+    bits_alloc: u16,
+    bits_stored: u16,
+    signed: bool,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    let shift = 32 - bits_stored as u32;
+    let fix = |v: u32| -> f32 {
+        if signed {
+            (((v << shift) as i32) >> shift) as f32
+        } else if bits_stored < 32 {
+            (v & ((1u32 << bits_stored) - 1)) as f32
+        } else {
+            v as f32
+        }
+    };
+    match bits_alloc {
+        8 => out.extend(raw[..n].iter().map(|&b| fix(b as u32))),
+        16 => out.extend(
+            raw[..n * 2]
+                .chunks_exact(2)
+                .map(|c| fix(u16::from_ne_bytes([c[0], c[1]]) as u32)),
+        ),
+        _ => out.extend(
+            raw[..n * 4]
+                .chunks_exact(4)
+                .map(|c| fix(u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))),
+        ),
+    }
+    out
+}
+
+/// YBR_FULL -> RGB, ITU-R BT.601 full range (PS3.3 C.7.6.3.1.2), rounded and clipped
+/// to 0..255 the way pydicom's `convert_color_space` does.
+fn ybr_full_to_rgb(data: &mut [f32]) {
+    for px in data.chunks_exact_mut(3) {
+        let y = px[0];
+        let cb = px[1] - 128.0;
+        let cr = px[2] - 128.0;
+        let r = y + 1.402 * cr;
+        let g = y - (0.114 * 1.772 / 0.587) * cb - (0.299 * 1.402 / 0.587) * cr;
+        let b = y + 1.772 * cb;
+        px[0] = (r + 0.5).floor().clamp(0.0, 255.0);
+        px[1] = (g + 0.5).floor().clamp(0.0, 255.0);
+        px[2] = (b + 0.5).floor().clamp(0.0, 255.0);
+    }
+}
+
+/// PALETTE COLOR (PS3.3 C.7.6.3.1.5): map each index through the red/green/blue LUTs.
+/// Output values are the LUT entries as stored (8- or 16-bit).
+fn apply_palette(obj: &InMemDicomObject, idx: &[f32]) -> std::result::Result<Vec<f32>, String> {
+    let mut luts = Vec::new();
+    for (desc_tag, data_tag, name) in [
+        (
+            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            "red",
+        ),
+        (
+            tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            "green",
+        ),
+        (
+            tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            "blue",
+        ),
+    ] {
+        let desc: Vec<i64> = obj
+            .element_opt(desc_tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_multi_int::<i64>().ok())
+            .ok_or_else(|| format!("PALETTE COLOR without a {name} LUT descriptor"))?;
+        if desc.len() != 3 {
+            return Err(format!(
+                "{name} LUT descriptor has {} values, not 3",
+                desc.len()
+            ));
+        }
+        let entries = if desc[0] == 0 {
+            65536
+        } else {
+            desc[0] as usize & 0xFFFF
+        };
+        let first = (desc[1] & 0xFFFF) as i64;
+        let bits = desc[2];
+        let bytes = obj
+            .element_opt(data_tag)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_bytes().ok().map(|b| b.into_owned()))
+            .ok_or_else(|| {
+                format!("PALETTE COLOR without {name} LUT data (segmented LUTs are not supported)")
+            })?;
+        let table: Vec<f32> = if bits == 8 && bytes.len() == entries {
+            bytes.iter().map(|&b| b as f32).collect()
+        } else {
+            bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as f32)
+                .collect()
+        };
+        if table.len() < entries {
+            return Err(format!(
+                "{name} LUT data has {} entries, descriptor says {entries}",
+                table.len()
+            ));
+        }
+        luts.push((first, table));
+    }
+    let mut out = Vec::with_capacity(idx.len() * 3);
+    for &v in idx {
+        for (first, table) in &luts {
+            let i = (v as i64 - first).clamp(0, table.len() as i64 - 1) as usize;
+            out.push(table[i]);
+        }
+    }
+    Ok(out)
+}
+
+/// Metadata of a Secondary Capture written by [`write_secondary_capture`].
+/// Every field is optional; defaults give a valid anonymous image.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ScMetadata {
+    /// Modality (0008,0060); default `"OT"` (other).
+    pub modality: Option<String>,
+    pub study_description: Option<String>,
+    pub series_description: Option<String>,
+    pub body_part: Option<String>,
+    /// Patient name/ID to write (e.g. a phantom id); default empty (type 2 attributes).
+    pub patient_name: Option<String>,
+    pub patient_id: Option<String>,
+    /// Rescale slope and intercept (Modality LUT), e.g. `(1.0, -1024.0)` for CT in HU.
+    pub rescale: Option<(f64, f64)>,
+    /// Window centre and width to store.
+    pub window: Option<(f64, f64)>,
+    /// Pixel spacing in mm, (row spacing, column spacing).
+    pub pixel_spacing: Option<(f64, f64)>,
+    /// SOP Instance UID; default a deterministic `2.25.` UID derived from the pixels
+    /// and metadata (same input, same file).
+    pub sop_instance_uid: Option<String>,
+    /// Study Instance UID; default derived like the SOP Instance UID.
+    pub study_instance_uid: Option<String>,
+    /// Series Instance UID; default derived like the SOP Instance UID.
+    pub series_instance_uid: Option<String>,
+}
+
+/// A sample type the Secondary Capture writer accepts: `u8` (8-bit), `u16` (16-bit
+/// unsigned) or `i16` (16-bit signed, Pixel Representation 1).
+pub trait ScPixel: Copy {
+    const BITS: u16;
+    const SIGNED: bool;
+    fn le_bytes(self, out: &mut Vec<u8>);
+}
+impl ScPixel for u8 {
+    const BITS: u16 = 8;
+    const SIGNED: bool = false;
+    fn le_bytes(self, out: &mut Vec<u8>) {
+        out.push(self)
+    }
+}
+impl ScPixel for u16 {
+    const BITS: u16 = 16;
+    const SIGNED: bool = false;
+    fn le_bytes(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes())
+    }
+}
+impl ScPixel for i16 {
+    const BITS: u16 = 16;
+    const SIGNED: bool = true;
+    fn le_bytes(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes())
+    }
+}
+
+/// FNV-1a 64-bit, used to derive deterministic UIDs (not for security).
+fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf29ce484222325u64 ^ seed;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// A `2.25.<decimal>` UID (PS3.5 B.2) derived from `bytes` and a salt.
+pub fn derived_uid(bytes: &[u8], salt: &str) -> String {
+    let hi = fnv1a(bytes, fnv1a(salt.as_bytes(), 1));
+    let lo = fnv1a(bytes, fnv1a(salt.as_bytes(), 2));
+    // 2.25 UIDs must not have leading zeros; u128 decimal has none.
+    let v = ((hi as u128) << 64 | lo as u128) >> 1;
+    format!("2.25.{}", v.max(1))
+}
+
+/// Write a single-frame MONOCHROME2 Secondary Capture image (explicit VR little
+/// endian, with file meta information), atomically.
+///
+/// `pixels` are `rows * cols` samples in row-major order. Errors if the length does
+/// not match or `rows`/`cols` exceed 65535.
+pub fn write_secondary_capture<P: ScPixel>(
+    path: &Path,
+    pixels: &[P],
+    rows: usize,
+    cols: usize,
+    meta: &ScMetadata,
+) -> Result<()> {
+    if pixels.len() != rows * cols || rows == 0 || cols == 0 {
+        return Err(IoError::InvalidArgument(format!(
+            "{}: {} pixels given for a {rows}x{cols} image",
+            path.display(),
+            pixels.len()
+        )));
+    }
+    if rows > 65535 || cols > 65535 {
+        return Err(IoError::InvalidArgument(format!(
+            "{}: {rows}x{cols} exceeds the DICOM limit of 65535 rows/columns",
+            path.display()
+        )));
+    }
+    let mut pix = Vec::with_capacity(pixels.len() * (P::BITS as usize / 8) + 1);
+    for &p in pixels {
+        p.le_bytes(&mut pix);
+    }
+    if pix.len() % 2 == 1 {
+        pix.push(0); // DICOM values have even length
+    }
+    let salt = format!(
+        "{rows}x{cols}|{:?}|{:?}|{:?}|{:?}",
+        meta.study_description, meta.series_description, meta.modality, meta.patient_id
+    );
+    let sop_uid = meta
+        .sop_instance_uid
+        .clone()
+        .unwrap_or_else(|| derived_uid(&pix, &format!("sop|{salt}")));
+    let study_uid = meta
+        .study_instance_uid
+        .clone()
+        .unwrap_or_else(|| derived_uid(&pix, &format!("study|{salt}")));
+    let series_uid = meta
+        .series_instance_uid
+        .clone()
+        .unwrap_or_else(|| derived_uid(&pix, &format!("series|{salt}")));
+
+    let mut obj = InMemDicomObject::new_empty();
+    let mut put_str = |tag: Tag, vr: VR, v: &str| {
+        obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+    };
+    put_str(tags::SOP_CLASS_UID, VR::UI, SECONDARY_CAPTURE_SOP_CLASS);
+    put_str(tags::SOP_INSTANCE_UID, VR::UI, &sop_uid);
+    put_str(tags::STUDY_DATE, VR::DA, "");
+    put_str(tags::STUDY_TIME, VR::TM, "");
+    put_str(tags::ACCESSION_NUMBER, VR::SH, "");
+    put_str(
+        tags::MODALITY,
+        VR::CS,
+        meta.modality.as_deref().unwrap_or("OT"),
+    );
+    put_str(tags::CONVERSION_TYPE, VR::CS, "WSD");
+    put_str(tags::REFERRING_PHYSICIAN_NAME, VR::PN, "");
+    if let Some(d) = &meta.study_description {
+        put_str(tags::STUDY_DESCRIPTION, VR::LO, d);
+    }
+    if let Some(d) = &meta.series_description {
+        put_str(tags::SERIES_DESCRIPTION, VR::LO, d);
+    }
+    put_str(
+        tags::PATIENT_NAME,
+        VR::PN,
+        meta.patient_name.as_deref().unwrap_or(""),
+    );
+    put_str(
+        tags::PATIENT_ID,
+        VR::LO,
+        meta.patient_id.as_deref().unwrap_or(""),
+    );
+    put_str(tags::PATIENT_BIRTH_DATE, VR::DA, "");
+    put_str(tags::PATIENT_SEX, VR::CS, "");
+    if let Some(b) = &meta.body_part {
+        put_str(tags::BODY_PART_EXAMINED, VR::CS, b);
+    }
+    put_str(tags::STUDY_INSTANCE_UID, VR::UI, &study_uid);
+    put_str(tags::SERIES_INSTANCE_UID, VR::UI, &series_uid);
+    put_str(tags::STUDY_ID, VR::SH, "");
+    put_str(tags::SERIES_NUMBER, VR::IS, "1");
+    put_str(tags::INSTANCE_NUMBER, VR::IS, "1");
+    put_str(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
+    if let Some((r, c)) = meta.pixel_spacing {
+        put_str(
+            tags::PIXEL_SPACING,
+            VR::DS,
+            &format!("{}\\{}", fmt_ds(r), fmt_ds(c)),
+        );
+    }
+    if let Some((c, w)) = meta.window {
+        put_str(tags::WINDOW_CENTER, VR::DS, &fmt_ds(c));
+        put_str(tags::WINDOW_WIDTH, VR::DS, &fmt_ds(w));
+    }
+    if let Some((slope, intercept)) = meta.rescale {
+        put_str(tags::RESCALE_INTERCEPT, VR::DS, &fmt_ds(intercept));
+        put_str(tags::RESCALE_SLOPE, VR::DS, &fmt_ds(slope));
+        put_str(tags::RESCALE_TYPE, VR::LO, "US");
+    }
+    let us = |tag: Tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
+    obj.put(us(tags::SAMPLES_PER_PIXEL, 1));
+    obj.put(us(tags::ROWS, rows as u16));
+    obj.put(us(tags::COLUMNS, cols as u16));
+    obj.put(us(tags::BITS_ALLOCATED, P::BITS));
+    obj.put(us(tags::BITS_STORED, P::BITS));
+    obj.put(us(tags::HIGH_BIT, P::BITS - 1));
+    obj.put(us(tags::PIXEL_REPRESENTATION, P::SIGNED as u16));
+    let pixel_vr = if P::BITS == 8 { VR::OB } else { VR::OW };
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        pixel_vr,
+        PrimitiveValue::from(pix),
+    ));
+
+    let file_obj = obj
+        .with_meta(
+            FileMetaTableBuilder::new()
+                .transfer_syntax(EXPLICIT_VR_LE)
+                .media_storage_sop_class_uid(SECONDARY_CAPTURE_SOP_CLASS)
+                .media_storage_sop_instance_uid(sop_uid.as_str())
+                .implementation_class_uid("2.25.301662245463312097372906766437353096021")
+                .implementation_version_name("MEDVLM_0_1"),
+        )
+        .map_err(|e| IoError::InvalidArgument(format!("{}: {e}", path.display())))?;
+    write_file_object(path, &file_obj)
+}
+
+/// Write a DICOM file object atomically (temp file + rename).
+pub fn write_file_object(path: &Path, obj: &DefaultDicomObject) -> Result<()> {
+    let mut bytes = Vec::new();
+    obj.write_all(&mut bytes).map_err(|e| IoError::Dicom {
+        path: path.to_path_buf(),
+        transfer_syntax: transfer_syntax_label(obj.meta().transfer_syntax()),
+        reason: format!("cannot encode: {}", error_chain(&e)),
+    })?;
+    crate::atomic::write_atomic(path, &bytes)
+}
+
+/// Decimal string for a DS value (max 16 characters, PS3.5 6.2).
+fn fmt_ds(v: f64) -> String {
+    let s = format!("{v}");
+    if s.len() <= 16 {
+        s
+    } else {
+        let mut p = 10usize;
+        loop {
+            let s = format!("{v:.*e}", p);
+            if s.len() <= 16 || p == 0 {
+                return s;
+            }
+            p -= 1;
+        }
+    }
+}
+
+/// Patient-identifying attributes medvlm never prints and `data check` warns about
+/// (a subset of PS3.15 Annex E table E.1-1 that carries direct identifiers).
+pub const IDENTIFYING_TAGS: &[(Tag, &str)] = &[
+    (tags::PATIENT_NAME, "PatientName"),
+    (tags::PATIENT_ID, "PatientID"),
+    (tags::PATIENT_BIRTH_DATE, "PatientBirthDate"),
+    (tags::PATIENT_ADDRESS, "PatientAddress"),
+    (Tag(0x0010, 0x1000), "OtherPatientIDs"),
+    (tags::OTHER_PATIENT_NAMES, "OtherPatientNames"),
+    (tags::PATIENT_TELEPHONE_NUMBERS, "PatientTelephoneNumbers"),
+    (tags::PATIENT_MOTHER_BIRTH_NAME, "PatientMotherBirthName"),
+    (Tag(0x0010, 0x1090), "MedicalRecordLocator"),
+    (tags::REFERRING_PHYSICIAN_NAME, "ReferringPhysicianName"),
+    (tags::INSTITUTION_NAME, "InstitutionName"),
+    (tags::INSTITUTION_ADDRESS, "InstitutionAddress"),
+    (tags::ACCESSION_NUMBER, "AccessionNumber"),
+];
+
+/// Names of the identifying attributes that are present with a non-empty value
+/// (the values themselves are never returned, so they cannot leak into logs).
+pub fn identifying_attributes_present(obj: &InMemDicomObject) -> Vec<&'static str> {
+    IDENTIFYING_TAGS
+        .iter()
+        .filter(|(tag, _)| {
+            obj.element_opt(*tag)
+                .ok()
+                .flatten()
+                .map(|e| {
+                    e.to_bytes()
+                        .map(|b| b.iter().any(|&c| c != 0 && c != b' ' && c != b'^'))
+                        .unwrap_or(false)
+                })
+                .unwrap_or(false)
+        })
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+/// Basic header facts of a DICOM object for `data check` (no identifying values).
+pub fn rows_cols_bits(obj: &InMemDicomObject) -> (Option<u16>, Option<u16>, Option<u16>) {
+    (
+        elem_u16(obj, tags::ROWS),
+        elem_u16(obj, tags::COLUMNS),
+        elem_u16(obj, tags::BITS_STORED),
+    )
+}
