@@ -3,6 +3,7 @@
 //! method under `methods/`, behind the shared traits in `method`.
 
 pub mod checkpoint;
+pub mod feature_cache;
 pub mod fewshot;
 pub mod losses;
 pub mod method;

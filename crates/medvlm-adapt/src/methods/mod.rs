@@ -1,1 +1,257 @@
-//! One file per adaptation method.
+//! One file per adaptation method, plus the registry that builds them by
+//! name and rebuilds saved classifiers.
+//!
+//! Strategy 1 (zero-shot prompting): [`zero_shot`].
+//! Strategy 3 (adapters and probes on frozen features): [`clip_adapter`],
+//! [`tip_adapter`] (training-free and -F), [`taskres`], [`linear_probe`],
+//! [`lp_plus_plus`], [`clap`].
+//! Strategies 2 and 4 (prompt learning, encoder fine-tuning) are registered
+//! by name in [`encoder_methods`] and refuse to run on cached features.
+//!
+//! The frozen-feature benchmark sweep is [`sweep::sweep_frozen`].
+
+pub mod clap;
+pub mod clip_adapter;
+pub mod encoder_methods;
+pub mod linear_probe;
+pub mod lp_plus_plus;
+pub mod solver;
+pub mod sweep;
+pub mod taskres;
+pub mod tip_adapter;
+pub mod zero_shot;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::de::DeserializeOwned;
+
+use crate::method::{
+    AdaptationMethod, AdaptedClassifier, ClassifierCard, MethodError, Result, SavedTensors,
+    METHOD_NAMES,
+};
+
+/// Parses a method's hyperparameters: its defaults, overridden field by
+/// field by `overrides` (unknown fields are an error naming the method).
+pub(crate) fn with_overrides<T>(
+    method: &str,
+    defaults: T,
+    overrides: Option<&serde_json::Value>,
+) -> Result<T>
+where
+    T: serde::Serialize + DeserializeOwned,
+{
+    let Some(overrides) = overrides else {
+        return Ok(defaults);
+    };
+    let bad = |reason: String| MethodError::BadHyperparameters {
+        method: method.into(),
+        reason,
+    };
+    let mut base = serde_json::to_value(&defaults).map_err(|e| bad(e.to_string()))?;
+    let (Some(obj), Some(over)) = (base.as_object_mut(), overrides.as_object()) else {
+        return Err(bad(
+            "overrides must be a JSON object of field -> value".into()
+        ));
+    };
+    for (k, v) in over {
+        if !obj.contains_key(k) {
+            let known: Vec<&String> = obj.keys().collect();
+            return Err(bad(format!("unknown field '{k}'; known fields: {known:?}")));
+        }
+        obj.insert(k.clone(), v.clone());
+    }
+    serde_json::from_value(base).map_err(|e| bad(e.to_string()))
+}
+
+/// Builds a method by registry name (see [`METHOD_NAMES`]).
+pub fn build_method(
+    name: &str,
+    overrides: Option<&serde_json::Value>,
+) -> Result<Box<dyn AdaptationMethod>> {
+    Ok(match name {
+        "zero-shot" | "zero-shot-ensemble" | "zero-shot-descriptions" | "zero-shot-pairs" => {
+            Box::new(zero_shot::ZeroShot::from_name(name, overrides)?)
+        }
+        "clip-adapter" => Box::new(with_overrides(
+            name,
+            clip_adapter::ClipAdapter::default(),
+            overrides,
+        )?),
+        "tip-adapter" => Box::new(with_overrides(
+            name,
+            tip_adapter::TipAdapter::training_free(),
+            overrides,
+        )?),
+        "tip-adapter-f" => Box::new(with_overrides(
+            name,
+            tip_adapter::TipAdapter::fine_tuned(),
+            overrides,
+        )?),
+        "taskres" => Box::new(with_overrides(
+            name,
+            taskres::TaskRes::default(),
+            overrides,
+        )?),
+        "linear-probe" => Box::new(with_overrides(
+            name,
+            linear_probe::LinearProbe::default(),
+            overrides,
+        )?),
+        "lp++" => Box::new(with_overrides(
+            name,
+            lp_plus_plus::LpPlusPlus::default(),
+            overrides,
+        )?),
+        "clap" => Box::new(with_overrides(name, clap::Clap::default(), overrides)?),
+        other => match encoder_methods::EncoderMethod::from_name(other) {
+            Some(m) => Box::new(m),
+            None => {
+                return Err(MethodError::UnknownMethod {
+                    name: other.into(),
+                    known: METHOD_NAMES.join(", "),
+                });
+            }
+        },
+    })
+}
+
+/// Rebuilds a saved classifier from its card and tensors.
+pub(crate) fn rebuild_classifier(
+    card: ClassifierCard,
+    saved: &SavedTensors,
+) -> Result<Box<dyn AdaptedClassifier>> {
+    Ok(match card.method.as_str() {
+        "zero-shot" | "zero-shot-ensemble" | "zero-shot-descriptions" | "zero-shot-pairs" => {
+            Box::new(zero_shot::ZeroShotClassifier::from_saved(card, saved)?)
+        }
+        "clip-adapter" => Box::new(clip_adapter::ClipAdapterClassifier::from_saved(
+            card, saved,
+        )?),
+        "tip-adapter" | "tip-adapter-f" => {
+            Box::new(tip_adapter::TipAdapterClassifier::from_saved(card, saved)?)
+        }
+        "taskres" => Box::new(taskres::TaskResClassifier::from_saved(card, saved)?),
+        "linear-probe" => Box::new(linear_probe::LinearProbeClassifier::from_saved(
+            card, saved,
+        )?),
+        "lp++" => Box::new(lp_plus_plus::LpPlusPlusClassifier::from_saved(card, saved)?),
+        "clap" => Box::new(clap::ClapClassifier::from_saved(card, saved)?),
+        other => {
+            return Err(MethodError::BadCheckpoint {
+                path: saved.path().to_path_buf(),
+                reason: format!(
+                    "card names method '{other}', which has no frozen-feature classifier"
+                ),
+            })
+        }
+    })
+}
+
+/// A `[rows, cols]` f32 tensor with entries uniform in `[-bound, bound]`,
+/// deterministic given `rng` (PyTorch's default `nn.Linear` init uses
+/// bound = 1/sqrt(fan_in)).
+pub(crate) fn uniform_init(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    cols: usize,
+    bound: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.random_range(-bound..=bound) as f32)
+        .collect();
+    Ok(Tensor::from_vec(v, (rows, cols), device)?)
+}
+
+/// Seeded RNG for a fit.
+pub(crate) fn rng_for(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Optimiser of the small full-batch training loops.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Optimizer {
+    /// AdamW (Loshchilov & Hutter) with the given decoupled weight decay.
+    AdamW {
+        /// Learning rate.
+        lr: f64,
+        /// Decoupled weight decay.
+        weight_decay: f64,
+    },
+    /// SGD with heavy-ball momentum.
+    Sgd {
+        /// Learning rate.
+        lr: f64,
+        /// Momentum.
+        momentum: f64,
+    },
+}
+
+/// Full-batch training: `steps` steps of `optimizer` on `vars`, learning
+/// rate following a cosine decay to zero (as in Tip-Adapter-F and CoOp).
+/// Returns the final loss.
+pub(crate) fn train_full_batch(
+    vars: &[Var],
+    steps: usize,
+    optimizer: Optimizer,
+    mut loss_fn: impl FnMut() -> Result<Tensor>,
+) -> Result<f32> {
+    use candle_nn::Optimizer as _;
+    let cosine = |step: usize, lr: f64| {
+        lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / steps.max(1) as f64).cos())
+    };
+    let mut last = f32::NAN;
+    match optimizer {
+        Optimizer::AdamW { lr, weight_decay } => {
+            let params = candle_nn::ParamsAdamW {
+                lr,
+                weight_decay,
+                ..Default::default()
+            };
+            let mut opt = candle_nn::AdamW::new(vars.to_vec(), params)?;
+            for step in 0..steps {
+                opt.set_learning_rate(cosine(step, lr));
+                let loss = loss_fn()?;
+                last = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                opt.backward_step(&loss)?;
+            }
+        }
+        Optimizer::Sgd { lr, momentum } => {
+            let mut velocity: Vec<Option<Tensor>> = vec![None; vars.len()];
+            for step in 0..steps {
+                let loss = loss_fn()?;
+                last = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                let grads = loss.backward()?;
+                let lr_t = cosine(step, lr);
+                for (var, vel) in vars.iter().zip(velocity.iter_mut()) {
+                    let Some(g) = grads.get(var.as_tensor()) else {
+                        continue;
+                    };
+                    let v = match vel.take() {
+                        Some(v) => ((v * momentum)? + g)?,
+                        None => g.clone(),
+                    };
+                    var.set(&(var.as_tensor() - (&v * lr_t)?)?)?;
+                    *vel = Some(v);
+                }
+            }
+        }
+    }
+    if !last.is_finite() {
+        return Err(MethodError::InvalidInput(format!(
+            "training diverged (loss {last}); lower the learning rate or check the features for NaN"
+        )));
+    }
+    Ok(last)
+}
+
+/// `[N, C]` f32 matrix to rows of f64 (for the small closed-form solvers).
+pub(crate) fn to_rows_f64(t: &Tensor) -> Result<Vec<Vec<f64>>> {
+    let rows: Vec<Vec<f32>> = t.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(rows
+        .into_iter()
+        .map(|r| r.into_iter().map(f64::from).collect())
+        .collect())
+}
