@@ -76,12 +76,18 @@ fn bert_token_types_and_mask_matter() {
     let mask = &exp["attention_mask"];
     let no_types = enc.model.forward(ids, Some(mask), None).unwrap();
     assert!(max_abs_diff(&no_types, &exp["last_hidden_state"]) > 1e-2);
-    let no_mask = enc.model.forward(ids, None, Some(&exp["token_type_ids"])).unwrap();
+    let no_mask = enc
+        .model
+        .forward(ids, None, Some(&exp["token_type_ids"]))
+        .unwrap();
     assert!(max_abs_diff(&no_mask, &exp["last_hidden_state"]) > 1e-2);
     // `embed` derives the mask from pad ids; without token types row 1 and 2
     // (all type 0) must equal the reference mean pooling.
     let e = enc.embed(ids, None).unwrap();
-    let d = max_abs_diff(&e.narrow(0, 1, 2).unwrap(), &exp["mean_pooled"].narrow(0, 1, 2).unwrap());
+    let d = max_abs_diff(
+        &e.narrow(0, 1, 2).unwrap(),
+        &exp["mean_pooled"].narrow(0, 1, 2).unwrap(),
+    );
     assert!(d < 1e-4, "embed() differs by {d}");
 }
 
@@ -98,7 +104,11 @@ fn bert_linear_layers_are_addressable_by_checkpoint_path() {
 #[test]
 fn bert_missing_weights_and_bad_config_name_the_file() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(fixture_dir().join("config.json"), tmp.path().join("config.json")).unwrap();
+    std::fs::copy(
+        fixture_dir().join("config.json"),
+        tmp.path().join("config.json"),
+    )
+    .unwrap();
     let err = BertTextEncoder::from_dir(
         tmp.path(),
         BertPooling::Cls,
@@ -113,7 +123,10 @@ fn bert_missing_weights_and_bad_config_name_the_file() {
     let bad = tmp.path().join("config.json");
     std::fs::write(&bad, r#"{"vocab_size": 50, "hidden_size": 25, "num_hidden_layers": 1, "num_attention_heads": 3, "intermediate_size": 8, "max_position_embeddings": 8}"#).unwrap();
     let err = BertConfig::from_file(&bad).unwrap_err().to_string();
-    assert!(err.contains(&bad.display().to_string()) && err.contains("multiple"), "{err}");
+    assert!(
+        err.contains(&bad.display().to_string()) && err.contains("multiple"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -140,5 +153,8 @@ fn bert_weights_of_wrong_shape_are_listed() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("model.safetensors"), "{err}");
-    assert!(err.contains("bert.encoder.layer.0.intermediate.dense.weight"), "{err}");
+    assert!(
+        err.contains("bert.encoder.layer.0.intermediate.dense.weight"),
+        "{err}"
+    );
 }
