@@ -9,3 +9,4 @@ pub mod losses;
 pub mod method;
 pub mod methods;
 pub mod optim;
+pub mod schedule;
