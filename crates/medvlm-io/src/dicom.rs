@@ -167,12 +167,25 @@ pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> 
         }
         Some(_) => {}
     }
-    // Decoders of compressed streams run on untrusted bytes: contain any panic.
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        obj.decode_pixel_data().map(|d| d.to_owned())
-    }))
-    .map_err(|_| dicom_err("the pixel data decoder panicked on this file".into()))?
-    .map_err(|e| dicom_err(format!("cannot decode pixel data: {}", error_chain(&e))))?;
+    let mut warnings = Vec::new();
+    let decoded = match decode_guarded(obj) {
+        Ok(d) => d,
+        Err(first) => {
+            // "Read what is readable": an invalid NumberOfFrames (e.g. "1A") is
+            // replaced by the count implied by the native pixel data length.
+            match repair_number_of_frames(obj) {
+                Some((fixed, n)) => {
+                    let d = decode_guarded(&fixed).map_err(|e| dicom_err(e))?;
+                    warnings.push(format!(
+                        "{}: invalid NumberOfFrames replaced by {n} (from the pixel data length)",
+                        path.display()
+                    ));
+                    d
+                }
+                None => return Err(dicom_err(first)),
+            }
+        }
+    };
 
     let rows = decoded.rows() as usize;
     let cols = decoded.columns() as usize;
@@ -314,7 +327,45 @@ pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> 
         affine: None,
         spacing: elem_f64s(obj, tags::PIXEL_SPACING),
         bits_stored: Some(bits_stored),
+        warnings,
     })
+}
+
+/// Decode pixel data, turning a decoder panic (on untrusted compressed bytes) into an error.
+fn decode_guarded(
+    obj: &DefaultDicomObject,
+) -> std::result::Result<dicom_pixeldata::DecodedPixelData<'static>, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        obj.decode_pixel_data().map(|d| d.to_owned())
+    }))
+    .map_err(|_| "the pixel data decoder panicked on this file".to_string())?
+    .map_err(|e| format!("cannot decode pixel data: {}", error_chain(&e)))
+}
+
+/// If NumberOfFrames is present but not an integer and the pixel data are native,
+/// return a copy with the frame count inferred from the pixel data length.
+fn repair_number_of_frames(obj: &DefaultDicomObject) -> Option<(DefaultDicomObject, u32)> {
+    let nof = obj.element_opt(tags::NUMBER_OF_FRAMES).ok().flatten()?;
+    if nof.to_int::<u32>().is_ok() {
+        return None;
+    }
+    let rows = elem_u16(obj, tags::ROWS)? as usize;
+    let cols = elem_u16(obj, tags::COLUMNS)? as usize;
+    let spp = elem_u16(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1) as usize;
+    let bits = elem_u16(obj, tags::BITS_ALLOCATED)? as usize;
+    let frame_bytes = rows * cols * spp * bits / 8;
+    let pix = obj.element(tags::PIXEL_DATA).ok()?.to_bytes().ok()?;
+    if frame_bytes == 0 || pix.len() < frame_bytes {
+        return None;
+    }
+    let n = (pix.len() / frame_bytes) as u32;
+    let mut fixed = obj.clone();
+    fixed.put(DataElement::new(
+        tags::NUMBER_OF_FRAMES,
+        VR::IS,
+        PrimitiveValue::from(n.to_string()),
+    ));
+    Some((fixed, n))
 }
 
 /// Unpack native-endian samples into f32, honouring Bits Stored (masking unsigned

@@ -68,6 +68,9 @@ pub struct MedImage {
     pub spacing: Vec<f64>,
     /// Bits stored per sample in the source (8, 12, 16, ...), when known.
     pub bits_stored: Option<u16>,
+    /// Problems worked around while reading (e.g. an invalid NumberOfFrames that
+    /// was inferred from the pixel data length). Callers should report them.
+    pub warnings: Vec<String>,
 }
 
 /// A single 2-D plane: `rows x cols x channels`, C-ordered, `channels` 1 or 3.

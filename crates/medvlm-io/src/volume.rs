@@ -85,6 +85,7 @@ pub fn read_nifti(path: &Path) -> Result<MedImage> {
         affine: Some(affine),
         spacing: info.pixdim[1..=info.dims.len().min(7)].to_vec(),
         bits_stored: None,
+        warnings: Vec::new(),
     })
 }
 

@@ -1,0 +1,282 @@
+//! Decoded values of the real DICOM / NIfTI test files against reference values
+//! computed by pydicom / nibabel (`tools/make_io_reference.py` ->
+//! `tests/fixtures/io_reference.json`).
+
+use std::path::PathBuf;
+
+use medvlm_io::{load_any, MedImage, PlaneSelect};
+use serde_json::Value;
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+fn reference() -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/io_reference.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap()
+}
+
+/// Compare `values` (C-ordered over `shape`) with a reference summary. `tol` is the
+/// allowed absolute difference per sampled value (0 for lossless data); the mean
+/// may differ by `tol / 4` (lossy decoders differ by ±1 on a few pixels).
+fn check_summary(name: &str, shape: &[usize], values: &[f32], r: &Value, tol: f64) {
+    let want_shape: Vec<usize> = r["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(shape, &want_shape[..], "{name}: shape");
+    assert_eq!(
+        values.len(),
+        shape.iter().product::<usize>(),
+        "{name}: length"
+    );
+    let n = values.len() as f64;
+    let sum: f64 = values.iter().map(|&v| v as f64).sum();
+    let (lo, hi) = medvlm_io::medimage::min_max(values);
+    let mean_tol = if tol == 0.0 { 1e-6 } else { tol / 4.0 };
+    assert!(
+        (sum / n - f(&r["mean"])).abs() <= mean_tol * f(&r["mean"]).abs().max(1.0),
+        "{name}: mean {} vs {}",
+        sum / n,
+        f(&r["mean"])
+    );
+    assert!(
+        (lo as f64 - f(&r["min"])).abs() <= tol + 1e-6 * f(&r["min"]).abs(),
+        "{name}: min {lo} vs {}",
+        r["min"]
+    );
+    assert!(
+        (hi as f64 - f(&r["max"])).abs() <= tol + 1e-6 * f(&r["max"]).abs(),
+        "{name}: max {hi} vs {}",
+        r["max"]
+    );
+    let mut worst = 0.0f64;
+    for s in r["samples"].as_array().unwrap() {
+        let i = s[0].as_u64().unwrap() as usize;
+        let d = (values[i] as f64 - f(&s[1])).abs();
+        worst = worst.max(d);
+        assert!(
+            d <= tol + 1e-5 * f(&s[1]).abs(),
+            "{name}: value at flat index {i}: {} vs {}",
+            values[i],
+            s[1]
+        );
+    }
+    let sums = r["axis0_sums"].as_array().unwrap();
+    let per = values.len() / shape[0];
+    for (k, want) in sums.iter().enumerate() {
+        let got: f64 = values[k * per..(k + 1) * per]
+            .iter()
+            .map(|&v| v as f64)
+            .sum();
+        let allowed = if tol == 0.0 {
+            1e-6 * f(want).abs().max(1.0)
+        } else {
+            tol / 4.0 * per as f64
+        };
+        assert!(
+            (got - f(want)).abs() <= allowed,
+            "{name}: sum of slab {k}: {got} vs {want}"
+        );
+    }
+    let _ = worst;
+}
+
+fn check_dicom(name: &str) -> MedImage {
+    let refs = reference();
+    let r = &refs["files"][name];
+    assert!(
+        r.get("shape").is_some(),
+        "{name}: no reference values (pydicom could not decode it)"
+    );
+    let img = load_any(&data(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let tol = if r["lossy"].as_bool().unwrap_or(false) {
+        8.0
+    } else {
+        0.0
+    };
+    check_summary(name, &img.shape, &img.data, r, tol);
+    let ts = img.transfer_syntax.clone().unwrap();
+    assert!(
+        ts.contains(r["transfer_syntax"].as_str().unwrap()),
+        "{name}: {ts}"
+    );
+    assert_eq!(
+        img.modality.as_deref().unwrap_or(""),
+        r["modality"].as_str().unwrap()
+    );
+    if let Some(w) = r.get("windows") {
+        let want: Vec<(f64, f64)> = w
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (f(&p[0]), f(&p[1])))
+            .collect();
+        assert_eq!(img.file_windows, want, "{name}: windows");
+    }
+    img
+}
+
+#[test]
+fn ct_small_explicit_le_in_hounsfield_units() {
+    let img = check_dicom("CT_small.dcm");
+    // rescale intercept -1024 applied: air-ish minimum well below zero
+    assert!(img.min_max().0 < -800.0);
+}
+
+#[test]
+fn mr_small_explicit_le() {
+    check_dicom("MR_small.dcm");
+}
+
+#[test]
+fn mr_small_implicit_vr() {
+    check_dicom("MR_small_implicit.dcm");
+}
+
+#[test]
+fn mr_small_big_endian() {
+    check_dicom("MR_small_bigendian.dcm");
+}
+
+#[test]
+fn mr_small_rle() {
+    check_dicom("MR_small_RLE.dcm");
+}
+
+#[cfg(feature = "jpeg2000")]
+#[test]
+fn mr_small_jpeg2000_lossless() {
+    check_dicom("MR_small_jp2klossless.dcm");
+}
+
+#[test]
+fn bad_vr_number_of_frames_is_repaired_and_reported() {
+    // NumberOfFrames is "1A" (invalid IS): the frame count is inferred from the
+    // pixel data length, the values match pydicom's after the same repair, and the
+    // repair is reported in `warnings`.
+    let img = check_dicom("badVR.dcm");
+    assert_eq!(img.frames(), 15);
+    assert!(
+        img.warnings.iter().any(|w| w.contains("NumberOfFrames")),
+        "{:?}",
+        img.warnings
+    );
+}
+
+#[test]
+fn rgb_rle() {
+    check_dicom("SC_rgb_rle.dcm");
+}
+
+#[test]
+fn rgb_rle_two_frames() {
+    let img = check_dicom("SC_rgb_rle_2frame.dcm");
+    assert_eq!(img.frames(), 2);
+    let p1 = img
+        .plane(&PlaneSelect {
+            frame: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!((p1.rows, p1.cols, p1.channels), (100, 100, 3));
+    assert!(img
+        .plane(&PlaneSelect {
+            frame: Some(2),
+            ..Default::default()
+        })
+        .is_err());
+}
+
+#[test]
+fn rgb_native_odd_size() {
+    check_dicom("SC_rgb_small_odd.dcm");
+}
+
+#[test]
+fn rgb_jpeg_baseline_ybr() {
+    check_dicom("SC_rgb_jpeg_dcmtk.dcm");
+}
+
+fn nifti_check(name: &str, version: u64) {
+    let refs = reference();
+    let r = &refs["files"][name];
+    let img = load_any(&data(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(r["version"].as_u64().unwrap(), version);
+    check_summary(name, &img.shape, &img.data, r, 0.0);
+    let aff = img.affine.unwrap();
+    for i in 0..4 {
+        for j in 0..4 {
+            let want = f(&r["affine"][i][j]);
+            assert!(
+                (aff[i][j] - want).abs() < 1e-5,
+                "{name}: affine[{i}][{j}] {} vs {want}",
+                aff[i][j]
+            );
+        }
+    }
+    let codes: String = medvlm_io::volume::axis_codes(&aff).iter().collect();
+    assert_eq!(codes, r["axcodes"].as_str().unwrap());
+    let zs = &r["z_slice"];
+    let p = img
+        .plane(&PlaneSelect {
+            slice: Some(zs["index"].as_u64().unwrap() as usize),
+            ..Default::default()
+        })
+        .unwrap();
+    check_summary(
+        &format!("{name} z slice"),
+        &[p.rows, p.cols],
+        &p.data,
+        zs,
+        0.0,
+    );
+    // default slice is the middle one
+    assert_eq!(img.plane(&PlaneSelect::default()).unwrap(), p);
+    let ys = &r["y_slice"];
+    let p = img
+        .plane(&PlaneSelect {
+            axis: Some(1),
+            slice: Some(ys["index"].as_u64().unwrap() as usize),
+            ..Default::default()
+        })
+        .unwrap();
+    check_summary(
+        &format!("{name} y slice"),
+        &[p.rows, p.cols],
+        &p.data,
+        ys,
+        0.0,
+    );
+    let p = img
+        .plane(&PlaneSelect {
+            mip: true,
+            ..Default::default()
+        })
+        .unwrap();
+    check_summary(
+        &format!("{name} z MIP"),
+        &[p.rows, p.cols],
+        &p.data,
+        &r["z_mip"],
+        0.0,
+    );
+}
+
+#[test]
+fn nifti1_big_endian_anatomical() {
+    nifti_check("anatomical.nii", 1);
+}
+
+#[test]
+fn nifti2_gz_4d() {
+    nifti_check("example_nifti2.nii.gz", 2);
+}

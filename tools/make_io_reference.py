@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Reference values for medvlm-io's DICOM and NIfTI readers.
+
+Computes, for every file in crates/medvlm-io/tests/data, what pydicom / nibabel
+decode: shape, min, max, mean, sum, values at fixed sampled positions, per-slab
+sums along the first axis, and (NIfTI) the affine, orientation codes, a middle
+slice and a maximum-intensity projection summary. DICOM values are taken after
+the Modality LUT (pydicom.pixels.apply_modality_lut) and before any VOI LUT;
+colour images are RGB as pydicom returns them (YBR converted). The output is
+crates/medvlm-io/tests/fixtures/io_reference.json, which the Rust tests compare
+against; the tests never run Python.
+
+Needs: pip install pydicom==3.0.2 nibabel==5.4.2 numpy pylibjpeg pylibjpeg-libjpeg \
+       pylibjpeg-openjpeg pylibjpeg-rle
+(the pylibjpeg plugins decode JPEG 12-bit, JPEG-LS, JPEG 2000 and RLE).
+
+Usage: python tools/make_io_reference.py [DATA_DIR] [OUT_JSON]
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import nibabel as nib
+import pydicom
+from pydicom.pixels import apply_modality_lut
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "crates/medvlm-io/tests/data")
+OUT = sys.argv[2] if len(sys.argv) > 2 else os.path.join(ROOT, "crates/medvlm-io/tests/fixtures/io_reference.json")
+
+N_SAMPLES = 48
+
+
+def summary(arr):
+    arr = np.asarray(arr, dtype=np.float64)
+    flat = arr.reshape(-1)
+    rng = np.random.RandomState(0)
+    idx = sorted(set(int(i) for i in rng.randint(0, flat.size, size=N_SAMPLES)))
+    idx = sorted(set(idx + [0, flat.size - 1]))
+    return {
+        "shape": list(arr.shape),
+        "min": float(flat.min()),
+        "max": float(flat.max()),
+        "mean": float(flat.mean()),
+        "sum": float(flat.sum()),
+        "samples": [[i, float(flat[i])] for i in idx],
+        # sums over everything but the first axis: catches row/frame/axis order mistakes
+        "axis0_sums": [float(s) for s in arr.reshape(arr.shape[0], -1).sum(axis=1)],
+    }
+
+
+def dicom_entry(path):
+    ds = pydicom.dcmread(path)
+    entry = {
+        "kind": "dicom",
+        "transfer_syntax": str(ds.file_meta.TransferSyntaxUID),
+        "photometric_in_file": str(ds.get("PhotometricInterpretation", "")),
+        "modality": str(ds.get("Modality", "")),
+        "bits_stored": int(ds.BitsStored),
+    }
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - recorded as the expected outcome
+        entry["pydicom_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        nof = ds.get("NumberOfFrames")
+        if nof is None or str(nof).strip().isdigit():
+            return entry
+        # badVR.dcm: NumberOfFrames is not an integer. medvlm infers the frame count
+        # from the pixel data length; do the same repair here for the reference.
+        frame_bytes = ds.Rows * ds.Columns * ds.get("SamplesPerPixel", 1) * ds.BitsAllocated // 8
+        ds.NumberOfFrames = len(ds.PixelData) // frame_bytes
+        entry["repaired"] = "NumberOfFrames"
+        arr = ds.pixel_array
+    if ds.get("SamplesPerPixel", 1) == 1:
+        arr = apply_modality_lut(arr, ds)
+    entry["lossy"] = ds.file_meta.TransferSyntaxUID in (
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+    )
+    wc = ds.get("WindowCenter")
+    ww = ds.get("WindowWidth")
+    if wc is not None and ww is not None:
+        wc = list(wc) if isinstance(wc, pydicom.multival.MultiValue) else [wc]
+        ww = list(ww) if isinstance(ww, pydicom.multival.MultiValue) else [ww]
+        entry["windows"] = [[float(c), float(w)] for c, w in zip(wc, ww)]
+    entry.update(summary(arr))
+    return entry
+
+
+def nifti_entry(path):
+    img = nib.load(path)
+    data = img.get_fdata()
+    entry = {
+        "kind": "nifti",
+        "version": 2 if isinstance(img, nib.Nifti2Image) else 1,
+        "affine": [[float(v) for v in row] for row in img.affine],
+        "axcodes": "".join(nib.aff2axcodes(img.affine)),
+        "zooms": [float(z) for z in img.header.get_zooms()],
+    }
+    entry.update(summary(data))
+    vol0 = data if data.ndim == 3 else data[..., 0]
+    mid = vol0.shape[2] // 2
+    entry["z_slice"] = {"index": mid, **summary(vol0[:, :, mid])}
+    entry["y_slice"] = {"index": 3, **summary(vol0[:, 3, :])}
+    entry["z_mip"] = summary(vol0.max(axis=2))
+    return entry
+
+
+def main():
+    out = {"generator": "tools/make_io_reference.py", "pydicom": pydicom.__version__,
+           "nibabel": nib.__version__, "numpy": np.__version__, "files": {}}
+    for name in sorted(os.listdir(DATA)):
+        path = os.path.join(DATA, name)
+        if name.endswith(".dcm"):
+            try:
+                out["files"][name] = dicom_entry(path)
+            except Exception as exc:  # noqa: BLE001
+                out["files"][name] = {"kind": "dicom", "pydicom_error": f"{type(exc).__name__}: {exc}"[:300]}
+        elif name.endswith(".nii") or name.endswith(".nii.gz"):
+            out["files"][name] = nifti_entry(path)
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    with open(OUT, "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+    print(f"wrote {OUT}: {len(out['files'])} files")
+
+
+if __name__ == "__main__":
+    main()
