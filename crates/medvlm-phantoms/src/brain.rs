@@ -102,8 +102,8 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
                 // or towards the front or back.
                 let base = if hemi < 0.0 { PI } else { 0.0 };
                 let theta = base + rng.random_range(-0.9..0.9);
-                let half_width = 0.18 + 0.22 * extent;
-                let inner = 0.6 - 0.2 * extent;
+                let half_width = 0.22 + 0.22 * extent;
+                let inner = 0.5 - 0.2 * extent;
                 let mid = (inner + 0.9) / 2.0;
                 let cx = 0.5 + mid * rx * theta.cos();
                 let cy = 0.5 + mid * ry * theta.sin();
@@ -166,8 +166,8 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
                 0.12
             } else {
                 parenchyma = true;
-                let gyr = (theta * 17.0 + gyri_phase + 6.0 * n).sin();
-                let wm_edge = 0.68 + 0.07 * gyr;
+                let gyr = (theta * 26.0 + gyri_phase + 9.0 * n).sin();
+                let wm_edge = 0.7 + 0.05 * gyr + 0.06 * (n - 0.5);
                 if rho < wm_edge {
                     0.66 + 0.05 * n
                 } else if gyr > 0.8 && rho > wm_edge + 0.03 {
@@ -232,7 +232,7 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
                             dt = 2.0 * PI - dt;
                         }
                         if parenchyma && dt < half_width && rho > inner && val > 0.2 {
-                            val = 0.25 + 0.05 * n;
+                            val = 0.2 + 0.05 * n;
                             true
                         } else {
                             false

@@ -53,7 +53,7 @@ impl Lung {
         } else {
             // Below the equator the lateral wall tapers a little.
             let t = (y - self.cy) / (self.base - self.cy);
-            dx.abs() < 1.0 - 0.12 * t * t
+            dx.abs() < 1.0 - 0.2 * t * t
         }
     }
 
@@ -156,9 +156,9 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
     // Heart: (cx, cy, rx, ry). Normal CTR ~0.42, cardiomegaly 0.55 - 0.7.
     let heart = if cardiomegaly {
         let rx = 0.17 + 0.05 * cm_extent;
-        (0.545, 0.64, rx, 0.13 + 0.02 * cm_extent)
+        (0.57, 0.64, rx, 0.13 + 0.02 * cm_extent)
     } else {
-        (0.535, 0.645, 0.125 + rng.random_range(-0.01..0.01), 0.11)
+        (0.555, 0.645, 0.125 + rng.random_range(-0.01..0.01), 0.11)
     };
 
     let mut lesions: Vec<(Lesion, Draft)> = Vec::new();
@@ -204,7 +204,7 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
                         cx,
                         cy,
                         r,
-                        density: if label == "nodule" { 0.30 } else { 0.34 },
+                        density: if label == "nodule" { 0.34 } else { 0.36 },
                         lobes,
                     };
                     let location = format!("{} {} zone", lung.laterality().name(), lung.zone(cy));
@@ -302,9 +302,10 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
         for px in 0..size {
             let u = (px as f32 + 0.5) * inv;
             let (x, y) = pose.to_anatomy(u, v);
-            let tdx = (x - 0.5) / 0.47;
-            let tdy = (y - 0.6) / 0.58;
-            let in_torso = tdx * tdx + tdy * tdy < 1.0;
+            // Superelliptic torso: square shoulders, straight flanks.
+            let tdx = (x - 0.5) / 0.46;
+            let tdy = (y - 0.64) / 0.6;
+            let in_torso = tdx * tdx * tdx.abs() + tdy * tdy * tdy.abs() < 1.0;
             let idx = py * size + px;
             if !in_torso {
                 pixels[idx] = 0.04 + 0.03 * tissue.at(x, y);
@@ -351,11 +352,13 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
             // Posterior ribs: descending arcs, one O(1) test per pixel.
             if y < lung.base + 0.03 && ax > 0.04 {
                 let t = (ax / 0.36).min(1.2);
-                let base = y + 0.035 * (std::f32::consts::PI * t).sin() - 0.07 * t - 0.11;
+                let base = y + 0.06 * (0.8 * std::f32::consts::PI * t).sin() - 0.05 * t - 0.1;
                 let k = base / 0.068;
                 let kf = k.round();
-                if (0.0..10.0).contains(&kf) && ((k - kf) * 0.068).abs() < 0.011 {
-                    val += 0.085;
+                let d = ((k - kf) * 0.068).abs();
+                if (0.0..10.0).contains(&kf) && d < 0.012 {
+                    // Cortical edges are denser than the middle of a rib.
+                    val += if d > 0.008 { 0.075 } else { 0.05 };
                 }
             }
             // Clavicles.

@@ -57,7 +57,12 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
     let fov = rng.random_range(0.47..0.56);
     let line_angle: f32 = rng.random_range(0.0..TAU);
     let (la_c, la_s) = (line_angle.cos(), line_angle.sin());
-    let hairs: Vec<Hair> = (0..rng.random_range(0..4))
+    let n_hairs = if rng.random::<f32>() < 0.5 {
+        0
+    } else {
+        rng.random_range(1..4)
+    };
+    let hairs: Vec<Hair> = (0..n_hairs)
         .map(|_| {
             let a: f32 = rng.random_range(0.0..TAU);
             Hair {
@@ -67,7 +72,7 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
                 bend: rng.random_range(0.0..0.08),
                 freq: rng.random_range(2.0..6.0),
                 phase: rng.random_range(0.0..TAU),
-                width: rng.random_range(0.003..0.006),
+                width: rng.random_range(0.002..0.004),
             }
         })
         .collect();
@@ -147,7 +152,7 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
                         } else if t < 0.48 {
                             [0.40, 0.24, 0.16]
                         } else if t < 0.62 {
-                            [0.42, 0.48, 0.60]
+                            [0.38, 0.40, 0.50]
                         } else {
                             [0.86, 0.70, 0.72]
                         }

@@ -110,9 +110,9 @@ pub(crate) fn render<R: Rng>(
         .map(|k| {
             let (i, j) = ((k % cells) as f32 - 1.0, (k / cells) as f32 - 1.0);
             (
-                (i + 0.5) * GLAND_SPACING + rng.random_range(-0.035..0.035),
-                (j + 0.5) * GLAND_SPACING + rng.random_range(-0.035..0.035),
-                rng.random_range(0.05..0.07),
+                (i + 0.5) * GLAND_SPACING + rng.random_range(-0.05..0.05),
+                (j + 0.5) * GLAND_SPACING + rng.random_range(-0.05..0.05),
+                rng.random_range(0.045..0.075),
             )
         })
         .collect();

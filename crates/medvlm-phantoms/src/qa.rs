@@ -5,7 +5,7 @@
 
 use rand::Rng;
 
-use crate::vocab::Modality;
+use crate::vocab::{with_article, Modality};
 use crate::{Finding, Laterality, Qa, QaKind};
 
 fn plural(term: &str) -> String {
@@ -103,7 +103,7 @@ pub(crate) fn make_qa<R: Rng>(rng: &mut R, modality: Modality, findings: &[Findi
         if !group.is_empty() {
             let v = group[rng.random_range(0..group.len())];
             out.push(qa(
-                format!("Is there {} {}?", article(v.terms[0]), v.terms[0]),
+                format!("Is there {}?", with_article(v.terms[0])),
                 yes_no(answer),
                 QaKind::Presence,
                 true,
@@ -182,11 +182,4 @@ pub(crate) fn make_qa<R: Rng>(rng: &mut R, modality: Modality, findings: &[Findi
         ));
     }
     out
-}
-
-fn article(word: &str) -> &'static str {
-    match word.chars().next() {
-        Some('a' | 'e' | 'i' | 'o' | 'u') => "an",
-        _ => "a",
-    }
 }

@@ -11,7 +11,7 @@
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use crate::vocab::{FindingVocab, Modality};
+use crate::vocab::{with_article, FindingVocab, Modality};
 use crate::{Finding, Severity};
 
 fn pick<'a, R: Rng>(rng: &mut R, items: &[&'a str]) -> &'a str {
@@ -24,13 +24,6 @@ pub(crate) fn term<R: Rng>(rng: &mut R, v: &FindingVocab) -> &'static str {
         v.terms[0]
     } else {
         v.terms[rng.random_range(1..v.terms.len())]
-    }
-}
-
-fn article(word: &str) -> &'static str {
-    match word.chars().next().map(|c| c.to_ascii_lowercase()) {
-        Some('a' | 'e' | 'i' | 'o' | 'u') => "an",
-        _ => "a",
     }
 }
 
@@ -50,6 +43,11 @@ fn adjective(modality: Modality, f: &Finding) -> &'static str {
             Severity::Mild => "mild",
             Severity::Moderate => "moderate",
             Severity::Severe => "marked",
+        },
+        (Modality::Dermoscopy, _) => match f.severity {
+            Severity::Mild => "small",
+            Severity::Moderate => "",
+            Severity::Severe => "large",
         },
         (Modality::Histology, _) => match f.severity {
             Severity::Mild => "focal",
@@ -81,7 +79,8 @@ fn positive_sentence<R: Rng>(
     let t = term(rng, v);
     let adj = adjective(modality, f);
     let np = noun_phrase(adj, t);
-    let a = article(&np);
+    let a_np = with_article(&np);
+    let a_t = with_article(t);
     let loc = if f.location.is_empty() {
         String::new()
     } else {
@@ -91,11 +90,11 @@ fn positive_sentence<R: Rng>(
     if f.hedged {
         return match rng.random_range(0..6) {
             0 => format!("Possible {np}{loc}."),
-            1 => format!("There may be {a} {np}{loc}."),
+            1 => format!("There may be {a_np}{loc}."),
             2 => format!("Suspected {np}{loc}."),
             3 => format!("Probable {np}{loc}."),
-            4 => format!("Appearances could represent {a} {np}{loc}."),
-            _ => capitalise(&format!("{a} {np}{loc} cannot be excluded.")),
+            4 => format!("Appearances could represent {a_np}{loc}."),
+            _ => capitalise(&format!("{a_np}{loc} cannot be excluded.")),
         };
     }
     let measured = matches!(
@@ -103,12 +102,12 @@ fn positive_sentence<R: Rng>(
         Modality::ChestXray | Modality::BrainMri | Modality::Dermoscopy
     ) && f.label != "cardiomegaly";
     match rng.random_range(0..6) {
-        0 => format!("There is {a} {np}{loc}."),
-        1 => capitalise(&format!("{a} {np} is seen{loc}.")),
-        2 => capitalise(&format!("{a} {np} is present{loc}.")),
+        0 => format!("There is {a_np}{loc}."),
+        1 => capitalise(&format!("{a_np} is seen{loc}.")),
+        2 => capitalise(&format!("{a_np} is present{loc}.")),
         3 if !loc.is_empty() => format!("{}: {np}.", capitalise(&f.location)),
-        4 if measured => capitalise(&format!("{a} {t} measuring {mm} mm{loc}.")),
-        _ => format!("Findings are consistent with {a} {np}{loc}."),
+        4 if measured => capitalise(&format!("{a_t} measuring {mm} mm{loc}.")),
+        _ => format!("Findings are consistent with {a_np}{loc}."),
     }
 }
 

@@ -161,6 +161,34 @@ const HISTO: &[FindingVocab] = &[
     },
 ];
 
+/// The indefinite article a term takes: `""` for mass nouns
+/// ("cardiomegaly", "stroma"), else `"a"` or `"an"`.
+pub fn article(term: &str) -> &'static str {
+    const MASS_NOUNS: &[&str] = &[
+        "cardiomegaly",
+        "consolidation",
+        "stroma",
+        "enlargement",
+        "epithelium",
+    ];
+    let last = term.rsplit(' ').next().unwrap_or(term);
+    if MASS_NOUNS.contains(&last) {
+        return "";
+    }
+    match term.chars().next().map(|c| c.to_ascii_lowercase()) {
+        Some('a' | 'e' | 'i' | 'o' | 'u') => "an",
+        _ => "a",
+    }
+}
+
+/// `term` with its indefinite article, if it takes one.
+pub fn with_article(term: &str) -> String {
+    match article(term) {
+        "" => term.to_string(),
+        a => format!("{a} {term}"),
+    }
+}
+
 impl Modality {
     /// Every modality, in a fixed order.
     pub const ALL: [Modality; 4] = [
