@@ -10,3 +10,4 @@ pub mod method;
 pub mod methods;
 pub mod optim;
 pub mod schedule;
+pub mod train_config;
