@@ -196,7 +196,7 @@ impl AdaptationMethod for LpPlusPlus {
                 }
             }
         }
-        if !last.is_finite() {
+        if self.steps > 0 && !last.is_finite() {
             return Err(MethodError::InvalidInput(format!(
                 "LP++ diverged (loss {last}); check the features for NaN"
             )));

@@ -239,7 +239,7 @@ pub(crate) fn train_full_batch(
             }
         }
     }
-    if !last.is_finite() {
+    if steps > 0 && !last.is_finite() {
         return Err(MethodError::InvalidInput(format!(
             "training diverged (loss {last}); lower the learning rate or check the features for NaN"
         )));

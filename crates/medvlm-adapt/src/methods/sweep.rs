@@ -151,3 +151,118 @@ pub fn sweep_frozen(
     }
     Ok(records)
 }
+
+/// A synthetic few-shot task for tests and benchmarks: Gaussian class
+/// clusters around random unit means plus an offset shared by all images,
+/// and text embeddings near, but offset from, the class means plus another
+/// shared offset (the image/text "modality gap" of CLIP-like models, which
+/// makes image-text cosines small and image-image cosines large, as in
+/// CLIP). Zero-shot is above chance yet imperfect.
+#[derive(Debug, Clone)]
+pub struct SyntheticTask {
+    /// Class names `class_0`, ...
+    pub class_names: Vec<String>,
+    /// One prompt embedding per class, `[1, D]` each.
+    pub texts: ClassTexts,
+    /// Pool to draw support sets from, `[C * pool_per_class, D]`.
+    pub pool_features: Tensor,
+    /// Pool labels.
+    pub pool_labels: Vec<usize>,
+    /// Test features, `[C * test_per_class, D]`.
+    pub test_features: Tensor,
+    /// Test labels.
+    pub test_labels: Vec<usize>,
+}
+
+/// Parameters of [`synthetic_task`].
+#[derive(Debug, Clone, Copy)]
+pub struct SyntheticSpec {
+    /// Number of classes.
+    pub classes: usize,
+    /// Embedding dimension.
+    pub dim: usize,
+    /// Pool images per class.
+    pub pool_per_class: usize,
+    /// Test images per class.
+    pub test_per_class: usize,
+    /// Per-coordinate standard deviation of the image noise.
+    pub image_noise: f64,
+    /// Norm of the random offset between each text embedding and its class mean.
+    pub text_offset: f64,
+    /// Norm of the offset shared by all image embeddings.
+    pub modality_gap: f64,
+    /// Norm of the (different) offset shared by all text embeddings.
+    pub text_gap: f64,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// Draws a [`SyntheticTask`].
+pub fn synthetic_task(spec: SyntheticSpec) -> Result<SyntheticTask> {
+    use rand::Rng;
+    let mut rng = super::rng_for(spec.seed);
+    // Box-Muller standard normal.
+    let mut normal = move || -> f64 {
+        let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+        let u2: f64 = rng.random_range(0.0..1.0);
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    };
+    let unit = |v: Vec<f64>| {
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+        v.into_iter().map(|x| x / n).collect::<Vec<f64>>()
+    };
+    let d = spec.dim;
+    let means: Vec<Vec<f64>> = (0..spec.classes)
+        .map(|_| unit((0..d).map(|_| normal()).collect()))
+        .collect();
+    let gap: Vec<f64> = unit((0..d).map(|_| normal()).collect())
+        .into_iter()
+        .map(|x| x * spec.modality_gap)
+        .collect();
+    let text_gap: Vec<f64> = unit((0..d).map(|_| normal()).collect())
+        .into_iter()
+        .map(|x| x * spec.text_gap)
+        .collect();
+    let dev = candle_core::Device::Cpu;
+    let mut prompts = Vec::with_capacity(spec.classes);
+    for m in &means {
+        let off = unit((0..d).map(|_| normal()).collect());
+        let t: Vec<f32> = m
+            .iter()
+            .zip(&off)
+            .zip(&text_gap)
+            .map(|((a, o), g)| (a + g + spec.text_offset * o) as f32)
+            .collect();
+        prompts.push(Tensor::from_vec(t, (1, d), &dev)?);
+    }
+    let mut draw = |per_class: usize| -> Result<(Tensor, Vec<usize>)> {
+        let mut data = Vec::with_capacity(spec.classes * per_class * d);
+        let mut labels = Vec::with_capacity(spec.classes * per_class);
+        for (c, m) in means.iter().enumerate() {
+            for _ in 0..per_class {
+                data.extend(
+                    m.iter()
+                        .zip(&gap)
+                        .map(|(a, g)| (a + g + spec.image_noise * normal()) as f32),
+                );
+                labels.push(c);
+            }
+        }
+        Ok((Tensor::from_vec(data, (labels.len(), d), &dev)?, labels))
+    };
+    let (pool_features, pool_labels) = draw(spec.pool_per_class)?;
+    let (test_features, test_labels) = draw(spec.test_per_class)?;
+    let class_names: Vec<String> = (0..spec.classes).map(|c| format!("class_{c}")).collect();
+    Ok(SyntheticTask {
+        texts: ClassTexts {
+            class_names: class_names.clone(),
+            prompts,
+            negative_prompts: None,
+        },
+        class_names,
+        pool_features,
+        pool_labels,
+        test_features,
+        test_labels,
+    })
+}

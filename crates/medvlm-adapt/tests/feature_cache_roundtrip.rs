@@ -1,0 +1,146 @@
+//! The feature cache: compute once, reuse, invalidate on mismatch.
+
+use std::cell::Cell;
+
+use candle_core::{Device, Tensor};
+use medvlm_adapt::feature_cache::{
+    hash_paths, CacheStatus, CachedFeatures, CachedLabels, FeatureCache, FeatureCacheError,
+    FeatureCacheKey,
+};
+
+fn key(model: &str) -> FeatureCacheKey {
+    FeatureCacheKey {
+        model_id: model.into(),
+        dataset_hash: "0f".repeat(32),
+        preprocessing: "resize 224 bicubic, centre crop, CLIP mean/std".into(),
+    }
+}
+
+fn features(scale: f32) -> CachedFeatures {
+    let v: Vec<f32> = (0..12).map(|i| i as f32 * scale - 3.0).collect();
+    CachedFeatures {
+        features: Tensor::from_vec(v, (4, 3), &Device::Cpu).unwrap(),
+        labels: CachedLabels::MultiClass(vec![0, 1, 1, 2]),
+        paths_sha256: hash_paths(&["a.png", "b.png", "c.png", "d.png"]),
+    }
+}
+
+#[test]
+fn computes_once_then_hits() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = FeatureCache::new(dir.path());
+    let calls = Cell::new(0);
+    let compute = || {
+        calls.set(calls.get() + 1);
+        Ok::<_, String>(features(0.5))
+    };
+    let (first, s1) = cache
+        .load_or_compute(&key("clip-vit-b16"), compute)
+        .unwrap();
+    let (second, s2) = cache
+        .load_or_compute(&key("clip-vit-b16"), compute)
+        .unwrap();
+    assert_eq!((s1, s2), (CacheStatus::Miss, CacheStatus::Hit));
+    assert_eq!(calls.get(), 1);
+    assert_eq!(
+        first.features.to_vec2::<f32>().unwrap(),
+        second.features.to_vec2::<f32>().unwrap()
+    );
+    assert_eq!(second.labels, CachedLabels::MultiClass(vec![0, 1, 1, 2]));
+    assert_eq!(second.paths_sha256, first.paths_sha256);
+
+    // Another model is another file and another computation.
+    let (_, s3) = cache.load_or_compute(&key("biomedclip"), compute).unwrap();
+    assert_eq!(s3, CacheStatus::Miss);
+    assert_eq!(calls.get(), 2);
+    assert_ne!(
+        cache.path_for(&key("clip-vit-b16")),
+        cache.path_for(&key("biomedclip"))
+    );
+    // Names carry the model and the key hash; no temporary files remain.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("features-") && n.ends_with(".safetensors")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn corrupted_or_foreign_files_are_invalidated_and_recomputed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = FeatureCache::new(dir.path());
+    let k = key("clip-vit-b16");
+    let path = cache.store(&k, &features(0.5)).unwrap();
+
+    // Flip one byte of the tensor data (the last byte of the file).
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = cache.load(&k).unwrap_err();
+    assert!(matches!(err, FeatureCacheError::Format { .. }));
+    assert!(err.to_string().contains("content hash mismatch"), "{err}");
+    let (fresh, status) = cache
+        .load_or_compute(&k, || Ok::<_, String>(features(2.0)))
+        .unwrap();
+    assert!(
+        matches!(status, CacheStatus::Invalidated(ref r) if r.contains("content hash")),
+        "{status:?}"
+    );
+    assert_eq!(fresh.features.to_vec2::<f32>().unwrap()[0][1], -1.0);
+    assert_eq!(
+        cache
+            .load_or_compute(&k, || Err::<CachedFeatures, _>("must not recompute"))
+            .unwrap()
+            .1,
+        CacheStatus::Hit
+    );
+
+    // A file written for another key under this key's name is refused.
+    let other = key("other-model");
+    std::fs::copy(
+        cache.path_for(&other.clone()).with_file_name("missing"),
+        &path,
+    )
+    .ok();
+    std::fs::copy(cache.store(&other, &features(1.0)).unwrap(), &path).unwrap();
+    let err = cache.load(&k).unwrap_err().to_string();
+    assert!(err.contains("key hash differs"), "{err}");
+}
+
+#[test]
+fn multilabel_labels_round_trip_and_bad_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = FeatureCache::new(dir.path());
+    let ml = CachedFeatures {
+        labels: CachedLabels::MultiLabel(vec![
+            vec![true, false],
+            vec![false, false],
+            vec![true, true],
+            vec![false, true],
+        ]),
+        ..features(1.0)
+    };
+    cache.store(&key("m"), &ml).unwrap();
+    assert_eq!(cache.load(&key("m")).unwrap().unwrap().labels, ml.labels);
+
+    let short = CachedFeatures {
+        labels: CachedLabels::MultiClass(vec![0, 1]),
+        ..features(1.0)
+    };
+    let err = cache.store(&key("m"), &short).unwrap_err().to_string();
+    assert!(err.contains("4 feature rows but 2 labels"), "{err}");
+    // A failing computation is reported, not cached.
+    let err = cache
+        .load_or_compute(&key("n"), || Err::<CachedFeatures, _>("encoder crashed"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("encoder crashed"), "{err}");
+    assert!(cache.load(&key("n")).unwrap().is_none());
+}
