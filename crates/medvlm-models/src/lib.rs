@@ -10,9 +10,12 @@
 
 pub mod bert;
 pub mod biomedclip;
+pub mod clip;
 pub mod error;
 pub mod linear;
+pub mod siglip;
 pub mod timm_vit;
+pub mod transformer;
 pub mod vlm;
 pub mod weights;
 

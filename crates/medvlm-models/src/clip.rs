@@ -1,0 +1,561 @@
+//! HF `CLIPModel` (Radford et al. 2021, "Learning Transferable Visual Models
+//! From Natural Language Supervision"): OpenAI CLIP ViT-B/32, B/16, L/14,
+//! PubMedCLIP (Eslami et al. 2023) and PLIP (Huang et al. 2023) share this layout.
+//!
+//! Files: `config.json` (`model_type: "clip"`, `text_config`, `vision_config`,
+//! `projection_dim`, `logit_scale_init_value`) and `model.safetensors` or
+//! `pytorch_model.bin`. Tensor names are exactly the checkpoint's
+//! (`vision_model.embeddings.patch_embedding.weight`, ...).
+//!
+//! Text pooling follows HF: with the legacy `eos_token_id == 2` the pooled
+//! token is at `argmax(input_ids)` (the EOT token has the largest id in
+//! OpenAI's vocabulary); otherwise at the first `eos_token_id`.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Embedding, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::linear::{LinearLayer, LinearLayers};
+use crate::transformer::{
+    causal_mask, layer_norm, padding_mask, Activation, Encoder, EncoderDims, LayerNorm,
+};
+use crate::vlm::{
+    apply_text_prompt, insert_prompt_tokens, replace_prompt_tokens, Family, ImageEncoder,
+    TextEncoder, TextOutput, TextPrompt, TokenBatch, VisionLanguageModel, VisionOutput,
+    VisualPrompts,
+};
+
+fn d_vocab() -> usize {
+    49408
+}
+fn d_text_hidden() -> usize {
+    512
+}
+fn d_text_inter() -> usize {
+    2048
+}
+fn d_layers() -> usize {
+    12
+}
+fn d_text_heads() -> usize {
+    8
+}
+fn d_ctx() -> usize {
+    77
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_eos() -> u32 {
+    49407
+}
+fn d_bos() -> u32 {
+    49406
+}
+fn d_pad() -> u32 {
+    1
+}
+fn d_vis_hidden() -> usize {
+    768
+}
+fn d_vis_inter() -> usize {
+    3072
+}
+fn d_vis_heads() -> usize {
+    12
+}
+fn d_channels() -> usize {
+    3
+}
+fn d_image() -> usize {
+    224
+}
+fn d_patch() -> usize {
+    32
+}
+fn d_proj() -> usize {
+    512
+}
+fn d_logit_scale() -> f64 {
+    2.6592
+}
+fn d_clip() -> String {
+    "clip".into()
+}
+
+/// `text_config` of a CLIP config (defaults: OpenAI ViT-B/32 text tower).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipTextConfig {
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_text_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_text_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_text_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_ctx")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub hidden_act: Activation,
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "d_eos")]
+    pub eos_token_id: u32,
+    #[serde(default = "d_bos")]
+    pub bos_token_id: u32,
+    #[serde(default = "d_pad")]
+    pub pad_token_id: u32,
+}
+
+/// `vision_config` of a CLIP config (defaults: OpenAI ViT-B/32).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipVisionConfig {
+    #[serde(default = "d_vis_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_vis_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_vis_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_channels")]
+    pub num_channels: usize,
+    #[serde(default = "d_image")]
+    pub image_size: usize,
+    #[serde(default = "d_patch")]
+    pub patch_size: usize,
+    #[serde(default)]
+    pub hidden_act: Activation,
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+}
+
+/// A CLIP `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipConfig {
+    #[serde(default = "d_clip")]
+    pub model_type: String,
+    pub text_config: ClipTextConfig,
+    pub vision_config: ClipVisionConfig,
+    #[serde(default = "d_proj")]
+    pub projection_dim: usize,
+    #[serde(default = "d_logit_scale")]
+    pub logit_scale_init_value: f64,
+}
+
+impl ClipConfig {
+    /// Parse and validate a config.json text; `path` is used in errors.
+    pub fn from_json(text: &str, path: &std::path::Path) -> Result<Self> {
+        let cfg: ClipConfig =
+            serde_json::from_str(text).map_err(|e| ModelError::config(path, e))?;
+        cfg.validate().map_err(|e| ModelError::config(path, e))?;
+        Ok(cfg)
+    }
+
+    /// Read and validate `path`.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Structural checks that would otherwise fail deep inside the forward pass.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let v = &self.vision_config;
+        let t = &self.text_config;
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
+            return Err(format!(
+                "vision_config.image_size {} is not a multiple of patch_size {}",
+                v.image_size, v.patch_size
+            ));
+        }
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
+            return Err("vision_config.hidden_size is not divisible by num_attention_heads".into());
+        }
+        if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
+            return Err("text_config.hidden_size is not divisible by num_attention_heads".into());
+        }
+        Ok(())
+    }
+
+    /// A small config for from-scratch pretraining and tests.
+    pub fn tiny(vocab_size: usize, image_size: usize, patch_size: usize) -> Self {
+        ClipConfig {
+            model_type: "clip".into(),
+            text_config: ClipTextConfig {
+                vocab_size,
+                hidden_size: 64,
+                intermediate_size: 128,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                max_position_embeddings: 32,
+                hidden_act: Activation::QuickGelu,
+                layer_norm_eps: 1e-5,
+                eos_token_id: 2,
+                bos_token_id: 1,
+                pad_token_id: 0,
+            },
+            vision_config: ClipVisionConfig {
+                hidden_size: 64,
+                intermediate_size: 128,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                num_channels: 3,
+                image_size,
+                patch_size,
+                hidden_act: Activation::QuickGelu,
+                layer_norm_eps: 1e-5,
+            },
+            projection_dim: 64,
+            logit_scale_init_value: 2.6592,
+        }
+    }
+}
+
+/// The CLIP text transformer (`text_model.*`).
+#[derive(Debug, Clone)]
+pub struct ClipTextTransformer {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    encoder: Encoder,
+    final_layer_norm: LayerNorm,
+    cfg: ClipTextConfig,
+}
+
+impl ClipTextTransformer {
+    /// Load from the `text_model` prefix.
+    pub fn load(vb: VarBuilder, c: &ClipTextConfig) -> candle_core::Result<Self> {
+        let emb = vb.pp("embeddings");
+        let tok = emb
+            .pp("token_embedding")
+            .get((c.vocab_size, c.hidden_size), "weight")?;
+        let pos = emb
+            .pp("position_embedding")
+            .get((c.max_position_embeddings, c.hidden_size), "weight")?;
+        let dims = EncoderDims {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            layers: c.num_hidden_layers,
+            eps: c.layer_norm_eps,
+            act: c.hidden_act,
+        };
+        Ok(Self {
+            token_embedding: Embedding::new(tok, c.hidden_size),
+            position_embedding: pos,
+            encoder: Encoder::load(vb.pp("encoder"), &dims)?,
+            final_layer_norm: layer_norm(
+                vb.pp("final_layer_norm"),
+                c.hidden_size,
+                c.layer_norm_eps,
+            )?,
+            cfg: c.clone(),
+        })
+    }
+
+    /// Positions of the pooled (EOT) token per row, as HF computes them.
+    pub fn pool_positions(&self, input_ids: &Tensor) -> Result<Vec<u32>> {
+        let ids: Vec<Vec<u32>> = input_ids.to_dtype(DType::U32)?.to_vec2()?;
+        Ok(eot_positions(&ids, self.cfg.eos_token_id))
+    }
+
+    /// Returns (last_hidden_state after final layer norm, pooled).
+    pub fn forward(
+        &self,
+        tokens: &TokenBatch,
+        prompt: Option<&TextPrompt>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, l) = tokens.input_ids.dims2()?;
+        if l > self.cfg.max_position_embeddings {
+            return Err(ModelError::invalid(format!(
+                "text of {l} tokens exceeds the context length {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let mut x = self.token_embedding.forward(&tokens.input_ids)?;
+        if let Some(p) = prompt {
+            x = apply_text_prompt(&x, p)?;
+        }
+        let pos = self.position_embedding.narrow(0, 0, l)?.unsqueeze(0)?;
+        let x = x.broadcast_add(&pos)?;
+        let dev = x.device();
+        let mask = causal_mask(l, dev)?.broadcast_add(&padding_mask(&tokens.attention_mask)?)?;
+        let h = self.encoder.forward(&x, Some(&mask), None)?;
+        let h = self.final_layer_norm.forward(&h)?;
+        let pos = self.pool_positions(&tokens.input_ids)?;
+        let pooled = gather_rows(&h, &pos, b)?;
+        Ok((h, pooled))
+    }
+}
+
+/// HF CLIP pooling positions: `argmax(ids)` (first maximum) when
+/// `eos_token_id == 2` (legacy configs), else the first `eos_token_id`
+/// (position 0 when absent, as `argmax` of an all-false row gives).
+pub fn eot_positions(ids: &[Vec<u32>], eos_token_id: u32) -> Vec<u32> {
+    ids.iter()
+        .map(|row| {
+            if eos_token_id == 2 {
+                let mut best = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = i;
+                    }
+                }
+                best as u32
+            } else {
+                row.iter().position(|&v| v == eos_token_id).unwrap_or(0) as u32
+            }
+        })
+        .collect()
+}
+
+/// `h[b, pos[b], :]` for each row, `[B, D]`.
+pub fn gather_rows(h: &Tensor, pos: &[u32], b: usize) -> Result<Tensor> {
+    let rows = (0..b)
+        .map(|i| h.get(i)?.get(pos[i] as usize))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
+}
+
+/// The CLIP vision transformer (`vision_model.*`).
+#[derive(Debug, Clone)]
+pub struct ClipVisionTransformer {
+    class_embedding: Tensor,
+    patch_embedding: Conv2d,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    encoder: Encoder,
+    post_layernorm: LayerNorm,
+    cfg: ClipVisionConfig,
+}
+
+impl ClipVisionTransformer {
+    /// Load from the `vision_model` prefix.
+    pub fn load(vb: VarBuilder, c: &ClipVisionConfig) -> candle_core::Result<Self> {
+        let emb = vb.pp("embeddings");
+        let d = c.hidden_size;
+        let n = (c.image_size / c.patch_size).pow(2) + 1;
+        let patch_w = emb
+            .pp("patch_embedding")
+            .get((d, c.num_channels, c.patch_size, c.patch_size), "weight")?;
+        let conv_cfg = Conv2dConfig {
+            stride: c.patch_size,
+            ..Default::default()
+        };
+        let dims = EncoderDims {
+            hidden: d,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            layers: c.num_hidden_layers,
+            eps: c.layer_norm_eps,
+            act: c.hidden_act,
+        };
+        Ok(Self {
+            class_embedding: emb.get(d, "class_embedding")?,
+            patch_embedding: Conv2d::new(patch_w, None, conv_cfg),
+            position_embedding: emb.pp("position_embedding").get((n, d), "weight")?,
+            pre_layrnorm: layer_norm(vb.pp("pre_layrnorm"), d, c.layer_norm_eps)?,
+            encoder: Encoder::load(vb.pp("encoder"), &dims)?,
+            post_layernorm: layer_norm(vb.pp("post_layernorm"), d, c.layer_norm_eps)?,
+            cfg: c.clone(),
+        })
+    }
+
+    /// Returns (last_hidden_state before post_layernorm, pooled after it, prefix tokens).
+    pub fn forward(
+        &self,
+        pixel_values: &Tensor,
+        prompts: Option<&VisualPrompts>,
+    ) -> Result<(Tensor, Tensor, usize)> {
+        let c = &self.cfg;
+        let dims = pixel_values.dims();
+        if dims.len() != 4
+            || dims[1] != c.num_channels
+            || dims[2] != c.image_size
+            || dims[3] != c.image_size
+        {
+            return Err(ModelError::invalid(format!(
+                "pixel_values must be [B, {}, {}, {}], got {:?}",
+                c.num_channels, c.image_size, c.image_size, dims
+            )));
+        }
+        let b = dims[0];
+        let d = c.hidden_size;
+        let px = pixel_values.to_dtype(self.class_embedding.dtype())?;
+        let patches = self
+            .patch_embedding
+            .forward(&px)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, d))?
+            .broadcast_as((b, 1, d))?;
+        let x = Tensor::cat(&[&cls, &patches], 1)?
+            .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        let n_prompt = prompts.map(|p| p.len()).unwrap_or(0);
+        let x = match prompts.and_then(|p| p.shallow.as_ref()) {
+            Some(p) => insert_prompt_tokens(&x, p, 1)?,
+            None => x,
+        };
+        let x = self.pre_layrnorm.forward(&x)?;
+        let deep = prompts.map(|p| &p.deep);
+        let between = |i: usize, x: Tensor| -> Result<Tensor> {
+            match deep.and_then(|d| d.get(i)).and_then(|p| p.as_ref()) {
+                Some(p) if n_prompt > 0 => replace_prompt_tokens(&x, p, 1, n_prompt),
+                Some(_) => Err(ModelError::invalid(
+                    "deep visual prompts need shallow prompts of the same length",
+                )),
+                None => Ok(x),
+            }
+        };
+        let h = self.encoder.forward(&x, None, Some(&between))?;
+        let pooled = self
+            .post_layernorm
+            .forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?;
+        Ok((h, pooled, 1 + n_prompt))
+    }
+}
+
+/// A full CLIP model.
+#[derive(Debug, Clone)]
+pub struct ClipModel {
+    pub text_model: ClipTextTransformer,
+    pub vision_model: ClipVisionTransformer,
+    pub visual_projection: LinearLayer,
+    pub text_projection: LinearLayer,
+    logit_scale: Tensor,
+    cfg: ClipConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl ClipModel {
+    /// Build from a VarBuilder rooted at the checkpoint's top level.
+    pub fn load(vb: VarBuilder, cfg: &ClipConfig) -> candle_core::Result<Self> {
+        let t = &cfg.text_config;
+        let v = &cfg.vision_config;
+        let logit_scale = vb.get_with_hints(
+            (),
+            "logit_scale",
+            candle_nn::Init::Const(cfg.logit_scale_init_value),
+        )?;
+        Ok(Self {
+            text_model: ClipTextTransformer::load(vb.pp("text_model"), t)?,
+            vision_model: ClipVisionTransformer::load(vb.pp("vision_model"), v)?,
+            visual_projection: LinearLayer::load(
+                vb.pp("visual_projection"),
+                v.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
+            text_projection: LinearLayer::load(
+                vb.pp("text_projection"),
+                t.hidden_size,
+                cfg.projection_dim,
+                false,
+            )?,
+            logit_scale,
+            cfg: cfg.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &ClipConfig {
+        &self.cfg
+    }
+}
+
+impl TextEncoder for ClipModel {
+    fn encode_text_with(
+        &self,
+        tokens: &TokenBatch,
+        prompt: Option<&TextPrompt>,
+    ) -> Result<TextOutput> {
+        let (h, pooled) = self.text_model.forward(tokens, prompt)?;
+        let embeds = self.text_projection.forward(&pooled)?;
+        Ok(TextOutput {
+            embeds,
+            pooled,
+            last_hidden_state: h,
+        })
+    }
+    fn token_embeddings(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.text_model.token_embedding.forward(input_ids)?)
+    }
+    fn text_hidden_size(&self) -> usize {
+        self.cfg.text_config.hidden_size
+    }
+    fn text_num_layers(&self) -> usize {
+        self.cfg.text_config.num_hidden_layers
+    }
+    fn context_length(&self) -> usize {
+        self.cfg.text_config.max_position_embeddings
+    }
+}
+
+impl ImageEncoder for ClipModel {
+    fn encode_image_with(
+        &self,
+        pixel_values: &Tensor,
+        prompts: Option<&VisualPrompts>,
+    ) -> Result<VisionOutput> {
+        let (h, pooled, num_prefix_tokens) = self.vision_model.forward(pixel_values, prompts)?;
+        let embeds = self.visual_projection.forward(&pooled)?;
+        Ok(VisionOutput {
+            embeds,
+            pooled,
+            last_hidden_state: h,
+            num_prefix_tokens,
+        })
+    }
+    fn vision_hidden_size(&self) -> usize {
+        self.cfg.vision_config.hidden_size
+    }
+    fn vision_num_layers(&self) -> usize {
+        self.cfg.vision_config.num_hidden_layers
+    }
+    fn image_size(&self) -> usize {
+        self.cfg.vision_config.image_size
+    }
+}
+
+impl LinearLayers for ClipModel {
+    fn linear_layers(&self) -> Vec<&LinearLayer> {
+        let mut v = self.text_model.encoder.linears();
+        v.extend(self.vision_model.encoder.linears());
+        v.push(&self.visual_projection);
+        v.push(&self.text_projection);
+        v
+    }
+    fn linear_layers_mut(&mut self) -> Vec<&mut LinearLayer> {
+        let mut v = self.text_model.encoder.linears_mut();
+        v.extend(self.vision_model.encoder.linears_mut());
+        v.push(&mut self.visual_projection);
+        v.push(&mut self.text_projection);
+        v
+    }
+}
+
+impl VisionLanguageModel for ClipModel {
+    fn family(&self) -> Family {
+        Family::Clip
+    }
+    fn embed_dim(&self) -> usize {
+        self.cfg.projection_dim
+    }
+    fn logit_scale(&self) -> Tensor {
+        self.logit_scale.clone()
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
