@@ -107,6 +107,72 @@ def nifti_entry(path):
     return entry
 
 
+def voi_entry(path, center, width):
+    """pydicom's linear VOI LUT (PS3.3 C.11.2.1.2.1) on the modality values,
+    rescaled from pydicom's output range [y_min, y_max] to [0, 1]."""
+    from pydicom.pixels import apply_windowing
+    ds = pydicom.dcmread(path)
+    arr = apply_modality_lut(ds.pixel_array, ds)
+    ds.WindowCenter = center
+    ds.WindowWidth = width
+    ds.VOILUTFunction = "LINEAR"
+    out = apply_windowing(arr, ds)
+    bits = ds.BitsStored
+    if ds.PixelRepresentation == 0:
+        y_min, y_max = 0, 2**bits - 1
+    else:
+        y_min, y_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        y_min = y_min * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        y_max = y_max * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    norm = (out - y_min) / (y_max - y_min)
+    return {"center": center, "width": width, **summary(norm)}
+
+
+def raster_fixtures(out_dir):
+    """Small PNG/TIFF/JPEG files written with Pillow from fixed NumPy arrays; the
+    reference is the array Pillow reads back (so JPEG loss is included; 4:4:4 so no chroma upsampling differences)."""
+    from PIL import Image
+    rng = np.random.RandomState(7)
+    entries = {}
+    grey8 = rng.randint(0, 256, size=(9, 13)).astype(np.uint8)
+    grey16 = rng.randint(0, 65536, size=(7, 5)).astype(np.uint16)
+    rgb8 = rng.randint(0, 256, size=(6, 10, 3)).astype(np.uint8)
+    specs = [
+        ("raster_grey8.png", Image.fromarray(grey8), {}),
+        ("raster_grey16.png", Image.fromarray(grey16), {}),
+        ("raster_rgb8.png", Image.fromarray(rgb8), {}),
+        ("raster_grey8.tif", Image.fromarray(grey8), {}),
+        ("raster_grey16.tif", Image.fromarray(grey16), {}),
+        ("raster_rgb8.tif", Image.fromarray(rgb8), {}),
+        ("raster_rgb8.jpg", Image.fromarray(rgb8), {"quality": 95, "subsampling": 0}),
+    ]
+    for name, img, kw in specs:
+        path = os.path.join(out_dir, name)
+        img.save(path, **kw)
+        back = np.asarray(Image.open(path))
+        entries[name] = {"kind": "raster", "lossy": name.endswith(".jpg"), **summary(back)}
+    return entries
+
+
+def medmnist_fixture(out_dir):
+    """A tiny MedMNIST-layout .npz (grey 2-D, multi-class) written with NumPy."""
+    rng = np.random.RandomState(11)
+    arrays = {}
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        arrays[f"{split}_images"] = rng.randint(0, 256, size=(n, 8, 8)).astype(np.uint8)
+        arrays[f"{split}_labels"] = rng.randint(0, 4, size=(n, 1)).astype(np.int64)
+    path = os.path.join(out_dir, "medmnist_tiny.npz")
+    np.savez_compressed(path, **arrays)
+    entry = {"kind": "medmnist"}
+    for split in ("train", "val", "test"):
+        entry[split] = {
+            "labels": arrays[f"{split}_labels"].reshape(-1).tolist(),
+            **summary(arrays[f"{split}_images"]),
+        }
+    return entry
+
+
 def main():
     out = {"generator": "tools/make_io_reference.py", "pydicom": pydicom.__version__,
            "nibabel": nib.__version__, "numpy": np.__version__, "files": {}}
@@ -119,6 +185,12 @@ def main():
                 out["files"][name] = {"kind": "dicom", "pydicom_error": f"{type(exc).__name__}: {exc}"[:300]}
         elif name.endswith(".nii") or name.endswith(".nii.gz"):
             out["files"][name] = nifti_entry(path)
+    out["voi"] = {
+        "CT_small.dcm lung": voi_entry(os.path.join(DATA, "CT_small.dcm"), -600.0, 1500.0),
+        "MR_small.dcm file": voi_entry(os.path.join(DATA, "MR_small.dcm"), 600.0, 1600.0),
+    }
+    out["files"].update(raster_fixtures(DATA))
+    out["files"]["medmnist_tiny.npz"] = medmnist_fixture(DATA)
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:
         json.dump(out, f, indent=1)

@@ -175,7 +175,7 @@ pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> 
             // replaced by the count implied by the native pixel data length.
             match repair_number_of_frames(obj) {
                 Some((fixed, n)) => {
-                    let d = decode_guarded(&fixed).map_err(|e| dicom_err(e))?;
+                    let d = decode_guarded(&fixed).map_err(&dicom_err)?;
                     warnings.push(format!(
                         "{}: invalid NumberOfFrames replaced by {n} (from the pixel data length)",
                         path.display()
@@ -458,7 +458,7 @@ fn apply_palette(obj: &InMemDicomObject, idx: &[f32]) -> std::result::Result<Vec
         } else {
             desc[0] as usize & 0xFFFF
         };
-        let first = (desc[1] & 0xFFFF) as i64;
+        let first = desc[1] & 0xFFFF;
         let bits = desc[2];
         let bytes = obj
             .element_opt(data_tag)

@@ -19,11 +19,18 @@
 //! - [`write_manifest_jsonl`]`(path, &records)`, [`write_manifest_csv`]`(path, &records)`.
 
 pub mod atomic;
+pub mod deidentify;
 pub mod dicom;
 pub mod error;
 pub mod manifest;
 pub mod medimage;
+pub mod medmnist;
+pub mod npy;
+pub mod preprocess;
+pub mod raster;
+pub mod transforms;
 pub mod volume;
+pub mod window;
 
 pub use error::{IoError, Result};
 pub use manifest::{
@@ -31,6 +38,8 @@ pub use manifest::{
     Manifest, ManifestRecord, QaPair, RegionMask,
 };
 pub use medimage::{Layout, MedImage, Photometric, Plane, PlaneSelect, SourceFormat};
+pub use preprocess::{to_model_input, InputOptions, ModelInput};
+pub use window::Window;
 
 /// Kinds of file medvlm reads, detected by [`detect_format`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,9 +117,60 @@ pub fn load_any(path: &std::path::Path) -> Result<MedImage> {
     match detect_format(path)? {
         FileKind::Dicom => dicom::read_dicom(path),
         FileKind::Nifti => volume::read_nifti(path),
-        FileKind::Raster | FileKind::Npy | FileKind::Npz => Err(IoError::UnsupportedFormat {
+        FileKind::Raster => raster::read_raster(path),
+        FileKind::Npy => npy_image(path),
+        FileKind::Npz => Err(IoError::UnsupportedFormat {
             path: path.to_path_buf(),
-            reason: "reader not available yet".into(),
+            reason: "a .npz holds a dataset, not one image: use medmnist::read_medmnist".into(),
         }),
     }
+}
+
+/// A `.npy` array as an image: 2-D = grey, 3-D with last axis 3 = RGB, other 3-D =
+/// frames of grey planes.
+fn npy_image(path: &std::path::Path) -> Result<MedImage> {
+    let a = npy::read_npy(path)?;
+    let bad = |why: String| IoError::Npy {
+        path: path.to_path_buf(),
+        reason: why,
+    };
+    let (frames, rows, cols, channels) = match a.shape[..] {
+        [r, c] => (1, r, c, 1),
+        [r, c, 3] => (1, r, c, 3),
+        [f, r, c] => (f, r, c, 1),
+        [f, r, c, 3] => (f, r, c, 3),
+        _ => {
+            return Err(bad(format!(
+                "shape {:?} is not an image ([H,W], [H,W,3], [N,H,W], [N,H,W,3])",
+                a.shape
+            )))
+        }
+    };
+    Ok(MedImage {
+        data: a.data.iter().map(|&v| v as f32).collect(),
+        shape: a.shape.clone(),
+        layout: Layout::Planar {
+            frames,
+            rows,
+            cols,
+            channels,
+        },
+        photometric: if channels == 3 {
+            Photometric::Rgb
+        } else {
+            Photometric::Monochrome2
+        },
+        format: SourceFormat::Npy,
+        file_windows: Vec::new(),
+        modality: None,
+        transfer_syntax: None,
+        affine: None,
+        spacing: Vec::new(),
+        bits_stored: if a.descr.ends_with("u1") {
+            Some(8)
+        } else {
+            None
+        },
+        warnings: Vec::new(),
+    })
 }

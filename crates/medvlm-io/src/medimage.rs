@@ -250,3 +250,14 @@ pub fn min_max(v: &[f32]) -> (f32, f32) {
         (lo, hi)
     }
 }
+
+/// Advance a multi-index in first-axis-fastest (Fortran) order.
+pub(crate) fn next_fortran_index(idx: &mut [usize], dims: &[usize]) {
+    for (i, d) in idx.iter_mut().zip(dims) {
+        *i += 1;
+        if *i < *d {
+            return;
+        }
+        *i = 0;
+    }
+}

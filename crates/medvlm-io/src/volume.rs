@@ -333,13 +333,7 @@ fn read_data(path: &Path, bytes: &[u8], info: &NiftiInfo) -> Result<Vec<f32>> {
     for v in vals.iter() {
         let c: usize = idx.iter().zip(&c_strides).map(|(i, s)| i * s).sum();
         out[c] = (v * slope + inter) as f32;
-        for k in 0..nd {
-            idx[k] += 1;
-            if idx[k] < info.dims[k] {
-                break;
-            }
-            idx[k] = 0;
-        }
+        crate::medimage::next_fortran_index(&mut idx, &info.dims);
     }
     Ok(out)
 }
@@ -504,8 +498,8 @@ pub fn write_nifti1(
     put_i16(&mut h, 252, 0); // qform_code
     put_i16(&mut h, 254, 1); // sform_code: scanner
     for (r, off) in [(0usize, 280usize), (1, 296), (2, 312)] {
-        for c in 0..4 {
-            put_f32(&mut h, off + 4 * c, affine[r][c] as f32);
+        for (c, v) in affine[r].iter().enumerate() {
+            put_f32(&mut h, off + 4 * c, *v as f32);
         }
     }
     h[344..348].copy_from_slice(b"n+1\0");
@@ -522,13 +516,7 @@ pub fn write_nifti1(
     for _ in 0..n {
         let c: usize = idx.iter().zip(&c_strides).map(|(i, s)| i * s).sum();
         body.extend_from_slice(&data[c].to_le_bytes());
-        for k in 0..nd {
-            idx[k] += 1;
-            if idx[k] < dims[k] {
-                break;
-            }
-            idx[k] = 0;
-        }
+        crate::medimage::next_fortran_index(&mut idx, dims);
     }
     let gz = path
         .extension()
