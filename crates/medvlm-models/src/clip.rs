@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelError, Result};
 use crate::linear::{LinearLayer, LinearLayers};
 use crate::transformer::{
-    causal_mask, layer_norm, padding_mask, Activation, Encoder, EncoderDims, LayerNorm,
+    causal_mask, layer_norm, padding_mask, Activation, Encoder, EncoderDims, LayerNorm, EMBED_INIT,
 };
 use crate::vlm::{
     apply_text_prompt, insert_prompt_tokens, replace_prompt_tokens, Family, ImageEncoder,
@@ -229,12 +229,16 @@ impl ClipTextTransformer {
     /// Load from the `text_model` prefix.
     pub fn load(vb: VarBuilder, c: &ClipTextConfig) -> candle_core::Result<Self> {
         let emb = vb.pp("embeddings");
-        let tok = emb
-            .pp("token_embedding")
-            .get((c.vocab_size, c.hidden_size), "weight")?;
-        let pos = emb
-            .pp("position_embedding")
-            .get((c.max_position_embeddings, c.hidden_size), "weight")?;
+        let tok = emb.pp("token_embedding").get_with_hints(
+            (c.vocab_size, c.hidden_size),
+            "weight",
+            EMBED_INIT,
+        )?;
+        let pos = emb.pp("position_embedding").get_with_hints(
+            (c.max_position_embeddings, c.hidden_size),
+            "weight",
+            EMBED_INIT,
+        )?;
         let dims = EncoderDims {
             hidden: c.hidden_size,
             intermediate: c.intermediate_size,
@@ -338,9 +342,11 @@ impl ClipVisionTransformer {
         let emb = vb.pp("embeddings");
         let d = c.hidden_size;
         let n = (c.image_size / c.patch_size).pow(2) + 1;
-        let patch_w = emb
-            .pp("patch_embedding")
-            .get((d, c.num_channels, c.patch_size, c.patch_size), "weight")?;
+        let patch_w = emb.pp("patch_embedding").get_with_hints(
+            (d, c.num_channels, c.patch_size, c.patch_size),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
         let conv_cfg = Conv2dConfig {
             stride: c.patch_size,
             ..Default::default()
@@ -354,9 +360,13 @@ impl ClipVisionTransformer {
             act: c.hidden_act,
         };
         Ok(Self {
-            class_embedding: emb.get(d, "class_embedding")?,
+            class_embedding: emb.get_with_hints(d, "class_embedding", EMBED_INIT)?,
             patch_embedding: Conv2d::new(patch_w, None, conv_cfg),
-            position_embedding: emb.pp("position_embedding").get((n, d), "weight")?,
+            position_embedding: emb.pp("position_embedding").get_with_hints(
+                (n, d),
+                "weight",
+                EMBED_INIT,
+            )?,
             pre_layrnorm: layer_norm(vb.pp("pre_layrnorm"), d, c.layer_norm_eps)?,
             encoder: Encoder::load(vb.pp("encoder"), &dims)?,
             post_layernorm: layer_norm(vb.pp("post_layernorm"), d, c.layer_norm_eps)?,

@@ -13,8 +13,11 @@ pub mod biomedclip;
 pub mod clip;
 pub mod error;
 pub mod linear;
+pub mod model_dir;
 pub mod preprocess;
+pub mod presets;
 pub mod siglip;
+pub mod source;
 pub mod timm_vit;
 pub mod tokenizer;
 pub mod transformer;
@@ -23,6 +26,7 @@ pub mod weights;
 
 pub use error::{ModelError, Result};
 pub use linear::{LinearLayer, LinearLayers, LinearWrapper};
+pub use model_dir::{load_model, load_model_dir, LoadOptions, LoadedModel};
 pub use vlm::{
     Family, ImageEncoder, TextEncoder, TextOutput, TextPrompt, TokenBatch, VisionLanguageModel,
     VisionOutput, VisualPrompts,

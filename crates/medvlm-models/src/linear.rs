@@ -62,7 +62,12 @@ impl LinearLayer {
         out_dim: usize,
         bias: bool,
     ) -> candle_core::Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+        // Hints only matter for from-scratch models (VarMap): Kaiming-normal weights, zero biases.
+        let weight = vb.get_with_hints(
+            (out_dim, in_dim),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {

@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::linear::{LinearLayer, LinearLayers};
-use crate::transformer::{attention, layer_norm, Activation, Encoder, EncoderDims, LayerNorm, Mlp};
+use crate::transformer::{
+    attention, layer_norm, Activation, Encoder, EncoderDims, LayerNorm, Mlp, EMBED_INIT,
+};
 use crate::vlm::{
     apply_text_prompt, insert_prompt_tokens, replace_prompt_tokens, Family, ImageEncoder,
     TextEncoder, TextOutput, TextPrompt, TokenBatch, VisionLanguageModel, VisionOutput,
@@ -192,12 +194,16 @@ impl SiglipTextTransformer {
     /// Load from the `text_model` prefix.
     pub fn load(vb: VarBuilder, c: &SiglipTextConfig, proj: usize) -> candle_core::Result<Self> {
         let emb = vb.pp("embeddings");
-        let tok = emb
-            .pp("token_embedding")
-            .get((c.vocab_size, c.hidden_size), "weight")?;
-        let pos = emb
-            .pp("position_embedding")
-            .get((c.max_position_embeddings, c.hidden_size), "weight")?;
+        let tok = emb.pp("token_embedding").get_with_hints(
+            (c.vocab_size, c.hidden_size),
+            "weight",
+            EMBED_INIT,
+        )?;
+        let pos = emb.pp("position_embedding").get_with_hints(
+            (c.max_position_embeddings, c.hidden_size),
+            "weight",
+            EMBED_INIT,
+        )?;
         let dims = EncoderDims {
             hidden: c.hidden_size,
             intermediate: c.intermediate_size,
@@ -262,10 +268,14 @@ impl AttentionPoolingHead {
     fn load(vb: VarBuilder, c: &SiglipVisionConfig) -> candle_core::Result<Self> {
         let d = c.hidden_size;
         let att = vb.pp("attention");
-        let in_w = att.get((3 * d, d), "in_proj_weight")?;
+        let in_w = att.get_with_hints(
+            (3 * d, d),
+            "in_proj_weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
         let in_b = att.get(3 * d, "in_proj_bias")?;
         Ok(Self {
-            probe: vb.get((1, 1, d), "probe")?,
+            probe: vb.get_with_hints((1, 1, d), "probe", EMBED_INIT)?,
             in_proj: LinearLayer::new(format!("{}.in_proj", att.prefix()), in_w, Some(in_b)),
             out_proj: LinearLayer::load(att.pp("out_proj"), d, d, true)?,
             layernorm: layer_norm(vb.pp("layernorm"), d, c.layer_norm_eps)?,
@@ -319,7 +329,11 @@ impl SiglipVisionTransformer {
         let d = c.hidden_size;
         let n = (c.image_size / c.patch_size).pow(2);
         let pe = emb.pp("patch_embedding");
-        let w = pe.get((d, c.num_channels, c.patch_size, c.patch_size), "weight")?;
+        let w = pe.get_with_hints(
+            (d, c.num_channels, c.patch_size, c.patch_size),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
         let b = pe.get(d, "bias")?;
         let dims = EncoderDims {
             hidden: d,
@@ -338,7 +352,11 @@ impl SiglipVisionTransformer {
                     ..Default::default()
                 },
             ),
-            position_embedding: emb.pp("position_embedding").get((n, d), "weight")?,
+            position_embedding: emb.pp("position_embedding").get_with_hints(
+                (n, d),
+                "weight",
+                EMBED_INIT,
+            )?,
             encoder: Encoder::load(vb.pp("encoder"), &dims)?,
             post_layernorm: layer_norm(vb.pp("post_layernorm"), d, c.layer_norm_eps)?,
             head: AttentionPoolingHead::load(vb.pp("head"), c)?,

@@ -106,10 +106,16 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// Initialisation of embeddings for from-scratch models: N(0, 0.02²) as in CLIP.
+pub const EMBED_INIT: candle_nn::Init = candle_nn::Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
+
 /// Load a LayerNorm `{prefix}.weight`, `{prefix}.bias`.
 pub fn layer_norm(vb: VarBuilder, dim: usize, eps: f64) -> candle_core::Result<LayerNorm> {
-    let w = vb.get(dim, "weight")?;
-    let b = vb.get(dim, "bias")?;
+    let w = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+    let b = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
     Ok(LayerNorm::new(w, b, eps))
 }
 

@@ -1,0 +1,261 @@
+//! Loading a model directory of any family (weights + tokenizer +
+//! preprocessing), and saving one that loads back the same way.
+//!
+//! Family detection: `config.json` with `model_type` `clip` or `siglip`, or
+//! an `open_clip_config.json` (BiomedCLIP layout).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+
+use crate::biomedclip::BiomedClip;
+use crate::clip::{ClipConfig, ClipModel};
+use crate::error::{ModelError, Result};
+use crate::preprocess::{PreprocessConfig, Resample, Resize};
+use crate::siglip::{SiglipConfig, SiglipModel};
+use crate::source::{ModelSource, EXPECTED_FILES};
+use crate::tokenizer::{Padding, TextTokenizer};
+use crate::vlm::{Family, VisionLanguageModel};
+use crate::weights::{save_safetensors_atomic, LoadMode, WeightFile, DEFAULT_IGNORED};
+
+/// How to load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype (default f32).
+    pub dtype: DType,
+    pub mode: LoadMode,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            mode: LoadMode::Frozen,
+        }
+    }
+}
+
+/// A loaded model with its tokenizer and preprocessing.
+pub struct LoadedModel {
+    pub model: Box<dyn VisionLanguageModel>,
+    pub tokenizer: TextTokenizer,
+    pub preprocess: PreprocessConfig,
+    pub family: Family,
+    /// The model directory.
+    pub dir: PathBuf,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("family", &self.family)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+/// Detect the family of a model directory.
+pub fn detect_family(dir: &Path) -> Result<Family> {
+    let cfg = dir.join("config.json");
+    if cfg.is_file() {
+        let text = std::fs::read_to_string(&cfg).map_err(|e| ModelError::io(&cfg, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::config(&cfg, e))?;
+        return match v.get("model_type").and_then(|m| m.as_str()) {
+            Some("clip") => Ok(Family::Clip),
+            Some("siglip") => Ok(Family::Siglip),
+            Some(other) => Err(ModelError::UnknownFamily {
+                family: other.to_string(),
+                path: cfg,
+                supported:
+                    "clip, siglip (config.json model_type), biomedclip (open_clip_config.json)"
+                        .into(),
+            }),
+            None => Err(ModelError::config(&cfg, "no model_type field")),
+        };
+    }
+    if dir.join("open_clip_config.json").is_file() {
+        return Ok(Family::Biomedclip);
+    }
+    Err(ModelError::MissingFile {
+        path: cfg,
+        reason: format!(
+            "neither config.json nor open_clip_config.json in {}; a model directory holds {EXPECTED_FILES}",
+            dir.display()
+        ),
+    })
+}
+
+/// The weight file of an HF-layout directory: `model.safetensors`, else `pytorch_model.bin`.
+pub fn find_hf_weights(dir: &Path) -> Result<PathBuf> {
+    for name in ["model.safetensors", "pytorch_model.bin"] {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(ModelError::MissingFile {
+        path: dir.join("model.safetensors"),
+        reason: "no weights: expected model.safetensors or pytorch_model.bin".into(),
+    })
+}
+
+/// Resolve `spec` (directory, `hf:ORG/NAME`, preset) and load it.
+pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    let dir = ModelSource::parse(spec)?.resolve()?;
+    load_model_dir(&dir, opts)
+}
+
+fn hf_preprocess(dir: &Path) -> Result<PreprocessConfig> {
+    let p = dir.join("preprocessor_config.json");
+    if !p.is_file() {
+        return Err(ModelError::MissingFile {
+            path: p,
+            reason: "the image preprocessing config is missing".into(),
+        });
+    }
+    PreprocessConfig::from_hf_file(&p)
+}
+
+/// Load a model directory.
+pub fn load_model_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let family = detect_family(dir)?;
+    let (model, tokenizer, preprocess): (Box<dyn VisionLanguageModel>, _, _) = match family {
+        Family::Clip => {
+            let cfg = ClipConfig::from_file(&dir.join("config.json"))?;
+            let wf = WeightFile::open(find_hf_weights(dir)?)?;
+            let m = wf.load(
+                opts.dtype,
+                &opts.device,
+                &opts.mode,
+                DEFAULT_IGNORED,
+                |vb| ClipModel::load(vb, &cfg),
+            )?;
+            let tok = TextTokenizer::from_file(
+                &dir.join("tokenizer.json"),
+                cfg.text_config.max_position_embeddings,
+                Padding::MaxLength,
+            )?;
+            (Box::new(m), tok, hf_preprocess(dir)?)
+        }
+        Family::Siglip => {
+            let cfg = SiglipConfig::from_file(&dir.join("config.json"))?;
+            let wf = WeightFile::open(find_hf_weights(dir)?)?;
+            let m = wf.load(
+                opts.dtype,
+                &opts.device,
+                &opts.mode,
+                DEFAULT_IGNORED,
+                |vb| SiglipModel::load(vb, &cfg),
+            )?;
+            let tok = TextTokenizer::from_file(
+                &dir.join("tokenizer.json"),
+                cfg.text_config.max_position_embeddings,
+                Padding::MaxLength,
+            )?;
+            (Box::new(m), tok, hf_preprocess(dir)?)
+        }
+        Family::Biomedclip => {
+            let m = BiomedClip::from_dir(dir, opts.dtype, &opts.device, &opts.mode)?;
+            let c = m.config();
+            let size = c.vision.image_size;
+            // open_clip: Resize(shortest edge, bicubic) + CenterCrop + Normalize.
+            let pre = PreprocessConfig {
+                resize: Some(Resize::ShortestEdge(size)),
+                crop: Some((size, size)),
+                mean: c.mean,
+                std: c.std,
+                resample: Resample::Bicubic,
+            };
+            // open_clip's HF tokenizer pads to the context length.
+            let tok = TextTokenizer::from_file(
+                &dir.join("tokenizer.json"),
+                c.context_length,
+                Padding::MaxLength,
+            )?;
+            (Box::new(m), tok, pre)
+        }
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        preprocess,
+        family,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Named tensors of a `VarMap` (e.g. a model built with `VarBuilder::from_varmap`).
+pub fn varmap_tensors(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| ModelError::invalid("VarMap lock poisoned"))?;
+    Ok(data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| ModelError::invalid(format!("bad path {}", path.display())))?;
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        ModelError::io(path, e)
+    })
+}
+
+/// What a saved HF-layout model directory contains.
+pub struct SaveModelDir<'a> {
+    /// `config.json` contents (e.g. `serde_json::to_value(&clip_config)`).
+    pub config: serde_json::Value,
+    /// Weights by checkpoint name.
+    pub tensors: &'a HashMap<String, Tensor>,
+    pub tokenizer: &'a tokenizers::Tokenizer,
+    /// Pad token written to tokenizer_config.json (so it loads back with the same pad id).
+    pub pad_token: Option<&'a str>,
+    pub preprocess: &'a PreprocessConfig,
+    /// `image_processor_type`, e.g. `CLIPImageProcessor`.
+    pub processor_type: &'a str,
+}
+
+/// Write `config.json`, `model.safetensors`, `tokenizer.json`,
+/// `tokenizer_config.json` and `preprocessor_config.json` into `dir`
+/// (created if needed), each atomically. The result loads with
+/// [`load_model_dir`] (and with transformers).
+pub fn save_model_dir(dir: &Path, what: &SaveModelDir) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let json = |v: &serde_json::Value| {
+        serde_json::to_vec_pretty(v).map_err(|e| ModelError::invalid(e.to_string()))
+    };
+    write_atomic(&dir.join("config.json"), &json(&what.config)?)?;
+    save_safetensors_atomic(&dir.join("model.safetensors"), what.tensors)?;
+    let tok = what
+        .tokenizer
+        .to_string(false)
+        .map_err(|e| ModelError::Tokenizer {
+            path: dir.join("tokenizer.json"),
+            reason: e.to_string(),
+        })?;
+    write_atomic(&dir.join("tokenizer.json"), tok.as_bytes())?;
+    let mut tc = serde_json::json!({ "backend": "tokenizers" });
+    if let Some(p) = what.pad_token {
+        tc["pad_token"] = serde_json::Value::String(p.to_string());
+    }
+    write_atomic(&dir.join("tokenizer_config.json"), &json(&tc)?)?;
+    write_atomic(
+        &dir.join("preprocessor_config.json"),
+        &json(&what.preprocess.to_hf_json(what.processor_type))?,
+    )?;
+    Ok(())
+}
