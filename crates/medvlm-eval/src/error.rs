@@ -101,7 +101,7 @@ pub(crate) fn check_matrix(
             reason: "must be at least 1".into(),
         });
     }
-    if values.len() % num_classes != 0 {
+    if !values.len().is_multiple_of(num_classes) {
         return Err(EvalError::InvalidParameter {
             name: what,
             reason: format!(

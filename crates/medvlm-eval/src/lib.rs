@@ -11,6 +11,8 @@
 //! * [`conformal`]: split-conformal APS and RAPS prediction sets.
 //! * [`retrieval`]: image-text recall@K.
 //! * [`fewshot_table`]: mean ± std tables over seeds.
+//! * [`plots`]: line plots, confusion-matrix heatmaps, reliability diagrams (SVG/PNG).
+//! * [`report`]: self-contained HTML reports.
 
 pub mod auroc;
 pub mod calibration;
@@ -19,6 +21,8 @@ pub mod conformal;
 pub mod error;
 pub mod fewshot_table;
 pub mod multilabel;
+pub mod plots;
+pub mod report;
 pub mod retrieval;
 
 pub use error::{EvalError, Result};

@@ -55,14 +55,14 @@ fn recall_one_direction(
     let mut rank_sum = 0.0;
     let mut scored = 0usize;
     let mut is_rel = vec![false; n_items];
-    for q in 0..n_queries {
-        if relevant[q].is_empty() {
+    for (q, rel) in relevant.iter().enumerate().take(n_queries) {
+        if rel.is_empty() {
             continue;
         }
-        for &i in &relevant[q] {
+        for &i in rel {
             is_rel[i] = true;
         }
-        let best = relevant[q]
+        let best = rel
             .iter()
             .map(|&i| sim(q, i))
             .fold(f32::NEG_INFINITY, f32::max);
@@ -70,7 +70,7 @@ fn recall_one_direction(
             + (0..n_items)
                 .filter(|&i| !is_rel[i] && sim(q, i) >= best)
                 .count();
-        for &i in &relevant[q] {
+        for &i in rel {
             is_rel[i] = false;
         }
         scored += 1;

@@ -1,0 +1,192 @@
+//! A small, dependency-free HTML report builder. Every text is HTML-escaped; SVG plots from
+//! [`crate::plots`] are inlined, so the report is a single self-contained file.
+//!
+//! ```no_run
+//! # use medvlm_eval::report::Report;
+//! Report::new("Quickstart")
+//!     .section("Training")
+//!     .paragraph("Loss decreased from 2.1 to 0.4.")
+//!     .metrics_table(&[("accuracy", 0.91), ("macro-F1", 0.88)])
+//!     .write_atomic(std::path::Path::new("report.html"))
+//!     .unwrap();
+//! ```
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{EvalError, Result};
+
+/// Escapes `&`, `<`, `>`, `"` and `'` for use in HTML text and attribute values.
+pub fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Writes `bytes` to `path` atomically (temporary file in the same directory, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+#[derive(Debug, Clone)]
+enum Block {
+    Section(String),
+    Paragraph(String),
+    Table {
+        headers: Vec<String>,
+        rows: Vec<Vec<String>>,
+    },
+    Svg {
+        svg: String,
+        caption: String,
+    },
+    Preformatted(String),
+}
+
+/// An HTML report under construction.
+#[derive(Debug, Clone)]
+pub struct Report {
+    title: String,
+    blocks: Vec<Block>,
+}
+
+impl Report {
+    /// A report with a title.
+    pub fn new(title: impl Into<String>) -> Self {
+        Self {
+            title: title.into(),
+            blocks: Vec::new(),
+        }
+    }
+
+    /// Starts a section with a heading.
+    pub fn section(mut self, heading: impl Into<String>) -> Self {
+        self.blocks.push(Block::Section(heading.into()));
+        self
+    }
+
+    /// A paragraph of text.
+    pub fn paragraph(mut self, text: impl Into<String>) -> Self {
+        self.blocks.push(Block::Paragraph(text.into()));
+        self
+    }
+
+    /// A two-column table of named metric values (4 significant decimals).
+    pub fn metrics_table(mut self, metrics: &[(&str, f64)]) -> Self {
+        self.blocks.push(Block::Table {
+            headers: vec!["metric".into(), "value".into()],
+            rows: metrics
+                .iter()
+                .map(|(k, v)| vec![k.to_string(), format!("{v:.4}")])
+                .collect(),
+        });
+        self
+    }
+
+    /// A table with arbitrary headers and string cells.
+    pub fn table(mut self, headers: &[&str], rows: Vec<Vec<String>>) -> Self {
+        self.blocks.push(Block::Table {
+            headers: headers.iter().map(|s| s.to_string()).collect(),
+            rows,
+        });
+        self
+    }
+
+    /// An inline SVG figure (a document produced by [`crate::plots::Plot::to_svg`]; the XML
+    /// declaration, if any, is dropped) with a caption.
+    pub fn image_svg(mut self, svg: impl Into<String>, caption: impl Into<String>) -> Self {
+        self.blocks.push(Block::Svg {
+            svg: svg.into(),
+            caption: caption.into(),
+        });
+        self
+    }
+
+    /// Preformatted text (e.g. a Markdown table or a JSON snippet).
+    pub fn preformatted(mut self, text: impl Into<String>) -> Self {
+        self.blocks.push(Block::Preformatted(text.into()));
+        self
+    }
+
+    /// Renders the whole document.
+    pub fn to_html(&self) -> String {
+        let mut h = String::new();
+        h.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
+        h.push_str(&format!("<title>{}</title>\n", escape_html(&self.title)));
+        h.push_str(
+            "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}\
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:4px 10px;text-align:left}\
+th{background:#eee}figure{margin:1em 0}figcaption{color:#555;font-size:90%}pre{background:#f6f6f6;padding:1em;overflow-x:auto}</style>\n",
+        );
+        h.push_str("</head>\n<body>\n");
+        h.push_str(&format!("<h1>{}</h1>\n", escape_html(&self.title)));
+        for b in &self.blocks {
+            match b {
+                Block::Section(s) => h.push_str(&format!("<h2>{}</h2>\n", escape_html(s))),
+                Block::Paragraph(p) => h.push_str(&format!("<p>{}</p>\n", escape_html(p))),
+                Block::Table { headers, rows } => {
+                    h.push_str("<table>\n<tr>");
+                    for c in headers {
+                        h.push_str(&format!("<th>{}</th>", escape_html(c)));
+                    }
+                    h.push_str("</tr>\n");
+                    for r in rows {
+                        h.push_str("<tr>");
+                        for c in r {
+                            h.push_str(&format!("<td>{}</td>", escape_html(c)));
+                        }
+                        h.push_str("</tr>\n");
+                    }
+                    h.push_str("</table>\n");
+                }
+                Block::Svg { svg, caption } => {
+                    let body = match svg.find("<svg") {
+                        Some(i) => &svg[i..],
+                        None => svg.as_str(),
+                    };
+                    h.push_str("<figure>\n");
+                    h.push_str(body);
+                    h.push_str(&format!(
+                        "\n<figcaption>{}</figcaption>\n</figure>\n",
+                        escape_html(caption)
+                    ));
+                }
+                Block::Preformatted(t) => h.push_str(&format!("<pre>{}</pre>\n", escape_html(t))),
+            }
+        }
+        h.push_str("</body>\n</html>\n");
+        h
+    }
+
+    /// Writes the report to `path` atomically.
+    pub fn write_atomic(&self, path: &Path) -> Result<()> {
+        write_atomic(path, self.to_html().as_bytes())
+    }
+}
