@@ -663,7 +663,7 @@ impl TrainConfig {
             ] {
                 at_least(key, v as u64, 1)?;
             }
-            if s.vision_width % s.vision_heads != 0 {
+            if !s.vision_width.is_multiple_of(s.vision_heads) {
                 return Err(invalid(
                     "model.scratch.vision_heads",
                     format!(
@@ -672,7 +672,7 @@ impl TrainConfig {
                     ),
                 ));
             }
-            if s.text_width % s.text_heads != 0 {
+            if !s.text_width.is_multiple_of(s.text_heads) {
                 return Err(invalid(
                     "model.scratch.text_heads",
                     format!(
@@ -681,7 +681,7 @@ impl TrainConfig {
                     ),
                 ));
             }
-            if self.data.image_size % s.patch_size != 0 {
+            if !self.data.image_size.is_multiple_of(s.patch_size) {
                 return Err(invalid(
                     "model.scratch.patch_size",
                     format!(
