@@ -1,0 +1,328 @@
+//! End-to-end tests of `medvlm models`, `embed` and `zero-shot` on the tiny
+//! CLIP / SigLIP parity fixtures of medvlm-models.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device};
+use medvlm_models::preprocess::load_and_preprocess;
+use medvlm_models::LoadOptions;
+
+fn fixture(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("medvlm-models")
+        .join("tests")
+        .join("fixtures")
+        .join(family)
+}
+
+fn medvlm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_medvlm"))
+        .args(args)
+        .output()
+        .expect("run medvlm")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A folder with the two fixture images (and optionally a broken one).
+fn image_dir(family: &str, broken: bool) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture(family).join("rgb.png"), d.path().join("a_rgb.png")).unwrap();
+    std::fs::copy(
+        fixture(family).join("grey.png"),
+        d.path().join("b_grey.png"),
+    )
+    .unwrap();
+    if broken {
+        std::fs::write(d.path().join("c_broken.png"), b"\x89PNG\r\n\x1a\ntruncated").unwrap();
+    }
+    d
+}
+
+#[test]
+fn models_lists_the_presets() {
+    let out = medvlm(&["models"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "openai/clip-vit-base-patch16",
+        "flaviagiammarino/pubmed-clip-vit-base-patch32",
+        "vinid/plip",
+        "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        "google/siglip-base-patch16-224",
+        "google/medsiglip-448",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    assert!(text
+        .lines()
+        .any(|l| l.contains("medsiglip-448") && l.contains("448")));
+}
+
+#[test]
+fn embed_writes_raw_embeddings_and_sidecar_in_row_order() {
+    let imgs = image_dir("clip", false);
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("emb.safetensors");
+    let texts = out_dir.path().join("texts.txt");
+    std::fs::write(&texts, "a photo of the x-ray\n\nchest x-ray\n").unwrap();
+    let res = medvlm(&[
+        "embed",
+        "--model",
+        s(&fixture("clip")),
+        "--images",
+        s(imgs.path()),
+        "--out",
+        s(&out),
+        "--text",
+        s(&texts),
+        "--batch",
+        "1",
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let t = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(t["image_embeds"].dims(), &[2, 24]);
+    assert_eq!(t["text_embeds"].dims(), &[2, 24]);
+    assert_eq!(t["image_embeds"].dtype(), DType::F32);
+
+    // Same numbers as the library path (raw, not normalised).
+    let m = medvlm_models::load_model(s(&fixture("clip")), &LoadOptions::default()).unwrap();
+    let pre: Vec<Vec<f32>> = ["a_rgb.png", "b_grey.png"]
+        .iter()
+        .map(|f| load_and_preprocess(&imgs.path().join(f), &m.preprocess).unwrap())
+        .collect();
+    let want = m
+        .model
+        .encode_image(&m.preprocess.batch(&pre, &Device::Cpu).unwrap())
+        .unwrap()
+        .embeds;
+    let diff = (&t["image_embeds"] - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-5, "{diff}");
+    let norm = t["image_embeds"]
+        .get(0)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    assert!(
+        (norm.to_scalar::<f32>().unwrap() - 1.0).abs() > 1e-3,
+        "embeddings look normalised"
+    );
+
+    let side: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
+    let images: Vec<String> = serde_json::from_value(side["images"].clone()).unwrap();
+    assert_eq!(images.len(), 2);
+    assert!(images[0].ends_with("a_rgb.png") && images[1].ends_with("b_grey.png"));
+    assert_eq!(
+        side["texts"],
+        serde_json::json!(["a photo of the x-ray", "chest x-ray"])
+    );
+    assert_eq!(side["family"], "clip");
+}
+
+#[test]
+fn embed_skip_bad_counts_and_lists_unreadable_images() {
+    let imgs = image_dir("siglip", true);
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("e.safetensors");
+    let fixture_dir = fixture("siglip");
+    let base = vec![
+        "embed",
+        "--model",
+        s(&fixture_dir),
+        "--images",
+        s(imgs.path()),
+        "--out",
+        s(&out),
+    ];
+    let mut with_skip = base.clone();
+    with_skip.push("--skip-bad");
+    let fail = medvlm(&base);
+    assert!(!fail.status.success());
+    let err = String::from_utf8_lossy(&fail.stderr);
+    assert!(
+        err.contains("c_broken.png") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!out.exists(), "no output on failure");
+
+    let ok = medvlm(&with_skip);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let err = String::from_utf8_lossy(&ok.stderr);
+    assert!(
+        err.contains("skipped 1 unreadable image") && err.contains("c_broken.png"),
+        "{err}"
+    );
+    let t = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(t["image_embeds"].dims(), &[2, 32]);
+    let side: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(side["skipped"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn zero_shot_prints_probabilities_and_writes_csv() {
+    let imgs = image_dir("clip", false);
+    let out_dir = tempfile::tempdir().unwrap();
+    let csv = out_dir.path().join("p.csv");
+    let res = medvlm(&[
+        "zero-shot",
+        "--model",
+        s(&fixture("clip")),
+        "--images",
+        s(imgs.path()),
+        "--classes",
+        "the x-ray;a photo;chest",
+        "--csv",
+        s(&csv),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let text = String::from_utf8_lossy(&res.stdout).to_string();
+    assert_eq!(std::fs::read_to_string(&csv).unwrap(), text);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "image,the x-ray,a photo,chest,prediction");
+    assert_eq!(lines.len(), 3);
+    for l in &lines[1..] {
+        let f: Vec<&str> = l.split(',').collect();
+        let p: Vec<f32> = f[1..4].iter().map(|x| x.parse().unwrap()).collect();
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-4, "{l}");
+        let best = (0..3).fold(0, |b, i| if p[i] > p[b] { i } else { b });
+        assert_eq!(f[4], ["the x-ray", "a photo", "chest"][best]);
+    }
+
+    // Prompt ensembles from JSON; SigLIP gives independent sigmoids.
+    let prompts = out_dir.path().join("prompts.json");
+    std::fs::write(
+        &prompts,
+        r#"[{"class": "xray", "prompts": ["a photo of the x-ray", "the x-ray"]},
+            {"class": "chest", "prompts": ["chest"]}]"#,
+    )
+    .unwrap();
+    let res = medvlm(&[
+        "zero-shot",
+        "--model",
+        s(&fixture("siglip")),
+        "--images",
+        s(imgs.path()),
+        "--prompts",
+        s(&prompts),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let text = String::from_utf8_lossy(&res.stdout).to_string();
+    assert!(text.starts_with("image,xray,chest,prediction\n"), "{text}");
+}
+
+#[test]
+fn bad_model_or_inputs_fail_cleanly() {
+    let imgs = image_dir("clip", false);
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("e.safetensors");
+    let empty_model = tempfile::tempdir().unwrap();
+    std::fs::write(
+        empty_model.path().join("config.json"),
+        r#"{"model_type": "whisper"}"#,
+    )
+    .unwrap();
+    for args in [
+        vec![
+            "embed",
+            "--model",
+            s(empty_model.path()),
+            "--images",
+            s(imgs.path()),
+            "--out",
+            s(&out),
+        ],
+        vec![
+            "embed",
+            "--model",
+            "hf:nobody/nothing",
+            "--images",
+            s(imgs.path()),
+            "--out",
+            s(&out),
+        ],
+        vec![
+            "embed",
+            "--model",
+            s(&fixture("clip")),
+            "--images",
+            "/no/such/dir",
+            "--out",
+            s(&out),
+        ],
+        vec![
+            "zero-shot",
+            "--model",
+            s(&fixture("clip")),
+            "--images",
+            s(imgs.path()),
+            "--classes",
+            "one",
+        ],
+    ] {
+        let r = medvlm(&args);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{args:?} succeeded");
+        assert!(
+            err.starts_with("error:") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+    let r = medvlm(&[
+        "embed",
+        "--model",
+        s(empty_model.path()),
+        "--images",
+        s(imgs.path()),
+        "--out",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("whisper") && err.contains("config.json"),
+        "{err}"
+    );
+    let r = medvlm(&[
+        "embed",
+        "--model",
+        "hf:nobody/nothing",
+        "--images",
+        s(imgs.path()),
+        "--out",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("models--nobody--nothing"), "{err}");
+}
