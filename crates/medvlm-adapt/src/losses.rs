@@ -24,8 +24,11 @@
 //!   row-normalised `A^T` (= `A`, which is symmetric). With pairwise distinct labels `P = I`
 //!   and the loss equals [`clip_loss`].
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::ops::log_softmax;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::NamedVar;
 
 /// CLIP's initial log logit scale, `ln(1 / 0.07)`.
 pub const CLIP_LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778;
@@ -208,4 +211,131 @@ pub fn label_aware_clip_loss(
     let i2t = soft_cross_entropy(&logits, &targets)?;
     let t2i = soft_cross_entropy(&logits.t()?, &tt)?;
     Ok(((i2t + t2i)? * 0.5)?)
+}
+
+/// Which contrastive loss to train with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// CLIP symmetric InfoNCE ([`clip_loss`]).
+    Clip,
+    /// SigLIP pairwise sigmoid ([`siglip_loss`]).
+    Siglip,
+    /// Label-aware soft-target InfoNCE ([`label_aware_clip_loss`]); needs labels.
+    LabelAware,
+}
+
+/// The learnable scalars of a contrastive loss (log logit scale, and the SigLIP bias) and the
+/// loss itself. Parameter names are `logit_scale` and `logit_bias`, as in HF CLIP/SigLIP, so
+/// they are excluded from weight decay by [`crate::optim::WeightDecayRule::default`].
+#[derive(Debug, Clone)]
+pub struct ContrastiveHead {
+    kind: LossKind,
+    logit_scale: Var,
+    logit_bias: Option<Var>,
+    learnable: bool,
+}
+
+impl ContrastiveHead {
+    /// Creates the scalars: `logit_scale_init` is `ln(1/T)` (CLIP: [`CLIP_LOGIT_SCALE_INIT`],
+    /// SigLIP: [`SIGLIP_LOGIT_SCALE_INIT`]); `bias_init` is used by SigLIP only
+    /// ([`SIGLIP_LOGIT_BIAS_INIT`]). With `learnable == false` they stay fixed.
+    pub fn new(
+        kind: LossKind,
+        logit_scale_init: f64,
+        bias_init: f64,
+        learnable: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let scalar = |v: f64| -> Result<Var> {
+            Ok(Var::from_tensor(&Tensor::new(v, device)?.to_dtype(dtype)?)?)
+        };
+        Ok(Self {
+            kind,
+            logit_scale: scalar(logit_scale_init)?,
+            logit_bias: match kind {
+                LossKind::Siglip => Some(scalar(bias_init)?),
+                _ => None,
+            },
+            learnable,
+        })
+    }
+
+    /// The loss kind.
+    pub fn kind(&self) -> LossKind {
+        self.kind
+    }
+
+    /// Every scalar of the head, by name.
+    pub fn vars(&self) -> Vec<NamedVar> {
+        let mut v = vec![("logit_scale".to_string(), self.logit_scale.clone())];
+        if let Some(b) = &self.logit_bias {
+            v.push(("logit_bias".to_string(), b.clone()));
+        }
+        v
+    }
+
+    /// The scalars to hand to the optimiser (none when the temperature is fixed).
+    pub fn trainable_vars(&self) -> Vec<NamedVar> {
+        if self.learnable {
+            self.vars()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Current log logit scale.
+    pub fn logit_scale(&self) -> &Var {
+        &self.logit_scale
+    }
+
+    /// Loss of a batch. `targets` (soft targets from [`label_similarity_targets`] or
+    /// [`class_similarity_targets`]) is required by [`LossKind::LabelAware`] and ignored
+    /// otherwise.
+    pub fn loss(&self, image: &Tensor, text: &Tensor, targets: Option<&Tensor>) -> Result<Tensor> {
+        let scale = if self.learnable {
+            self.logit_scale.as_tensor().clone()
+        } else {
+            self.logit_scale.as_detached_tensor()
+        };
+        match self.kind {
+            LossKind::Clip => clip_loss(image, text, &scale),
+            LossKind::Siglip => {
+                let b = self
+                    .logit_bias
+                    .as_ref()
+                    .ok_or_else(|| LossError::Shape("SigLIP head without a bias".into()))?;
+                let b = if self.learnable {
+                    b.as_tensor().clone()
+                } else {
+                    b.as_detached_tensor()
+                };
+                siglip_loss(image, text, &scale, &b)
+            }
+            LossKind::LabelAware => {
+                let t = targets.ok_or_else(|| {
+                    LossError::Shape(
+                        "the label-aware loss needs label targets for the batch".into(),
+                    )
+                })?;
+                label_aware_clip_loss(image, text, &scale, t)
+            }
+        }
+    }
+
+    /// Clamps the CLIP log logit scale into `[0, ln 100]` in place, as open_clip does after
+    /// every optimiser step (the loss also caps it, but clamping keeps the parameter from
+    /// drifting where its gradient is zero). No-op for SigLIP.
+    pub fn clamp_logit_scale(&self) -> Result<()> {
+        if self.kind == LossKind::Siglip {
+            return Ok(());
+        }
+        let clamped = self
+            .logit_scale
+            .as_tensor()
+            .clamp(0.0, CLIP_LOGIT_SCALE_MAX)?;
+        self.logit_scale.set(&clamped)?;
+        Ok(())
+    }
 }

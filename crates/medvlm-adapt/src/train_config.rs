@@ -205,17 +205,7 @@ impl Default for AugmentConfig {
     }
 }
 
-/// Contrastive loss kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossKind {
-    /// CLIP symmetric InfoNCE.
-    Clip,
-    /// SigLIP pairwise sigmoid.
-    Siglip,
-    /// Label-aware (MedCLIP-style) soft-target InfoNCE; needs labels in the manifest.
-    LabelAware,
-}
+pub use crate::losses::LossKind;
 
 /// `[loss]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -199,3 +199,75 @@ fn label_aware_gradients_match_finite_differences() {
         label_aware_clip_loss(&t[0], &t[1], &t[2], &targets).unwrap()
     });
 }
+
+#[test]
+fn contrastive_head_matches_the_free_functions() {
+    use medvlm_adapt::losses::{ContrastiveHead, LossKind, CLIP_LOGIT_SCALE_INIT};
+    let dev = Device::Cpu;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (img, txt) = (random_var(&mut rng, 3, 4), random_var(&mut rng, 3, 4));
+    let (img, txt) = (img.as_tensor(), txt.as_tensor());
+
+    let clip = ContrastiveHead::new(
+        LossKind::Clip,
+        CLIP_LOGIT_SCALE_INIT,
+        0.0,
+        true,
+        DType::F64,
+        &dev,
+    )
+    .unwrap();
+    assert_eq!(clip.trainable_vars().len(), 1);
+    close(
+        value(&clip.loss(img, txt, None).unwrap()),
+        value(&clip_loss(img, txt, &scalar(CLIP_LOGIT_SCALE_INIT)).unwrap()),
+        1e-12,
+    );
+    let sig = ContrastiveHead::new(
+        LossKind::Siglip,
+        SIGLIP_LOGIT_SCALE_INIT,
+        SIGLIP_LOGIT_BIAS_INIT,
+        true,
+        DType::F64,
+        &dev,
+    )
+    .unwrap();
+    let names: Vec<String> = sig.trainable_vars().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, vec!["logit_scale", "logit_bias"]);
+    close(
+        value(&sig.loss(img, txt, None).unwrap()),
+        value(
+            &siglip_loss(
+                img,
+                txt,
+                &scalar(SIGLIP_LOGIT_SCALE_INIT),
+                &scalar(SIGLIP_LOGIT_BIAS_INIT),
+            )
+            .unwrap(),
+        ),
+        1e-12,
+    );
+    // Label-aware needs targets.
+    let la = ContrastiveHead::new(LossKind::LabelAware, 0.0, 0.0, true, DType::F64, &dev).unwrap();
+    assert!(la.loss(img, txt, None).is_err());
+    let targets = class_similarity_targets(&[0, 0, 1], DType::F64, &dev).unwrap();
+    assert!(la.loss(img, txt, Some(&targets)).is_ok());
+
+    // Fixed temperature: no trainable vars and no gradient reaches the scale.
+    let fixed = ContrastiveHead::new(LossKind::Clip, 1.0, 0.0, false, DType::F64, &dev).unwrap();
+    assert!(fixed.trainable_vars().is_empty());
+    let g = fixed.loss(img, txt, None).unwrap().backward().unwrap();
+    assert!(g.get(fixed.logit_scale().as_tensor()).is_none());
+
+    // In-place clamp into [0, ln 100].
+    let big = ContrastiveHead::new(LossKind::Clip, 7.0, 0.0, true, DType::F64, &dev).unwrap();
+    big.clamp_logit_scale().unwrap();
+    close(
+        value(big.logit_scale().as_tensor()),
+        CLIP_LOGIT_SCALE_MAX,
+        1e-15,
+    );
+    let neg = ContrastiveHead::new(LossKind::Clip, -1.0, 0.0, true, DType::F64, &dev).unwrap();
+    neg.clamp_logit_scale().unwrap();
+    assert_eq!(value(neg.logit_scale().as_tensor()), 0.0);
+}
