@@ -19,6 +19,7 @@
 //! - [`write_manifest_jsonl`]`(path, &records)`, [`write_manifest_csv`]`(path, &records)`.
 
 pub mod atomic;
+pub mod check;
 pub mod deidentify;
 pub mod dicom;
 pub mod error;

@@ -132,11 +132,61 @@ fn percentile_sorted(sorted: &[f32], q: f64) -> f64 {
     a + (b - a) * frac
 }
 
-/// Percentiles `low` and `high` of the non-NaN values.
+/// Percentiles `low` and `high` of the non-NaN values (NumPy "linear" method).
 pub fn percentiles(values: &[f32], low: f64, high: f64) -> (f64, f64) {
     let mut v: Vec<f32> = values.iter().copied().filter(|x| !x.is_nan()).collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    (percentile_sorted(&v, low), percentile_sorted(&v, high))
+    if v.len() < 4096 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        return (percentile_sorted(&v, low), percentile_sorted(&v, high));
+    }
+    // Large planes: partial selection of the two neighbouring order statistics
+    // instead of a full sort.
+    let mut at = |q: f64| -> f64 {
+        let pos = q / 100.0 * (v.len() - 1) as f64;
+        let i = pos.floor() as usize;
+        let frac = pos - i as f64;
+        let (_, a, rest) = v.select_nth_unstable_by(i, |x, y| x.total_cmp(y));
+        let a = *a as f64;
+        let b = rest
+            .iter()
+            .copied()
+            .min_by(|x, y| x.total_cmp(y))
+            .map(|b| b as f64)
+            .unwrap_or(a);
+        a + (b - a) * frac
+    };
+    let lo = at(low);
+    let hi = at(high);
+    (lo, hi)
+}
+
+/// A resolved window function.
+#[derive(Debug, Clone, Copy)]
+enum Mapping {
+    Zero,
+    Linear { lo: f64, span: f64 },
+    Voi { c: f64, w: f64 },
+}
+
+impl Mapping {
+    #[inline]
+    fn apply(self, x: f32) -> f32 {
+        let x = x as f64;
+        match self {
+            Mapping::Zero => 0.0,
+            Mapping::Linear { lo, span } => ((x - lo) / span).clamp(0.0, 1.0) as f32,
+            Mapping::Voi { c, w } => {
+                if x <= c - 0.5 - (w - 1.0) / 2.0 {
+                    0.0
+                } else if x > c - 0.5 + (w - 1.0) / 2.0 {
+                    1.0
+                } else {
+                    (((x - (c - 0.5)) / (w - 1.0).max(f64::MIN_POSITIVE)) + 0.5).clamp(0.0, 1.0)
+                        as f32
+                }
+            }
+        }
+    }
 }
 
 /// Apply a window to a plane, returning values in `[0, 1]` (MONOCHROME1 inverted).
@@ -150,28 +200,15 @@ pub fn apply_window(
     photometric: Photometric,
     bits_stored: Option<u16>,
 ) -> Result<Plane> {
-    let linear = |lo: f64, hi: f64| -> Box<dyn Fn(f32) -> f32> {
+    let linear = |lo: f64, hi: f64| {
         if hi > lo {
-            let span = hi - lo;
-            Box::new(move |x: f32| (((x as f64) - lo) / span).clamp(0.0, 1.0) as f32)
+            Mapping::Linear { lo, span: hi - lo }
         } else {
-            Box::new(|_| 0.0)
+            Mapping::Zero
         }
     };
-    let voi = |c: f64, w: f64| -> Box<dyn Fn(f32) -> f32> {
-        let w1 = (w - 1.0).max(f64::MIN_POSITIVE);
-        Box::new(move |x: f32| {
-            let x = x as f64;
-            if x <= c - 0.5 - (w - 1.0) / 2.0 {
-                0.0
-            } else if x > c - 0.5 + (w - 1.0) / 2.0 {
-                1.0
-            } else {
-                (((x - (c - 0.5)) / w1) + 0.5).clamp(0.0, 1.0) as f32
-            }
-        })
-    };
-    let f: Box<dyn Fn(f32) -> f32> = match window {
+    let voi = |c: f64, w: f64| Mapping::Voi { c, w };
+    let f: Mapping = match window {
         Window::None => {
             let (lo, hi) = crate::medimage::min_max(&plane.data);
             linear(lo as f64, hi as f64)
@@ -210,7 +247,7 @@ pub fn apply_window(
         .data
         .iter()
         .map(|&x| {
-            let y = if x.is_nan() { 0.0 } else { f(x) };
+            let y = if x.is_nan() { 0.0 } else { f.apply(x) };
             if invert {
                 1.0 - y
             } else {
