@@ -173,6 +173,92 @@ def medmnist_fixture(out_dir):
     return entry
 
 
+def synthetic_dicoms(out_dir):
+    """Small DICOMs written with pydicom for pixel formats the real files lack:
+    PALETTE COLOR, native YBR_FULL, planar configuration 1, signed 12-bit
+    MONOCHROME1 with rescale, 8-bit multi-frame, and a deflated data set."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, generate_uid
+    from pydicom.pixels import convert_color_space
+
+    rng = np.random.RandomState(5)
+
+    def base(rows, cols, spp, pmi, bits_alloc, bits_stored, signed, ts=ExplicitVRLittleEndian, frames=None):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[pmi, str(rows), str(ts)])
+        meta.TransferSyntaxUID = ts
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = "OT"
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel = spp
+        ds.PhotometricInterpretation = pmi
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_alloc, bits_stored, bits_stored - 1
+        ds.PixelRepresentation = 1 if signed else 0
+        if spp == 3:
+            ds.PlanarConfiguration = 0
+        if frames is not None:
+            ds.NumberOfFrames = frames
+        return ds
+
+    files = {}
+    # PALETTE COLOR: 8-bit indices, 16-bit LUTs with 256 entries, first mapped 0
+    ds = base(6, 7, 1, "PALETTE COLOR", 8, 8, False)
+    idx = rng.randint(0, 256, size=(6, 7)).astype(np.uint8)
+    lut = np.arange(256, dtype=np.uint16)
+    for colour, table in (("Red", lut * 257), ("Green", (255 - lut) * 257), ("Blue", (lut * 7 % 256) * 257)):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", table.astype("<u2").tobytes())
+    ds.PixelData = idx.tobytes()
+    files["syn_palette.dcm"] = ds
+    # native YBR_FULL, interleaved
+    ds = base(5, 4, 3, "YBR_FULL", 8, 8, False)
+    ybr = rng.randint(0, 256, size=(5, 4, 3)).astype(np.uint8)
+    ds.PixelData = ybr.tobytes()
+    files["syn_ybr_full.dcm"] = ds
+    # RGB, planar configuration 1 (RRR GGG BBB)
+    ds = base(3, 5, 3, "RGB", 8, 8, False)
+    ds.PlanarConfiguration = 1
+    rgb = rng.randint(0, 256, size=(3, 5, 3)).astype(np.uint8)
+    ds.PixelData = np.ascontiguousarray(rgb.transpose(2, 0, 1)).tobytes()
+    files["syn_rgb_planar1.dcm"] = ds
+    # MONOCHROME1, signed 12 bits stored in 16, rescale 2 / -100
+    ds = base(4, 6, 1, "MONOCHROME1", 16, 12, True)
+    vals = rng.randint(-2048, 2048, size=(4, 6)).astype(np.int16)
+    ds.PixelData = (vals.astype(np.uint16) & 0x0FFF).astype("<u2").tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -100
+    ds.WindowCenter, ds.WindowWidth = 0, 4000
+    files["syn_mono1_signed12.dcm"] = ds
+    # 8-bit grey, 3 frames
+    ds = base(4, 5, 1, "MONOCHROME2", 8, 8, False, frames=3)
+    ds.PixelData = rng.randint(0, 256, size=(3, 4, 5)).astype(np.uint8).tobytes()
+    files["syn_multiframe_u8.dcm"] = ds
+    # deflated explicit VR little endian
+    ds = base(4, 4, 1, "MONOCHROME2", 16, 16, False, ts=DeflatedExplicitVRLittleEndian)
+    ds.PixelData = rng.randint(0, 65536, size=(4, 4)).astype("<u2").tobytes()
+    files["syn_deflated.dcm"] = ds
+
+    entries = {}
+    for name, ds in files.items():
+        path = os.path.join(out_dir, name)
+        ds.save_as(path, enforce_file_format=True)
+        entry = dicom_entry(path)
+        if name == "syn_ybr_full.dcm":
+            # make the YBR->RGB conversion explicit (pydicom's convert_color_space)
+            raw = pydicom.dcmread(path).pixel_array
+            arr = raw if not np.array_equal(raw, ybr) else convert_color_space(raw, "YBR_FULL", "RGB")
+            entry.update(summary(arr))
+        if name == "syn_palette.dcm":
+            from pydicom.pixels import apply_color_lut
+            d2 = pydicom.dcmread(path)
+            entry.update(summary(apply_color_lut(d2.pixel_array, d2)))
+        entries[name] = entry
+    return entries
+
+
 def main():
     out = {"generator": "tools/make_io_reference.py", "pydicom": pydicom.__version__,
            "nibabel": nib.__version__, "numpy": np.__version__, "files": {}}
@@ -190,6 +276,7 @@ def main():
         "MR_small.dcm file": voi_entry(os.path.join(DATA, "MR_small.dcm"), 600.0, 1600.0),
     }
     out["files"].update(raster_fixtures(DATA))
+    out["files"].update(synthetic_dicoms(DATA))
     out["files"]["medmnist_tiny.npz"] = medmnist_fixture(DATA)
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:

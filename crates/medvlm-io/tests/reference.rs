@@ -280,3 +280,57 @@ fn nifti1_big_endian_anatomical() {
 fn nifti2_gz_4d() {
     nifti_check("example_nifti2.nii.gz", 2);
 }
+
+// Synthetic files written by pydicom in tools/make_io_reference.py for pixel
+// formats the real files lack.
+
+#[test]
+fn palette_color_through_the_lookup_tables() {
+    let img = check_dicom("syn_palette.dcm");
+    assert_eq!(img.photometric, medvlm_io::Photometric::Rgb);
+}
+
+#[test]
+fn native_ybr_full_converted_to_rgb() {
+    check_dicom("syn_ybr_full.dcm");
+}
+
+#[test]
+fn rgb_planar_configuration_1() {
+    check_dicom("syn_rgb_planar1.dcm");
+}
+
+#[test]
+fn monochrome1_signed_12_bit_with_rescale_and_inversion() {
+    let img = check_dicom("syn_mono1_signed12.dcm");
+    assert_eq!(img.photometric, medvlm_io::Photometric::Monochrome1);
+    // windowing inverts MONOCHROME1: the lowest value becomes the brightest
+    let p = medvlm_io::preprocess::windowed_plane(
+        &img,
+        &PlaneSelect::default(),
+        &medvlm_io::Window::File(0),
+    )
+    .unwrap();
+    let (imin, _) = img
+        .data
+        .iter()
+        .enumerate()
+        .fold(
+            (0, f32::INFINITY),
+            |(bi, bv), (i, &v)| if v < bv { (i, v) } else { (bi, bv) },
+        );
+    let (lo, hi) = medvlm_io::medimage::min_max(&p.data);
+    assert_eq!(p.data[imin], hi);
+    assert!(lo < hi);
+}
+
+#[test]
+fn eight_bit_multiframe() {
+    let img = check_dicom("syn_multiframe_u8.dcm");
+    assert_eq!(img.frames(), 3);
+}
+
+#[test]
+fn deflated_explicit_vr_little_endian() {
+    check_dicom("syn_deflated.dcm");
+}
