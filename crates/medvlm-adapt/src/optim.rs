@@ -469,3 +469,128 @@ pub fn last_k_blocks<'a>(
         .map(|(n, _)| n.to_string())
         .collect()
 }
+
+/// Block-list prefixes of the model layouts medvlm loads: HF CLIP/SigLIP towers
+/// (`vision_model.encoder.layers.`, `text_model.encoder.layers.`), open_clip with a timm ViT and
+/// an HF BERT (BiomedCLIP: `visual.trunk.blocks.`, `text.transformer.encoder.layer.`) and native
+/// open_clip (`visual.transformer.resblocks.`, `transformer.resblocks.`).
+pub const DEFAULT_BLOCK_PREFIXES: [&str; 6] = [
+    "vision_model.encoder.layers.",
+    "text_model.encoder.layers.",
+    "visual.trunk.blocks.",
+    "text.transformer.encoder.layer.",
+    "visual.transformer.resblocks.",
+    "transformer.resblocks.",
+];
+
+/// Name fragments of parameters that sit before the first block of a tower (input
+/// embeddings and pre-norms); partial fine-tuning keeps them frozen.
+pub const INPUT_SIDE_PATTERNS: [&str; 11] = [
+    "embed",
+    "cls_token",
+    "class_embedding",
+    "pos_",
+    "position",
+    "patch",
+    "token_type",
+    "pre_layrnorm",
+    "pre_layernorm",
+    "ln_pre",
+    "norm_pre",
+];
+
+/// Which parameters of a pretrained model are trained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainableSelection {
+    /// Every parameter.
+    All,
+    /// Every parameter except those starting with one of the prefixes (locked tower).
+    FreezePrefixes(Vec<String>),
+    /// The last `k` blocks of every tower found under `block_prefixes`, plus the parameters
+    /// after the blocks (final norms, heads, projections, logit scale/bias); input embeddings,
+    /// pre-norms and earlier blocks stay frozen.
+    LastKBlocks {
+        /// Blocks per tower.
+        k: usize,
+        /// Block-list prefixes to look for.
+        block_prefixes: Vec<String>,
+    },
+    /// Biases and `logit_scale` only (BitFit, Ben Zaken et al., ACL 2022).
+    BiasesOnly,
+    /// Nothing (e.g. LoRA: only the adapters, which are new parameters, are trained).
+    Nothing,
+}
+
+/// Names of the trainable parameters among `names` under `selection`. Errors when the
+/// selection matches nothing it should (no block list found, no bias), with the reason.
+pub fn select_trainable<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    selection: &TrainableSelection,
+) -> Result<BTreeSet<String>> {
+    let all: Vec<&str> = names.into_iter().collect();
+    let out: BTreeSet<String> = match selection {
+        TrainableSelection::All => all.iter().map(|s| s.to_string()).collect(),
+        TrainableSelection::Nothing => BTreeSet::new(),
+        TrainableSelection::FreezePrefixes(prefixes) => all
+            .iter()
+            .filter(|n| !prefixes.iter().any(|p| n.starts_with(p.as_str())))
+            .map(|s| s.to_string())
+            .collect(),
+        TrainableSelection::BiasesOnly => {
+            let set: BTreeSet<String> = all
+                .iter()
+                .filter(|n| n.ends_with("bias") || **n == "logit_scale")
+                .map(|s| s.to_string())
+                .collect();
+            if !set.iter().any(|n| n.ends_with("bias")) {
+                return Err(OptimError::InvalidSetting {
+                    name: "finetune.mode",
+                    reason: "bitfit: the model has no bias parameters".into(),
+                });
+            }
+            set
+        }
+        TrainableSelection::LastKBlocks { k, block_prefixes } => {
+            if *k == 0 {
+                return Err(OptimError::InvalidSetting {
+                    name: "last_k",
+                    reason: "must be at least 1".into(),
+                });
+            }
+            let found: Vec<&String> = block_prefixes
+                .iter()
+                .filter(|p| all.iter().any(|n| block_index(n, p).is_some()))
+                .collect();
+            if found.is_empty() {
+                return Err(OptimError::InvalidSetting {
+                    name: "last_k",
+                    reason: format!(
+                        "no transformer block list found in the model (looked for {block_prefixes:?})"
+                    ),
+                });
+            }
+            let mut set = BTreeSet::new();
+            for p in &found {
+                set.extend(last_k_blocks(all.iter().copied(), p, *k));
+            }
+            for n in &all {
+                let in_block = found.iter().any(|p| block_index(n, p).is_some());
+                let lower = n.to_lowercase();
+                let input_side = INPUT_SIDE_PATTERNS.iter().any(|p| lower.contains(p));
+                if !in_block && !input_side {
+                    set.insert(n.to_string());
+                }
+            }
+            set
+        }
+    };
+    Ok(out)
+}
+
+/// Splits `params` into (trainable, frozen) by a set of trainable names.
+pub fn partition_trainable(
+    params: Vec<NamedVar>,
+    trainable: &BTreeSet<String>,
+) -> (Vec<NamedVar>, Vec<NamedVar>) {
+    params.into_iter().partition(|(n, _)| trainable.contains(n))
+}

@@ -11,8 +11,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeSet;
+
 use crate::checkpoint::sha256_hex;
 use crate::losses::{SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT};
+use crate::optim::{select_trainable, OptimError, TrainableSelection, DEFAULT_BLOCK_PREFIXES};
 
 /// Why a configuration was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -841,6 +844,50 @@ impl TrainConfig {
         at_least("checkpoint.every_n_steps", self.checkpoint.every_n_steps, 1)?;
         at_least("checkpoint.keep", self.checkpoint.keep as u64, 1)?;
         Ok(())
+    }
+
+    /// The selection made by `[freeze]` alone.
+    pub fn freeze_selection(&self) -> TrainableSelection {
+        match self.freeze.mode {
+            FreezeMode::None => TrainableSelection::All,
+            FreezeMode::Image | FreezeMode::Text => {
+                TrainableSelection::FreezePrefixes(self.freeze.frozen_prefixes())
+            }
+            FreezeMode::Partial => TrainableSelection::LastKBlocks {
+                k: self.freeze.last_k.unwrap_or(1),
+                block_prefixes: DEFAULT_BLOCK_PREFIXES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            },
+        }
+    }
+
+    /// The selection made by `[finetune]` alone (`All` when absent).
+    pub fn finetune_selection(&self) -> TrainableSelection {
+        match self.finetune.as_ref().map(|f| (f.mode, f.last_k)) {
+            None | Some((FinetuneMode::Full, _)) => TrainableSelection::All,
+            Some((FinetuneMode::Partial, k)) => TrainableSelection::LastKBlocks {
+                k: k.unwrap_or(1),
+                block_prefixes: DEFAULT_BLOCK_PREFIXES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            },
+            Some((FinetuneMode::Bitfit, _)) => TrainableSelection::BiasesOnly,
+            Some((FinetuneMode::Lora, _)) => TrainableSelection::Nothing,
+        }
+    }
+
+    /// Names of the model parameters to train: those selected by both `[freeze]` and
+    /// `[finetune]` (LoRA adapters are new parameters and come on top of this set).
+    pub fn trainable_names<'a>(
+        &self,
+        names: &[&'a str],
+    ) -> std::result::Result<BTreeSet<String>, OptimError> {
+        let a = select_trainable(names.iter().copied(), &self.freeze_selection())?;
+        let b = select_trainable(names.iter().copied(), &self.finetune_selection())?;
+        Ok(a.intersection(&b).cloned().collect())
     }
 
     /// LoRA settings with defaults filled in, when the mode is `lora`.

@@ -278,3 +278,109 @@ fn freezing_by_prefix_and_last_k_blocks() {
     assert!(last_k_blocks(names.iter().copied(), "vision_model.encoder.layers.", 0).is_empty());
     assert!(last_k_blocks(names.iter().copied(), "nope.", 3).is_empty());
 }
+
+/// A miniature HF-CLIP parameter list: 3 vision blocks, 2 text blocks.
+const HF_CLIP_NAMES: [&str; 16] = [
+    "vision_model.embeddings.patch_embedding.weight",
+    "vision_model.embeddings.position_embedding.weight",
+    "vision_model.pre_layrnorm.weight",
+    "vision_model.encoder.layers.0.mlp.fc1.weight",
+    "vision_model.encoder.layers.1.mlp.fc1.weight",
+    "vision_model.encoder.layers.2.mlp.fc1.weight",
+    "vision_model.encoder.layers.2.mlp.fc1.bias",
+    "vision_model.post_layernorm.weight",
+    "visual_projection.weight",
+    "text_model.embeddings.token_embedding.weight",
+    "text_model.encoder.layers.0.self_attn.q_proj.weight",
+    "text_model.encoder.layers.1.self_attn.q_proj.weight",
+    "text_model.encoder.layers.1.self_attn.q_proj.bias",
+    "text_model.final_layer_norm.weight",
+    "text_projection.weight",
+    "logit_scale",
+];
+
+#[test]
+fn trainable_selections() {
+    use medvlm_adapt::optim::{select_trainable, TrainableSelection, DEFAULT_BLOCK_PREFIXES};
+    let names = HF_CLIP_NAMES;
+    let last1 = TrainableSelection::LastKBlocks {
+        k: 1,
+        block_prefixes: DEFAULT_BLOCK_PREFIXES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    let got = select_trainable(names.iter().copied(), &last1).unwrap();
+    let expected: std::collections::BTreeSet<String> = [
+        "vision_model.encoder.layers.2.mlp.fc1.weight",
+        "vision_model.encoder.layers.2.mlp.fc1.bias",
+        "vision_model.post_layernorm.weight",
+        "visual_projection.weight",
+        "text_model.encoder.layers.1.self_attn.q_proj.weight",
+        "text_model.encoder.layers.1.self_attn.q_proj.bias",
+        "text_model.final_layer_norm.weight",
+        "text_projection.weight",
+        "logit_scale",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(got, expected);
+
+    let bitfit = select_trainable(names.iter().copied(), &TrainableSelection::BiasesOnly).unwrap();
+    assert_eq!(
+        bitfit.into_iter().collect::<Vec<_>>(),
+        vec![
+            "logit_scale",
+            "text_model.encoder.layers.1.self_attn.q_proj.bias",
+            "vision_model.encoder.layers.2.mlp.fc1.bias",
+        ]
+    );
+    // No block list in the model -> a clear error instead of training nothing.
+    let err = select_trainable(["a.weight", "b.weight"], &last1).unwrap_err();
+    assert!(
+        err.to_string().contains("no transformer block list"),
+        "{err}"
+    );
+    assert!(select_trainable(["a.weight"], &TrainableSelection::BiasesOnly).is_err());
+    assert!(
+        select_trainable(names.iter().copied(), &TrainableSelection::Nothing)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn config_freeze_and_finetune_combine() {
+    use medvlm_adapt::train_config::TrainConfig;
+    let parse = |extra: &str| {
+        TrainConfig::from_toml_str(
+            &format!(
+                "output_dir = \"o\"\n[model]\nsource = \"m\"\n[data]\nmanifest = \"t\"\n{extra}"
+            ),
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap()
+    };
+    let names = HF_CLIP_NAMES;
+    // Locked image tower, full fine-tuning: the text side and logit_scale.
+    let cfg = parse("[freeze]\nmode = \"image\"\n[finetune]\nmode = \"full\"");
+    let t = cfg.trainable_names(&names).unwrap();
+    assert_eq!(t.len(), 7);
+    assert!(t
+        .iter()
+        .all(|n| !n.starts_with("vision_model.") && !n.starts_with("visual_")));
+    // Locked text + BitFit: only the vision bias and logit_scale.
+    let cfg = parse("[freeze]\nmode = \"text\"\n[finetune]\nmode = \"bitfit\"");
+    let t: Vec<String> = cfg.trainable_names(&names).unwrap().into_iter().collect();
+    assert_eq!(
+        t,
+        vec!["logit_scale", "vision_model.encoder.layers.2.mlp.fc1.bias"]
+    );
+    // LoRA: no base parameter.
+    let cfg = parse("[finetune]\nmode = \"lora\"");
+    assert!(cfg.trainable_names(&names).unwrap().is_empty());
+    // Pretraining without freezing trains everything.
+    let cfg = parse("");
+    assert_eq!(cfg.trainable_names(&names).unwrap().len(), names.len());
+}
