@@ -12,6 +12,7 @@ fn task() -> SyntheticTask {
     synthetic_task(SyntheticSpec {
         classes: 3,
         dim: 16,
+        signal_dim: 16,
         pool_per_class: 6,
         test_per_class: 5,
         image_noise: 0.2,

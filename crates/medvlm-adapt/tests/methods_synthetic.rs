@@ -12,6 +12,7 @@ fn spec() -> SyntheticSpec {
     SyntheticSpec {
         classes: 5,
         dim: 32,
+        signal_dim: 32,
         pool_per_class: 40,
         test_per_class: 60,
         image_noise: 0.2,
@@ -42,6 +43,7 @@ fn trained_methods_beat_zero_shot_at_16_shots() {
         mode: SamplingMode::Balanced,
         policy: HyperparameterPolicy::Fixed,
         logit_scale: None,
+        threads: 2,
     };
     let records = sweep_frozen(
         LabelledFeatures {
@@ -95,6 +97,7 @@ fn realistic_mode_with_support_cv_records_its_protocol() {
         mode: SamplingMode::Realistic { min_per_class: 1 },
         policy: HyperparameterPolicy::SupportCv { folds: 3 },
         logit_scale: None,
+        threads: 1,
     };
     let records = sweep_frozen(
         LabelledFeatures {
@@ -129,4 +132,47 @@ fn realistic_mode_with_support_cv_records_its_protocol() {
         .unwrap()
         .accuracy;
     assert!(lp > zs, "linear probe {lp} vs zero-shot {zs}");
+}
+
+#[test]
+fn sweep_results_do_not_depend_on_the_thread_count() {
+    let task = synthetic_task(spec()).unwrap();
+    let run = |threads: usize| {
+        let plan = SweepPlan {
+            methods: vec!["clap".into(), "linear-probe".into()],
+            shots: vec![1, 2, 4],
+            seeds: vec![1, 2],
+            mode: SamplingMode::Balanced,
+            policy: HyperparameterPolicy::Fixed,
+            logit_scale: None,
+            threads,
+        };
+        sweep_frozen(
+            LabelledFeatures {
+                features: &task.pool_features,
+                labels: &task.pool_labels,
+            },
+            LabelledFeatures {
+                features: &task.test_features,
+                labels: &task.test_labels,
+            },
+            &task.texts,
+            &plan,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                r.method,
+                r.protocol.shots,
+                r.protocol.seed,
+                r.accuracy,
+                r.balanced_accuracy,
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    let sequential = run(1);
+    assert_eq!(sequential.len(), 2 * 3 * 2);
+    assert_eq!(sequential, run(3));
 }

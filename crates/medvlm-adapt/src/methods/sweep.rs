@@ -37,6 +37,11 @@ pub struct SweepPlan {
     pub policy: HyperparameterPolicy,
     /// The model's logit scale, if known.
     pub logit_scale: Option<f64>,
+    /// Worker threads over (K, seed) jobs (1 = sequential). The small
+    /// matrix products of these methods do not gain from candle's own
+    /// threads, so on a 2-core machine `threads = 2` with
+    /// `RAYON_NUM_THREADS=1` is the fastest setting.
+    pub threads: usize,
 }
 
 /// One (method, K, seed) result.
@@ -106,48 +111,83 @@ pub fn sweep_frozen(
         .iter()
         .map(|m| method_by_name(m, None))
         .collect::<Result<Vec<_>>>()?;
-    let mut records = Vec::with_capacity(methods.len() * plan.shots.len() * plan.seeds.len());
-    for &k in &plan.shots {
-        for &seed in &plan.seeds {
-            let protocol = FewShotProtocol {
-                shots: k,
-                seed,
-                mode: plan.mode.clone(),
-                task: TaskKind::MultiClass,
-                hyperparameter_policy: plan.policy,
-                validation_set: false,
-            };
-            let idx = protocol
-                .sample(pool.labels, &texts.class_names)
-                .map_err(|e| MethodError::InvalidInput(e.to_string()))?;
-            let support = SupportSet::from_pool(pool.features, pool.labels, &idx)?;
-            let input = AdaptInput {
-                texts,
-                support: &support,
-                access: FeatureAccess::FrozenFeatures,
-                logit_scale: plan.logit_scale,
-                policy: plan.policy,
-                seed,
-            };
-            for m in &methods {
-                let t0 = Instant::now();
-                let clf = m.fit(&input)?;
-                let fit_seconds = t0.elapsed().as_secs_f64();
-                let t1 = Instant::now();
-                let logits = clf.logits(test.features)?;
-                let (accuracy, balanced_accuracy) = accuracy_and_balanced(&logits, test.labels)?;
-                records.push(SweepRecord {
-                    method: m.name().to_string(),
-                    protocol: protocol.clone(),
-                    support_size: idx.len(),
-                    test_size: test.labels.len(),
-                    accuracy,
-                    balanced_accuracy,
-                    fit_seconds,
-                    predict_seconds: t1.elapsed().as_secs_f64(),
+    let jobs: Vec<(usize, u64)> = plan
+        .shots
+        .iter()
+        .flat_map(|&k| plan.seeds.iter().map(move |&s| (k, s)))
+        .collect();
+    let run_job = |&(k, seed): &(usize, u64)| -> Result<Vec<SweepRecord>> {
+        let protocol = FewShotProtocol {
+            shots: k,
+            seed,
+            mode: plan.mode.clone(),
+            task: TaskKind::MultiClass,
+            hyperparameter_policy: plan.policy,
+            validation_set: false,
+        };
+        let idx = protocol
+            .sample(pool.labels, &texts.class_names)
+            .map_err(|e| MethodError::InvalidInput(e.to_string()))?;
+        let support = SupportSet::from_pool(pool.features, pool.labels, &idx)?;
+        let input = AdaptInput {
+            texts,
+            support: &support,
+            access: FeatureAccess::FrozenFeatures,
+            logit_scale: plan.logit_scale,
+            policy: plan.policy,
+            seed,
+        };
+        let mut out = Vec::with_capacity(methods.len());
+        for m in &methods {
+            let t0 = Instant::now();
+            let clf = m.fit(&input)?;
+            let fit_seconds = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let logits = clf.logits(test.features)?;
+            let (accuracy, balanced_accuracy) = accuracy_and_balanced(&logits, test.labels)?;
+            out.push(SweepRecord {
+                method: m.name().to_string(),
+                protocol: protocol.clone(),
+                support_size: idx.len(),
+                test_size: test.labels.len(),
+                accuracy,
+                balanced_accuracy,
+                fit_seconds,
+                predict_seconds: t1.elapsed().as_secs_f64(),
+            });
+        }
+        Ok(out)
+    };
+    let threads = plan.threads.clamp(1, jobs.len().max(1));
+    let mut results: Vec<Option<Result<Vec<SweepRecord>>>> =
+        (0..jobs.len()).map(|_| None).collect();
+    if threads == 1 {
+        for (slot, job) in results.iter_mut().zip(&jobs) {
+            *slot = Some(run_job(job));
+        }
+    } else {
+        // Jobs are handed out through a shared counter; each result goes to
+        // its job's slot, so the output order does not depend on timing.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let done = std::sync::Mutex::new(&mut results);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let r = run_job(job);
+                    if let Ok(mut guard) = done.lock() {
+                        guard[i] = Some(r);
+                    }
                 });
             }
-        }
+        });
+    }
+    let mut records = Vec::with_capacity(methods.len() * jobs.len());
+    for r in results {
+        let r =
+            r.ok_or_else(|| MethodError::InvalidInput("a sweep worker stopped early".into()))?;
+        records.extend(r?);
     }
     Ok(records)
 }
@@ -181,6 +221,11 @@ pub struct SyntheticSpec {
     pub classes: usize,
     /// Embedding dimension.
     pub dim: usize,
+    /// The class means and text offsets live in the first `signal_dim`
+    /// coordinates (real embeddings have a low intrinsic dimension); the
+    /// noise and the modality gaps span all `dim`. `signal_dim >= dim` means
+    /// everywhere.
+    pub signal_dim: usize,
     /// Pool images per class.
     pub pool_per_class: usize,
     /// Test images per class.
@@ -212,9 +257,11 @@ pub fn synthetic_task(spec: SyntheticSpec) -> Result<SyntheticTask> {
         v.into_iter().map(|x| x / n).collect::<Vec<f64>>()
     };
     let d = spec.dim;
-    let means: Vec<Vec<f64>> = (0..spec.classes)
-        .map(|_| unit((0..d).map(|_| normal()).collect()))
-        .collect();
+    let r = spec.signal_dim.clamp(1, d);
+    let mut in_signal = |normal: &mut dyn FnMut() -> f64| {
+        unit((0..d).map(|i| if i < r { normal() } else { 0.0 }).collect())
+    };
+    let means: Vec<Vec<f64>> = (0..spec.classes).map(|_| in_signal(&mut normal)).collect();
     let gap: Vec<f64> = unit((0..d).map(|_| normal()).collect())
         .into_iter()
         .map(|x| x * spec.modality_gap)
@@ -226,7 +273,7 @@ pub fn synthetic_task(spec: SyntheticSpec) -> Result<SyntheticTask> {
     let dev = candle_core::Device::Cpu;
     let mut prompts = Vec::with_capacity(spec.classes);
     for m in &means {
-        let off = unit((0..d).map(|_| normal()).collect());
+        let off = in_signal(&mut normal);
         let t: Vec<f32> = m
             .iter()
             .zip(&off)
