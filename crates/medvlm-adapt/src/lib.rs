@@ -5,9 +5,12 @@
 pub mod checkpoint;
 pub mod feature_cache;
 pub mod fewshot;
+pub mod finetune;
+pub mod lora;
 pub mod losses;
 pub mod method;
 pub mod methods;
 pub mod optim;
 pub mod schedule;
 pub mod train_config;
+pub mod trainer;
