@@ -569,3 +569,23 @@ impl VisionLanguageModel for ClipModel {
         self.dtype
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::eot_positions;
+
+    #[test]
+    fn eot_pooling_follows_hf_for_legacy_and_new_configs() {
+        // Legacy eos_token_id == 2: argmax of ids, first maximum on ties
+        // (OpenAI CLIP pads with EOT = 49407, the largest id).
+        let ids = vec![
+            vec![49406, 320, 49407, 49407, 49407],
+            vec![49406, 9, 8, 49407, 0],
+        ];
+        assert_eq!(eot_positions(&ids, 2), vec![2, 3]);
+        // New configs: first occurrence of eos_token_id, whatever the ids' values.
+        let ids = vec![vec![5, 50, 7, 3, 7], vec![5, 7, 60, 7, 7]];
+        assert_eq!(eot_positions(&ids, 7), vec![2, 1]);
+        assert_eq!(eot_positions(&ids, 2), vec![1, 2]);
+    }
+}

@@ -82,7 +82,7 @@ pub struct PreprocessConfig {
 /// OpenAI CLIP normalisation constants.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// OpenAI CLIP normalisation constants.
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 impl PreprocessConfig {
     /// CLIP style: shortest edge `size`, centre crop `size`, CLIP mean/std.
