@@ -1,0 +1,516 @@
+//! LoRA: low-rank adaptation of linear layers (Hu et al. 2021, "LoRA: Low-Rank Adaptation of
+//! Large Language Models", ICLR 2022).
+//!
+//! A frozen layer `y = x Wᵀ + b` becomes `y = x Wᵀ + b + (α/r) · drop(x) Aᵀ Bᵀ` with
+//! `A` `[r, in]` and `B` `[out, r]`. As in the paper (and HF PEFT), `A` starts from a
+//! Kaiming-uniform draw (`U(-1/√in, 1/√in)`, PyTorch's `kaiming_uniform_(a=√5)`; seeded here)
+//! and `B` from zeros, so training starts exactly at the pretrained model. Dropout (inverted,
+//! probability `dropout`) acts on the adapter input only and only in training mode
+//! ([`set_lora_training`]); its masks come from a seeded ChaCha stream per layer, so runs
+//! are reproducible.
+//!
+//! Adapters are [`LinearWrapper`]s pushed onto the model's [`LinearLayer`]s, so the model code
+//! is untouched. Their parameters are named as PEFT names them, `<module path>.lora_A.weight`
+//! and `<module path>.lora_B.weight`, and live in a `VarMap` of their own (never the base
+//! model's, so a plain export of the base map stays loadable).
+//!
+//! [`merge_lora`] folds `W ← W + (α/r) B A` into the base weights and removes the adapters,
+//! which is how a fine-tuned model is exported: the result is a plain checkpoint any medvlm
+//! command (and transformers) loads.
+//!
+//! # Choosing layers
+//! [`LoraSpec::targets`] entries are matched against module paths:
+//! - the short roles `q`, `k`, `v`, `out`, `fc1`, `fc2` map to each family's names
+//!   (HF CLIP/SigLIP `self_attn.q_proj` ... `mlp.fc2`; BERT `attention.self.query`,
+//!   `attention.output.dense`, `intermediate.dense`, `output.dense`; timm ViT `attn.proj`,
+//!   `mlp.fc1/fc2`, and `q`/`k`/`v` select the fused `attn.qkv`);
+//! - any other entry matches a path equal to it or ending with `.` + entry (`q_proj`,
+//!   `mlp.fc1`, `visual_projection`, a full path);
+//! - a `text:` or `vision:` prefix restricts an entry to one tower (`vision:q`).
+//!
+//! [`LoraSpec::towers`] further restricts every entry. A spec that matches no layer is an
+//! error that lists the model's linear layers.
+//!
+//! # Presets
+//! [`LoraSpec::clip_lora`]: CLIP-LoRA (Zanella & Ben Ayed 2024, "Low-Rank Few-Shot Adaptation
+//! of Vision-Language Models", CVPRW): `r = 2`, `α = 1`, dropout 0.25, on `q`, `k`, `v` of every
+//! block of both encoders.
+
+use std::any::Any;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Module, Tensor, Var};
+use candle_nn::VarMap;
+use medvlm_models::{LinearLayer, LinearLayers, LinearWrapper};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::finetune::{FinetuneError, Result, Towers};
+use crate::optim::NamedVar;
+use crate::train_config::LoraConfig;
+
+/// What LoRA to apply: rank, scaling, dropout, target layers and towers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// Rank `r` (>= 1). Default 8.
+    pub rank: usize,
+    /// Scaling numerator: the update is `(alpha / rank) B A`. Default 16.
+    pub alpha: f64,
+    /// Dropout probability on the adapter input, in [0, 1). Default 0.
+    pub dropout: f64,
+    /// Target layers (see the module documentation). Default `["q_proj", "v_proj"]`.
+    pub targets: Vec<String>,
+    /// Towers to adapt. Default both.
+    pub towers: Towers,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        Self::from_config(&LoraConfig::default(), Towers::Both)
+    }
+}
+
+impl LoraSpec {
+    /// From the `[finetune.lora]` table, restricted to `towers`.
+    pub fn from_config(c: &LoraConfig, towers: Towers) -> Self {
+        Self {
+            rank: c.rank,
+            alpha: c.alpha,
+            dropout: c.dropout,
+            targets: c.targets.clone(),
+            towers,
+        }
+    }
+
+    /// CLIP-LoRA (Zanella & Ben Ayed 2024): `r = 2`, `α = 1`, dropout 0.25, `q`, `k`, `v` of
+    /// every block of both encoders.
+    pub fn clip_lora() -> Self {
+        Self {
+            rank: 2,
+            alpha: 1.0,
+            dropout: 0.25,
+            targets: vec!["q".into(), "k".into(), "v".into()],
+            towers: Towers::Both,
+        }
+    }
+
+    /// `alpha / rank`.
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |key: &str, reason: String| FinetuneError::Setting {
+            key: key.to_string(),
+            reason,
+        };
+        if self.rank == 0 {
+            return Err(bad("finetune.lora.rank", "must be at least 1".into()));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(bad(
+                "finetune.lora.alpha",
+                format!("must be a positive finite number, got {}", self.alpha),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(bad(
+                "finetune.lora.dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
+        }
+        if self.targets.is_empty() || self.targets.iter().any(|t| t.trim().is_empty()) {
+            return Err(bad(
+                "finetune.lora.targets",
+                "must list at least one layer name".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The tower a module path belongs to, from its first component (HF `text_model.` /
+/// `vision_model.` / projections, open_clip `text.` / `visual.`).
+pub fn tower_of(path: &str) -> Option<Towers> {
+    let first = path.split('.').next().unwrap_or("");
+    match first {
+        "text_model" | "text_projection" | "text" | "transformer" | "token_embedding"
+        | "ln_final" => Some(Towers::Text),
+        "vision_model" | "visual_projection" | "visual" => Some(Towers::Vision),
+        _ => None,
+    }
+}
+
+fn ends_with_component(path: &str, suffix: &str) -> bool {
+    path == suffix || path.ends_with(&format!(".{suffix}"))
+}
+
+/// Whether `path` has the role `role` (`q`, `k`, `v`, `out`, `fc1`, `fc2`) in one of the
+/// layouts medvlm loads.
+fn has_role(path: &str, role: &str) -> bool {
+    let e = |s: &str| ends_with_component(path, s);
+    match role {
+        "q" => e("q_proj") || e("attention.self.query") || e("attn.qkv"),
+        "k" => e("k_proj") || e("attention.self.key") || e("attn.qkv"),
+        "v" => e("v_proj") || e("attention.self.value") || e("attn.qkv"),
+        "out" => e("out_proj") || e("attention.output.dense") || e("attn.proj"),
+        "fc1" => e("mlp.fc1") || e("intermediate.dense"),
+        "fc2" => e("mlp.fc2") || (e("output.dense") && !e("attention.output.dense")),
+        _ => false,
+    }
+}
+
+/// Whether one target entry (see the module documentation) selects `path`.
+pub fn target_matches(target: &str, path: &str) -> bool {
+    let (tower, name) = match target.split_once(':') {
+        Some(("text", rest)) => (Some(Towers::Text), rest),
+        Some(("vision", rest)) => (Some(Towers::Vision), rest),
+        _ => (None, target),
+    };
+    if let Some(t) = tower {
+        if tower_of(path) != Some(t) {
+            return false;
+        }
+    }
+    if matches!(name, "q" | "k" | "v" | "out" | "fc1" | "fc2") {
+        has_role(path, name)
+    } else {
+        ends_with_component(path, name)
+    }
+}
+
+/// Module paths of `layers` selected by `spec` (targets and towers), in model order.
+/// Errors when a target entry matches nothing, naming it and listing the model's layers.
+pub fn lora_targets(paths: &[String], spec: &LoraSpec) -> Result<Vec<String>> {
+    spec.validate()?;
+    let in_towers = |p: &str| match spec.towers {
+        Towers::Both => true,
+        t => tower_of(p) == Some(t),
+    };
+    for target in &spec.targets {
+        let prefix_ok = match target.split_once(':') {
+            Some((pre, _)) => pre == "text" || pre == "vision",
+            None => true,
+        };
+        if !prefix_ok {
+            return Err(FinetuneError::Setting {
+                key: "finetune.lora.targets".into(),
+                reason: format!(
+                    "{target:?}: the only tower prefixes are \"text:\" and \"vision:\""
+                ),
+            });
+        }
+        if !paths
+            .iter()
+            .any(|p| in_towers(p) && target_matches(target, p))
+        {
+            return Err(FinetuneError::NoLoraTarget {
+                target: target.clone(),
+                towers: spec.towers,
+                available: summarise_paths(paths),
+            });
+        }
+    }
+    Ok(paths
+        .iter()
+        .filter(|p| in_towers(p) && spec.targets.iter().any(|t| target_matches(t, p)))
+        .cloned()
+        .collect())
+}
+
+/// Distinct layer names with block indices collapsed (`text_model.encoder.layers.*.self_attn.q_proj`),
+/// for error messages.
+fn summarise_paths(paths: &[String]) -> String {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for p in paths {
+        let s: Vec<&str> = p
+            .split('.')
+            .map(|c| {
+                if c.chars().all(|ch| ch.is_ascii_digit()) {
+                    "*"
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let s = s.join(".");
+        if seen.insert(s.clone()) {
+            out.push(s);
+        }
+    }
+    out.join(", ")
+}
+
+/// One LoRA adapter on a linear layer; see the module documentation.
+#[derive(Debug)]
+pub struct LoraLinear {
+    path: String,
+    a: Var,
+    b: Var,
+    scaling: f64,
+    dropout: f64,
+    training: AtomicBool,
+    rng: Mutex<ChaCha8Rng>,
+}
+
+impl LoraLinear {
+    /// A fresh adapter for `layer`: `A` `[rank, in]` Kaiming-uniform from `seed`, `B` zeros.
+    pub fn new(layer: &LinearLayer, spec: &LoraSpec, seed: u64) -> Result<Self> {
+        let (out_dim, in_dim) = (layer.out_features(), layer.in_features());
+        let w = layer.weight();
+        let (dtype, device) = (w.dtype(), w.device().clone());
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let a_vals: Vec<f32> = (0..spec.rank * in_dim)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        let a = Tensor::from_vec(a_vals, (spec.rank, in_dim), &device)?.to_dtype(dtype)?;
+        let b = Tensor::zeros((out_dim, spec.rank), dtype, &device)?;
+        Self::from_tensors(layer.path(), &a, &b, spec.scaling(), spec.dropout, seed)
+    }
+
+    /// An adapter from given `A` `[r, in]` and `B` `[out, r]` (e.g. loaded from a PEFT file).
+    pub fn from_tensors(
+        path: &str,
+        a: &Tensor,
+        b: &Tensor,
+        scaling: f64,
+        dropout: f64,
+        seed: u64,
+    ) -> Result<Self> {
+        let (r, _) = a.dims2()?;
+        let (_, rb) = b.dims2()?;
+        if r != rb {
+            return Err(FinetuneError::Setting {
+                key: "lora".into(),
+                reason: format!(
+                    "{path}: lora_A {:?} and lora_B {:?} disagree on the rank",
+                    a.dims(),
+                    b.dims()
+                ),
+            });
+        }
+        Ok(Self {
+            path: path.to_string(),
+            a: Var::from_tensor(a)?,
+            b: Var::from_tensor(b)?,
+            scaling,
+            dropout,
+            training: AtomicBool::new(false),
+            // A stream distinct from the one that drew A.
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0x9E37_79B9_7F4A_7C15)),
+        })
+    }
+
+    /// Module path of the adapted layer.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    /// `A` `[r, in]`.
+    pub fn a(&self) -> &Var {
+        &self.a
+    }
+    /// `B` `[out, r]`.
+    pub fn b(&self) -> &Var {
+        &self.b
+    }
+    /// `alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+    /// Whether dropout is active.
+    pub fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+    /// Switch dropout on (training) or off (evaluation, the default).
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::Relaxed)
+    }
+    /// PEFT names of the two parameters with their vars.
+    pub fn named_vars(&self) -> Vec<NamedVar> {
+        vec![
+            (format!("{}.lora_A.weight", self.path), self.a.clone()),
+            (format!("{}.lora_B.weight", self.path), self.b.clone()),
+        ]
+    }
+    /// The weight update `(alpha/r) B A` `[out, in]`.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?)
+    }
+
+    fn dropout_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !self.is_training() || self.dropout == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.dropout;
+        let n = x.elem_count();
+        let mask: Vec<f32> = {
+            let mut rng = self
+                .rng
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("LoRA dropout RNG poisoned".into()))?;
+            (0..n)
+                .map(|_| {
+                    if rng.random::<f64>() < keep {
+                        (1.0 / keep) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+impl LinearWrapper for LoraLinear {
+    fn kind(&self) -> &str {
+        "lora"
+    }
+    fn forward(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        let x = self.dropout_input(x)?;
+        let h = candle_nn::Linear::new(self.a.as_tensor().clone(), None).forward(&x)?;
+        let d = candle_nn::Linear::new(self.b.as_tensor().clone(), None).forward(&h)?;
+        y + (d * self.scaling)?
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+fn lora_of(w: &Arc<dyn LinearWrapper>) -> Option<&LoraLinear> {
+    w.as_any().downcast_ref::<LoraLinear>()
+}
+
+/// Adds LoRA adapters to the layers `spec` selects and registers their parameters in
+/// `adapters` (a `VarMap` separate from the base model's) under PEFT names. Layer `i` (in
+/// model order) draws `A` from `seed + i`. Returns the new trainable parameters.
+///
+/// Errors, before touching the model, when a target matches no layer or a layer already
+/// carries LoRA.
+pub fn apply_lora(
+    model: &mut dyn LinearLayers,
+    spec: &LoraSpec,
+    adapters: &VarMap,
+    seed: u64,
+) -> Result<Vec<NamedVar>> {
+    let paths = model.linear_paths();
+    let targets = lora_targets(&paths, spec)?;
+    let chosen: BTreeSet<&str> = targets.iter().map(|s| s.as_str()).collect();
+    for layer in model.linear_layers() {
+        if chosen.contains(layer.path()) && layer.wrappers().iter().any(|w| lora_of(w).is_some()) {
+            return Err(FinetuneError::Setting {
+                key: "finetune.lora".into(),
+                reason: format!("{} already carries a LoRA adapter", layer.path()),
+            });
+        }
+    }
+    let mut out = Vec::new();
+    let mut data = adapters
+        .data()
+        .lock()
+        .map_err(|_| FinetuneError::Internal("adapter VarMap lock poisoned".into()))?;
+    for (i, layer) in model
+        .linear_layers_mut()
+        .into_iter()
+        .filter(|l| chosen.contains(l.path()))
+        .enumerate()
+    {
+        let lora = LoraLinear::new(layer, spec, seed.wrapping_add(i as u64))?;
+        for (name, var) in lora.named_vars() {
+            if data.contains_key(&name) {
+                return Err(FinetuneError::Setting {
+                    key: "finetune.lora".into(),
+                    reason: format!("parameter {name} already exists in the adapter map"),
+                });
+            }
+            data.insert(name.clone(), var.clone());
+            out.push((name, var));
+        }
+        layer.push_wrapper(Arc::new(lora));
+    }
+    Ok(out)
+}
+
+/// The LoRA adapters currently on `model`'s layers.
+pub fn lora_adapters(model: &dyn LinearLayers) -> Vec<Arc<dyn LinearWrapper>> {
+    model
+        .linear_layers()
+        .into_iter()
+        .flat_map(|l| {
+            l.wrappers()
+                .iter()
+                .filter(|w| lora_of(w).is_some())
+                .cloned()
+        })
+        .collect()
+}
+
+/// Switches dropout of every LoRA adapter on `model` on (`true`) or off. Returns how many
+/// adapters were switched.
+pub fn set_lora_training(model: &dyn LinearLayers, on: bool) -> usize {
+    let adapters = lora_adapters(model);
+    for w in &adapters {
+        if let Some(l) = lora_of(w) {
+            l.set_training(on);
+        }
+    }
+    adapters.len()
+}
+
+/// Folds every LoRA adapter into its layer's weight (`W ← W + (α/r) B A`) and removes the
+/// adapter; other wrappers stay. When `base` is given and holds `<path>.weight` (a model loaded
+/// with [`medvlm_models::LoadMode::Trainable`]), that variable is updated in place too, so a
+/// save of `base` contains the merged weights. Returns the merged module paths.
+pub fn merge_lora(model: &mut dyn LinearLayers, base: Option<&VarMap>) -> Result<Vec<String>> {
+    let mut merged = Vec::new();
+    for layer in model.linear_layers_mut() {
+        if !layer.wrappers().iter().any(|w| lora_of(w).is_some()) {
+            continue;
+        }
+        let wrappers = layer.take_wrappers();
+        let mut weight = layer.weight().detach();
+        for w in &wrappers {
+            if let Some(l) = lora_of(w) {
+                // Sum in f32, whatever the storage dtype, to keep low-precision rounding once.
+                let delta = l.delta_weight()?.to_dtype(DType::F32)?;
+                weight =
+                    (weight.to_dtype(DType::F32)? + delta)?.to_dtype(layer.weight().dtype())?;
+            }
+        }
+        let name = format!("{}.weight", layer.path());
+        let in_map = match base {
+            Some(vm) => {
+                let data = vm
+                    .data()
+                    .lock()
+                    .map_err(|_| FinetuneError::Internal("base VarMap lock poisoned".into()))?;
+                match data.get(&name) {
+                    Some(var) => {
+                        var.set(&weight)?;
+                        Some(var.as_tensor().clone())
+                    }
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        layer.set_weight(in_map.unwrap_or(weight))?;
+        for w in wrappers {
+            if lora_of(&w).is_none() {
+                layer.push_wrapper(w);
+            }
+        }
+        merged.push(layer.path().to_string());
+    }
+    Ok(merged)
+}
+
+/// Number of scalar parameters in `vars`.
+pub fn count_params(vars: &[NamedVar]) -> usize {
+    vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum()
+}
