@@ -881,9 +881,9 @@ impl TrainConfig {
 
     /// Names of the model parameters to train: those selected by both `[freeze]` and
     /// `[finetune]` (LoRA adapters are new parameters and come on top of this set).
-    pub fn trainable_names<'a>(
+    pub fn trainable_names(
         &self,
-        names: &[&'a str],
+        names: &[&str],
     ) -> std::result::Result<BTreeSet<String>, OptimError> {
         let a = select_trainable(names.iter().copied(), &self.freeze_selection())?;
         let b = select_trainable(names.iter().copied(), &self.finetune_selection())?;
