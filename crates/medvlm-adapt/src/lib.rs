@@ -3,6 +3,7 @@
 //! method under `methods/`, behind the shared traits in `method`.
 
 pub mod checkpoint;
+pub mod data;
 pub mod feature_cache;
 pub mod fewshot;
 pub mod finetune;
@@ -11,6 +12,7 @@ pub mod losses;
 pub mod method;
 pub mod methods;
 pub mod optim;
+pub mod pretrain;
 pub mod schedule;
 pub mod train_config;
 pub mod trainer;

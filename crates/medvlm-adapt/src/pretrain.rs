@@ -1,0 +1,452 @@
+//! Contrastive image-text pretraining (Radford et al., "Learning Transferable Visual Models
+//! From Natural Language Supervision", ICML 2021): a two-tower model trained with the CLIP
+//! (or SigLIP / label-aware) loss of [`crate::losses::ContrastiveHead`], from scratch or from a
+//! pretrained HF CLIP/SigLIP directory.
+//!
+//! - [`build_word_tokenizer`]: a word-level tokenizer built from the training texts, for
+//!   from-scratch models (no hub): lower-cased, split on whitespace and punctuation, words seen
+//!   at least `min_count` times (default 2), CLIP-style `<|startoftext|>` / `<|endoftext|>`
+//!   around every text. Its `tokenizer.json` is saved in the model directory and the CLIP text
+//!   tower pools the first `<|endoftext|>` (the `eos_token_id` of the saved config).
+//! - [`scratch_clip_config`]: the HF `CLIPConfig` of `[model.scratch]`.
+//! - [`ContrastiveModel`]: any loaded [`VisionLanguageModel`] with its trainable `VarMap`, the
+//!   contrastive head and the [`TrainModel`] implementation used by [`crate::trainer::train`];
+//!   [`ContrastiveModel::save`] writes a model directory that `medvlm embed` / `medvlm
+//!   zero-shot` load like a hub model.
+//! - [`embed_images`], [`embed_texts`], [`zero_shot`], [`retrieval`]: the evaluation used each
+//!   epoch and by `medvlm quickstart`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use medvlm_io::Plane;
+use medvlm_models::clip::{ClipConfig, ClipModel};
+use medvlm_models::model_dir::{save_model_dir, varmap_tensors, SaveModelDir};
+use medvlm_models::preprocess::PreprocessConfig;
+use medvlm_models::tokenizer::{Padding, TextTokenizer};
+use medvlm_models::{Family, VisionLanguageModel};
+
+use crate::data::{pixel_tensor, ImageTextBatch, Normalise};
+use crate::losses::{ContrastiveHead, LossKind};
+use crate::optim::NamedVar;
+use crate::train_config::{LossConfig, ScratchModelConfig};
+use crate::trainer::{Result, TrainError, TrainModel};
+
+/// Padding token of [`build_word_tokenizer`] (id 0).
+pub const PAD_TOKEN: &str = "<pad>";
+/// Start-of-text token (id 1).
+pub const BOS_TOKEN: &str = "<|startoftext|>";
+/// Unknown-word token (id 2).
+pub const UNK_TOKEN: &str = "<unk>";
+/// End-of-text token, the pooled position of the CLIP text tower (id 3).
+pub const EOS_TOKEN: &str = "<|endoftext|>";
+
+fn model_err(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Model(e.to_string())
+}
+
+/// Builds a word-level tokenizer from `texts`; see the module documentation. Words are kept
+/// when seen at least `min_count` times; the vocabulary is sorted by frequency, then
+/// alphabetically, so it is deterministic.
+pub fn build_word_tokenizer(texts: &[&str], min_count: usize) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::normalizers::Lowercase;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::PreTokenizer;
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for t in texts {
+        let mut pre = tokenizers::PreTokenizedString::from(t.to_lowercase());
+        Whitespace {}
+            .pre_tokenize(&mut pre)
+            .map_err(|e| model_err(format!("tokenizer: {e}")))?;
+        for (word, _, _) in pre.get_splits(
+            tokenizers::OffsetReferential::Original,
+            tokenizers::OffsetType::Byte,
+        ) {
+            *counts.entry(word.to_string()).or_default() += 1;
+        }
+    }
+    let mut words: Vec<(String, usize)> = counts
+        .into_iter()
+        .filter(|(_, c)| *c >= min_count.max(1))
+        .collect();
+    words.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut vocab: HashMap<String, u32> = HashMap::new();
+    for (i, s) in [PAD_TOKEN, BOS_TOKEN, UNK_TOKEN, EOS_TOKEN]
+        .iter()
+        .enumerate()
+    {
+        vocab.insert(s.to_string(), i as u32);
+    }
+    for (w, _) in words {
+        let id = vocab.len() as u32;
+        vocab.entry(w).or_insert(id);
+    }
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token(UNK_TOKEN.to_string())
+        .build()
+        .map_err(|e| model_err(format!("tokenizer: {e}")))?;
+    let mut tok = tokenizers::Tokenizer::new(model);
+    tok.with_normalizer(Some(Lowercase));
+    tok.with_pre_tokenizer(Some(Whitespace {}));
+    let post = TemplateProcessing::builder()
+        .try_single(format!("{BOS_TOKEN}:0 $A:0 {EOS_TOKEN}:0"))
+        .map_err(|e| model_err(format!("tokenizer template: {e}")))?
+        .special_tokens(vec![(BOS_TOKEN, 1), (EOS_TOKEN, 3)])
+        .build()
+        .map_err(|e| model_err(format!("tokenizer template: {e}")))?;
+    tok.with_post_processor(Some(post));
+    tok.add_special_tokens(&[
+        tokenizers::AddedToken::from(PAD_TOKEN, true),
+        tokenizers::AddedToken::from(BOS_TOKEN, true),
+        tokenizers::AddedToken::from(UNK_TOKEN, true),
+        tokenizers::AddedToken::from(EOS_TOKEN, true),
+    ]);
+    Ok(tok)
+}
+
+/// The HF CLIP config of a from-scratch model (`[model.scratch]`), for a tokenizer of
+/// `vocab_size` tokens (pad 0, BOS 1, EOS 3 as written by [`build_word_tokenizer`]).
+pub fn scratch_clip_config(
+    s: &ScratchModelConfig,
+    vocab_size: usize,
+    image_size: usize,
+    loss: &LossConfig,
+) -> Result<ClipConfig> {
+    if s.family != "clip" {
+        return Err(TrainError::Invalid(format!(
+            "model.scratch.family = {:?}: from-scratch models are CLIP towers; train a CLIP tower with loss.kind = \"siglip\" for the sigmoid loss",
+            s.family
+        )));
+    }
+    if image_size % s.patch_size != 0 {
+        return Err(TrainError::Invalid(format!(
+            "data.image_size {image_size} is not a multiple of model.scratch.patch_size {}",
+            s.patch_size
+        )));
+    }
+    let mut c = ClipConfig::tiny(vocab_size, image_size, s.patch_size);
+    c.projection_dim = s.projection_dim;
+    c.logit_scale_init_value = loss.logit_scale_init();
+    let t = &mut c.text_config;
+    t.hidden_size = s.text_width;
+    t.intermediate_size = s.text_width * s.mlp_ratio;
+    t.num_hidden_layers = s.text_layers;
+    t.num_attention_heads = s.text_heads;
+    t.max_position_embeddings = s.context_length;
+    t.pad_token_id = 0;
+    t.bos_token_id = 1;
+    t.eos_token_id = 3;
+    let v = &mut c.vision_config;
+    v.hidden_size = s.vision_width;
+    v.intermediate_size = s.vision_width * s.mlp_ratio;
+    v.num_hidden_layers = s.vision_layers;
+    v.num_attention_heads = s.vision_heads;
+    c.validate().map_err(TrainError::Invalid)?;
+    Ok(c)
+}
+
+/// A two-tower model under contrastive training.
+pub struct ContrastiveModel {
+    /// The model (its `Var`s live in `varmap`).
+    pub model: Box<dyn VisionLanguageModel>,
+    /// Every parameter of the model, by checkpoint name.
+    pub varmap: VarMap,
+    /// Learnable temperature (and SigLIP bias); replaces the model's `logit_scale`.
+    pub head: ContrastiveHead,
+    /// Tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// `config.json` of the model (written by [`ContrastiveModel::save`]).
+    pub config_json: serde_json::Value,
+    /// Image preprocessing written with the model.
+    pub preprocess: PreprocessConfig,
+    /// Pixel normalisation used in training (from `preprocess`).
+    pub normalise: Normalise,
+    /// Family.
+    pub family: Family,
+}
+
+impl ContrastiveModel {
+    /// A CLIP model initialised at random from `config` (seeded: candle's initialisers draw
+    /// from the CPU device generator, seeded here with `seed`).
+    pub fn scratch(
+        config: &ClipConfig,
+        tokenizer: tokenizers::Tokenizer,
+        loss: &LossConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        let device = Device::Cpu;
+        device.set_seed(seed)?;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        let model = ClipModel::load(vb, config)?;
+        let pad = tokenizer.token_to_id(PAD_TOKEN).unwrap_or(0);
+        let tokenizer = TextTokenizer::from_tokenizer(
+            tokenizer,
+            Path::new("tokenizer.json"),
+            config.text_config.max_position_embeddings,
+            Padding::MaxLength,
+            pad,
+        )
+        .map_err(model_err)?;
+        let head = ContrastiveHead::new(
+            loss.kind,
+            loss.logit_scale_init(),
+            loss.bias_init,
+            loss.learnable_temperature,
+            DType::F32,
+            &device,
+        )?;
+        let preprocess = PreprocessConfig::clip(config.vision_config.image_size);
+        Ok(Self {
+            model: Box::new(model),
+            varmap,
+            head,
+            tokenizer,
+            config_json: serde_json::to_value(config).map_err(model_err)?,
+            normalise: Normalise {
+                mean: preprocess.mean,
+                std: preprocess.std,
+            },
+            preprocess,
+            family: Family::Clip,
+        })
+    }
+
+    /// A pretrained HF CLIP or SigLIP directory loaded for training. The head starts from the
+    /// model's own temperature (and bias). BiomedCLIP (open_clip layout) is refused: its
+    /// directory cannot be written back in the same layout yet.
+    pub fn pretrained(dir: &Path, loss: &LossConfig) -> Result<Self> {
+        let varmap = VarMap::new();
+        let opts = medvlm_models::LoadOptions {
+            mode: medvlm_models::LoadMode::Trainable(varmap.clone()),
+            ..Default::default()
+        };
+        let loaded = medvlm_models::load_model_dir(dir, &opts).map_err(model_err)?;
+        if loaded.family == Family::Biomedclip {
+            return Err(TrainError::Invalid(format!(
+                "{}: BiomedCLIP (open_clip layout) cannot be pretrained further yet; use an HF CLIP or SigLIP directory",
+                dir.display()
+            )));
+        }
+        if matches!(
+            (loaded.family, loss.kind),
+            (Family::Siglip, LossKind::Clip) | (Family::Clip, LossKind::Siglip)
+        ) {
+            tracing::warn!(
+                "training a {} model with the {:?} loss",
+                loaded.family.name(),
+                loss.kind
+            );
+        }
+        let scale: f64 = loaded
+            .model
+            .logit_scale()
+            .to_dtype(DType::F64)?
+            .to_scalar()?;
+        let bias = match loaded.model.logit_bias() {
+            Some(b) => b.to_dtype(DType::F64)?.to_scalar()?,
+            None => loss.bias_init,
+        };
+        let init = if loss.temperature_init.is_some() {
+            loss.logit_scale_init()
+        } else {
+            scale
+        };
+        let head = ContrastiveHead::new(
+            loss.kind,
+            init,
+            bias,
+            loss.learnable_temperature,
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| TrainError::Io {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let config_json = serde_json::from_str(&text).map_err(model_err)?;
+        Ok(Self {
+            normalise: Normalise {
+                mean: loaded.preprocess.mean,
+                std: loaded.preprocess.std,
+            },
+            model: loaded.model,
+            varmap,
+            head,
+            tokenizer: loaded.tokenizer,
+            config_json,
+            preprocess: loaded.preprocess,
+            family: loaded.family,
+        })
+    }
+
+    /// Every model parameter by name (sorted), without the model's own `logit_scale` /
+    /// `logit_bias` (the head's replace them), followed by the head's trainable scalars.
+    pub fn named_vars(&self) -> Vec<NamedVar> {
+        let data = self.varmap.data().lock().map(|d| {
+            let mut v: Vec<NamedVar> = d
+                .iter()
+                .filter(|(k, _)| k.as_str() != "logit_scale" && k.as_str() != "logit_bias")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        });
+        let mut v = data.unwrap_or_default();
+        v.extend(self.head.trainable_vars());
+        v
+    }
+
+    /// Current temperature `T = 1 / exp(logit_scale)`.
+    pub fn temperature(&self) -> Result<f64> {
+        let s: f64 = self
+            .head
+            .logit_scale()
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .to_scalar()?;
+        Ok((-s).exp())
+    }
+
+    /// Writes the model directory (config.json, model.safetensors, tokenizer.json,
+    /// tokenizer_config.json, preprocessor_config.json), each file atomically. The trained
+    /// temperature (and bias) replace the model's `logit_scale` (`logit_bias`).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut tensors = varmap_tensors(&self.varmap).map_err(model_err)?;
+        for (name, var) in self.head.vars() {
+            tensors.insert(name, var.as_tensor().clone());
+        }
+        let processor = match self.family {
+            Family::Siglip => "SiglipImageProcessor",
+            _ => "CLIPImageProcessor",
+        };
+        let pad_token = self
+            .tokenizer
+            .inner()
+            .id_to_token(self.tokenizer.pad_id())
+            .unwrap_or_else(|| PAD_TOKEN.to_string());
+        save_model_dir(
+            dir,
+            &SaveModelDir {
+                config: self.config_json.clone(),
+                tensors: &tensors,
+                tokenizer: self.tokenizer.inner(),
+                pad_token: Some(&pad_token),
+                preprocess: &self.preprocess,
+                processor_type: processor,
+            },
+        )
+        .map_err(model_err)
+    }
+}
+
+impl TrainModel<ImageTextBatch> for ContrastiveModel {
+    fn loss(&mut self, batch: &ImageTextBatch) -> Result<Tensor> {
+        let img = self
+            .model
+            .encode_image(&batch.pixels)
+            .map_err(model_err)?
+            .embeds;
+        let txt = self
+            .model
+            .encode_text(&batch.tokens)
+            .map_err(model_err)?
+            .embeds;
+        Ok(self.head.loss(&img, &txt, None)?)
+    }
+
+    fn after_update(&mut self) -> Result<()> {
+        Ok(self.head.clamp_logit_scale()?)
+    }
+
+    fn log_scalars(&self) -> Result<BTreeMap<String, f64>> {
+        Ok(BTreeMap::from([(
+            "temperature".to_string(),
+            self.temperature()?,
+        )]))
+    }
+}
+
+/// L2-normalised image embeddings `[N, E]` of `planes` (RGB `[0, 1]`, at the model size), in
+/// batches of `batch`.
+pub fn embed_images(m: &ContrastiveModel, planes: &[&Plane], batch: usize) -> Result<Tensor> {
+    let mut out = Vec::new();
+    for chunk in planes.chunks(batch.max(1)) {
+        let px = pixel_tensor(chunk, &m.normalise, &Device::Cpu)?;
+        let e = m
+            .model
+            .encode_image(&px)
+            .map_err(model_err)?
+            .embeds
+            .detach();
+        out.push(crate::losses::l2_normalize(&e)?);
+    }
+    Ok(Tensor::cat(&out, 0)?)
+}
+
+/// L2-normalised text embeddings `[N, E]`.
+pub fn embed_texts(m: &ContrastiveModel, texts: &[&str], batch: usize) -> Result<Tensor> {
+    let mut out = Vec::new();
+    for chunk in texts.chunks(batch.max(1)) {
+        let tok = m
+            .tokenizer
+            .encode_batch(chunk, &Device::Cpu)
+            .map_err(model_err)?;
+        let e = m
+            .model
+            .encode_text(&tok)
+            .map_err(model_err)?
+            .embeds
+            .detach();
+        out.push(crate::losses::l2_normalize(&e)?);
+    }
+    Ok(Tensor::cat(&out, 0)?)
+}
+
+/// Cosine similarities `[N_img, N_txt]` (row-major) of normalised embeddings.
+pub fn similarity(images: &Tensor, texts: &Tensor) -> Result<Vec<f32>> {
+    Ok(images
+        .matmul(&texts.t()?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+/// Zero-shot predictions: for each image, the index of the most similar class prompt.
+pub fn zero_shot(image_embeds: &Tensor, prompt_embeds: &Tensor) -> Result<Vec<usize>> {
+    let k = prompt_embeds.dim(0)?;
+    let sims = similarity(image_embeds, prompt_embeds)?;
+    medvlm_eval::classification::argmax_rows(&sims, k)
+        .map_err(|e| TrainError::Invalid(e.to_string()))
+}
+
+/// Image-text retrieval recall@K in both directions. A query's correct answers are every item
+/// whose text is identical to its own (duplicate reports are common in clinical data), so a
+/// retrieved image with the same report counts as correct.
+pub fn retrieval(
+    image_embeds: &Tensor,
+    text_embeds: &Tensor,
+    texts: &[&str],
+    ks: &[usize],
+) -> Result<medvlm_eval::retrieval::RetrievalReport> {
+    let n = texts.len();
+    let sims = similarity(image_embeds, text_embeds)?;
+    let mut by_text: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, t) in texts.iter().enumerate() {
+        by_text.entry(t).or_default().push(i);
+    }
+    let mut positives = Vec::new();
+    for (i, t) in texts.iter().enumerate() {
+        for &j in &by_text[t] {
+            positives.push((i, j));
+        }
+    }
+    medvlm_eval::retrieval::retrieval_recall(&sims, n, n, &positives, ks)
+        .map_err(|e| TrainError::Invalid(e.to_string()))
+}
