@@ -23,29 +23,26 @@
 //! (LoRA merged into the weights first with [`crate::lora::merge_lora`]) that loads wherever a
 //! hub model does.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use medvlm_models::model_dir::varmap_tensors;
 use medvlm_models::preprocess::PreprocessConfig;
 use medvlm_models::tokenizer::TextTokenizer;
 use medvlm_models::weights::save_safetensors_atomic;
-use medvlm_models::{Family, ModelError, VisionLanguageModel};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use medvlm_models::{Family, ModelError, TokenBatch, VisionLanguageModel};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{apply_lora, set_lora_training, tower_of, LoraSpec};
 use crate::losses::{ContrastiveHead, LossError};
-use crate::optim::{
-    block_index, last_k_blocks, AdamW, AdamWConfig, GradAccumulator, NamedVar, OptimError,
-    WeightDecayRule,
-};
-use crate::schedule::WarmupCosine;
+use crate::optim::{block_index, last_k_blocks, NamedVar, OptimError};
 use crate::train_config::{FinetuneMode, FreezeMode, TrainConfig};
+use crate::trainer::{
+    train, BatchSource, Callbacks, LoopConfig, Result as TrainResult, RunPaths, TrainError,
+    TrainModel, TrainSummary,
+};
 
 /// Why fine-tuning could not be set up or run.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +77,9 @@ pub enum FinetuneError {
     /// A loss problem.
     #[error(transparent)]
     Loss(#[from] LossError),
+    /// The training loop failed.
+    #[error(transparent)]
+    Train(#[from] TrainError),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -413,90 +413,9 @@ pub fn prepare(
     })
 }
 
-/// Settings of [`train_contrastive`] (from `[data]` and `[optim]`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoopSettings {
-    /// Pairs per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimiser update.
-    pub grad_accum: usize,
-    /// Passes over the data.
-    pub epochs: u64,
-    /// Optional cap on updates.
-    pub max_steps: Option<u64>,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Final learning rate.
-    pub min_lr: f64,
-    /// Linear warm-up updates.
-    pub warmup_steps: u64,
-    /// AdamW settings.
-    pub adamw: AdamWConfig,
-    /// Global gradient-norm clip.
-    pub clip_norm: Option<f64>,
-    /// Seed of the data order.
-    pub seed: u64,
-}
-
-impl LoopSettings {
-    /// From a training configuration.
-    pub fn from_config(cfg: &TrainConfig) -> Self {
-        let o = &cfg.optim;
-        Self {
-            batch_size: cfg.data.batch_size,
-            grad_accum: o.grad_accum,
-            epochs: o.epochs,
-            max_steps: o.max_steps,
-            lr: o.lr,
-            min_lr: o.min_lr,
-            warmup_steps: o.warmup_steps,
-            adamw: AdamWConfig {
-                beta1: o.betas[0],
-                beta2: o.betas[1],
-                eps: o.eps,
-                weight_decay: o.weight_decay,
-            },
-            clip_norm: o.clip_norm,
-            seed: cfg.seed,
-        }
-    }
-
-    /// Number of optimiser updates a run over `n` pairs makes.
-    pub fn total_steps(&self, n: usize) -> u64 {
-        let per_update = self.batch_size * self.grad_accum;
-        let per_epoch = n.div_ceil(per_update.max(1)) as u64;
-        let all = per_epoch * self.epochs;
-        self.max_steps.map_or(all, |m| m.min(all))
-    }
-}
-
-/// One optimiser update of [`train_contrastive`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepLog {
-    /// Update index (0-based).
-    pub step: u64,
-    /// Epoch (0-based).
-    pub epoch: u64,
-    /// Mean loss over the update's micro-batches.
-    pub loss: f64,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-}
-
-/// What a run did.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct TrainSummary {
-    /// Every update.
-    pub steps: Vec<StepLog>,
-    /// Pairs left out because they would have formed a micro-batch of one (a contrastive
-    /// loss needs at least two pairs), summed over epochs.
-    pub skipped_singletons: usize,
-}
-
 /// Preprocessed image-text pairs: images as `3 * H * W` floats (see
-/// [`PreprocessConfig::batch`]) and their texts.
+/// [`PreprocessConfig::batch`], the model's own preprocessing as `medvlm embed` applies it)
+/// and their texts.
 #[derive(Debug, Clone, Default)]
 pub struct PairData {
     /// Preprocessed images.
@@ -505,14 +424,104 @@ pub struct PairData {
     pub texts: Vec<String>,
 }
 
-/// Fine-tunes `params` of `model` with the contrastive loss of `head` on `data`: AdamW
-/// (decay rule [`WeightDecayRule::default`]), warm-up + cosine schedule, optional gradient
-/// clipping and accumulation, seeded shuffling each epoch. LoRA dropout is on during the run
-/// and off afterwards. The head's learnable scalars are trained with the parameters and, at the
-/// end, written into `base` (`logit_scale`, `logit_bias`) where the model has them, so an export
-/// keeps the tuned temperature. `on_step` sees every update.
+/// A batch of [`PairBatches`].
+#[derive(Debug)]
+pub struct PairBatch {
+    /// `[B, 3, H, W]` pixels in the model's dtype.
+    pub pixels: Tensor,
+    /// Tokenised texts.
+    pub tokens: TokenBatch,
+}
+
+/// [`BatchSource`] over [`PairData`] for [`crate::trainer::train`] (no augmentation: the
+/// images are used as preprocessed).
+pub struct PairBatches<'a> {
+    /// The pairs.
+    pub data: &'a PairData,
+    /// The model's tokenizer.
+    pub tokenizer: &'a TextTokenizer,
+    /// The model's preprocessing (for the output size).
+    pub preprocess: &'a PreprocessConfig,
+    /// Compute device.
+    pub device: Device,
+    /// Compute dtype.
+    pub dtype: DType,
+}
+
+impl BatchSource for PairBatches<'_> {
+    type Batch = PairBatch;
+    fn len(&self) -> usize {
+        self.data.images.len()
+    }
+    fn load(&self, indices: &[usize], _epoch: u64) -> TrainResult<PairBatch> {
+        let imgs: Vec<Vec<f32>> = indices
+            .iter()
+            .map(|&i| self.data.images[i].clone())
+            .collect();
+        let texts: Vec<&str> = indices
+            .iter()
+            .map(|&i| self.data.texts[i].as_str())
+            .collect();
+        let model_err = |e: ModelError| TrainError::Data(e.to_string());
+        let pixels = self
+            .preprocess
+            .batch(&imgs, &self.device)
+            .map_err(model_err)?
+            .to_dtype(self.dtype)?;
+        let tokens = self
+            .tokenizer
+            .encode_batch(&texts, &self.device)
+            .map_err(model_err)?;
+        Ok(PairBatch { pixels, tokens })
+    }
+}
+
+/// A model under contrastive fine-tuning: the encoders (with any LoRA adapters) and the loss
+/// head. Implements [`TrainModel`] for the shared loop.
+pub struct ContrastiveTuning<'a> {
+    /// The model.
+    pub model: &'a dyn VisionLanguageModel,
+    /// Loss and temperature.
+    pub head: &'a ContrastiveHead,
+}
+
+impl TrainModel<PairBatch> for ContrastiveTuning<'_> {
+    fn loss(&mut self, batch: &PairBatch) -> TrainResult<Tensor> {
+        let model_err = |e: ModelError| TrainError::Model(e.to_string());
+        let img = self
+            .model
+            .encode_image(&batch.pixels)
+            .map_err(model_err)?
+            .embeds;
+        let txt = self
+            .model
+            .encode_text(&batch.tokens)
+            .map_err(model_err)?
+            .embeds;
+        Ok(self.head.loss(&img, &txt, None)?)
+    }
+    fn after_update(&mut self) -> TrainResult<()> {
+        Ok(self.head.clamp_logit_scale()?)
+    }
+    fn log_scalars(&self) -> TrainResult<BTreeMap<String, f64>> {
+        let s = self
+            .head
+            .logit_scale()
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        Ok(BTreeMap::from([("temperature".to_string(), (-s).exp())]))
+    }
+}
+
+/// Fine-tunes `params` of `model` with the contrastive loss of `head` on `data`, through the
+/// shared loop [`crate::trainer::train`] (AdamW, warm-up + cosine, accumulation, clipping,
+/// checkpoints in `paths`, exact resume). The head's learnable scalars are trained with the
+/// parameters (checkpoint names `logit_scale`, `logit_bias`) and, at the end, written into
+/// `base` where the model has them, so an export keeps the tuned temperature. LoRA dropout is
+/// on during the run and off afterwards.
 #[allow(clippy::too_many_arguments)]
-pub fn train_contrastive(
+pub fn train_contrastive<C: for<'m> Callbacks<ContrastiveTuning<'m>>>(
     model: &dyn VisionLanguageModel,
     tokenizer: &TextTokenizer,
     preprocess: &PreprocessConfig,
@@ -520,97 +529,45 @@ pub fn train_contrastive(
     params: &[NamedVar],
     head: &ContrastiveHead,
     base: Option<&VarMap>,
-    settings: &LoopSettings,
-    mut on_step: impl FnMut(&StepLog),
+    loop_cfg: &LoopConfig,
+    paths: &RunPaths,
+    resume: bool,
+    config_hash: &str,
+    callbacks: &mut C,
 ) -> Result<TrainSummary> {
-    let n = data.images.len();
-    if n != data.texts.len() {
+    if data.images.len() != data.texts.len() {
         return Err(setting(
             "data.manifest",
-            format!("{n} images but {} texts", data.texts.len()),
-        ));
-    }
-    if n < 2 {
-        return Err(setting(
-            "data.manifest",
-            format!("a contrastive loss needs at least 2 image-text pairs, got {n}"),
-        ));
-    }
-    if settings.batch_size < 2 {
-        return Err(setting(
-            "data.batch_size",
-            "a contrastive loss needs at least 2 pairs per batch",
+            format!(
+                "{} images but {} texts",
+                data.images.len(),
+                data.texts.len()
+            ),
         ));
     }
     let mut all = params.to_vec();
     all.extend(head.trainable_vars());
-    let mut opt = AdamW::new(all.clone(), settings.adamw, &WeightDecayRule::default())?;
-    let total = settings.total_steps(n);
-    let sched = WarmupCosine {
-        base_lr: settings.lr,
-        warmup_steps: settings.warmup_steps.min(total.saturating_sub(1)),
-        total_steps: total,
-        min_lr: settings.min_lr,
+    let source = PairBatches {
+        data,
+        tokenizer,
+        preprocess,
+        device: model.device().clone(),
+        dtype: model.dtype(),
     };
-    let device = model.device().clone();
-    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
-    let mut summary = TrainSummary::default();
-    let mut step = 0u64;
+    let mut tuning = ContrastiveTuning { model, head };
     set_lora_training(model, true);
-    let result = (|| -> Result<()> {
-        'epochs: for epoch in 0..settings.epochs {
-            let mut order: Vec<usize> = (0..n).collect();
-            order.shuffle(&mut rng);
-            let batches: Vec<&[usize]> = order.chunks(settings.batch_size).collect();
-            for update in batches.chunks(settings.grad_accum) {
-                if settings.max_steps.is_some_and(|m| step >= m) {
-                    break 'epochs;
-                }
-                let mut acc = GradAccumulator::new();
-                let mut loss_sum = 0.0;
-                for idx in update {
-                    if idx.len() < 2 {
-                        summary.skipped_singletons += idx.len();
-                        continue;
-                    }
-                    let imgs: Vec<Vec<f32>> = idx.iter().map(|&i| data.images[i].clone()).collect();
-                    let texts: Vec<&str> = idx.iter().map(|&i| data.texts[i].as_str()).collect();
-                    let px = preprocess.batch(&imgs, &device)?.to_dtype(model.dtype())?;
-                    let tokens = tokenizer.encode_batch(&texts, &device)?;
-                    let img = model.encode_image(&px)?.embeds;
-                    let txt = model.encode_text(&tokens)?.embeds;
-                    let loss = head.loss(&img, &txt, None)?;
-                    loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-                    acc.add(&loss.backward()?, &all)?;
-                }
-                let micro = acc.micro_batches();
-                if micro == 0 {
-                    continue;
-                }
-                let mut grads = acc.finish()?;
-                let grad_norm = match settings.clip_norm {
-                    Some(c) => grads.clip_global_norm(c)?,
-                    None => grads.global_norm()?,
-                };
-                let lr = sched.lr(step);
-                opt.step(&grads, lr)?;
-                head.clamp_logit_scale()?;
-                let log = StepLog {
-                    step,
-                    epoch,
-                    loss: loss_sum / micro as f64,
-                    lr,
-                    grad_norm,
-                };
-                on_step(&log);
-                summary.steps.push(log);
-                step += 1;
-            }
-        }
-        Ok(())
-    })();
+    let result = train(
+        all,
+        &mut tuning,
+        &source,
+        loop_cfg,
+        paths,
+        resume,
+        config_hash,
+        callbacks,
+    );
     set_lora_training(model, false);
-    result?;
+    let summary = result?;
     if let Some(vm) = base {
         write_head_back(head, vm)?;
     }

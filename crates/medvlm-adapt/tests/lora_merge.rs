@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use medvlm_adapt::finetune::{
-    export_model_dir, prepare, snapshot, train_contrastive, FinetuneError, FinetuneSpec,
-    LoopSettings, Mode, PairData, Towers,
+    export_model_dir, prepare, snapshot, train_contrastive, FinetuneError, FinetuneSpec, Mode,
+    PairData, Towers,
 };
 use medvlm_adapt::lora::{lora_adapters, merge_lora, set_lora_training, LoraSpec};
 use medvlm_adapt::losses::{ContrastiveHead, LossKind};
 use medvlm_adapt::optim::{AdamWConfig, NamedVar};
+use medvlm_adapt::trainer::{LoopConfig, NoCallbacks, RunPaths};
 use medvlm_models::{load_model_dir, LoadMode, LoadOptions, LoadedModel};
 use rand::{Rng, SeedableRng};
 
@@ -52,12 +53,14 @@ fn pairs(n: usize, seed: u64) -> PairData {
     }
 }
 
-fn settings(steps: u64) -> LoopSettings {
-    LoopSettings {
-        batch_size: 4,
-        grad_accum: 1,
+fn settings(steps: u64) -> LoopConfig {
+    LoopConfig {
+        seed: 3,
         epochs: 100,
         max_steps: Some(steps),
+        batch_size: 4,
+        grad_accum: 1,
+        clip_norm: Some(1.0),
         lr: 1e-2,
         min_lr: 0.0,
         warmup_steps: 0,
@@ -65,8 +68,16 @@ fn settings(steps: u64) -> LoopSettings {
             weight_decay: 0.1,
             ..AdamWConfig::default()
         },
-        clip_norm: Some(1.0),
-        seed: 3,
+        checkpoint_every: 1000,
+        keep: 1,
+        prefetch: 1,
+    }
+}
+
+fn run_paths(dir: &std::path::Path) -> RunPaths {
+    RunPaths {
+        checkpoints: dir.join("checkpoints"),
+        log: dir.join("train.jsonl"),
     }
 }
 
@@ -169,6 +180,7 @@ fn lora_rank_r_trains_only_its_parameters_and_merges_exactly() {
     let base_before = snapshot(&base_vars(&vm)).unwrap();
     let lora_before = snapshot(&prep.params).unwrap();
     let h = head(&lm, false);
+    let run = tempfile::tempdir().unwrap();
     let summary = train_contrastive(
         lm.model.as_ref(),
         &lm.tokenizer,
@@ -178,11 +190,15 @@ fn lora_rank_r_trains_only_its_parameters_and_merges_exactly() {
         &h,
         Some(&vm),
         &settings(4),
-        |_| {},
+        &run_paths(run.path()),
+        false,
+        "lora-test",
+        &mut NoCallbacks,
     )
     .unwrap();
-    assert_eq!(summary.steps.len(), 4);
-    assert!(summary.steps.iter().all(|s| s.loss.is_finite()));
+    assert_eq!(summary.steps, 4);
+    assert_eq!(summary.records.len(), 4);
+    assert!(summary.records.iter().all(|s| s.loss.is_finite()));
 
     // Base weights are bit-identical; every adapter matrix moved.
     for ((name, before), (_, var)) in base_before.iter().zip(base_vars(&vm).iter()) {
