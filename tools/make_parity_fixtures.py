@@ -2,7 +2,7 @@
 """Make tiny random-weight CLIP and SigLIP parity fixtures for medvlm-models.
 
 Needs: pip install torch transformers tokenizers safetensors pillow numpy
-(made with torch 2.x, transformers 5.x, tokenizers 0.22).
+(made with torch 2.15, transformers 5.24, tokenizers 0.23).
 
 For each family it writes, under crates/medvlm-models/tests/fixtures/{clip,siglip}/:
   config.json, model.safetensors (f32), pytorch_model.bin (torch.save of the

@@ -326,3 +326,63 @@ fn bad_model_or_inputs_fail_cleanly() {
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("models--nobody--nothing"), "{err}");
 }
+
+#[test]
+fn embed_reads_dicom_with_and_without_extension() {
+    let d = tempfile::tempdir().unwrap();
+    let (rows, cols) = (40usize, 36usize);
+    let px: Vec<u16> = (0..rows * cols)
+        .map(|i| ((i % cols) * 30 + (i / cols) * 7) as u16)
+        .collect();
+    let meta = medvlm_io::dicom::ScMetadata {
+        modality: Some("CT".into()),
+        window: Some((500.0, 800.0)),
+        ..Default::default()
+    };
+    medvlm_io::dicom::write_secondary_capture(&d.path().join("a.dcm"), &px, rows, cols, &meta)
+        .unwrap();
+    std::fs::copy(d.path().join("a.dcm"), d.path().join("b_noext")).unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("e.safetensors");
+    let res = medvlm(&[
+        "embed",
+        "--model",
+        s(&fixture("clip")),
+        "--images",
+        s(d.path()),
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let t = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let e: Vec<Vec<f32>> = t["image_embeds"].to_vec2().unwrap();
+    assert_eq!(e.len(), 2);
+    assert_eq!(e[0], e[1], "same DICOM with and without extension");
+
+    // The file's window (centre 500, width 800) is applied before the model,
+    // with the DICOM linear VOI function (PS3.3 C.11.2.1.2.1).
+    let m = medvlm_models::load_model(s(&fixture("clip")), &LoadOptions::default()).unwrap();
+    let (c, w) = (500f64, 800f64);
+    let windowed: Vec<f32> = px
+        .iter()
+        .map(|&v| (((v as f64 - (c - 0.5)) / (w - 1.0) + 0.5).clamp(0.0, 1.0)) as f32)
+        .collect();
+    let pre = m.preprocess.apply_array(&windowed, rows, cols, 1).unwrap();
+    let want = m
+        .model
+        .encode_image(&m.preprocess.batch(&[pre], &Device::Cpu).unwrap())
+        .unwrap()
+        .embeds
+        .to_vec2::<f32>()
+        .unwrap();
+    let diff = e[0]
+        .iter()
+        .zip(&want[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "{diff}");
+}
