@@ -31,7 +31,7 @@ use medvlm_models::{Family, VisionLanguageModel};
 use crate::data::{pixel_tensor, ImageTextBatch, Normalise};
 use crate::losses::{ContrastiveHead, LossKind};
 use crate::optim::NamedVar;
-use crate::train_config::{LossConfig, ScratchModelConfig};
+use crate::train_config::{LossConfig, ScratchModelConfig, TrainConfig};
 use crate::trainer::{Result, TrainError, TrainModel};
 
 /// Padding token of [`build_word_tokenizer`] (id 0).
@@ -449,4 +449,136 @@ pub fn retrieval(
     }
     medvlm_eval::retrieval::retrieval_recall(&sims, n, n, &positives, ks)
         .map_err(|e| TrainError::Invalid(e.to_string()))
+}
+
+/// `model.scratch.tokenizer` value that builds a word-level tokenizer from the training texts
+/// ([`build_word_tokenizer`], words seen at least twice).
+pub const BUILD_WORDS: &str = "build:words";
+
+fn bad(reason: impl Into<String>) -> TrainError {
+    TrainError::Invalid(reason.into())
+}
+
+/// Applies `KEY=VALUE` overrides (dotted keys; the value is parsed as TOML, and a bare word
+/// that is not valid TOML is taken as a string).
+pub fn apply_overrides(doc: &mut toml::Table, overrides: &[String]) -> Result<()> {
+    for o in overrides {
+        let (key, value) = o
+            .split_once('=')
+            .ok_or_else(|| bad(format!("--set {o:?}: expected KEY=VALUE")))?;
+        let key = key.trim();
+        let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+            Ok(mut t) => t
+                .remove("v")
+                .ok_or_else(|| bad(format!("--set {o:?}: no value")))?,
+            Err(_) => toml::Value::String(value.to_string()),
+        };
+        let parts: Vec<&str> = key.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(bad(format!("--set {o:?}: empty key component")));
+        }
+        let mut table = &mut *doc;
+        for p in &parts[..parts.len() - 1] {
+            let entry = table
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry
+                .as_table_mut()
+                .ok_or_else(|| bad(format!("--set {key}: {p} is not a table")))?;
+        }
+        table.insert(parts[parts.len() - 1].to_string(), parsed);
+    }
+    Ok(())
+}
+
+fn resolve(base: &Path, p: &Path) -> std::path::PathBuf {
+    if p.is_absolute() || p.as_os_str() == BUILD_WORDS {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Reads the config file, applies `overrides`, validates it for `command` (unknown keys and
+/// out-of-range values are errors naming the key) and makes relative paths relative to the
+/// config file's directory.
+pub fn load_pretrain_config(
+    path: &Path,
+    overrides: &[String],
+    command: crate::train_config::Command,
+) -> Result<TrainConfig> {
+    use crate::train_config::ConfigError;
+    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut doc: toml::Table = toml::from_str(&text).map_err(|e| {
+        TrainError::Config(ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    })?;
+    apply_overrides(&mut doc, overrides)?;
+    let text = toml::to_string(&doc).map_err(|e| bad(e.to_string()))?;
+    let mut cfg = TrainConfig::from_toml_str(&text, path)?;
+    cfg.validate(command)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    cfg.output_dir = resolve(base, &cfg.output_dir);
+    cfg.data.manifest = resolve(base, &cfg.data.manifest);
+    cfg.data.val_manifest = cfg.data.val_manifest.as_ref().map(|p| resolve(base, p));
+    if let Some(s) = &mut cfg.model.scratch {
+        s.tokenizer = resolve(base, &s.tokenizer);
+    }
+    if let Some(src) = &cfg.model.source {
+        let p = Path::new(src);
+        if !p.is_absolute() && base.join(p).is_dir() {
+            cfg.model.source = Some(base.join(p).to_string_lossy().into_owned());
+        }
+    }
+    Ok(cfg)
+}
+
+/// The configuration as TOML (written beside the run as `config.resolved.toml`).
+pub fn config_toml(cfg: &TrainConfig) -> Result<String> {
+    toml::to_string(cfg).map_err(|e| bad(e.to_string()))
+}
+
+/// Builds the model `cfg` asks for: from scratch (`[model.scratch]`, tokenizer from its file or
+/// built from `train_texts` with [`BUILD_WORDS`]) or a pretrained directory / hub-cache source
+/// (`model.source`, whose input size must equal `data.image_size`).
+pub fn build_model(cfg: &TrainConfig, train_texts: &[&str]) -> Result<ContrastiveModel> {
+    if let Some(s) = &cfg.model.scratch {
+        let tok = if s.tokenizer.as_os_str() == BUILD_WORDS {
+            build_word_tokenizer(train_texts, 2)?
+        } else {
+            tokenizers::Tokenizer::from_file(&s.tokenizer).map_err(|e| {
+                bad(format!(
+                    "model.scratch.tokenizer {}: {e} (or set it to \"{BUILD_WORDS}\" to build one from the training texts)",
+                    s.tokenizer.display()
+                ))
+            })?
+        };
+        let vocab = tok.get_vocab_size(true);
+        let clip = scratch_clip_config(s, vocab, cfg.data.image_size, &cfg.loss)?;
+        ContrastiveModel::scratch(&clip, tok, &cfg.loss, cfg.seed)
+    } else {
+        let src = cfg
+            .model
+            .source
+            .as_deref()
+            .ok_or_else(|| bad("model.source is not set"))?;
+        let dir = medvlm_models::source::ModelSource::parse(src)
+            .and_then(|s| s.resolve())
+            .map_err(|e| bad(format!("model.source {src:?}: {e}")))?;
+        let m = ContrastiveModel::pretrained(&dir, &cfg.loss)?;
+        let size = m.model.image_size();
+        if size != cfg.data.image_size {
+            return Err(bad(format!(
+                "data.image_size = {} but the model {} takes {size} px images; set data.image_size = {size}",
+                cfg.data.image_size,
+                dir.display()
+            )));
+        }
+        Ok(m)
+    }
 }

@@ -48,6 +48,9 @@ pub enum TrainError {
     /// Loss error.
     #[error(transparent)]
     Loss(#[from] crate::losses::LossError),
+    /// Configuration error (names the key).
+    #[error(transparent)]
+    Config(#[from] crate::train_config::ConfigError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
