@@ -183,3 +183,27 @@ fn hub_cache_resolution_and_presets() {
     assert!(ModelSource::parse("hf:justone").is_err());
     assert!(ModelSource::parse("/no/such/dir/or/preset").is_err());
 }
+
+#[test]
+fn biomedclip_layout_loads_through_the_common_path() {
+    // Fixture made by tools/make_biomedclip_fixture.py (open_clip reference).
+    let dir = fixture("biomedclip");
+    let m = load_model(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(m.family, Family::Biomedclip);
+    assert_eq!(m.tokenizer.context_length(), 16);
+    assert_eq!(m.preprocess.output_size(), Some((32, 32)));
+    let texts: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("texts.json")).unwrap()).unwrap();
+    let tokens = m.tokenizer.encode_batch(&texts, &Device::Cpu).unwrap();
+    let exp = load_st(dir.join("expected.safetensors"));
+    let want_ids: Vec<Vec<u32>> = exp["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    assert_eq!(tokens.input_ids.to_vec2::<u32>().unwrap(), want_ids);
+    let t = m.model.encode_text(&tokens).unwrap().embeds;
+    assert_close("biomedclip text", &t, &exp["text_features"], 1e-4);
+    let i = m.model.encode_image(&exp["pixel_values"]).unwrap().embeds;
+    assert_close("biomedclip image", &i, &exp["image_features"], 1e-4);
+}
