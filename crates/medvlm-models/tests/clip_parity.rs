@@ -307,3 +307,63 @@ fn clip_visual_prompts_extend_the_sequence() {
     let out1 = model.encode_image_with(&px, Some(&deep1)).unwrap();
     assert!(max_abs_diff(&out1.embeds, &out.embeds) > 1e-3);
 }
+
+#[test]
+fn clip_extension_points_are_differentiable() {
+    // Frozen backbone; only the prompt vectors and the LoRA factors are Vars.
+    let mut model = load("model.safetensors", &LoadMode::Frozen);
+    let (px, tokens) = inputs("clip");
+    let dev = Device::Cpu;
+    let ctx = candle_core::Var::randn(0f32, 0.5, (2, 32), &dev).unwrap();
+    let vpt = candle_core::Var::randn(0f32, 0.5, (3, 32), &dev).unwrap();
+    let a = candle_core::Var::randn(0f32, 0.1, (2, 32), &dev).unwrap();
+    let b = candle_core::Var::randn(0f32, 0.1, (64, 2), &dev).unwrap(); // fc1: 32 -> 64
+    model
+        .wrap_linear(
+            "vision_model.encoder.layers.0.mlp.fc1",
+            Arc::new(LowRank {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+            }),
+        )
+        .unwrap();
+    let txt = model
+        .encode_text_with(
+            &tokens,
+            Some(&TextPrompt {
+                positions: vec![1, 2],
+                vectors: ctx.as_tensor().clone(),
+            }),
+        )
+        .unwrap();
+    let img = model
+        .encode_image_with(
+            &px,
+            Some(&VisualPrompts {
+                shallow: Some(vpt.as_tensor().clone()),
+                deep: vec![],
+            }),
+        )
+        .unwrap();
+    let loss = model
+        .logits_per_image(&img.embeds, &txt.embeds)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, v) in [("ctx", &ctx), ("vpt", &vpt), ("lora A", &a), ("lora B", &b)] {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let n = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0, "{name}: zero gradient");
+    }
+}
