@@ -386,3 +386,55 @@ fn embed_reads_dicom_with_and_without_extension() {
         .fold(0f32, f32::max);
     assert!(diff < 1e-4, "{diff}");
 }
+
+#[test]
+fn embed_follows_manifest_order() {
+    let imgs = image_dir("clip", false);
+    let manifest = imgs.path().join("m.jsonl");
+    std::fs::write(
+        &manifest,
+        "{\"image\": \"b_grey.png\", \"label\": \"x\"}\n{\"image\": \"a_rgb.png\", \"label\": \"y\"}\n",
+    )
+    .unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("sub").join("e.safetensors");
+    let res = medvlm(&[
+        "embed",
+        "--model",
+        s(&fixture("clip")),
+        "--images",
+        s(&manifest),
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let side: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
+    let images: Vec<String> = serde_json::from_value(side["images"].clone()).unwrap();
+    assert!(images[0].ends_with("b_grey.png") && images[1].ends_with("a_rgb.png"));
+    // Rows follow the manifest: row 0 is the grey image of the directory run's row 1.
+    let dir_out = out_dir.path().join("d.safetensors");
+    let res = medvlm(&[
+        "embed",
+        "--model",
+        s(&fixture("clip")),
+        "--images",
+        s(imgs.path()),
+        "--out",
+        s(&dir_out),
+    ]);
+    assert!(res.status.success());
+    let a = candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["image_embeds"]
+        .to_vec2::<f32>()
+        .unwrap();
+    let b = candle_core::safetensors::load(&dir_out, &Device::Cpu).unwrap()["image_embeds"]
+        .to_vec2::<f32>()
+        .unwrap();
+    let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-5);
+    assert!(close(&a[0], &b[1]) && close(&a[1], &b[0]));
+    assert!(!close(&a[0], &b[0]));
+}
