@@ -151,6 +151,53 @@ pub fn scratch_clip_config(
     Ok(c)
 }
 
+/// Re-initialises every parameter of `varmap` from ChaCha8 streams seeded by `seed` and the
+/// parameter name, because candle's CPU initialisers cannot be seeded: norms keep their
+/// constant initialisation (weight 1, bias 0), other biases are 0, embeddings and the class
+/// token are N(0, 0.02^2) (as in CLIP), and the other weights N(0, 1/fan_in) (fan_in = product
+/// of all but the first dimension).
+pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| model_err("VarMap lock poisoned"))?;
+    for (name, var) in data.iter() {
+        let lower = name.to_lowercase();
+        if lower.contains("norm") || name == "logit_scale" || name == "logit_bias" {
+            continue;
+        }
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let std = if lower.ends_with("bias") {
+            0.0
+        } else if lower.contains("embedding") || dims.len() < 2 {
+            0.02
+        } else {
+            let fan_in: usize = dims[1..].iter().product();
+            1.0 / (fan_in.max(1) as f64).sqrt()
+        };
+        let digest = crate::checkpoint::sha256_hex(name.as_bytes());
+        let stream = u64::from_str_radix(&digest[..16], 16).unwrap_or(0);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                if std == 0.0 {
+                    return 0.0;
+                }
+                // Box-Muller.
+                let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                let u2: f64 = rng.random();
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+            })
+            .collect();
+        let t = Tensor::from_vec(values, dims, var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
 /// A two-tower model under contrastive training.
 pub struct ContrastiveModel {
     /// The model (its `Var`s live in `varmap`).
@@ -181,10 +228,10 @@ impl ContrastiveModel {
         seed: u64,
     ) -> Result<Self> {
         let device = Device::Cpu;
-        device.set_seed(seed)?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let model = ClipModel::load(vb, config)?;
+        seeded_init(&varmap, seed)?;
         let pad = tokenizer.token_to_id(PAD_TOKEN).unwrap_or(0);
         let tokenizer = TextTokenizer::from_tokenizer(
             tokenizer,

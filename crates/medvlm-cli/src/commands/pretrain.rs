@@ -328,6 +328,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let summary = train_and_save(&cfg, &mut model, &train, args.resume, &mut cb)?;
     cb.bar.finish_and_clear();
+    if args.resume {
+        println!("resumed from step {}", summary.start_step);
+    }
     println!(
         "trained {} updates ({} epochs), final loss {}; model: {}",
         summary.steps,

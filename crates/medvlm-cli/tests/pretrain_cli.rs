@@ -1,0 +1,266 @@
+//! End-to-end tests of `medvlm pretrain`: kill-and-resume gives bit-identical weights, the
+//! output loads in `medvlm zero-shot`, and bad configurations fail before training.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn medvlm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_medvlm"))
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stderr_of_failure(out: Output) -> String {
+    assert!(!out.status.success(), "expected a failure");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A small phantom data set (64 studies at 32 px) in `dir/ph`.
+fn phantoms(dir: &Path) -> PathBuf {
+    let ph = dir.join("ph");
+    ok(medvlm()
+        .args([
+            "phantoms", "generate", "--n", "64", "--size", "32", "--seed", "5",
+        ])
+        .args(["--max-findings", "1", "--out"])
+        .arg(&ph)
+        .output()
+        .unwrap());
+    ph
+}
+
+/// A tiny from-scratch config: 1-layer towers of width 32, 32 px images, batch 8,
+/// 3 epochs, a checkpoint every 2 updates.
+fn tiny_config(dir: &Path, name: &str, out: &str, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"seed = 11
+output_dir = "{out}"
+[model.scratch]
+tokenizer = "build:words"
+projection_dim = 32
+vision_width = 32
+vision_layers = 1
+text_width = 32
+text_layers = 1
+context_length = 48
+[data]
+manifest = "ph/train.jsonl"
+val_manifest = "ph/val.jsonl"
+image_size = 32
+batch_size = 8
+[data.augment]
+crop_scale = [0.8, 1.0]
+brightness = 0.1
+[optim]
+epochs = 3
+warmup_steps = 2
+lr = 1e-3
+[checkpoint]
+every_n_steps = 2
+keep = 2
+{extra}"#
+    );
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn killed_and_resumed_run_ends_with_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    phantoms(dir);
+
+    // Uninterrupted reference run.
+    let cfg_a = tiny_config(dir, "a.toml", "run_a", "");
+    ok(medvlm()
+        .arg("pretrain")
+        .arg("--config")
+        .arg(&cfg_a)
+        .output()
+        .unwrap());
+    let model_a = dir.join("run_a/model/model.safetensors");
+    assert!(model_a.is_file());
+
+    // Same run, killed with SIGKILL after its first checkpoint.
+    let cfg_b = tiny_config(dir, "b.toml", "run_b", "");
+    let mut child = medvlm()
+        .arg("pretrain")
+        .arg("--config")
+        .arg(&cfg_b)
+        .args(["--throttle-ms", "150"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let latest = dir.join("run_b/checkpoints/latest");
+    let start = Instant::now();
+    while !latest.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first checkpoint"
+        );
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL on Unix
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the run was not killed: {status:?}");
+    assert!(
+        !dir.join("run_b/model").exists(),
+        "the run finished before it was killed"
+    );
+    let checkpoint_step = std::fs::read_to_string(&latest).unwrap();
+    assert!(checkpoint_step.starts_with("step-"), "{checkpoint_step}");
+
+    // Resume to the end.
+    let out = ok(medvlm()
+        .arg("pretrain")
+        .arg("--config")
+        .arg(&cfg_b)
+        .arg("--resume")
+        .output()
+        .unwrap());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"));
+    // It really continued from the checkpoint rather than starting over.
+    let killed_at: u64 = checkpoint_step.trim()["step-".len()..].parse().unwrap();
+    assert!(killed_at >= 2);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("resumed from step {killed_at}\n")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let model_b = dir.join("run_b/model/model.safetensors");
+    assert!(
+        read(&model_a) == read(&model_b),
+        "resumed weights differ from the uninterrupted run"
+    );
+    // The resumed log (losses, learning rates, temperatures, validation metrics) equals
+    // the uninterrupted one line for line.
+    let log_a = String::from_utf8(read(&dir.join("run_a/train_log.jsonl"))).unwrap();
+    let log_b = String::from_utf8(read(&dir.join("run_b/train_log.jsonl"))).unwrap();
+    assert_eq!(log_a, log_b);
+    let updates = log_a.lines().filter(|l| l.contains("\"loss\"")).count();
+    let n_train = String::from_utf8(read(&dir.join("ph/train.jsonl")))
+        .unwrap()
+        .lines()
+        .count();
+    assert!(n_train >= 16, "{n_train} training studies");
+    assert_eq!(updates, 3 * (n_train / 8), "{log_a}"); // 3 epochs of full batches
+    let vals: Vec<serde_json::Value> = log_a
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("val").is_some())
+        .collect();
+    assert_eq!(vals.len(), 3);
+    for v in &vals {
+        for key in [
+            "zero_shot_accuracy",
+            "text_to_image_recall@1",
+            "text_to_image_recall@5",
+            "text_to_image_recall@10",
+        ] {
+            assert!(v["val"][key].is_number(), "{key} missing in {v}");
+        }
+    }
+
+    // A different configuration cannot resume this run.
+    let err = stderr_of_failure(
+        medvlm()
+            .arg("pretrain")
+            .arg("--config")
+            .arg(&cfg_b)
+            .args(["--resume", "--set", "optim.lr=2e-3"])
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("config"), "{err}");
+
+    // The trained model loads anywhere a hub model does.
+    ok(medvlm()
+        .args(["zero-shot", "--model"])
+        .arg(dir.join("run_a/model"))
+        .arg("--images")
+        .arg(dir.join("ph/test.jsonl"))
+        .args(["--classes", "nodule;mass;tumour"])
+        .output()
+        .unwrap());
+}
+
+#[test]
+fn bad_configs_fail_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    phantoms(dir);
+    let run = |cfg: &Path, extra: &[&str]| {
+        let err = stderr_of_failure(
+            medvlm()
+                .arg("pretrain")
+                .arg("--config")
+                .arg(cfg)
+                .args(extra)
+                .output()
+                .unwrap(),
+        );
+        assert!(
+            !dir.join("bad/checkpoints/latest").exists(),
+            "training started: {err}"
+        );
+        err
+    };
+    let cfg = tiny_config(dir, "bad.toml", "bad", "");
+
+    // Unknown key (in the file and as an override).
+    let typo = tiny_config(dir, "typo.toml", "bad", "[eval]\nevery_epoch = 1\n");
+    let err = run(&typo, &[]);
+    assert!(err.contains("every_epoch"), "{err}");
+    let err = run(&cfg, &["--set", "optim.learning_rate=0.1"]);
+    assert!(err.contains("learning_rate"), "{err}");
+
+    // Out of range.
+    let err = run(&cfg, &["--set", "optim.lr=-1"]);
+    assert!(err.contains("optim.lr"), "{err}");
+    let err = run(&cfg, &["--set", "model.scratch.vision_heads=5"]);
+    assert!(err.contains("vision_heads"), "{err}");
+
+    // A manifest without texts.
+    let manifest = read(&dir.join("ph/train.jsonl"));
+    let stripped: String = String::from_utf8(manifest)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("text");
+            v.to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("ph/notext.jsonl"), stripped).unwrap();
+    let err = run(&cfg, &["--set", "data.manifest=\"ph/notext.jsonl\""]);
+    assert!(err.contains("no text"), "{err}");
+
+    // A model that does not fit: image size not a multiple of the patch size, a pretraining
+    // config with a [finetune] table, a missing tokenizer file.
+    let err = run(&cfg, &["--set", "data.image_size=36"]);
+    assert!(err.contains("patch_size"), "{err}");
+    let err = run(&cfg, &["--set", "finetune.mode=\"lora\""]);
+    assert!(err.contains("finetune"), "{err}");
+    let err = run(&cfg, &["--set", "model.scratch.tokenizer=\"nope.json\""]);
+    assert!(err.contains("nope.json"), "{err}");
+    // Resume without a checkpoint.
+    let err = run(&cfg, &["--resume"]);
+    assert!(err.contains("no checkpoint"), "{err}");
+}
