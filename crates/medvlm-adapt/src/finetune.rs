@@ -27,7 +27,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
+/// Re-exported so callers need no direct candle-nn dependency.
+pub use candle_nn::VarMap;
 use medvlm_models::model_dir::varmap_tensors;
 use medvlm_models::preprocess::PreprocessConfig;
 use medvlm_models::tokenizer::TextTokenizer;
