@@ -328,6 +328,16 @@ impl SupportSet {
         Ok((n, d))
     }
 
+    /// The class labels (multi-class only; an error for multi-label sets).
+    pub fn class_labels(&self) -> Result<&[usize]> {
+        match &self.labels {
+            SupportLabels::MultiClass(l) => Ok(l),
+            SupportLabels::MultiLabel(_) => Err(MethodError::InvalidInput(
+                "class labels requested for a multi-label support set".into(),
+            )),
+        }
+    }
+
     /// Class indices as a u32 tensor (multi-class only).
     pub fn class_indices(&self) -> Result<Tensor> {
         match &self.labels {

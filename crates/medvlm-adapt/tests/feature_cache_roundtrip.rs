@@ -104,11 +104,6 @@ fn corrupted_or_foreign_files_are_invalidated_and_recomputed() {
 
     // A file written for another key under this key's name is refused.
     let other = key("other-model");
-    std::fs::copy(
-        cache.path_for(&other.clone()).with_file_name("missing"),
-        &path,
-    )
-    .ok();
     std::fs::copy(cache.store(&other, &features(1.0)).unwrap(), &path).unwrap();
     let err = cache.load(&k).unwrap_err().to_string();
     assert!(err.contains("key hash differs"), "{err}");

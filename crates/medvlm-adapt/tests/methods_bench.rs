@@ -78,10 +78,7 @@ fn frozen_feature_sweep_10_classes_2000_test_images() {
         plan.threads,
         records.len()
     );
-    println!(
-        "{:14} {:>9} {}",
-        "method", "fit+eval s", "mean accuracy at K = 1 2 4 8 16"
-    );
+    println!("method         fit+eval s  mean accuracy at K = 1 2 4 8 16");
     for m in methods {
         let secs: f64 = records
             .iter()

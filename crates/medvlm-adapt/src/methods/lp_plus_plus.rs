@@ -160,12 +160,7 @@ impl AdaptationMethod for LpPlusPlus {
         let text = input.texts.ensemble_weights()?;
         let f = l2_normalize(&input.support.features.to_dtype(DType::F32)?)?;
         let targets = input.support.class_indices()?;
-        let labels = match &input.support.labels {
-            crate::method::SupportLabels::MultiClass(l) => l.clone(),
-            crate::method::SupportLabels::MultiLabel(_) => {
-                unreachable!("checked by require_multi_class")
-            }
-        };
+        let labels = input.support.class_labels()?.to_vec();
         let (alpha0, lr_w, lr_alpha) =
             data_driven_constants(&f, &labels, &text, self.alpha_init_factor)?;
         // Visual prototypes: class sums of the support embeddings.

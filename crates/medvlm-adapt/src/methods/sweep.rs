@@ -258,7 +258,7 @@ pub fn synthetic_task(spec: SyntheticSpec) -> Result<SyntheticTask> {
     };
     let d = spec.dim;
     let r = spec.signal_dim.clamp(1, d);
-    let mut in_signal = |normal: &mut dyn FnMut() -> f64| {
+    let in_signal = |normal: &mut dyn FnMut() -> f64| {
         unit((0..d).map(|i| if i < r { normal() } else { 0.0 }).collect())
     };
     let means: Vec<Vec<f64>> = (0..spec.classes).map(|_| in_signal(&mut normal)).collect();

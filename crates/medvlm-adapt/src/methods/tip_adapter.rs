@@ -159,12 +159,7 @@ impl AdaptationMethod for TipAdapter {
         let text = input.texts.ensemble_weights()?;
         let keys0 = l2_normalize(&input.support.features.to_dtype(DType::F32)?)?;
         let values = input.support.targets(c)?;
-        let labels = match &input.support.labels {
-            crate::method::SupportLabels::MultiClass(l) => l.clone(),
-            crate::method::SupportLabels::MultiLabel(_) => {
-                unreachable!("checked by require_multi_class")
-            }
-        };
+        let labels = input.support.class_labels()?.to_vec();
         let scale = input.scale();
         let (mut alpha, mut beta) = (self.alpha, self.beta);
         let mut fit_info = serde_json::Map::new();
