@@ -1,9 +1,705 @@
-//! `medvlm quickstart`: not implemented yet (issue #5).
+//! `medvlm quickstart [--out DIR]`: the offline first run. Generates a phantom benchmark
+//! (chest radiographs, brain MRI, dermoscopy, histology; `medvlm-phantoms`), pretrains a small
+//! CLIP-style model from scratch on its training split with `medvlm pretrain`'s loop, and
+//! evaluates it on the test and held-out-site splits:
+//!
+//! - zero-shot classification per modality. Classes are each modality's findings plus
+//!   `normal`, with the phantom crate's class prompts; studies have one finding type
+//!   (`max_findings = 1`) so the task is single-label. Two protocols are reported: *pooled*
+//!   (the prompts of all modalities compete, chance 1/18 — the criterion of issue #5) and
+//!   *within modality* (only the modality's own prompts, chance 1/K). Balanced accuracy
+//!   (mean per-class recall) is the headline metric.
+//! - image-text retrieval recall@1/5/10 in both directions on the test split; a text query's
+//!   correct images are all images whose report is identical (and vice versa).
+//!
+//! Writes `DIR/report.html` (loss curve, confusion matrices, retrieval examples),
+//! `DIR/metrics.json`, `DIR/train_log.jsonl`, `DIR/model/` (loads in `medvlm embed` /
+//! `medvlm zero-shot`), `DIR/benchmark/` (the images and manifests) and
+//! `DIR/quickstart.toml`, a config that `medvlm pretrain` runs on the written benchmark.
+//! Defaults (2 CPU cores, release build): 4000 studies at 64 px, a CLIP with 4-layer towers of
+//! width 128, batch 128, 8 epochs; see docs/quickstart.md for measured figures.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use medvlm_adapt::data::{plane_from_u8, to_training_plane, ImageTextSample};
+use medvlm_adapt::pretrain::{embed_images, embed_texts, retrieval, ContrastiveModel};
+use medvlm_adapt::train_config::{Command, TrainConfig};
+use medvlm_eval::classification::ClassificationReport;
+use medvlm_eval::plots::{confusion_matrix_plot, LinePlot, Plot, Series, Size};
+use medvlm_eval::report::{escape_html, Report};
+use medvlm_io::manifest::ManifestRecord;
+use medvlm_phantoms::{generate_studies, Modality, Split, StudyOptions};
+use serde_json::json;
+
+use super::pretrain::{progress_bar, train_and_save, PretrainCallbacks, ZeroShotClass};
 
 /// Arguments of `medvlm quickstart`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Output directory (created; existing files of the same name are replaced).
+    #[arg(long, default_value = "medvlm-quickstart")]
+    pub out: PathBuf,
+    /// Phantom studies to generate (all splits; modalities in turn).
+    #[arg(long, default_value_t = 4000)]
+    pub n: u64,
+    /// Training epochs.
+    #[arg(long, default_value_t = 8)]
+    pub epochs: u64,
+    /// Seed of the benchmark and of training.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// A much smaller, faster variant (600 studies at 32 px, 2-layer towers of width 64) for
+    /// tests and smoke runs; it learns less.
+    #[arg(long)]
+    pub tiny: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`medvlm quickstart` is not available yet (issue #5)")
+/// The model and loop settings of a quickstart run.
+struct Plan {
+    n: u64,
+    size: usize,
+    image_size: usize,
+    patch: usize,
+    width: usize,
+    layers: usize,
+    proj: usize,
+    batch: usize,
+    epochs: u64,
+    lr: f64,
+    warmup: u64,
+}
+
+impl Plan {
+    fn new(a: &Args) -> Self {
+        if a.tiny {
+            Plan {
+                n: if a.n == 4000 { 600 } else { a.n },
+                size: 32,
+                image_size: 32,
+                patch: 8,
+                width: 64,
+                layers: 2,
+                proj: 64,
+                batch: 32,
+                epochs: a.epochs,
+                lr: 2e-3,
+                warmup: 10,
+            }
+        } else {
+            Plan {
+                n: a.n,
+                size: 64,
+                image_size: 64,
+                patch: 8,
+                width: 128,
+                layers: 4,
+                proj: 128,
+                batch: 128,
+                epochs: a.epochs,
+                lr: 1e-3,
+                warmup: 30,
+            }
+        }
+    }
+
+    fn config_toml(&self, seed: u64, out: &Path) -> String {
+        format!(
+            r#"# Written by `medvlm quickstart`; `medvlm pretrain --config {cfg}` reruns the training
+# on the benchmark written beside it (benchmark/train.jsonl).
+seed = {seed}
+output_dir = "run"
+
+[model.scratch]
+family = "clip"
+tokenizer = "build:words"
+projection_dim = {proj}
+vision_width = {w}
+vision_layers = {l}
+vision_heads = 4
+patch_size = {patch}
+text_width = {w}
+text_layers = {l}
+text_heads = 4
+context_length = 64
+mlp_ratio = 4
+
+[data]
+manifest = "benchmark/train.jsonl"
+val_manifest = "benchmark/val.jsonl"
+image_size = {size}
+batch_size = {batch}
+workers = 2
+
+[data.augment]
+crop_scale = [0.8, 1.0]
+brightness = 0.05
+contrast = 0.05
+
+[loss]
+kind = "clip"
+
+[optim]
+lr = {lr:e}
+weight_decay = 0.1
+warmup_steps = {warmup}
+epochs = {epochs}
+clip_norm = 1.0
+
+[checkpoint]
+every_n_steps = 1000
+keep = 1
+
+[eval]
+every_epochs = 1
+"#,
+            cfg = out.join("quickstart.toml").display(),
+            proj = self.proj,
+            w = self.width,
+            l = self.layers,
+            patch = self.patch,
+            size = self.image_size,
+            batch = self.batch,
+            lr = self.lr,
+            warmup = self.warmup,
+            epochs = self.epochs,
+        )
+    }
+}
+
+/// Label of a pooled class: `modality:class`.
+fn pooled_label(m: Modality, class: &str) -> String {
+    format!("{}:{class}", m.name())
+}
+
+fn modalities() -> [Modality; 4] {
+    [
+        Modality::ChestXray,
+        Modality::BrainMri,
+        Modality::Dermoscopy,
+        Modality::Histology,
+    ]
+}
+
+/// Pooled zero-shot classes: every modality's classes with its prompts.
+fn pooled_classes() -> Vec<(Modality, ZeroShotClass)> {
+    let mut out = Vec::new();
+    for m in modalities() {
+        for (class, prompt) in m.class_prompts() {
+            out.push((
+                m,
+                ZeroShotClass {
+                    label: pooled_label(m, class),
+                    prompt: prompt.to_string(),
+                },
+            ));
+        }
+    }
+    out
+}
+
+struct Data {
+    by_split: BTreeMap<&'static str, Vec<ImageTextSample>>,
+    modality_of: BTreeMap<String, Modality>,
+}
+
+/// Generates the benchmark, writes it to `out/benchmark` and returns the samples per split.
+fn make_benchmark(plan: &Plan, seed: u64, out: &Path) -> anyhow::Result<Data> {
+    let opts = StudyOptions {
+        size: plan.size as u32,
+        max_findings: 1,
+        registration: false,
+        ..Default::default()
+    };
+    let studies = generate_studies(&modalities(), seed, plan.n, &opts)?;
+    let bench = out.join("benchmark");
+    std::fs::create_dir_all(bench.join("images"))
+        .with_context(|| format!("cannot create {}", bench.display()))?;
+    let mut by_split: BTreeMap<&'static str, Vec<ImageTextSample>> = BTreeMap::new();
+    let mut records: BTreeMap<&'static str, Vec<ManifestRecord>> = BTreeMap::new();
+    let mut modality_of = BTreeMap::new();
+    use rayon::prelude::*;
+    let converted: Vec<anyhow::Result<(ImageTextSample, ManifestRecord)>> = studies
+        .par_iter()
+        .map(|s| {
+            let raw = plane_from_u8(
+                &s.image,
+                s.width as usize,
+                s.height as usize,
+                s.channels as usize,
+            )?;
+            let rel = format!("images/{}.png", s.id);
+            medvlm_io::raster::write_png(&bench.join(&rel), &raw)?;
+            let image = to_training_plane(&raw, plan.image_size)?;
+            let primary = s.primary_label();
+            let sample = ImageTextSample {
+                id: s.id.clone(),
+                image,
+                text: s.report.clone(),
+                labels: vec![pooled_label(s.modality, primary)],
+                group: Some(s.modality.name().to_string()),
+            };
+            let rec = ManifestRecord {
+                image: rel,
+                split: Some(s.split.name().to_string()),
+                label: Some(primary.to_string()),
+                labels: s.labels().iter().map(|l| l.to_string()).collect(),
+                text: Some(s.report.clone()),
+                extra: BTreeMap::from([("modality".to_string(), json!(s.modality.name()))]),
+                ..Default::default()
+            };
+            Ok((sample, rec))
+        })
+        .collect();
+    for (item, study) in converted.into_iter().zip(&studies) {
+        let (sample, rec) = item?;
+        modality_of.insert(sample.id.clone(), study.modality);
+        by_split.entry(study.split.name()).or_default().push(sample);
+        records.entry(study.split.name()).or_default().push(rec);
+    }
+    for split in Split::ALL {
+        let recs = records.remove(split.name()).unwrap_or_default();
+        medvlm_io::write_manifest_jsonl(&bench.join(format!("{}.jsonl", split.name())), &recs)?;
+    }
+    Ok(Data {
+        by_split,
+        modality_of,
+    })
+}
+
+/// Zero-shot results of one modality on one split.
+struct ZeroShotResult {
+    pooled: ClassificationReport,
+    within: ClassificationReport,
+    classes: Vec<String>,
+}
+
+fn zero_shot_eval(
+    model: &ContrastiveModel,
+    samples: &[ImageTextSample],
+    image_embeds: &candle_core::Tensor,
+    data: &Data,
+) -> anyhow::Result<BTreeMap<&'static str, ZeroShotResult>> {
+    let classes = pooled_classes();
+    let prompts: Vec<&str> = classes.iter().map(|(_, c)| c.prompt.as_str()).collect();
+    let pe = embed_texts(model, &prompts, 64)?;
+    let sims = medvlm_adapt::pretrain::similarity(image_embeds, &pe)?;
+    let k = classes.len();
+    let mut out = BTreeMap::new();
+    for m in modalities() {
+        let idx: Vec<usize> = (0..k).filter(|&c| classes[c].0 == m).collect();
+        let mut t_pooled = Vec::new();
+        let mut p_pooled = Vec::new();
+        let mut t_within = Vec::new();
+        let mut p_within = Vec::new();
+        for (i, s) in samples.iter().enumerate() {
+            if data.modality_of.get(&s.id) != Some(&m) {
+                continue;
+            }
+            let row = &sims[i * k..(i + 1) * k];
+            let truth = classes
+                .iter()
+                .position(|(_, c)| Some(&c.label) == s.labels.first())
+                .context("a study's label is not among the class prompts")?;
+            let best = |cands: &mut dyn Iterator<Item = usize>| {
+                cands
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+                    .unwrap_or(0)
+            };
+            t_pooled.push(truth);
+            p_pooled.push(best(&mut (0..k)));
+            let local_truth = idx.iter().position(|&c| c == truth).unwrap_or(0);
+            let local_pred = best(&mut idx.iter().copied());
+            t_within.push(local_truth);
+            p_within.push(idx.iter().position(|&c| c == local_pred).unwrap_or(0));
+        }
+        if t_pooled.is_empty() {
+            continue;
+        }
+        // Pooled balanced accuracy over the modality's own classes: recall of each of its
+        // classes under the 18-way classifier, averaged.
+        let pooled = ClassificationReport::new(&t_pooled, &p_pooled, k)?;
+        let within = ClassificationReport::new(&t_within, &p_within, idx.len())?;
+        out.insert(
+            m.name(),
+            ZeroShotResult {
+                pooled,
+                within,
+                classes: idx
+                    .iter()
+                    .map(|&c| {
+                        classes[c]
+                            .1
+                            .label
+                            .split(':')
+                            .nth(1)
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .collect(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Mean recall over the classes with support (the pooled report's balanced accuracy counts
+/// only classes present, which are the modality's own).
+fn pooled_balanced(r: &ClassificationReport) -> f64 {
+    r.balanced_accuracy
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let plan = Plan::new(&args);
+    let out = args.out.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    eprintln!(
+        "[1/4] generating {} phantom studies at {} px ...",
+        plan.n, plan.size
+    );
+    let data = make_benchmark(&plan, args.seed, &out)?;
+    let t_data = t0.elapsed().as_secs_f64();
+    let split = |name: &str| data.by_split.get(name).map(Vec::as_slice).unwrap_or(&[]);
+    let (train, val, test, heldout) = (
+        split("train"),
+        split("val"),
+        split("test"),
+        split("test_heldout_site"),
+    );
+    eprintln!(
+        "      train {} / val {} / test {} / held-out site {} studies ({t_data:.1} s)",
+        train.len(),
+        val.len(),
+        test.len(),
+        heldout.len()
+    );
+
+    let cfg_path = out.join("quickstart.toml");
+    medvlm_eval::report::write_atomic(&cfg_path, plan.config_toml(args.seed, &out).as_bytes())?;
+    let mut cfg: TrainConfig =
+        medvlm_adapt::pretrain::load_pretrain_config(&cfg_path, &[], Command::Pretrain)?;
+    cfg.output_dir = out.clone();
+    let ckpt = out.join("checkpoints");
+    if ckpt.exists() {
+        std::fs::remove_dir_all(&ckpt)
+            .with_context(|| format!("cannot remove {}", ckpt.display()))?;
+    }
+
+    eprintln!(
+        "[2/4] pretraining a CLIP ({} layers, width {}) for {} epochs ...",
+        plan.layers, plan.width, plan.epochs
+    );
+    let texts: Vec<&str> = train.iter().map(|s| s.text.as_str()).collect();
+    let mut model = medvlm_adapt::pretrain::build_model(&cfg, &texts)?;
+    let val_classes: Vec<ZeroShotClass> = pooled_classes().into_iter().map(|(_, c)| c).collect();
+    let mut cb = PretrainCallbacks {
+        bar: progress_bar(),
+        val: (!val.is_empty()).then_some((val, val_classes)),
+        every_epochs: 1,
+        throttle: std::time::Duration::ZERO,
+        verbose: false,
+    };
+    let t1 = Instant::now();
+    let summary = train_and_save(&cfg, &mut model, train, false, &mut cb)?;
+    cb.bar.finish_and_clear();
+    let t_train = t1.elapsed().as_secs_f64();
+    // The checkpoint is not needed after a finished quickstart (the model is in model/).
+    let _ = std::fs::remove_dir_all(&ckpt);
+
+    eprintln!("[3/4] evaluating ...");
+    let t2 = Instant::now();
+    let mut metrics = serde_json::Map::new();
+    let mut zs_all = BTreeMap::new();
+    let mut test_img = None;
+    for (name, samples) in [("test", test), ("test_heldout_site", heldout)] {
+        if samples.is_empty() {
+            continue;
+        }
+        let planes: Vec<&medvlm_io::Plane> = samples.iter().map(|s| &s.image).collect();
+        let img = embed_images(&model, &planes, 128)?;
+        let zs = zero_shot_eval(&model, samples, &img, &data)?;
+        let mut per_mod = serde_json::Map::new();
+        for (m, r) in &zs {
+            let k = r.classes.len() as f64;
+            per_mod.insert(
+                m.to_string(),
+                json!({
+                    "classes": r.classes,
+                    "n": r.within.n,
+                    "pooled_balanced_accuracy": pooled_balanced(&r.pooled),
+                    "pooled_accuracy": r.pooled.accuracy,
+                    "pooled_chance": 1.0 / pooled_classes().len() as f64,
+                    "within_modality_balanced_accuracy": r.within.balanced_accuracy,
+                    "within_modality_accuracy": r.within.accuracy,
+                    "within_modality_chance": 1.0 / k,
+                }),
+            );
+        }
+        let mut split_metrics = serde_json::Map::new();
+        split_metrics.insert("zero_shot".into(), serde_json::Value::Object(per_mod));
+        if name == "test" || name == "test_heldout_site" {
+            let texts: Vec<&str> = samples.iter().map(|s| s.text.as_str()).collect();
+            let te = embed_texts(&model, &texts, 128)?;
+            let r = retrieval(&img, &te, &texts, &[1, 5, 10])?;
+            let mut rm = serde_json::Map::new();
+            for (dir, rk) in [
+                ("image_to_text", &r.image_to_text),
+                ("text_to_image", &r.text_to_image),
+            ] {
+                for kk in [1, 5, 10] {
+                    rm.insert(format!("{dir}_recall@{kk}"), json!(rk.at(kk)));
+                }
+            }
+            // Chance of recall@5 for a text query: 1 - P(no correct image among 5 random picks).
+            let n = texts.len();
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for t in &texts {
+                *counts.entry(t).or_default() += 1;
+            }
+            let chance5: f64 = texts
+                .iter()
+                .map(|t| {
+                    let m = counts[t];
+                    let mut p_miss = 1.0;
+                    for j in 0..5.min(n) {
+                        p_miss *= (n - m).saturating_sub(j) as f64 / (n - j) as f64;
+                    }
+                    1.0 - p_miss
+                })
+                .sum::<f64>()
+                / n as f64;
+            rm.insert("text_to_image_recall@5_chance".into(), json!(chance5));
+            rm.insert("queries".into(), json!(n));
+            split_metrics.insert("retrieval".into(), serde_json::Value::Object(rm));
+            if name == "test" {
+                test_img = Some((img, te));
+            }
+        }
+        metrics.insert(name.to_string(), serde_json::Value::Object(split_metrics));
+        zs_all.insert(name, zs);
+    }
+    let t_eval = t2.elapsed().as_secs_f64();
+    let total = t0.elapsed().as_secs_f64();
+    metrics.insert(
+        "protocol".into(),
+        json!({
+            "zero_shot": "single-finding studies (max_findings = 1); classes = each modality's findings + normal with the phantom class prompts; pooled = argmax over all 18 prompts of the 4 modalities (chance 1/18), within_modality = argmax over the modality's own prompts (chance 1/K); balanced accuracy = mean per-class recall over the modality's classes",
+            "retrieval": "test split, every report against every image; correct answers are all items with an identical report",
+            "criterion": "pooled zero-shot balanced accuracy >= 3 x chance (1/18) on each modality, text-to-image recall@5 well above chance",
+        }),
+    );
+    metrics.insert(
+        "run".into(),
+        json!({
+            "studies": plan.n, "image_size": plan.image_size, "width": plan.width,
+            "layers": plan.layers, "batch_size": plan.batch, "epochs": plan.epochs,
+            "updates": summary.steps, "final_loss": summary.final_loss,
+            "seconds": {"data": t_data, "train": t_train, "eval": t_eval, "total": total},
+            "threads": rayon::current_num_threads(),
+        }),
+    );
+    let metrics = serde_json::Value::Object(metrics);
+    medvlm_eval::report::write_atomic(
+        &out.join("metrics.json"),
+        serde_json::to_string_pretty(&metrics)?.as_bytes(),
+    )?;
+
+    eprintln!("[4/4] writing the report ...");
+    write_report(&out, &metrics, &zs_all, test, test_img.as_ref(), &data)?;
+
+    // Summary.
+    let chance = 1.0 / pooled_classes().len() as f64;
+    println!("\nmedvlm quickstart: {total:.0} s total ({t_data:.0} s data, {t_train:.0} s training, {t_eval:.0} s evaluation)");
+    println!(
+        "zero-shot balanced accuracy (test | held-out site); pooled chance {chance:.3}, 3x = {:.3}",
+        3.0 * chance
+    );
+    let mut all_pass = true;
+    for m in modalities() {
+        let get = |split: &str| zs_all.get(split).and_then(|z| z.get(m.name()));
+        let (Some(t), h) = (get("test"), get("test_heldout_site")) else {
+            continue;
+        };
+        let pass = pooled_balanced(&t.pooled) >= 3.0 * chance;
+        all_pass &= pass;
+        println!(
+            "  {:<11} pooled {:.3} | {}   within-modality {:.3} (chance {:.3}) | {}   {}",
+            m.name(),
+            pooled_balanced(&t.pooled),
+            h.map_or("-".into(), |h| format!("{:.3}", pooled_balanced(&h.pooled))),
+            t.within.balanced_accuracy,
+            1.0 / t.classes.len() as f64,
+            h.map_or("-".into(), |h| format!("{:.3}", h.within.balanced_accuracy)),
+            if pass {
+                "ok (>= 3x chance)"
+            } else {
+                "BELOW 3x chance"
+            }
+        );
+    }
+    if let Some(r) = metrics["test"]["retrieval"].as_object() {
+        println!(
+            "text-to-image recall@1/5/10 on test: {:.3} / {:.3} / {:.3} (recall@5 chance {:.3}); image-to-text recall@5 {:.3}",
+            r["text_to_image_recall@1"].as_f64().unwrap_or(f64::NAN),
+            r["text_to_image_recall@5"].as_f64().unwrap_or(f64::NAN),
+            r["text_to_image_recall@10"].as_f64().unwrap_or(f64::NAN),
+            r["text_to_image_recall@5_chance"].as_f64().unwrap_or(f64::NAN),
+            r["image_to_text_recall@5"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    println!(
+        "{}\nreport: {}\nmetrics: {}\nmodel: {}",
+        if all_pass {
+            "every modality learned (>= 3x chance)"
+        } else {
+            "some modality is below 3x chance"
+        },
+        out.join("report.html").display(),
+        out.join("metrics.json").display(),
+        out.join("model").display()
+    );
+    Ok(())
+}
+
+fn write_report(
+    out: &Path,
+    metrics: &serde_json::Value,
+    zs: &BTreeMap<&str, BTreeMap<&'static str, ZeroShotResult>>,
+    test: &[ImageTextSample],
+    test_embeds: Option<&(candle_core::Tensor, candle_core::Tensor)>,
+    _data: &Data,
+) -> anyhow::Result<()> {
+    let size = Size {
+        width: 720,
+        height: 420,
+    };
+    let mut report = Report::new("medvlm quickstart")
+        .paragraph("A small CLIP-style model pretrained from scratch on a phantom benchmark (medvlm-phantoms: chest radiographs, brain MRI, dermoscopy, histology), evaluated zero-shot and on image-text retrieval. Protocol and figures are in metrics.json.");
+
+    // Loss curve from the training log.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap_or_default();
+    let mut loss = Vec::new();
+    let mut val_bal = Vec::new();
+    for line in log.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(s), Some(l)) = (v["step"].as_f64(), v["loss"].as_f64()) {
+            loss.push((s, l));
+        }
+        if let (Some(s), Some(b)) = (
+            v["step"].as_f64(),
+            v["val"]["zero_shot_balanced_accuracy"].as_f64(),
+        ) {
+            val_bal.push((s, b));
+        }
+    }
+    report = report.section("Training");
+    if !loss.is_empty() {
+        let plot = LinePlot::new("Training loss (CLIP InfoNCE)", "update", "loss")
+            .series(Series::new("loss", loss));
+        report = report.image_svg(plot.to_svg(size)?, "Contrastive loss per update.");
+    }
+    if !val_bal.is_empty() {
+        let plot = LinePlot::new(
+            "Validation zero-shot balanced accuracy (pooled, 18 classes)",
+            "update",
+            "balanced accuracy",
+        )
+        .series(Series::new("val", val_bal));
+        report = report.image_svg(
+            plot.to_svg(size)?,
+            "Measured at the end of each epoch on the validation split.",
+        );
+    }
+    report = report.preformatted(serde_json::to_string_pretty(&metrics["run"])?);
+
+    // Zero-shot tables and confusion matrices.
+    report = report.section("Zero-shot classification");
+    report = report.paragraph(metrics["protocol"]["zero_shot"].as_str().unwrap_or(""));
+    let mut rows = Vec::new();
+    for (split, per) in zs {
+        for (m, r) in per {
+            rows.push(vec![
+                split.to_string(),
+                m.to_string(),
+                r.within.n.to_string(),
+                format!("{:.3}", r.pooled.balanced_accuracy),
+                format!("{:.3}", 1.0 / 18.0),
+                format!("{:.3}", r.within.balanced_accuracy),
+                format!("{:.3}", 1.0 / r.classes.len() as f64),
+            ]);
+        }
+    }
+    report = report.table(
+        &[
+            "split",
+            "modality",
+            "studies",
+            "pooled bal. acc.",
+            "pooled chance",
+            "within-modality bal. acc.",
+            "within chance",
+        ],
+        rows,
+    );
+    if let Some(per) = zs.get("test") {
+        for (m, r) in per {
+            let names: Vec<String> = r.classes.clone();
+            let plot = confusion_matrix_plot(
+                format!("{m} (test, within modality)"),
+                &r.within.confusion,
+                &names,
+                true,
+            )?;
+            report = report.image_svg(
+                plot.to_svg(Size {
+                    width: 520,
+                    height: 460,
+                })?,
+                format!("Row-normalised confusion matrix, {m}, test split."),
+            );
+        }
+    }
+
+    // Retrieval.
+    report = report.section("Image-text retrieval (test split)");
+    report = report.preformatted(serde_json::to_string_pretty(&metrics["test"]["retrieval"])?);
+    if let Some((img, te)) = test_embeds {
+        let ex_dir = out.join("examples");
+        std::fs::create_dir_all(&ex_dir)
+            .with_context(|| format!("cannot create {}", ex_dir.display()))?;
+        let n = test.len();
+        let sims = medvlm_adapt::pretrain::similarity(te, img)?; // texts x images
+        let step = (n / 4).max(1);
+        for q in (0..n).step_by(step).take(4) {
+            let row = &sims[q * n..(q + 1) * n];
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            let mut svg = String::from(
+                r#"<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="700" height="150">"#,
+            );
+            for (rank, &i) in order.iter().take(5).enumerate() {
+                let name = format!("q{q}_{rank}.png");
+                let p = &test[i].image;
+                medvlm_io::raster::write_png(&ex_dir.join(&name), p)?;
+                let correct = test[i].text == test[q].text;
+                let x = rank * 135 + 5;
+                svg.push_str(&format!(
+                    r#"<image x="{x}" y="5" width="128" height="128" href="examples/{name}" style="image-rendering:pixelated"/><rect x="{x}" y="5" width="128" height="128" fill="none" stroke="{}" stroke-width="4"/><text x="{x}" y="146" font-size="11" font-family="sans-serif">#{} {} {}</text>"#,
+                    if correct { "green" } else { "#c33" },
+                    rank + 1,
+                    escape_html(test[i].labels.first().map(String::as_str).unwrap_or("")),
+                    if correct { "(match)" } else { "" }
+                ));
+            }
+            svg.push_str("</svg>");
+            report = report.image_svg(svg, format!("Query: \u{201c}{}\u{201d} (true image: {}). Top 5 images; green = an image whose report is this text.", test[q].text, test[q].labels.first().map(String::as_str).unwrap_or("")));
+        }
+    }
+    report.write_atomic(&out.join("report.html"))?;
+    Ok(())
 }
