@@ -68,6 +68,23 @@ enum Block {
         caption: String,
     },
     Preformatted(String),
+    Gallery(Vec<(String, String)>),
+}
+
+const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+fn png_data_uri(png: &[u8]) -> Result<String> {
+    use base64::Engine;
+    if !png.starts_with(PNG_SIGNATURE) {
+        return Err(EvalError::InvalidParameter {
+            name: "png",
+            reason: "bytes are not a PNG image (missing PNG signature)".into(),
+        });
+    }
+    Ok(format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    ))
 }
 
 /// An HTML report under construction.
@@ -129,6 +146,23 @@ impl Report {
         self
     }
 
+    /// An inline PNG image (embedded as a base64 data URI) with a caption; errors if the bytes
+    /// are not a PNG.
+    pub fn image_png(self, png: &[u8], caption: impl Into<String>) -> Result<Self> {
+        self.gallery(&[(png, caption.into())])
+    }
+
+    /// A row of small PNG images with captions, e.g. retrieval examples (query and its top
+    /// matches); errors if any item is not a PNG.
+    pub fn gallery(mut self, items: &[(&[u8], String)]) -> Result<Self> {
+        let mut out = Vec::with_capacity(items.len());
+        for (png, caption) in items {
+            out.push((png_data_uri(png)?, caption.clone()));
+        }
+        self.blocks.push(Block::Gallery(out));
+        Ok(self)
+    }
+
     /// Preformatted text (e.g. a Markdown table or a JSON snippet).
     pub fn preformatted(mut self, text: impl Into<String>) -> Self {
         self.blocks.push(Block::Preformatted(text.into()));
@@ -143,7 +177,8 @@ impl Report {
         h.push_str(
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}\
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:4px 10px;text-align:left}\
-th{background:#eee}figure{margin:1em 0}figcaption{color:#555;font-size:90%}pre{background:#f6f6f6;padding:1em;overflow-x:auto}</style>\n",
+th{background:#eee}figure{margin:1em 0}figcaption{color:#555;font-size:90%}pre{background:#f6f6f6;padding:1em;overflow-x:auto}\
+.gallery{display:flex;flex-wrap:wrap;gap:12px}.gallery figure{margin:0;max-width:180px}.gallery img{max-width:180px;image-rendering:pixelated}</style>\n",
         );
         h.push_str("</head>\n<body>\n");
         h.push_str(&format!("<h1>{}</h1>\n", escape_html(&self.title)));
@@ -179,6 +214,16 @@ th{background:#eee}figure{margin:1em 0}figcaption{color:#555;font-size:90%}pre{b
                     ));
                 }
                 Block::Preformatted(t) => h.push_str(&format!("<pre>{}</pre>\n", escape_html(t))),
+                Block::Gallery(items) => {
+                    h.push_str("<div class=\"gallery\">\n");
+                    for (uri, caption) in items {
+                        h.push_str(&format!(
+                            "<figure><img src=\"{uri}\" alt=\"{c}\"><figcaption>{c}</figcaption></figure>\n",
+                            c = escape_html(caption)
+                        ));
+                    }
+                    h.push_str("</div>\n");
+                }
             }
         }
         h.push_str("</body>\n</html>\n");

@@ -221,3 +221,35 @@ fn report_escapes_and_inlines() {
         .unwrap_err();
     assert!(err.to_string().contains("missing-dir"), "{err}");
 }
+
+#[test]
+fn report_inlines_png_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let png_path = dir.path().join("p.png");
+    loss_plot()
+        .write_png(
+            &png_path,
+            Size {
+                width: 64,
+                height: 48,
+            },
+        )
+        .unwrap();
+    let png = std::fs::read(&png_path).unwrap();
+    let report = Report::new("r")
+        .gallery(&[
+            (&png[..], "query: \"nodule\"".to_string()),
+            (&png[..], "top-1 <match>".to_string()),
+        ])
+        .unwrap();
+    let html = report.to_html();
+    assert_eq!(
+        html.matches("<img src=\"data:image/png;base64,iVBORw0KGgo")
+            .count(),
+        2
+    );
+    assert!(html.contains("<figcaption>top-1 &lt;match&gt;</figcaption>"));
+    assert!(html.contains("alt=\"query: &quot;nodule&quot;\""));
+    let err = Report::new("r").image_png(b"GIF89a", "x").unwrap_err();
+    assert!(err.to_string().contains("not a PNG"), "{err}");
+}
