@@ -50,6 +50,7 @@ impl Default for ClipAdapter {
             optimizer: Optimizer::AdamW {
                 lr: 1e-3,
                 weight_decay: 1e-4,
+                eps: 1e-8,
             },
         }
     }

@@ -179,6 +179,9 @@ pub enum Optimizer {
         lr: f64,
         /// Decoupled weight decay.
         weight_decay: f64,
+        /// Denominator epsilon (PyTorch's default 1e-8 when absent).
+        #[serde(default = "default_adam_eps")]
+        eps: f64,
     },
     /// SGD with heavy-ball momentum.
     Sgd {
@@ -187,6 +190,10 @@ pub enum Optimizer {
         /// Momentum.
         momentum: f64,
     },
+}
+
+fn default_adam_eps() -> f64 {
+    1e-8
 }
 
 /// Full-batch training: `steps` steps of `optimizer` on `vars`, learning
@@ -204,10 +211,15 @@ pub(crate) fn train_full_batch(
     };
     let mut last = f32::NAN;
     match optimizer {
-        Optimizer::AdamW { lr, weight_decay } => {
+        Optimizer::AdamW {
+            lr,
+            weight_decay,
+            eps,
+        } => {
             let params = candle_nn::ParamsAdamW {
                 lr,
                 weight_decay,
+                eps,
                 ..Default::default()
             };
             let mut opt = candle_nn::AdamW::new(vars.to_vec(), params)?;

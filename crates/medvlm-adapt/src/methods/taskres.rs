@@ -42,6 +42,7 @@ impl Default for TaskRes {
             optimizer: Optimizer::AdamW {
                 lr: 1e-4,
                 weight_decay: 0.0,
+                eps: 1e-8,
             },
         }
     }
