@@ -24,7 +24,7 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Six 32x32 PNGs with distinct patterns and a JSONL manifest pairing them with texts.
+/// Six 32x32 PNGs (in `images/`) with distinct patterns and a JSONL manifest pairing them with texts.
 fn dataset(dir: &Path) -> PathBuf {
     let texts = [
         "a chest x-ray",
@@ -43,7 +43,8 @@ fn dataset(dir: &Path) -> PathBuf {
             })
             .collect();
         let plane = Plane::new(32, 32, 3, data).unwrap();
-        let name = format!("img{i}.png");
+        let name = format!("images/img{i}.png");
+        std::fs::create_dir_all(dir.join("images")).unwrap();
         medvlm_io::raster::write_png(&dir.join(&name), &plane).unwrap();
         lines.push_str(&format!("{{\"image\": \"{name}\", \"text\": \"{t}\"}}\n"));
     }
@@ -147,10 +148,11 @@ fn lora_finetune_exports_a_model_that_embed_and_zero_shot_load() {
         candle_core::safetensors::load(out.join("model/model.safetensors"), &Device::Cpu).unwrap();
     assert!(w.keys().all(|k| !k.contains("lora_")));
 
-    let base = embeds(&fixture(), d.path(), &d.path().join("base.safetensors"));
+    let images = d.path().join("images");
+    let base = embeds(&fixture(), &images, &d.path().join("base.safetensors"));
     let tuned = embeds(
         &out.join("model"),
-        d.path(),
+        &images,
         &d.path().join("tuned.safetensors"),
     );
     assert_eq!(base.dims(), tuned.dims());
