@@ -409,9 +409,13 @@ impl CheckpointDir {
     fn remove_stale_temporaries(&self) -> Result<()> {
         for entry in fs::read_dir(&self.root).map_err(io(&self.root))? {
             let entry = entry.map_err(io(&self.root))?;
-            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) && entry.path().is_dir()
-            {
-                fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if name.starts_with(TMP_PREFIX) && path.is_dir() {
+                fs::remove_dir_all(&path).map_err(io(&path))?;
+            } else if name.starts_with(&format!(".{LATEST_FILE}.tmp-")) && path.is_file() {
+                // A pointer update interrupted before its rename.
+                fs::remove_file(&path).map_err(io(&path))?;
             }
         }
         Ok(())

@@ -224,8 +224,10 @@ fn checkpoint_errors_name_the_problem() {
     state.step = 3;
     // A stale temporary directory from a crashed save is cleaned up.
     std::fs::create_dir(tmp.path().join(".tmp-step-000002-1")).unwrap();
+    std::fs::write(tmp.path().join(".latest.tmp-1"), b"step-000002").unwrap();
     let saved = dir.save(&p, &opt, &state).unwrap();
     assert!(!tmp.path().join(".tmp-step-000002-1").exists());
+    assert!(!tmp.path().join(".latest.tmp-1").exists());
     // Saving the same step again replaces it.
     dir.save(&p, &opt, &state).unwrap();
     assert_eq!(dir.list().unwrap().len(), 1);
