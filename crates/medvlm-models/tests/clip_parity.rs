@@ -367,3 +367,31 @@ fn clip_extension_points_are_differentiable() {
         assert!(n > 0.0, "{name}: zero gradient");
     }
 }
+
+#[test]
+fn clip_hub_style_config_parses_with_legacy_fields() {
+    // Shape of openai/clip-vit-base-patch16's config.json (extra keys ignored).
+    let text = r#"{
+      "architectures": ["CLIPModel"], "initializer_factor": 1.0, "logit_scale_init_value": 2.6592,
+      "model_type": "clip", "projection_dim": 512, "torch_dtype": "float32",
+      "text_config": {"bos_token_id": 0, "eos_token_id": 2, "hidden_act": "quick_gelu",
+        "hidden_size": 512, "intermediate_size": 2048, "max_position_embeddings": 77,
+        "num_attention_heads": 8, "num_hidden_layers": 12, "vocab_size": 49408},
+      "text_config_dict": {"hidden_size": 512},
+      "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+        "num_hidden_layers": 12, "patch_size": 16, "image_size": 224},
+      "vision_config_dict": null
+    }"#;
+    let cfg = ClipConfig::from_json(text, std::path::Path::new("config.json")).unwrap();
+    assert_eq!(cfg.vision_config.patch_size, 16);
+    assert_eq!(cfg.text_config.eos_token_id, 2);
+    assert_eq!(cfg.text_config.layer_norm_eps, 1e-5);
+    let bad = text.replace("\"patch_size\": 16", "\"patch_size\": 15");
+    let err = ClipConfig::from_json(&bad, std::path::Path::new("cfg/config.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cfg/config.json") && err.contains("patch_size"),
+        "{err}"
+    );
+}

@@ -151,3 +151,21 @@ fn siglip_extension_points() {
         0.0
     );
 }
+
+#[test]
+fn siglip_448_input_runs_with_784_patch_tokens() {
+    // MedSigLIP geometry (448 px, patch 16) on a tiny random model.
+    let mut cfg = SiglipConfig::from_file(&fixture("siglip").join("config.json")).unwrap();
+    cfg.vision_config.image_size = 448;
+    cfg.vision_config.patch_size = 16;
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let m = SiglipModel::load(vb, &cfg).unwrap();
+    let px = Tensor::randn(0f32, 1.0, (1, 3, 448, 448), &Device::Cpu).unwrap();
+    let out = m.encode_image(&px).unwrap();
+    assert_eq!(out.patch_tokens().unwrap().dims(), &[1, 784, 32]);
+    assert_eq!(out.embeds.dims(), &[1, 32]);
+    let wrong = Tensor::zeros((1, 3, 224, 224), DType::F32, &Device::Cpu).unwrap();
+    let err = m.encode_image(&wrong).unwrap_err().to_string();
+    assert!(err.contains("448"), "{err}");
+}
