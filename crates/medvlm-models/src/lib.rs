@@ -6,7 +6,13 @@
 //!   BERT text tower ([`bert`]);
 //! - [`weights`]: safetensors / PyTorch pickle loading with name/shape checks;
 //! - [`vlm`]: the common trait and the extension points for adaptation;
-//! - [`linear`]: wrappable linear layers (LoRA, adapters, BitFit).
+//! - [`linear`]: wrappable linear layers (LoRA, adapters, BitFit);
+//! - [`transformer`]: the pre-norm encoder shared by CLIP and SigLIP;
+//! - [`tokenizer`], [`preprocess`]: text and image inputs from each model's own files;
+//! - [`source`], [`presets`], [`model_dir`]: where models come from, loading and saving.
+//!
+//! Typical use: `load_model("pubmedclip", &LoadOptions::default())` returns a
+//! [`LoadedModel`] (model + tokenizer + preprocessing) for any family.
 
 pub mod bert;
 pub mod biomedclip;
@@ -27,6 +33,8 @@ pub mod weights;
 pub use error::{ModelError, Result};
 pub use linear::{LinearLayer, LinearLayers, LinearWrapper};
 pub use model_dir::{load_model, load_model_dir, LoadOptions, LoadedModel};
+pub use preprocess::PreprocessConfig;
+pub use tokenizer::{Padding, TextTokenizer};
 pub use vlm::{
     Family, ImageEncoder, TextEncoder, TextOutput, TextPrompt, TokenBatch, VisionLanguageModel,
     VisionOutput, VisualPrompts,
