@@ -181,7 +181,10 @@ impl ClipConfig {
         Ok(())
     }
 
-    /// A small config for from-scratch pretraining and tests.
+    /// A small config for from-scratch pretraining and tests: widths 64, 2
+    /// layers, 4 heads, context 32, projection 64. Token ids default to pad 0,
+    /// bos 1, eos 2; eos 2 selects HF's legacy `argmax(ids)` pooling, so set
+    /// `text_config.eos_token_id` to your tokenizer's end token.
     pub fn tiny(vocab_size: usize, image_size: usize, patch_size: usize) -> Self {
         ClipConfig {
             model_type: "clip".into(),
