@@ -203,6 +203,19 @@ impl PreprocessConfig {
         if std.iter().any(|s| *s <= 0.0) {
             return Err(bad("image_std must be positive"));
         }
+        let zero = match resize {
+            Some(Resize::ShortestEdge(0)) => true,
+            Some(Resize::Exact { height, width }) => height == 0 || width == 0,
+            _ => false,
+        } || crop.is_some_and(|(h, w)| h == 0 || w == 0);
+        if zero {
+            return Err(bad("size and crop_size must be positive"));
+        }
+        if resize.is_none() && crop.is_none() {
+            return Err(bad(
+                "neither do_resize nor do_center_crop: the model needs a fixed input size",
+            ));
+        }
         let resample = Resample::from_pil(v.get("resample").and_then(|x| x.as_i64()).unwrap_or(3));
         Ok(PreprocessConfig {
             resize,

@@ -155,3 +155,28 @@ fn unreadable_image_is_an_error_naming_the_file() {
         .to_string();
     assert!(err.contains("broken.png"), "{err}");
 }
+
+#[test]
+fn bad_preprocessor_configs_are_errors_naming_the_file() {
+    let p = std::path::Path::new("m/preprocessor_config.json");
+    for text in [
+        r#"{"size": {"shortest_edge": 0}, "do_center_crop": false}"#,
+        r#"{"size": {"height": 32}}"#,
+        r#"{"do_resize": false, "do_center_crop": false}"#,
+        r#"{"size": 32, "image_std": [0.5, 0.0, 0.5]}"#,
+        r#"{"size": 32, "image_mean": [0.5, 0.5]}"#,
+        "not json",
+    ] {
+        let err = PreprocessConfig::from_hf_json(text, p)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("m/preprocessor_config.json"), "{text}: {err}");
+    }
+    let ok = PreprocessConfig::from_hf_json(
+        r#"{"size": 40, "crop_size": 32, "do_center_crop": true}"#,
+        p,
+    )
+    .unwrap();
+    assert_eq!(ok.resize, Some(Resize::ShortestEdge(40)));
+    assert_eq!(ok.output_size(), Some((32, 32)));
+}
