@@ -61,7 +61,7 @@ impl<M> Callbacks<M> for Progress {
     }
     fn on_update(&mut self, r: &StepRecord) {
         let every = (self.total / 20).max(1);
-        if r.step % every == 0 || r.step == self.total {
+        if r.step.is_multiple_of(every) || r.step == self.total {
             eprintln!(
                 "step {}/{} epoch {} loss {:.4} lr {:.2e} grad-norm {:.3}",
                 r.step, self.total, r.epoch, r.loss, r.lr, r.grad_norm
