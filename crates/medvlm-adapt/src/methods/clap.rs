@@ -14,7 +14,9 @@
 //! class c, so classes that zero-shot already recognises are held close to
 //! their text prototype and classes it gets wrong may move. No validation
 //! set, no hyperparameter search (the point of the paper). A class with no
-//! support image gets `lambda_c = 1`.
+//! support image gets `lambda_c = 1`. `t_c` is the L2-normalised template
+//! ensemble (the official code keeps the unnormalised template average,
+//! which rescales the penalty by the squared norm of the text embeddings).
 //!
 //! Defaults from the official configuration: SGD, lr 0.1, momentum 0.9,
 //! cosine decay, 300 epochs; here 300 full-batch steps on the cached
