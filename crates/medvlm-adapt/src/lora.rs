@@ -514,3 +514,92 @@ pub fn merge_lora(model: &mut dyn LinearLayers, base: Option<&VarMap>) -> Result
 pub fn count_params(vars: &[NamedVar]) -> usize {
     vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn roles_suffixes_and_tower_prefixes() {
+        let hf = "text_model.encoder.layers.3.self_attn.q_proj";
+        assert!(target_matches("q", hf));
+        assert!(target_matches("q_proj", hf));
+        assert!(target_matches("self_attn.q_proj", hf));
+        assert!(target_matches("text:q", hf));
+        assert!(!target_matches("vision:q", hf));
+        assert!(!target_matches("k", hf));
+        // Suffixes match whole components only.
+        assert!(!target_matches("_proj", hf));
+        assert!(!target_matches("proj", hf));
+        let bert = "text.transformer.encoder.layer.0.output.dense";
+        assert!(target_matches("fc2", bert));
+        assert!(!target_matches("fc1", bert));
+        assert!(!target_matches("out", bert));
+        let bert_attn_out = "text.transformer.encoder.layer.0.attention.output.dense";
+        assert!(target_matches("out", bert_attn_out));
+        assert!(!target_matches("fc2", bert_attn_out));
+        let timm = "visual.trunk.blocks.4.attn.qkv";
+        assert!(target_matches("q", timm) && target_matches("v", timm));
+        assert!(target_matches("vision:k", timm));
+        assert!(!target_matches("out", timm));
+        assert_eq!(tower_of("visual_projection"), Some(Towers::Vision));
+        assert_eq!(tower_of("logit_scale"), None);
+    }
+
+    #[test]
+    fn selection_follows_towers_and_reports_what_exists() {
+        let p = paths(&[
+            "text_model.encoder.layers.0.self_attn.q_proj",
+            "text_model.encoder.layers.1.self_attn.q_proj",
+            "vision_model.encoder.layers.0.self_attn.q_proj",
+            "vision_model.encoder.layers.0.mlp.fc1",
+            "visual_projection",
+        ]);
+        let mut spec = LoraSpec {
+            targets: vec!["q".into()],
+            ..LoraSpec::default()
+        };
+        assert_eq!(lora_targets(&p, &spec).unwrap().len(), 3);
+        spec.towers = Towers::Vision;
+        assert_eq!(
+            lora_targets(&p, &spec).unwrap(),
+            vec!["vision_model.encoder.layers.0.self_attn.q_proj".to_string()]
+        );
+        spec.targets = vec!["q".into(), "fc2".into()];
+        let err = lora_targets(&p, &spec).unwrap_err().to_string();
+        assert!(err.contains("\"fc2\""), "{err}");
+        assert!(
+            err.contains("text_model.encoder.layers.*.self_attn.q_proj"),
+            "{err}"
+        );
+        assert!(
+            err.contains("vision_model.encoder.layers.*.mlp.fc1"),
+            "{err}"
+        );
+        spec.targets = vec!["q".into()];
+        spec.rank = 0;
+        assert!(lora_targets(&p, &spec)
+            .unwrap_err()
+            .to_string()
+            .contains("finetune.lora.rank"));
+        spec.rank = 2;
+        spec.dropout = 1.0;
+        assert!(lora_targets(&p, &spec)
+            .unwrap_err()
+            .to_string()
+            .contains("finetune.lora.dropout"));
+    }
+
+    #[test]
+    fn clip_lora_preset_matches_the_paper() {
+        let s = LoraSpec::clip_lora();
+        assert_eq!((s.rank, s.alpha, s.dropout), (2, 1.0, 0.25));
+        assert_eq!(s.scaling(), 0.5);
+        assert_eq!(s.targets, vec!["q", "k", "v"]);
+        assert_eq!(s.towers, Towers::Both);
+    }
+}
