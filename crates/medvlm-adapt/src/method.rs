@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-pub use crate::fewshot::{HyperparameterPolicy, TaskKind};
+pub use crate::fewshot::{FewShotProtocol, HyperparameterPolicy, TaskKind};
 use crate::methods;
 
 /// CLIP's logit scale (exp of the learned temperature, clamped at 100).
@@ -401,6 +401,9 @@ pub struct AdaptInput<'a> {
     pub policy: HyperparameterPolicy,
     /// Seed for random initialisation and cross-validation folds.
     pub seed: u64,
+    /// The few-shot protocol that drew the support set, if known; copied
+    /// into the classifier's card so that every saved result names it.
+    pub protocol: Option<&'a FewShotProtocol>,
 }
 
 impl<'a> AdaptInput<'a> {
@@ -413,6 +416,7 @@ impl<'a> AdaptInput<'a> {
             logit_scale: None,
             policy: HyperparameterPolicy::Fixed,
             seed: 0,
+            protocol: None,
         }
     }
 
@@ -473,6 +477,9 @@ pub struct ClassifierCard {
     /// Fit diagnostics (final training loss, chosen grid point, ...).
     #[serde(default)]
     pub fit_info: serde_json::Value,
+    /// The few-shot protocol of the support set, when the caller gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<FewShotProtocol>,
 }
 
 /// A classifier produced by a method: image embeddings -> class scores.
@@ -540,6 +547,7 @@ pub fn make_card(
         logit_scale: input.scale(),
         hyperparameters,
         fit_info,
+        protocol: input.protocol.cloned(),
     })
 }
 

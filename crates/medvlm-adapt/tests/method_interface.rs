@@ -1,7 +1,7 @@
 //! The shared interface: registry, save/load round trips, and bad input.
 
 use candle_core::{Device, Tensor};
-use medvlm_adapt::fewshot::HyperparameterPolicy;
+use medvlm_adapt::fewshot::{FewShotProtocol, HyperparameterPolicy, TaskKind};
 use medvlm_adapt::method::{
     frozen_feature_method_names, load_classifier, method_by_name, save_classifier, AdaptInput,
     FeatureAccess, MethodError, SupportSet, METHOD_NAMES,
@@ -120,6 +120,8 @@ fn save_load_round_trip_gives_identical_probabilities() {
     let mut input = AdaptInput::frozen(&task.texts, &support);
     input.seed = 5;
     input.policy = HyperparameterPolicy::SupportCv { folds: 3 };
+    let protocol = FewShotProtocol::realistic(2, 5, TaskKind::MultiClass, input.policy);
+    input.protocol = Some(&protocol);
     let dir = tempfile::tempdir().unwrap();
     for name in [
         "zero-shot",
@@ -156,6 +158,11 @@ fn save_load_round_trip_gives_identical_probabilities() {
             (a.logit_scale, &a.hyperparameters),
             (b.logit_scale, &b.hyperparameters),
             "{name}"
+        );
+        assert_eq!(
+            b.protocol.as_ref(),
+            Some(&protocol),
+            "{name}: the card names the protocol"
         );
         let keys =
             |v: &serde_json::Value| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>());

@@ -261,6 +261,7 @@ fn clip_adapter_forward_with_chosen_weights() {
             "optimizer": { "kind": "adam-w", "lr": 0.001, "weight_decay": 0.0 }
         }),
         fit_info: serde_json::Value::Null,
+        protocol: None,
     };
     std::fs::write(
         dir.path().join("classifier.json"),

@@ -12,13 +12,19 @@
 
 pub mod clap;
 pub mod clip_adapter;
+pub mod cocoop;
+pub mod coop;
 pub mod encoder_methods;
+pub mod kgcoop;
 pub mod linear_probe;
 pub mod lp_plus_plus;
+pub mod maple;
+pub mod prompt_common;
 pub mod solver;
 pub mod sweep;
 pub mod taskres;
 pub mod tip_adapter;
+pub mod vpt;
 pub mod zero_shot;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -104,6 +110,9 @@ pub fn build_method(
             overrides,
         )?),
         "clap" => Box::new(with_overrides(name, clap::Clap::default(), overrides)?),
+        "coop" | "cocoop" | "kgcoop" | "vpt" | "maple" => {
+            prompt_common::prompt_method_by_name(name, overrides)?
+        }
         other => match encoder_methods::EncoderMethod::from_name(other) {
             Some(m) => Box::new(m),
             None => {
@@ -137,6 +146,9 @@ pub(crate) fn rebuild_classifier(
         )?),
         "lp++" => Box::new(lp_plus_plus::LpPlusPlusClassifier::from_saved(card, saved)?),
         "clap" => Box::new(clap::ClapClassifier::from_saved(card, saved)?),
+        "coop" | "cocoop" | "kgcoop" | "vpt" | "maple" => Box::new(
+            prompt_common::PromptClassifier::from_saved(card, saved)?,
+        ),
         other => {
             return Err(MethodError::BadCheckpoint {
                 path: saved.path().to_path_buf(),

@@ -136,6 +136,7 @@ pub fn sweep_frozen(
             logit_scale: plan.logit_scale,
             policy: plan.policy,
             seed,
+            protocol: Some(&protocol),
         };
         let mut out = Vec::with_capacity(methods.len());
         for m in &methods {
