@@ -92,6 +92,19 @@ fn zero_shot_positive_negative_pairs_is_a_softmax_over_each_pair() {
         &[1.0 / (1.0 + 2f64.exp())],
         1e-6,
     );
+    // Saved and loaded, it is still a multi-label classifier with the same output.
+    let dir = tempfile::tempdir().unwrap();
+    medvlm_adapt::method::save_classifier(clf.as_ref(), dir.path()).unwrap();
+    let back = load_classifier(dir.path()).unwrap();
+    assert_eq!(
+        back.card().task,
+        medvlm_adapt::fewshot::TaskKind::MultiLabel
+    );
+    close(
+        &row(&back.probabilities(&f).unwrap()),
+        &[1.0 / (1.0 + 2f64.exp())],
+        1e-6,
+    );
     // Without negative prompts the method says what is missing.
     let no_neg = ClassTexts {
         negative_prompts: None,
