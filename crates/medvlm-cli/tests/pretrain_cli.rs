@@ -264,3 +264,22 @@ fn bad_configs_fail_before_training() {
     let err = run(&cfg, &["--resume"]);
     assert!(err.contains("no checkpoint"), "{err}");
 }
+
+#[test]
+fn example_configs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().and_then(|e| e.to_str()) == Some("toml") {
+            medvlm_adapt::pretrain::load_pretrain_config(
+                &p,
+                &[],
+                medvlm_adapt::train_config::Command::Pretrain,
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "{n} example configs");
+}

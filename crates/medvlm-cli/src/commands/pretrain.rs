@@ -248,7 +248,13 @@ pub fn train_and_save<C: Callbacks<ContrastiveModel>>(
         checkpoints: cfg.output_dir.join("checkpoints"),
         log: cfg.output_dir.join("train_log.jsonl"),
     };
-    let params = model.named_vars();
+    // `[freeze]`: a locked tower (LiT) or the last k blocks only.
+    let all = model.named_vars();
+    let trainable = medvlm_adapt::optim::select_trainable(
+        all.iter().map(|(n, _)| n.as_str()),
+        &cfg.freeze_selection(),
+    )?;
+    let (params, _frozen) = medvlm_adapt::optim::partition_trainable(all, &trainable);
     let hash = config_hash(cfg)?;
     let summary = trainer::train(
         params, model, &source, &loop_cfg, &paths, resume, &hash, callbacks,

@@ -123,7 +123,7 @@ patch_size = {patch}
 text_width = {w}
 text_layers = {l}
 text_heads = 4
-context_length = 64
+context_length = 80
 mlp_ratio = 4
 
 [data]

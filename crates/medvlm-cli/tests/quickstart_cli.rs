@@ -1,0 +1,89 @@
+//! `medvlm quickstart --tiny` end to end on a reduced benchmark: it writes the report, the
+//! metrics and a loadable model, and the model learned (loss down, retrieval above chance).
+//! The full-size figures are measured in release mode and recorded in docs/quickstart.md.
+
+use std::process::Command;
+
+#[test]
+fn tiny_quickstart_learns_and_writes_report_and_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qs");
+    let res = Command::new(env!("CARGO_BIN_EXE_medvlm"))
+        .args([
+            "quickstart",
+            "--tiny",
+            "--n",
+            "320",
+            "--epochs",
+            "4",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(stdout.contains("zero-shot balanced accuracy"), "{stdout}");
+    assert!(stdout.contains("text-to-image recall@1/5/10"), "{stdout}");
+
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    for split in ["test", "test_heldout_site"] {
+        for m in ["chest_xray", "brain_mri", "dermoscopy", "histology"] {
+            let z = &metrics[split]["zero_shot"][m];
+            for key in [
+                "pooled_balanced_accuracy",
+                "within_modality_balanced_accuracy",
+                "within_modality_chance",
+            ] {
+                let v = z[key]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{split}/{m}/{key}"));
+                assert!((0.0..=1.0).contains(&v), "{split}/{m}/{key} = {v}");
+            }
+        }
+    }
+    // Retrieval clearly above chance: the model matches reports to images.
+    let r = &metrics["test"]["retrieval"];
+    let r5 = r["text_to_image_recall@5"].as_f64().unwrap();
+    let chance5 = r["text_to_image_recall@5_chance"].as_f64().unwrap();
+    assert!(chance5 > 0.0 && chance5 < 0.5, "chance {chance5}");
+    assert!(r5 > 2.0 * chance5, "recall@5 {r5} vs chance {chance5}");
+
+    // The loss went down.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect();
+    assert!(losses.len() >= 8, "{} updates", losses.len());
+    let head: f64 = losses[..3].iter().sum::<f64>() / 3.0;
+    let tail: f64 = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(tail < head - 0.2, "loss {head} -> {tail}");
+
+    // Report with the loss curve, confusion matrices and retrieval examples.
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("Training loss"));
+    assert!(html.matches("confusion").count() >= 4 || html.matches("Confusion").count() >= 4);
+    assert!(html.contains("examples/q0_0.png"));
+    assert!(out.join("examples/q0_0.png").is_file());
+
+    // The model directory loads in `medvlm zero-shot`, and the written config and benchmark
+    // are usable by `medvlm pretrain` (checked by loading the manifest).
+    let z = Command::new(env!("CARGO_BIN_EXE_medvlm"))
+        .args(["zero-shot", "--model"])
+        .arg(out.join("model"))
+        .arg("--images")
+        .arg(out.join("benchmark/test.jsonl"))
+        .args(["--classes", "nodule;tumour;melanoma"])
+        .output()
+        .unwrap();
+    assert!(z.status.success(), "{}", String::from_utf8_lossy(&z.stderr));
+    assert!(out.join("quickstart.toml").is_file());
+    assert!(out.join("benchmark/train.jsonl").is_file());
+}
