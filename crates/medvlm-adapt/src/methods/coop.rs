@@ -33,9 +33,7 @@ use super::prompt_common::{
     CLASS_WEIGHTS,
 };
 use super::{train_full_batch, Optimizer};
-use crate::method::{
-    l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, Result,
-};
+use crate::method::{l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, Result};
 
 /// CoOp hyperparameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,7 +72,12 @@ impl Default for Coop {
 impl Coop {
     /// The number of context vectors actually used with this tokenizer.
     pub fn effective_n_ctx(&self, tok: &medvlm_models::TextTokenizer) -> Result<usize> {
-        match self.ctx_init.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        match self
+            .ctx_init
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             Some(words) => Ok(content_ids(tok, words)?.len()),
             None => Ok(self.n_ctx),
         }
@@ -175,15 +178,12 @@ pub fn coop_text_embeddings(
     position: ClassTokenPosition,
     ctx: &Tensor,
 ) -> Result<Tensor> {
-    let n_ctx = ctx.dims().get(ctx.rank().saturating_sub(2)).copied().unwrap_or(0);
-    let prompts = build_class_prompts(
-        tokenizer,
-        class_names,
-        n_ctx,
-        position,
-        "",
-        model.device(),
-    )?;
+    let n_ctx = ctx
+        .dims()
+        .get(ctx.rank().saturating_sub(2))
+        .copied()
+        .unwrap_or(0);
+    let prompts = build_class_prompts(tokenizer, class_names, n_ctx, position, "", model.device())?;
     encode_with_context(model, &prompts, ctx)
 }
 

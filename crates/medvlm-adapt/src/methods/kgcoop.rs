@@ -23,9 +23,7 @@ use super::prompt_common::{
     model_scale, refuse_feature_fit, template_text_embeddings, PromptClassifier, PromptInput,
     PromptLearningMethod, CLASS_WEIGHTS,
 };
-use crate::method::{
-    l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, Result,
-};
+use crate::method::{l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, Result};
 
 /// KgCoOp hyperparameters: CoOp's plus the knowledge-guided weight.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

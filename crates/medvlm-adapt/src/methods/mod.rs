@@ -146,9 +146,9 @@ pub(crate) fn rebuild_classifier(
         )?),
         "lp++" => Box::new(lp_plus_plus::LpPlusPlusClassifier::from_saved(card, saved)?),
         "clap" => Box::new(clap::ClapClassifier::from_saved(card, saved)?),
-        "coop" | "cocoop" | "kgcoop" | "vpt" | "maple" => Box::new(
-            prompt_common::PromptClassifier::from_saved(card, saved)?,
-        ),
+        "coop" | "cocoop" | "kgcoop" | "vpt" | "maple" => {
+            Box::new(prompt_common::PromptClassifier::from_saved(card, saved)?)
+        }
         other => {
             return Err(MethodError::BadCheckpoint {
                 path: saved.path().to_path_buf(),

@@ -142,7 +142,11 @@ pub fn prompt_method_by_name(
 ) -> Result<Box<dyn PromptLearningMethod>> {
     use super::with_overrides;
     Ok(match name {
-        "coop" => Box::new(with_overrides(name, super::coop::Coop::default(), overrides)?),
+        "coop" => Box::new(with_overrides(
+            name,
+            super::coop::Coop::default(),
+            overrides,
+        )?),
         "cocoop" => Box::new(with_overrides(
             name,
             super::cocoop::Cocoop::default(),
@@ -176,9 +180,11 @@ pub(crate) fn refuse_feature_fit(name: &str, input: &AdaptInput) -> MethodError 
             method: name.into(),
             alternatives: crate::method::frozen_feature_method_names().join(", "),
         },
-        FeatureAccess::EncoderAccess => MethodError::InvalidInput(format!(
-            "method '{name}' learns prompts through the encoders: fit it with \
-             PromptLearningMethod::fit_prompts on the model and the support images"
+        // `AdaptInput` carries no model, so this path is not wired; the
+        // message says which entry point does the fit.
+        FeatureAccess::EncoderAccess => MethodError::NotImplemented(format!(
+            "{name} via AdaptInput (it carries no model; fit with \
+             PromptLearningMethod::fit_prompts on the model and the support images)"
         )),
     }
 }
@@ -409,7 +415,12 @@ pub(crate) fn init_context(
                 )));
             }
             let all: Vec<&str> = words.split_whitespace().collect();
-            let learned_words = all.iter().take(n_ctx).copied().collect::<Vec<_>>().join(" ");
+            let learned_words = all
+                .iter()
+                .take(n_ctx)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ");
             if content_ids(tok, &learned_words)?.len() != n_ctx {
                 return Err(MethodError::InvalidInput(format!(
                     "the first {n_ctx} words of the context initialisation {words:?} are not \
@@ -439,7 +450,12 @@ pub(crate) fn normal_init(seed: u64, dims: &[usize], std: f64, dev: &Device) -> 
 }
 
 /// Deterministic U(-bound, bound) tensor.
-pub(crate) fn uniform_tensor(seed: u64, dims: &[usize], bound: f64, dev: &Device) -> Result<Tensor> {
+pub(crate) fn uniform_tensor(
+    seed: u64,
+    dims: &[usize],
+    bound: f64,
+    dev: &Device,
+) -> Result<Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n: usize = dims.iter().product();
     let flat = super::uniform_init(&mut rng, 1, n, bound, dev)?;
@@ -505,19 +521,20 @@ impl PromptClassifier {
             .into_iter()
             .map(|(n, t)| Ok((n, t.detach().to_dtype(DType::F32)?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            card: ClassifierCard {
-                format: CARD_FORMAT.into(),
-                method: method.name().into(),
-                task: TaskKind::MultiClass,
-                class_names: input.class_names.to_vec(),
-                feature_dim: input.model.embed_dim(),
-                logit_scale: scale,
-                hyperparameters: method.hyperparameters(),
-                fit_info,
-            },
-            params,
-        })
+        // Built through serde so that fields added to the card later (with
+        // serde defaults) need no change here.
+        let card: ClassifierCard = serde_json::from_value(serde_json::json!({
+            "format": CARD_FORMAT,
+            "method": method.name(),
+            "task": TaskKind::MultiClass,
+            "class_names": input.class_names,
+            "feature_dim": input.model.embed_dim(),
+            "logit_scale": scale,
+            "hyperparameters": method.hyperparameters(),
+            "fit_info": fit_info,
+        }))
+        .map_err(|e| MethodError::InvalidInput(format!("classifier card: {e}")))?;
+        Ok(Self { card, params })
     }
 
     /// Rebuilds from a card and a tensor lookup (names listed in the card).

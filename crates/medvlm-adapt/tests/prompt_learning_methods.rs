@@ -1,0 +1,444 @@
+//! Prompt learning (strategy 2) on the tiny CLIP parity fixture of
+//! medvlm-models: formulas checked by hand, training lowers the support loss,
+//! the encoders stay untouched, save/load round-trips, clear errors.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use medvlm_adapt::method::{
+    method_by_name, save_classifier, AdaptInput, AdaptedClassifier, ClassTexts, MethodError,
+    SupportSet,
+};
+use medvlm_adapt::methods::coop::coop_text_embeddings;
+use medvlm_adapt::methods::kgcoop::kg_penalty;
+use medvlm_adapt::methods::prompt_common::{
+    prompt_method_by_name, ClassTokenPosition, PromptClassifier, PromptInput,
+};
+use medvlm_adapt::methods::vpt::vpt_logits;
+use medvlm_models::clip::{ClipConfig, ClipModel};
+use medvlm_models::{ImageEncoder, Padding, TextEncoder, TextTokenizer, VisualPrompts, WeightFile};
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("medvlm-models")
+        .join("tests")
+        .join("fixtures")
+        .join("clip")
+}
+
+fn load() -> (ClipModel, TextTokenizer) {
+    let dir = fixture_dir();
+    let cfg = ClipConfig::from_file(&dir.join("config.json")).expect("fixture config");
+    let wf = WeightFile::open(dir.join("model.safetensors")).expect("fixture weights");
+    let model = ClipModel::load(wf.var_builder(DType::F32, &Device::Cpu), &cfg).expect("model");
+    let tok = TextTokenizer::from_file(
+        &dir.join("tokenizer.json"),
+        cfg.text_config.max_position_embeddings,
+        Padding::MaxLength,
+    )
+    .expect("tokenizer");
+    (model, tok)
+}
+
+fn classes() -> Vec<String> {
+    vec!["cat".into(), "dog".into(), "cow".into()]
+}
+
+/// 2 images per class, 32x32: a class-specific colour offset plus a fixed
+/// pseudo-random texture, so the classes are separable but not trivially.
+fn images() -> (Tensor, Vec<usize>) {
+    let (n, hw) = (6usize, 32usize);
+    let mut v = Vec::with_capacity(n * 3 * hw * hw);
+    let mut state = 12345u32;
+    let mut labels = Vec::new();
+    for i in 0..n {
+        let c = i % 3;
+        labels.push(c);
+        for ch in 0..3 {
+            for _ in 0..hw * hw {
+                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                let noise = (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                let base = if ch == c { 1.0 } else { -0.5 };
+                v.push(base + 0.5 * noise);
+            }
+        }
+    }
+    (
+        Tensor::from_vec(v, (n, 3, hw, hw), &Device::Cpu).unwrap(),
+        labels,
+    )
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn support_loss(logits: &Tensor, labels: &[usize]) -> f32 {
+    let t: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+    let t = Tensor::new(t.as_slice(), &Device::Cpu).unwrap();
+    candle_nn::loss::cross_entropy(logits, &t)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn coop_context_from_template_words_reproduces_zero_shot_text_embeddings() {
+    let (model, tok) = load();
+    let names = classes();
+    // Context = the token embeddings of "a photo of a" (ids from the tokenizer).
+    let ids = tok.encode_ids("a photo of a").unwrap();
+    let words = Tensor::new(&ids[1..ids.len() - 1], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let ctx = model.token_embeddings(&words).unwrap().squeeze(0).unwrap();
+    assert_eq!(ctx.dims(), &[4, 32]);
+    let learned =
+        coop_text_embeddings(&model, &tok, &names, ClassTokenPosition::End, &ctx).unwrap();
+    let texts: Vec<String> = names.iter().map(|n| format!("a photo of a {n}.")).collect();
+    let zero_shot = model
+        .encode_text(&tok.encode_batch(&texts, &Device::Cpu).unwrap())
+        .unwrap()
+        .embeds;
+    let d = max_abs_diff(&learned, &zero_shot);
+    assert!(d < 1e-6, "CoOp with template context differs by {d}");
+    // A different context gives different embeddings (the substitution is
+    // live). Not a constant shift: the layer norms would remove it.
+    let other = ctx.neg().unwrap();
+    let moved =
+        coop_text_embeddings(&model, &tok, &names, ClassTokenPosition::End, &other).unwrap();
+    let dm = max_abs_diff(&moved, &zero_shot);
+    assert!(dm > 1e-3, "moved by {dm}");
+}
+
+#[test]
+fn kgcoop_penalty_matches_hand_values() {
+    // Hand value: rows (1,0) vs (0.6,0.8) -> 0.16 + 0.64 = 0.8; (0,1) vs (0,1) -> 0.
+    let a = Tensor::new(&[[1f32, 0.], [0., 1.]], &Device::Cpu).unwrap();
+    let b = Tensor::new(&[[0.6f32, 0.8], [0., 1.]], &Device::Cpu).unwrap();
+    let p = kg_penalty(&a, &b).unwrap().to_scalar::<f32>().unwrap();
+    assert!((p - 0.4).abs() < 1e-6, "penalty {p}");
+
+    // With the model: zero at the "a photo of a" initialisation, and after a
+    // known perturbation of the context equal to the mean squared distance
+    // computed element by element.
+    let (model, tok) = load();
+    let names = classes();
+    let (images, labels) = images();
+    let input = PromptInput {
+        model: &model,
+        tokenizer: &tok,
+        class_names: &names,
+        images: &images,
+        labels: &labels,
+        seed: 0,
+    };
+    let kg = medvlm_adapt::methods::kgcoop::KgCoop::default();
+    let anchor = kg.handcrafted_weights(&input).unwrap();
+    let ids = tok.encode_ids("a photo of a").unwrap();
+    let words = Tensor::new(&ids[1..ids.len() - 1], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let ctx = model.token_embeddings(&words).unwrap().squeeze(0).unwrap();
+    let norm = |t: Tensor| medvlm_adapt::method::l2_normalize(&t).unwrap();
+    let w0 =
+        norm(coop_text_embeddings(&model, &tok, &names, ClassTokenPosition::End, &ctx).unwrap());
+    let p0 = kg_penalty(&w0, &anchor)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(p0.abs() < 1e-10, "penalty at init {p0}");
+    let w1 = norm(
+        coop_text_embeddings(
+            &model,
+            &tok,
+            &names,
+            ClassTokenPosition::End,
+            &(ctx * 1.5).unwrap(),
+        )
+        .unwrap(),
+    );
+    let p1 = kg_penalty(&w1, &anchor)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let (w1v, av): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+        (w1.to_vec2().unwrap(), anchor.to_vec2().unwrap());
+    let hand: f32 = w1v
+        .iter()
+        .zip(&av)
+        .map(|(r, s)| r.iter().zip(s).map(|(x, y)| (x - y) * (x - y)).sum::<f32>())
+        .sum::<f32>()
+        / 3.0;
+    assert!(hand > 1e-4, "perturbation should move the embeddings");
+    assert!((p1 - hand).abs() < 1e-6 * hand.max(1.0), "{p1} vs {hand}");
+}
+
+#[test]
+fn vpt_without_prompts_is_the_plain_image_encoder() {
+    let (model, tok) = load();
+    let names = classes();
+    let (images, _) = images();
+    let texts: Vec<String> = names.iter().map(|n| format!("a photo of a {n}.")).collect();
+    let head = model
+        .encode_text(&tok.encode_batch(&texts, &Device::Cpu).unwrap())
+        .unwrap()
+        .embeds;
+    let scale = 7.0;
+    let got = vpt_logits(&model, &head, None, &images, scale).unwrap();
+    let empty = vpt_logits(
+        &model,
+        &head,
+        Some(&VisualPrompts::default()),
+        &images,
+        scale,
+    )
+    .unwrap();
+    // By hand: cosines of the plain image embeddings and the head rows.
+    let img: Vec<Vec<f32>> = model
+        .encode_image(&images)
+        .unwrap()
+        .embeds
+        .to_vec2()
+        .unwrap();
+    let txt: Vec<Vec<f32>> = head.to_vec2().unwrap();
+    let nrm = |v: &Vec<f32>| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let want: Vec<f32> = img
+        .iter()
+        .flat_map(|i| {
+            txt.iter()
+                .map(|t| {
+                    scale as f32 * i.iter().zip(t).map(|(a, b)| a * b).sum::<f32>()
+                        / (nrm(i) * nrm(t))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let want = Tensor::from_vec(want, (6, 3), &Device::Cpu).unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-4);
+    assert_eq!(max_abs_diff(&got, &empty), 0.0);
+    // One prompt token changes the output (prompts reach the encoder).
+    let p = VisualPrompts {
+        shallow: Some(Tensor::ones((1, 32), DType::F32, &Device::Cpu).unwrap()),
+        deep: Vec::new(),
+    };
+    let prompted = vpt_logits(&model, &head, Some(&p), &images, scale).unwrap();
+    assert!(max_abs_diff(&prompted, &got) > 1e-4);
+}
+
+/// Small fast settings per method (AdamW so that a handful of steps moves
+/// the prompts on the tiny model).
+fn overrides(name: &str, steps: usize) -> serde_json::Value {
+    let opt = serde_json::json!({"kind": "adam-w", "lr": 0.05, "weight_decay": 0.0});
+    match name {
+        "coop" => serde_json::json!({"n_ctx": 4, "steps": steps, "optimizer": opt}),
+        "vpt" => serde_json::json!({"n_tokens": 2, "steps": steps, "optimizer": opt}),
+        _ => serde_json::json!({"steps": steps, "optimizer": opt}),
+    }
+}
+
+fn expected_params(name: &str) -> Vec<&'static str> {
+    let mut v = match name {
+        "coop" | "kgcoop" => vec!["ctx", "class_weights"],
+        "cocoop" => vec![
+            "ctx",
+            "meta_net.linear1.weight",
+            "meta_net.linear1.bias",
+            "meta_net.linear2.weight",
+            "meta_net.linear2.bias",
+        ],
+        "vpt" => vec!["vpt.shallow", "head_weights", "vpt.deep.1"],
+        "maple" => vec!["ctx", "coupling.weight", "coupling.bias"],
+        _ => unreachable!(),
+    };
+    v.sort();
+    v
+}
+
+#[test]
+fn every_method_lowers_the_support_loss_and_leaves_the_encoders_untouched() {
+    let (model, tok) = load();
+    let names = classes();
+    let (images, labels) = images();
+    let texts: Vec<String> = names.iter().map(|n| format!("a photo of a {n}.")).collect();
+    let tokens = tok.encode_batch(&texts, &Device::Cpu).unwrap();
+    let img_before = model.encode_image(&images).unwrap().embeds;
+    let txt_before = model.encode_text(&tokens).unwrap().embeds;
+    let input = PromptInput {
+        model: &model,
+        tokenizer: &tok,
+        class_names: &names,
+        images: &images,
+        labels: &labels,
+        seed: 3,
+    };
+    for name in ["coop", "cocoop", "kgcoop", "vpt", "maple"] {
+        let init = prompt_method_by_name(name, Some(&overrides(name, 0)))
+            .unwrap()
+            .fit_prompts(&input)
+            .unwrap();
+        let fitted = prompt_method_by_name(name, Some(&overrides(name, 15)))
+            .unwrap()
+            .fit_prompts(&input)
+            .unwrap();
+        let before = support_loss(
+            &init.logits_for_images(&model, &tok, &images).unwrap(),
+            &labels,
+        );
+        let after = support_loss(
+            &fitted.logits_for_images(&model, &tok, &images).unwrap(),
+            &labels,
+        );
+        assert!(
+            after < 0.9 * before,
+            "{name}: support loss {before} -> {after} did not drop"
+        );
+        let mut got: Vec<String> = fitted.tensors().into_iter().map(|(n, _)| n).collect();
+        got.sort();
+        assert_eq!(got, expected_params(name), "{name} parameters");
+        // The learned prompt tensors moved away from their initialisation.
+        let moved = fitted
+            .tensors()
+            .iter()
+            .filter(|(n, _)| n != "head_weights" && n != "class_weights")
+            .any(|(n, t)| max_abs_diff(t, init.param(n).unwrap()) > 0.0);
+        assert!(moved, "{name}: no prompt parameter changed");
+    }
+    // Frozen encoders: bit-identical outputs after all the fits.
+    let img_after = model.encode_image(&images).unwrap().embeds;
+    let txt_after = model.encode_text(&tokens).unwrap().embeds;
+    assert_eq!(max_abs_diff(&img_before, &img_after), 0.0);
+    assert_eq!(max_abs_diff(&txt_before, &txt_after), 0.0);
+}
+
+#[test]
+fn save_load_round_trip_gives_identical_probabilities() {
+    let (model, tok) = load();
+    let names = classes();
+    let (images, labels) = images();
+    let input = PromptInput {
+        model: &model,
+        tokenizer: &tok,
+        class_names: &names,
+        images: &images,
+        labels: &labels,
+        seed: 1,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["coop", "cocoop", "kgcoop", "vpt", "maple"] {
+        let fitted = prompt_method_by_name(name, Some(&overrides(name, 3)))
+            .unwrap()
+            .fit_prompts(&input)
+            .unwrap();
+        let path = dir.path().join(name);
+        save_classifier(&fitted, &path).unwrap();
+        let loaded = PromptClassifier::load(&path).unwrap();
+        let a = fitted
+            .probabilities_for_images(&model, &tok, &images)
+            .unwrap();
+        let b = loaded
+            .probabilities_for_images(&model, &tok, &images)
+            .unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{name}");
+        assert_eq!(loaded.card(), fitted.card());
+        // The registry loader rebuilds it too.
+        let generic = medvlm_adapt::method::load_classifier(&path).unwrap();
+        assert_eq!(generic.card().method, name);
+    }
+    // CoOp's classifier also scores cached image embeddings, identically.
+    let coop = prompt_method_by_name("coop", Some(&overrides("coop", 3)))
+        .unwrap()
+        .fit_prompts(&input)
+        .unwrap();
+    let feats = model.encode_image(&images).unwrap().embeds;
+    let from_pixels = coop.logits_for_images(&model, &tok, &images).unwrap();
+    let from_cache = coop.logits(&feats).unwrap();
+    assert!(max_abs_diff(&from_pixels, &from_cache) < 1e-4);
+}
+
+#[test]
+fn frozen_feature_callers_and_bad_settings_get_clear_errors() {
+    let dev = Device::Cpu;
+    let texts = ClassTexts {
+        class_names: vec!["a".into(), "b".into()],
+        prompts: vec![
+            Tensor::ones((1, 4), DType::F32, &dev).unwrap(),
+            Tensor::ones((1, 4), DType::F32, &dev).unwrap(),
+        ],
+        negative_prompts: None,
+    };
+    let support =
+        SupportSet::multi_class(Tensor::ones((2, 4), DType::F32, &dev).unwrap(), vec![0, 1]);
+    for name in ["coop", "cocoop", "kgcoop", "vpt", "maple"] {
+        let m = method_by_name(name, None).unwrap();
+        assert!(m.requires_encoder());
+        let err = m.fit(&AdaptInput::frozen(&texts, &support)).err().unwrap();
+        assert!(
+            matches!(err, MethodError::NeedsEncoder { .. }),
+            "{name}: {err}"
+        );
+        assert!(err.to_string().contains("cached features"), "{err}");
+    }
+    let (model, tok) = load();
+    let names = classes();
+    let (images, labels) = images();
+    let input = PromptInput {
+        model: &model,
+        tokenizer: &tok,
+        class_names: &names,
+        images: &images,
+        labels: &labels,
+        seed: 0,
+    };
+    // VPT cannot score cached embeddings: its image side is prompted.
+    let vpt = prompt_method_by_name("vpt", Some(&overrides("vpt", 1)))
+        .unwrap()
+        .fit_prompts(&input)
+        .unwrap();
+    let feats = model.encode_image(&images).unwrap().embeds;
+    let err = vpt.logits(&feats).err().unwrap().to_string();
+    assert!(err.contains("logits_for_images"), "{err}");
+    // Deep MaPLe is refused with the reason.
+    let err = prompt_method_by_name("maple", Some(&serde_json::json!({"prompt_depth": 9})))
+        .unwrap()
+        .fit_prompts(&input)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("shallow MaPLe"), "{err}");
+    // 16 context tokens do not fit the fixture's 24-token context with a name.
+    let err = prompt_method_by_name("coop", Some(&serde_json::json!({"n_ctx": 22, "steps": 0})))
+        .unwrap()
+        .fit_prompts(&input)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("context length"), "{err}");
+    // Labels outside the classes.
+    let bad = [0usize, 1, 2, 0, 1, 7];
+    let err = prompt_method_by_name("coop", None)
+        .unwrap()
+        .fit_prompts(&PromptInput {
+            labels: &bad,
+            ..input
+        })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("label 7"), "{err}");
+    // Unknown hyperparameter names are refused.
+    assert!(prompt_method_by_name("cocoop", Some(&serde_json::json!({"n_tokens": 3}))).is_err());
+}
