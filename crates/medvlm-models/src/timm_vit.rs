@@ -15,8 +15,8 @@
 //! ([`crate::vlm::VisualPrompts`]); every `attn.qkv`, `attn.proj`, `mlp.fc1`
 //! and `mlp.fc2` is a [`LinearLayer`].
 
-use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder, VarMap};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -96,13 +96,13 @@ impl TimmVitConfig {
 
     /// Check internal consistency; returns the reason on failure.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.image_size.checked_rem(self.patch_size) != Some(0) {
             return Err(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size
             ));
         }
-        if self.num_heads == 0 || self.width % self.num_heads != 0 {
+        if self.width.checked_rem(self.num_heads) != Some(0) {
             return Err(format!(
                 "width {} is not a multiple of num_heads {}",
                 self.width, self.num_heads
@@ -296,6 +296,74 @@ impl LinearLayers for TimmVit {
             .iter_mut()
             .flat_map(|b| [&mut b.qkv, &mut b.proj, &mut b.fc1, &mut b.fc2])
             .collect()
+    }
+}
+
+/// A randomly initialised image tower (timm trunk + class-token pooling +
+/// bias-free linear projection, BiomedCLIP's image encoder), for throughput and
+/// memory benchmarks of the full-size architecture without a checkpoint.
+///
+/// The weights are plain tensors, not `Var`s: candle records the op graph of
+/// every result computed from a `Var` (for backprop), which would keep all
+/// activations of a forward pass alive and inflate peak memory.
+#[derive(Debug, Clone)]
+pub struct RandomVitTower {
+    /// The trunk.
+    pub vit: TimmVit,
+    /// The projection to the embedding space.
+    pub proj: LinearLayer,
+    num_parameters: usize,
+}
+
+impl RandomVitTower {
+    /// Parameters drawn from `N(0, 0.02²)` (LayerNorm weights 1, as timm
+    /// initialises them), in `dtype` on `device`.
+    pub fn new(
+        cfg: &TimmVitConfig,
+        embed_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        // First pass: let the model declare its tensors (names and shapes) in a VarMap.
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, dtype, device);
+        TimmVit::load(vb.pp("trunk"), cfg)?;
+        LinearLayer::load(vb.pp("head").pp("proj"), cfg.width, embed_dim, false)?;
+        let mut tensors = std::collections::HashMap::new();
+        let mut num_parameters = 0;
+        {
+            let data = vars
+                .data()
+                .lock()
+                .map_err(|_| ModelError::invalid("poisoned VarMap"))?;
+            for (name, var) in data.iter() {
+                let t = if name.contains("norm") && name.ends_with("weight") {
+                    var.ones_like()?.detach()
+                } else {
+                    Tensor::randn(0f32, 0.02, var.shape(), device)?.to_dtype(dtype)?
+                };
+                num_parameters += t.elem_count();
+                tensors.insert(name.clone(), t);
+            }
+        }
+        // Second pass: build the model from the constant tensors.
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        Ok(Self {
+            vit: TimmVit::load(vb.pp("trunk"), cfg)?,
+            proj: LinearLayer::load(vb.pp("head").pp("proj"), cfg.width, embed_dim, false)?,
+            num_parameters,
+        })
+    }
+
+    /// Number of parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.num_parameters
+    }
+
+    /// Projected image embeddings `[B, E]` of `pixel_values` `[B, 3, S, S]`.
+    pub fn embed(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (tokens, _) = self.vit.forward_features(pixel_values, None)?;
+        Ok(self.proj.forward(&TimmVit::pool(&tokens)?)?)
     }
 }
 
