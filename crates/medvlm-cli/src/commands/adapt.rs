@@ -1,9 +1,488 @@
-//! `medvlm adapt`: not implemented yet (issue #6).
+//! `medvlm adapt`: few-shot adaptation of a vision-language model to a
+//! labelled manifest, written as a reusable artefact.
+//!
+//! Steps: select the task (classes from the train split), draw the K-shot
+//! support set with the few-shot sampler (balanced or realistic), embed the
+//! images once through the feature cache, fit the method, evaluate on the
+//! test split (accuracy, balanced accuracy, macro-F1, per-class and macro
+//! AUROC, ECE with a reliability diagram, split-conformal APS sets calibrated
+//! on the val split or, without one, on the train images outside the support
+//! set), and write the artefact directory atomically:
+//!
+//! * `classifier.safetensors` + `classifier.json`: the method's own save
+//!   (`medvlm_adapt::method::save_classifier`);
+//! * `adapt.json`: the card (method, hyperparameters, model, data hash,
+//!   protocol, classes, prompts, support images, metrics);
+//! * `eval_predictions.csv`: test-image probabilities;
+//! * `reliability.png`: the reliability diagram of the test set.
+//!
+//! Prompt-learning methods (CoOp, CoCoOp, KgCoOp, VPT, MaPLe) are fitted on
+//! the support images through the frozen model; encoder fine-tuning methods
+//! are run by `medvlm finetune`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use medvlm_adapt::fewshot::{FewShotProtocol, HyperparameterPolicy, SamplingMode, TaskKind};
+use medvlm_adapt::method::{
+    method_by_name, save_classifier, AdaptInput, AdaptedClassifier, FeatureAccess, SupportSet,
+};
+use medvlm_adapt::methods::prompt_common::{
+    prompt_method_by_name, PromptClassifier, PromptInput, PROMPT_METHOD_NAMES,
+};
+use medvlm_eval::plots::{reliability_plot, Plot, Size};
+use medvlm_models::LoadedModel;
+use serde::{Deserialize, Serialize};
+
+use super::common::{
+    class_prompts, encode_class_texts, evaluate, model_fingerprint, model_logit_scale,
+    probabilities, probability_csv, task_features, write_file, Metrics, Task, TaskArgs,
+};
+use super::embed::{load, preprocess_file, DeviceArgs};
+
+/// File name of the adaptation card inside an artefact directory.
+pub const ADAPT_CARD: &str = "adapt.json";
+/// Version tag of the adaptation card.
+pub const ADAPT_FORMAT: &str = "medvlm-adapt/1";
 
 /// Arguments of `medvlm adapt`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Adaptation method (see docs/methods.md), e.g. tip-adapter, linear-probe, coop.
+    #[arg(long)]
+    pub method: String,
+    /// K: shots per class (balanced) or per-class budget (realistic).
+    #[arg(long)]
+    pub shots: usize,
+    /// Seed of the support-set draw and of the method's initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Model: a directory, hf:ORG/NAME[@REV], or a preset name.
+    #[arg(long)]
+    pub model: String,
+    /// Manifest (.jsonl / .csv) with the labelled images and their splits.
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Output artefact directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Support-set sampling: balanced (K per class) or realistic (K x C images with the
+    /// dataset's class proportions, no validation set).
+    #[arg(long, default_value = "balanced", value_parser = ["balanced", "realistic"])]
+    pub mode: String,
+    /// Choose hyperparameters by F-fold cross-validation on the support set only
+    /// (default: each method's fixed, documented defaults).
+    #[arg(long, value_name = "F")]
+    pub support_cv: Option<usize>,
+    /// Hyperparameter overrides as a JSON object, e.g. '{"epochs": 50}'.
+    #[arg(long)]
+    pub hparams: Option<String>,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`medvlm adapt` is not available yet (issue #6)")
+/// The card written to `adapt.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdaptCard {
+    /// [`ADAPT_FORMAT`].
+    pub format: String,
+    /// Method registry name.
+    pub method: String,
+    /// Hyperparameters as used.
+    pub hyperparameters: serde_json::Value,
+    /// Model spec as given on the command line.
+    pub model: String,
+    /// Model family.
+    pub model_family: String,
+    /// Fingerprint of the model files (spec, family, file sizes and times).
+    pub model_fingerprint: String,
+    /// Training manifest.
+    pub data: PathBuf,
+    /// SHA-256 of the manifest bytes.
+    pub data_sha256: String,
+    /// Manifest column used as label, filters, splits.
+    pub label_field: String,
+    /// `--where` filters.
+    pub filters: Vec<String>,
+    /// The few-shot protocol.
+    pub protocol: FewShotProtocol,
+    /// One-line description of the protocol.
+    pub protocol_description: String,
+    /// Class names in index order.
+    pub class_names: Vec<String>,
+    /// The prompts of each class.
+    pub prompts: Vec<(String, Vec<String>)>,
+    /// The support images (paths) and their classes.
+    pub support: Vec<(String, String)>,
+    /// Split the support set was drawn from.
+    pub train_split: String,
+    /// Split evaluated, if any.
+    pub test_split: Option<String>,
+    /// Test metrics (absent when the manifest has no test split).
+    pub metrics: Option<Metrics>,
+    /// medvlm version that wrote the card.
+    pub medvlm_version: String,
+}
+
+impl AdaptCard {
+    /// Reads `adapt.json` from an artefact directory.
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(ADAPT_CARD);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (is {} a `medvlm adapt --out` directory?)",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        let card: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a medvlm adapt card", path.display()))?;
+        if card.format != ADAPT_FORMAT {
+            bail!(
+                "{}: format {:?} is not {ADAPT_FORMAT:?}",
+                path.display(),
+                card.format
+            );
+        }
+        Ok(card)
+    }
+}
+
+/// Preprocessed pixels `[N, 3, H, W]` of image files.
+pub fn pixel_batch(m: &LoadedModel, paths: &[PathBuf], device: &Device) -> anyhow::Result<Tensor> {
+    use rayon::prelude::*;
+    let pre = paths
+        .par_iter()
+        .map(|p| preprocess_file(p, &m.preprocess).with_context(|| p.display().to_string()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(m.preprocess.batch(&pre, device)?)
+}
+
+/// Probabilities `[N * C]` of a prompt classifier on image files, in batches.
+pub fn prompt_probabilities(
+    clf: &PromptClassifier,
+    m: &LoadedModel,
+    paths: &[PathBuf],
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for chunk in paths.chunks(batch.max(1)) {
+        let px = pixel_batch(m, chunk, device)?;
+        let p = clf
+            .probabilities_for_images(m.model.as_ref(), &m.tokenizer, &px)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        out.extend(p);
+    }
+    Ok(out)
+}
+
+fn is_prompt_method(name: &str) -> bool {
+    PROMPT_METHOD_NAMES.contains(&name)
+}
+
+/// Moves a finished temporary directory into place, replacing a previous
+/// artefact (a directory holding `adapt.json`) or an empty directory.
+fn publish_dir(tmp: &Path, out: &Path) -> anyhow::Result<()> {
+    if out.exists() {
+        let empty = std::fs::read_dir(out)
+            .with_context(|| format!("listing {}", out.display()))?
+            .next()
+            .is_none();
+        if !empty && !out.join(ADAPT_CARD).exists() {
+            bail!(
+                "--out {} exists and is not a medvlm adapt artefact; choose another directory",
+                out.display()
+            );
+        }
+        std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
+    }
+    std::fs::rename(tmp, out)
+        .with_context(|| format!("moving {} to {}", tmp.display(), out.display()))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = args.device.device()?;
+    let overrides: Option<serde_json::Value> = args
+        .hparams
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .context("--hparams must be a JSON object, e.g. '{\"epochs\": 50}'")?;
+    let method = method_by_name(&args.method, overrides.as_ref())?;
+    if method.requires_encoder() && !is_prompt_method(&args.method) {
+        bail!(
+            "method '{}' fine-tunes the encoders; run it with `medvlm finetune` \
+             (see docs/finetuning.md), or pick a frozen-feature method: {}",
+            args.method,
+            medvlm_adapt::method::frozen_feature_method_names().join(", ")
+        );
+    }
+    if args.shots == 0 {
+        bail!("--shots must be at least 1");
+    }
+    let task = Task::from_manifest(&args.train, &args.task)?;
+    let prompts = class_prompts(&task.class_names, &args.task)?;
+    let policy = match args.support_cv {
+        None => HyperparameterPolicy::Fixed,
+        Some(f) if f >= 2 => HyperparameterPolicy::SupportCv { folds: f },
+        Some(f) => bail!("--support-cv {f}: needs at least 2 folds"),
+    };
+    let protocol = FewShotProtocol {
+        shots: args.shots,
+        seed: args.seed,
+        mode: match args.mode.as_str() {
+            "realistic" => SamplingMode::Realistic { min_per_class: 1 },
+            _ => SamplingMode::Balanced,
+        },
+        task: TaskKind::MultiClass,
+        hyperparameter_policy: policy,
+        validation_set: false,
+    };
+
+    let m = load(&args.model, &device)?;
+    let feats = task_features(&task, &args.model, &m, &args.task, &device)?;
+    let pool_rows = feats.available(&task.split_rows(&args.task.split));
+    if pool_rows.is_empty() {
+        bail!(
+            "manifest {} has no labelled '{}' images to draw the support set from (set --split)",
+            args.train.display(),
+            args.task.split
+        );
+    }
+    let (pool_features, pool_labels) = feats.select(&task, &pool_rows)?;
+    let picked = protocol
+        .sample(&pool_labels, &task.class_names)
+        .map_err(|e| anyhow::anyhow!("--shots {}: {e}", args.shots))
+        .with_context(|| format!("drawing the support set from {}", args.train.display()))?;
+    let support_rows: Vec<usize> = picked.iter().map(|&i| pool_rows[i]).collect();
+
+    let texts = encode_class_texts(&m, &prompts, args.task.batch, &device)?;
+    let scale = model_logit_scale(&m)?;
+    let c = task.class_names.len();
+
+    // Fit; `score` gives probabilities of task rows.
+    enum Fitted {
+        Frozen(Box<dyn AdaptedClassifier>),
+        Prompt(PromptClassifier),
+    }
+    let fitted = if is_prompt_method(&args.method) {
+        let pm = prompt_method_by_name(&args.method, overrides.as_ref())?;
+        let paths: Vec<PathBuf> = support_rows
+            .iter()
+            .map(|&r| task.rows[r].path.clone())
+            .collect();
+        let pixels = pixel_batch(&m, &paths, &device)?;
+        let labels: Vec<usize> = support_rows.iter().map(|&r| task.rows[r].class).collect();
+        let input = PromptInput {
+            model: m.model.as_ref(),
+            tokenizer: &m.tokenizer,
+            class_names: &task.class_names,
+            images: &pixels,
+            labels: &labels,
+            seed: args.seed,
+        };
+        Fitted::Prompt(pm.fit_prompts(&input)?)
+    } else {
+        let support = SupportSet::from_pool(&pool_features, &pool_labels, &picked)?;
+        let input = AdaptInput {
+            texts: &texts,
+            support: &support,
+            access: FeatureAccess::FrozenFeatures,
+            logit_scale: Some(scale),
+            policy,
+            seed: args.seed,
+            protocol: Some(&protocol),
+        };
+        Fitted::Frozen(method.fit(&input)?)
+    };
+    let score = |rows: &[usize]| -> anyhow::Result<Vec<f32>> {
+        match &fitted {
+            Fitted::Frozen(clf) => {
+                let (f, _) = feats.select(&task, rows)?;
+                probabilities(clf.as_ref(), &f)
+            }
+            Fitted::Prompt(clf) => {
+                let paths: Vec<PathBuf> = rows.iter().map(|&r| task.rows[r].path.clone()).collect();
+                prompt_probabilities(clf, &m, &paths, args.task.batch, &device)
+            }
+        }
+    };
+
+    // Evaluation.
+    let test_rows = if args.task.test_split == "none" {
+        Vec::new()
+    } else {
+        feats.available(&task.split_rows(&args.task.test_split))
+    };
+    let mut eval_csv = None;
+    let metrics = if test_rows.is_empty() {
+        eprintln!(
+            "note: no '{}' split in {}: the artefact carries no test metrics",
+            args.task.test_split,
+            args.train.display()
+        );
+        None
+    } else {
+        let probs = score(&test_rows)?;
+        let labels: Vec<usize> = test_rows.iter().map(|&r| task.rows[r].class).collect();
+        let mut calib_rows = feats.available(&task.split_rows(&args.task.calib_split));
+        let mut source = format!("split '{}'", args.task.calib_split);
+        if calib_rows.is_empty() {
+            let support: std::collections::BTreeSet<usize> = support_rows.iter().copied().collect();
+            calib_rows = pool_rows
+                .iter()
+                .copied()
+                .filter(|r| !support.contains(r))
+                .collect();
+            source = format!(
+                "'{}' images outside the support set (no '{}' split)",
+                args.task.split, args.task.calib_split
+            );
+        }
+        let calib = if calib_rows.is_empty() {
+            None
+        } else {
+            let cp = score(&calib_rows)?;
+            let cl: Vec<usize> = calib_rows.iter().map(|&r| task.rows[r].class).collect();
+            Some((cp, cl, source))
+        };
+        let metrics = evaluate(
+            &probs,
+            &labels,
+            c,
+            calib
+                .as_ref()
+                .map(|(p, l, s)| (p.as_slice(), l.as_slice(), s.clone())),
+            args.seed,
+        )?;
+        let paths: Vec<String> = test_rows
+            .iter()
+            .map(|&r| task.rows[r].path.display().to_string())
+            .collect();
+        eval_csv = Some(probability_csv(&paths, &probs, &task.class_names));
+        Some(metrics)
+    };
+
+    // Write the artefact into a sibling temporary directory, then move it.
+    let parent = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = args
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapted".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    let write_all = || -> anyhow::Result<serde_json::Value> {
+        let hyperparameters = match &fitted {
+            Fitted::Frozen(clf) => {
+                save_classifier(clf.as_ref(), &tmp)?;
+                clf.card().hyperparameters.clone()
+            }
+            Fitted::Prompt(clf) => {
+                save_classifier(clf, &tmp)?;
+                clf.card().hyperparameters.clone()
+            }
+        };
+        let card = AdaptCard {
+            format: ADAPT_FORMAT.into(),
+            method: args.method.clone(),
+            hyperparameters: hyperparameters.clone(),
+            model: args.model.clone(),
+            model_family: m.family.to_string(),
+            model_fingerprint: model_fingerprint(&args.model, &m),
+            data: args.train.clone(),
+            data_sha256: task.manifest_sha256.clone(),
+            label_field: args.task.label_field.clone(),
+            filters: args.task.filters.clone(),
+            protocol_description: protocol.describe(),
+            protocol: protocol.clone(),
+            class_names: task.class_names.clone(),
+            prompts: prompts.clone(),
+            support: support_rows
+                .iter()
+                .map(|&r| {
+                    (
+                        task.rows[r].path.display().to_string(),
+                        task.class_names[task.rows[r].class].clone(),
+                    )
+                })
+                .collect(),
+            train_split: args.task.split.clone(),
+            test_split: metrics.as_ref().map(|_| args.task.test_split.clone()),
+            metrics: metrics.clone(),
+            medvlm_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        write_file(&tmp.join(ADAPT_CARD), &serde_json::to_vec_pretty(&card)?)?;
+        if let Some(csv) = &eval_csv {
+            write_file(&tmp.join("eval_predictions.csv"), csv.as_bytes())?;
+        }
+        if let Some(mx) = &metrics {
+            reliability_plot(
+                format!(
+                    "{} {}-shot: reliability (ECE {:.3})",
+                    args.method, args.shots, mx.ece
+                ),
+                &mx.reliability,
+            )
+            .write_png(&tmp.join("reliability.png"), Size::default())
+            .context("drawing reliability.png")?;
+        }
+        Ok(hyperparameters)
+    };
+    let hyperparameters = match write_all() {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    publish_dir(&tmp, &args.out)?;
+
+    println!(
+        "adapted {} ({}) on {} support image(s), {} classes; hyperparameters {}",
+        args.method,
+        protocol.describe(),
+        support_rows.len(),
+        c,
+        hyperparameters
+    );
+    if let Some(mx) = &metrics {
+        println!(
+            "test ({} images): accuracy {:.4}, balanced accuracy {:.4}, macro-F1 {:.4}, macro AUROC {}, ECE {:.4}",
+            mx.n,
+            mx.accuracy,
+            mx.balanced_accuracy,
+            mx.macro_f1,
+            mx.macro_auroc
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or_else(|| "undefined".into()),
+            mx.ece
+        );
+        if let Some(cf) = &mx.conformal {
+            println!(
+                "conformal APS (calibrated on {} {}): target coverage {:.2}, coverage {:.4}, mean set size {:.3}",
+                cf.n_calibration,
+                cf.calibration_source,
+                cf.report.target_coverage,
+                cf.report.coverage,
+                cf.report.mean_set_size
+            );
+        }
+    }
+    println!("wrote {}", args.out.display());
+    Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod adapt;
 pub mod bench;
+pub mod common;
 pub mod convert;
 pub mod data;
 pub mod embed;

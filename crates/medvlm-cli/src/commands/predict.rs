@@ -1,9 +1,125 @@
-//! `medvlm predict`: not implemented yet (issue #6).
+//! `medvlm predict`: class probabilities of images under an artefact written
+//! by `medvlm adapt`. The model named in the artefact's `adapt.json` is
+//! loaded (or `--model`, when it has moved), the images are embedded exactly
+//! as `adapt` embedded them, and the saved classifier is applied. Output: a
+//! CSV table `image,<class>...,prediction` on stdout (and `--csv OUT`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use medvlm_adapt::method::load_classifier;
+use medvlm_adapt::methods::prompt_common::{PromptClassifier, PROMPT_METHOD_NAMES};
+
+use super::adapt::{prompt_probabilities, AdaptCard};
+use super::common::{probabilities, probability_csv, write_file};
+use super::embed::{
+    embed_images, list_images, load, preprocess_file, report_skipped, DeviceArgs, Skipped,
+};
 
 /// Arguments of `medvlm predict`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Artefact directory written by `medvlm adapt --out`.
+    #[arg(long)]
+    pub adapted: PathBuf,
+    /// Images: files, directories (searched recursively) or manifests (.jsonl / .csv).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Model to use instead of the one named in the artefact (same weights, moved).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Also write the probabilities to this CSV file.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Images per inference batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Skip unreadable images (counted and listed at the end) instead of stopping.
+    #[arg(long)]
+    pub skip_bad: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`medvlm predict` is not available yet (issue #6)")
+fn expand(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in inputs {
+        let ext = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
+        if p.is_dir() || matches!(ext.as_str(), "jsonl" | "csv" | "tsv" | "ndjson") {
+            out.extend(list_images(p)?);
+        } else if p.exists() {
+            out.push(p.clone());
+        } else {
+            bail!("{}: no such file or directory", p.display());
+        }
+    }
+    Ok(out)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = args.device.device()?;
+    let card = AdaptCard::read(&args.adapted)?;
+    let paths = expand(&args.images)?;
+    let spec = args.model.clone().unwrap_or_else(|| card.model.clone());
+    let m = load(&spec, &device).with_context(|| {
+        format!(
+            "the model of {} (use --model if it moved)",
+            args.adapted.display()
+        )
+    })?;
+    let (kept, skipped, probs): (Vec<PathBuf>, Vec<Skipped>, Vec<f32>) =
+        if PROMPT_METHOD_NAMES.contains(&card.method.as_str()) {
+            let clf = PromptClassifier::load(&args.adapted)?;
+            let mut kept = Vec::new();
+            let mut skipped = Vec::new();
+            for p in &paths {
+                match preprocess_file(p, &m.preprocess) {
+                    Ok(_) => kept.push(p.clone()),
+                    Err(e) if args.skip_bad => skipped.push(Skipped {
+                        path: p.display().to_string(),
+                        error: format!("{e:#}"),
+                    }),
+                    Err(e) => {
+                        return Err(e.context(format!(
+                            "{}: unreadable image (use --skip-bad to skip such files)",
+                            p.display()
+                        )))
+                    }
+                }
+            }
+            let probs = prompt_probabilities(&clf, &m, &kept, args.batch, &device)?;
+            (kept, skipped, probs)
+        } else {
+            let clf = load_classifier(&args.adapted)?;
+            let imgs = embed_images(&m, &paths, args.batch, args.skip_bad, &device)?;
+            let Some(feats) = imgs.embeds else {
+                report_skipped(&imgs.skipped);
+                bail!("none of the {} images could be read", paths.len());
+            };
+            let probs = probabilities(clf.as_ref(), &feats)?;
+            (imgs.paths, imgs.skipped, probs)
+        };
+    if kept.is_empty() {
+        report_skipped(&skipped);
+        bail!("none of the {} images could be read", paths.len());
+    }
+    let names: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();
+    let table = probability_csv(&names, &probs, &card.class_names);
+    print!("{table}");
+    if let Some(csv) = &args.csv {
+        write_file(csv, table.as_bytes())?;
+    }
+    if !skipped.is_empty() {
+        report_skipped(&skipped);
+        eprintln!(
+            "predicted {} image(s); skipped {} unreadable",
+            kept.len(),
+            skipped.len()
+        );
+    }
+    Ok(())
 }

@@ -1,9 +1,415 @@
-//! `medvlm bench fewshot`: not implemented yet (issue #6).
+//! `medvlm bench fewshot`: every requested frozen-feature method over shots
+//! x seeds on one labelled manifest.
+//!
+//! The images are embedded once (feature cache, see `commands::common`);
+//! for each (K, seed) one support set is drawn from the train split with
+//! the few-shot sampler and shared by all methods; each fitted classifier is
+//! evaluated on the test split with every metric (accuracy, balanced
+//! accuracy, macro-F1, per-class and macro AUROC, ECE with its reliability
+//! bins, split-conformal APS coverage and set size calibrated on the val
+//! split, or without one on the train images outside the support set).
+//!
+//! Outputs: a table of mean ± standard deviation over seeds per method and
+//! K (stdout, Markdown), a PNG plot of accuracy against shots with ±1 std
+//! error bars, and a JSON file with one record per (method, K, seed)
+//! carrying its metrics and its full few-shot protocol.
+//!
+//! `--methods all` is `zero-shot` plus every trained frozen-feature method
+//! (the zero-shot variants that only differ in their prompts, and the
+//! multi-label `zero-shot-pairs`, are left out). Prompt-learning and
+//! fine-tuning methods need the encoders and are refused here: run them
+//! with `medvlm adapt` (prompt learning) or `medvlm finetune`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use medvlm_adapt::fewshot::{FewShotProtocol, HyperparameterPolicy, SamplingMode, TaskKind};
+use medvlm_adapt::method::{
+    frozen_feature_method_names, method_by_name, AdaptInput, FeatureAccess, SupportSet,
+};
+use medvlm_eval::fewshot_table::{FewShotResult, FewShotTable, MeanStd};
+use medvlm_eval::plots::{LinePlot, Plot, Series, Size};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::commands::common::{
+    class_prompts, encode_class_texts, evaluate, model_fingerprint, model_logit_scale,
+    probabilities, task_features, write_file, Metrics, Task, TaskArgs,
+};
+use crate::commands::embed::{load, DeviceArgs};
 
 /// Arguments of `medvlm bench fewshot`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Model: a directory, hf:ORG/NAME[@REV], or a preset name.
+    #[arg(long)]
+    pub model: String,
+    /// Manifest (.jsonl / .csv) with labelled images and train / val / test splits.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// `all`, or method names separated by commas.
+    #[arg(long, default_value = "all")]
+    pub methods: String,
+    /// Shots per class, comma-separated.
+    #[arg(long, default_value = "1,2,4,8,16")]
+    pub shots: String,
+    /// Number of seeds (0..N).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// JSON output: one record per method, K and seed.
+    #[arg(long)]
+    pub json: PathBuf,
+    /// PNG plot of accuracy against shots (default: the JSON path with .png).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Support-set sampling: balanced or realistic.
+    #[arg(long, default_value = "balanced", value_parser = ["balanced", "realistic"])]
+    pub mode: String,
+    /// Choose hyperparameters by F-fold cross-validation on the support set only.
+    #[arg(long, value_name = "F")]
+    pub support_cv: Option<usize>,
+    #[command(flatten)]
+    pub task: TaskArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`medvlm bench fewshot` is not available yet (issue #6)")
+/// One (method, K, seed) result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchRecord {
+    /// Method registry name.
+    pub method: String,
+    /// The protocol of this run.
+    pub protocol: FewShotProtocol,
+    /// Support-set size.
+    pub support_size: usize,
+    /// Every test metric.
+    pub metrics: Metrics,
+    /// Seconds to fit.
+    pub fit_seconds: f64,
+    /// Seconds to score the test set.
+    pub predict_seconds: f64,
+}
+
+/// The JSON file written by the benchmark.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchOutput {
+    /// Model spec.
+    pub model: String,
+    /// Model fingerprint.
+    pub model_fingerprint: String,
+    /// Manifest.
+    pub data: PathBuf,
+    /// SHA-256 of the manifest.
+    pub data_sha256: String,
+    /// Classes.
+    pub class_names: Vec<String>,
+    /// Prompts per class.
+    pub prompts: Vec<(String, Vec<String>)>,
+    /// Pool (train) and test sizes.
+    pub pool_size: usize,
+    /// Test-set size.
+    pub test_size: usize,
+    /// One record per method, K and seed.
+    pub records: Vec<BenchRecord>,
+    /// Accuracy table (mean ± std over seeds).
+    pub accuracy_table: FewShotTable,
+    /// Balanced-accuracy table.
+    pub balanced_accuracy_table: FewShotTable,
+}
+
+/// Resolves `--methods`.
+pub fn resolve_methods(spec: &str) -> anyhow::Result<Vec<String>> {
+    if spec.trim() == "all" {
+        let mut v = vec!["zero-shot".to_string()];
+        v.extend(
+            frozen_feature_method_names()
+                .into_iter()
+                .filter(|n| !n.starts_with("zero-shot"))
+                .map(str::to_string),
+        );
+        return Ok(v);
+    }
+    let names: Vec<String> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if names.is_empty() {
+        bail!("--methods: give `all` or a comma-separated list of method names");
+    }
+    for n in &names {
+        let m = method_by_name(n, None)?;
+        if m.requires_encoder() {
+            bail!(
+                "--methods: '{n}' needs the encoders and cannot run on the cached features this \
+                 benchmark uses; run it with `medvlm adapt --method {n}` (prompt learning) or \
+                 `medvlm finetune`, or drop it from --methods (frozen-feature methods: {})",
+                frozen_feature_method_names().join(", ")
+            );
+        }
+    }
+    Ok(names)
+}
+
+fn parse_shots(s: &str) -> anyhow::Result<Vec<usize>> {
+    let mut v = s
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            x.parse::<usize>()
+                .ok()
+                .filter(|&k| k > 0)
+                .with_context(|| format!("--shots: {x:?} is not a positive integer"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    v.sort_unstable();
+    v.dedup();
+    if v.is_empty() {
+        bail!("--shots: give at least one K, e.g. 1,2,4,8,16");
+    }
+    Ok(v)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = args.device.device()?;
+    let methods = resolve_methods(&args.methods)?;
+    let shots = parse_shots(&args.shots)?;
+    if args.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    let policy = match args.support_cv {
+        None => HyperparameterPolicy::Fixed,
+        Some(f) if f >= 2 => HyperparameterPolicy::SupportCv { folds: f },
+        Some(f) => bail!("--support-cv {f}: needs at least 2 folds"),
+    };
+    let mode = match args.mode.as_str() {
+        "realistic" => SamplingMode::Realistic { min_per_class: 1 },
+        _ => SamplingMode::Balanced,
+    };
+    let task = Task::from_manifest(&args.data, &args.task)?;
+    let prompts = class_prompts(&task.class_names, &args.task)?;
+    let m = load(&args.model, &device)?;
+    let feats = task_features(&task, &args.model, &m, &args.task, &device)?;
+    let texts = encode_class_texts(&m, &prompts, args.task.batch, &device)?;
+    let scale = model_logit_scale(&m)?;
+    let c = task.class_names.len();
+
+    let pool_rows = feats.available(&task.split_rows(&args.task.split));
+    let test_rows = feats.available(&task.split_rows(&args.task.test_split));
+    if pool_rows.is_empty() || test_rows.is_empty() {
+        bail!(
+            "{}: need labelled '{}' images ({} found) and '{}' images ({} found); set --split / --test-split",
+            args.data.display(),
+            args.task.split,
+            pool_rows.len(),
+            args.task.test_split,
+            test_rows.len()
+        );
+    }
+    let (pool_f, pool_y) = feats.select(&task, &pool_rows)?;
+    let (test_f, test_y) = feats.select(&task, &test_rows)?;
+    let val_rows = feats.available(&task.split_rows(&args.task.calib_split));
+    let val = if val_rows.is_empty() {
+        None
+    } else {
+        Some(feats.select(&task, &val_rows)?)
+    };
+
+    let built = methods
+        .iter()
+        .map(|n| method_by_name(n, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    let jobs: Vec<(usize, u64)> = shots
+        .iter()
+        .flat_map(|&k| (0..args.seeds).map(move |s| (k, s)))
+        .collect();
+    let t0 = Instant::now();
+    let per_job: Vec<anyhow::Result<Vec<BenchRecord>>> = jobs
+        .par_iter()
+        .map(|&(k, seed)| -> anyhow::Result<Vec<BenchRecord>> {
+            let protocol = FewShotProtocol {
+                shots: k,
+                seed,
+                mode: mode.clone(),
+                task: TaskKind::MultiClass,
+                hyperparameter_policy: policy,
+                validation_set: false,
+            };
+            let idx = protocol
+                .sample(&pool_y, &task.class_names)
+                .map_err(|e| anyhow::anyhow!("--shots {k}: {e}"))?;
+            let support = SupportSet::from_pool(&pool_f, &pool_y, &idx)?;
+            let input = AdaptInput {
+                texts: &texts,
+                support: &support,
+                access: FeatureAccess::FrozenFeatures,
+                logit_scale: Some(scale),
+                policy,
+                seed,
+                protocol: Some(&protocol),
+            };
+            // Conformal calibration: the val split, else the pool outside the support set.
+            let (cal_f, cal_y, source) = match &val {
+                Some((f, y)) => (
+                    f.clone(),
+                    y.clone(),
+                    format!("split '{}'", args.task.calib_split),
+                ),
+                None => {
+                    let in_support: std::collections::BTreeSet<usize> =
+                        idx.iter().copied().collect();
+                    let rest: Vec<usize> = (0..pool_y.len())
+                        .filter(|i| !in_support.contains(i))
+                        .collect();
+                    let rows: Vec<usize> = rest.iter().map(|&i| pool_rows[i]).collect();
+                    let (f, y) = feats.select(&task, &rows)?;
+                    (
+                        f,
+                        y,
+                        format!("'{}' images outside the support set", args.task.split),
+                    )
+                }
+            };
+            let mut out = Vec::with_capacity(built.len());
+            for method in &built {
+                let t_fit = Instant::now();
+                let clf = method
+                    .fit(&input)
+                    .with_context(|| format!("{} at K={k}, seed {seed}", method.name()))?;
+                let fit_seconds = t_fit.elapsed().as_secs_f64();
+                let t_pred = Instant::now();
+                let probs = probabilities(clf.as_ref(), &test_f)?;
+                let predict_seconds = t_pred.elapsed().as_secs_f64();
+                let calib = if cal_y.is_empty() {
+                    None
+                } else {
+                    Some((probabilities(clf.as_ref(), &cal_f)?, cal_y.clone()))
+                };
+                let metrics = evaluate(
+                    &probs,
+                    &test_y,
+                    c,
+                    calib
+                        .as_ref()
+                        .map(|(p, y)| (p.as_slice(), y.as_slice(), source.clone())),
+                    seed,
+                )?;
+                out.push(BenchRecord {
+                    method: method.name().to_string(),
+                    protocol: protocol.clone(),
+                    support_size: idx.len(),
+                    metrics,
+                    fit_seconds,
+                    predict_seconds,
+                });
+            }
+            Ok(out)
+        })
+        .collect();
+    let mut records = Vec::new();
+    for r in per_job {
+        records.extend(r?);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+
+    let table_of = |metric: &str, get: &dyn Fn(&Metrics) -> f64| {
+        let results: Vec<FewShotResult> = records
+            .iter()
+            .map(|r| FewShotResult {
+                method: r.method.clone(),
+                shots: r.protocol.shots,
+                values: vec![get(&r.metrics)],
+            })
+            .collect();
+        FewShotTable::new(metric, &results)
+    };
+    let acc = table_of("accuracy, %", &|m| m.accuracy);
+    let bal = table_of("balanced accuracy, %", &|m| m.balanced_accuracy);
+
+    let mut plot = LinePlot::new(
+        format!("few-shot accuracy ({} classes, {} seeds)", c, args.seeds),
+        "log2 K (shots per class)",
+        "test accuracy",
+    );
+    for (mi, method) in acc.methods.iter().enumerate() {
+        let mut points = Vec::new();
+        let mut errors = Vec::new();
+        for (ki, &k) in acc.shots.iter().enumerate() {
+            if let Some(MeanStd { mean, std, .. }) = &acc.cells[mi][ki] {
+                points.push(((k as f64).log2(), *mean));
+                errors.push(*std);
+            }
+        }
+        plot = plot.series(Series::new(method.clone(), points).with_errors(errors));
+    }
+    let plot_path = args
+        .plot
+        .clone()
+        .unwrap_or_else(|| args.json.with_extension("png"));
+    if let Some(dir) = plot_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    plot.write_png(&plot_path, Size::default())
+        .with_context(|| format!("drawing {}", plot_path.display()))?;
+
+    let output = BenchOutput {
+        model: args.model.clone(),
+        model_fingerprint: model_fingerprint(&args.model, &m),
+        data: args.data.clone(),
+        data_sha256: task.manifest_sha256.clone(),
+        class_names: task.class_names.clone(),
+        prompts,
+        pool_size: pool_rows.len(),
+        test_size: test_rows.len(),
+        records,
+        accuracy_table: acc.clone(),
+        balanced_accuracy_table: bal.clone(),
+    };
+    write_file(&args.json, &serde_json::to_vec_pretty(&output)?)?;
+
+    println!(
+        "{} classes, pool {} ({} split), test {} ({} split), {} method(s) x {} K x {} seed(s) in {:.1} s",
+        c,
+        pool_rows.len(),
+        args.task.split,
+        test_rows.len(),
+        args.task.test_split,
+        methods.len(),
+        shots.len(),
+        args.seeds,
+        elapsed
+    );
+    println!("{}", acc.to_markdown(100.0, 1));
+    println!("{}", bal.to_markdown(100.0, 1));
+    if let Some(zi) = acc.methods.iter().position(|m| m == "zero-shot") {
+        let last = acc.shots.len() - 1;
+        if let Some(z) = &acc.cells[zi][last] {
+            let better: Vec<&str> = acc
+                .methods
+                .iter()
+                .zip(&acc.cells)
+                .filter(|(name, row)| {
+                    *name != "zero-shot" && row[last].as_ref().is_some_and(|c| c.mean > z.mean)
+                })
+                .map(|(name, _)| name.as_str())
+                .collect();
+            println!(
+                "zero-shot accuracy {:.1}% (chance {:.1}%); above zero-shot at K={}: {}",
+                z.mean * 100.0,
+                100.0 / c as f64,
+                acc.shots[last],
+                if better.is_empty() {
+                    "none".to_string()
+                } else {
+                    better.join(", ")
+                }
+            );
+        }
+    }
+    println!("wrote {} and {}", args.json.display(), plot_path.display());
+    Ok(())
 }

@@ -1,0 +1,658 @@
+//! Shared pieces of `medvlm adapt`, `medvlm predict` and `medvlm bench fewshot`:
+//! selecting a labelled task from a manifest, building the class prompts,
+//! extracting (and caching) image features once, and the "fit -> evaluate ->
+//! record" step with every metric of medvlm-eval.
+//!
+//! Task: the records of a manifest, optionally filtered with `--where
+//! FIELD=VALUE` (e.g. `modality=chest_xray`), labelled by `--label-field`
+//! (`label`, or any string column such as `modality`). Classes are the sorted
+//! distinct labels of the training split unless `--classes` gives them (and
+//! their order). Records whose label is not a class are not used; their
+//! number is printed, never dropped silently.
+//!
+//! Features: every selected record is embedded once and cached with
+//! [`medvlm_adapt::feature_cache`] under a key made of the model (spec,
+//! family, and the sizes and modification times of the files of its
+//! directory), the manifest (SHA-256 of its bytes and of the selected image
+//! paths) and the preprocessing; the cached "labels" are the manifest row
+//! indices of the embedded images, so rows skipped with `--skip-bad` stay
+//! identifiable on a cache hit.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use medvlm_adapt::feature_cache::{
+    hash_paths, sha256_hex, CacheStatus, CachedFeatures, CachedLabels, FeatureCache,
+    FeatureCacheKey,
+};
+use medvlm_adapt::method::{AdaptedClassifier, ClassTexts};
+use medvlm_eval::auroc::{auroc_one_vs_rest, AurocReport};
+use medvlm_eval::calibration::{reliability_diagram, ReliabilityDiagram, DEFAULT_NUM_BINS};
+use medvlm_eval::classification::{argmax_rows, ClassificationReport};
+use medvlm_eval::conformal::{ConformalConfig, ConformalPredictor, ConformalReport};
+use medvlm_models::LoadedModel;
+use serde::{Deserialize, Serialize};
+
+use super::embed::{embed_images, embed_texts, report_skipped, Skipped};
+
+/// Task selection flags shared by `adapt` and `bench fewshot`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TaskArgs {
+    /// Manifest column holding the class: `label`, or any string column (e.g. `modality`).
+    /// Multi-label (`labels`) tasks are not supported by these commands yet.
+    #[arg(long, default_value = "label")]
+    pub label_field: String,
+    /// Only use records whose FIELD equals VALUE (repeatable), e.g. `--where modality=chest_xray`.
+    #[arg(long = "where", value_name = "FIELD=VALUE")]
+    pub filters: Vec<String>,
+    /// Classes in index order, separated by `;` (default: the sorted labels of the train split).
+    #[arg(long)]
+    pub classes: Option<String>,
+    /// Split whose records form the pool the support set is drawn from.
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Split used for evaluation (`none` to skip evaluation).
+    #[arg(long, default_value = "test")]
+    pub test_split: String,
+    /// Split used only to calibrate the conformal prediction sets (never for model
+    /// selection). When the manifest has none, the train records outside the support
+    /// set are used.
+    #[arg(long, default_value = "val")]
+    pub calib_split: String,
+    /// Prompt template(s) for each class (repeatable; several are ensembled); `{}` is
+    /// replaced by the class name with `_` turned into spaces.
+    #[arg(long, default_value = "a medical image of {}")]
+    pub template: Vec<String>,
+    /// JSON file of class prompts or descriptions: {"class": ["text", ...], ...}. Every
+    /// class must appear, and no other name; replaces --template.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Feature cache directory (default: `.medvlm-cache` beside the manifest).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Images per inference batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Skip unreadable images (counted and listed) instead of stopping.
+    #[arg(long)]
+    pub skip_bad: bool,
+}
+
+/// One labelled record of the task.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    /// Row index in the manifest.
+    pub record: usize,
+    /// Image path.
+    pub path: PathBuf,
+    /// Split name, if any.
+    pub split: Option<String>,
+    /// Class index.
+    pub class: usize,
+}
+
+/// A multi-class task read from a manifest.
+#[derive(Debug, Clone)]
+pub struct Task {
+    /// The manifest file.
+    pub manifest_path: PathBuf,
+    /// SHA-256 of the manifest bytes.
+    pub manifest_sha256: String,
+    /// Class names in index order.
+    pub class_names: Vec<String>,
+    /// Labelled rows (all splits) in manifest order.
+    pub rows: Vec<TaskRow>,
+}
+
+fn field_value(rec: &medvlm_io::ManifestRecord, field: &str) -> Option<String> {
+    match field {
+        "label" => rec.label.clone(),
+        "split" => rec.split.clone(),
+        "image" => Some(rec.image.clone()),
+        other => match rec.extra.get(other) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            Some(serde_json::Value::Bool(b)) => Some(b.to_string()),
+            _ => None,
+        },
+    }
+}
+
+impl Task {
+    /// Reads the manifest and selects the labelled records of the task.
+    pub fn from_manifest(path: &Path, args: &TaskArgs) -> anyhow::Result<Self> {
+        if args.label_field == "labels" {
+            bail!(
+                "--label-field labels: multi-label tasks are not supported by this command yet; \
+                 use a single-label column (e.g. `label`)"
+            );
+        }
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading manifest {}", path.display()))?;
+        let manifest = medvlm_io::read_manifest(path)
+            .with_context(|| format!("reading manifest {}", path.display()))?;
+        let mut filters = Vec::new();
+        for f in &args.filters {
+            let Some((k, v)) = f.split_once('=') else {
+                bail!("--where {f:?}: expected FIELD=VALUE, e.g. modality=chest_xray");
+            };
+            filters.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        let selected: Vec<(usize, &medvlm_io::ManifestRecord)> = manifest
+            .records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                filters
+                    .iter()
+                    .all(|(k, v)| field_value(r, k).as_deref() == Some(v.as_str()))
+            })
+            .collect();
+        if selected.is_empty() {
+            bail!(
+                "manifest {} has no records{}",
+                path.display(),
+                if filters.is_empty() {
+                    String::new()
+                } else {
+                    format!(" matching --where {:?}", args.filters)
+                }
+            );
+        }
+        let class_names: Vec<String> = match &args.classes {
+            Some(c) => {
+                let names: Vec<String> = c
+                    .split(';')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                let distinct: BTreeSet<&String> = names.iter().collect();
+                if distinct.len() != names.len() {
+                    bail!("--classes {c:?} names a class twice");
+                }
+                names
+            }
+            None => selected
+                .iter()
+                .filter(|(_, r)| r.split.as_deref() == Some(args.split.as_str()))
+                .filter_map(|(_, r)| field_value(r, &args.label_field))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        };
+        if class_names.len() < 2 {
+            bail!(
+                "manifest {}: the '{}' split has {} distinct '{}' value(s) ({:?}); a classification \
+                 task needs at least two classes (check --split, --label-field and --where)",
+                path.display(),
+                args.split,
+                class_names.len(),
+                args.label_field,
+                class_names
+            );
+        }
+        let mut rows = Vec::new();
+        let mut unlabelled = 0usize;
+        let mut other_class = 0usize;
+        for (i, r) in selected {
+            let Some(label) = field_value(r, &args.label_field) else {
+                unlabelled += 1;
+                continue;
+            };
+            let Some(class) = class_names.iter().position(|c| *c == label) else {
+                other_class += 1;
+                continue;
+            };
+            rows.push(TaskRow {
+                record: i,
+                path: manifest.image_path(r),
+                split: r.split.clone(),
+                class,
+            });
+        }
+        if unlabelled + other_class > 0 {
+            eprintln!(
+                "note: {} record(s) without a '{}' value and {} with a label outside the {} \
+                 classes are not used",
+                unlabelled,
+                args.label_field,
+                other_class,
+                class_names.len()
+            );
+        }
+        Ok(Self {
+            manifest_path: path.to_path_buf(),
+            manifest_sha256: sha256_hex(&bytes),
+            class_names,
+            rows,
+        })
+    }
+
+    /// Indices into `rows` of a split.
+    pub fn split_rows(&self, split: &str) -> Vec<usize> {
+        self.rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.split.as_deref() == Some(split))
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
+
+/// The prompts of each class, in class order.
+pub fn class_prompts(
+    class_names: &[String],
+    args: &TaskArgs,
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let Some(path) = &args.prompts else {
+        if args.template.is_empty() {
+            bail!("give at least one --template (or --prompts FILE.json)");
+        }
+        return Ok(class_names
+            .iter()
+            .map(|c| {
+                let name = c.replace('_', " ");
+                let prompts = args
+                    .template
+                    .iter()
+                    .map(|t| t.replace("{}", &name))
+                    .collect();
+                (c.clone(), prompts)
+            })
+            .collect());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let serde_json::Value::Object(map) = v else {
+        bail!(
+            "{}: expected a JSON object {{\"class\": [\"prompt\", ...], ...}}",
+            path.display()
+        );
+    };
+    for k in map.keys() {
+        if !class_names.contains(k) {
+            bail!(
+                "prompts file {} names class {k:?}, which is not one of the task's classes {:?}; \
+                 rename or remove it (or change --classes / --label-field)",
+                path.display(),
+                class_names
+            );
+        }
+    }
+    let mut out = Vec::with_capacity(class_names.len());
+    for c in class_names {
+        let Some(v) = map.get(c) else {
+            bail!(
+                "prompts file {} has no prompts for class {c:?}; add an entry \"{c}\": [\"...\"]",
+                path.display()
+            );
+        };
+        let prompts: Vec<String> = match v {
+            serde_json::Value::String(s) => vec![s.clone()],
+            other => serde_json::from_value(other.clone()).with_context(|| {
+                format!(
+                    "{}: prompts of class {c:?} must be a string or a list of strings",
+                    path.display()
+                )
+            })?,
+        };
+        if prompts.is_empty() {
+            bail!(
+                "prompts file {}: class {c:?} has no prompts",
+                path.display()
+            );
+        }
+        out.push((c.clone(), prompts));
+    }
+    Ok(out)
+}
+
+/// Encodes the class prompts with the model's text tower.
+pub fn encode_class_texts(
+    m: &LoadedModel,
+    prompts: &[(String, Vec<String>)],
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<ClassTexts> {
+    let mut per_class = Vec::with_capacity(prompts.len());
+    for (_, p) in prompts {
+        per_class.push(embed_texts(m, p, batch, device)?);
+    }
+    Ok(ClassTexts {
+        class_names: prompts.iter().map(|(c, _)| c.clone()).collect(),
+        prompts: per_class,
+        negative_prompts: None,
+    })
+}
+
+/// The model's logit scale `exp(log_scale)`, as the methods expect it.
+pub fn model_logit_scale(m: &LoadedModel) -> anyhow::Result<f64> {
+    let s = m
+        .model
+        .logit_scale()
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let Some(&log_scale) = s.first() else {
+        bail!("the model has an empty logit scale");
+    };
+    Ok(log_scale.exp())
+}
+
+/// A cache identity of the model: its spec, family and the sizes and
+/// modification times of the files of its directory (cheap, and changes
+/// whenever the weights are rewritten).
+pub fn model_fingerprint(spec: &str, m: &LoadedModel) -> String {
+    let mut parts = vec![spec.to_string(), m.family.to_string()];
+    if let Ok(entries) = std::fs::read_dir(&m.dir) {
+        let mut files: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                let md = e.metadata().ok()?;
+                if !md.is_file() {
+                    return None;
+                }
+                let mtime = md
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                Some(format!(
+                    "{}:{}:{mtime}",
+                    e.file_name().to_string_lossy(),
+                    md.len()
+                ))
+            })
+            .collect();
+        files.sort();
+        parts.extend(files);
+    }
+    hash_paths(&parts)
+}
+
+/// Image features of every task row that could be read.
+pub struct TaskFeatures {
+    /// `[N, D]` f32, one row per entry of `rows`.
+    pub features: Tensor,
+    /// Indices into `Task::rows` of the feature rows.
+    pub rows: Vec<usize>,
+}
+
+impl TaskFeatures {
+    /// The feature rows of the given task rows (which must have features),
+    /// with their class labels.
+    pub fn select(&self, task: &Task, task_rows: &[usize]) -> anyhow::Result<(Tensor, Vec<usize>)> {
+        let mut pos = std::collections::HashMap::new();
+        for (i, &r) in self.rows.iter().enumerate() {
+            pos.insert(r, i as u32);
+        }
+        let mut idx = Vec::with_capacity(task_rows.len());
+        for r in task_rows {
+            let Some(&p) = pos.get(r) else {
+                bail!("image {} has no features", task.rows[*r].path.display());
+            };
+            idx.push(p);
+        }
+        let t = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+        Ok((
+            self.features.index_select(&t, 0)?,
+            task_rows.iter().map(|&r| task.rows[r].class).collect(),
+        ))
+    }
+
+    /// Restricts `task_rows` to those with features.
+    pub fn available(&self, task_rows: &[usize]) -> Vec<usize> {
+        let have: BTreeSet<usize> = self.rows.iter().copied().collect();
+        task_rows
+            .iter()
+            .copied()
+            .filter(|r| have.contains(r))
+            .collect()
+    }
+}
+
+/// Default cache directory: `.medvlm-cache` beside the manifest.
+pub fn default_cache_dir(manifest: &Path) -> PathBuf {
+    manifest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(".medvlm-cache")
+}
+
+/// Embeds every task row once, through the feature cache.
+pub fn task_features(
+    task: &Task,
+    model_spec: &str,
+    m: &LoadedModel,
+    args: &TaskArgs,
+    device: &Device,
+) -> anyhow::Result<TaskFeatures> {
+    let paths: Vec<String> = task
+        .rows
+        .iter()
+        .map(|r| r.path.display().to_string())
+        .collect();
+    let key = FeatureCacheKey {
+        model_id: format!("{model_spec}#{}", model_fingerprint(model_spec, m)),
+        dataset_hash: format!("{}+{}", task.manifest_sha256, hash_paths(&paths)),
+        preprocessing: format!("{:?}", m.preprocess),
+    };
+    let cache = FeatureCache::new(
+        args.cache
+            .clone()
+            .unwrap_or_else(|| default_cache_dir(&task.manifest_path)),
+    );
+    let mut skipped: Vec<Skipped> = Vec::new();
+    let (cached, status) = cache
+        .load_or_compute(&key, || -> anyhow::Result<CachedFeatures> {
+            let all: Vec<PathBuf> = task.rows.iter().map(|r| r.path.clone()).collect();
+            let imgs = embed_images(m, &all, args.batch, args.skip_bad, device)?;
+            skipped = imgs.skipped;
+            let Some(features) = imgs.embeds else {
+                bail!("none of the {} images could be read", all.len());
+            };
+            // Rows kept, in order: the paths not skipped.
+            let skipped_set: BTreeSet<&str> = skipped.iter().map(|s| s.path.as_str()).collect();
+            let kept: Vec<usize> = (0..task.rows.len())
+                .filter(|&i| !skipped_set.contains(paths[i].as_str()))
+                .map(|i| task.rows[i].record)
+                .collect();
+            let kept_paths: Vec<&String> = (0..task.rows.len())
+                .filter(|&i| !skipped_set.contains(paths[i].as_str()))
+                .map(|i| &paths[i])
+                .collect();
+            Ok(CachedFeatures {
+                features,
+                labels: CachedLabels::MultiClass(kept),
+                paths_sha256: hash_paths(&kept_paths),
+            })
+        })
+        .with_context(|| format!("image features of {}", task.manifest_path.display()))?;
+    report_skipped(&skipped);
+    match status {
+        CacheStatus::Hit => eprintln!("features: loaded from {}", cache.path_for(&key).display()),
+        CacheStatus::Miss => eprintln!(
+            "features: computed, cached in {}",
+            cache.path_for(&key).display()
+        ),
+        CacheStatus::Invalidated(why) => eprintln!(
+            "features: cache file {} was invalid ({why}); recomputed",
+            cache.path_for(&key).display()
+        ),
+    }
+    let CachedLabels::MultiClass(records) = cached.labels else {
+        bail!(
+            "feature cache {} holds multi-hot labels, not manifest rows; delete it",
+            cache.path_for(&key).display()
+        );
+    };
+    let by_record: std::collections::HashMap<usize, usize> = task
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.record, i))
+        .collect();
+    let rows = records
+        .iter()
+        .map(|rec| {
+            by_record.get(rec).copied().with_context(|| {
+                format!(
+                    "feature cache {} names manifest row {rec}, not in this task; delete it",
+                    cache.path_for(&key).display()
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if rows.len() < task.rows.len() {
+        eprintln!(
+            "note: {} of {} image(s) were unreadable and have no features",
+            task.rows.len() - rows.len(),
+            task.rows.len()
+        );
+    }
+    Ok(TaskFeatures {
+        features: cached.features.to_dtype(DType::F32)?,
+        rows,
+    })
+}
+
+/// Conformal calibration summary with the report on the test set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConformalSummary {
+    /// Score function and miscoverage level.
+    pub config: ConformalConfig,
+    /// Where the calibration examples came from.
+    pub calibration_source: String,
+    /// Number of calibration examples.
+    pub n_calibration: usize,
+    /// Target coverage, measured coverage and mean set size on the test set.
+    pub report: ConformalReport,
+}
+
+/// Every metric of one evaluation on a labelled test set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Test-set size.
+    pub n: usize,
+    /// Top-1 accuracy.
+    pub accuracy: f64,
+    /// Mean per-class recall over the classes present in the test set.
+    pub balanced_accuracy: f64,
+    /// Macro-averaged F1.
+    pub macro_f1: f64,
+    /// Macro AUROC (one-vs-rest; classes without positives or negatives are left out).
+    pub macro_auroc: Option<f64>,
+    /// Per-class one-vs-rest AUROC.
+    pub auroc: AurocReport,
+    /// Expected calibration error (15 equal-width bins on the top-class confidence).
+    pub ece: f64,
+    /// The reliability diagram the ECE comes from.
+    pub reliability: ReliabilityDiagram,
+    /// Split-conformal APS sets, when calibration examples exist.
+    pub conformal: Option<ConformalSummary>,
+}
+
+/// Row-major probabilities `[M, C]` of a classifier on features.
+pub fn probabilities(clf: &dyn AdaptedClassifier, features: &Tensor) -> anyhow::Result<Vec<f32>> {
+    Ok(clf
+        .probabilities(features)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
+/// Computes every metric from test probabilities; `calibration` gives the
+/// probabilities and labels of the conformal calibration examples.
+pub fn evaluate(
+    probs: &[f32],
+    labels: &[usize],
+    num_classes: usize,
+    calibration: Option<(&[f32], &[usize], String)>,
+    seed: u64,
+) -> anyhow::Result<Metrics> {
+    let pred = argmax_rows(probs, num_classes)?;
+    let report = ClassificationReport::new(labels, &pred, num_classes)?;
+    let n = labels.len();
+    let accuracy = pred.iter().zip(labels).filter(|(p, y)| p == y).count() as f64 / n.max(1) as f64;
+    let auroc = auroc_one_vs_rest(probs, labels, num_classes)?;
+    let reliability = reliability_diagram(probs, labels, num_classes, DEFAULT_NUM_BINS)?;
+    let conformal = match calibration {
+        Some((cal_probs, cal_labels, source)) if !cal_labels.is_empty() => {
+            let config = ConformalConfig {
+                seed,
+                ..ConformalConfig::default()
+            };
+            let predictor =
+                ConformalPredictor::calibrate(cal_probs, cal_labels, num_classes, config)?;
+            Some(ConformalSummary {
+                config,
+                calibration_source: source,
+                n_calibration: cal_labels.len(),
+                report: predictor.evaluate(probs, labels)?,
+            })
+        }
+        _ => None,
+    };
+    Ok(Metrics {
+        n,
+        accuracy,
+        balanced_accuracy: report.balanced_accuracy,
+        macro_f1: report.macro_f1,
+        macro_auroc: auroc.macro_auroc,
+        ece: reliability.ece,
+        auroc,
+        reliability,
+        conformal,
+    })
+}
+
+/// CSV field quoting.
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// A probability table as CSV: `image,<class>...,prediction`.
+pub fn probability_csv(paths: &[String], probs: &[f32], class_names: &[String]) -> String {
+    let c = class_names.len();
+    let mut out = String::from("image");
+    for name in class_names {
+        out.push(',');
+        out.push_str(&csv_field(name));
+    }
+    out.push_str(",prediction\n");
+    for (p, row) in paths.iter().zip(probs.chunks_exact(c.max(1))) {
+        out.push_str(&csv_field(p));
+        let mut best = 0;
+        for (i, v) in row.iter().enumerate() {
+            out.push_str(&format!(",{v:.6}"));
+            if *v > row[best] {
+                best = i;
+            }
+        }
+        out.push(',');
+        out.push_str(&csv_field(&class_names[best]));
+        out.push('\n');
+    }
+    out
+}
+
+/// Writes bytes atomically, creating the parent folder.
+pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    medvlm_io::atomic::write_atomic(path, bytes)
+        .with_context(|| format!("writing {}", path.display()))
+}
