@@ -126,12 +126,15 @@ fn lora_finetune_exports_a_model_that_embed_and_zero_shot_load() {
         &out,
         "[finetune]\nmode = \"lora\"\n[finetune.lora]\nrank = 2\nalpha = 4.0\ntargets = [\"q\", \"v\"]\n",
     );
-    let res = medvlm(&["finetune", "--config", s(&cfg)]);
+    // The file says 3 epochs; --set overrides it.
+    let res = medvlm(&["finetune", "--config", s(&cfg), "--set", "optim.epochs=2"]);
     assert!(
         res.status.success(),
         "{}",
         String::from_utf8_lossy(&res.stderr)
     );
+    let resolved = std::fs::read_to_string(out.join("config.resolved.toml")).unwrap();
+    assert!(resolved.contains("epochs = 2"), "{resolved}");
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("finetune.json")).unwrap()).unwrap();
     // q_proj and v_proj of 2 blocks in 2 towers, rank 2 (A [2, 32] + B [32, 2] each).
@@ -139,10 +142,10 @@ fn lora_finetune_exports_a_model_that_embed_and_zero_shot_load() {
     assert_eq!(report["trainable_scalars"].as_u64().unwrap(), 8 * 128);
     assert_eq!(report["temperature_learnable"], true);
     assert_eq!(report["base_tensors_trained"], 0);
-    // 6 pairs in batches of 3: 2 updates per epoch, 3 epochs.
-    assert_eq!(report["steps"], 6);
+    // 6 pairs in batches of 3: 2 updates per epoch, 2 epochs.
+    assert_eq!(report["steps"], 4);
     let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
-    assert_eq!(log.lines().count(), 6);
+    assert_eq!(log.lines().count(), 4);
     // The export holds plain weights only: no LoRA tensors.
     let w =
         candle_core::safetensors::load(out.join("model/model.safetensors"), &Device::Cpu).unwrap();

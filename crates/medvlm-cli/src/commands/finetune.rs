@@ -1,7 +1,8 @@
-//! `medvlm finetune --config FILE.toml [--resume] [--skip-bad]`: contrastive fine-tuning of a
+//! `medvlm finetune --config FILE.toml [--set KEY=VALUE ...] [--resume] [--skip-bad]`: contrastive fine-tuning of a
 //! pretrained model directory on a manifest's image-text pairs, in one of the modes of
 //! `medvlm_adapt::finetune` (full, partial = last k blocks, BitFit, LoRA). Every
-//! hyperparameter is a key of the TOML file (docs/training.md, docs/finetuning.md).
+//! hyperparameter is a key of the TOML file (docs/training.md, docs/finetuning.md); `--set`
+//! overrides one before validation.
 //!
 //! Order of work: the configuration is validated, the model loaded (trainable) and the mode
 //! applied, so a mode that does not fit the model (LoRA targets that match no layer, `last_k`
@@ -10,7 +11,8 @@
 //! loop runs (AdamW, warm-up + cosine, checkpoints, exact `--resume`).
 //!
 //! Output directory: `checkpoints/`, `train_log.jsonl` (one line per update: loss, learning
-//! rate, temperature, gradient norm), `config.toml` (a copy of the configuration),
+//! rate, temperature, gradient norm), `config.resolved.toml` (the configuration with overrides
+//! and defaults filled in),
 //! `finetune.json` (mode, trainable parameters, LoRA layers, steps, skipped images) and
 //! `model/`: a model directory of the same family, LoRA merged into the weights, that
 //! `medvlm embed` and `medvlm zero-shot` load like a hub model.
@@ -24,6 +26,7 @@ use medvlm_adapt::finetune::{
 };
 use medvlm_adapt::lora::merge_lora;
 use medvlm_adapt::losses::{ContrastiveHead, LossKind};
+use medvlm_adapt::pretrain::{config_toml, load_pretrain_config};
 use medvlm_adapt::train_config::{AugmentConfig, Command, TrainConfig};
 use medvlm_adapt::trainer::{Callbacks, LoopConfig, RunPaths, StepRecord};
 use medvlm_models::{LoadMode, LoadOptions};
@@ -39,6 +42,9 @@ pub struct Args {
     /// docs/training.md and docs/finetuning.md).
     #[arg(long)]
     pub config: PathBuf,
+    /// Override a key, e.g. `--set finetune.lora.rank=4 --set optim.lr=1e-4` (TOML values).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
     /// Continue the run in output_dir from its newest checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -187,7 +193,7 @@ fn load_pairs(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let cfg = TrainConfig::load(&args.config, Command::Finetune)?;
+    let cfg: TrainConfig = load_pretrain_config(&args.config, &args.overrides, Command::Finetune)?;
     let spec = FinetuneSpec::from_config(&cfg)?;
     check_unsupported(&cfg)?;
     let source = cfg
@@ -262,9 +268,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("creating output_dir {}", cfg.output_dir.display()))?;
-    let text = std::fs::read(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    write_atomic(&cfg.output_dir.join("config.toml"), &text)?;
+    write_atomic(
+        &cfg.output_dir.join("config.resolved.toml"),
+        config_toml(&cfg)?.as_bytes(),
+    )?;
     let paths = RunPaths {
         checkpoints: cfg.output_dir.join("checkpoints"),
         log: cfg.output_dir.join("train_log.jsonl"),
