@@ -1,0 +1,401 @@
+//! `medvlm adapt`, `medvlm predict` and `medvlm bench fewshot` end to end on
+//! a small phantom set (classes = the four modalities) with the tiny CLIP
+//! fixture model (random weights): artefact + card with the protocol,
+//! predict reproducing adapt's evaluation, the benchmark's table / JSON /
+//! PNG, and clear errors on bad input.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_medvlm"))
+}
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../medvlm-models/tests/fixtures/clip")
+}
+
+fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn fails(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "expected a failure; stdout:\n{}\nstderr:\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// A phantom set of `n` studies; returns its manifest.
+fn phantoms(dir: &Path, n: u32) -> PathBuf {
+    let out = dir.join("ph");
+    ok(&bin()
+        .args([
+            "phantoms",
+            "generate",
+            "--n",
+            &n.to_string(),
+            "--seed",
+            "5",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap());
+    out.join("manifest.jsonl")
+}
+
+/// Image path -> modality, from the manifest.
+fn modalities(manifest: &Path) -> HashMap<String, String> {
+    let root = manifest.parent().unwrap();
+    std::fs::read_to_string(manifest)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                root.join(v["image"].as_str().unwrap())
+                    .display()
+                    .to_string(),
+                v["modality"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Parses `image,<class>...,prediction` CSV into (header classes, rows).
+fn parse_csv(text: &str) -> (Vec<String>, Vec<(String, Vec<f64>, String)>) {
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    let classes = header[1..header.len() - 1].to_vec();
+    let rows = lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let probs = f[1..f.len() - 1]
+                .iter()
+                .map(|x| x.parse().unwrap())
+                .collect();
+            (f[0].to_string(), probs, f[f.len() - 1].to_string())
+        })
+        .collect();
+    (classes, rows)
+}
+
+fn adapt(manifest: &Path, method: &str, shots: &str, out: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(["adapt", "--method", method, "--shots", shots, "--seed", "3"])
+        .arg("--model")
+        .arg(model())
+        .arg("--train")
+        .arg(manifest)
+        .arg("--out")
+        .arg(out)
+        .args(["--label-field", "modality"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn adapt_writes_artefact_and_predict_reproduces_its_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = phantoms(tmp.path(), 120);
+    let truth = modalities(&manifest);
+    for method in ["tip-adapter", "linear-probe"] {
+        let out = tmp.path().join(method);
+        let stdout = ok(&adapt(&manifest, method, "4", &out, &[]));
+        assert!(stdout.contains("test ("), "{stdout}");
+        for f in [
+            "adapt.json",
+            "classifier.json",
+            "classifier.safetensors",
+            "eval_predictions.csv",
+            "reliability.png",
+        ] {
+            assert!(out.join(f).is_file(), "{method}: missing {f}");
+        }
+        let card: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("adapt.json")).unwrap())
+                .unwrap();
+        assert_eq!(card["method"], method);
+        assert_eq!(card["protocol"]["shots"], 4);
+        assert_eq!(card["protocol"]["seed"], 3);
+        assert_eq!(card["protocol"]["mode"]["kind"], "balanced");
+        assert_eq!(card["protocol"]["validation_set"], false);
+        assert_eq!(card["data_sha256"].as_str().unwrap().len(), 64);
+        let classes: Vec<String> = serde_json::from_value(card["class_names"].clone()).unwrap();
+        assert_eq!(
+            classes,
+            ["brain_mri", "chest_xray", "dermoscopy", "histology"]
+        );
+        // Balanced: exactly 4 support images of each class, with their true class.
+        let support: Vec<(String, String)> =
+            serde_json::from_value(card["support"].clone()).unwrap();
+        assert_eq!(support.len(), 16);
+        for c in &classes {
+            assert_eq!(support.iter().filter(|(_, l)| l == c).count(), 4);
+        }
+        for (p, l) in &support {
+            assert_eq!(&truth[p], l, "support label of {p}");
+        }
+        // The method's own card carries the protocol too.
+        let clf: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("classifier.json")).unwrap())
+                .unwrap();
+        assert_eq!(clf["protocol"]["shots"], 4);
+
+        // The card's accuracy is the argmax accuracy of the written predictions.
+        let (csv_classes, rows) =
+            parse_csv(&std::fs::read_to_string(out.join("eval_predictions.csv")).unwrap());
+        assert_eq!(csv_classes, classes);
+        let metrics = &card["metrics"];
+        assert_eq!(metrics["n"].as_u64().unwrap() as usize, rows.len());
+        let correct = rows.iter().filter(|(p, _, pred)| &truth[p] == pred).count();
+        let acc = metrics["accuracy"].as_f64().unwrap();
+        assert!((acc - correct as f64 / rows.len() as f64).abs() < 1e-9);
+        for key in ["balanced_accuracy", "macro_f1", "macro_auroc", "ece"] {
+            let v = metrics[key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+        }
+        let conf = &metrics["conformal"]["report"];
+        assert!((conf["target_coverage"].as_f64().unwrap() - 0.9).abs() < 1e-12);
+        let size = conf["mean_set_size"].as_f64().unwrap();
+        assert!((1.0..=4.0).contains(&size), "mean set size {size}");
+
+        // predict reloads the artefact and gives the same probabilities.
+        let images: Vec<&str> = rows.iter().take(5).map(|(p, _, _)| p.as_str()).collect();
+        let pred_csv = tmp.path().join(format!("{method}.csv"));
+        let stdout = ok(&bin()
+            .arg("predict")
+            .arg("--adapted")
+            .arg(&out)
+            .args(&images)
+            .arg("--csv")
+            .arg(&pred_csv)
+            .output()
+            .unwrap());
+        assert_eq!(std::fs::read_to_string(&pred_csv).unwrap(), stdout);
+        let (_, predicted) = parse_csv(&stdout);
+        assert_eq!(predicted.len(), 5);
+        for ((p, probs, label), (q, expect, label_expect)) in predicted.iter().zip(&rows) {
+            assert_eq!(p, q);
+            assert_eq!(label, label_expect);
+            for (a, b) in probs.iter().zip(expect) {
+                assert!((a - b).abs() <= 2e-6, "{method} {p}: {a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn adapt_realistic_mode_is_recorded_and_predict_skips_bad_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = phantoms(tmp.path(), 80);
+    let out = tmp.path().join("lp");
+    ok(&adapt(
+        &manifest,
+        "linear-probe",
+        "2",
+        &out,
+        &["--mode", "realistic"],
+    ));
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapt.json")).unwrap()).unwrap();
+    assert_eq!(card["protocol"]["mode"]["kind"], "realistic");
+    assert_eq!(card["protocol"]["validation_set"], false);
+    // Realistic: a total budget of K x C = 8 images.
+    assert_eq!(card["support"].as_array().unwrap().len(), 8);
+
+    let bad = tmp.path().join("broken.png");
+    std::fs::write(&bad, b"not a png").unwrap();
+    let good = manifest.parent().unwrap().join("images");
+    let good_img = std::fs::read_dir(&good)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .unwrap();
+    let err = fails(
+        &bin()
+            .arg("predict")
+            .arg("--adapted")
+            .arg(&out)
+            .arg(&good_img)
+            .arg(&bad)
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("--skip-bad"), "{err}");
+    let res = bin()
+        .arg("predict")
+        .arg("--adapted")
+        .arg(&out)
+        .arg(&good_img)
+        .arg(&bad)
+        .arg("--skip-bad")
+        .output()
+        .unwrap();
+    let stdout = ok(&res);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stderr.contains("skipped 1 unreadable"), "{stderr}");
+    assert!(stderr.contains("broken.png"), "{stderr}");
+}
+
+#[test]
+fn bench_fewshot_writes_table_json_and_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = phantoms(tmp.path(), 100);
+    let json = tmp.path().join("bench/fewshot.json");
+    let res = bin()
+        .args(["bench", "fewshot", "--model"])
+        .arg(model())
+        .arg("--data")
+        .arg(&manifest)
+        .args([
+            "--label-field",
+            "modality",
+            "--methods",
+            "zero-shot,tip-adapter,linear-probe",
+            "--shots",
+            "1,2",
+            "--seeds",
+            "2",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = ok(&res);
+    assert!(
+        stdout.contains("| method (accuracy, %) | K=1 | K=2 |"),
+        "{stdout}"
+    );
+    for m in ["zero-shot", "tip-adapter", "linear-probe"] {
+        assert!(stdout.contains(&format!("| {m} |")), "{stdout}");
+    }
+    let png = std::fs::read(json.with_extension("png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records = v["records"].as_array().unwrap();
+    assert_eq!(records.len(), 3 * 2 * 2);
+    let mut seen = std::collections::BTreeSet::new();
+    for r in records {
+        let k = r["protocol"]["shots"].as_u64().unwrap();
+        let s = r["protocol"]["seed"].as_u64().unwrap();
+        seen.insert((r["method"].as_str().unwrap().to_string(), k, s));
+        assert_eq!(r["support_size"].as_u64().unwrap(), 4 * k);
+        assert_eq!(r["protocol"]["mode"]["kind"], "balanced");
+        let m = &r["metrics"];
+        for key in ["accuracy", "balanced_accuracy", "macro_f1", "ece"] {
+            let x = m[key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&x), "{key} = {x}");
+        }
+        assert!(m["auroc"]["per_class"].as_array().unwrap().len() == 4);
+        assert!(m["conformal"]["report"]["coverage"].as_f64().is_some());
+    }
+    assert_eq!(seen.len(), 12, "one record per method, K and seed");
+    // Zero-shot ignores the support set: identical accuracy in every run.
+    let zs: Vec<f64> = records
+        .iter()
+        .filter(|r| r["method"] == "zero-shot")
+        .map(|r| r["metrics"]["accuracy"].as_f64().unwrap())
+        .collect();
+    assert_eq!(zs.len(), 4);
+    assert!(zs.iter().all(|a| (a - zs[0]).abs() < 1e-12), "{zs:?}");
+    // The table's cell is the mean over seeds of the records.
+    let lp_k2: Vec<f64> = records
+        .iter()
+        .filter(|r| r["method"] == "linear-probe" && r["protocol"]["shots"] == 2)
+        .map(|r| r["metrics"]["accuracy"].as_f64().unwrap())
+        .collect();
+    let table = &v["accuracy_table"];
+    let mi = table["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|m| m == "linear-probe")
+        .unwrap();
+    let cell = table["cells"][mi][1]["mean"].as_f64().unwrap();
+    assert!((cell - (lp_k2[0] + lp_k2[1]) / 2.0).abs() < 1e-12);
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = phantoms(tmp.path(), 60);
+    let out = tmp.path().join("a");
+
+    // More shots than images of a class.
+    let err = fails(&adapt(&manifest, "tip-adapter", "500", &out, &[]));
+    assert!(err.contains("--shots 500"), "{err}");
+    assert!(err.contains("lower the number of shots"), "{err}");
+    assert!(!out.exists(), "no artefact after a failure");
+
+    // A prompts file naming a class the task does not have.
+    let prompts = tmp.path().join("prompts.json");
+    std::fs::write(
+        &prompts,
+        r#"{"brain_mri": ["an MRI"], "chest_xray": ["an x-ray"], "dermoscopy": ["skin"],
+            "histology": ["tissue"], "ultrasound": ["an ultrasound"]}"#,
+    )
+    .unwrap();
+    let p = prompts.display().to_string();
+    let err = fails(&adapt(
+        &manifest,
+        "tip-adapter",
+        "1",
+        &out,
+        &["--prompts", &p],
+    ));
+    assert!(err.contains("\"ultrasound\""), "{err}");
+    assert!(err.contains("not one of the task's classes"), "{err}");
+
+    // Encoder fine-tuning through adapt: points to `medvlm finetune`.
+    let err = fails(&adapt(&manifest, "lora", "1", &out, &[]));
+    assert!(err.contains("medvlm finetune"), "{err}");
+
+    // An encoder method in the cached-feature benchmark.
+    let err = fails(
+        &bin()
+            .args(["bench", "fewshot", "--model"])
+            .arg(model())
+            .arg("--data")
+            .arg(&manifest)
+            .args(["--methods", "linear-probe,coop", "--json"])
+            .arg(tmp.path().join("b.json"))
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("'coop' needs the encoders"), "{err}");
+    assert!(err.contains("medvlm adapt --method coop"), "{err}");
+
+    // An unknown method name lists the known ones.
+    let err = fails(&adapt(&manifest, "tip-adaptr", "1", &out, &[]));
+    assert!(err.contains("known methods"), "{err}");
+
+    // predict on a directory that is not an artefact.
+    let err = fails(
+        &bin()
+            .arg("predict")
+            .arg("--adapted")
+            .arg(tmp.path())
+            .arg(&manifest)
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("adapt.json"), "{err}");
+}
