@@ -442,3 +442,294 @@ fn frozen_feature_callers_and_bad_settings_get_clear_errors() {
     // Unknown hyperparameter names are refused.
     assert!(prompt_method_by_name("cocoop", Some(&serde_json::json!({"n_tokens": 3}))).is_err());
 }
+
+fn template_context(model: &dyn TextEncoder, tok: &TextTokenizer, words: &str) -> Tensor {
+    let content = medvlm_adapt::methods::prompt_common::tokenizer_content_ids(tok, words).unwrap();
+    let ids = Tensor::new(content.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model.token_embeddings(&ids).unwrap().squeeze(0).unwrap()
+}
+
+fn zero_shot(
+    model: &dyn medvlm_models::VisionLanguageModel,
+    tok: &TextTokenizer,
+    texts: &[String],
+) -> Tensor {
+    model
+        .encode_text(&tok.encode_batch(texts, &Device::Cpu).unwrap())
+        .unwrap()
+        .embeds
+}
+
+#[test]
+fn coop_middle_front_and_class_specific_contexts_match_hand_written_prompts() {
+    let (model, tok) = load();
+    let names = classes();
+    let ctx = template_context(&model, &tok, "a photo of a");
+    // Middle: "[a photo] cat [of a]." ; front: "cat [a photo of a].".
+    let mid = coop_text_embeddings(&model, &tok, &names, ClassTokenPosition::Middle, &ctx).unwrap();
+    let mid_txt: Vec<String> = names.iter().map(|n| format!("a photo {n} of a.")).collect();
+    assert!(max_abs_diff(&mid, &zero_shot(&model, &tok, &mid_txt)) < 1e-6);
+    let front =
+        coop_text_embeddings(&model, &tok, &names, ClassTokenPosition::Front, &ctx).unwrap();
+    let front_txt: Vec<String> = names.iter().map(|n| format!("{n} a photo of a.")).collect();
+    assert!(max_abs_diff(&front, &zero_shot(&model, &tok, &front_txt)) < 1e-6);
+    // Class-specific context [C, M, D]: row c of the result is the shared
+    // computation with class c's context.
+    let other = ctx.neg().unwrap();
+    let third = (&ctx * 2.0).unwrap();
+    let csc = Tensor::stack(&[&ctx, &other, &third], 0).unwrap();
+    for position in [ClassTokenPosition::End, ClassTokenPosition::Middle] {
+        let got = coop_text_embeddings(&model, &tok, &names, position, &csc).unwrap();
+        for (c, per_class) in [&ctx, &other, &third].into_iter().enumerate() {
+            let shared = coop_text_embeddings(&model, &tok, &names, position, per_class).unwrap();
+            let d = max_abs_diff(&got.get(c).unwrap(), &shared.get(c).unwrap());
+            assert!(d < 1e-6, "{position:?} class {c}: {d}");
+        }
+    }
+}
+
+#[test]
+fn coop_reproduces_zero_shot_on_siglip_and_biomedclip_tokenizers() {
+    // SigLIP: no start token, last-token pooling; BiomedCLIP: BERT WordPiece,
+    // [CLS] pooling, padding to the longest text.
+    for family in ["siglip", "biomedclip"] {
+        let dir = fixture_dir().join("..").join(family);
+        let loaded = medvlm_models::load_model_dir(&dir, &medvlm_models::LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{family}: {e}"));
+        let (model, tok) = (loaded.model.as_ref(), &loaded.tokenizer);
+        let names = vec!["cat".to_string(), "dog".to_string()];
+        let ctx = template_context(model, tok, "a photo of a");
+        assert_eq!(ctx.dim(0).unwrap(), 4, "{family}");
+        for (position, fmt) in [
+            (ClassTokenPosition::End, "a photo of a {}."),
+            (ClassTokenPosition::Middle, "a photo {} of a."),
+        ] {
+            let got = coop_text_embeddings(model, tok, &names, position, &ctx).unwrap();
+            let texts: Vec<String> = names.iter().map(|n| fmt.replace("{}", n)).collect();
+            let d = max_abs_diff(&got, &zero_shot(model, tok, &texts));
+            assert!(d < 1e-5, "{family} {position:?}: {d}");
+        }
+    }
+}
+
+#[test]
+fn cocoop_meta_net_formula_and_silent_meta_net_is_coop() {
+    use medvlm_adapt::methods::cocoop::meta_net_bias;
+    let dev = Device::Cpu;
+    // By hand: h = relu([1, 0] W1^T + b1) = relu([1.5, -4]) = [1.5, 0];
+    // pi = h W2^T + b2 = [3, 0, 1.5] + [0, 0, 1] = [3, 0, 2.5].
+    let f = Tensor::new(&[[1f32, 0.]], &dev).unwrap();
+    let w1 = Tensor::new(&[[1f32, 2.], [-1., 1.]], &dev).unwrap();
+    let b1 = Tensor::new(&[0.5f32, -3.], &dev).unwrap();
+    let w2 = Tensor::new(&[[2f32, 0.], [0., 1.], [1., 1.]], &dev).unwrap();
+    let b2 = Tensor::new(&[0f32, 0., 1.], &dev).unwrap();
+    let pi: Vec<Vec<f32>> = meta_net_bias(&f, &w1, &b1, &w2, &b2)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    assert_eq!(pi, vec![vec![3.0, 0.0, 2.5]]);
+
+    let (model, tok) = load();
+    let names = classes();
+    let (images, _) = images();
+    let ctx = template_context(&model, &tok, "a photo of a");
+    let (e, d, h) = (24usize, 32usize, 1usize);
+    let scale = 20.0;
+    let w1 = Tensor::ones((h, e), DType::F32, &dev).unwrap();
+    let b1 = Tensor::ones(h, DType::F32, &dev).unwrap();
+    let w2 = Tensor::zeros((d, h), DType::F32, &dev).unwrap();
+    let shift = Tensor::arange(0f32, d as f32, &dev)
+        .unwrap()
+        .affine(0.05, -0.3)
+        .unwrap();
+    let cocoop = |b2: &Tensor| {
+        PromptClassifier::from_parameters(
+            "cocoop",
+            None,
+            &names,
+            e,
+            scale,
+            vec![
+                ("ctx".into(), ctx.clone()),
+                ("meta_net.linear1.weight".into(), w1.clone()),
+                ("meta_net.linear1.bias".into(), b1.clone()),
+                ("meta_net.linear2.weight".into(), w2.clone()),
+                ("meta_net.linear2.bias".into(), b2.clone()),
+            ],
+        )
+        .unwrap()
+        .logits_for_images(&model, &tok, &images)
+        .unwrap()
+    };
+    let coop = |c: Tensor| {
+        PromptClassifier::from_parameters(
+            "coop",
+            Some(&serde_json::json!({"n_ctx": 4})),
+            &names,
+            e,
+            scale,
+            vec![("ctx".into(), c)],
+        )
+        .unwrap()
+        .logits_for_images(&model, &tok, &images)
+        .unwrap()
+    };
+    // W2 = 0, b2 = 0: no bias, CoCoOp is CoOp with the same context.
+    let zero = Tensor::zeros(d, DType::F32, &dev).unwrap();
+    assert!(max_abs_diff(&cocoop(&zero), &coop(ctx.clone())) < 1e-5);
+    // W2 = 0, b2 = shift: every image's context is ctx + shift.
+    let shifted = coop(ctx.broadcast_add(&shift).unwrap());
+    assert!(max_abs_diff(&cocoop(&shift), &shifted) < 1e-5);
+    assert!(max_abs_diff(&shifted, &coop(ctx.clone())) > 1e-4);
+}
+
+#[test]
+fn maple_couples_the_text_context_into_vision_prompts() {
+    use medvlm_adapt::methods::maple::couple;
+    let dev = Device::Cpu;
+    // By hand: [1, 2] W^T + b = [1, 2, 3] + [0, 0, 1] = [1, 2, 4].
+    let p = Tensor::new(&[[1f32, 2.]], &dev).unwrap();
+    let w = Tensor::new(&[[1f32, 0.], [0., 1.], [1., 1.]], &dev).unwrap();
+    let b = Tensor::new(&[0f32, 0., 1.], &dev).unwrap();
+    let v: Vec<Vec<f32>> = couple(&p, &w, &b).unwrap().to_vec2().unwrap();
+    assert_eq!(v, vec![vec![1.0, 2.0, 4.0]]);
+
+    let (model, tok) = load();
+    let names = classes();
+    let (images, _) = images();
+    // Default MaPLe: the first 2 words of "a photo of a" are learned, "of a"
+    // stays; with the context at its initial value the text side is the
+    // hand-written prompt, and the image side sees F(ctx) as prompt tokens.
+    let ctx = template_context(&model, &tok, "a photo");
+    let w = Tensor::arange(0f32, 32. * 32., &dev)
+        .unwrap()
+        .reshape((32, 32))
+        .unwrap()
+        .affine(1e-3, -0.5)
+        .unwrap();
+    let b = Tensor::ones(32, DType::F32, &dev).unwrap();
+    let scale = 30.0;
+    let got = PromptClassifier::from_parameters(
+        "maple",
+        None,
+        &names,
+        24,
+        scale,
+        vec![
+            ("ctx".into(), ctx.clone()),
+            ("coupling.weight".into(), w.clone()),
+            ("coupling.bias".into(), b.clone()),
+        ],
+    )
+    .unwrap()
+    .logits_for_images(&model, &tok, &images)
+    .unwrap();
+    let texts: Vec<String> = names.iter().map(|n| format!("a photo of a {n}.")).collect();
+    let prompts = VisualPrompts {
+        shallow: Some(couple(&ctx, &w, &b).unwrap()),
+        deep: Vec::new(),
+    };
+    let want = vpt_logits(
+        &model,
+        &zero_shot(&model, &tok, &texts),
+        Some(&prompts),
+        &images,
+        scale,
+    )
+    .unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-4);
+}
+
+#[test]
+fn vpt_deep_prompts_replace_the_prompt_slots_before_later_layers() {
+    let (model, tok) = load();
+    let names = classes();
+    let (images, _) = images();
+    let dev = Device::Cpu;
+    let texts: Vec<String> = names.iter().map(|n| format!("a photo of a {n}.")).collect();
+    let head = medvlm_adapt::method::l2_normalize(&zero_shot(&model, &tok, &texts)).unwrap();
+    let shallow = Tensor::ones((2, 32), DType::F32, &dev).unwrap();
+    let deep1 = Tensor::arange(0f32, 64., &dev)
+        .unwrap()
+        .reshape((2, 32))
+        .unwrap()
+        .affine(0.1, -3.0)
+        .unwrap();
+    let classifier = |deep: bool, params: Vec<(String, Tensor)>| {
+        PromptClassifier::from_parameters(
+            "vpt",
+            Some(&serde_json::json!({"n_tokens": 2, "deep": deep})),
+            &names,
+            24,
+            10.0,
+            params,
+        )
+        .unwrap()
+        .logits_for_images(&model, &tok, &images)
+        .unwrap()
+    };
+    let shallow_only = classifier(
+        false,
+        vec![
+            ("vpt.shallow".into(), shallow.clone()),
+            ("head_weights".into(), head.clone()),
+        ],
+    );
+    let want_shallow = vpt_logits(
+        &model,
+        &head,
+        Some(&VisualPrompts {
+            shallow: Some(shallow.clone()),
+            deep: Vec::new(),
+        }),
+        &images,
+        10.0,
+    )
+    .unwrap();
+    assert_eq!(max_abs_diff(&shallow_only, &want_shallow), 0.0);
+    let deep = classifier(
+        true,
+        vec![
+            ("vpt.shallow".into(), shallow.clone()),
+            ("head_weights".into(), head.clone()),
+            ("vpt.deep.1".into(), deep1.clone()),
+        ],
+    );
+    let want_deep = vpt_logits(
+        &model,
+        &head,
+        Some(&VisualPrompts {
+            shallow: Some(shallow),
+            deep: vec![None, Some(deep1)],
+        }),
+        &images,
+        10.0,
+    )
+    .unwrap();
+    assert_eq!(max_abs_diff(&deep, &want_deep), 0.0);
+    assert!(max_abs_diff(&deep, &shallow_only) > 1e-4);
+    // A deep classifier without its layer-1 prompts is a clear error.
+    let err = PromptClassifier::from_parameters(
+        "vpt",
+        Some(&serde_json::json!({"n_tokens": 2, "deep": true})),
+        &names,
+        24,
+        10.0,
+        vec![
+            (
+                "vpt.shallow".into(),
+                Tensor::ones((2, 32), DType::F32, &dev).unwrap(),
+            ),
+            ("head_weights".into(), head),
+        ],
+    )
+    .unwrap()
+    .logits_for_images(&model, &tok, &images)
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("vpt.deep.1"), "{err}");
+}

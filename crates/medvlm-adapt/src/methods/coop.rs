@@ -35,6 +35,9 @@ use super::prompt_common::{
 use super::{train_full_batch, Optimizer};
 use crate::method::{l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, Result};
 
+/// An extra training loss on the normalised class embeddings `[C, E]`.
+pub(crate) type ExtraLoss<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
+
 /// CoOp hyperparameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Coop {
@@ -125,7 +128,7 @@ impl Coop {
     pub(crate) fn train(
         &self,
         input: &PromptInput,
-        extra: Option<&dyn Fn(&Tensor) -> Result<Tensor>>,
+        extra: Option<ExtraLoss>,
     ) -> Result<(Tensor, Tensor, f32)> {
         input.validate()?;
         let env = input.env();

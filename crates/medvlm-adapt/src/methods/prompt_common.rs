@@ -237,10 +237,18 @@ fn placeholder_layout(tok: &TextTokenizer) -> Result<(usize, usize, u32)> {
 pub(crate) fn content_ids(tok: &TextTokenizer, text: &str) -> Result<Vec<u32>> {
     let (lead, trail, _) = placeholder_layout(tok)?;
     let ids = tok.encode_ids(text).map_err(model_err)?;
-    Ok(ids[lead.min(ids.len())..ids.len().saturating_sub(trail).max(lead.min(ids.len()))].to_vec())
+    let end = ids.len().saturating_sub(trail).max(lead);
+    Ok(ids.get(lead..end).map(<[u32]>::to_vec).unwrap_or_default())
 }
 
-/// Builds `"{prefix}X X ... X {rest}{class}."` style prompts for every class.
+/// Content token ids of `text` with this tokenizer, without the special
+/// tokens (e.g. the ids whose embeddings initialise a context).
+pub fn tokenizer_content_ids(tok: &TextTokenizer, text: &str) -> Result<Vec<u32>> {
+    content_ids(tok, text)
+}
+
+/// Builds `"X X ... X {rest} {class}."` style prompts for every class
+/// (or the middle / front arrangements).
 ///
 /// `rest` is fixed text after the context (MaPLe keeps the words of its
 /// initialisation that are not learned, e.g. "of a"). The positions are
@@ -511,6 +519,51 @@ impl PromptClassifier {
         input: &PromptInput,
         scale: f64,
         params: Vec<(String, Tensor)>,
+        fit_info: serde_json::Value,
+    ) -> Result<Self> {
+        Self::build(
+            method.name(),
+            method.hyperparameters(),
+            input.class_names,
+            input.model.embed_dim(),
+            scale,
+            params,
+            fit_info,
+        )
+    }
+
+    /// A classifier from given prompt parameters, e.g. context vectors
+    /// learned elsewhere (the official CoOp code's `ctx`) or edited ones.
+    /// `hyperparameters` are the method's fields as JSON (missing ones take
+    /// the defaults); `params` are named as a fit names them (`"ctx"`,
+    /// `"vpt.shallow"`, `"vpt.deep.1"`, ...).
+    pub fn from_parameters(
+        method: &str,
+        hyperparameters: Option<&serde_json::Value>,
+        class_names: &[String],
+        embed_dim: usize,
+        logit_scale: f64,
+        params: Vec<(String, Tensor)>,
+    ) -> Result<Self> {
+        let m = prompt_method_by_name(method, hyperparameters)?;
+        Self::build(
+            m.name(),
+            m.hyperparameters(),
+            class_names,
+            embed_dim,
+            logit_scale,
+            params,
+            serde_json::json!({}),
+        )
+    }
+
+    fn build(
+        method: &str,
+        hyperparameters: serde_json::Value,
+        class_names: &[String],
+        embed_dim: usize,
+        scale: f64,
+        params: Vec<(String, Tensor)>,
         mut fit_info: serde_json::Value,
     ) -> Result<Self> {
         let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
@@ -525,12 +578,12 @@ impl PromptClassifier {
         // serde defaults) need no change here.
         let card: ClassifierCard = serde_json::from_value(serde_json::json!({
             "format": CARD_FORMAT,
-            "method": method.name(),
+            "method": method,
             "task": TaskKind::MultiClass,
-            "class_names": input.class_names,
-            "feature_dim": input.model.embed_dim(),
+            "class_names": class_names,
+            "feature_dim": embed_dim,
             "logit_scale": scale,
-            "hyperparameters": method.hyperparameters(),
+            "hyperparameters": hyperparameters,
             "fit_info": fit_info,
         }))
         .map_err(|e| MethodError::InvalidInput(format!("classifier card: {e}")))?;
