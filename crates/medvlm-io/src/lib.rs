@@ -17,6 +17,16 @@
 //! Manifests ([`manifest`]):
 //! - [`read_manifest`]`(path) -> Manifest` (JSONL, CSV/TSV, or folder-per-class),
 //! - [`write_manifest_jsonl`]`(path, &records)`, [`write_manifest_csv`]`(path, &records)`.
+//!
+//! Model input ([`preprocess`]): [`to_model_input`]`(&img, &InputOptions)` (eval:
+//! plane, window, aspect-preserving resize, grey to RGB, CHW in `[0, 1]`) and
+//! [`preprocess::to_train_input`] (same with seeded random augmentation).
+//!
+//! Modules: [`dicom`] (read, Secondary Capture writer, identifying attributes),
+//! [`volume`] (NIfTI-1/2), [`raster`] (PNG/JPEG/TIFF), [`npy`], [`medmnist`],
+//! [`window`] (VOI, presets), [`transforms`], [`deidentify`] (PS3.15 Annex E),
+//! [`check`] (dataset validation, `--skip-bad` policy), [`atomic`] (atomic writes).
+//! All errors are [`IoError`] and name the file and the reason. See `docs/io.md`.
 
 pub mod atomic;
 pub mod check;
@@ -39,7 +49,7 @@ pub use manifest::{
     Manifest, ManifestRecord, QaPair, RegionMask,
 };
 pub use medimage::{Layout, MedImage, Photometric, Plane, PlaneSelect, SourceFormat};
-pub use preprocess::{to_model_input, InputOptions, ModelInput};
+pub use preprocess::{to_model_input, to_train_input, InputOptions, ModelInput};
 pub use window::Window;
 
 /// Kinds of file medvlm reads, detected by [`detect_format`].

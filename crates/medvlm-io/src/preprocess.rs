@@ -4,7 +4,7 @@
 
 use crate::error::Result;
 use crate::medimage::{MedImage, Plane, PlaneSelect};
-use crate::transforms::{EvalTransform, Fit};
+use crate::transforms::{EvalTransform, Fit, TrainTransform};
 use crate::window::{apply_window, Window};
 
 /// Options of [`to_model_input`].
@@ -87,6 +87,25 @@ pub fn to_model_input(img: &MedImage, opts: &InputOptions) -> Result<ModelInput>
     };
     // Resize before replicating grey to RGB: a third of the work.
     let out = to_rgb(t.apply(&plane)?);
+    Ok(ModelInput {
+        height: out.rows,
+        width: out.cols,
+        data: to_chw(&out),
+    })
+}
+
+/// Training-time counterpart of [`to_model_input`]: plane selection and windowing
+/// as in `opts`, then the random [`TrainTransform`] seeded by `(seed, index)`
+/// (`opts.size`/`opts.fit` are not used; `train.size` sets the output size).
+pub fn to_train_input(
+    img: &MedImage,
+    opts: &InputOptions,
+    train: &TrainTransform,
+    seed: u64,
+    index: u64,
+) -> Result<ModelInput> {
+    let plane = windowed_plane(img, &opts.select, &opts.window)?;
+    let out = to_rgb(train.apply_seeded(&plane, seed, index)?);
     Ok(ModelInput {
         height: out.rows,
         width: out.cols,

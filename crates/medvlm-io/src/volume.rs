@@ -27,7 +27,7 @@ pub struct NiftiInfo {
     pub dims: Vec<usize>,
     /// NIfTI datatype code (2 = uint8, 4 = int16, 16 = float32, ...).
     pub datatype: i16,
-    /// `pixdim[0..8]` (pixdim[0] is qfac).
+    /// `pixdim[0..8]` (`pixdim[0]` is qfac).
     pub pixdim: [f64; 8],
     pub vox_offset: u64,
     pub scl_slope: f64,

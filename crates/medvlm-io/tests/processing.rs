@@ -332,3 +332,19 @@ fn model_input_is_three_channel_chw() {
     .unwrap();
     assert_eq!(m.data.len(), 3 * 24 * 24);
 }
+
+#[test]
+fn train_input_is_seeded_per_sample() {
+    let img = load_any(&data("MR_small.dcm")).unwrap();
+    let opts = InputOptions::default();
+    let t = TrainTransform {
+        size: 32,
+        ..Default::default()
+    };
+    let a = medvlm_io::to_train_input(&img, &opts, &t, 1, 0).unwrap();
+    let b = medvlm_io::to_train_input(&img, &opts, &t, 1, 0).unwrap();
+    let c = medvlm_io::to_train_input(&img, &opts, &t, 1, 1).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert_eq!(a.data.len(), 3 * 32 * 32);
+}
