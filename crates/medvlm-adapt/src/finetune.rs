@@ -92,6 +92,14 @@ pub enum FinetuneError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A saved LoRA adapter is unreadable or does not fit the model.
+    #[error("LoRA adapter {path}: {reason}")]
+    Adapter {
+        /// The adapter file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// An internal invariant broke (poisoned lock).
     #[error("internal error: {0}")]
     Internal(String),

@@ -31,13 +31,20 @@
 //! [`LoraSpec::towers`] further restricts every entry. A spec that matches no layer is an
 //! error that lists the model's linear layers.
 //!
+//! # Saving adapters alone
+//! [`save_lora_adapters`] writes the adapters without the base model in PEFT's layout
+//! (`adapter_config.json` with `peft_type`, `r`, `lora_alpha`, `lora_dropout`,
+//! `target_modules`; `adapter_model.safetensors` with `base_model.model.<path>.lora_A.weight`
+//! / `.lora_B.weight`), and [`load_lora_adapters`] puts them back onto a base model.
+//!
 //! # Presets
 //! [`LoraSpec::clip_lora`]: CLIP-LoRA (Zanella & Ben Ayed 2024, "Low-Rank Few-Shot Adaptation
 //! of Vision-Language Models", CVPRW): `r = 2`, `α = 1`, dropout 0.25, on `q`, `k`, `v` of every
 //! block of both encoders.
 
 use std::any::Any;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -513,6 +520,186 @@ pub fn merge_lora(model: &mut dyn LinearLayers, base: Option<&VarMap>) -> Result
 /// Number of scalar parameters in `vars`.
 pub fn count_params(vars: &[NamedVar]) -> usize {
     vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum()
+}
+
+/// File names of a saved adapter (PEFT's).
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// See [`ADAPTER_CONFIG`].
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// Prefix PEFT puts before module paths in adapter files.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+fn adapter_err(path: &Path, reason: impl Into<String>) -> FinetuneError {
+    FinetuneError::Adapter {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Writes the LoRA adapters on `model` (created with `spec`) into `dir` in PEFT's layout (see
+/// the module documentation), each file atomically. Returns the number of adapted layers;
+/// errors when the model carries no adapter.
+pub fn save_lora_adapters(model: &dyn LinearLayers, spec: &LoraSpec, dir: &Path) -> Result<usize> {
+    let mut tensors = HashMap::new();
+    let mut n = 0;
+    for w in lora_adapters(model) {
+        if let Some(l) = lora_of(&w) {
+            for (name, var) in l.named_vars() {
+                tensors.insert(format!("{PEFT_PREFIX}{name}"), var.as_tensor().clone());
+            }
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Err(adapter_err(
+            dir,
+            "the model carries no LoRA adapter to save",
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|source| FinetuneError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": spec.targets,
+        "bias": "none",
+        "medvlm_towers": spec.towers.to_string(),
+    });
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let tmp = dir.join(format!(".{ADAPTER_CONFIG}.tmp{}", std::process::id()));
+    let bytes =
+        serde_json::to_vec_pretty(&config).map_err(|e| adapter_err(&cfg_path, e.to_string()))?;
+    std::fs::write(&tmp, bytes).map_err(|source| FinetuneError::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, &cfg_path).map_err(|source| FinetuneError::Io {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    medvlm_models::weights::save_safetensors_atomic(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
+    Ok(n)
+}
+
+/// Reads an adapter saved by [`save_lora_adapters`] (or by PEFT for the same architecture)
+/// from `dir` and puts it onto `model`, registering the parameters in `adapters` (trainable,
+/// dropout off). Every layer named in the file must exist with matching shapes, else nothing
+/// is changed and the error names the layer. Returns the adapter's settings and parameters.
+pub fn load_lora_adapters(
+    model: &mut dyn LinearLayers,
+    dir: &Path,
+    adapters: &VarMap,
+) -> Result<(LoraSpec, Vec<NamedVar>)> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|source| FinetuneError::Io {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| adapter_err(&cfg_path, e.to_string()))?;
+    let rank = v["r"]
+        .as_u64()
+        .filter(|&r| r >= 1)
+        .ok_or_else(|| adapter_err(&cfg_path, "missing or invalid \"r\""))? as usize;
+    let alpha = v["lora_alpha"]
+        .as_f64()
+        .ok_or_else(|| adapter_err(&cfg_path, "missing or invalid \"lora_alpha\""))?;
+    let dropout = v["lora_dropout"].as_f64().unwrap_or(0.0);
+    let targets: Vec<String> = match &v["target_modules"] {
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_string))
+            .collect(),
+        serde_json::Value::String(s) => vec![s.clone()],
+        _ => Vec::new(),
+    };
+    let towers = match v["medvlm_towers"].as_str() {
+        Some("vision") => Towers::Vision,
+        Some("text") => Towers::Text,
+        _ => Towers::Both,
+    };
+    let spec = LoraSpec {
+        rank,
+        alpha,
+        dropout,
+        targets,
+        towers,
+    };
+    let w_path = dir.join(ADAPTER_WEIGHTS);
+    let tensors = candle_core::safetensors::load(&w_path, &candle_core::Device::Cpu)
+        .map_err(|e| adapter_err(&w_path, e.to_string()))?;
+    // path -> (A, B)
+    let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for (name, t) in tensors {
+        let name = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name).to_string();
+        if let Some(p) = name.strip_suffix(".lora_A.weight") {
+            pairs.entry(p.to_string()).or_default().0 = Some(t);
+        } else if let Some(p) = name.strip_suffix(".lora_B.weight") {
+            pairs.entry(p.to_string()).or_default().1 = Some(t);
+        } else {
+            return Err(adapter_err(&w_path, format!("unexpected tensor {name}")));
+        }
+    }
+    if pairs.is_empty() {
+        return Err(adapter_err(&w_path, "no LoRA tensors"));
+    }
+    // Check everything before touching the model.
+    let mut planned = Vec::new();
+    {
+        let layers = model.linear_layers();
+        for (path, (a, b)) in &pairs {
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(adapter_err(
+                    &w_path,
+                    format!("{path}: lora_A or lora_B is missing"),
+                ));
+            };
+            let layer = layers.iter().find(|l| l.path() == path).ok_or_else(|| {
+                adapter_err(&w_path, format!("the model has no linear layer {path}"))
+            })?;
+            let (out_dim, in_dim) = (layer.out_features(), layer.in_features());
+            if a.dims() != [rank, in_dim] || b.dims() != [out_dim, rank] {
+                return Err(adapter_err(
+                    &w_path,
+                    format!(
+                        "{path}: lora_A {:?} / lora_B {:?} do not fit the layer [{out_dim}, {in_dim}] at rank {rank}",
+                        a.dims(),
+                        b.dims()
+                    ),
+                ));
+            }
+            if layer.wrappers().iter().any(|w| lora_of(w).is_some()) {
+                return Err(adapter_err(
+                    &w_path,
+                    format!("{path} already carries a LoRA adapter"),
+                ));
+            }
+            let (dev, dt) = (layer.weight().device().clone(), layer.weight().dtype());
+            planned.push((
+                path.clone(),
+                a.to_device(&dev)?.to_dtype(dt)?,
+                b.to_device(&dev)?.to_dtype(dt)?,
+            ));
+        }
+    }
+    let mut data = adapters
+        .data()
+        .lock()
+        .map_err(|_| FinetuneError::Internal("adapter VarMap lock poisoned".into()))?;
+    let mut out = Vec::new();
+    for (i, (path, a, b)) in planned.into_iter().enumerate() {
+        let lora = LoraLinear::from_tensors(&path, &a, &b, spec.scaling(), spec.dropout, i as u64)?;
+        for (name, var) in lora.named_vars() {
+            data.insert(name.clone(), var.clone());
+            out.push((name, var));
+        }
+        model.wrap_linear(&path, Arc::new(lora))?;
+    }
+    Ok((spec, out))
 }
 
 #[cfg(test)]
