@@ -74,8 +74,11 @@ fn modalities(manifest: &Path) -> HashMap<String, String> {
         .collect()
 }
 
+/// One CSV row: image, probabilities, predicted class.
+type CsvRow = (String, Vec<f64>, String);
+
 /// Parses `image,<class>...,prediction` CSV into (header classes, rows).
-fn parse_csv(text: &str) -> (Vec<String>, Vec<(String, Vec<f64>, String)>) {
+fn parse_csv(text: &str) -> (Vec<String>, Vec<CsvRow>) {
     let mut lines = text.lines();
     let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
     let classes = header[1..header.len() - 1].to_vec();

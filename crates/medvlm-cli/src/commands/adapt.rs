@@ -270,7 +270,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Fit; `score` gives probabilities of task rows.
     enum Fitted {
         Frozen(Box<dyn AdaptedClassifier>),
-        Prompt(PromptClassifier),
+        Prompt(Box<PromptClassifier>),
     }
     let fitted = if is_prompt_method(&args.method) {
         let pm = prompt_method_by_name(&args.method, overrides.as_ref())?;
@@ -288,7 +288,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             labels: &labels,
             seed: args.seed,
         };
-        Fitted::Prompt(pm.fit_prompts(&input)?)
+        Fitted::Prompt(Box::new(pm.fit_prompts(&input)?))
     } else {
         let support = SupportSet::from_pool(&pool_features, &pool_labels, &picked)?;
         let input = AdaptInput {
@@ -393,7 +393,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 clf.card().hyperparameters.clone()
             }
             Fitted::Prompt(clf) => {
-                save_classifier(clf, &tmp)?;
+                save_classifier(clf.as_ref(), &tmp)?;
                 clf.card().hyperparameters.clone()
             }
         };
