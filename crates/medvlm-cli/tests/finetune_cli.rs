@@ -150,6 +150,14 @@ fn lora_finetune_exports_a_model_that_embed_and_zero_shot_load() {
     let w =
         candle_core::safetensors::load(out.join("model/model.safetensors"), &Device::Cpu).unwrap();
     assert!(w.keys().all(|k| !k.contains("lora_")));
+    // ... and the adapter alone is kept in PEFT's layout.
+    let adapter = candle_core::safetensors::load(
+        out.join("lora_adapter/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(adapter.len(), 16);
+    assert!(out.join("lora_adapter/adapter_config.json").is_file());
 
     let images = d.path().join("images");
     let base = embeds(&fixture(), &images, &d.path().join("base.safetensors"));

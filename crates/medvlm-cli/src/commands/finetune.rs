@@ -14,6 +14,7 @@
 //! rate, temperature, gradient norm), `config.resolved.toml` (the configuration with overrides
 //! and defaults filled in),
 //! `finetune.json` (mode, trainable parameters, LoRA layers, steps, skipped images) and
+//! `lora_adapter/` (LoRA only: the adapter alone, PEFT layout) and
 //! `model/`: a model directory of the same family, LoRA merged into the weights, that
 //! `medvlm embed` and `medvlm zero-shot` load like a hub model.
 
@@ -24,7 +25,7 @@ use medvlm_adapt::finetune::{
     export_model_dir, prepare, scalar_value, train_contrastive, FinetuneSpec, Mode, PairData,
     VarMap,
 };
-use medvlm_adapt::lora::merge_lora;
+use medvlm_adapt::lora::{merge_lora, save_lora_adapters};
 use medvlm_adapt::losses::{ContrastiveHead, LossKind};
 use medvlm_adapt::pretrain::{config_toml, load_pretrain_config};
 use medvlm_adapt::train_config::{AugmentConfig, Command, TrainConfig};
@@ -292,8 +293,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &mut Progress { total: 0 },
     )?;
 
-    let merged = match spec.mode {
-        Mode::Lora(_) => merge_lora(lm.model.as_mut(), Some(&base))?,
+    // LoRA: keep the adapter alone (PEFT layout) as well, then merge it for the export.
+    let merged = match &spec.mode {
+        Mode::Lora(l) => {
+            let dir = cfg.output_dir.join("lora_adapter");
+            save_lora_adapters(lm.model.as_ref(), l, &dir)
+                .with_context(|| format!("saving {}", dir.display()))?;
+            merge_lora(lm.model.as_mut(), Some(&base))?
+        }
         _ => Vec::new(),
     };
     let model_dir = cfg.output_dir.join("model");
