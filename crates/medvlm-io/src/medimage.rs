@@ -251,13 +251,42 @@ pub fn min_max(v: &[f32]) -> (f32, f32) {
     }
 }
 
-/// Advance a multi-index in first-axis-fastest (Fortran) order.
-pub(crate) fn next_fortran_index(idx: &mut [usize], dims: &[usize]) {
-    for (i, d) in idx.iter_mut().zip(dims) {
-        *i += 1;
-        if *i < *d {
-            return;
-        }
-        *i = 0;
+/// C-order (row-major) strides of `dims`, in elements.
+fn c_strides(dims: &[usize]) -> Vec<usize> {
+    let mut cs = vec![1usize; dims.len()];
+    for k in (0..dims.len().saturating_sub(1)).rev() {
+        cs[k] = cs[k + 1] * dims[k + 1];
     }
+    cs
+}
+
+/// Visit every element in first-axis-fastest (Fortran) order, passing its
+/// C-order index; the C index is updated incrementally (no per-element products).
+pub(crate) fn for_each_fortran_to_c(dims: &[usize], mut f: impl FnMut(usize, usize)) {
+    let n: usize = dims.iter().product();
+    if n == 0 {
+        return;
+    }
+    let cs = c_strides(dims);
+    let mut idx = vec![0usize; dims.len()];
+    let mut c = 0usize;
+    for fi in 0..n {
+        f(fi, c);
+        for k in 0..dims.len() {
+            idx[k] += 1;
+            c += cs[k];
+            if idx[k] < dims[k] {
+                break;
+            }
+            c -= cs[k] * dims[k];
+            idx[k] = 0;
+        }
+    }
+}
+
+/// Reorder Fortran-ordered values to C order over `dims`.
+pub(crate) fn fortran_to_c<T: Copy + Default>(src: &[T], dims: &[usize]) -> Vec<T> {
+    let mut out = vec![T::default(); src.len()];
+    for_each_fortran_to_c(dims, |fi, ci| out[ci] = src[fi]);
+    out
 }

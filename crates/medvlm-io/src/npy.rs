@@ -193,19 +193,7 @@ pub fn decode_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         _ => return Err(format!("unsupported dtype {descr}")),
     };
     if fortran && shape.len() > 1 {
-        let mut c = vec![0f64; n];
-        let nd = shape.len();
-        let mut cs = vec![1usize; nd];
-        for k in (0..nd - 1).rev() {
-            cs[k] = cs[k + 1] * shape[k + 1];
-        }
-        let mut idx = vec![0usize; nd];
-        for v in data.iter() {
-            let ci: usize = idx.iter().zip(&cs).map(|(i, s)| i * s).sum();
-            c[ci] = *v;
-            crate::medimage::next_fortran_index(&mut idx, &shape);
-        }
-        data = c;
+        data = crate::medimage::fortran_to_c(&data, &shape);
     }
     Ok(NpyArray { shape, descr, data })
 }

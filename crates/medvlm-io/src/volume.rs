@@ -323,19 +323,9 @@ fn read_data(path: &Path, bytes: &[u8], info: &NiftiInfo) -> Result<Vec<f32>> {
         (info.scl_slope, i)
     };
     // Fortran (file) order -> C order over dims.
-    let mut out = vec![0f32; n];
-    let nd = info.dims.len();
-    let mut c_strides = vec![1usize; nd];
-    for k in (0..nd.saturating_sub(1)).rev() {
-        c_strides[k] = c_strides[k + 1] * info.dims[k + 1];
-    }
-    let mut idx = vec![0usize; nd];
-    for v in vals.iter() {
-        let c: usize = idx.iter().zip(&c_strides).map(|(i, s)| i * s).sum();
-        out[c] = (v * slope + inter) as f32;
-        crate::medimage::next_fortran_index(&mut idx, &info.dims);
-    }
-    Ok(out)
+    let scaled: Vec<f32> = vals.iter().map(|v| (v * slope + inter) as f32).collect();
+    drop(vals);
+    Ok(crate::medimage::fortran_to_c(&scaled, &info.dims))
 }
 
 /// nibabel's `get_best_affine` (see module docs), row-major 4x4.
@@ -507,17 +497,11 @@ pub fn write_nifti1(
     let mut body = h;
     body.reserve(n * 4);
     // C order -> Fortran (file) order.
-    let nd = dims.len();
-    let mut c_strides = vec![1usize; nd];
-    for k in (0..nd - 1).rev() {
-        c_strides[k] = c_strides[k + 1] * dims[k + 1];
-    }
-    let mut idx = vec![0usize; nd];
-    for _ in 0..n {
-        let c: usize = idx.iter().zip(&c_strides).map(|(i, s)| i * s).sum();
-        body.extend_from_slice(&data[c].to_le_bytes());
-        crate::medimage::next_fortran_index(&mut idx, dims);
-    }
+    let start = body.len();
+    body.resize(start + n * 4, 0);
+    crate::medimage::for_each_fortran_to_c(dims, |fi, ci| {
+        body[start + fi * 4..start + fi * 4 + 4].copy_from_slice(&data[ci].to_le_bytes());
+    });
     let gz = path
         .extension()
         .map(|e| e.eq_ignore_ascii_case("gz"))

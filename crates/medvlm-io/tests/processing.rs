@@ -348,3 +348,24 @@ fn train_input_is_seeded_per_sample() {
     assert_ne!(a, c);
     assert_eq!(a.data.len(), 3 * 32 * 32);
 }
+
+#[test]
+fn fortran_ordered_npy_is_reordered_to_c() {
+    // np.asfortranarray(np.arange(6, dtype='<i2').reshape(2, 3)) stores 0 3 1 4 2 5
+    let mut header = "{'descr': '<i2', 'fortran_order': True, 'shape': (2, 3), }".to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in [0i16, 3, 1, 4, 2, 5] {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    let a = medvlm_io::npy::decode_npy(&bytes).unwrap();
+    assert_eq!(a.shape, vec![2, 3]);
+    assert_eq!(a.data, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    let e = medvlm_io::npy::decode_npy(&bytes[..bytes.len() - 2]).unwrap_err();
+    assert!(e.contains("truncated"), "{e}");
+}
