@@ -61,9 +61,10 @@ pub struct Args {
     /// Model: a directory, hf:ORG/NAME[@REV], or a preset name.
     #[arg(long)]
     pub model: String,
-    /// Manifest (.jsonl / .csv) with the labelled images and their splits.
-    #[arg(long)]
-    pub train: PathBuf,
+    /// Manifest (.jsonl / .csv) with the labelled images and their `split` column;
+    /// repeat to concatenate several (e.g. train.jsonl, val.jsonl, test.jsonl).
+    #[arg(long, required = true)]
+    pub train: Vec<PathBuf>,
     /// Output artefact directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -99,8 +100,8 @@ pub struct AdaptCard {
     pub model_family: String,
     /// Fingerprint of the model files (spec, family, file sizes and times).
     pub model_fingerprint: String,
-    /// Training manifest.
-    pub data: PathBuf,
+    /// Manifests read.
+    pub data: Vec<PathBuf>,
     /// SHA-256 of the manifest bytes.
     pub data_sha256: String,
     /// Manifest column used as label, filters, splits.
@@ -227,7 +228,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.shots == 0 {
         bail!("--shots must be at least 1");
     }
-    let task = Task::from_manifest(&args.train, &args.task)?;
+    let task = Task::from_manifests(&args.train, &args.task)?;
     let prompts = class_prompts(&task.class_names, &args.task)?;
     let policy = match args.support_cv {
         None => HyperparameterPolicy::Fixed,
@@ -252,7 +253,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if pool_rows.is_empty() {
         bail!(
             "manifest {} has no labelled '{}' images to draw the support set from (set --split)",
-            args.train.display(),
+            task.manifest_path.display(),
             args.task.split
         );
     }
@@ -260,7 +261,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let picked = protocol
         .sample(&pool_labels, &task.class_names)
         .map_err(|e| anyhow::anyhow!("--shots {}: {e}", args.shots))
-        .with_context(|| format!("drawing the support set from {}", args.train.display()))?;
+        .with_context(|| {
+            format!(
+                "drawing the support set from {}",
+                task.manifest_path.display()
+            )
+        })?;
     let support_rows: Vec<usize> = picked.iter().map(|&i| pool_rows[i]).collect();
 
     let texts = encode_class_texts(&m, &prompts, args.task.batch, &device)?;
@@ -326,7 +332,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!(
             "note: no '{}' split in {}: the artefact carries no test metrics",
             args.task.test_split,
-            args.train.display()
+            task.manifest_path.display()
         );
         None
     } else {

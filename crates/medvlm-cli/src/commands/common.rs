@@ -67,8 +67,12 @@ pub struct TaskArgs {
     pub template: Vec<String>,
     /// JSON file of class prompts or descriptions: {"class": ["text", ...], ...}. Every
     /// class must appear, and no other name; replaces --template.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "phantom_prompts")]
     pub prompts: Option<PathBuf>,
+    /// Use the phantom benchmark's class prompts ("a chest radiograph with a pleural
+    /// effusion", ...) of the modality selected with `--where modality=NAME`.
+    #[arg(long)]
+    pub phantom_prompts: bool,
     /// Feature cache directory (default: `.medvlm-cache` beside the manifest).
     #[arg(long)]
     pub cache: Option<PathBuf>,
@@ -96,9 +100,11 @@ pub struct TaskRow {
 /// A multi-class task read from a manifest.
 #[derive(Debug, Clone)]
 pub struct Task {
-    /// The manifest file.
+    /// The first manifest file (the default cache lives beside it).
     pub manifest_path: PathBuf,
-    /// SHA-256 of the manifest bytes.
+    /// Every manifest file, in order.
+    pub manifests: Vec<PathBuf>,
+    /// SHA-256 of the manifest bytes (several manifests: of their digests, in order).
     pub manifest_sha256: String,
     /// Class names in index order.
     pub class_names: Vec<String>,
@@ -121,18 +127,41 @@ fn field_value(rec: &medvlm_io::ManifestRecord, field: &str) -> Option<String> {
 }
 
 impl Task {
-    /// Reads the manifest and selects the labelled records of the task.
-    pub fn from_manifest(path: &Path, args: &TaskArgs) -> anyhow::Result<Self> {
+    /// Reads the manifests (records concatenated in order) and selects the
+    /// labelled records of the task.
+    pub fn from_manifests(paths: &[PathBuf], args: &TaskArgs) -> anyhow::Result<Self> {
         if args.label_field == "labels" {
             bail!(
                 "--label-field labels: multi-label tasks are not supported by this command yet; \
                  use a single-label column (e.g. `label`)"
             );
         }
-        let bytes =
-            std::fs::read(path).with_context(|| format!("reading manifest {}", path.display()))?;
-        let manifest = medvlm_io::read_manifest(path)
-            .with_context(|| format!("reading manifest {}", path.display()))?;
+        let Some(first) = paths.first() else {
+            bail!("give at least one manifest");
+        };
+        let mut digests = Vec::new();
+        let mut records: Vec<(PathBuf, medvlm_io::ManifestRecord)> = Vec::new();
+        for path in paths {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("reading manifest {}", path.display()))?;
+            digests.push(sha256_hex(&bytes));
+            let m = medvlm_io::read_manifest(path)
+                .with_context(|| format!("reading manifest {}", path.display()))?;
+            for r in m.records.iter() {
+                records.push((m.image_path(r), r.clone()));
+            }
+        }
+        let manifest_sha256 = if digests.len() == 1 {
+            digests.remove(0)
+        } else {
+            hash_paths(&digests)
+        };
+        let shown = paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let path = Path::new(&shown);
         let mut filters = Vec::new();
         for f in &args.filters {
             let Some((k, v)) = f.split_once('=') else {
@@ -140,11 +169,11 @@ impl Task {
             };
             filters.push((k.trim().to_string(), v.trim().to_string()));
         }
-        let selected: Vec<(usize, &medvlm_io::ManifestRecord)> = manifest
-            .records
+        let selected: Vec<(usize, &PathBuf, &medvlm_io::ManifestRecord)> = records
             .iter()
             .enumerate()
-            .filter(|(_, r)| {
+            .map(|(i, (p, r))| (i, p, r))
+            .filter(|(_, _, r)| {
                 filters
                     .iter()
                     .all(|(k, v)| field_value(r, k).as_deref() == Some(v.as_str()))
@@ -177,8 +206,8 @@ impl Task {
             }
             None => selected
                 .iter()
-                .filter(|(_, r)| r.split.as_deref() == Some(args.split.as_str()))
-                .filter_map(|(_, r)| field_value(r, &args.label_field))
+                .filter(|(_, _, r)| r.split.as_deref() == Some(args.split.as_str()))
+                .filter_map(|(_, _, r)| field_value(r, &args.label_field))
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect(),
@@ -197,7 +226,7 @@ impl Task {
         let mut rows = Vec::new();
         let mut unlabelled = 0usize;
         let mut other_class = 0usize;
-        for (i, r) in selected {
+        for (i, image, r) in selected {
             let Some(label) = field_value(r, &args.label_field) else {
                 unlabelled += 1;
                 continue;
@@ -208,7 +237,7 @@ impl Task {
             };
             rows.push(TaskRow {
                 record: i,
-                path: manifest.image_path(r),
+                path: image.clone(),
                 split: r.split.clone(),
                 class,
             });
@@ -224,8 +253,9 @@ impl Task {
             );
         }
         Ok(Self {
-            manifest_path: path.to_path_buf(),
-            manifest_sha256: sha256_hex(&bytes),
+            manifest_path: first.clone(),
+            manifests: paths.to_vec(),
+            manifest_sha256,
             class_names,
             rows,
         })
@@ -247,6 +277,9 @@ pub fn class_prompts(
     class_names: &[String],
     args: &TaskArgs,
 ) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    if args.phantom_prompts {
+        return phantom_prompts(class_names, args);
+    }
     let Some(path) = &args.prompts else {
         if args.template.is_empty() {
             bail!("give at least one --template (or --prompts FILE.json)");
@@ -310,6 +343,37 @@ pub fn class_prompts(
         out.push((c.clone(), prompts));
     }
     Ok(out)
+}
+
+/// The phantom benchmark's prompt of each class of the `--where modality=` modality.
+fn phantom_prompts(
+    class_names: &[String],
+    args: &TaskArgs,
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let Some(name) = args
+        .filters
+        .iter()
+        .find_map(|f| f.strip_prefix("modality=").map(str::trim))
+    else {
+        bail!("--phantom-prompts needs the modality: add --where modality=NAME");
+    };
+    let modality: medvlm_phantoms::Modality = name
+        .parse()
+        .with_context(|| format!("--where modality={name}"))?;
+    let table = modality.class_prompts();
+    class_names
+        .iter()
+        .map(|c| {
+            let Some((_, p)) = table.iter().find(|(k, _)| k == c) else {
+                bail!(
+                    "--phantom-prompts: class {c:?} has no {name} prompt (known: {:?}); \
+                     use --template or --prompts",
+                    table.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+                );
+            };
+            Ok((c.clone(), vec![p.to_string()]))
+        })
+        .collect()
 }
 
 /// Encodes the class prompts with the model's text tower.

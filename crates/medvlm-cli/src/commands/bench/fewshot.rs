@@ -45,9 +45,10 @@ pub struct Args {
     /// Model: a directory, hf:ORG/NAME[@REV], or a preset name.
     #[arg(long)]
     pub model: String,
-    /// Manifest (.jsonl / .csv) with labelled images and train / val / test splits.
-    #[arg(long)]
-    pub data: PathBuf,
+    /// Manifest (.jsonl / .csv) with labelled images and a train / val / test `split`
+    /// column; repeat to concatenate several.
+    #[arg(long, required = true)]
+    pub data: Vec<PathBuf>,
     /// `all`, or method names separated by commas.
     #[arg(long, default_value = "all")]
     pub methods: String,
@@ -99,8 +100,8 @@ pub struct BenchOutput {
     pub model: String,
     /// Model fingerprint.
     pub model_fingerprint: String,
-    /// Manifest.
-    pub data: PathBuf,
+    /// Manifests.
+    pub data: Vec<PathBuf>,
     /// SHA-256 of the manifest.
     pub data_sha256: String,
     /// Classes.
@@ -190,7 +191,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "realistic" => SamplingMode::Realistic { min_per_class: 1 },
         _ => SamplingMode::Balanced,
     };
-    let task = Task::from_manifest(&args.data, &args.task)?;
+    let task = Task::from_manifests(&args.data, &args.task)?;
     let prompts = class_prompts(&task.class_names, &args.task)?;
     let m = load(&args.model, &device)?;
     let feats = task_features(&task, &args.model, &m, &args.task, &device)?;
@@ -203,7 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if pool_rows.is_empty() || test_rows.is_empty() {
         bail!(
             "{}: need labelled '{}' images ({} found) and '{}' images ({} found); set --split / --test-split",
-            args.data.display(),
+            task.manifest_path.display(),
             args.task.split,
             pool_rows.len(),
             args.task.test_split,
