@@ -239,15 +239,18 @@ fn vpt_without_prompts_is_the_plain_image_encoder() {
     assert!(max_abs_diff(&prompted, &got) > 1e-4);
 }
 
-/// Small fast settings per method (AdamW so that a handful of steps moves
-/// the prompts on the tiny model).
-fn overrides(name: &str, steps: usize) -> serde_json::Value {
+/// Small fast settings per method: `epochs` passes in mini-batches of 3 of
+/// the 6 support images (AdamW so that a handful of steps moves the prompts
+/// on the tiny model).
+fn overrides(name: &str, epochs: usize) -> serde_json::Value {
     let opt = serde_json::json!({"kind": "adam-w", "lr": 0.05, "weight_decay": 0.0});
+    let mut v = serde_json::json!({"epochs": epochs, "batch_size": 3, "optimizer": opt});
     match name {
-        "coop" => serde_json::json!({"n_ctx": 4, "steps": steps, "optimizer": opt}),
-        "vpt" => serde_json::json!({"n_tokens": 2, "steps": steps, "optimizer": opt}),
-        _ => serde_json::json!({"steps": steps, "optimizer": opt}),
+        "coop" => v["n_ctx"] = 4.into(),
+        "vpt" => v["n_tokens"] = 2.into(),
+        _ => {}
     }
+    v
 }
 
 fn expected_params(name: &str) -> Vec<&'static str> {
@@ -290,7 +293,7 @@ fn every_method_lowers_the_support_loss_and_leaves_the_encoders_untouched() {
             .unwrap()
             .fit_prompts(&input)
             .unwrap();
-        let fitted = prompt_method_by_name(name, Some(&overrides(name, 15)))
+        let fitted = prompt_method_by_name(name, Some(&overrides(name, 8)))
             .unwrap()
             .fit_prompts(&input)
             .unwrap();
@@ -420,7 +423,7 @@ fn frozen_feature_callers_and_bad_settings_get_clear_errors() {
         .to_string();
     assert!(err.contains("shallow MaPLe"), "{err}");
     // 16 context tokens do not fit the fixture's 24-token context with a name.
-    let err = prompt_method_by_name("coop", Some(&serde_json::json!({"n_ctx": 22, "steps": 0})))
+    let err = prompt_method_by_name("coop", Some(&serde_json::json!({"n_ctx": 22, "epochs": 0})))
         .unwrap()
         .fit_prompts(&input)
         .err()

@@ -12,7 +12,7 @@
 //! photo of a", class token at the end, meta-net reduction `r = 16`
 //! (hidden size at least 1), PyTorch's default Linear initialisation; SGD,
 //! lr 0.002, momentum 0.9, cosine decay (the paper: batch size 1, 10
-//! epochs); here 50 full-batch steps.
+//! epochs), which are the defaults here: 10 epochs of single images.
 
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::coop::Coop;
 use super::prompt_common::{
     cosine_logits, encode_with_context, image_embeddings, model_scale, refuse_feature_fit,
-    uniform_tensor, var, ClassPrompts, ClassTokenPosition, PromptClassifier, PromptEnv,
+    uniform_tensor, var, Batches, ClassPrompts, ClassTokenPosition, PromptClassifier, PromptEnv,
     PromptInput, PromptLearningMethod,
 };
 use super::{train_full_batch, Optimizer};
@@ -42,8 +42,10 @@ pub struct Cocoop {
     pub class_token_position: ClassTokenPosition,
     /// Reduction factor of the meta-net's hidden layer.
     pub meta_reduction: usize,
-    /// Full-batch training steps.
-    pub steps: usize,
+    /// Passes over the support set.
+    pub epochs: usize,
+    /// Mini-batch size (0 = the whole support set).
+    pub batch_size: usize,
     /// Optimiser.
     pub optimizer: Optimizer,
 }
@@ -55,7 +57,8 @@ impl Default for Cocoop {
             ctx_init: Some("a photo of a".into()),
             class_token_position: ClassTokenPosition::End,
             meta_reduction: 16,
-            steps: 50,
+            epochs: 10,
+            batch_size: 1,
             optimizer: Optimizer::Sgd {
                 lr: 0.002,
                 momentum: 0.9,
@@ -182,11 +185,14 @@ impl PromptLearningMethod for Cocoop {
         let scale = model_scale(model)?;
         let mut vars = vec![ctx.clone()];
         vars.extend(meta.iter().cloned());
-        let loss = train_full_batch(&vars, self.steps, self.optimizer, || {
+        let mut batches = Batches::new(feats.dim(0)?, self.batch_size, input.seed, dev);
+        let steps = batches.steps(self.epochs);
+        let loss = train_full_batch(&vars, steps, self.optimizer, || {
+            let idx = batches.next_indices()?;
             let logits = Self::logits(
                 model,
                 &prompts,
-                &feats,
+                &feats.index_select(&idx, 0)?,
                 ctx.as_tensor(),
                 [
                     meta[0].as_tensor(),
@@ -196,7 +202,10 @@ impl PromptLearningMethod for Cocoop {
                 ],
                 scale,
             )?;
-            Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+            Ok(candle_nn::loss::cross_entropy(
+                &logits,
+                &targets.index_select(&idx, 0)?,
+            )?)
         })?;
         let params = vec![
             ("ctx".to_string(), ctx.as_tensor().detach()),

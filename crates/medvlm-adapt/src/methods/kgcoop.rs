@@ -12,8 +12,9 @@
 //!
 //! Defaults (paper / official configs): `λ = 8.0`, 4 context tokens
 //! initialised from "a photo of a", unified context, class token at the
-//! end, SGD lr 0.002 momentum 0.9 with cosine decay (200 full-batch steps
-//! here).
+//! end. The training schedule is CoOp's (SGD lr 0.002, momentum 0.9, cosine
+//! decay, 200 epochs of mini-batches of 32); the paper's per-dataset
+//! schedules were not reproduced.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};

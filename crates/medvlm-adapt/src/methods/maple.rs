@@ -20,7 +20,7 @@
 //! the first two words of "a photo of a" (the rest, "of a", stays fixed text,
 //! as in the official code), coupling initialised like PyTorch's
 //! `nn.Linear`, SGD lr 0.0035, momentum 0.9, cosine decay (the paper: batch
-//! size 4, 5 epochs); here 50 full-batch steps.
+//! size 4, 5 epochs), which are the defaults here.
 
 use candle_core::{Tensor, Var};
 use medvlm_models::VisualPrompts;
@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use super::prompt_common::{
     build_class_prompts, cosine_logits, encode_with_context, image_embeddings, init_context,
-    model_scale, refuse_feature_fit, uniform_tensor, var, ClassPrompts, ClassTokenPosition,
-    PromptClassifier, PromptEnv, PromptInput, PromptLearningMethod,
+    model_scale, refuse_feature_fit, uniform_tensor, var, Batches, ClassPrompts,
+    ClassTokenPosition, PromptClassifier, PromptEnv, PromptInput, PromptLearningMethod,
 };
 use super::{train_full_batch, Optimizer};
 use crate::method::{AdaptInput, AdaptationMethod, AdaptedClassifier, MethodError, Result};
@@ -47,8 +47,10 @@ pub struct Maple {
     pub ctx_init: Option<String>,
     /// Prompt depth J; only 1 (shallow) is supported, see the module docs.
     pub prompt_depth: usize,
-    /// Full-batch training steps.
-    pub steps: usize,
+    /// Passes over the support set.
+    pub epochs: usize,
+    /// Mini-batch size (0 = the whole support set).
+    pub batch_size: usize,
     /// Optimiser.
     pub optimizer: Optimizer,
 }
@@ -59,7 +61,8 @@ impl Default for Maple {
             n_ctx: 2,
             ctx_init: Some("a photo of a".into()),
             prompt_depth: 1,
-            steps: 50,
+            epochs: 5,
+            batch_size: 4,
             optimizer: Optimizer::Sgd {
                 lr: 0.0035,
                 momentum: 0.9,
@@ -195,16 +198,22 @@ impl PromptLearningMethod for Maple {
         let targets = input.targets()?;
         let scale = model_scale(model)?;
         let vars = vec![ctx.clone(), w.clone(), b.clone()];
-        let loss = train_full_batch(&vars, self.steps, self.optimizer, || {
+        let mut batches = Batches::new(input.labels.len(), self.batch_size, input.seed, dev);
+        let steps = batches.steps(self.epochs);
+        let loss = train_full_batch(&vars, steps, self.optimizer, || {
+            let idx = batches.next_indices()?;
             let logits = Self::logits(
                 model,
                 &prompts,
-                input.images,
+                &input.images.index_select(&idx, 0)?,
                 ctx.as_tensor(),
                 [w.as_tensor(), b.as_tensor()],
                 scale,
             )?;
-            Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+            Ok(candle_nn::loss::cross_entropy(
+                &logits,
+                &targets.index_select(&idx, 0)?,
+            )?)
         })?;
         PromptClassifier::new(
             self,

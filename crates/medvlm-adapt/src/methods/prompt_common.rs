@@ -500,6 +500,55 @@ pub(crate) fn image_embeddings(
         .to_dtype(DType::F32)?)
 }
 
+/// Mini-batches over the support set, reshuffled every epoch with a seeded
+/// RNG (as the papers' data loaders; the last batch of an epoch may be
+/// smaller). `batch_size` 0 or at least N means full batch.
+pub(crate) struct Batches {
+    order: Vec<usize>,
+    batch_size: usize,
+    pos: usize,
+    rng: ChaCha8Rng,
+    device: Device,
+}
+
+impl Batches {
+    pub(crate) fn new(n: usize, batch_size: usize, seed: u64, device: &Device) -> Self {
+        let batch_size = if batch_size == 0 {
+            n
+        } else {
+            batch_size.min(n)
+        };
+        Self {
+            order: (0..n).collect(),
+            batch_size: batch_size.max(1),
+            pos: n,
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_ba7c),
+            device: device.clone(),
+        }
+    }
+
+    /// Optimiser steps for `epochs` passes over the support set.
+    pub(crate) fn steps(&self, epochs: usize) -> usize {
+        epochs * self.order.len().div_ceil(self.batch_size)
+    }
+
+    /// Indices `[b]` (u32) of the next mini-batch.
+    pub(crate) fn next_indices(&mut self) -> Result<Tensor> {
+        use rand::seq::SliceRandom;
+        if self.pos >= self.order.len() {
+            self.order.shuffle(&mut self.rng);
+            self.pos = 0;
+        }
+        let end = (self.pos + self.batch_size).min(self.order.len());
+        let idx: Vec<u32> = self.order[self.pos..end]
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
+        self.pos = end;
+        Ok(Tensor::new(idx.as_slice(), &self.device)?)
+    }
+}
+
 /// A trainable copy of a tensor.
 pub(crate) fn var(t: &Tensor) -> Result<Var> {
     Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)
@@ -769,5 +818,33 @@ impl AdaptedClassifier for PromptClassifier {
 
     fn tensors(&self) -> Vec<(String, Tensor)> {
         self.params.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Batches;
+    use candle_core::Device;
+
+    #[test]
+    fn every_epoch_visits_each_support_image_once() {
+        let mut b = Batches::new(7, 3, 42, &Device::Cpu);
+        assert_eq!(b.steps(2), 6);
+        for _ in 0..2 {
+            let mut seen = Vec::new();
+            let mut sizes = Vec::new();
+            for _ in 0..3 {
+                let idx: Vec<u32> = b.next_indices().unwrap().to_vec1().unwrap();
+                sizes.push(idx.len());
+                seen.extend(idx);
+            }
+            seen.sort();
+            assert_eq!(seen, (0..7).collect::<Vec<u32>>());
+            assert_eq!(sizes, vec![3, 3, 1]);
+        }
+        // 0 = full batch.
+        let mut full = Batches::new(5, 0, 0, &Device::Cpu);
+        assert_eq!(full.steps(4), 4);
+        assert_eq!(full.next_indices().unwrap().dims(), &[5]);
     }
 }

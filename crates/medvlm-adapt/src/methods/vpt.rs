@@ -14,10 +14,11 @@
 //! 10 is a common choice for ViT-B), deep prompts (the paper's main
 //! variant), prompts initialised U(−v, v) with
 //! `v = sqrt(6 / (3·patch² + D))` (Xavier-uniform as in the official code).
-//! The paper uses SGD with a per-task learning-rate search; here AdamW,
-//! lr 1e-3, no weight decay, cosine decay, 100 full-batch steps (a fixed,
-//! documented choice; override `optimizer`/`steps` as needed). Every step
-//! runs the image tower on the whole support set.
+//! The paper trains 100 epochs with SGD and a per-task learning-rate
+//! search; here AdamW, lr 1e-3, no weight decay, cosine decay, 100 epochs of
+//! mini-batches of 32 (a fixed, documented choice; override `optimizer`,
+//! `epochs`, `batch_size` as needed). Every step runs the image tower (with
+//! gradients) on the mini-batch.
 
 use candle_core::{DType, Tensor, Var};
 use medvlm_models::{VisionLanguageModel, VisualPrompts};
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::prompt_common::{
     cosine_logits, image_embeddings, model_err, model_scale, refuse_feature_fit,
-    template_text_embeddings, uniform_tensor, PromptClassifier, PromptEnv, PromptInput,
+    template_text_embeddings, uniform_tensor, Batches, PromptClassifier, PromptEnv, PromptInput,
     PromptLearningMethod,
 };
 use super::{train_full_batch, Optimizer};
@@ -47,8 +48,10 @@ pub struct Vpt {
     pub deep: bool,
     /// Template of the frozen zero-shot head (`{}` = class name).
     pub template: String,
-    /// Full-batch training steps.
-    pub steps: usize,
+    /// Passes over the support set.
+    pub epochs: usize,
+    /// Mini-batch size (0 = the whole support set).
+    pub batch_size: usize,
     /// Optimiser.
     pub optimizer: Optimizer,
 }
@@ -59,7 +62,8 @@ impl Default for Vpt {
             n_tokens: 10,
             deep: true,
             template: "a photo of a {}.".into(),
-            steps: 100,
+            epochs: 100,
+            batch_size: 32,
             optimizer: Optimizer::AdamW {
                 lr: 1e-3,
                 weight_decay: 0.0,
@@ -191,13 +195,20 @@ impl PromptLearningMethod for Vpt {
         let scale = model_scale(model)?;
         let mut vars = vec![shallow.clone()];
         vars.extend(deep.iter().cloned());
-        let loss = train_full_batch(&vars, self.steps, self.optimizer, || {
+        let mut batches = Batches::new(input.labels.len(), self.batch_size, input.seed, dev);
+        let steps = batches.steps(self.epochs);
+        let loss = train_full_batch(&vars, steps, self.optimizer, || {
+            let idx = batches.next_indices()?;
             let prompts = self.prompts(
                 shallow.as_tensor().clone(),
                 deep.iter().map(|v| v.as_tensor().clone()).collect(),
             );
-            let logits = vpt_logits(model, &head, Some(&prompts), input.images, scale)?;
-            Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+            let pixels = input.images.index_select(&idx, 0)?;
+            let logits = vpt_logits(model, &head, Some(&prompts), &pixels, scale)?;
+            Ok(candle_nn::loss::cross_entropy(
+                &logits,
+                &targets.index_select(&idx, 0)?,
+            )?)
         })?;
         let mut params = vec![
             (SHALLOW.to_string(), shallow.as_tensor().detach()),
