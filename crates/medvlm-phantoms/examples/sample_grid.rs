@@ -1,7 +1,7 @@
 //! Write a sample grid (PNG) per modality: `cargo run -p medvlm-phantoms
 //! --example sample_grid --release -- OUT_DIR [SIZE] [COLS] [ROWS]`.
 //! The committed grids in `docs/img/phantom_<modality>.png` come from
-//! `OUT_DIR = docs/img`, size 96, 4 x 4, seed 2024.
+//! `OUT_DIR = docs/img`, size 96 (64 for RGB modalities), 4 x 4, seed 2024.
 
 use medvlm_phantoms::{generate_study, Modality, StudyOptions};
 
@@ -12,12 +12,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cols: u32 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(4);
     let rows: u32 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(4);
     std::fs::create_dir_all(&out)?;
-    let opts = StudyOptions {
-        size,
-        ..Default::default()
-    };
     let gap = 2;
     for m in Modality::ALL {
+        // RGB grids are drawn smaller so each committed PNG stays well under
+        // 200 KiB (sensor noise does not compress).
+        let size = if m.channels() == 1 {
+            size
+        } else {
+            size * 2 / 3 / 4 * 4
+        };
+        let opts = StudyOptions {
+            size,
+            ..Default::default()
+        };
         let (gw, gh) = (cols * (size + gap) - gap, rows * (size + gap) - gap);
         let mut grid = image::RgbImage::from_pixel(gw, gh, image::Rgb([255, 255, 255]));
         for k in 0..cols * rows {
@@ -28,7 +35,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{} {}: {:?}", m.name(), k, study.labels());
         }
         let path = out.join(format!("phantom_{}.png", m.name()));
-        grid.save(&path)?;
+        let file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        let encoder = image::codecs::png::PngEncoder::new_with_quality(
+            file,
+            image::codecs::png::CompressionType::Best,
+            image::codecs::png::FilterType::Adaptive,
+        );
+        if m.channels() == 1 {
+            image::DynamicImage::ImageRgb8(grid)
+                .to_luma8()
+                .write_with_encoder(encoder)?;
+        } else {
+            grid.write_with_encoder(encoder)?;
+        }
         println!("wrote {}", path.display());
     }
     Ok(())

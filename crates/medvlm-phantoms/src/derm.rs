@@ -114,11 +114,31 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
     );
     let brown = lerp3([0.55, 0.36, 0.24], [0.42, 0.26, 0.17], rng.random());
 
+    // Border radius by angle, tabulated: five cosines per pixel would cost
+    // more than the rest of the image.
+    const ANGLES: usize = 512;
+    let border: Vec<f32> = (0..=ANGLES)
+        .map(|k| {
+            let a = k as f32 / ANGLES as f32 * TAU - std::f32::consts::PI;
+            radius
+                * (1.0
+                    + harmonics
+                        .iter()
+                        .map(|(amp, f, ph)| amp * (f * a + ph).cos())
+                        .sum::<f32>())
+        })
+        .collect();
+    let (orient_c, orient_s) = (orient.cos(), orient.sin());
+    let max_r = border.iter().fold(0.0f32, |m, &r| m.max(r));
+    let inv = 1.0 / size as f32;
+    // Pigment network lattice, separable: sin(110 x) sin(110 y).
+    let net_axis: Vec<f32> = (0..size)
+        .map(|k| (((k as f32 + 0.5) * inv) * 110.0).sin())
+        .collect();
     let texture = Fbm::new(rng, 6, 3);
     let colours = Fbm::new(rng, 5, 3);
     let mut mask = vec![0u8; size * size];
     let mut pixels = vec![0.0f32; size * size * 3];
-    let inv = 1.0 / size as f32;
     for py in 0..size {
         let y = (py as f32 + 0.5) * inv;
         for px in 0..size {
@@ -130,16 +150,18 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
             let mut rgb = [skin[0] * shade, skin[1] * shade, skin[2] * shade];
             if lesion.is_some() {
                 let (dx, dy) = (x - lcx, y - lcy);
-                let (c, s) = (orient.cos(), orient.sin());
-                let (ex, ey) = (c * dx + s * dy, (-s * dx + c * dy) / aspect);
-                let a = ey.atan2(ex);
-                let r = radius
-                    * (1.0
-                        + harmonics
-                            .iter()
-                            .map(|(amp, k, ph)| amp * (k * a + ph).cos())
-                            .sum::<f32>());
-                let q = (ex * ex + ey * ey).sqrt() / r;
+                let (ex, ey) = (
+                    orient_c * dx + orient_s * dy,
+                    (-orient_s * dx + orient_c * dy) / aspect,
+                );
+                let d2 = ex * ex + ey * ey;
+                let q = if d2 < max_r * max_r {
+                    let a = ey.atan2(ex);
+                    let k = (((a + std::f32::consts::PI) / TAU) * ANGLES as f32) as usize;
+                    d2.sqrt() / border[k.min(ANGLES)]
+                } else {
+                    2.0
+                };
                 if q < 1.0 {
                     mask[idx] = 255;
                     let col = if melanoma {
@@ -158,7 +180,7 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
                         }
                     } else {
                         // Regular network: a lattice of slightly darker lines.
-                        let net = ((x * 110.0).sin() * (y * 110.0).sin()).abs();
+                        let net = (net_axis[px] * net_axis[py]).abs();
                         let k = 0.85 + 0.15 * q - 0.12 * (net > 0.7) as i32 as f32;
                         [brown[0] * k, brown[1] * k, brown[2] * k]
                     };

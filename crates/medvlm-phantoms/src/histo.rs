@@ -112,7 +112,7 @@ pub(crate) fn render<R: Rng>(
             (
                 (i + 0.5) * GLAND_SPACING + rng.random_range(-0.05..0.05),
                 (j + 0.5) * GLAND_SPACING + rng.random_range(-0.05..0.05),
-                rng.random_range(0.045..0.075),
+                rng.random_range(0.055..0.08),
             )
         })
         .collect();
@@ -128,13 +128,14 @@ pub(crate) fn render<R: Rng>(
                 }
                 let k = j as usize * cells + i as usize;
                 let (gx, gy, gr) = glands[k];
-                let d = ((x - gx).powi(2) + (y - gy).powi(2)).sqrt() / gr;
-                if d < best.0 {
-                    best = (d, k);
+                // Squared distance in units of the crypt radius.
+                let d2 = ((x - gx).powi(2) + (y - gy).powi(2)) / (gr * gr);
+                if d2 < best.0 {
+                    best = (d2, k);
                 }
             }
         }
-        best
+        (best.0.sqrt(), best.1)
     };
 
     let texture = Fbm::new(rng, 8, 3);
@@ -166,21 +167,21 @@ pub(crate) fn render<R: Rng>(
                         // Epithelium with pale goblet cells.
                         (0.15, 0.42 + 0.15 * n)
                     } else {
-                        (0.12 + 0.05 * n, 0.28 + 0.12 * n)
+                        (0.07 + 0.04 * n, 0.36 + 0.12 * n)
                     }
                 }
                 Tissue::Tumour => {
                     if lumens.at(x, y) > 0.68 {
                         (0.03, 0.06)
                     } else {
-                        (0.32 + 0.1 * n, 0.42 + 0.1 * n)
+                        (0.3 + 0.1 * n, 0.5 + 0.1 * n)
                     }
                 }
                 Tissue::Stroma => {
                     let streak = ((x * fa_c + y * fa_s) * 140.0 + 10.0 * n).sin();
                     (0.04, 0.62 + 0.16 * streak + 0.08 * n)
                 }
-                Tissue::Lymphocytes => (0.22 + 0.08 * n, 0.25 + 0.08 * n),
+                Tissue::Lymphocytes => (0.38 + 0.08 * n, 0.14 + 0.06 * n),
             };
             hx[idx] = h;
             eo[idx] = e;
@@ -263,13 +264,20 @@ pub(crate) fn render<R: Rng>(
         }
     }
 
-    // Beer-Lambert: I = exp(-k (h * H + e * E)).
+    // Beer-Lambert: I = exp(-k (h * H + e * E)), exp tabulated on [0, 8].
     const K: f32 = 2.0;
+    const STEPS: usize = 2048;
+    const OD_MAX: f32 = 8.0;
+    let exp_lut: Vec<f32> = (0..=STEPS)
+        .map(|k| (-(k as f32) * OD_MAX / STEPS as f32).exp())
+        .collect();
     let mut pixels = vec![0.0f32; n_px * 3];
     for i in 0..n_px {
         for c in 0..3 {
             let od = K * (hx[i] * acq.stain_h[c] + eo[i] * acq.stain_e[c]);
-            pixels[i * 3 + c] = (-od).exp();
+            let t = (od.max(0.0) * (STEPS as f32 / OD_MAX)).min(STEPS as f32 - 1.0);
+            let k = t as usize;
+            pixels[i * 3 + c] = exp_lut[k] + (exp_lut[k + 1] - exp_lut[k]) * (t - k as f32);
         }
     }
 

@@ -256,7 +256,7 @@ impl StudyOptions {
     /// Check the size against the limits.
     pub fn validate(&self) -> Result<(), PhantomError> {
         let f = self.lowres_factor.max(1);
-        if !(32..=1024).contains(&self.size) || self.size % f != 0 {
+        if !(32..=1024).contains(&self.size) || !self.size.is_multiple_of(f) {
             return Err(PhantomError::BadSize {
                 size: self.size,
                 factor: f,

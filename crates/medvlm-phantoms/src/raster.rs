@@ -18,30 +18,37 @@ pub(crate) fn gaussian_blur(buf: &mut [f32], w: usize, h: usize, ch: usize, sigm
         .collect();
     let total: f32 = kernel.iter().sum();
     kernel.iter_mut().for_each(|k| *k /= total);
-    let mut tmp = vec![0.0f32; buf.len()];
-    // Horizontal pass into tmp.
-    for y in 0..h {
-        let row = y * w * ch;
-        for x in 0..w {
-            for c in 0..ch {
-                let mut acc = 0.0;
-                for (k, weight) in kernel.iter().enumerate() {
-                    let sx = (x as isize + k as isize - radius).clamp(0, w as isize - 1) as usize;
-                    acc += weight * buf[row + sx * ch + c];
-                }
-                tmp[row + x * ch + c] = acc;
+    // Each row / column is copied into a border-padded line once, so the
+    // inner loop has no clamping and vectorises.
+    let r = radius as usize;
+    let mut line = vec![0.0f32; w.max(h) + 2 * r];
+    for c in 0..ch {
+        for y in 0..h {
+            let row = y * w;
+            for (i, v) in line.iter_mut().take(w + 2 * r).enumerate() {
+                let sx = (i as isize - radius).clamp(0, w as isize - 1) as usize;
+                *v = buf[(row + sx) * ch + c];
+            }
+            for x in 0..w {
+                let acc: f32 = kernel
+                    .iter()
+                    .zip(&line[x..x + 2 * r + 1])
+                    .map(|(k, v)| k * v)
+                    .sum();
+                buf[(row + x) * ch + c] = acc;
             }
         }
-    }
-    // Vertical pass back into buf.
-    for y in 0..h {
         for x in 0..w {
-            for c in 0..ch {
-                let mut acc = 0.0;
-                for (k, weight) in kernel.iter().enumerate() {
-                    let sy = (y as isize + k as isize - radius).clamp(0, h as isize - 1) as usize;
-                    acc += weight * tmp[(sy * w + x) * ch + c];
-                }
+            for (i, v) in line.iter_mut().take(h + 2 * r).enumerate() {
+                let sy = (i as isize - radius).clamp(0, h as isize - 1) as usize;
+                *v = buf[(sy * w + x) * ch + c];
+            }
+            for y in 0..h {
+                let acc: f32 = kernel
+                    .iter()
+                    .zip(&line[y..y + 2 * r + 1])
+                    .map(|(k, v)| k * v)
+                    .sum();
                 buf[(y * w + x) * ch + c] = acc;
             }
         }
@@ -92,7 +99,7 @@ pub(crate) fn mask_box(mask: &[u8], w: usize, h: usize) -> Option<[u32; 4]> {
             }
         }
     }
-    (x0 != usize::MAX).then(|| [x0 as u32, y0 as u32, x1 as u32, y1 as u32])
+    (x0 != usize::MAX).then_some([x0 as u32, y0 as u32, x1 as u32, y1 as u32])
 }
 
 /// Patient positioning: a similarity transform (rotation, isotropic scale,
@@ -125,7 +132,7 @@ impl Pose {
 
     /// Anatomy coordinates of the image point `(u, v)`.
     #[inline]
-    pub(crate) fn to_anatomy(&self, u: f32, v: f32) -> (f32, f32) {
+    pub(crate) fn to_anatomy(self, u: f32, v: f32) -> (f32, f32) {
         let x = (u - 0.5 - self.tx) * self.inv_scale;
         let y = (v - 0.5 - self.ty) * self.inv_scale;
         (

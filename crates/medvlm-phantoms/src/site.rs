@@ -3,7 +3,34 @@
 //! held-out site measures domain shift (as in the WILDS Camelyon17 split,
 //! Koh et al., ICML 2021).
 
-use rand::Rng;
+use rand::{Rng, RngCore};
+
+/// SplitMix64 (Steele, Lea & Flood, OOPSLA 2014): a tiny fast generator for
+/// per-pixel noise.
+pub(crate) struct SplitMix64(pub u64);
+
+impl RngCore for SplitMix64 {
+    #[inline]
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    #[inline]
+    fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        for chunk in dst.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
 
 use crate::noise::{approx_gaussian, ValueNoise};
 use crate::raster::gaussian_blur;
@@ -155,6 +182,10 @@ impl Acquisition {
         // RGB channels at half strength plus independent colour noise, as in
         // camera sensors.
         let colour = ch == 3;
+        // Per-pixel noise from a SplitMix64 stream seeded by the study's
+        // ChaCha stream: deterministic, and cheaper than ChaCha per sample.
+        let mut noise_rng = SplitMix64(rng.next_u64());
+        let rng = &mut noise_rng;
         for y in 0..h {
             let v = (y as f32 + 0.5) / h as f32;
             for x in 0..w {

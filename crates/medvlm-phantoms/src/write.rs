@@ -239,7 +239,7 @@ fn write_study(dir: &Path, study: &Study) -> Result<(ManifestRecord, u64, bool),
     }
 
     let mut medical_copies = false;
-    if ch == 1 && study.index % DICOM_NIFTI_EVERY == 0 {
+    if ch == 1 && study.index.is_multiple_of(DICOM_NIFTI_EVERY) {
         let spacing = pixel_spacing_mm(study.modality, w);
         let dicom_rel = format!("dicom/{id}.dcm");
         let dicom_path = dir.join(&dicom_rel);

@@ -1,0 +1,79 @@
+//! `medvlm phantoms generate`: end-to-end through the binary, with the bad
+//! inputs of issue #4 (unknown modality, n = 0, non-empty folder without
+//! --force).
+
+use std::process::Command;
+
+fn medvlm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_medvlm"))
+}
+
+#[test]
+fn generate_writes_a_manifest_and_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, seed: &str| {
+        let out = tmp.path().join(name);
+        let o = medvlm()
+            .args([
+                "phantoms", "generate", "--n", "12", "--size", "64", "--seed", seed,
+            ])
+            .args(["--modalities", "chest,histology", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+        (out, stdout)
+    };
+    let (a, stdout) = run("a", "3");
+    assert!(stdout.contains("wrote 12 studies"), "{stdout}");
+    assert!(stdout.contains("chest_xray 6, histology 6"), "{stdout}");
+    let (b, _) = run("b", "3");
+    let (c, _) = run("c", "4");
+    let manifest = |d: &std::path::Path| std::fs::read(d.join("manifest.jsonl")).unwrap();
+    assert_eq!(manifest(&a), manifest(&b));
+    assert_ne!(manifest(&a), manifest(&c));
+    let m = medvlm_io::read_manifest(&a.join("manifest.jsonl")).unwrap();
+    assert_eq!(m.records.len(), 12);
+    assert!(m
+        .records
+        .iter()
+        .all(|r| r.text.is_some() && !r.labels.is_empty()));
+}
+
+#[test]
+fn bad_inputs_fail_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let fail = |args: &[&str]| {
+        let o = medvlm()
+            .args(["phantoms", "generate", "--out"])
+            .arg(&out)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = fail(&["--modalities", "chest,ultrasound"]);
+    assert!(e.contains("unknown modality `ultrasound`"), "{e}");
+    let e = fail(&["--n", "0"]);
+    assert!(e.contains("at least 1"), "{e}");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "x").unwrap();
+    let e = fail(&["--n", "2", "--size", "32"]);
+    assert!(e.contains("not empty") && e.contains("--force"), "{e}");
+    let ok = medvlm()
+        .args([
+            "phantoms", "generate", "--n", "2", "--size", "32", "--force", "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(out.join("keep.txt").is_file());
+}
