@@ -124,7 +124,7 @@ pub fn scratch_clip_config(
             s.family
         )));
     }
-    if image_size % s.patch_size != 0 {
+    if !image_size.is_multiple_of(s.patch_size) {
         return Err(TrainError::Invalid(format!(
             "data.image_size {image_size} is not a multiple of model.scratch.patch_size {}",
             s.patch_size
@@ -233,11 +233,14 @@ impl ContrastiveModel {
         let model = ClipModel::load(vb, config)?;
         seeded_init(&varmap, seed)?;
         let pad = tokenizer.token_to_id(PAD_TOKEN).unwrap_or(0);
+        // Training pads to the longest text of the batch: with the causal mask and pooling
+        // at the first end-of-text token, padding after it cannot change the embedding, so
+        // this equals max-length padding (what the saved directory loads with) and costs less.
         let tokenizer = TextTokenizer::from_tokenizer(
             tokenizer,
             Path::new("tokenizer.json"),
             config.text_config.max_position_embeddings,
-            Padding::MaxLength,
+            Padding::Longest,
             pad,
         )
         .map_err(model_err)?;

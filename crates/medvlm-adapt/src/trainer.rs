@@ -475,7 +475,10 @@ where
                     summary.final_loss = Some(record.loss);
                     summary.records.push(record);
                     let epoch_done = state.batch_in_epoch as usize == micro_per_epoch;
-                    if state.step % cfg.checkpoint_every == 0 && !epoch_done && state.step < total {
+                    if state.step.is_multiple_of(cfg.checkpoint_every)
+                        && !epoch_done
+                        && state.step < total
+                    {
                         let dir = ckpt.save(&params, &optimizer, &state)?;
                         callbacks.on_checkpoint(state.step, &dir);
                         summary.last_checkpoint = Some(dir);

@@ -174,7 +174,7 @@ impl Callbacks<ContrastiveModel> for PretrainCallbacks<'_> {
         let Some((samples, classes)) = &self.val else {
             return Ok(None);
         };
-        if self.every_epochs == 0 || (epoch + 1) % self.every_epochs != 0 {
+        if self.every_epochs == 0 || !(epoch + 1).is_multiple_of(self.every_epochs) {
             return Ok(None);
         }
         let v = validate(model, samples, classes).map_err(|e| {

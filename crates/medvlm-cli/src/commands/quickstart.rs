@@ -51,6 +51,18 @@ pub struct Args {
     /// Seed of the benchmark and of training.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Transformer width of both towers (default 64; 32 with --tiny).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Transformer blocks per tower (default 3; 2 with --tiny).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Samples per update (default 64; 32 with --tiny).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Peak learning rate (default 2e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// A much smaller, faster variant (600 studies at 32 px, 2-layer towers of width 64) for
     /// tests and smoke runs; it learns less.
     #[arg(long)]
@@ -74,15 +86,24 @@ struct Plan {
 
 impl Plan {
     fn new(a: &Args) -> Self {
+        let mut p = Self::defaults(a);
+        p.width = a.width.unwrap_or(p.width);
+        p.layers = a.layers.unwrap_or(p.layers);
+        p.batch = a.batch.unwrap_or(p.batch);
+        p.lr = a.lr.unwrap_or(p.lr);
+        p
+    }
+
+    fn defaults(a: &Args) -> Self {
         if a.tiny {
             Plan {
                 n: if a.n == 4000 { 600 } else { a.n },
                 size: 32,
                 image_size: 32,
                 patch: 8,
-                width: 64,
+                width: 32,
                 layers: 2,
-                proj: 64,
+                proj: 32,
                 batch: 32,
                 epochs: a.epochs,
                 lr: 2e-3,
@@ -94,12 +115,12 @@ impl Plan {
                 size: 64,
                 image_size: 64,
                 patch: 8,
-                width: 128,
-                layers: 4,
-                proj: 128,
-                batch: 128,
+                width: 64,
+                layers: 3,
+                proj: 64,
+                batch: 64,
                 epochs: a.epochs,
-                lr: 1e-3,
+                lr: 2e-3,
                 warmup: 30,
             }
         }
@@ -124,7 +145,7 @@ text_width = {w}
 text_layers = {l}
 text_heads = 4
 context_length = 80
-mlp_ratio = 4
+mlp_ratio = 2
 
 [data]
 manifest = "benchmark/train.jsonl"
@@ -156,7 +177,7 @@ keep = 1
 every_epochs = 1
 "#,
             cfg = out.join("quickstart.toml").display(),
-            proj = self.proj,
+            proj = self.proj.max(self.width),
             w = self.width,
             l = self.layers,
             patch = self.patch,
