@@ -196,6 +196,8 @@ impl PromptLearningMethod for Maple {
         let w = Var::from_tensor(&uniform_tensor(input.seed + 1, &[dv, dt], bound, dev)?)?;
         let b = Var::from_tensor(&uniform_tensor(input.seed + 2, &[dv], bound, dev)?)?;
         let targets = input.targets()?;
+        // Mini-batches are index_select-ed on the model's device.
+        let images = input.images.to_device(dev)?;
         let scale = model_scale(model)?;
         let vars = vec![ctx.clone(), w.clone(), b.clone()];
         let mut batches = Batches::new(input.labels.len(), self.batch_size, input.seed, dev);
@@ -205,7 +207,7 @@ impl PromptLearningMethod for Maple {
             let logits = Self::logits(
                 model,
                 &prompts,
-                &input.images.index_select(&idx, 0)?,
+                &images.index_select(&idx, 0)?,
                 ctx.as_tensor(),
                 [w.as_tensor(), b.as_tensor()],
                 scale,

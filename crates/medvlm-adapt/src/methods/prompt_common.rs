@@ -492,7 +492,7 @@ pub(crate) fn image_embeddings(
     pixels: &Tensor,
     prompts: Option<&VisualPrompts>,
 ) -> Result<Tensor> {
-    let pixels = pixels.to_dtype(model.dtype())?;
+    let pixels = pixels.to_device(model.device())?.to_dtype(model.dtype())?;
     Ok(model
         .encode_image_with(&pixels, prompts)
         .map_err(model_err)?

@@ -161,7 +161,13 @@ impl PromptLearningMethod for Vpt {
         // Patch size from the number of patch tokens of one image (the trait
         // exposes the image size, not the patch size).
         let probe = model
-            .encode_image(&input.images.narrow(0, 0, 1)?.to_dtype(model.dtype())?)
+            .encode_image(
+                &input
+                    .images
+                    .narrow(0, 0, 1)?
+                    .to_device(dev)?
+                    .to_dtype(model.dtype())?,
+            )
             .map_err(model_err)?;
         let patches = probe.last_hidden_state.dim(1)? - probe.num_prefix_tokens;
         let side = (patches as f64).sqrt().round().max(1.0);
@@ -192,6 +198,8 @@ impl PromptLearningMethod for Vpt {
                 .to_dtype(DType::F32)?,
         )?;
         let targets = input.targets()?;
+        // Mini-batches are index_select-ed on the model's device.
+        let images = input.images.to_device(dev)?;
         let scale = model_scale(model)?;
         let mut vars = vec![shallow.clone()];
         vars.extend(deep.iter().cloned());
@@ -203,7 +211,7 @@ impl PromptLearningMethod for Vpt {
                 shallow.as_tensor().clone(),
                 deep.iter().map(|v| v.as_tensor().clone()).collect(),
             );
-            let pixels = input.images.index_select(&idx, 0)?;
+            let pixels = images.index_select(&idx, 0)?;
             let logits = vpt_logits(model, &head, Some(&prompts), &pixels, scale)?;
             Ok(candle_nn::loss::cross_entropy(
                 &logits,
