@@ -402,3 +402,37 @@ fn bad_input_gives_clear_errors() {
     );
     assert!(err.contains("adapt.json"), "{err}");
 }
+
+#[test]
+fn adapt_fits_a_prompt_learning_method_through_the_encoders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = phantoms(tmp.path(), 80);
+    let out = tmp.path().join("coop");
+    ok(&adapt(
+        &manifest,
+        "coop",
+        "2",
+        &out,
+        &["--hparams", r#"{"epochs": 2, "n_ctx": 4}"#],
+    ));
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapt.json")).unwrap()).unwrap();
+    assert_eq!(card["method"], "coop");
+    assert_eq!(card["hyperparameters"]["n_ctx"], 4);
+    assert_eq!(card["protocol"]["shots"], 2);
+    // predict runs the learned prompts through the model: same probabilities.
+    let (_, rows) = parse_csv(&std::fs::read_to_string(out.join("eval_predictions.csv")).unwrap());
+    let (img, expect, _) = &rows[0];
+    let stdout = ok(&bin()
+        .arg("predict")
+        .arg("--adapted")
+        .arg(&out)
+        .arg(img)
+        .output()
+        .unwrap());
+    let (_, got) = parse_csv(&stdout);
+    assert_eq!(&got[0].0, img);
+    for (a, b) in got[0].1.iter().zip(expect) {
+        assert!((a - b).abs() <= 2e-6, "{a} vs {b}");
+    }
+}

@@ -410,7 +410,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model: args.model.clone(),
             model_family: m.family.to_string(),
             model_fingerprint: model_fingerprint(&args.model, &m),
-            data: args.train.clone(),
+            data: task.manifests.clone(),
             data_sha256: task.manifest_sha256.clone(),
             label_field: args.task.label_field.clone(),
             filters: args.task.filters.clone(),

@@ -360,7 +360,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let output = BenchOutput {
         model: args.model.clone(),
         model_fingerprint: model_fingerprint(&args.model, &m),
-        data: args.data.clone(),
+        data: task.manifests.clone(),
         data_sha256: task.manifest_sha256.clone(),
         class_names: task.class_names.clone(),
         prompts,
