@@ -221,7 +221,13 @@ pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> 
             "Bits Stored {bits_stored} does not fit Bits Allocated {bits_alloc}"
         )));
     }
-    let n_samples = frames * rows * cols * spp;
+    let n_samples = crate::medimage::checked_len(&[frames, rows, cols, spp, bytes_per])
+        .map(|b| b / bytes_per)
+        .ok_or_else(|| {
+            dicom_err(format!(
+                "image size overflows: {frames} frame(s) of {rows}x{cols}x{spp}"
+            ))
+        })?;
     let raw = decoded.data();
     if raw.len() < n_samples * bytes_per {
         return Err(dicom_err(format!(
@@ -353,7 +359,7 @@ fn repair_number_of_frames(obj: &DefaultDicomObject) -> Option<(DefaultDicomObje
     let cols = elem_u16(obj, tags::COLUMNS)? as usize;
     let spp = elem_u16(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1) as usize;
     let bits = elem_u16(obj, tags::BITS_ALLOCATED)? as usize;
-    let frame_bytes = rows * cols * spp * bits / 8;
+    let frame_bytes = crate::medimage::checked_len(&[rows, cols, spp, bits])? / 8;
     let pix = obj.element(tags::PIXEL_DATA).ok()?.to_bytes().ok()?;
     if frame_bytes == 0 || pix.len() < frame_bytes {
         return None;

@@ -290,3 +290,9 @@ pub(crate) fn fortran_to_c<T: Copy + Default>(src: &[T], dims: &[usize]) -> Vec<
     for_each_fortran_to_c(dims, |fi, ci| out[ci] = src[fi]);
     out
 }
+
+/// Number of elements of `dims`, or `None` if the product overflows `usize`
+/// (a hostile header could claim absurd dimensions).
+pub fn checked_len(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}

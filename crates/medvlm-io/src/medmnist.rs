@@ -147,7 +147,12 @@ pub fn read_medmnist(path: &Path) -> Result<MedMnist> {
                 ),
             ));
         }
-        let n: usize = h.shape.iter().product();
+        let n = crate::medimage::checked_len(&h.shape).ok_or_else(|| {
+            err(
+                path,
+                format!("{split}_images: shape {:?} too large", h.shape),
+            )
+        })?;
         let pix = images
             .get(h.data_offset..h.data_offset + n)
             .ok_or_else(|| err(path, format!("{split}_images: truncated data")))?

@@ -17,7 +17,7 @@ pub struct NpyArray {
 
 /// Encode a float32 little-endian C-order `.npy` (format 1.0).
 pub fn encode_npy_f32(shape: &[usize], data: &[f32]) -> Result<Vec<u8>> {
-    let n: usize = shape.iter().product();
+    let n = crate::medimage::checked_len(shape).unwrap_or(usize::MAX);
     if n != data.len() {
         return Err(IoError::InvalidArgument(format!(
             "npy: {} values for shape {shape:?}",
@@ -146,7 +146,8 @@ pub fn decode_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         data_offset,
     } = parse_header(bytes)?;
     let (start, hlen) = (data_offset, 0usize);
-    let n: usize = shape.iter().product();
+    let n = crate::medimage::checked_len(&shape)
+        .ok_or_else(|| format!("shape {shape:?} is too large"))?;
     let body = &bytes[start + hlen..];
     let (size, big) = {
         let order = descr.chars().next().unwrap_or('|');
@@ -155,11 +156,11 @@ pub fn decode_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
             .map_err(|_| format!("unsupported dtype {descr}"))?;
         (size, order == '>')
     };
-    if body.len() < n * size {
+    if n.checked_mul(size).is_none_or(|need| body.len() < need) {
         return Err(format!(
             "truncated data: {} bytes, {} expected for shape {shape:?} {descr}",
             body.len(),
-            n * size
+            n.saturating_mul(size)
         ));
     }
     let kind = &descr[1..2];

@@ -265,7 +265,8 @@ fn read_data(path: &Path, bytes: &[u8], info: &NiftiInfo) -> Result<Vec<f32>> {
             ),
         )
     })?;
-    let n: usize = info.dims.iter().product();
+    let n = crate::medimage::checked_len(&info.dims)
+        .ok_or_else(|| nerr(path, format!("dimensions {:?} overflow", info.dims)))?;
     let start = info.vox_offset as usize;
     let need = n
         .checked_mul(size)
@@ -442,7 +443,7 @@ pub fn write_nifti1(
             dims.len()
         )));
     }
-    let n: usize = dims.iter().product();
+    let n = crate::medimage::checked_len(dims).unwrap_or(usize::MAX);
     if n != data.len() {
         return Err(IoError::InvalidArgument(format!(
             "{}: {} values given for dims {dims:?} ({n} expected)",

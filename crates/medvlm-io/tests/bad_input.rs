@@ -168,3 +168,21 @@ fn dicom_without_pixel_data_says_so() {
     let e = err_of(&p).to_string();
     assert!(e.contains("plan.dcm") && e.contains("no Pixel Data"), "{e}");
 }
+
+#[test]
+fn hostile_nifti2_dimensions_are_an_error_not_a_panic() {
+    let mut h = vec![0u8; 544];
+    h[0..4].copy_from_slice(&540i32.to_le_bytes());
+    h[4..12].copy_from_slice(b"n+2\0\r\n\x1a\n");
+    h[12..14].copy_from_slice(&16i16.to_le_bytes());
+    h[16..24].copy_from_slice(&3i64.to_le_bytes());
+    for k in 1..=3 {
+        h[16 + 8 * k..24 + 8 * k].copy_from_slice(&(1i64 << 40).to_le_bytes());
+    }
+    h[168..176].copy_from_slice(&544i64.to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("huge.nii");
+    std::fs::write(&p, &h).unwrap();
+    let e = err_of(&p).to_string();
+    assert!(e.contains("huge.nii") && e.contains("overflow"), "{e}");
+}

@@ -353,9 +353,8 @@ fn train_input_is_seeded_per_sample() {
 fn fortran_ordered_npy_is_reordered_to_c() {
     // np.asfortranarray(np.arange(6, dtype='<i2').reshape(2, 3)) stores 0 3 1 4 2 5
     let mut header = "{'descr': '<i2', 'fortran_order': True, 'shape': (2, 3), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
+    let pad = (64 - (10 + header.len() + 1) % 64) % 64;
+    header.push_str(&" ".repeat(pad));
     header.push('\n');
     let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
     bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
