@@ -367,6 +367,16 @@ fn bad_input_gives_clear_errors() {
     assert!(err.contains("\"ultrasound\""), "{err}");
     assert!(err.contains("not one of the task's classes"), "{err}");
 
+    // A conformal level outside (0, 1).
+    let err = fails(&adapt(
+        &manifest,
+        "tip-adapter",
+        "1",
+        &out,
+        &["--conformal-alpha", "1.5"],
+    ));
+    assert!(err.contains("--conformal-alpha 1.5"), "{err}");
+
     // Encoder fine-tuning through adapt: points to `medvlm finetune`.
     let err = fails(&adapt(&manifest, "lora", "1", &out, &[]));
     assert!(err.contains("medvlm finetune"), "{err}");

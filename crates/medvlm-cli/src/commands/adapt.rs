@@ -366,7 +366,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             calib
                 .as_ref()
                 .map(|(p, l, s)| (p.as_slice(), l.as_slice(), s.clone())),
-            args.seed,
+            args.task.conformal(args.seed),
         )?;
         let paths: Vec<String> = test_rows
             .iter()
@@ -480,7 +480,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         if let Some(cf) = &mx.conformal {
             println!(
-                "conformal APS (calibrated on {} {}): target coverage {:.2}, coverage {:.4}, mean set size {:.3}",
+                "conformal {}{} (calibrated on {} {}): target coverage {:.2}, coverage {:.4}, mean set size {:.3}",
+                match cf.config.score {
+                    medvlm_eval::conformal::ConformalScore::Aps => "APS",
+                    medvlm_eval::conformal::ConformalScore::Raps { .. } => "RAPS",
+                },
+                if cf.config.randomized { ", randomised" } else { "" },
                 cf.n_calibration,
                 cf.calibration_source,
                 cf.report.target_coverage,

@@ -31,7 +31,9 @@ use medvlm_adapt::method::{AdaptedClassifier, ClassTexts};
 use medvlm_eval::auroc::{auroc_one_vs_rest, AurocReport};
 use medvlm_eval::calibration::{reliability_diagram, ReliabilityDiagram, DEFAULT_NUM_BINS};
 use medvlm_eval::classification::{argmax_rows, ClassificationReport};
-use medvlm_eval::conformal::{ConformalConfig, ConformalPredictor, ConformalReport};
+use medvlm_eval::conformal::{
+    ConformalConfig, ConformalPredictor, ConformalReport, ConformalScore,
+};
 use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +75,17 @@ pub struct TaskArgs {
     /// effusion", ...) of the modality selected with `--where modality=NAME`.
     #[arg(long)]
     pub phantom_prompts: bool,
+    /// Conformal score: `aps` (Romano et al. 2020) or `raps` (Angelopoulos et al. 2021,
+    /// lambda 0.01, k_reg 1).
+    #[arg(long, default_value = "aps", value_parser = ["aps", "raps"])]
+    pub conformal_score: String,
+    /// Conformal miscoverage level alpha; target coverage is 1 - alpha.
+    #[arg(long, default_value_t = 0.1)]
+    pub conformal_alpha: f64,
+    /// Randomised conformal scores and sets (coverage closer to exactly 1 - alpha;
+    /// seeded by --seed).
+    #[arg(long)]
+    pub conformal_randomized: bool,
     /// Feature cache directory (default: `.medvlm-cache` beside the manifest).
     #[arg(long)]
     pub cache: Option<PathBuf>,
@@ -139,6 +152,12 @@ impl Task {
         let Some(first) = paths.first() else {
             bail!("give at least one manifest");
         };
+        if !(args.conformal_alpha > 0.0 && args.conformal_alpha < 1.0) {
+            bail!(
+                "--conformal-alpha {}: must be between 0 and 1 (0.1 = 90 % target coverage)",
+                args.conformal_alpha
+            );
+        }
         let mut digests = Vec::new();
         let mut records: Vec<(PathBuf, medvlm_io::ManifestRecord)> = Vec::new();
         for path in paths {
@@ -633,6 +652,24 @@ pub fn probabilities(clf: &dyn AdaptedClassifier, features: &Tensor) -> anyhow::
         .to_vec1()?)
 }
 
+impl TaskArgs {
+    /// The conformal configuration of these flags, seeded by `seed`.
+    pub fn conformal(&self, seed: u64) -> ConformalConfig {
+        ConformalConfig {
+            score: match self.conformal_score.as_str() {
+                "raps" => ConformalScore::Raps {
+                    lambda: 0.01,
+                    k_reg: 1,
+                },
+                _ => ConformalScore::Aps,
+            },
+            alpha: self.conformal_alpha,
+            randomized: self.conformal_randomized,
+            seed,
+        }
+    }
+}
+
 /// Computes every metric from test probabilities; `calibration` gives the
 /// probabilities and labels of the conformal calibration examples.
 pub fn evaluate(
@@ -640,7 +677,7 @@ pub fn evaluate(
     labels: &[usize],
     num_classes: usize,
     calibration: Option<(&[f32], &[usize], String)>,
-    seed: u64,
+    config: ConformalConfig,
 ) -> anyhow::Result<Metrics> {
     let pred = argmax_rows(probs, num_classes)?;
     let report = ClassificationReport::new(labels, &pred, num_classes)?;
@@ -650,10 +687,6 @@ pub fn evaluate(
     let reliability = reliability_diagram(probs, labels, num_classes, DEFAULT_NUM_BINS)?;
     let conformal = match calibration {
         Some((cal_probs, cal_labels, source)) if !cal_labels.is_empty() => {
-            let config = ConformalConfig {
-                seed,
-                ..ConformalConfig::default()
-            };
             let predictor =
                 ConformalPredictor::calibrate(cal_probs, cal_labels, num_classes, config)?;
             Some(ConformalSummary {

@@ -297,7 +297,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     calib
                         .as_ref()
                         .map(|(p, y)| (p.as_slice(), y.as_slice(), source.clone())),
-                    seed,
+                    args.task.conformal(seed),
                 )?;
                 out.push(BenchRecord {
                     method: method.name().to_string(),
