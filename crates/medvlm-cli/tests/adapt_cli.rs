@@ -281,6 +281,8 @@ fn bench_fewshot_writes_table_json_and_plot() {
         .output()
         .unwrap();
     let stdout = ok(&res);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(stderr.contains("features: computed"), "{stderr}");
     assert!(
         stdout.contains("| method (accuracy, %) | K=1 | K=2 |"),
         "{stdout}"
@@ -334,6 +336,31 @@ fn bench_fewshot_writes_table_json_and_plot() {
         .unwrap();
     let cell = table["cells"][mi][1]["mean"].as_f64().unwrap();
     assert!((cell - (lp_k2[0] + lp_k2[1]) / 2.0).abs() < 1e-12);
+
+    // A second run reuses the cached features and reproduces the records.
+    let json2 = tmp.path().join("bench/again.json");
+    let res = bin()
+        .args(["bench", "fewshot", "--model"])
+        .arg(model())
+        .arg("--data")
+        .arg(&manifest)
+        .args(["--label-field", "modality", "--methods", "linear-probe"])
+        .args(["--shots", "2", "--seeds", "2", "--json"])
+        .arg(&json2)
+        .output()
+        .unwrap();
+    ok(&res);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(stderr.contains("features: loaded from"), "{stderr}");
+    let v2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json2).unwrap()).unwrap();
+    let again: Vec<f64> = v2["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metrics"]["accuracy"].as_f64().unwrap())
+        .collect();
+    assert_eq!(again, lp_k2);
 }
 
 #[test]
