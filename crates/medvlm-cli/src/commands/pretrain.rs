@@ -43,13 +43,14 @@ pub struct Args {
     pub throttle_ms: u64,
 }
 
-/// A class of the zero-shot evaluation: the label the samples carry and its prompt.
+/// A class of the zero-shot evaluation: the label the samples carry and its prompts (their
+/// normalised embeddings are averaged: prompt ensembling, Radford et al. 2021).
 #[derive(Debug, Clone)]
 pub struct ZeroShotClass {
     /// Label as found in [`ImageTextSample::labels`] (first label = primary).
     pub label: String,
     /// Prompt text.
-    pub prompt: String,
+    pub prompts: Vec<String>,
 }
 
 /// Classes from the primary labels of `samples`, prompt = the label with `_` as spaces.
@@ -63,10 +64,26 @@ pub fn classes_from_labels(samples: &[ImageTextSample]) -> Vec<ZeroShotClass> {
     labels
         .into_iter()
         .map(|l| ZeroShotClass {
-            prompt: l.replace('_', " "),
+            prompts: vec![l.replace('_', " ")],
             label: l,
         })
         .collect()
+}
+
+/// One normalised embedding per class `[K, E]`: the mean of its prompts' normalised
+/// embeddings, normalised again.
+pub fn class_embeddings(
+    model: &ContrastiveModel,
+    classes: &[ZeroShotClass],
+) -> anyhow::Result<candle_core::Tensor> {
+    let mut rows = Vec::with_capacity(classes.len());
+    for c in classes {
+        anyhow::ensure!(!c.prompts.is_empty(), "class {} has no prompt", c.label);
+        let prompts: Vec<&str> = c.prompts.iter().map(String::as_str).collect();
+        let e = embed_texts(model, &prompts, 64)?.mean(0)?;
+        rows.push(medvlm_adapt::losses::l2_normalize(&e.unsqueeze(0)?)?);
+    }
+    Ok(candle_core::Tensor::cat(&rows, 0)?)
 }
 
 /// Validation metrics of `model` on `samples`: zero-shot accuracy / balanced accuracy over
@@ -81,8 +98,7 @@ pub fn validate(
     let img = embed_images(model, &planes, 64)?;
     let mut out = serde_json::Map::new();
     if classes.len() >= 2 {
-        let prompts: Vec<&str> = classes.iter().map(|c| c.prompt.as_str()).collect();
-        let pe = embed_texts(model, &prompts, 64)?;
+        let pe = class_embeddings(model, classes)?;
         let pred = zero_shot(&img, &pe)?;
         let mut y_true = Vec::new();
         let mut y_pred = Vec::new();
