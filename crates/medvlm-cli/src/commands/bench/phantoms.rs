@@ -86,8 +86,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .join(",")
         );
         println!(
-            "{:>6} {:>22} {:>26}",
-            "size", "in memory (studies/s)", "with disk writes (studies/s)"
+            "{:>6} {:>14} {:>17} {:>22} {:>20}",
+            "size",
+            "in memory /s",
+            "cpu ms per study",
+            "idle-cores estimate /s",
+            "with disk writes /s"
         );
     }
     for &size in &args.sizes {
@@ -148,7 +152,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let w = write_rate
                 .map(|r| format!("{r:.0}"))
                 .unwrap_or_else(|| "-".into());
-            println!("{size:>6} {mem_rate:>22.0} {w:>26}");
+            let c = cpu_per_study
+                .map(|c| format!("{:.2}", c * 1e3))
+                .unwrap_or_else(|| "-".into());
+            let e = idle_estimate
+                .map(|r| format!("{r:.0}"))
+                .unwrap_or_else(|| "-".into());
+            println!("{size:>6} {mem_rate:>14.0} {c:>17} {e:>22} {w:>20}");
         }
     }
     Ok(())
