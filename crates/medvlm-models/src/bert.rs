@@ -344,11 +344,12 @@ impl BertLayer {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(self.query.forward(x)?)?;
+        // Scale q rather than the [B, H, L, L] scores: one pass over a smaller tensor.
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let q = split((self.query.forward(x)? * scale)?)?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        let mut scores = q.matmul(&k.t()?)?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
         }
