@@ -44,7 +44,7 @@ use rayon::prelude::*;
 
 pub use site::{HELD_OUT_SITE, SITES};
 pub use vocab::{FindingVocab, Modality, NORMAL};
-pub use write::{write_dataset, DatasetConfig, DatasetSummary, MANIFEST_FILE};
+pub use write::{dataset_description, write_dataset, DatasetConfig, DatasetSummary, MANIFEST_FILE};
 
 /// Errors of phantom generation.
 #[derive(Debug, thiserror::Error)]
