@@ -632,3 +632,36 @@ pub fn build_model(cfg: &TrainConfig, train_texts: &[&str]) -> Result<Contrastiv
         Ok(m)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_tokenizer_wraps_texts_and_keeps_end_of_text_when_truncating() {
+        let texts = [
+            "No pleural effusion.",
+            "Small pleural effusion, left base.",
+            "Normal chest.",
+        ];
+        let tok = build_word_tokenizer(&texts, 2).unwrap();
+        assert_eq!(tok.token_to_id(PAD_TOKEN), Some(0));
+        assert_eq!(tok.token_to_id(BOS_TOKEN), Some(1));
+        assert_eq!(tok.token_to_id(UNK_TOKEN), Some(2));
+        assert_eq!(tok.token_to_id(EOS_TOKEN), Some(3));
+        // Seen twice: kept; seen once: unknown.
+        assert!(tok.token_to_id("effusion").is_some());
+        assert!(tok.token_to_id("base").is_none());
+        let t =
+            TextTokenizer::from_tokenizer(tok, Path::new("t"), 5, Padding::MaxLength, 0).unwrap();
+        let ids = t.encode_ids("PLEURAL effusion base").unwrap();
+        let pleural = t.token_to_id("pleural").unwrap();
+        let effusion = t.token_to_id("effusion").unwrap();
+        assert_eq!(ids, vec![1, pleural, effusion, 2, 3]);
+        let long = t
+            .encode_ids("pleural effusion pleural effusion pleural")
+            .unwrap();
+        assert_eq!(long.len(), 5);
+        assert_eq!((long[0], long[4]), (1, 3), "{long:?}");
+    }
+}

@@ -511,3 +511,48 @@ where
     summary.epochs = state.epoch;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let a = epoch_order(7, 3, 50);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+        assert_eq!(a, epoch_order(7, 3, 50), "same (seed, epoch), same order");
+        assert_ne!(a, epoch_order(7, 4, 50), "another epoch, another order");
+        assert_ne!(a, epoch_order(8, 3, 50), "another seed, another order");
+    }
+
+    #[test]
+    fn update_counts_use_full_batches_and_whole_accumulations() {
+        let mut c = LoopConfig {
+            seed: 0,
+            epochs: 3,
+            max_steps: None,
+            batch_size: 8,
+            grad_accum: 2,
+            clip_norm: None,
+            lr: 1e-3,
+            min_lr: 0.0,
+            warmup_steps: 0,
+            adamw: AdamWConfig::default(),
+            checkpoint_every: 10,
+            keep: 1,
+            prefetch: 2,
+        };
+        // 45 samples: 5 full batches of 8, 2 whole accumulations of 2 -> 4 micro-batches.
+        assert_eq!(c.micro_batches_per_epoch(45), 4);
+        assert_eq!(c.updates_per_epoch(45), 2);
+        assert_eq!(c.total_steps(45), 6);
+        c.max_steps = Some(5);
+        assert_eq!(c.total_steps(45), 5);
+        c.grad_accum = 1;
+        // Fewer samples than a batch: one batch of everything (at least 2 for a contrastive loss).
+        assert_eq!(c.micro_batches_per_epoch(5), 1);
+        assert_eq!(c.micro_batches_per_epoch(1), 0);
+    }
+}
