@@ -26,14 +26,22 @@ fn every_box_contains_its_mask_and_is_tight() {
         let w = s.width as usize;
         for f in &s.findings {
             let [x0, y0, x1, y1] = f.bbox.map(|v| v as usize);
-            assert!(x0 < x1 && y0 < y1 && x1 <= w && y1 <= s.height as usize, "{}", s.id);
+            assert!(
+                x0 < x1 && y0 < y1 && x1 <= w && y1 <= s.height as usize,
+                "{}",
+                s.id
+            );
             let mut touches = [false; 4];
             let mut area = 0;
             for (i, &m) in f.mask.iter().enumerate() {
                 assert!(m == 0 || m == 255, "mask values are 0 / 255");
                 if m != 0 {
                     let (x, y) = (i % w, i / w);
-                    assert!(x >= x0 && x < x1 && y >= y0 && y < y1, "{}: mask pixel outside its box", s.id);
+                    assert!(
+                        x >= x0 && x < x1 && y >= y0 && y < y1,
+                        "{}: mask pixel outside its box",
+                        s.id
+                    );
                     touches[0] |= x == x0;
                     touches[1] |= x + 1 == x1;
                     touches[2] |= y == y0;
@@ -42,7 +50,11 @@ fn every_box_contains_its_mask_and_is_tight() {
                 }
             }
             assert!(area >= 3, "{}: empty mask for {}", s.id, f.label);
-            assert_eq!(touches, [true; 4], "{}: box of {} is not tight", s.id, f.label);
+            assert_eq!(
+                touches, [true; 4],
+                "{}: box of {} is not tight",
+                s.id, f.label
+            );
         }
     }
 }
@@ -78,10 +90,22 @@ fn reports_mention_exactly_the_findings_present() {
             let affirmed = m.iter().any(|&(l, neg)| l == v.label && !neg);
             let denied = m.iter().any(|&(l, neg)| l == v.label && neg);
             if present {
-                assert!(affirmed, "{}: {} present but not stated: {}", s.id, v.label, s.report);
-                assert!(!denied, "{}: {} present but negated: {}", s.id, v.label, s.report);
+                assert!(
+                    affirmed,
+                    "{}: {} present but not stated: {}",
+                    s.id, v.label, s.report
+                );
+                assert!(
+                    !denied,
+                    "{}: {} present but negated: {}",
+                    s.id, v.label, s.report
+                );
             } else {
-                assert!(!affirmed, "{}: {} absent but stated: {}", s.id, v.label, s.report);
+                assert!(
+                    !affirmed,
+                    "{}: {} absent but stated: {}",
+                    s.id, v.label, s.report
+                );
             }
             negations += usize::from(denied);
         }
@@ -103,7 +127,11 @@ fn reports_vary_in_phrasing() {
         .map(|s| s.report)
         .collect();
     // Normal chest reports alone come in many phrasings.
-    assert!(reports.len() >= 10, "only {} distinct normal reports", reports.len());
+    assert!(
+        reports.len() >= 10,
+        "only {} distinct normal reports",
+        reports.len()
+    );
 }
 
 #[test]
@@ -116,7 +144,12 @@ fn every_answer_agrees_with_the_labels() {
             if q.closed {
                 assert!(q.answer == "yes" || q.answer == "no", "{}: {q:?}", s.id);
             }
-            let of = |l: &str| s.findings.iter().filter(|f| f.label == l).collect::<Vec<_>>();
+            let of = |l: &str| {
+                s.findings
+                    .iter()
+                    .filter(|f| f.label == l)
+                    .collect::<Vec<_>>()
+            };
             match q.kind {
                 QaKind::Modality if q.closed => {
                     let says = q.question.contains(s.modality.display_name());
@@ -130,7 +163,11 @@ fn every_answer_agrees_with_the_labels() {
                     let expect = if s.findings.is_empty() {
                         "none".to_string()
                     } else {
-                        labels.iter().map(|l| l.replace('_', " ")).collect::<Vec<_>>().join(", ")
+                        labels
+                            .iter()
+                            .map(|l| l.replace('_', " "))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     };
                     assert_eq!(q.answer, expect, "{}", s.id);
                 }
@@ -155,8 +192,17 @@ fn every_answer_agrees_with_the_labels() {
                     assert_eq!(f.len(), 1);
                     assert_ne!(f[0].laterality, Laterality::None);
                     if q.closed {
-                        let asks = if q.question.contains("left") { "left" } else { "right" };
-                        assert_eq!(q.answer == "yes", f[0].laterality.name() == asks, "{}: {q:?}", s.id);
+                        let asks = if q.question.contains("left") {
+                            "left"
+                        } else {
+                            "right"
+                        };
+                        assert_eq!(
+                            q.answer == "yes",
+                            f[0].laterality.name() == asks,
+                            "{}: {q:?}",
+                            s.id
+                        );
                     } else {
                         assert_eq!(q.answer, f[0].laterality.name());
                     }
@@ -186,12 +232,21 @@ fn location_and_laterality_follow_the_mask() {
             }
             let cx = sx / n / w;
             match f.laterality {
-                Laterality::Right => assert!(cx < 0.55, "{} {}: right finding at x {cx}", s.id, f.label),
-                Laterality::Left => assert!(cx > 0.45, "{} {}: left finding at x {cx}", s.id, f.label),
+                Laterality::Right => {
+                    assert!(cx < 0.55, "{} {}: right finding at x {cx}", s.id, f.label)
+                }
+                Laterality::Left => {
+                    assert!(cx > 0.45, "{} {}: left finding at x {cx}", s.id, f.label)
+                }
                 Laterality::None => {}
             }
             if f.laterality != Laterality::None {
-                assert!(f.location.starts_with(f.laterality.name()), "{}: {}", s.id, f.location);
+                assert!(
+                    f.location.starts_with(f.laterality.name()),
+                    "{}: {}",
+                    s.id,
+                    f.location
+                );
             }
         }
     }
@@ -211,15 +266,27 @@ fn lowres_is_the_block_average_and_moved_follows_the_field() {
                     acc += s.image[((oy * 4 + dy) * w + ox * 4 + dx) * ch] as u32;
                 }
             }
-            assert_eq!(s.lowres[(oy * lw + ox) * ch] as u32, (acc + 8) / 16, "{}", s.id);
+            assert_eq!(
+                s.lowres[(oy * lw + ox) * ch] as u32,
+                (acc + 8) / 16,
+                "{}",
+                s.id
+            );
         }
         // The field is smooth and not trivial.
         let (dx, dy) = s.deformation.split_at(w * w);
         let max = dx.iter().chain(dy).fold(0.0f32, |a, &b| a.max(b.abs()));
-        assert!(max > 0.2 && max <= 0.03 * w as f32 + 1e-3, "{}: max displacement {max}", s.id);
+        assert!(
+            max > 0.2 && max <= 0.03 * w as f32 + 1e-3,
+            "{}: max displacement {max}",
+            s.id
+        );
         for y in 0..w {
             for x in 1..w {
-                assert!((dx[y * w + x] - dx[y * w + x - 1]).abs() < 0.5, "field is smooth");
+                assert!(
+                    (dx[y * w + x] - dx[y * w + x - 1]).abs() < 0.5,
+                    "field is smooth"
+                );
             }
         }
         // Integer-shift check at a pixel whose displacement rounds cleanly:
@@ -234,7 +301,11 @@ fn lowres_is_the_block_average_and_moved_follows_the_field() {
                 .collect();
             let (lo, hi) = (*around.iter().min().unwrap(), *around.iter().max().unwrap());
             let m = s.moved[i * ch];
-            assert!(m >= lo.saturating_sub(1) && m <= hi.saturating_add(1), "{}: moved {m} not in [{lo}, {hi}]", s.id);
+            assert!(
+                m >= lo.saturating_sub(1) && m <= hi.saturating_add(1),
+                "{}: moved {m} not in [{lo}, {hi}]",
+                s.id
+            );
         }
     }
 }

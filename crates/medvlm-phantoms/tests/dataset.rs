@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use medvlm_phantoms::{write_dataset, DatasetConfig, Modality, PhantomError, StudyOptions, MANIFEST_FILE, SITES};
+use medvlm_phantoms::{
+    write_dataset, DatasetConfig, Modality, PhantomError, StudyOptions, MANIFEST_FILE, SITES,
+};
 
 fn config(out: &Path, n: u64, seed: u64) -> DatasetConfig {
     DatasetConfig {
@@ -42,17 +44,35 @@ fn all_files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 #[test]
 fn same_seed_gives_byte_identical_files_whatever_the_thread_count() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
     let summary = write_dataset(&config(&a, 30, 9)).unwrap();
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     pool.install(|| write_dataset(&config(&b, 30, 9))).unwrap();
     write_dataset(&config(&c, 30, 10)).unwrap();
     let (fa, fb, fc) = (all_files(&a), all_files(&b), all_files(&c));
-    assert_eq!(summary.files as usize, fa.len(), "summary counts every file");
-    assert!(fa.keys().all(|k| !k.to_string_lossy().contains(".tmp")), "no temp files left");
+    assert_eq!(
+        summary.files as usize,
+        fa.len(),
+        "summary counts every file"
+    );
+    assert!(
+        fa.keys().all(|k| !k.to_string_lossy().contains(".tmp")),
+        "no temp files left"
+    );
     assert_eq!(fa.len(), fb.len());
     for (path, bytes) in &fa {
-        assert!(fb.get(path) == Some(bytes), "{} differs between runs", path.display());
+        assert!(
+            fb.get(path) == Some(bytes),
+            "{} differs between runs",
+            path.display()
+        );
     }
     // A different seed gives different studies.
     let differing = fa
@@ -60,7 +80,10 @@ fn same_seed_gives_byte_identical_files_whatever_the_thread_count() {
         .filter(|(p, _)| p.starts_with("images"))
         .filter(|(p, bytes)| fc.get(*p) != Some(*bytes))
         .count();
-    assert!(differing >= 28, "only {differing} of 30 images changed with the seed");
+    assert!(
+        differing >= 28,
+        "only {differing} of 30 images changed with the seed"
+    );
     assert_ne!(fa[Path::new(MANIFEST_FILE)], fc[Path::new(MANIFEST_FILE)]);
 }
 
@@ -76,7 +99,12 @@ fn manifests_have_splits_and_a_held_out_site() {
     for r in &manifest.records {
         let split = r.split.clone().unwrap();
         let site = r.extra["site"].as_str().unwrap();
-        assert_eq!(site == held_out, split == "test_heldout_site", "{}: site {site} in {split}", r.image);
+        assert_eq!(
+            site == held_out,
+            split == "test_heldout_site",
+            "{}: site {site} in {split}",
+            r.image
+        );
         *per_split.entry(split).or_default() += 1;
         // Every referenced file exists.
         assert!(manifest.image_path(r).is_file(), "{}", r.image);
@@ -84,7 +112,11 @@ fn manifests_have_splits_and_a_held_out_site() {
             assert!(out.join(&m.path).is_file(), "{}", m.path);
         }
         for key in ["lowres", "moved", "deformation"] {
-            assert!(out.join(r.extra[key].as_str().unwrap()).is_file(), "{key} of {}", r.image);
+            assert!(
+                out.join(r.extra[key].as_str().unwrap()).is_file(),
+                "{key} of {}",
+                r.image
+            );
         }
         assert_eq!(r.masks.len(), r.boxes.len());
         assert!(!r.labels.is_empty() && r.text.as_deref().is_some_and(|t| !t.is_empty()));
@@ -105,11 +137,15 @@ fn manifests_have_splits_and_a_held_out_site() {
         summary.per_split
     );
     // The deformation field is a float32 [2, H, W] NumPy array.
-    let npy = std::fs::read(out.join(manifest.records[0].extra["deformation"].as_str().unwrap())).unwrap();
+    let npy = std::fs::read(out.join(manifest.records[0].extra["deformation"].as_str().unwrap()))
+        .unwrap();
     assert!(npy.starts_with(b"\x93NUMPY\x01\x00"));
     let header_len = u16::from_le_bytes([npy[8], npy[9]]) as usize;
     let header = std::str::from_utf8(&npy[10..10 + header_len]).unwrap();
-    assert!(header.contains("'<f4'") && header.contains("(2, 64, 64)"), "{header}");
+    assert!(
+        header.contains("'<f4'") && header.contains("(2, 64, 64)"),
+        "{header}"
+    );
     assert_eq!(npy.len(), 10 + header_len + 2 * 64 * 64 * 4);
     assert_eq!((10 + header_len) % 64, 0);
 }
@@ -121,7 +157,10 @@ fn dicom_and_nifti_copies_hold_the_png_pixels() {
     let mut cfg = config(&out, 12, 2);
     cfg.modalities = vec![Modality::ChestXray, Modality::BrainMri];
     let summary = write_dataset(&cfg).unwrap();
-    assert!(summary.dicom_files >= 2 && summary.nifti_files >= 2, "{summary:?}");
+    assert!(
+        summary.dicom_files >= 2 && summary.nifti_files >= 2,
+        "{summary:?}"
+    );
     let manifest = medvlm_io::read_manifest(&out.join(MANIFEST_FILE)).unwrap();
     let mut checked = 0;
     for r in &manifest.records {
@@ -137,7 +176,11 @@ fn dicom_and_nifti_copies_hold_the_png_pixels() {
         assert_eq!(v.shape, vec![64, 64, 1]);
         // NIfTI is x-major: data[x * h + y].
         for (y, x) in [(0usize, 0usize), (10, 40), (63, 5)] {
-            assert_eq!(v.data[x * 64 + y], expect[y * 64 + x], "{nii} at ({x}, {y})");
+            assert_eq!(
+                v.data[x * 64 + y],
+                expect[y * 64 + x],
+                "{nii} at ({x}, {y})"
+            );
         }
         checked += 1;
     }
@@ -154,7 +197,10 @@ fn bad_input_gives_clear_errors() {
 
     let mut cfg = config(&out, 4, 1);
     cfg.modalities.clear();
-    assert!(matches!(write_dataset(&cfg).unwrap_err(), PhantomError::NoModalities));
+    assert!(matches!(
+        write_dataset(&cfg).unwrap_err(),
+        PhantomError::NoModalities
+    ));
 
     let mut cfg = config(&out, 4, 1);
     cfg.options.size = 66;
@@ -163,7 +209,10 @@ fn bad_input_gives_clear_errors() {
     assert!(!out.exists(), "nothing is written on bad input");
 
     let err = "xray-ct".parse::<Modality>().unwrap_err();
-    assert!(err.to_string().contains("unknown modality `xray-ct`"), "{err}");
+    assert!(
+        err.to_string().contains("unknown modality `xray-ct`"),
+        "{err}"
+    );
 
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("notes.txt"), "keep me").unwrap();
@@ -173,6 +222,9 @@ fn bad_input_gives_clear_errors() {
     let mut cfg = config(&out, 4, 1);
     cfg.force = true;
     write_dataset(&cfg).unwrap();
-    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "keep me");
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "keep me"
+    );
     assert!(out.join(MANIFEST_FILE).is_file());
 }

@@ -15,7 +15,12 @@ fn histogram_features(s: &Study) -> Vec<f32> {
         hist[(p / 16) as usize] += 1.0 / n;
     }
     let mean = s.image.iter().map(|&p| p as f32).sum::<f32>() / n / 255.0;
-    let var = s.image.iter().map(|&p| (p as f32 / 255.0 - mean).powi(2)).sum::<f32>() / n;
+    let var = s
+        .image
+        .iter()
+        .map(|&p| (p as f32 / 255.0 - mean).powi(2))
+        .sum::<f32>()
+        / n;
     hist.push(mean);
     hist.push(var.sqrt());
     hist
@@ -53,7 +58,12 @@ fn spatial_features(s: &Study) -> Vec<f32> {
     let mut sorted = bright.clone();
     sorted.sort_by(f32::total_cmp);
     let top = [sorted[63], sorted[62], sorted[60]];
-    means.into_iter().chain(bright).chain(dark).chain(top).collect()
+    means
+        .into_iter()
+        .chain(bright)
+        .chain(dark)
+        .chain(top)
+        .collect()
 }
 
 fn standardise(train: &mut [Vec<f32>], test: &mut [Vec<f32>]) {
@@ -61,7 +71,9 @@ fn standardise(train: &mut [Vec<f32>], test: &mut [Vec<f32>]) {
     for j in 0..d {
         let n = train.len() as f32;
         let mean = train.iter().map(|r| r[j]).sum::<f32>() / n;
-        let sd = (train.iter().map(|r| (r[j] - mean).powi(2)).sum::<f32>() / n).sqrt().max(1e-6);
+        let sd = (train.iter().map(|r| (r[j] - mean).powi(2)).sum::<f32>() / n)
+            .sqrt()
+            .max(1e-6);
         for r in train.iter_mut().chain(test.iter_mut()) {
             r[j] = (r[j] - mean) / sd;
         }
@@ -127,14 +139,23 @@ fn compare(modality: Modality, n_train: u64, n_test: u64) -> Vec<(&'static str, 
         let ytr: Vec<bool> = train.iter().map(|s| s.labels().contains(&label)).collect();
         let yte: Vec<bool> = test.iter().map(|s| s.labels().contains(&label)).collect();
         let mut scores = [0.0f32; 2];
-        for (k, feats) in [histogram_features as fn(&Study) -> Vec<f32>, spatial_features].iter().enumerate() {
+        for (k, feats) in [
+            histogram_features as fn(&Study) -> Vec<f32>,
+            spatial_features,
+        ]
+        .iter()
+        .enumerate()
+        {
             let mut xtr: Vec<Vec<f32>> = train.iter().map(feats).collect();
             let mut xte: Vec<Vec<f32>> = test.iter().map(feats).collect();
             standardise(&mut xtr, &mut xte);
             let w = logistic_fit(&xtr, &ytr);
             scores[k] = balanced_accuracy(&w, &xte, &yte);
         }
-        eprintln!("{modality} {label}: histogram {:.3} spatial {:.3}", scores[0], scores[1]);
+        eprintln!(
+            "{modality} {label}: histogram {:.3} spatial {:.3}",
+            scores[0], scores[1]
+        );
         out.push((label, scores[0], scores[1]));
     }
     out
@@ -146,7 +167,10 @@ fn chest_findings_need_spatial_structure() {
     let mean_hist = results.iter().map(|r| r.1).sum::<f32>() / results.len() as f32;
     let mean_spatial = results.iter().map(|r| r.2).sum::<f32>() / results.len() as f32;
     eprintln!("mean: histogram {mean_hist:.3} spatial {mean_spatial:.3}");
-    assert!(mean_spatial > 0.75, "spatial features should see the findings: {mean_spatial}");
+    assert!(
+        mean_spatial > 0.75,
+        "spatial features should see the findings: {mean_spatial}"
+    );
     assert!(
         mean_spatial - mean_hist > 0.1,
         "a global histogram should do clearly worse: {mean_hist} vs {mean_spatial}"
