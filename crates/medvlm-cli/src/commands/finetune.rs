@@ -98,10 +98,9 @@ struct RunReport<'a> {
     model_dir: String,
 }
 
+/// The shared atomic writer (temp file in the same folder, fsync, rename).
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    Ok(medvlm_io::atomic::write_atomic(path, bytes)?)
 }
 
 /// Settings this command does not apply: refused (or reported) instead of silently ignored.
