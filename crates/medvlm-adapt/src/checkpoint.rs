@@ -28,7 +28,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -214,15 +213,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
-    // Directory fsync makes renames durable; it is a no-op where unsupported.
-    match File::open(path) {
-        Ok(f) => match f.sync_all() {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
-            Err(e) => Err(io(path)(e)),
-        },
-        Err(e) => Err(io(path)(e)),
-    }
+    medvlm_io::atomic::sync_dir(path).map_err(|e| io(path)(e.into_io()))
 }
 
 fn sync_file(path: &Path) -> Result<()> {
@@ -231,26 +222,10 @@ fn sync_file(path: &Path) -> Result<()> {
         .map_err(io(path))
 }
 
-/// Writes `bytes` to `path` atomically: temporary file in the same directory, fsync, rename,
-/// fsync of the directory.
+/// Writes `bytes` to `path` atomically (medvlm-io's writer: temporary file in the same
+/// directory, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io(path))?;
-    sync_dir(if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    })
+    medvlm_io::atomic::write_atomic(path, bytes).map_err(|e| io(path)(e.into_io()))
 }
 
 fn step_dir_name(step: u64) -> String {

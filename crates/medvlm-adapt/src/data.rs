@@ -20,6 +20,7 @@ use medvlm_models::tokenizer::TextTokenizer;
 use medvlm_models::TokenBatch;
 use rayon::prelude::*;
 
+use crate::text_section::TextSection;
 use crate::train_config::AugmentConfig;
 use crate::trainer::{BatchSource, Result, TrainError};
 
@@ -47,6 +48,18 @@ pub struct LoadReport {
     pub kept: usize,
     /// Records skipped because their image could not be read, with the reason.
     pub bad_images: Vec<(PathBuf, String)>,
+}
+
+/// Replaces each sample's text by its `section` ([`TextSection::select`]) and returns how
+/// many reports had no `Impression:` header and fell back to their last sentence.
+pub fn apply_text_section(samples: &mut [ImageTextSample], section: TextSection) -> usize {
+    let mut fell_back = 0;
+    for s in samples.iter_mut() {
+        let sel = section.select(&s.text);
+        fell_back += usize::from(sel.fell_back);
+        s.text = sel.text;
+    }
+    fell_back
 }
 
 /// Converts a decoded plane in `[0, 1]` (grey or RGB) to an RGB plane of `size x size`.
@@ -269,6 +282,9 @@ pub struct ImageTextBatch {
     pub tokens: TokenBatch,
     /// Sample indices.
     pub indices: Vec<usize>,
+    /// `[B, L]` multi-hot labels over [`ContrastiveBatches::label_vocab`] (for the
+    /// label-aware loss); all zeros for a sample without labels.
+    pub labels: Tensor,
 }
 
 /// Contrastive batches of [`ImageTextSample`]s: augmented images and tokenised texts.
@@ -287,6 +303,11 @@ pub struct ContrastiveBatches<'a> {
     pub device: Device,
     /// Loader thread pool.
     pub pool: rayon::ThreadPool,
+    /// Every label of the samples, sorted: the columns of [`ImageTextBatch::labels`].
+    pub label_vocab: Vec<String>,
+    /// `data.batch_grouping = "group"`: each batch drawn from one [`ImageTextSample::group`]
+    /// (e.g. one modality) where possible, see [`crate::trainer::grouped_epoch_order`].
+    pub group_batches: bool,
 }
 
 impl<'a> ContrastiveBatches<'a> {
@@ -298,7 +319,15 @@ impl<'a> ContrastiveBatches<'a> {
         seed: u64,
         workers: usize,
     ) -> Result<Self> {
+        let mut label_vocab: Vec<String> = samples
+            .iter()
+            .flat_map(|s| s.labels.iter().cloned())
+            .collect();
+        label_vocab.sort();
+        label_vocab.dedup();
         Ok(Self {
+            label_vocab,
+            group_batches: false,
             samples,
             tokenizer,
             augment,
@@ -318,6 +347,18 @@ impl BatchSource for ContrastiveBatches<'_> {
 
     fn len(&self) -> usize {
         self.samples.len()
+    }
+
+    fn epoch_order(&self, seed: u64, epoch: u64, batch_size: usize) -> Vec<usize> {
+        if !self.group_batches {
+            return crate::trainer::epoch_order(seed, epoch, self.samples.len());
+        }
+        let names: Vec<Option<&str>> = self.samples.iter().map(|s| s.group.as_deref()).collect();
+        let mut distinct: Vec<Option<&str>> = names.clone();
+        distinct.sort();
+        distinct.dedup();
+        let group_of = |i: usize| distinct.binary_search(&names[i]).unwrap_or(0);
+        crate::trainer::grouped_epoch_order(seed, epoch, batch_size, group_of, self.samples.len())
     }
 
     fn load(&self, indices: &[usize], epoch: u64) -> Result<ImageTextBatch> {
@@ -346,10 +387,21 @@ impl BatchSource for ContrastiveBatches<'_> {
             .tokenizer
             .encode_batch(&texts, &self.device)
             .map_err(|e| TrainError::Data(format!("tokenise: {e}")))?;
+        let width = self.label_vocab.len().max(1);
+        let mut multi_hot = vec![0f32; indices.len() * width];
+        for (row, &i) in indices.iter().enumerate() {
+            for l in &self.samples[i].labels {
+                if let Ok(col) = self.label_vocab.binary_search(l) {
+                    multi_hot[row * width + col] = 1.0;
+                }
+            }
+        }
+        let labels = Tensor::from_vec(multi_hot, (indices.len(), width), &self.device)?;
         Ok(ImageTextBatch {
             pixels,
             tokens,
             indices: indices.to_vec(),
+            labels,
         })
     }
 }

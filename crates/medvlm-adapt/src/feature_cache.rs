@@ -273,9 +273,8 @@ impl FeatureCache {
             "multi-label"
         };
         meta.insert("task".to_string(), task.to_string());
-        let tmp = path.with_file_name(format!(".{}.tmp-{}", key.file_name(), std::process::id()));
         let err = |e: String| FeatureCacheError::Format {
-            path: tmp.clone(),
+            path: path.clone(),
             reason: e,
         };
         let feat_bytes: Vec<u8> = f32s
@@ -313,10 +312,10 @@ impl FeatureCache {
             safetensors::tensor::TensorView::new(label_dtype, labels.dims().to_vec(), &label_bytes)
                 .map_err(|e| err(e.to_string()))?;
         let data = [("features", features_view), ("labels", labels_view)];
-        safetensors::serialize_to_file(data, Some(meta), &tmp).map_err(|e| err(e.to_string()))?;
-        std::fs::rename(&tmp, &path).map_err(|source| FeatureCacheError::Io {
+        let bytes = safetensors::serialize(data, Some(meta)).map_err(|e| err(e.to_string()))?;
+        medvlm_io::atomic::write_atomic(&path, &bytes).map_err(|e| FeatureCacheError::Io {
             path: path.clone(),
-            source,
+            source: e.into_io(),
         })?;
         Ok(path)
     }

@@ -33,9 +33,10 @@ use medvlm_models::model_dir::varmap_tensors;
 use medvlm_models::preprocess::PreprocessConfig;
 use medvlm_models::tokenizer::TextTokenizer;
 use medvlm_models::weights::save_safetensors_atomic;
-use medvlm_models::{Family, ModelError, TokenBatch, VisionLanguageModel};
+use medvlm_models::{Family, ModelError, VisionLanguageModel};
 use serde::{Deserialize, Serialize};
 
+use crate::data::ImageTextBatch;
 use crate::lora::{apply_lora, set_lora_training, tower_of, LoraSpec};
 use crate::losses::{ContrastiveHead, LossError};
 use crate::optim::{block_index, last_k_blocks, NamedVar, OptimError};
@@ -433,15 +434,6 @@ pub struct PairData {
     pub texts: Vec<String>,
 }
 
-/// A batch of [`PairBatches`].
-#[derive(Debug)]
-pub struct PairBatch {
-    /// `[B, 3, H, W]` pixels in the model's dtype.
-    pub pixels: Tensor,
-    /// Tokenised texts.
-    pub tokens: TokenBatch,
-}
-
 /// [`BatchSource`] over [`PairData`] for [`crate::trainer::train`] (no augmentation: the
 /// images are used as preprocessed).
 pub struct PairBatches<'a> {
@@ -458,11 +450,11 @@ pub struct PairBatches<'a> {
 }
 
 impl BatchSource for PairBatches<'_> {
-    type Batch = PairBatch;
+    type Batch = ImageTextBatch;
     fn len(&self) -> usize {
         self.data.images.len()
     }
-    fn load(&self, indices: &[usize], _epoch: u64) -> TrainResult<PairBatch> {
+    fn load(&self, indices: &[usize], _epoch: u64) -> TrainResult<ImageTextBatch> {
         let imgs: Vec<Vec<f32>> = indices
             .iter()
             .map(|&i| self.data.images[i].clone())
@@ -481,7 +473,14 @@ impl BatchSource for PairBatches<'_> {
             .tokenizer
             .encode_batch(&texts, &self.device)
             .map_err(model_err)?;
-        Ok(PairBatch { pixels, tokens })
+        // Fine-tuning has no label-aware loss (refused by the command), so no label columns.
+        let labels = Tensor::zeros((indices.len(), 1), DType::F32, &self.device)?;
+        Ok(ImageTextBatch {
+            pixels,
+            tokens,
+            indices: indices.to_vec(),
+            labels,
+        })
     }
 }
 
@@ -494,32 +493,15 @@ pub struct ContrastiveTuning<'a> {
     pub head: &'a ContrastiveHead,
 }
 
-impl TrainModel<PairBatch> for ContrastiveTuning<'_> {
-    fn loss(&mut self, batch: &PairBatch) -> TrainResult<Tensor> {
-        let model_err = |e: ModelError| TrainError::Model(e.to_string());
-        let img = self
-            .model
-            .encode_image(&batch.pixels)
-            .map_err(model_err)?
-            .embeds;
-        let txt = self
-            .model
-            .encode_text(&batch.tokens)
-            .map_err(model_err)?
-            .embeds;
-        Ok(self.head.loss(&img, &txt, None)?)
+impl TrainModel<ImageTextBatch> for ContrastiveTuning<'_> {
+    fn loss(&mut self, batch: &ImageTextBatch) -> TrainResult<Tensor> {
+        self.head.batch_loss(self.model, batch)
     }
     fn after_update(&mut self) -> TrainResult<()> {
         Ok(self.head.clamp_logit_scale()?)
     }
     fn log_scalars(&self) -> TrainResult<BTreeMap<String, f64>> {
-        let s = self
-            .head
-            .logit_scale()
-            .as_tensor()
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        Ok(BTreeMap::from([("temperature".to_string(), (-s).exp())]))
+        self.head.log_scalars()
     }
 }
 
@@ -630,20 +612,13 @@ pub fn export_weight_name(family: Family) -> &'static str {
 }
 
 fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
-    let io = |path: &Path, source| FinetuneError::Io {
-        path: path.to_path_buf(),
+    let bytes = std::fs::read(src).map_err(|source| FinetuneError::Io {
+        path: src.to_path_buf(),
         source,
-    };
-    let bytes = std::fs::read(src).map_err(|e| io(src, e))?;
-    let name = dst
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| setting("output_dir", format!("bad path {}", dst.display())))?;
-    let tmp = dst.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, dst).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(dst, e)
+    })?;
+    medvlm_io::atomic::write_atomic(dst, &bytes).map_err(|e| FinetuneError::Io {
+        path: dst.to_path_buf(),
+        source: e.into_io(),
     })
 }
 

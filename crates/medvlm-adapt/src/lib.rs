@@ -14,5 +14,6 @@ pub mod methods;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;
+pub mod text_section;
 pub mod train_config;
 pub mod trainer;

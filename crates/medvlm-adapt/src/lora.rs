@@ -570,16 +570,11 @@ pub fn save_lora_adapters(model: &dyn LinearLayers, spec: &LoraSpec, dir: &Path)
         "medvlm_towers": spec.towers.to_string(),
     });
     let cfg_path = dir.join(ADAPTER_CONFIG);
-    let tmp = dir.join(format!(".{ADAPTER_CONFIG}.tmp{}", std::process::id()));
     let bytes =
         serde_json::to_vec_pretty(&config).map_err(|e| adapter_err(&cfg_path, e.to_string()))?;
-    std::fs::write(&tmp, bytes).map_err(|source| FinetuneError::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, &cfg_path).map_err(|source| FinetuneError::Io {
+    medvlm_io::atomic::write_atomic(&cfg_path, &bytes).map_err(|e| FinetuneError::Io {
         path: cfg_path.clone(),
-        source,
+        source: e.into_io(),
     })?;
     medvlm_models::weights::save_safetensors_atomic(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
     Ok(n)

@@ -28,7 +28,11 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::ops::log_softmax;
 use serde::{Deserialize, Serialize};
 
+use medvlm_models::{ModelError, VisionLanguageModel};
+
+use crate::data::ImageTextBatch;
 use crate::optim::NamedVar;
+use crate::trainer::TrainError;
 
 /// CLIP's initial log logit scale, `ln(1 / 0.07)`.
 pub const CLIP_LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778;
@@ -322,6 +326,43 @@ impl ContrastiveHead {
                 label_aware_clip_loss(image, text, &scale, t)
             }
         }
+    }
+
+    /// The loss of `model` on an image-text batch: both towers' projected embeddings, with
+    /// label-similarity targets for [`LossKind::LabelAware`]. The one training objective of
+    /// contrastive pretraining ([`crate::pretrain::ContrastiveModel`]) and fine-tuning
+    /// ([`crate::finetune::ContrastiveTuning`]).
+    pub fn batch_loss(
+        &self,
+        model: &dyn VisionLanguageModel,
+        batch: &ImageTextBatch,
+    ) -> crate::trainer::Result<Tensor> {
+        let model_err = |e: ModelError| TrainError::Model(e.to_string());
+        let image = model.encode_image(&batch.pixels).map_err(model_err)?.embeds;
+        let text = model.encode_text(&batch.tokens).map_err(model_err)?.embeds;
+        let targets = match self.kind {
+            LossKind::LabelAware => Some(label_similarity_targets(&batch.labels)?),
+            _ => None,
+        };
+        Ok(self.loss(&image, &text, targets.as_ref())?)
+    }
+
+    /// The current temperature `T = exp(-logit_scale)`.
+    pub fn temperature(&self) -> Result<f64> {
+        let s: f64 = self
+            .logit_scale
+            .as_tensor()
+            .to_dtype(DType::F64)?
+            .to_scalar()?;
+        Ok((-s).exp())
+    }
+
+    /// The scalars logged after each update (`temperature`).
+    pub fn log_scalars(&self) -> crate::trainer::Result<std::collections::BTreeMap<String, f64>> {
+        Ok(std::collections::BTreeMap::from([(
+            "temperature".to_string(),
+            self.temperature()?,
+        )]))
     }
 
     /// Clamps the CLIP log logit scale into `[0, ln 100]` in place, as open_clip does after

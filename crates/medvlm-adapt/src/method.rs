@@ -551,14 +551,25 @@ pub fn make_card(
     })
 }
 
+/// medvlm-io's atomic writer around a writer that takes a path; its own error is carried
+/// through the `io::Error` and restored.
 fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|source| MethodError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    let mut inner = None;
+    let outcome = medvlm_io::atomic::write_atomic_via(path, |tmp| {
+        write(tmp).map_err(|e| {
+            let msg = e.to_string();
+            inner = Some(e);
+            std::io::Error::other(msg)
+        })
+    });
+    match (outcome, inner) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(MethodError::Io {
+            path: path.to_path_buf(),
+            source: e.into_io(),
+        }),
+    }
 }
 
 /// Saves a classifier into `dir` (created if needed): `classifier.safetensors`

@@ -356,13 +356,7 @@ impl ContrastiveModel {
 
     /// Current temperature `T = 1 / exp(logit_scale)`.
     pub fn temperature(&self) -> Result<f64> {
-        let s: f64 = self
-            .head
-            .logit_scale()
-            .as_tensor()
-            .to_dtype(DType::F64)?
-            .to_scalar()?;
-        Ok((-s).exp())
+        Ok(self.head.temperature()?)
     }
 
     /// Writes the model directory (config.json, model.safetensors, tokenizer.json,
@@ -399,17 +393,7 @@ impl ContrastiveModel {
 
 impl TrainModel<ImageTextBatch> for ContrastiveModel {
     fn loss(&mut self, batch: &ImageTextBatch) -> Result<Tensor> {
-        let img = self
-            .model
-            .encode_image(&batch.pixels)
-            .map_err(model_err)?
-            .embeds;
-        let txt = self
-            .model
-            .encode_text(&batch.tokens)
-            .map_err(model_err)?
-            .embeds;
-        Ok(self.head.loss(&img, &txt, None)?)
+        self.head.batch_loss(self.model.as_ref(), batch)
     }
 
     fn after_update(&mut self) -> Result<()> {
@@ -417,10 +401,7 @@ impl TrainModel<ImageTextBatch> for ContrastiveModel {
     }
 
     fn log_scalars(&self) -> Result<BTreeMap<String, f64>> {
-        Ok(BTreeMap::from([(
-            "temperature".to_string(),
-            self.temperature()?,
-        )]))
+        self.head.log_scalars()
     }
 }
 

@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use crate::checkpoint::sha256_hex;
 use crate::losses::{SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT};
 use crate::optim::{select_trainable, OptimError, TrainableSelection, DEFAULT_BLOCK_PREFIXES};
+use crate::text_section::TextSection;
 
 /// Why a configuration was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +173,26 @@ pub struct DataConfig {
     /// Training-time augmentation.
     #[serde(default)]
     pub augment: AugmentConfig,
+    /// Part of each report used as the training (and validation retrieval) text: `report`
+    /// (default), `impression` or `exam_impression` (see [`crate::text_section`]).
+    #[serde(default)]
+    pub text_section: TextSection,
+    /// `none` (default): batches are random samples. `group`: each batch is drawn from one
+    /// group (the manifest's `modality` field) where possible, so every negative of the
+    /// contrastive loss is of the same modality, as in single-modality corpora.
+    #[serde(default)]
+    pub batch_grouping: BatchGrouping,
+}
+
+/// `data.batch_grouping`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchGrouping {
+    /// Random batches.
+    #[default]
+    None,
+    /// One group (modality) per batch where possible.
+    Group,
 }
 
 /// `[data.augment]`. Defaults are no augmentation: flips and rotations can change the

@@ -204,7 +204,50 @@ pub trait BatchSource: Sync {
     /// Loads the samples `indices` for epoch `epoch` (augmentation must be a function of the
     /// run seed, `epoch` and the sample index only, for exact resume).
     fn load(&self, indices: &[usize], epoch: u64) -> Result<Self::Batch>;
+    /// The sample order of `epoch` (consecutive `batch_size` slices become the micro-batches).
+    /// Default: [`epoch_order`]. An override must also depend on `(seed, epoch)` only.
+    fn epoch_order(&self, seed: u64, epoch: u64, batch_size: usize) -> Vec<usize> {
+        let _ = batch_size;
+        epoch_order(seed, epoch, self.len())
+    }
 }
+
+/// An epoch order whose micro-batches each hold samples of one group where possible: the
+/// samples are shuffled as in [`epoch_order`], split by `group_of`, cut into `batch_size`
+/// chunks per group, and the chunks shuffled (seeded by `(seed, epoch)` as well); the
+/// remainders of the groups, fewer than a batch each, are shuffled together at the end (the
+/// trainer drops a final partial batch; another epoch has another remainder).
+pub fn grouped_epoch_order(
+    seed: u64,
+    epoch: u64,
+    batch_size: usize,
+    group_of: impl Fn(usize) -> usize,
+    n: usize,
+) -> Vec<usize> {
+    let order = epoch_order(seed, epoch, n);
+    let b = batch_size.max(1);
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for i in order {
+        groups.entry(group_of(i)).or_default().push(i);
+    }
+    let mut chunks: Vec<Vec<usize>> = Vec::new();
+    let mut rest: Vec<usize> = Vec::new();
+    for members in groups.into_values() {
+        let full = members.len() / b * b;
+        chunks.extend(members[..full].chunks(b).map(<[usize]>::to_vec));
+        rest.extend_from_slice(&members[full..]);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ORDER_SALT ^ GROUP_SALT);
+    rng.set_stream(epoch);
+    chunks.shuffle(&mut rng);
+    rest.shuffle(&mut rng);
+    let mut out: Vec<usize> = chunks.into_iter().flatten().collect();
+    out.extend(rest);
+    out
+}
+
+/// Salt of the chunk shuffle of [`grouped_epoch_order`].
+const GROUP_SALT: u64 = 0x6772_6f75_7073;
 
 /// A model being trained.
 pub trait TrainModel<B> {
@@ -412,7 +455,7 @@ where
 
     while state.step < total && state.epoch < cfg.epochs {
         let epoch = state.epoch;
-        let order = epoch_order(cfg.seed, epoch, n);
+        let order = data.epoch_order(cfg.seed, epoch, cfg.batch_size);
         let bs = cfg.batch_size.min(n);
         let plan: Vec<Vec<usize>> = (0..micro_per_epoch)
             .map(|b| order[b * bs..(b + 1) * bs].to_vec())
@@ -515,6 +558,28 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grouped_order_is_a_permutation_with_single_group_batches() {
+        let group = |i: usize| i % 3;
+        let a = grouped_epoch_order(5, 2, 4, group, 40);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            (0..40).collect::<Vec<_>>(),
+            "every sample exactly once"
+        );
+        // Groups of 14, 13, 13 samples give 3 + 3 + 3 full batches of 4, then 4 left over.
+        for chunk in a[..36].chunks(4) {
+            assert!(
+                chunk.iter().all(|&i| group(i) == group(chunk[0])),
+                "mixed batch {chunk:?}"
+            );
+        }
+        assert_eq!(a, grouped_epoch_order(5, 2, 4, group, 40));
+        assert_ne!(a, grouped_epoch_order(5, 3, 4, group, 40));
+    }
 
     #[test]
     fn epoch_order_is_a_seeded_permutation() {

@@ -263,6 +263,92 @@ fn bad_configs_fail_before_training() {
     // Resume without a checkpoint.
     let err = run(&cfg, &["--resume"]);
     assert!(err.contains("no checkpoint"), "{err}");
+
+    // The label-aware loss on records without labels; modality-grouped batches on records
+    // without a modality.
+    let manifest = String::from_utf8(read(&dir.join("ph/train.jsonl"))).unwrap();
+    let strip = |keys: &[&str]| -> String {
+        manifest
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                for k in keys {
+                    v.as_object_mut().unwrap().remove(*k);
+                }
+                v.to_string() + "\n"
+            })
+            .collect()
+    };
+    std::fs::write(dir.join("ph/nolabel.jsonl"), strip(&["label", "labels"])).unwrap();
+    let err = run(
+        &cfg,
+        &[
+            "--set",
+            "data.manifest=\"ph/nolabel.jsonl\"",
+            "--set",
+            "loss.kind=\"label_aware\"",
+        ],
+    );
+    assert!(err.contains("label_aware") && err.contains("no"), "{err}");
+    std::fs::write(dir.join("ph/nomodality.jsonl"), strip(&["modality"])).unwrap();
+    let err = run(
+        &cfg,
+        &[
+            "--set",
+            "data.manifest=\"ph/nomodality.jsonl\"",
+            "--set",
+            "data.batch_grouping=\"group\"",
+        ],
+    );
+    assert!(err.contains("batch_grouping"), "{err}");
+    let err = run(&cfg, &["--set", "data.text_section=\"summary\""]);
+    assert!(err.contains("summary"), "{err}");
+}
+
+/// The label-aware loss (soft targets from the manifest's labels), impression-only texts and
+/// modality-grouped batches train end to end.
+#[test]
+fn label_aware_loss_with_impressions_and_grouped_batches_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    phantoms(dir);
+    let cfg = tiny_config(dir, "la.toml", "la", "[loss]\nkind = \"label_aware\"\n");
+    let out = ok(medvlm()
+        .arg("pretrain")
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "--set",
+            "data.text_section=\"impression\"",
+            "--set",
+            "data.batch_grouping=\"group\"",
+        ])
+        .output()
+        .unwrap());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A third of the phantom reports have no section headers; their count is reported.
+    assert!(
+        stderr.contains("have no `Impression:` header"),
+        "fallbacks not reported: {stderr}"
+    );
+    let log = String::from_utf8(read(&dir.join("la/train_log.jsonl"))).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+        .collect();
+    assert!(!losses.is_empty(), "no updates logged");
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+    assert!(dir.join("la/model/model.safetensors").exists());
+    // The tokenizer is built from the impressions only: section headers never reach it.
+    let tok = String::from_utf8(read(&dir.join("la/model/tokenizer.json"))).unwrap();
+    assert!(
+        !tok.contains("\"findings\""),
+        "the findings section leaked into the texts"
+    );
 }
 
 #[test]

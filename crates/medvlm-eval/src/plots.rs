@@ -81,28 +81,30 @@ pub trait Plot {
     /// Renders to a PNG file, atomically.
     fn write_png(&self, path: &Path, size: Size) -> Result<()> {
         ensure_font()?;
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let stem = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "plot".into());
-        let tmp = dir.join(format!(".{stem}.tmp-{}.png", std::process::id()));
-        {
-            let area = BitMapBackend::new(&tmp, (size.width, size.height)).into_drawing_area();
-            area.fill(&WHITE).map_err(plot_err)?;
-            self.draw(&area)?;
-            area.present().map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                plot_err(e)
-            })?;
+        // medvlm-io's writer names the temporary `.NAME.tmp-PID.png`, so plotters still
+        // encodes PNG; a drawing error is carried through and restored.
+        let mut drawing_error = None;
+        let written = medvlm_io::atomic::write_atomic_via(path, |tmp| {
+            let area = BitMapBackend::new(tmp, (size.width, size.height)).into_drawing_area();
+            let drawn = area
+                .fill(&WHITE)
+                .map_err(plot_err)
+                .and_then(|()| self.draw(&area))
+                .and_then(|()| area.present().map_err(plot_err));
+            drawn.map_err(|e| {
+                let msg = e.to_string();
+                drawing_error = Some(e);
+                std::io::Error::other(msg)
+            })
+        });
+        match (written, drawing_error) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(EvalError::Io {
+                path: path.to_path_buf(),
+                source: e.into_io(),
+            }),
         }
-        std::fs::rename(&tmp, path).map_err(|source| EvalError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
     }
 
     /// Writes an SVG file atomically.

@@ -11,8 +11,6 @@
 //!     .unwrap();
 //! ```
 
-use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 
 use crate::error::{EvalError, Result};
@@ -33,26 +31,13 @@ pub fn escape_html(text: &str) -> String {
     out
 }
 
-/// Writes `bytes` to `path` atomically (temporary file in the same directory, fsync, rename).
+/// Writes `bytes` to `path` atomically (medvlm-io's writer: temporary file in the same
+/// directory, fsync, rename, fsync of the directory).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| EvalError::Io {
+    medvlm_io::atomic::write_atomic(path, bytes).map_err(|e| EvalError::Io {
         path: path.to_path_buf(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)
+        source: e.into_io(),
+    })
 }
 
 #[derive(Debug, Clone)]

@@ -1,44 +1,135 @@
-//! Atomic file writes: write to a temporary file in the destination folder, then
-//! rename over the destination, so a crash never leaves a half-written output.
+//! Atomic file writes, the one implementation every medvlm crate uses for outputs,
+//! checkpoints, caches and model directories: write a temporary file in the destination
+//! folder, fsync it, rename it over the destination and fsync the folder, so a crash or a
+//! SIGKILL leaves either the old file or the new one, never a half-written one.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{IoError, Result};
 
-/// Write `bytes` to `path` atomically (temp file in the same folder + rename).
+/// Write `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))
 }
 
-/// Run `fill` on a buffered temporary file next to `path`, then rename it to `path`.
+/// Run `fill` on a buffered temporary file next to `path`, then move it to `path` atomically.
 pub fn write_atomic_with<F>(path: &Path, fill: F) -> Result<()>
 where
     F: FnOnce(&mut dyn Write) -> std::io::Result<()>,
 {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".to_string());
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let file = std::fs::File::create(&tmp)?;
+    write_atomic_via(path, |tmp| {
+        let file = std::fs::File::create(tmp)?;
         let mut buf = std::io::BufWriter::new(file);
         fill(&mut buf)?;
-        let file = buf.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        buf.into_inner().map_err(|e| e.into_error())?;
         Ok(())
-    })();
-    if let Err(e) = result {
+    })
+}
+
+/// For writers that take a path (e.g. `safetensors` savers): `produce` writes the temporary
+/// path it is given, which is then fsynced and moved to `path` atomically. The temporary
+/// file is removed if `produce` fails.
+pub fn write_atomic_via<F>(path: &Path, produce: F) -> Result<()>
+where
+    F: FnOnce(&Path) -> std::io::Result<()>,
+{
+    let dir = parent_dir(path);
+    let tmp = dir.join(temp_name(path));
+    let written = produce(&tmp).and_then(|()| std::fs::File::open(&tmp)?.sync_all());
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(IoError::os(path, e));
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
+    if let Err(e) = std::fs::rename(&tmp, path) {
         let _ = std::fs::remove_file(&tmp);
-        IoError::os(path, e)
-    })
+        return Err(IoError::os(path, e));
+    }
+    sync_dir(&dir)
+}
+
+/// Fsyncs a directory so that renames into it survive a crash; a no-op where the platform
+/// cannot open or sync directories.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    match std::fs::File::open(dir).and_then(|f| f.sync_all()) {
+        Ok(()) => Ok(()),
+        // Windows cannot open a directory as a file; some filesystems refuse the fsync.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput
+                    | std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::Unsupported
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(IoError::os(dir, e)),
+    }
+}
+
+/// `.NAME.tmp-PID`, or `.STEM.tmp-PID.EXT` when the name has an extension, so writers that
+/// choose the format from the extension (image encoders, plotters) still see it.
+fn temp_name(path: &Path) -> String {
+    let pid = std::process::id();
+    match (path.file_stem(), path.extension()) {
+        (Some(stem), Some(ext)) => format!(
+            ".{}.tmp-{pid}.{}",
+            stem.to_string_lossy(),
+            ext.to_string_lossy()
+        ),
+        _ => format!(
+            ".{}.tmp-{pid}",
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "out".to_string())
+        ),
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_the_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.json");
+        write_atomic(&p, b"old").unwrap();
+        write_atomic(&p, b"new").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "a temporary file was left behind");
+    }
+
+    #[test]
+    fn a_failed_producer_keeps_the_old_file_and_removes_the_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("weights.safetensors");
+        write_atomic(&p, b"old").unwrap();
+        let err = write_atomic_via(&p, |tmp| {
+            std::fs::write(tmp, b"half")?;
+            Err(std::io::Error::other("disk full"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("weights.safetensors"), "{err}");
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_missing_folder_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("no/such/folder/out.txt");
+        let err = write_atomic(&p, b"x").unwrap_err();
+        assert!(err.to_string().contains("out.txt"), "{err}");
+    }
 }

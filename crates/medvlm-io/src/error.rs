@@ -58,6 +58,15 @@ pub enum IoError {
 }
 
 impl IoError {
+    /// The underlying OS error of an [`IoError::Os`] (the caller names the path itself);
+    /// other variants become `io::Error::other` with their message.
+    pub fn into_io(self) -> std::io::Error {
+        match self {
+            IoError::Os { source, .. } => source,
+            other => std::io::Error::other(other.to_string()),
+        }
+    }
+
     /// Wrap an OS error with the path it happened on.
     pub fn os(path: &Path, source: std::io::Error) -> Self {
         IoError::Os {

@@ -202,17 +202,7 @@ pub fn varmap_tensors(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| ModelError::invalid(format!("bad path {}", path.display())))?;
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        ModelError::io(path, e)
-    })
+    medvlm_io::atomic::write_atomic(path, bytes).map_err(|e| ModelError::io(path, e.into_io()))
 }
 
 /// What a saved HF-layout model directory contains.

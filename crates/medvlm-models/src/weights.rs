@@ -456,24 +456,12 @@ pub fn save_safetensors_atomic(
     path: &Path,
     tensors: &std::collections::HashMap<String, Tensor>,
 ) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let dir = dir.unwrap_or_else(|| Path::new("."));
-    let file_name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| ModelError::invalid(format!("bad output path {}", path.display())))?;
-    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
-    let res = candle_core::safetensors::save(tensors, &tmp);
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(ModelError::Weights {
-            path: path.to_path_buf(),
-            reason: format!("cannot write: {e}"),
-        });
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        ModelError::io(path, e)
+    medvlm_io::atomic::write_atomic_via(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp).map_err(std::io::Error::other)
+    })
+    .map_err(|e| ModelError::Weights {
+        path: path.to_path_buf(),
+        reason: format!("cannot write: {}", e.into_io()),
     })
 }
 

@@ -98,11 +98,6 @@ struct RunReport<'a> {
     model_dir: String,
 }
 
-/// The shared atomic writer (temp file in the same folder, fsync, rename).
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    Ok(medvlm_io::atomic::write_atomic(path, bytes)?)
-}
-
 /// Settings this command does not apply: refused (or reported) instead of silently ignored.
 fn check_unsupported(cfg: &TrainConfig) -> anyhow::Result<()> {
     if cfg.data.augment != AugmentConfig::default() {
@@ -268,7 +263,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("creating output_dir {}", cfg.output_dir.display()))?;
-    write_atomic(
+    medvlm_io::atomic::write_atomic(
         &cfg.output_dir.join("config.resolved.toml"),
         config_toml(&cfg)?.as_bytes(),
     )?;
@@ -324,7 +319,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         temperature,
         model_dir: model_dir.display().to_string(),
     };
-    write_atomic(
+    medvlm_io::atomic::write_atomic(
         &cfg.output_dir.join("finetune.json"),
         &serde_json::to_vec_pretty(&report)?,
     )?;

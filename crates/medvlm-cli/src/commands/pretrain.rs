@@ -250,6 +250,14 @@ pub fn train_and_save<C: Callbacks<ContrastiveModel>>(
             cfg.optim.grad_accum
         );
     }
+    if cfg.loss.kind == medvlm_adapt::losses::LossKind::LabelAware {
+        if let Some(s) = train.iter().find(|s| s.labels.is_empty()) {
+            bail!(
+                "loss.kind = \"label_aware\" needs labels (`label` or `labels` in the manifest) for every training sample; {} has none",
+                s.id
+            );
+        }
+    }
     let augment = (!data::augment_is_identity(&cfg.data.augment))
         .then(|| data::train_transform(&cfg.data.augment, cfg.data.image_size));
     // The batch source tokenises with its own handle of the tokenizer, since the model is
@@ -258,6 +266,13 @@ pub fn train_and_save<C: Callbacks<ContrastiveModel>>(
     let mut source =
         data::ContrastiveBatches::new(train, &tokenizer, augment, cfg.seed, cfg.data.workers)?;
     source.normalise = model.normalise;
+    source.group_batches =
+        cfg.data.batch_grouping == medvlm_adapt::train_config::BatchGrouping::Group;
+    if source.group_batches && train.iter().all(|s| s.group.is_none()) {
+        bail!(
+            "data.batch_grouping = \"group\" needs a `modality` field in the training manifest's records; none has one"
+        );
+    }
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("cannot create {}", cfg.output_dir.display()))?;
     let paths = RunPaths {
@@ -286,7 +301,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = load_pretrain_config(&args.config, &args.overrides, Command::Pretrain)?;
     let manifest = medvlm_io::read_manifest(&cfg.data.manifest)
         .with_context(|| format!("data.manifest {}", cfg.data.manifest.display()))?;
-    let (train, report) = data::samples_from_manifest(
+    let (mut train, report) = data::samples_from_manifest(
         &manifest,
         None,
         cfg.data.image_size,
@@ -294,21 +309,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.skip_bad,
         cfg.data.workers,
     )?;
+    let section = cfg.data.text_section;
+    let fell_back = data::apply_text_section(&mut train, section);
+    if fell_back > 0 {
+        eprintln!(
+            "data.text_section = {:?}: {fell_back} of {} training reports have no `Impression:` header; their last sentence is used",
+            section.name(),
+            train.len()
+        );
+    }
     let val = match &cfg.data.val_manifest {
         Some(p) => {
             let m = medvlm_io::read_manifest(p)
                 .with_context(|| format!("data.val_manifest {}", p.display()))?;
-            Some(
-                data::samples_from_manifest(
-                    &m,
-                    None,
-                    cfg.data.image_size,
-                    false,
-                    args.skip_bad,
-                    cfg.data.workers,
-                )?
-                .0,
-            )
+            let mut v = data::samples_from_manifest(
+                &m,
+                None,
+                cfg.data.image_size,
+                false,
+                args.skip_bad,
+                cfg.data.workers,
+            )?
+            .0;
+            data::apply_text_section(&mut v, section);
+            Some(v)
         }
         None => None,
     };
