@@ -11,14 +11,19 @@
 //!   *within modality* (only the modality's own prompts, chance 1/K). Balanced accuracy
 //!   (mean per-class recall) is the headline metric.
 //! - image-text retrieval recall@1/5/10 in both directions on the test split; a text query's
-//!   correct images are all images whose report is identical (and vice versa).
+//!   correct images are all images whose text is identical (and vice versa).
+//!
+//! The training (and retrieval) text is each report's examination line plus its impression
+//! (`data.text_section = "exam_impression"`): the findings sections' negation lists ("No
+//! pneumothorax, mass or consolidation") kept a from-scratch text tower from telling the chest
+//! and brain findings apart (docs/quickstart.md).
 //!
 //! Writes `DIR/report.html` (loss curve, confusion matrices, retrieval examples),
 //! `DIR/metrics.json`, `DIR/train_log.jsonl`, `DIR/model/` (loads in `medvlm embed` /
 //! `medvlm zero-shot`), `DIR/benchmark/` (the images and manifests) and
 //! `DIR/quickstart.toml`, a config that `medvlm pretrain` runs on the written benchmark.
-//! Defaults (2 CPU cores, release build): 4000 studies at 64 px, a CLIP with 4-layer towers of
-//! width 128, batch 128, 8 epochs; see docs/quickstart.md for measured figures.
+//! Defaults (2 CPU cores, release build): 4000 studies at 64 px, a CLIP with 3-layer towers of
+//! width 64, batch 64, 16 epochs (560 updates); see docs/quickstart.md for measured figures.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +32,7 @@ use std::time::Instant;
 use anyhow::Context;
 use medvlm_adapt::data::{plane_from_u8, to_training_plane, ImageTextSample};
 use medvlm_adapt::pretrain::{embed_images, embed_texts, retrieval, ContrastiveModel};
+use medvlm_adapt::text_section::TextSection;
 use medvlm_adapt::train_config::{Command, TrainConfig};
 use medvlm_eval::classification::ClassificationReport;
 use medvlm_eval::plots::{confusion_matrix_plot, LinePlot, Plot, Series, Size};
@@ -47,7 +53,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4000)]
     pub n: u64,
     /// Training epochs.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     pub epochs: u64,
     /// Seed of the benchmark and of training.
     #[arg(long, default_value_t = 0)]
@@ -64,6 +70,22 @@ pub struct Args {
     /// Peak learning rate (default 2e-3).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Part of each phantom report used as text (training, validation and retrieval):
+    /// report, impression or exam_impression (see docs/training.md, `data.text_section`).
+    #[arg(long)]
+    pub text_section: Option<String>,
+    /// Input size in pixels (default 64; 32 with --tiny); the phantoms are generated at it.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// ViT patch size in pixels (default 8).
+    #[arg(long)]
+    pub patch: Option<usize>,
+    /// Draw each batch from one modality (`data.batch_grouping = "group"`).
+    #[arg(long)]
+    pub group_batches: bool,
+    /// Contrastive loss: clip, siglip or label_aware (default clip).
+    #[arg(long)]
+    pub loss: Option<String>,
     /// A much smaller, faster variant (600 studies at 32 px, 2-layer towers of width 64) for
     /// tests and smoke runs; it learns less.
     #[arg(long)]
@@ -83,16 +105,37 @@ struct Plan {
     epochs: u64,
     lr: f64,
     warmup: u64,
+    text_section: TextSection,
+    loss: String,
+    grouping: &'static str,
 }
 
 impl Plan {
-    fn new(a: &Args) -> Self {
+    fn new(a: &Args) -> anyhow::Result<Self> {
         let mut p = Self::defaults(a);
         p.width = a.width.unwrap_or(p.width);
         p.layers = a.layers.unwrap_or(p.layers);
         p.batch = a.batch.unwrap_or(p.batch);
         p.lr = a.lr.unwrap_or(p.lr);
-        p
+        if let Some(s) = a.image_size {
+            p.size = s;
+            p.image_size = s;
+        }
+        p.patch = a.patch.unwrap_or(p.patch);
+        if a.group_batches {
+            p.grouping = "group";
+        }
+        if let Some(l) = &a.loss {
+            p.loss = l.clone();
+        }
+        if let Some(t) = &a.text_section {
+            p.text_section = serde_json::from_value(json!(t)).map_err(|_| {
+                anyhow::anyhow!(
+                    "--text-section {t:?}: expected report, impression or exam_impression"
+                )
+            })?;
+        }
+        Ok(p)
     }
 
     fn defaults(a: &Args) -> Self {
@@ -109,6 +152,9 @@ impl Plan {
                 epochs: a.epochs,
                 lr: 2e-3,
                 warmup: 10,
+                text_section: TextSection::ExamImpression,
+                loss: "clip".into(),
+                grouping: "none",
             }
         } else {
             Plan {
@@ -123,7 +169,20 @@ impl Plan {
                 epochs: a.epochs,
                 lr: 2e-3,
                 warmup: 30,
+                text_section: TextSection::ExamImpression,
+                loss: "clip".into(),
+                grouping: "none",
             }
+        }
+    }
+
+    /// Validation every second epoch on long runs: each costs a pass over the validation
+    /// split, and eight points draw the curve well enough.
+    fn eval_every(&self) -> u64 {
+        if self.epochs > 8 {
+            2
+        } else {
+            1
         }
     }
 
@@ -154,6 +213,8 @@ val_manifest = "benchmark/val.jsonl"
 image_size = {size}
 batch_size = {batch}
 workers = 2
+text_section = "{section}"
+batch_grouping = "{grouping}"
 
 [data.augment]
 crop_scale = [0.8, 1.0]
@@ -161,7 +222,7 @@ brightness = 0.05
 contrast = 0.05
 
 [loss]
-kind = "clip"
+kind = "{loss}"
 
 [optim]
 lr = {lr:e}
@@ -175,7 +236,7 @@ every_n_steps = 1000
 keep = 1
 
 [eval]
-every_epochs = 1
+every_epochs = {eval_every}
 "#,
             cfg = out.join("quickstart.toml").display(),
             proj = self.proj.max(self.width),
@@ -187,6 +248,10 @@ every_epochs = 1
             lr = self.lr,
             warmup = self.warmup,
             epochs = self.epochs,
+            section = self.text_section.name(),
+            loss = self.loss,
+            grouping = self.grouping,
+            eval_every = self.eval_every(),
         )
     }
 }
@@ -380,14 +445,24 @@ fn pooled_balanced(r: &ClassificationReport) -> f64 {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let plan = Plan::new(&args);
+    let plan = Plan::new(&args)?;
     let out = args.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     eprintln!(
         "[1/4] generating {} phantom studies at {} px ...",
         plan.n, plan.size
     );
-    let data = make_benchmark(&plan, args.seed, &out)?;
+    let mut data = make_benchmark(&plan, args.seed, &out)?;
+    let mut fell_back = 0;
+    for samples in data.by_split.values_mut() {
+        fell_back += medvlm_adapt::data::apply_text_section(samples, plan.text_section);
+    }
+    if fell_back > 0 {
+        eprintln!(
+            "      text: {} section; {fell_back} reports without an `Impression:` header use their last sentence",
+            plan.text_section.name()
+        );
+    }
     let t_data = t0.elapsed().as_secs_f64();
     let split = |name: &str| data.by_split.get(name).map(Vec::as_slice).unwrap_or(&[]);
     let (train, val, test, heldout) = (
@@ -425,7 +500,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut cb = PretrainCallbacks {
         bar: progress_bar(),
         val: (!val.is_empty()).then_some((val, val_classes)),
-        every_epochs: 1,
+        every_epochs: plan.eval_every(),
         throttle: std::time::Duration::ZERO,
         verbose: false,
     };
@@ -514,7 +589,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "protocol".into(),
         json!({
             "zero_shot": "single-finding studies (max_findings = 1); classes = each modality's findings + normal; each class embedding is the mean of two prompts: the phantom crate's class prompt and a report-style prompt '<modality>. Impression: <class>.'; pooled = argmax over all 18 prompts of the 4 modalities (chance 1/18), within_modality = argmax over the modality's own prompts (chance 1/K); balanced accuracy = mean per-class recall over the modality's classes",
-            "retrieval": "test split, every report against every image; correct answers are all items with an identical report",
+            "retrieval": format!("test and held-out-site splits, every text against every image; texts are the reports' {} section (data.text_section, as in training); correct answers are all items with an identical text", plan.text_section.name()),
             "criterion": "pooled zero-shot balanced accuracy >= 3 x chance (1/18) on each modality, text-to-image recall@5 well above chance",
         }),
     );
