@@ -19,6 +19,15 @@
 //! Prompt-learning methods (CoOp, CoCoOp, KgCoOp, VPT, MaPLe) are fitted on
 //! the support images through the frozen model; encoder fine-tuning methods
 //! are run by `medvlm finetune`.
+//!
+//! Multi-label tasks (`--label-field labels`, see `commands::common`): only
+//! the methods of [`MULTI_LABEL_METHODS`] run (`zero-shot-pairs`,
+//! `linear-probe`); the support set is drawn with the library's greedy
+//! multi-label sampler (at least K positives per finding); the metrics are
+//! per-class and macro AUROC, per-class and mean average precision, macro-
+//! and micro-F1 and exact match at probability 0.5; there are no conformal
+//! sets and no reliability diagram (both assume one class per image), which
+//! the card and the output say.
 
 use std::path::{Path, PathBuf};
 
@@ -36,8 +45,10 @@ use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    class_prompts, encode_class_texts, evaluate, model_fingerprint, model_logit_scale,
-    probabilities, probability_csv, task_features, write_file, Metrics, Task, TaskArgs,
+    class_prompts, describe_multilabel, encode_class_texts, evaluate, evaluate_multilabel,
+    model_fingerprint, model_logit_scale, multi_label_refusal, negative_prompts, probabilities,
+    probability_csv, probability_csv_multilabel, task_features, write_file, Metrics,
+    MultiLabelMetrics, Task, TaskArgs, MULTI_LABEL_CONFORMAL_NOTE, MULTI_LABEL_METHODS,
 };
 use super::embed::{load, preprocess_file, DeviceArgs};
 
@@ -108,6 +119,9 @@ pub struct AdaptCard {
     pub label_field: String,
     /// `--where` filters.
     pub filters: Vec<String>,
+    /// Multi-class (softmax) or multi-label (one sigmoid per label).
+    #[serde(default = "multi_class")]
+    pub task: TaskKind,
     /// The few-shot protocol.
     pub protocol: FewShotProtocol,
     /// One-line description of the protocol.
@@ -116,14 +130,24 @@ pub struct AdaptCard {
     pub class_names: Vec<String>,
     /// The prompts of each class.
     pub prompts: Vec<(String, Vec<String>)>,
-    /// The support images (paths) and their classes.
+    /// Multi-label `zero-shot-pairs`: the negative prompts of each label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompts: Option<Vec<(String, Vec<String>)>>,
+    /// The support images (paths) and their classes (multi-label: their
+    /// findings joined with `;`, or `normal`).
     pub support: Vec<(String, String)>,
     /// Split the support set was drawn from.
     pub train_split: String,
     /// Split evaluated, if any.
     pub test_split: Option<String>,
-    /// Test metrics (absent when the manifest has no test split).
+    /// Test metrics of a multi-class task (absent when the manifest has no test split).
     pub metrics: Option<Metrics>,
+    /// Test metrics of a multi-label task (absent when the manifest has no test split).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multilabel_metrics: Option<MultiLabelMetrics>,
+    /// What was not computed, and why (e.g. no conformal sets for multi-label tasks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     /// medvlm version that wrote the card.
     pub medvlm_version: String,
 }
@@ -150,6 +174,10 @@ impl AdaptCard {
         }
         Ok(card)
     }
+}
+
+fn multi_class() -> TaskKind {
+    TaskKind::MultiClass
 }
 
 /// Preprocessed pixels `[N, 3, H, W]` of image files.
@@ -186,6 +214,37 @@ pub fn prompt_probabilities(
 
 fn is_prompt_method(name: &str) -> bool {
     PROMPT_METHOD_NAMES.contains(&name)
+}
+
+/// Writes an artefact directory: `write` fills a sibling temporary
+/// directory, which then replaces `out` (see [`publish_dir`]); on error the
+/// temporary directory is removed.
+fn write_artefact(
+    out: &Path,
+    write: impl FnOnce(&Path) -> anyhow::Result<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapted".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    let written = match write(&tmp) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    publish_dir(&tmp, out)?;
+    Ok(written)
 }
 
 /// Moves a finished temporary directory into place, replacing a previous
@@ -229,12 +288,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--shots must be at least 1");
     }
     let task = Task::from_manifests(&args.train, &args.task)?;
-    let prompts = class_prompts(&task.class_names, &args.task)?;
     let policy = match args.support_cv {
         None => HyperparameterPolicy::Fixed,
         Some(f) if f >= 2 => HyperparameterPolicy::SupportCv { folds: f },
         Some(f) => bail!("--support-cv {f}: needs at least 2 folds"),
     };
+    if task.kind == TaskKind::MultiLabel {
+        return run_multilabel(&args, method.as_ref(), &task, policy, &device);
+    }
+    if args.method == "zero-shot-pairs" {
+        bail!(
+            "method 'zero-shot-pairs' scores each label with a positive/negative prompt pair \
+             and needs a multi-label task (--label-field labels); for the multi-class \
+             '{}' task use zero-shot or zero-shot-ensemble",
+            args.task.label_field
+        );
+    }
+    let prompts = class_prompts(&task.class_names, &args.task)?;
     let protocol = FewShotProtocol {
         shots: args.shots,
         seed: args.seed,
@@ -269,7 +339,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })?;
     let support_rows: Vec<usize> = picked.iter().map(|&i| pool_rows[i]).collect();
 
-    let texts = encode_class_texts(&m, &prompts, args.task.batch, &device)?;
+    let texts = encode_class_texts(&m, &prompts, None, args.task.batch, &device)?;
     let scale = model_logit_scale(&m)?;
     let c = task.class_names.len();
 
@@ -285,7 +355,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|&r| task.rows[r].path.clone())
             .collect();
         let pixels = pixel_batch(&m, &paths, &device)?;
-        let labels: Vec<usize> = support_rows.iter().map(|&r| task.rows[r].class).collect();
+        let labels: Vec<usize> = task.classes(&support_rows)?;
         let input = PromptInput {
             model: m.model.as_ref(),
             tokenizer: &m.tokenizer,
@@ -337,7 +407,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None
     } else {
         let probs = score(&test_rows)?;
-        let labels: Vec<usize> = test_rows.iter().map(|&r| task.rows[r].class).collect();
+        let labels: Vec<usize> = task.classes(&test_rows)?;
         let mut calib_rows = feats.available(&task.split_rows(&args.task.calib_split));
         let mut source = format!("split '{}'", args.task.calib_split);
         if calib_rows.is_empty() {
@@ -356,7 +426,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None
         } else {
             let cp = score(&calib_rows)?;
-            let cl: Vec<usize> = calib_rows.iter().map(|&r| task.rows[r].class).collect();
+            let cl: Vec<usize> = task.classes(&calib_rows)?;
             Some((cp, cl, source))
         };
         let metrics = evaluate(
@@ -377,29 +447,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     // Write the artefact into a sibling temporary directory, then move it.
-    let parent = args
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = args
-        .out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "adapted".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
-    }
-    let write_all = || -> anyhow::Result<serde_json::Value> {
+    let write_all = |tmp: &Path| -> anyhow::Result<serde_json::Value> {
         let hyperparameters = match &fitted {
             Fitted::Frozen(clf) => {
-                save_classifier(clf.as_ref(), &tmp)?;
+                save_classifier(clf.as_ref(), tmp)?;
                 clf.card().hyperparameters.clone()
             }
             Fitted::Prompt(clf) => {
-                save_classifier(clf.as_ref(), &tmp)?;
+                save_classifier(clf.as_ref(), tmp)?;
                 clf.card().hyperparameters.clone()
             }
         };
@@ -414,22 +469,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             data_sha256: task.manifest_sha256.clone(),
             label_field: args.task.label_field.clone(),
             filters: args.task.filters.clone(),
+            task: TaskKind::MultiClass,
             protocol_description: protocol.describe(),
             protocol: protocol.clone(),
             class_names: task.class_names.clone(),
             prompts: prompts.clone(),
+            negative_prompts: None,
             support: support_rows
                 .iter()
-                .map(|&r| {
-                    (
-                        task.rows[r].path.display().to_string(),
-                        task.class_names[task.rows[r].class].clone(),
-                    )
-                })
+                .map(|&r| (task.rows[r].path.display().to_string(), task.label_text(r)))
                 .collect(),
             train_split: args.task.split.clone(),
             test_split: metrics.as_ref().map(|_| args.task.test_split.clone()),
             metrics: metrics.clone(),
+            multilabel_metrics: None,
+            notes: Vec::new(),
             medvlm_version: env!("CARGO_PKG_VERSION").into(),
         };
         write_file(&tmp.join(ADAPT_CARD), &serde_json::to_vec_pretty(&card)?)?;
@@ -449,14 +503,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Ok(hyperparameters)
     };
-    let hyperparameters = match write_all() {
-        Ok(h) => h,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    publish_dir(&tmp, &args.out)?;
+    let hyperparameters = write_artefact(&args.out, write_all)?;
 
     println!(
         "adapted {} ({}) on {} support image(s), {} classes; hyperparameters {}",
@@ -493,6 +540,196 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 cf.report.mean_set_size
             );
         }
+    }
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// `medvlm adapt` on a multi-label task (`--label-field labels`).
+fn run_multilabel(
+    args: &Args,
+    method: &dyn medvlm_adapt::method::AdaptationMethod,
+    task: &Task,
+    policy: HyperparameterPolicy,
+    device: &Device,
+) -> anyhow::Result<()> {
+    if let Some(why) = multi_label_refusal(&args.method) {
+        bail!("--label-field labels makes a multi-label task: method {why}");
+    }
+    if args.mode == "realistic" {
+        bail!(
+            "--mode realistic draws classes by their prior and is defined for multi-class tasks; \
+             multi-label support sets use the greedy multi-label sampler (at least K positives \
+             per finding): drop --mode realistic"
+        );
+    }
+    let prompts = class_prompts(&task.class_names, &args.task)?;
+    let negatives = if args.method == "zero-shot-pairs" {
+        Some(negative_prompts(&task.class_names, &args.task)?)
+    } else {
+        None
+    };
+    let protocol = FewShotProtocol {
+        shots: args.shots,
+        seed: args.seed,
+        mode: SamplingMode::Balanced,
+        task: TaskKind::MultiLabel,
+        hyperparameter_policy: policy,
+        validation_set: false,
+    };
+    let protocol_description = format!(
+        "{}; greedy multi-label sampler: at least {} positive(s) per finding, studies without \
+         findings not drawn",
+        protocol.describe(),
+        args.shots
+    );
+
+    let m = load(&args.model, device)?;
+    let feats = task_features(task, &args.model, &m, &args.task, device)?;
+    let pool_rows = feats.available(&task.split_rows(&args.task.split));
+    if pool_rows.is_empty() {
+        bail!(
+            "manifest {} has no labelled '{}' images to draw the support set from (set --split)",
+            task.manifest_path.display(),
+            args.task.split
+        );
+    }
+    let pool_targets = task.multi_hot(&pool_rows)?;
+    let picked = medvlm_adapt::fewshot::sample_support_multilabel(
+        &pool_targets,
+        &task.class_names,
+        args.shots,
+        args.seed,
+    )
+    .map_err(|e| anyhow::anyhow!("--shots {}: {e}", args.shots))
+    .with_context(|| {
+        format!(
+            "drawing the multi-label support set from the '{}' split of {}",
+            args.task.split,
+            task.manifest_path.display()
+        )
+    })?;
+    let support_rows: Vec<usize> = picked.iter().map(|&i| pool_rows[i]).collect();
+    let support = SupportSet {
+        features: feats.features_of(task, &support_rows)?,
+        labels: task.support_labels(&support_rows)?,
+    };
+    let texts = encode_class_texts(&m, &prompts, negatives.as_deref(), args.task.batch, device)?;
+    let input = AdaptInput {
+        texts: &texts,
+        support: &support,
+        access: FeatureAccess::FrozenFeatures,
+        logit_scale: Some(model_logit_scale(&m)?),
+        policy,
+        seed: args.seed,
+        protocol: Some(&protocol),
+    };
+    let clf = method.fit(&input)?;
+    if clf.card().task != TaskKind::MultiLabel {
+        bail!(
+            "method '{}' returned a multi-class classifier for a multi-label task; multi-label \
+             methods: {}",
+            args.method,
+            MULTI_LABEL_METHODS.join(", ")
+        );
+    }
+
+    let test_rows = if args.task.test_split == "none" {
+        Vec::new()
+    } else {
+        feats.available(&task.split_rows(&args.task.test_split))
+    };
+    let (metrics, eval_csv) = if test_rows.is_empty() {
+        eprintln!(
+            "note: no '{}' split in {}: the artefact carries no test metrics",
+            args.task.test_split,
+            task.manifest_path.display()
+        );
+        (None, None)
+    } else {
+        let probs = probabilities(clf.as_ref(), &feats.features_of(task, &test_rows)?)?;
+        let targets = task.multi_hot(&test_rows)?;
+        let metrics = evaluate_multilabel(&probs, &targets, &task.class_names)?;
+        let paths: Vec<String> = test_rows
+            .iter()
+            .map(|&r| task.rows[r].path.display().to_string())
+            .collect();
+        (
+            Some(metrics),
+            Some(probability_csv_multilabel(
+                &paths,
+                &probs,
+                &task.class_names,
+            )),
+        )
+    };
+    let notes = vec![
+        MULTI_LABEL_CONFORMAL_NOTE.to_string(),
+        "no reliability diagram: the top-class confidence it bins assumes one class per image"
+            .to_string(),
+    ];
+
+    let hyperparameters = write_artefact(&args.out, |tmp| {
+        save_classifier(clf.as_ref(), tmp)?;
+        let hyperparameters = clf.card().hyperparameters.clone();
+        let card = AdaptCard {
+            format: ADAPT_FORMAT.into(),
+            method: args.method.clone(),
+            hyperparameters: hyperparameters.clone(),
+            model: args.model.clone(),
+            model_family: m.family.to_string(),
+            model_fingerprint: model_fingerprint(&args.model, &m),
+            data: task.manifests.clone(),
+            data_sha256: task.manifest_sha256.clone(),
+            label_field: args.task.label_field.clone(),
+            filters: args.task.filters.clone(),
+            task: TaskKind::MultiLabel,
+            protocol: protocol.clone(),
+            protocol_description: protocol_description.clone(),
+            class_names: task.class_names.clone(),
+            prompts: prompts.clone(),
+            negative_prompts: negatives.clone(),
+            support: support_rows
+                .iter()
+                .map(|&r| (task.rows[r].path.display().to_string(), task.label_text(r)))
+                .collect(),
+            train_split: args.task.split.clone(),
+            test_split: metrics.as_ref().map(|_| args.task.test_split.clone()),
+            metrics: None,
+            multilabel_metrics: metrics.clone(),
+            notes: notes.clone(),
+            medvlm_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        write_file(&tmp.join(ADAPT_CARD), &serde_json::to_vec_pretty(&card)?)?;
+        if let Some(csv) = &eval_csv {
+            write_file(&tmp.join("eval_predictions.csv"), csv.as_bytes())?;
+        }
+        Ok(hyperparameters)
+    })?;
+
+    println!(
+        "adapted {} ({protocol_description}) on {} support image(s), {} labels ({}); \
+         hyperparameters {}",
+        args.method,
+        support_rows.len(),
+        task.class_names.len(),
+        task.class_names.join(", "),
+        hyperparameters
+    );
+    if let Some(mx) = &metrics {
+        println!("{}", describe_multilabel(mx));
+        let per_class: Vec<String> = mx
+            .per_class_auroc
+            .iter()
+            .map(|(c, v)| match v {
+                Some(v) => format!("{c} {v:.4}"),
+                None => format!("{c} undefined"),
+            })
+            .collect();
+        println!("per-class AUROC: {}", per_class.join(", "));
+    }
+    for n in &notes {
+        println!("note: {n}");
     }
     println!("wrote {}", args.out.display());
     Ok(())

@@ -10,6 +10,15 @@
 //! their order). Records whose label is not a class are not used; their
 //! number is printed, never dropped silently.
 //!
+//! Multi-label tasks (`--label-field labels`): each record carries any subset
+//! of findings in its `labels` list. The classes are the sorted distinct
+//! labels of the training split except [`NORMAL_LABEL`]: `normal` is not a
+//! class but the absence of every finding, so a study labelled only `normal`
+//! is a negative for every class (an all-zero multi-hot row). Records with
+//! an empty `labels` list, or with `normal` together with a finding, are not
+//! used (counted and printed); labels outside the classes are ignored for the
+//! record that carries them (also counted and printed).
+//!
 //! Features: every selected record is embedded once and cached with
 //! [`medvlm_adapt::feature_cache`] under a key made of the model (spec,
 //! family, and the sizes and modification times of the files of its
@@ -27,13 +36,15 @@ use medvlm_adapt::feature_cache::{
     hash_paths, sha256_hex, CacheStatus, CachedFeatures, CachedLabels, FeatureCache,
     FeatureCacheKey,
 };
-use medvlm_adapt::method::{AdaptedClassifier, ClassTexts};
-use medvlm_eval::auroc::{auroc_one_vs_rest, AurocReport};
+use medvlm_adapt::fewshot::TaskKind;
+use medvlm_adapt::method::{AdaptedClassifier, ClassTexts, SupportLabels};
+use medvlm_eval::auroc::{auroc_binary, auroc_multilabel, auroc_one_vs_rest, AurocReport};
 use medvlm_eval::calibration::{reliability_diagram, ReliabilityDiagram, DEFAULT_NUM_BINS};
 use medvlm_eval::classification::{argmax_rows, ClassificationReport};
 use medvlm_eval::conformal::{
     ConformalConfig, ConformalPredictor, ConformalReport, ConformalScore,
 };
+use medvlm_eval::multilabel::multilabel_f1;
 use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
@@ -42,8 +53,9 @@ use super::embed::{embed_images, embed_texts, report_skipped, Skipped};
 /// Task selection flags shared by `adapt` and `bench fewshot`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TaskArgs {
-    /// Manifest column holding the class: `label`, or any string column (e.g. `modality`).
-    /// Multi-label (`labels`) tasks are not supported by these commands yet.
+    /// Manifest column holding the class: `label`, or any string column (e.g. `modality`);
+    /// `labels` makes a multi-label task (one independent probability per finding;
+    /// `normal` is not a class but a negative for every finding).
     #[arg(long, default_value = "label")]
     pub label_field: String,
     /// Only use records whose FIELD equals VALUE (repeatable), e.g. `--where modality=chest_xray`.
@@ -67,6 +79,10 @@ pub struct TaskArgs {
     /// replaced by the class name with `_` turned into spaces.
     #[arg(long, default_value = "a medical image of {}")]
     pub template: Vec<String>,
+    /// Multi-label tasks, `zero-shot-pairs`: negative prompt template(s) of each label
+    /// (repeatable); `{}` is replaced by the label name with `_` turned into spaces.
+    #[arg(long, default_value = "a medical image with no {}")]
+    pub negative_template: Vec<String>,
     /// JSON file of class prompts or descriptions: {"class": ["text", ...], ...}. Every
     /// class must appear, and no other name; replaces --template.
     #[arg(long, conflicts_with = "phantom_prompts")]
@@ -97,6 +113,49 @@ pub struct TaskArgs {
     pub skip_bad: bool,
 }
 
+/// The manifest column that makes a task multi-label.
+pub const MULTI_LABEL_FIELD: &str = "labels";
+
+/// The label of a study without findings. In a multi-label task it is not a
+/// class: a study labelled only `normal` is a negative for every finding.
+pub const NORMAL_LABEL: &str = "normal";
+
+/// The frozen-feature methods that fit multi-label tasks (one sigmoid per
+/// label): CheXzero-style positive/negative prompt pairs and the linear
+/// probe with an independent logistic loss per label. Every other method is
+/// multi-class only (a softmax over classes).
+pub const MULTI_LABEL_METHODS: &[&str] = &["zero-shot-pairs", "linear-probe"];
+
+/// Decision threshold on the sigmoid probabilities for the thresholded
+/// multi-label metrics (F1, exact match) and the predicted label sets.
+pub const MULTI_LABEL_THRESHOLD: f32 = 0.5;
+
+/// Why a method cannot run on a multi-label task, or `None` if it can.
+pub fn multi_label_refusal(method: &str) -> Option<String> {
+    if MULTI_LABEL_METHODS.contains(&method) {
+        return None;
+    }
+    let why = if method.starts_with("zero-shot") {
+        "scores classes with a softmax over classes (one class per image); for multi-label \
+         zero-shot use 'zero-shot-pairs' (positive/negative prompt pairs)"
+    } else {
+        "is multi-class only (one class per image)"
+    };
+    Some(format!(
+        "'{method}' {why}; multi-label methods: {}",
+        MULTI_LABEL_METHODS.join(", ")
+    ))
+}
+
+/// The target of one task row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowTarget {
+    /// Multi-class: the class index.
+    Class(usize),
+    /// Multi-label: one entry per class, true where the finding is present.
+    MultiHot(Vec<bool>),
+}
+
 /// One labelled record of the task.
 #[derive(Debug, Clone)]
 pub struct TaskRow {
@@ -106,13 +165,15 @@ pub struct TaskRow {
     pub path: PathBuf,
     /// Split name, if any.
     pub split: Option<String>,
-    /// Class index.
-    pub class: usize,
+    /// Class index or multi-hot row.
+    pub target: RowTarget,
 }
 
-/// A multi-class task read from a manifest.
+/// A multi-class or multi-label task read from a manifest.
 #[derive(Debug, Clone)]
 pub struct Task {
+    /// Multi-class (`--label-field` a single-valued column) or multi-label (`labels`).
+    pub kind: TaskKind,
     /// The first manifest file (the default cache lives beside it).
     pub manifest_path: PathBuf,
     /// Every manifest file, in order.
@@ -139,16 +200,121 @@ fn field_value(rec: &medvlm_io::ManifestRecord, field: &str) -> Option<String> {
     }
 }
 
+/// Findings of a multi-hot row joined with `;`, or `normal` when it has none.
+pub fn multi_hot_text(row: &[bool], class_names: &[String]) -> String {
+    let on: Vec<&str> = row
+        .iter()
+        .zip(class_names)
+        .filter(|(p, _)| **p)
+        .map(|(_, c)| c.as_str())
+        .collect();
+    if on.is_empty() {
+        NORMAL_LABEL.to_string()
+    } else {
+        on.join(";")
+    }
+}
+
+/// The classes and rows of a multi-label task (see the module docs for how
+/// `normal`, empty label lists and unknown labels are treated).
+fn multi_label_rows(
+    path: &Path,
+    selected: &[(usize, &PathBuf, &medvlm_io::ManifestRecord)],
+    args: &TaskArgs,
+) -> anyhow::Result<(Vec<String>, Vec<TaskRow>)> {
+    let class_names: Vec<String> = match &args.classes {
+        Some(c) => {
+            let names: Vec<String> = c
+                .split(';')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            let distinct: BTreeSet<&String> = names.iter().collect();
+            if distinct.len() != names.len() {
+                bail!("--classes {c:?} names a class twice");
+            }
+            if names.iter().any(|n| n == NORMAL_LABEL) {
+                bail!(
+                    "--classes {c:?}: '{NORMAL_LABEL}' cannot be a class of a multi-label task; \
+                     it means 'no finding', i.e. a negative for every class; remove it"
+                );
+            }
+            names
+        }
+        None => selected
+            .iter()
+            .filter(|(_, _, r)| r.split.as_deref() == Some(args.split.as_str()))
+            .flat_map(|(_, _, r)| r.labels.iter().cloned())
+            .filter(|l| l != NORMAL_LABEL)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    };
+    if class_names.is_empty() {
+        bail!(
+            "manifest {}: the '{}' split has no finding in its '{MULTI_LABEL_FIELD}' lists \
+             (other than '{NORMAL_LABEL}'); a multi-label task needs at least one (check --split \
+             and --where)",
+            path.display(),
+            args.split
+        );
+    }
+    let mut rows = Vec::new();
+    let mut unlabelled = 0usize;
+    let mut contradictory = 0usize;
+    let mut with_unknown = 0usize;
+    let mut unknown: BTreeSet<String> = BTreeSet::new();
+    for &(i, image, r) in selected {
+        if r.labels.is_empty() {
+            unlabelled += 1;
+            continue;
+        }
+        let normal = r.labels.iter().any(|l| l == NORMAL_LABEL);
+        if normal && r.labels.iter().any(|l| l != NORMAL_LABEL) {
+            contradictory += 1;
+            continue;
+        }
+        let mut hot = vec![false; class_names.len()];
+        let mut outside = false;
+        for l in r.labels.iter().filter(|l| *l != NORMAL_LABEL) {
+            match class_names.iter().position(|c| c == l) {
+                Some(j) => hot[j] = true,
+                None => {
+                    outside = true;
+                    unknown.insert(l.clone());
+                }
+            }
+        }
+        with_unknown += usize::from(outside);
+        rows.push(TaskRow {
+            record: i,
+            path: image.clone(),
+            split: r.split.clone(),
+            target: RowTarget::MultiHot(hot),
+        });
+    }
+    if unlabelled + contradictory > 0 {
+        eprintln!(
+            "note: {unlabelled} record(s) with an empty '{MULTI_LABEL_FIELD}' list and \
+             {contradictory} labelled both '{NORMAL_LABEL}' and a finding are not used"
+        );
+    }
+    if with_unknown > 0 {
+        eprintln!(
+            "note: {with_unknown} record(s) carry label(s) outside the {} classes ({}); those \
+             labels are ignored and the records used with their other labels",
+            class_names.len(),
+            unknown.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok((class_names, rows))
+}
+
 impl Task {
     /// Reads the manifests (records concatenated in order) and selects the
     /// labelled records of the task.
     pub fn from_manifests(paths: &[PathBuf], args: &TaskArgs) -> anyhow::Result<Self> {
-        if args.label_field == "labels" {
-            bail!(
-                "--label-field labels: multi-label tasks are not supported by this command yet; \
-                 use a single-label column (e.g. `label`)"
-            );
-        }
         let Some(first) = paths.first() else {
             bail!("give at least one manifest");
         };
@@ -209,6 +375,17 @@ impl Task {
                 }
             );
         }
+        if args.label_field == MULTI_LABEL_FIELD {
+            let (class_names, rows) = multi_label_rows(path, &selected, args)?;
+            return Ok(Self {
+                kind: TaskKind::MultiLabel,
+                manifest_path: first.clone(),
+                manifests: paths.to_vec(),
+                manifest_sha256,
+                class_names,
+                rows,
+            });
+        }
         let class_names: Vec<String> = match &args.classes {
             Some(c) => {
                 let names: Vec<String> = c
@@ -258,7 +435,7 @@ impl Task {
                 record: i,
                 path: image.clone(),
                 split: r.split.clone(),
-                class,
+                target: RowTarget::Class(class),
             });
         }
         if unlabelled + other_class > 0 {
@@ -272,12 +449,58 @@ impl Task {
             );
         }
         Ok(Self {
+            kind: TaskKind::MultiClass,
             manifest_path: first.clone(),
             manifests: paths.to_vec(),
             manifest_sha256,
             class_names,
             rows,
         })
+    }
+
+    /// The class indices of task rows (multi-class tasks only).
+    pub fn classes(&self, task_rows: &[usize]) -> anyhow::Result<Vec<usize>> {
+        task_rows
+            .iter()
+            .map(|&r| match &self.rows[r].target {
+                RowTarget::Class(c) => Ok(*c),
+                RowTarget::MultiHot(_) => bail!(
+                    "{}: class index requested in a multi-label task",
+                    self.rows[r].path.display()
+                ),
+            })
+            .collect()
+    }
+
+    /// The multi-hot rows of task rows (multi-label tasks only).
+    pub fn multi_hot(&self, task_rows: &[usize]) -> anyhow::Result<Vec<Vec<bool>>> {
+        task_rows
+            .iter()
+            .map(|&r| match &self.rows[r].target {
+                RowTarget::MultiHot(h) => Ok(h.clone()),
+                RowTarget::Class(_) => bail!(
+                    "{}: multi-hot labels requested in a multi-class task",
+                    self.rows[r].path.display()
+                ),
+            })
+            .collect()
+    }
+
+    /// The support-set labels of task rows, in the task's kind.
+    pub fn support_labels(&self, task_rows: &[usize]) -> anyhow::Result<SupportLabels> {
+        Ok(match self.kind {
+            TaskKind::MultiClass => SupportLabels::MultiClass(self.classes(task_rows)?),
+            TaskKind::MultiLabel => SupportLabels::MultiLabel(self.multi_hot(task_rows)?),
+        })
+    }
+
+    /// The label of a row as text: its class, or its findings joined with
+    /// `;` (`normal` when it has none).
+    pub fn label_text(&self, row: usize) -> String {
+        match &self.rows[row].target {
+            RowTarget::Class(c) => self.class_names[*c].clone(),
+            RowTarget::MultiHot(h) => multi_hot_text(h, &self.class_names),
+        }
     }
 
     /// Indices into `rows` of a split.
@@ -395,10 +618,35 @@ fn phantom_prompts(
         .collect()
 }
 
-/// Encodes the class prompts with the model's text tower.
+/// The negative prompts of each label (multi-label `zero-shot-pairs`):
+/// `--negative-template` filled with the label name.
+pub fn negative_prompts(
+    class_names: &[String],
+    args: &TaskArgs,
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    if args.negative_template.is_empty() {
+        bail!("give at least one --negative-template, e.g. \"a medical image with no {{}}\"");
+    }
+    Ok(class_names
+        .iter()
+        .map(|c| {
+            let name = c.replace('_', " ");
+            let prompts = args
+                .negative_template
+                .iter()
+                .map(|t| t.replace("{}", &name))
+                .collect();
+            (c.clone(), prompts)
+        })
+        .collect())
+}
+
+/// Encodes the class prompts (and, for multi-label tasks, the negative
+/// prompts of each label) with the model's text tower.
 pub fn encode_class_texts(
     m: &LoadedModel,
     prompts: &[(String, Vec<String>)],
+    negatives: Option<&[(String, Vec<String>)]>,
     batch: usize,
     device: &Device,
 ) -> anyhow::Result<ClassTexts> {
@@ -406,10 +654,17 @@ pub fn encode_class_texts(
     for (_, p) in prompts {
         per_class.push(embed_texts(m, p, batch, device)?);
     }
+    let negative_prompts = negatives
+        .map(|neg| {
+            neg.iter()
+                .map(|(_, p)| embed_texts(m, p, batch, device))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .transpose()?;
     Ok(ClassTexts {
         class_names: prompts.iter().map(|(c, _)| c.clone()).collect(),
         prompts: per_class,
-        negative_prompts: None,
+        negative_prompts,
     })
 }
 
@@ -470,8 +725,13 @@ pub struct TaskFeatures {
 
 impl TaskFeatures {
     /// The feature rows of the given task rows (which must have features),
-    /// with their class labels.
+    /// with their class labels (multi-class tasks).
     pub fn select(&self, task: &Task, task_rows: &[usize]) -> anyhow::Result<(Tensor, Vec<usize>)> {
+        Ok((self.features_of(task, task_rows)?, task.classes(task_rows)?))
+    }
+
+    /// The feature rows `[len, D]` of the given task rows (which must have features).
+    pub fn features_of(&self, task: &Task, task_rows: &[usize]) -> anyhow::Result<Tensor> {
         let mut pos = std::collections::HashMap::new();
         for (i, &r) in self.rows.iter().enumerate() {
             pos.insert(r, i as u32);
@@ -484,10 +744,7 @@ impl TaskFeatures {
             idx.push(p);
         }
         let t = Tensor::new(idx.as_slice(), &Device::Cpu)?;
-        Ok((
-            self.features.index_select(&t, 0)?,
-            task_rows.iter().map(|&r| task.rows[r].class).collect(),
-        ))
+        Ok(self.features.index_select(&t, 0)?)
     }
 
     /// Restricts `task_rows` to those with features.
@@ -711,6 +968,178 @@ pub fn evaluate(
     })
 }
 
+/// What the multi-label reports say about conformal prediction sets.
+pub const MULTI_LABEL_CONFORMAL_NOTE: &str =
+    "no conformal prediction sets: split-conformal APS/RAPS sets assume one class per image \
+     and are not computed for multi-label tasks";
+
+/// Every metric of one multi-label evaluation; per-class entries are keyed
+/// by class name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MultiLabelMetrics {
+    /// Test-set size.
+    pub n: usize,
+    /// Test images carrying each finding.
+    pub positives: std::collections::BTreeMap<String, usize>,
+    /// Test images with no finding of the task (`normal`).
+    pub n_without_findings: usize,
+    /// Mean of the defined per-class AUROCs.
+    pub macro_auroc: Option<f64>,
+    /// AUROC of each class (`null` where the test set has no positive or no negative).
+    pub per_class_auroc: std::collections::BTreeMap<String, Option<f64>>,
+    /// Classes whose AUROC (and average precision) is undefined on this test set.
+    pub undefined_classes: Vec<String>,
+    /// Mean of the defined per-class average precisions (scikit-learn's
+    /// `average_precision_score`, no interpolation).
+    pub mean_average_precision: Option<f64>,
+    /// Average precision of each class (`null` where the test set has no positive).
+    pub per_class_average_precision: std::collections::BTreeMap<String, Option<f64>>,
+    /// Decision threshold of the thresholded metrics.
+    pub threshold: f32,
+    /// Macro-F1 at `threshold` (mean over all classes).
+    pub macro_f1: f64,
+    /// Micro-F1 at `threshold`.
+    pub micro_f1: f64,
+    /// F1 of each class at `threshold`.
+    pub per_class_f1: std::collections::BTreeMap<String, f64>,
+    /// Share of test images whose whole predicted label set is right.
+    pub exact_match: f64,
+    /// Why there are no conformal sets ([`MULTI_LABEL_CONFORMAL_NOTE`]).
+    pub conformal: String,
+}
+
+/// Average precision of one label (scikit-learn's
+/// `average_precision_score`): `sum_n (R_n - R_{n-1}) P_n` over the distinct
+/// score thresholds in decreasing order; `None` without positives.
+pub fn average_precision(scores: &[f32], positive: &[bool]) -> Option<f64> {
+    let n_pos = positive.iter().filter(|&&p| p).count();
+    if n_pos == 0 || scores.len() != positive.len() {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let (mut tp, mut fp, mut ap, mut last_recall) = (0usize, 0usize, 0.0f64, 0.0f64);
+    let mut i = 0;
+    while i < order.len() {
+        // Tied scores form one threshold.
+        let mut j = i;
+        while j < order.len() && scores[order[j]] == scores[order[i]] {
+            if positive[order[j]] {
+                tp += 1;
+            } else {
+                fp += 1;
+            }
+            j += 1;
+        }
+        let recall = tp as f64 / n_pos as f64;
+        let precision = tp as f64 / (tp + fp) as f64;
+        ap += (recall - last_recall) * precision;
+        last_recall = recall;
+        i = j;
+    }
+    Some(ap)
+}
+
+/// Multi-label metrics from row-major sigmoid probabilities `[n, C]` and
+/// multi-hot targets.
+pub fn evaluate_multilabel(
+    probs: &[f32],
+    targets: &[Vec<bool>],
+    class_names: &[String],
+) -> anyhow::Result<MultiLabelMetrics> {
+    let c = class_names.len();
+    let flat: Vec<bool> = targets.iter().flatten().copied().collect();
+    let auroc = auroc_multilabel(probs, &flat, c)?;
+    let f1 = multilabel_f1(probs, &flat, c, MULTI_LABEL_THRESHOLD)?;
+    let mut per_class_auroc = std::collections::BTreeMap::new();
+    let mut per_class_ap = std::collections::BTreeMap::new();
+    let mut per_class_f1 = std::collections::BTreeMap::new();
+    let mut positives = std::collections::BTreeMap::new();
+    for (j, name) in class_names.iter().enumerate() {
+        let column: Vec<f32> = probs.chunks_exact(c).map(|r| r[j]).collect();
+        let pos: Vec<bool> = targets.iter().map(|t| t[j]).collect();
+        // Same value as `auroc.per_class[j]`; recomputed per column to keep the key by name.
+        per_class_auroc.insert(name.clone(), auroc_binary(&column, &pos)?);
+        per_class_ap.insert(name.clone(), average_precision(&column, &pos));
+        per_class_f1.insert(name.clone(), f1.per_label_f1[j]);
+        positives.insert(name.clone(), pos.iter().filter(|&&p| p).count());
+    }
+    let aps: Vec<f64> = per_class_ap.values().flatten().copied().collect();
+    Ok(MultiLabelMetrics {
+        n: targets.len(),
+        positives,
+        n_without_findings: targets.iter().filter(|t| !t.iter().any(|&p| p)).count(),
+        macro_auroc: auroc.macro_auroc,
+        per_class_auroc,
+        undefined_classes: auroc
+            .undefined_classes
+            .iter()
+            .map(|&j| class_names[j].clone())
+            .collect(),
+        mean_average_precision: (!aps.is_empty())
+            .then(|| aps.iter().sum::<f64>() / aps.len() as f64),
+        per_class_average_precision: per_class_ap,
+        threshold: MULTI_LABEL_THRESHOLD,
+        macro_f1: f1.macro_f1,
+        micro_f1: f1.micro_f1,
+        per_class_f1,
+        exact_match: f1.exact_match,
+        conformal: MULTI_LABEL_CONFORMAL_NOTE.to_string(),
+    })
+}
+
+/// One-line summary of multi-label metrics.
+pub fn describe_multilabel(mx: &MultiLabelMetrics) -> String {
+    let fmt = |v: Option<f64>| v.map_or_else(|| "undefined".to_string(), |v| format!("{v:.4}"));
+    let mut s = format!(
+        "test ({} images, {} without findings): macro AUROC {}, mAP {}, macro-F1@{} {:.4}, \
+         micro-F1 {:.4}, exact match {:.4}",
+        mx.n,
+        mx.n_without_findings,
+        fmt(mx.macro_auroc),
+        fmt(mx.mean_average_precision),
+        mx.threshold,
+        mx.macro_f1,
+        mx.micro_f1,
+        mx.exact_match
+    );
+    if !mx.undefined_classes.is_empty() {
+        s.push_str(&format!(
+            "; AUROC undefined (no positive or no negative in the test set) for: {}",
+            mx.undefined_classes.join(", ")
+        ));
+    }
+    s
+}
+
+/// A multi-label probability table as CSV: `image,<label>...,predicted_labels`,
+/// where `predicted_labels` lists the labels with probability >=
+/// [`MULTI_LABEL_THRESHOLD`] joined with `;` (`normal` when none is).
+pub fn probability_csv_multilabel(
+    paths: &[String],
+    probs: &[f32],
+    class_names: &[String],
+) -> String {
+    let c = class_names.len();
+    let mut out = String::from("image");
+    for name in class_names {
+        out.push(',');
+        out.push_str(&csv_field(name));
+    }
+    out.push_str(",predicted_labels\n");
+    for (p, row) in paths.iter().zip(probs.chunks_exact(c.max(1))) {
+        out.push_str(&csv_field(p));
+        for v in row {
+            out.push_str(&format!(",{v:.6}"));
+        }
+        let hot: Vec<bool> = row.iter().map(|&v| v >= MULTI_LABEL_THRESHOLD).collect();
+        out.push(',');
+        out.push_str(&csv_field(&multi_hot_text(&hot, class_names)));
+        out.push('\n');
+    }
+    out
+}
+
 /// CSV field quoting.
 pub fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
@@ -752,4 +1181,33 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     }
     medvlm_io::atomic::write_atomic(path, bytes)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn average_precision_matches_scikit_learn_example() {
+        // scikit-learn's documented example of average_precision_score: 0.8333...
+        let ap = average_precision(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]).unwrap();
+        assert!((ap - 0.833_333_333).abs() < 1e-6, "{ap}");
+        // Perfect ranking and no positives.
+        assert_eq!(average_precision(&[0.9, 0.1], &[true, false]), Some(1.0));
+        assert_eq!(average_precision(&[0.9, 0.1], &[false, false]), None);
+        // All scores tied: one threshold, AP = prevalence.
+        let tied = average_precision(&[0.5; 4], &[true, false, false, false]).unwrap();
+        assert!((tied - 0.25).abs() < 1e-12, "{tied}");
+    }
+
+    #[test]
+    fn multi_hot_text_says_normal_without_findings() {
+        let names = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(multi_hot_text(&[false, false], &names), "normal");
+        assert_eq!(multi_hot_text(&[true, true], &names), "a;b");
+        assert!(multi_label_refusal("linear-probe").is_none());
+        assert!(multi_label_refusal("tip-adapter")
+            .unwrap()
+            .contains("zero-shot-pairs, linear-probe"));
+    }
 }

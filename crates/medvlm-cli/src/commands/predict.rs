@@ -3,15 +3,23 @@
 //! loaded (or `--model`, when it has moved), the images are embedded exactly
 //! as `adapt` embedded them, and the saved classifier is applied. Output: a
 //! CSV table `image,<class>...,prediction` on stdout (and `--csv OUT`).
+//!
+//! A multi-label artefact (`medvlm adapt --label-field labels`) gives one
+//! independent sigmoid probability per label (rows do not sum to 1) and the
+//! table `image,<label>...,predicted_labels`, the labels with probability
+//! >= 0.5 joined with `;` (`normal` when there is none).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use medvlm_adapt::fewshot::TaskKind;
 use medvlm_adapt::method::load_classifier;
 use medvlm_adapt::methods::prompt_common::{PromptClassifier, PROMPT_METHOD_NAMES};
 
 use super::adapt::{prompt_probabilities, AdaptCard};
-use super::common::{probabilities, probability_csv, write_file};
+use super::common::{
+    probabilities, probability_csv, probability_csv_multilabel, write_file, MULTI_LABEL_THRESHOLD,
+};
 use super::embed::{
     embed_images, list_images, load, preprocess_file, report_skipped, DeviceArgs, Skipped,
 };
@@ -71,44 +79,64 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.adapted.display()
         )
     })?;
-    let (kept, skipped, probs): (Vec<PathBuf>, Vec<Skipped>, Vec<f32>) =
-        if PROMPT_METHOD_NAMES.contains(&card.method.as_str()) {
-            let clf = PromptClassifier::load(&args.adapted)?;
-            let mut kept = Vec::new();
-            let mut skipped = Vec::new();
-            for p in &paths {
-                match preprocess_file(p, &m.preprocess) {
-                    Ok(_) => kept.push(p.clone()),
-                    Err(e) if args.skip_bad => skipped.push(Skipped {
-                        path: p.display().to_string(),
-                        error: format!("{e:#}"),
-                    }),
-                    Err(e) => {
-                        return Err(e.context(format!(
-                            "{}: unreadable image (use --skip-bad to skip such files)",
-                            p.display()
-                        )))
-                    }
+    let mut task = TaskKind::MultiClass;
+    let (kept, skipped, probs): (Vec<PathBuf>, Vec<Skipped>, Vec<f32>) = if PROMPT_METHOD_NAMES
+        .contains(&card.method.as_str())
+    {
+        let clf = PromptClassifier::load(&args.adapted)?;
+        let mut kept = Vec::new();
+        let mut skipped = Vec::new();
+        for p in &paths {
+            match preprocess_file(p, &m.preprocess) {
+                Ok(_) => kept.push(p.clone()),
+                Err(e) if args.skip_bad => skipped.push(Skipped {
+                    path: p.display().to_string(),
+                    error: format!("{e:#}"),
+                }),
+                Err(e) => {
+                    return Err(e.context(format!(
+                        "{}: unreadable image (use --skip-bad to skip such files)",
+                        p.display()
+                    )))
                 }
             }
-            let probs = prompt_probabilities(&clf, &m, &kept, args.batch, &device)?;
-            (kept, skipped, probs)
-        } else {
-            let clf = load_classifier(&args.adapted)?;
-            let imgs = embed_images(&m, &paths, args.batch, args.skip_bad, &device)?;
-            let Some(feats) = imgs.embeds else {
-                report_skipped(&imgs.skipped);
-                bail!("none of the {} images could be read", paths.len());
-            };
-            let probs = probabilities(clf.as_ref(), &feats)?;
-            (imgs.paths, imgs.skipped, probs)
+        }
+        let probs = prompt_probabilities(&clf, &m, &kept, args.batch, &device)?;
+        (kept, skipped, probs)
+    } else {
+        let clf = load_classifier(&args.adapted)?;
+        task = clf.card().task;
+        if task != card.task {
+            bail!(
+                "{}: adapt.json says {:?} but the saved classifier is {:?}; re-run medvlm adapt",
+                args.adapted.display(),
+                card.task,
+                task
+            );
+        }
+        let imgs = embed_images(&m, &paths, args.batch, args.skip_bad, &device)?;
+        let Some(feats) = imgs.embeds else {
+            report_skipped(&imgs.skipped);
+            bail!("none of the {} images could be read", paths.len());
         };
+        let probs = probabilities(clf.as_ref(), &feats)?;
+        (imgs.paths, imgs.skipped, probs)
+    };
     if kept.is_empty() {
         report_skipped(&skipped);
         bail!("none of the {} images could be read", paths.len());
     }
     let names: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();
-    let table = probability_csv(&names, &probs, &card.class_names);
+    let table = match task {
+        TaskKind::MultiClass => probability_csv(&names, &probs, &card.class_names),
+        TaskKind::MultiLabel => {
+            eprintln!(
+                "multi-label: one independent sigmoid probability per label (rows need not sum \
+                 to 1); predicted_labels lists those >= {MULTI_LABEL_THRESHOLD}"
+            );
+            probability_csv_multilabel(&names, &probs, &card.class_names)
+        }
+    };
     print!("{table}");
     if let Some(csv) = &args.csv {
         write_file(csv, table.as_bytes())?;

@@ -19,6 +19,16 @@
 //! multi-label `zero-shot-pairs`, are left out). Prompt-learning and
 //! fine-tuning methods need the encoders and are refused here: run them
 //! with `medvlm adapt` (prompt learning) or `medvlm finetune`.
+//!
+//! Multi-label tasks (`--label-field labels`): the methods that fit them
+//! ([`MULTI_LABEL_METHODS`]: `zero-shot-pairs`, `linear-probe`) run; every
+//! other requested method (with `all`: every frozen-feature method) is
+//! listed as skipped with the reason, on stdout and in the JSON. Support
+//! sets come from the library's greedy multi-label sampler (at least K
+//! positives per finding); the table is macro AUROC (mean ± std over
+//! seeds) per method and K; each record carries the multi-label metrics
+//! (per-class and macro AUROC, average precision, F1 at 0.5). No conformal
+//! sets (they assume one class per image).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -34,8 +44,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::commands::common::{
-    class_prompts, encode_class_texts, evaluate, model_fingerprint, model_logit_scale,
-    probabilities, task_features, write_file, Metrics, Task, TaskArgs,
+    class_prompts, encode_class_texts, evaluate, evaluate_multilabel, model_fingerprint,
+    model_logit_scale, multi_label_refusal, negative_prompts, probabilities, task_features,
+    write_file, Metrics, MultiLabelMetrics, Task, TaskArgs, MULTI_LABEL_CONFORMAL_NOTE,
+    MULTI_LABEL_METHODS,
 };
 use crate::commands::embed::{load, DeviceArgs};
 
@@ -85,8 +97,12 @@ pub struct BenchRecord {
     pub protocol: FewShotProtocol,
     /// Support-set size.
     pub support_size: usize,
-    /// Every test metric.
-    pub metrics: Metrics,
+    /// Every test metric (multi-class tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    /// Every test metric (multi-label tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multilabel_metrics: Option<MultiLabelMetrics>,
     /// Seconds to fit.
     pub fit_seconds: f64,
     /// Seconds to score the test set.
@@ -112,12 +128,39 @@ pub struct BenchOutput {
     pub pool_size: usize,
     /// Test-set size.
     pub test_size: usize,
+    /// Multi-class or multi-label.
+    #[serde(default = "multi_class")]
+    pub task: TaskKind,
     /// One record per method, K and seed.
     pub records: Vec<BenchRecord>,
-    /// Accuracy table (mean ± std over seeds).
-    pub accuracy_table: FewShotTable,
-    /// Balanced-accuracy table.
-    pub balanced_accuracy_table: FewShotTable,
+    /// Requested methods that were not run, with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_methods: Vec<SkippedMethod>,
+    /// Accuracy table (mean ± std over seeds; multi-class tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_table: Option<FewShotTable>,
+    /// Balanced-accuracy table (multi-class tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balanced_accuracy_table: Option<FewShotTable>,
+    /// Macro-AUROC table (mean ± std over seeds; multi-label tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macro_auroc_table: Option<FewShotTable>,
+    /// What was not computed, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// A requested method the benchmark did not run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SkippedMethod {
+    /// Method registry name.
+    pub method: String,
+    /// Why it was not run.
+    pub reason: String,
+}
+
+fn multi_class() -> TaskKind {
+    TaskKind::MultiClass
 }
 
 /// Resolves `--methods`.
@@ -177,6 +220,9 @@ fn parse_shots(s: &str) -> anyhow::Result<Vec<usize>> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = args.device.device()?;
+    if args.task.label_field == crate::commands::common::MULTI_LABEL_FIELD {
+        return run_multilabel(args, &device);
+    }
     let methods = resolve_methods(&args.methods)?;
     let shots = parse_shots(&args.shots)?;
     if args.seeds == 0 {
@@ -195,7 +241,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let prompts = class_prompts(&task.class_names, &args.task)?;
     let m = load(&args.model, &device)?;
     let feats = task_features(&task, &args.model, &m, &args.task, &device)?;
-    let texts = encode_class_texts(&m, &prompts, args.task.batch, &device)?;
+    let texts = encode_class_texts(&m, &prompts, None, args.task.batch, &device)?;
     let scale = model_logit_scale(&m)?;
     let c = task.class_names.len();
 
@@ -303,7 +349,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     method: method.name().to_string(),
                     protocol: protocol.clone(),
                     support_size: idx.len(),
-                    metrics,
+                    metrics: Some(metrics),
+                    multilabel_metrics: None,
                     fit_seconds,
                     predict_seconds,
                 });
@@ -320,10 +367,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let table_of = |metric: &str, get: &dyn Fn(&Metrics) -> f64| {
         let results: Vec<FewShotResult> = records
             .iter()
-            .map(|r| FewShotResult {
-                method: r.method.clone(),
-                shots: r.protocol.shots,
-                values: vec![get(&r.metrics)],
+            .filter_map(|r| {
+                Some(FewShotResult {
+                    method: r.method.clone(),
+                    shots: r.protocol.shots,
+                    values: vec![get(r.metrics.as_ref()?)],
+                })
             })
             .collect();
         FewShotTable::new(metric, &results)
@@ -366,9 +415,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         prompts,
         pool_size: pool_rows.len(),
         test_size: test_rows.len(),
+        task: TaskKind::MultiClass,
         records,
-        accuracy_table: acc.clone(),
-        balanced_accuracy_table: bal.clone(),
+        skipped_methods: Vec::new(),
+        accuracy_table: Some(acc.clone()),
+        balanced_accuracy_table: Some(bal.clone()),
+        macro_auroc_table: None,
+        notes: Vec::new(),
     };
     write_file(&args.json, &serde_json::to_vec_pretty(&output)?)?;
 
@@ -410,6 +463,256 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
             );
         }
+    }
+    println!("wrote {} and {}", args.json.display(), plot_path.display());
+    Ok(())
+}
+
+/// The methods a multi-label benchmark runs, and those it skips with the reason.
+fn resolve_multilabel_methods(spec: &str) -> anyhow::Result<(Vec<String>, Vec<SkippedMethod>)> {
+    let requested: Vec<String> = if spec.trim() == "all" {
+        frozen_feature_method_names()
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    } else {
+        resolve_methods(spec)?
+    };
+    let mut run = Vec::new();
+    let mut skipped = Vec::new();
+    for name in requested {
+        match multi_label_refusal(&name) {
+            None => run.push(name),
+            Some(reason) => skipped.push(SkippedMethod {
+                method: name,
+                reason,
+            }),
+        }
+    }
+    if run.is_empty() {
+        bail!(
+            "--methods {spec:?}: none of these fits a multi-label task (--label-field labels); \
+             multi-label methods: {}",
+            MULTI_LABEL_METHODS.join(", ")
+        );
+    }
+    Ok((run, skipped))
+}
+
+/// `medvlm bench fewshot` on a multi-label task (`--label-field labels`).
+fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
+    let (methods, skipped) = resolve_multilabel_methods(&args.methods)?;
+    let shots = parse_shots(&args.shots)?;
+    if args.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    if args.mode == "realistic" {
+        bail!(
+            "--mode realistic draws classes by their prior and is defined for multi-class tasks; \
+             multi-label support sets use the greedy multi-label sampler (at least K positives \
+             per finding): drop --mode realistic"
+        );
+    }
+    let policy = match args.support_cv {
+        None => HyperparameterPolicy::Fixed,
+        Some(f) if f >= 2 => HyperparameterPolicy::SupportCv { folds: f },
+        Some(f) => bail!("--support-cv {f}: needs at least 2 folds"),
+    };
+    let task = Task::from_manifests(&args.data, &args.task)?;
+    let prompts = class_prompts(&task.class_names, &args.task)?;
+    let negatives = negative_prompts(&task.class_names, &args.task)?;
+    let m = load(&args.model, device)?;
+    let feats = task_features(&task, &args.model, &m, &args.task, device)?;
+    let texts = encode_class_texts(&m, &prompts, Some(&negatives), args.task.batch, device)?;
+    let scale = model_logit_scale(&m)?;
+    let c = task.class_names.len();
+
+    let pool_rows = feats.available(&task.split_rows(&args.task.split));
+    let test_rows = feats.available(&task.split_rows(&args.task.test_split));
+    if pool_rows.is_empty() || test_rows.is_empty() {
+        bail!(
+            "{}: need labelled '{}' images ({} found) and '{}' images ({} found); set --split / --test-split",
+            task.manifest_path.display(),
+            args.task.split,
+            pool_rows.len(),
+            args.task.test_split,
+            test_rows.len()
+        );
+    }
+    let pool_targets = task.multi_hot(&pool_rows)?;
+    let test_f = feats.features_of(&task, &test_rows)?;
+    let test_targets = task.multi_hot(&test_rows)?;
+    let built = methods
+        .iter()
+        .map(|n| method_by_name(n, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    let jobs: Vec<(usize, u64)> = shots
+        .iter()
+        .flat_map(|&k| (0..args.seeds).map(move |s| (k, s)))
+        .collect();
+    let t0 = Instant::now();
+    let per_job: Vec<anyhow::Result<Vec<BenchRecord>>> = jobs
+        .par_iter()
+        .map(|&(k, seed)| -> anyhow::Result<Vec<BenchRecord>> {
+            let protocol = FewShotProtocol {
+                shots: k,
+                seed,
+                mode: SamplingMode::Balanced,
+                task: TaskKind::MultiLabel,
+                hyperparameter_policy: policy,
+                validation_set: false,
+            };
+            let idx = medvlm_adapt::fewshot::sample_support_multilabel(
+                &pool_targets,
+                &task.class_names,
+                k,
+                seed,
+            )
+            .map_err(|e| anyhow::anyhow!("--shots {k}: {e}"))?;
+            let rows: Vec<usize> = idx.iter().map(|&i| pool_rows[i]).collect();
+            let support = SupportSet {
+                features: feats.features_of(&task, &rows)?,
+                labels: task.support_labels(&rows)?,
+            };
+            let input = AdaptInput {
+                texts: &texts,
+                support: &support,
+                access: FeatureAccess::FrozenFeatures,
+                logit_scale: Some(scale),
+                policy,
+                seed,
+                protocol: Some(&protocol),
+            };
+            let mut out = Vec::with_capacity(built.len());
+            for method in &built {
+                let t_fit = Instant::now();
+                let clf = method
+                    .fit(&input)
+                    .with_context(|| format!("{} at K={k}, seed {seed}", method.name()))?;
+                let fit_seconds = t_fit.elapsed().as_secs_f64();
+                if clf.card().task != TaskKind::MultiLabel {
+                    bail!(
+                        "method '{}' returned a multi-class classifier for a multi-label task",
+                        method.name()
+                    );
+                }
+                let t_pred = Instant::now();
+                let probs = probabilities(clf.as_ref(), &test_f)?;
+                let predict_seconds = t_pred.elapsed().as_secs_f64();
+                let metrics = evaluate_multilabel(&probs, &test_targets, &task.class_names)?;
+                out.push(BenchRecord {
+                    method: method.name().to_string(),
+                    protocol: protocol.clone(),
+                    support_size: idx.len(),
+                    metrics: None,
+                    multilabel_metrics: Some(metrics),
+                    fit_seconds,
+                    predict_seconds,
+                });
+            }
+            Ok(out)
+        })
+        .collect();
+    let mut records = Vec::new();
+    for r in per_job {
+        records.extend(r?);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+
+    let undefined = records
+        .iter()
+        .filter(|r| {
+            r.multilabel_metrics
+                .as_ref()
+                .is_none_or(|mx| mx.macro_auroc.is_none())
+        })
+        .count();
+    let results: Vec<FewShotResult> = records
+        .iter()
+        .filter_map(|r| {
+            Some(FewShotResult {
+                method: r.method.clone(),
+                shots: r.protocol.shots,
+                values: vec![r.multilabel_metrics.as_ref()?.macro_auroc?],
+            })
+        })
+        .collect();
+    let auroc = FewShotTable::new("macro AUROC, %", &results);
+
+    let mut plot = LinePlot::new(
+        format!(
+            "few-shot multi-label macro AUROC ({c} labels, {} seeds)",
+            args.seeds
+        ),
+        "log2 K (positives per label)",
+        "test macro AUROC",
+    );
+    for (mi, method) in auroc.methods.iter().enumerate() {
+        let mut points = Vec::new();
+        let mut errors = Vec::new();
+        for (ki, &k) in auroc.shots.iter().enumerate() {
+            if let Some(MeanStd { mean, std, .. }) = &auroc.cells[mi][ki] {
+                points.push(((k as f64).log2(), *mean));
+                errors.push(*std);
+            }
+        }
+        plot = plot.series(Series::new(method.clone(), points).with_errors(errors));
+    }
+    let plot_path = args
+        .plot
+        .clone()
+        .unwrap_or_else(|| args.json.with_extension("png"));
+    if let Some(dir) = plot_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    plot.write_png(&plot_path, Size::default())
+        .with_context(|| format!("drawing {}", plot_path.display()))?;
+
+    let mut notes = vec![MULTI_LABEL_CONFORMAL_NOTE.to_string()];
+    if undefined > 0 {
+        notes.push(format!(
+            "{undefined} record(s) have no macro AUROC (no finding with both positives and \
+             negatives in the test set) and are left out of the table"
+        ));
+    }
+    let output = BenchOutput {
+        model: args.model.clone(),
+        model_fingerprint: model_fingerprint(&args.model, &m),
+        data: task.manifests.clone(),
+        data_sha256: task.manifest_sha256.clone(),
+        class_names: task.class_names.clone(),
+        prompts,
+        pool_size: pool_rows.len(),
+        test_size: test_rows.len(),
+        task: TaskKind::MultiLabel,
+        records,
+        skipped_methods: skipped.clone(),
+        accuracy_table: None,
+        balanced_accuracy_table: None,
+        macro_auroc_table: Some(auroc.clone()),
+        notes: notes.clone(),
+    };
+    write_file(&args.json, &serde_json::to_vec_pretty(&output)?)?;
+
+    println!(
+        "multi-label, {c} labels ({}), pool {} ({} split), test {} ({} split), {} method(s) x {} K \
+         x {} seed(s) in {:.1} s",
+        task.class_names.join(", "),
+        pool_rows.len(),
+        args.task.split,
+        test_rows.len(),
+        args.task.test_split,
+        methods.len(),
+        shots.len(),
+        args.seeds,
+        elapsed
+    );
+    println!("{}", auroc.to_markdown(100.0, 1));
+    for s in &skipped {
+        println!("skipped {}: {}", s.method, s.reason);
+    }
+    for n in &notes {
+        println!("note: {n}");
     }
     println!("wrote {} and {}", args.json.display(), plot_path.display());
     Ok(())
