@@ -80,48 +80,48 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
     let mut task = TaskKind::MultiClass;
-    let (kept, skipped, probs): (Vec<PathBuf>, Vec<Skipped>, Vec<f32>) = if PROMPT_METHOD_NAMES
-        .contains(&card.method.as_str())
-    {
-        let clf = PromptClassifier::load(&args.adapted)?;
-        let mut kept = Vec::new();
-        let mut skipped = Vec::new();
-        for p in &paths {
-            match preprocess_file(p, &m.preprocess) {
-                Ok(_) => kept.push(p.clone()),
-                Err(e) if args.skip_bad => skipped.push(Skipped {
-                    path: p.display().to_string(),
-                    error: format!("{e:#}"),
-                }),
-                Err(e) => {
-                    return Err(e.context(format!(
-                        "{}: unreadable image (use --skip-bad to skip such files)",
-                        p.display()
-                    )))
+    let (kept, skipped, probs): (Vec<PathBuf>, Vec<Skipped>, Vec<f32>) =
+        if PROMPT_METHOD_NAMES.contains(&card.method.as_str()) {
+            let clf = PromptClassifier::load(&args.adapted)?;
+            let mut kept = Vec::new();
+            let mut skipped = Vec::new();
+            for p in &paths {
+                match preprocess_file(p, &m.preprocess) {
+                    Ok(_) => kept.push(p.clone()),
+                    Err(e) if args.skip_bad => skipped.push(Skipped {
+                        path: p.display().to_string(),
+                        error: format!("{e:#}"),
+                    }),
+                    Err(e) => {
+                        return Err(e.context(format!(
+                            "{}: unreadable image (use --skip-bad to skip such files)",
+                            p.display()
+                        )))
+                    }
                 }
             }
-        }
-        let probs = prompt_probabilities(&clf, &m, &kept, args.batch, &device)?;
-        (kept, skipped, probs)
-    } else {
-        let clf = load_classifier(&args.adapted)?;
-        task = clf.card().task;
-        if task != card.task {
-            bail!(
-                "{}: adapt.json says {:?} but the saved classifier is {:?}; re-run medvlm adapt",
-                args.adapted.display(),
-                card.task,
-                task
-            );
-        }
-        let imgs = embed_images(&m, &paths, args.batch, args.skip_bad, &device)?;
-        let Some(feats) = imgs.embeds else {
-            report_skipped(&imgs.skipped);
-            bail!("none of the {} images could be read", paths.len());
+            let probs = prompt_probabilities(&clf, &m, &kept, args.batch, &device)?;
+            (kept, skipped, probs)
+        } else {
+            let clf = load_classifier(&args.adapted)?;
+            task = clf.card().task;
+            if task != card.task {
+                bail!(
+                    "{}: adapt.json says {:?} but the saved classifier is {:?}; \
+                     re-run medvlm adapt",
+                    args.adapted.display(),
+                    card.task,
+                    task
+                );
+            }
+            let imgs = embed_images(&m, &paths, args.batch, args.skip_bad, &device)?;
+            let Some(feats) = imgs.embeds else {
+                report_skipped(&imgs.skipped);
+                bail!("none of the {} images could be read", paths.len());
+            };
+            let probs = probabilities(clf.as_ref(), &feats)?;
+            (imgs.paths, imgs.skipped, probs)
         };
-        let probs = probabilities(clf.as_ref(), &feats)?;
-        (imgs.paths, imgs.skipped, probs)
-    };
     if kept.is_empty() {
         report_skipped(&skipped);
         bail!("none of the {} images could be read", paths.len());

@@ -568,7 +568,13 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
                 k,
                 seed,
             )
-            .map_err(|e| anyhow::anyhow!("--shots {k}: {e}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--shots {k}: {e} (multi-label support set from the '{}' split of {})",
+                    args.task.split,
+                    task.manifest_path.display()
+                )
+            })?;
             let rows: Vec<usize> = idx.iter().map(|&i| pool_rows[i]).collect();
             let support = SupportSet {
                 features: feats.features_of(&task, &rows)?,
