@@ -62,8 +62,8 @@ pub struct EncoderDims {
 
 /// Layer normalisation (Ba et al. 2016) that stays differentiable: candle's
 /// fused layer-norm and softmax kernels have no backward pass, so when any
-/// input tracks gradients (training) the composed-op version is used, and the
-/// fused kernel otherwise (inference).
+/// input tracks gradients (training) medvlm's own fused kernels with a backward
+/// pass are used ([`crate::fused`]), and candle's kernel otherwise (inference).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -90,7 +90,7 @@ impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;
         if x.track_op() || self.weight.track_op() || self.bias.track_op() {
-            candle_nn::ops::layer_norm_slow(&x, &self.weight, &self.bias, self.eps as f32)
+            crate::fused::layer_norm(&x, &self.weight, &self.bias, self.eps)
         } else {
             candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)
         }
@@ -100,7 +100,7 @@ impl Module for LayerNorm {
 /// Softmax over the last dimension, differentiable when gradients are tracked.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.track_op() {
-        candle_nn::ops::softmax(x, candle_core::D::Minus1)
+        crate::fused::softmax_last_dim(x)
     } else {
         candle_nn::ops::softmax_last_dim(&x.contiguous()?)
     }

@@ -1,0 +1,404 @@
+//! Fused CPU kernels with backward passes, used while training (when gradients are tracked).
+//!
+//! candle's fused softmax and layer-norm kernels have no backward pass, so training used to
+//! compose them from elementwise ops: about ten full-size temporaries per layer norm and five
+//! per attention softmax in the forward pass, and as many again in the backward pass, each a
+//! fresh allocation and a pass over memory. These kernels do each in one pass forward and one
+//! pass backward (the standard closed-form gradients), on f32 CPU tensors; other dtypes and
+//! devices keep the composed form. Tests compare values and gradients with the composed form.
+//!
+//! * softmax: `y = exp(x - max) / sum`, `dx = y * (dy - sum(dy * y))` per row.
+//! * layer norm: `xhat = (x - mean) * rstd`, `y = xhat * w + b`;
+//!   `g = dy * w`, `dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`,
+//!   `dw = sum_rows(dy * xhat)`, `db = sum_rows(dy)`.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+/// Rows per rayon task: below this much work a row loop is cheaper than the fork.
+const ROWS_PER_TASK: usize = 64;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: fused training kernels take f32 storage")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+fn last_dim(shape: &Shape) -> Result<usize> {
+    match shape.dims().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => candle_core::bail!("fused kernels need a non-empty last dimension, got {shape:?}"),
+    }
+}
+
+/// Whether the fused path applies to `x`.
+fn fusable(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && x.device().is_cpu()
+}
+
+/// Softmax over the last dimension with a fused backward pass (f32 on CPU; otherwise
+/// candle's composed, differentiable softmax).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !fusable(x) {
+        return candle_nn::ops::softmax(x, candle_core::D::Minus1);
+    }
+    x.contiguous()?.apply_op1(SoftmaxLastDim)
+}
+
+struct SoftmaxLastDim;
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "medvlm-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "softmax")?;
+        let d = last_dim(l.shape())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .for_each(|(yb, xb)| {
+                for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
+                    let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for (o, &v) in yr.iter_mut().zip(xr) {
+                        *o = (v - max).exp();
+                        sum += *o;
+                    }
+                    let inv = 1.0 / sum;
+                    yr.iter_mut().for_each(|o| *o *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let dy = grad_res.contiguous()?;
+        Ok(Some(res.contiguous()?.apply_op2_no_bwd(&dy, &SoftmaxGrad)?))
+    }
+}
+
+/// `dx = y * (dy - sum(dy * y))` per row, from the softmax output `y` and its gradient `dy`.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "medvlm-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1, "softmax grad (y)")?;
+        let dy = f32_slice(s2, l2, "softmax grad (dy)")?;
+        if y.len() != dy.len() {
+            candle_core::bail!(
+                "softmax grad: {} outputs but {} gradients",
+                y.len(),
+                dy.len()
+            );
+        }
+        let d = last_dim(l1.shape())?;
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(
+                y.par_chunks(d * ROWS_PER_TASK)
+                    .zip(dy.par_chunks(d * ROWS_PER_TASK)),
+            )
+            .for_each(|(db, (yb, gb))| {
+                for ((o, yr), gr) in db.chunks_mut(d).zip(yb.chunks(d)).zip(gb.chunks(d)) {
+                    let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                    for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+                        *o = yv * (gv - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Layer normalisation over the last dimension with a fused backward pass (f32 on CPU;
+/// otherwise candle's composed, differentiable form).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !(fusable(x) && fusable(weight) && fusable(bias)) {
+        return candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32);
+    }
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+/// Mean and reciprocal standard deviation of one row.
+#[inline]
+fn moments(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "medvlm-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer norm (x)")?;
+        let w = f32_slice(s2, l2, "layer norm (weight)")?;
+        let b = f32_slice(s3, l3, "layer norm (bias)")?;
+        let d = last_dim(l1.shape())?;
+        if w.len() != d || b.len() != d {
+            candle_core::bail!(
+                "layer norm: weight {} and bias {} for a last dimension of {d}",
+                w.len(),
+                b.len()
+            );
+        }
+        let eps = self.eps;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .for_each(|(yb, xb)| {
+                for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
+                    let (mean, rstd) = moments(xr, eps);
+                    for (j, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
+                        *o = (v - mean) * rstd * w[j] + b[j];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / d;
+        // One pass gives all three gradients, stacked as rows: dx (rows), dw, db.
+        let all = x.contiguous()?.apply_op3_no_bwd(
+            weight,
+            &grad_res.contiguous()?,
+            &LayerNormGrad { eps: self.eps },
+        )?;
+        let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = all.get(rows)?;
+        let db = all.get(rows + 1)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Backward of [`LayerNorm`] from `(x, weight, dy)`: a `[rows + 2, D]` tensor holding `dx`, then
+/// `dw`, then `db`.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "medvlm-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer norm grad (x)")?;
+        let w = f32_slice(s2, l2, "layer norm grad (weight)")?;
+        let dy = f32_slice(s3, l3, "layer norm grad (dy)")?;
+        let d = last_dim(l1.shape())?;
+        if dy.len() != x.len() || w.len() != d {
+            candle_core::bail!("layer norm grad: shapes of x, weight and dy disagree");
+        }
+        let rows = x.len() / d;
+        let eps = self.eps;
+        let mut out = vec![0f32; (rows + 2) * d];
+        let (dx, params) = out.split_at_mut(rows * d);
+        // dx in parallel; per-task partial sums of dw and db, added up afterwards.
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(
+                x.par_chunks(d * ROWS_PER_TASK)
+                    .zip(dy.par_chunks(d * ROWS_PER_TASK)),
+            )
+            .map(|(dxb, (xb, gb))| {
+                let mut acc = vec![0f32; 2 * d];
+                let mut xhat = vec![0f32; d];
+                for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
+                    let (mean, rstd) = moments(xr, eps);
+                    let (mut mean_g, mut mean_gx) = (0f32, 0f32);
+                    for j in 0..d {
+                        xhat[j] = (xr[j] - mean) * rstd;
+                        let g = gr[j] * w[j];
+                        mean_g += g;
+                        mean_gx += g * xhat[j];
+                        acc[j] += gr[j] * xhat[j];
+                        acc[d + j] += gr[j];
+                    }
+                    mean_g /= d as f32;
+                    mean_gx /= d as f32;
+                    for j in 0..d {
+                        dxr[j] = rstd * (gr[j] * w[j] - mean_g - xhat[j] * mean_gx);
+                    }
+                }
+                acc
+            })
+            .collect();
+        for p in partials {
+            for (o, v) in params.iter_mut().zip(p) {
+                *o += v;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        // A deterministic, non-trivial pattern (no RNG dependency).
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| {
+                let t = (i as f64 + 1.0) * 0.7548776662466927 + seed as f64 * 0.5698402909980532;
+                ((t.fract() - 0.5) * 6.0) as f32
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn softmax_matches_the_composed_form_in_value_and_gradient() {
+        let x = Var::from_tensor(&randn(&[3, 2, 5, 7], 1)).unwrap();
+        // A weighted sum so that every output gets a different upstream gradient.
+        let weights = randn(&[3, 2, 5, 7], 2);
+        let fused = softmax_last_dim(x.as_tensor()).unwrap();
+        let composed = candle_nn::ops::softmax(x.as_tensor(), candle_core::D::Minus1).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-6);
+        let g_fused = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_comp = (composed * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (g_fused.get(&x).unwrap(), g_comp.get(&x).unwrap());
+        assert!(max_abs_diff(a, b) < 1e-5, "softmax gradients differ");
+        // The gradient is not trivially zero.
+        assert!(
+            a.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 1e-2
+        );
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composed_form_in_value_and_gradients() {
+        // 130 rows: more than one rayon task, so the partial sums of dw and db are combined.
+        let x = Var::from_tensor(&randn(&[2, 65, 16], 3)).unwrap();
+        let w = Var::from_tensor(&randn(&[16], 4).affine(0.3, 1.0).unwrap()).unwrap();
+        let b = Var::from_tensor(&randn(&[16], 5)).unwrap();
+        let weights = randn(&[2, 65, 16], 6);
+        let fused = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let composed =
+            candle_nn::ops::layer_norm_slow(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5)
+                .unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
+        let g_fused = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_comp = (composed * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let (a, c) = (g_fused.get(v).unwrap(), g_comp.get(v).unwrap());
+            let scale = c
+                .abs()
+                .unwrap()
+                .max_keepdim(0)
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            let scale = scale.max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            assert!(
+                max_abs_diff(a, c) / scale < 1e-4,
+                "{name} gradients differ by {}",
+                max_abs_diff(a, c)
+            );
+        }
+    }
+
+    #[test]
+    fn other_dtypes_fall_back_to_the_composed_form() {
+        let x = randn(&[2, 3], 7).to_dtype(DType::F64).unwrap();
+        let y = softmax_last_dim(&x).unwrap();
+        assert_eq!(y.dtype(), DType::F64);
+        let sums = y.sum(1).unwrap().to_vec1::<f64>().unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-12));
+    }
+}
