@@ -380,31 +380,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let acc = table_of("accuracy, %", &|m| m.accuracy);
     let bal = table_of("balanced accuracy, %", &|m| m.balanced_accuracy);
 
-    let mut plot = LinePlot::new(
+    let plot_path = write_shots_plot(
+        &args,
+        &acc,
         format!("few-shot accuracy ({} classes, {} seeds)", c, args.seeds),
         "log2 K (shots per class)",
         "test accuracy",
-    );
-    for (mi, method) in acc.methods.iter().enumerate() {
-        let mut points = Vec::new();
-        let mut errors = Vec::new();
-        for (ki, &k) in acc.shots.iter().enumerate() {
-            if let Some(MeanStd { mean, std, .. }) = &acc.cells[mi][ki] {
-                points.push(((k as f64).log2(), *mean));
-                errors.push(*std);
-            }
-        }
-        plot = plot.series(Series::new(method.clone(), points).with_errors(errors));
-    }
-    let plot_path = args
-        .plot
-        .clone()
-        .unwrap_or_else(|| args.json.with_extension("png"));
-    if let Some(dir) = plot_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    plot.write_png(&plot_path, Size::default())
-        .with_context(|| format!("drawing {}", plot_path.display()))?;
+    )?;
 
     let output = BenchOutput {
         model: args.model.clone(),
@@ -645,34 +627,16 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
         .collect();
     let auroc = FewShotTable::new("macro AUROC, %", &results);
 
-    let mut plot = LinePlot::new(
+    let plot_path = write_shots_plot(
+        &args,
+        &auroc,
         format!(
             "few-shot multi-label macro AUROC ({c} labels, {} seeds)",
             args.seeds
         ),
         "log2 K (positives per label)",
         "test macro AUROC",
-    );
-    for (mi, method) in auroc.methods.iter().enumerate() {
-        let mut points = Vec::new();
-        let mut errors = Vec::new();
-        for (ki, &k) in auroc.shots.iter().enumerate() {
-            if let Some(MeanStd { mean, std, .. }) = &auroc.cells[mi][ki] {
-                points.push(((k as f64).log2(), *mean));
-                errors.push(*std);
-            }
-        }
-        plot = plot.series(Series::new(method.clone(), points).with_errors(errors));
-    }
-    let plot_path = args
-        .plot
-        .clone()
-        .unwrap_or_else(|| args.json.with_extension("png"));
-    if let Some(dir) = plot_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    plot.write_png(&plot_path, Size::default())
-        .with_context(|| format!("drawing {}", plot_path.display()))?;
+    )?;
 
     let mut notes = vec![MULTI_LABEL_CONFORMAL_NOTE.to_string()];
     if undefined > 0 {
@@ -722,4 +686,37 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
     }
     println!("wrote {} and {}", args.json.display(), plot_path.display());
     Ok(())
+}
+
+/// Draws a table's mean (± std over seeds) against log2 K, one line per method, to `--plot`
+/// (default: the JSON path with a `.png` extension) and returns the path.
+fn write_shots_plot(
+    args: &Args,
+    table: &FewShotTable,
+    title: String,
+    x_label: &str,
+    y_label: &str,
+) -> anyhow::Result<PathBuf> {
+    let mut plot = LinePlot::new(title, x_label, y_label);
+    for (mi, method) in table.methods.iter().enumerate() {
+        let mut points = Vec::new();
+        let mut errors = Vec::new();
+        for (ki, &k) in table.shots.iter().enumerate() {
+            if let Some(MeanStd { mean, std, .. }) = &table.cells[mi][ki] {
+                points.push(((k as f64).log2(), *mean));
+                errors.push(*std);
+            }
+        }
+        plot = plot.series(Series::new(method.clone(), points).with_errors(errors));
+    }
+    let plot_path = args
+        .plot
+        .clone()
+        .unwrap_or_else(|| args.json.with_extension("png"));
+    if let Some(dir) = plot_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    plot.write_png(&plot_path, Size::default())
+        .with_context(|| format!("drawing {}", plot_path.display()))?;
+    Ok(plot_path)
 }
