@@ -20,10 +20,10 @@ use serde::{Deserialize, Serialize};
 use super::coop::Coop;
 use super::prompt_common::{
     cosine_logits, encode_with_context, image_embeddings, model_scale, refuse_feature_fit,
-    uniform_tensor, var, Batches, ClassPrompts, ClassTokenPosition, PromptClassifier, PromptEnv,
-    PromptInput, PromptLearningMethod,
+    train_prompt_params, uniform_tensor, var, ClassPrompts, ClassTokenPosition, PromptClassifier,
+    PromptEnv, PromptInput, PromptLearningMethod,
 };
-use super::{train_full_batch, Optimizer};
+use super::Optimizer;
 use crate::method::{l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, Result};
 
 const W1: &str = "meta_net.linear1.weight";
@@ -181,32 +181,26 @@ impl PromptLearningMethod for Cocoop {
             Var::from_tensor(&uniform_tensor(s + 4, &[d], bound2, dev)?)?,
         ];
         let feats = image_embeddings(model, input.images, None)?.to_dtype(DType::F32)?;
-        let targets = input.targets()?;
         let scale = model_scale(model)?;
         let mut vars = vec![ctx.clone()];
         vars.extend(meta.iter().cloned());
-        let mut batches = Batches::new(feats.dim(0)?, self.batch_size, input.seed, dev);
-        let steps = batches.steps(self.epochs);
-        let loss = train_full_batch(&vars, steps, self.optimizer, || {
-            let idx = batches.next_indices()?;
-            let logits = Self::logits(
-                model,
-                &prompts,
-                &feats.index_select(&idx, 0)?,
-                ctx.as_tensor(),
-                [
+        let loss = train_prompt_params(
+            input,
+            &vars,
+            self.epochs,
+            self.batch_size,
+            self.optimizer,
+            |idx| {
+                let meta = [
                     meta[0].as_tensor(),
                     meta[1].as_tensor(),
                     meta[2].as_tensor(),
                     meta[3].as_tensor(),
-                ],
-                scale,
-            )?;
-            Ok(candle_nn::loss::cross_entropy(
-                &logits,
-                &targets.index_select(&idx, 0)?,
-            )?)
-        })?;
+                ];
+                let feats = feats.index_select(idx, 0)?;
+                Ok(Self::logits(model, &prompts, &feats, ctx.as_tensor(), meta, scale)?.into())
+            },
+        )?;
         let params = vec![
             ("ctx".to_string(), ctx.as_tensor().detach()),
             (W1.to_string(), meta[0].as_tensor().detach()),

@@ -29,11 +29,11 @@ use serde::{Deserialize, Serialize};
 
 use super::prompt_common::{
     build_class_prompts, content_ids, cosine_logits, encode_with_context, image_embeddings,
-    init_context, model_scale, normal_init, refuse_feature_fit, var, Batches, ClassPrompts,
-    ClassTokenPosition, PromptClassifier, PromptEnv, PromptInput, PromptLearningMethod,
-    CLASS_WEIGHTS,
+    init_context, model_scale, normal_init, refuse_feature_fit, train_prompt_params, var,
+    BatchScores, ClassPrompts, ClassTokenPosition, PromptClassifier, PromptEnv, PromptInput,
+    PromptLearningMethod, CLASS_WEIGHTS,
 };
-use super::{train_full_batch, Optimizer};
+use super::Optimizer;
 use crate::method::{l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, Result};
 
 /// An extra training loss on the normalised class embeddings `[C, E]`.
@@ -139,25 +139,23 @@ impl Coop {
         let prompts = self.class_prompts(&env)?;
         let ctx = var(&self.initial_context(input)?)?;
         let feats = image_embeddings(input.model, input.images, None)?;
-        let targets = input.targets()?;
         let scale = model_scale(input.model)?;
-        let mut batches = Batches::new(
-            feats.dim(0)?,
+        let loss = train_prompt_params(
+            input,
+            std::slice::from_ref(&ctx),
+            self.epochs,
             self.batch_size,
-            input.seed,
-            input.model.device(),
-        );
-        let steps = batches.steps(self.epochs);
-        let loss = train_full_batch(std::slice::from_ref(&ctx), steps, self.optimizer, || {
-            let idx = batches.next_indices()?;
-            let text = encode_with_context(input.model, &prompts, ctx.as_tensor())?;
-            let logits = cosine_logits(&feats.index_select(&idx, 0)?, &text, scale)?;
-            let ce = candle_nn::loss::cross_entropy(&logits, &targets.index_select(&idx, 0)?)?;
-            match extra {
-                Some(f) => Ok((ce + f(&l2_normalize(&text)?)?)?),
-                None => Ok(ce),
-            }
-        })?;
+            self.optimizer,
+            |idx| {
+                let text = encode_with_context(input.model, &prompts, ctx.as_tensor())?;
+                let logits = cosine_logits(&feats.index_select(idx, 0)?, &text, scale)?;
+                let extra_loss = match extra {
+                    Some(f) => Some(f(&l2_normalize(&text)?)?),
+                    None => None,
+                };
+                Ok(BatchScores { logits, extra_loss })
+            },
+        )?;
         let ctx = ctx.as_tensor().detach();
         let weights = l2_normalize(&encode_with_context(input.model, &prompts, &ctx)?)?;
         Ok((ctx, weights, loss))

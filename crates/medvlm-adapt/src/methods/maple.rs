@@ -28,10 +28,10 @@ use serde::{Deserialize, Serialize};
 
 use super::prompt_common::{
     build_class_prompts, cosine_logits, encode_with_context, image_embeddings, init_context,
-    model_scale, refuse_feature_fit, uniform_tensor, var, Batches, ClassPrompts,
+    model_scale, refuse_feature_fit, train_prompt_params, uniform_tensor, var, ClassPrompts,
     ClassTokenPosition, PromptClassifier, PromptEnv, PromptInput, PromptLearningMethod,
 };
-use super::{train_full_batch, Optimizer};
+use super::Optimizer;
 use crate::method::{AdaptInput, AdaptationMethod, AdaptedClassifier, MethodError, Result};
 
 const COUPLING_W: &str = "coupling.weight";
@@ -195,28 +195,25 @@ impl PromptLearningMethod for Maple {
         let bound = 1.0 / (dt as f64).sqrt();
         let w = Var::from_tensor(&uniform_tensor(input.seed + 1, &[dv, dt], bound, dev)?)?;
         let b = Var::from_tensor(&uniform_tensor(input.seed + 2, &[dv], bound, dev)?)?;
-        let targets = input.targets()?;
         // Mini-batches are index_select-ed on the model's device.
         let images = input.images.to_device(dev)?;
         let scale = model_scale(model)?;
         let vars = vec![ctx.clone(), w.clone(), b.clone()];
-        let mut batches = Batches::new(input.labels.len(), self.batch_size, input.seed, dev);
-        let steps = batches.steps(self.epochs);
-        let loss = train_full_batch(&vars, steps, self.optimizer, || {
-            let idx = batches.next_indices()?;
-            let logits = Self::logits(
-                model,
-                &prompts,
-                &images.index_select(&idx, 0)?,
-                ctx.as_tensor(),
-                [w.as_tensor(), b.as_tensor()],
-                scale,
-            )?;
-            Ok(candle_nn::loss::cross_entropy(
-                &logits,
-                &targets.index_select(&idx, 0)?,
-            )?)
-        })?;
+        let loss = train_prompt_params(
+            input,
+            &vars,
+            self.epochs,
+            self.batch_size,
+            self.optimizer,
+            |idx| {
+                let pixels = images.index_select(idx, 0)?;
+                let coupling = [w.as_tensor(), b.as_tensor()];
+                Ok(
+                    Self::logits(model, &prompts, &pixels, ctx.as_tensor(), coupling, scale)?
+                        .into(),
+                )
+            },
+        )?;
         PromptClassifier::new(
             self,
             input,

@@ -549,6 +549,60 @@ impl Batches {
     }
 }
 
+/// What one training step of a prompt learner computes on a mini-batch: the
+/// class logits `[b, C]` of its images and, optionally, an extra loss term
+/// added to their cross-entropy (KgCoOp's knowledge-guided penalty).
+pub(crate) struct BatchScores {
+    /// Class logits `[b, C]` of the mini-batch.
+    pub logits: Tensor,
+    /// Extra scalar loss term, if the method has one.
+    pub extra_loss: Option<Tensor>,
+}
+
+impl From<Tensor> for BatchScores {
+    fn from(logits: Tensor) -> Self {
+        Self {
+            logits,
+            extra_loss: None,
+        }
+    }
+}
+
+/// The training loop shared by the prompt learners: `epochs` passes over the
+/// support set in seeded, reshuffled mini-batches of `batch_size` (see
+/// [`Batches`]; 0 = full batch), each step minimising the cross-entropy of
+/// `scores(indices)` against the labels of those support images (plus the
+/// optional extra term) with `optimizer` under a cosine learning-rate decay
+/// ([`train_full_batch`](super::train_full_batch), which also refuses a
+/// diverged loss). `scores` gets the u32 indices `[b]` of the mini-batch on
+/// the model's device. Returns the last training loss.
+pub(crate) fn train_prompt_params(
+    input: &PromptInput,
+    vars: &[Var],
+    epochs: usize,
+    batch_size: usize,
+    optimizer: super::Optimizer,
+    mut scores: impl FnMut(&Tensor) -> Result<BatchScores>,
+) -> Result<f32> {
+    let targets = input.targets()?;
+    let mut batches = Batches::new(
+        input.labels.len(),
+        batch_size,
+        input.seed,
+        input.model.device(),
+    );
+    let steps = batches.steps(epochs);
+    super::train_full_batch(vars, steps, optimizer, || {
+        let idx = batches.next_indices()?;
+        let BatchScores { logits, extra_loss } = scores(&idx)?;
+        let ce = candle_nn::loss::cross_entropy(&logits, &targets.index_select(&idx, 0)?)?;
+        match extra_loss {
+            Some(extra) => Ok((ce + extra)?),
+            None => Ok(ce),
+        }
+    })
+}
+
 /// A trainable copy of a tensor.
 pub(crate) fn var(t: &Tensor) -> Result<Var> {
     Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?)

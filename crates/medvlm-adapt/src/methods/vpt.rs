@@ -26,10 +26,10 @@ use serde::{Deserialize, Serialize};
 
 use super::prompt_common::{
     cosine_logits, image_embeddings, model_err, model_scale, refuse_feature_fit,
-    template_text_embeddings, uniform_tensor, Batches, PromptClassifier, PromptEnv, PromptInput,
-    PromptLearningMethod,
+    template_text_embeddings, train_prompt_params, uniform_tensor, PromptClassifier, PromptEnv,
+    PromptInput, PromptLearningMethod,
 };
-use super::{train_full_batch, Optimizer};
+use super::Optimizer;
 use crate::method::{
     l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, MethodError, Result,
 };
@@ -197,27 +197,26 @@ impl PromptLearningMethod for Vpt {
             &template_text_embeddings(model, input.tokenizer, input.class_names, &self.template)?
                 .to_dtype(DType::F32)?,
         )?;
-        let targets = input.targets()?;
         // Mini-batches are index_select-ed on the model's device.
         let images = input.images.to_device(dev)?;
         let scale = model_scale(model)?;
         let mut vars = vec![shallow.clone()];
         vars.extend(deep.iter().cloned());
-        let mut batches = Batches::new(input.labels.len(), self.batch_size, input.seed, dev);
-        let steps = batches.steps(self.epochs);
-        let loss = train_full_batch(&vars, steps, self.optimizer, || {
-            let idx = batches.next_indices()?;
-            let prompts = self.prompts(
-                shallow.as_tensor().clone(),
-                deep.iter().map(|v| v.as_tensor().clone()).collect(),
-            );
-            let pixels = images.index_select(&idx, 0)?;
-            let logits = vpt_logits(model, &head, Some(&prompts), &pixels, scale)?;
-            Ok(candle_nn::loss::cross_entropy(
-                &logits,
-                &targets.index_select(&idx, 0)?,
-            )?)
-        })?;
+        let loss = train_prompt_params(
+            input,
+            &vars,
+            self.epochs,
+            self.batch_size,
+            self.optimizer,
+            |idx| {
+                let prompts = self.prompts(
+                    shallow.as_tensor().clone(),
+                    deep.iter().map(|v| v.as_tensor().clone()).collect(),
+                );
+                let pixels = images.index_select(idx, 0)?;
+                Ok(vpt_logits(model, &head, Some(&prompts), &pixels, scale)?.into())
+            },
+        )?;
         let mut params = vec![
             (SHALLOW.to_string(), shallow.as_tensor().detach()),
             (HEAD.to_string(), head),
