@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use super::coop::Coop;
 use super::prompt_common::{
     cosine_logits, encode_with_context, image_embeddings, model_scale, refuse_feature_fit,
-    train_prompt_params, uniform_tensor, var, ClassPrompts, ClassTokenPosition, PromptClassifier,
-    PromptEnv, PromptInput, PromptLearningMethod,
+    train_prompt_params, uniform_tensor, var, ClassPrompts, ClassTokenPosition, MiniBatchSchedule,
+    PromptClassifier, PromptEnv, PromptInput, PromptLearningMethod,
 };
 use super::Optimizer;
 use crate::method::{l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, Result};
@@ -184,23 +184,17 @@ impl PromptLearningMethod for Cocoop {
         let scale = model_scale(model)?;
         let mut vars = vec![ctx.clone()];
         vars.extend(meta.iter().cloned());
-        let loss = train_prompt_params(
-            input,
-            &vars,
-            self.epochs,
-            self.batch_size,
-            self.optimizer,
-            |idx| {
-                let meta = [
-                    meta[0].as_tensor(),
-                    meta[1].as_tensor(),
-                    meta[2].as_tensor(),
-                    meta[3].as_tensor(),
-                ];
-                let feats = feats.index_select(idx, 0)?;
-                Ok(Self::logits(model, &prompts, &feats, ctx.as_tensor(), meta, scale)?.into())
-            },
-        )?;
+        let schedule = MiniBatchSchedule::new(self.epochs, self.batch_size, self.optimizer);
+        let loss = train_prompt_params(input, &vars, schedule, |idx| {
+            let meta = [
+                meta[0].as_tensor(),
+                meta[1].as_tensor(),
+                meta[2].as_tensor(),
+                meta[3].as_tensor(),
+            ];
+            let feats = feats.index_select(idx, 0)?;
+            Ok(Self::logits(model, &prompts, &feats, ctx.as_tensor(), meta, scale)?.into())
+        })?;
         let params = vec![
             ("ctx".to_string(), ctx.as_tensor().detach()),
             (W1.to_string(), meta[0].as_tensor().detach()),

@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use super::prompt_common::{
     build_class_prompts, content_ids, cosine_logits, encode_with_context, image_embeddings,
     init_context, model_scale, normal_init, refuse_feature_fit, train_prompt_params, var,
-    BatchScores, ClassPrompts, ClassTokenPosition, PromptClassifier, PromptEnv, PromptInput,
-    PromptLearningMethod, CLASS_WEIGHTS,
+    BatchScores, ClassPrompts, ClassTokenPosition, MiniBatchSchedule, PromptClassifier, PromptEnv,
+    PromptInput, PromptLearningMethod, CLASS_WEIGHTS,
 };
 use super::Optimizer;
 use crate::method::{l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, Result};
@@ -140,22 +140,16 @@ impl Coop {
         let ctx = var(&self.initial_context(input)?)?;
         let feats = image_embeddings(input.model, input.images, None)?;
         let scale = model_scale(input.model)?;
-        let loss = train_prompt_params(
-            input,
-            std::slice::from_ref(&ctx),
-            self.epochs,
-            self.batch_size,
-            self.optimizer,
-            |idx| {
-                let text = encode_with_context(input.model, &prompts, ctx.as_tensor())?;
-                let logits = cosine_logits(&feats.index_select(idx, 0)?, &text, scale)?;
-                let extra_loss = match extra {
-                    Some(f) => Some(f(&l2_normalize(&text)?)?),
-                    None => None,
-                };
-                Ok(BatchScores { logits, extra_loss })
-            },
-        )?;
+        let schedule = MiniBatchSchedule::new(self.epochs, self.batch_size, self.optimizer);
+        let loss = train_prompt_params(input, std::slice::from_ref(&ctx), schedule, |idx| {
+            let text = encode_with_context(input.model, &prompts, ctx.as_tensor())?;
+            let logits = cosine_logits(&feats.index_select(idx, 0)?, &text, scale)?;
+            let extra_loss = match extra {
+                Some(f) => Some(f(&l2_normalize(&text)?)?),
+                None => None,
+            };
+            Ok(BatchScores { logits, extra_loss })
+        })?;
         let ctx = ctx.as_tensor().detach();
         let weights = l2_normalize(&encode_with_context(input.model, &prompts, &ctx)?)?;
         Ok((ctx, weights, loss))

@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use super::prompt_common::{
     build_class_prompts, cosine_logits, encode_with_context, image_embeddings, init_context,
     model_scale, refuse_feature_fit, train_prompt_params, uniform_tensor, var, ClassPrompts,
-    ClassTokenPosition, PromptClassifier, PromptEnv, PromptInput, PromptLearningMethod,
+    ClassTokenPosition, MiniBatchSchedule, PromptClassifier, PromptEnv, PromptInput,
+    PromptLearningMethod,
 };
 use super::Optimizer;
 use crate::method::{AdaptInput, AdaptationMethod, AdaptedClassifier, MethodError, Result};
@@ -199,21 +200,12 @@ impl PromptLearningMethod for Maple {
         let images = input.images.to_device(dev)?;
         let scale = model_scale(model)?;
         let vars = vec![ctx.clone(), w.clone(), b.clone()];
-        let loss = train_prompt_params(
-            input,
-            &vars,
-            self.epochs,
-            self.batch_size,
-            self.optimizer,
-            |idx| {
-                let pixels = images.index_select(idx, 0)?;
-                let coupling = [w.as_tensor(), b.as_tensor()];
-                Ok(
-                    Self::logits(model, &prompts, &pixels, ctx.as_tensor(), coupling, scale)?
-                        .into(),
-                )
-            },
-        )?;
+        let schedule = MiniBatchSchedule::new(self.epochs, self.batch_size, self.optimizer);
+        let loss = train_prompt_params(input, &vars, schedule, |idx| {
+            let pixels = images.index_select(idx, 0)?;
+            let coupling = [w.as_tensor(), b.as_tensor()];
+            Ok(Self::logits(model, &prompts, &pixels, ctx.as_tensor(), coupling, scale)?.into())
+        })?;
         PromptClassifier::new(
             self,
             input,

@@ -568,31 +568,51 @@ impl From<Tensor> for BatchScores {
     }
 }
 
-/// The training loop shared by the prompt learners: `epochs` passes over the
-/// support set in seeded, reshuffled mini-batches of `batch_size` (see
-/// [`Batches`]; 0 = full batch), each step minimising the cross-entropy of
-/// `scores(indices)` against the labels of those support images (plus the
-/// optional extra term) with `optimizer` under a cosine learning-rate decay
+/// A prompt learner's training schedule (each method's `epochs`,
+/// `batch_size` and `optimizer` hyperparameters).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MiniBatchSchedule {
+    /// Passes over the support set.
+    epochs: usize,
+    /// Mini-batch size (0 = the whole support set).
+    batch_size: usize,
+    /// Optimiser (its learning rate decays along a cosine).
+    optimizer: super::Optimizer,
+}
+
+impl MiniBatchSchedule {
+    pub(crate) fn new(epochs: usize, batch_size: usize, optimizer: super::Optimizer) -> Self {
+        Self {
+            epochs,
+            batch_size,
+            optimizer,
+        }
+    }
+}
+
+/// The training loop shared by the prompt learners: `schedule.epochs` passes
+/// over the support set in seeded, reshuffled mini-batches (see [`Batches`]),
+/// each step minimising the cross-entropy of `scores(indices)` against the
+/// labels of those support images (plus the optional extra term) with the
+/// schedule's optimiser under a cosine learning-rate decay
 /// ([`train_full_batch`](super::train_full_batch), which also refuses a
 /// diverged loss). `scores` gets the u32 indices `[b]` of the mini-batch on
 /// the model's device. Returns the last training loss.
 pub(crate) fn train_prompt_params(
     input: &PromptInput,
     vars: &[Var],
-    epochs: usize,
-    batch_size: usize,
-    optimizer: super::Optimizer,
+    schedule: MiniBatchSchedule,
     mut scores: impl FnMut(&Tensor) -> Result<BatchScores>,
 ) -> Result<f32> {
     let targets = input.targets()?;
     let mut batches = Batches::new(
         input.labels.len(),
-        batch_size,
+        schedule.batch_size,
         input.seed,
         input.model.device(),
     );
-    let steps = batches.steps(epochs);
-    super::train_full_batch(vars, steps, optimizer, || {
+    let steps = batches.steps(schedule.epochs);
+    super::train_full_batch(vars, steps, schedule.optimizer, || {
         let idx = batches.next_indices()?;
         let BatchScores { logits, extra_loss } = scores(&idx)?;
         let ce = candle_nn::loss::cross_entropy(&logits, &targets.index_select(&idx, 0)?)?;

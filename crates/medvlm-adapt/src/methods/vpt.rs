@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use super::prompt_common::{
     cosine_logits, image_embeddings, model_err, model_scale, refuse_feature_fit,
-    template_text_embeddings, train_prompt_params, uniform_tensor, PromptClassifier, PromptEnv,
-    PromptInput, PromptLearningMethod,
+    template_text_embeddings, train_prompt_params, uniform_tensor, MiniBatchSchedule,
+    PromptClassifier, PromptEnv, PromptInput, PromptLearningMethod,
 };
 use super::Optimizer;
 use crate::method::{
@@ -202,21 +202,15 @@ impl PromptLearningMethod for Vpt {
         let scale = model_scale(model)?;
         let mut vars = vec![shallow.clone()];
         vars.extend(deep.iter().cloned());
-        let loss = train_prompt_params(
-            input,
-            &vars,
-            self.epochs,
-            self.batch_size,
-            self.optimizer,
-            |idx| {
-                let prompts = self.prompts(
-                    shallow.as_tensor().clone(),
-                    deep.iter().map(|v| v.as_tensor().clone()).collect(),
-                );
-                let pixels = images.index_select(idx, 0)?;
-                Ok(vpt_logits(model, &head, Some(&prompts), &pixels, scale)?.into())
-            },
-        )?;
+        let schedule = MiniBatchSchedule::new(self.epochs, self.batch_size, self.optimizer);
+        let loss = train_prompt_params(input, &vars, schedule, |idx| {
+            let prompts = self.prompts(
+                shallow.as_tensor().clone(),
+                deep.iter().map(|v| v.as_tensor().clone()).collect(),
+            );
+            let pixels = images.index_select(idx, 0)?;
+            Ok(vpt_logits(model, &head, Some(&prompts), &pixels, scale)?.into())
+        })?;
         let mut params = vec![
             (SHALLOW.to_string(), shallow.as_tensor().detach()),
             (HEAD.to_string(), head),
