@@ -627,6 +627,23 @@ pub fn load_lora_adapters(
     let w_path = dir.join(ADAPTER_WEIGHTS);
     let tensors = candle_core::safetensors::load(&w_path, &candle_core::Device::Cpu)
         .map_err(|e| adapter_err(&w_path, e.to_string()))?;
+    let out = install_lora_tensors(model, &spec, tensors, adapters, &w_path)?;
+    Ok((spec, out))
+}
+
+/// Puts LoRA adapters given as tensors (`<path>.lora_A.weight` / `.lora_B.weight`, with or
+/// without PEFT's `base_model.model.` prefix) onto `model` with `spec`'s scaling and dropout,
+/// registering them in `adapters` (dropout off). Every layer named must exist with shapes that
+/// fit `spec.rank`, else nothing is changed and the error names `origin` (the file the
+/// tensors came from) and the layer. Returns the new parameters.
+pub fn install_lora_tensors(
+    model: &mut dyn LinearLayers,
+    spec: &LoraSpec,
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+    adapters: &VarMap,
+    origin: &Path,
+) -> Result<Vec<NamedVar>> {
+    let (w_path, rank) = (origin, spec.rank);
     // path -> (A, B)
     let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (name, t) in tensors {
@@ -636,11 +653,11 @@ pub fn load_lora_adapters(
         } else if let Some(p) = name.strip_suffix(".lora_B.weight") {
             pairs.entry(p.to_string()).or_default().1 = Some(t);
         } else {
-            return Err(adapter_err(&w_path, format!("unexpected tensor {name}")));
+            return Err(adapter_err(w_path, format!("unexpected tensor {name}")));
         }
     }
     if pairs.is_empty() {
-        return Err(adapter_err(&w_path, "no LoRA tensors"));
+        return Err(adapter_err(w_path, "no LoRA tensors"));
     }
     // Check everything before touching the model.
     let mut planned = Vec::new();
@@ -649,17 +666,17 @@ pub fn load_lora_adapters(
         for (path, (a, b)) in &pairs {
             let (Some(a), Some(b)) = (a, b) else {
                 return Err(adapter_err(
-                    &w_path,
+                    w_path,
                     format!("{path}: lora_A or lora_B is missing"),
                 ));
             };
             let layer = layers.iter().find(|l| l.path() == path).ok_or_else(|| {
-                adapter_err(&w_path, format!("the model has no linear layer {path}"))
+                adapter_err(w_path, format!("the model has no linear layer {path}"))
             })?;
             let (out_dim, in_dim) = (layer.out_features(), layer.in_features());
             if a.dims() != [rank, in_dim] || b.dims() != [out_dim, rank] {
                 return Err(adapter_err(
-                    &w_path,
+                    w_path,
                     format!(
                         "{path}: lora_A {:?} / lora_B {:?} do not fit the layer [{out_dim}, {in_dim}] at rank {rank}",
                         a.dims(),
@@ -669,7 +686,7 @@ pub fn load_lora_adapters(
             }
             if layer.wrappers().iter().any(|w| lora_of(w).is_some()) {
                 return Err(adapter_err(
-                    &w_path,
+                    w_path,
                     format!("{path} already carries a LoRA adapter"),
                 ));
             }
@@ -694,7 +711,7 @@ pub fn load_lora_adapters(
         }
         model.wrap_linear(&path, Arc::new(lora))?;
     }
-    Ok((spec, out))
+    Ok(out)
 }
 
 #[cfg(test)]

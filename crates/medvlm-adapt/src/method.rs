@@ -638,6 +638,13 @@ impl SavedTensors {
 
 /// Loads a classifier saved with [`save_classifier`].
 pub fn load_classifier(dir: &Path) -> Result<Box<dyn AdaptedClassifier>> {
+    let (card, saved) = read_saved(dir)?;
+    methods::rebuild_classifier(card, &saved)
+}
+
+/// The card and tensors of a classifier saved with [`save_classifier`] in `dir`, with errors
+/// naming the file.
+pub fn read_saved(dir: &Path) -> Result<(ClassifierCard, SavedTensors)> {
     let card_path = dir.join(CARD_FILE);
     let text = std::fs::read_to_string(&card_path).map_err(|source| MethodError::Io {
         path: card_path.clone(),
@@ -665,7 +672,7 @@ pub fn load_classifier(dir: &Path) -> Result<Box<dyn AdaptedClassifier>> {
         path: weights_path,
         tensors,
     };
-    methods::rebuild_classifier(card, &saved)
+    Ok((card, saved))
 }
 
 /// Every registered method name, strategies 1 to 4.

@@ -378,9 +378,15 @@ fn bad_input_gives_clear_errors() {
     ));
     assert!(err.contains("--conformal-alpha 1.5"), "{err}");
 
-    // Encoder fine-tuning through adapt: points to `medvlm finetune`.
-    let err = fails(&adapt(&manifest, "lora", "1", &out, &[]));
-    assert!(err.contains("medvlm finetune"), "{err}");
+    // Encoder fine-tuning with an out-of-range hyperparameter: refused before loading.
+    let err = fails(&adapt(
+        &manifest,
+        "lora",
+        "1",
+        &out,
+        &["--hparams", r#"{"rank": 0}"#],
+    ));
+    assert!(err.contains("rank must be at least 1"), "{err}");
 
     // An encoder method in the cached-feature benchmark.
     let err = fails(
@@ -446,4 +452,61 @@ fn adapt_fits_a_prompt_learning_method_through_the_encoders() {
     for (a, b) in got[0].1.iter().zip(expect) {
         assert!((a - b).abs() <= 2e-6, "{a} vs {b}");
     }
+}
+
+#[test]
+fn adapt_fine_tunes_the_encoders_with_lora_and_predict_reapplies_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = phantoms(tmp.path(), 80);
+    let out = tmp.path().join("lora");
+    let stdout = ok(&adapt(
+        &manifest,
+        "lora",
+        "2",
+        &out,
+        &["--hparams", r#"{"iterations_per_shot": 5, "lr": 0.001}"#],
+    ));
+    assert!(stdout.contains("adapted lora"), "{stdout}");
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapt.json")).unwrap()).unwrap();
+    assert_eq!(card["method"], "lora");
+    // The paper's adapter settings, with the overrides.
+    assert_eq!(card["hyperparameters"]["rank"], 2);
+    assert_eq!(card["hyperparameters"]["iterations_per_shot"], 5);
+    // The artefact holds the adapters (PEFT names) and the tuned class weights, not the model.
+    let saved = candle_core::safetensors::load(
+        out.join("classifier.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(saved.contains_key("class_weights"));
+    assert!(saved.keys().any(|k| k.ends_with("q_proj.lora_A.weight")));
+    assert!(saved
+        .keys()
+        .all(|k| k == "class_weights" || k.contains(".lora_A.") || k.contains(".lora_B.")));
+    // predict puts the adapters onto the base model: same probabilities as the evaluation.
+    let (_, rows) = parse_csv(&std::fs::read_to_string(out.join("eval_predictions.csv")).unwrap());
+    let (img, expect, _) = &rows[0];
+    let stdout = ok(&bin()
+        .arg("predict")
+        .arg("--adapted")
+        .arg(&out)
+        .arg(img)
+        .output()
+        .unwrap());
+    let (_, got) = parse_csv(&stdout);
+    for (a, b) in got[0].1.iter().zip(expect) {
+        assert!((a - b).abs() <= 2e-6, "{a} vs {b}");
+    }
+    // The adapters changed the model: the probabilities differ from zero-shot's.
+    let zs = tmp.path().join("zs");
+    ok(&adapt(&manifest, "zero-shot", "2", &zs, &[]));
+    let (_, zrows) = parse_csv(&std::fs::read_to_string(zs.join("eval_predictions.csv")).unwrap());
+    let diff = zrows[0]
+        .1
+        .iter()
+        .zip(expect)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f64, f64::max);
+    assert!(diff > 1e-4, "LoRA left the probabilities unchanged");
 }

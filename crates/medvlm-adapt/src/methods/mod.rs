@@ -5,20 +5,27 @@
 //! Strategy 3 (adapters and probes on frozen features): [`clip_adapter`],
 //! [`tip_adapter`] (training-free and -F), [`taskres`], [`linear_probe`],
 //! [`lp_plus_plus`], [`clap`].
-//! Strategies 2 and 4 (prompt learning, encoder fine-tuning) are registered
-//! by name in [`encoder_methods`] and refuse to run on cached features.
+//! Strategy 2 (prompt learning, on the model with frozen encoders): [`coop`],
+//! [`cocoop`], [`kgcoop`], [`vpt`], [`maple`], sharing [`prompt_common`].
+//! Strategy 4 (few-shot encoder fine-tuning, on the trainable model):
+//! [`clip_lora`], [`bitfit`], [`partial_finetune`], [`full_finetune`], sharing
+//! [`encoder_tuning`]. Both refuse to run on cached features.
 //!
 //! The frozen-feature benchmark sweep is [`sweep::sweep_frozen`].
 
+pub mod bitfit;
 pub mod clap;
 pub mod clip_adapter;
+pub mod clip_lora;
 pub mod cocoop;
 pub mod coop;
-pub mod encoder_methods;
+pub mod encoder_tuning;
+pub mod full_finetune;
 pub mod kgcoop;
 pub mod linear_probe;
 pub mod lp_plus_plus;
 pub mod maple;
+pub mod partial_finetune;
 pub mod prompt_common;
 pub mod solver;
 pub mod sweep;
@@ -113,15 +120,15 @@ pub fn build_method(
         "coop" | "cocoop" | "kgcoop" | "vpt" | "maple" => {
             prompt_common::prompt_method_by_name(name, overrides)?
         }
-        other => match encoder_methods::EncoderMethod::from_name(other) {
-            Some(m) => Box::new(m),
-            None => {
-                return Err(MethodError::UnknownMethod {
-                    name: other.into(),
-                    known: METHOD_NAMES.join(", "),
-                });
-            }
-        },
+        "lora" | "bitfit" | "partial-finetune" | "full-finetune" => {
+            encoder_tuning::tuning_method_by_name(name, overrides)?
+        }
+        other => {
+            return Err(MethodError::UnknownMethod {
+                name: other.into(),
+                known: METHOD_NAMES.join(", "),
+            });
+        }
     })
 }
 
@@ -149,6 +156,9 @@ pub(crate) fn rebuild_classifier(
         "coop" | "cocoop" | "kgcoop" | "vpt" | "maple" => {
             Box::new(prompt_common::PromptClassifier::from_saved(card, saved)?)
         }
+        "lora" | "bitfit" | "partial-finetune" | "full-finetune" => Box::new(
+            encoder_tuning::TunedEncoderClassifier::from_saved(card, saved)?,
+        ),
         other => {
             return Err(MethodError::BadCheckpoint {
                 path: saved.path().to_path_buf(),

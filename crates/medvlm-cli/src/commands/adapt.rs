@@ -17,8 +17,12 @@
 //! * `reliability.png`: the reliability diagram of the test set.
 //!
 //! Prompt-learning methods (CoOp, CoCoOp, KgCoOp, VPT, MaPLe) are fitted on
-//! the support images through the frozen model; encoder fine-tuning methods
-//! are run by `medvlm finetune`.
+//! the support images through the frozen model; the encoder fine-tuning
+//! methods (`lora` in the CLIP-LoRA setting, `bitfit`, `partial-finetune`,
+//! `full-finetune`) on a trainable copy of the model loaded for the fit (see
+//! `commands::tuning`); both score the test images through the model.
+//! Contrastive fine-tuning on image-text pairs (no labels) is `medvlm
+//! finetune`.
 //!
 //! Multi-label tasks (`--label-field labels`, see `commands::common`): only
 //! the methods of [`MULTI_LABEL_METHODS`] run (`zero-shot-pairs`,
@@ -37,6 +41,7 @@ use medvlm_adapt::fewshot::{FewShotProtocol, HyperparameterPolicy, SamplingMode,
 use medvlm_adapt::method::{
     method_by_name, save_classifier, AdaptInput, AdaptedClassifier, FeatureAccess, SupportSet,
 };
+use medvlm_adapt::methods::encoder_tuning::TunedEncoderClassifier;
 use medvlm_adapt::methods::prompt_common::{
     prompt_method_by_name, PromptClassifier, PromptInput, PROMPT_METHOD_NAMES,
 };
@@ -51,6 +56,7 @@ use super::common::{
     MultiLabelMetrics, Task, TaskArgs, MULTI_LABEL_CONFORMAL_NOTE, MULTI_LABEL_METHODS,
 };
 use super::embed::{load, preprocess_file, DeviceArgs};
+use super::tuning::{self, is_tuning_method, TuningJob};
 
 /// File name of the adaptation card inside an artefact directory.
 pub const ADAPT_CARD: &str = "adapt.json";
@@ -276,12 +282,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .transpose()
         .context("--hparams must be a JSON object, e.g. '{\"epochs\": 50}'")?;
     let method = method_by_name(&args.method, overrides.as_ref())?;
-    if method.requires_encoder() && !is_prompt_method(&args.method) {
+    if method.requires_encoder()
+        && !is_prompt_method(&args.method)
+        && !is_tuning_method(&args.method)
+    {
         bail!(
-            "method '{}' fine-tunes the encoders; run it with `medvlm finetune` \
-             (see docs/finetuning.md), or pick a frozen-feature method: {}",
+            "method '{}' needs the encoders but has no few-shot fit; pick another method: {}",
             args.method,
-            medvlm_adapt::method::frozen_feature_method_names().join(", ")
+            medvlm_adapt::method::METHOD_NAMES.join(", ")
         );
     }
     if args.shots == 0 {
@@ -347,8 +355,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     enum Fitted {
         Frozen(Box<dyn AdaptedClassifier>),
         Prompt(Box<PromptClassifier>),
+        Tuned(Box<TunedEncoderClassifier>, Box<LoadedModel>),
     }
-    let fitted = if is_prompt_method(&args.method) {
+    let fitted = if is_tuning_method(&args.method) {
+        let paths: Vec<PathBuf> = support_rows
+            .iter()
+            .map(|&r| task.rows[r].path.clone())
+            .collect();
+        let labels: Vec<usize> = task.classes(&support_rows)?;
+        let job = TuningJob {
+            model: &args.model,
+            class_names: &task.class_names,
+            prompts: &prompts,
+            support: &paths,
+            labels: &labels,
+            seed: args.seed,
+        };
+        let (clf, tuned) = tuning::fit(&args.method, overrides.as_ref(), &job, &device)?;
+        Fitted::Tuned(Box::new(clf), Box::new(tuned))
+    } else if is_prompt_method(&args.method) {
         let pm = prompt_method_by_name(&args.method, overrides.as_ref())?;
         let paths: Vec<PathBuf> = support_rows
             .iter()
@@ -387,6 +412,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Fitted::Prompt(clf) => {
                 let paths: Vec<PathBuf> = rows.iter().map(|&r| task.rows[r].path.clone()).collect();
                 prompt_probabilities(clf, &m, &paths, args.task.batch, &device)
+            }
+            Fitted::Tuned(clf, tuned) => {
+                let paths: Vec<PathBuf> = rows.iter().map(|&r| task.rows[r].path.clone()).collect();
+                tuning::probabilities(clf, tuned, &paths, args.task.batch, &device)
             }
         }
     };
@@ -454,6 +483,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 clf.card().hyperparameters.clone()
             }
             Fitted::Prompt(clf) => {
+                save_classifier(clf.as_ref(), tmp)?;
+                clf.card().hyperparameters.clone()
+            }
+            Fitted::Tuned(clf, _) => {
                 save_classifier(clf.as_ref(), tmp)?;
                 clf.card().hyperparameters.clone()
             }

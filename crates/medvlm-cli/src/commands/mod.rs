@@ -12,4 +12,5 @@ pub mod phantoms;
 pub mod predict;
 pub mod pretrain;
 pub mod quickstart;
+pub mod tuning;
 pub mod zero_shot;

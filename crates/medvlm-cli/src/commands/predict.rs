@@ -1,7 +1,10 @@
 //! `medvlm predict`: class probabilities of images under an artefact written
 //! by `medvlm adapt`. The model named in the artefact's `adapt.json` is
 //! loaded (or `--model`, when it has moved), the images are embedded exactly
-//! as `adapt` embedded them, and the saved classifier is applied. Output: a
+//! as `adapt` embedded them, and the saved classifier is applied. Prompt
+//! learners run the model with their learned prompts; encoder fine-tuning
+//! artefacts put their tuned tensors (LoRA adapters, biases, blocks) onto
+//! the base model first. Output: a
 //! CSV table `image,<class>...,prediction` on stdout (and `--csv OUT`).
 //!
 //! A multi-label artefact (`medvlm adapt --label-field labels`) gives one
@@ -23,6 +26,7 @@ use super::common::{
 use super::embed::{
     embed_images, list_images, load, preprocess_file, report_skipped, DeviceArgs, Skipped,
 };
+use super::tuning::{self, is_tuning_method, load_applied};
 
 /// Arguments of `medvlm predict`.
 #[derive(clap::Args, Debug)]
@@ -73,55 +77,68 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let card = AdaptCard::read(&args.adapted)?;
     let paths = expand(&args.images)?;
     let spec = args.model.clone().unwrap_or_else(|| card.model.clone());
-    let m = load(&spec, &device).with_context(|| {
+    let model_context = || {
         format!(
             "the model of {} (use --model if it moved)",
             args.adapted.display()
         )
-    })?;
+    };
+    let method = card.method.as_str();
+    let through_model = PROMPT_METHOD_NAMES.contains(&method) || is_tuning_method(method);
+    // Fine-tuned weights go onto a trainable copy of the base model.
+    let (m, tuned) = if is_tuning_method(method) {
+        let (clf, m) = load_applied(&args.adapted, &spec, &device).with_context(model_context)?;
+        (m, Some(clf))
+    } else {
+        (load(&spec, &device).with_context(model_context)?, None)
+    };
     let mut task = TaskKind::MultiClass;
-    let (kept, skipped, probs): (Vec<PathBuf>, Vec<Skipped>, Vec<f32>) =
-        if PROMPT_METHOD_NAMES.contains(&card.method.as_str()) {
-            let clf = PromptClassifier::load(&args.adapted)?;
-            let mut kept = Vec::new();
-            let mut skipped = Vec::new();
-            for p in &paths {
-                match preprocess_file(p, &m.preprocess) {
-                    Ok(_) => kept.push(p.clone()),
-                    Err(e) if args.skip_bad => skipped.push(Skipped {
-                        path: p.display().to_string(),
-                        error: format!("{e:#}"),
-                    }),
-                    Err(e) => {
-                        return Err(e.context(format!(
-                            "{}: unreadable image (use --skip-bad to skip such files)",
-                            p.display()
-                        )))
-                    }
+    let (kept, skipped, probs): (Vec<PathBuf>, Vec<Skipped>, Vec<f32>) = if through_model {
+        let mut kept = Vec::new();
+        let mut skipped = Vec::new();
+        for p in &paths {
+            match preprocess_file(p, &m.preprocess) {
+                Ok(_) => kept.push(p.clone()),
+                Err(e) if args.skip_bad => skipped.push(Skipped {
+                    path: p.display().to_string(),
+                    error: format!("{e:#}"),
+                }),
+                Err(e) => {
+                    return Err(e.context(format!(
+                        "{}: unreadable image (use --skip-bad to skip such files)",
+                        p.display()
+                    )))
                 }
             }
-            let probs = prompt_probabilities(&clf, &m, &kept, args.batch, &device)?;
-            (kept, skipped, probs)
-        } else {
-            let clf = load_classifier(&args.adapted)?;
-            task = clf.card().task;
-            if task != card.task {
-                bail!(
-                    "{}: adapt.json says {:?} but the saved classifier is {:?}; \
-                     re-run medvlm adapt",
-                    args.adapted.display(),
-                    card.task,
-                    task
-                );
+        }
+        let probs = match &tuned {
+            Some(clf) => tuning::probabilities(clf, &m, &kept, args.batch, &device)?,
+            None => {
+                let clf = PromptClassifier::load(&args.adapted)?;
+                prompt_probabilities(&clf, &m, &kept, args.batch, &device)?
             }
-            let imgs = embed_images(&m, &paths, args.batch, args.skip_bad, &device)?;
-            let Some(feats) = imgs.embeds else {
-                report_skipped(&imgs.skipped);
-                bail!("none of the {} images could be read", paths.len());
-            };
-            let probs = probabilities(clf.as_ref(), &feats)?;
-            (imgs.paths, imgs.skipped, probs)
         };
+        (kept, skipped, probs)
+    } else {
+        let clf = load_classifier(&args.adapted)?;
+        task = clf.card().task;
+        if task != card.task {
+            bail!(
+                "{}: adapt.json says {:?} but the saved classifier is {:?}; \
+                     re-run medvlm adapt",
+                args.adapted.display(),
+                card.task,
+                task
+            );
+        }
+        let imgs = embed_images(&m, &paths, args.batch, args.skip_bad, &device)?;
+        let Some(feats) = imgs.embeds else {
+            report_skipped(&imgs.skipped);
+            bail!("none of the {} images could be read", paths.len());
+        };
+        let probs = probabilities(clf.as_ref(), &feats)?;
+        (imgs.paths, imgs.skipped, probs)
+    };
     if kept.is_empty() {
         report_skipped(&skipped);
         bail!("none of the {} images could be read", paths.len());
