@@ -388,20 +388,40 @@ fn bad_input_gives_clear_errors() {
     ));
     assert!(err.contains("rank must be at least 1"), "{err}");
 
-    // An encoder method in the cached-feature benchmark.
+    // A bench override for a method that is not run, and an unknown group.
     let err = fails(
         &bin()
             .args(["bench", "fewshot", "--model"])
             .arg(model())
             .arg("--data")
             .arg(&manifest)
-            .args(["--methods", "linear-probe,coop", "--json"])
+            .args([
+                "--methods",
+                "linear-probe",
+                "--hparams",
+                "lora={}",
+                "--json",
+            ])
             .arg(tmp.path().join("b.json"))
             .output()
             .unwrap(),
     );
-    assert!(err.contains("'coop' needs the encoders"), "{err}");
-    assert!(err.contains("medvlm adapt --method coop"), "{err}");
+    assert!(
+        err.contains("'lora' is not among the --methods run"),
+        "{err}"
+    );
+    let err = fails(
+        &bin()
+            .args(["bench", "fewshot", "--model"])
+            .arg(model())
+            .arg("--data")
+            .arg(&manifest)
+            .args(["--methods", "frozn", "--json"])
+            .arg(tmp.path().join("b.json"))
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("unknown adaptation method 'frozn'"), "{err}");
 
     // An unknown method name lists the known ones.
     let err = fails(&adapt(&manifest, "tip-adaptr", "1", &out, &[]));
@@ -509,4 +529,67 @@ fn adapt_fine_tunes_the_encoders_with_lora_and_predict_reapplies_it() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f64, f64::max);
     assert!(diff > 1e-4, "LoRA left the probabilities unchanged");
+}
+
+#[test]
+fn bench_fewshot_runs_prompt_learning_and_fine_tuning_like_adapt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = phantoms(tmp.path(), 80);
+    let json = tmp.path().join("enc.json");
+    let stdout = ok(&bin()
+        .args(["bench", "fewshot", "--model"])
+        .arg(model())
+        .arg("--data")
+        .arg(&manifest)
+        .args([
+            "--label-field",
+            "modality",
+            "--methods",
+            "zero-shot,coop,lora",
+        ])
+        .args(["--shots", "1", "--seeds", "4", "--json"])
+        .arg(&json)
+        .args(["--hparams", r#"coop={"epochs": 2, "n_ctx": 4}"#])
+        .args([
+            "--hparams",
+            r#"lora={"iterations_per_shot": 5, "lr": 0.001}"#,
+        ])
+        .output()
+        .unwrap());
+    for m in ["zero-shot", "coop", "lora"] {
+        assert!(stdout.contains(&format!("| {m} |")), "{stdout}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records = v["records"].as_array().unwrap();
+    assert_eq!(records.len(), 3 * 4);
+    for r in records {
+        assert_eq!(r["support_size"], 4);
+        assert!(r["metrics"]["conformal"]["report"]["coverage"]
+            .as_f64()
+            .is_some());
+    }
+    // The bench's LoRA fit at seed 3 is the same fit as `medvlm adapt --seed 3`: same
+    // support draw, same training, same test metrics.
+    let bench = records
+        .iter()
+        .find(|r| r["method"] == "lora" && r["protocol"]["seed"] == 3)
+        .unwrap();
+    let out = tmp.path().join("lora");
+    ok(&adapt(
+        &manifest,
+        "lora",
+        "1",
+        &out,
+        &["--hparams", r#"{"iterations_per_shot": 5, "lr": 0.001}"#],
+    ));
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapt.json")).unwrap()).unwrap();
+    for key in ["accuracy", "balanced_accuracy", "macro_f1", "ece"] {
+        let (a, b) = (
+            card["metrics"][key].as_f64().unwrap(),
+            bench["metrics"][key].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-9, "{key}: adapt {a} vs bench {b}");
+    }
 }

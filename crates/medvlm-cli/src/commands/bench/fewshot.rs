@@ -1,5 +1,5 @@
-//! `medvlm bench fewshot`: every requested frozen-feature method over shots
-//! x seeds on one labelled manifest.
+//! `medvlm bench fewshot`: every requested adaptation method over shots x
+//! seeds on one labelled manifest.
 //!
 //! The images are embedded once (feature cache, see `commands::common`);
 //! for each (K, seed) one support set is drawn from the train split with
@@ -14,11 +14,17 @@
 //! error bars, and a JSON file with one record per (method, K, seed)
 //! carrying its metrics and its full few-shot protocol.
 //!
-//! `--methods all` is `zero-shot` plus every trained frozen-feature method
-//! (the zero-shot variants that only differ in their prompts, and the
-//! multi-label `zero-shot-pairs`, are left out). Prompt-learning and
-//! fine-tuning methods need the encoders and are refused here: run them
-//! with `medvlm adapt` (prompt learning) or `medvlm finetune`.
+//! `--methods` takes method names and groups: `frozen` is `zero-shot` plus
+//! every trained frozen-feature method (the zero-shot variants that only
+//! differ in their prompts, and the multi-label `zero-shot-pairs`, are left
+//! out), `prompt` the prompt learners (CoOp, CoCoOp, KgCoOp, VPT, MaPLe),
+//! `finetune` the encoder fine-tuning methods (LoRA, BitFit, partial, full),
+//! `all` the three. Prompt learners and fine-tuning methods are fitted and
+//! scored through the model (no feature cache), one (K, seed) after the
+//! other, on the same support draws as the frozen-feature methods; each
+//! fine-tuning fit starts from a fresh copy of the model. `--hparams
+//! METHOD=JSON` overrides one method's defaults (e.g. fewer iterations for a
+//! small model).
 //!
 //! Multi-label tasks (`--label-field labels`): the methods that fit them
 //! ([`MULTI_LABEL_METHODS`]: `zero-shot-pairs`, `linear-probe`) run; every
@@ -43,6 +49,7 @@ use medvlm_eval::plots::{LinePlot, Plot, Series, Size};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::commands::adapt::prompt_probabilities;
 use crate::commands::common::{
     class_prompts, encode_class_texts, evaluate, evaluate_multilabel, model_fingerprint,
     model_logit_scale, multi_label_refusal, negative_prompts, probabilities, task_features,
@@ -50,6 +57,11 @@ use crate::commands::common::{
     MULTI_LABEL_METHODS,
 };
 use crate::commands::embed::{load, DeviceArgs};
+use crate::commands::tuning::{self, is_tuning_method, TuningJob};
+use medvlm_adapt::methods::encoder_tuning::TUNING_METHOD_NAMES;
+use medvlm_adapt::methods::prompt_common::{
+    prompt_method_by_name, PromptInput, PROMPT_METHOD_NAMES,
+};
 
 /// Arguments of `medvlm bench fewshot`.
 #[derive(clap::Args, Debug)]
@@ -61,9 +73,15 @@ pub struct Args {
     /// column; repeat to concatenate several.
     #[arg(long, required = true)]
     pub data: Vec<PathBuf>,
-    /// `all`, or method names separated by commas.
+    /// Method names and groups, comma-separated. Groups: `frozen` (zero-shot and the
+    /// frozen-feature adapters and probes), `prompt` (prompt learning), `finetune` (encoder
+    /// fine-tuning), `all` (the three).
     #[arg(long, default_value = "all")]
     pub methods: String,
+    /// Hyperparameter overrides of one method, `METHOD=JSON` (repeat for several), e.g.
+    /// `--hparams 'lora={"iterations_per_shot": 50}'`.
+    #[arg(long = "hparams", value_name = "METHOD=JSON")]
+    pub hparams: Vec<String>,
     /// Shots per class, comma-separated.
     #[arg(long, default_value = "1,2,4,8,16")]
     pub shots: String,
@@ -163,9 +181,18 @@ fn multi_class() -> TaskKind {
     TaskKind::MultiClass
 }
 
-/// Resolves `--methods`.
-pub fn resolve_methods(spec: &str) -> anyhow::Result<Vec<String>> {
-    if spec.trim() == "all" {
+/// Class probabilities `[N * C]` of image files under a fitted encoder method.
+type ImageScorer<'a> = dyn Fn(&[PathBuf]) -> anyhow::Result<Vec<f32>> + 'a;
+
+/// Method groups `--methods` accepts besides single names.
+const METHOD_GROUPS: &str = "all, frozen, prompt, finetune";
+
+/// The methods of a group name, if `name` is one: `frozen` = zero-shot and every trained
+/// frozen-feature method (the zero-shot variants that differ only in their prompts, and the
+/// multi-label `zero-shot-pairs`, left out); `prompt` = prompt learning; `finetune` = encoder
+/// fine-tuning; `all` = the three.
+fn method_group(name: &str) -> Option<Vec<String>> {
+    let frozen = || {
         let mut v = vec!["zero-shot".to_string()];
         v.extend(
             frozen_feature_method_names()
@@ -173,29 +200,82 @@ pub fn resolve_methods(spec: &str) -> anyhow::Result<Vec<String>> {
                 .filter(|n| !n.starts_with("zero-shot"))
                 .map(str::to_string),
         );
-        return Ok(v);
-    }
-    let names: Vec<String> = spec
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect();
-    if names.is_empty() {
-        bail!("--methods: give `all` or a comma-separated list of method names");
-    }
-    for n in &names {
-        let m = method_by_name(n, None)?;
-        if m.requires_encoder() {
-            bail!(
-                "--methods: '{n}' needs the encoders and cannot run on the cached features this \
-                 benchmark uses; run it with `medvlm adapt --method {n}` (prompt learning) or \
-                 `medvlm finetune`, or drop it from --methods (frozen-feature methods: {})",
-                frozen_feature_method_names().join(", ")
-            );
+        v
+    };
+    let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    Some(match name {
+        "frozen" => frozen(),
+        "prompt" => names(PROMPT_METHOD_NAMES),
+        "finetune" => names(TUNING_METHOD_NAMES),
+        "all" => {
+            let mut v = frozen();
+            v.extend(names(PROMPT_METHOD_NAMES));
+            v.extend(names(TUNING_METHOD_NAMES));
+            v
+        }
+        _ => return None,
+    })
+}
+
+/// Resolves `--methods`: method names and group names ([`METHOD_GROUPS`]), comma-separated,
+/// in the order given, each method once.
+pub fn resolve_methods(spec: &str) -> anyhow::Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let names = match method_group(item) {
+            Some(g) => g,
+            None => {
+                let m = method_by_name(item, None)?;
+                if m.requires_encoder() && !is_encoder_method(item) {
+                    bail!("--methods: '{item}' has no few-shot fit");
+                }
+                vec![item.to_string()]
+            }
+        };
+        for n in names {
+            if !out.contains(&n) {
+                out.push(n);
+            }
         }
     }
-    Ok(names)
+    if out.is_empty() {
+        bail!("--methods: give method names or groups ({METHOD_GROUPS}), comma-separated");
+    }
+    Ok(out)
+}
+
+/// Prompt learning or encoder fine-tuning: fitted and scored through the model.
+fn is_encoder_method(name: &str) -> bool {
+    PROMPT_METHOD_NAMES.contains(&name) || is_tuning_method(name)
+}
+
+/// Parses `--hparams METHOD=JSON` entries into per-method overrides.
+fn parse_hparams(
+    entries: &[String],
+    methods: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, serde_json::Value>> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in entries {
+        let (name, json) = e.split_once('=').with_context(|| {
+            format!(
+                "--hparams {e:?}: write METHOD=JSON, e.g. 'lora={{\"iterations_per_shot\": 50}}'"
+            )
+        })?;
+        let name = name.trim();
+        if !methods.iter().any(|m| m == name) {
+            bail!(
+                "--hparams {e:?}: '{name}' is not among the --methods run ({})",
+                methods.join(", ")
+            );
+        }
+        let v: serde_json::Value = serde_json::from_str(json).with_context(|| {
+            format!("--hparams {e:?}: the part after '=' must be a JSON object")
+        })?;
+        // Built once here so that an unknown or out-of-range field fails before any work.
+        method_by_name(name, Some(&v))?;
+        out.insert(name.to_string(), v);
+    }
+    Ok(out)
 }
 
 fn parse_shots(s: &str) -> anyhow::Result<Vec<usize>> {
@@ -224,6 +304,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return run_multilabel(args, &device);
     }
     let methods = resolve_methods(&args.methods)?;
+    let hparams = parse_hparams(&args.hparams, &methods)?;
     let shots = parse_shots(&args.shots)?;
     if args.seeds == 0 {
         bail!("--seeds must be at least 1");
@@ -268,24 +349,46 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let built = methods
         .iter()
-        .map(|n| method_by_name(n, None))
+        .filter(|n| !is_encoder_method(n))
+        .map(|n| method_by_name(n, hparams.get(n)))
         .collect::<Result<Vec<_>, _>>()?;
+    let encoder_methods: Vec<&String> = methods.iter().filter(|n| is_encoder_method(n)).collect();
     let jobs: Vec<(usize, u64)> = shots
         .iter()
         .flat_map(|&k| (0..args.seeds).map(move |s| (k, s)))
         .collect();
+    let protocol_of = |k: usize, seed: u64| FewShotProtocol {
+        shots: k,
+        seed,
+        mode: mode.clone(),
+        task: TaskKind::MultiClass,
+        hyperparameter_policy: policy,
+        validation_set: false,
+    };
+    // Conformal calibration rows of a support draw (pool indices `idx`): the val split, else
+    // the pool outside the support set.
+    let calibration_rows = |idx: &[usize]| -> (Vec<usize>, String) {
+        if !val_rows.is_empty() {
+            return (
+                val_rows.clone(),
+                format!("split '{}'", args.task.calib_split),
+            );
+        }
+        let in_support: std::collections::BTreeSet<usize> = idx.iter().copied().collect();
+        let rows = (0..pool_y.len())
+            .filter(|i| !in_support.contains(i))
+            .map(|i| pool_rows[i])
+            .collect();
+        (
+            rows,
+            format!("'{}' images outside the support set", args.task.split),
+        )
+    };
     let t0 = Instant::now();
     let per_job: Vec<anyhow::Result<Vec<BenchRecord>>> = jobs
         .par_iter()
         .map(|&(k, seed)| -> anyhow::Result<Vec<BenchRecord>> {
-            let protocol = FewShotProtocol {
-                shots: k,
-                seed,
-                mode: mode.clone(),
-                task: TaskKind::MultiClass,
-                hyperparameter_policy: policy,
-                validation_set: false,
-            };
+            let protocol = protocol_of(k, seed);
             let idx = protocol
                 .sample(&pool_y, &task.class_names)
                 .map_err(|e| anyhow::anyhow!("--shots {k}: {e}"))?;
@@ -299,7 +402,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 seed,
                 protocol: Some(&protocol),
             };
-            // Conformal calibration: the val split, else the pool outside the support set.
             let (cal_f, cal_y, source) = match &val {
                 Some((f, y)) => (
                     f.clone(),
@@ -307,18 +409,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     format!("split '{}'", args.task.calib_split),
                 ),
                 None => {
-                    let in_support: std::collections::BTreeSet<usize> =
-                        idx.iter().copied().collect();
-                    let rest: Vec<usize> = (0..pool_y.len())
-                        .filter(|i| !in_support.contains(i))
-                        .collect();
-                    let rows: Vec<usize> = rest.iter().map(|&i| pool_rows[i]).collect();
+                    let (rows, source) = calibration_rows(&idx);
                     let (f, y) = feats.select(&task, &rows)?;
-                    (
-                        f,
-                        y,
-                        format!("'{}' images outside the support set", args.task.split),
-                    )
+                    (f, y, source)
                 }
             };
             let mut out = Vec::with_capacity(built.len());
@@ -361,6 +454,93 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut records = Vec::new();
     for r in per_job {
         records.extend(r?);
+    }
+
+    // Prompt learning and encoder fine-tuning: fitted and scored through the model, one
+    // (K, seed) after the other (each fit uses every core), on the same support draws.
+    let paths_of = |rows: &[usize]| -> Vec<PathBuf> {
+        rows.iter().map(|&r| task.rows[r].path.clone()).collect()
+    };
+    let test_paths = paths_of(&test_rows);
+    for &(k, seed) in jobs.iter().filter(|_| !encoder_methods.is_empty()) {
+        let protocol = protocol_of(k, seed);
+        let idx = protocol
+            .sample(&pool_y, &task.class_names)
+            .map_err(|e| anyhow::anyhow!("--shots {k}: {e}"))?;
+        let support_rows: Vec<usize> = idx.iter().map(|&i| pool_rows[i]).collect();
+        let support_paths = paths_of(&support_rows);
+        let labels: Vec<usize> = idx.iter().map(|&i| pool_y[i]).collect();
+        let (cal_rows, source) = calibration_rows(&idx);
+        let cal_paths = paths_of(&cal_rows);
+        let cal_y = task.classes(&cal_rows)?;
+        for name in &encoder_methods {
+            let overrides = hparams.get(name.as_str());
+            let t_fit = Instant::now();
+            let what = || format!("{name} at K={k}, seed {seed}");
+            // Each arm returns a scorer of image files.
+            let tuned;
+            let prompt_clf;
+            let score: Box<ImageScorer> = if is_tuning_method(name) {
+                let job = TuningJob {
+                    model: &args.model,
+                    class_names: &task.class_names,
+                    prompts: &prompts,
+                    support: &support_paths,
+                    labels: &labels,
+                    seed,
+                };
+                tuned = tuning::fit(name, overrides, &job, &device).with_context(what)?;
+                Box::new(|p: &[PathBuf]| {
+                    tuning::probabilities(&tuned.0, &tuned.1, p, args.task.batch, &device)
+                })
+            } else {
+                let pm = prompt_method_by_name(name, overrides)?;
+                let pixels = crate::commands::adapt::pixel_batch(&m, &support_paths, &device)?;
+                let input = PromptInput {
+                    model: m.model.as_ref(),
+                    tokenizer: &m.tokenizer,
+                    class_names: &task.class_names,
+                    images: &pixels,
+                    labels: &labels,
+                    seed,
+                };
+                prompt_clf = pm.fit_prompts(&input).with_context(what)?;
+                Box::new(|p: &[PathBuf]| {
+                    prompt_probabilities(&prompt_clf, &m, p, args.task.batch, &device)
+                })
+            };
+            let fit_seconds = t_fit.elapsed().as_secs_f64();
+            let t_pred = Instant::now();
+            let probs = score(&test_paths)?;
+            let predict_seconds = t_pred.elapsed().as_secs_f64();
+            let calib = if cal_y.is_empty() {
+                None
+            } else {
+                Some(score(&cal_paths)?)
+            };
+            let metrics = evaluate(
+                &probs,
+                &test_y,
+                c,
+                calib
+                    .as_ref()
+                    .map(|p| (p.as_slice(), cal_y.as_slice(), source.clone())),
+                args.task.conformal(seed),
+            )?;
+            eprintln!(
+                "{name} K={k} seed {seed}: accuracy {:.3} (fit {fit_seconds:.1} s)",
+                metrics.accuracy
+            );
+            records.push(BenchRecord {
+                method: name.to_string(),
+                protocol: protocol.clone(),
+                support_size: idx.len(),
+                metrics: Some(metrics),
+                multilabel_metrics: None,
+                fit_seconds,
+                predict_seconds,
+            });
+        }
     }
     let elapsed = t0.elapsed().as_secs_f64();
 
