@@ -4,25 +4,12 @@
 //! before training.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::Device;
 use medvlm_io::Plane;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../medvlm-models/tests/fixtures/clip")
-}
-
-fn medvlm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_medvlm"))
-        .args(args)
-        .output()
-        .expect("run medvlm")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
+use common::{arg, fails, model, ok, run};
 
 /// Six 32x32 PNGs (in `images/`) with distinct patterns and a JSONL manifest pairing them with texts.
 fn dataset(dir: &Path) -> PathBuf {
@@ -75,7 +62,7 @@ epochs = 3
 {finetune}
 "#,
         out = out.display(),
-        model = fixture().display(),
+        model = model().display(),
         manifest = manifest.display(),
     );
     let p = dir.join("ft.toml");
@@ -84,20 +71,15 @@ epochs = 3
 }
 
 fn embeds(model: &Path, images: &Path, out: &Path) -> candle_core::Tensor {
-    let res = medvlm(&[
+    ok(&run(&[
         "embed",
         "--model",
-        s(model),
+        arg(model),
         "--images",
-        s(images),
+        arg(images),
         "--out",
-        s(out),
-    ]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+        arg(out),
+    ]));
     let t = candle_core::safetensors::load(out, &Device::Cpu).unwrap();
     t["image_embeds"].clone()
 }
@@ -127,12 +109,13 @@ fn lora_finetune_exports_a_model_that_embed_and_zero_shot_load() {
         "[finetune]\nmode = \"lora\"\n[finetune.lora]\nrank = 2\nalpha = 4.0\ntargets = [\"q\", \"v\"]\n",
     );
     // The file says 3 epochs; --set overrides it.
-    let res = medvlm(&["finetune", "--config", s(&cfg), "--set", "optim.epochs=2"]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    ok(&run(&[
+        "finetune",
+        "--config",
+        arg(&cfg),
+        "--set",
+        "optim.epochs=2",
+    ]));
     let resolved = std::fs::read_to_string(out.join("config.resolved.toml")).unwrap();
     assert!(resolved.contains("epochs = 2"), "{resolved}");
     let report: serde_json::Value =
@@ -160,7 +143,7 @@ fn lora_finetune_exports_a_model_that_embed_and_zero_shot_load() {
     assert!(out.join("lora_adapter/adapter_config.json").is_file());
 
     let images = d.path().join("images");
-    let base = embeds(&fixture(), &images, &d.path().join("base.safetensors"));
+    let base = embeds(&model(), &images, &d.path().join("base.safetensors"));
     let tuned = embeds(
         &out.join("model"),
         &images,
@@ -172,20 +155,15 @@ fn lora_finetune_exports_a_model_that_embed_and_zero_shot_load() {
         "fine-tuning changed nothing"
     );
 
-    let res = medvlm(&[
+    ok(&run(&[
         "zero-shot",
         "--model",
-        s(&out.join("model")),
+        arg(&out.join("model")),
         "--images",
-        s(&manifest),
+        arg(&manifest),
         "--classes",
         "a chest x-ray;a brain mri",
-    ]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    ]));
 }
 
 #[test]
@@ -199,19 +177,14 @@ fn partial_finetune_runs_and_changes_the_model() {
         &out,
         "[finetune]\nmode = \"partial\"\nlast_k = 1\n[freeze]\nmode = \"text\"\n",
     );
-    let res = medvlm(&["finetune", "--config", s(&cfg)]);
-    assert!(
-        res.status.success(),
-        "{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    ok(&run(&["finetune", "--config", arg(&cfg)]));
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("finetune.json")).unwrap()).unwrap();
     assert_eq!(report["towers"], "vision");
     // Vision block 1 (16 tensors) + post_layernorm (2) + visual_projection.
     assert_eq!(report["trainable_tensors"], 16 + 2 + 1);
     let base =
-        candle_core::safetensors::load(fixture().join("model.safetensors"), &Device::Cpu).unwrap();
+        candle_core::safetensors::load(model().join("model.safetensors"), &Device::Cpu).unwrap();
     let tuned =
         candle_core::safetensors::load(out.join("model/model.safetensors"), &Device::Cpu).unwrap();
     let same = |k: &str| max_abs_diff(&base[k], &tuned[k]) == 0.0;
@@ -241,11 +214,8 @@ fn modes_that_do_not_fit_the_model_fail_before_training() {
         ),
     ] {
         let cfg = config(d.path(), &manifest, &out, ft);
-        let res = medvlm(&["finetune", "--config", s(&cfg)]);
-        let err = String::from_utf8_lossy(&res.stderr);
-        assert!(!res.status.success());
+        let err = fails(&run(&["finetune", "--config", arg(&cfg)]));
         assert!(err.contains(needle), "{needle:?} not in {err}");
-        assert!(!err.contains("panicked"), "{err}");
         // Nothing trained or written.
         assert!(!out.join("checkpoints").exists(), "{ft}");
         assert!(!out.join("model").exists(), "{ft}");

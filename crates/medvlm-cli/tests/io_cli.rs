@@ -3,7 +3,9 @@
 //! tools/make_io_reference.py).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
+use common::{arg, fails, ok, run};
 
 fn io_data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -15,22 +17,6 @@ fn reference() -> serde_json::Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../medvlm-io/tests/fixtures/io_reference.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn medvlm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_medvlm"))
-        .args(args)
-        .output()
-        .expect("run medvlm");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn check_npy_against_reference(npy: &Path, name: &str) {
@@ -66,15 +52,14 @@ fn convert_to_npy_without_window_gives_modality_values() {
         ("example_nifti2.nii.gz", "n2.npy"),
     ] {
         let o = dir.path().join(out);
-        let (ok, stdout, stderr) = medvlm(&[
+        let stdout = ok(&run(&[
             "convert",
-            s(&io_data(name)),
+            arg(&io_data(name)),
             "--out",
-            s(&o),
+            arg(&o),
             "--window",
             "none",
-        ]);
-        assert!(ok, "{name}: {stderr}");
+        ]));
         assert!(stdout.contains("float32"), "{stdout}");
         check_npy_against_reference(&o, name);
     }
@@ -87,44 +72,41 @@ fn convert_nifti_slice_and_dicom_frame() {
     let zs = &refs["files"]["anatomical.nii"]["z_slice"];
     let o = dir.path().join("slice.npy");
     let k = zs["index"].as_u64().unwrap().to_string();
-    let (ok, _, e) = medvlm(&[
+    ok(&run(&[
         "convert",
-        s(&io_data("anatomical.nii")),
+        arg(&io_data("anatomical.nii")),
         "--out",
-        s(&o),
+        arg(&o),
         "--axis",
         "z",
         "--slice",
         &k,
-    ]);
-    assert!(ok, "{e}");
+    ]));
     let a = medvlm_io::npy::read_npy(&o).unwrap();
     assert_eq!(a.shape, vec![33, 41]);
     let mean = a.data.iter().sum::<f64>() / a.data.len() as f64;
     assert!((mean - zs["mean"].as_f64().unwrap()).abs() < 1e-6);
     let o = dir.path().join("frame1.npy");
-    let (ok, _, e) = medvlm(&[
+    ok(&run(&[
         "convert",
-        s(&io_data("SC_rgb_rle_2frame.dcm")),
+        arg(&io_data("SC_rgb_rle_2frame.dcm")),
         "--out",
-        s(&o),
+        arg(&o),
         "--frame",
         "1",
-    ]);
-    assert!(ok, "{e}");
+    ]));
     assert_eq!(
         medvlm_io::npy::read_npy(&o).unwrap().shape,
         vec![100, 100, 3]
     );
-    let (ok, _, e) = medvlm(&[
+    let e = fails(&run(&[
         "convert",
-        s(&io_data("SC_rgb_rle_2frame.dcm")),
+        arg(&io_data("SC_rgb_rle_2frame.dcm")),
         "--out",
-        s(&o),
+        arg(&o),
         "--frame",
         "2",
-    ]);
-    assert!(!ok);
+    ]));
     assert!(e.contains("frame 2 out of range"), "{e}");
 }
 
@@ -132,15 +114,14 @@ fn convert_nifti_slice_and_dicom_frame() {
 fn convert_to_png_with_lung_window_matches_pydicom_voi() {
     let dir = tempfile::tempdir().unwrap();
     let o = dir.path().join("ct.png");
-    let (ok, _, e) = medvlm(&[
+    ok(&run(&[
         "convert",
-        s(&io_data("CT_small.dcm")),
+        arg(&io_data("CT_small.dcm")),
         "--out",
-        s(&o),
+        arg(&o),
         "--window",
         "lung",
-    ]);
-    assert!(ok, "{e}");
+    ]));
     let png = medvlm_io::load_any(&o).unwrap();
     assert_eq!(png.shape, vec![128, 128]);
     let refs = reference();
@@ -157,49 +138,49 @@ fn convert_to_png_with_lung_window_matches_pydicom_voi() {
         );
     }
     // C/W syntax with a negative centre
-    let (ok, _, e) = medvlm(&[
+    ok(&run(&[
         "convert",
-        s(&io_data("CT_small.dcm")),
+        arg(&io_data("CT_small.dcm")),
         "--out",
-        s(&o),
+        arg(&o),
         "--window",
         "-600/1500",
-    ]);
-    assert!(ok, "{e}");
+    ]));
 }
 
 #[test]
 fn convert_bad_inputs_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let o = dir.path().join("x.npy");
-    let (ok, _, e) = medvlm(&["convert", s(&io_data("MR_truncated.dcm")), "--out", s(&o)]);
-    assert!(!ok);
+    let e = fails(&run(&[
+        "convert",
+        arg(&io_data("MR_truncated.dcm")),
+        "--out",
+        arg(&o),
+    ]));
     assert!(
         e.contains("MR_truncated.dcm") && e.contains("1.2.840.10008.1.2.1"),
         "{e}"
     );
-    assert!(!e.contains("panicked"), "{e}");
     assert!(!o.exists());
-    let (ok, _, e) = medvlm(&[
+    let e = fails(&run(&[
         "convert",
-        s(&io_data("MR_small_jpeg_ls_lossless.dcm")),
+        arg(&io_data("MR_small_jpeg_ls_lossless.dcm")),
         "--out",
-        s(&o),
-    ]);
-    assert!(!ok);
+        arg(&o),
+    ]));
     assert!(
         e.contains("unsupported DICOM transfer syntax JPEG-LS"),
         "{e}"
     );
-    let (ok, _, e) = medvlm(&[
+    let e = fails(&run(&[
         "convert",
-        s(&io_data("CT_small.dcm")),
+        arg(&io_data("CT_small.dcm")),
         "--out",
-        s(&o),
+        arg(&o),
         "--window",
         "liver?",
-    ]);
-    assert!(!ok);
+    ]));
     assert!(e.contains("invalid window"), "{e}");
 }
 
@@ -226,16 +207,17 @@ fn convert_deidentify_writes_a_clean_copy() {
     let secrets = identifying_values(&src);
     assert!(!secrets.is_empty());
     let o = dir.path().join("anon.dcm");
-    let (ok, stdout, e) = medvlm(&[
+    let res = run(&[
         "convert",
-        s(&src),
+        arg(&src),
         "--out",
-        s(&o),
+        arg(&o),
         "--deidentify",
         "--salt",
         "t",
     ]);
-    assert!(ok, "{e}");
+    let stdout = ok(&res);
+    let e = String::from_utf8_lossy(&res.stderr);
     assert!(
         stdout.contains("PatientName"),
         "names of attributes are reported"
@@ -271,8 +253,10 @@ fn data_check_reports_and_skip_bad() {
         "image,split,label\nCT_small.dcm,train,ct\nMR_small.dcm,train,mr\nanatomical.nii,test,mr\nMR_truncated.dcm,test,mr\ngone.dcm,val,Mr\n",
     )
     .unwrap();
-    let (ok, out, err) = medvlm(&["data", "check", s(&manifest)]);
-    assert!(!ok, "bad files must fail without --skip-bad");
+    let res = run(&["data", "check", arg(&manifest)]);
+    // Bad files must fail without --skip-bad.
+    let err = fails(&res);
+    let out = String::from_utf8_lossy(&res.stdout);
     assert!(
         out.contains("missing files: 1") && out.contains("gone.dcm"),
         "{out}"
@@ -287,8 +271,9 @@ fn data_check_reports_and_skip_bad() {
         err.contains("2 of 5 files are missing or unreadable"),
         "{err}"
     );
-    let (ok, out, err) = medvlm(&["data", "check", s(&manifest), "--skip-bad"]);
-    assert!(ok, "{out}\n{err}");
+    let res = run(&["data", "check", arg(&manifest), "--skip-bad"]);
+    let out = ok(&res);
+    let err = String::from_utf8_lossy(&res.stderr);
     assert!(
         out.contains("skipping 2 bad file(s), 3 usable record(s) remain"),
         "{out}"
@@ -318,17 +303,15 @@ fn data_check_of_a_clean_folder_layout_passes() {
         std::fs::create_dir_all(&d).unwrap();
         std::fs::copy(io_data(n), d.join(n)).unwrap();
     }
-    let (ok, out, err) = medvlm(&["data", "check", s(dir.path())]);
-    assert!(ok, "{out}\n{err}");
+    let out = ok(&run(&["data", "check", arg(dir.path())]));
     assert!(out.contains("OK: 4 record(s), 0 bad file(s)"), "{out}");
 }
 
 #[test]
 fn bench_io_reports_throughput() {
-    let (ok, out, err) = medvlm(&[
+    let out = ok(&run(&[
         "bench", "io", "--count", "4", "--side", "64", "--repeat", "2", "--size", "32",
-    ]);
-    assert!(ok, "{err}");
+    ]));
     assert!(
         out.contains("decode + preprocess:") && out.contains("images/s"),
         "{out}"

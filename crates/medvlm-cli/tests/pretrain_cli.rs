@@ -2,33 +2,15 @@
 //! output loads in `medvlm zero-shot`, and bad configurations fail before training.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-fn medvlm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_medvlm"))
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stderr_of_failure(out: Output) -> String {
-    assert!(!out.status.success(), "expected a failure");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+mod common;
+use common::{bin, fails, ok};
 
 /// A small phantom data set (64 studies at 32 px) in `dir/ph`.
 fn phantoms(dir: &Path) -> PathBuf {
     let ph = dir.join("ph");
-    ok(medvlm()
+    ok(&bin()
         .args([
             "phantoms", "generate", "--n", "64", "--size", "32", "--seed", "5",
         ])
@@ -87,7 +69,7 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
 
     // Uninterrupted reference run.
     let cfg_a = tiny_config(dir, "a.toml", "run_a", "");
-    ok(medvlm()
+    ok(&bin()
         .arg("pretrain")
         .arg("--config")
         .arg(&cfg_a)
@@ -98,7 +80,7 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
 
     // Same run, killed with SIGKILL after its first checkpoint.
     let cfg_b = tiny_config(dir, "b.toml", "run_b", "");
-    let mut child = medvlm()
+    let mut child = bin()
         .arg("pretrain")
         .arg("--config")
         .arg(&cfg_b)
@@ -128,21 +110,21 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     assert!(checkpoint_step.starts_with("step-"), "{checkpoint_step}");
 
     // Resume to the end.
-    let out = ok(medvlm()
+    let out = bin()
         .arg("pretrain")
         .arg("--config")
         .arg(&cfg_b)
         .arg("--resume")
         .output()
-        .unwrap());
+        .unwrap();
+    let stdout = ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"));
     // It really continued from the checkpoint rather than starting over.
     let killed_at: u64 = checkpoint_step.trim()["step-".len()..].parse().unwrap();
     assert!(killed_at >= 2);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains(&format!("resumed from step {killed_at}\n")),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        stdout.contains(&format!("resumed from step {killed_at}\n")),
+        "{stdout}"
     );
     let model_b = dir.join("run_b/model/model.safetensors");
     assert!(
@@ -179,8 +161,8 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     }
 
     // A different configuration cannot resume this run.
-    let err = stderr_of_failure(
-        medvlm()
+    let err = fails(
+        &bin()
             .arg("pretrain")
             .arg("--config")
             .arg(&cfg_b)
@@ -191,7 +173,7 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     assert!(err.contains("config"), "{err}");
 
     // The trained model loads anywhere a hub model does.
-    ok(medvlm()
+    ok(&bin()
         .args(["zero-shot", "--model"])
         .arg(dir.join("run_a/model"))
         .arg("--images")
@@ -207,8 +189,8 @@ fn bad_configs_fail_before_training() {
     let dir = tmp.path();
     phantoms(dir);
     let run = |cfg: &Path, extra: &[&str]| {
-        let err = stderr_of_failure(
-            medvlm()
+        let err = fails(
+            &bin()
                 .arg("pretrain")
                 .arg("--config")
                 .arg(cfg)
@@ -313,7 +295,7 @@ fn label_aware_loss_with_impressions_and_grouped_batches_trains() {
     let dir = tmp.path();
     phantoms(dir);
     let cfg = tiny_config(dir, "la.toml", "la", "[loss]\nkind = \"label_aware\"\n");
-    let out = ok(medvlm()
+    let out = bin()
         .arg("pretrain")
         .arg("--config")
         .arg(&cfg)
@@ -324,7 +306,8 @@ fn label_aware_loss_with_impressions_and_grouped_batches_trains() {
             "data.batch_grouping=\"group\"",
         ])
         .output()
-        .unwrap());
+        .unwrap();
+    ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // A third of the phantom reports have no section headers; their count is reported.
     assert!(

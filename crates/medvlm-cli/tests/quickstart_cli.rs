@@ -2,13 +2,14 @@
 //! metrics and a loadable model, and the model learned (loss down, retrieval above chance).
 //! The full-size figures are measured in release mode and recorded in docs/quickstart.md.
 
-use std::process::Command;
+mod common;
+use common::{bin, ok};
 
 #[test]
 fn tiny_quickstart_learns_and_writes_report_and_metrics() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("qs");
-    let res = Command::new(env!("CARGO_BIN_EXE_medvlm"))
+    let stdout = ok(&bin()
         .args([
             "quickstart",
             "--tiny",
@@ -20,13 +21,7 @@ fn tiny_quickstart_learns_and_writes_report_and_metrics() {
         ])
         .arg(&out)
         .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&res.stdout);
-    assert!(
-        res.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+        .unwrap());
     assert!(stdout.contains("zero-shot balanced accuracy"), "{stdout}");
     assert!(stdout.contains("text-to-image recall@1/5/10"), "{stdout}");
 
@@ -75,15 +70,14 @@ fn tiny_quickstart_learns_and_writes_report_and_metrics() {
 
     // The model directory loads in `medvlm zero-shot`, and the written config and benchmark
     // are usable by `medvlm pretrain` (checked by loading the manifest).
-    let z = Command::new(env!("CARGO_BIN_EXE_medvlm"))
+    ok(&bin()
         .args(["zero-shot", "--model"])
         .arg(out.join("model"))
         .arg("--images")
         .arg(out.join("benchmark/test.jsonl"))
         .args(["--classes", "nodule;tumour;melanoma"])
         .output()
-        .unwrap();
-    assert!(z.status.success(), "{}", String::from_utf8_lossy(&z.stderr));
+        .unwrap());
     assert!(out.join("quickstart.toml").is_file());
     assert!(out.join("benchmark/train.jsonl").is_file());
 }
