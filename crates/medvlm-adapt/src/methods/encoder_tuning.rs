@@ -43,7 +43,7 @@ use crate::finetune::{prepare, FinetuneError, FinetuneSpec, Towers};
 use crate::lora::{install_lora_tensors, set_lora_training, LoraSpec};
 use crate::method::{
     l2_normalize, normalized_input, AdaptInput, AdaptationMethod, AdaptedClassifier,
-    ClassifierCard, FeatureAccess, MethodError, Result, CARD_FORMAT, WEIGHTS_FILE,
+    ClassifierCard, MethodError, Result, CARD_FORMAT, WEIGHTS_FILE,
 };
 
 /// Registry names of the encoder fine-tuning methods.
@@ -185,16 +185,11 @@ pub fn tuning_method_by_name(
 /// What [`AdaptationMethod::fit`] of a fine-tuning method answers: an
 /// [`AdaptInput`] holds no model.
 pub(crate) fn refuse_feature_fit(name: &str, input: &AdaptInput) -> MethodError {
-    match input.access {
-        FeatureAccess::FrozenFeatures => MethodError::NeedsEncoder {
-            method: name.into(),
-            alternatives: crate::method::frozen_feature_method_names().join(", "),
-        },
-        FeatureAccess::EncoderAccess => MethodError::NotImplemented(format!(
-            "{name} via AdaptInput (it carries no model; fit with \
-             EncoderTuningMethod::fit_encoders on the trainable model and the support images)"
-        )),
-    }
+    super::refuse_cached_features(
+        name,
+        input,
+        "EncoderTuningMethod::fit_encoders on the trainable model and the support images",
+    )
 }
 
 fn tuning_err(e: FinetuneError) -> MethodError {

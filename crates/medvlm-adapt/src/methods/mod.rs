@@ -132,6 +132,26 @@ pub fn build_method(
     })
 }
 
+/// The error of a method that needs the model when [`AdaptationMethod::fit`] gets an
+/// [`crate::method::AdaptInput`], which carries cached features and no model: with frozen
+/// features it names the methods that would run; with encoder access it names
+/// `entry_point`, the call that fits the method on the model.
+pub(crate) fn refuse_cached_features(
+    name: &str,
+    input: &crate::method::AdaptInput,
+    entry_point: &str,
+) -> MethodError {
+    match input.access {
+        crate::method::FeatureAccess::FrozenFeatures => MethodError::NeedsEncoder {
+            method: name.into(),
+            alternatives: crate::method::frozen_feature_method_names().join(", "),
+        },
+        crate::method::FeatureAccess::EncoderAccess => MethodError::NotImplemented(format!(
+            "{name} via AdaptInput (it carries no model; fit with {entry_point})"
+        )),
+    }
+}
+
 /// Rebuilds a saved classifier from its card and tensors.
 pub(crate) fn rebuild_classifier(
     card: ClassifierCard,

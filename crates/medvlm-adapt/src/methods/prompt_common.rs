@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::fewshot::TaskKind;
 use crate::method::{
     l2_normalize, normalized_input, AdaptInput, AdaptationMethod, AdaptedClassifier,
-    ClassifierCard, FeatureAccess, MethodError, Result, CARD_FILE, CARD_FORMAT, WEIGHTS_FILE,
+    ClassifierCard, MethodError, Result, CARD_FILE, CARD_FORMAT, WEIGHTS_FILE,
 };
 
 /// Registry names of the prompt-learning methods.
@@ -175,18 +175,11 @@ pub fn prompt_method_by_name(
 /// What [`AdaptationMethod::fit`] of a prompt-learning method answers: it has
 /// no model in an [`AdaptInput`], so it explains what to call instead.
 pub(crate) fn refuse_feature_fit(name: &str, input: &AdaptInput) -> MethodError {
-    match input.access {
-        FeatureAccess::FrozenFeatures => MethodError::NeedsEncoder {
-            method: name.into(),
-            alternatives: crate::method::frozen_feature_method_names().join(", "),
-        },
-        // `AdaptInput` carries no model, so this path is not wired; the
-        // message says which entry point does the fit.
-        FeatureAccess::EncoderAccess => MethodError::NotImplemented(format!(
-            "{name} via AdaptInput (it carries no model; fit with \
-             PromptLearningMethod::fit_prompts on the model and the support images)"
-        )),
-    }
+    super::refuse_cached_features(
+        name,
+        input,
+        "PromptLearningMethod::fit_prompts on the model and the support images",
+    )
 }
 
 /// Where the class name goes relative to the learned context (CoOp's
