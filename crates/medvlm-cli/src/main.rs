@@ -12,6 +12,26 @@ mod commands;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Index of `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (libmimalloc-sys has no
+/// constant for it); `allocator_options_tests` checks it reads mimalloc's documented default.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// Never return freed memory to the OS (mimalloc's `-1`).
+const PURGE_DELAY_MS: std::os::raw::c_long = -1;
+
+/// mimalloc returns freed pages to the OS after a delay (1 s, scaled up for arenas), and a
+/// ViT-B batch frees and reallocates tens of MB per layer, so pages keep coming back fresh and
+/// the kernel zeroes them: a quarter of `medvlm bench embed`'s time in a profile
+/// (docs/benchmarks.md). Never purging keeps them for reuse; the process's memory then stays
+/// at its high-water mark, which is its peak RSS anyway. An explicit `MIMALLOC_PURGE_DELAY`
+/// in the environment wins.
+fn allocator_options() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one integer option of the allocator; mimalloc documents this call as
+        // valid at any time.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    }
+}
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -61,6 +81,7 @@ enum Command {
 }
 
 fn main() {
+    allocator_options();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
@@ -95,4 +116,21 @@ fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[cfg(test)]
+mod allocator_options_tests {
+    #[test]
+    fn purge_delay_index_names_mimallocs_purge_delay() {
+        // mimalloc v3's documented default purge delay is 1000 ms; a wrong index would read
+        // another option.
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            panic!("unset MIMALLOC_PURGE_DELAY to run this test");
+        }
+        let before = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
+        assert_eq!(before, 1000);
+        super::allocator_options();
+        let after = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
+        assert_eq!(after, super::PURGE_DELAY_MS);
+    }
 }

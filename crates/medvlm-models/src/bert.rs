@@ -47,7 +47,7 @@ pub enum BertActivation {
 impl BertActivation {
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            BertActivation::Gelu => x.gelu_erf(),
+            BertActivation::Gelu => crate::fused::gelu_erf(x),
             BertActivation::GeluTanh => x.gelu(),
             BertActivation::Relu => x.relu(),
         }

@@ -183,7 +183,7 @@ impl TimmBlock {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = (x + self.attention(&self.norm1.forward(x)?)?)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
+        let h = crate::fused::gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?;
         x + self.fc2.forward(&h)?
     }
 }

@@ -41,8 +41,8 @@ impl Activation {
     /// Apply the activation.
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            Activation::Gelu => x.gelu_erf(),
+            Activation::QuickGelu => crate::fused::quick_gelu(x),
+            Activation::Gelu => crate::fused::gelu_erf(x),
             Activation::GeluTanh => x.gelu(),
             Activation::Relu => x.relu(),
         }
