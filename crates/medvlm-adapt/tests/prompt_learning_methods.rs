@@ -144,6 +144,7 @@ fn kgcoop_penalty_matches_hand_values() {
         images: &images,
         labels: &labels,
         seed: 0,
+        class_prompts: None,
     };
     let kg = medvlm_adapt::methods::kgcoop::KgCoop::default();
     let anchor = kg.handcrafted_weights(&input).unwrap();
@@ -287,6 +288,7 @@ fn every_method_lowers_the_support_loss_and_leaves_the_encoders_untouched() {
         images: &images,
         labels: &labels,
         seed: 3,
+        class_prompts: None,
     };
     for name in ["coop", "cocoop", "kgcoop", "vpt", "maple"] {
         let init = prompt_method_by_name(name, Some(&overrides(name, 0)))
@@ -339,6 +341,7 @@ fn save_load_round_trip_gives_identical_probabilities() {
         images: &images,
         labels: &labels,
         seed: 1,
+        class_prompts: None,
     };
     let dir = tempfile::tempdir().unwrap();
     for name in ["coop", "cocoop", "kgcoop", "vpt", "maple"] {
@@ -405,6 +408,7 @@ fn frozen_feature_callers_and_bad_settings_get_clear_errors() {
         images: &images,
         labels: &labels,
         seed: 0,
+        class_prompts: None,
     };
     // VPT cannot score cached embeddings: its image side is prompted.
     let vpt = prompt_method_by_name("vpt", Some(&overrides("vpt", 1)))
@@ -735,4 +739,63 @@ fn vpt_deep_prompts_replace_the_prompt_slots_before_later_layers() {
     .unwrap()
     .to_string();
     assert!(err.contains("vpt.deep.1"), "{err}");
+}
+
+#[test]
+fn task_class_prompts_become_vpts_head_and_kgcoops_anchor() {
+    let (model, tok) = load();
+    let names = classes();
+    let (images, labels) = images();
+    let prompts: Vec<Vec<String>> = names
+        .iter()
+        .map(|n| {
+            vec![
+                format!("an image of a {n}."),
+                format!("a {n} seen up close."),
+            ]
+        })
+        .collect();
+    // Hand computation: mean of the normalised prompt embeddings, renormalised.
+    let norm = |t: &Tensor| {
+        let n = t.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+        t.broadcast_div(&n).unwrap()
+    };
+    let rows: Vec<Tensor> = prompts
+        .iter()
+        .map(|p| {
+            let e = model
+                .encode_text(&tok.encode_batch(p, &Device::Cpu).unwrap())
+                .unwrap()
+                .embeds;
+            norm(&norm(&e).mean_keepdim(0).unwrap())
+        })
+        .collect();
+    let expected = Tensor::cat(&rows, 0).unwrap();
+    let input = PromptInput {
+        model: &model,
+        tokenizer: &tok,
+        class_names: &names,
+        images: &images,
+        labels: &labels,
+        seed: 2,
+        class_prompts: Some(&prompts),
+    };
+    let vpt = prompt_method_by_name("vpt", Some(&overrides("vpt", 1)))
+        .unwrap()
+        .fit_prompts(&input)
+        .unwrap();
+    assert!(max_abs_diff(vpt.param("head_weights").unwrap(), &expected) < 1e-6);
+    assert_eq!(vpt.card().fit_info["head"], "class prompts");
+    let kg = medvlm_adapt::methods::kgcoop::KgCoop::default();
+    assert!(max_abs_diff(&kg.handcrafted_weights(&input).unwrap(), &expected) < 1e-6);
+    // Without class prompts the template ("a photo of a {}.") is used: a different head.
+    let plain = prompt_method_by_name("vpt", Some(&overrides("vpt", 1)))
+        .unwrap()
+        .fit_prompts(&PromptInput {
+            class_prompts: None,
+            ..input
+        })
+        .unwrap();
+    assert_eq!(plain.card().fit_info["head"], "template");
+    assert!(max_abs_diff(plain.param("head_weights").unwrap(), &expected) > 1e-3);
 }

@@ -21,10 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use super::coop::Coop;
 use super::prompt_common::{
-    model_scale, refuse_feature_fit, template_text_embeddings, PromptClassifier, PromptInput,
+    handcrafted_weights, model_scale, refuse_feature_fit, PromptClassifier, PromptInput,
     PromptLearningMethod, CLASS_WEIGHTS,
 };
-use crate::method::{l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, Result};
+use crate::method::{AdaptInput, AdaptationMethod, AdaptedClassifier, Result};
 
 /// KgCoOp hyperparameters: CoOp's plus the knowledge-guided weight.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,15 +60,10 @@ pub fn kg_penalty(learned: &Tensor, handcrafted: &Tensor) -> Result<Tensor> {
 }
 
 impl KgCoop {
-    /// The normalised hand-crafted class embeddings `w^clip` `[C, E]`.
+    /// The normalised hand-crafted class embeddings `w^clip` `[C, E]`: the ensemble of the
+    /// input's class prompts when given, else the template.
     pub fn handcrafted_weights(&self, input: &PromptInput) -> Result<Tensor> {
-        let w = template_text_embeddings(
-            input.model,
-            input.tokenizer,
-            input.class_names,
-            &self.template,
-        )?;
-        l2_normalize(&w.to_dtype(candle_core::DType::F32)?)
+        Ok(handcrafted_weights(input, &self.template)?.0)
     }
 }
 

@@ -69,6 +69,11 @@ pub struct PromptInput<'a> {
     pub labels: &'a [usize],
     /// Seed of the random initialisations.
     pub seed: u64,
+    /// The task's hand-written prompts of each class, in class order (e.g. the prompts a
+    /// zero-shot baseline uses). When given, the methods' hand-crafted class weights (VPT's
+    /// zero-shot head, KgCoOp's anchor) are their normalised ensemble instead of the method's
+    /// template filled with the class name.
+    pub class_prompts: Option<&'a [Vec<String>]>,
 }
 
 impl PromptInput<'_> {
@@ -391,6 +396,38 @@ pub(crate) fn template_text_embeddings(
         .encode_batch(&texts, model.device())
         .map_err(model_err)?;
     Ok(model.encode_text(&tokens).map_err(model_err)?.embeds)
+}
+
+/// Normalised hand-crafted class weights `[C, E]` of `input`: the ensemble of its
+/// `class_prompts` (mean of normalised prompt embeddings, renormalised) when given, else
+/// `template` filled with each class name. Also returns which of the two was used, for the
+/// fit info.
+pub(crate) fn handcrafted_weights(
+    input: &PromptInput,
+    template: &str,
+) -> Result<(Tensor, &'static str)> {
+    let Some(prompts) = input.class_prompts else {
+        let w =
+            template_text_embeddings(input.model, input.tokenizer, input.class_names, template)?;
+        return Ok((l2_normalize(&w.to_dtype(DType::F32)?)?, "template"));
+    };
+    if prompts.len() != input.class_names.len() || prompts.iter().any(|p| p.is_empty()) {
+        return Err(MethodError::InvalidInput(format!(
+            "class_prompts: give at least one prompt for each of the {} classes",
+            input.class_names.len()
+        )));
+    }
+    let mut rows = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let tokens = input
+            .tokenizer
+            .encode_batch(p, input.model.device())
+            .map_err(model_err)?;
+        let e = input.model.encode_text(&tokens).map_err(model_err)?.embeds;
+        let e = l2_normalize(&e.to_dtype(DType::F32)?)?;
+        rows.push(e.mean_keepdim(0)?);
+    }
+    Ok((l2_normalize(&Tensor::cat(&rows, 0)?)?, "class prompts"))
 }
 
 /// Context vectors `[n_ctx, D]`: from the token embeddings of the first

@@ -20,19 +20,17 @@
 //! `epochs`, `batch_size` as needed). Every step runs the image tower (with
 //! gradients) on the mini-batch.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use medvlm_models::{VisionLanguageModel, VisualPrompts};
 use serde::{Deserialize, Serialize};
 
 use super::prompt_common::{
-    cosine_logits, image_embeddings, model_err, model_scale, refuse_feature_fit,
-    template_text_embeddings, train_prompt_params, uniform_tensor, MiniBatchSchedule,
-    PromptClassifier, PromptEnv, PromptInput, PromptLearningMethod,
+    cosine_logits, handcrafted_weights, image_embeddings, model_err, model_scale,
+    refuse_feature_fit, train_prompt_params, uniform_tensor, MiniBatchSchedule, PromptClassifier,
+    PromptEnv, PromptInput, PromptLearningMethod,
 };
 use super::Optimizer;
-use crate::method::{
-    l2_normalize, AdaptInput, AdaptationMethod, AdaptedClassifier, MethodError, Result,
-};
+use crate::method::{AdaptInput, AdaptationMethod, AdaptedClassifier, MethodError, Result};
 
 /// Saved name of the frozen text head `[C, E]`.
 const HEAD: &str = "head_weights";
@@ -193,10 +191,7 @@ impl PromptLearningMethod for Vpt {
         } else {
             Vec::new()
         };
-        let head = l2_normalize(
-            &template_text_embeddings(model, input.tokenizer, input.class_names, &self.template)?
-                .to_dtype(DType::F32)?,
-        )?;
+        let (head, head_source) = handcrafted_weights(input, &self.template)?;
         // Mini-batches are index_select-ed on the model's device.
         let images = input.images.to_device(dev)?;
         let scale = model_scale(model)?;
@@ -223,7 +218,7 @@ impl PromptLearningMethod for Vpt {
             input,
             scale,
             params,
-            serde_json::json!({ "final_loss": loss, "patch_size": patch }),
+            serde_json::json!({ "final_loss": loss, "patch_size": patch, "head": head_source }),
         )
     }
 }

@@ -218,6 +218,37 @@ pub fn prompt_probabilities(
     Ok(out)
 }
 
+/// Fits prompt-learning method `name` on the support images through the frozen model `m`.
+/// The classes are the prompts' class names with `_` read as spaces (as templates fill them
+/// in), and the task's prompts are the methods' hand-crafted class weights (VPT's head,
+/// KgCoOp's anchor).
+#[allow(clippy::too_many_arguments)]
+pub fn fit_prompt_method(
+    name: &str,
+    overrides: Option<&serde_json::Value>,
+    m: &LoadedModel,
+    prompts: &[(String, Vec<String>)],
+    support: &[PathBuf],
+    labels: &[usize],
+    seed: u64,
+    device: &Device,
+) -> anyhow::Result<PromptClassifier> {
+    let pm = prompt_method_by_name(name, overrides)?;
+    let pixels = pixel_batch(m, support, device)?;
+    let class_names: Vec<String> = prompts.iter().map(|(c, _)| c.replace('_', " ")).collect();
+    let class_prompts: Vec<Vec<String>> = prompts.iter().map(|(_, p)| p.clone()).collect();
+    let input = PromptInput {
+        model: m.model.as_ref(),
+        tokenizer: &m.tokenizer,
+        class_names: &class_names,
+        images: &pixels,
+        labels,
+        seed,
+        class_prompts: Some(&class_prompts),
+    };
+    Ok(pm.fit_prompts(&input)?)
+}
+
 fn is_prompt_method(name: &str) -> bool {
     PROMPT_METHOD_NAMES.contains(&name)
 }
@@ -374,22 +405,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let (clf, tuned) = tuning::fit(&args.method, overrides.as_ref(), &job, &device)?;
         Fitted::Tuned(Box::new(clf), Box::new(tuned))
     } else if is_prompt_method(&args.method) {
-        let pm = prompt_method_by_name(&args.method, overrides.as_ref())?;
         let paths: Vec<PathBuf> = support_rows
             .iter()
             .map(|&r| task.rows[r].path.clone())
             .collect();
-        let pixels = pixel_batch(&m, &paths, &device)?;
         let labels: Vec<usize> = task.classes(&support_rows)?;
-        let input = PromptInput {
-            model: m.model.as_ref(),
-            tokenizer: &m.tokenizer,
-            class_names: &task.class_names,
-            images: &pixels,
-            labels: &labels,
-            seed: args.seed,
-        };
-        Fitted::Prompt(Box::new(pm.fit_prompts(&input)?))
+        let clf = fit_prompt_method(
+            &args.method,
+            overrides.as_ref(),
+            &m,
+            &prompts,
+            &paths,
+            &labels,
+            args.seed,
+            &device,
+        )?;
+        Fitted::Prompt(Box::new(clf))
     } else {
         let support = SupportSet::from_pool(&pool_features, &pool_labels, &picked)?;
         let input = AdaptInput {

@@ -49,7 +49,7 @@ use medvlm_eval::plots::{LinePlot, Plot, Series, Size};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::adapt::prompt_probabilities;
+use crate::commands::adapt::{fit_prompt_method, prompt_probabilities};
 use crate::commands::common::{
     class_prompts, encode_class_texts, evaluate, evaluate_multilabel, model_fingerprint,
     model_logit_scale, multi_label_refusal, negative_prompts, probabilities, task_features,
@@ -59,9 +59,7 @@ use crate::commands::common::{
 use crate::commands::embed::{load, DeviceArgs};
 use crate::commands::tuning::{self, is_tuning_method, TuningJob};
 use medvlm_adapt::methods::encoder_tuning::TUNING_METHOD_NAMES;
-use medvlm_adapt::methods::prompt_common::{
-    prompt_method_by_name, PromptInput, PROMPT_METHOD_NAMES,
-};
+use medvlm_adapt::methods::prompt_common::PROMPT_METHOD_NAMES;
 
 /// Arguments of `medvlm bench fewshot`.
 #[derive(clap::Args, Debug)]
@@ -494,17 +492,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     tuning::probabilities(&tuned.0, &tuned.1, p, args.task.batch, &device)
                 })
             } else {
-                let pm = prompt_method_by_name(name, overrides)?;
-                let pixels = crate::commands::adapt::pixel_batch(&m, &support_paths, &device)?;
-                let input = PromptInput {
-                    model: m.model.as_ref(),
-                    tokenizer: &m.tokenizer,
-                    class_names: &task.class_names,
-                    images: &pixels,
-                    labels: &labels,
+                prompt_clf = fit_prompt_method(
+                    name,
+                    overrides,
+                    &m,
+                    &prompts,
+                    &support_paths,
+                    &labels,
                     seed,
-                };
-                prompt_clf = pm.fit_prompts(&input).with_context(what)?;
+                    &device,
+                )
+                .with_context(what)?;
                 Box::new(|p: &[PathBuf]| {
                     prompt_probabilities(&prompt_clf, &m, p, args.task.batch, &device)
                 })
