@@ -23,7 +23,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
+
+use crate::transformer::LayerNorm;
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -238,7 +240,7 @@ impl BertEmbeddings {
                 h,
                 vb.pp("token_type_embeddings"),
             )?,
-            layer_norm: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+            layer_norm: crate::transformer::layer_norm(vb.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
             max_positions: cfg.max_position_embeddings,
         })
     }
@@ -313,10 +315,10 @@ impl BertLayer {
             key: LinearLayer::load(sa.pp("key"), h, h, true)?,
             value: LinearLayer::load(sa.pp("value"), h, h, true)?,
             attn_out: LinearLayer::load(att.pp("output").pp("dense"), h, h, true)?,
-            attn_norm: candle_nn::layer_norm(
+            attn_norm: crate::transformer::layer_norm(
+                att.pp("output").pp("LayerNorm"),
                 h,
                 cfg.layer_norm_eps,
-                att.pp("output").pp("LayerNorm"),
             )?,
             intermediate: LinearLayer::load(
                 vb.pp("intermediate").pp("dense"),
@@ -325,10 +327,10 @@ impl BertLayer {
                 true,
             )?,
             output: LinearLayer::load(vb.pp("output").pp("dense"), cfg.intermediate_size, h, true)?,
-            out_norm: candle_nn::layer_norm(
+            out_norm: crate::transformer::layer_norm(
+                vb.pp("output").pp("LayerNorm"),
                 h,
                 cfg.layer_norm_eps,
-                vb.pp("output").pp("LayerNorm"),
             )?,
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
@@ -353,7 +355,7 @@ impl BertLayer {
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = crate::transformer::softmax_last_dim(&scores)?;
         let ctx = probs
             .matmul(&v)?
             .transpose(1, 2)?

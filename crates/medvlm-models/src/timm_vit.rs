@@ -16,7 +16,9 @@
 //! and `mlp.fc2` is a [`LinearLayer`].
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder, VarMap};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder, VarMap};
+
+use crate::transformer::LayerNorm;
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -147,10 +149,10 @@ impl TimmBlock {
         let d = cfg.width;
         let hidden = cfg.mlp_hidden();
         Ok(Self {
-            norm1: candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("norm1"))?,
+            norm1: crate::transformer::layer_norm(vb.pp("norm1"), d, cfg.layer_norm_eps)?,
             qkv: LinearLayer::load(vb.pp("attn").pp("qkv"), d, 3 * d, true)?,
             proj: LinearLayer::load(vb.pp("attn").pp("proj"), d, d, true)?,
-            norm2: candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("norm2"))?,
+            norm2: crate::transformer::layer_norm(vb.pp("norm2"), d, cfg.layer_norm_eps)?,
             fc1: LinearLayer::load(vb.pp("mlp").pp("fc1"), d, hidden, true)?,
             fc2: LinearLayer::load(vb.pp("mlp").pp("fc2"), hidden, d, true)?,
             heads: cfg.num_heads,
@@ -172,7 +174,7 @@ impl TimmBlock {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let scores = q.matmul(&k.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = crate::transformer::softmax_last_dim(&scores)?;
         let ctx = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -219,7 +221,7 @@ impl TimmVit {
         let blocks = (0..cfg.depth)
             .map(|i| TimmBlock::load(vb.pp("blocks").pp(i), cfg))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm = candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("norm"))?;
+        let norm = crate::transformer::layer_norm(vb.pp("norm"), d, cfg.layer_norm_eps)?;
         Ok(Self {
             cfg: cfg.clone(),
             patch_embed,
