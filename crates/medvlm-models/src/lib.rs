@@ -18,6 +18,7 @@ pub mod bert;
 pub mod biomedclip;
 pub mod clip;
 pub mod error;
+pub mod fastmath;
 pub mod fused;
 pub mod linear;
 pub mod model_dir;

@@ -97,13 +97,10 @@ impl Module for LayerNorm {
     }
 }
 
-/// Softmax over the last dimension, differentiable when gradients are tracked.
+/// Softmax over the last dimension, differentiable: medvlm's fused kernel (vectorised
+/// exponential, backward pass) for f32 on CPU, candle's composed form otherwise.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.track_op() {
-        crate::fused::softmax_last_dim(x)
-    } else {
-        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
-    }
+    crate::fused::softmax_last_dim(x)
 }
 
 /// Initialisation of embeddings for from-scratch models: N(0, 0.02²) as in CLIP.
