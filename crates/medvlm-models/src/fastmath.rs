@@ -14,6 +14,8 @@
 //!   (the cancellation in `1 - ...` near 0; tested): the
 //!   approximation PyTorch's vectorised CPU `erf` (and so its exact GELU) uses.
 
+use std::mem::MaybeUninit;
+
 /// `e^x` (see the module documentation).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
@@ -30,7 +32,12 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from the exponent bits. `n as i32` would be a saturating conversion, which the
+    // compiler does not vectorise; adding 1.5 * 2^23 instead puts the integer n (|n| <= 127)
+    // in the low mantissa bits of an exactly representable float.
+    const SHIFTER: f32 = 12_582_912.0;
+    let n_bits = (n + SHIFTER).to_bits().wrapping_sub(SHIFTER.to_bits());
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     e_r * scale
 }
 
@@ -88,30 +95,93 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(gelu_erf_slice, (x: &[f32], y: &mut [f32]), {
+/// Lanes of the reductions: independent partial results the compiler keeps in one vector
+/// register (a float sum or max over one accumulator cannot be vectorised, its order is fixed).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    let m = rest.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    acc.iter().copied().fold(m, f32::max)
+}
+
+#[inline(always)]
+fn lane_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+// The elementwise kernels write into uninitialised output (`MaybeUninit`), so the caller
+// need not zero it first: every element is written exactly once.
+
+dispatch!(gelu_erf_slice, (x: &[f32], y: &mut [MaybeUninit<f32>]), {
     for (o, &v) in y.iter_mut().zip(x) {
-        *o = gelu_erf(v);
+        o.write(gelu_erf(v));
     }
 });
 
-dispatch!(softmax_rows, (x: &[f32], y: &mut [f32], d: usize), {
+dispatch!(softmax_rows, (x: &[f32], y: &mut [MaybeUninit<f32>], d: usize), {
     for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
-        let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
+        let max = lane_max(xr);
         for (o, &v) in yr.iter_mut().zip(xr) {
-            *o = exp(v - max);
-            sum += *o;
+            o.write(exp(v - max));
         }
-        let inv = 1.0 / sum;
+        // SAFETY: every element of the row was written just above.
+        let yr = unsafe { &mut *(yr as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        let inv = 1.0 / lane_sum(yr);
         yr.iter_mut().for_each(|o| *o *= inv);
     }
 });
 
-dispatch!(sigmoid_gate_slice, (x: &[f32], y: &mut [f32], slope: f32), {
+dispatch!(sigmoid_gate_slice, (x: &[f32], y: &mut [MaybeUninit<f32>], slope: f32), {
     for (o, &v) in y.iter_mut().zip(x) {
-        *o = v / (1.0 + exp(-(v * slope)));
+        o.write(v / (1.0 + exp(-(v * slope))));
     }
 });
+
+dispatch!(softmax_rows_in_place, (x: &mut [f32], d: usize), {
+    for row in x.chunks_mut(d) {
+        let max = lane_max(row);
+        for v in row.iter_mut() {
+            *v = exp(*v - max);
+        }
+        let inv = 1.0 / lane_sum(row);
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+});
+
+/// Fills a new vector of `n` elements in parallel chunks of `chunk` elements: `fill(i, out)`
+/// must write every element of `out`, the chunk starting at element `i`.
+pub fn par_fill(
+    n: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut y: Vec<f32> = Vec::with_capacity(n);
+    y.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(c, out)| fill(c * chunk.max(1), out));
+    // SAFETY: the chunks cover all `n` elements and `fill` writes each of them.
+    unsafe { y.set_len(n) };
+    y
+}
 
 #[cfg(test)]
 mod tests {
@@ -154,16 +224,18 @@ mod tests {
     #[test]
     fn dispatched_kernels_equal_the_scalar_formulas() {
         let x = grid(-9.0, 9.0, 4099);
-        let mut y = vec![0f32; x.len()];
-        gelu_erf_slice(&x, &mut y);
+        let y = par_fill(x.len(), 1000, |i, out| {
+            gelu_erf_slice(&x[i..i + out.len()], out)
+        });
         for (&v, &o) in x.iter().zip(&y) {
             let want = 0.5 * v as f64 * (1.0 + libm::erf(v as f64 / std::f64::consts::SQRT_2));
             assert!((o as f64 - want).abs() < 1e-6 * (1.0 + v.abs() as f64));
         }
         let d = 37;
         let x = grid(-20.0, 20.0, d * 5);
-        let mut y = vec![0f32; x.len()];
-        softmax_rows(&x, &mut y, d);
+        let y = par_fill(x.len(), 2 * d, |i, out| {
+            softmax_rows(&x[i..i + out.len()], out, d)
+        });
         for (yr, xr) in y.chunks(d).zip(x.chunks(d)) {
             let m = xr.iter().cloned().fold(f32::MIN, f32::max) as f64;
             let z: f64 = xr.iter().map(|&v| (v as f64 - m).exp()).sum();
@@ -172,8 +244,9 @@ mod tests {
             }
         }
         let x = grid(-30.0, 30.0, 1001);
-        let mut y = vec![0f32; x.len()];
-        sigmoid_gate_slice(&x, &mut y, 1.702);
+        let y = par_fill(x.len(), 64, |i, out| {
+            sigmoid_gate_slice(&x[i..i + out.len()], out, 1.702)
+        });
         for (&v, &o) in x.iter().zip(&y) {
             let want = v as f64 / (1.0 + (-(v as f64) * 1.702).exp());
             assert!((o as f64 - want).abs() < 1e-6 * (1.0 + v.abs() as f64));

@@ -72,10 +72,9 @@ impl CustomOp1 for SoftmaxLastDim {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "softmax")?;
         let d = last_dim(l.shape())?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d * ROWS_PER_TASK)
-            .zip(x.par_chunks(d * ROWS_PER_TASK))
-            .for_each(|(yb, xb)| fastmath::softmax_rows(xb, yb, d));
+        let y = fastmath::par_fill(x.len(), d * ROWS_PER_TASK, |i, out| {
+            fastmath::softmax_rows(&x[i..i + out.len()], out, d)
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -308,10 +307,9 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(ELEMS_PER_TASK)
-            .zip(x.par_chunks(ELEMS_PER_TASK))
-            .for_each(|(yc, xc)| fastmath::gelu_erf_slice(xc, yc));
+        let y = fastmath::par_fill(x.len(), ELEMS_PER_TASK, |i, out| {
+            fastmath::gelu_erf_slice(&x[i..i + out.len()], out)
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -386,10 +384,9 @@ impl CustomOp1 for QuickGelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "quick gelu")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(ELEMS_PER_TASK)
-            .zip(x.par_chunks(ELEMS_PER_TASK))
-            .for_each(|(yc, xc)| fastmath::sigmoid_gate_slice(xc, yc, QUICK_GELU_SLOPE));
+        let y = fastmath::par_fill(x.len(), ELEMS_PER_TASK, |i, out| {
+            fastmath::sigmoid_gate_slice(&x[i..i + out.len()], out, QUICK_GELU_SLOPE)
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -436,6 +433,135 @@ impl CustomOp2 for QuickGeluGrad {
             .collect();
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
+}
+
+/// Scaled dot-product attention `softmax(scale q kᵀ) v` on `[B, H, T, hd]` tensors without a
+/// mask, for inference: one task per (batch, head) pair over the rayon pool, each running its
+/// two small matmuls single-threaded with the scores `[Tq, Tk]` in a per-thread buffer.
+/// candle's batched matmul instead runs B·H tiny matmuls one after the other, each split
+/// over the threads, and half its time went to that synchronisation on ViT-B/16
+/// (docs/benchmarks.md). Returns `None` when this path does not apply (gradients tracked, not
+/// f32 on CPU, mismatched shapes): the caller then composes the attention from candle ops.
+pub fn attention_inference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let all = [q, k, v];
+    if all
+        .iter()
+        .any(|t| !fusable(t) || t.track_op() || t.rank() != 4)
+    {
+        return Ok(None);
+    }
+    let (b, h, _, d) = q.dims4()?;
+    let (bk, hk, tk, dk) = k.dims4()?;
+    if (bk, hk, dk) != (b, h, d) || v.dims() != k.dims() || tk == 0 || d == 0 {
+        return Ok(None);
+    }
+    Ok(Some(q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &Attention {
+            scale: scale as f32,
+        },
+    )?))
+}
+
+struct Attention {
+    scale: f32,
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "medvlm-attention-inference"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use gemm::{gemm, Parallelism};
+        let q = f32_slice(s1, l1, "attention (q)")?;
+        let k = f32_slice(s2, l2, "attention (k)")?;
+        let v = f32_slice(s3, l3, "attention (v)")?;
+        let (b, h, tq, d) = l1.shape().dims4()?;
+        let tk = l2.shape().dims4()?.2;
+        let scale = self.scale;
+        let y = fastmath::par_fill(b * h * tq * d, tq * d, |start, out| {
+            let i = start / (tq * d);
+            let (qi, ki, vi) = (
+                &q[i * tq * d..(i + 1) * tq * d],
+                &k[i * tk * d..(i + 1) * tk * d],
+                &v[i * tk * d..(i + 1) * tk * d],
+            );
+            SCORES.with(|cell| {
+                let mut scores = cell.borrow_mut();
+                scores.resize(tq * tk, 0.0);
+                // SAFETY: the pointers and strides describe the row-major matrices
+                // q_i [tq, d], k_i [tk, d] (read as kᵀ [d, tk]: column stride d, row stride 1),
+                // the scores [tq, tk] and v_i [tk, d]; `out` holds tq * d elements, all of which
+                // the second product writes (read_dst = false).
+                unsafe {
+                    gemm(
+                        tq,
+                        tk,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        tk as isize,
+                        false,
+                        qi.as_ptr(),
+                        1,
+                        d as isize,
+                        ki.as_ptr(),
+                        d as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                    fastmath::softmax_rows_in_place(&mut scores, tk);
+                    gemm(
+                        tq,
+                        d,
+                        tk,
+                        out.as_mut_ptr() as *mut f32,
+                        1,
+                        d as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        tk as isize,
+                        vi.as_ptr(),
+                        1,
+                        d as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            });
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+thread_local! {
+    /// Per-thread score buffer of [`attention_inference`].
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]
@@ -617,5 +743,26 @@ mod tests {
                 .unwrap()
                 > 1.0
         );
+    }
+
+    #[test]
+    fn inference_attention_matches_the_composed_form() {
+        let (q, k, v) = (
+            randn(&[2, 3, 7, 16], 7),
+            randn(&[2, 3, 5, 16], 8),
+            randn(&[2, 3, 5, 16], 9),
+        );
+        let scale = 0.25;
+        let fused = attention_inference(&q, &k, &v, scale).unwrap().unwrap();
+        let scores = ((q.matmul(&k.t().unwrap()).unwrap()) * scale).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+        let composed = probs.matmul(&v).unwrap();
+        assert_eq!(fused.dims(), &[2, 3, 7, 16]);
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
+        // Gradients tracked: the caller must compose (None).
+        let qv = Var::from_tensor(&q).unwrap();
+        assert!(attention_inference(qv.as_tensor(), &k, &v, scale)
+            .unwrap()
+            .is_none());
     }
 }

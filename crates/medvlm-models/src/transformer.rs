@@ -171,6 +171,11 @@ pub fn attention(
 ) -> candle_core::Result<Tensor> {
     let dtype = q.dtype();
     let scale = 1.0 / (head_dim as f64).sqrt();
+    if mask.is_none() {
+        if let Some(ctx) = crate::fused::attention_inference(q, k, v, scale)? {
+            return Ok(ctx);
+        }
+    }
     let q32 = (q.to_dtype(DType::F32)? * scale)?;
     let k32 = k.to_dtype(DType::F32)?;
     let mut scores = q32.matmul(&k32.t()?)?;
