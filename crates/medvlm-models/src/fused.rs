@@ -564,6 +564,114 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// `x Wᵀ + b` (`x` `[..., k]`, `W` `[n, k]`, `b` `[n]`) as one matmul that accumulates onto
+/// the bias: the output is filled with the bias rows and the product is added in place, as
+/// PyTorch's `addmm` does. candle's linear layer zero-fills the output, multiplies, then adds
+/// the bias in another pass over it. Backward: `dx = dy W`, `dW = dyᵀ x`, `db = Σ dy`.
+/// Other dtypes and devices use candle's linear layer.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !(fusable(x) && fusable(w) && fusable(b)) || w.rank() != 2 || b.rank() != 1 {
+        return candle_nn::Module::forward(&candle_nn::Linear::new(w.clone(), Some(b.clone())), x);
+    }
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearBias)
+}
+
+struct LinearBias;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "medvlm-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use gemm::{gemm, Parallelism};
+        let x = f32_slice(s1, l1, "linear (x)")?;
+        let w = f32_slice(s2, l2, "linear (weight)")?;
+        let b = f32_slice(s3, l3, "linear (bias)")?;
+        let k = last_dim(l1.shape())?;
+        let (n, kw) = l2.shape().dims2()?;
+        if kw != k || b.len() != n {
+            candle_core::bail!(
+                "linear: input [.., {k}], weight {:?}, bias [{}] do not fit",
+                l2.shape(),
+                b.len()
+            );
+        }
+        let m = x.len() / k;
+        let mut y = fastmath::par_fill(m * n, n * ROWS_PER_TASK, |_, out| {
+            for row in out.chunks_mut(n) {
+                for (o, &bv) in row.iter_mut().zip(b) {
+                    o.write(bv);
+                }
+            }
+        });
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        // SAFETY: y is the row-major [m, n] output, x the row-major [m, k] input and w the
+        // row-major [n, k] weight read as Wᵀ [k, n] (column stride k, row stride 1); with
+        // read_dst the product is added onto the bias rows already in y.
+        unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                true,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        let mut dims = l1.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let m = x.elem_count() / k;
+        let dy = grad_res.contiguous()?.reshape((m, n))?;
+        let x2 = x.reshape((m, k))?;
+        let dx = dy.matmul(w)?.reshape(x.shape())?;
+        let dw = dy.t()?.matmul(&x2)?;
+        let db = dy.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -764,5 +872,40 @@ mod tests {
         assert!(attention_inference(qv.as_tensor(), &k, &v, scale)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn linear_with_bias_matches_candle_in_value_and_gradients() {
+        let x = Var::from_tensor(&randn(&[3, 70, 24], 10)).unwrap();
+        let w = Var::from_tensor(&randn(&[40, 24], 11)).unwrap();
+        let b = Var::from_tensor(&randn(&[40], 12)).unwrap();
+        let weights = randn(&[3, 70, 40], 13);
+        let fused = linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        let reference = candle_nn::Module::forward(
+            &candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone())),
+            x.as_tensor(),
+        )
+        .unwrap();
+        assert_eq!(fused.dims(), &[3, 70, 40]);
+        assert!(max_abs_diff(&fused, &reference) < 1e-5);
+        let g_fused = (fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ref = (reference * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+            let (a, r) = (g_fused.get(v).unwrap(), g_ref.get(v).unwrap());
+            assert!(
+                max_abs_diff(a, r) < 1e-4,
+                "linear gradient of {name} differs"
+            );
+        }
     }
 }

@@ -136,9 +136,13 @@ impl LinearLayer {
     pub fn take_wrappers(&mut self) -> Vec<Arc<dyn LinearWrapper>> {
         std::mem::take(&mut self.wrappers)
     }
-    /// `x Wᵀ + b` without wrappers.
+    /// `x Wᵀ + b` without wrappers (with a bias, one matmul that accumulates onto it:
+    /// [`crate::fused::linear`]).
     pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x)
+        match &self.bias {
+            Some(b) => crate::fused::linear(x, &self.weight, b),
+            None => candle_nn::Linear::new(self.weight.clone(), None).forward(x),
+        }
     }
 }
 
