@@ -41,6 +41,23 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     }
 }
 
+/// The two same-length f32 inputs of a backward kernel: the forward value it needs (`what`'s
+/// first operand) and the output gradient.
+fn value_and_grad<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+    what: &str,
+) -> Result<(&'a [f32], &'a [f32])> {
+    let v = f32_slice(s1, l1, what)?;
+    let g = f32_slice(s2, l2, what)?;
+    if v.len() != g.len() {
+        candle_core::bail!("{what}: {} values but {} gradients", v.len(), g.len());
+    }
+    Ok((v, g))
+}
+
 fn last_dim(shape: &Shape) -> Result<usize> {
     match shape.dims().last() {
         Some(&d) if d > 0 => Ok(d),
@@ -99,15 +116,7 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = f32_slice(s1, l1, "softmax grad (y)")?;
-        let dy = f32_slice(s2, l2, "softmax grad (dy)")?;
-        if y.len() != dy.len() {
-            candle_core::bail!(
-                "softmax grad: {} outputs but {} gradients",
-                y.len(),
-                dy.len()
-            );
-        }
+        let (y, dy) = value_and_grad(s1, l1, s2, l2, "softmax grad")?;
         let d = last_dim(l1.shape())?;
         let mut dx = vec![0f32; y.len()];
         dx.par_chunks_mut(d * ROWS_PER_TASK)
@@ -334,11 +343,7 @@ impl CustomOp2 for GeluErfGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "gelu grad (x)")?;
-        let dy = f32_slice(s2, l2, "gelu grad (dy)")?;
-        if x.len() != dy.len() {
-            candle_core::bail!("gelu grad: {} inputs but {} gradients", x.len(), dy.len());
-        }
+        let (x, dy) = value_and_grad(s1, l1, s2, l2, "gelu grad")?;
         // 1 / sqrt(2 pi)
         const INV_SQRT_2PI: f32 = 0.398_942_3;
         let mut dx = vec![0f32; x.len()];
@@ -413,15 +418,7 @@ impl CustomOp2 for QuickGeluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "quick gelu grad (x)")?;
-        let dy = f32_slice(s2, l2, "quick gelu grad (dy)")?;
-        if x.len() != dy.len() {
-            candle_core::bail!(
-                "quick gelu grad: {} inputs but {} gradients",
-                x.len(),
-                dy.len()
-            );
-        }
+        let (x, dy) = value_and_grad(s1, l1, s2, l2, "quick gelu grad")?;
         let dx: Vec<f32> = x
             .par_iter()
             .zip(dy.par_iter())

@@ -10,9 +10,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::encoder_tuning::{refuse_feature_fit, EncoderTuningMethod, TuningPlan, TuningSchedule};
+use super::encoder_tuning::{tuning_method_entry, EncoderTuningMethod, TuningPlan, TuningSchedule};
 use crate::finetune::{FinetuneSpec, Mode, Towers};
-use crate::method::{AdaptInput, AdaptationMethod, AdaptedClassifier, Result};
+use crate::method::Result;
 
 /// BitFit few-shot fine-tuning.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,20 +33,7 @@ impl Default for BitFit {
     }
 }
 
-impl AdaptationMethod for BitFit {
-    fn name(&self) -> &'static str {
-        "bitfit"
-    }
-    fn requires_encoder(&self) -> bool {
-        true
-    }
-    fn hyperparameters(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-    fn fit(&self, input: &AdaptInput) -> Result<Box<dyn AdaptedClassifier>> {
-        Err(refuse_feature_fit(self.name(), input))
-    }
-}
+tuning_method_entry!(BitFit, "bitfit");
 
 impl EncoderTuningMethod for BitFit {
     fn plan(&self) -> Result<TuningPlan> {

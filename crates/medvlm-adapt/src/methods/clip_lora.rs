@@ -11,10 +11,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::encoder_tuning::{refuse_feature_fit, EncoderTuningMethod, TuningPlan, TuningSchedule};
+use super::encoder_tuning::{tuning_method_entry, EncoderTuningMethod, TuningPlan, TuningSchedule};
 use crate::finetune::{FinetuneSpec, Mode, Towers};
 use crate::lora::LoraSpec;
-use crate::method::{AdaptInput, AdaptationMethod, AdaptedClassifier, MethodError, Result};
+use crate::method::{MethodError, Result};
 
 /// CLIP-LoRA few-shot fine-tuning.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,20 +62,7 @@ impl ClipLora {
     }
 }
 
-impl AdaptationMethod for ClipLora {
-    fn name(&self) -> &'static str {
-        "lora"
-    }
-    fn requires_encoder(&self) -> bool {
-        true
-    }
-    fn hyperparameters(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-    fn fit(&self, input: &AdaptInput) -> Result<Box<dyn AdaptedClassifier>> {
-        Err(refuse_feature_fit(self.name(), input))
-    }
-}
+tuning_method_entry!(ClipLora, "lora");
 
 impl EncoderTuningMethod for ClipLora {
     fn plan(&self) -> Result<TuningPlan> {

@@ -192,6 +192,33 @@ pub(crate) fn refuse_feature_fit(name: &str, input: &AdaptInput) -> MethodError 
     )
 }
 
+/// Implements [`AdaptationMethod`] for an encoder fine-tuning method type: its registry
+/// name, its serialised fields as hyperparameters, and the refusal of cached features.
+macro_rules! tuning_method_entry {
+    ($ty:ty, $name:literal) => {
+        impl $crate::method::AdaptationMethod for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn requires_encoder(&self) -> bool {
+                true
+            }
+            fn hyperparameters(&self) -> serde_json::Value {
+                serde_json::to_value(self).unwrap_or_default()
+            }
+            fn fit(
+                &self,
+                input: &$crate::method::AdaptInput,
+            ) -> $crate::method::Result<Box<dyn $crate::method::AdaptedClassifier>> {
+                Err($crate::methods::encoder_tuning::refuse_feature_fit(
+                    $name, input,
+                ))
+            }
+        }
+    };
+}
+pub(crate) use tuning_method_entry;
+
 fn tuning_err(e: FinetuneError) -> MethodError {
     MethodError::InvalidInput(e.to_string())
 }

@@ -12,9 +12,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::encoder_tuning::{refuse_feature_fit, EncoderTuningMethod, TuningPlan, TuningSchedule};
+use super::encoder_tuning::{tuning_method_entry, EncoderTuningMethod, TuningPlan, TuningSchedule};
 use crate::finetune::{FinetuneSpec, Mode, Towers};
-use crate::method::{AdaptInput, AdaptationMethod, AdaptedClassifier, Result};
+use crate::method::Result;
 
 /// Few-shot full fine-tuning.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,20 +35,7 @@ impl Default for FullFinetune {
     }
 }
 
-impl AdaptationMethod for FullFinetune {
-    fn name(&self) -> &'static str {
-        "full-finetune"
-    }
-    fn requires_encoder(&self) -> bool {
-        true
-    }
-    fn hyperparameters(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-    fn fit(&self, input: &AdaptInput) -> Result<Box<dyn AdaptedClassifier>> {
-        Err(refuse_feature_fit(self.name(), input))
-    }
-}
+tuning_method_entry!(FullFinetune, "full-finetune");
 
 impl EncoderTuningMethod for FullFinetune {
     fn plan(&self) -> Result<TuningPlan> {

@@ -11,9 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::encoder_tuning::{refuse_feature_fit, EncoderTuningMethod, TuningPlan, TuningSchedule};
+use super::encoder_tuning::{tuning_method_entry, EncoderTuningMethod, TuningPlan, TuningSchedule};
 use crate::finetune::{FinetuneSpec, Mode, Towers};
-use crate::method::{AdaptInput, AdaptationMethod, AdaptedClassifier, MethodError, Result};
+use crate::method::{AdaptationMethod, MethodError, Result};
 
 /// Few-shot fine-tuning of the last blocks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,20 +37,7 @@ impl Default for PartialFinetune {
     }
 }
 
-impl AdaptationMethod for PartialFinetune {
-    fn name(&self) -> &'static str {
-        "partial-finetune"
-    }
-    fn requires_encoder(&self) -> bool {
-        true
-    }
-    fn hyperparameters(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-    fn fit(&self, input: &AdaptInput) -> Result<Box<dyn AdaptedClassifier>> {
-        Err(refuse_feature_fit(self.name(), input))
-    }
-}
+tuning_method_entry!(PartialFinetune, "partial-finetune");
 
 impl EncoderTuningMethod for PartialFinetune {
     fn plan(&self) -> Result<TuningPlan> {
