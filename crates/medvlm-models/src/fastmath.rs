@@ -72,12 +72,49 @@ pub fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// Runs `body` compiled for the best instruction set this CPU has (AVX-512, AVX2 + FMA,
-/// or the baseline).
+/// Instruction sets the elementwise kernels are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// The target's baseline (SSE2 on x86-64).
+    Baseline,
+    /// AVX2 with FMA.
+    Avx2,
+    /// AVX-512 (F and DQ) with AVX2 and FMA.
+    Avx512,
+}
+
+impl Isa {
+    /// The best instruction set this CPU has.
+    pub fn detected() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+            {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Baseline
+    }
+}
+
+/// Defines `$name(args)`, which runs `body` compiled for the best instruction set this CPU has,
+/// and `$with(isa, args)`, which runs it compiled for `isa` or the best one below it that the
+/// CPU has (so tests exercise every version on one machine).
 macro_rules! dispatch {
-    ($name:ident, ($($arg:ident : $ty:ty),*), $body:block) => {
+    ($name:ident, $with:ident, ($($arg:ident : $ty:ty),*), $body:block) => {
         /// Elementwise kernel with run-time instruction-set dispatch.
         pub fn $name($($arg: $ty),*) {
+            $with(Isa::detected(), $($arg),*)
+        }
+
+        /// The kernel compiled for `isa`, capped at what this CPU has.
+        pub fn $with(isa: Isa, $($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -86,19 +123,17 @@ macro_rules! dispatch {
                 unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512dq")
-                {
+                let isa = isa.min(Isa::detected());
+                if isa == Isa::Avx512 {
                     // SAFETY: the features were detected on this CPU.
                     return unsafe { avx512($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                if isa == Isa::Avx2 {
                     // SAFETY: as above.
                     return unsafe { avx2($($arg),*) };
                 }
             }
+            let _ = isa;
             body($($arg),*)
         }
     };
@@ -138,13 +173,13 @@ fn lane_sum(x: &[f32]) -> f32 {
 // The elementwise kernels write into uninitialised output (`MaybeUninit`), so the caller
 // need not zero it first: every element is written exactly once.
 
-dispatch!(gelu_erf_slice, (x: &[f32], y: &mut [MaybeUninit<f32>]), {
+dispatch!(gelu_erf_slice, gelu_erf_slice_with, (x: &[f32], y: &mut [MaybeUninit<f32>]), {
     for (o, &v) in y.iter_mut().zip(x) {
         o.write(gelu_erf(v));
     }
 });
 
-dispatch!(softmax_rows, (x: &[f32], y: &mut [MaybeUninit<f32>], d: usize), {
+dispatch!(softmax_rows, softmax_rows_with, (x: &[f32], y: &mut [MaybeUninit<f32>], d: usize), {
     for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
         let max = lane_max(xr);
         for (o, &v) in yr.iter_mut().zip(xr) {
@@ -157,13 +192,13 @@ dispatch!(softmax_rows, (x: &[f32], y: &mut [MaybeUninit<f32>], d: usize), {
     }
 });
 
-dispatch!(sigmoid_gate_slice, (x: &[f32], y: &mut [MaybeUninit<f32>], slope: f32), {
+dispatch!(sigmoid_gate_slice, sigmoid_gate_slice_with, (x: &[f32], y: &mut [MaybeUninit<f32>], slope: f32), {
     for (o, &v) in y.iter_mut().zip(x) {
         o.write(v / (1.0 + exp(-(v * slope))));
     }
 });
 
-dispatch!(softmax_rows_in_place, (x: &mut [f32], d: usize), {
+dispatch!(softmax_rows_in_place, softmax_rows_in_place_with, (x: &mut [f32], d: usize), {
     for row in x.chunks_mut(d) {
         let max = lane_max(row);
         for v in row.iter_mut() {
@@ -261,6 +296,41 @@ mod tests {
         for (&v, &o) in x.iter().zip(&y) {
             let want = v as f64 / (1.0 + (-(v as f64) * 1.702).exp());
             assert!((o as f64 - want).abs() < 1e-6 * (1.0 + v.abs() as f64));
+        }
+    }
+
+    #[test]
+    fn every_instruction_set_version_gives_the_same_values() {
+        let x = grid(-12.0, 12.0, 3001);
+        let d = 41;
+        let n = x.len() / d * d;
+        let run = |isa: Isa| {
+            let g = par_fill(x.len(), 512, |i, out| {
+                gelu_erf_slice_with(isa, &x[i..i + out.len()], out)
+            });
+            let s = par_fill(n, d * 4, |i, out| {
+                softmax_rows_with(isa, &x[i..i + out.len()], out, d)
+            });
+            let q = par_fill(x.len(), 512, |i, out| {
+                sigmoid_gate_slice_with(isa, &x[i..i + out.len()], out, 1.702)
+            });
+            let mut p = x[..n].to_vec();
+            softmax_rows_in_place_with(isa, &mut p, d);
+            (g, s, q, p)
+        };
+        let reference = run(Isa::Baseline);
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            let got = run(isa);
+            let close = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .all(|(u, v)| (u - v).abs() <= 1e-6 * (1.0 + u.abs()))
+            };
+            assert!(close(&got.0, &reference.0), "{isa:?} gelu");
+            assert!(close(&got.1, &reference.1), "{isa:?} softmax");
+            assert!(close(&got.2, &reference.2), "{isa:?} quick gelu");
+            assert!(close(&got.3, &reference.3), "{isa:?} in-place softmax");
+            assert!(close(&got.1, &got.3), "{isa:?} softmax forms differ");
         }
     }
 }
