@@ -72,9 +72,10 @@ pub struct Args {
     #[arg(long, required = true)]
     pub data: Vec<PathBuf>,
     /// Method names and groups, comma-separated. Groups: `frozen` (zero-shot and the
-    /// frozen-feature adapters and probes), `prompt` (prompt learning), `finetune` (encoder
-    /// fine-tuning), `all` (the three).
-    #[arg(long, default_value = "all")]
+    /// frozen-feature adapters and probes; the default, seconds on cached features), `prompt`
+    /// (prompt learning), `finetune` (encoder fine-tuning), `all` (the three; the last two run
+    /// the model for every fit and take minutes to hours on a CPU).
+    #[arg(long, default_value = "frozen")]
     pub methods: String,
     /// Hyperparameter overrides of one method, `METHOD=JSON` (repeat for several), e.g.
     /// `--hparams 'lora={"iterations_per_shot": 50}'`.
@@ -629,8 +630,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// The methods a multi-label benchmark runs, and those it skips with the reason.
+/// `all` and `frozen` mean every frozen-feature method here, the multi-label zero-shot
+/// variant (`zero-shot-pairs`) included.
 fn resolve_multilabel_methods(spec: &str) -> anyhow::Result<(Vec<String>, Vec<SkippedMethod>)> {
-    let requested: Vec<String> = if spec.trim() == "all" {
+    let requested: Vec<String> = if matches!(spec.trim(), "all" | "frozen") {
         frozen_feature_method_names()
             .into_iter()
             .map(str::to_string)
@@ -897,4 +900,30 @@ fn write_shots_plot(
     plot.write_png(&plot_path, Size::default())
         .with_context(|| format!("drawing {}", plot_path.display()))?;
     Ok(plot_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_groups_expand_in_order_without_repeats() {
+        let frozen = resolve_methods("frozen").unwrap();
+        assert_eq!(frozen[0], "zero-shot");
+        assert!(frozen.contains(&"linear-probe".to_string()));
+        assert!(!frozen
+            .iter()
+            .any(|m| is_encoder_method(m) || m == "zero-shot-pairs"));
+        let mixed = resolve_methods("lora, frozen, coop, lora").unwrap();
+        assert_eq!(mixed[0], "lora");
+        assert_eq!(&mixed[1..1 + frozen.len()], frozen.as_slice());
+        assert_eq!(mixed.last().unwrap(), "coop");
+        assert_eq!(mixed.len(), frozen.len() + 2);
+        let all = resolve_methods("all").unwrap();
+        for m in PROMPT_METHOD_NAMES.iter().chain(TUNING_METHOD_NAMES) {
+            assert!(all.contains(&m.to_string()), "{m}");
+        }
+        assert!(resolve_methods(" , ").is_err());
+        assert!(resolve_methods("frozn").is_err());
+    }
 }
