@@ -66,7 +66,8 @@ pub const ADAPT_FORMAT: &str = "medvlm-adapt/1";
 /// Arguments of `medvlm adapt`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Adaptation method (see docs/methods.md), e.g. tip-adapter, linear-probe, coop.
+    /// Adaptation method (see docs/methods.md), e.g. tip-adapter, linear-probe, coop, lora,
+    /// bitfit, partial-finetune, full-finetune.
     #[arg(long)]
     pub method: String,
     /// K: shots per class (balanced) or per-class budget (realistic).
