@@ -346,18 +346,10 @@ impl BertLayer {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        // Scale q rather than the [B, H, L, L] scores: one pass over a smaller tensor.
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = split((self.query.forward(x)? * scale)?)?;
+        let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let probs = crate::transformer::softmax_last_dim(&scores)?;
-        let ctx = probs
-            .matmul(&v)?
+        let ctx = crate::transformer::attention(&q, &k, &v, bias, self.head_dim)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, l, h))?;

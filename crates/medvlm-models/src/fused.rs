@@ -304,36 +304,81 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if !fusable(x) {
         return x.gelu_erf();
     }
-    x.contiguous()?.apply_op1(GeluErf)
+    x.contiguous()?.apply_op1(Gelu::Erf)
 }
 
-struct GeluErf;
+/// OpenAI CLIP's quick GELU `x σ(1.702 x)` with a backward pass, elementwise over the rayon
+/// pool (f32 on CPU; otherwise the composed form).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if !fusable(x) {
+        return x * candle_nn::ops::sigmoid(&(x * 1.702)?)?;
+    }
+    x.contiguous()?.apply_op1(Gelu::Quick)
+}
 
-impl CustomOp1 for GeluErf {
+const QUICK_GELU_SLOPE: f32 = 1.702;
+
+/// The elementwise activations: forward through the vectorised slice kernels of
+/// [`fastmath`], backward through their derivatives.
+#[derive(Clone, Copy)]
+enum Gelu {
+    /// `x Φ(x)`; derivative `Φ(x) + x φ(x)`.
+    Erf,
+    /// `x s`, `s = σ(1.702 x)`; derivative `s + 1.702 x s (1 - s)`.
+    Quick,
+}
+
+impl Gelu {
+    fn derivative(self, v: f32) -> f32 {
+        match self {
+            Gelu::Erf => {
+                // 1 / sqrt(2 pi)
+                const INV_SQRT_2PI: f32 = 0.398_942_3;
+                let cdf = 0.5 * (1.0 + fastmath::erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                cdf + v * INV_SQRT_2PI * fastmath::exp(-0.5 * v * v)
+            }
+            Gelu::Quick => {
+                let s = 1.0 / (1.0 + fastmath::exp(-(v * QUICK_GELU_SLOPE)));
+                s + QUICK_GELU_SLOPE * v * s * (1.0 - s)
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
-        "medvlm-gelu-erf"
+        match self {
+            Gelu::Erf => "medvlm-gelu-erf",
+            Gelu::Quick => "medvlm-quick-gelu",
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "gelu")?;
+        let x = f32_slice(s, l, self.name())?;
         let y = fastmath::par_fill(x.len(), ELEMS_PER_TASK, |i, out| {
-            fastmath::gelu_erf_slice(&x[i..i + out.len()], out)
+            let x = &x[i..i + out.len()];
+            match self {
+                Gelu::Erf => fastmath::gelu_erf_slice(x, out),
+                Gelu::Quick => fastmath::sigmoid_gate_slice(x, out, QUICK_GELU_SLOPE),
+            }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let dy = grad_res.contiguous()?;
-        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&dy, &GeluErfGrad)?))
+        Ok(Some(
+            arg.contiguous()?.apply_op2_no_bwd(&dy, &GeluGrad(*self))?,
+        ))
     }
 }
 
-/// `dx = dy (Φ(x) + x φ(x))` from the GELU input `x` and the output gradient `dy`.
-struct GeluErfGrad;
+/// `dx = dy f'(x)` from the activation input `x` and the output gradient `dy`.
+struct GeluGrad(Gelu);
 
-impl CustomOp2 for GeluErfGrad {
+impl CustomOp2 for GeluGrad {
     fn name(&self) -> &'static str {
-        "medvlm-gelu-erf-grad"
+        "medvlm-gelu-grad"
     }
 
     fn cpu_fwd(
@@ -344,89 +389,12 @@ impl CustomOp2 for GeluErfGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, dy) = value_and_grad(s1, l1, s2, l2, "gelu grad")?;
-        // 1 / sqrt(2 pi)
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(ELEMS_PER_TASK)
-            .zip(
-                x.par_chunks(ELEMS_PER_TASK)
-                    .zip(dy.par_chunks(ELEMS_PER_TASK)),
-            )
-            .for_each(|(o, (xc, gc))| {
-                for ((o, &v), &g) in o.iter_mut().zip(xc).zip(gc) {
-                    let cdf = 0.5 * (1.0 + fastmath::erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    let pdf = INV_SQRT_2PI * fastmath::exp(-0.5 * v * v);
-                    *o = g * (cdf + v * pdf);
-                }
-            });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
-    }
-}
-
-/// OpenAI CLIP's quick GELU `x σ(1.702 x)` with a backward pass, elementwise over the rayon
-/// pool (f32 on CPU; otherwise the composed form).
-pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    if !fusable(x) {
-        return x * candle_nn::ops::sigmoid(&(x * 1.702)?)?;
-    }
-    x.contiguous()?.apply_op1(QuickGelu)
-}
-
-const QUICK_GELU_SLOPE: f32 = 1.702;
-
-/// `σ(1.702 v)`.
-#[inline]
-fn quick_gelu_gate(v: f32) -> f32 {
-    1.0 / (1.0 + fastmath::exp(-(v * QUICK_GELU_SLOPE)))
-}
-
-struct QuickGelu;
-
-impl CustomOp1 for QuickGelu {
-    fn name(&self) -> &'static str {
-        "medvlm-quick-gelu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "quick gelu")?;
-        let y = fastmath::par_fill(x.len(), ELEMS_PER_TASK, |i, out| {
-            fastmath::sigmoid_gate_slice(&x[i..i + out.len()], out, QUICK_GELU_SLOPE)
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let dy = grad_res.contiguous()?;
-        Ok(Some(
-            arg.contiguous()?.apply_op2_no_bwd(&dy, &QuickGeluGrad)?,
-        ))
-    }
-}
-
-/// `dx = dy (s + 1.702 x s (1 - s))`, `s = σ(1.702 x)`.
-struct QuickGeluGrad;
-
-impl CustomOp2 for QuickGeluGrad {
-    fn name(&self) -> &'static str {
-        "medvlm-quick-gelu-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, dy) = value_and_grad(s1, l1, s2, l2, "quick gelu grad")?;
+        let act = self.0;
         let dx: Vec<f32> = x
             .par_iter()
             .zip(dy.par_iter())
             .with_min_len(ELEMS_PER_TASK)
-            .map(|(&v, &g)| {
-                let s = quick_gelu_gate(v);
-                g * (s + QUICK_GELU_SLOPE * v * s * (1.0 - s))
-            })
+            .map(|(&v, &g)| g * act.derivative(v))
             .collect();
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }

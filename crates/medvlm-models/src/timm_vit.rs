@@ -168,19 +168,13 @@ impl TimmBlock {
             .forward(x)?
             .reshape((b, t, 3, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let ctx = match crate::fused::attention_inference(&qkv.get(0)?, &k, &v, scale)? {
-            Some(ctx) => ctx,
-            None => {
-                // Scaling q (not the [B, H, T, T] scores) saves a pass over the largest
-                // tensor of the block; the multiply also makes q contiguous.
-                let q = (qkv.get(0)? * scale)?;
-                let scores = q.matmul(&k.t()?)?;
-                crate::transformer::softmax_last_dim(&scores)?.matmul(&v)?
-            }
-        };
+        let ctx = crate::transformer::attention(
+            &qkv.get(0)?,
+            &qkv.get(1)?.contiguous()?,
+            &qkv.get(2)?.contiguous()?,
+            None,
+            hd,
+        )?;
         let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, t, d))?;
         self.proj.forward(&ctx)
     }
