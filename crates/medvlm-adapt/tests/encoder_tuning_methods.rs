@@ -5,8 +5,10 @@
 //! saved classifier re-applied to a fresh base model scores images as the
 //! tuned model did, and bad input gives clear errors.
 
+mod support;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use support::{class_colour_images, max_abs_diff};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -67,28 +69,8 @@ fn prompts() -> Vec<Vec<String>> {
         .collect()
 }
 
-/// 4 images per class, 32x32: a class-specific colour offset plus a seeded texture.
 fn images() -> (Tensor, Vec<usize>) {
-    let (n, hw) = (12usize, 32usize);
-    let mut v = Vec::with_capacity(n * 3 * hw * hw);
-    let mut state = 777u32;
-    let mut labels = Vec::new();
-    for i in 0..n {
-        let c = i % 3;
-        labels.push(c);
-        for ch in 0..3 {
-            for _ in 0..hw * hw {
-                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-                let noise = (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
-                let base = if ch == c { 1.0 } else { -0.5 };
-                v.push(base + 0.5 * noise);
-            }
-        }
-    }
-    (
-        Tensor::from_vec(v, (n, 3, hw, hw), &Device::Cpu).unwrap(),
-        labels,
-    )
+    class_colour_images(12, 777)
 }
 
 /// Mean cross-entropy of `logits` `[N, C]` against `labels`.
@@ -101,20 +83,6 @@ fn cross_entropy(logits: &Tensor, labels: &[usize]) -> f32 {
         total += lse - r[y] as f64;
     }
     (total / labels.len() as f64) as f32
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Base-model logits `[N, C]` with the hand-written formula: `exp(logit_scale) · cos(image,

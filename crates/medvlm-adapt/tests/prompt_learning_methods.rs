@@ -2,7 +2,9 @@
 //! medvlm-models: formulas checked by hand, training lowers the support loss,
 //! the encoders stay untouched, save/load round-trips, clear errors.
 
+mod support;
 use std::path::PathBuf;
+use support::{class_colour_images, max_abs_diff};
 
 use candle_core::{DType, Device, Tensor};
 use medvlm_adapt::method::{
@@ -45,43 +47,8 @@ fn classes() -> Vec<String> {
     vec!["cat".into(), "dog".into(), "cow".into()]
 }
 
-/// 2 images per class, 32x32: a class-specific colour offset plus a fixed
-/// pseudo-random texture, so the classes are separable but not trivially.
 fn images() -> (Tensor, Vec<usize>) {
-    let (n, hw) = (6usize, 32usize);
-    let mut v = Vec::with_capacity(n * 3 * hw * hw);
-    let mut state = 12345u32;
-    let mut labels = Vec::new();
-    for i in 0..n {
-        let c = i % 3;
-        labels.push(c);
-        for ch in 0..3 {
-            for _ in 0..hw * hw {
-                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-                let noise = (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
-                let base = if ch == c { 1.0 } else { -0.5 };
-                v.push(base + 0.5 * noise);
-            }
-        }
-    }
-    (
-        Tensor::from_vec(v, (n, 3, hw, hw), &Device::Cpu).unwrap(),
-        labels,
-    )
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    class_colour_images(6, 12345)
 }
 
 fn support_loss(logits: &Tensor, labels: &[usize]) -> f32 {

@@ -69,6 +69,26 @@ fn parse_csv(text: &str) -> (Vec<String>, Vec<CsvRow>) {
     (classes, rows)
 }
 
+/// Runs `medvlm predict` on the first image of an artefact's `eval_predictions.csv` and
+/// checks it gives the evaluation's probabilities (within 2e-6); returns them.
+fn predict_reproduces_first_evaluated_image(out: &Path) -> Vec<f64> {
+    let (_, rows) = parse_csv(&std::fs::read_to_string(out.join("eval_predictions.csv")).unwrap());
+    let (img, expect, _) = &rows[0];
+    let stdout = ok(&bin()
+        .arg("predict")
+        .arg("--adapted")
+        .arg(out)
+        .arg(img)
+        .output()
+        .unwrap());
+    let (_, got) = parse_csv(&stdout);
+    assert_eq!(&got[0].0, img);
+    for (a, b) in got[0].1.iter().zip(expect) {
+        assert!((a - b).abs() <= 2e-6, "{a} vs {b}");
+    }
+    expect.clone()
+}
+
 fn adapt(manifest: &Path, method: &str, shots: &str, out: &Path, extra: &[&str]) -> Output {
     bin()
         .args(["adapt", "--method", method, "--shots", shots, "--seed", "3"])
@@ -458,20 +478,7 @@ fn adapt_fits_a_prompt_learning_method_through_the_encoders() {
     assert_eq!(card["hyperparameters"]["n_ctx"], 4);
     assert_eq!(card["protocol"]["shots"], 2);
     // predict runs the learned prompts through the model: same probabilities.
-    let (_, rows) = parse_csv(&std::fs::read_to_string(out.join("eval_predictions.csv")).unwrap());
-    let (img, expect, _) = &rows[0];
-    let stdout = ok(&bin()
-        .arg("predict")
-        .arg("--adapted")
-        .arg(&out)
-        .arg(img)
-        .output()
-        .unwrap());
-    let (_, got) = parse_csv(&stdout);
-    assert_eq!(&got[0].0, img);
-    for (a, b) in got[0].1.iter().zip(expect) {
-        assert!((a - b).abs() <= 2e-6, "{a} vs {b}");
-    }
+    predict_reproduces_first_evaluated_image(&out);
 }
 
 #[test]
@@ -505,19 +512,7 @@ fn adapt_fine_tunes_the_encoders_with_lora_and_predict_reapplies_it() {
         .keys()
         .all(|k| k == "class_weights" || k.contains(".lora_A.") || k.contains(".lora_B.")));
     // predict puts the adapters onto the base model: same probabilities as the evaluation.
-    let (_, rows) = parse_csv(&std::fs::read_to_string(out.join("eval_predictions.csv")).unwrap());
-    let (img, expect, _) = &rows[0];
-    let stdout = ok(&bin()
-        .arg("predict")
-        .arg("--adapted")
-        .arg(&out)
-        .arg(img)
-        .output()
-        .unwrap());
-    let (_, got) = parse_csv(&stdout);
-    for (a, b) in got[0].1.iter().zip(expect) {
-        assert!((a - b).abs() <= 2e-6, "{a} vs {b}");
-    }
+    let expect = predict_reproduces_first_evaluated_image(&out);
     // The adapters changed the model: the probabilities differ from zero-shot's.
     let zs = tmp.path().join("zs");
     ok(&adapt(&manifest, "zero-shot", "2", &zs, &[]));
@@ -525,7 +520,7 @@ fn adapt_fine_tunes_the_encoders_with_lora_and_predict_reapplies_it() {
     let diff = zrows[0]
         .1
         .iter()
-        .zip(expect)
+        .zip(&expect)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f64, f64::max);
     assert!(diff > 1e-4, "LoRA left the probabilities unchanged");

@@ -36,7 +36,7 @@ use candle_nn::VarMap;
 use medvlm_models::{TextTokenizer, VisionLanguageModel};
 use serde::{Deserialize, Serialize};
 
-use super::prompt_common::{cosine_logits, image_embeddings, model_err, model_scale, Batches};
+use super::prompt_common::{cosine_logits, image_embeddings, model_scale, Batches, PromptEnsemble};
 use super::{train_full_batch, Optimizer};
 use crate::fewshot::TaskKind;
 use crate::finetune::{prepare, FinetuneError, FinetuneSpec, Towers};
@@ -223,18 +223,6 @@ fn tuning_err(e: FinetuneError) -> MethodError {
     MethodError::InvalidInput(e.to_string())
 }
 
-/// Normalised class weights `[C, E]`: the mean of each class's normalised prompt embeddings,
-/// normalised. `average` is the `[C, P]` averaging matrix over the `P` prompts.
-fn class_weights(
-    model: &dyn VisionLanguageModel,
-    tokens: &medvlm_models::TokenBatch,
-    average: &Tensor,
-) -> Result<Tensor> {
-    let e = model.encode_text(tokens).map_err(model_err)?.embeds;
-    let e = l2_normalize(&e.to_dtype(DType::F32)?)?;
-    l2_normalize(&average.matmul(&e)?)
-}
-
 /// The fit shared by the four methods.
 fn fit(
     name: &str,
@@ -290,28 +278,11 @@ fn fit(
     let tune_text = towers != Towers::Vision;
     let tune_image = towers != Towers::Text;
 
-    let flat: Vec<&str> = input
-        .class_prompts
-        .iter()
-        .flat_map(|p| p.iter().map(String::as_str))
-        .collect();
-    let tokens = input
-        .tokenizer
-        .encode_batch(&flat, &device)
-        .map_err(model_err)?;
-    let mut avg = vec![0f32; c * flat.len()];
-    let mut col = 0;
-    for (ci, prompts) in input.class_prompts.iter().enumerate() {
-        for _ in prompts {
-            avg[ci * flat.len() + col] = 1.0 / prompts.len() as f32;
-            col += 1;
-        }
-    }
-    let average = Tensor::from_vec(avg, (c, flat.len()), &device)?;
+    let ensemble = PromptEnsemble::new(input.tokenizer, input.class_prompts, &device)?;
     let fixed_text = if tune_text {
         None
     } else {
-        Some(class_weights(model, &tokens, &average)?.detach())
+        Some(ensemble.weights(model)?.detach())
     };
     let images = input.images.to_device(&device)?;
     let fixed_images = if tune_image {
@@ -355,7 +326,7 @@ fn fit(
             };
             let txt = match &fixed_text {
                 Some(w) => w.clone(),
-                None => class_weights(model, &tokens, &average)?,
+                None => ensemble.weights(model)?,
             };
             let logits = cosine_logits(&img, &txt, scale)?;
             Ok(candle_nn::loss::cross_entropy(
@@ -366,7 +337,7 @@ fn fit(
     );
     set_lora_training(model, false);
     let final_loss = trained?;
-    let weights = class_weights(model, &tokens, &average)?.detach();
+    let weights = ensemble.weights(model)?.detach();
 
     let tuned: Vec<(String, Tensor)> = prepared
         .params

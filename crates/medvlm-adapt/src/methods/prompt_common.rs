@@ -398,10 +398,52 @@ pub(crate) fn template_text_embeddings(
     Ok(model.encode_text(&tokens).map_err(model_err)?.embeds)
 }
 
+/// Class prompts tokenised once, with the `[C, P]` matrix that averages each class's `P_c`
+/// prompts: the prompt-ensemble classifier of CLIP (mean of the normalised prompt embeddings,
+/// renormalised), recomputable through a text tower that is being trained.
+pub(crate) struct PromptEnsemble {
+    tokens: TokenBatch,
+    average: Tensor,
+}
+
+impl PromptEnsemble {
+    /// `prompts[c]`: the prompts of class `c` (at least one each).
+    pub(crate) fn new(
+        tok: &TextTokenizer,
+        prompts: &[Vec<String>],
+        device: &Device,
+    ) -> Result<Self> {
+        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+            return Err(MethodError::InvalidInput(format!(
+                "class prompts: give at least one prompt for each of the {} classes",
+                prompts.len()
+            )));
+        }
+        let flat: Vec<&str> = prompts.iter().flatten().map(String::as_str).collect();
+        let tokens = tok.encode_batch(&flat, device).map_err(model_err)?;
+        let mut avg = vec![0f32; prompts.len() * flat.len()];
+        let mut col = 0;
+        for (c, p) in prompts.iter().enumerate() {
+            for _ in p {
+                avg[c * flat.len() + col] = 1.0 / p.len() as f32;
+                col += 1;
+            }
+        }
+        let average = Tensor::from_vec(avg, (prompts.len(), flat.len()), device)?;
+        Ok(Self { tokens, average })
+    }
+
+    /// Normalised class weights `[C, E]` through `model`'s text tower (differentiable).
+    pub(crate) fn weights(&self, model: &dyn VisionLanguageModel) -> Result<Tensor> {
+        let e = model.encode_text(&self.tokens).map_err(model_err)?.embeds;
+        let e = l2_normalize(&e.to_dtype(DType::F32)?)?;
+        l2_normalize(&self.average.matmul(&e)?)
+    }
+}
+
 /// Normalised hand-crafted class weights `[C, E]` of `input`: the ensemble of its
-/// `class_prompts` (mean of normalised prompt embeddings, renormalised) when given, else
-/// `template` filled with each class name. Also returns which of the two was used, for the
-/// fit info.
+/// `class_prompts` when given, else `template` filled with each class name. Also returns
+/// which of the two was used, for the fit info.
 pub(crate) fn handcrafted_weights(
     input: &PromptInput,
     template: &str,
@@ -411,23 +453,15 @@ pub(crate) fn handcrafted_weights(
             template_text_embeddings(input.model, input.tokenizer, input.class_names, template)?;
         return Ok((l2_normalize(&w.to_dtype(DType::F32)?)?, "template"));
     };
-    if prompts.len() != input.class_names.len() || prompts.iter().any(|p| p.is_empty()) {
+    if prompts.len() != input.class_names.len() {
         return Err(MethodError::InvalidInput(format!(
-            "class_prompts: give at least one prompt for each of the {} classes",
+            "class_prompts: {} prompt lists for {} classes",
+            prompts.len(),
             input.class_names.len()
         )));
     }
-    let mut rows = Vec::with_capacity(prompts.len());
-    for p in prompts {
-        let tokens = input
-            .tokenizer
-            .encode_batch(p, input.model.device())
-            .map_err(model_err)?;
-        let e = input.model.encode_text(&tokens).map_err(model_err)?.embeds;
-        let e = l2_normalize(&e.to_dtype(DType::F32)?)?;
-        rows.push(e.mean_keepdim(0)?);
-    }
-    Ok((l2_normalize(&Tensor::cat(&rows, 0)?)?, "class prompts"))
+    let ensemble = PromptEnsemble::new(input.tokenizer, prompts, input.model.device())?;
+    Ok((ensemble.weights(input.model)?, "class prompts"))
 }
 
 /// Context vectors `[n_ctx, D]`: from the token embeddings of the first

@@ -197,6 +197,28 @@ pub fn pixel_batch(m: &LoadedModel, paths: &[PathBuf], device: &Device) -> anyho
     Ok(m.preprocess.batch(&pre, device)?)
 }
 
+/// Probabilities `[N * C]` of image files scored through the model: `score` maps a batch of
+/// preprocessed pixels `[b, 3, H, W]` to class probabilities `[b, C]`.
+pub fn probabilities_through_model(
+    m: &LoadedModel,
+    paths: &[PathBuf],
+    batch: usize,
+    device: &Device,
+    score: impl Fn(&Tensor) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for chunk in paths.chunks(batch.max(1)) {
+        let px = pixel_batch(m, chunk, device)?;
+        let p = score(&px)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        out.extend(p);
+    }
+    Ok(out)
+}
+
 /// Probabilities `[N * C]` of a prompt classifier on image files, in batches.
 pub fn prompt_probabilities(
     clf: &PromptClassifier,
@@ -205,18 +227,9 @@ pub fn prompt_probabilities(
     batch: usize,
     device: &Device,
 ) -> anyhow::Result<Vec<f32>> {
-    let mut out = Vec::new();
-    for chunk in paths.chunks(batch.max(1)) {
-        let px = pixel_batch(m, chunk, device)?;
-        let p = clf
-            .probabilities_for_images(m.model.as_ref(), &m.tokenizer, &px)?
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        out.extend(p);
-    }
-    Ok(out)
+    probabilities_through_model(m, paths, batch, device, |px| {
+        Ok(clf.probabilities_for_images(m.model.as_ref(), &m.tokenizer, px)?)
+    })
 }
 
 /// Fits prompt-learning method `name` on the support images through the frozen model `m`.

@@ -7,14 +7,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle_core::{DType, Device};
+use candle_core::Device;
 use medvlm_adapt::finetune::VarMap;
 use medvlm_adapt::methods::encoder_tuning::{
     tuning_method_by_name, TunedEncoderClassifier, TuningInput, TUNING_METHOD_NAMES,
 };
 use medvlm_models::{LoadMode, LoadOptions, LoadedModel};
 
-use super::adapt::pixel_batch;
+use super::adapt::{pixel_batch, probabilities_through_model};
 
 /// Whether `name` is an encoder fine-tuning method.
 pub fn is_tuning_method(name: &str) -> bool {
@@ -104,21 +104,7 @@ pub fn probabilities(
     batch: usize,
     device: &Device,
 ) -> anyhow::Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(paths.len() * clf_classes(clf));
-    for chunk in paths.chunks(batch.max(1)) {
-        let px = pixel_batch(m, chunk, device)?;
-        let p = clf
-            .probabilities_for_images(m.model.as_ref(), &px)?
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        out.extend(p);
-    }
-    Ok(out)
-}
-
-fn clf_classes(clf: &TunedEncoderClassifier) -> usize {
-    use medvlm_adapt::method::AdaptedClassifier;
-    clf.card().class_names.len()
+    probabilities_through_model(m, paths, batch, device, |px| {
+        Ok(clf.probabilities_for_images(m.model.as_ref(), px)?)
+    })
 }

@@ -461,7 +461,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         rows.iter().map(|&r| task.rows[r].path.clone()).collect()
     };
     let test_paths = paths_of(&test_rows);
-    for &(k, seed) in jobs.iter().filter(|_| !encoder_methods.is_empty()) {
+    let encoder_jobs: &[(usize, u64)] = if encoder_methods.is_empty() {
+        &[]
+    } else {
+        &jobs
+    };
+    for &(k, seed) in encoder_jobs {
         let protocol = protocol_of(k, seed);
         let idx = protocol
             .sample(&pool_y, &task.class_names)
