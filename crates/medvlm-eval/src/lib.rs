@@ -9,6 +9,8 @@
 //! * [`multilabel`]: macro/micro F1 at a threshold.
 //! * [`calibration`]: expected calibration error and reliability diagrams.
 //! * [`conformal`]: split-conformal APS and RAPS prediction sets.
+//! * [`conformal_multilabel`]: conformal risk control of the false-negative rate of
+//!   multi-label sets.
 //! * [`retrieval`]: image-text recall@K.
 //! * [`fewshot_table`]: mean ± std tables over seeds.
 //! * [`plots`]: line plots, confusion-matrix heatmaps, reliability diagrams (SVG/PNG).
@@ -18,6 +20,7 @@ pub mod auroc;
 pub mod calibration;
 pub mod classification;
 pub mod conformal;
+pub mod conformal_multilabel;
 pub mod error;
 pub mod fewshot_table;
 pub mod multilabel;
