@@ -2,7 +2,9 @@
 //! `medvlm predict` and `medvlm bench fewshot`, on a small histology phantom
 //! set with up to three findings per study (stroma, tumour, lymphocytes, or
 //! `normal`) and the tiny CLIP fixture model (random weights). Every metric
-//! checked here is recomputed from the manifest and the written predictions.
+//! checked here is recomputed from the manifest and the written predictions,
+//! the conformal false-negative-rate control included (its `lambda_hat` from
+//! the calibration images' probabilities that `medvlm predict` writes).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -127,6 +129,36 @@ fn adapt(manifest: &Path, method: &str, out: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Conformal risk control of the false-negative rate, written independently of
+/// medvlm-eval: the largest threshold `t` among the calibration probabilities
+/// (and 1) with `(sum_i L_i(t) + 1) / (n + 1) <= alpha`, `L_i` the share of
+/// example i's positives with probability below `t` (0 without positives);
+/// `None` when no threshold qualifies.
+fn fnr_threshold(probs: &[Vec<f64>], targets: &[Vec<bool>], alpha: f64) -> Option<f64> {
+    let n = probs.len() as f64;
+    let loss_sum = |t: f64| -> f64 {
+        probs
+            .iter()
+            .zip(targets)
+            .map(|(p, y)| {
+                let pos = y.iter().filter(|&&v| v).count();
+                let missed = p.iter().zip(y).filter(|&(&q, &v)| v && q < t).count();
+                if pos == 0 {
+                    0.0
+                } else {
+                    missed as f64 / pos as f64
+                }
+            })
+            .sum()
+    };
+    let mut candidates: Vec<f64> = probs.iter().flatten().copied().collect();
+    candidates.push(1.0);
+    candidates
+        .into_iter()
+        .filter(|&t| (loss_sum(t) + 1.0) / (n + 1.0) <= alpha)
+        .max_by(f64::total_cmp)
+}
+
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -151,9 +183,17 @@ fn multilabel_adapt_card_metrics_and_predict() {
 
     for method in ["linear-probe", "zero-shot-pairs"] {
         let out = tmp.path().join(method);
-        let stdout = ok(&adapt(&manifest, method, &out, &[]));
+        let stdout = ok(&adapt(
+            &manifest,
+            method,
+            &out,
+            &["--conformal-alpha", "0.2"],
+        ));
         assert!(stdout.contains("macro AUROC"), "{stdout}");
-        assert!(stdout.contains("no conformal prediction sets"), "{stdout}");
+        assert!(
+            stdout.contains("conformal risk control of the false-negative rate"),
+            "{stdout}"
+        );
         assert!(out.join("eval_predictions.csv").is_file());
         assert!(
             !out.join("reliability.png").exists(),
@@ -233,7 +273,10 @@ fn multilabel_adapt_card_metrics_and_predict() {
         let macro_auroc = mx["macro_auroc"].as_f64().unwrap();
         assert!((macro_auroc - sum / classes.len() as f64).abs() < 1e-9);
         assert_eq!(mx["undefined_classes"].as_array().unwrap().len(), 0);
-        assert!(mx["conformal"].as_str().unwrap().contains("not computed"));
+        assert!(mx["conformal"]
+            .as_str()
+            .unwrap()
+            .contains("conformal risk control of the false-negative rate"));
         // The predicted label sets are the labels at probability >= 0.5.
         for (p, probs, predicted) in &rows {
             let on: Vec<&str> = classes
@@ -249,6 +292,96 @@ fn multilabel_adapt_card_metrics_and_predict() {
             };
             assert_eq!(predicted, &expect, "{p}");
         }
+
+        // Conformal FNR control: the report agrees with the written test probabilities.
+        let cf = &mx["conformal_fnr_control"];
+        assert_eq!(cf["calibration_source"], "split 'val'", "{cf}");
+        let r = &cf["report"];
+        assert_eq!(r["target_alpha"].as_f64(), Some(0.2));
+        let threshold = r["threshold"].as_f64().unwrap();
+        let lambda_hat = r["lambda_hat"].as_f64().unwrap();
+        assert!((threshold + lambda_hat - 1.0).abs() < 1e-6, "{r}");
+        let val: Vec<&String> = truth
+            .iter()
+            .filter(|(_, t)| t.split == "val")
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(r["n_calibration"].as_u64().unwrap() as usize, val.len());
+        assert_eq!(
+            r["n_calibration_without_positives"].as_u64().unwrap() as usize,
+            val.iter()
+                .filter(|p| truth[p.as_str()].labels.contains("normal"))
+                .count()
+        );
+        assert_eq!(r["calibration_too_small"], false);
+        let (mut fnr_sum, mut size_sum, mut empty, mut near) = (0.0, 0usize, 0usize, 0usize);
+        let mut hits = vec![0usize; classes.len()];
+        for (p, probs, _) in rows.iter() {
+            let y: Vec<bool> = classes
+                .iter()
+                .map(|c| truth[p].labels.contains(c))
+                .collect();
+            // The CSV rounds to 6 decimals: a probability that close to the
+            // threshold may fall on either side.
+            near += probs
+                .iter()
+                .filter(|&&q| (q - threshold).abs() < 1e-6)
+                .count();
+            let inside: Vec<bool> = probs.iter().map(|&q| q >= threshold).collect();
+            let size = inside.iter().filter(|&&v| v).count();
+            size_sum += size;
+            empty += usize::from(size == 0);
+            let pos = y.iter().filter(|&&v| v).count();
+            let found = inside.iter().zip(&y).filter(|&(&i, &v)| i && v).count();
+            if pos > 0 {
+                fnr_sum += 1.0 - found as f64 / pos as f64;
+            }
+            for (j, (&i, &v)) in inside.iter().zip(&y).enumerate() {
+                hits[j] += usize::from(i && v);
+            }
+        }
+        let n = rows.len() as f64;
+        let fnr = r["fnr"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&fnr));
+        let slack = near as f64 / n;
+        assert!((fnr - fnr_sum / n).abs() <= slack + 1e-9, "{method}: {r}");
+        assert!(
+            (r["mean_set_size"].as_f64().unwrap() - size_sum as f64 / n).abs() <= slack + 1e-9,
+            "{method}: {r}"
+        );
+        assert!(
+            (r["empty_set_fraction"].as_f64().unwrap() - empty as f64 / n).abs() <= slack + 1e-9
+        );
+        for (j, c) in classes.iter().enumerate() {
+            let n_pos = mx["positives"][c].as_u64().unwrap() as f64;
+            let got = cf["per_class_coverage"][c].as_f64().unwrap();
+            assert!((got - hits[j] as f64 / n_pos).abs() <= near as f64 / n_pos + 1e-9);
+            assert_eq!(r["per_label_coverage"][j].as_f64(), Some(got));
+        }
+        // lambda_hat recomputed from the calibration images' probabilities.
+        let res = bin()
+            .arg("predict")
+            .arg("--adapted")
+            .arg(&out)
+            .args(&val)
+            .output()
+            .unwrap();
+        let (_, cal_rows) = parse_csv(&ok(&res));
+        let cal_probs: Vec<Vec<f64>> = cal_rows.iter().map(|(_, q, _)| q.clone()).collect();
+        let cal_targets: Vec<Vec<bool>> = cal_rows
+            .iter()
+            .map(|(p, _, _)| {
+                classes
+                    .iter()
+                    .map(|c| truth[p].labels.contains(c))
+                    .collect()
+            })
+            .collect();
+        let expect = fnr_threshold(&cal_probs, &cal_targets, 0.2).unwrap();
+        assert!(
+            (threshold - expect).abs() < 1e-5,
+            "{method}: threshold {threshold}, recomputed {expect}"
+        );
 
         // predict: one independent probability per label, as in adapt's evaluation.
         let images: Vec<&str> = rows.iter().map(|(p, _, _)| p.as_str()).collect();
@@ -401,7 +534,14 @@ fn multilabel_bench_fewshot_runs_capable_methods_and_lists_the_rest() {
         assert!(stdout.contains(&format!("| {m} |")), "{stdout}");
     }
     assert!(stdout.contains("skipped tip-adapter: "), "{stdout}");
-    assert!(stdout.contains("no conformal prediction sets"), "{stdout}");
+    assert!(
+        stdout.contains("| method (conformal test FNR at alpha 0.1, %) | K=1 | K=2 |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| method (conformal mean set size) | K=1 | K=2 |"),
+        "{stdout}"
+    );
 
     let v = read_json(&json);
     assert_eq!(v["task"], "multi-label");
@@ -436,8 +576,14 @@ fn multilabel_bench_fewshot_runs_capable_methods_and_lists_the_rest() {
         assert_eq!(r["protocol"]["task"], "multi-label");
         let auc = r["multilabel_metrics"]["macro_auroc"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&auc));
+        let cf = &r["multilabel_metrics"]["conformal_fnr_control"]["report"];
+        assert_eq!(cf["target_alpha"].as_f64(), Some(0.1), "{r}");
+        let fnr = cf["fnr"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&fnr));
+        let size = cf["mean_set_size"].as_f64().unwrap();
+        assert!((0.0..=v["class_names"].as_array().unwrap().len() as f64).contains(&size));
         if method == "linear-probe" && k == 1 {
-            lp_k1.push(auc);
+            lp_k1.push((auc, fnr));
         }
     }
     // The table's cell is the mean over seeds of the records.
@@ -450,5 +596,9 @@ fn multilabel_bench_fewshot_runs_capable_methods_and_lists_the_rest() {
         .unwrap();
     let cell = table["cells"][mi][0]["mean"].as_f64().unwrap();
     assert_eq!(lp_k1.len(), 2);
-    assert!((cell - lp_k1.iter().sum::<f64>() / 2.0).abs() < 1e-12);
+    assert!((cell - lp_k1.iter().map(|x| x.0).sum::<f64>() / 2.0).abs() < 1e-12);
+    let fnr_cell = v["conformal_fnr_table"]["cells"][mi][0]["mean"]
+        .as_f64()
+        .unwrap();
+    assert!((fnr_cell - lp_k1.iter().map(|x| x.1).sum::<f64>() / 2.0).abs() < 1e-12);
 }

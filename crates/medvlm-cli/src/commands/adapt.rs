@@ -29,9 +29,13 @@
 //! `linear-probe`); the support set is drawn with the library's greedy
 //! multi-label sampler (at least K positives per finding); the metrics are
 //! per-class and macro AUROC, per-class and mean average precision, macro-
-//! and micro-F1 and exact match at probability 0.5; there are no conformal
-//! sets and no reliability diagram (both assume one class per image), which
-//! the card and the output say.
+//! and micro-F1 and exact match at probability 0.5, and the conformal label
+//! sets `{k : p_k >= 1 - lambda_hat}` whose expected false-negative rate is
+//! at most `--conformal-alpha` (conformal risk control, Angelopoulos et al.,
+//! ICLR 2024; `lambda_hat` calibrated on the same calibration images as the
+//! multi-class sets): test FNR, mean set size, empty sets and per-finding
+//! recall. There are no APS/RAPS sets and no reliability diagram (both
+//! assume one class per image), which the card and the output say.
 
 use std::path::{Path, PathBuf};
 
@@ -50,10 +54,10 @@ use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    class_prompts, describe_multilabel, encode_class_texts, evaluate, evaluate_multilabel,
-    model_fingerprint, model_logit_scale, multi_label_refusal, negative_prompts, probabilities,
-    probability_csv, probability_csv_multilabel, task_features, write_file, Metrics,
-    MultiLabelMetrics, Task, TaskArgs, MULTI_LABEL_CONFORMAL_NOTE, MULTI_LABEL_METHODS,
+    class_prompts, describe_fnr_control, describe_multilabel, encode_class_texts, evaluate,
+    evaluate_multilabel, model_fingerprint, model_logit_scale, multi_label_refusal,
+    negative_prompts, probabilities, probability_csv, probability_csv_multilabel, task_features,
+    write_file, Metrics, MultiLabelMetrics, Task, TaskArgs, MULTI_LABEL_METHODS,
 };
 use super::embed::{load, preprocess_file, DeviceArgs};
 use super::tuning::{self, is_tuning_method, TuningJob};
@@ -727,7 +731,37 @@ fn run_multilabel(
     } else {
         let probs = probabilities(clf.as_ref(), &feats.features_of(task, &test_rows)?)?;
         let targets = task.multi_hot(&test_rows)?;
-        let metrics = evaluate_multilabel(&probs, &targets, &task.class_names)?;
+        // Conformal calibration images: the calibration split, else the train
+        // images outside the support set (as for multi-class sets).
+        let mut calib_rows = feats.available(&task.split_rows(&args.task.calib_split));
+        let mut source = format!("split '{}'", args.task.calib_split);
+        if calib_rows.is_empty() {
+            let support: std::collections::BTreeSet<usize> = support_rows.iter().copied().collect();
+            calib_rows = pool_rows
+                .iter()
+                .copied()
+                .filter(|r| !support.contains(r))
+                .collect();
+            source = format!(
+                "'{}' images outside the support set (no '{}' split)",
+                args.task.split, args.task.calib_split
+            );
+        }
+        let calib = if calib_rows.is_empty() {
+            None
+        } else {
+            let cp = probabilities(clf.as_ref(), &feats.features_of(task, &calib_rows)?)?;
+            Some((cp, task.multi_hot(&calib_rows)?, source))
+        };
+        let metrics = evaluate_multilabel(
+            &probs,
+            &targets,
+            &task.class_names,
+            calib
+                .as_ref()
+                .map(|(p, t, s)| (p.as_slice(), t.as_slice(), s.clone())),
+            args.task.conformal_alpha,
+        )?;
         let paths: Vec<String> = test_rows
             .iter()
             .map(|&r| task.rows[r].path.display().to_string())
@@ -741,11 +775,14 @@ fn run_multilabel(
             )),
         )
     };
-    let notes = vec![
-        MULTI_LABEL_CONFORMAL_NOTE.to_string(),
+    let mut notes = Vec::new();
+    if let Some(mx) = &metrics {
+        notes.push(mx.conformal.clone());
+    }
+    notes.push(
         "no reliability diagram: the top-class confidence it bins assumes one class per image"
             .to_string(),
-    ];
+    );
 
     let hyperparameters = write_artefact(&args.out, |tmp| {
         save_classifier(clf.as_ref(), tmp)?;
@@ -805,6 +842,9 @@ fn run_multilabel(
             })
             .collect();
         println!("per-class AUROC: {}", per_class.join(", "));
+        if let Some(cf) = &mx.conformal_fnr_control {
+            println!("{}", describe_fnr_control(cf));
+        }
     }
     for n in &notes {
         println!("note: {n}");

@@ -44,6 +44,7 @@ use medvlm_eval::classification::{argmax_rows, ClassificationReport};
 use medvlm_eval::conformal::{
     ConformalConfig, ConformalPredictor, ConformalReport, ConformalScore,
 };
+use medvlm_eval::conformal_multilabel::{FnrControlReport, FnrController};
 use medvlm_eval::multilabel::multilabel_f1;
 use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
@@ -91,15 +92,17 @@ pub struct TaskArgs {
     /// effusion", ...) of the modality selected with `--where modality=NAME`.
     #[arg(long)]
     pub phantom_prompts: bool,
-    /// Conformal score: `aps` (Romano et al. 2020) or `raps` (Angelopoulos et al. 2021,
-    /// lambda 0.01, k_reg 1).
+    /// Conformal score of multi-class sets: `aps` (Romano et al. 2020) or `raps`
+    /// (Angelopoulos et al. 2021, lambda 0.01, k_reg 1).
     #[arg(long, default_value = "aps", value_parser = ["aps", "raps"])]
     pub conformal_score: String,
-    /// Conformal miscoverage level alpha; target coverage is 1 - alpha.
+    /// Conformal level alpha. Multi-class: miscoverage, target coverage 1 - alpha.
+    /// Multi-label: target expected false-negative rate of the label sets (conformal risk
+    /// control).
     #[arg(long, default_value_t = 0.1)]
     pub conformal_alpha: f64,
-    /// Randomised conformal scores and sets (coverage closer to exactly 1 - alpha;
-    /// seeded by --seed).
+    /// Randomised conformal scores and sets of multi-class tasks (coverage closer to
+    /// exactly 1 - alpha; seeded by --seed).
     #[arg(long)]
     pub conformal_randomized: bool,
     /// Feature cache directory (default: `.medvlm-cache` beside the manifest).
@@ -970,8 +973,88 @@ pub fn evaluate(
 
 /// What the multi-label reports say about conformal prediction sets.
 pub const MULTI_LABEL_CONFORMAL_NOTE: &str =
-    "no conformal prediction sets: split-conformal APS/RAPS sets assume one class per image \
-     and are not computed for multi-label tasks";
+    "conformal: label sets {k : p_k >= 1 - lambda_hat} with lambda_hat calibrated by split \
+     conformal risk control of the false-negative rate (Angelopoulos et al., ICLR 2024; \
+     E[FNR] <= --conformal-alpha on exchangeable data; studies without findings have loss 0); \
+     APS/RAPS sets assume one class per image and are not computed for multi-label tasks";
+
+/// What the multi-label reports say when there are no calibration examples.
+pub const MULTI_LABEL_NO_CALIBRATION_NOTE: &str =
+    "no conformal label sets: no calibration examples (no --calib-split split and no train \
+     images outside the support set)";
+
+/// Conformal risk control of the false-negative rate of multi-label sets,
+/// calibrated on the calibration split and measured on the test split.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FnrControlSummary {
+    /// Where the calibration examples came from.
+    pub calibration_source: String,
+    /// lambda_hat, threshold, and the test FNR, set sizes and per-label recall
+    /// (`per_label_*` in class-index order).
+    pub report: FnrControlReport,
+    /// `report.per_label_coverage` keyed by class name: recall of each finding's
+    /// test positives (`null` without test positives).
+    pub per_class_coverage: std::collections::BTreeMap<String, Option<f64>>,
+}
+
+/// Probabilities `[n, C]`, multi-hot targets and source (split name) of the
+/// multi-label conformal calibration examples.
+pub type MultiLabelCalibration<'a> = (&'a [f32], &'a [Vec<bool>], String);
+
+/// Calibrates the false-negative-rate controller on the calibration
+/// probabilities and measures it on the test probabilities.
+pub fn fnr_control(
+    probs: &[f32],
+    targets: &[Vec<bool>],
+    class_names: &[String],
+    calibration: MultiLabelCalibration,
+    alpha: f64,
+) -> anyhow::Result<FnrControlSummary> {
+    let c = class_names.len();
+    let (cal_probs, cal_targets, source) = calibration;
+    let cal_flat: Vec<bool> = cal_targets.iter().flatten().copied().collect();
+    let controller = FnrController::calibrate(cal_probs, &cal_flat, c, alpha)
+        .with_context(|| format!("calibrating conformal risk control on {source}"))?;
+    let flat: Vec<bool> = targets.iter().flatten().copied().collect();
+    let report = controller.evaluate(probs, &flat)?;
+    let per_class_coverage = class_names
+        .iter()
+        .cloned()
+        .zip(report.per_label_coverage.iter().copied())
+        .collect();
+    Ok(FnrControlSummary {
+        calibration_source: source,
+        report,
+        per_class_coverage,
+    })
+}
+
+/// One-line summary of a false-negative-rate control report.
+pub fn describe_fnr_control(s: &FnrControlSummary) -> String {
+    let r = &s.report;
+    let mut line = format!(
+        "conformal risk control of the false-negative rate (calibrated on {} {}, {} without \
+         findings): alpha {}, lambda_hat {:.4} (label set = p >= {}); test FNR {:.4}, mean set \
+         size {:.3}, empty sets {:.1}%",
+        r.n_calibration,
+        s.calibration_source,
+        r.n_calibration_without_positives,
+        r.target_alpha,
+        r.lambda_hat,
+        r.threshold,
+        r.fnr,
+        r.mean_set_size,
+        r.empty_set_fraction * 100.0
+    );
+    if r.calibration_too_small {
+        line.push_str(&format!(
+            "; {} calibration image(s) are too few for alpha {} ((n + 1) alpha < 1): every \
+             label is in every set",
+            r.n_calibration, r.target_alpha
+        ));
+    }
+    line
+}
 
 /// Every metric of one multi-label evaluation; per-class entries are keyed
 /// by class name.
@@ -1004,8 +1087,13 @@ pub struct MultiLabelMetrics {
     pub per_class_f1: std::collections::BTreeMap<String, f64>,
     /// Share of test images whose whole predicted label set is right.
     pub exact_match: f64,
-    /// Why there are no conformal sets ([`MULTI_LABEL_CONFORMAL_NOTE`]).
+    /// What the conformal report is ([`MULTI_LABEL_CONFORMAL_NOTE`]), or why
+    /// there is none.
     pub conformal: String,
+    /// Conformal risk control of the false-negative rate of the label sets,
+    /// when calibration examples exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conformal_fnr_control: Option<FnrControlSummary>,
 }
 
 /// Average precision of one label (scikit-learn's
@@ -1041,11 +1129,15 @@ pub fn average_precision(scores: &[f32], positive: &[bool]) -> Option<f64> {
 }
 
 /// Multi-label metrics from row-major sigmoid probabilities `[n, C]` and
-/// multi-hot targets.
+/// multi-hot targets; `calibration` gives the probabilities and targets of
+/// the conformal calibration examples and `alpha` the target false-negative
+/// rate of the conformal label sets.
 pub fn evaluate_multilabel(
     probs: &[f32],
     targets: &[Vec<bool>],
     class_names: &[String],
+    calibration: Option<MultiLabelCalibration>,
+    alpha: f64,
 ) -> anyhow::Result<MultiLabelMetrics> {
     let c = class_names.len();
     let flat: Vec<bool> = targets.iter().flatten().copied().collect();
@@ -1065,6 +1157,12 @@ pub fn evaluate_multilabel(
         positives.insert(name.clone(), pos.iter().filter(|&&p| p).count());
     }
     let aps: Vec<f64> = per_class_ap.values().flatten().copied().collect();
+    let conformal_fnr_control = match calibration {
+        Some(cal) if !cal.1.is_empty() => {
+            Some(fnr_control(probs, targets, class_names, cal, alpha)?)
+        }
+        _ => None,
+    };
     Ok(MultiLabelMetrics {
         n: targets.len(),
         positives,
@@ -1084,7 +1182,13 @@ pub fn evaluate_multilabel(
         micro_f1: f1.micro_f1,
         per_class_f1,
         exact_match: f1.exact_match,
-        conformal: MULTI_LABEL_CONFORMAL_NOTE.to_string(),
+        conformal: if conformal_fnr_control.is_some() {
+            MULTI_LABEL_CONFORMAL_NOTE
+        } else {
+            MULTI_LABEL_NO_CALIBRATION_NOTE
+        }
+        .to_string(),
+        conformal_fnr_control,
     })
 }
 

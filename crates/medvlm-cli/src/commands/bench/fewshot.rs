@@ -33,8 +33,12 @@
 //! sets come from the library's greedy multi-label sampler (at least K
 //! positives per finding); the table is macro AUROC (mean ± std over
 //! seeds) per method and K; each record carries the multi-label metrics
-//! (per-class and macro AUROC, average precision, F1 at 0.5). No conformal
-//! sets (they assume one class per image).
+//! (per-class and macro AUROC, average precision, F1 at 0.5) and conformal
+//! risk control of the false-negative rate of the label sets (Angelopoulos
+//! et al., ICLR 2024; target `--conformal-alpha`, calibrated like the
+//! multi-class sets on the val split or the train images outside the
+//! support set), whose test FNR and mean set size get their own tables. No
+//! APS/RAPS sets (they assume one class per image).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,6 +48,7 @@ use medvlm_adapt::fewshot::{FewShotProtocol, HyperparameterPolicy, SamplingMode,
 use medvlm_adapt::method::{
     frozen_feature_method_names, method_by_name, AdaptInput, FeatureAccess, SupportSet,
 };
+use medvlm_eval::conformal_multilabel::FnrControlReport;
 use medvlm_eval::fewshot_table::{FewShotResult, FewShotTable, MeanStd};
 use medvlm_eval::plots::{LinePlot, Plot, Series, Size};
 use rayon::prelude::*;
@@ -54,7 +59,7 @@ use crate::commands::common::{
     class_prompts, encode_class_texts, evaluate, evaluate_multilabel, model_fingerprint,
     model_logit_scale, multi_label_refusal, negative_prompts, probabilities, task_features,
     write_file, Metrics, MultiLabelMetrics, Task, TaskArgs, MULTI_LABEL_CONFORMAL_NOTE,
-    MULTI_LABEL_METHODS,
+    MULTI_LABEL_METHODS, MULTI_LABEL_NO_CALIBRATION_NOTE,
 };
 use crate::commands::embed::{load, DeviceArgs};
 use crate::commands::tuning::{self, is_tuning_method, TuningJob};
@@ -162,6 +167,12 @@ pub struct BenchOutput {
     /// Macro-AUROC table (mean ± std over seeds; multi-label tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub macro_auroc_table: Option<FewShotTable>,
+    /// Test false-negative rate of the conformal label sets (multi-label tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conformal_fnr_table: Option<FewShotTable>,
+    /// Mean size of the conformal label sets (multi-label tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conformal_set_size_table: Option<FewShotTable>,
     /// What was not computed, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -587,6 +598,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         accuracy_table: Some(acc.clone()),
         balanced_accuracy_table: Some(bal.clone()),
         macro_auroc_table: None,
+        conformal_fnr_table: None,
+        conformal_set_size_table: None,
         notes: Vec::new(),
     };
     write_file(&args.json, &serde_json::to_vec_pretty(&output)?)?;
@@ -710,6 +723,17 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
     let pool_targets = task.multi_hot(&pool_rows)?;
     let test_f = feats.features_of(&task, &test_rows)?;
     let test_targets = task.multi_hot(&test_rows)?;
+    // Conformal calibration: the calibration split when there is one (shared by
+    // every draw), else the pool images outside each draw's support set.
+    let val_rows = feats.available(&task.split_rows(&args.task.calib_split));
+    let val = if val_rows.is_empty() {
+        None
+    } else {
+        Some((
+            feats.features_of(&task, &val_rows)?,
+            task.multi_hot(&val_rows)?,
+        ))
+    };
     let built = methods
         .iter()
         .map(|n| method_by_name(n, None))
@@ -748,6 +772,31 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
                 features: feats.features_of(&task, &rows)?,
                 labels: task.support_labels(&rows)?,
             };
+            let (cal_f, cal_targets, source) = match &val {
+                Some((f, t)) => (
+                    Some(f.clone()),
+                    t.clone(),
+                    format!("split '{}'", args.task.calib_split),
+                ),
+                None => {
+                    let in_support: std::collections::BTreeSet<usize> =
+                        idx.iter().copied().collect();
+                    let outside: Vec<usize> = (0..pool_rows.len())
+                        .filter(|i| !in_support.contains(i))
+                        .map(|i| pool_rows[i])
+                        .collect();
+                    let f = if outside.is_empty() {
+                        None
+                    } else {
+                        Some(feats.features_of(&task, &outside)?)
+                    };
+                    (
+                        f,
+                        task.multi_hot(&outside)?,
+                        format!("'{}' images outside the support set", args.task.split),
+                    )
+                }
+            };
             let input = AdaptInput {
                 texts: &texts,
                 support: &support,
@@ -773,7 +822,19 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
                 let t_pred = Instant::now();
                 let probs = probabilities(clf.as_ref(), &test_f)?;
                 let predict_seconds = t_pred.elapsed().as_secs_f64();
-                let metrics = evaluate_multilabel(&probs, &test_targets, &task.class_names)?;
+                let cal_probs = match &cal_f {
+                    Some(f) => Some(probabilities(clf.as_ref(), f)?),
+                    None => None,
+                };
+                let metrics = evaluate_multilabel(
+                    &probs,
+                    &test_targets,
+                    &task.class_names,
+                    cal_probs
+                        .as_ref()
+                        .map(|p| (p.as_slice(), cal_targets.as_slice(), source.clone())),
+                    args.task.conformal_alpha,
+                )?;
                 out.push(BenchRecord {
                     method: method.name().to_string(),
                     protocol: protocol.clone(),
@@ -812,6 +873,32 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
         })
         .collect();
     let auroc = FewShotTable::new("macro AUROC, %", &results);
+    let conformal_table = |metric: &str, value: &dyn Fn(&FnrControlReport) -> f64| {
+        let results: Vec<FewShotResult> = records
+            .iter()
+            .filter_map(|r| {
+                let cf = r
+                    .multilabel_metrics
+                    .as_ref()?
+                    .conformal_fnr_control
+                    .as_ref()?;
+                Some(FewShotResult {
+                    method: r.method.clone(),
+                    shots: r.protocol.shots,
+                    values: vec![value(&cf.report)],
+                })
+            })
+            .collect();
+        (!results.is_empty()).then(|| FewShotTable::new(metric, &results))
+    };
+    let fnr_table = conformal_table(
+        &format!(
+            "conformal test FNR at alpha {}, %",
+            args.task.conformal_alpha
+        ),
+        &|r| r.fnr,
+    );
+    let set_size_table = conformal_table("conformal mean set size", &|r| r.mean_set_size);
 
     let plot_path = write_shots_plot(
         &args,
@@ -824,7 +911,12 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
         "test macro AUROC",
     )?;
 
-    let mut notes = vec![MULTI_LABEL_CONFORMAL_NOTE.to_string()];
+    let mut notes = vec![if fnr_table.is_some() {
+        MULTI_LABEL_CONFORMAL_NOTE
+    } else {
+        MULTI_LABEL_NO_CALIBRATION_NOTE
+    }
+    .to_string()];
     if undefined > 0 {
         notes.push(format!(
             "{undefined} record(s) have no macro AUROC (no finding with both positives and \
@@ -846,6 +938,8 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
         accuracy_table: None,
         balanced_accuracy_table: None,
         macro_auroc_table: Some(auroc.clone()),
+        conformal_fnr_table: fnr_table.clone(),
+        conformal_set_size_table: set_size_table.clone(),
         notes: notes.clone(),
     };
     write_file(&args.json, &serde_json::to_vec_pretty(&output)?)?;
@@ -864,6 +958,12 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
         elapsed
     );
     println!("{}", auroc.to_markdown(100.0, 1));
+    if let Some(t) = &fnr_table {
+        println!("{}", t.to_markdown(100.0, 1));
+    }
+    if let Some(t) = &set_size_table {
+        println!("{}", t.to_markdown(1.0, 2));
+    }
     for s in &skipped {
         println!("skipped {}: {}", s.method, s.reason);
     }
