@@ -438,7 +438,10 @@ impl<'a> AdaptInput<'a> {
             return Err(MethodError::UnsupportedTask {
                 method: method.into(),
                 task: TaskKind::MultiLabel,
-                hint: "for multi-label tasks use 'zero-shot-pairs' or 'linear-probe'".into(),
+                hint:
+                    "for multi-label tasks use 'zero-shot-pairs', 'linear-probe', 'tip-adapter', \
+                       'tip-adapter-f' or 'clip-adapter'"
+                        .into(),
             });
         }
         Ok(nd)

@@ -259,7 +259,7 @@ fn bad_shapes_give_clear_errors() {
             vec![false, true, false],
         ]),
     };
-    let err = method_by_name("tip-adapter", None)
+    let err = method_by_name("taskres", None)
         .unwrap()
         .fit(&AdaptInput::frozen(&task.texts, &ml))
         .err()

@@ -181,7 +181,13 @@ fn multilabel_adapt_card_metrics_and_predict() {
     let has_normal = truth.values().any(|t| t.labels.contains("normal"));
     assert!(has_normal, "the phantom set should contain normal studies");
 
-    for method in ["linear-probe", "zero-shot-pairs"] {
+    for method in [
+        "linear-probe",
+        "zero-shot-pairs",
+        "tip-adapter",
+        "tip-adapter-f",
+        "clip-adapter",
+    ] {
         let out = tmp.path().join(method);
         let stdout = ok(&adapt(
             &manifest,
@@ -431,10 +437,13 @@ fn multilabel_errors_and_skipped_records_are_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let manifest = phantoms(tmp.path());
     // Multi-class-only methods are refused, naming the methods that work.
-    for method in ["tip-adapter", "zero-shot"] {
+    for method in ["taskres", "zero-shot"] {
         let err = fails(&adapt(&manifest, method, &tmp.path().join("x"), &[]));
         assert!(err.contains(&format!("'{method}'")), "{err}");
-        assert!(err.contains("zero-shot-pairs, linear-probe"), "{err}");
+        assert!(
+            err.contains("zero-shot-pairs, linear-probe, tip-adapter, tip-adapter-f, clip-adapter"),
+            "{err}"
+        );
         assert!(!tmp.path().join("x").exists());
     }
     // `normal` cannot be a class.
@@ -530,10 +539,17 @@ fn multilabel_bench_fewshot_runs_capable_methods_and_lists_the_rest() {
         stdout.contains("| method (macro AUROC, %) | K=1 | K=2 |"),
         "{stdout}"
     );
-    for m in ["zero-shot-pairs", "linear-probe"] {
+    let capable = [
+        "zero-shot-pairs",
+        "linear-probe",
+        "tip-adapter",
+        "tip-adapter-f",
+        "clip-adapter",
+    ];
+    for m in capable {
         assert!(stdout.contains(&format!("| {m} |")), "{stdout}");
     }
-    assert!(stdout.contains("skipped tip-adapter: "), "{stdout}");
+    assert!(stdout.contains("skipped taskres: "), "{stdout}");
     assert!(
         stdout.contains("| method (conformal test FNR at alpha 0.1, %) | K=1 | K=2 |"),
         "{stdout}"
@@ -557,15 +573,17 @@ fn multilabel_bench_fewshot_runs_capable_methods_and_lists_the_rest() {
             )
         })
         .collect();
-    for m in ["zero-shot", "tip-adapter", "clip-adapter", "lp++"] {
+    for m in ["zero-shot", "taskres", "lp++", "clap"] {
         assert!(
             skipped[m].contains("zero-shot-pairs, linear-probe"),
             "{m}: {skipped:?}"
         );
     }
-    assert!(!skipped.contains_key("linear-probe"));
+    for m in capable {
+        assert!(!skipped.contains_key(m), "{m}");
+    }
     let records = v["records"].as_array().unwrap();
-    assert_eq!(records.len(), 2 * 2 * 2);
+    assert_eq!(records.len(), capable.len() * 2 * 2);
     let mut lp_k1 = Vec::new();
     let mut seen = BTreeSet::new();
     for r in records {

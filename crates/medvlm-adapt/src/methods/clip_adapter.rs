@@ -16,11 +16,20 @@
 //! ratio means the same for every model whatever its feature norm).
 //! `W1`, `W2` (stored `[in, out]`) start from PyTorch's default `nn.Linear` init (uniform,
 //! bound 1/sqrt(fan_in)) drawn from the fit's seed.
+//!
+//! Multi-label tasks (our extension; the paper is multi-class only): one
+//! sigmoid per label, `logits = s * norm(f') . (p_c - n_c)` with `p_c - n_c`
+//! the positive minus negative prompt-pair weights of `zero-shot-pairs` (an
+//! adapter whose blend leaves `f` unchanged is exactly zero-shot-pairs),
+//! trained with the mean binary cross-entropy over images and labels
+//! instead of cross-entropy; everything else as above.
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{rng_for, train_full_batch, uniform_init, Optimizer};
+use super::{
+    bce_with_logits, pair_text_weights, rng_for, train_full_batch, uniform_init, Optimizer,
+};
 use crate::fewshot::TaskKind;
 use crate::method::{
     l2_normalize, make_card, normalized_input, AdaptInput, AdaptationMethod, AdaptedClassifier,
@@ -74,6 +83,16 @@ fn forward(
     Ok((l2_normalize(&blended)?.matmul(text_t)? * scale)?)
 }
 
+/// `[D, C]` scoring weights: `text^T`, or `(text - negative)^T` for the
+/// prompt pairs of a multi-label task.
+fn effective_text_t(text: &Tensor, negative: Option<&Tensor>) -> Result<Tensor> {
+    let effective = match negative {
+        Some(n) => (text - n)?,
+        None => text.clone(),
+    };
+    Ok(effective.t()?.contiguous()?)
+}
+
 impl AdaptationMethod for ClipAdapter {
     fn name(&self) -> &'static str {
         "clip-adapter"
@@ -88,7 +107,8 @@ impl AdaptationMethod for ClipAdapter {
     }
 
     fn fit(&self, input: &AdaptInput) -> Result<Box<dyn AdaptedClassifier>> {
-        let (_, dim) = input.require_multi_class(self.name())?;
+        let (_, dim) = input.validate()?;
+        let task = input.support.labels.task();
         if self.reduction == 0 || dim / self.reduction == 0 {
             return Err(MethodError::BadHyperparameters {
                 method: self.name().into(),
@@ -115,10 +135,19 @@ impl AdaptationMethod for ClipAdapter {
             1.0 / (hidden as f64).sqrt(),
             device,
         )?)?;
-        let text = input.texts.ensemble_weights()?;
-        let text_t = text.t()?.contiguous()?;
+        let (text, negative) = match task {
+            TaskKind::MultiClass => (input.texts.ensemble_weights()?, None),
+            TaskKind::MultiLabel => {
+                let (p, n) = pair_text_weights(input, self.name())?;
+                (p, Some(n))
+            }
+        };
+        let text_t = effective_text_t(&text, negative.as_ref())?;
         let f = l2_normalize(&input.support.features.to_dtype(candle_core::DType::F32)?)?;
-        let targets = input.support.class_indices()?;
+        let (classes, hot) = match task {
+            TaskKind::MultiClass => (Some(input.support.class_indices()?), None),
+            TaskKind::MultiLabel => (None, Some(input.support.targets(text.dim(0)?)?)),
+        };
         let scale = input.scale();
         let final_loss = train_full_batch(
             &[w1.clone(), w2.clone()],
@@ -133,13 +162,17 @@ impl AdaptationMethod for ClipAdapter {
                     self.residual_ratio,
                     scale,
                 )?;
-                Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+                match (&classes, &hot) {
+                    (Some(t), _) => Ok(candle_nn::loss::cross_entropy(&logits, t)?),
+                    (None, Some(h)) => bce_with_logits(&logits, h),
+                    (None, None) => Err(MethodError::InvalidInput("no targets".into())),
+                }
             },
         )?;
         let card = make_card(
             self,
             input,
-            TaskKind::MultiClass,
+            task,
             self.hyperparameters(),
             serde_json::json!({ "final_loss": final_loss }),
         )?;
@@ -148,6 +181,7 @@ impl AdaptationMethod for ClipAdapter {
             w1: w1.as_tensor().detach(),
             w2: w2.as_tensor().detach(),
             text,
+            negative,
             text_t,
             ratio: self.residual_ratio,
         }))
@@ -160,9 +194,12 @@ pub struct ClipAdapterClassifier {
     card: ClassifierCard,
     w1: Tensor,
     w2: Tensor,
-    /// Zero-shot text weights `[C, D]`.
+    /// Zero-shot (multi-label: positive) text weights `[C, D]`.
     text: Tensor,
-    /// The same, transposed: `[D, C]`.
+    /// Multi-label: negative text weights `[C, D]`.
+    negative: Option<Tensor>,
+    /// The scoring weights, transposed: `text^T`, or `(text - negative)^T`
+    /// for multi-label, `[D, C]`.
     text_t: Tensor,
     ratio: f64,
 }
@@ -179,12 +216,18 @@ impl ClipAdapterClassifier {
             })?;
         let d = card.feature_dim;
         let h = d / hp.reduction.max(1);
-        let text = saved.get_shaped("text_weights", &[card.class_names.len(), d])?;
+        let c = card.class_names.len();
+        let text = saved.get_shaped("text_weights", &[c, d])?;
+        let negative = match card.task {
+            TaskKind::MultiClass => None,
+            TaskKind::MultiLabel => Some(saved.get_shaped("negative_text_weights", &[c, d])?),
+        };
         Ok(Self {
             w1: saved.get_shaped("adapter.w1", &[d, h])?,
             w2: saved.get_shaped("adapter.w2", &[h, d])?,
-            text: text.clone(),
-            text_t: text.t()?.contiguous()?,
+            text_t: effective_text_t(&text, negative.as_ref())?,
+            text,
+            negative,
             ratio: hp.residual_ratio,
             card,
         })
@@ -209,10 +252,14 @@ impl AdaptedClassifier for ClipAdapterClassifier {
     }
 
     fn tensors(&self) -> Vec<(String, Tensor)> {
-        vec![
+        let mut v = vec![
             ("adapter.w1".into(), self.w1.clone()),
             ("adapter.w2".into(), self.w2.clone()),
             ("text_weights".into(), self.text.clone()),
-        ]
+        ];
+        if let Some(n) = &self.negative {
+            v.push(("negative_text_weights".into(), n.clone()));
+        }
+        v
     }
 }

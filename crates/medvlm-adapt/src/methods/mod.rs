@@ -309,3 +309,31 @@ pub(crate) fn to_rows_f64(t: &Tensor) -> Result<Vec<Vec<f64>>> {
         .map(|r| r.into_iter().map(f64::from).collect())
         .collect())
 }
+
+/// Mean binary cross-entropy with logits over every entry of `[N, C]` logits
+/// and 0/1 targets, in PyTorch's stable form (`BCEWithLogitsLoss`):
+/// `max(z, 0) - z t + ln(1 + exp(-|z|))`. candle-nn's
+/// `binary_cross_entropy_with_logit` takes the log of a sigmoid, which is
+/// `-inf` once a logit saturates (as it does at a logit scale of 100).
+pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let softplus_neg_abs = (logits.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    let loss = ((logits.relu()? - (logits * targets)?)? + softplus_neg_abs)?;
+    Ok(loss.mean_all()?)
+}
+
+/// The positive and negative text weights `[C, D]` of a multi-label task
+/// (CheXzero-style prompt pairs, as in `zero-shot-pairs`): a multi-label
+/// method's zero-shot logit of label c is `s f.(p_c - n_c)`.
+pub(crate) fn pair_text_weights(
+    input: &crate::method::AdaptInput,
+    method: &str,
+) -> Result<(Tensor, Tensor)> {
+    let negative = input.texts.negative_ensemble_weights()?.ok_or_else(|| {
+        MethodError::InvalidInput(format!(
+            "{method} on a multi-label task needs negative prompts for every label \
+             (ClassTexts::negative_prompts): its zero-shot part is the positive/negative pair \
+             logit s f.(p_c - n_c), as in zero-shot-pairs"
+        ))
+    })?;
+    Ok((input.texts.ensemble_weights()?, negative))
+}

@@ -26,7 +26,8 @@
 //!
 //! Multi-label tasks (`--label-field labels`, see `commands::common`): only
 //! the methods of [`MULTI_LABEL_METHODS`] run (`zero-shot-pairs`,
-//! `linear-probe`); the support set is drawn with the library's greedy
+//! `linear-probe`, and `tip-adapter`, `tip-adapter-f`, `clip-adapter` on top
+//! of the prompt pairs); the support set is drawn with the library's greedy
 //! multi-label sampler (at least K positives per finding); the metrics are
 //! per-class and macro AUROC, per-class and mean average precision, macro-
 //! and micro-F1 and exact match at probability 0.5, and the conformal label
@@ -58,6 +59,7 @@ use super::common::{
     evaluate_multilabel, model_fingerprint, model_logit_scale, multi_label_refusal,
     negative_prompts, probabilities, probability_csv, probability_csv_multilabel, task_features,
     write_file, Metrics, MultiLabelMetrics, Task, TaskArgs, MULTI_LABEL_METHODS,
+    PROMPT_PAIR_METHODS,
 };
 use super::embed::{load, preprocess_file, DeviceArgs};
 use super::tuning::{self, is_tuning_method, TuningJob};
@@ -141,7 +143,8 @@ pub struct AdaptCard {
     pub class_names: Vec<String>,
     /// The prompts of each class.
     pub prompts: Vec<(String, Vec<String>)>,
-    /// Multi-label `zero-shot-pairs`: the negative prompts of each label.
+    /// Multi-label prompt-pair methods (`zero-shot-pairs`, `tip-adapter(-f)`,
+    /// `clip-adapter`): the negative prompts of each label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompts: Option<Vec<(String, Vec<String>)>>,
     /// The support images (paths) and their classes (multi-label: their
@@ -156,7 +159,8 @@ pub struct AdaptCard {
     /// Test metrics of a multi-label task (absent when the manifest has no test split).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multilabel_metrics: Option<MultiLabelMetrics>,
-    /// What was not computed, and why (e.g. no conformal sets for multi-label tasks).
+    /// What was and was not computed, and why (e.g. which conformal method a
+    /// multi-label task gets).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
     /// medvlm version that wrote the card.
@@ -646,7 +650,7 @@ fn run_multilabel(
         );
     }
     let prompts = class_prompts(&task.class_names, &args.task)?;
-    let negatives = if args.method == "zero-shot-pairs" {
+    let negatives = if PROMPT_PAIR_METHODS.contains(&args.method.as_str()) {
         Some(negative_prompts(&task.class_names, &args.task)?)
     } else {
         None

@@ -80,7 +80,8 @@ pub struct TaskArgs {
     /// replaced by the class name with `_` turned into spaces.
     #[arg(long, default_value = "a medical image of {}")]
     pub template: Vec<String>,
-    /// Multi-label tasks, `zero-shot-pairs`: negative prompt template(s) of each label
+    /// Multi-label tasks, `zero-shot-pairs` and the adapters built on it (`tip-adapter`,
+    /// `tip-adapter-f`, `clip-adapter`): negative prompt template(s) of each label
     /// (repeatable); `{}` is replaced by the label name with `_` turned into spaces.
     #[arg(long, default_value = "a medical image with no {}")]
     pub negative_template: Vec<String>,
@@ -124,10 +125,27 @@ pub const MULTI_LABEL_FIELD: &str = "labels";
 pub const NORMAL_LABEL: &str = "normal";
 
 /// The frozen-feature methods that fit multi-label tasks (one sigmoid per
-/// label): CheXzero-style positive/negative prompt pairs and the linear
-/// probe with an independent logistic loss per label. Every other method is
-/// multi-class only (a softmax over classes).
-pub const MULTI_LABEL_METHODS: &[&str] = &["zero-shot-pairs", "linear-probe"];
+/// label): CheXzero-style positive/negative prompt pairs, the linear probe
+/// with an independent logistic loss per label, and Tip-Adapter(-F) and
+/// CLIP-Adapter on top of the prompt pairs (signed multi-hot cache values,
+/// binary cross-entropy; see their docs in medvlm-adapt). Every other method
+/// is multi-class only (a softmax over classes).
+pub const MULTI_LABEL_METHODS: &[&str] = &[
+    "zero-shot-pairs",
+    "linear-probe",
+    "tip-adapter",
+    "tip-adapter-f",
+    "clip-adapter",
+];
+
+/// The multi-label methods whose zero-shot part is the positive/negative
+/// prompt pairs (they need `--negative-template`).
+pub const PROMPT_PAIR_METHODS: &[&str] = &[
+    "zero-shot-pairs",
+    "tip-adapter",
+    "tip-adapter-f",
+    "clip-adapter",
+];
 
 /// Decision threshold on the sigmoid probabilities for the thresholded
 /// multi-label metrics (F1, exact match) and the predicted label sets.
@@ -621,7 +639,7 @@ fn phantom_prompts(
         .collect()
 }
 
-/// The negative prompts of each label (multi-label `zero-shot-pairs`):
+/// The negative prompts of each label (multi-label [`PROMPT_PAIR_METHODS`]):
 /// `--negative-template` filled with the label name.
 pub fn negative_prompts(
     class_names: &[String],
@@ -1309,9 +1327,14 @@ mod tests {
         let names = vec!["a".to_string(), "b".to_string()];
         assert_eq!(multi_hot_text(&[false, false], &names), "normal");
         assert_eq!(multi_hot_text(&[true, true], &names), "a;b");
-        assert!(multi_label_refusal("linear-probe").is_none());
-        assert!(multi_label_refusal("tip-adapter")
+        for m in MULTI_LABEL_METHODS {
+            assert!(multi_label_refusal(m).is_none(), "{m}");
+        }
+        assert!(multi_label_refusal("taskres")
             .unwrap()
-            .contains("zero-shot-pairs, linear-probe"));
+            .contains("zero-shot-pairs, linear-probe, tip-adapter, tip-adapter-f, clip-adapter"));
+        assert!(multi_label_refusal("zero-shot")
+            .unwrap()
+            .contains("use 'zero-shot-pairs'"));
     }
 }

@@ -27,7 +27,8 @@
 //! small model).
 //!
 //! Multi-label tasks (`--label-field labels`): the methods that fit them
-//! ([`MULTI_LABEL_METHODS`]: `zero-shot-pairs`, `linear-probe`) run; every
+//! ([`MULTI_LABEL_METHODS`]: `zero-shot-pairs`, `linear-probe`,
+//! `tip-adapter`, `tip-adapter-f`, `clip-adapter`) run; every
 //! other requested method (with `all`: every frozen-feature method) is
 //! listed as skipped with the reason, on stdout and in the JSON. Support
 //! sets come from the library's greedy multi-label sampler (at least K
