@@ -607,7 +607,7 @@ pub const MODEL_DIR_FILES: [&str; 9] = [
 pub fn export_weight_name(family: Family) -> &'static str {
     match family {
         Family::Clip | Family::Siglip => "model.safetensors",
-        Family::Biomedclip => "open_clip_model.safetensors",
+        Family::Biomedclip | Family::OpenClip => "open_clip_model.safetensors",
     }
 }
 

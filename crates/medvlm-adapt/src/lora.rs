@@ -501,7 +501,20 @@ pub fn merge_lora(model: &mut dyn LinearLayers, base: Option<&VarMap>) -> Result
                         var.set(&weight)?;
                         Some(var.as_tensor().clone())
                     }
-                    None => None,
+                    // The layer's weight is a view of a fused checkpoint tensor (open_clip's
+                    // `in_proj_weight` holds q, k and v): merging only into the layer would
+                    // leave the exported weights without the adapter.
+                    None => {
+                        return Err(FinetuneError::Setting {
+                            key: "finetune.lora.targets".into(),
+                            reason: format!(
+                                "LoRA on {} cannot be merged into the exported weights: the \
+                                 checkpoint has no tensor {name} (it is part of a fused \
+                                 tensor); target other modules",
+                                layer.path()
+                            ),
+                        })
+                    }
                 }
             }
             None => None,

@@ -31,7 +31,7 @@ use crate::fastmath;
 /// Rows per rayon task: below this much work a row loop is cheaper than the fork.
 const ROWS_PER_TASK: usize = 64;
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{what}: fused training kernels take f32 storage")
     };

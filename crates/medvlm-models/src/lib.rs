@@ -4,6 +4,8 @@
 //! - [`siglip`]: HF `SiglipModel` (SigLIP, MedSigLIP);
 //! - [`biomedclip`]: open_clip layout with a timm ViT ([`timm_vit`]) and an HF
 //!   BERT text tower ([`bert`]);
+//! - [`openclip`]: open_clip layout with CLIP's ModifiedResNet ([`modified_resnet`], on the
+//!   channels-last convolutions of [`conv`]) and open_clip's text transformer;
 //! - [`weights`]: safetensors / PyTorch pickle loading with name/shape checks;
 //! - [`vlm`]: the common trait and the extension points for adaptation;
 //! - [`linear`]: wrappable linear layers (LoRA, adapters, BitFit);
@@ -17,11 +19,14 @@
 pub mod bert;
 pub mod biomedclip;
 pub mod clip;
+pub mod conv;
 pub mod error;
 pub mod fastmath;
 pub mod fused;
 pub mod linear;
 pub mod model_dir;
+pub mod modified_resnet;
+pub mod openclip;
 pub mod preprocess;
 pub mod presets;
 pub mod siglip;

@@ -13,6 +13,7 @@ use candle_nn::VarMap;
 use crate::biomedclip::BiomedClip;
 use crate::clip::{ClipConfig, ClipModel};
 use crate::error::{ModelError, Result};
+use crate::openclip::OpenClipResNet;
 use crate::preprocess::{PreprocessConfig, Resample, Resize};
 use crate::siglip::{SiglipConfig, SiglipModel};
 use crate::source::{ModelSource, EXPECTED_FILES};
@@ -72,14 +73,23 @@ pub fn detect_family(dir: &Path) -> Result<Family> {
                 family: other.to_string(),
                 path: cfg,
                 supported:
-                    "clip, siglip (config.json model_type), biomedclip (open_clip_config.json)"
+                    "clip, siglip (config.json model_type), biomedclip, openclip (open_clip_config.json)"
                         .into(),
             }),
             None => Err(ModelError::config(&cfg, "no model_type field")),
         };
     }
-    if dir.join("open_clip_config.json").is_file() {
-        return Ok(Family::Biomedclip);
+    let open_clip = dir.join("open_clip_config.json");
+    if open_clip.is_file() {
+        let text =
+            std::fs::read_to_string(&open_clip).map_err(|e| ModelError::io(&open_clip, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::config(&open_clip, e))?;
+        return Ok(if crate::openclip::is_resnet_config(&v) {
+            Family::OpenClip
+        } else {
+            Family::Biomedclip
+        });
     }
     Err(ModelError::MissingFile {
         path: cfg,
@@ -121,6 +131,17 @@ fn hf_preprocess(dir: &Path) -> Result<PreprocessConfig> {
     PreprocessConfig::from_hf_file(&p)
 }
 
+/// open_clip's image transform: Resize(shortest edge, bicubic) + CenterCrop + Normalize.
+fn open_clip_preprocess(size: usize, mean: [f32; 3], std: [f32; 3]) -> PreprocessConfig {
+    PreprocessConfig {
+        resize: Some(Resize::ShortestEdge(size)),
+        crop: Some((size, size)),
+        mean,
+        std,
+        resample: Resample::Bicubic,
+    }
+}
+
 /// Load a model directory.
 pub fn load_model_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let family = detect_family(dir)?;
@@ -159,18 +180,22 @@ pub fn load_model_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             )?;
             (Box::new(m), tok, hf_preprocess(dir)?)
         }
+        Family::OpenClip => {
+            let m = OpenClipResNet::from_dir(dir, opts.dtype, &opts.device, &opts.mode)?;
+            let c = m.config();
+            let pre = open_clip_preprocess(c.vision.image_size, c.mean, c.std);
+            // open_clip pads with 0 to the context length.
+            let tok = TextTokenizer::from_file(
+                &dir.join("tokenizer.json"),
+                c.text.context_length,
+                Padding::MaxLength,
+            )?;
+            (Box::new(m), tok, pre)
+        }
         Family::Biomedclip => {
             let m = BiomedClip::from_dir(dir, opts.dtype, &opts.device, &opts.mode)?;
             let c = m.config();
-            let size = c.vision.image_size;
-            // open_clip: Resize(shortest edge, bicubic) + CenterCrop + Normalize.
-            let pre = PreprocessConfig {
-                resize: Some(Resize::ShortestEdge(size)),
-                crop: Some((size, size)),
-                mean: c.mean,
-                std: c.std,
-                resample: Resample::Bicubic,
-            };
+            let pre = open_clip_preprocess(c.vision.image_size, c.mean, c.std);
             // open_clip's HF tokenizer pads to the context length.
             let tok = TextTokenizer::from_file(
                 &dir.join("tokenizer.json"),
@@ -219,17 +244,7 @@ pub struct SaveModelDir<'a> {
     pub processor_type: &'a str,
 }
 
-/// Write `config.json`, `model.safetensors`, `tokenizer.json`,
-/// `tokenizer_config.json` and `preprocessor_config.json` into `dir`
-/// (created if needed), each atomically. The result loads with
-/// [`load_model_dir`] (and with transformers).
-pub fn save_model_dir(dir: &Path, what: &SaveModelDir) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let json = |v: &serde_json::Value| {
-        serde_json::to_vec_pretty(v).map_err(|e| ModelError::invalid(e.to_string()))
-    };
-    write_atomic(&dir.join("config.json"), &json(&what.config)?)?;
-    save_safetensors_atomic(&dir.join("model.safetensors"), what.tensors)?;
+fn write_tokenizer_files(dir: &Path, what: &SaveModelDir) -> Result<()> {
     let tok = what
         .tokenizer
         .to_string(false)
@@ -242,10 +257,38 @@ pub fn save_model_dir(dir: &Path, what: &SaveModelDir) -> Result<()> {
     if let Some(p) = what.pad_token {
         tc["pad_token"] = serde_json::Value::String(p.to_string());
     }
-    write_atomic(&dir.join("tokenizer_config.json"), &json(&tc)?)?;
+    write_atomic(&dir.join("tokenizer_config.json"), &to_json(&tc)?)
+}
+
+fn to_json(v: &serde_json::Value) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(v).map_err(|e| ModelError::invalid(e.to_string()))
+}
+
+/// Write an open_clip-layout directory: `what.config` as `open_clip_config.json` (it carries
+/// the image normalisation in `preprocess_cfg`), `open_clip_model.safetensors`,
+/// `tokenizer.json` and `tokenizer_config.json`, each atomically. The result loads with
+/// [`load_model_dir`].
+pub fn save_open_clip_dir(dir: &Path, what: &SaveModelDir) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    write_atomic(
+        &dir.join(crate::openclip::CONFIG_FILE),
+        &to_json(&what.config)?,
+    )?;
+    save_safetensors_atomic(&dir.join("open_clip_model.safetensors"), what.tensors)?;
+    write_tokenizer_files(dir, what)
+}
+
+/// Write `config.json`, `model.safetensors`, `tokenizer.json`,
+/// `tokenizer_config.json` and `preprocessor_config.json` into `dir`
+/// (created if needed), each atomically. The result loads with
+/// [`load_model_dir`] (and with transformers).
+pub fn save_model_dir(dir: &Path, what: &SaveModelDir) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    write_atomic(&dir.join("config.json"), &to_json(&what.config)?)?;
+    save_safetensors_atomic(&dir.join("model.safetensors"), what.tensors)?;
+    write_tokenizer_files(dir, what)?;
     write_atomic(
         &dir.join("preprocessor_config.json"),
-        &json(&what.preprocess.to_hf_json(what.processor_type))?,
-    )?;
-    Ok(())
+        &to_json(&what.preprocess.to_hf_json(what.processor_type))?,
+    )
 }

@@ -128,18 +128,37 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn load(vb: VarBuilder, hidden: usize, heads: usize) -> candle_core::Result<Self> {
+    /// Attention from its four projections (`[D, D]` weights) and the number of heads.
+    pub fn new(
+        q_proj: LinearLayer,
+        k_proj: LinearLayer,
+        v_proj: LinearLayer,
+        out_proj: LinearLayer,
+        heads: usize,
+    ) -> candle_core::Result<Self> {
+        let hidden = out_proj.in_features();
         if heads == 0 || !hidden.is_multiple_of(heads) {
             candle_core::bail!("hidden size {hidden} is not divisible by {heads} heads")
         }
         Ok(Self {
-            q_proj: LinearLayer::load(vb.pp("q_proj"), hidden, hidden, true)?,
-            k_proj: LinearLayer::load(vb.pp("k_proj"), hidden, hidden, true)?,
-            v_proj: LinearLayer::load(vb.pp("v_proj"), hidden, hidden, true)?,
-            out_proj: LinearLayer::load(vb.pp("out_proj"), hidden, hidden, true)?,
+            q_proj,
+            k_proj,
+            v_proj,
+            out_proj,
             heads,
             head_dim: hidden / heads,
         })
+    }
+
+    fn load(vb: VarBuilder, hidden: usize, heads: usize) -> candle_core::Result<Self> {
+        let proj = |name: &str| LinearLayer::load(vb.pp(name), hidden, hidden, true);
+        Self::new(
+            proj("q_proj")?,
+            proj("k_proj")?,
+            proj("v_proj")?,
+            proj("out_proj")?,
+            heads,
+        )
     }
 
     /// `x` `[B, T, D]`; `mask` additive f32, broadcastable to `[B, H, T, T]`.
@@ -197,6 +216,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// An MLP from its two layers.
+    pub fn new(fc1: LinearLayer, fc2: LinearLayer, act: Activation) -> Self {
+        Self { fc1, fc2, act }
+    }
+
     /// Load `{prefix}.fc1`, `{prefix}.fc2`.
     pub fn load(
         vb: VarBuilder,

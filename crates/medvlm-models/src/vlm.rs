@@ -41,6 +41,10 @@ pub enum Family {
     Siglip,
     /// open_clip layout with a timm ViT and an HF BERT text tower (BiomedCLIP).
     Biomedclip,
+    /// open_clip's own layout with CLIP's ModifiedResNet image tower (OpenAI RN50/RN101,
+    /// PubMedCLIP-RN50, medvlm's quickstart model).
+    #[serde(rename = "openclip")]
+    OpenClip,
 }
 
 impl Family {
@@ -50,6 +54,7 @@ impl Family {
             Family::Clip => "clip",
             Family::Siglip => "siglip",
             Family::Biomedclip => "biomedclip",
+            Family::OpenClip => "openclip",
         }
     }
 }
@@ -196,6 +201,10 @@ pub trait ImageEncoder: Send + Sync {
     fn vision_num_layers(&self) -> usize;
     /// Input resolution (square).
     fn image_size(&self) -> usize;
+    /// Switch batch-norm layers between batch statistics (`true`: pretraining) and running
+    /// statistics (`false`, the default: inference and few-shot fine-tuning). Towers without
+    /// batch norm ignore it.
+    fn set_training(&self, _on: bool) {}
 }
 
 /// A dual-encoder vision-language model.
