@@ -23,7 +23,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use medvlm_io::Plane;
 use medvlm_models::clip::{ClipConfig, ClipModel};
-use medvlm_models::model_dir::{save_model_dir, varmap_tensors, SaveModelDir};
+use medvlm_models::model_dir::{save_model_dir, save_open_clip_dir, varmap_tensors, SaveModelDir};
+use medvlm_models::modified_resnet::ModifiedResNetConfig;
+use medvlm_models::openclip::{OpenClipConfig, OpenClipResNet, OpenClipTextConfig, TextPool};
 use medvlm_models::preprocess::PreprocessConfig;
 use medvlm_models::tokenizer::{Padding, TextTokenizer};
 use medvlm_models::{Family, VisionLanguageModel};
@@ -151,9 +153,75 @@ pub fn scratch_clip_config(
     Ok(c)
 }
 
+/// The ModifiedResNet of a from-scratch model with `image_tower = "resnet"`.
+pub fn scratch_resnet_config(s: &ScratchModelConfig, image_size: usize) -> ModifiedResNetConfig {
+    ModifiedResNetConfig {
+        layers: s.resnet_layers.clone(),
+        width: s.resnet_width,
+        image_size,
+        head_width: s.resnet_head_width,
+        output_dim: s.projection_dim,
+    }
+}
+
+/// The open_clip config of a from-scratch model with `image_tower = "resnet"`, for a tokenizer
+/// of `vocab_size` tokens written by [`build_word_tokenizer`] (pooling at its end-of-text, id 3).
+pub fn scratch_openclip_config(
+    s: &ScratchModelConfig,
+    vocab_size: usize,
+    image_size: usize,
+) -> Result<OpenClipConfig> {
+    let vision = scratch_resnet_config(s, image_size);
+    vision.validate().map_err(TrainError::Invalid)?;
+    let preprocess = PreprocessConfig::clip(image_size);
+    Ok(OpenClipConfig {
+        embed_dim: s.projection_dim,
+        // The ViT variant's towers use QuickGELU (HF CLIP's default); so does this text tower.
+        quick_gelu: true,
+        vision,
+        text: OpenClipTextConfig {
+            context_length: s.context_length,
+            vocab_size,
+            width: s.text_width,
+            heads: s.text_heads,
+            layers: s.text_layers,
+            mlp_ratio: s.mlp_ratio as f64,
+            pool: TextPool::Eos(3),
+        },
+        mean: preprocess.mean,
+        std: preprocess.std,
+    })
+}
+
+/// Architecture of a from-scratch model.
+#[derive(Debug, Clone)]
+pub enum ScratchArch {
+    /// HF CLIP with a ViT image tower.
+    Clip(ClipConfig),
+    /// open_clip CLIP with a ModifiedResNet image tower.
+    OpenClipResNet(OpenClipConfig),
+}
+
+/// Whether a parameter is a normalisation parameter or statistic (layer norm `*norm*` /
+/// `ln_*`, batch norm `bn*` / `downsample.1`): these keep their constant initialisation.
+fn is_normalisation(name: &str) -> bool {
+    name.to_lowercase().contains("norm")
+        || name.contains("running_")
+        || name.contains("downsample.1.")
+        || name
+            .split('.')
+            .any(|seg| seg.starts_with("ln_") || (seg.starts_with("bn") && seg.len() <= 3))
+}
+
+/// The scale of a bottleneck block's last batch norm (`visual.layerN.i.bn3.weight`).
+fn is_residual_output_norm(name: &str) -> bool {
+    name.starts_with("visual.layer") && name.ends_with(".bn3.weight")
+}
+
 /// Re-initialises every parameter of `varmap` from ChaCha8 streams seeded by `seed` and the
 /// parameter name, because candle's CPU initialisers cannot be seeded: norms keep their
-/// constant initialisation (weight 1, bias 0), other biases are 0, embeddings and the class
+/// constant initialisation (weight 1, bias 0; batch-norm running mean 0 and variance 1; the
+/// last batch-norm scale of each ResNet block 0), other biases are 0, embeddings and the class
 /// token are N(0, 0.02^2) (as in CLIP), and the other weights N(0, 1/fan_in) (fan_in = product
 /// of all but the first dimension).
 pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
@@ -164,7 +232,13 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
         .map_err(|_| model_err("VarMap lock poisoned"))?;
     for (name, var) in data.iter() {
         let lower = name.to_lowercase();
-        if lower.contains("norm") || name == "logit_scale" || name == "logit_bias" {
+        if is_residual_output_norm(name) {
+            // ResNet blocks start as identities (Goyal et al. 2017; open_clip's ModifiedResNet
+            // initialisation): the last batch norm of each residual branch scales by zero.
+            var.set(&var.zeros_like()?)?;
+            continue;
+        }
+        if is_normalisation(name) || name == "logit_scale" || name == "logit_bias" {
             continue;
         }
         let dims = var.dims().to_vec();
@@ -222,7 +296,7 @@ impl ContrastiveModel {
     /// A CLIP model initialised at random from `config` (seeded: candle's initialisers draw
     /// from the CPU device generator, seeded here with `seed`).
     pub fn scratch(
-        config: &ClipConfig,
+        arch: &ScratchArch,
         tokenizer: tokenizers::Tokenizer,
         loss: &LossConfig,
         seed: u64,
@@ -230,7 +304,28 @@ impl ContrastiveModel {
         let device = Device::Cpu;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-        let model = ClipModel::load(vb, config)?;
+        let (model, context_length, image_size, config_json, family): (
+            Box<dyn VisionLanguageModel>,
+            _,
+            _,
+            _,
+            _,
+        ) = match arch {
+            ScratchArch::Clip(c) => (
+                Box::new(ClipModel::load(vb, c)?),
+                c.text_config.max_position_embeddings,
+                c.vision_config.image_size,
+                serde_json::to_value(c).map_err(model_err)?,
+                Family::Clip,
+            ),
+            ScratchArch::OpenClipResNet(c) => (
+                Box::new(OpenClipResNet::load(vb, c)?),
+                c.text.context_length,
+                c.vision.image_size,
+                c.to_json(),
+                Family::OpenClip,
+            ),
+        };
         seeded_init(&varmap, seed)?;
         let pad = tokenizer.token_to_id(PAD_TOKEN).unwrap_or(0);
         // Training pads to the longest text of the batch: with the causal mask and pooling
@@ -239,7 +334,7 @@ impl ContrastiveModel {
         let tokenizer = TextTokenizer::from_tokenizer(
             tokenizer,
             Path::new("tokenizer.json"),
-            config.text_config.max_position_embeddings,
+            context_length,
             Padding::Longest,
             pad,
         )
@@ -252,19 +347,19 @@ impl ContrastiveModel {
             DType::F32,
             &device,
         )?;
-        let preprocess = PreprocessConfig::clip(config.vision_config.image_size);
+        let preprocess = PreprocessConfig::clip(image_size);
         Ok(Self {
-            model: Box::new(model),
+            model,
             varmap,
             head,
             tokenizer,
-            config_json: serde_json::to_value(config).map_err(model_err)?,
+            config_json,
             normalise: Normalise {
                 mean: preprocess.mean,
                 std: preprocess.std,
             },
             preprocess,
-            family: Family::Clip,
+            family,
         })
     }
 
@@ -316,7 +411,10 @@ impl ContrastiveModel {
             DType::F32,
             &Device::Cpu,
         )?;
-        let cfg_path = dir.join("config.json");
+        let cfg_path = dir.join(match loaded.family {
+            Family::OpenClip => medvlm_models::openclip::CONFIG_FILE,
+            _ => "config.json",
+        });
         let text = std::fs::read_to_string(&cfg_path).map_err(|source| TrainError::Io {
             path: cfg_path.clone(),
             source,
@@ -371,28 +469,32 @@ impl ContrastiveModel {
             Family::Siglip => "SiglipImageProcessor",
             _ => "CLIPImageProcessor",
         };
+
         let pad_token = self
             .tokenizer
             .inner()
             .id_to_token(self.tokenizer.pad_id())
             .unwrap_or_else(|| PAD_TOKEN.to_string());
-        save_model_dir(
-            dir,
-            &SaveModelDir {
-                config: self.config_json.clone(),
-                tensors: &tensors,
-                tokenizer: self.tokenizer.inner(),
-                pad_token: Some(&pad_token),
-                preprocess: &self.preprocess,
-                processor_type: processor,
-            },
-        )
+        let what = SaveModelDir {
+            config: self.config_json.clone(),
+            tensors: &tensors,
+            tokenizer: self.tokenizer.inner(),
+            pad_token: Some(&pad_token),
+            preprocess: &self.preprocess,
+            processor_type: processor,
+        };
+        match self.family {
+            Family::OpenClip => save_open_clip_dir(dir, &what),
+            _ => save_model_dir(dir, &what),
+        }
         .map_err(model_err)
     }
 }
 
 impl TrainModel<ImageTextBatch> for ContrastiveModel {
     fn loss(&mut self, batch: &ImageTextBatch) -> Result<Tensor> {
+        // Batch statistics while training (the evaluation helpers switch back).
+        self.model.set_training(true);
         self.head.batch_loss(self.model.as_ref(), batch)
     }
 
@@ -408,6 +510,8 @@ impl TrainModel<ImageTextBatch> for ContrastiveModel {
 /// L2-normalised image embeddings `[N, E]` of `planes` (RGB `[0, 1]`, at the model size), in
 /// batches of `batch`.
 pub fn embed_images(m: &ContrastiveModel, planes: &[&Plane], batch: usize) -> Result<Tensor> {
+    // Running statistics: evaluation must not depend on the batch or update the statistics.
+    m.model.set_training(false);
     let mut out = Vec::new();
     for chunk in planes.chunks(batch.max(1)) {
         let px = pixel_tensor(chunk, &m.normalise, &Device::Cpu)?;
@@ -590,8 +694,17 @@ pub fn build_model(cfg: &TrainConfig, train_texts: &[&str]) -> Result<Contrastiv
             })?
         };
         let vocab = tok.get_vocab_size(true);
-        let clip = scratch_clip_config(s, vocab, cfg.data.image_size, &cfg.loss)?;
-        ContrastiveModel::scratch(&clip, tok, &cfg.loss, cfg.seed)
+        let arch = if s.image_tower == "resnet" {
+            ScratchArch::OpenClipResNet(scratch_openclip_config(s, vocab, cfg.data.image_size)?)
+        } else {
+            ScratchArch::Clip(scratch_clip_config(
+                s,
+                vocab,
+                cfg.data.image_size,
+                &cfg.loss,
+            )?)
+        };
+        ContrastiveModel::scratch(&arch, tok, &cfg.loss, cfg.seed)
     } else {
         let src = cfg
             .model
@@ -617,6 +730,61 @@ pub fn build_model(cfg: &TrainConfig, train_texts: &[&str]) -> Result<Contrastiv
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_resnet_starts_with_identity_blocks_and_unit_norms() {
+        let tok = build_word_tokenizer(&["a b", "a b"], 1).unwrap();
+        let cfg: TrainConfig = TrainConfig::from_toml_str(
+            r#"output_dir = "o"
+[model.scratch]
+tokenizer = "build:words"
+image_tower = "resnet"
+resnet_width = 4
+projection_dim = 16
+text_width = 16
+text_layers = 1
+[data]
+manifest = "m.jsonl"
+image_size = 32
+"#,
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let s = cfg.model.scratch.as_ref().unwrap();
+        let vocab = tok.get_vocab_size(true);
+        let arch = ScratchArch::OpenClipResNet(scratch_openclip_config(s, vocab, 32).unwrap());
+        let m = ContrastiveModel::scratch(&arch, tok, &cfg.loss, 3).unwrap();
+        assert_eq!(m.family, Family::OpenClip);
+        let t = varmap_tensors(&m.varmap).unwrap();
+        let values = |name: &str| -> Vec<f32> { t[name].flatten_all().unwrap().to_vec1().unwrap() };
+        assert!(values("visual.layer1.0.bn3.weight")
+            .iter()
+            .all(|v| *v == 0.0));
+        assert!(values("visual.layer1.0.bn2.weight")
+            .iter()
+            .all(|v| *v == 1.0));
+        assert!(values("visual.layer2.0.downsample.1.running_var")
+            .iter()
+            .all(|v| *v == 1.0));
+        assert!(values("visual.bn1.running_mean").iter().all(|v| *v == 0.0));
+        assert!(values("transformer.resblocks.0.ln_1.weight")
+            .iter()
+            .all(|v| *v == 1.0));
+        // Convolutions are drawn N(0, 1/fan_in): fan_in of conv2 is 2 * 3 * 3 = 18.
+        let w = values("visual.conv2.weight");
+        let var = w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        assert!(w.iter().any(|v| *v != 0.0) && var < 4.0 / 18.0, "{var}");
+        // Seeded: the same seed gives the same weights.
+        let tok = build_word_tokenizer(&["a b", "a b"], 1).unwrap();
+        let again = ContrastiveModel::scratch(&arch, tok, &cfg.loss, 3).unwrap();
+        let t2 = varmap_tensors(&again.varmap).unwrap();
+        let w2: Vec<f32> = t2["visual.conv2.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(w, w2);
+    }
 
     #[test]
     fn word_tokenizer_wraps_texts_and_keeps_end_of_text_when_truncating() {

@@ -150,6 +150,28 @@ pub struct ScratchModelConfig {
     /// MLP hidden size as a multiple of the width. Default 2.
     #[serde(default = "d_2")]
     pub mlp_ratio: usize,
+    /// Image tower: `"vit"` (default; HF CLIP layout, sized by the `vision_*` and
+    /// `patch_size` keys) or `"resnet"` (CLIP's ModifiedResNet in open_clip's layout, sized by
+    /// the `resnet_*` keys; the model directory is then an open_clip one).
+    #[serde(default = "d_vit")]
+    pub image_tower: String,
+    /// ResNet bottleneck blocks per stage. Default `[1, 1, 1, 1]` (RN50 is `[3, 4, 6, 3]`).
+    #[serde(default = "d_resnet_layers")]
+    pub resnet_layers: Vec<usize>,
+    /// ResNet stem width; the features have 32x as many channels. Default 32 (RN50: 64).
+    #[serde(default = "d_32")]
+    pub resnet_width: usize,
+    /// Channels per head of the ResNet's attention pooling. Default 64 (as open_clip).
+    #[serde(default = "d_64")]
+    pub resnet_head_width: usize,
+}
+
+fn d_vit() -> String {
+    "vit".into()
+}
+
+fn d_resnet_layers() -> Vec<usize> {
+    vec![1, 1, 1, 1]
 }
 
 /// `[data]`.
@@ -663,6 +685,26 @@ impl TrainConfig {
                     format!("must be \"clip\" or \"siglip\", got {:?}", s.family),
                 ));
             }
+            match s.image_tower.as_str() {
+                "vit" => {}
+                "resnet" => {
+                    if s.family != "clip" {
+                        return Err(invalid(
+                            "model.scratch.image_tower",
+                            "a ResNet image tower is built for family = \"clip\" (train it with loss.kind = \"siglip\" for the sigmoid loss)",
+                        ));
+                    }
+                    crate::pretrain::scratch_resnet_config(s, self.data.image_size)
+                        .validate()
+                        .map_err(|r| invalid("model.scratch.resnet_*", r))?;
+                }
+                other => {
+                    return Err(invalid(
+                        "model.scratch.image_tower",
+                        format!("must be \"vit\" or \"resnet\", got {other:?}"),
+                    ))
+                }
+            }
             for (key, v) in [
                 ("model.scratch.projection_dim", s.projection_dim),
                 ("model.scratch.vision_width", s.vision_width),
@@ -695,7 +737,7 @@ impl TrainConfig {
                     ),
                 ));
             }
-            if !self.data.image_size.is_multiple_of(s.patch_size) {
+            if s.image_tower == "vit" && !self.data.image_size.is_multiple_of(s.patch_size) {
                 return Err(invalid(
                     "model.scratch.patch_size",
                     format!(

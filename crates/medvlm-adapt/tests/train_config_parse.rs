@@ -162,6 +162,42 @@ fn out_of_range_values_name_the_key() {
 }
 
 #[test]
+fn resnet_image_tower_settings_are_checked_before_training() {
+    let scratch = |extra: &str, size: usize| {
+        parse(&format!(
+            "output_dir = \"o\"\n[model.scratch]\ntokenizer = \"t.json\"\n{extra}\n\
+             [data]\nmanifest = \"t\"\nimage_size = {size}\n"
+        ))
+        .validate(Command::Pretrain)
+    };
+    scratch("image_tower = \"resnet\"", 64).unwrap();
+    // A ViT's patch size does not constrain a ResNet, the 32x downsampling does.
+    scratch("image_tower = \"resnet\"\npatch_size = 7", 64).unwrap();
+    for (extra, size, needle) in [
+        ("image_tower = \"resnet\"", 48, "multiple of 32"),
+        (
+            "image_tower = \"convnext\"",
+            64,
+            "model.scratch.image_tower",
+        ),
+        (
+            "image_tower = \"resnet\"\nresnet_layers = [1, 1]",
+            64,
+            "four stages",
+        ),
+        ("image_tower = \"resnet\"\nresnet_width = 3", 64, "even"),
+        (
+            "image_tower = \"resnet\"\nfamily = \"siglip\"",
+            64,
+            "family",
+        ),
+    ] {
+        let err = scratch(extra, size).unwrap_err().to_string();
+        assert!(err.contains(needle), "{extra:?}: {err}");
+    }
+}
+
+#[test]
 fn command_specific_rules() {
     // finetune without [finetune]
     let err = invalid_key("", Command::Finetune);

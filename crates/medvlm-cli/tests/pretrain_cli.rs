@@ -61,22 +61,20 @@ fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-#[test]
-fn killed_and_resumed_run_ends_with_the_same_weights() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    phantoms(dir);
-
-    // Uninterrupted reference run.
+/// Runs `run_a` uninterrupted and `run_b` killed (SIGKILL) after its first checkpoint and then
+/// resumed, both from the tiny config with `overrides` (`--set` values); returns the step
+/// `run_b` was killed at.
+fn uninterrupted_and_killed_then_resumed(dir: &Path, overrides: &[&str]) -> u64 {
+    let sets: Vec<&str> = overrides.iter().flat_map(|o| ["--set", *o]).collect();
     let cfg_a = tiny_config(dir, "a.toml", "run_a", "");
     ok(&bin()
         .arg("pretrain")
         .arg("--config")
         .arg(&cfg_a)
+        .args(&sets)
         .output()
         .unwrap());
-    let model_a = dir.join("run_a/model/model.safetensors");
-    assert!(model_a.is_file());
+    assert!(dir.join("run_a/model").is_dir());
 
     // Same run, killed with SIGKILL after its first checkpoint.
     let cfg_b = tiny_config(dir, "b.toml", "run_b", "");
@@ -84,6 +82,7 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
         .arg("pretrain")
         .arg("--config")
         .arg(&cfg_b)
+        .args(&sets)
         .args(["--throttle-ms", "150"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -114,6 +113,7 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
         .arg("pretrain")
         .arg("--config")
         .arg(&cfg_b)
+        .args(&sets)
         .arg("--resume")
         .output()
         .unwrap();
@@ -126,6 +126,17 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
         stdout.contains(&format!("resumed from step {killed_at}\n")),
         "{stdout}"
     );
+    killed_at
+}
+
+#[test]
+fn killed_and_resumed_run_ends_with_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    phantoms(dir);
+    uninterrupted_and_killed_then_resumed(dir, &[]);
+    let cfg_b = dir.join("b.toml");
+    let model_a = dir.join("run_a/model/model.safetensors");
     let model_b = dir.join("run_b/model/model.safetensors");
     assert!(
         read(&model_a) == read(&model_b),
@@ -173,6 +184,52 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     assert!(err.contains("config"), "{err}");
 
     // The trained model loads anywhere a hub model does.
+    ok(&bin()
+        .args(["zero-shot", "--model"])
+        .arg(dir.join("run_a/model"))
+        .arg("--images")
+        .arg(dir.join("ph/test.jsonl"))
+        .args(["--classes", "nodule;mass;tumour"])
+        .output()
+        .unwrap());
+}
+
+#[test]
+fn resnet_image_tower_resumes_exactly_and_saves_an_open_clip_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    phantoms(dir);
+    uninterrupted_and_killed_then_resumed(
+        dir,
+        &[
+            "model.scratch.image_tower=\"resnet\"",
+            "model.scratch.resnet_width=4",
+        ],
+    );
+    // Bit-identical weights, batch-norm running statistics included (they live in the
+    // checkpoint like the weights).
+    let model_a = dir.join("run_a/model/open_clip_model.safetensors");
+    let model_b = dir.join("run_b/model/open_clip_model.safetensors");
+    assert!(
+        read(&model_a) == read(&model_b),
+        "resumed weights differ from the uninterrupted run"
+    );
+    let tensors = candle_core::safetensors::load(&model_a, &candle_core::Device::Cpu).unwrap();
+    let running_var: Vec<f32> = tensors["visual.bn1.running_var"].to_vec1().unwrap();
+    assert!(
+        running_var.iter().all(|v| *v > 0.0) && running_var.iter().any(|v| (v - 1.0).abs() > 1e-3),
+        "the running statistics were not updated: {running_var:?}"
+    );
+    assert!(tensors.contains_key("visual.attnpool.positional_embedding"));
+    assert!(tensors.contains_key("transformer.resblocks.0.attn.in_proj_weight"));
+    let config: serde_json::Value =
+        serde_json::from_slice(&read(&dir.join("run_a/model/open_clip_config.json"))).unwrap();
+    assert_eq!(
+        config["model_cfg"]["vision_cfg"]["layers"],
+        serde_json::json!([1, 1, 1, 1]),
+        "{config}"
+    );
+    // The open_clip directory loads anywhere a hub model does.
     ok(&bin()
         .args(["zero-shot", "--model"])
         .arg(dir.join("run_a/model"))

@@ -304,7 +304,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if !fusable(x) {
         return x.gelu_erf();
     }
-    x.contiguous()?.apply_op1(Gelu::Erf)
+    x.contiguous()?.apply_op1(Act::Erf)
 }
 
 /// OpenAI CLIP's quick GELU `x σ(1.702 x)` with a backward pass, elementwise over the rayon
@@ -313,32 +313,52 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     if !fusable(x) {
         return x * candle_nn::ops::sigmoid(&(x * 1.702)?)?;
     }
-    x.contiguous()?.apply_op1(Gelu::Quick)
+    x.contiguous()?.apply_op1(Act::Quick)
 }
 
 const QUICK_GELU_SLOPE: f32 = 1.702;
 
+/// ReLU `max(x, 0)` with a one-pass backward (`dy` where `x > 0`), elementwise over the rayon
+/// pool (f32 on CPU; otherwise candle's `relu`). candle's own backward builds a mask tensor,
+/// converts it and multiplies: three passes and two temporaries per activation, which add up
+/// in a ResNet.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if !fusable(x) {
+        return x.relu();
+    }
+    x.contiguous()?.apply_op1(Act::Relu)
+}
+
 /// The elementwise activations: forward through the vectorised slice kernels of
 /// [`fastmath`], backward through their derivatives.
 #[derive(Clone, Copy)]
-enum Gelu {
+enum Act {
+    /// `max(x, 0)`; derivative 1 for `x > 0`, else 0 (PyTorch's convention at 0).
+    Relu,
     /// `x Φ(x)`; derivative `Φ(x) + x φ(x)`.
     Erf,
     /// `x s`, `s = σ(1.702 x)`; derivative `s + 1.702 x s (1 - s)`.
     Quick,
 }
 
-impl Gelu {
+impl Act {
     #[inline(always)]
     fn derivative(self, v: f32) -> f32 {
         match self {
-            Gelu::Erf => {
+            Act::Relu => {
+                if v > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Act::Erf => {
                 // 1 / sqrt(2 pi)
                 const INV_SQRT_2PI: f32 = 0.398_942_3;
                 let cdf = 0.5 * (1.0 + fastmath::erf(v * std::f32::consts::FRAC_1_SQRT_2));
                 cdf + v * INV_SQRT_2PI * fastmath::exp(-0.5 * v * v)
             }
-            Gelu::Quick => {
+            Act::Quick => {
                 let s = 1.0 / (1.0 + fastmath::exp(-(v * QUICK_GELU_SLOPE)));
                 s + QUICK_GELU_SLOPE * v * s * (1.0 - s)
             }
@@ -346,11 +366,12 @@ impl Gelu {
     }
 }
 
-impl CustomOp1 for Gelu {
+impl CustomOp1 for Act {
     fn name(&self) -> &'static str {
         match self {
-            Gelu::Erf => "medvlm-gelu-erf",
-            Gelu::Quick => "medvlm-quick-gelu",
+            Act::Relu => "medvlm-relu",
+            Act::Erf => "medvlm-gelu-erf",
+            Act::Quick => "medvlm-quick-gelu",
         }
     }
 
@@ -359,8 +380,13 @@ impl CustomOp1 for Gelu {
         let y = fastmath::par_fill(x.len(), ELEMS_PER_TASK, |i, out| {
             let x = &x[i..i + out.len()];
             match self {
-                Gelu::Erf => fastmath::gelu_erf_slice(x, out),
-                Gelu::Quick => fastmath::sigmoid_gate_slice(x, out, QUICK_GELU_SLOPE),
+                Act::Relu => {
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        o.write(v.max(0.0));
+                    }
+                }
+                Act::Erf => fastmath::gelu_erf_slice(x, out),
+                Act::Quick => fastmath::sigmoid_gate_slice(x, out, QUICK_GELU_SLOPE),
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -369,17 +395,17 @@ impl CustomOp1 for Gelu {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let dy = grad_res.contiguous()?;
         Ok(Some(
-            arg.contiguous()?.apply_op2_no_bwd(&dy, &GeluGrad(*self))?,
+            arg.contiguous()?.apply_op2_no_bwd(&dy, &ActGrad(*self))?,
         ))
     }
 }
 
 /// `dx = dy f'(x)` from the activation input `x` and the output gradient `dy`.
-struct GeluGrad(Gelu);
+struct ActGrad(Act);
 
-impl CustomOp2 for GeluGrad {
+impl CustomOp2 for ActGrad {
     fn name(&self) -> &'static str {
-        "medvlm-gelu-grad"
+        "medvlm-activation-grad"
     }
 
     fn cpu_fwd(
@@ -399,8 +425,9 @@ impl CustomOp2 for GeluGrad {
                 .collect()
         }
         let dx = match self.0 {
-            Gelu::Erf => map(x, dy, |v| Gelu::Erf.derivative(v)),
-            Gelu::Quick => map(x, dy, |v| Gelu::Quick.derivative(v)),
+            Act::Relu => map(x, dy, |v| Act::Relu.derivative(v)),
+            Act::Erf => map(x, dy, |v| Act::Erf.derivative(v)),
+            Act::Quick => map(x, dy, |v| Act::Quick.derivative(v)),
         };
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -822,6 +849,36 @@ mod tests {
                 .unwrap()
                 > 1.0
         );
+    }
+
+    #[test]
+    fn relu_matches_candles_in_value_and_gradient() {
+        let x = Var::from_tensor(&randn(&[4, 3, 900], 7)).unwrap();
+        let weights = randn(&[4, 3, 900], 8);
+        let fused = relu(x.as_tensor()).unwrap();
+        let theirs = x.as_tensor().relu().unwrap();
+        assert_eq!(max_abs_diff(&fused, &theirs), 0.0);
+        let grad = |y: Tensor| {
+            (y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g_fused, g_theirs) = (grad(fused), grad(theirs));
+        let (a, b) = (g_fused.get(&x).unwrap(), g_theirs.get(&x).unwrap());
+        assert_eq!(max_abs_diff(a, b), 0.0, "relu gradients differ");
+        // Half the inputs are positive: the gradient is neither all zero nor all `weights`.
+        let kept = a
+            .ne(0f32)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let kept = kept.to_scalar::<f32>().unwrap();
+        assert!((0.4..0.6).contains(&kept), "{kept}");
     }
 
     #[test]

@@ -30,6 +30,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::conv::{avg_pool2d, conv2d, BatchNorm};
+use crate::fused::relu;
 use crate::linear::LinearLayer;
 use crate::transformer::attention;
 
@@ -159,15 +160,15 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor, training: bool) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(x, 1, training)?.relu()?;
-        let h = self.conv2.forward(&h, 1, training)?.relu()?;
+        let h = relu(&self.conv1.forward(x, 1, training)?)?;
+        let h = relu(&self.conv2.forward(&h, 1, training)?)?;
         let h = avg_pool2d(&h, self.stride)?;
         let h = self.conv3.forward(&h, 1, training)?;
         let identity = match &self.downsample {
             Some(ds) => ds.forward(&avg_pool2d(x, self.stride)?, 1, training)?,
             None => x.clone(),
         };
-        (h + identity)?.relu()
+        relu(&(h + identity)?)
     }
 }
 
@@ -308,9 +309,7 @@ impl ModifiedResNet {
         let training = self.is_training();
         let mut h = x.clone();
         for (i, layer) in self.stem.iter().enumerate() {
-            h = layer
-                .forward(&h, if i == 0 { 2 } else { 1 }, training)?
-                .relu()?;
+            h = relu(&layer.forward(&h, if i == 0 { 2 } else { 1 }, training)?)?;
         }
         avg_pool2d(&h, 2)
     }

@@ -44,7 +44,7 @@ impl Activation {
             Activation::QuickGelu => crate::fused::quick_gelu(x),
             Activation::Gelu => crate::fused::gelu_erf(x),
             Activation::GeluTanh => x.gelu(),
-            Activation::Relu => x.relu(),
+            Activation::Relu => crate::fused::relu(x),
         }
     }
 }
