@@ -295,6 +295,15 @@ pub fn select_trainable<'a>(
             if *last_k == 0 {
                 return Err(setting("finetune.last_k", "must be at least 1"));
             }
+            if names.iter().any(|n| n.starts_with("visual.layer")) {
+                // Without this, the ResNet's stages would count as "outside the blocks" and
+                // train in full.
+                return Err(setting(
+                    "finetune.towers",
+                    "partial fine-tuning counts transformer blocks, and this model's image \
+                     tower is a ResNet: use towers = \"text\", or mode full / bitfit / lora",
+                ));
+            }
             let found: Vec<(&str, Towers)> = BLOCK_PREFIXES
                 .iter()
                 .copied()

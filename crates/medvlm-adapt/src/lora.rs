@@ -143,7 +143,12 @@ impl LoraSpec {
 pub fn tower_of(path: &str) -> Option<Towers> {
     let first = path.split('.').next().unwrap_or("");
     match first {
-        "text_model" | "text_projection" | "text" | "transformer" | "token_embedding"
+        "text_model"
+        | "text_projection"
+        | "text"
+        | "transformer"
+        | "token_embedding"
+        | "positional_embedding"
         | "ln_final" => Some(Towers::Text),
         "vision_model" | "visual_projection" | "visual" => Some(Towers::Vision),
         _ => None,
@@ -163,8 +168,10 @@ fn has_role(path: &str, role: &str) -> bool {
         "k" => e("k_proj") || e("attention.self.key") || e("attn.qkv"),
         "v" => e("v_proj") || e("attention.self.value") || e("attn.qkv"),
         "out" => e("out_proj") || e("attention.output.dense") || e("attn.proj"),
-        "fc1" => e("mlp.fc1") || e("intermediate.dense"),
-        "fc2" => e("mlp.fc2") || (e("output.dense") && !e("attention.output.dense")),
+        "fc1" => e("mlp.fc1") || e("intermediate.dense") || e("mlp.c_fc"),
+        "fc2" => {
+            e("mlp.fc2") || (e("output.dense") && !e("attention.output.dense")) || e("mlp.c_proj")
+        }
         _ => false,
     }
 }
@@ -469,10 +476,38 @@ pub fn set_lora_training(model: &dyn LinearLayers, on: bool) -> usize {
     adapters.len()
 }
 
+/// Checks that every LoRA layer in `layers` (module paths) has its own weight tensor
+/// `{path}.weight` in `base`, the trainable model's `VarMap`, so [`merge_lora`] can merge into
+/// it. open_clip's q/k/v projections are row blocks of one fused `in_proj_weight` and cannot.
+pub fn check_mergeable(layers: &[String], base: &VarMap) -> Result<()> {
+    let data = base
+        .data()
+        .lock()
+        .map_err(|_| FinetuneError::Internal("base VarMap lock poisoned".into()))?;
+    let missing: Vec<&str> = layers
+        .iter()
+        .filter(|p| !data.contains_key(&format!("{p}.weight")))
+        .map(String::as_str)
+        .collect();
+    if let Some(first) = missing.first() {
+        return Err(FinetuneError::Setting {
+            key: "finetune.lora.targets".into(),
+            reason: format!(
+                "LoRA on {} layer(s) (e.g. {first}) could not be merged into the exported \
+                 weights: they are parts of a fused checkpoint tensor (open_clip's \
+                 in_proj_weight); target out, fc1 or fc2 there instead",
+                missing.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Folds every LoRA adapter into its layer's weight (`W ← W + (α/r) B A`) and removes the
 /// adapter; other wrappers stay. When `base` is given and holds `<path>.weight` (a model loaded
 /// with [`medvlm_models::LoadMode::Trainable`]), that variable is updated in place too, so a
-/// save of `base` contains the merged weights. Returns the merged module paths.
+/// save of `base` contains the merged weights; a layer missing from `base` is an error (see
+/// [`check_mergeable`]). Returns the merged module paths.
 pub fn merge_lora(model: &mut dyn LinearLayers, base: Option<&VarMap>) -> Result<Vec<String>> {
     let mut merged = Vec::new();
     for layer in model.linear_layers_mut() {
@@ -760,6 +795,17 @@ mod tests {
         assert!(!target_matches("out", timm));
         assert_eq!(tower_of("visual_projection"), Some(Towers::Vision));
         assert_eq!(tower_of("logit_scale"), None);
+        // open_clip's own layout (the `openclip` family).
+        let oc_mlp = "transformer.resblocks.1.mlp.c_fc";
+        assert!(target_matches("text:fc1", oc_mlp) && !target_matches("fc2", oc_mlp));
+        assert!(target_matches("fc2", "transformer.resblocks.1.mlp.c_proj"));
+        assert!(!target_matches("fc2", "visual.attnpool.c_proj"));
+        assert!(target_matches("vision:q", "visual.attnpool.q_proj"));
+        assert_eq!(tower_of("positional_embedding"), Some(Towers::Text));
+        assert_eq!(
+            tower_of("visual.attnpool.positional_embedding"),
+            Some(Towers::Vision)
+        );
     }
 
     #[test]

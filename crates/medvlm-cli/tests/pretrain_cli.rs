@@ -238,6 +238,33 @@ fn resnet_image_tower_resumes_exactly_and_saves_an_open_clip_model() {
         .args(["--classes", "nodule;mass;tumour"])
         .output()
         .unwrap());
+    // Fine-tuning modes that cannot work on it fail before training, saying why.
+    for (finetune, needle) in [
+        (
+            "mode = \"lora\"\n[finetune.lora]\ntargets = [\"q\", \"v\"]",
+            "in_proj_weight",
+        ),
+        ("mode = \"partial\"\nlast_k = 1", "ResNet"),
+    ] {
+        let cfg = dir.join("ft.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "output_dir = \"ft\"\n[model]\nsource = \"run_a/model\"\n[data]\n\
+                 manifest = \"ph/train.jsonl\"\nimage_size = 32\n[finetune]\n{finetune}\n"
+            ),
+        )
+        .unwrap();
+        let err = fails(
+            &bin()
+                .args(["finetune", "--config"])
+                .arg(&cfg)
+                .output()
+                .unwrap(),
+        );
+        assert!(err.contains(needle), "{finetune}: {err}");
+        assert!(!dir.join("ft/model").exists());
+    }
 }
 
 #[test]

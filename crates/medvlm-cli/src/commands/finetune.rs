@@ -217,6 +217,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let adapters = VarMap::new();
     let prepared = prepare(lm.model.as_mut(), &base, &adapters, &spec, cfg.seed)
         .with_context(|| format!("finetune.mode = \"{}\" on {source}", spec.mode.name()))?;
+    // LoRA is merged into the exported weights: refuse, before training, layers that have no
+    // weight tensor of their own to merge into.
+    medvlm_adapt::lora::check_mergeable(&prepared.lora_layers, &base)
+        .with_context(|| format!("finetune.mode = \"lora\" on {source}"))?;
     eprintln!(
         "finetune: {} ({} towers) on {} ({}): {} tensors, {} scalars trainable{}",
         spec.mode.name(),
