@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Reference run of the quickstart's pretraining in PyTorch (transformers CLIPModel).
+"""Reference run of the quickstart's pretraining in PyTorch (open_clip CLIP or transformers CLIPModel).
 
-Trains the same architecture (read from a quickstart's `model/config.json` and
+Trains the same architecture (read from a quickstart's `model/open_clip_config.json`, the
+default ModifiedResNet image tower, built with open_clip's `CLIP`; or `model/config.json`,
+the `--image-tower vit` variant, built with transformers' `CLIPModel`; and
 `model/tokenizer.json`) on the same benchmark (`benchmark/train.jsonl`) with the same loop
 settings as `medvlm quickstart` (AdamW betas 0.9/0.98, weight decay 0.1, 30 warm-up updates
 then cosine decay, gradient clipping at 1, logit scale clamped at ln 100, texts =
@@ -14,11 +16,13 @@ machine. Results are recorded in docs/quickstart.md.
 
     python3 tools/reference_pretrain.py medvlm-quickstart --epochs 16 [--lr 2e-3] [--batch 64]
 
-Needs: torch, transformers, tokenizers, pillow, numpy (see tools/make_parity_fixtures.py).
+Needs: torch, transformers, open_clip_torch, tokenizers, pillow, numpy (see
+tools/make_parity_fixtures.py).
 """
 import argparse
 import json
 import math
+import os
 import re
 import time
 
@@ -69,9 +73,33 @@ def main():
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     root = a.quickstart_dir
-    model = CLIPModel(CLIPConfig.from_pretrained(f"{root}/model"))
     tok = Tokenizer.from_file(f"{root}/model/tokenizer.json")
-    ctx = model.config.text_config.max_position_embeddings
+    open_clip_cfg = f"{root}/model/open_clip_config.json"
+    if os.path.exists(open_clip_cfg):
+        from open_clip.model import CLIP
+
+        model_cfg = json.load(open(open_clip_cfg))["model_cfg"]
+        model = CLIP(**model_cfg)
+        ctx = model_cfg["text_cfg"]["context_length"]
+
+        def encode_image(px):
+            return model.encode_image(px)
+
+        def encode_text(ids, mask):
+            return model.encode_text(ids)
+
+        logit_scale = model.logit_scale
+    else:
+        model = CLIPModel(CLIPConfig.from_pretrained(f"{root}/model"))
+        ctx = model.config.text_config.max_position_embeddings
+
+        def encode_image(px):
+            return model.get_image_features(pixel_values=px).pooler_output
+
+        def encode_text(ids, mask):
+            return model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+
+        logit_scale = model.logit_scale
 
     def encode(texts):
         ids = [tok.encode(t).ids[:ctx] for t in texts]
@@ -100,22 +128,26 @@ def main():
         for s in range(per_epoch):
             idx = order[s * a.batch:(s + 1) * a.batch]
             ids, mask = encode([texts[i] for i in idx])
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=x_train[idx], return_loss=True)
+            img = torch.nn.functional.normalize(encode_image(x_train[idx]), dim=-1)
+            txt = torch.nn.functional.normalize(encode_text(ids, mask), dim=-1)
+            logits = logit_scale.exp() * img @ txt.T
+            target = torch.arange(len(idx))
+            loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
             opt.zero_grad()
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-        print(f"epoch {epoch} loss {out.loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+                logit_scale.clamp_(0, math.log(100))
+        print(f"epoch {epoch} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
     print(f"training: {time.time() - t0:.1f} s for {a.epochs} epochs ({total} updates, {a.threads} threads)")
     model.eval()
     with torch.no_grad():
-        img = torch.nn.functional.normalize(model.get_image_features(pixel_values=x_test).pooler_output, dim=-1)
+        img = torch.nn.functional.normalize(encode_image(x_test), dim=-1)
         for mod, classes in CLASSES.items():
             ids, mask = encode([f"{DISPLAY[mod]}. Impression: {c.replace('_', ' ')}." for c in classes])
-            txt = torch.nn.functional.normalize(model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
+            txt = torch.nn.functional.normalize(encode_text(ids, mask), dim=-1)
             rows = [i for i, r in enumerate(test) if r["modality"] == mod]
             pred = (img[rows] @ txt.T).argmax(1).numpy()
             y = np.array([classes.index(test[i]["label"]) for i in rows])
