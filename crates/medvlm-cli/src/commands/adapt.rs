@@ -490,20 +490,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         let probs = score(&test_rows)?;
         let labels: Vec<usize> = task.classes(&test_rows)?;
-        let mut calib_rows = feats.available(&task.split_rows(&args.task.calib_split));
-        let mut source = format!("split '{}'", args.task.calib_split);
-        if calib_rows.is_empty() {
-            let support: std::collections::BTreeSet<usize> = support_rows.iter().copied().collect();
-            calib_rows = pool_rows
-                .iter()
-                .copied()
-                .filter(|r| !support.contains(r))
-                .collect();
-            source = format!(
-                "'{}' images outside the support set (no '{}' split)",
-                args.task.split, args.task.calib_split
-            );
-        }
+        let (calib_rows, source) =
+            feats.calibration_rows(&task, &args.task, &pool_rows, &support_rows);
         let calib = if calib_rows.is_empty() {
             None
         } else {
@@ -735,22 +723,8 @@ fn run_multilabel(
     } else {
         let probs = probabilities(clf.as_ref(), &feats.features_of(task, &test_rows)?)?;
         let targets = task.multi_hot(&test_rows)?;
-        // Conformal calibration images: the calibration split, else the train
-        // images outside the support set (as for multi-class sets).
-        let mut calib_rows = feats.available(&task.split_rows(&args.task.calib_split));
-        let mut source = format!("split '{}'", args.task.calib_split);
-        if calib_rows.is_empty() {
-            let support: std::collections::BTreeSet<usize> = support_rows.iter().copied().collect();
-            calib_rows = pool_rows
-                .iter()
-                .copied()
-                .filter(|r| !support.contains(r))
-                .collect();
-            source = format!(
-                "'{}' images outside the support set (no '{}' split)",
-                args.task.split, args.task.calib_split
-            );
-        }
+        let (calib_rows, source) =
+            feats.calibration_rows(task, &args.task, &pool_rows, &support_rows);
         let calib = if calib_rows.is_empty() {
             None
         } else {

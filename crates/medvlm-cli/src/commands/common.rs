@@ -768,6 +768,34 @@ impl TaskFeatures {
         Ok(self.features.index_select(&t, 0)?)
     }
 
+    /// The conformal calibration images: the `--calib-split` rows with features, else the
+    /// `--split` pool rows outside the support set; with a description of which it is.
+    pub fn calibration_rows(
+        &self,
+        task: &Task,
+        args: &TaskArgs,
+        pool_rows: &[usize],
+        support_rows: &[usize],
+    ) -> (Vec<usize>, String) {
+        let calib = self.available(&task.split_rows(&args.calib_split));
+        if !calib.is_empty() {
+            return (calib, format!("split '{}'", args.calib_split));
+        }
+        let support: BTreeSet<usize> = support_rows.iter().copied().collect();
+        let rest = pool_rows
+            .iter()
+            .copied()
+            .filter(|r| !support.contains(r))
+            .collect();
+        (
+            rest,
+            format!(
+                "'{}' images outside the support set (no '{}' split)",
+                args.split, args.calib_split
+            ),
+        )
+    }
+
     /// Restricts `task_rows` to those with features.
     pub fn available(&self, task_rows: &[usize]) -> Vec<usize> {
         let have: BTreeSet<usize> = self.rows.iter().copied().collect();
