@@ -81,3 +81,38 @@ fn tiny_quickstart_learns_and_writes_report_and_metrics() {
     assert!(out.join("quickstart.toml").is_file());
     assert!(out.join("benchmark/train.jsonl").is_file());
 }
+
+#[test]
+fn quickstart_with_the_resnet_tower_writes_an_open_clip_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qs");
+    ok(&bin()
+        .args(["quickstart", "--tiny", "--n", "160", "--epochs", "1"])
+        .args(["--image-tower", "resnet", "--resnet-width", "4", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap());
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(metrics["run"]["image_tower"], "resnet");
+    assert_eq!(metrics["run"]["resnet_width"], 4);
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model/open_clip_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["model_cfg"]["vision_cfg"]["width"], 4);
+    assert!(out.join("model/open_clip_model.safetensors").is_file());
+    assert!(!out.join("model/config.json").exists());
+    let toml = std::fs::read_to_string(out.join("quickstart.toml")).unwrap();
+    assert!(toml.contains("image_tower = \"resnet\""), "{toml}");
+
+    let err = common::fails(
+        &bin()
+            .args(["quickstart", "--image-tower", "convnext", "--out"])
+            .arg(tmp.path().join("bad"))
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("--image-tower"), "{err}");
+    assert!(!tmp.path().join("bad/benchmark").exists());
+}
