@@ -89,6 +89,7 @@ def main():
             return model.encode_text(ids)
 
         logit_scale = model.logit_scale
+        pad_full = True
     else:
         model = CLIPModel(CLIPConfig.from_pretrained(f"{root}/model"))
         ctx = model.config.text_config.max_position_embeddings
@@ -100,10 +101,12 @@ def main():
             return model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
 
         logit_scale = model.logit_scale
+        pad_full = False
 
     def encode(texts):
         ids = [tok.encode(t).ids[:ctx] for t in texts]
-        width = max(len(i) for i in ids)
+        # open_clip adds the full position-embedding table: pad to the context length.
+        width = ctx if pad_full else max(len(i) for i in ids)
         input_ids = torch.zeros(len(ids), width, dtype=torch.long)
         mask = torch.zeros(len(ids), width, dtype=torch.long)
         for k, i in enumerate(ids):
