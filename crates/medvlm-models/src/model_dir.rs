@@ -85,7 +85,7 @@ pub fn detect_family(dir: &Path) -> Result<Family> {
             std::fs::read_to_string(&open_clip).map_err(|e| ModelError::io(&open_clip, e))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| ModelError::config(&open_clip, e))?;
-        return Ok(if crate::openclip::is_resnet_config(&v) {
+        return Ok(if crate::openclip::is_native_config(&v) {
             Family::OpenClip
         } else {
             Family::Biomedclip

@@ -152,11 +152,15 @@ struct RawConfig {
     preprocess_cfg: RawPreprocess,
 }
 
-/// Whether an `open_clip_config.json` describes a ModifiedResNet image tower (its
-/// `vision_cfg.layers` is a list), as opposed to a timm tower (BiomedCLIP).
-pub fn is_resnet_config(json: &serde_json::Value) -> bool {
-    json.pointer("/model_cfg/vision_cfg/layers")
-        .is_some_and(|l| l.is_array())
+/// Whether an `open_clip_config.json` describes one of open_clip's own image towers (no
+/// `vision_cfg.timm_model_name`): a ModifiedResNet (`layers` a list), or open_clip's
+/// VisionTransformer, which [`OpenClipConfig::from_json`] refuses by name. A timm tower
+/// means the BiomedCLIP layout.
+pub fn is_native_config(json: &serde_json::Value) -> bool {
+    json.pointer("/model_cfg/vision_cfg").is_some()
+        && json
+            .pointer("/model_cfg/vision_cfg/timm_model_name")
+            .is_none_or(|n| n.is_null())
 }
 
 impl OpenClipConfig {

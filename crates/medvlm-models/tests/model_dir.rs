@@ -207,3 +207,35 @@ fn biomedclip_layout_loads_through_the_common_path() {
     let i = m.model.encode_image(&exp["pixel_values"]).unwrap().embeds;
     assert_close("biomedclip image", &i, &exp["image_features"], 1e-4);
 }
+
+#[test]
+fn open_clip_native_layouts_are_detected_and_the_vit_refused_by_name() {
+    use medvlm_models::model_dir::detect_family;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("open_clip_config.json");
+    std::fs::copy(
+        fixture("openclip_resnet").join("open_clip_config.json"),
+        &cfg,
+    )
+    .unwrap();
+    assert_eq!(detect_family(dir.path()).unwrap(), Family::OpenClip);
+    // Without weights: an error naming the files looked for.
+    let err = load_model_dir(dir.path(), &LoadOptions::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("open_clip_model.safetensors"),
+        "{err}"
+    );
+    // open_clip's own ViT (an integer `layers`, no timm model) is refused by name.
+    std::fs::write(
+        &cfg,
+        r#"{"model_cfg": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
+            "text_cfg": {"width": 512, "heads": 8, "layers": 12}}}"#,
+    )
+    .unwrap();
+    assert_eq!(detect_family(dir.path()).unwrap(), Family::OpenClip);
+    let err = load_model_dir(dir.path(), &LoadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("VisionTransformer"), "{err}");
+    // A timm tower is the BiomedCLIP layout.
+    std::fs::copy(fixture("biomedclip").join("open_clip_config.json"), &cfg).unwrap();
+    assert_eq!(detect_family(dir.path()).unwrap(), Family::Biomedclip);
+}
