@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+mod support;
+use support::max_abs_diff;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use medvlm_adapt::finetune::{prepare, FinetuneSpec, Mode, Towers};
@@ -88,20 +91,8 @@ fn saved_adapters_reload_onto_a_fresh_model() {
     assert_eq!(back, spec);
     assert_eq!(vars.len(), 8);
     let reloaded = image_embeds(&fresh);
-    let diff = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    assert!(diff(&base, &adapted) > 1e-4);
-    assert_eq!(diff(&adapted, &reloaded), 0.0);
+    assert!(max_abs_diff(&base, &adapted) > 1e-4);
+    assert_eq!(max_abs_diff(&adapted, &reloaded), 0.0);
 
     // The same adapter on a model with other layer names (BiomedCLIP fixture: timm/BERT
     // layout) is refused and leaves the model untouched.

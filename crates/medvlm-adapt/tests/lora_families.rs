@@ -5,6 +5,9 @@
 
 use std::path::PathBuf;
 
+mod support;
+use support::max_abs_diff;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use medvlm_adapt::finetune::{export_model_dir, prepare, FinetuneSpec, Mode, Towers};
@@ -27,19 +30,6 @@ fn embeds(lm: &LoadedModel, px: &Tensor) -> (Tensor, Tensor) {
         lm.model.encode_image(px).unwrap().embeds,
         lm.model.encode_text(&tok).unwrap().embeds,
     )
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Applies LoRA to q / out / fc1 of both towers, gives B random values (as training would),

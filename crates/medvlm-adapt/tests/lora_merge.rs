@@ -4,6 +4,9 @@
 
 use std::path::PathBuf;
 
+mod support;
+use support::max_abs_diff;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use medvlm_adapt::finetune::{
@@ -91,19 +94,6 @@ fn base_vars(vm: &VarMap) -> Vec<NamedVar> {
     let mut v: Vec<NamedVar> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn embeds(lm: &LoadedModel, data: &PairData) -> (Tensor, Tensor) {
