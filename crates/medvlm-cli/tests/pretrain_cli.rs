@@ -129,6 +129,34 @@ fn uninterrupted_and_killed_then_resumed(dir: &Path, overrides: &[&str]) -> u64 
     killed_at
 }
 
+/// Runs `medvlm zero-shot` with `model` on the test images of `dir/ph`: one probability row
+/// per image, each summing to 1 over the three classes.
+fn zero_shot_on_test_images(model: &Path, dir: &Path) {
+    let stdout = ok(&bin()
+        .args(["zero-shot", "--model"])
+        .arg(model)
+        .arg("--images")
+        .arg(dir.join("ph/test.jsonl"))
+        .args(["--classes", "nodule;mass;tumour"])
+        .output()
+        .unwrap());
+    let n_test = String::from_utf8(read(&dir.join("ph/test.jsonl")))
+        .unwrap()
+        .lines()
+        .count();
+    let rows: Vec<&str> = stdout.lines().skip(1).filter(|l| !l.is_empty()).collect();
+    assert_eq!(rows.len(), n_test, "{stdout}");
+    for row in rows {
+        let p: f32 = row
+            .split(',')
+            .skip(1)
+            .take(3)
+            .map(|v| v.parse::<f32>().unwrap())
+            .sum();
+        assert!((p - 1.0).abs() < 1e-3, "{row}");
+    }
+}
+
 #[test]
 fn killed_and_resumed_run_ends_with_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();
@@ -184,14 +212,7 @@ fn killed_and_resumed_run_ends_with_the_same_weights() {
     assert!(err.contains("config"), "{err}");
 
     // The trained model loads anywhere a hub model does.
-    ok(&bin()
-        .args(["zero-shot", "--model"])
-        .arg(dir.join("run_a/model"))
-        .arg("--images")
-        .arg(dir.join("ph/test.jsonl"))
-        .args(["--classes", "nodule;mass;tumour"])
-        .output()
-        .unwrap());
+    zero_shot_on_test_images(&dir.join("run_a/model"), dir);
 }
 
 #[test]
@@ -230,14 +251,7 @@ fn resnet_image_tower_resumes_exactly_and_saves_an_open_clip_model() {
         "{config}"
     );
     // The open_clip directory loads anywhere a hub model does.
-    ok(&bin()
-        .args(["zero-shot", "--model"])
-        .arg(dir.join("run_a/model"))
-        .arg("--images")
-        .arg(dir.join("ph/test.jsonl"))
-        .args(["--classes", "nodule;mass;tumour"])
-        .output()
-        .unwrap());
+    zero_shot_on_test_images(&dir.join("run_a/model"), dir);
     // Fine-tuning modes that cannot work on it fail before training, saying why.
     for (finetune, needle) in [
         (
