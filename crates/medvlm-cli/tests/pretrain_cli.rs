@@ -252,6 +252,36 @@ fn resnet_image_tower_resumes_exactly_and_saves_an_open_clip_model() {
     );
     // The open_clip directory loads anywhere a hub model does.
     zero_shot_on_test_images(&dir.join("run_a/model"), dir);
+    // Visual prompts need a ViT: adapt refuses VPT, and bench lists it as skipped, both
+    // before reading any image (no feature cache is written).
+    let err = fails(
+        &bin()
+            .args(["adapt", "--method", "vpt", "--shots", "1", "--model"])
+            .arg(dir.join("run_a/model"))
+            .arg("--train")
+            .arg(dir.join("ph/train.jsonl"))
+            .arg("--out")
+            .arg(dir.join("vpt"))
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("convolutional"), "{err}");
+    let err = fails(
+        &bin()
+            .args(["bench", "fewshot", "--methods", "vpt,maple", "--model"])
+            .arg(dir.join("run_a/model"))
+            .arg("--data")
+            .arg(dir.join("ph/train.jsonl"))
+            .arg("--json")
+            .arg(dir.join("b.json"))
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("no method of --methods vpt,maple runs"),
+        "{err}"
+    );
+    assert!(!dir.join("ph/.medvlm-cache").exists());
     // Fine-tuning modes that cannot work on it fail before training, saying why.
     for (finetune, needle) in [
         (

@@ -527,6 +527,10 @@ impl ImageEncoder for OpenClipResNet {
     fn set_training(&self, on: bool) {
         self.visual.set_training(on);
     }
+
+    fn supports_visual_prompts(&self) -> bool {
+        false
+    }
 }
 
 impl LinearLayers for OpenClipResNet {

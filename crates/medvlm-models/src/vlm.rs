@@ -205,6 +205,11 @@ pub trait ImageEncoder: Send + Sync {
     /// statistics (`false`, the default: inference and few-shot fine-tuning). Towers without
     /// batch norm ignore it.
     fn set_training(&self, _on: bool) {}
+    /// Whether [`ImageEncoder::encode_image_with`] accepts [`VisualPrompts`] (a vision
+    /// transformer; a convolutional tower has no token sequence to insert them into).
+    fn supports_visual_prompts(&self) -> bool {
+        true
+    }
 }
 
 /// A dual-encoder vision-language model.

@@ -176,6 +176,10 @@ impl AdaptationMethod for Maple {
 }
 
 impl PromptLearningMethod for Maple {
+    fn needs_visual_prompts(&self) -> bool {
+        true
+    }
+
     fn fit_prompts(&self, input: &PromptInput) -> Result<PromptClassifier> {
         self.check_depth()?;
         input.validate()?;

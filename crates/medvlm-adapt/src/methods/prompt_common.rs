@@ -137,6 +137,22 @@ pub(crate) struct PromptEnv<'a> {
 pub trait PromptLearningMethod: AdaptationMethod {
     /// Learns the prompts on the support images.
     fn fit_prompts(&self, input: &PromptInput) -> Result<PromptClassifier>;
+    /// Whether it inserts prompt tokens into the image tower (VPT, MaPLe).
+    fn needs_visual_prompts(&self) -> bool {
+        false
+    }
+}
+
+/// Why the prompt-learning method `name` cannot run on `model`, if it cannot: checked before
+/// any image is read, so a ResNet model refuses VPT and MaPLe up front.
+pub fn model_refusal(name: &str, model: &dyn VisionLanguageModel) -> Option<String> {
+    let method = prompt_method_by_name(name, None).ok()?;
+    (method.needs_visual_prompts() && !model.supports_visual_prompts()).then(|| {
+        format!(
+            "{name} inserts prompt tokens into a vision transformer, and this model's image \
+             tower is convolutional (use a text-side method such as coop, or lora)"
+        )
+    })
 }
 
 /// Builds a prompt-learning method by name, with JSON overrides of its

@@ -145,6 +145,10 @@ impl AdaptationMethod for Vpt {
 }
 
 impl PromptLearningMethod for Vpt {
+    fn needs_visual_prompts(&self) -> bool {
+        true
+    }
+
     fn fit_prompts(&self, input: &PromptInput) -> Result<PromptClassifier> {
         input.validate()?;
         if self.n_tokens == 0 {

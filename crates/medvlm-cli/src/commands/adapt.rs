@@ -48,7 +48,7 @@ use medvlm_adapt::method::{
 };
 use medvlm_adapt::methods::encoder_tuning::TunedEncoderClassifier;
 use medvlm_adapt::methods::prompt_common::{
-    prompt_method_by_name, PromptClassifier, PromptInput, PROMPT_METHOD_NAMES,
+    model_refusal, prompt_method_by_name, PromptClassifier, PromptInput, PROMPT_METHOD_NAMES,
 };
 use medvlm_eval::plots::{reliability_plot, Plot, Size};
 use medvlm_models::LoadedModel;
@@ -379,6 +379,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let m = load(&args.model, &device)?;
+    if let Some(reason) = model_refusal(&args.method, m.model.as_ref()) {
+        bail!("method '{}' on {}: {reason}", args.method, args.model);
+    }
     let feats = task_features(&task, &args.model, &m, &args.task, &device)?;
     let pool_rows = feats.available(&task.split_rows(&args.task.split));
     if pool_rows.is_empty() {

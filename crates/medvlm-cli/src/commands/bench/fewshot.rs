@@ -65,7 +65,7 @@ use crate::commands::common::{
 use crate::commands::embed::{load, DeviceArgs};
 use crate::commands::tuning::{self, is_tuning_method, TuningJob};
 use medvlm_adapt::methods::encoder_tuning::TUNING_METHOD_NAMES;
-use medvlm_adapt::methods::prompt_common::PROMPT_METHOD_NAMES;
+use medvlm_adapt::methods::prompt_common::{model_refusal, PROMPT_METHOD_NAMES};
 
 /// Arguments of `medvlm bench fewshot`.
 #[derive(clap::Args, Debug)]
@@ -314,7 +314,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.task.label_field == crate::commands::common::MULTI_LABEL_FIELD {
         return run_multilabel(args, &device);
     }
-    let methods = resolve_methods(&args.methods)?;
+    let mut methods = resolve_methods(&args.methods)?;
     let hparams = parse_hparams(&args.hparams, &methods)?;
     let shots = parse_shots(&args.shots)?;
     if args.seeds == 0 {
@@ -332,6 +332,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let task = Task::from_manifests(&args.data, &args.task)?;
     let prompts = class_prompts(&task.class_names, &args.task)?;
     let m = load(&args.model, &device)?;
+    // Methods this model cannot run (visual prompts on a convolutional tower) are listed as
+    // skipped, before any image is read.
+    let mut skipped = Vec::new();
+    methods.retain(|name| match model_refusal(name, m.model.as_ref()) {
+        Some(reason) => {
+            skipped.push(SkippedMethod {
+                method: name.clone(),
+                reason,
+            });
+            false
+        }
+        None => true,
+    });
+    if methods.is_empty() {
+        bail!(
+            "no method of --methods {} runs on {}",
+            args.methods,
+            args.model
+        );
+    }
     let feats = task_features(&task, &args.model, &m, &args.task, &device)?;
     let texts = encode_class_texts(&m, &prompts, None, args.task.batch, &device)?;
     let scale = model_logit_scale(&m)?;
@@ -595,7 +615,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         test_size: test_rows.len(),
         task: TaskKind::MultiClass,
         records,
-        skipped_methods: Vec::new(),
+        skipped_methods: skipped.clone(),
         accuracy_table: Some(acc.clone()),
         balanced_accuracy_table: Some(bal.clone()),
         macro_auroc_table: None,
@@ -643,6 +663,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
             );
         }
+    }
+    for s in &skipped {
+        println!("skipped {}: {}", s.method, s.reason);
     }
     println!("wrote {} and {}", args.json.display(), plot_path.display());
     Ok(())
