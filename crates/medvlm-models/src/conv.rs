@@ -457,16 +457,14 @@ impl candle_core::CustomOp3 for BatchNormTrain {
                 (s, b[j] - mean[j] * s)
             })
             .unzip();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(c * 1024)
-            .zip(x.par_chunks(c * 1024))
-            .for_each(|(yb, xb)| {
-                for (yr, xr) in yb.chunks_mut(c).zip(xb.chunks(c)) {
-                    for j in 0..c {
-                        yr[j] = xr[j] * scale[j] + shift[j];
-                    }
+        // Every element is written: no zero-fill of the output first.
+        let y = crate::fastmath::par_fill(x.len(), c * 1024, |i, out| {
+            for (yr, xr) in out.chunks_mut(c).zip(x[i..].chunks(c)) {
+                for j in 0..c {
+                    yr[j].write(xr[j] * scale[j] + shift[j]);
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
