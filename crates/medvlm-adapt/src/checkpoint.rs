@@ -338,12 +338,12 @@ impl CheckpointDir {
         sync_file(&model_path)?;
 
         let optim_path = tmp.join(OPTIMIZER_FILE);
-        candle_core::safetensors::save(&optimizer.state_tensors(), &optim_path).map_err(|e| {
-            CheckpointError::Invalid {
-                path: optim_path.clone(),
-                reason: format!("cannot serialise optimiser state: {e}"),
-            }
-        })?;
+        let invalid = |e: &dyn std::fmt::Display| CheckpointError::Invalid {
+            path: optim_path.clone(),
+            reason: format!("cannot serialise optimiser state: {e}"),
+        };
+        let moments = optimizer.state_tensors().map_err(|e| invalid(&e))?;
+        candle_core::safetensors::save(&moments, &optim_path).map_err(|e| invalid(&e))?;
         sync_file(&optim_path)?;
 
         let state = CheckpointState {

@@ -8,7 +8,8 @@
 //!   counter `t` per parameter. Defaults are PyTorch's (`betas = (0.9, 0.999)`, `eps = 1e-8`,
 //!   `weight_decay = 0.01`); CLIP used `(0.9, 0.98)`, `1e-6`, `0.2`. Unlike `candle_nn::AdamW`
 //!   it decays only selected parameters and exposes its moments and step counters so a
-//!   checkpoint can restore it exactly.
+//!   checkpoint can restore it exactly. f32 parameters on the CPU are updated in place
+//!   (three passes, no temporaries), bit-identically to the composed tensor ops used otherwise.
 //! * [`WeightDecayRule`]: which parameters are not decayed. Following open_clip, tensors of
 //!   rank < 2 (biases, norm gains, scalars such as `logit_scale`) and names containing a
 //!   pattern (norms, biases, embeddings, `logit_scale`/`logit_bias`) are excluded.
@@ -166,11 +167,14 @@ impl Gradients {
     pub fn global_norm(&self) -> Result<f64> {
         let mut sq = 0.0f64;
         for g in self.0.values() {
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            sq += if g.device().is_cpu() && g.dtype() == DType::F32 {
+                sum_of_squares_f32(&g.contiguous()?)?
+            } else {
+                g.to_dtype(DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?
+            };
         }
         Ok(sq.sqrt())
     }
@@ -230,7 +234,9 @@ impl GradAccumulator {
         self.micro_batches = 0;
         let mut out = BTreeMap::new();
         for (k, g) in sum {
-            out.insert(k, g.affine(1.0 / n, 0.0)?);
+            // One micro-batch: its gradients are the mean already (no pass over them).
+            let g = if n == 1.0 { g } else { g.affine(1.0 / n, 0.0)? };
+            out.insert(k, g);
         }
         Ok(Gradients(out))
     }
@@ -328,40 +334,25 @@ impl AdamW {
             let Some(g) = grads.0.get(&p.name) else {
                 continue;
             };
-            let md = p.exp_avg.dtype();
-            let g = g.to_dtype(md)?;
             p.step += 1;
-            let theta = p.var.as_tensor().to_dtype(md)?;
-            let theta = if p.decay && c.weight_decay > 0.0 {
-                theta.affine(1.0 - lr * c.weight_decay, 0.0)?
+            if in_place_f32(p, g) {
+                update_in_place(p, &g.contiguous()?, &c, lr)?;
             } else {
-                theta
-            };
-            p.exp_avg = (p.exp_avg.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
-            p.exp_avg_sq =
-                (p.exp_avg_sq.affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
-            let bc1 = 1.0 - c.beta1.powi(p.step as i32);
-            let bc2 = 1.0 - c.beta2.powi(p.step as i32);
-            let denom = p
-                .exp_avg_sq
-                .affine(1.0 / bc2, 0.0)?
-                .sqrt()?
-                .affine(1.0, c.eps)?;
-            let update = p.exp_avg.affine(lr / bc1, 0.0)?.div(&denom)?;
-            let next = (theta - update)?.to_dtype(p.var.dtype())?;
-            p.var.set(&next)?;
+                update_composed(p, g, &c, lr)?;
+            }
         }
         Ok(())
     }
 
     /// The moments as named tensors: `exp_avg.<name>` and `exp_avg_sq.<name>`.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
-            out.insert(format!("exp_avg.{}", p.name), p.exp_avg.clone());
-            out.insert(format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone());
+            // Copies: the moments are updated in place by later steps.
+            out.insert(format!("exp_avg.{}", p.name), p.exp_avg.copy()?);
+            out.insert(format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.copy()?);
         }
-        out
+        Ok(out)
     }
 
     /// Settings and per-parameter step counters.
@@ -406,8 +397,10 @@ impl AdamW {
                         p.var.as_tensor().dims()
                     )));
                 }
+                // A fresh copy: the moments are updated in place, the caller's map is not.
                 Ok(t.to_dtype(p.exp_avg.dtype())?
-                    .to_device(p.var.as_tensor().device())?)
+                    .to_device(p.var.as_tensor().device())?
+                    .copy()?)
             };
             let m = get(format!("exp_avg.{}", p.name))?;
             let v = get(format!("exp_avg_sq.{}", p.name))?;
@@ -422,6 +415,224 @@ impl AdamW {
             p.step = step;
         }
         self.config = meta.config;
+        Ok(())
+    }
+}
+
+/// `Σ g²` of a contiguous f32 CPU tensor in f64, in one parallel pass without temporaries.
+fn sum_of_squares_f32(g: &Tensor) -> Result<f64> {
+    use rayon::prelude::*;
+    let (storage, layout) = g.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(candle_core::Error::Msg("sum of squares: not a CPU tensor".into()).into());
+    };
+    let values = f32_values(cpu, layout, "sum of squares")?;
+    Ok(values
+        .par_chunks(UPDATE_CHUNK)
+        .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+        .sum())
+}
+
+/// Whether one parameter's update can run in place: f32 on the CPU for the parameter, its
+/// moments and its gradient.
+fn in_place_f32(p: &ParamState, g: &Tensor) -> bool {
+    let t = p.var.as_tensor();
+    t.device().is_cpu()
+        && [
+            t.dtype(),
+            g.dtype(),
+            p.exp_avg.dtype(),
+            p.exp_avg_sq.dtype(),
+        ] == [DType::F32; 4]
+}
+
+/// The update with candle's tensor ops (any dtype or device): about a dozen temporaries the
+/// size of the parameter.
+fn update_composed(p: &mut ParamState, g: &Tensor, c: &AdamWConfig, lr: f64) -> Result<()> {
+    let md = p.exp_avg.dtype();
+    let g = g.to_dtype(md)?;
+    let theta = p.var.as_tensor().to_dtype(md)?;
+    let theta = if p.decay && c.weight_decay > 0.0 {
+        theta.affine(1.0 - lr * c.weight_decay, 0.0)?
+    } else {
+        theta
+    };
+    p.exp_avg = (p.exp_avg.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
+    p.exp_avg_sq = (p.exp_avg_sq.affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+    let (bc1, bc2) = bias_corrections(c, p.step);
+    let denom = p
+        .exp_avg_sq
+        .affine(1.0 / bc2, 0.0)?
+        .sqrt()?
+        .affine(1.0, c.eps)?;
+    let update = p.exp_avg.affine(lr / bc1, 0.0)?.div(&denom)?;
+    let next = (theta - update)?.to_dtype(p.var.dtype())?;
+    p.var.set(&next)?;
+    Ok(())
+}
+
+/// `1 − β₁ᵗ` and `1 − β₂ᵗ`.
+fn bias_corrections(c: &AdamWConfig, step: u64) -> (f64, f64) {
+    let t = step as i32;
+    (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t))
+}
+
+/// The same update as [`update_composed`], in place on the parameter's and the moments'
+/// storage: three passes and no temporaries. Each constant is rounded to f32 and each
+/// operation done in the order candle's ops do it (`affine` is `x·mul + add`), so the result
+/// is bit-identical (tested).
+fn update_in_place(p: &mut ParamState, g: &Tensor, c: &AdamWConfig, lr: f64) -> Result<()> {
+    let (bc1, bc2) = bias_corrections(c, p.step);
+    p.exp_avg.inplace_op2(
+        g,
+        &MomentUpdate {
+            beta: c.beta1 as f32,
+            one_minus_beta: (1.0 - c.beta1) as f32,
+            square: false,
+        },
+    )?;
+    p.exp_avg_sq.inplace_op2(
+        g,
+        &MomentUpdate {
+            beta: c.beta2 as f32,
+            one_minus_beta: (1.0 - c.beta2) as f32,
+            square: true,
+        },
+    )?;
+    let decay = (p.decay && c.weight_decay > 0.0).then_some((1.0 - lr * c.weight_decay) as f32);
+    p.var.as_tensor().inplace_op3(
+        &p.exp_avg,
+        &p.exp_avg_sq,
+        &ParamUpdate {
+            decay,
+            step_size: (lr / bc1) as f32,
+            inv_bc2: (1.0 / bc2) as f32,
+            eps: c.eps as f32,
+        },
+    )?;
+    Ok(())
+}
+
+/// A contiguous f32 slice of CPU storage, or an error naming the operation.
+fn f32_values<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let (candle_core::CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+        candle_core::bail!("{what}: needs contiguous f32 storage")
+    };
+    Ok(&v[a..b])
+}
+
+/// The mutable counterpart of [`f32_values`].
+fn f32_values_mut<'a>(
+    s: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    let (candle_core::CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+        candle_core::bail!("{what}: needs contiguous f32 storage")
+    };
+    Ok(&mut v[a..b])
+}
+
+/// Elements per rayon task of the in-place kernels.
+const UPDATE_CHUNK: usize = 1 << 15;
+
+/// `m ← m·β + g·(1 − β)`, or with `square` `v ← v·β + g²·(1 − β)`, in place.
+struct MomentUpdate {
+    beta: f32,
+    one_minus_beta: f32,
+    square: bool,
+}
+
+impl candle_core::InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "medvlm-adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let m = f32_values_mut(s1, l1, self.name())?;
+        let g = f32_values(s2, l2, self.name())?;
+        if m.len() != g.len() {
+            candle_core::bail!(
+                "{}: {} moments, {} gradients",
+                self.name(),
+                m.len(),
+                g.len()
+            )
+        }
+        let (b, k) = (self.beta, self.one_minus_beta);
+        let square = self.square;
+        m.par_chunks_mut(UPDATE_CHUNK)
+            .zip(g.par_chunks(UPDATE_CHUNK))
+            .for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    let g = if square { g * g } else { g };
+                    *m = (*m * b + 0.0) + (g * k + 0.0);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `θ ← θ·(1 − lr·wd) − (m·lr/bc₁) / (√(v/bc₂) + ε)` in place (the decay factor only for
+/// decayed parameters).
+struct ParamUpdate {
+    decay: Option<f32>,
+    step_size: f32,
+    inv_bc2: f32,
+    eps: f32,
+}
+
+impl candle_core::InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "medvlm-adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let theta = f32_values_mut(s1, l1, self.name())?;
+        let m = f32_values(s2, l2, self.name())?;
+        let v = f32_values(s3, l3, self.name())?;
+        if m.len() != theta.len() || v.len() != theta.len() {
+            candle_core::bail!("{}: parameter and moments differ in size", self.name())
+        }
+        let ParamUpdate {
+            decay,
+            step_size,
+            inv_bc2,
+            eps,
+        } = *self;
+        theta
+            .par_chunks_mut(UPDATE_CHUNK)
+            .zip(m.par_chunks(UPDATE_CHUNK).zip(v.par_chunks(UPDATE_CHUNK)))
+            .for_each(|(theta, (m, v))| {
+                for ((t, &m), &v) in theta.iter_mut().zip(m).zip(v) {
+                    let kept = match decay {
+                        Some(d) => *t * d + 0.0,
+                        None => *t,
+                    };
+                    let denom = ((v * inv_bc2 + 0.0).sqrt()) * 1.0 + eps;
+                    *t = kept - (m * step_size + 0.0) / denom;
+                }
+            });
         Ok(())
     }
 }
@@ -593,4 +804,79 @@ pub fn partition_trainable(
     trainable: &BTreeSet<String>,
 ) -> (Vec<NamedVar>, Vec<NamedVar>) {
     params.into_iter().partition(|(n, _)| trainable.contains(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn state(name: &str, decay: bool, values: &Tensor) -> ParamState {
+        let t = values.copy().unwrap();
+        ParamState {
+            name: name.into(),
+            decay,
+            step: 0,
+            exp_avg: t.zeros_like().unwrap(),
+            exp_avg_sq: t.zeros_like().unwrap(),
+            var: Var::from_tensor(&t).unwrap(),
+        }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn in_place_update_is_bit_identical_to_the_composed_ops() {
+        let dev = Device::Cpu;
+        let c = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-6,
+            weight_decay: 0.2,
+        };
+        // More elements than one rayon task, with exact zeros among the gradients.
+        let theta = Tensor::randn(0f32, 1.0, 3 * UPDATE_CHUNK + 7, &dev).unwrap();
+        for decay in [true, false] {
+            let (mut a, mut b) = (state("w", decay, &theta), state("w", decay, &theta));
+            for step in 1..=4 {
+                let g = Tensor::randn(0f32, 0.1, theta.shape(), &dev).unwrap();
+                let g = g.broadcast_mul(&g.gt(0.02).unwrap().to_dtype(DType::F32).unwrap());
+                let g = g.unwrap();
+                let lr = 1e-3 * step as f64;
+                a.step += 1;
+                b.step += 1;
+                update_composed(&mut a, &g, &c, lr).unwrap();
+                update_in_place(&mut b, &g, &c, lr).unwrap();
+                for (x, y, what) in [
+                    (a.var.as_tensor(), b.var.as_tensor(), "parameter"),
+                    (&a.exp_avg, &b.exp_avg, "first moment"),
+                    (&a.exp_avg_sq, &b.exp_avg_sq, "second moment"),
+                ] {
+                    assert_eq!(bits(x), bits(y), "{what}, step {step}, decay {decay}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn saved_moments_are_not_changed_by_later_in_place_steps() {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::ones(5, DType::F32, &dev).unwrap()).unwrap();
+        let mut opt = AdamW::new(
+            vec![("w".into(), w)],
+            AdamWConfig::default(),
+            &WeightDecayRule::default(),
+        )
+        .unwrap();
+        let g = Gradients([("w".to_string(), Tensor::full(0.5f32, 5, &dev).unwrap())].into());
+        opt.step(&g, 0.1).unwrap();
+        let saved = opt.state_tensors().unwrap();
+        let before = bits(&saved["exp_avg.w"]);
+        opt.step(&g, 0.1).unwrap();
+        assert_eq!(bits(&saved["exp_avg.w"]), before);
+        assert_ne!(bits(&opt.state_tensors().unwrap()["exp_avg.w"]), before);
+    }
 }

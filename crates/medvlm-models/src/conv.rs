@@ -12,7 +12,9 @@
 //!   whole batch (tens of MB for 64 images) is never allocated;
 //! - a 1×1 convolution is a plain matrix product on `[B·H·W, C]`;
 //! - training-mode batch norm is one fused kernel (per-channel statistics, normalisation and
-//!   the closed-form backward), average pooling another.
+//!   the closed-form backward), with the ReLU that follows it fused in where the network has
+//!   one; the statistics are computed once per forward and shared with the backward and the
+//!   running-statistics update; average pooling is another kernel.
 //!
 //! Weights keep PyTorch's `[O, C, kh, kw]` layout on disk.
 //!
@@ -382,26 +384,39 @@ impl CustomOp1 for AvgPool {
     }
 }
 
-/// Per-channel mean and biased variance of `x` `[N, C]` (rows in parallel, f64 sums).
+/// Rows per rayon task of the batch-norm kernels: about 16k values per task.
+fn bn_rows_per_task(c: usize) -> usize {
+    ((1 << 14) / c.max(1)).max(1)
+}
+
+/// Adds `b` into `a` elementwise (the reduction step of the per-task channel sums).
+fn add_into(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+    a
+}
+
+/// Per-channel mean and biased variance of `x` `[N, C]` (rows in parallel). Sums of values and
+/// of squares are f64, so `E[x²] − E[x]²` does not cancel catastrophically; the loops run over
+/// zipped slices so that they vectorise.
 fn channel_moments(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
     let n = x.len() / c.max(1);
-    let rows_per_task = (1 << 14) / c.max(1) + 1;
     let sums = x
-        .par_chunks(rows_per_task * c)
+        .par_chunks(bn_rows_per_task(c) * c)
         .map(|chunk| {
             let mut acc = vec![0f64; 2 * c];
-            for row in chunk.chunks(c) {
-                for (j, &v) in row.iter().enumerate() {
-                    acc[j] += v as f64;
-                    acc[c + j] += (v as f64) * (v as f64);
+            let (sum, sq) = acc.split_at_mut(c);
+            for row in chunk.chunks_exact(c) {
+                for ((s, q), &v) in sum.iter_mut().zip(sq.iter_mut()).zip(row) {
+                    let v = f64::from(v);
+                    *s += v;
+                    *q += v * v;
                 }
             }
             acc
         })
-        .reduce(
-            || vec![0f64; 2 * c],
-            |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect(),
-        );
+        .reduce(|| vec![0f64; 2 * c], add_into);
     let mean: Vec<f64> = sums[..c].iter().map(|s| s / n as f64).collect();
     let var = sums[c..]
         .iter()
@@ -411,11 +426,35 @@ fn channel_moments(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
     (mean.into_iter().map(|m| m as f32).collect(), var)
 }
 
-/// Training-mode batch norm of `x` `[N, C]` by its own column statistics, one pass forward
-/// and two backward: `xhat = (x − μ) / √(σ² + ε)`, `y = xhat·w + b`;
-/// `dx = w/√(σ² + ε) · (dy − mean(dy) − xhat·mean(dy·xhat))`, `dw = Σ dy·xhat`, `db = Σ dy`.
+/// The batch statistics of one training-mode forward, computed once by the forward kernel and
+/// shared with its backward and with the running-statistics update (each used to recompute
+/// them: three passes over the activation instead of one).
+#[derive(Debug)]
+struct BnStats {
+    /// Batch mean per channel.
+    mean: Vec<f32>,
+    /// Biased batch variance per channel.
+    var: Vec<f32>,
+    /// `1 / √(var + ε)`.
+    rstd: Vec<f32>,
+    /// `w · rstd`: `y = x·scale + shift`.
+    scale: Vec<f32>,
+    /// `b − mean · scale`.
+    shift: Vec<f32>,
+}
+
+type SharedStats = std::sync::Arc<std::sync::OnceLock<BnStats>>;
+
+/// Training-mode batch norm of `x` `[N, C]` by its own column statistics, optionally followed by
+/// a ReLU (`relu`), in one pass forward and two backward: `xhat = (x − μ) / √(σ² + ε)`,
+/// `z = xhat·w + b`, `y = z` or `max(z, 0)`; with `g = dy` (or `dy·[z > 0]`):
+/// `dx = w/√(σ² + ε) · (g − mean(g) − xhat·mean(g·xhat))`, `dw = Σ g·xhat`, `db = Σ g`.
+/// Fusing the ReLU removes a node from the autograd graph, and with it a zero-filled
+/// gradient buffer and an addition the size of the activation in every backward.
 struct BatchNormTrain {
     eps: f32,
+    relu: bool,
+    stats: SharedStats,
 }
 
 fn bn_inputs<'a>(
@@ -451,19 +490,34 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         let (x, w, c) = bn_inputs(s1, l1, s2, l2, "batch norm")?;
         let b = crate::fused::f32_slice(s3, l3, "batch norm (bias)")?;
         let (mean, var) = channel_moments(x, c);
-        let (scale, shift): (Vec<f32>, Vec<f32>) = (0..c)
-            .map(|j| {
-                let s = w[j] / (var[j] + self.eps).sqrt();
-                (s, b[j] - mean[j] * s)
-            })
-            .unzip();
+        let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let scale: Vec<f32> = w.iter().zip(&rstd).map(|(w, r)| w * r).collect();
+        let shift: Vec<f32> = (0..c).map(|j| b[j] - mean[j] * scale[j]).collect();
+        let relu = self.relu;
         // Every element is written: no zero-fill of the output first.
-        let y = crate::fastmath::par_fill(x.len(), c * 1024, |i, out| {
+        let y = crate::fastmath::par_fill(x.len(), bn_rows_per_task(c) * c, |i, out| {
             for (yr, xr) in out.chunks_mut(c).zip(x[i..].chunks(c)) {
-                for j in 0..c {
-                    yr[j].write(xr[j] * scale[j] + shift[j]);
+                let row = yr.iter_mut().zip(xr).zip(&scale).zip(&shift);
+                if relu {
+                    for (((y, &x), &s), &t) in row {
+                        y.write((x * s + t).max(0.0));
+                    }
+                } else {
+                    for (((y, &x), &s), &t) in row {
+                        y.write(x * s + t);
+                    }
                 }
             }
+        });
+        // A CustomOp can be run more than once only by calling it again on new inputs, which
+        // `BatchNorm` never does; a second result would describe another batch, so keep the
+        // first.
+        let _ = self.stats.set(BnStats {
+            mean,
+            var,
+            rstd,
+            scale,
+            shift,
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -480,7 +534,10 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         let all = x.apply_op3_no_bwd(
             weight,
             &grad_res.contiguous()?,
-            &BatchNormTrainGrad { eps: self.eps },
+            &BatchNormTrainGrad {
+                relu: self.relu,
+                stats: self.stats.clone(),
+            },
         )?;
         Ok((
             Some(all.narrow(0, 0, n)?),
@@ -490,9 +547,11 @@ impl candle_core::CustomOp3 for BatchNormTrain {
     }
 }
 
-/// Backward of [`BatchNormTrain`] from `(x, weight, dy)`: `[N + 2, C]` holding `dx`, `dw`, `db`.
+/// Backward of [`BatchNormTrain`] from `(x, weight, dy)` and the forward's statistics:
+/// `[N + 2, C]` holding `dx`, `dw`, `db`.
 struct BatchNormTrainGrad {
-    eps: f32,
+    relu: bool,
+    stats: SharedStats,
 }
 
 impl candle_core::CustomOp3 for BatchNormTrainGrad {
@@ -518,66 +577,109 @@ impl candle_core::CustomOp3 for BatchNormTrainGrad {
                 x.len()
             )
         }
+        let Some(st) = self.stats.get() else {
+            candle_core::bail!("batch norm grad: the forward kernel left no statistics")
+        };
         let n = x.len() / c;
-        let (mean, var) = channel_moments(x, c);
-        let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        // Pass 1: Σ dy and Σ dy·xhat per channel.
+        let rows = bn_rows_per_task(c) * c;
+        // Pass 1: Σ g and Σ g·xhat per channel.
         let sums = x
-            .par_chunks(c * 1024)
-            .zip(dy.par_chunks(c * 1024))
+            .par_chunks(rows)
+            .zip(dy.par_chunks(rows))
             .map(|(xb, gb)| {
                 let mut acc = vec![0f64; 2 * c];
-                for (xr, gr) in xb.chunks(c).zip(gb.chunks(c)) {
-                    for j in 0..c {
-                        let xhat = (xr[j] - mean[j]) * rstd[j];
-                        acc[j] += gr[j] as f64;
-                        acc[c + j] += (gr[j] * xhat) as f64;
+                let (sg, sgx) = acc.split_at_mut(c);
+                for (xr, gr) in xb.chunks_exact(c).zip(gb.chunks_exact(c)) {
+                    if self.relu {
+                        bn_grad_row_sums::<true>(xr, gr, st, sg, sgx);
+                    } else {
+                        bn_grad_row_sums::<false>(xr, gr, st, sg, sgx);
                     }
                 }
                 acc
             })
-            .reduce(
-                || vec![0f64; 2 * c],
-                |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect(),
-            );
-        let mean_dy: Vec<f32> = sums[..c].iter().map(|s| (s / n as f64) as f32).collect();
-        let mean_dyx: Vec<f32> = sums[c..].iter().map(|s| (s / n as f64) as f32).collect();
-        let mut out = vec![0f32; (n + 2) * c];
-        let (dx, params) = out.split_at_mut(n * c);
-        // Pass 2: dx.
-        dx.par_chunks_mut(c * 1024)
-            .zip(x.par_chunks(c * 1024).zip(dy.par_chunks(c * 1024)))
-            .for_each(|(db, (xb, gb))| {
-                for ((dr, xr), gr) in db.chunks_mut(c).zip(xb.chunks(c)).zip(gb.chunks(c)) {
-                    for j in 0..c {
-                        let xhat = (xr[j] - mean[j]) * rstd[j];
-                        dr[j] = w[j] * rstd[j] * (gr[j] - mean_dy[j] - xhat * mean_dyx[j]);
-                    }
+            .reduce(|| vec![0f64; 2 * c], add_into);
+        let mean_g: Vec<f32> = sums[..c].iter().map(|s| (s / n as f64) as f32).collect();
+        let mean_gx: Vec<f32> = sums[c..].iter().map(|s| (s / n as f64) as f32).collect();
+        let coef: Vec<f32> = w.iter().zip(&st.rstd).map(|(w, r)| w * r).collect();
+        let means = (mean_g.as_slice(), mean_gx.as_slice(), coef.as_slice());
+        // Pass 2: dx, written without zero-filling first; then the two parameter rows.
+        let mut out = crate::fastmath::par_fill(n * c, rows, |i, out| {
+            for ((dr, xr), gr) in out
+                .chunks_mut(c)
+                .zip(x[i..].chunks(c))
+                .zip(dy[i..].chunks(c))
+            {
+                if self.relu {
+                    bn_grad_row_dx::<true>(xr, gr, st, means, dr);
+                } else {
+                    bn_grad_row_dx::<false>(xr, gr, st, means, dr);
                 }
-            });
-        for j in 0..c {
-            params[j] = sums[c + j] as f32;
-            params[c + j] = sums[j] as f32;
-        }
+            }
+        });
+        out.extend(sums[c..].iter().map(|&s| s as f32));
+        out.extend(sums[..c].iter().map(|&s| s as f32));
         Ok((CpuStorage::F32(out), Shape::from((n + 2, c))))
     }
 }
 
-/// Per-channel batch mean and biased variance of `x` `[N, C]`, as a `[2, C]` tensor (no
-/// gradient; for the running statistics).
-struct ChannelMoments;
-
-impl CustomOp1 for ChannelMoments {
-    fn name(&self) -> &'static str {
-        "medvlm-channel-moments"
+/// The gradient reaching the normalisation: `dy`, or with the fused ReLU `dy` where the
+/// forward's `z = x·scale + shift` was positive (recomputed with the forward's expression, so
+/// the mask is the forward's).
+#[inline(always)]
+fn bn_gate<const RELU: bool>(x: f32, dy: f32, scale: f32, shift: f32) -> f32 {
+    if RELU && x * scale + shift <= 0.0 {
+        0.0
+    } else {
+        dy
     }
+}
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = crate::fused::f32_slice(s, l, "channel moments")?;
-        let (_, c) = l.shape().dims2()?;
-        let (mut mean, var) = channel_moments(x, c);
-        mean.extend(var);
-        Ok((CpuStorage::F32(mean), Shape::from((2, c))))
+/// Adds one row's `g` and `g·xhat` to the channel sums (pass 1 of the batch-norm backward).
+#[inline(always)]
+fn bn_grad_row_sums<const RELU: bool>(
+    x: &[f32],
+    dy: &[f32],
+    st: &BnStats,
+    sum_g: &mut [f64],
+    sum_gx: &mut [f64],
+) {
+    let affine = st.scale.iter().zip(&st.shift);
+    let norm = st.mean.iter().zip(&st.rstd);
+    let acc = sum_g.iter_mut().zip(sum_gx.iter_mut());
+    for ((((&x, &dy), (&s, &t)), (&m, &r)), (a, b)) in
+        x.iter().zip(dy).zip(affine).zip(norm).zip(acc)
+    {
+        let g = bn_gate::<RELU>(x, dy, s, t);
+        *a += f64::from(g);
+        *b += f64::from(g * ((x - m) * r));
+    }
+}
+
+/// One row of `dx = coef · (g − mean(g) − xhat·mean(g·xhat))` (pass 2 of the backward);
+/// `means` is `(mean(g), mean(g·xhat), coef)` per channel.
+#[inline(always)]
+fn bn_grad_row_dx<const RELU: bool>(
+    x: &[f32],
+    dy: &[f32],
+    st: &BnStats,
+    means: (&[f32], &[f32], &[f32]),
+    dx: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let (mean_g, mean_gx, coef) = means;
+    let affine = st.scale.iter().zip(&st.shift);
+    let norm = st.mean.iter().zip(&st.rstd);
+    let per_channel = mean_g.iter().zip(mean_gx).zip(coef);
+    for (((((d, &x), &dy), (&s, &t)), (&m, &r)), ((&mg, &mgx), &k)) in dx
+        .iter_mut()
+        .zip(x)
+        .zip(dy)
+        .zip(affine)
+        .zip(norm)
+        .zip(per_channel)
+    {
+        let g = bn_gate::<RELU>(x, dy, s, t);
+        d.write(k * (g - mg - (x - m) * r * mgx));
     }
 }
 
@@ -616,6 +718,15 @@ impl BatchNorm {
     /// (a frozen model's are left as they are); otherwise by the running statistics, which
     /// then take no gradient.
     pub fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+        self.forward_with(x, training, false)
+    }
+
+    /// [`Self::forward`] followed by a ReLU, fused into one kernel in training mode on CPU.
+    pub fn forward_relu(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+        self.forward_with(x, training, true)
+    }
+
+    fn forward_with(&self, x: &Tensor, training: bool, relu: bool) -> Result<Tensor> {
         let c = x.dim(D::Minus1)?;
         if !training {
             let inv_std = (self.running_var.detach().to_dtype(x.dtype())? + self.eps)?
@@ -624,7 +735,8 @@ impl BatchNorm {
             let scale = (self.weight.to_dtype(x.dtype())? * inv_std)?;
             let shift = (self.bias.to_dtype(x.dtype())?
                 - (self.running_mean.detach().to_dtype(x.dtype())? * &scale)?)?;
-            return x.broadcast_mul(&scale)?.broadcast_add(&shift);
+            let y = x.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+            return if relu { crate::fused::relu(&y) } else { Ok(y) };
         }
         let n = x.elem_count() / c.max(1);
         if n < 2 {
@@ -634,15 +746,25 @@ impl BatchNorm {
         let fused = x.device().is_cpu()
             && [x.dtype(), self.weight.dtype(), self.bias.dtype()] == [DType::F32; 3];
         let (y, mean, var) = if fused {
+            let stats = SharedStats::default();
             let y = x2.apply_op3(
                 &self.weight.contiguous()?,
                 &self.bias.contiguous()?,
                 BatchNormTrain {
                     eps: self.eps as f32,
+                    relu,
+                    stats: stats.clone(),
                 },
             )?;
-            let moments = x2.detach().apply_op1_no_bwd(&ChannelMoments)?;
-            (y, moments.get(0)?, moments.get(1)?)
+            let Some(st) = stats.get() else {
+                candle_core::bail!("batch norm: the forward kernel left no statistics")
+            };
+            let dev = x.device();
+            (
+                y,
+                Tensor::new(st.mean.as_slice(), dev)?,
+                Tensor::new(st.var.as_slice(), dev)?,
+            )
         } else {
             let mean = x2.mean(0)?;
             let centred = x2.broadcast_sub(&mean)?;
@@ -651,6 +773,7 @@ impl BatchNorm {
                 .broadcast_div(&(&var + self.eps)?.sqrt()?)?
                 .broadcast_mul(&self.weight)?
                 .broadcast_add(&self.bias)?;
+            let y = if relu { crate::fused::relu(&y)? } else { y };
             (y, mean, var)
         };
         if self.running_mean.is_variable() && self.running_var.is_variable() {
@@ -790,6 +913,59 @@ mod tests {
                 gt.get(v.as_tensor()).unwrap(),
             )?;
             assert!(d < 1e-4, "gradient of {name} differs by {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_batch_norm_relu_matches_batch_norm_then_relu_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        // Shifted inputs so that the ReLU cuts a good share of each channel, and more rows than
+        // one rayon task of the kernels.
+        let x = Var::randn(0.3f32, 1.5, (4, 16, 17, 7), &dev)?;
+        let w = Var::randn(1f32, 0.5, 7, &dev)?;
+        let b = Var::randn(0f32, 0.5, 7, &dev)?;
+        let probe = Tensor::randn(0f32, 1.0, x.shape(), &dev)?;
+        let varmap = candle_nn::VarMap::new();
+        let bn_of = |prefix: &str| -> Result<BatchNorm> {
+            let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let mut bn = BatchNorm::load(vb.pp(prefix), 7)?;
+            bn.weight = w.as_tensor().clone();
+            bn.bias = b.as_tensor().clone();
+            Ok(bn)
+        };
+        let (fused_bn, plain_bn) = (bn_of("fused")?, bn_of("plain")?);
+        let fused = fused_bn.forward_relu(&x, true)?;
+        let plain = crate::fused::relu(&plain_bn.forward(&x, true)?)?;
+        let zeros = fused
+            .le(0f32)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        assert!(
+            zeros > 0.2 * x.elem_count() as f32,
+            "the ReLU cut only {zeros} values"
+        );
+        assert!(max_abs_diff(&fused, &plain)? < 1e-6);
+        let go = (fused * &probe)?.sum_all()?.backward()?;
+        let gp = (plain * &probe)?.sum_all()?.backward()?;
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+            let d = max_abs_diff(
+                go.get(v.as_tensor()).unwrap(),
+                gp.get(v.as_tensor()).unwrap(),
+            )?;
+            assert!(d < 1e-4, "gradient of {name} differs by {d}");
+        }
+        // Both updated their running statistics from the same batch statistics.
+        for (a, b) in [
+            (&fused_bn.running_mean, &plain_bn.running_mean),
+            (&fused_bn.running_var, &plain_bn.running_var),
+        ] {
+            assert!(max_abs_diff(a, b)? < 1e-6);
+            assert!(
+                max_abs_diff(a, &a.ones_like()?)? > 1e-3,
+                "statistics not updated"
+            );
         }
         Ok(())
     }

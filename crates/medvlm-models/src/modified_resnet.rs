@@ -120,6 +120,17 @@ impl ConvBn {
         self.bn
             .forward(&conv2d(x, &self.weight, stride, self.padding)?, training)
     }
+
+    /// `relu(bn(conv(x)))`, the batch norm and ReLU fused.
+    fn forward_relu(
+        &self,
+        x: &Tensor,
+        stride: usize,
+        training: bool,
+    ) -> candle_core::Result<Tensor> {
+        self.bn
+            .forward_relu(&conv2d(x, &self.weight, stride, self.padding)?, training)
+    }
 }
 
 /// One bottleneck block (`layerN.i`).
@@ -160,8 +171,8 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor, training: bool) -> candle_core::Result<Tensor> {
-        let h = relu(&self.conv1.forward(x, 1, training)?)?;
-        let h = relu(&self.conv2.forward(&h, 1, training)?)?;
+        let h = self.conv1.forward_relu(x, 1, training)?;
+        let h = self.conv2.forward_relu(&h, 1, training)?;
         let h = avg_pool2d(&h, self.stride)?;
         let h = self.conv3.forward(&h, 1, training)?;
         let identity = match &self.downsample {
@@ -309,7 +320,7 @@ impl ModifiedResNet {
         let training = self.is_training();
         let mut h = x.clone();
         for (i, layer) in self.stem.iter().enumerate() {
-            h = relu(&layer.forward(&h, if i == 0 { 2 } else { 1 }, training)?)?;
+            h = layer.forward_relu(&h, if i == 0 { 2 } else { 1 }, training)?;
         }
         avg_pool2d(&h, 2)
     }
