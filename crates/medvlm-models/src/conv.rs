@@ -182,6 +182,26 @@ fn im2col_image(img: &[f32], cols: &mut [f32], window: Window, (h, w, c): (usize
     });
 }
 
+/// The columns of `images` consecutive images of `x` stacked: `[images·Ho·Wo, kh·kw·C]`, so
+/// that one gemm serves them all (a late stage's 4×4 feature map alone would give gemm only
+/// 16 rows, a quarter of its AVX-512 micro-kernel's 64).
+fn im2col_images(
+    x: &[f32],
+    images: usize,
+    window: Window,
+    (h, w, c): (usize, usize, usize),
+    cols_per_image: usize,
+) -> Vec<f32> {
+    let mut cols = vec![0f32; images * cols_per_image];
+    for (ci, img) in cols
+        .chunks_mut(cols_per_image.max(1))
+        .zip(x.chunks((h * w * c).max(1)))
+    {
+        im2col_image(img, ci, window, (h, w, c));
+    }
+    cols
+}
+
 /// A strided / padded convolution image by image: `im2col` into a per-task buffer and one
 /// gemm per image, so the `[B·Ho·Wo, kh·kw·C]` column matrix of the whole batch (tens of MB
 /// for a 64-image batch) is never allocated. Inputs: `x` `[B, H, W, C]`, `w2` `[O, kh·kw·C]`;
@@ -218,11 +238,9 @@ impl candle_core::CustomOp2 for Conv2dIm2col {
         y.par_chunks_mut((IMAGES_PER_TASK * rows * o).max(1))
             .zip(x.par_chunks((IMAGES_PER_TASK * img_len).max(1)))
             .for_each(|(yb, xb)| {
-                let mut cols = vec![0f32; rows * k];
-                for (yi, img) in yb.chunks_mut(rows * o).zip(xb.chunks(img_len)) {
-                    im2col_image(img, &mut cols, self.window, (h, w, c));
-                    sgemm((rows, o, k), yi, false, &cols, (k, 1), w2, (1, k));
-                }
+                let images = xb.len() / img_len.max(1);
+                let cols = im2col_images(xb, images, self.window, (h, w, c), rows * k);
+                sgemm((images * rows, o, k), yb, false, &cols, (k, 1), w2, (1, k));
             });
         Ok((CpuStorage::F32(y), Shape::from((b, rows, o))))
     }
@@ -234,18 +252,25 @@ impl candle_core::CustomOp2 for Conv2dIm2col {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // The pixels entering the first convolution need no gradient: skip dx there (candle
+        // would otherwise also zero-fill and add a gradient buffer the size of the input).
+        let need_dx = x.track_op();
         let both = x.apply_op3_no_bwd(
             w2,
             &grad_res.contiguous()?,
             &Conv2dIm2colGrad {
                 window: self.window,
+                need_dx,
             },
         )?;
-        let nx = x.elem_count();
-        Ok((
-            Some(both.narrow(0, 0, nx)?.reshape(x.shape())?),
-            Some(both.narrow(0, nx, w2.elem_count())?.reshape(w2.shape())?),
-        ))
+        let nx = if need_dx { x.elem_count() } else { 0 };
+        let dw = both.narrow(0, nx, w2.elem_count())?.reshape(w2.shape())?;
+        let dx = if need_dx {
+            Some(both.narrow(0, 0, nx)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, Some(dw)))
     }
 }
 
@@ -254,6 +279,8 @@ impl candle_core::CustomOp2 for Conv2dIm2col {
 /// recomputed, partial sums per task).
 struct Conv2dIm2colGrad {
     window: Window,
+    /// Whether to compute `dx` (false: the output holds `dw2` only).
+    need_dx: bool,
 }
 
 impl candle_core::CustomOp3 for Conv2dIm2colGrad {
@@ -281,39 +308,64 @@ impl candle_core::CustomOp3 for Conv2dIm2colGrad {
             candle_core::bail!("conv2d grad: {} gradients for [{b}, {rows}, {o}]", dy.len())
         }
         let taps = self.window.kernel.0 * self.window.kernel.1;
-        let mut dx = vec![0f32; x.len()];
-        let dw = dx
-            .par_chunks_mut((IMAGES_PER_TASK * img_len).max(1))
-            .zip(x.par_chunks((IMAGES_PER_TASK * img_len).max(1)))
-            .zip(dy.par_chunks((IMAGES_PER_TASK * rows * o).max(1)))
-            .map(|((dxb, xb), gb)| {
-                let mut cols = vec![0f32; rows * k];
-                let mut dcols = vec![0f32; rows * k];
-                let mut dw = vec![0f32; o * k];
-                for ((dxi, img), gi) in dxb
-                    .chunks_mut(img_len)
-                    .zip(xb.chunks(img_len))
-                    .zip(gb.chunks(rows * o))
-                {
-                    im2col_image(img, &mut cols, self.window, (h, w, c));
-                    sgemm((o, k, rows), &mut dw, true, gi, (1, o), &cols, (k, 1));
-                    sgemm((rows, k, o), &mut dcols, false, gi, (o, 1), w2, (k, 1));
+        // Without `need_dx` (the input is a leaf without gradient, such as the pixels) dx is
+        // left empty and not computed.
+        let mut dx = vec![0f32; if self.need_dx { x.len() } else { 0 }];
+        let task_len = (IMAGES_PER_TASK * img_len).max(1);
+        let dy_len = (IMAGES_PER_TASK * rows * o).max(1);
+        // One task: `dw` of its images, and their `dx` when asked. As in the forward, one
+        // gemm per task for all its images.
+        let task = |dxb: Option<&mut [f32]>, xb: &[f32], gb: &[f32]| -> Vec<f32> {
+            let images = xb.len() / img_len.max(1);
+            let cols = im2col_images(xb, images, self.window, (h, w, c), rows * k);
+            let mut dw = vec![0f32; o * k];
+            sgemm(
+                (o, k, images * rows),
+                &mut dw,
+                true,
+                gb,
+                (1, o),
+                &cols,
+                (k, 1),
+            );
+            if let Some(dxb) = dxb {
+                let mut dcols = cols;
+                sgemm(
+                    (images * rows, k, o),
+                    &mut dcols,
+                    false,
+                    gb,
+                    (o, 1),
+                    w2,
+                    (k, 1),
+                );
+                for (dxi, dci) in dxb.chunks_mut(img_len).zip(dcols.chunks(rows * k)) {
                     for_each_tap(self.window, (h, w), (ho, wo), |row, tap, iy, ix| {
                         let src = (row * taps + tap) * c;
                         let dst = (iy * w + ix) * c;
-                        for (d, v) in dxi[dst..dst + c].iter_mut().zip(&dcols[src..src + c]) {
+                        for (d, v) in dxi[dst..dst + c].iter_mut().zip(&dci[src..src + c]) {
                             *d += v;
                         }
                     });
                 }
-                dw
-            })
-            .reduce(
-                || vec![0f32; o * k],
-                |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect(),
-            );
+            }
+            dw
+        };
+        let sum = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        let tasks = x.par_chunks(task_len).zip(dy.par_chunks(dy_len));
+        let dw: Vec<f32> = if self.need_dx {
+            dx.par_chunks_mut(task_len)
+                .zip(tasks)
+                .map(|(dxb, (xb, gb))| task(Some(dxb), xb, gb))
+                .reduce(|| vec![0f32; o * k], sum)
+        } else {
+            tasks
+                .map(|(xb, gb)| task(None, xb, gb))
+                .reduce(|| vec![0f32; o * k], sum)
+        };
+        let len = dx.len() + dw.len();
         dx.extend(dw);
-        Ok((CpuStorage::F32(dx), Shape::from(x.len() + o * k)))
+        Ok((CpuStorage::F32(dx), Shape::from(len)))
     }
 }
 
@@ -838,6 +890,36 @@ mod tests {
             let d = max_abs_diff(a, b)?;
             assert!(d < 1e-4, "gradient differs by {d}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn conv2d_batches_of_several_tasks_and_inputs_without_gradient() -> Result<()> {
+        // 6 images: one task of IMAGES_PER_TASK stacked into one gemm and a shorter one.
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (6, 5, 5, 3), &dev)?;
+        let w = Var::randn(0f32, 1.0, (4, 3, 3, 3), &dev)?;
+        let probe = Tensor::randn(0f32, 1.0, (6, 5, 5, 4), &dev)?;
+        let ours = conv2d(&x, &w, 1, 1)?;
+        let theirs = nchw_conv(&x, &w, 1, 1)?;
+        assert!(max_abs_diff(&ours, &theirs)? < 1e-4);
+        let go = (ours * &probe)?.sum_all()?.backward()?;
+        let gt = (theirs * &probe)?.sum_all()?.backward()?;
+        for v in [x.as_tensor(), w.as_tensor()] {
+            let d = max_abs_diff(go.get(v).unwrap(), gt.get(v).unwrap())?;
+            assert!(d < 1e-4, "gradient differs by {d}");
+        }
+        // A plain tensor input (the pixels): the kernel gradient alone, still right.
+        let pixels = x.as_tensor().detach();
+        let g = (conv2d(&pixels, &w, 1, 1)? * &probe)?
+            .sum_all()?
+            .backward()?;
+        assert!(g.get(&pixels).is_none());
+        let d = max_abs_diff(
+            g.get(w.as_tensor()).unwrap(),
+            gt.get(w.as_tensor()).unwrap(),
+        )?;
+        assert!(d < 1e-4, "kernel gradient without dx differs by {d}");
         Ok(())
     }
 
