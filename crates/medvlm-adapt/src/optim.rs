@@ -434,16 +434,21 @@ fn sum_of_squares_f32(g: &Tensor) -> Result<f64> {
 }
 
 /// Whether one parameter's update can run in place: f32 on the CPU for the parameter, its
-/// moments and its gradient.
+/// moments and its gradient, and parameter and moments contiguous (the kernels write them as
+/// flat slices).
 fn in_place_f32(p: &ParamState, g: &Tensor) -> bool {
     let t = p.var.as_tensor();
+    let dtypes = [
+        t.dtype(),
+        g.dtype(),
+        p.exp_avg.dtype(),
+        p.exp_avg_sq.dtype(),
+    ];
     t.device().is_cpu()
-        && [
-            t.dtype(),
-            g.dtype(),
-            p.exp_avg.dtype(),
-            p.exp_avg_sq.dtype(),
-        ] == [DType::F32; 4]
+        && dtypes == [DType::F32; 4]
+        && [t, &p.exp_avg, &p.exp_avg_sq]
+            .iter()
+            .all(|x| x.is_contiguous())
 }
 
 /// The update with candle's tensor ops (any dtype or device): about a dozen temporaries the
