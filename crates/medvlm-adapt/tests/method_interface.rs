@@ -70,6 +70,13 @@ fn hyperparameter_overrides_are_checked() {
         .unwrap()
         .to_string();
     assert!(err.contains("taskres"), "{err}");
+    // The optimiser is spelled as serialised ("adam-w") or as users write it ("adamw").
+    for kind in ["adam-w", "adamw"] {
+        let opt = serde_json::json!({ "kind": kind, "lr": 0.01, "weight_decay": 0.0 });
+        let m = method_by_name("taskres", Some(&serde_json::json!({ "optimizer": opt }))).unwrap();
+        assert_eq!(m.hyperparameters()["optimizer"]["lr"], 0.01, "{kind}");
+        assert_eq!(m.hyperparameters()["optimizer"]["kind"], "adam-w", "{kind}");
+    }
 }
 
 #[test]

@@ -215,7 +215,9 @@ pub(crate) fn rng_for(seed: u64) -> ChaCha8Rng {
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Optimizer {
-    /// AdamW (Loshchilov & Hutter) with the given decoupled weight decay.
+    /// AdamW (Loshchilov & Hutter) with the given decoupled weight decay (`"adam-w"`, also
+    /// read as `"adamw"`).
+    #[serde(alias = "adamw")]
     AdamW {
         /// Learning rate.
         lr: f64,
