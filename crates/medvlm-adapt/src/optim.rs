@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
+use medvlm_models::fused::{f32_slice, f32_slice_mut};
 use serde::{Deserialize, Serialize};
 
 /// Why an optimiser operation failed.
@@ -426,7 +427,7 @@ fn sum_of_squares_f32(g: &Tensor) -> Result<f64> {
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         return Err(candle_core::Error::Msg("sum of squares: not a CPU tensor".into()).into());
     };
-    let values = f32_values(cpu, layout, "sum of squares")?;
+    let values = f32_slice(cpu, layout, "sum of squares")?;
     Ok(values
         .par_chunks(UPDATE_CHUNK)
         .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
@@ -518,30 +519,6 @@ fn update_in_place(p: &mut ParamState, g: &Tensor, c: &AdamWConfig, lr: f64) -> 
     Ok(())
 }
 
-/// A contiguous f32 slice of CPU storage, or an error naming the operation.
-fn f32_values<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let (candle_core::CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
-        candle_core::bail!("{what}: needs contiguous f32 storage")
-    };
-    Ok(&v[a..b])
-}
-
-/// The mutable counterpart of [`f32_values`].
-fn f32_values_mut<'a>(
-    s: &'a mut candle_core::CpuStorage,
-    l: &candle_core::Layout,
-    what: &str,
-) -> candle_core::Result<&'a mut [f32]> {
-    let (candle_core::CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
-        candle_core::bail!("{what}: needs contiguous f32 storage")
-    };
-    Ok(&mut v[a..b])
-}
-
 /// Elements per rayon task of the in-place kernels.
 const UPDATE_CHUNK: usize = 1 << 15;
 
@@ -565,8 +542,8 @@ impl candle_core::InplaceOp2 for MomentUpdate {
         l2: &candle_core::Layout,
     ) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        let m = f32_values_mut(s1, l1, self.name())?;
-        let g = f32_values(s2, l2, self.name())?;
+        let m = f32_slice_mut(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
         if m.len() != g.len() {
             candle_core::bail!(
                 "{}: {} moments, {} gradients",
@@ -613,9 +590,9 @@ impl candle_core::InplaceOp3 for ParamUpdate {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        let theta = f32_values_mut(s1, l1, self.name())?;
-        let m = f32_values(s2, l2, self.name())?;
-        let v = f32_values(s3, l3, self.name())?;
+        let theta = f32_slice_mut(s1, l1, self.name())?;
+        let m = f32_slice(s2, l2, self.name())?;
+        let v = f32_slice(s3, l3, self.name())?;
         if m.len() != theta.len() || v.len() != theta.len() {
             candle_core::bail!("{}: parameter and moments differ in size", self.name())
         }

@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use rand::seq::SliceRandom;
@@ -478,11 +479,16 @@ where
             });
             let mut acc = GradAccumulator::new();
             let mut loss_sum = 0.0;
+            // Wall time per phase of the current update, for the debug log (`medvlm -vv`);
+            // kept out of the JSONL log, which must be identical across a resumed run.
+            let (mut forward, mut backward) = (Duration::ZERO, Duration::ZERO);
             for _ in first..last {
                 let batch = rx
                     .recv()
                     .map_err(|_| TrainError::Data("the loader thread stopped".into()))??;
+                let started = Instant::now();
                 let loss = model.loss(&batch)?;
+                forward += started.elapsed();
                 let lv = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 if !lv.is_finite() {
                     return Err(TrainError::NonFinite {
@@ -491,10 +497,13 @@ where
                     });
                 }
                 loss_sum += lv;
+                let started = Instant::now();
                 let grads = loss.backward()?;
                 acc.add(&grads, &params)?;
+                backward += started.elapsed();
                 state.batch_in_epoch += 1;
                 if acc.micro_batches() == accum {
+                    let started = Instant::now();
                     let mut g = acc.finish()?;
                     let grad_norm = match cfg.clip_norm {
                         Some(c) => g.clip_global_norm(c)?,
@@ -503,6 +512,14 @@ where
                     let lr = schedule.lr(state.step);
                     optimizer.step(&g, lr)?;
                     model.after_update()?;
+                    tracing::debug!(
+                        step = state.step + 1,
+                        forward_ms = forward.as_secs_f64() * 1e3,
+                        backward_ms = backward.as_secs_f64() * 1e3,
+                        optimizer_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "update timing"
+                    );
+                    (forward, backward) = (Duration::ZERO, Duration::ZERO);
                     state.step += 1;
                     let record = StepRecord {
                         step: state.step,

@@ -31,12 +31,25 @@ use crate::fastmath;
 /// Rows per rayon task: below this much work a row loop is cheaper than the fork.
 const ROWS_PER_TASK: usize = 64;
 
-pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+/// The contiguous f32 values of CPU storage, or an error naming `what` (the fused kernels'
+/// inputs, and other crates' in-place CPU kernels).
+pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{what}: fused training kernels take f32 storage")
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// The mutable counterpart of [`f32_slice`], for in-place kernels.
+pub fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: in-place kernels take f32 storage")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut v[a..b]),
         None => candle_core::bail!("{what}: input must be contiguous"),
     }
 }
