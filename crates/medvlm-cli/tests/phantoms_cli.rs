@@ -77,3 +77,92 @@ fn bad_inputs_fail_with_a_clear_message() {
     );
     assert!(out.join("keep.txt").is_file());
 }
+
+#[test]
+fn prompts_are_written_as_json_that_zero_shot_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("brain.json");
+    let o = medvlm()
+        .args(["phantoms", "prompts", "--modality", "brain", "--out"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let classes: Vec<&String> = v.as_object().unwrap().keys().collect();
+    assert_eq!(classes, ["haemorrhage", "infarct", "normal", "tumour"]);
+    // Report style: 2 examination lines x 4 impression forms x 4 terms x 10 locations.
+    assert_eq!(v["tumour"].as_array().unwrap().len(), 320);
+    assert_eq!(
+        v["normal"][0],
+        "Axial T1-weighted post-contrast MRI of the brain. Normal MRI of the brain."
+    );
+
+    // Descriptive style, on standard output: one sentence per class.
+    let o = medvlm()
+        .args([
+            "phantoms",
+            "prompts",
+            "--modality",
+            "derm",
+            "--style",
+            "descriptive",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let d: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        d["melanoma"],
+        serde_json::json!(["a dermoscopy image of a melanoma"])
+    );
+
+    // The file is what `medvlm zero-shot --prompts` reads.
+    let data = tmp.path().join("data");
+    let o = medvlm()
+        .args([
+            "phantoms",
+            "generate",
+            "--n",
+            "3",
+            "--size",
+            "32",
+            "--modalities",
+            "brain",
+            "--out",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../medvlm-models/tests/fixtures/clip");
+    let o = medvlm()
+        .args(["zero-shot", "--model"])
+        .arg(&fixture)
+        .arg("--images")
+        .arg(data.join("manifest.jsonl"))
+        .arg("--prompts")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.starts_with("image,haemorrhage,infarct,normal,tumour,prediction"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+
+    let o = medvlm()
+        .args(["phantoms", "prompts", "--modality", "ultrasound"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("unknown modality `ultrasound`") && !e.contains("panicked"),
+        "{e}"
+    );
+}

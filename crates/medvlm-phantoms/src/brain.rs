@@ -41,16 +41,33 @@ enum Lesion {
 fn lobe(x: f32, y: f32, rho: f32) -> &'static str {
     let (ax, ay) = (x - 0.5, y - 0.5);
     if rho < 0.4 {
-        "basal ganglia"
+        REGIONS[0]
     } else if ay < -0.1 {
-        "frontal lobe"
+        REGIONS[1]
     } else if ay > 0.2 {
-        "occipital lobe"
+        REGIONS[2]
     } else if ax.abs() > 0.2 && ay > -0.05 {
-        "temporal lobe"
+        REGIONS[3]
     } else {
-        "parietal lobe"
+        REGIONS[4]
     }
+}
+
+/// The regions [`lobe`] names.
+const REGIONS: [&str; 5] = [
+    "basal ganglia",
+    "frontal lobe",
+    "occipital lobe",
+    "temporal lobe",
+    "parietal lobe",
+];
+
+/// Every location [`render`] can give a lesion ("left frontal lobe", ...).
+pub(crate) fn locations() -> Vec<String> {
+    [Laterality::Right, Laterality::Left]
+        .iter()
+        .flat_map(|lat| REGIONS.iter().map(move |r| format!("{} {r}", lat.name())))
+        .collect()
 }
 
 fn side_of(x: f32) -> Laterality {

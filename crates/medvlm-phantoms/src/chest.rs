@@ -61,11 +61,11 @@ impl Lung {
         let top = self.cy - self.ry;
         let t = (y - top) / (self.base - top);
         if t < 0.36 {
-            "upper"
+            ZONES[0]
         } else if t < 0.64 {
-            "mid"
+            ZONES[1]
         } else {
-            "lower"
+            ZONES[2]
         }
     }
 
@@ -107,6 +107,29 @@ enum Lesion {
         rx: f32,
         ry: f32,
     },
+}
+
+/// Lung zones, top to bottom.
+const ZONES: [&str; 3] = ["upper", "mid", "lower"];
+/// Where an effusion is described: small ones blunt the angle only.
+const EFFUSION_SITES: [&str; 2] = ["costophrenic angle", "lung base"];
+const CARDIAC_SITE: &str = "cardiac silhouette";
+
+/// Every location [`render`] can give a finding of `label` ("right upper
+/// zone", "left apex", ...); empty for a label it does not draw.
+pub(crate) fn locations(label: &str) -> Vec<String> {
+    let sides = [Laterality::Right, Laterality::Left];
+    let sites: Vec<String> = match label {
+        "nodule" | "mass" | "consolidation" => ZONES.iter().map(|z| format!("{z} zone")).collect(),
+        "pleural_effusion" => EFFUSION_SITES.iter().map(|s| s.to_string()).collect(),
+        "pneumothorax" => vec!["apex".to_string()],
+        "cardiomegaly" => return vec![CARDIAC_SITE.to_string()],
+        _ => return Vec::new(),
+    };
+    sides
+        .iter()
+        .flat_map(|lat| sites.iter().map(move |s| format!("{} {s}", lat.name())))
+        .collect()
 }
 
 fn sample_in_lung<R: Rng>(
@@ -225,9 +248,9 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
             "pleural_effusion" => {
                 let level = lung.base - 0.07 - 0.26 * extent;
                 let loc = if extent < 0.34 {
-                    "costophrenic angle"
+                    EFFUSION_SITES[0]
                 } else {
-                    "lung base"
+                    EFFUSION_SITES[1]
                 };
                 (
                     Lesion::Effusion { side, level },
@@ -249,7 +272,7 @@ pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) 
             }
             "cardiomegaly" => (
                 Lesion::Cardiomegaly,
-                "cardiac silhouette".to_string(),
+                CARDIAC_SITE.to_string(),
                 Laterality::None,
                 2.0 * heart.2 * MM_PER_UNIT,
             ),

@@ -39,15 +39,24 @@ fn lerp3(a: [f32; 3], b: [f32; 3], t: f32) -> [f32; 3] {
 fn field_position(x: f32, y: f32) -> &'static str {
     let (dx, dy) = (x - 0.5, y - 0.5);
     if dx.abs() < 0.06 && dy.abs() < 0.06 {
-        return "centre of the field";
+        return FIELD_POSITIONS[0];
     }
     match (dy < 0.0, dx < 0.0) {
-        (true, true) => "upper left of the field",
-        (true, false) => "upper right of the field",
-        (false, true) => "lower left of the field",
-        (false, false) => "lower right of the field",
+        (true, true) => FIELD_POSITIONS[1],
+        (true, false) => FIELD_POSITIONS[2],
+        (false, true) => FIELD_POSITIONS[3],
+        (false, false) => FIELD_POSITIONS[4],
     }
 }
+
+/// The positions [`field_position`] names: every location of a lesion.
+pub(crate) const FIELD_POSITIONS: [&str; 5] = [
+    "centre of the field",
+    "upper left of the field",
+    "upper right of the field",
+    "lower left of the field",
+    "lower right of the field",
+];
 
 pub(crate) fn render<R: Rng>(rng: &mut R, size: usize, labels: &[&'static str]) -> Rendered {
     // One lesion at most: the first chosen label.

@@ -42,6 +42,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+pub use report::report_prompts;
 pub use site::{HELD_OUT_SITE, SITES};
 pub use vocab::{FindingVocab, Modality, NORMAL};
 pub use write::{dataset_description, write_dataset, DatasetConfig, DatasetSummary, MANIFEST_FILE};
@@ -405,6 +406,20 @@ pub(crate) fn choose_labels<R: Rng>(
         chosen.push(pool.remove(k));
     }
     chosen
+}
+
+/// Every location a finding of `label` can have in a report's impression
+/// (histology impressions name none: empty).
+pub(crate) fn impression_locations(modality: Modality, label: &str) -> Vec<String> {
+    match modality {
+        Modality::ChestXray => chest::locations(label),
+        Modality::BrainMri => brain::locations(),
+        Modality::Dermoscopy => derm::FIELD_POSITIONS
+            .iter()
+            .map(|p| p.to_string())
+            .collect(),
+        Modality::Histology => Vec::new(),
+    }
 }
 
 /// Generate one study in memory. Deterministic in `(modality, seed, index,

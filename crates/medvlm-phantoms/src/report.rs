@@ -35,26 +35,26 @@ fn capitalise(s: &str) -> String {
     }
 }
 
-/// Size or severity adjective of a finding ("" when the modality does not
-/// grade it in words).
-fn adjective(modality: Modality, f: &Finding) -> &'static str {
-    match (modality, f.label) {
-        (Modality::ChestXray, "cardiomegaly") => match f.severity {
+/// Size or severity adjective of a finding of `label` ("" when the modality
+/// does not grade it in words).
+fn adjective(modality: Modality, label: &str, severity: Severity) -> &'static str {
+    match (modality, label) {
+        (Modality::ChestXray, "cardiomegaly") => match severity {
             Severity::Mild => "mild",
             Severity::Moderate => "moderate",
             Severity::Severe => "marked",
         },
-        (Modality::Dermoscopy, _) => match f.severity {
+        (Modality::Dermoscopy, _) => match severity {
             Severity::Mild => "small",
             Severity::Moderate => "",
             Severity::Severe => "large",
         },
-        (Modality::Histology, _) => match f.severity {
+        (Modality::Histology, _) => match severity {
             Severity::Mild => "focal",
             Severity::Moderate => "",
             Severity::Severe => "extensive",
         },
-        _ => match f.severity {
+        _ => match severity {
             Severity::Mild => "small",
             Severity::Moderate => "moderate",
             Severity::Severe => "large",
@@ -77,7 +77,7 @@ fn positive_sentence<R: Rng>(
     v: &FindingVocab,
 ) -> String {
     let t = term(rng, v);
-    let adj = adjective(modality, f);
+    let adj = adjective(modality, f.label, f.severity);
     let np = noun_phrase(adj, t);
     let a_np = with_article(&np);
     let a_t = with_article(t);
@@ -281,59 +281,115 @@ fn context_sentences<R: Rng>(rng: &mut R, modality: Modality, findings: &[Findin
     out.into_iter().map(str::to_string).collect()
 }
 
-fn header<R: Rng>(rng: &mut R, modality: Modality) -> &'static str {
+/// Examination lines a report of the modality opens with.
+fn headers(modality: Modality) -> &'static [&'static str] {
     match modality {
-        Modality::ChestXray => pick(
-            rng,
-            &[
-                "PA chest radiograph.",
-                "Frontal view of the chest.",
-                "Single PA view of the chest.",
-            ],
-        ),
-        Modality::BrainMri => pick(
-            rng,
-            &[
-                "Axial T1-weighted post-contrast MRI of the brain.",
-                "MRI brain, axial T1 after gadolinium.",
-            ],
-        ),
-        Modality::Dermoscopy => pick(
-            rng,
-            &[
-                "Dermoscopic image of a skin region.",
-                "Dermoscopy of the skin.",
-            ],
-        ),
-        Modality::Histology => pick(
-            rng,
-            &[
-                "H&E-stained section of colorectal tissue.",
-                "Colorectal biopsy, H&E stain.",
-            ],
-        ),
+        Modality::ChestXray => &[
+            "PA chest radiograph.",
+            "Frontal view of the chest.",
+            "Single PA view of the chest.",
+        ],
+        Modality::BrainMri => &[
+            "Axial T1-weighted post-contrast MRI of the brain.",
+            "MRI brain, axial T1 after gadolinium.",
+        ],
+        Modality::Dermoscopy => &[
+            "Dermoscopic image of a skin region.",
+            "Dermoscopy of the skin.",
+        ],
+        Modality::Histology => &[
+            "H&E-stained section of colorectal tissue.",
+            "Colorectal biopsy, H&E stain.",
+        ],
     }
 }
 
-fn normal_impression<R: Rng>(rng: &mut R, modality: Modality) -> &'static str {
+/// Impressions of a study without findings.
+fn normal_impressions(modality: Modality) -> &'static [&'static str] {
     match modality {
-        Modality::ChestXray => pick(
-            rng,
-            &[
-                "Normal chest radiograph.",
-                "No acute cardiopulmonary abnormality.",
-            ],
-        ),
-        Modality::BrainMri => pick(
-            rng,
-            &[
-                "Normal MRI of the brain.",
-                "No acute intracranial abnormality.",
-            ],
-        ),
-        Modality::Dermoscopy => pick(rng, &["Normal skin.", "Unremarkable skin."]),
-        Modality::Histology => pick(rng, &["Normal colonic mucosa.", "Benign colonic mucosa."]),
+        Modality::ChestXray => &[
+            "Normal chest radiograph.",
+            "No acute cardiopulmonary abnormality.",
+        ],
+        Modality::BrainMri => &[
+            "Normal MRI of the brain.",
+            "No acute intracranial abnormality.",
+        ],
+        Modality::Dermoscopy => &["Normal skin.", "Unremarkable skin."],
+        Modality::Histology => &["Normal colonic mucosa.", "Benign colonic mucosa."],
     }
+}
+
+/// The impression's phrase for one finding: "possible small nodule in the
+/// right upper zone" (not capitalised, no full stop). Histology impressions
+/// name no position in the patch.
+fn impression_phrase(
+    modality: Modality,
+    term: &str,
+    adjective: &str,
+    location: &str,
+    hedged: bool,
+) -> String {
+    let np = noun_phrase(adjective, term);
+    let np = if location.is_empty() || modality == Modality::Histology {
+        np
+    } else {
+        format!("{np} in the {location}")
+    };
+    if hedged {
+        format!("possible {np}")
+    } else {
+        np
+    }
+}
+
+/// Every examination line plus impression that [`write_report`] can write
+/// for a study whose only finding is one lesion of `label`, or that has no
+/// finding when `label` is [`crate::NORMAL`]: all headers x severities
+/// (with the hedged form of mild findings) x terms x locations. These are
+/// zero-shot prompts in the form a model pretrained on the reports'
+/// `exam_impression` section read during training (the "Impression:" heading
+/// is not part of that section), an ensemble composed from finding, severity
+/// and location in the manner of MedCLIP's prompt generator (Wang et al.,
+/// EMNLP 2022). `None` for a label the modality does not have.
+pub fn report_prompts(modality: Modality, label: &str) -> Option<Vec<String>> {
+    let impressions: Vec<String> = if label == crate::NORMAL {
+        normal_impressions(modality)
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        let v = modality.finding_vocab(label)?;
+        let mut locations = crate::impression_locations(modality, label);
+        if locations.is_empty() {
+            locations.push(String::new());
+        }
+        let mut out = Vec::new();
+        for severity in [Severity::Mild, Severity::Moderate, Severity::Severe] {
+            let adj = adjective(modality, label, severity);
+            let hedges: &[bool] = if severity == Severity::Mild {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &hedged in hedges {
+                for term in v.terms {
+                    for loc in &locations {
+                        let phrase = impression_phrase(modality, term, adj, loc, hedged);
+                        out.push(capitalise(&format!("{phrase}.")));
+                    }
+                }
+            }
+        }
+        out
+    };
+    let mut prompts = Vec::new();
+    for h in headers(modality) {
+        for imp in &impressions {
+            prompts.push(format!("{h} {imp}"));
+        }
+    }
+    Some(prompts)
 }
 
 /// Write the report of a study; decides (and records in `findings`) which
@@ -385,23 +441,14 @@ pub(crate) fn write_report<R: Rng>(
     body.shuffle(rng);
 
     let impression = if findings.is_empty() {
-        normal_impression(rng, modality).to_string()
+        pick(rng, normal_impressions(modality)).to_string()
     } else {
         let mut parts: Vec<String> = Vec::new();
         for f in findings.iter() {
             if let Some(v) = modality.finding_vocab(f.label) {
                 let t = term(rng, v);
-                let np = noun_phrase(adjective(modality, f), t);
-                let np = if f.location.is_empty() || modality == Modality::Histology {
-                    np
-                } else {
-                    format!("{np} in the {}", f.location)
-                };
-                parts.push(if f.hedged {
-                    format!("possible {np}")
-                } else {
-                    np
-                });
+                let adj = adjective(modality, f.label, f.severity);
+                parts.push(impression_phrase(modality, t, adj, &f.location, f.hedged));
             }
         }
         let joined = match parts.as_slice() {
@@ -418,7 +465,7 @@ pub(crate) fn write_report<R: Rng>(
     };
     format!(
         "{} {findings_head}{} {impression_head}{impression}",
-        header(rng, modality),
+        pick(rng, headers(modality)),
         body.join(" ")
     )
 }

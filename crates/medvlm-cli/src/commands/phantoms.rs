@@ -5,6 +5,10 @@
 //! pairs, low-resolution and deformed copies, a share as DICOM / NIfTI) and
 //! medvlm-io manifests with train / val / test / test_heldout_site splits.
 //! See `docs/phantoms.md`.
+//!
+//! `medvlm phantoms prompts --modality M [--style report|descriptive] [--out FILE]` writes the
+//! zero-shot prompts of the modality's classes as the JSON that `--prompts` reads
+//! (`medvlm zero-shot`, `adapt`, `bench fewshot`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,6 +27,26 @@ pub struct Args {
 enum PhantomsCommand {
     /// Generate a phantom dataset with ground truth for every task.
     Generate(GenerateArgs),
+    /// Zero-shot prompts of a modality's classes, as JSON for `--prompts`.
+    Prompts(PromptsArgs),
+}
+
+/// Arguments of `medvlm phantoms prompts`.
+#[derive(clap::Args, Debug)]
+pub struct PromptsArgs {
+    /// Modality: chest_xray, brain_mri, dermoscopy or histology (short forms chest, brain,
+    /// derm, histo).
+    #[arg(long)]
+    pub modality: String,
+    /// `report`: every examination line + impression the reports can carry for the class
+    /// (headers x severities x terms x locations), the form of a model trained on
+    /// `data.text_section = "exam_impression"` (what `medvlm quickstart` evaluates with);
+    /// `descriptive`: one sentence per class ("a brain MRI with an infarct").
+    #[arg(long, default_value = "report", value_parser = ["report", "descriptive"])]
+    pub style: String,
+    /// Write the JSON here (atomically) instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Arguments of `medvlm phantoms generate`.
@@ -80,7 +104,39 @@ pub fn parse_modalities(names: &[String]) -> anyhow::Result<Vec<Modality>> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         PhantomsCommand::Generate(a) => generate(a),
+        PhantomsCommand::Prompts(a) => prompts(a),
     }
+}
+
+fn prompts(a: PromptsArgs) -> anyhow::Result<()> {
+    let modality: Modality = a
+        .modality
+        .parse()
+        .with_context(|| format!("--modality {}", a.modality))?;
+    let mut map = serde_json::Map::new();
+    for class in modality.classes() {
+        let prompts = if a.style == "report" {
+            medvlm_phantoms::report_prompts(modality, class)
+        } else {
+            modality.class_prompt(class).map(|p| vec![p.to_string()])
+        }
+        .with_context(|| format!("{modality} has no prompts for its class {class}"))?;
+        map.insert(class.to_string(), serde_json::json!(prompts));
+    }
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(map))? + "\n";
+    match &a.out {
+        Some(path) => {
+            medvlm_io::atomic::write_atomic(path, text.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "wrote the {} prompts of {modality} to {}",
+                a.style,
+                path.display()
+            );
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {

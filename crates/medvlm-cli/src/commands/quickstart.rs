@@ -4,8 +4,10 @@
 //! evaluates it on the test and held-out-site splits:
 //!
 //! - zero-shot classification per modality. Classes are each modality's findings plus
-//!   `normal`; a class is the ensemble of the phantom crate's class prompt and a report-style
-//!   prompt ("chest radiograph. Impression: pleural effusion."); studies have one finding type
+//!   `normal`; a class is the ensemble of the examination lines and impressions the reports
+//!   can carry for it ("PA chest radiograph. Small pleural effusion in the left costophrenic
+//!   angle.", every header x severity x term x location; `medvlm_phantoms::report_prompts`,
+//!   the form the text tower was trained on); studies have one finding type
 //!   (`max_findings = 1`) so the task is single-label. Two protocols are reported: *pooled*
 //!   (the prompts of all modalities compete, chance 1/18 — the criterion of issue #5) and
 //!   *within modality* (only the modality's own prompts, chance 1/K). Balanced accuracy
@@ -300,20 +302,23 @@ fn modalities() -> [Modality; 4] {
 }
 
 /// Pooled zero-shot classes: every modality's classes with its prompts.
+///
+/// A class is the ensemble of every examination line plus impression the phantom reports
+/// can carry for it (`medvlm_phantoms::report_prompts`: headers x severities x terms x
+/// locations): the text tower only ever read that section of the reports, and short
+/// descriptive prompts ("a normal brain MRI") sit outside what it learned. With those, the
+/// same model called almost every normal brain haemorrhage (docs/quickstart.md).
 fn pooled_classes() -> Vec<(Modality, ZeroShotClass)> {
     let mut out = Vec::new();
     for m in modalities() {
-        for (class, prompt) in m.class_prompts() {
-            // Ensemble of the phantom crate's descriptive prompt and a report-style one
-            // ("chest radiograph. Impression: pleural effusion."), since the text tower only
-            // ever saw reports.
-            let term = class.replace('_', " ");
-            let report_style = format!("{}. Impression: {term}.", m.display_name());
+        for class in m.classes() {
+            let prompts = medvlm_phantoms::report_prompts(m, class)
+                .expect("a modality's own classes have report prompts");
             out.push((
                 m,
                 ZeroShotClass {
                     label: pooled_label(m, class),
-                    prompts: vec![prompt.to_string(), report_style],
+                    prompts,
                 },
             ));
         }
@@ -624,7 +629,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     metrics.insert(
         "protocol".into(),
         json!({
-            "zero_shot": "single-finding studies (max_findings = 1); classes = each modality's findings + normal; each class embedding is the mean of two prompts: the phantom crate's class prompt and a report-style prompt '<modality>. Impression: <class>.'; pooled = argmax over all 18 prompts of the 4 modalities (chance 1/18), within_modality = argmax over the modality's own prompts (chance 1/K); balanced accuracy = mean per-class recall over the modality's classes",
+            "zero_shot": "single-finding studies (max_findings = 1); classes = each modality's findings + normal; each class embedding is the mean over its report-style prompt ensemble: every examination line + impression the phantom reports can carry for the class (headers x severities, with the hedged mild form, x terms x locations; medvlm_phantoms::report_prompts, the exam_impression form the text tower was trained on); pooled = argmax over the 18 class embeddings of the 4 modalities (chance 1/18), within_modality = argmax over the modality's own classes (chance 1/K); balanced accuracy = mean per-class recall over the modality's classes",
             "retrieval": format!("test and held-out-site splits, every text against every image; texts are the reports' {} section (data.text_section, as in training); correct answers are all items with an identical text", plan.text_section.name()),
             "criterion": "pooled zero-shot balanced accuracy >= 3 x chance (1/18) on each modality, text-to-image recall@5 well above chance",
         }),
