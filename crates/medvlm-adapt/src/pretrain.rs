@@ -553,6 +553,42 @@ pub fn similarity(images: &Tensor, texts: &Tensor) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
+/// Zero-shot class scores `[N_img, K]` when each class is a set of prompts, ensembled in
+/// probability space: the score of class `c` for image `x` is
+/// `log( mean_p exp(scale * cos(x, t_p)) )` over the class's prompts `t_p`, i.e. the class is a
+/// mixture of the reports that could describe it, each scored as CLIP scores a text, and
+/// `scale` is the model's logit scale (`1 / temperature`). CLIP (Radford et al. 2021, sec.
+/// 3.1.4) averages the prompts' embeddings instead, which is cheaper and works when the
+/// prompts are paraphrases; when they differ in content (the location and size of a lesion)
+/// the mean embedding is a blurred centre that no image sits near. `prompt_embeds[c]` holds
+/// class `c`'s L2-normalised prompt embeddings `[P_c, E]`; `image_embeds` is `[N_img, E]`,
+/// normalised. Computed with the log-sum-exp shift, so large scales do not overflow.
+pub fn prompt_mixture_scores(
+    image_embeds: &Tensor,
+    prompt_embeds: &[Tensor],
+    scale: f64,
+) -> Result<Tensor> {
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(TrainError::Invalid(format!(
+            "prompt_mixture_scores: the logit scale must be a positive finite number, got {scale}"
+        )));
+    }
+    let mut cols = Vec::with_capacity(prompt_embeds.len());
+    for (c, pe) in prompt_embeds.iter().enumerate() {
+        let p = pe.dim(0)?;
+        if p == 0 {
+            return Err(TrainError::Invalid(format!(
+                "prompt_mixture_scores: class {c} has no prompt"
+            )));
+        }
+        let logits = (image_embeds.matmul(&pe.t()?)? * scale)?;
+        let max = logits.max_keepdim(1)?;
+        let sum = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?;
+        cols.push(((sum.log()? + max)? - (p as f64).ln())?);
+    }
+    Ok(Tensor::cat(&cols, 1)?)
+}
+
 /// Zero-shot predictions: for each image, the index of the most similar class prompt.
 pub fn zero_shot(image_embeds: &Tensor, prompt_embeds: &Tensor) -> Result<Vec<usize>> {
     let k = prompt_embeds.dim(0)?;
@@ -784,6 +820,55 @@ image_size = 32
             .to_vec1()
             .unwrap();
         assert_eq!(w, w2);
+    }
+
+    #[test]
+    fn prompt_mixture_scores_are_log_mean_exp_of_scaled_cosines() {
+        let dev = Device::Cpu;
+        // Two unit images; class 0 has two prompts that differ in content, class 1 one.
+        let images = Tensor::new(&[[1.0f32, 0.0], [0.6, 0.8]], &dev).unwrap();
+        let class0 = Tensor::new(&[[1.0f32, 0.0], [-0.6, 0.8]], &dev).unwrap();
+        let class1 = Tensor::new(&[[0.8f32, 0.6]], &dev).unwrap();
+        let scale = 20.0;
+        let s = prompt_mixture_scores(&images, &[class0, class1], scale)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let lme = |a: f64, b: f64| (((scale * a).exp() + (scale * b).exp()) / 2.0).ln();
+        let expected = [
+            [lme(1.0, -0.6), scale * 0.8],
+            [lme(0.6, 0.28), scale * 0.96],
+        ];
+        for (row, exp) in s.iter().zip(expected) {
+            for (v, e) in row.iter().zip(exp) {
+                assert!(
+                    (*v as f64 - e).abs() < 1e-4 * e.abs().max(1.0),
+                    "{v} vs {e}"
+                );
+            }
+        }
+        // The first image is one of class 0's prompts, and the mixture gives it class 0; the
+        // mean embedding of class 0, [0.2, 0.4] normalised (cosine 0.45 with the image), would
+        // lose to class 1 (cosine 0.8).
+        assert!(s[0][0] > s[0][1]);
+        assert!(s[1][1] > s[1][0]);
+        // A large scale does not overflow (the log-sum-exp shift).
+        let big = prompt_mixture_scores(
+            &images,
+            &[Tensor::new(&[[1.0f32, 0.0]], &dev).unwrap()],
+            1e4,
+        )
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+        assert!((big[0][0] - 1e4).abs() < 1.0 && big[1][0].is_finite());
+        // Bad input: a class without prompts, a scale that is not positive.
+        let empty = Tensor::zeros((0, 2), candle_core::DType::F32, &dev).unwrap();
+        assert!(prompt_mixture_scores(&images, &[empty], 1.0)
+            .unwrap_err()
+            .to_string()
+            .contains("class 0 has no prompt"));
+        assert!(prompt_mixture_scores(&images, &[], 0.0).is_err());
     }
 
     #[test]

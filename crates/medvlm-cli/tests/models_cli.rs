@@ -243,6 +243,89 @@ fn zero_shot_prints_probabilities_and_writes_csv() {
     assert!(text.starts_with("image,xray,chest,prediction\n"), "{text}");
 }
 
+/// Probability rows of a `medvlm zero-shot` CSV on stdout.
+fn probability_rows(out: &Output) -> Vec<Vec<f64>> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            f[1..f.len() - 1]
+                .iter()
+                .map(|x| x.parse().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn zero_shot_mixture_ensemble_averages_the_prompts_probabilities() {
+    let imgs = image_dir("clip", false);
+    let dir = tempfile::tempdir().unwrap();
+    let classes = dir.path().join("classes.json");
+    std::fs::write(
+        &classes,
+        r#"[{"class": "xray", "prompts": ["a photo of the x-ray", "the x-ray"]},
+            {"class": "chest", "prompts": ["chest"]}]"#,
+    )
+    .unwrap();
+    // Every prompt as its own class: its probability under the plain model.
+    let single = dir.path().join("single.json");
+    std::fs::write(
+        &single,
+        r#"[{"class": "p0", "prompts": ["a photo of the x-ray"]},
+            {"class": "p1", "prompts": ["the x-ray"]},
+            {"class": "p2", "prompts": ["chest"]}]"#,
+    )
+    .unwrap();
+    for family in ["clip", "siglip"] {
+        let run = |prompts: &Path, ensemble: &str| {
+            probability_rows(&medvlm(&[
+                "zero-shot",
+                "--model",
+                s(&fixture(family)),
+                "--images",
+                s(imgs.path()),
+                "--prompts",
+                s(prompts),
+                "--ensemble",
+                ensemble,
+            ]))
+        };
+        let mixture = run(&classes, "mixture");
+        let mean = run(&classes, "mean");
+        let per_prompt = run(&single, "mean");
+        assert_eq!(mixture.len(), 2);
+        let mut differs = false;
+        for ((mix, avg), q) in mixture.iter().zip(&mean).zip(&per_prompt) {
+            let expected = if family == "siglip" {
+                // Independent sigmoids: the mean of the class's prompts' sigmoids.
+                vec![(q[0] + q[1]) / 2.0, q[2]]
+            } else {
+                // Softmax: each class's mean of exp(logit), normalised over the classes.
+                let (a, b) = ((q[0] + q[1]) / 2.0, q[2]);
+                vec![a / (a + b), b / (a + b)]
+            };
+            for (got, want) in mix.iter().zip(&expected) {
+                assert!(
+                    (got - want).abs() < 2e-5,
+                    "{family}: {mix:?} vs {expected:?}"
+                );
+            }
+            differs |= mix.iter().zip(avg).any(|(a, b)| (a - b).abs() > 1e-5);
+        }
+        assert!(
+            differs,
+            "{family}: mixture and mean gave the same probabilities"
+        );
+    }
+}
+
 #[test]
 fn bad_model_or_inputs_fail_cleanly() {
     let imgs = image_dir("clip", false);

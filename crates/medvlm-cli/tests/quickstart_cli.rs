@@ -27,6 +27,31 @@ fn tiny_quickstart_learns_and_writes_report_and_metrics() {
 
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    // The verdict printed follows the targets in metrics.json: pooled >= 3x chance and
+    // within the modality >= 3x chance (2x for 3 classes, where 3x would be perfection).
+    let mut all_met = true;
+    for m in ["chest_xray", "brain_mri", "dermoscopy", "histology"] {
+        let z = &metrics["test"]["zero_shot"][m];
+        let k = z["classes"].as_array().unwrap().len() as f64;
+        let target = z["within_modality_target"].as_f64().unwrap();
+        let expected = if k > 3.0 { 3.0 / k } else { 2.0 / k };
+        assert!(
+            (target - expected).abs() < 1e-12,
+            "{m}: target {target} for {k} classes"
+        );
+        all_met &= z["within_modality_balanced_accuracy"].as_f64().unwrap() >= target
+            && z["pooled_balanced_accuracy"].as_f64().unwrap() >= 3.0 / 18.0;
+    }
+    assert_eq!(
+        stdout.contains("every modality learned"),
+        all_met,
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.contains("some modality is below its target"),
+        !all_met,
+        "{stdout}"
+    );
     for split in ["test", "test_heldout_site"] {
         for m in ["chest_xray", "brain_mri", "dermoscopy", "histology"] {
             let z = &metrics[split]["zero_shot"][m];

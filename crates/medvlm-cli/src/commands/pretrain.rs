@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use medvlm_adapt::data::{self, ImageTextSample};
 use medvlm_adapt::pretrain::{
     build_model, config_toml, embed_images, embed_texts, load_pretrain_config, retrieval,
-    zero_shot, ContrastiveModel,
+    ContrastiveModel,
 };
 use medvlm_adapt::train_config::{Command, TrainConfig};
 use medvlm_adapt::trainer::{self, Callbacks, LoopConfig, RunPaths, StepRecord, TrainSummary};
@@ -70,20 +70,27 @@ pub fn classes_from_labels(samples: &[ImageTextSample]) -> Vec<ZeroShotClass> {
         .collect()
 }
 
-/// One normalised embedding per class `[K, E]`: the mean of its prompts' normalised
-/// embeddings, normalised again.
-pub fn class_embeddings(
+/// Zero-shot scores `[N, K]` of normalised image embeddings for `classes`: each class is the
+/// mixture of its prompts, `log mean_p exp(scale * cos)` with the model's own logit scale
+/// (`medvlm_adapt::pretrain::prompt_mixture_scores`). With one prompt per class the argmax is
+/// that of the cosine.
+pub fn class_scores(
     model: &ContrastiveModel,
     classes: &[ZeroShotClass],
+    image_embeds: &candle_core::Tensor,
 ) -> anyhow::Result<candle_core::Tensor> {
-    let mut rows = Vec::with_capacity(classes.len());
+    let mut per_class = Vec::with_capacity(classes.len());
     for c in classes {
         anyhow::ensure!(!c.prompts.is_empty(), "class {} has no prompt", c.label);
         let prompts: Vec<&str> = c.prompts.iter().map(String::as_str).collect();
-        let e = embed_texts(model, &prompts, 64)?.mean(0)?;
-        rows.push(medvlm_adapt::losses::l2_normalize(&e.unsqueeze(0)?)?);
+        per_class.push(embed_texts(model, &prompts, 256)?);
     }
-    Ok(candle_core::Tensor::cat(&rows, 0)?)
+    let scale = 1.0 / model.temperature()?;
+    Ok(medvlm_adapt::pretrain::prompt_mixture_scores(
+        image_embeds,
+        &per_class,
+        scale,
+    )?)
 }
 
 /// Validation metrics of `model` on `samples`: zero-shot accuracy / balanced accuracy over
@@ -98,8 +105,11 @@ pub fn validate(
     let img = embed_images(model, &planes, 64)?;
     let mut out = serde_json::Map::new();
     if classes.len() >= 2 {
-        let pe = class_embeddings(model, classes)?;
-        let pred = zero_shot(&img, &pe)?;
+        let scores = class_scores(model, classes, &img)?;
+        let pred = medvlm_eval::classification::argmax_rows(
+            &scores.flatten_all()?.to_vec1::<f32>()?,
+            classes.len(),
+        )?;
         let mut y_true = Vec::new();
         let mut y_pred = Vec::new();
         for (s, p) in samples.iter().zip(&pred) {

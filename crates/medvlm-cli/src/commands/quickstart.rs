@@ -7,7 +7,8 @@
 //!   `normal`; a class is the ensemble of the examination lines and impressions the reports
 //!   can carry for it ("PA chest radiograph. Small pleural effusion in the left costophrenic
 //!   angle.", every header x severity x term x location; `medvlm_phantoms::report_prompts`,
-//!   the form the text tower was trained on); studies have one finding type
+//!   the form the text tower was trained on), scored as a mixture of its prompts (log of the
+//!   mean of `exp(logit_scale * cosine)`; `pretrain::class_scores`); studies have one finding type
 //!   (`max_findings = 1`) so the task is single-label. Two protocols are reported: *pooled*
 //!   (the prompts of all modalities compete, chance 1/18 — the criterion of issue #5) and
 //!   *within modality* (only the modality's own prompts, chance 1/K). Balanced accuracy
@@ -287,6 +288,18 @@ every_epochs = {eval_every}
     }
 }
 
+/// The within-modality balanced accuracy that counts as clearly learned for `k` classes:
+/// three times chance, or twice chance where three times would be 1 or more (issue #5's
+/// "three times chance" cannot be met short of perfection with 3 classes).
+fn within_target(k: usize) -> f64 {
+    let chance = 1.0 / k.max(1) as f64;
+    if 3.0 * chance < 1.0 {
+        3.0 * chance
+    } else {
+        2.0 * chance
+    }
+}
+
 /// Label of a pooled class: `modality:class`.
 fn pooled_label(m: Modality, class: &str) -> String {
     format!("{}:{class}", m.name())
@@ -410,8 +423,9 @@ fn zero_shot_eval(
 ) -> anyhow::Result<BTreeMap<&'static str, ZeroShotResult>> {
     let classes = pooled_classes();
     let class_list: Vec<ZeroShotClass> = classes.iter().map(|(_, c)| c.clone()).collect();
-    let pe = super::pretrain::class_embeddings(model, &class_list)?;
-    let sims = medvlm_adapt::pretrain::similarity(image_embeds, &pe)?;
+    let sims = super::pretrain::class_scores(model, &class_list, image_embeds)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let k = classes.len();
     let mut out = BTreeMap::new();
     for m in modalities() {
@@ -578,6 +592,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     "within_modality_balanced_accuracy": r.within.balanced_accuracy,
                     "within_modality_accuracy": r.within.accuracy,
                     "within_modality_chance": 1.0 / k,
+                    "within_modality_target": within_target(r.classes.len()),
                 }),
             );
         }
@@ -629,9 +644,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     metrics.insert(
         "protocol".into(),
         json!({
-            "zero_shot": "single-finding studies (max_findings = 1); classes = each modality's findings + normal; each class embedding is the mean over its report-style prompt ensemble: every examination line + impression the phantom reports can carry for the class (headers x severities, with the hedged mild form, x terms x locations; medvlm_phantoms::report_prompts, the exam_impression form the text tower was trained on); pooled = argmax over the 18 class embeddings of the 4 modalities (chance 1/18), within_modality = argmax over the modality's own classes (chance 1/K); balanced accuracy = mean per-class recall over the modality's classes",
+            "zero_shot": "single-finding studies (max_findings = 1); classes = each modality's findings + normal; each class is its report-style prompt ensemble: every examination line + impression the phantom reports can carry for the class (headers x severities, with the hedged mild form, x terms x locations; medvlm_phantoms::report_prompts, the exam_impression form the text tower was trained on), ensembled in probability space: class score = log mean over its prompts of exp(logit_scale x cosine), with the model's learned logit scale; pooled = argmax over the 18 classes of the 4 modalities (chance 1/18), within_modality = argmax over the modality's own classes (chance 1/K); balanced accuracy = mean per-class recall over the modality's classes",
             "retrieval": format!("test and held-out-site splits, every text against every image; texts are the reports' {} section (data.text_section, as in training); correct answers are all items with an identical text", plan.text_section.name()),
-            "criterion": "pooled zero-shot balanced accuracy >= 3 x chance (1/18) on each modality, text-to-image recall@5 well above chance",
+            "criterion": "on the test split, for each modality: pooled zero-shot balanced accuracy >= 3 x chance (1/18) and within-modality balanced accuracy >= 3 x chance (1/K), or 2 x chance where 3 x chance is 1 or more (K <= 3, dermoscopy); text-to-image recall@5 well above chance",
         }),
     );
     metrics.insert(
@@ -659,7 +674,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let chance = 1.0 / pooled_classes().len() as f64;
     println!("\nmedvlm quickstart: {total:.0} s total ({t_data:.0} s data, {t_train:.0} s training, {t_eval:.0} s evaluation)");
     println!(
-        "zero-shot balanced accuracy (test | held-out site); pooled chance {chance:.3}, 3x = {:.3}",
+        "zero-shot balanced accuracy (test | held-out site); pooled chance {chance:.3}, 3x = {:.3}; \
+         target within the modality: 3x chance (2x with 3 classes or fewer)",
         3.0 * chance
     );
     let mut all_pass = true;
@@ -668,7 +684,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let (Some(t), h) = (get("test"), get("test_heldout_site")) else {
             continue;
         };
-        let pass = pooled_balanced(&t.pooled) >= 3.0 * chance;
+        let target = within_target(t.classes.len());
+        let pass =
+            pooled_balanced(&t.pooled) >= 3.0 * chance && t.within.balanced_accuracy >= target;
         all_pass &= pass;
         println!(
             "  {:<11} pooled {:.3} | {}   within-modality {:.3} (chance {:.3}) | {}   {}",
@@ -679,9 +697,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             1.0 / t.classes.len() as f64,
             h.map_or("-".into(), |h| format!("{:.3}", h.within.balanced_accuracy)),
             if pass {
-                "ok (>= 3x chance)"
+                format!("ok (within >= {target:.3})")
             } else {
-                "BELOW 3x chance"
+                format!(
+                    "BELOW target (within >= {target:.3}, pooled >= {:.3})",
+                    3.0 * chance
+                )
             }
         );
     }
@@ -698,9 +719,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "{}\nreport: {}\nmetrics: {}\nmodel: {}",
         if all_pass {
-            "every modality learned (>= 3x chance)"
+            "every modality learned (pooled and within-modality targets met on test)"
         } else {
-            "some modality is below 3x chance"
+            "some modality is below its target"
         },
         out.join("report.html").display(),
         out.join("metrics.json").display(),

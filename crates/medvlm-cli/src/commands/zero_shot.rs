@@ -1,13 +1,17 @@
 //! `medvlm zero-shot`: classify images by comparing their embeddings with
 //! the embeddings of class prompts (Radford et al. 2021). With several prompts
-//! per class the normalised text embeddings are averaged (prompt ensembling).
-//! Probabilities: softmax over classes for CLIP-style models; an independent
-//! sigmoid per class for SigLIP (its logits include the learned bias).
+//! per class, `--ensemble mean` (the default, as CLIP) averages the normalised
+//! text embeddings; `--ensemble mixture` scores every prompt and averages the
+//! probabilities, for prompt sets that differ in content (a lesion's size and
+//! location) rather than wording, whose mean embedding is a blurred centre
+//! (docs/quickstart.md, "Prompts"). Probabilities: softmax over classes for
+//! CLIP-style models; an independent sigmoid per class for SigLIP (its logits
+//! include the learned bias).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use medvlm_models::vlm::l2_normalize;
 use medvlm_models::Family;
 
@@ -32,6 +36,11 @@ pub struct Args {
     /// [{"class": "...", "prompts": ["..."]}, ...] (order kept).
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// How the prompts of a class are combined: `mean` averages their normalised embeddings
+    /// (CLIP); `mixture` averages their probabilities (softmax models: log of the mean of
+    /// exp(logit) over the class's prompts; SigLIP: mean of the prompts' sigmoids).
+    #[arg(long, value_enum, default_value_t = Ensemble::Mean)]
+    ensemble: Ensemble,
     /// Also write the probabilities to this CSV file.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -43,6 +52,13 @@ pub struct Args {
     skip_bad: bool,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// How the prompts of a class are combined.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Ensemble {
+    Mean,
+    Mixture,
 }
 
 #[derive(serde::Deserialize)]
@@ -134,39 +150,75 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let paths = list_images(&args.images)?;
     let m = load(&args.model, &device)?;
 
-    // One embedding per class: mean of normalised prompt embeddings.
-    let mut class_embeds = Vec::with_capacity(classes.len());
+    // Each class's normalised prompt embeddings.
+    let mut prompt_embeds = Vec::with_capacity(classes.len());
     for (_, prompts) in &classes {
         let e = l2_normalize(&embed_texts(&m, prompts, args.batch, &device)?)?;
-        class_embeds.push(e.mean(0)?);
+        prompt_embeds.push(
+            e.to_device(&candle_core::Device::Cpu)?
+                .to_dtype(DType::F32)?,
+        );
     }
-    let class_embeds = Tensor::stack(&class_embeds, 0)?;
 
     let imgs = embed_images(&m, &paths, args.batch, args.skip_bad, &device)?;
     let Some(image_embeds) = imgs.embeds else {
         report_skipped(&imgs.skipped);
         bail!("none of the {} images could be read", paths.len());
     };
-    let cpu_scale = m.model.logit_scale().to_device(&candle_core::Device::Cpu)?;
-    let img = l2_normalize(&image_embeds)?;
-    let txt = l2_normalize(&class_embeds)?;
-    let mut logits = img
-        .matmul(&txt.t()?)?
-        .broadcast_mul(&cpu_scale.exp()?.to_dtype(img.dtype())?)?;
-    if let Some(b) = m.model.logit_bias() {
-        logits = logits.broadcast_add(
-            &b.to_device(&candle_core::Device::Cpu)?
-                .to_dtype(img.dtype())?,
-        )?;
-    }
-    let logits: Vec<Vec<f32>> = logits.to_vec2()?;
-    let probs: Vec<Vec<f32>> = logits
-        .iter()
-        .map(|row| match m.family {
-            Family::Siglip => row.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect(),
-            _ => softmax(row),
-        })
-        .collect();
+    let img = l2_normalize(&image_embeds)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::F32)?;
+    let first = |t: Tensor| -> anyhow::Result<f32> {
+        Ok(t.to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?[0])
+    };
+    let scale = first(m.model.logit_scale().exp()?)?;
+    let bias = m.model.logit_bias().map(first).transpose()?;
+    let sigmoid = |z: f32| 1.0 / (1.0 + (-z).exp());
+    let probs: Vec<Vec<f32>> = match args.ensemble {
+        Ensemble::Mean => {
+            let means: Vec<Tensor> = prompt_embeds
+                .iter()
+                .map(|e| e.mean(0))
+                .collect::<candle_core::Result<_>>()?;
+            let txt = l2_normalize(&Tensor::stack(&means, 0)?)?;
+            let logits = (img.matmul(&txt.t()?)? * scale as f64)?;
+            let logits = (logits + bias.unwrap_or(0.0) as f64)?;
+            logits
+                .to_vec2::<f32>()?
+                .iter()
+                .map(|row| match m.family {
+                    Family::Siglip => row.iter().map(|&z| sigmoid(z)).collect(),
+                    _ => softmax(row),
+                })
+                .collect()
+        }
+        Ensemble::Mixture if m.family == Family::Siglip => {
+            // Mean over the class's prompts of each prompt's sigmoid.
+            let mut cols = Vec::with_capacity(prompt_embeds.len());
+            for pe in &prompt_embeds {
+                let z = ((img.matmul(&pe.t()?)? * scale as f64)? + bias.unwrap_or(0.0) as f64)?;
+                let p = (z.neg()?.exp()? + 1.0)?.recip()?;
+                cols.push(p.mean_keepdim(1)?);
+            }
+            Tensor::cat(&cols, 1)?.to_vec2::<f32>()?
+        }
+        Ensemble::Mixture => {
+            let scores =
+                medvlm_adapt::pretrain::prompt_mixture_scores(&img, &prompt_embeds, scale as f64)?;
+            let scores = match bias {
+                Some(b) => (scores + b as f64)?,
+                None => scores,
+            };
+            scores
+                .to_vec2::<f32>()?
+                .iter()
+                .map(|r| softmax(r))
+                .collect()
+        }
+    };
 
     let mut table = String::new();
     table.push_str("image");
