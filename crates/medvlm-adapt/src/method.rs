@@ -683,6 +683,7 @@ pub const METHOD_NAMES: &[&str] = &[
     "zero-shot",
     "zero-shot-ensemble",
     "zero-shot-descriptions",
+    "zero-shot-mixture",
     "zero-shot-pairs",
     "clip-adapter",
     "tip-adapter",

@@ -37,6 +37,7 @@ fn registry_knows_every_strategy_and_rejects_unknown_names() {
             "zero-shot",
             "zero-shot-ensemble",
             "zero-shot-descriptions",
+            "zero-shot-mixture",
             "zero-shot-pairs",
             "clip-adapter",
             "tip-adapter",
@@ -133,6 +134,7 @@ fn save_load_round_trip_gives_identical_probabilities() {
     for name in [
         "zero-shot",
         "zero-shot-ensemble",
+        "zero-shot-mixture",
         "clip-adapter",
         "tip-adapter",
         "tip-adapter-f",

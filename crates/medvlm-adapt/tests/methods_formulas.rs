@@ -71,6 +71,30 @@ fn zero_shot_single_template_and_ensemble() {
 }
 
 #[test]
+fn zero_shot_mixture_averages_each_prompts_exp_logit_and_survives_saving() {
+    let texts = texts();
+    let support = empty_support();
+    let mut input = AdaptInput::frozen(&texts, &support);
+    input.logit_scale = Some(10.0);
+    let clf = method_by_name("zero-shot-mixture", None)
+        .unwrap()
+        .fit(&input)
+        .unwrap();
+    // f = (0.6, 0.8, 0): class 0's prompts e1, e2 give cosines 0.6 and 0.8, so its logit is
+    // ln((e^6 + e^8) / 2); class 1's single prompt e3 (normalised) gives 0.
+    let f = t(&[&[3., 4., 0.]]);
+    let expected = [((6f64.exp() + 8f64.exp()) / 2.0).ln(), 0.0];
+    close(&row(&clf.logits(&f).unwrap()), &expected, 1e-4);
+    // Not the ensemble's 10 * 1.4 / sqrt 2 = 9.90 (the mean embedding's cosine).
+    assert!((expected[0] - 14f64 / 2f64.sqrt()).abs() > 1.0);
+    let dir = tempfile::tempdir().unwrap();
+    medvlm_adapt::method::save_classifier(clf.as_ref(), dir.path()).unwrap();
+    let back = load_classifier(dir.path()).unwrap();
+    assert_eq!(back.card().method, "zero-shot-mixture");
+    close(&row(&back.logits(&f).unwrap()), &expected, 1e-4);
+}
+
+#[test]
 fn zero_shot_positive_negative_pairs_is_a_softmax_over_each_pair() {
     let texts = ClassTexts {
         class_names: vec!["effusion".into()],

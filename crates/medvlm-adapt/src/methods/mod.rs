@@ -83,9 +83,11 @@ pub fn build_method(
     overrides: Option<&serde_json::Value>,
 ) -> Result<Box<dyn AdaptationMethod>> {
     Ok(match name {
-        "zero-shot" | "zero-shot-ensemble" | "zero-shot-descriptions" | "zero-shot-pairs" => {
-            Box::new(zero_shot::ZeroShot::from_name(name, overrides)?)
-        }
+        "zero-shot"
+        | "zero-shot-ensemble"
+        | "zero-shot-descriptions"
+        | "zero-shot-mixture"
+        | "zero-shot-pairs" => Box::new(zero_shot::ZeroShot::from_name(name, overrides)?),
         "clip-adapter" => Box::new(with_overrides(
             name,
             clip_adapter::ClipAdapter::default(),
@@ -158,9 +160,11 @@ pub(crate) fn rebuild_classifier(
     saved: &SavedTensors,
 ) -> Result<Box<dyn AdaptedClassifier>> {
     Ok(match card.method.as_str() {
-        "zero-shot" | "zero-shot-ensemble" | "zero-shot-descriptions" | "zero-shot-pairs" => {
-            Box::new(zero_shot::ZeroShotClassifier::from_saved(card, saved)?)
-        }
+        "zero-shot"
+        | "zero-shot-ensemble"
+        | "zero-shot-descriptions"
+        | "zero-shot-mixture"
+        | "zero-shot-pairs" => Box::new(zero_shot::ZeroShotClassifier::from_saved(card, saved)?),
         "clip-adapter" => Box::new(clip_adapter::ClipAdapterClassifier::from_saved(
             card, saved,
         )?),

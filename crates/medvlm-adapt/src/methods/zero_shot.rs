@@ -16,6 +16,13 @@
 //!   read by [`load_class_descriptions`], are encoded by the caller, and are
 //!   ensembled exactly as templates are (CuPL's formulation: the mean of the
 //!   normalised description embeddings).
+//! * `zero-shot-mixture`: the prompts ensembled in probability space; the
+//!   logit of class c is `log mean_p exp(s * norm(f) . t_p)` over its normalised
+//!   prompt embeddings `t_p` (the class as a mixture of the texts that could
+//!   describe it; `crate::pretrain::prompt_mixture_scores`). For prompt sets
+//!   that differ in content rather than wording (a lesion's size and location),
+//!   whose mean embedding is a blurred centre; CLIP ensembles in embedding
+//!   space for its cost (section 3.1.4). medvlm's quickstart evaluates this way.
 //! * `zero-shot-pairs`: multi-label with positive/negative prompt pairs
 //!   (e.g. "an X-ray showing {label}" / "an X-ray with no {label}", as in
 //!   CheXzero, Tiu et al., Nat. Biomed. Eng. 2022): per label, a softmax over
@@ -46,6 +53,8 @@ pub enum ZeroShotVariant {
     TemplateEnsemble,
     /// Mean of normalised description embeddings.
     Descriptions,
+    /// Mean over the prompts of `exp(logit)`, in log space.
+    PromptMixture,
     /// Positive/negative prompt pairs, one sigmoid per label.
     PositiveNegativePairs,
 }
@@ -65,6 +74,7 @@ impl ZeroShot {
             "zero-shot" => ZeroShotVariant::SingleTemplate,
             "zero-shot-ensemble" => ZeroShotVariant::TemplateEnsemble,
             "zero-shot-descriptions" => ZeroShotVariant::Descriptions,
+            "zero-shot-mixture" => ZeroShotVariant::PromptMixture,
             "zero-shot-pairs" => ZeroShotVariant::PositiveNegativePairs,
             _ => {
                 return Err(MethodError::InvalidInput(format!(
@@ -100,9 +110,9 @@ impl ZeroShot {
                     None,
                 ))
             }
-            ZeroShotVariant::TemplateEnsemble | ZeroShotVariant::Descriptions => {
-                Ok((texts.ensemble_weights()?, None))
-            }
+            ZeroShotVariant::TemplateEnsemble
+            | ZeroShotVariant::Descriptions
+            | ZeroShotVariant::PromptMixture => Ok((texts.ensemble_weights()?, None)),
             ZeroShotVariant::PositiveNegativePairs => {
                 let neg = texts.negative_ensemble_weights()?.ok_or_else(|| {
                     MethodError::InvalidInput(
@@ -121,6 +131,7 @@ impl AdaptationMethod for ZeroShot {
             ZeroShotVariant::SingleTemplate => "zero-shot",
             ZeroShotVariant::TemplateEnsemble => "zero-shot-ensemble",
             ZeroShotVariant::Descriptions => "zero-shot-descriptions",
+            ZeroShotVariant::PromptMixture => "zero-shot-mixture",
             ZeroShotVariant::PositiveNegativePairs => "zero-shot-pairs",
         }
     }
@@ -148,7 +159,17 @@ impl AdaptationMethod for ZeroShot {
             self.hyperparameters(),
             serde_json::Value::Null,
         )?;
-        Ok(Box::new(ZeroShotClassifier::new(card, weights, negative)?))
+        let mut classifier = ZeroShotClassifier::new(card, weights, negative)?;
+        if self.variant == ZeroShotVariant::PromptMixture {
+            let per_class = input
+                .texts
+                .prompts
+                .iter()
+                .map(|p| crate::method::l2_normalize(&p.to_dtype(candle_core::DType::F32)?))
+                .collect::<Result<Vec<_>>>()?;
+            classifier.mixture = Some(per_class);
+        }
+        Ok(Box::new(classifier))
     }
 }
 
@@ -161,6 +182,8 @@ pub struct ZeroShotClassifier {
     negative: Option<Tensor>,
     /// `weights - negative` for pairs, else `weights`: the effective `[C, D]`.
     effective: Tensor,
+    /// `zero-shot-mixture`: each class's normalised prompt embeddings `[P_c, D]`.
+    mixture: Option<Vec<Tensor>>,
 }
 
 impl ZeroShotClassifier {
@@ -174,6 +197,7 @@ impl ZeroShotClassifier {
             weights,
             negative,
             effective,
+            mixture: None,
         })
     }
 
@@ -186,7 +210,33 @@ impl ZeroShotClassifier {
         } else {
             None
         };
-        Self::new(card, weights, negative)
+        let mixture = if card.method == "zero-shot-mixture" {
+            let c = card.class_names.len();
+            let counts: Vec<u32> = saved
+                .get_shaped("prompt_counts", &[c])?
+                .to_dtype(candle_core::DType::U32)?
+                .to_vec1()?;
+            let total = counts.iter().map(|&n| n as usize).sum::<usize>();
+            if counts.contains(&0) {
+                return Err(MethodError::BadCheckpoint {
+                    path: saved.path().to_path_buf(),
+                    reason: format!("prompt_counts {counts:?} has a class without prompts"),
+                });
+            }
+            let all = saved.get_shaped("prompt_weights", &[total, card.feature_dim])?;
+            let mut per_class = Vec::with_capacity(c);
+            let mut start = 0;
+            for n in counts {
+                per_class.push(all.narrow(0, start, n as usize)?);
+                start += n as usize;
+            }
+            Some(per_class)
+        } else {
+            None
+        };
+        let mut classifier = Self::new(card, weights, negative)?;
+        classifier.mixture = mixture;
+        Ok(classifier)
     }
 
     /// The normalised class weights `[C, D]`.
@@ -202,6 +252,10 @@ impl AdaptedClassifier for ZeroShotClassifier {
 
     fn logits(&self, image_features: &Tensor) -> Result<Tensor> {
         let f = normalized_input(&self.card, image_features)?;
+        if let Some(per_class) = &self.mixture {
+            return crate::pretrain::prompt_mixture_scores(&f, per_class, self.card.logit_scale)
+                .map_err(|e| MethodError::InvalidInput(e.to_string()));
+        }
         Ok((f.matmul(&self.effective.t()?)? * self.card.logit_scale)?)
     }
 
@@ -209,6 +263,20 @@ impl AdaptedClassifier for ZeroShotClassifier {
         let mut v = vec![("text_weights".to_string(), self.weights.clone())];
         if let Some(n) = &self.negative {
             v.push(("negative_text_weights".to_string(), n.clone()));
+        }
+        if let Some(per_class) = &self.mixture {
+            let counts: Vec<u32> = per_class
+                .iter()
+                .map(|p| p.dim(0).unwrap_or(0) as u32)
+                .collect();
+            let n = counts.len();
+            if let (Ok(all), Ok(counts)) = (
+                Tensor::cat(per_class, 0),
+                Tensor::from_vec(counts, n, &candle_core::Device::Cpu),
+            ) {
+                v.push(("prompt_weights".to_string(), all));
+                v.push(("prompt_counts".to_string(), counts));
+            }
         }
         v
     }
