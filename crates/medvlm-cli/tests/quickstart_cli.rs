@@ -89,6 +89,7 @@ fn tiny_quickstart_learns_and_writes_report_and_metrics() {
     // Report with the loss curve, confusion matrices and retrieval examples.
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("Training loss"));
+    assert!(html.contains("within target"));
     assert!(html.matches("confusion").count() >= 4 || html.matches("Confusion").count() >= 4);
     assert!(html.contains("examples/q0_0.png"));
     assert!(out.join("examples/q0_0.png").is_file());

@@ -797,6 +797,7 @@ fn write_report(
                 format!("{:.3}", 1.0 / 18.0),
                 format!("{:.3}", r.within.balanced_accuracy),
                 format!("{:.3}", 1.0 / r.classes.len() as f64),
+                format!("{:.3}", within_target(r.classes.len())),
             ]);
         }
     }
@@ -809,6 +810,7 @@ fn write_report(
             "pooled chance",
             "within-modality bal. acc.",
             "within chance",
+            "within target",
         ],
         rows,
     );
