@@ -169,10 +169,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::F32)?;
     let first = |t: Tensor| -> anyhow::Result<f32> {
-        Ok(t.to_device(&candle_core::Device::Cpu)?
+        t.to_device(&candle_core::Device::Cpu)?
             .to_dtype(DType::F32)?
             .flatten_all()?
-            .to_vec1::<f32>()?[0])
+            .to_vec1::<f32>()?
+            .first()
+            .copied()
+            .with_context(|| format!("{}: the logit scale or bias is empty", args.model))
     };
     let scale = first(m.model.logit_scale().exp()?)?;
     let bias = m.model.logit_bias().map(first).transpose()?;
