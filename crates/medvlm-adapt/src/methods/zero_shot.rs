@@ -167,7 +167,7 @@ impl AdaptationMethod for ZeroShot {
                 .iter()
                 .map(|p| crate::method::l2_normalize(&p.to_dtype(candle_core::DType::F32)?))
                 .collect::<Result<Vec<_>>>()?;
-            classifier.mixture = Some(per_class);
+            classifier.mixture = Some(PromptMixture::new(per_class)?);
         }
         Ok(Box::new(classifier))
     }
@@ -182,8 +182,32 @@ pub struct ZeroShotClassifier {
     negative: Option<Tensor>,
     /// `weights - negative` for pairs, else `weights`: the effective `[C, D]`.
     effective: Tensor,
-    /// `zero-shot-mixture`: each class's normalised prompt embeddings `[P_c, D]`.
-    mixture: Option<Vec<Tensor>>,
+    /// `zero-shot-mixture`: every class's normalised prompt embeddings.
+    mixture: Option<PromptMixture>,
+}
+
+/// The prompts of `zero-shot-mixture`: all of them `[P, D]` in class order (what is saved,
+/// with the count per class), and each class's rows as a view.
+#[derive(Debug, Clone)]
+struct PromptMixture {
+    prompts: Tensor,
+    counts: Tensor,
+    per_class: Vec<Tensor>,
+}
+
+impl PromptMixture {
+    fn new(per_class: Vec<Tensor>) -> Result<Self> {
+        let counts: Vec<u32> = per_class
+            .iter()
+            .map(|p| p.dim(0).map(|n| n as u32))
+            .collect::<candle_core::Result<_>>()?;
+        let n = counts.len();
+        Ok(Self {
+            prompts: Tensor::cat(&per_class, 0)?,
+            counts: Tensor::from_vec(counts, n, &candle_core::Device::Cpu)?,
+            per_class,
+        })
+    }
 }
 
 impl ZeroShotClassifier {
@@ -216,13 +240,13 @@ impl ZeroShotClassifier {
                 .get_shaped("prompt_counts", &[c])?
                 .to_dtype(candle_core::DType::U32)?
                 .to_vec1()?;
-            let total = counts.iter().map(|&n| n as usize).sum::<usize>();
             if counts.contains(&0) {
                 return Err(MethodError::BadCheckpoint {
                     path: saved.path().to_path_buf(),
                     reason: format!("prompt_counts {counts:?} has a class without prompts"),
                 });
             }
+            let total = counts.iter().map(|&n| n as usize).sum::<usize>();
             let all = saved.get_shaped("prompt_weights", &[total, card.feature_dim])?;
             let mut per_class = Vec::with_capacity(c);
             let mut start = 0;
@@ -230,7 +254,7 @@ impl ZeroShotClassifier {
                 per_class.push(all.narrow(0, start, n as usize)?);
                 start += n as usize;
             }
-            Some(per_class)
+            Some(PromptMixture::new(per_class)?)
         } else {
             None
         };
@@ -252,8 +276,8 @@ impl AdaptedClassifier for ZeroShotClassifier {
 
     fn logits(&self, image_features: &Tensor) -> Result<Tensor> {
         let f = normalized_input(&self.card, image_features)?;
-        if let Some(per_class) = &self.mixture {
-            return crate::pretrain::prompt_mixture_scores(&f, per_class, self.card.logit_scale)
+        if let Some(m) = &self.mixture {
+            return crate::pretrain::prompt_mixture_scores(&f, &m.per_class, self.card.logit_scale)
                 .map_err(|e| MethodError::InvalidInput(e.to_string()));
         }
         Ok((f.matmul(&self.effective.t()?)? * self.card.logit_scale)?)
@@ -264,19 +288,9 @@ impl AdaptedClassifier for ZeroShotClassifier {
         if let Some(n) = &self.negative {
             v.push(("negative_text_weights".to_string(), n.clone()));
         }
-        if let Some(per_class) = &self.mixture {
-            let counts: Vec<u32> = per_class
-                .iter()
-                .map(|p| p.dim(0).unwrap_or(0) as u32)
-                .collect();
-            let n = counts.len();
-            if let (Ok(all), Ok(counts)) = (
-                Tensor::cat(per_class, 0),
-                Tensor::from_vec(counts, n, &candle_core::Device::Cpu),
-            ) {
-                v.push(("prompt_weights".to_string(), all));
-                v.push(("prompt_counts".to_string(), counts));
-            }
+        if let Some(m) = &self.mixture {
+            v.push(("prompt_weights".to_string(), m.prompts.clone()));
+            v.push(("prompt_counts".to_string(), m.counts.clone()));
         }
         v
     }
