@@ -589,12 +589,19 @@ pub fn prompt_mixture_scores(
     Ok(Tensor::cat(&cols, 1)?)
 }
 
-/// Zero-shot predictions: for each image, the index of the most similar class prompt.
-pub fn zero_shot(image_embeds: &Tensor, prompt_embeds: &Tensor) -> Result<Vec<usize>> {
-    let k = prompt_embeds.dim(0)?;
-    let sims = similarity(image_embeds, prompt_embeds)?;
-    medvlm_eval::classification::argmax_rows(&sims, k)
-        .map_err(|e| TrainError::Invalid(e.to_string()))
+/// Zero-shot predictions: for each image, the index of the class with the highest
+/// [`prompt_mixture_scores`] (with one prompt per class: the most similar prompt).
+pub fn zero_shot(
+    image_embeds: &Tensor,
+    prompt_embeds: &[Tensor],
+    scale: f64,
+) -> Result<Vec<usize>> {
+    let scores = prompt_mixture_scores(image_embeds, prompt_embeds, scale)?;
+    medvlm_eval::classification::argmax_rows(
+        &scores.flatten_all()?.to_vec1::<f32>()?,
+        prompt_embeds.len(),
+    )
+    .map_err(|e| TrainError::Invalid(e.to_string()))
 }
 
 /// Image-text retrieval recall@K in both directions. A query's correct answers are every item
@@ -830,7 +837,7 @@ image_size = 32
         let class0 = Tensor::new(&[[1.0f32, 0.0], [-0.6, 0.8]], &dev).unwrap();
         let class1 = Tensor::new(&[[0.8f32, 0.6]], &dev).unwrap();
         let scale = 20.0;
-        let s = prompt_mixture_scores(&images, &[class0, class1], scale)
+        let s = prompt_mixture_scores(&images, &[class0.clone(), class1.clone()], scale)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -852,6 +859,10 @@ image_size = 32
         // lose to class 1 (cosine 0.8).
         assert!(s[0][0] > s[0][1]);
         assert!(s[1][1] > s[1][0]);
+        assert_eq!(
+            zero_shot(&images, &[class0, class1], scale).unwrap(),
+            [0, 1]
+        );
         // A large scale does not overflow (the log-sum-exp shift).
         let big = prompt_mixture_scores(
             &images,

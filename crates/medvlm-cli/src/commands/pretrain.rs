@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use medvlm_adapt::data::{self, ImageTextSample};
 use medvlm_adapt::pretrain::{
     build_model, config_toml, embed_images, embed_texts, load_pretrain_config, retrieval,
-    ContrastiveModel,
+    zero_shot, ContrastiveModel,
 };
 use medvlm_adapt::train_config::{Command, TrainConfig};
 use medvlm_adapt::trainer::{self, Callbacks, LoopConfig, RunPaths, StepRecord, TrainSummary};
@@ -70,27 +70,25 @@ pub fn classes_from_labels(samples: &[ImageTextSample]) -> Vec<ZeroShotClass> {
         .collect()
 }
 
-/// Zero-shot scores `[N, K]` of normalised image embeddings for `classes`: each class is the
-/// mixture of its prompts, `log mean_p exp(scale * cos)` with the model's own logit scale
-/// (`medvlm_adapt::pretrain::prompt_mixture_scores`). With one prompt per class the argmax is
-/// that of the cosine.
-pub fn class_scores(
+/// Each class's L2-normalised prompt embeddings `[P_c, E]`, for
+/// [`medvlm_adapt::pretrain::prompt_mixture_scores`] / [`zero_shot`].
+pub fn prompt_embeddings(
     model: &ContrastiveModel,
     classes: &[ZeroShotClass],
-    image_embeds: &candle_core::Tensor,
-) -> anyhow::Result<candle_core::Tensor> {
-    let mut per_class = Vec::with_capacity(classes.len());
-    for c in classes {
-        anyhow::ensure!(!c.prompts.is_empty(), "class {} has no prompt", c.label);
-        let prompts: Vec<&str> = c.prompts.iter().map(String::as_str).collect();
-        per_class.push(embed_texts(model, &prompts, 256)?);
-    }
-    let scale = 1.0 / model.temperature()?;
-    Ok(medvlm_adapt::pretrain::prompt_mixture_scores(
-        image_embeds,
-        &per_class,
-        scale,
-    )?)
+) -> anyhow::Result<Vec<candle_core::Tensor>> {
+    classes
+        .iter()
+        .map(|c| {
+            anyhow::ensure!(!c.prompts.is_empty(), "class {} has no prompt", c.label);
+            let prompts: Vec<&str> = c.prompts.iter().map(String::as_str).collect();
+            Ok(embed_texts(model, &prompts, 256)?)
+        })
+        .collect()
+}
+
+/// The model's logit scale `1 / temperature`, with which zero-shot prompts are scored.
+pub fn logit_scale(model: &ContrastiveModel) -> anyhow::Result<f64> {
+    Ok(1.0 / model.temperature()?)
 }
 
 /// Validation metrics of `model` on `samples`: zero-shot accuracy / balanced accuracy over
@@ -105,10 +103,10 @@ pub fn validate(
     let img = embed_images(model, &planes, 64)?;
     let mut out = serde_json::Map::new();
     if classes.len() >= 2 {
-        let scores = class_scores(model, classes, &img)?;
-        let pred = medvlm_eval::classification::argmax_rows(
-            &scores.flatten_all()?.to_vec1::<f32>()?,
-            classes.len(),
+        let pred = zero_shot(
+            &img,
+            &prompt_embeddings(model, classes)?,
+            logit_scale(model)?,
         )?;
         let mut y_true = Vec::new();
         let mut y_pred = Vec::new();

@@ -8,10 +8,11 @@
 //!   can carry for it ("PA chest radiograph. Small pleural effusion in the left costophrenic
 //!   angle.", every header x severity x term x location; `medvlm_phantoms::report_prompts`,
 //!   the form the text tower was trained on), scored as a mixture of its prompts (log of the
-//!   mean of `exp(logit_scale * cosine)`; `pretrain::class_scores`); studies have one finding type
+//!   mean of `exp(logit_scale * cosine)`; `medvlm_adapt::pretrain::prompt_mixture_scores`); studies have one finding type
 //!   (`max_findings = 1`) so the task is single-label. Two protocols are reported: *pooled*
-//!   (the prompts of all modalities compete, chance 1/18 — the criterion of issue #5) and
-//!   *within modality* (only the modality's own prompts, chance 1/K). Balanced accuracy
+//!   (the classes of all modalities compete, chance 1/18) and *within modality* (only the
+//!   modality's own classes, chance 1/K); issue #5's target is three times chance under both
+//!   (twice within dermoscopy's 3 classes, see `within_target`). Balanced accuracy
 //!   (mean per-class recall) is the headline metric.
 //! - image-text retrieval recall@1/5/10 in both directions on the test split; a text query's
 //!   correct images are all images whose text is identical (and vice versa).
@@ -38,7 +39,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use medvlm_adapt::data::{plane_from_u8, to_training_plane, ImageTextSample};
-use medvlm_adapt::pretrain::{embed_images, embed_texts, retrieval, ContrastiveModel};
+use medvlm_adapt::pretrain::{embed_images, embed_texts, retrieval};
 use medvlm_adapt::text_section::TextSection;
 use medvlm_adapt::train_config::{Command, TrainConfig};
 use medvlm_eval::classification::ClassificationReport;
@@ -415,17 +416,28 @@ struct ZeroShotResult {
     classes: Vec<String>,
 }
 
+/// The pooled classes and what scoring them needs, computed once per trained model.
+struct ZeroShotSetup {
+    classes: Vec<(Modality, ZeroShotClass)>,
+    /// Each class's normalised prompt embeddings.
+    prompt_embeds: Vec<candle_core::Tensor>,
+    logit_scale: f64,
+}
+
 fn zero_shot_eval(
-    model: &ContrastiveModel,
+    setup: &ZeroShotSetup,
     samples: &[ImageTextSample],
     image_embeds: &candle_core::Tensor,
     data: &Data,
 ) -> anyhow::Result<BTreeMap<&'static str, ZeroShotResult>> {
-    let classes = pooled_classes();
-    let class_list: Vec<ZeroShotClass> = classes.iter().map(|(_, c)| c.clone()).collect();
-    let sims = super::pretrain::class_scores(model, &class_list, image_embeds)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let classes = &setup.classes;
+    let sims = medvlm_adapt::pretrain::prompt_mixture_scores(
+        image_embeds,
+        &setup.prompt_embeds,
+        setup.logit_scale,
+    )?
+    .flatten_all()?
+    .to_vec1::<f32>()?;
     let k = classes.len();
     let mut out = BTreeMap::new();
     for m in modalities() {
@@ -551,10 +563,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let texts: Vec<&str> = train.iter().map(|s| s.text.as_str()).collect();
     let mut model = medvlm_adapt::pretrain::build_model(&cfg, &texts)?;
-    let val_classes: Vec<ZeroShotClass> = pooled_classes().into_iter().map(|(_, c)| c).collect();
+    let classes = pooled_classes();
+    let pooled_chance = 1.0 / classes.len() as f64;
+    let val_classes: Vec<ZeroShotClass> = classes.iter().map(|(_, c)| c.clone()).collect();
     let mut cb = PretrainCallbacks {
         bar: progress_bar(),
-        val: (!val.is_empty()).then_some((val, val_classes)),
+        val: (!val.is_empty()).then_some((val, val_classes.clone())),
         every_epochs: plan.eval_every(),
         throttle: std::time::Duration::ZERO,
         verbose: false,
@@ -571,13 +585,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut metrics = serde_json::Map::new();
     let mut zs_all = BTreeMap::new();
     let mut test_img = None;
+    let zs_setup = ZeroShotSetup {
+        prompt_embeds: super::pretrain::prompt_embeddings(&model, &val_classes)?,
+        logit_scale: super::pretrain::logit_scale(&model)?,
+        classes,
+    };
     for (name, samples) in [("test", test), ("test_heldout_site", heldout)] {
         if samples.is_empty() {
             continue;
         }
         let planes: Vec<&medvlm_io::Plane> = samples.iter().map(|s| &s.image).collect();
         let img = embed_images(&model, &planes, 128)?;
-        let zs = zero_shot_eval(&model, samples, &img, &data)?;
+        let zs = zero_shot_eval(&zs_setup, samples, &img, &data)?;
         let mut per_mod = serde_json::Map::new();
         for (m, r) in &zs {
             let k = r.classes.len() as f64;
@@ -588,7 +607,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     "n": r.within.n,
                     "pooled_balanced_accuracy": pooled_balanced(&r.pooled),
                     "pooled_accuracy": r.pooled.accuracy,
-                    "pooled_chance": 1.0 / pooled_classes().len() as f64,
+                    "pooled_chance": pooled_chance,
                     "within_modality_balanced_accuracy": r.within.balanced_accuracy,
                     "within_modality_accuracy": r.within.accuracy,
                     "within_modality_chance": 1.0 / k,
@@ -671,7 +690,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     write_report(&out, &metrics, &zs_all, test, test_img.as_ref(), &data)?;
 
     // Summary.
-    let chance = 1.0 / pooled_classes().len() as f64;
+    let chance = pooled_chance;
     println!("\nmedvlm quickstart: {total:.0} s total ({t_data:.0} s data, {t_train:.0} s training, {t_eval:.0} s evaluation)");
     println!(
         "zero-shot balanced accuracy (test | held-out site); pooled chance {chance:.3}, 3x = {:.3}; \
