@@ -182,11 +182,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let sigmoid = |z: f32| 1.0 / (1.0 + (-z).exp());
     let probs: Vec<Vec<f32>> = match args.ensemble {
         Ensemble::Mean => {
-            let means: Vec<Tensor> = prompt_embeds
-                .iter()
-                .map(|e| e.mean(0))
-                .collect::<candle_core::Result<_>>()?;
-            let txt = l2_normalize(&Tensor::stack(&means, 0)?)?;
+            // CLIP's ensembling, as the zero-shot-ensemble method does it.
+            let txt = medvlm_adapt::method::ClassTexts {
+                class_names: classes.iter().map(|(c, _)| c.clone()).collect(),
+                prompts: prompt_embeds,
+                negative_prompts: None,
+            }
+            .ensemble_weights()?;
             let logits = (img.matmul(&txt.t()?)? * scale as f64)?;
             let logits = (logits + bias.unwrap_or(0.0) as f64)?;
             logits
