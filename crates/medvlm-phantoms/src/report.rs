@@ -343,6 +343,12 @@ fn impression_phrase(
     }
 }
 
+/// Whether a finding of this severity may be reported hedged ("possible ...");
+/// [`write_report`] hedges half of them.
+fn may_hedge(severity: Severity) -> bool {
+    severity == Severity::Mild
+}
+
 /// Every examination line plus impression that [`write_report`] can write
 /// for a study whose only finding is one lesion of `label`, or that has no
 /// finding when `label` is [`crate::NORMAL`]: all headers x severities
@@ -367,7 +373,7 @@ pub fn report_prompts(modality: Modality, label: &str) -> Option<Vec<String>> {
         let mut out = Vec::new();
         for severity in [Severity::Mild, Severity::Moderate, Severity::Severe] {
             let adj = adjective(modality, label, severity);
-            let hedges: &[bool] = if severity == Severity::Mild {
+            let hedges: &[bool] = if may_hedge(severity) {
                 &[false, true]
             } else {
                 &[false]
@@ -400,7 +406,7 @@ pub(crate) fn write_report<R: Rng>(
     findings: &mut [Finding],
 ) -> String {
     for f in findings.iter_mut() {
-        f.hedged = f.severity == Severity::Mild && rng.random::<f32>() < 0.5;
+        f.hedged = may_hedge(f.severity) && rng.random::<f32>() < 0.5;
     }
     let mut body: Vec<String> = Vec::new();
     for f in findings.iter() {
