@@ -13,6 +13,14 @@
 //! file exists and its key and content hashes match; otherwise (missing,
 //! stale key, corrupted bytes) it recomputes, overwrites, and says which in
 //! [`CacheStatus`], so nothing is invalidated silently.
+//!
+//! The key covers what the images *are*, not only where they are:
+//! [`FeatureCacheKey::images_sha256`] is [`fingerprint_files`] of the image
+//! paths (each file's size, modification time and the SHA-256 of its bytes).
+//! The file name depends on the model, manifest and preprocessing only, so
+//! images overwritten at the same paths find the old file, see that its
+//! image fingerprint differs, and recompute with
+//! [`CacheStatus::Invalidated`] saying why.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Cache format version, part of every key digest.
-pub const CACHE_FORMAT: &str = "medvlm-feature-cache/1";
+pub const CACHE_FORMAT: &str = "medvlm-feature-cache/2";
 
 /// Errors of the feature cache.
 #[derive(Debug, thiserror::Error)]
@@ -63,22 +71,33 @@ pub struct FeatureCacheKey {
     pub dataset_hash: String,
     /// Preprocessing description (resize, crop, normalisation, windowing).
     pub preprocessing: String,
+    /// Content fingerprint of the image files ([`fingerprint_files`]).
+    pub images_sha256: String,
 }
 
 impl FeatureCacheKey {
-    /// SHA-256 (hex) of the format version and the three key fields.
+    /// SHA-256 (hex) of the format version and all four key fields: what a
+    /// cache file must have been written for to be used.
     pub fn digest(&self) -> String {
-        let mut h = Sha256::new();
-        for part in [
+        digest_parts(&[
             CACHE_FORMAT,
             &self.model_id,
             &self.dataset_hash,
             &self.preprocessing,
-        ] {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part.as_bytes());
-        }
-        hex(&h.finalize())
+            &self.images_sha256,
+        ])
+    }
+
+    /// SHA-256 (hex) of the key without the image fingerprint: names the
+    /// file, so new image contents at the same paths replace the old file
+    /// (and are reported as an invalidation) instead of piling up beside it.
+    fn slot_digest(&self) -> String {
+        digest_parts(&[
+            CACHE_FORMAT,
+            &self.model_id,
+            &self.dataset_hash,
+            &self.preprocessing,
+        ])
     }
 
     /// File name of this key's cache file.
@@ -95,8 +114,17 @@ impl FeatureCacheKey {
             })
             .take(48)
             .collect();
-        format!("features-{slug}-{}.safetensors", &self.digest()[..16])
+        format!("features-{slug}-{}.safetensors", &self.slot_digest()[..16])
     }
+}
+
+fn digest_parts(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for part in parts {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    hex(&h.finalize())
 }
 
 /// Labels stored with the features.
@@ -162,6 +190,56 @@ pub fn hash_file(path: &Path) -> Result<String> {
         source,
     })?;
     Ok(sha256_hex(&bytes))
+}
+
+/// Content fingerprint (SHA-256 hex) of image files, order-sensitive: for
+/// each file its path, size, modification time (ns) and the SHA-256 of its
+/// bytes. A file that cannot be read contributes its error kind instead, so
+/// a file that appears, disappears or becomes readable changes the
+/// fingerprint too (inputs skipped with `--skip-bad` are still covered).
+///
+/// Size and time alone miss a rewrite within the file system's time
+/// resolution or a copy that preserves times (`cp -p`, `rsync -t`); the
+/// bytes' hash catches those, at the cost of reading every file once.
+pub fn fingerprint_files<P: AsRef<Path> + Sync>(paths: &[P]) -> String {
+    use rayon::prelude::*;
+    let per_file: Vec<String> = paths
+        .par_iter()
+        .map(|p| {
+            let p = p.as_ref();
+            let meta = match std::fs::metadata(p) {
+                Ok(m) => m,
+                Err(e) => return format!("{}\0unreadable:{:?}", p.display(), e.kind()),
+            };
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let content = match file_sha256(p) {
+                Ok(h) => h,
+                Err(e) => format!("unreadable:{:?}", e.kind()),
+            };
+            format!("{}\0{}\0{mtime}\0{content}", p.display(), meta.len())
+        })
+        .collect();
+    hash_paths(&per_file)
+}
+
+/// SHA-256 (hex) of a file's bytes, read in blocks (images can be large).
+fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -264,6 +342,7 @@ impl FeatureCache {
         meta.insert("model_id".to_string(), key.model_id.clone());
         meta.insert("dataset_hash".to_string(), key.dataset_hash.clone());
         meta.insert("preprocessing".to_string(), key.preprocessing.clone());
+        meta.insert("images_sha256".to_string(), key.images_sha256.clone());
         meta.insert("key_sha256".to_string(), key.digest());
         meta.insert("paths_sha256".to_string(), features.paths_sha256.clone());
         meta.insert("content_sha256".to_string(), content_hash(&f32s, &labels)?);
@@ -351,6 +430,13 @@ impl FeatureCache {
             return Err(bad(format!("format is not {CACHE_FORMAT}")));
         }
         if field("key_sha256")? != key.digest() {
+            if field("images_sha256")? != key.images_sha256 {
+                return Err(bad(
+                    "the image files changed since their features were cached \
+                     (size, modification time or content differs)"
+                        .into(),
+                ));
+            }
             return Err(bad(
                 "written for a different model/dataset/preprocessing (key hash differs)".into(),
             ));

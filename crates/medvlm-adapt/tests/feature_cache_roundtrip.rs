@@ -4,8 +4,8 @@ use std::cell::Cell;
 
 use candle_core::{Device, Tensor};
 use medvlm_adapt::feature_cache::{
-    hash_paths, CacheStatus, CachedFeatures, CachedLabels, FeatureCache, FeatureCacheError,
-    FeatureCacheKey,
+    fingerprint_files, hash_paths, CacheStatus, CachedFeatures, CachedLabels, FeatureCache,
+    FeatureCacheError, FeatureCacheKey,
 };
 
 fn key(model: &str) -> FeatureCacheKey {
@@ -13,6 +13,7 @@ fn key(model: &str) -> FeatureCacheKey {
         model_id: model.into(),
         dataset_hash: "0f".repeat(32),
         preprocessing: "resize 224 bicubic, centre crop, CLIP mean/std".into(),
+        images_sha256: "1e".repeat(32),
     }
 }
 
@@ -138,4 +139,78 @@ fn multilabel_labels_round_trip_and_bad_input_is_refused() {
         .to_string();
     assert!(err.contains("encoder crashed"), "{err}");
     assert!(cache.load(&key("n")).unwrap().is_none());
+}
+
+#[test]
+fn image_fingerprint_sees_content_size_time_and_presence() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.png");
+    let b = dir.path().join("b.png");
+    std::fs::write(&a, b"first image bytes").unwrap();
+    std::fs::write(&b, b"second").unwrap();
+    let t = std::fs::metadata(&a).unwrap().modified().unwrap();
+    let fp0 = fingerprint_files(&[&a, &b]);
+    assert_eq!(fp0, fingerprint_files(&[&a, &b]), "deterministic");
+    assert_ne!(fp0, fingerprint_files(&[&b, &a]), "order-sensitive");
+
+    // Same size and the same modification time, other bytes (as `cp -p` leaves it).
+    std::fs::write(&a, b"first IMAGE bytes").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    assert_eq!(std::fs::metadata(&a).unwrap().modified().unwrap(), t);
+    let fp1 = fingerprint_files(&[&a, &b]);
+    assert_ne!(fp0, fp1, "content change with size and time kept");
+
+    // Only the modification time changes.
+    std::fs::File::options()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_modified(t + std::time::Duration::from_secs(7))
+        .unwrap();
+    assert_ne!(fp1, fingerprint_files(&[&a, &b]), "time change");
+
+    // A missing file is part of the fingerprint, and its appearance changes it.
+    let c = dir.path().join("c.png");
+    let missing = fingerprint_files(&[&a, &c]);
+    std::fs::write(&c, b"").unwrap();
+    assert_ne!(missing, fingerprint_files(&[&a, &c]));
+}
+
+#[test]
+fn changed_images_at_the_same_paths_invalidate_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = FeatureCache::new(dir.path());
+    let old = key("clip-vit-b16");
+    let new = FeatureCacheKey {
+        images_sha256: "2f".repeat(32),
+        ..old.clone()
+    };
+    // Same model, manifest and preprocessing: one file, whatever the image contents.
+    assert_eq!(cache.path_for(&old), cache.path_for(&new));
+    cache.store(&old, &features(0.5)).unwrap();
+    let err = cache.load(&new).unwrap_err().to_string();
+    assert!(err.contains("image files changed"), "{err}");
+    let (fresh, status) = cache
+        .load_or_compute(&new, || Ok::<_, String>(features(2.0)))
+        .unwrap();
+    assert!(
+        matches!(status, CacheStatus::Invalidated(ref r) if r.contains("image files changed")),
+        "{status:?}"
+    );
+    assert_eq!(fresh.features.to_vec2::<f32>().unwrap()[0][1], -1.0);
+    // The new file replaced the old one: the old key is now the stale one.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    assert!(cache.load(&old).is_err());
+    assert_eq!(
+        cache
+            .load_or_compute(&new, || Err::<CachedFeatures, _>("must not recompute"))
+            .unwrap()
+            .1,
+        CacheStatus::Hit
+    );
 }

@@ -33,8 +33,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use medvlm_adapt::feature_cache::{
-    hash_paths, sha256_hex, CacheStatus, CachedFeatures, CachedLabels, FeatureCache,
-    FeatureCacheKey,
+    fingerprint_files, hash_paths, sha256_hex, CacheStatus, CachedFeatures, CachedLabels,
+    FeatureCache, FeatureCacheKey,
 };
 use medvlm_adapt::fewshot::TaskKind;
 use medvlm_adapt::method::{AdaptedClassifier, ClassTexts, SupportLabels};
@@ -110,7 +110,7 @@ pub struct TaskArgs {
     #[arg(long)]
     pub cache: Option<PathBuf>,
     /// Images per inference batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::commands::at_least_one)]
     pub batch: usize,
     /// Skip unreadable images (counted and listed) instead of stopping.
     #[arg(long)]
@@ -833,6 +833,7 @@ pub fn task_features(
         model_id: format!("{model_spec}#{}", model_fingerprint(model_spec, m)),
         dataset_hash: format!("{}+{}", task.manifest_sha256, hash_paths(&paths)),
         preprocessing: format!("{:?}", m.preprocess),
+        images_sha256: fingerprint_files(&task.rows.iter().map(|r| &r.path).collect::<Vec<_>>()),
     };
     let cache = FeatureCache::new(
         args.cache
