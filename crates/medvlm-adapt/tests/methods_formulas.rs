@@ -199,18 +199,19 @@ fn lp_plus_plus_initialisation_is_data_driven_from_text_and_visual_prototypes() 
     // Support e1 (class 0), e2 (class 1); text t0 = e1, t1 = e2.
     let f = t(&[&[1., 0., 0.], &[0., 1., 0.]]);
     let text = t(&[&[1., 0., 0.], &[0., 1., 0.]]);
-    // Class-mean text logits [[1, 0], [0, 1]], mean 0.5 -> alpha0 = 250 * 0.5 = 125.
+    // Own-class mean text logits (1, 1), mean 1 -> alpha0 = 250 (the C x C mean, 0.5,
+    // would give 125).
     // F^T F = diag(1, 1, 0): lambda_max = 1 -> lr_w = 4 N / 1 = 8.
     // max_j sum_i (f_i . t_j)^2 = 1 -> lr_alpha = N / 4 = 0.5.
     let (alpha0, lr_w, lr_alpha) =
         lp_plus_plus::data_driven_constants(&f, &[0, 1], &text, 250.0).unwrap();
     assert!(
-        (alpha0 - 125.0).abs() < 1e-4 && (lr_w - 8.0).abs() < 1e-3 && (lr_alpha - 0.5).abs() < 1e-6
+        (alpha0 - 250.0).abs() < 1e-4 && (lr_w - 8.0).abs() < 1e-3 && (lr_alpha - 0.5).abs() < 1e-6
     );
 
     // With zero steps the classifier is its initialisation: W = class sums of
-    // the support features, b = 0, alpha = 125:
-    // f = (0.6, 0.8, 0): (0.6 + 125 * 0.6, 0.8 + 125 * 0.8) = (75.6, 100.8).
+    // the support features, b = 0, alpha = 250:
+    // f = (0.6, 0.8, 0): (0.6 + 250 * 0.6, 0.8 + 250 * 0.8) = (150.6, 200.8).
     let texts = ClassTexts {
         class_names: vec!["a".into(), "b".into()],
         prompts: vec![t(&[&[1., 0., 0.]]), t(&[&[0., 1., 0.]])],
@@ -224,7 +225,7 @@ fn lp_plus_plus_initialisation_is_data_driven_from_text_and_visual_prototypes() 
         .unwrap();
     close(
         &row(&clf.logits(&t(&[&[3., 4., 0.]])).unwrap()),
-        &[75.6, 100.8],
+        &[150.6, 200.8],
         1e-3,
     );
 }
@@ -423,4 +424,54 @@ fn descriptions_file_errors_name_the_problem() {
             vec!["c".to_string()]
         ]
     );
+}
+
+#[test]
+fn lp_plus_plus_constants_match_the_official_formulas() {
+    // tools/make_lpp_reference.py: the official code's one-hot centroid of the text
+    // logits (own-class logit per image), lr_alpha and lr_w (eigh) on 11 random support
+    // features of 4 classes with 1, 2, 3 and 5 images.
+    let json: serde_json::Value = serde_json::from_str(include_str!("fixtures/lpp_reference.json"))
+        .expect("lpp_reference.json");
+    let matrix = |k: &str| -> Tensor {
+        let rows: Vec<Vec<f32>> = json[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+        t(&refs)
+    };
+    let labels: Vec<usize> = json["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let num = |k: &str| json[k].as_f64().unwrap();
+    let (alpha0, lr_w, lr_alpha) =
+        lp_plus_plus::data_driven_constants(&matrix("features"), &labels, &matrix("text"), 250.0)
+            .unwrap();
+    // f32 features: relative 1e-5; lambda_max by power iteration: 1e-4.
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+    assert!(
+        rel(alpha0, num("alpha_init")) < 1e-5,
+        "{alpha0} vs {}",
+        num("alpha_init")
+    );
+    assert!(
+        rel(lr_alpha, num("lr_alpha")) < 1e-5,
+        "{lr_alpha} vs {}",
+        num("lr_alpha")
+    );
+    assert!(rel(lr_w, num("lr_w")) < 1e-4, "{lr_w} vs {}", num("lr_w"));
+    // The reference separates the two readings: the all-pairs mean is far off.
+    assert!(rel(num("alpha_all_pairs_mean"), num("alpha_init")) > 0.5);
 }

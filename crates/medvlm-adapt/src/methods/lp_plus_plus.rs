@@ -12,7 +12,10 @@
 //! * `w_c` is initialised from the visual class prototype, the *sum* of the
 //!   support embeddings of class c (the code's `compute_centroids`); `b = 0`;
 //! * all `alpha_c` start at the data-driven value
-//!   `250 * mean_{k,j} mean_{i in class k} (f_i . t_j)`;
+//!   `250 * mean_c mean_{i in class c} (f_i . t_c)`: the mean over classes
+//!   of each class's own-class text logit, averaged over its support images
+//!   (the official `calculate_init_alpha`, whose one-hot product keeps only
+//!   the own-class logit of each image);
 //! * block-coordinate majorize-minimize: the visual block (W, b) takes
 //!   gradient steps with momentum 0.9 and the data-driven step size
 //!   `4N / lambda_max(F^T F)` (the inverse of the Lipschitz bound of the
@@ -107,21 +110,23 @@ pub fn data_driven_constants(
     let n = f.dim(0)?;
     let c = text.dim(0)?;
     let text_logits: Vec<Vec<f32>> = f.matmul(&text.t()?)?.to_vec2()?; // [N, C]
-    let mut sums = vec![vec![0f64; c]; c];
+    let mut own_sums = vec![0f64; c];
     let mut counts = vec![0usize; c];
     for (row, &k) in text_logits.iter().zip(labels) {
         counts[k] += 1;
-        for j in 0..c {
-            sums[k][j] += f64::from(row[j]);
-        }
+        own_sums[k] += f64::from(row[k]);
     }
+    // Own-class logits only: the mean of the whole C x C table of class-mean
+    // logits would mix in every wrong-class logit and start alpha far lower
+    // than the paper's code does. A class without support images has no own
+    // logit and is left out of the mean.
     let present: Vec<usize> = (0..c).filter(|&k| counts[k] > 0).collect();
-    let mean_of_means = present
+    let mean_own = present
         .iter()
-        .map(|&k| sums[k].iter().sum::<f64>() / counts[k] as f64)
+        .map(|&k| own_sums[k] / counts[k] as f64)
         .sum::<f64>()
-        / (present.len() * c).max(1) as f64;
-    let alpha0 = factor * mean_of_means;
+        / present.len().max(1) as f64;
+    let alpha0 = factor * mean_own;
     let lr_w = 4.0 * n as f64 / lambda_max(f)?.max(1e-12);
     let col_sq_max = (0..c)
         .map(|j| {
