@@ -131,6 +131,9 @@ pub struct BiomedClipConfig {
     pub std: [f32; 3],
     /// HF name of the tokenizer, informational.
     pub tokenizer_name: Option<String>,
+    /// `tokenizer.json` of a local `hf_tokenizer_name` (else `hf_model_name`) folder, used
+    /// when the model folder has none of its own.
+    pub tokenizer_file: Option<PathBuf>,
 }
 
 /// OpenAI CLIP's image normalisation mean (open_clip's default).
@@ -152,6 +155,7 @@ impl BiomedClipConfig {
             mean: OPENAI_MEAN,
             std: OPENAI_STD,
             tokenizer_name: None,
+            tokenizer_file: None,
         }
     }
 
@@ -200,14 +204,20 @@ impl BiomedClipConfig {
             }
         }
 
+        let model_dir = path.parent().unwrap_or(Path::new("."));
         let text_cfg = match (raw.medvlm_arch.text, &m.text_cfg.hf_model_name) {
             (Some(t), _) => t,
-            (None, Some(name)) => BertConfig::from_hf_name(name).ok_or_else(|| {
-                err(format!(
-                    "HF text model {name:?} is not known to medvlm; add \"medvlm_arch\": \
-                     {{\"text\": <its BERT config.json>}}"
-                ))
-            })?,
+            (None, Some(name)) => match local_hf_folder(name, model_dir) {
+                Some(folder) => local_bert_config(&folder.join("config.json"))?,
+                None => BertConfig::from_hf_name(name).ok_or_else(|| {
+                    err(format!(
+                        "HF text model {name:?} is not known to medvlm and is not a local \
+                         folder with a config.json (looked in {} and as given); add \
+                         \"medvlm_arch\": {{\"text\": <its BERT config.json>}}",
+                        model_dir.join(name).display()
+                    ))
+                })?,
+            },
             (None, None) => {
                 return Err(err(
                     "text_cfg has no hf_model_name: not a BiomedCLIP (timm + HF) layout".into(),
@@ -250,8 +260,41 @@ impl BiomedClipConfig {
             context_length,
             mean: raw.preprocess_cfg.mean.unwrap_or(OPENAI_MEAN),
             std: raw.preprocess_cfg.std.unwrap_or(OPENAI_STD),
+            tokenizer_file: m
+                .text_cfg
+                .hf_tokenizer_name
+                .as_deref()
+                .or(m.text_cfg.hf_model_name.as_deref())
+                .and_then(|name| local_hf_folder(name, model_dir))
+                .map(|folder| folder.join("tokenizer.json"))
+                .filter(|f| f.is_file()),
             tokenizer_name: m.text_cfg.hf_tokenizer_name,
         })
+    }
+}
+
+/// The folder an open_clip `hf_model_name` / `hf_tokenizer_name` names when it is a local
+/// path rather than a hub id, as transformers' `from_pretrained` reads it: relative to the
+/// model folder first (a self-contained model directory), else as given (absolute, or
+/// relative to the working directory). `None` for a hub id.
+fn local_hf_folder(name: &str, model_dir: &Path) -> Option<PathBuf> {
+    let given = Path::new(name);
+    [model_dir.join(given), given.to_path_buf()]
+        .into_iter()
+        .find(|p| p.join("config.json").is_file() || p.join("tokenizer.json").is_file())
+}
+
+/// An HF `config.json` of the text tower in a local folder; only BERT is implemented.
+fn local_bert_config(path: &Path) -> Result<BertConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::config(path, e))?;
+    match value.get("model_type").and_then(|t| t.as_str()) {
+        None | Some("bert") => BertConfig::from_file(path),
+        Some(other) => Err(ModelError::config(
+            path,
+            format!("text model_type {other:?} is not supported (medvlm implements BERT)"),
+        )),
     }
 }
 

@@ -196,12 +196,14 @@ pub fn load_model_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             let m = BiomedClip::from_dir(dir, opts.dtype, &opts.device, &opts.mode)?;
             let c = m.config();
             let pre = open_clip_preprocess(c.vision.image_size, c.mean, c.std);
-            // open_clip's HF tokenizer pads to the context length.
-            let tok = TextTokenizer::from_file(
-                &dir.join("tokenizer.json"),
-                c.context_length,
-                Padding::MaxLength,
-            )?;
+            // open_clip's HF tokenizer pads to the context length. A local
+            // hf_tokenizer_name folder serves when the model folder has no tokenizer.json.
+            let own = dir.join("tokenizer.json");
+            let file = match &c.tokenizer_file {
+                Some(f) if !own.is_file() => f.clone(),
+                _ => own,
+            };
+            let tok = TextTokenizer::from_file(&file, c.context_length, Padding::MaxLength)?;
             (Box::new(m), tok, pre)
         }
     };

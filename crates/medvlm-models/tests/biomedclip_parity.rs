@@ -223,3 +223,85 @@ fn biomedclip_config_mismatching_weights_lists_tensors() {
         "{err}"
     );
 }
+
+/// open_clip reads `hf_model_name` / `hf_tokenizer_name` with transformers'
+/// `from_pretrained`, which also takes a local folder: a model directory whose text tower
+/// is described by `text_tower/config.json` (and `text_tower/tokenizer.json`) instead of a
+/// `medvlm_arch` block loads and gives open_clip's embeddings.
+#[test]
+fn biomedclip_with_a_local_hf_text_folder_loads_like_open_clip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir().join("open_clip_config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut bert = cfg["medvlm_arch"]["text"].take();
+    cfg["medvlm_arch"].as_object_mut().unwrap().remove("text");
+    bert["model_type"] = "bert".into();
+    bert["architectures"] = serde_json::json!(["BertModel"]);
+    let exp = expected();
+    let texts: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("texts.json")).unwrap())
+            .unwrap();
+    let absolute = tmp.path().join("abs_text");
+    for (name, folder) in [
+        ("text_tower", tmp.path().join("model/text_tower")),
+        (absolute.to_str().unwrap(), absolute.clone()),
+    ] {
+        let model = tmp.path().join("model");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join("config.json"), bert.to_string()).unwrap();
+        std::fs::copy(
+            fixture_dir().join("tokenizer.json"),
+            folder.join("tokenizer.json"),
+        )
+        .unwrap();
+        cfg["model_cfg"]["text_cfg"]["hf_model_name"] = name.into();
+        cfg["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = name.into();
+        std::fs::write(model.join("open_clip_config.json"), cfg.to_string()).unwrap();
+        std::fs::copy(
+            fixture_dir().join("open_clip_pytorch_model.bin"),
+            model.join("open_clip_pytorch_model.bin"),
+        )
+        .unwrap();
+        assert!(!model.join("tokenizer.json").exists());
+        let loaded = medvlm_models::load_model_dir(&model, &medvlm_models::LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let batch = loaded.tokenizer.encode_batch(&texts, &Device::Cpu).unwrap();
+        let want: Vec<Vec<i64>> = exp["input_ids"].to_vec2().unwrap();
+        let got: Vec<Vec<i64>> = batch
+            .input_ids
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(got, want, "{name}: token ids");
+        let txt = loaded.model.encode_text(&batch).unwrap();
+        let d = max_abs_diff(&txt.embeds, &exp["text_features"]);
+        assert!(d < 1e-4, "{name}: text embeds differ from open_clip by {d}");
+        std::fs::remove_dir_all(folder).unwrap();
+    }
+
+    // A text model that is not BERT is refused, naming the file.
+    let folder = tmp.path().join("model/text_tower");
+    std::fs::create_dir_all(&folder).unwrap();
+    bert["model_type"] = "roberta".into();
+    std::fs::write(folder.join("config.json"), bert.to_string()).unwrap();
+    cfg["model_cfg"]["text_cfg"]["hf_model_name"] = "text_tower".into();
+    std::fs::write(
+        tmp.path().join("model/open_clip_config.json"),
+        cfg.to_string(),
+    )
+    .unwrap();
+    let err = medvlm_models::load_model_dir(
+        &tmp.path().join("model"),
+        &medvlm_models::LoadOptions::default(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("text_tower/config.json") && err.contains("roberta"),
+        "{err}"
+    );
+}
