@@ -193,6 +193,34 @@ fn adapt_writes_artefact_and_predict_reproduces_its_evaluation() {
             }
         }
     }
+
+    // A second run into a filled --out is refused before any work unless --force, which
+    // replaces the earlier artefact (and only an artefact).
+    let out = tmp.path().join("linear-probe");
+    let before = std::fs::read(out.join("adapt.json")).unwrap();
+    let err = fails(&adapt(&manifest, "tip-adapter", "2", &out, &[]));
+    assert!(
+        err.contains("already holds an adapted model") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("features:"),
+        "refused after computing features: {err}"
+    );
+    assert_eq!(std::fs::read(out.join("adapt.json")).unwrap(), before);
+    ok(&adapt(&manifest, "tip-adapter", "2", &out, &["--force"]));
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapt.json")).unwrap()).unwrap();
+    assert_eq!(card["method"], "tip-adapter");
+    let other = tmp.path().join("notes");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("mine.txt"), "keep").unwrap();
+    let err = fails(&adapt(&manifest, "tip-adapter", "2", &other, &["--force"]));
+    assert!(err.contains("not a medvlm adapt artefact"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(other.join("mine.txt")).unwrap(),
+        "keep"
+    );
 }
 
 #[test]
@@ -355,6 +383,86 @@ fn bench_fewshot_writes_table_json_and_plot() {
         .map(|r| r["metrics"]["accuracy"].as_f64().unwrap())
         .collect();
     assert_eq!(again, lp_k2);
+
+    // Each (K, seed) names its support set: K images per class, with their manifest classes,
+    // and `medvlm adapt` with that K and seed draws the same images.
+    let truth = modalities(&manifest);
+    let draws = v["support_sets"].as_array().unwrap();
+    assert_eq!(draws.len(), 2 * 2);
+    for d in draws {
+        let k = d["shots"].as_u64().unwrap() as usize;
+        let support = d["support"].as_array().unwrap();
+        assert_eq!(support.len(), 4 * k);
+        for pair in support {
+            let (path, class) = (pair[0].as_str().unwrap(), pair[1].as_str().unwrap());
+            assert_eq!(truth[path], class, "{path}");
+        }
+    }
+    let draw = draws
+        .iter()
+        .find(|d| d["shots"] == 2 && d["seed"] == 1)
+        .unwrap();
+    let out = tmp.path().join("adapt-k2-seed1");
+    ok(&bin()
+        .args([
+            "adapt",
+            "--method",
+            "linear-probe",
+            "--shots",
+            "2",
+            "--seed",
+            "1",
+        ])
+        .arg("--model")
+        .arg(model())
+        .arg("--train")
+        .arg(&manifest)
+        .arg("--out")
+        .arg(&out)
+        .args(["--label-field", "modality", "--test-split", "none"])
+        .output()
+        .unwrap());
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapt.json")).unwrap()).unwrap();
+    assert_eq!(card["support"], draw["support"]);
+
+    // Images overwritten at the same paths (each gets another image's bytes): the cache sees
+    // it, recomputes, and the figures follow the new images.
+    let paths: Vec<&String> = {
+        let mut p: Vec<&String> = truth.keys().collect();
+        p.sort();
+        p
+    };
+    let bytes: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    for (i, p) in paths.iter().enumerate() {
+        std::fs::write(p, &bytes[(i + paths.len() / 2) % paths.len()]).unwrap();
+    }
+    let json3 = tmp.path().join("bench/overwritten.json");
+    let res = bin()
+        .args(["bench", "fewshot", "--model"])
+        .arg(model())
+        .arg("--data")
+        .arg(&manifest)
+        .args(["--label-field", "modality", "--methods", "linear-probe"])
+        .args(["--shots", "2", "--seeds", "2", "--json"])
+        .arg(&json3)
+        .output()
+        .unwrap();
+    ok(&res);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        stderr.contains("image files changed") && stderr.contains("recomputed"),
+        "{stderr}"
+    );
+    let v3: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json3).unwrap()).unwrap();
+    let after: Vec<f64> = v3["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metrics"]["accuracy"].as_f64().unwrap())
+        .collect();
+    assert_ne!(after, lp_k2, "figures must follow the new image contents");
 }
 
 #[test]

@@ -89,9 +89,12 @@ pub struct Args {
     /// repeat to concatenate several (e.g. train.jsonl, val.jsonl, test.jsonl).
     #[arg(long, required = true)]
     pub train: Vec<PathBuf>,
-    /// Output artefact directory.
+    /// Output artefact directory (created; must be empty unless --force).
     #[arg(long)]
     pub out: PathBuf,
+    /// Write into an existing non-empty --out folder, replacing same-name files.
+    #[arg(long)]
+    pub force: bool,
     /// Support-set sampling: balanced (K per class) or realistic (K x C images with the
     /// dataset's class proportions, no validation set).
     #[arg(long, default_value = "balanced", value_parser = ["balanced", "realistic"])]
@@ -326,7 +329,41 @@ fn publish_dir(tmp: &Path, out: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("moving {} to {}", tmp.display(), out.display()))
 }
 
+/// Refuses, before any work, an `--out` that the finished artefact could not or should not
+/// replace: a file, or a non-empty folder without `--force` (with it, only an earlier
+/// artefact is replaced, never another folder).
+fn check_out_dir(out: &Path, force: bool) -> anyhow::Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        bail!("--out {} exists and is not a folder", out.display());
+    }
+    let empty = std::fs::read_dir(out)
+        .with_context(|| format!("listing {}", out.display()))?
+        .next()
+        .is_none();
+    if empty {
+        return Ok(());
+    }
+    if !out.join(ADAPT_CARD).exists() {
+        bail!(
+            "--out {} exists and is not a medvlm adapt artefact; choose another directory",
+            out.display()
+        );
+    }
+    if !force {
+        bail!(
+            "--out {} already holds an adapted model; pass --force to replace it, or choose \
+             another directory",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    check_out_dir(&args.out, args.force)?;
     let device = args.device.device()?;
     let overrides: Option<serde_json::Value> = args
         .hparams

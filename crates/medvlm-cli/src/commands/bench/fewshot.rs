@@ -156,6 +156,10 @@ pub struct BenchOutput {
     pub task: TaskKind,
     /// One record per method, K and seed.
     pub records: Vec<BenchRecord>,
+    /// The support set of each (K, seed), so that another implementation can be run on the
+    /// same draws.
+    #[serde(default)]
+    pub support_sets: Vec<SupportDraw>,
     /// Requested methods that were not run, with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped_methods: Vec<SkippedMethod>,
@@ -179,6 +183,18 @@ pub struct BenchOutput {
     pub notes: Vec<String>,
 }
 
+/// The support set drawn for one (K, seed): every method of that K and seed was fitted on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SupportDraw {
+    /// Shots per class.
+    pub shots: usize,
+    /// Seed of the draw.
+    pub seed: u64,
+    /// The support images (paths, as in the manifest after resolution) and their classes
+    /// (multi-label: their findings joined with `;`, or `normal`), as in `adapt.json`.
+    pub support: Vec<(String, String)>,
+}
+
 /// A requested method the benchmark did not run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SkippedMethod {
@@ -186,6 +202,29 @@ pub struct SkippedMethod {
     pub method: String,
     /// Why it was not run.
     pub reason: String,
+}
+
+/// The support images of each (K, seed) draw (`draws[j]` indexes the pool rows `pool_rows`).
+fn support_draws(
+    task: &Task,
+    jobs: &[(usize, u64)],
+    draws: &[Vec<usize>],
+    pool_rows: &[usize],
+) -> Vec<SupportDraw> {
+    jobs.iter()
+        .zip(draws)
+        .map(|(&(shots, seed), idx)| SupportDraw {
+            shots,
+            seed,
+            support: idx
+                .iter()
+                .map(|&i| {
+                    let r = pool_rows[i];
+                    (task.rows[r].path.display().to_string(), task.label_text(r))
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 fn multi_class() -> TaskKind {
@@ -416,14 +455,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
     };
     let t0 = Instant::now();
+    // One support draw per (K, seed), shared by the frozen-feature and the encoder methods.
+    let draws: Vec<Vec<usize>> = jobs
+        .iter()
+        .map(|&(k, seed)| {
+            protocol_of(k, seed)
+                .sample(&pool_y, &task.class_names)
+                .map_err(|e| anyhow::anyhow!("--shots {k}: {e}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
     let per_job: Vec<anyhow::Result<Vec<BenchRecord>>> = jobs
         .par_iter()
-        .map(|&(k, seed)| -> anyhow::Result<Vec<BenchRecord>> {
+        .zip(&draws)
+        .map(|(&(k, seed), idx)| -> anyhow::Result<Vec<BenchRecord>> {
             let protocol = protocol_of(k, seed);
-            let idx = protocol
-                .sample(&pool_y, &task.class_names)
-                .map_err(|e| anyhow::anyhow!("--shots {k}: {e}"))?;
-            let support = SupportSet::from_pool(&pool_f, &pool_y, &idx)?;
+            let support = SupportSet::from_pool(&pool_f, &pool_y, idx)?;
             let input = AdaptInput {
                 texts: &texts,
                 support: &support,
@@ -440,7 +486,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     format!("split '{}'", args.task.calib_split),
                 ),
                 None => {
-                    let (rows, source) = calibration_rows(&idx);
+                    let (rows, source) = calibration_rows(idx);
                     let (f, y) = feats.select(&task, &rows)?;
                     (f, y, source)
                 }
@@ -498,15 +544,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         &jobs
     };
-    for &(k, seed) in encoder_jobs {
+    for (&(k, seed), idx) in encoder_jobs.iter().zip(&draws) {
         let protocol = protocol_of(k, seed);
-        let idx = protocol
-            .sample(&pool_y, &task.class_names)
-            .map_err(|e| anyhow::anyhow!("--shots {k}: {e}"))?;
         let support_rows: Vec<usize> = idx.iter().map(|&i| pool_rows[i]).collect();
         let support_paths = paths_of(&support_rows);
         let labels: Vec<usize> = idx.iter().map(|&i| pool_y[i]).collect();
-        let (cal_rows, source) = calibration_rows(&idx);
+        let (cal_rows, source) = calibration_rows(idx);
         let cal_paths = paths_of(&cal_rows);
         let cal_y = task.classes(&cal_rows)?;
         for name in &encoder_methods {
@@ -615,6 +658,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         test_size: test_rows.len(),
         task: TaskKind::MultiClass,
         records,
+        support_sets: support_draws(&task, &jobs, &draws, &pool_rows),
         skipped_methods: skipped.clone(),
         accuracy_table: Some(acc.clone()),
         balanced_accuracy_table: Some(bal.clone()),
@@ -767,18 +811,10 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
         .flat_map(|&k| (0..args.seeds).map(move |s| (k, s)))
         .collect();
     let t0 = Instant::now();
-    let per_job: Vec<anyhow::Result<Vec<BenchRecord>>> = jobs
-        .par_iter()
-        .map(|&(k, seed)| -> anyhow::Result<Vec<BenchRecord>> {
-            let protocol = FewShotProtocol {
-                shots: k,
-                seed,
-                mode: SamplingMode::Balanced,
-                task: TaskKind::MultiLabel,
-                hyperparameter_policy: policy,
-                validation_set: false,
-            };
-            let idx = medvlm_adapt::fewshot::sample_support_multilabel(
+    let draws: Vec<Vec<usize>> = jobs
+        .iter()
+        .map(|&(k, seed)| {
+            medvlm_adapt::fewshot::sample_support_multilabel(
                 &pool_targets,
                 &task.class_names,
                 k,
@@ -790,7 +826,21 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
                     args.task.split,
                     task.manifest_path.display()
                 )
-            })?;
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let per_job: Vec<anyhow::Result<Vec<BenchRecord>>> = jobs
+        .par_iter()
+        .zip(&draws)
+        .map(|(&(k, seed), idx)| -> anyhow::Result<Vec<BenchRecord>> {
+            let protocol = FewShotProtocol {
+                shots: k,
+                seed,
+                mode: SamplingMode::Balanced,
+                task: TaskKind::MultiLabel,
+                hyperparameter_policy: policy,
+                validation_set: false,
+            };
             let rows: Vec<usize> = idx.iter().map(|&i| pool_rows[i]).collect();
             let support = SupportSet {
                 features: feats.features_of(&task, &rows)?,
@@ -958,6 +1008,7 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
         test_size: test_rows.len(),
         task: TaskKind::MultiLabel,
         records,
+        support_sets: support_draws(&task, &jobs, &draws, &pool_rows),
         skipped_methods: skipped.clone(),
         accuracy_table: None,
         balanced_accuracy_table: None,
