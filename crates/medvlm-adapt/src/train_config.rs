@@ -166,6 +166,61 @@ pub struct ScratchModelConfig {
     pub resnet_head_width: usize,
 }
 
+impl ScratchModelConfig {
+    /// Vocabulary assumed by the estimates below (the tokenizer is read later): CLIP's
+    /// 49,408 tokens rounded up.
+    pub const ESTIMATE_VOCAB: f64 = 50_000.0;
+
+    /// Approximate number of parameters of the model this section builds at `image_size`:
+    /// ViT `depth x (4 w^2 + 2 mlp w^2)` plus patch and position embeddings; a ModifiedResNet
+    /// scaled from RN50's image tower (38 M parameters at width 64 and blocks [3, 4, 6, 3]);
+    /// the text transformer likewise, with [`Self::ESTIMATE_VOCAB`] token embeddings.
+    pub fn estimated_parameters(&self, image_size: usize) -> f64 {
+        let mlp = self.mlp_ratio as f64;
+        let block = |w: f64| (4.0 + 2.0 * mlp) * w * w;
+        let image = if self.image_tower == "resnet" {
+            let width = self.resnet_width as f64 / 64.0;
+            let blocks = self.resnet_layers.iter().sum::<usize>() as f64 / 16.0;
+            38e6 * width * width * blocks
+        } else {
+            let w = self.vision_width as f64;
+            let p = self.patch_size.max(1) as f64;
+            let tokens = (image_size as f64 / p).powi(2) + 1.0;
+            self.vision_layers as f64 * block(w) + 3.0 * p * p * w + tokens * w
+        };
+        let tw = self.text_width as f64;
+        let text = self.text_layers as f64 * block(tw)
+            + (Self::ESTIMATE_VOCAB + self.context_length as f64) * tw;
+        let proj = (self.vision_width.max(self.resnet_width * 32) as f64 + tw)
+            * self.projection_dim as f64;
+        image + text + proj
+    }
+
+    /// Approximate bytes one training step holds in f32: each parameter with its gradient
+    /// and AdamW's two moments (16 bytes), plus the activations kept for the backward pass
+    /// (per layer and sample: the token features of the attention and MLP inputs and outputs,
+    /// and one attention map per head), counted twice for their gradients.
+    pub fn estimated_training_bytes(&self, image_size: usize, batch_size: usize) -> f64 {
+        let b = batch_size as f64;
+        let mlp = self.mlp_ratio as f64;
+        let per_layer = |tokens: f64, width: f64, heads: f64| {
+            tokens * width * (10.0 + 2.0 * mlp) + heads * tokens * tokens
+        };
+        let image = if self.image_tower == "resnet" {
+            // Bottleneck stages keep about 20 feature maps of the stem's size per sample.
+            20.0 * (image_size as f64).powi(2) * self.resnet_width as f64
+        } else {
+            let tokens = (image_size as f64 / self.patch_size.max(1) as f64).powi(2) + 1.0;
+            self.vision_layers as f64
+                * per_layer(tokens, self.vision_width as f64, self.vision_heads as f64)
+        };
+        let ctx = self.context_length as f64;
+        let text = self.text_layers as f64
+            * per_layer(ctx, self.text_width as f64, self.text_heads as f64);
+        16.0 * self.estimated_parameters(image_size) + 2.0 * 4.0 * b * (image + text)
+    }
+}
+
 fn d_vit() -> String {
     "vit".into()
 }

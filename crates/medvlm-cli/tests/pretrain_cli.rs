@@ -370,6 +370,16 @@ fn bad_configs_fail_before_training() {
     assert!(err.contains("finetune"), "{err}");
     let err = run(&cfg, &["--set", "model.scratch.tokenizer=\"nope.json\""]);
     assert!(err.contains("nope.json"), "{err}");
+    // A typo that would take all memory (12 x 1e10 x 2 layers = 2.4e11 vision parameters)
+    // is refused with the estimate before any image is read, not killed by the kernel.
+    let err = run(&cfg, &["--set", "model.scratch.vision_width=100000"]);
+    assert!(
+        err.contains("bad.toml")
+            && err.contains("parameters")
+            && err.contains("of memory")
+            && err.contains("--force"),
+        "{err}"
+    );
     // Resume without a checkpoint.
     let err = run(&cfg, &["--resume"]);
     assert!(err.contains("no checkpoint"), "{err}");

@@ -25,7 +25,8 @@
 //! Modules: [`dicom`] (read, Secondary Capture writer, identifying attributes),
 //! [`volume`] (NIfTI-1/2), [`raster`] (PNG/JPEG/TIFF), [`npy`], [`medmnist`],
 //! [`window`] (VOI, presets), [`transforms`], [`deidentify`] (PS3.15 Annex E),
-//! [`check`] (dataset validation, `--skip-bad` policy), [`atomic`] (atomic writes).
+//! [`check`] (dataset validation, `--skip-bad` policy), [`atomic`] (atomic writes),
+//! [`resources`] (memory and disk checks before long work).
 //! All errors are [`IoError`] and name the file and the reason. See `docs/io.md`.
 
 pub mod atomic;
@@ -39,6 +40,7 @@ pub mod medmnist;
 pub mod npy;
 pub mod preprocess;
 pub mod raster;
+pub mod resources;
 pub mod transforms;
 pub mod volume;
 pub mod window;

@@ -64,6 +64,9 @@ pub enum PhantomError {
     BadSize { size: u32, factor: u32 },
     #[error("output folder {0} exists and is not empty; choose another folder or pass --force to write into it")]
     OutputNotEmpty(std::path::PathBuf),
+    /// The dataset would not fit where it is to be written (the estimate and the free space).
+    #[error("{0}")]
+    TooLarge(String),
     #[error("cannot write {path}: {source}")]
     Io {
         path: std::path::PathBuf,

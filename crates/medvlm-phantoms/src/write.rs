@@ -53,6 +53,27 @@ pub struct DatasetConfig {
     pub force: bool,
 }
 
+impl DatasetConfig {
+    /// An upper bound of the bytes the dataset takes on disk: every image, mask, copy and
+    /// field uncompressed (PNG only makes them smaller), the DICOM / NIfTI share and about
+    /// 2 kB of manifest and report per study. An f64, since `n` may be absurd.
+    pub fn estimated_disk_bytes(&self) -> f64 {
+        let px = f64::from(self.options.size).powi(2);
+        let f = f64::from(self.options.lowres_factor.max(1));
+        let image = 3.0 * px;
+        let masks = self.options.max_findings as f64 * px;
+        let lowres = image / (f * f);
+        let registration = if self.options.registration {
+            image + 2.0 * 4.0 * px
+        } else {
+            0.0
+        };
+        // 16-bit DICOM + float32 NIfTI for one study in DICOM_NIFTI_EVERY.
+        let copies = (2.0 + 4.0) * px / DICOM_NIFTI_EVERY as f64;
+        self.n as f64 * (image + masks + lowres + registration + copies + 2048.0)
+    }
+}
+
 /// Counts of what was written.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DatasetSummary {
@@ -352,7 +373,8 @@ pub fn dataset_description(config: &DatasetConfig) -> Value {
 }
 
 /// Generate and write a dataset. Errors (before writing anything) on `n = 0`,
-/// no modality, a bad size, or an existing non-empty folder without `force`.
+/// no modality, a bad size, or, without `force`, an existing non-empty folder or a dataset
+/// whose [`DatasetConfig::estimated_disk_bytes`] exceed the free space there.
 pub fn write_dataset(config: &DatasetConfig) -> Result<DatasetSummary, PhantomError> {
     if config.n == 0 {
         return Err(PhantomError::ZeroStudies);
@@ -362,6 +384,14 @@ pub fn write_dataset(config: &DatasetConfig) -> Result<DatasetSummary, PhantomEr
     }
     config.options.validate()?;
     let dir = &config.out;
+    medvlm_io::resources::ensure_disk(
+        &format!("{} phantom studies of {} px", config.n, config.options.size),
+        config.estimated_disk_bytes(),
+        dir,
+        config.force,
+        "pass --force",
+    )
+    .map_err(|e| PhantomError::TooLarge(e.to_string()))?;
     if dir.exists() {
         if !dir.is_dir() {
             return Err(io_err(

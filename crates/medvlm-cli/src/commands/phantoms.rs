@@ -79,7 +79,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0.25)]
     pub normal_fraction: f32,
     /// Write into an existing non-empty folder (same-name files are replaced,
-    /// nothing else is deleted).
+    /// nothing else is deleted), and start even when the estimated size exceeds the free
+    /// disk space.
     #[arg(long)]
     pub force: bool,
 }

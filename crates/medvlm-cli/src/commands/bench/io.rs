@@ -37,6 +37,10 @@ pub struct Args {
     /// Passes over the file set (the first is a warm-up and not timed).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Start even when the synthetic files or the decoded images are estimated to exceed
+    /// the free disk or the available memory.
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn synthetic(dir: &std::path::Path, count: usize, side: usize) -> anyhow::Result<Vec<PathBuf>> {
@@ -74,6 +78,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.threads == 0 || args.repeat == 0 {
         bail!("--threads and --repeat must be at least 1");
     }
+    // Each worker holds one decoded image (u16 pixels, f32 values after the Modality LUT and
+    // windowing: about 16 bytes a pixel) and its model input (f32 RGB, twice while resizing).
+    let side = args.side as f64;
+    let size = args.size as f64;
+    medvlm_io::resources::ensure_memory(
+        &format!(
+            "bench io with {}-pixel images, model input {} and {} thread(s)",
+            args.side, args.size, args.threads
+        ),
+        args.threads as f64 * (16.0 * side * side + 24.0 * size * size),
+        args.force,
+        "pass --force",
+    )?;
     let tmp;
     let files: Vec<PathBuf> = match &args.input {
         Some(dir) => {
@@ -87,6 +104,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => {
             tmp = std::env::temp_dir().join(format!("medvlm-bench-io-{}", std::process::id()));
+            medvlm_io::resources::ensure_disk(
+                &format!("{} synthetic {}-pixel DICOM files", args.count, args.side),
+                args.count as f64 * (2.0 * side * side + 2048.0),
+                &tmp,
+                args.force,
+                "pass --force",
+            )?;
             std::fs::create_dir_all(&tmp)?;
             synthetic(&tmp, args.count, args.side)?
         }

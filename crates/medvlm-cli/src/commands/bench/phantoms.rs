@@ -47,6 +47,10 @@ pub struct Args {
     /// Print the results as JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Start even when the studies held in memory (or written) are estimated to exceed the
+    /// available memory (or free disk).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// CPU seconds (user + system, all threads) used by this process so far, on
@@ -100,6 +104,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         };
         opts.validate().with_context(|| format!("--sizes {size}"))?;
+        let config = DatasetConfig {
+            out: std::env::temp_dir().join(format!(
+                "medvlm-bench-phantoms-{}-{size}",
+                std::process::id()
+            )),
+            n: args.n,
+            seed: args.seed,
+            modalities: modalities.clone(),
+            options: opts.clone(),
+            force: args.force,
+        };
+        // Every study of a measurement is held in memory at once; its images, copies and
+        // fields are about what the written dataset takes on disk uncompressed.
+        medvlm_io::resources::ensure_memory(
+            &format!("bench phantoms --n {} at {size} px", args.n),
+            config.estimated_disk_bytes(),
+            args.force,
+            "pass --force",
+        )?;
         // Warm-up (page faults, allocator) on a few studies.
         pool.install(|| generate_studies(&modalities, args.seed, 8.min(args.n), &opts))?;
         let t = Instant::now();
@@ -115,18 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let write_rate = if args.no_write {
             None
         } else {
-            let dir = std::env::temp_dir().join(format!(
-                "medvlm-bench-phantoms-{}-{size}",
-                std::process::id()
-            ));
-            let config = DatasetConfig {
-                out: dir.clone(),
-                n: args.n,
-                seed: args.seed,
-                modalities: modalities.clone(),
-                options: opts.clone(),
-                force: true,
-            };
+            let dir = config.out.clone();
             let t = Instant::now();
             let result = pool.install(|| write_dataset(&config));
             let secs = t.elapsed().as_secs_f64();
