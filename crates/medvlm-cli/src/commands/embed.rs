@@ -11,9 +11,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::commands::progress::Progress;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use medvlm_models::preprocess::{load_and_preprocess, PreprocessConfig};
 use medvlm_models::{LoadOptions, LoadedModel};
 use rayon::prelude::*;
@@ -36,7 +36,7 @@ pub struct Args {
     #[arg(long)]
     pub text: Option<PathBuf>,
     /// Images per inference batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::commands::at_least_one)]
     pub batch: usize,
     /// Skip unreadable images (counted and listed at the end) instead of stopping.
     #[arg(long)]
@@ -158,17 +158,6 @@ pub struct ImageEmbeddings {
     pub skipped: Vec<Skipped>,
 }
 
-fn progress(n: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(n as u64);
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-    {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(what.to_string());
-    pb
-}
-
 /// Preprocess (in parallel) and embed `paths` in batches of `batch`.
 pub fn embed_images(
     m: &LoadedModel,
@@ -178,7 +167,7 @@ pub fn embed_images(
     device: &Device,
 ) -> anyhow::Result<ImageEmbeddings> {
     let batch = batch.max(1);
-    let pb = progress(paths.len(), "images");
+    let pb = Progress::new("embedding", paths.len() as u64, "images");
     let mut rows = Vec::new();
     let mut kept = Vec::new();
     let mut skipped = Vec::new();
@@ -217,7 +206,7 @@ pub fn embed_images(
         }
         pb.inc(chunk.len() as u64);
     }
-    pb.finish_and_clear();
+    pb.finish();
     let embeds = if rows.is_empty() {
         None
     } else {

@@ -20,6 +20,8 @@ use medvlm_adapt::pretrain::{
     zero_shot, ContrastiveModel,
 };
 use medvlm_adapt::train_config::{Command, TrainConfig};
+
+use crate::commands::progress::Progress;
 use medvlm_adapt::trainer::{self, Callbacks, LoopConfig, RunPaths, StepRecord, TrainSummary};
 
 /// Arguments of `medvlm pretrain`.
@@ -34,6 +36,10 @@ pub struct Args {
     /// Continue the run in output_dir from its newest checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Start even when the model and its training step are estimated to need more memory
+    /// than is available.
+    #[arg(long)]
+    pub force: bool,
     /// Skip unreadable images (counted and listed) instead of stopping.
     #[arg(long)]
     pub skip_bad: bool,
@@ -158,8 +164,8 @@ pub fn validate(
 
 /// Progress bar, throttle and per-epoch validation.
 pub struct PretrainCallbacks<'a> {
-    /// Progress bar (hidden when stderr is not a terminal).
-    pub bar: indicatif::ProgressBar,
+    /// Progress (a bar on a terminal, plain lines otherwise).
+    pub bar: Progress,
     /// Validation samples and classes, evaluated every `every_epochs` epochs.
     pub val: Option<(&'a [ImageTextSample], Vec<ZeroShotClass>)>,
     /// Evaluate every N epochs (0: never).
@@ -173,10 +179,9 @@ pub struct PretrainCallbacks<'a> {
 impl Callbacks<ContrastiveModel> for PretrainCallbacks<'_> {
     fn on_start(&mut self, start_step: u64, total_steps: u64) {
         self.bar.set_length(total_steps);
-        self.bar.set_position(start_step);
+        self.bar.start_at(start_step);
     }
     fn on_update(&mut self, r: &StepRecord) {
-        self.bar.set_position(r.step);
         let t = r.scalars.get("temperature").copied().unwrap_or(f64::NAN);
         self.bar.set_message(format!(
             "epoch {} loss {:.4} lr {:.2e} T {:.4}",
@@ -185,6 +190,7 @@ impl Callbacks<ContrastiveModel> for PretrainCallbacks<'_> {
             r.lr,
             t
         ));
+        self.bar.set_position(r.step);
         if !self.throttle.is_zero() {
             std::thread::sleep(self.throttle);
         }
@@ -216,20 +222,9 @@ impl Callbacks<ContrastiveModel> for PretrainCallbacks<'_> {
     }
 }
 
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-pub fn progress_bar() -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} updates, eta {eta} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar
+/// Progress of the training updates on stderr.
+pub fn progress_bar() -> Progress {
+    Progress::new("training", 0, "updates")
 }
 
 /// The SHA-256 of the resolved configuration (checkpoints of another configuration are
@@ -307,6 +302,20 @@ pub fn train_and_save<C: Callbacks<ContrastiveModel>>(
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = load_pretrain_config(&args.config, &args.overrides, Command::Pretrain)?;
+    if let Some(s) = &cfg.model.scratch {
+        let (size, batch) = (cfg.data.image_size, cfg.data.batch_size);
+        medvlm_io::resources::ensure_memory(
+            &format!(
+                "{}: [model.scratch] (about {:.2e} parameters) trained at data.image_size = \
+                 {size}, data.batch_size = {batch},",
+                args.config.display(),
+                s.estimated_parameters(size)
+            ),
+            s.estimated_training_bytes(size, batch),
+            args.force,
+            "pass --force",
+        )?;
+    }
     let manifest = medvlm_io::read_manifest(&cfg.data.manifest)
         .with_context(|| format!("data.manifest {}", cfg.data.manifest.display()))?;
     let (mut train, report) = data::samples_from_manifest(
@@ -381,7 +390,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.resume { ", resuming" } else { "" }
     );
     let summary = train_and_save(&cfg, &mut model, &train, args.resume, &mut cb)?;
-    cb.bar.finish_and_clear();
+    cb.bar.finish();
     if args.resume {
         println!("resumed from step {}", summary.start_step);
     }

@@ -74,7 +74,7 @@ pub struct Args {
     #[arg(long)]
     pub layers: Option<usize>,
     /// Samples per update (default 64; 32 with --tiny).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::commands::at_least_one)]
     pub batch: Option<usize>,
     /// Peak learning rate (default 2e-3).
     #[arg(long)]
@@ -575,7 +575,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let t1 = Instant::now();
     let summary = train_and_save(&cfg, &mut model, train, false, &mut cb)?;
-    cb.bar.finish_and_clear();
+    cb.bar.finish();
     let t_train = t1.elapsed().as_secs_f64();
     // The checkpoint is not needed after a finished quickstart (the model is in model/).
     let _ = std::fs::remove_dir_all(&ckpt);
