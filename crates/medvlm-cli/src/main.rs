@@ -52,6 +52,20 @@ fn flush_subnormals() {
     }
 }
 
+/// End quietly when the reader of standard output goes away (`medvlm phantoms prompts |
+/// head -1`), as Unix tools do. The Rust runtime ignores SIGPIPE, so a write to a closed pipe
+/// fails with EPIPE and `println!` panics with a backtrace; with the default action restored
+/// the kernel ends the process at that write instead. Files are written atomically (temp file +
+/// rename), so being ended mid-run leaves no half-written output.
+fn restore_default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: sets the disposition of one signal before any thread starts; SIG_DFL is always
+    // a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -101,6 +115,7 @@ enum Command {
 }
 
 fn main() {
+    restore_default_sigpipe();
     flush_subnormals();
     allocator_options();
     let cli = Cli::parse();

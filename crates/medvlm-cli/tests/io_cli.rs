@@ -184,6 +184,84 @@ fn convert_bad_inputs_fail_clearly() {
     assert!(e.contains("invalid window"), "{e}");
 }
 
+#[test]
+fn convert_refuses_contradictory_or_absurd_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("x.png");
+    let nii = io_data("anatomical.nii");
+    let two_frames = io_data("SC_rgb_rle_2frame.dcm");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "convert",
+                arg(&nii),
+                "--out",
+                arg(&png),
+                "--mip",
+                "--slice",
+                "3",
+            ],
+            "--slice",
+        ),
+        (
+            vec!["convert", arg(&nii), "--out", arg(&png), "--salt", "s3cret"],
+            "--deidentify",
+        ),
+        (
+            vec![
+                "convert",
+                arg(&nii),
+                "--out",
+                arg(&png),
+                "--window",
+                "inf/400",
+            ],
+            "invalid window 'inf/400'",
+        ),
+        (
+            vec![
+                "convert",
+                arg(&nii),
+                "--out",
+                arg(&png),
+                "--window",
+                "40/NaN",
+            ],
+            "invalid window '40/NaN'",
+        ),
+        // A multi-frame file to PNG names the frame count instead of writing frame 0.
+        (
+            vec!["convert", arg(&two_frames), "--out", arg(&png)],
+            "has 2 frames: choose one with --frame",
+        ),
+    ];
+    for (args, expect) in cases {
+        let e = fails(&run(&args));
+        assert!(e.contains(expect), "{args:?}: {e}");
+        assert!(!png.exists(), "{args:?} wrote a file");
+    }
+    // With --frame it is written; windowed .npy needs the frame too, plain .npy keeps all.
+    ok(&run(&[
+        "convert",
+        arg(&two_frames),
+        "--out",
+        arg(&png),
+        "--frame",
+        "1",
+    ]));
+    assert!(png.exists());
+    let npy = dir.path().join("x.npy");
+    let e = fails(&run(&[
+        "convert",
+        arg(&two_frames),
+        "--out",
+        arg(&npy),
+        "--window",
+        "auto",
+    ]));
+    assert!(e.contains("has 2 frames"), "{e}");
+}
+
 /// Text values of identifying attributes of a file, read here only to assert
 /// they never appear in outputs (they are never printed).
 fn identifying_values(p: &Path) -> Vec<String> {

@@ -166,3 +166,92 @@ fn prompts_are_written_as_json_that_zero_shot_reads() {
         "{e}"
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn a_closed_output_pipe_ends_the_run_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    // `medvlm phantoms prompts | head -0`: the reader is gone before the first write.
+    let mut child = medvlm()
+        .args(["phantoms", "prompts", "--modality", "chest"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    // Ended by SIGPIPE (13), as `cat` would be, not a panic's exit code 101.
+    assert_eq!(o.status.signal(), Some(13), "{:?}", o.status);
+}
+
+#[test]
+fn the_phantom_benchmark_passes_data_check_strict() {
+    // Its splits include the held-out acquisition site (`test_heldout_site`), an evaluation
+    // split that --strict must not call unusual.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let o = medvlm()
+        .args([
+            "phantoms", "generate", "--n", "400", "--size", "32", "--out",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest = std::fs::read_to_string(data.join("manifest.jsonl")).unwrap();
+    assert!(manifest.contains("\"test_heldout_site\""), "{manifest}");
+    let o = medvlm()
+        .args(["data", "check", "--strict"])
+        .arg(data.join("manifest.jsonl"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("test_heldout_site"), "{stdout}");
+    assert!(!stdout.contains("unusual split"), "{stdout}");
+}
+
+#[test]
+fn absurd_sizes_are_refused_with_their_estimate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("huge");
+    let o = medvlm()
+        .args([
+            "phantoms",
+            "generate",
+            "--n",
+            "18446744073709551615",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("18446744073709551615 phantom studies")
+            && stderr.contains("of disk")
+            && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert!(!out.join("images").exists(), "it started writing");
+
+    // Memory: decoded 100000 x 100000 images on 2 threads.
+    let o = medvlm()
+        .args(["bench", "io", "--side", "100000", "--count", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("bench io") && stderr.contains("of memory") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

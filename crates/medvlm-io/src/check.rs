@@ -211,22 +211,20 @@ fn suspicious_labels(m: &Manifest, rep: &CheckReport) -> Vec<String> {
     if numeric > 0 && numeric < totals.len() {
         out.push("labels mix numbers and names (e.g. \"0\" and \"nodule\")".into());
     }
-    let known = ["train", "val", "test", "(none)"];
-    for s in rep
-        .per_split
-        .keys()
-        .filter(|s| !known.contains(&s.as_str()))
-    {
+    for s in rep.per_split.keys().filter(|s| !is_known_split(s)) {
         out.push(format!(
-            "unusual split name {s:?} (expected train, val or test)"
+            "unusual split name {s:?} (expected train, val, test, or an evaluation split \
+             named test_* / val_* such as test_heldout_site)"
         ));
     }
     if let Some(train) = rep.per_split_class.get("train") {
-        for split in ["val", "test"] {
-            if let Some(cls) = rep.per_split_class.get(split) {
-                for c in cls.keys().filter(|c| !train.contains_key(*c)) {
-                    out.push(format!("class {c:?} appears in {split} but never in train"));
-                }
+        for (split, cls) in rep
+            .per_split_class
+            .iter()
+            .filter(|(s, _)| is_evaluation_split(s))
+        {
+            for c in cls.keys().filter(|c| !train.contains_key(*c)) {
+                out.push(format!("class {c:?} appears in {split} but never in train"));
             }
         }
     }
@@ -252,6 +250,16 @@ fn suspicious_labels(m: &Manifest, rep: &CheckReport) -> Vec<String> {
         }
     }
     out
+}
+
+/// Validation and test splits: `val`, `test`, and further ones named `val_*` / `test_*`
+/// (an external test site, e.g. the phantom benchmark's `test_heldout_site`).
+fn is_evaluation_split(s: &str) -> bool {
+    s == "val" || s == "test" || s.starts_with("val_") || s.starts_with("test_")
+}
+
+fn is_known_split(s: &str) -> bool {
+    s == "train" || s == "(none)" || is_evaluation_split(s)
 }
 
 /// The `--skip-bad` policy: without it any bad file is an error listing them;

@@ -56,9 +56,19 @@ pub struct ManifestRecord {
     pub image: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Class name. JSONL integers (`"label": 3`, as MedMNIST-style exports write them) are
+    /// read as the class named "3".
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "label_or_integer"
+    )]
     pub label: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "labels_or_integers"
+    )]
     pub labels: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
@@ -148,6 +158,47 @@ fn manifest_root(path: &Path) -> PathBuf {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     }
+}
+
+/// A class name in JSONL: a string, or an integer class index written as a number.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ClassName {
+    Name(String),
+    Index(i64),
+}
+
+impl From<ClassName> for String {
+    fn from(c: ClassName) -> String {
+        match c {
+            ClassName::Name(s) => s,
+            ClassName::Index(i) => i.to_string(),
+        }
+    }
+}
+
+fn label_or_integer<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<String>, D::Error> {
+    Ok(Option::<ClassName>::deserialize(d)
+        .map_err(|_| {
+            serde::de::Error::custom("\"label\" must be a class name (string) or an integer")
+        })?
+        .map(String::from))
+}
+
+fn labels_or_integers<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    Ok(Vec::<ClassName>::deserialize(d)
+        .map_err(|_| {
+            serde::de::Error::custom(
+                "\"labels\" must be a list of class names (strings) or integers",
+            )
+        })?
+        .into_iter()
+        .map(String::from)
+        .collect())
 }
 
 fn read_jsonl_records(path: &Path) -> Result<Vec<ManifestRecord>> {

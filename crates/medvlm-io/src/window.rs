@@ -110,8 +110,12 @@ impl FromStr for Window {
         if let Some((a, b)) = t.split_once('/') {
             let center: f64 = a.trim().parse().map_err(|_| bad("bad centre"))?;
             let width: f64 = b.trim().parse().map_err(|_| bad("bad width"))?;
-            if width.is_nan() || width < 1.0 {
-                return Err(bad("width must be >= 1"));
+            // Rust parses "inf" and "NaN" as numbers; neither makes a window.
+            if !center.is_finite() {
+                return Err(bad("the centre must be a finite number"));
+            }
+            if !width.is_finite() || width < 1.0 {
+                return Err(bad("the width must be a finite number >= 1"));
             }
             return Ok(Window::CenterWidth { center, width });
         }

@@ -108,7 +108,20 @@ fn window_parsing_and_errors() {
         }
     );
     assert_eq!("none".parse::<Window>().unwrap(), Window::None);
-    for bad in ["liver?", "40/0", "p99-1", "p5", "file:x"] {
+    for bad in [
+        "liver?",
+        "40/0",
+        "p99-1",
+        "p5",
+        "file:x",
+        "inf/400",
+        "nan/400",
+        "40/inf",
+        "40/NaN",
+        "-inf/1e400",
+        "pnan-99",
+        "p1-inf",
+    ] {
         let e = bad.parse::<Window>().unwrap_err().to_string();
         assert!(e.contains(bad), "{bad}: {e}");
     }

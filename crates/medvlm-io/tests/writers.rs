@@ -191,6 +191,32 @@ fn manifest_jsonl_round_trip() {
 }
 
 #[test]
+fn jsonl_integer_labels_are_class_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.jsonl");
+    std::fs::write(
+        &path,
+        "{\"image\": \"a.png\", \"label\": 3}\n\
+         {\"image\": \"b.png\", \"label\": \"3\"}\n\
+         {\"image\": \"c.png\", \"labels\": [0, \"effusion\"]}\n\
+         {\"image\": \"d.png\", \"label\": null}\n",
+    )
+    .unwrap();
+    let m = read_manifest(&path).unwrap();
+    assert_eq!(m.records[0].label.as_deref(), Some("3"));
+    assert_eq!(m.records[1].label, m.records[0].label);
+    assert_eq!(m.records[2].labels, ["0", "effusion"]);
+    assert_eq!(m.records[3].label, None);
+    // Anything else is refused with the file, the line and the field.
+    std::fs::write(&path, "{\"image\": \"a.png\", \"label\": 1.5}\n").unwrap();
+    let err = read_manifest(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("m.jsonl:1:") && err.contains("\"label\""),
+        "{err}"
+    );
+}
+
+#[test]
 fn manifest_csv_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.csv");

@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long)]
     pub slice: Option<usize>,
     /// Maximum-intensity projection along --axis instead of one slice.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "slice")]
     pub mip: bool,
     /// Write a de-identified DICOM copy (PS3.15 Annex E basic profile) to --out.
     #[arg(long)]
@@ -47,7 +47,7 @@ pub struct Args {
     /// Secret salt for replacing UIDs with --deidentify; use the same salt for all
     /// files of a dataset so references between them stay consistent.
     /// Default: a random salt per invocation.
-    #[arg(long)]
+    #[arg(long, requires = "deidentify")]
     pub salt: Option<String>,
 }
 
@@ -102,7 +102,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let img = medvlm_io::load_any(&args.input)
         .with_context(|| format!("reading {}", args.input.display()))?;
     for w in &img.warnings {
-        tracing::warn!("{w}");
         eprintln!("warning: {w}");
     }
     let window: Window = match &args.window {
@@ -118,6 +117,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         mip: args.mip,
     };
     let whole = args.frame.is_none() && axis.is_none() && args.slice.is_none() && !args.mip;
+    // One plane is written unless .npy holds the whole image unwindowed: with several frames
+    // (or 4-D volumes) that plane must be chosen, never silently the first.
+    let one_plane = ext == "png" || window != Window::None || !whole;
+    if one_plane && args.frame.is_none() && img.frames() > 1 {
+        bail!(
+            "{} has {} frames: choose one with --frame N (0-based), or write all of them \
+             unwindowed to .npy",
+            args.input.display(),
+            img.frames()
+        );
+    }
     if ext == "npy" {
         if window == Window::None {
             if whole {

@@ -11,6 +11,16 @@ pub mod models;
 pub mod phantoms;
 pub mod predict;
 pub mod pretrain;
+pub mod progress;
 pub mod quickstart;
 pub mod tuning;
 pub mod zero_shot;
+
+/// clap parser of counts that must be at least 1 (`--batch 0` would embed nothing, or loop).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -44,7 +44,7 @@ pub struct Args {
     #[arg(long)]
     pub csv: Option<PathBuf>,
     /// Images per inference batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::commands::at_least_one)]
     pub batch: usize,
     /// Skip unreadable images (counted and listed at the end) instead of stopping.
     #[arg(long)]

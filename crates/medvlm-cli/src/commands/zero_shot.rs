@@ -136,6 +136,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if names.len() < 2 {
                 bail!("--classes needs at least two names separated by ';'");
             }
+            let distinct: std::collections::BTreeSet<&String> = names.iter().collect();
+            if distinct.len() != names.len() {
+                bail!("--classes {c:?} names a class twice");
+            }
             names
                 .into_iter()
                 .map(|n| {

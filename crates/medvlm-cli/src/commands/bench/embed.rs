@@ -70,10 +70,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "vit-b16")]
     pub arch: Arch,
     /// Images per batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::commands::at_least_one)]
     pub batch: usize,
     /// Timed batches (after the warm-up).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::commands::at_least_one)]
     pub batches: usize,
     /// Untimed warm-up batches.
     #[arg(long, default_value_t = 1)]
