@@ -39,6 +39,7 @@ pub mod medmnist;
 pub mod npy;
 pub mod preprocess;
 pub mod raster;
+mod rle;
 pub mod transforms;
 pub mod volume;
 pub mod window;
