@@ -237,20 +237,37 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Text of an element; an element stored with VR UN (pydicom reads it with the
+/// dictionary's VR) is taken as its bytes in ASCII / Latin-1.
 fn elem_str(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
-    obj.element_opt(tag)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
+    let e = obj.element_opt(tag).ok().flatten()?;
+    let s = if e.vr() == VR::UN {
+        e.to_bytes()
+            .ok()?
+            .iter()
+            .map(|&b| b as char)
+            .collect::<String>()
+    } else {
+        e.to_str().ok()?.into_owned()
+    };
+    Some(s.trim_end_matches(['\0', ' ']).trim().to_string())
 }
 
 fn elem_f64s(obj: &InMemDicomObject, tag: Tag) -> Vec<f64> {
-    obj.element_opt(tag)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_multi_float64().ok())
-        .unwrap_or_default()
+    let Some(e) = obj.element_opt(tag).ok().flatten() else {
+        return Vec::new();
+    };
+    if e.vr() == VR::UN {
+        // a decimal string stored as UN (values separated by backslashes)
+        return elem_str(obj, tag)
+            .map(|s| {
+                s.split('\\')
+                    .map_while(|v| v.trim().parse::<f64>().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+    e.to_multi_float64().ok().unwrap_or_default()
 }
 
 fn elem_u16(obj: &InMemDicomObject, tag: Tag) -> Option<u16> {
@@ -313,7 +330,9 @@ pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> 
     let mut warnings = Vec::new();
     // RLE Lossless, 1-bit and native YBR_FULL_422 pixel data are decoded here into a
     // native 8/16/32-bit copy of the object, which dicom-pixeldata passes through.
-    let prepared = prepare_pixels(path, obj, &ts_uid, &mut warnings).map_err(&dicom_err)?;
+    let prepared = quiet_catch(|| prepare_pixels(path, obj, &ts_uid, &mut warnings))
+        .and_then(|r| r)
+        .map_err(&dicom_err)?;
     let obj = prepared.as_ref().unwrap_or(obj);
     let decoded = match decode_guarded(obj) {
         Ok(d) => d,
@@ -492,6 +511,23 @@ fn decode_guarded(
         .map_err(|e| format!("cannot decode pixel data: {}", error_chain(&e)))
 }
 
+/// JPEG transfer syntaxes whose 8-bit colour frames jpeg-decoder decodes:
+/// baseline, extended, lossless (process 14 and its SV1 selection).
+const JPEG_8BIT_UIDS: &[&str] = &[
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+];
+
+/// Transfer syntaxes with native (not encapsulated) pixel data.
+const NATIVE_UIDS: &[&str] = &[
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+];
+
 /// RLE Lossless transfer syntax UID.
 pub const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 
@@ -501,6 +537,8 @@ pub const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 /// - RLE Lossless (any Bits Allocated; headers validated, see [`crate::rle`]);
 /// - native Bits Allocated 1 (bit-packed, PS3.5 8.1.1: pixel `i` is bit `i % 8` of
 ///   byte `i / 8`, continuing across frames) -> 8-bit 0/1 values, as pydicom gives;
+/// - JPEG colour frames with Photometric Interpretation RGB -> decoded without a
+///   YCbCr -> RGB transform;
 /// - native YBR_FULL_422 (PS3.3 C.7.6.3.1.2: `Y1 Y2 Cb Cr` per pair of pixels) ->
 ///   full-resolution YBR_FULL (converted to RGB later, like pydicom).
 fn prepare_pixels(
@@ -513,11 +551,21 @@ fn prepare_pixels(
         .element(tags::PIXEL_DATA)
         .map_err(|e| format!("no Pixel Data: {e}"))?;
     let encapsulated = pixel.value().fragments().is_some();
+    if encapsulated && NATIVE_UIDS.contains(&ts_uid) {
+        return Err(format!(
+            "the Pixel Data are encapsulated (compressed fragments) but the transfer syntax \
+             is a native one; without file meta information the compression is unknown ({} \
+             fragment(s))",
+            pixel.value().fragments().map_or(0, |f| f.len())
+        ));
+    }
     let bits = elem_u16(obj, tags::BITS_ALLOCATED)
         .ok_or("missing or invalid Bits Allocated (0028,0100)")?;
     let pmi = elem_str(obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default();
     let is_rle = ts_uid == RLE_LOSSLESS;
-    if !(is_rle || (!encapsulated && (bits == 1 || pmi == "YBR_FULL_422"))) {
+    let spp0 = elem_u16(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
+    let rgb_jpeg = JPEG_8BIT_UIDS.contains(&ts_uid) && spp0 == 3 && bits == 8 && pmi == "RGB";
+    if !(is_rle || rgb_jpeg || (!encapsulated && (bits == 1 || pmi == "YBR_FULL_422"))) {
         return Ok(None);
     }
     let rows = elem_u16(obj, tags::ROWS).ok_or("missing or invalid Rows (0028,0010)")? as usize;
@@ -539,7 +587,46 @@ fn prepare_pixels(
     let pixels = rows * cols;
     let mut fixed = obj.clone();
     let us = |tag: Tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
-    let out: Vec<u8> = if is_rle {
+    let out: Vec<u8> = if rgb_jpeg {
+        // PS3.5 8.2.1: JPEG colour data with Photometric Interpretation RGB were not
+        // colour-transformed; jpeg-decoder would assume YCbCr when the stream has no
+        // Adobe APP14 marker and component ids other than 'R','G','B' (pydicom
+        // follows the Photometric Interpretation too).
+        let frags = pixel
+            .value()
+            .fragments()
+            .ok_or("JPEG pixel data are not encapsulated (no fragments)")?;
+        let frames = declared_frames.ok_or("invalid NumberOfFrames")?.max(1);
+        let frame_bytes = pixels * 3;
+        let mut out = Vec::with_capacity(frame_bytes.saturating_mul(frames).min(1 << 30));
+        for (f, frag) in frames_of_fragments(frags, pixel.value().offset_table(), frames)?
+            .iter()
+            .enumerate()
+        {
+            let mut dec = jpeg_decoder::Decoder::new(&frag[..]);
+            dec.set_color_transform(jpeg_decoder::ColorTransform::RGB);
+            let px = dec
+                .decode()
+                .map_err(|e| format!("cannot decode pixel data: JPEG frame {}: {e}", f + 1))?;
+            let info = dec.info().ok_or("JPEG frame without a frame header")?;
+            if info.pixel_format != jpeg_decoder::PixelFormat::RGB24
+                || info.width as usize != cols
+                || info.height as usize != rows
+                || px.len() != frame_bytes
+            {
+                return Err(format!(
+                    "JPEG frame {} is {}x{} {:?}, the data set says {rows}x{cols} RGB 8-bit",
+                    f + 1,
+                    info.height,
+                    info.width,
+                    info.pixel_format
+                ));
+            }
+            out.extend_from_slice(&px);
+        }
+        fixed.put(us(tags::PLANAR_CONFIGURATION, 0));
+        out
+    } else if is_rle {
         let bytes = match bits {
             8 => 1,
             16 => 2,

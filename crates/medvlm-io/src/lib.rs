@@ -64,7 +64,7 @@ pub enum FileKind {
 }
 
 /// Detect a file's kind from its name, falling back to its first bytes
-/// (`DICM` at 128, NIfTI header size, PNG/JPEG/TIFF magic, NumPy magic).
+/// (`DICM` at 128 or 0, NIfTI header size, PNG/JPEG/TIFF magic, NumPy magic).
 pub fn detect_format(path: &std::path::Path) -> Result<FileKind> {
     let name = path
         .file_name()
@@ -96,7 +96,7 @@ pub fn detect_format(path: &std::path::Path) -> Result<FileKind> {
             .map_err(|e| IoError::os(path, e))?;
         b
     };
-    if head.len() >= 132 && &head[128..132] == b"DICM" {
+    if (head.len() >= 132 && &head[128..132] == b"DICM") || head.starts_with(b"DICM") {
         return Ok(FileKind::Dicom);
     }
     if head.len() >= 4 {
