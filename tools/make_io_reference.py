@@ -99,6 +99,8 @@ def nifti_entry(path):
         "zooms": [float(z) for z in img.header.get_zooms()],
     }
     entry.update(summary(data))
+    if data.ndim not in (3, 4) or data.shape[1] <= 3:
+        return entry  # the unit-dimension files: shape and values only
     vol0 = data if data.ndim == 3 else data[..., 0]
     mid = vol0.shape[2] // 2
     entry["z_slice"] = {"index": mid, **summary(vol0[:, :, mid])}
@@ -259,6 +261,31 @@ def synthetic_dicoms(out_dir):
     return entries
 
 
+def nifti_unit_dims(out_dir):
+    """Small NIfTI-1 files written by nibabel with leading, inner and trailing unit
+    dimensions (and a 2-D one): nibabel's shape is dim[1..dim[0]], never squeezed."""
+    rng = np.random.RandomState(13)
+    specs = [
+        ("nib_leading_unit.nii", (1, 6, 5), np.int16),
+        ("nib_trailing_units.nii", (6, 5, 1, 1), np.float32),
+        ("nib_2d.nii", (6, 5), np.uint8),
+        ("nib_5d_inner_unit.nii.gz", (4, 3, 2, 1, 2), np.int16),
+    ]
+    entries = {}
+    for name, shape, dtype in specs:
+        arr = rng.randint(0, 200, size=shape).astype(dtype)
+        aff = np.diag([2.0, 1.5, 3.0, 1.0])
+        aff[:3, 3] = [-5.0, 7.0, 1.0]
+        img = nib.Nifti1Image(arr, aff)
+        img.header.set_data_shape(shape)
+        path = os.path.join(out_dir, name)
+        img.to_filename(path)
+        entry = nifti_entry(path)
+        assert tuple(entry["shape"]) == shape, (name, entry["shape"])
+        entries[name] = entry
+    return entries
+
+
 def main():
     out = {"generator": "tools/make_io_reference.py", "pydicom": pydicom.__version__,
            "nibabel": nib.__version__, "numpy": np.__version__, "files": {}}
@@ -277,6 +304,7 @@ def main():
     }
     out["files"].update(raster_fixtures(DATA))
     out["files"].update(synthetic_dicoms(DATA))
+    out["files"].update(nifti_unit_dims(DATA))
     out["files"]["medmnist_tiny.npz"] = medmnist_fixture(DATA)
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:

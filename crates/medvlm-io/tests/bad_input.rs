@@ -360,3 +360,80 @@ fn truncated_or_garbled_jpeg_jpeg2000_and_deflate_are_errors() {
         }
     }
 }
+
+/// NIfTI headers nibabel would read as an empty array, a negative count or its
+/// own header bytes as voxels: refused with an error naming the file and field.
+#[test]
+fn nifti_zero_negative_and_absurd_header_values_are_refused() {
+    let orig = std::fs::read(data("nib_leading_unit.nii")).unwrap();
+    assert_eq!(i16::from_le_bytes([orig[40], orig[41]]), 3);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad_header.nii");
+    let set_i16 = |b: &mut Vec<u8>, o: usize, v: i16| b[o..o + 2].copy_from_slice(&v.to_le_bytes());
+    let set_f32 = |b: &mut Vec<u8>, o: usize, v: f32| b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(Patch, &str)> = vec![
+        (
+            Box::new(move |b| set_i16(b, 44, 0)),
+            "dim[2] = 0 (dims [1, 0, 5]): the image is empty",
+        ),
+        (
+            Box::new(move |b| set_i16(b, 42, 0)),
+            "dim[1] = 0 (dims [0, 6, 5])",
+        ),
+        (
+            Box::new(move |b| set_i16(b, 46, -5)),
+            "negative dim[3] = -5",
+        ),
+        (Box::new(move |b| set_i16(b, 40, 0)), "invalid dim[0] = 0"),
+        (Box::new(move |b| set_i16(b, 40, 8)), "invalid dim[0] = 8"),
+        (
+            Box::new(move |b| set_f32(b, 108, 0.0)),
+            "invalid vox_offset 0",
+        ),
+        (
+            Box::new(move |b| set_f32(b, 108, -5.0)),
+            "invalid vox_offset -5",
+        ),
+        (
+            Box::new(move |b| set_f32(b, 108, f32::NAN)),
+            "invalid vox_offset NaN",
+        ),
+        (
+            Box::new(move |b| set_f32(b, 108, 352.5)),
+            "invalid vox_offset 352.5",
+        ),
+        (Box::new(move |b| set_f32(b, 108, 1.0e9)), "truncated data"),
+        (
+            Box::new(|b| b[344..348].copy_from_slice(b"abc\0")),
+            "magic is",
+        ),
+    ];
+    for (patch, want) in cases {
+        let mut b = orig.clone();
+        patch(&mut b);
+        std::fs::write(&p, &b).unwrap();
+        let e = err_of(&p).to_string();
+        assert!(e.contains("bad_header.nii: NIfTI: "), "{e}");
+        assert!(e.contains(want), "want {want:?}: {e}");
+    }
+    // zero-sized dimension in a NIfTI-2 header
+    let mut h = vec![0u8; 560];
+    h[0..4].copy_from_slice(&540i32.to_le_bytes());
+    h[4..12].copy_from_slice(b"n+2\0\r\n\x1a\n");
+    h[12..14].copy_from_slice(&2i16.to_le_bytes());
+    h[16..24].copy_from_slice(&3i64.to_le_bytes());
+    for (k, d) in [4i64, 0, 2].iter().enumerate() {
+        h[24 + 8 * k..32 + 8 * k].copy_from_slice(&d.to_le_bytes());
+    }
+    h[168..176].copy_from_slice(&544i64.to_le_bytes());
+    let p2 = dir.path().join("empty2.nii");
+    std::fs::write(&p2, &h).unwrap();
+    let e = err_of(&p2).to_string();
+    assert!(e.contains("empty2.nii") && e.contains("dim[2] = 0"), "{e}");
+    h[168..176].copy_from_slice(&100i64.to_le_bytes());
+    h[32..40].copy_from_slice(&1i64.to_le_bytes());
+    std::fs::write(&p2, &h).unwrap();
+    let e = err_of(&p2).to_string();
+    assert!(e.contains("invalid vox_offset 100"), "{e}");
+}

@@ -453,3 +453,57 @@ fn bare_data_set_with_compressed_pixel_data_is_an_error_not_garbage() {
         "{e}"
     );
 }
+
+/// NIfTI files written by nibabel with unit dimensions: the shape is nibabel's
+/// `get_fdata().shape` (`dim[1..=dim[0]]`, nothing squeezed), values and affine equal.
+#[test]
+fn nifti_unit_dimensions_keep_nibabel_shape() {
+    let refs = reference();
+    for (name, shape) in [
+        ("nib_leading_unit.nii", vec![1, 6, 5]),
+        ("nib_trailing_units.nii", vec![6, 5, 1, 1]),
+        ("nib_2d.nii", vec![6, 5]),
+        ("nib_5d_inner_unit.nii.gz", vec![4, 3, 2, 1, 2]),
+    ] {
+        let r = &refs["files"][name];
+        let img = load_any(&data(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(img.shape, shape, "{name}");
+        assert_eq!(
+            img.layout,
+            medvlm_io::Layout::Volume {
+                dims: shape.clone()
+            }
+        );
+        check_summary(name, &img.shape, &img.data, r, 0.0);
+        let aff = img.affine.unwrap();
+        for i in 0..4 {
+            for j in 0..4 {
+                assert!(
+                    (aff[i][j] - f(&r["affine"][i][j])).abs() < 1e-6,
+                    "{name} affine"
+                );
+            }
+        }
+        let codes: String = medvlm_io::volume::axis_codes(&aff).iter().collect();
+        assert_eq!(codes, r["axcodes"].as_str().unwrap(), "{name}");
+        assert_eq!(img.spacing.len(), shape.len(), "{name}");
+    }
+    // planes of the 5-D file: volume index over the axes after z
+    let img = load_any(&data("nib_5d_inner_unit.nii.gz")).unwrap();
+    assert_eq!(img.frames(), 2);
+    let p = img
+        .plane(&PlaneSelect {
+            frame: Some(1),
+            slice: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!((p.rows, p.cols), (4, 3));
+    // data[x, y, 1, 0, 1] in C order over [4, 3, 2, 1, 2]: (((x*3 + y)*2 + 1)*1 + 0)*2 + 1
+    for x in 0..4 {
+        for y in 0..3 {
+            let c = ((x * 3 + y) * 2 + 1) * 2 + 1;
+            assert_eq!(p.data[x * 3 + y], img.data[c]);
+        }
+    }
+}
