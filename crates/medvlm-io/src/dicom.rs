@@ -10,11 +10,17 @@
 //! flagged in [`MedImage::photometric`]; windowing inverts it.
 //!
 //! Transfer syntaxes decodable in this build: implicit/explicit VR little endian,
-//! explicit VR big endian, deflated explicit VR little endian, RLE lossless, JPEG
-//! baseline / extended (12-bit) / lossless (via `jpeg-decoder`), JPEG 2000 when the
-//! `openjp2` feature of this crate is enabled, and JPEG-LS when the `charls`
-//! feature is enabled (it needs a C++ toolchain). Anything else gives
+//! explicit VR big endian, deflated explicit VR little endian, RLE lossless (medvlm's
+//! own validated decoder, [`crate::rle`], 8/16/32 bits allocated), JPEG baseline /
+//! extended (8-bit) / lossless (via `jpeg-decoder`; 12-bit extended is not
+//! supported by it), JPEG 2000 when the `jpeg2000` cargo feature of this crate is
+//! enabled (default), and JPEG-LS when the `jpeg-ls` feature is enabled (CharLS: it
+//! needs cmake and a C++ toolchain). Anything else gives
 //! [`IoError::UnsupportedTransferSyntax`] naming the syntax and the file.
+//! Bit-packed 1-bit data, native YBR_FULL_422 and JPEG colour frames with
+//! Photometric Interpretation RGB are also decoded here (see `prepare_pixels`), and
+//! files without preamble or file meta information are read like pydicom's
+//! `force=True` ([`open_with_notes`]).
 
 use std::path::Path;
 
