@@ -178,7 +178,8 @@ def medmnist_fixture(out_dir):
 def synthetic_dicoms(out_dir):
     """Small DICOMs written with pydicom for pixel formats the real files lack:
     PALETTE COLOR, native YBR_FULL, planar configuration 1, signed 12-bit
-    MONOCHROME1 with rescale, 8-bit multi-frame, and a deflated data set."""
+    MONOCHROME1 with rescale, 8-bit multi-frame, a deflated data set, and a
+    transfer syntax nobody here decodes (MPEG2)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, generate_uid
     from pydicom.pixels import convert_color_space
@@ -242,6 +243,15 @@ def synthetic_dicoms(out_dir):
     ds = base(4, 4, 1, "MONOCHROME2", 16, 16, False, ts=DeflatedExplicitVRLittleEndian)
     ds.PixelData = rng.randint(0, 65536, size=(4, 4)).astype("<u2").tobytes()
     files["syn_deflated.dcm"] = ds
+
+    # MPEG2 Main Profile / Main Level (no decoder in medvlm or pydicom): the
+    # "unsupported transfer syntax" case. The fragment is an MPEG-2 sequence header
+    # start code followed by zeros, not a video.
+    from pydicom.encaps import encapsulate
+    ds = base(4, 4, 1, "MONOCHROME2", 8, 8, False, ts=pydicom.uid.MPEG2MPML)
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(12)])
+    ds["PixelData"].VR = "OB"
+    files["syn_mpeg2_unsupported.dcm"] = ds
 
     entries = {}
     for name, ds in files.items():

@@ -14,8 +14,8 @@
 //! own validated decoder, [`crate::rle`], 8/16/32 bits allocated), JPEG baseline /
 //! extended (8-bit) / lossless (via `jpeg-decoder`; 12-bit extended is not
 //! supported by it), JPEG 2000 when the `jpeg2000` cargo feature of this crate is
-//! enabled (default), and JPEG-LS when the `jpeg-ls` feature is enabled (CharLS: it
-//! needs cmake and a C++ toolchain). Anything else gives
+//! enabled (default), and JPEG-LS lossless / near-lossless (medvlm's own pure-Rust
+//! decoder, [`crate::jpegls`]). Anything else gives
 //! [`IoError::UnsupportedTransferSyntax`] naming the syntax and the file.
 //! Bit-packed 1-bit data, native YBR_FULL_422 and JPEG colour frames with
 //! Photometric Interpretation RGB are also decoded here (see `prepare_pixels`), and
@@ -319,15 +319,17 @@ pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> 
                 reason: "not in the transfer syntax registry".into(),
             })
         }
-        Some(ts) if ts.is_unsupported_pixel_encapsulation() || !ts.can_decode_all() => {
+        Some(ts)
+            if (ts.is_unsupported_pixel_encapsulation() || !ts.can_decode_all())
+                && !JPEG_LS_UIDS.contains(&ts_uid.as_str()) =>
+        {
             let name = ts.name().to_string();
             return Err(IoError::UnsupportedTransferSyntax {
                 path: path.to_path_buf(),
                 name,
                 uid: ts_uid.clone(),
-                reason: "no pixel data decoder for it is compiled in (see docs/io.md: \
-                         JPEG 2000 needs cargo feature `jpeg2000` of medvlm-io, JPEG-LS \
-                         feature `jpeg-ls`)"
+                reason: "no pixel data decoder for it is compiled in (see docs/io.md; \
+                         JPEG 2000 needs cargo feature `jpeg2000` of medvlm-io)"
                     .into(),
             });
         }
@@ -534,6 +536,9 @@ const NATIVE_UIDS: &[&str] = &[
     "1.2.840.10008.1.2.2",
 ];
 
+/// JPEG-LS lossless and near-lossless, decoded by [`crate::jpegls`].
+const JPEG_LS_UIDS: &[&str] = &["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"];
+
 /// RLE Lossless transfer syntax UID.
 pub const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 
@@ -543,6 +548,7 @@ pub const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 /// - RLE Lossless (any Bits Allocated; headers validated, see [`crate::rle`]);
 /// - native Bits Allocated 1 (bit-packed, PS3.5 8.1.1: pixel `i` is bit `i % 8` of
 ///   byte `i / 8`, continuing across frames) -> 8-bit 0/1 values, as pydicom gives;
+/// - JPEG-LS (lossless and near-lossless, [`crate::jpegls`]);
 /// - JPEG colour frames with Photometric Interpretation RGB -> decoded without a
 ///   YCbCr -> RGB transform;
 /// - native YBR_FULL_422 (PS3.3 C.7.6.3.1.2: `Y1 Y2 Cb Cr` per pair of pixels) ->
@@ -571,7 +577,8 @@ fn prepare_pixels(
     let is_rle = ts_uid == RLE_LOSSLESS;
     let spp0 = elem_u16(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
     let rgb_jpeg = JPEG_8BIT_UIDS.contains(&ts_uid) && spp0 == 3 && bits == 8 && pmi == "RGB";
-    if !(is_rle || rgb_jpeg || (!encapsulated && (bits == 1 || pmi == "YBR_FULL_422"))) {
+    let is_jls = JPEG_LS_UIDS.contains(&ts_uid);
+    if !(is_rle || rgb_jpeg || is_jls || (!encapsulated && (bits == 1 || pmi == "YBR_FULL_422"))) {
         return Ok(None);
     }
     let rows = elem_u16(obj, tags::ROWS).ok_or("missing or invalid Rows (0028,0010)")? as usize;
@@ -593,7 +600,57 @@ fn prepare_pixels(
     let pixels = rows * cols;
     let mut fixed = obj.clone();
     let us = |tag: Tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
-    let out: Vec<u8> = if rgb_jpeg {
+    let out: Vec<u8> = if is_jls {
+        let bytes = match bits {
+            8 => 1,
+            16 => 2,
+            other => {
+                return Err(format!(
+                    "unsupported Bits Allocated {other} for JPEG-LS (supported: 8, 16)"
+                ))
+            }
+        };
+        let frags = pixel
+            .value()
+            .fragments()
+            .ok_or("JPEG-LS pixel data are not encapsulated (no fragments)")?;
+        let frames = declared_frames.ok_or("invalid NumberOfFrames")?.max(1);
+        let mut out = Vec::new();
+        for (f, frag) in frames_of_fragments(frags, pixel.value().offset_table(), frames)?
+            .iter()
+            .enumerate()
+        {
+            let fr = crate::jpegls::decode(frag, (rows, cols, spp))
+                .map_err(|e| format!("cannot decode pixel data: frame {}: {e}", f + 1))?;
+            if fr.width != cols
+                || fr.height != rows
+                || fr.components != spp
+                || fr.precision as u16 > bits
+            {
+                return Err(format!(
+                    "JPEG-LS frame {} is {}x{} with {} component(s) of {} bits, the data set \
+                     says {rows}x{cols}x{spp} in {bits} bits",
+                    f + 1,
+                    fr.height,
+                    fr.width,
+                    fr.components,
+                    fr.precision
+                ));
+            }
+            if out.is_empty() {
+                out.reserve(fr.samples.len() * bytes * frames);
+            }
+            if bytes == 1 {
+                out.extend(fr.samples.iter().map(|&v| v as u8));
+            } else {
+                out.extend(fr.samples.iter().flat_map(|&v| v.to_ne_bytes()));
+            }
+        }
+        if spp == 3 {
+            fixed.put(us(tags::PLANAR_CONFIGURATION, 0));
+        }
+        out
+    } else if rgb_jpeg {
         // PS3.5 8.2.1: JPEG colour data with Photometric Interpretation RGB were not
         // colour-transformed; jpeg-decoder would assume YCbCr when the stream has no
         // Adobe APP14 marker and component ids other than 'R','G','B' (pydicom

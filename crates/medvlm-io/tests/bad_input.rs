@@ -58,18 +58,75 @@ fn twelve_bit_jpeg_extended_is_a_clear_decode_error() {
     }
 }
 
-#[cfg(not(feature = "jpeg-ls"))]
 #[test]
-fn jpeg_ls_without_codec_is_unsupported_transfer_syntax() {
-    match err_of(&data("MR_small_jpeg_ls_lossless.dcm")) {
+fn transfer_syntax_without_decoder_is_unsupported_transfer_syntax() {
+    // MPEG2 video: neither medvlm nor pydicom decodes it
+    match err_of(&data("syn_mpeg2_unsupported.dcm")) {
         IoError::UnsupportedTransferSyntax {
             path, uid, name, ..
         } => {
-            assert!(path.ends_with("MR_small_jpeg_ls_lossless.dcm"));
-            assert_eq!(uid, "1.2.840.10008.1.2.4.80");
-            assert!(name.contains("JPEG-LS"), "{name}");
+            assert!(path.ends_with("syn_mpeg2_unsupported.dcm"));
+            assert_eq!(uid, "1.2.840.10008.1.2.4.100");
+            assert_eq!(name, "MPEG2 Main Profile / Main Level");
         }
         other => panic!("unexpected error {other}"),
+    }
+    let e = err_of(&data("syn_mpeg2_unsupported.dcm")).to_string();
+    assert!(
+        e.contains("unsupported DICOM transfer syntax MPEG2 Main Profile / Main Level"),
+        "{e}"
+    );
+}
+
+/// Truncated and corrupt JPEG-LS frames: errors naming the file, no panic.
+#[test]
+fn truncated_or_corrupt_jpeg_ls_frames_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "MR_small_jpeg_ls_lossless.dcm",
+        "SC_rgb_jls_lossy_sample.dcm",
+    ] {
+        let edits: Vec<(&str, Edit, &str)> = vec![
+            (
+                "half",
+                Box::new(|f| {
+                    let n = f[0].len() / 2;
+                    f[0].truncate(n)
+                }),
+                "",
+            ),
+            (
+                "tiny",
+                Box::new(|f| f[0].truncate(1)),
+                "does not start with an SOI marker",
+            ),
+            (
+                "nosof",
+                Box::new(|f| {
+                    let p = f[0].windows(2).position(|w| w == [0xFF, 0xF7]).unwrap();
+                    f[0][p + 1] = 0xC9
+                }),
+                "unexpected marker 0xFFC9",
+            ),
+        ];
+        for (tag, edit, want) in edits {
+            let p = with_fragments(dir.path(), name, tag, edit);
+            let e = err_of(&p).to_string();
+            assert!(e.contains(&format!("{tag}_{name}")), "{e}");
+            assert!(e.contains("cannot decode pixel data: frame 1: "), "{e}");
+            assert!(e.contains(want), "{e}");
+        }
+        // byte flips in the scan data: an error or other pixels, never a panic
+        for k in 0..60usize {
+            let p = with_fragments(dir.path(), name, "flip", move |f| {
+                let n = f[0].len();
+                let pos = n / 3 + (k * 7919) % (n - n / 3);
+                f[0][pos] ^= 0x5A;
+            });
+            if let Err(e) = load_any(&p) {
+                assert!(e.to_string().contains(name), "{e}");
+            }
+        }
     }
 }
 
@@ -83,6 +140,7 @@ fn every_truncation_of_real_files_errors_without_panicking() {
         "SC_rgb_rle_2frame.dcm",
         "SC_rgb_jpeg_dcmtk.dcm",
         "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
         "syn_deflated.dcm",
         "anatomical.nii",
         "example_nifti2.nii.gz",

@@ -507,3 +507,12 @@ fn nifti_unit_dimensions_keep_nibabel_shape() {
         }
     }
 }
+
+#[test]
+fn jpeg_ls_lossless_and_near_lossless() {
+    check_dicom("MR_small_jpeg_ls_lossless.dcm");
+    check_dicom("JPEGLSNearLossless_08.dcm");
+    check_dicom("JPEGLSNearLossless_16.dcm");
+    check_dicom("SC_rgb_jls_lossy_line.dcm");
+    check_dicom("SC_rgb_jls_lossy_sample.dcm");
+}
