@@ -12,8 +12,8 @@
 //! Transfer syntaxes decodable in this build: implicit/explicit VR little endian,
 //! explicit VR big endian, deflated explicit VR little endian, RLE lossless (medvlm's
 //! own validated decoder, [`crate::rle`], 8/16/32 bits allocated), JPEG baseline /
-//! extended (8-bit) / lossless (via `jpeg-decoder`; 12-bit extended is not
-//! supported by it), JPEG 2000 when the `jpeg2000` cargo feature of this crate is
+//! extended (8-bit) / lossless (via `jpeg-decoder`), 12-bit grey JPEG extended
+//! (medvlm's own decoder, [`crate::jpeg12`]), JPEG 2000 when the `jpeg2000` cargo feature of this crate is
 //! enabled (default), and JPEG-LS lossless / near-lossless (medvlm's own pure-Rust
 //! decoder, [`crate::jpegls`]). Anything else gives
 //! [`IoError::UnsupportedTransferSyntax`] naming the syntax and the file.
@@ -549,6 +549,7 @@ pub const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 /// - native Bits Allocated 1 (bit-packed, PS3.5 8.1.1: pixel `i` is bit `i % 8` of
 ///   byte `i / 8`, continuing across frames) -> 8-bit 0/1 values, as pydicom gives;
 /// - JPEG-LS (lossless and near-lossless, [`crate::jpegls`]);
+/// - 12-bit grey JPEG extended ([`crate::jpeg12`]);
 /// - JPEG colour frames with Photometric Interpretation RGB -> decoded without a
 ///   YCbCr -> RGB transform;
 /// - native YBR_FULL_422 (PS3.3 C.7.6.3.1.2: `Y1 Y2 Cb Cr` per pair of pixels) ->
@@ -578,7 +579,20 @@ fn prepare_pixels(
     let spp0 = elem_u16(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
     let rgb_jpeg = JPEG_8BIT_UIDS.contains(&ts_uid) && spp0 == 3 && bits == 8 && pmi == "RGB";
     let is_jls = JPEG_LS_UIDS.contains(&ts_uid);
-    if !(is_rle || rgb_jpeg || is_jls || (!encapsulated && (bits == 1 || pmi == "YBR_FULL_422"))) {
+    let jpeg12 = JPEG_8BIT_UIDS[..2].contains(&ts_uid)
+        && spp0 == 1
+        && bits == 16
+        && pixel
+            .value()
+            .fragments()
+            .and_then(|f| f.first())
+            .is_some_and(|f| crate::jpeg12::is_12_bit_sequential(f));
+    if !(is_rle
+        || rgb_jpeg
+        || is_jls
+        || jpeg12
+        || (!encapsulated && (bits == 1 || pmi == "YBR_FULL_422")))
+    {
         return Ok(None);
     }
     let rows = elem_u16(obj, tags::ROWS).ok_or("missing or invalid Rows (0028,0010)")? as usize;
@@ -600,7 +614,22 @@ fn prepare_pixels(
     let pixels = rows * cols;
     let mut fixed = obj.clone();
     let us = |tag: Tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
-    let out: Vec<u8> = if is_jls {
+    let out: Vec<u8> = if jpeg12 {
+        // 12-bit lossy JPEG, which jpeg-decoder rejects: medvlm's own decoder
+        let frags = pixel.value().fragments().unwrap_or(&[]);
+        let frames = declared_frames.ok_or("invalid NumberOfFrames")?.max(1);
+        let mut out = Vec::new();
+        for (f, frag) in frames_of_fragments(frags, pixel.value().offset_table(), frames)?
+            .iter()
+            .enumerate()
+        {
+            let g = crate::jpeg12::decode(frag, rows, cols)
+                .map_err(|e| format!("cannot decode pixel data: frame {}: {e}", f + 1))?;
+            debug_assert_eq!((g.height, g.width), (rows, cols));
+            out.extend(g.samples.iter().flat_map(|&v| v.to_ne_bytes()));
+        }
+        out
+    } else if is_jls {
         let bytes = match bits {
             8 => 1,
             16 => 2,

@@ -33,6 +33,7 @@ pub mod check;
 pub mod deidentify;
 pub mod dicom;
 pub mod error;
+mod jpeg12;
 mod jpegls;
 pub mod manifest;
 pub mod medimage;

@@ -47,14 +47,64 @@ fn dicom_without_meta_header_is_read_like_pydicom_force() {
 }
 
 #[test]
-fn twelve_bit_jpeg_extended_is_a_clear_decode_error() {
-    // JPGExtended.dcm is the corrected JPEG-lossy.dcm that pydicom decodes; the
-    // jpeg-decoder backend does not support 12-bit lossy JPEG.
-    for name in ["JPEG-lossy.dcm", "JPGExtended.dcm"] {
-        let e = err_of(&data(name)).to_string();
-        assert!(e.contains(name), "{e}");
-        assert!(e.contains("1.2.840.10008.1.2.4.51"), "{e}");
-        assert!(e.contains("SamplePrecision(12)"), "{e}");
+fn twelve_bit_jpeg_with_an_invalid_scan_is_a_clear_decode_error() {
+    // JPEG-lossy.dcm's scan header says spectral selection 0..0, invalid for a
+    // sequential DCT scan (pydicom's libjpeg refuses it too; JPGExtended.dcm is the
+    // corrected file, decoded in reference.rs).
+    let e = err_of(&data("JPEG-lossy.dcm")).to_string();
+    assert!(e.contains("JPEG-lossy.dcm"), "{e}");
+    assert!(e.contains("1.2.840.10008.1.2.4.51"), "{e}");
+    assert!(
+        e.contains("invalid scan for sequential JPEG: spectral selection 0..0"),
+        "{e}"
+    );
+}
+
+/// Truncated and corrupt 12-bit JPEG frames (medvlm's own decoder): errors naming
+/// the file, no panic.
+#[test]
+fn truncated_or_corrupt_12_bit_jpeg_frames_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "JPGExtended.dcm";
+    let edits: Vec<(&str, Edit, &str)> = vec![
+        (
+            "half",
+            Box::new(|f| {
+                let n = f[0].len() / 2;
+                f[0].truncate(n)
+            }),
+            "JPEG data truncated",
+        ),
+        (
+            "head",
+            Box::new(|f| f[0].truncate(100)),
+            "truncated in a marker segment",
+        ),
+        (
+            "nodht",
+            Box::new(|f| {
+                let p = f[0].windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+                f[0][p + 4] = 0x13; // table class 1, id 3: the scan's DC table is missing
+            }),
+            "undefined DC table",
+        ),
+    ];
+    for (tag, edit, want) in edits {
+        let p = with_fragments(dir.path(), name, tag, edit);
+        let e = err_of(&p).to_string();
+        assert!(e.contains(&format!("{tag}_{name}")), "{e}");
+        assert!(e.contains("cannot decode pixel data: frame 1: "), "{e}");
+        assert!(e.contains(want), "{e}");
+    }
+    for k in 0..60usize {
+        let p = with_fragments(dir.path(), name, "flip", move |f| {
+            let n = f[0].len();
+            let pos = 200 + (k * 7919) % (n - 200);
+            f[0][pos] ^= 0x5A;
+        });
+        if let Err(e) = load_any(&p) {
+            assert!(e.to_string().contains(name), "{e}");
+        }
     }
 }
 
@@ -141,6 +191,7 @@ fn every_truncation_of_real_files_errors_without_panicking() {
         "SC_rgb_jpeg_dcmtk.dcm",
         "MR_small_jp2klossless.dcm",
         "MR_small_jpeg_ls_lossless.dcm",
+        "JPGExtended.dcm",
         "syn_deflated.dcm",
         "anatomical.nii",
         "example_nifti2.nii.gz",

@@ -516,3 +516,9 @@ fn jpeg_ls_lossless_and_near_lossless() {
     check_dicom("SC_rgb_jls_lossy_line.dcm");
     check_dicom("SC_rgb_jls_lossy_sample.dcm");
 }
+
+#[test]
+fn jpeg_extended_12_bit() {
+    let img = check_dicom("JPGExtended.dcm");
+    assert_eq!(img.bits_stored, Some(12));
+}
