@@ -844,8 +844,9 @@ fn prepare_pixels(
     Ok(Some(fixed))
 }
 
-/// The compressed bytes of each frame: one fragment per frame, or fragments grouped
-/// by the Basic Offset Table, or all fragments for a single frame.
+/// The compressed bytes of each frame: one fragment per frame, all fragments for a
+/// single frame, fragments grouped by the Basic Offset Table, or (JPEG-family
+/// codestreams without a table) grouped up to each fragment ending with EOI.
 fn frames_of_fragments<'a>(
     frags: &'a [Vec<u8>],
     offset_table: Option<&[u32]>,
@@ -860,6 +861,25 @@ fn frames_of_fragments<'a>(
     }
     let table = offset_table.unwrap_or(&[]);
     if table.len() != frames {
+        // JPEG-family codestreams end with EOI (FF D9; the item may be padded with
+        // one zero byte): a frame ends with the fragment that ends with EOI.
+        let ends_with_eoi = |f: &[u8]| {
+            let f = f.strip_suffix(&[0u8]).unwrap_or(f);
+            f.ends_with(&[0xFF, 0xD9])
+        };
+        if frags.first().is_some_and(|f| f.starts_with(&[0xFF, 0xD8])) {
+            let mut out = Vec::with_capacity(frames);
+            let mut first = 0;
+            for (i, f) in frags.iter().enumerate() {
+                if ends_with_eoi(f) {
+                    out.push(Cow::Owned(frags[first..=i].concat()));
+                    first = i + 1;
+                }
+            }
+            if out.len() == frames && first == frags.len() {
+                return Ok(out);
+            }
+        }
         return Err(format!(
             "{} pixel data fragments for {frames} frames and no usable Basic Offset Table \
              ({} entries)",
@@ -1335,6 +1355,30 @@ pub fn rows_cols_bits(obj: &InMemDicomObject) -> (Option<u16>, Option<u16>, Opti
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fragments_are_grouped_into_frames() {
+        let f = |b: &[u8]| b.to_vec();
+        // two frames in five fragments, no offset table: split at EOI
+        let frags = vec![
+            f(&[0xFF, 0xD8, 1]),
+            f(&[2, 0xFF, 0xD9, 0]),
+            f(&[0xFF, 0xD8, 3, 0]),
+            f(&[4]),
+            f(&[5, 0xFF, 0xD9]),
+        ];
+        let got = super::frames_of_fragments(&frags, None, 2).unwrap();
+        assert_eq!(got[0].as_ref(), &[0xFF, 0xD8, 1, 2, 0xFF, 0xD9, 0]);
+        assert_eq!(got[1].as_ref(), &[0xFF, 0xD8, 3, 0, 4, 5, 0xFF, 0xD9]);
+        // the same with a Basic Offset Table (item headers are 8 bytes)
+        let got = super::frames_of_fragments(&frags, Some(&[0, 3 + 8 + 4 + 8]), 2).unwrap();
+        assert_eq!(got[1].as_ref(), &[0xFF, 0xD8, 3, 0, 4, 5, 0xFF, 0xD9]);
+        // three frames claimed: an error naming the counts
+        let e = super::frames_of_fragments(&frags, None, 3).unwrap_err();
+        assert!(e.contains("5 pixel data fragments for 3 frames"), "{e}");
+        let e = super::frames_of_fragments(&frags, Some(&[0, 5]), 2).unwrap_err();
+        assert!(e.contains("entry 1 (5) is invalid"), "{e}");
+    }
+
     #[test]
     fn a_decoder_panic_becomes_the_error_message() {
         let r: std::result::Result<(), String> =
