@@ -178,7 +178,8 @@ def medmnist_fixture(out_dir):
 def synthetic_dicoms(out_dir):
     """Small DICOMs written with pydicom for pixel formats the real files lack:
     PALETTE COLOR, native YBR_FULL, planar configuration 1, signed 12-bit
-    MONOCHROME1 with rescale, 8-bit multi-frame, a deflated data set, and a
+    MONOCHROME1 with rescale, 8-bit multi-frame, a deflated data set, 1-bit
+    multi-frame with frames starting mid-byte, and a
     transfer syntax nobody here decodes (MPEG2)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, generate_uid
@@ -244,6 +245,12 @@ def synthetic_dicoms(out_dir):
     ds.PixelData = rng.randint(0, 65536, size=(4, 4)).astype("<u2").tobytes()
     files["syn_deflated.dcm"] = ds
 
+    # 1-bit, 3 frames of 5x7: 35 bits per frame, so frames start mid-byte (the
+    # packed bits continue across frames, PS3.5 8.1.1)
+    from pydicom.pixels import pack_bits
+    ds = base(5, 7, 1, "MONOCHROME2", 1, 1, False, frames=3)
+    ds.PixelData = pack_bits(rng.randint(0, 2, size=(3, 5, 7)).astype(np.uint8))
+    files["syn_1bit_3frames.dcm"] = ds
     # MPEG2 Main Profile / Main Level (no decoder in medvlm or pydicom): the
     # "unsupported transfer syntax" case. The fragment is an MPEG-2 sequence header
     # start code followed by zeros, not a video.

@@ -344,6 +344,14 @@ fn one_bit_bit_packed_segmentation() {
 }
 
 #[test]
+fn one_bit_multi_frame_with_frames_starting_mid_byte() {
+    // 35 bits per frame: frame 2 starts at bit 3 of byte 4 (pydicom-written)
+    let img = check_dicom("syn_1bit_3frames.dcm");
+    assert_eq!(img.frames(), 3);
+    assert!(img.data.iter().all(|&v| v == 0.0 || v == 1.0));
+}
+
+#[test]
 fn one_bit_bit_packed_big_endian() {
     check_dicom("liver_expb_1frame.dcm");
 }
