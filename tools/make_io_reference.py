@@ -99,6 +99,8 @@ def nifti_entry(path):
         "zooms": [float(z) for z in img.header.get_zooms()],
     }
     entry.update(summary(data))
+    if data.ndim not in (3, 4) or data.shape[1] <= 3:
+        return entry  # the unit-dimension files: shape and values only
     vol0 = data if data.ndim == 3 else data[..., 0]
     mid = vol0.shape[2] // 2
     entry["z_slice"] = {"index": mid, **summary(vol0[:, :, mid])}
@@ -176,7 +178,9 @@ def medmnist_fixture(out_dir):
 def synthetic_dicoms(out_dir):
     """Small DICOMs written with pydicom for pixel formats the real files lack:
     PALETTE COLOR, native YBR_FULL, planar configuration 1, signed 12-bit
-    MONOCHROME1 with rescale, 8-bit multi-frame, and a deflated data set."""
+    MONOCHROME1 with rescale, 8-bit multi-frame, a deflated data set, 1-bit
+    multi-frame with frames starting mid-byte, and a
+    transfer syntax nobody here decodes (MPEG2)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, generate_uid
     from pydicom.pixels import convert_color_space
@@ -241,6 +245,21 @@ def synthetic_dicoms(out_dir):
     ds.PixelData = rng.randint(0, 65536, size=(4, 4)).astype("<u2").tobytes()
     files["syn_deflated.dcm"] = ds
 
+    # 1-bit, 3 frames of 5x7: 35 bits per frame, so frames start mid-byte (the
+    # packed bits continue across frames, PS3.5 8.1.1)
+    from pydicom.pixels import pack_bits
+    ds = base(5, 7, 1, "MONOCHROME2", 1, 1, False, frames=3)
+    ds.PixelData = pack_bits(rng.randint(0, 2, size=(3, 5, 7)).astype(np.uint8))
+    files["syn_1bit_3frames.dcm"] = ds
+    # MPEG2 Main Profile / Main Level (no decoder in medvlm or pydicom): the
+    # "unsupported transfer syntax" case. The fragment is an MPEG-2 sequence header
+    # start code followed by zeros, not a video.
+    from pydicom.encaps import encapsulate
+    ds = base(4, 4, 1, "MONOCHROME2", 8, 8, False, ts=pydicom.uid.MPEG2MPML)
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(12)])
+    ds["PixelData"].VR = "OB"
+    files["syn_mpeg2_unsupported.dcm"] = ds
+
     entries = {}
     for name, ds in files.items():
         path = os.path.join(out_dir, name)
@@ -255,6 +274,31 @@ def synthetic_dicoms(out_dir):
             from pydicom.pixels import apply_color_lut
             d2 = pydicom.dcmread(path)
             entry.update(summary(apply_color_lut(d2.pixel_array, d2)))
+        entries[name] = entry
+    return entries
+
+
+def nifti_unit_dims(out_dir):
+    """Small NIfTI-1 files written by nibabel with leading, inner and trailing unit
+    dimensions (and a 2-D one): nibabel's shape is dim[1..dim[0]], never squeezed."""
+    rng = np.random.RandomState(13)
+    specs = [
+        ("nib_leading_unit.nii", (1, 6, 5), np.int16),
+        ("nib_trailing_units.nii", (6, 5, 1, 1), np.float32),
+        ("nib_2d.nii", (6, 5), np.uint8),
+        ("nib_5d_inner_unit.nii.gz", (4, 3, 2, 1, 2), np.int16),
+    ]
+    entries = {}
+    for name, shape, dtype in specs:
+        arr = rng.randint(0, 200, size=shape).astype(dtype)
+        aff = np.diag([2.0, 1.5, 3.0, 1.0])
+        aff[:3, 3] = [-5.0, 7.0, 1.0]
+        img = nib.Nifti1Image(arr, aff)
+        img.header.set_data_shape(shape)
+        path = os.path.join(out_dir, name)
+        img.to_filename(path)
+        entry = nifti_entry(path)
+        assert tuple(entry["shape"]) == shape, (name, entry["shape"])
         entries[name] = entry
     return entries
 
@@ -277,6 +321,7 @@ def main():
     }
     out["files"].update(raster_fixtures(DATA))
     out["files"].update(synthetic_dicoms(DATA))
+    out["files"].update(nifti_unit_dims(DATA))
     out["files"]["medmnist_tiny.npz"] = medmnist_fixture(DATA)
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:

@@ -165,12 +165,12 @@ fn convert_bad_inputs_fail_clearly() {
     assert!(!o.exists());
     let e = fails(&run(&[
         "convert",
-        arg(&io_data("MR_small_jpeg_ls_lossless.dcm")),
+        arg(&io_data("syn_mpeg2_unsupported.dcm")),
         "--out",
         arg(&o),
     ]));
     assert!(
-        e.contains("unsupported DICOM transfer syntax JPEG-LS"),
+        e.contains("unsupported DICOM transfer syntax MPEG2 Main Profile / Main Level"),
         "{e}"
     );
     let e = fails(&run(&[

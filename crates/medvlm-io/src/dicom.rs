@@ -10,17 +10,25 @@
 //! flagged in [`MedImage::photometric`]; windowing inverts it.
 //!
 //! Transfer syntaxes decodable in this build: implicit/explicit VR little endian,
-//! explicit VR big endian, deflated explicit VR little endian, RLE lossless, JPEG
-//! baseline / extended (12-bit) / lossless (via `jpeg-decoder`), JPEG 2000 when the
-//! `openjp2` feature of this crate is enabled, and JPEG-LS when the `charls`
-//! feature is enabled (it needs a C++ toolchain). Anything else gives
+//! explicit VR big endian, deflated explicit VR little endian, RLE lossless (medvlm's
+//! own validated decoder, [`crate::rle`], 8/16/32 bits allocated), JPEG baseline /
+//! extended (8-bit) / lossless (via `jpeg-decoder`), 12-bit grey JPEG extended
+//! (medvlm's own decoder, [`crate::jpeg12`]), JPEG 2000 when the `jpeg2000` cargo feature of this crate is
+//! enabled (default), and JPEG-LS lossless / near-lossless (medvlm's own pure-Rust
+//! decoder, [`crate::jpegls`]). Anything else gives
 //! [`IoError::UnsupportedTransferSyntax`] naming the syntax and the file.
+//! Bit-packed 1-bit data, native YBR_FULL_422 and JPEG colour frames with
+//! Photometric Interpretation RGB are also decoded here (see `prepare_pixels`), and
+//! files without preamble or file meta information are read like pydicom's
+//! `force=True` ([`open_with_notes`]).
 
 use std::path::Path;
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, FileMetaTableBuilder, InMemDicomObject, OpenFileOptions};
+use dicom_object::{
+    file::ReadPreamble, DefaultDicomObject, FileMetaTableBuilder, InMemDicomObject, OpenFileOptions,
+};
 use dicom_pixeldata::PixelDecoder;
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
 
@@ -41,26 +49,153 @@ pub fn transfer_syntax_label(uid: &str) -> String {
     }
 }
 
-/// Open a DICOM Part 10 file (header and pixel data), with a clear error when it is not one.
+/// Open a DICOM file (header and pixel data), with a clear error when it is not one.
+///
+/// Like pydicom's `dcmread(..., force=True)`, files without the 128-byte preamble
+/// (starting with `DICM`, or directly with the file meta group) and bare data sets
+/// without any file meta information are read too; see [`open_with_notes`].
 pub fn open(path: &Path) -> Result<DefaultDicomObject> {
-    let bytes_head = read_head(path, 132)?;
-    if bytes_head.len() < 132 || &bytes_head[128..132] != b"DICM" {
+    open_with_notes(path).map(|(obj, _)| obj)
+}
+
+/// [`open`], also returning what was unusual about the file's structure (no
+/// preamble, no file meta information and the transfer syntax guessed), for
+/// [`MedImage::warnings`].
+pub fn open_with_notes(path: &Path) -> Result<(DefaultDicomObject, Vec<String>)> {
+    let head = read_head(path, 132)?;
+    let parse_err = |ts: String, reason: String| IoError::Dicom {
+        path: path.to_path_buf(),
+        transfer_syntax: ts,
+        reason: format!("cannot parse the data set: {reason}"),
+    };
+    if head.len() >= 132 && &head[128..132] == b"DICM" {
+        let obj = quiet_catch(|| OpenFileOptions::new().open_file(path))
+            .map_err(|p| parse_err(meta_ts_or_unknown(path), p))?
+            .map_err(|e| parse_err(meta_ts_or_unknown(path), error_chain(&e)))?;
+        return Ok((obj, Vec::new()));
+    }
+    let bytes = std::fs::read(path).map_err(|e| IoError::os(path, e))?;
+    let from_meta_group = |with_magic: &[u8], note: String| {
+        let r = quiet_catch(|| {
+            OpenFileOptions::new()
+                .read_preamble(ReadPreamble::Never)
+                .from_reader(with_magic)
+        });
+        let ts = || meta_ts_of(with_magic).unwrap_or_else(|| "unknown".into());
+        let obj = r
+            .map_err(|p| parse_err(ts(), p))?
+            .map_err(|e| parse_err(ts(), error_chain(&e)))?;
+        Ok::<_, IoError>((obj, vec![format!("{}: {note}", path.display())]))
+    };
+    if bytes.starts_with(b"DICM") {
+        return from_meta_group(
+            &bytes,
+            "no 128-byte preamble before 'DICM' (read anyway)".into(),
+        );
+    }
+    if bytes.len() >= 8 && bytes[0..2] == [0x02, 0x00] && is_vr(&bytes[4..6]) {
+        let mut with_magic = b"DICM".to_vec();
+        with_magic.extend_from_slice(&bytes);
+        return from_meta_group(
+            &with_magic,
+            "no preamble and no 'DICM' prefix; the file meta group starts at byte 0 (read anyway)"
+                .into(),
+        );
+    }
+    let Some(ts) = guess_bare_transfer_syntax(&bytes) else {
         return Err(IoError::Dicom {
             path: path.to_path_buf(),
             transfer_syntax: "unknown".into(),
-            reason: "no DICOM Part 10 file header ('DICM' at byte 128 missing), so the \
-                     transfer syntax cannot be determined; a bare data set without file \
-                     meta information is not supported"
+            reason: "not a DICOM file: no 'DICM' at byte 128 or 0, no file meta group at \
+                     byte 0, and the first bytes are not a data element of group 0008 or \
+                     later in a known byte order"
                 .into(),
         });
+    };
+    let label = transfer_syntax_label(ts.uid());
+    let ds = quiet_catch(|| InMemDicomObject::read_dataset_with_ts(&bytes[..], ts))
+        .map_err(|p| parse_err(label.clone(), p))?
+        .map_err(|e| parse_err(label.clone(), error_chain(&e)))?;
+    let sop_class = elem_str(&ds, tags::SOP_CLASS_UID).unwrap_or_default();
+    let sop_instance = elem_str(&ds, tags::SOP_INSTANCE_UID).unwrap_or_default();
+    let meta = FileMetaTableBuilder::new()
+        .transfer_syntax(ts.uid())
+        .media_storage_sop_class_uid(sop_class)
+        .media_storage_sop_instance_uid(sop_instance)
+        .build()
+        .map_err(|e| parse_err(label.clone(), error_chain(&e)))?;
+    let note = format!(
+        "{}: no file meta information (no preamble, no 'DICM'): read as a bare data set \
+         in {label}, guessed from its first element like pydicom's force=True",
+        path.display()
+    );
+    Ok((ds.with_exact_meta(meta), vec![note]))
+}
+
+/// The DICOM value representations (PS3.5 6.2), to recognise explicit VR encoding.
+const VRS: &[&[u8; 2]] = &[
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB",
+    b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM",
+    b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV",
+];
+
+fn is_vr(b: &[u8]) -> bool {
+    VRS.iter().any(|v| v[..] == *b)
+}
+
+/// Transfer syntax of a data set without file meta information, from its first
+/// element the way pydicom's `force=True` does: a known VR at bytes 4..6 means
+/// explicit VR; the group number (0008 or later, below 0x0100 in the right byte
+/// order for a normal data set) gives the byte order.
+fn guess_bare_transfer_syntax(
+    b: &[u8],
+) -> Option<&'static dicom_transfer_syntax_registry::TransferSyntax> {
+    if b.len() < 8 {
+        return None;
     }
-    OpenFileOptions::new()
-        .open_file(path)
-        .map_err(|e| IoError::Dicom {
-            path: path.to_path_buf(),
-            transfer_syntax: meta_transfer_syntax(path).unwrap_or_else(|| "unknown".into()),
-            reason: format!("cannot parse the data set: {}", error_chain(&e)),
-        })
+    let le = u16::from_le_bytes([b[0], b[1]]);
+    let be = u16::from_be_bytes([b[0], b[1]]);
+    let little = if (0x0008..0x0100).contains(&le) {
+        true
+    } else if (0x0008..0x0100).contains(&be) {
+        false
+    } else {
+        return None;
+    };
+    let uid = match (is_vr(&b[4..6]), little) {
+        (true, true) => EXPLICIT_VR_LE,
+        (true, false) => "1.2.840.10008.1.2.2",
+        (false, true) => "1.2.840.10008.1.2",
+        (false, false) => return None, // implicit VR big endian is not a DICOM encoding
+    };
+    TransferSyntaxRegistry.get(uid)
+}
+
+/// Run `f`, turning a panic into an error message (without the default panic
+/// hook printing it: the message goes into the file's error instead).
+pub(crate) fn quiet_catch<R>(f: impl FnOnce() -> R) -> std::result::Result<R, String> {
+    use std::cell::Cell;
+    thread_local! { static QUIET: Cell<u32> = const { Cell::new(0) }; }
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if QUIET.with(|q| q.get()) == 0 {
+                previous(info)
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(q.get() + 1));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(q.get() - 1));
+    r.map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        format!("the decoder failed on this file's data (internal panic: {msg})")
+    })
 }
 
 fn read_head(path: &Path, n: usize) -> Result<Vec<u8>> {
@@ -79,7 +214,18 @@ fn meta_transfer_syntax(path: &Path) -> Option<String> {
     let mut r = std::io::BufReader::new(f);
     let mut pre = [0u8; 128];
     std::io::Read::read_exact(&mut r, &mut pre).ok()?;
-    let meta = dicom_object::FileMetaTable::from_reader(r).ok()?;
+    meta_ts_of(r)
+}
+
+fn meta_ts_or_unknown(path: &Path) -> String {
+    meta_transfer_syntax(path).unwrap_or_else(|| "unknown".into())
+}
+
+/// Transfer syntax label from a reader positioned at `DICM` + the file meta group.
+fn meta_ts_of(r: impl std::io::Read) -> Option<String> {
+    let meta = quiet_catch(|| dicom_object::FileMetaTable::from_reader(r))
+        .ok()?
+        .ok()?;
     Some(transfer_syntax_label(meta.transfer_syntax()))
 }
 
@@ -97,20 +243,37 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Text of an element; an element stored with VR UN (pydicom reads it with the
+/// dictionary's VR) is taken as its bytes in ASCII / Latin-1.
 fn elem_str(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
-    obj.element_opt(tag)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
+    let e = obj.element_opt(tag).ok().flatten()?;
+    let s = if e.vr() == VR::UN {
+        e.to_bytes()
+            .ok()?
+            .iter()
+            .map(|&b| b as char)
+            .collect::<String>()
+    } else {
+        e.to_str().ok()?.into_owned()
+    };
+    Some(s.trim_end_matches(['\0', ' ']).trim().to_string())
 }
 
 fn elem_f64s(obj: &InMemDicomObject, tag: Tag) -> Vec<f64> {
-    obj.element_opt(tag)
-        .ok()
-        .flatten()
-        .and_then(|e| e.to_multi_float64().ok())
-        .unwrap_or_default()
+    let Some(e) = obj.element_opt(tag).ok().flatten() else {
+        return Vec::new();
+    };
+    if e.vr() == VR::UN {
+        // a decimal string stored as UN (values separated by backslashes)
+        return elem_str(obj, tag)
+            .map(|s| {
+                s.split('\\')
+                    .map_while(|v| v.trim().parse::<f64>().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+    e.to_multi_float64().ok().unwrap_or_default()
 }
 
 fn elem_u16(obj: &InMemDicomObject, tag: Tag) -> Option<u16> {
@@ -122,8 +285,10 @@ fn elem_u16(obj: &InMemDicomObject, tag: Tag) -> Option<u16> {
 
 /// Read a DICOM file into a [`MedImage`] (all frames, Modality LUT applied).
 pub fn read_dicom(path: &Path) -> Result<MedImage> {
-    let obj = open(path)?;
-    decode_object(path, &obj)
+    let (obj, notes) = open_with_notes(path)?;
+    let mut img = decode_object(path, &obj)?;
+    img.warnings.splice(0..0, notes);
+    Ok(img)
 }
 
 /// Decode the pixel data of an opened DICOM object. See the module docs.
@@ -154,20 +319,29 @@ pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> 
                 reason: "not in the transfer syntax registry".into(),
             })
         }
-        Some(ts) if ts.is_unsupported_pixel_encapsulation() || !ts.can_decode_all() => {
+        Some(ts)
+            if (ts.is_unsupported_pixel_encapsulation() || !ts.can_decode_all())
+                && !JPEG_LS_UIDS.contains(&ts_uid.as_str()) =>
+        {
             let name = ts.name().to_string();
             return Err(IoError::UnsupportedTransferSyntax {
                 path: path.to_path_buf(),
                 name,
                 uid: ts_uid.clone(),
-                reason: "no pixel data decoder for it is compiled in (see docs/io.md: \
-                         JPEG 2000 needs feature `openjp2`, JPEG-LS feature `charls`)"
+                reason: "no pixel data decoder for it is compiled in (see docs/io.md; \
+                         JPEG 2000 needs cargo feature `jpeg2000` of medvlm-io)"
                     .into(),
             });
         }
         Some(_) => {}
     }
     let mut warnings = Vec::new();
+    // RLE Lossless, 1-bit and native YBR_FULL_422 pixel data are decoded here into a
+    // native 8/16/32-bit copy of the object, which dicom-pixeldata passes through.
+    let prepared = quiet_catch(|| prepare_pixels(path, obj, &ts_uid, &mut warnings))
+        .and_then(|r| r)
+        .map_err(&dicom_err)?;
+    let obj = prepared.as_ref().unwrap_or(obj);
     let decoded = match decode_guarded(obj) {
         Ok(d) => d,
         Err(first) => {
@@ -341,11 +515,404 @@ pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> 
 fn decode_guarded(
     obj: &DefaultDicomObject,
 ) -> std::result::Result<dicom_pixeldata::DecodedPixelData<'static>, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        obj.decode_pixel_data().map(|d| d.to_owned())
-    }))
-    .map_err(|_| "the pixel data decoder panicked on this file".to_string())?
-    .map_err(|e| format!("cannot decode pixel data: {}", error_chain(&e)))
+    quiet_catch(|| obj.decode_pixel_data().map(|d| d.to_owned()))?
+        .map_err(|e| format!("cannot decode pixel data: {}", error_chain(&e)))
+}
+
+/// JPEG transfer syntaxes whose 8-bit colour frames jpeg-decoder decodes:
+/// baseline, extended, lossless (process 14 and its SV1 selection).
+const JPEG_8BIT_UIDS: &[&str] = &[
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+];
+
+/// Transfer syntaxes with native (not encapsulated) pixel data.
+const NATIVE_UIDS: &[&str] = &[
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+];
+
+/// JPEG-LS lossless and near-lossless, decoded by [`crate::jpegls`].
+const JPEG_LS_UIDS: &[&str] = &["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"];
+
+/// RLE Lossless transfer syntax UID.
+pub const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+
+/// Replace pixel data that medvlm decodes itself by native samples in a copy of the
+/// object (explicit VR little endian, Bits Allocated 8/16/32), or `None` when
+/// dicom-pixeldata decodes the object as it is:
+/// - RLE Lossless (any Bits Allocated; headers validated, see [`crate::rle`]);
+/// - native Bits Allocated 1 (bit-packed, PS3.5 8.1.1: pixel `i` is bit `i % 8` of
+///   byte `i / 8`, continuing across frames) -> 8-bit 0/1 values, as pydicom gives;
+/// - JPEG-LS (lossless and near-lossless, [`crate::jpegls`]);
+/// - 12-bit grey JPEG extended ([`crate::jpeg12`]);
+/// - JPEG colour frames with Photometric Interpretation RGB -> decoded without a
+///   YCbCr -> RGB transform;
+/// - native YBR_FULL_422 (PS3.3 C.7.6.3.1.2: `Y1 Y2 Cb Cr` per pair of pixels) ->
+///   full-resolution YBR_FULL (converted to RGB later, like pydicom).
+fn prepare_pixels(
+    path: &Path,
+    obj: &DefaultDicomObject,
+    ts_uid: &str,
+    warnings: &mut Vec<String>,
+) -> std::result::Result<Option<DefaultDicomObject>, String> {
+    let pixel = obj
+        .element(tags::PIXEL_DATA)
+        .map_err(|e| format!("no Pixel Data: {e}"))?;
+    let encapsulated = pixel.value().fragments().is_some();
+    if encapsulated && NATIVE_UIDS.contains(&ts_uid) {
+        return Err(format!(
+            "the Pixel Data are encapsulated (compressed fragments) but the transfer syntax \
+             is a native one; without file meta information the compression is unknown ({} \
+             fragment(s))",
+            pixel.value().fragments().map_or(0, |f| f.len())
+        ));
+    }
+    let bits = elem_u16(obj, tags::BITS_ALLOCATED)
+        .ok_or("missing or invalid Bits Allocated (0028,0100)")?;
+    let pmi = elem_str(obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default();
+    let is_rle = ts_uid == RLE_LOSSLESS;
+    let spp0 = elem_u16(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
+    let rgb_jpeg = JPEG_8BIT_UIDS.contains(&ts_uid) && spp0 == 3 && bits == 8 && pmi == "RGB";
+    let is_jls = JPEG_LS_UIDS.contains(&ts_uid);
+    let jpeg12 = JPEG_8BIT_UIDS[..2].contains(&ts_uid)
+        && spp0 == 1
+        && bits == 16
+        && pixel
+            .value()
+            .fragments()
+            .and_then(|f| f.first())
+            .is_some_and(|f| crate::jpeg12::is_12_bit_sequential(f));
+    if !(is_rle
+        || rgb_jpeg
+        || is_jls
+        || jpeg12
+        || (!encapsulated && (bits == 1 || pmi == "YBR_FULL_422")))
+    {
+        return Ok(None);
+    }
+    let rows = elem_u16(obj, tags::ROWS).ok_or("missing or invalid Rows (0028,0010)")? as usize;
+    let cols =
+        elem_u16(obj, tags::COLUMNS).ok_or("missing or invalid Columns (0028,0011)")? as usize;
+    let spp = elem_u16(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1) as usize;
+    if rows == 0 || cols == 0 {
+        return Err(format!("empty image: {rows} rows x {cols} columns"));
+    }
+    if spp != 1 && spp != 3 {
+        return Err(format!(
+            "unsupported Samples per Pixel {spp} (expected 1 or 3)"
+        ));
+    }
+    let declared_frames = match obj.element_opt(tags::NUMBER_OF_FRAMES).ok().flatten() {
+        None => Some(1usize),
+        Some(e) => e.to_int::<u32>().ok().map(|n| n as usize),
+    };
+    let pixels = rows * cols;
+    let mut fixed = obj.clone();
+    let us = |tag: Tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
+    let out: Vec<u8> = if jpeg12 {
+        // 12-bit lossy JPEG, which jpeg-decoder rejects: medvlm's own decoder
+        let frags = pixel.value().fragments().unwrap_or(&[]);
+        let frames = declared_frames.ok_or("invalid NumberOfFrames")?.max(1);
+        let mut out = Vec::new();
+        for (f, frag) in frames_of_fragments(frags, pixel.value().offset_table(), frames)?
+            .iter()
+            .enumerate()
+        {
+            let g = crate::jpeg12::decode(frag, rows, cols)
+                .map_err(|e| format!("cannot decode pixel data: frame {}: {e}", f + 1))?;
+            debug_assert_eq!((g.height, g.width), (rows, cols));
+            out.extend(g.samples.iter().flat_map(|&v| v.to_ne_bytes()));
+        }
+        out
+    } else if is_jls {
+        let bytes = match bits {
+            8 => 1,
+            16 => 2,
+            other => {
+                return Err(format!(
+                    "unsupported Bits Allocated {other} for JPEG-LS (supported: 8, 16)"
+                ))
+            }
+        };
+        let frags = pixel
+            .value()
+            .fragments()
+            .ok_or("JPEG-LS pixel data are not encapsulated (no fragments)")?;
+        let frames = declared_frames.ok_or("invalid NumberOfFrames")?.max(1);
+        let mut out = Vec::new();
+        for (f, frag) in frames_of_fragments(frags, pixel.value().offset_table(), frames)?
+            .iter()
+            .enumerate()
+        {
+            let fr = crate::jpegls::decode(frag, (rows, cols, spp))
+                .map_err(|e| format!("cannot decode pixel data: frame {}: {e}", f + 1))?;
+            if fr.width != cols
+                || fr.height != rows
+                || fr.components != spp
+                || fr.precision as u16 > bits
+            {
+                return Err(format!(
+                    "JPEG-LS frame {} is {}x{} with {} component(s) of {} bits, the data set \
+                     says {rows}x{cols}x{spp} in {bits} bits",
+                    f + 1,
+                    fr.height,
+                    fr.width,
+                    fr.components,
+                    fr.precision
+                ));
+            }
+            if out.is_empty() {
+                out.reserve(fr.samples.len() * bytes * frames);
+            }
+            if bytes == 1 {
+                out.extend(fr.samples.iter().map(|&v| v as u8));
+            } else {
+                out.extend(fr.samples.iter().flat_map(|&v| v.to_ne_bytes()));
+            }
+        }
+        if spp == 3 {
+            fixed.put(us(tags::PLANAR_CONFIGURATION, 0));
+        }
+        out
+    } else if rgb_jpeg {
+        // PS3.5 8.2.1: JPEG colour data with Photometric Interpretation RGB were not
+        // colour-transformed; jpeg-decoder would assume YCbCr when the stream has no
+        // Adobe APP14 marker and component ids other than 'R','G','B' (pydicom
+        // follows the Photometric Interpretation too).
+        let frags = pixel
+            .value()
+            .fragments()
+            .ok_or("JPEG pixel data are not encapsulated (no fragments)")?;
+        let frames = declared_frames.ok_or("invalid NumberOfFrames")?.max(1);
+        let frame_bytes = pixels * 3;
+        let mut out = Vec::with_capacity(frame_bytes.saturating_mul(frames).min(1 << 30));
+        for (f, frag) in frames_of_fragments(frags, pixel.value().offset_table(), frames)?
+            .iter()
+            .enumerate()
+        {
+            let mut dec = jpeg_decoder::Decoder::new(&frag[..]);
+            dec.set_color_transform(jpeg_decoder::ColorTransform::RGB);
+            let px = dec
+                .decode()
+                .map_err(|e| format!("cannot decode pixel data: JPEG frame {}: {e}", f + 1))?;
+            let info = dec.info().ok_or("JPEG frame without a frame header")?;
+            if info.pixel_format != jpeg_decoder::PixelFormat::RGB24
+                || info.width as usize != cols
+                || info.height as usize != rows
+                || px.len() != frame_bytes
+            {
+                return Err(format!(
+                    "JPEG frame {} is {}x{} {:?}, the data set says {rows}x{cols} RGB 8-bit",
+                    f + 1,
+                    info.height,
+                    info.width,
+                    info.pixel_format
+                ));
+            }
+            out.extend_from_slice(&px);
+        }
+        fixed.put(us(tags::PLANAR_CONFIGURATION, 0));
+        out
+    } else if is_rle {
+        let bytes = match bits {
+            8 => 1,
+            16 => 2,
+            32 => 4,
+            other => {
+                return Err(format!(
+                    "unsupported Bits Allocated {other} for RLE Lossless (supported: 8, 16, 32)"
+                ))
+            }
+        };
+        let frags = pixel
+            .value()
+            .fragments()
+            .ok_or("RLE Lossless pixel data are not encapsulated (no fragments)")?;
+        let frames = match declared_frames {
+            Some(n) => n.max(1),
+            None => {
+                warnings.push(format!(
+                    "{}: invalid NumberOfFrames replaced by {} (the number of RLE fragments)",
+                    path.display(),
+                    frags.len()
+                ));
+                frags.len().max(1)
+            }
+        };
+        let per_frame = frames_of_fragments(frags, pixel.value().offset_table(), frames)?;
+        let frame_bytes = pixels * spp * bytes;
+        let total_in: usize = frags.iter().map(|f| f.len()).sum();
+        // PackBits expands 2 bytes to at most 128: a header asking for more is corrupt
+        // (and must not make us allocate it).
+        let total_out = frame_bytes
+            .checked_mul(frames)
+            .filter(|&n| n <= total_in.saturating_mul(64).saturating_add(1 << 20))
+            .ok_or_else(|| {
+                format!(
+                    "{frames} frame(s) of {rows}x{cols}x{spp} at {bits} bits cannot come from \
+                     {total_in} bytes of RLE data"
+                )
+            })?;
+        let mut out = vec![0u8; total_out];
+        for (f, frag) in per_frame.iter().enumerate() {
+            crate::rle::decode_frame(
+                frag,
+                pixels,
+                spp,
+                bytes,
+                &mut out[f * frame_bytes..(f + 1) * frame_bytes],
+            )
+            .map_err(|e| format!("frame {}: {e}", f + 1))?;
+        }
+        if spp == 3 {
+            fixed.put(us(tags::PLANAR_CONFIGURATION, 0));
+        }
+        out
+    } else if bits == 1 {
+        let frames = declared_frames
+            .ok_or("invalid NumberOfFrames for bit-packed (1-bit) pixel data")?
+            .max(1);
+        let raw = pixel
+            .to_bytes()
+            .map_err(|e| format!("cannot read Pixel Data: {e}"))?;
+        let n = crate::medimage::checked_len(&[frames, pixels, spp])
+            .ok_or_else(|| format!("image size overflows: {frames} frame(s) of {rows}x{cols}"))?;
+        if n.div_ceil(8) > raw.len() {
+            return Err(format!(
+                "pixel data truncated: {} bytes, {} needed for {frames} frame(s) of \
+                 {rows}x{cols}x{spp} at 1 bit",
+                raw.len(),
+                n.div_ceil(8)
+            ));
+        }
+        let out: Vec<u8> = (0..n).map(|i| (raw[i / 8] >> (i % 8)) & 1).collect();
+        fixed.put(us(tags::BITS_ALLOCATED, 8));
+        fixed.put(us(tags::BITS_STORED, 1));
+        fixed.put(us(tags::HIGH_BIT, 0));
+        out
+    } else {
+        // native YBR_FULL_422
+        if bits != 8 || spp != 3 {
+            return Err(format!(
+                "YBR_FULL_422 with Bits Allocated {bits} and Samples per Pixel {spp} is not \
+                 supported (8 and 3 are)"
+            ));
+        }
+        if cols & 1 == 1 {
+            return Err(format!(
+                "YBR_FULL_422 needs an even number of columns, not {cols}"
+            ));
+        }
+        let frames = declared_frames
+            .ok_or("invalid NumberOfFrames for YBR_FULL_422 pixel data")?
+            .max(1);
+        let raw = pixel
+            .to_bytes()
+            .map_err(|e| format!("cannot read Pixel Data: {e}"))?;
+        let need =
+            crate::medimage::checked_len(&[frames, pixels, 2]).ok_or("image size overflows")?;
+        if raw.len() < need {
+            return Err(format!(
+                "pixel data truncated: {} bytes, {need} expected for {frames} frame(s) of \
+                 {rows}x{cols} YBR_FULL_422",
+                raw.len()
+            ));
+        }
+        let mut out = Vec::with_capacity(need / 2 * 3);
+        for q in raw[..need].chunks_exact(4) {
+            out.extend_from_slice(&[q[0], q[2], q[3], q[1], q[2], q[3]]);
+        }
+        fixed.put(DataElement::new(
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            PrimitiveValue::from("YBR_FULL"),
+        ));
+        fixed.put(us(tags::PLANAR_CONFIGURATION, 0));
+        out
+    };
+    fixed.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PrimitiveValue::from(out),
+    ));
+    fixed.meta_mut().transfer_syntax = EXPLICIT_VR_LE.to_string();
+    Ok(Some(fixed))
+}
+
+/// The compressed bytes of each frame: one fragment per frame, all fragments for a
+/// single frame, fragments grouped by the Basic Offset Table, or (JPEG-family
+/// codestreams without a table) grouped up to each fragment ending with EOI.
+fn frames_of_fragments<'a>(
+    frags: &'a [Vec<u8>],
+    offset_table: Option<&[u32]>,
+    frames: usize,
+) -> std::result::Result<Vec<std::borrow::Cow<'a, [u8]>>, String> {
+    use std::borrow::Cow;
+    if frags.len() == frames {
+        return Ok(frags.iter().map(|f| Cow::Borrowed(&f[..])).collect());
+    }
+    if frames == 1 {
+        return Ok(vec![Cow::Owned(frags.concat())]);
+    }
+    let table = offset_table.unwrap_or(&[]);
+    if table.len() != frames {
+        // JPEG-family codestreams end with EOI (FF D9; the item may be padded with
+        // one zero byte): a frame ends with the fragment that ends with EOI.
+        let ends_with_eoi = |f: &[u8]| {
+            let f = f.strip_suffix(&[0u8]).unwrap_or(f);
+            f.ends_with(&[0xFF, 0xD9])
+        };
+        if frags.first().is_some_and(|f| f.starts_with(&[0xFF, 0xD8])) {
+            let mut out = Vec::with_capacity(frames);
+            let mut first = 0;
+            for (i, f) in frags.iter().enumerate() {
+                if ends_with_eoi(f) {
+                    out.push(Cow::Owned(frags[first..=i].concat()));
+                    first = i + 1;
+                }
+            }
+            if out.len() == frames && first == frags.len() {
+                return Ok(out);
+            }
+        }
+        return Err(format!(
+            "{} pixel data fragments for {frames} frames and no usable Basic Offset Table \
+             ({} entries)",
+            frags.len(),
+            table.len()
+        ));
+    }
+    // Item positions: each fragment item has an 8-byte header.
+    let mut starts = Vec::with_capacity(frags.len());
+    let mut pos = 0u64;
+    for f in frags {
+        starts.push(pos);
+        pos += 8 + f.len() as u64;
+    }
+    let mut out = Vec::with_capacity(frames);
+    for (k, &off) in table.iter().enumerate() {
+        let first = starts
+            .iter()
+            .position(|&s| s == off as u64)
+            .ok_or_else(|| {
+                format!("Basic Offset Table entry {k} ({off}) is not the start of a fragment")
+            })?;
+        let end = match table.get(k + 1) {
+            Some(&next) => starts
+                .iter()
+                .position(|&s| s == next as u64)
+                .filter(|&e| e > first)
+                .ok_or_else(|| format!("Basic Offset Table entry {} ({next}) is invalid", k + 1))?,
+            None => frags.len(),
+        };
+        out.push(Cow::Owned(frags[first..end].concat()));
+    }
+    Ok(out)
 }
 
 /// If NumberOfFrames is present but not an integer and the pixel data are native,
@@ -784,4 +1351,40 @@ pub fn rows_cols_bits(obj: &InMemDicomObject) -> (Option<u16>, Option<u16>, Opti
         elem_u16(obj, tags::COLUMNS),
         elem_u16(obj, tags::BITS_STORED),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fragments_are_grouped_into_frames() {
+        let f = |b: &[u8]| b.to_vec();
+        // two frames in five fragments, no offset table: split at EOI
+        let frags = vec![
+            f(&[0xFF, 0xD8, 1]),
+            f(&[2, 0xFF, 0xD9, 0]),
+            f(&[0xFF, 0xD8, 3, 0]),
+            f(&[4]),
+            f(&[5, 0xFF, 0xD9]),
+        ];
+        let got = super::frames_of_fragments(&frags, None, 2).unwrap();
+        assert_eq!(got[0].as_ref(), &[0xFF, 0xD8, 1, 2, 0xFF, 0xD9, 0]);
+        assert_eq!(got[1].as_ref(), &[0xFF, 0xD8, 3, 0, 4, 5, 0xFF, 0xD9]);
+        // the same with a Basic Offset Table (item headers are 8 bytes)
+        let got = super::frames_of_fragments(&frags, Some(&[0, 3 + 8 + 4 + 8]), 2).unwrap();
+        assert_eq!(got[1].as_ref(), &[0xFF, 0xD8, 3, 0, 4, 5, 0xFF, 0xD9]);
+        // three frames claimed: an error naming the counts
+        let e = super::frames_of_fragments(&frags, None, 3).unwrap_err();
+        assert!(e.contains("5 pixel data fragments for 3 frames"), "{e}");
+        let e = super::frames_of_fragments(&frags, Some(&[0, 5]), 2).unwrap_err();
+        assert!(e.contains("entry 1 (5) is invalid"), "{e}");
+    }
+
+    #[test]
+    fn a_decoder_panic_becomes_the_error_message() {
+        let r: std::result::Result<(), String> =
+            super::quiet_catch(|| panic!("index out of bounds: the len is 3 but the index is 9"));
+        let e = r.unwrap_err();
+        assert!(e.contains("internal panic: index out of bounds"), "{e}");
+        assert_eq!(super::quiet_catch(|| 5).unwrap(), 5);
+    }
 }

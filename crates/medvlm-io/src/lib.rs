@@ -34,6 +34,8 @@ pub mod check;
 pub mod deidentify;
 pub mod dicom;
 pub mod error;
+mod jpeg12;
+mod jpegls;
 pub mod manifest;
 pub mod medimage;
 pub mod medmnist;
@@ -41,6 +43,7 @@ pub mod npy;
 pub mod preprocess;
 pub mod raster;
 pub mod resources;
+mod rle;
 pub mod transforms;
 pub mod volume;
 pub mod window;
@@ -65,7 +68,7 @@ pub enum FileKind {
 }
 
 /// Detect a file's kind from its name, falling back to its first bytes
-/// (`DICM` at 128, NIfTI header size, PNG/JPEG/TIFF magic, NumPy magic).
+/// (`DICM` at 128 or 0, NIfTI header size, PNG/JPEG/TIFF magic, NumPy magic).
 pub fn detect_format(path: &std::path::Path) -> Result<FileKind> {
     let name = path
         .file_name()
@@ -97,7 +100,7 @@ pub fn detect_format(path: &std::path::Path) -> Result<FileKind> {
             .map_err(|e| IoError::os(path, e))?;
         b
     };
-    if head.len() >= 132 && &head[128..132] == b"DICM" {
+    if (head.len() >= 132 && &head[128..132] == b"DICM") || head.starts_with(b"DICM") {
         return Ok(FileKind::Dicom);
     }
     if head.len() >= 4 {

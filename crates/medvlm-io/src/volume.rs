@@ -1,8 +1,10 @@
 //! NIfTI-1 and NIfTI-2 volumes (`.nii`, `.nii.gz`).
 //!
-//! NIfTI-1 headers are parsed with the `nifti` crate (which handles byte order);
-//! that crate does not read NIfTI-2 (540-byte header, 64-bit dims), so NIfTI-2
-//! headers are parsed here from the published layout (nifti2.h, NIfTI DFWG 2011).
+//! NIfTI-1 and NIfTI-2 headers are parsed here from the published layouts (nifti1.h,
+//! nifti2.h, NIfTI DFWG), the byte order taken from `sizeof_hdr` as nibabel does.
+//! The shape is nibabel's `dim[1..=dim[0]]`, unit dimensions kept (leading, inner and
+//! trailing); zero or negative sizes, `dim[0]` outside 1..=7 and a `vox_offset`
+//! inside the header are refused with an error naming the file.
 //! The data are converted to `f32`, scaled by `scl_slope`/`scl_inter` with nibabel's
 //! rule (a slope of 0 or non-finite means "no scaling"), and reordered from the
 //! file's Fortran order to C order over the nibabel shape, so
@@ -109,50 +111,133 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<NiftiInfo> {
     }
 }
 
-fn parse_nifti1(path: &Path, bytes: &[u8]) -> Result<NiftiInfo> {
-    if bytes.len() < 348 {
+fn parse_nifti1(path: &Path, b: &[u8]) -> Result<NiftiInfo> {
+    if b.len() < 348 {
         return Err(nerr(
             path,
-            format!("truncated NIfTI-1 header: {} of 348 bytes", bytes.len()),
+            format!("truncated NIfTI-1 header: {} of 348 bytes", b.len()),
         ));
     }
-    let h = nifti::NiftiHeader::from_reader(&bytes[..348])
-        .map_err(|e| nerr(path, format!("invalid NIfTI-1 header: {e}")))?;
-    if &h.magic[..3] == b"ni1" {
-        return Err(nerr(
-            path,
-            "two-file NIfTI-1 (.hdr/.img, magic 'ni1') is not supported; convert to .nii",
-        ));
+    // Byte order from sizeof_hdr, as nibabel does (nifti1.h field offsets).
+    let big = i32::from_le_bytes([b[0], b[1], b[2], b[3]]) != 348;
+    let i16_at = |o: usize| {
+        let a = [b[o], b[o + 1]];
+        if big {
+            i16::from_be_bytes(a)
+        } else {
+            i16::from_le_bytes(a)
+        }
+    };
+    let i32_at = |o: usize| {
+        let a = [b[o], b[o + 1], b[o + 2], b[o + 3]];
+        if big {
+            i32::from_be_bytes(a)
+        } else {
+            i32::from_le_bytes(a)
+        }
+    };
+    let f32_at = |o: usize| {
+        let a = [b[o], b[o + 1], b[o + 2], b[o + 3]];
+        (if big {
+            f32::from_be_bytes(a)
+        } else {
+            f32::from_le_bytes(a)
+        }) as f64
+    };
+    match &b[344..348] {
+        b"n+1\0" => {}
+        b"ni1\0" => {
+            return Err(nerr(
+                path,
+                "two-file NIfTI-1 (.hdr/.img, magic 'ni1') is not supported; convert to .nii",
+            ))
+        }
+        other => {
+            return Err(nerr(
+                path,
+                format!("invalid NIfTI-1 header: magic is {other:?}, not \"n+1\\0\""),
+            ))
+        }
     }
-    let ndim = h.dim[0] as usize;
-    if ndim == 0 || ndim > 7 {
-        return Err(nerr(path, format!("invalid dim[0] = {ndim}")));
+    let ndim = i16_at(40) as i64;
+    let mut raw_dims: Vec<i64> = (1..=7).map(|k| i16_at(40 + 2 * k) as i64).collect();
+    // FreeSurfer's large-vector convention (nibabel get_data_shape): dim[1] = -1
+    // with dim[2] = dim[3] = 1 means the length is in glmin.
+    if raw_dims[..3] == [-1, 1, 1] && i32_at(144) > 0 {
+        raw_dims[0] = i32_at(144) as i64;
     }
-    let dims: Vec<usize> = h.dim[1..=ndim].iter().map(|&d| d as usize).collect();
+    let dims = check_dims(path, ndim, &raw_dims)?;
     let mut pixdim = [0f64; 8];
-    for (o, i) in pixdim.iter_mut().zip(h.pixdim.iter()) {
-        *o = *i as f64;
+    for (k, p) in pixdim.iter_mut().enumerate() {
+        *p = f32_at(76 + 4 * k);
     }
-    let srow = [
-        h.srow_x.map(|v| v as f64),
-        h.srow_y.map(|v| v as f64),
-        h.srow_z.map(|v| v as f64),
-    ];
+    let row = |o: usize| [f32_at(o), f32_at(o + 4), f32_at(o + 8), f32_at(o + 12)];
     Ok(NiftiInfo {
         version: 1,
         dims,
-        datatype: h.datatype,
+        datatype: i16_at(70),
         pixdim,
-        vox_offset: h.vox_offset.max(0.0) as u64,
-        scl_slope: h.scl_slope as f64,
-        scl_inter: h.scl_inter as f64,
-        qform_code: h.qform_code as i32,
-        sform_code: h.sform_code as i32,
-        quatern: [h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64],
-        qoffset: [h.quatern_x as f64, h.quatern_y as f64, h.quatern_z as f64],
-        srow,
-        big_endian: i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) != 348,
+        vox_offset: check_vox_offset(path, f32_at(108), 352, "NIfTI-1")?,
+        scl_slope: f32_at(112),
+        scl_inter: f32_at(116),
+        qform_code: i16_at(252) as i32,
+        sform_code: i16_at(254) as i32,
+        quatern: [f32_at(256), f32_at(260), f32_at(264)],
+        qoffset: [f32_at(268), f32_at(272), f32_at(276)],
+        srow: [row(280), row(296), row(312)],
+        big_endian: big,
     })
+}
+
+/// nibabel's data shape, `dim[1..=dim[0]]`, refusing what nibabel would turn into
+/// an empty or impossible array: `dim[0]` outside 1..=7, a zero or negative size.
+fn check_dims(path: &Path, ndim: i64, raw: &[i64]) -> Result<Vec<usize>> {
+    if !(1..=7).contains(&ndim) {
+        return Err(nerr(
+            path,
+            format!("invalid dim[0] = {ndim}: the number of dimensions must be 1 to 7"),
+        ));
+    }
+    let mut dims = Vec::with_capacity(ndim as usize);
+    for (k, &d) in raw[..ndim as usize].iter().enumerate() {
+        if d == 0 {
+            return Err(nerr(
+                path,
+                format!(
+                    "dim[{}] = 0 (dims {:?}): the image is empty",
+                    k + 1,
+                    &raw[..ndim as usize]
+                ),
+            ));
+        }
+        if d < 0 {
+            return Err(nerr(
+                path,
+                format!(
+                    "negative dim[{}] = {d} (dims {:?})",
+                    k + 1,
+                    &raw[..ndim as usize]
+                ),
+            ));
+        }
+        dims.push(d as usize);
+    }
+    Ok(dims)
+}
+
+/// Byte offset of the data: finite, whole, and after the header and its 4-byte
+/// extension flag (nibabel would read the header itself as voxels when it is 0).
+fn check_vox_offset(path: &Path, v: f64, min: u64, kind: &str) -> Result<u64> {
+    if !v.is_finite() || v < min as f64 || v.fract() != 0.0 || v > u64::MAX as f64 {
+        return Err(nerr(
+            path,
+            format!(
+                "invalid vox_offset {v}: the data of a single-file {kind} start at a whole \
+                 byte offset of {min} or more (after the header)"
+            ),
+        ));
+    }
+    Ok(v as u64)
 }
 
 fn parse_nifti2(path: &Path, b: &[u8], big: bool) -> Result<NiftiInfo> {
@@ -202,30 +287,21 @@ fn parse_nifti2(path: &Path, b: &[u8], big: bool) -> Result<NiftiInfo> {
             f64::from_le_bytes(a)
         }
     };
-    let ndim = i64_at(16);
-    if !(1..=7).contains(&ndim) {
-        return Err(nerr(path, format!("invalid dim[0] = {ndim}")));
-    }
-    let mut dims = Vec::new();
-    for k in 1..=ndim as usize {
-        let d = i64_at(16 + 8 * k);
-        if d < 0 {
-            return Err(nerr(path, format!("negative dim[{k}] = {d}")));
-        }
-        dims.push(d as usize);
-    }
+    let raw_dims: Vec<i64> = (1..=7).map(|k| i64_at(16 + 8 * k)).collect();
+    let dims = check_dims(path, i64_at(16), &raw_dims)?;
     let mut pixdim = [0f64; 8];
     for (k, p) in pixdim.iter_mut().enumerate() {
         *p = f64_at(104 + 8 * k);
     }
     let row = |o: usize| [f64_at(o), f64_at(o + 8), f64_at(o + 16), f64_at(o + 24)];
     let vox = i64_at(168);
+    let vox_offset = check_vox_offset(path, vox as f64, 544, "NIfTI-2")?;
     Ok(NiftiInfo {
         version: 2,
         dims,
         datatype: i16_at(12),
         pixdim,
-        vox_offset: vox.max(0) as u64,
+        vox_offset,
         scl_slope: f64_at(176),
         scl_inter: f64_at(184),
         qform_code: i32_at(344),

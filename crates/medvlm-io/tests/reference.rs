@@ -334,3 +334,199 @@ fn eight_bit_multiframe() {
 fn deflated_explicit_vr_little_endian() {
     check_dicom("syn_deflated.dcm");
 }
+
+// Pixel formats added for issue #14 (pydicom 3.0.2 test files).
+
+#[test]
+fn one_bit_bit_packed_segmentation() {
+    let img = check_dicom("liver_1frame.dcm");
+    assert_eq!(img.bits_stored, Some(1));
+}
+
+#[test]
+fn one_bit_multi_frame_with_frames_starting_mid_byte() {
+    // 35 bits per frame: frame 2 starts at bit 3 of byte 4 (pydicom-written)
+    let img = check_dicom("syn_1bit_3frames.dcm");
+    assert_eq!(img.frames(), 3);
+    assert!(img.data.iter().all(|&v| v == 0.0 || v == 1.0));
+}
+
+#[test]
+fn one_bit_bit_packed_big_endian() {
+    check_dicom("liver_expb_1frame.dcm");
+}
+
+#[test]
+fn rle_32_bit_grey_single_and_multi_frame() {
+    check_dicom("rtdose_rle_1frame.dcm");
+    let img = check_dicom("rtdose_rle.dcm");
+    assert_eq!(img.frames(), 15);
+}
+
+#[test]
+fn rle_16_and_32_bit_rgb() {
+    check_dicom("SC_rgb_rle_16bit.dcm");
+    check_dicom("SC_rgb_rle_32bit.dcm");
+    let img = check_dicom("SC_rgb_rle_32bit_2frame.dcm");
+    assert_eq!(img.frames(), 2);
+}
+
+#[test]
+fn native_ybr_full_422_upsampled_to_rgb() {
+    check_dicom("SC_ybr_full_422_uncompressed.dcm");
+}
+
+#[test]
+fn jpeg_baseline_rgb_without_colour_transform() {
+    check_dicom("SC_jpeg_no_color_transform.dcm");
+    check_dicom("SC_rgb_jpeg_app14_dcmd.dcm");
+}
+
+#[test]
+fn jpeg_baseline_ybr_422_subsampled() {
+    check_dicom("SC_rgb_dcmtk_+eb+cy+s2.dcm");
+}
+
+#[test]
+fn jpeg_lossless_process_14_rgb() {
+    check_dicom("SC_rgb_jpeg_gdcm.dcm");
+}
+
+// DICOM read like pydicom's `dcmread(force=True)`: the same pixels as the normal read.
+
+/// Bytes of a Part 10 file: (everything, offset of the data set after the meta group).
+fn part10(name: &str) -> (Vec<u8>, usize) {
+    let b = std::fs::read(data(name)).unwrap();
+    assert_eq!(&b[128..132], b"DICM");
+    // (0002,0000) UL group length: tag 4, VR 2, length 2, value 4
+    assert_eq!(&b[132..138], b"\x02\x00\x00\x00UL");
+    let len = u32::from_le_bytes(b[140..144].try_into().unwrap()) as usize;
+    (b.clone(), 144 + len)
+}
+
+fn same_pixels(name: &str, variant: &str, bytes: &[u8], note: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(format!("{variant}.dcm"));
+    std::fs::write(&p, bytes).unwrap();
+    let want = load_any(&data(name)).unwrap();
+    let got = load_any(&p).unwrap_or_else(|e| panic!("{name} {variant}: {e}"));
+    assert_eq!(got.shape, want.shape, "{name} {variant}");
+    assert_eq!(got.data, want.data, "{name} {variant}");
+    assert_eq!(got.modality, want.modality, "{name} {variant}");
+    assert!(
+        got.warnings.iter().any(|w| w.contains(note)),
+        "{name} {variant}: {:?}",
+        got.warnings
+    );
+    assert!(got.warnings[0].contains(&format!("{variant}.dcm")));
+}
+
+#[test]
+fn dicom_without_preamble_like_pydicom_force() {
+    for name in ["MR_small.dcm", "CT_small.dcm", "MR_small_RLE.dcm"] {
+        let (b, _) = part10(name);
+        same_pixels(name, "no_preamble", &b[128..], "no 128-byte preamble");
+        same_pixels(name, "no_preamble_no_dicm", &b[132..], "no 'DICM' prefix");
+    }
+}
+
+#[test]
+fn bare_data_set_without_file_meta_like_pydicom_force() {
+    // the transfer syntax is guessed from the first element
+    for (name, ts) in [
+        ("MR_small_implicit.dcm", "Implicit VR Little Endian"),
+        ("MR_small.dcm", "Explicit VR Little Endian"),
+        ("CT_small.dcm", "Explicit VR Little Endian"),
+        ("MR_small_bigendian.dcm", "Explicit VR Big Endian"),
+    ] {
+        let (b, start) = part10(name);
+        let note = format!(
+            "no file meta information (no preamble, no 'DICM'): read as a bare data set in {ts}"
+        );
+        same_pixels(name, "bare", &b[start..], &note);
+    }
+}
+
+#[test]
+fn bare_data_set_with_compressed_pixel_data_is_an_error_not_garbage() {
+    // Without file meta information an RLE data set parses as explicit VR little
+    // endian, but its encapsulated pixel data cannot be decoded: error, no pixels.
+    let (b, start) = part10("MR_small_RLE.dcm");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bare_rle.dcm");
+    std::fs::write(&p, &b[start..]).unwrap();
+    let e = load_any(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("bare_rle.dcm") && e.contains("encapsulated (compressed fragments)"),
+        "{e}"
+    );
+}
+
+/// NIfTI files written by nibabel with unit dimensions: the shape is nibabel's
+/// `get_fdata().shape` (`dim[1..=dim[0]]`, nothing squeezed), values and affine equal.
+#[test]
+fn nifti_unit_dimensions_keep_nibabel_shape() {
+    let refs = reference();
+    for (name, shape) in [
+        ("nib_leading_unit.nii", vec![1, 6, 5]),
+        ("nib_trailing_units.nii", vec![6, 5, 1, 1]),
+        ("nib_2d.nii", vec![6, 5]),
+        ("nib_5d_inner_unit.nii.gz", vec![4, 3, 2, 1, 2]),
+    ] {
+        let r = &refs["files"][name];
+        let img = load_any(&data(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(img.shape, shape, "{name}");
+        assert_eq!(
+            img.layout,
+            medvlm_io::Layout::Volume {
+                dims: shape.clone()
+            }
+        );
+        check_summary(name, &img.shape, &img.data, r, 0.0);
+        let aff = img.affine.unwrap();
+        for i in 0..4 {
+            for j in 0..4 {
+                assert!(
+                    (aff[i][j] - f(&r["affine"][i][j])).abs() < 1e-6,
+                    "{name} affine"
+                );
+            }
+        }
+        let codes: String = medvlm_io::volume::axis_codes(&aff).iter().collect();
+        assert_eq!(codes, r["axcodes"].as_str().unwrap(), "{name}");
+        assert_eq!(img.spacing.len(), shape.len(), "{name}");
+    }
+    // planes of the 5-D file: volume index over the axes after z
+    let img = load_any(&data("nib_5d_inner_unit.nii.gz")).unwrap();
+    assert_eq!(img.frames(), 2);
+    let p = img
+        .plane(&PlaneSelect {
+            frame: Some(1),
+            slice: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!((p.rows, p.cols), (4, 3));
+    // data[x, y, 1, 0, 1] in C order over [4, 3, 2, 1, 2]: (((x*3 + y)*2 + 1)*1 + 0)*2 + 1
+    for x in 0..4 {
+        for y in 0..3 {
+            let c = ((x * 3 + y) * 2 + 1) * 2 + 1;
+            assert_eq!(p.data[x * 3 + y], img.data[c]);
+        }
+    }
+}
+
+#[test]
+fn jpeg_ls_lossless_and_near_lossless() {
+    check_dicom("MR_small_jpeg_ls_lossless.dcm");
+    check_dicom("JPEGLSNearLossless_08.dcm");
+    check_dicom("JPEGLSNearLossless_16.dcm");
+    check_dicom("SC_rgb_jls_lossy_line.dcm");
+    check_dicom("SC_rgb_jls_lossy_sample.dcm");
+}
+
+#[test]
+fn jpeg_extended_12_bit() {
+    let img = check_dicom("JPGExtended.dcm");
+    assert_eq!(img.bits_stored, Some(12));
+}
