@@ -54,9 +54,9 @@ pub enum FeatureCacheError {
     /// The computed features are malformed.
     #[error("features to cache are invalid: {0}")]
     Invalid(String),
-    /// The compute closure failed.
-    #[error("computing features failed: {0}")]
-    Compute(String),
+    /// The compute closure failed (its error, with its causes, is the source).
+    #[error("computing features failed")]
+    Compute(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Result alias of this module.
@@ -483,7 +483,7 @@ impl FeatureCache {
     /// Returns the cached features of `key`, or computes them with `compute`,
     /// stores them and returns them. A file that fails validation (other key,
     /// corruption) is recomputed and overwritten; the status says so.
-    pub fn load_or_compute<E: std::fmt::Display>(
+    pub fn load_or_compute<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
         &self,
         key: &FeatureCacheKey,
         compute: impl FnOnce() -> std::result::Result<CachedFeatures, E>,
@@ -491,12 +491,10 @@ impl FeatureCache {
         let status = match self.load(key) {
             Ok(Some(hit)) => return Ok((hit, CacheStatus::Hit)),
             Ok(None) => CacheStatus::Miss,
-            Err(e) => {
-                tracing::warn!("feature cache invalidated, recomputing: {e}");
-                CacheStatus::Invalidated(e.to_string())
-            }
+            // Reported through the status (the caller says it once), not logged here too.
+            Err(e) => CacheStatus::Invalidated(e.to_string()),
         };
-        let computed = compute().map_err(|e| FeatureCacheError::Compute(e.to_string()))?;
+        let computed = compute().map_err(|e| FeatureCacheError::Compute(e.into()))?;
         self.store(key, &computed)?;
         Ok((computed, status))
     }

@@ -281,6 +281,31 @@ impl SupportSet {
         ))
     }
 
+    /// The images `indices` of this support set with their labels (e.g. the training part
+    /// of a cross-validation fold).
+    pub fn subset(&self, indices: &[usize]) -> Result<Self> {
+        let n = self.features.dim(0)?;
+        if let Some(&bad) = indices.iter().find(|&&i| i >= n || i >= self.labels.len()) {
+            return Err(MethodError::InvalidInput(format!(
+                "support index {bad} outside the support set of {n} images"
+            )));
+        }
+        let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), self.features.device())?;
+        let labels = match &self.labels {
+            SupportLabels::MultiClass(l) => {
+                SupportLabels::MultiClass(indices.iter().map(|&i| l[i]).collect())
+            }
+            SupportLabels::MultiLabel(rows) => {
+                SupportLabels::MultiLabel(indices.iter().map(|&i| rows[i].clone()).collect())
+            }
+        };
+        Ok(Self {
+            features: self.features.index_select(&idx, 0)?,
+            labels,
+        })
+    }
+
     /// Checks shapes against the class texts; returns (N, D).
     pub fn validate(&self, num_classes: usize, dim: usize) -> Result<(usize, usize)> {
         let (n, d) = self.features.dims2().map_err(|_| {

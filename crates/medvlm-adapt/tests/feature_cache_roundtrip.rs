@@ -135,9 +135,11 @@ fn multilabel_labels_round_trip_and_bad_input_is_refused() {
     // A failing computation is reported, not cached.
     let err = cache
         .load_or_compute(&key("n"), || Err::<CachedFeatures, _>("encoder crashed"))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("encoder crashed"), "{err}");
+        .unwrap_err();
+    // The cause is kept as the error's source, so a reporter shows the whole chain.
+    assert_eq!(err.to_string(), "computing features failed");
+    let cause = std::error::Error::source(&err).expect("source").to_string();
+    assert!(cause.contains("encoder crashed"), "{cause}");
     assert!(cache.load(&key("n")).unwrap().is_none());
 }
 

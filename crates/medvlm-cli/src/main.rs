@@ -135,8 +135,81 @@ fn main() {
         Command::Bench(a) => commands::bench::run(a),
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", error_report(&err));
         std::process::exit(1);
+    }
+}
+
+/// The error and its causes on one line, without repeating what an outer message already
+/// says. Many error types both print their cause and return it as `source()` (the I/O
+/// errors of std and most crates' wrappers), and contexts name the file that the inner error
+/// names again, so a plain `{:#}` reads "reading x: x: Is a directory: Is a directory".
+/// Here a cause already contained in the line is left out, and a cause that starts with a
+/// path (or other text up to ": ") already in the line loses that prefix.
+fn error_report(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let mut text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+            continue;
+        }
+        if line.contains(text.as_str()) {
+            continue;
+        }
+        // Strip leading "A: B: " segments that the line already holds, also when one word
+        // precedes a path the line names ("image scans/x.png: ...").
+        let known = |head: &str| {
+            line.contains(head)
+                || head.split_once(' ').is_some_and(|(_, path)| {
+                    (path.contains('/') || path.contains('.')) && line.contains(path)
+                })
+        };
+        while let Some((head, rest)) = text.split_once(": ") {
+            if !head.is_empty() && known(head) && !rest.is_empty() {
+                text = rest.to_string();
+            } else {
+                break;
+            }
+        }
+        if line.contains(text.as_str()) {
+            continue;
+        }
+        line.push_str(": ");
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod error_report_tests {
+    use super::error_report;
+    use anyhow::Context;
+
+    #[test]
+    fn repeated_paths_and_causes_are_said_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::IsADirectory);
+        let inner = medvlm_io::IoError::os(std::path::Path::new("/tmp"), io);
+        let err = Err::<(), _>(inner).context("reading /tmp").unwrap_err();
+        assert_eq!(error_report(&err), "reading /tmp: is a directory");
+
+        // Different information is kept, in order.
+        let err = Err::<(), _>(anyhow::anyhow!("unreadable image"))
+            .context("scan.dcm")
+            .context("image features of m.jsonl")
+            .unwrap_err();
+        assert_eq!(
+            error_report(&err),
+            "image features of m.jsonl: scan.dcm: unreadable image"
+        );
+        let err = Err::<(), _>(anyhow::anyhow!("image scans/a.png: bad PNG signature"))
+            .context("scans/a.png")
+            .context("unreadable image")
+            .unwrap_err();
+        assert_eq!(
+            error_report(&err),
+            "unreadable image: scans/a.png: bad PNG signature"
+        );
     }
 }
 
@@ -148,9 +221,11 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MEDVLM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colour codes only on a terminal: in a log file they are noise (`\x1b[33m WARN`).
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

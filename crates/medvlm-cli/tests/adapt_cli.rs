@@ -454,6 +454,9 @@ fn bench_fewshot_writes_table_json_and_plot() {
         stderr.contains("image files changed") && stderr.contains("recomputed"),
         "{stderr}"
     );
+    // Said once, and without terminal colour codes (stderr is a pipe here).
+    assert_eq!(stderr.matches("image files changed").count(), 1, "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
     let v3: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json3).unwrap()).unwrap();
     let after: Vec<f64> = v3["records"]

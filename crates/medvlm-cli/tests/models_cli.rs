@@ -88,6 +88,16 @@ fn embed_writes_raw_embeddings_and_sidecar_in_row_order() {
         "{}",
         String::from_utf8_lossy(&res.stderr)
     );
+    // stderr is a pipe here: progress comes as plain lines, and the last one says it is done.
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        stderr.contains("embedding: 2/2 images (100 %)") && stderr.contains("done in"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\r') && !stderr.contains("\u{1b}["),
+        "{stderr:?}"
+    );
     let t = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     assert_eq!(t["image_embeds"].dims(), &[2, 24]);
     assert_eq!(t["text_embeds"].dims(), &[2, 24]);

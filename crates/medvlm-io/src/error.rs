@@ -42,7 +42,7 @@ pub enum IoError {
     #[error("{path}: NumPy: {reason}")]
     Npy { path: PathBuf, reason: String },
     /// A manifest line or row is malformed.
-    #[error("{path}:{line}: manifest: {reason}")]
+    #[error("{path}{}: manifest: {reason}", line_suffix(*.line))]
     Manifest {
         path: PathBuf,
         /// 1-based line (JSONL) or record (CSV) number; 0 for the whole file.
@@ -55,6 +55,15 @@ pub enum IoError {
     /// A request that does not fit the data (frame out of range, unknown window preset, ...).
     #[error("{0}")]
     InvalidArgument(String),
+}
+
+/// `:LINE` for a line or record, nothing for the whole file (line 0).
+fn line_suffix(line: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(":{line}")
+    }
 }
 
 impl IoError {

@@ -18,11 +18,10 @@
 //!   support set.
 
 use candle_core::{DType, Tensor};
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::solver::{minimize, LbfgsOptions};
-use super::{rng_for, to_rows_f64};
+use super::to_rows_f64;
 use crate::method::{
     l2_normalize, make_card, normalized_input, AdaptInput, AdaptationMethod, AdaptedClassifier,
     ClassifierCard, HyperparameterPolicy, MethodError, Result, SavedTensors, SupportLabels,
@@ -164,40 +163,7 @@ impl LinearProbe {
         seed: u64,
     ) -> Result<(f64, usize)> {
         let n = x.len();
-        // Fold assignment: stratified by class for multi-class, random otherwise.
-        let mut fold_of = vec![0usize; n];
-        let mut rng = rng_for(seed ^ 0x5eed_cf01);
-        let k = match labels {
-            SupportLabels::MultiClass(l) => {
-                let mut by_class = vec![Vec::new(); c_classes];
-                for (i, &c) in l.iter().enumerate() {
-                    by_class[c].push(i);
-                }
-                let min_count = by_class
-                    .iter()
-                    .map(Vec::len)
-                    .filter(|&m| m > 0)
-                    .min()
-                    .unwrap_or(0);
-                let k = folds.min(min_count);
-                for idx in by_class.iter_mut() {
-                    idx.shuffle(&mut rng);
-                    for (j, &i) in idx.iter().enumerate() {
-                        fold_of[i] = j % k.max(1);
-                    }
-                }
-                k
-            }
-            SupportLabels::MultiLabel(_) => {
-                let mut order: Vec<usize> = (0..n).collect();
-                order.shuffle(&mut rng);
-                let k = folds.min(n);
-                for (j, &i) in order.iter().enumerate() {
-                    fold_of[i] = j % k.max(1);
-                }
-                k
-            }
-        };
+        let (fold_of, k) = super::support_folds(labels, c_classes, folds, seed);
         if k < 2 {
             // One image in some class: CV impossible, keep the fixed default.
             return Ok((self.c, 0));

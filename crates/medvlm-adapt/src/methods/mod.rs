@@ -210,6 +210,56 @@ pub(crate) fn uniform_init(
     Ok(Tensor::from_vec(v, (rows, cols), device)?)
 }
 
+/// Cross-validation folds of a support set: `fold_of[i]` for each image and the number of
+/// folds `k` (at most `folds`). Multi-class folds are stratified (each class's images dealt
+/// round-robin after a seeded shuffle), so `k` is capped by the smallest class; multi-label
+/// images are dealt at random. `k < 2` means no cross-validation is possible (a class with a
+/// single image): the caller keeps its defaults.
+pub(crate) fn support_folds(
+    labels: &crate::method::SupportLabels,
+    num_classes: usize,
+    folds: usize,
+    seed: u64,
+) -> (Vec<usize>, usize) {
+    use crate::method::SupportLabels;
+    use rand::seq::SliceRandom;
+    let n = labels.len();
+    let mut fold_of = vec![0usize; n];
+    let mut rng = rng_for(seed ^ 0x5eed_cf01);
+    let k = match labels {
+        SupportLabels::MultiClass(l) => {
+            let mut by_class = vec![Vec::new(); num_classes];
+            for (i, &c) in l.iter().enumerate() {
+                by_class[c].push(i);
+            }
+            let min_count = by_class
+                .iter()
+                .map(Vec::len)
+                .filter(|&m| m > 0)
+                .min()
+                .unwrap_or(0);
+            let k = folds.min(min_count);
+            for idx in by_class.iter_mut() {
+                idx.shuffle(&mut rng);
+                for (j, &i) in idx.iter().enumerate() {
+                    fold_of[i] = j % k.max(1);
+                }
+            }
+            k
+        }
+        SupportLabels::MultiLabel(_) => {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.shuffle(&mut rng);
+            let k = folds.min(n);
+            for (j, &i) in order.iter().enumerate() {
+                fold_of[i] = j % k.max(1);
+            }
+            k
+        }
+    };
+    (fold_of, k)
+}
+
 /// Seeded RNG for a fit.
 pub(crate) fn rng_for(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
