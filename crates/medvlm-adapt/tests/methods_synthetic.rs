@@ -209,15 +209,16 @@ fn clip_adapter_support_cv_chooses_its_residual_ratio_on_the_support_set() {
         let idx: Vec<usize> = (0..task.pool_labels.len())
             .filter(|&i| (i % 40 + seed as usize * 7) % 40 < 16)
             .collect();
-        let support =
-            SupportSet::from_pool(&task.pool_features, &task.pool_labels, &idx).unwrap();
+        let support = SupportSet::from_pool(&task.pool_features, &task.pool_labels, &idx).unwrap();
         let mut input = AdaptInput::frozen(&task.texts, &support);
         input.seed = seed;
         let method = method_by_name("clip-adapter", None).unwrap();
         let fixed = method.fit(&input).unwrap();
         input.policy = HyperparameterPolicy::SupportCv { folds: 4 };
         let cv = method.fit(&input).unwrap();
-        let chosen = cv.card().hyperparameters["residual_ratio"].as_f64().unwrap();
+        let chosen = cv.card().hyperparameters["residual_ratio"]
+            .as_f64()
+            .unwrap();
         let info = &cv.card().fit_info;
         assert_eq!(info["cv_folds"], 4, "{info}");
         assert!(chosen > 0.2, "seed {seed}: chose {chosen} ({info})");

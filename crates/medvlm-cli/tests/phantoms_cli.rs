@@ -236,7 +236,7 @@ fn absurd_sizes_are_refused_with_their_estimate() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
-        stderr.contains("18446744073709551615 phantom studies")
+        stderr.contains("(18446744073709551615 studies of 128 px)")
             && stderr.contains("of disk")
             && stderr.contains("--force"),
         "{stderr}"

@@ -6,7 +6,7 @@
 //!
 //! * [`classification`]: accuracy, balanced accuracy, macro-F1, confusion matrix.
 //! * [`auroc`]: exact (Mann-Whitney) AUROC, one-vs-rest and multi-label.
-//! * [`multilabel`]: macro/micro F1 at a threshold.
+//! * [`multilabel`]: macro/micro F1 at a threshold, average precision.
 //! * [`calibration`]: expected calibration error and reliability diagrams.
 //! * [`conformal`]: split-conformal APS and RAPS prediction sets.
 //! * [`conformal_multilabel`]: conformal risk control of the false-negative rate of
@@ -15,6 +15,8 @@
 //! * [`fewshot_table`]: mean ± std tables over seeds.
 //! * [`plots`]: line plots, confusion-matrix heatmaps, reliability diagrams (SVG/PNG).
 //! * [`report`]: self-contained HTML reports.
+//! * [`evaluation`]: every metric of one test evaluation, multi-class ([`evaluation::evaluate`])
+//!   or multi-label ([`evaluation::evaluate_multilabel`]), as `medvlm adapt` reports it.
 
 pub mod auroc;
 pub mod calibration;
@@ -22,6 +24,7 @@ pub mod classification;
 pub mod conformal;
 pub mod conformal_multilabel;
 pub mod error;
+pub mod evaluation;
 pub mod fewshot_table;
 pub mod multilabel;
 pub mod plots;

@@ -84,3 +84,35 @@ pub fn multilabel_f1(
         exact_match: exact as f64 / n as f64,
     })
 }
+
+/// Average precision of one label (scikit-learn's
+/// `average_precision_score`): `sum_n (R_n - R_{n-1}) P_n` over the distinct
+/// score thresholds in decreasing order; `None` without positives.
+pub fn average_precision(scores: &[f32], positive: &[bool]) -> Option<f64> {
+    let n_pos = positive.iter().filter(|&&p| p).count();
+    if n_pos == 0 || scores.len() != positive.len() {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let (mut tp, mut fp, mut ap, mut last_recall) = (0usize, 0usize, 0.0f64, 0.0f64);
+    let mut i = 0;
+    while i < order.len() {
+        // Tied scores form one threshold.
+        let mut j = i;
+        while j < order.len() && scores[order[j]] == scores[order[i]] {
+            if positive[order[j]] {
+                tp += 1;
+            } else {
+                fp += 1;
+            }
+            j += 1;
+        }
+        let recall = tp as f64 / n_pos as f64;
+        let precision = tp as f64 / (tp + fp) as f64;
+        ap += (recall - last_recall) * precision;
+        last_recall = recall;
+        i = j;
+    }
+    Some(ap)
+}

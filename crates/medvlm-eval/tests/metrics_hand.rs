@@ -218,3 +218,27 @@ fn fewshot_table_mean_std() {
     );
     assert!(md.contains("| zero-shot | 50.0 ± 0.0 | – | – |"), "{md}");
 }
+
+#[test]
+fn average_precision_matches_scikit_learn_example() {
+    // scikit-learn's documented example of average_precision_score: 0.8333...
+    let ap = medvlm_eval::multilabel::average_precision(
+        &[0.1, 0.4, 0.35, 0.8],
+        &[false, false, true, true],
+    )
+    .unwrap();
+    assert!((ap - 0.833_333_333).abs() < 1e-6, "{ap}");
+    // Perfect ranking and no positives.
+    assert_eq!(
+        medvlm_eval::multilabel::average_precision(&[0.9, 0.1], &[true, false]),
+        Some(1.0)
+    );
+    assert_eq!(
+        medvlm_eval::multilabel::average_precision(&[0.9, 0.1], &[false, false]),
+        None
+    );
+    // All scores tied: one threshold, AP = prevalence.
+    let tied = medvlm_eval::multilabel::average_precision(&[0.5; 4], &[true, false, false, false])
+        .unwrap();
+    assert!((tied - 0.25).abs() < 1e-12, "{tied}");
+}

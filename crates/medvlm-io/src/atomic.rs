@@ -36,7 +36,18 @@ where
 {
     let dir = parent_dir(path);
     let tmp = dir.join(temp_name(path));
-    let written = produce(&tmp).and_then(|()| std::fs::File::open(&tmp)?.sync_all());
+    // The mode an ordinary new file gets here (0666 less the umask, so 0644 by default).
+    // Some writers create their file private (0600, as a temporary file would be); the
+    // output gets the ordinary mode whatever `produce` did.
+    let ordinary_mode = std::fs::File::create(&tmp)
+        .and_then(|f| f.metadata())
+        .map(|m| m.permissions());
+    let written = ordinary_mode
+        .and_then(|mode| {
+            produce(&tmp)?;
+            std::fs::set_permissions(&tmp, mode)
+        })
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all());
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(IoError::os(path, e));
@@ -123,6 +134,38 @@ mod tests {
         assert!(err.to_string().contains("disk full"), "{err}");
         assert_eq!(std::fs::read(&p).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn outputs_get_the_ordinary_mode_even_from_private_writers() {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain.txt");
+        std::fs::write(&plain, b"x").unwrap();
+        let ordinary = std::fs::metadata(&plain).unwrap().permissions().mode() & 0o777;
+        let p = dir.path().join("out.safetensors");
+        // A writer that replaces its file with a private one (0600), as temp-file writers do.
+        write_atomic_via(&p, |tmp| {
+            let _ = std::fs::remove_file(tmp);
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(tmp)?;
+            drop(f);
+            Ok(())
+        })
+        .unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, ordinary, "{mode:o} vs {ordinary:o}");
+        write_atomic(&dir.path().join("b.json"), b"{}").unwrap();
+        let mode = std::fs::metadata(dir.path().join("b.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, ordinary);
     }
 
     #[test]

@@ -45,7 +45,10 @@ use rayon::prelude::*;
 pub use report::report_prompts;
 pub use site::{HELD_OUT_SITE, SITES};
 pub use vocab::{FindingVocab, Modality, NORMAL};
-pub use write::{dataset_description, write_dataset, DatasetConfig, DatasetSummary, MANIFEST_FILE};
+pub use write::{
+    dataset_description, write_dataset, write_dataset_with_progress, DatasetConfig, DatasetSummary,
+    MANIFEST_FILE,
+};
 
 /// Errors of phantom generation.
 #[derive(Debug, thiserror::Error)]

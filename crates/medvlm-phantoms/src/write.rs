@@ -376,6 +376,15 @@ pub fn dataset_description(config: &DatasetConfig) -> Value {
 /// no modality, a bad size, or, without `force`, an existing non-empty folder or a dataset
 /// whose [`DatasetConfig::estimated_disk_bytes`] exceed the free space there.
 pub fn write_dataset(config: &DatasetConfig) -> Result<DatasetSummary, PhantomError> {
+    write_dataset_with_progress(config, &|_| {})
+}
+
+/// [`write_dataset`], calling `on_study(1)` from the worker threads after each study is
+/// written (for a progress display).
+pub fn write_dataset_with_progress(
+    config: &DatasetConfig,
+    on_study: &(dyn Fn(u64) + Sync),
+) -> Result<DatasetSummary, PhantomError> {
     if config.n == 0 {
         return Err(PhantomError::ZeroStudies);
     }
@@ -385,7 +394,10 @@ pub fn write_dataset(config: &DatasetConfig) -> Result<DatasetSummary, PhantomEr
     config.options.validate()?;
     let dir = &config.out;
     medvlm_io::resources::ensure_disk(
-        &format!("{} phantom studies of {} px", config.n, config.options.size),
+        &format!(
+            "the dataset ({} studies of {} px)",
+            config.n, config.options.size
+        ),
         config.estimated_disk_bytes(),
         dir,
         config.force,
@@ -425,6 +437,7 @@ pub fn write_dataset(config: &DatasetConfig) -> Result<DatasetSummary, PhantomEr
             let modality = modality_of(&config.modalities, i).ok_or(PhantomError::NoModalities)?;
             let study = generate_study(modality, config.seed, i, &config.options);
             let (record, files, med) = write_study(dir, &study)?;
+            on_study(1);
             Ok((
                 record,
                 files,

@@ -164,7 +164,10 @@ impl AdaptationMethod for ClipAdapter {
             format!("residual_ratio by {k}-fold cross-validation on the support set").into(),
         );
         info.insert("cv_folds".into(), k.into());
-        info.insert("cv_held_out_loss".into(), (best.0 / fold_of.len() as f64).into());
+        info.insert(
+            "cv_held_out_loss".into(),
+            (best.0 / fold_of.len() as f64).into(),
+        );
         let chosen = ClipAdapter {
             residual_ratio: best.1,
             ..self.clone()
@@ -186,9 +189,7 @@ fn held_out_loss(clf: &ClipAdapterClassifier, held: &SupportSet) -> Result<f64> 
         SupportLabels::MultiClass(_) => {
             candle_nn::loss::cross_entropy(&logits, &held.class_indices()?)?
         }
-        SupportLabels::MultiLabel(_) => {
-            bce_with_logits(&logits, &held.targets(logits.dim(1)?)?)?
-        }
+        SupportLabels::MultiLabel(_) => bce_with_logits(&logits, &held.targets(logits.dim(1)?)?)?,
     };
     Ok(f64::from(mean.to_scalar::<f32>()?) * n)
 }

@@ -55,14 +55,16 @@ use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    class_prompts, describe_fnr_control, describe_multilabel, encode_class_texts, evaluate,
-    evaluate_multilabel, model_fingerprint, model_logit_scale, multi_label_refusal,
+    class_prompts, encode_class_texts, model_fingerprint, model_logit_scale, multi_label_refusal,
     negative_prompts, probabilities, probability_csv, probability_csv_multilabel, task_features,
-    write_file, Metrics, MultiLabelMetrics, Task, TaskArgs, MULTI_LABEL_METHODS,
-    PROMPT_PAIR_METHODS,
+    write_file, Task, TaskArgs, MULTI_LABEL_METHODS, PROMPT_PAIR_METHODS,
 };
 use super::embed::{load, preprocess_file, DeviceArgs};
 use super::tuning::{self, is_tuning_method, TuningJob};
+use medvlm_eval::evaluation::{
+    describe_fnr_control, describe_multilabel, evaluate, evaluate_multilabel, Metrics,
+    MultiLabelMetrics,
+};
 
 /// File name of the adaptation card inside an artefact directory.
 pub const ADAPT_CARD: &str = "adapt.json";

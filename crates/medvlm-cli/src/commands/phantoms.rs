@@ -14,7 +14,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use medvlm_phantoms::{write_dataset, DatasetConfig, Modality, StudyOptions, MANIFEST_FILE};
+use medvlm_phantoms::{
+    write_dataset_with_progress, DatasetConfig, Modality, StudyOptions, MANIFEST_FILE,
+};
+
+use crate::commands::progress::Progress;
 
 /// Synthetic phantom benchmark.
 #[derive(clap::Args, Debug)]
@@ -165,7 +169,14 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         force: a.force,
     };
     let start = Instant::now();
-    let summary = write_dataset(&config).with_context(|| {
+    let progress = Progress::new("generating", a.n, "studies");
+    let summary = write_dataset_with_progress(&config, &|n| progress.inc(n));
+    if summary.is_ok() {
+        progress.finish();
+    } else {
+        progress.abandon();
+    }
+    let summary = summary.with_context(|| {
         format!(
             "generating {} phantom studies into {}",
             a.n,

@@ -20,13 +20,12 @@ use medvlm_adapt::method::load_classifier;
 use medvlm_adapt::methods::prompt_common::{PromptClassifier, PROMPT_METHOD_NAMES};
 
 use super::adapt::{prompt_probabilities, AdaptCard};
-use super::common::{
-    probabilities, probability_csv, probability_csv_multilabel, write_file, MULTI_LABEL_THRESHOLD,
-};
+use super::common::{probabilities, probability_csv, probability_csv_multilabel, write_file};
 use super::embed::{
     embed_images, list_images, load, preprocess_file, report_skipped, DeviceArgs, Skipped,
 };
 use super::tuning::{self, is_tuning_method, load_applied};
+use medvlm_eval::evaluation::MULTI_LABEL_THRESHOLD;
 
 /// Arguments of `medvlm predict`.
 #[derive(clap::Args, Debug)]

@@ -57,15 +57,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::commands::adapt::{fit_prompt_method, prompt_probabilities};
 use crate::commands::common::{
-    class_prompts, encode_class_texts, evaluate, evaluate_multilabel, model_fingerprint,
-    model_logit_scale, multi_label_refusal, negative_prompts, probabilities, task_features,
-    write_file, Metrics, MultiLabelMetrics, Task, TaskArgs, MULTI_LABEL_CONFORMAL_NOTE,
-    MULTI_LABEL_METHODS, MULTI_LABEL_NO_CALIBRATION_NOTE,
+    class_prompts, encode_class_texts, model_fingerprint, model_logit_scale, multi_label_refusal,
+    negative_prompts, probabilities, task_features, write_file, Task, TaskArgs,
+    MULTI_LABEL_METHODS,
 };
 use crate::commands::embed::{load, DeviceArgs};
 use crate::commands::tuning::{self, is_tuning_method, TuningJob};
 use medvlm_adapt::methods::encoder_tuning::TUNING_METHOD_NAMES;
 use medvlm_adapt::methods::prompt_common::{model_refusal, PROMPT_METHOD_NAMES};
+use medvlm_eval::evaluation::{
+    evaluate, evaluate_multilabel, Metrics, MultiLabelMetrics, MULTI_LABEL_CONFORMAL_NOTE,
+    MULTI_LABEL_NO_CALIBRATION_NOTE,
+};
 
 /// Arguments of `medvlm bench fewshot`.
 #[derive(clap::Args, Debug)]
