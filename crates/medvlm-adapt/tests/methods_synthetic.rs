@@ -212,7 +212,9 @@ fn clip_adapter_support_cv_chooses_its_residual_ratio_on_the_support_set() {
         let support = SupportSet::from_pool(&task.pool_features, &task.pool_labels, &idx).unwrap();
         let mut input = AdaptInput::frozen(&task.texts, &support);
         input.seed = seed;
-        let method = method_by_name("clip-adapter", None).unwrap();
+        // 200 steps keep the 17 fits of the search quick; the search is what is tested.
+        let over = serde_json::json!({ "steps": 200 });
+        let method = method_by_name("clip-adapter", Some(&over)).unwrap();
         let fixed = method.fit(&input).unwrap();
         input.policy = HyperparameterPolicy::SupportCv { folds: 4 };
         let cv = method.fit(&input).unwrap();
@@ -234,7 +236,8 @@ fn clip_adapter_support_cv_chooses_its_residual_ratio_on_the_support_set() {
     let support = SupportSet::from_pool(&task.pool_features, &task.pool_labels, &idx).unwrap();
     let mut input = AdaptInput::frozen(&task.texts, &support);
     input.policy = HyperparameterPolicy::SupportCv { folds: 4 };
-    let clf = method_by_name("clip-adapter", None)
+    let over = serde_json::json!({ "steps": 20 });
+    let clf = method_by_name("clip-adapter", Some(&over))
         .unwrap()
         .fit(&input)
         .unwrap();
