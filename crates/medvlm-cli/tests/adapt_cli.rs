@@ -262,6 +262,9 @@ fn adapt_realistic_mode_is_recorded_and_predict_skips_bad_files() {
             .unwrap(),
     );
     assert!(err.contains("--skip-bad"), "{err}");
+    // The unreadable file is named, once.
+    let name = bad.file_name().unwrap().to_str().unwrap();
+    assert_eq!(err.matches(name).count(), 1, "{err}");
     let res = bin()
         .arg("predict")
         .arg("--adapted")

@@ -69,14 +69,14 @@ pub fn open_with_notes(path: &Path) -> Result<(DefaultDicomObject, Vec<String>)>
         reason: format!("cannot parse the data set: {reason}"),
     };
     if head.len() >= 132 && &head[128..132] == b"DICM" {
-        let obj = quiet_catch(|| OpenFileOptions::new().open_file(path))
+        let obj = crate::guard::quiet_catch(|| OpenFileOptions::new().open_file(path))
             .map_err(|p| parse_err(meta_ts_or_unknown(path), p))?
             .map_err(|e| parse_err(meta_ts_or_unknown(path), error_chain(&e)))?;
         return Ok((obj, Vec::new()));
     }
     let bytes = std::fs::read(path).map_err(|e| IoError::os(path, e))?;
     let from_meta_group = |with_magic: &[u8], note: String| {
-        let r = quiet_catch(|| {
+        let r = crate::guard::quiet_catch(|| {
             OpenFileOptions::new()
                 .read_preamble(ReadPreamble::Never)
                 .from_reader(with_magic)
@@ -113,7 +113,7 @@ pub fn open_with_notes(path: &Path) -> Result<(DefaultDicomObject, Vec<String>)>
         });
     };
     let label = transfer_syntax_label(ts.uid());
-    let ds = quiet_catch(|| InMemDicomObject::read_dataset_with_ts(&bytes[..], ts))
+    let ds = crate::guard::quiet_catch(|| InMemDicomObject::read_dataset_with_ts(&bytes[..], ts))
         .map_err(|p| parse_err(label.clone(), p))?
         .map_err(|e| parse_err(label.clone(), error_chain(&e)))?;
     let sop_class = elem_str(&ds, tags::SOP_CLASS_UID).unwrap_or_default();
@@ -171,33 +171,6 @@ fn guess_bare_transfer_syntax(
     TransferSyntaxRegistry.get(uid)
 }
 
-/// Run `f`, turning a panic into an error message (without the default panic
-/// hook printing it: the message goes into the file's error instead).
-pub(crate) fn quiet_catch<R>(f: impl FnOnce() -> R) -> std::result::Result<R, String> {
-    use std::cell::Cell;
-    thread_local! { static QUIET: Cell<u32> = const { Cell::new(0) }; }
-    static HOOK: std::sync::Once = std::sync::Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if QUIET.with(|q| q.get()) == 0 {
-                previous(info)
-            }
-        }));
-    });
-    QUIET.with(|q| q.set(q.get() + 1));
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    QUIET.with(|q| q.set(q.get() - 1));
-    r.map_err(|payload| {
-        let msg = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        format!("the decoder failed on this file's data (internal panic: {msg})")
-    })
-}
-
 fn read_head(path: &Path, n: usize) -> Result<Vec<u8>> {
     use std::io::Read;
     let f = std::fs::File::open(path).map_err(|e| IoError::os(path, e))?;
@@ -223,7 +196,7 @@ fn meta_ts_or_unknown(path: &Path) -> String {
 
 /// Transfer syntax label from a reader positioned at `DICM` + the file meta group.
 fn meta_ts_of(r: impl std::io::Read) -> Option<String> {
-    let meta = quiet_catch(|| dicom_object::FileMetaTable::from_reader(r))
+    let meta = crate::guard::quiet_catch(|| dicom_object::FileMetaTable::from_reader(r))
         .ok()?
         .ok()?;
     Some(transfer_syntax_label(meta.transfer_syntax()))
@@ -338,7 +311,7 @@ pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> 
     let mut warnings = Vec::new();
     // RLE Lossless, 1-bit and native YBR_FULL_422 pixel data are decoded here into a
     // native 8/16/32-bit copy of the object, which dicom-pixeldata passes through.
-    let prepared = quiet_catch(|| prepare_pixels(path, obj, &ts_uid, &mut warnings))
+    let prepared = crate::guard::quiet_catch(|| prepare_pixels(path, obj, &ts_uid, &mut warnings))
         .and_then(|r| r)
         .map_err(&dicom_err)?;
     let obj = prepared.as_ref().unwrap_or(obj);
@@ -515,7 +488,7 @@ pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> 
 fn decode_guarded(
     obj: &DefaultDicomObject,
 ) -> std::result::Result<dicom_pixeldata::DecodedPixelData<'static>, String> {
-    quiet_catch(|| obj.decode_pixel_data().map(|d| d.to_owned()))?
+    crate::guard::quiet_catch(|| obj.decode_pixel_data().map(|d| d.to_owned()))?
         .map_err(|e| format!("cannot decode pixel data: {}", error_chain(&e)))
 }
 
@@ -1381,10 +1354,11 @@ mod tests {
 
     #[test]
     fn a_decoder_panic_becomes_the_error_message() {
-        let r: std::result::Result<(), String> =
-            super::quiet_catch(|| panic!("index out of bounds: the len is 3 but the index is 9"));
+        let r: std::result::Result<(), String> = crate::guard::quiet_catch(|| {
+            panic!("index out of bounds: the len is 3 but the index is 9")
+        });
         let e = r.unwrap_err();
         assert!(e.contains("internal panic: index out of bounds"), "{e}");
-        assert_eq!(super::quiet_catch(|| 5).unwrap(), 5);
+        assert_eq!(crate::guard::quiet_catch(|| 5).unwrap(), 5);
     }
 }

@@ -34,6 +34,7 @@ pub mod check;
 pub mod deidentify;
 pub mod dicom;
 pub mod error;
+pub mod guard;
 mod jpeg12;
 mod jpegls;
 pub mod manifest;

@@ -70,6 +70,16 @@ pub enum ModelError {
     /// Invalid arguments to a model call (wrong input shape, unknown layer path, ...).
     #[error("{0}")]
     Invalid(String),
+    /// A medical image file could not be read (the medvlm-io error names the file).
+    #[error(transparent)]
+    Input(#[from] medvlm_io::IoError),
+    /// An image of a batch could not be read or preprocessed; the cause says why.
+    #[error("unreadable image {path}")]
+    UnreadableImage {
+        path: PathBuf,
+        #[source]
+        source: Box<ModelError>,
+    },
     /// An error from candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

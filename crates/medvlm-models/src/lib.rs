@@ -20,6 +20,7 @@ pub mod bert;
 pub mod biomedclip;
 pub mod clip;
 pub mod conv;
+pub mod embed;
 pub mod error;
 pub mod fastmath;
 pub mod fused;

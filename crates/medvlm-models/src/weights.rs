@@ -252,9 +252,20 @@ fn open_pickle(path: &Path) -> Result<candle_core::pickle::PthTensors> {
         path: path.to_path_buf(),
         reason: format!("not a readable PyTorch zip checkpoint: {e}"),
     };
-    let pth = candle_core::pickle::PthTensors::new(path, None).map_err(werr)?;
+    check_pickle_lengths(path)?;
+    // candle's pickle reader indexes tuples from the file without checking their length; a
+    // damaged file must be this file's error, not a panic.
+    let open = |key: Option<&str>| {
+        medvlm_io::guard::quiet_catch(|| candle_core::pickle::PthTensors::new(path, key)).map_err(
+            |reason| ModelError::Weights {
+                path: path.to_path_buf(),
+                reason,
+            },
+        )
+    };
+    let pth = open(None)?.map_err(werr)?;
     if pth.tensor_infos().is_empty() {
-        if let Ok(inner) = candle_core::pickle::PthTensors::new(path, Some("state_dict")) {
+        if let Ok(Ok(inner)) = open(Some("state_dict")) {
             if !inner.tensor_infos().is_empty() {
                 return Ok(inner);
             }
@@ -265,6 +276,128 @@ fn open_pickle(path: &Path) -> Result<candle_core::pickle::PthTensors> {
         });
     }
     Ok(pth)
+}
+
+/// Refuses a PyTorch zip checkpoint whose `data.pkl` declares a string or bytes object longer
+/// than the pickle itself. candle's reader allocates such a length before reading it, so a
+/// damaged 200 kB file could ask for 4 GB and abort the process (an allocation failure cannot
+/// be caught). The scan walks the opcodes of pickle protocols 0-5 with their argument sizes
+/// and stops at STOP or at an opcode it does not know (candle reports those).
+fn check_pickle_lengths(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let bad = |reason: String| ModelError::Weights {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| bad(format!("not a readable PyTorch zip checkpoint: {e}")))?;
+    let Some(name) = archive
+        .file_names()
+        .find(|n| n.ends_with("data.pkl"))
+        .map(str::to_string)
+    else {
+        return Err(bad("no data.pkl in the zip archive".into()));
+    };
+    let entry = archive
+        .by_name(&name)
+        .map_err(|e| bad(format!("{name}: {e}")))?;
+    // The pickle holds only the structure (tensor data are other entries): 256 MB is far
+    // beyond any real checkpoint's data.pkl.
+    const MAX_PICKLE: u64 = 256 << 20;
+    let mut pickle = Vec::new();
+    entry
+        .take(MAX_PICKLE + 1)
+        .read_to_end(&mut pickle)
+        .map_err(|e| bad(format!("{name}: {e}")))?;
+    if pickle.len() as u64 > MAX_PICKLE {
+        return Err(bad(format!("{name} is larger than {MAX_PICKLE} bytes")));
+    }
+    scan_pickle(&pickle).map_err(|r| bad(format!("{name}: {r}")))
+}
+
+/// Walks pickle opcodes, checking every declared length against the bytes left.
+fn scan_pickle(b: &[u8]) -> std::result::Result<(), String> {
+    let mut i = 0usize;
+    let uint = |at: usize, n: usize| -> Option<u64> {
+        let s = b.get(at..at + n)?;
+        let mut v = 0u64;
+        for (k, &x) in s.iter().enumerate() {
+            v |= u64::from(x) << (8 * k);
+        }
+        Some(v)
+    };
+    let truncated = |op: u8, at: usize| format!("truncated at opcode 0x{op:02x} (byte {at})");
+    while i < b.len() {
+        let op = b[i];
+        let at = i;
+        i += 1;
+        // (bytes of a length prefix, or of a fixed argument with no payload)
+        let (prefix, payload): (usize, bool) = match op {
+            b'.' => return Ok(()), // STOP
+            // fixed-size arguments
+            b'K' | b'q' | b'h' | 0x80 | 0x82 => (1, false),
+            b'M' | 0x83 => (2, false),
+            b'J' | b'r' | b'j' | 0x84 => (4, false),
+            b'G' | 0x95 => (8, false),
+            // length-prefixed payloads
+            b'C' | b'U' | 0x8c | 0x8a => (1, true),
+            b'X' | b'B' | b'T' | 0x8b => (4, true),
+            0x8d | 0x8e | 0x96 => (8, true),
+            // newline-terminated arguments (GLOBAL and INST take two lines)
+            b'c' | b'i' | b'I' | b'L' | b'F' | b'S' | b'V' | b'P' | b'p' | b'g' => {
+                let lines = if op == b'c' || op == b'i' { 2 } else { 1 };
+                for _ in 0..lines {
+                    match b[i..].iter().position(|&x| x == b'\n') {
+                        Some(n) => i += n + 1,
+                        None => return Err(truncated(op, at)),
+                    }
+                }
+                continue;
+            }
+            // no argument
+            b'('
+            | b')'
+            | b']'
+            | b'}'
+            | b'a'
+            | b'e'
+            | b's'
+            | b'u'
+            | b't'
+            | b'N'
+            | b'R'
+            | b'b'
+            | b'0'
+            | b'1'
+            | b'2'
+            | b'Q'
+            | b'l'
+            | b'd'
+            | b'o'
+            | 0x81
+            | 0x85..=0x94
+            | 0x97
+            | 0x98 => (0, false),
+            // an opcode this scan does not know: leave the verdict to candle
+            _ => return Ok(()),
+        };
+        let Some(n) = uint(i, prefix) else {
+            return Err(truncated(op, at));
+        };
+        i += prefix;
+        if payload {
+            let left = (b.len() - i) as u64;
+            if n > left {
+                return Err(format!(
+                    "opcode 0x{op:02x} at byte {at} declares {n} bytes but only {left} follow \
+                     (a damaged file)"
+                ));
+            }
+            i += n as usize;
+        }
+    }
+    Err("the pickle ends without a STOP opcode".into())
 }
 
 fn read_tensor(store: &Store, name: &str, device: &Device) -> candle_core::Result<Tensor> {
@@ -540,5 +673,26 @@ mod tests {
         assert!(msg.contains("unexpected: d.bias [7]"), "{msg}");
         assert!(msg.contains("b.weight expected [4], found [5]"), "{msg}");
         check_tensors(Path::new("m"), &expected[..1], &present[..1], &[]).unwrap();
+    }
+
+    #[test]
+    fn pickle_lengths_beyond_the_data_are_refused_before_reading() {
+        // PROTO 2, EMPTY_DICT, BINPUT 0, SHORT_BINUNICODE "ab", STOP: fine.
+        super::scan_pickle(b"\x80\x02}q\x00\x8c\x02ab.").unwrap();
+        // GLOBAL with its two lines, then STOP.
+        super::scan_pickle(b"\x80\x02ctorch\nFloatStorage\nq\x01.").unwrap();
+        // BINUNICODE declaring 2 GB in a 12-byte pickle (what made candle allocate it).
+        let e = super::scan_pickle(b"\x80\x02X\xff\xff\xff\x7fabc.").unwrap_err();
+        assert!(
+            e.contains("declares 2147483647 bytes but only 4 follow"),
+            "{e}"
+        );
+        // Truncated argument and a missing STOP.
+        assert!(super::scan_pickle(b"\x80")
+            .unwrap_err()
+            .contains("truncated"));
+        assert!(super::scan_pickle(b"\x80\x02}")
+            .unwrap_err()
+            .contains("without a STOP"));
     }
 }

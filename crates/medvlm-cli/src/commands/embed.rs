@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 
 use crate::commands::progress::Progress;
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
-use medvlm_models::preprocess::{load_and_preprocess, PreprocessConfig};
+use candle_core::{Device, Tensor};
 use medvlm_models::{LoadOptions, LoadedModel};
-use rayon::prelude::*;
 use serde::Serialize;
 
 /// Arguments of `medvlm embed`.
@@ -70,7 +68,6 @@ impl DeviceArgs {
 const IMAGE_EXTS: &[&str] = &[
     "png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm", "dicom", "nii", "gz", "npy",
 ];
-const RASTER_EXTS: &[&str] = &["png", "jpg", "jpeg", "tif", "tiff", "bmp"];
 
 fn ext_of(path: &Path) -> String {
     path.extension()
@@ -128,37 +125,10 @@ pub fn list_images(images: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(m.records.iter().map(|r| m.image_path(r)).collect())
 }
 
-/// Read and preprocess one image file to `3 * H * W` values.
-pub fn preprocess_file(path: &Path, cfg: &PreprocessConfig) -> anyhow::Result<Vec<f32>> {
-    if RASTER_EXTS.contains(&ext_of(path).as_str()) {
-        return Ok(load_and_preprocess(path, cfg)?);
-    }
-    let img = medvlm_io::load_any(path)?;
-    let plane = medvlm_io::preprocess::windowed_plane(
-        &img,
-        &medvlm_io::PlaneSelect::default(),
-        &medvlm_io::Window::Auto,
-    )?;
-    cfg.apply_array(&plane.data, plane.rows, plane.cols, plane.channels)
-        .with_context(|| format!("preprocessing {}", path.display()))
-}
+pub use medvlm_models::embed::{preprocess_file, ImageEmbeddings, Skipped};
 
-/// An image that could not be read.
-#[derive(Debug, Clone, Serialize)]
-pub struct Skipped {
-    pub path: String,
-    pub error: String,
-}
-
-/// Image embeddings of the readable images, in order.
-pub struct ImageEmbeddings {
-    /// `[N, D]` f32 on the CPU (None when no image was readable).
-    pub embeds: Option<Tensor>,
-    pub paths: Vec<PathBuf>,
-    pub skipped: Vec<Skipped>,
-}
-
-/// Preprocess (in parallel) and embed `paths` in batches of `batch`.
+/// [`medvlm_models::embed::embed_image_files`] with a progress display and the `--skip-bad`
+/// hint.
 pub fn embed_images(
     m: &LoadedModel,
     paths: &[PathBuf],
@@ -166,57 +136,19 @@ pub fn embed_images(
     skip_bad: bool,
     device: &Device,
 ) -> anyhow::Result<ImageEmbeddings> {
-    let batch = batch.max(1);
     let pb = Progress::new("embedding", paths.len() as u64, "images");
-    let mut rows = Vec::new();
-    let mut kept = Vec::new();
-    let mut skipped = Vec::new();
-    for chunk in paths.chunks(batch) {
-        let pre: Vec<anyhow::Result<Vec<f32>>> = chunk
-            .par_iter()
-            .map(|p| preprocess_file(p, &m.preprocess).with_context(|| p.display().to_string()))
-            .collect();
-        let mut ok = Vec::with_capacity(chunk.len());
-        for (p, r) in chunk.iter().zip(pre) {
-            match r {
-                Ok(v) => {
-                    ok.push(v);
-                    kept.push(p.clone());
-                }
-                Err(e) if skip_bad => skipped.push(Skipped {
-                    path: p.display().to_string(),
-                    error: format!("{e:#}"),
-                }),
-                Err(e) => {
-                    pb.abandon();
-                    return Err(e.context("unreadable image (use --skip-bad to skip such files)"));
-                }
-            }
+    match medvlm_models::embed::embed_image_files(m, paths, batch, skip_bad, device, &|n| pb.inc(n))
+    {
+        Ok(v) => {
+            pb.finish();
+            Ok(v)
         }
-        if !ok.is_empty() {
-            let px = m.preprocess.batch(&ok, device)?;
-            let e = m
-                .model
-                .encode_image(&px)
-                .context("image encoder")?
-                .embeds
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?;
-            rows.push(e);
+        Err(e) => {
+            pb.abandon();
+            Err(anyhow::Error::new(e)
+                .context("reading the images (--skip-bad skips unreadable ones)"))
         }
-        pb.inc(chunk.len() as u64);
     }
-    pb.finish();
-    let embeds = if rows.is_empty() {
-        None
-    } else {
-        Some(Tensor::cat(&rows, 0)?)
-    };
-    Ok(ImageEmbeddings {
-        embeds,
-        paths: kept,
-        skipped,
-    })
 }
 
 /// Text embeddings `[T, D]` f32 on the CPU.
@@ -226,19 +158,7 @@ pub fn embed_texts(
     batch: usize,
     device: &Device,
 ) -> anyhow::Result<Tensor> {
-    let mut rows = Vec::new();
-    for chunk in texts.chunks(batch.max(1)) {
-        let tokens = m.tokenizer.encode_batch(chunk, device)?;
-        rows.push(
-            m.model
-                .encode_text(&tokens)
-                .context("text encoder")?
-                .embeds
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?,
-        );
-    }
-    Ok(Tensor::cat(&rows, 0)?)
+    medvlm_models::embed::embed_texts(m, texts, batch, device).context("text encoder")
 }
 
 /// Report skipped images on stderr.

@@ -160,7 +160,7 @@ fn load_pairs(
         .par_iter()
         .map(|r| {
             let p = manifest.image_path(r);
-            let px = preprocess_file(&p, preprocess);
+            let px = preprocess_file(&p, preprocess).map_err(anyhow::Error::from);
             (p, px)
         })
         .collect();

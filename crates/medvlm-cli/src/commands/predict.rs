@@ -103,8 +103,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     error: format!("{e:#}"),
                 }),
                 Err(e) => {
-                    return Err(e.context(format!(
-                        "{}: unreadable image (use --skip-bad to skip such files)",
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "unreadable image {} (use --skip-bad to skip such files)",
                         p.display()
                     )))
                 }
