@@ -1,6 +1,33 @@
 //! medvlm-adapt: adapting VLMs. The training engine (losses, optimisers,
 //! schedules, checkpoints) and the five adaptation strategies, one file per
 //! method under `methods/`, behind the shared traits in `method`.
+//!
+//! The entry point of few-shot adaptation on frozen features is
+//! [`method::method_by_name`]: a method fits a classifier from class prompt embeddings and a
+//! labelled support set (`examples/adapt_manifest.rs` does it from a manifest and a model).
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use medvlm_adapt::method::{method_by_name, AdaptInput, ClassTexts, SupportSet};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dev = Device::Cpu;
+//! // One prompt embedding per class, and four labelled support embeddings (D = 2).
+//! let texts = ClassTexts {
+//!     class_names: vec!["normal".into(), "effusion".into()],
+//!     prompts: vec![
+//!         Tensor::new(&[[1f32, 0.0]], &dev)?,
+//!         Tensor::new(&[[0f32, 1.0]], &dev)?,
+//!     ],
+//!     negative_prompts: None,
+//! };
+//! let feats = Tensor::new(&[[0.9f32, 0.2], [0.8, 0.1], [0.1, 0.9], [0.3, 0.8]], &dev)?;
+//! let support = SupportSet::multi_class(feats, vec![0, 0, 1, 1]);
+//! let clf = method_by_name("tip-adapter", None)?.fit(&AdaptInput::frozen(&texts, &support))?;
+//! let p: Vec<Vec<f32>> = clf.probabilities(&Tensor::new(&[[0.2f32, 0.95]], &dev)?)?.to_vec2()?;
+//! assert!(p[0][1] > 0.9); // near the effusion images and prompt
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod checkpoint;
 pub mod data;

@@ -18,6 +18,19 @@
 //! * [`evaluation`]: every metric of one test evaluation, multi-class ([`evaluation::evaluate`])
 //!   or multi-label ([`evaluation::evaluate_multilabel`]), as `medvlm adapt` reports it.
 
+//!
+//! ```
+//! use medvlm_eval::evaluation::evaluate;
+//! use medvlm_eval::conformal::ConformalConfig;
+//! // Softmax probabilities of 4 test images over 2 classes (row-major) and their labels.
+//! let probs = [0.9, 0.1, 0.3, 0.7, 0.6, 0.4, 0.2, 0.8];
+//! let labels = [0, 1, 1, 1];
+//! let m = evaluate(&probs, &labels, 2, None, ConformalConfig::default()).unwrap();
+//! assert_eq!(m.accuracy, 0.75); // image 3 is called class 0
+//! assert_eq!(m.balanced_accuracy, (1.0 + 2.0 / 3.0) / 2.0);
+//! assert_eq!(m.macro_auroc, Some(1.0)); // every class-1 image outscores the class-0 one
+//! ```
+
 pub mod auroc;
 pub mod calibration;
 pub mod classification;

@@ -28,6 +28,28 @@
 //! [`check`] (dataset validation, `--skip-bad` policy), [`atomic`] (atomic writes),
 //! [`resources`] (memory and disk checks before long work).
 //! All errors are [`IoError`] and name the file and the reason. See `docs/io.md`.
+//!
+//! ```
+//! # fn main() -> medvlm_io::Result<()> {
+//! // A 4 x 3 x 2 volume written and read back: values after scaling, nibabel's shape.
+//! let dir = std::env::temp_dir().join(format!("medvlm-io-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir).unwrap();
+//! let path = dir.join("ct.nii.gz");
+//! let data: Vec<f32> = (0..24).map(|v| v as f32 * 10.0).collect();
+//! let eye = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]];
+//! medvlm_io::volume::write_nifti1(&path, &data, &[4, 3, 2], &eye)?;
+//! let img = medvlm_io::load_any(&path)?;
+//! assert_eq!(img.shape, [4, 3, 2]);
+//! let plane = medvlm_io::preprocess::windowed_plane(
+//!     &img,
+//!     &medvlm_io::PlaneSelect::default(),
+//!     &"p1-99".parse()?,
+//! )?;
+//! assert!(plane.data.iter().all(|v| (0.0..=1.0).contains(v)));
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod atomic;
 pub mod check;

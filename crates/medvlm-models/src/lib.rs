@@ -14,7 +14,23 @@
 //! - [`source`], [`presets`], [`model_dir`]: where models come from, loading and saving.
 //!
 //! Typical use: `load_model("pubmedclip", &LoadOptions::default())` returns a
-//! [`LoadedModel`] (model + tokenizer + preprocessing) for any family.
+//! [`LoadedModel`] (model + tokenizer + preprocessing) for any family, and [`embed`] turns
+//! image files and texts into embeddings with it.
+//!
+//! - [`embed`]: image files (PNG ... DICOM, NIfTI) and texts to embeddings.
+//!
+//! ```
+//! use medvlm_models::{embed::embed_texts, load_model, LoadOptions};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // The tiny random-weight CLIP of the parity tests (a folder in HF CLIPModel layout).
+//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clip");
+//! let m = load_model(dir, &LoadOptions::default())?;
+//! let texts = ["a chest radiograph".to_string(), "a brain MRI".to_string()];
+//! let e = embed_texts(&m, &texts, 8, &candle_core::Device::Cpu)?;
+//! assert_eq!(e.dims(), &[2, m.model.embed_dim()]);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod bert;
 pub mod biomedclip;
