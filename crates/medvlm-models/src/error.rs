@@ -70,9 +70,10 @@ pub enum ModelError {
     /// Invalid arguments to a model call (wrong input shape, unknown layer path, ...).
     #[error("{0}")]
     Invalid(String),
-    /// A medical image file could not be read (the medvlm-io error names the file).
+    /// A medical image file could not be read (the medvlm-io error names the file). Boxed:
+    /// the I/O error is large, and every model call returns this type.
     #[error(transparent)]
-    Input(#[from] medvlm_io::IoError),
+    Input(Box<medvlm_io::IoError>),
     /// An image of a batch could not be read or preprocessed; the cause says why.
     #[error("unreadable image {path}")]
     UnreadableImage {
@@ -136,5 +137,11 @@ impl ModelError {
     /// An invalid call.
     pub fn invalid(reason: impl std::fmt::Display) -> Self {
         ModelError::Invalid(reason.to_string())
+    }
+}
+
+impl From<medvlm_io::IoError> for ModelError {
+    fn from(e: medvlm_io::IoError) -> Self {
+        ModelError::Input(Box::new(e))
     }
 }
