@@ -71,7 +71,7 @@ pub fn open_with_notes(path: &Path) -> Result<(DefaultDicomObject, Vec<String>)>
     if head.len() >= 132 && &head[128..132] == b"DICM" {
         let obj = crate::guard::quiet_catch(|| OpenFileOptions::new().open_file(path))
             .map_err(|p| parse_err(meta_ts_or_unknown(path), p))?
-            .map_err(|e| parse_err(meta_ts_or_unknown(path), error_chain(&e)))?;
+            .map_err(|e| parse_err(meta_ts_or_unknown(path), crate::guard::error_chain(&e)))?;
         return Ok((obj, Vec::new()));
     }
     let bytes = std::fs::read(path).map_err(|e| IoError::os(path, e))?;
@@ -84,7 +84,7 @@ pub fn open_with_notes(path: &Path) -> Result<(DefaultDicomObject, Vec<String>)>
         let ts = || meta_ts_of(with_magic).unwrap_or_else(|| "unknown".into());
         let obj = r
             .map_err(|p| parse_err(ts(), p))?
-            .map_err(|e| parse_err(ts(), error_chain(&e)))?;
+            .map_err(|e| parse_err(ts(), crate::guard::error_chain(&e)))?;
         Ok::<_, IoError>((obj, vec![format!("{}: {note}", path.display())]))
     };
     if bytes.starts_with(b"DICM") {
@@ -115,7 +115,7 @@ pub fn open_with_notes(path: &Path) -> Result<(DefaultDicomObject, Vec<String>)>
     let label = transfer_syntax_label(ts.uid());
     let ds = crate::guard::quiet_catch(|| InMemDicomObject::read_dataset_with_ts(&bytes[..], ts))
         .map_err(|p| parse_err(label.clone(), p))?
-        .map_err(|e| parse_err(label.clone(), error_chain(&e)))?;
+        .map_err(|e| parse_err(label.clone(), crate::guard::error_chain(&e)))?;
     let sop_class = elem_str(&ds, tags::SOP_CLASS_UID).unwrap_or_default();
     let sop_instance = elem_str(&ds, tags::SOP_INSTANCE_UID).unwrap_or_default();
     let meta = FileMetaTableBuilder::new()
@@ -123,7 +123,7 @@ pub fn open_with_notes(path: &Path) -> Result<(DefaultDicomObject, Vec<String>)>
         .media_storage_sop_class_uid(sop_class)
         .media_storage_sop_instance_uid(sop_instance)
         .build()
-        .map_err(|e| parse_err(label.clone(), error_chain(&e)))?;
+        .map_err(|e| parse_err(label.clone(), crate::guard::error_chain(&e)))?;
     let note = format!(
         "{}: no file meta information (no preamble, no 'DICM'): read as a bare data set \
          in {label}, guessed from its first element like pydicom's force=True",
@@ -200,20 +200,6 @@ fn meta_ts_of(r: impl std::io::Read) -> Option<String> {
         .ok()?
         .ok()?;
     Some(transfer_syntax_label(meta.transfer_syntax()))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        let m = inner.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = inner.source();
-    }
-    s
 }
 
 /// Text of an element; an element stored with VR UN (pydicom reads it with the
@@ -488,8 +474,12 @@ pub fn decode_object(path: &Path, obj: &DefaultDicomObject) -> Result<MedImage> 
 fn decode_guarded(
     obj: &DefaultDicomObject,
 ) -> std::result::Result<dicom_pixeldata::DecodedPixelData<'static>, String> {
-    crate::guard::quiet_catch(|| obj.decode_pixel_data().map(|d| d.to_owned()))?
-        .map_err(|e| format!("cannot decode pixel data: {}", error_chain(&e)))
+    crate::guard::quiet_catch(|| obj.decode_pixel_data().map(|d| d.to_owned()))?.map_err(|e| {
+        format!(
+            "cannot decode pixel data: {}",
+            crate::guard::error_chain(&e)
+        )
+    })
 }
 
 /// JPEG transfer syntaxes whose 8-bit colour frames jpeg-decoder decodes:
@@ -1257,7 +1247,7 @@ pub fn write_file_object(path: &Path, obj: &DefaultDicomObject) -> Result<()> {
     obj.write_all(&mut bytes).map_err(|e| IoError::Dicom {
         path: path.to_path_buf(),
         transfer_syntax: transfer_syntax_label(obj.meta().transfer_syntax()),
-        reason: format!("cannot encode: {}", error_chain(&e)),
+        reason: format!("cannot encode: {}", crate::guard::error_chain(&e)),
     })?;
     crate::atomic::write_atomic(path, &bytes)
 }

@@ -28,3 +28,19 @@ pub fn quiet_catch<R>(f: impl FnOnce() -> R) -> std::result::Result<R, String> {
         format!("the decoder failed on this file's data (internal panic: {msg})")
     })
 }
+
+/// An error and its causes on one line, each cause left out when the text so far already
+/// holds it (many errors print their source and also return it from `source()`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let m = inner.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = inner.source();
+    }
+    s
+}

@@ -111,6 +111,38 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<NiftiInfo> {
     }
 }
 
+/// Fixed-offset reads of a NIfTI header in its byte order (the callers check the length).
+struct HeaderBytes<'a> {
+    b: &'a [u8],
+    big: bool,
+}
+
+impl HeaderBytes<'_> {
+    fn bytes<const N: usize>(&self, o: usize) -> [u8; N] {
+        let mut a = [0u8; N];
+        a.copy_from_slice(&self.b[o..o + N]);
+        if self.big {
+            a.reverse();
+        }
+        a
+    }
+    fn i16(&self, o: usize) -> i16 {
+        i16::from_le_bytes(self.bytes(o))
+    }
+    fn i32(&self, o: usize) -> i32 {
+        i32::from_le_bytes(self.bytes(o))
+    }
+    fn i64(&self, o: usize) -> i64 {
+        i64::from_le_bytes(self.bytes(o))
+    }
+    fn f32(&self, o: usize) -> f64 {
+        f64::from(f32::from_le_bytes(self.bytes(o)))
+    }
+    fn f64(&self, o: usize) -> f64 {
+        f64::from_le_bytes(self.bytes(o))
+    }
+}
+
 fn parse_nifti1(path: &Path, b: &[u8]) -> Result<NiftiInfo> {
     if b.len() < 348 {
         return Err(nerr(
@@ -120,30 +152,8 @@ fn parse_nifti1(path: &Path, b: &[u8]) -> Result<NiftiInfo> {
     }
     // Byte order from sizeof_hdr, as nibabel does (nifti1.h field offsets).
     let big = i32::from_le_bytes([b[0], b[1], b[2], b[3]]) != 348;
-    let i16_at = |o: usize| {
-        let a = [b[o], b[o + 1]];
-        if big {
-            i16::from_be_bytes(a)
-        } else {
-            i16::from_le_bytes(a)
-        }
-    };
-    let i32_at = |o: usize| {
-        let a = [b[o], b[o + 1], b[o + 2], b[o + 3]];
-        if big {
-            i32::from_be_bytes(a)
-        } else {
-            i32::from_le_bytes(a)
-        }
-    };
-    let f32_at = |o: usize| {
-        let a = [b[o], b[o + 1], b[o + 2], b[o + 3]];
-        (if big {
-            f32::from_be_bytes(a)
-        } else {
-            f32::from_le_bytes(a)
-        }) as f64
-    };
+    let h = HeaderBytes { b, big };
+    let (i16_at, i32_at, f32_at) = (|o| h.i16(o), |o| h.i32(o), |o| h.f32(o));
     match &b[344..348] {
         b"n+1\0" => {}
         b"ni1\0" => {
@@ -253,40 +263,8 @@ fn parse_nifti2(path: &Path, b: &[u8], big: bool) -> Result<NiftiInfo> {
             "NIfTI-2 magic is not 'n+2' (two-file .hdr/.img is not supported)",
         ));
     }
-    let i16_at = |o: usize| {
-        let a = [b[o], b[o + 1]];
-        if big {
-            i16::from_be_bytes(a)
-        } else {
-            i16::from_le_bytes(a)
-        }
-    };
-    let i32_at = |o: usize| {
-        let a = [b[o], b[o + 1], b[o + 2], b[o + 3]];
-        if big {
-            i32::from_be_bytes(a)
-        } else {
-            i32::from_le_bytes(a)
-        }
-    };
-    let i64_at = |o: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[o..o + 8]);
-        if big {
-            i64::from_be_bytes(a)
-        } else {
-            i64::from_le_bytes(a)
-        }
-    };
-    let f64_at = |o: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[o..o + 8]);
-        if big {
-            f64::from_be_bytes(a)
-        } else {
-            f64::from_le_bytes(a)
-        }
-    };
+    let h = HeaderBytes { b, big };
+    let (i16_at, i32_at, i64_at, f64_at) = (|o| h.i16(o), |o| h.i32(o), |o| h.i64(o), |o| h.f64(o));
     let raw_dims: Vec<i64> = (1..=7).map(|k| i64_at(16 + 8 * k)).collect();
     let dims = check_dims(path, i64_at(16), &raw_dims)?;
     let mut pixdim = [0f64; 8];

@@ -66,21 +66,6 @@ pub struct ImageEmbeddings {
     pub skipped: Vec<Skipped>,
 }
 
-/// The error and its causes on one line, for [`Skipped::error`].
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 /// Preprocesses (in parallel) and embeds `paths` in batches of `batch` (at least 1) with the
 /// image tower of `m`. Without `skip_bad` the first unreadable file is an error naming it;
 /// with it, such files are listed in the result. `on_progress(n)` is called after each batch
@@ -110,7 +95,7 @@ pub fn embed_image_files(
                 }
                 Err(e) if skip_bad => skipped.push(Skipped {
                     path: p.display().to_string(),
-                    error: chain(&e),
+                    error: medvlm_io::guard::error_chain(&e),
                 }),
                 Err(e) => {
                     return Err(ModelError::UnreadableImage {
