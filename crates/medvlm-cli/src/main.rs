@@ -56,7 +56,9 @@ fn flush_subnormals() {
 /// head -1`), as Unix tools do. The Rust runtime ignores SIGPIPE, so a write to a closed pipe
 /// fails with EPIPE and `println!` panics with a backtrace; with the default action restored
 /// the kernel ends the process at that write instead. Files are written atomically (temp file +
-/// rename), so being ended mid-run leaves no half-written output.
+/// rename), so being ended mid-run leaves no half-written output. A long-running server
+/// (the planned `medvlm serve`) must not inherit this: a client closing its socket would end
+/// the process; it should set SIGPIPE back to ignored.
 fn restore_default_sigpipe() {
     #[cfg(unix)]
     // SAFETY: sets the disposition of one signal before any thread starts; SIG_DFL is always
