@@ -141,4 +141,24 @@ fn quickstart_with_the_resnet_tower_writes_an_open_clip_model() {
     );
     assert!(err.contains("--image-tower"), "{err}");
     assert!(!tmp.path().join("bad/benchmark").exists());
+
+    // Training settings out of range are refused before the benchmark is generated.
+    for (flag, value, key) in [
+        ("--lr", "0", "optim.lr"),
+        ("--layers", "0", "vision_layers"),
+        ("--epochs", "0", "optim.epochs"),
+    ] {
+        let err = common::fails(
+            &bin()
+                .args(["quickstart", "--tiny", flag, value, "--out"])
+                .arg(tmp.path().join("bad"))
+                .output()
+                .unwrap(),
+        );
+        assert!(
+            err.contains("training settings") && err.contains(key),
+            "{flag} {value}: {err}"
+        );
+        assert!(!tmp.path().join("bad/benchmark").exists(), "{flag} {value}");
+    }
 }

@@ -507,6 +507,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let plan = Plan::new(&args)?;
     let out = args.out.clone();
+    // The training settings are checked before any data is generated, so a bad --lr or
+    // --layers fails at once, not after the benchmark is written.
+    let cfg_text = plan.config_toml(args.seed, &out);
+    TrainConfig::from_toml_str(&cfg_text, Path::new("quickstart.toml"))
+        .and_then(|c| c.validate(Command::Pretrain))
+        .context("the quickstart's training settings")?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     eprintln!(
         "[1/4] generating {} phantom studies at {} px ...",
@@ -540,7 +546,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let cfg_path = out.join("quickstart.toml");
-    medvlm_eval::report::write_atomic(&cfg_path, plan.config_toml(args.seed, &out).as_bytes())?;
+    medvlm_eval::report::write_atomic(&cfg_path, cfg_text.as_bytes())?;
     let mut cfg: TrainConfig =
         medvlm_adapt::pretrain::load_pretrain_config(&cfg_path, &[], Command::Pretrain)?;
     cfg.output_dir = out.clone();
