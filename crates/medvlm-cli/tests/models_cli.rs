@@ -393,6 +393,43 @@ fn bad_model_or_inputs_fail_cleanly() {
             "{err}"
         );
     }
+    // Refused with the option and the reason, before any work.
+    for (args, expect) in [
+        (
+            vec![
+                "embed",
+                "--model",
+                s(&fixture("clip")),
+                "--images",
+                s(imgs.path()),
+                "--out",
+                s(&out),
+                "--batch",
+                "0",
+            ],
+            "must be at least 1",
+        ),
+        (
+            vec![
+                "zero-shot",
+                "--model",
+                s(&fixture("clip")),
+                "--images",
+                s(imgs.path()),
+                "--classes",
+                "lung;heart;lung",
+            ],
+            "names a class twice",
+        ),
+    ] {
+        let r = medvlm(&args);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            !r.status.success() && err.contains(expect),
+            "{args:?}: {err}"
+        );
+        assert!(!out.exists());
+    }
     let r = medvlm(&[
         "embed",
         "--model",
