@@ -41,6 +41,7 @@ pub mod methods;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;
+pub mod task;
 pub mod text_section;
 pub mod train_config;
 pub mod trainer;

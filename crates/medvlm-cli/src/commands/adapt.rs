@@ -55,9 +55,10 @@ use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    class_prompts, encode_class_texts, model_fingerprint, model_logit_scale, multi_label_refusal,
-    negative_prompts, probabilities, probability_csv, probability_csv_multilabel, task_features,
-    write_file, Task, TaskArgs, MULTI_LABEL_METHODS, PROMPT_PAIR_METHODS,
+    class_prompts, encode_class_texts, load_task, model_fingerprint, model_logit_scale,
+    multi_label_refusal, negative_prompts, probabilities, probability_csv,
+    probability_csv_multilabel, task_features, write_file, Task, TaskArgs, MULTI_LABEL_METHODS,
+    PROMPT_PAIR_METHODS,
 };
 use super::embed::{load, preprocess_file, DeviceArgs};
 use super::tuning::{self, is_tuning_method, TuningJob};
@@ -387,7 +388,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.shots == 0 {
         bail!("--shots must be at least 1");
     }
-    let task = Task::from_manifests(&args.train, &args.task)?;
+    let task = load_task(&args.train, &args.task)?;
     let policy = match args.support_cv {
         None => HyperparameterPolicy::Fixed,
         Some(f) if f >= 2 => HyperparameterPolicy::SupportCv { folds: f },

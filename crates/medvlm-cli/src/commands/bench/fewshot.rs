@@ -57,9 +57,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::commands::adapt::{fit_prompt_method, prompt_probabilities};
 use crate::commands::common::{
-    class_prompts, encode_class_texts, model_fingerprint, model_logit_scale, multi_label_refusal,
-    negative_prompts, probabilities, task_features, write_file, Task, TaskArgs,
-    MULTI_LABEL_METHODS,
+    class_prompts, encode_class_texts, load_task, model_fingerprint, model_logit_scale,
+    multi_label_refusal, negative_prompts, probabilities, task_features, write_file, Task,
+    TaskArgs, MULTI_LABEL_METHODS,
 };
 use crate::commands::embed::{load, DeviceArgs};
 use crate::commands::tuning::{self, is_tuning_method, TuningJob};
@@ -371,7 +371,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "realistic" => SamplingMode::Realistic { min_per_class: 1 },
         _ => SamplingMode::Balanced,
     };
-    let task = Task::from_manifests(&args.data, &args.task)?;
+    let task = load_task(&args.data, &args.task)?;
     let prompts = class_prompts(&task.class_names, &args.task)?;
     let m = load(&args.model, &device)?;
     // Methods this model cannot run (visual prompts on a convolutional tower) are listed as
@@ -770,7 +770,7 @@ fn run_multilabel(args: Args, device: &candle_core::Device) -> anyhow::Result<()
         Some(f) if f >= 2 => HyperparameterPolicy::SupportCv { folds: f },
         Some(f) => bail!("--support-cv {f}: needs at least 2 folds"),
     };
-    let task = Task::from_manifests(&args.data, &args.task)?;
+    let task = load_task(&args.data, &args.task)?;
     let prompts = class_prompts(&task.class_names, &args.task)?;
     let negatives = negative_prompts(&task.class_names, &args.task)?;
     let m = load(&args.model, device)?;
