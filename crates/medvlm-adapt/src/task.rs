@@ -121,6 +121,24 @@ pub fn multi_hot_text(row: &[bool], class_names: &[String]) -> String {
     }
 }
 
+/// Class names from `a;b;c` (blank names dropped, spaces trimmed); a name given twice is an
+/// error.
+pub fn parse_class_list(text: &str) -> Result<Vec<String>> {
+    let names: Vec<String> = text
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let distinct: BTreeSet<&String> = names.iter().collect();
+    if distinct.len() != names.len() {
+        return Err(TaskError::Invalid(format!(
+            "--classes {text:?} names a class twice"
+        )));
+    }
+    Ok(names)
+}
+
 /// The classes and rows of a multi-label task (see the module docs for how
 /// `normal`, empty label lists and unknown labels are treated).
 fn multi_label_rows(
@@ -131,18 +149,7 @@ fn multi_label_rows(
     let mut notes = Vec::new();
     let class_names: Vec<String> = match &spec.classes {
         Some(c) => {
-            let names: Vec<String> = c
-                .split(';')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect();
-            let distinct: BTreeSet<&String> = names.iter().collect();
-            if distinct.len() != names.len() {
-                return Err(TaskError::Invalid(format!(
-                    "--classes {c:?} names a class twice"
-                )));
-            }
+            let names = parse_class_list(c)?;
             if names.iter().any(|n| n == NORMAL_LABEL) {
                 return Err(TaskError::Invalid(format!(
                     "--classes {c:?}: '{NORMAL_LABEL}' cannot be a class of a multi-label task; \
@@ -291,21 +298,7 @@ impl Task {
             });
         }
         let class_names: Vec<String> = match &spec.classes {
-            Some(c) => {
-                let names: Vec<String> = c
-                    .split(';')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect();
-                let distinct: BTreeSet<&String> = names.iter().collect();
-                if distinct.len() != names.len() {
-                    return Err(TaskError::Invalid(format!(
-                        "--classes {c:?} names a class twice"
-                    )));
-                }
-                names
-            }
+            Some(c) => parse_class_list(c)?,
             None => selected
                 .iter()
                 .filter(|(_, _, r)| r.split.as_deref() == Some(spec.split.as_str()))

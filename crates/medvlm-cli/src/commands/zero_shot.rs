@@ -127,18 +127,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let device = args.device.device()?;
     let classes: Vec<(String, Vec<String>)> = match (&args.classes, &args.prompts) {
         (Some(c), _) => {
-            let names: Vec<String> = c
-                .split(';')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect();
+            let names = medvlm_adapt::task::parse_class_list(c)?;
             if names.len() < 2 {
                 bail!("--classes needs at least two names separated by ';'");
-            }
-            let distinct: std::collections::BTreeSet<&String> = names.iter().collect();
-            if distinct.len() != names.len() {
-                bail!("--classes {c:?} names a class twice");
             }
             names
                 .into_iter()
