@@ -53,6 +53,14 @@ fn multi_class_and_multi_label_tasks_read_from_a_manifest() {
         err.to_string().contains("no records matching --where"),
         "{err}"
     );
+    for field in ["label", "labels"] {
+        let twice = TaskSpec {
+            classes: Some("mass; normal;mass".into()),
+            ..spec(field, &[])
+        };
+        let err = Task::from_manifests(std::slice::from_ref(&m), &twice).unwrap_err();
+        assert!(err.to_string().contains("names a class twice"), "{err}");
+    }
     let err =
         Task::from_manifests(&[dir.path().join("none.jsonl")], &spec("label", &[])).unwrap_err();
     assert!(matches!(err, TaskError::Io(_)), "{err}");
