@@ -142,45 +142,10 @@ fn main() {
     }
 }
 
-/// The error and its causes on one line, without repeating what an outer message already
-/// says. Many error types both print their cause and return it as `source()` (the I/O
-/// errors of std and most crates' wrappers), and contexts name the file that the inner error
-/// names again, so a plain `{:#}` reads "reading x: x: Is a directory: Is a directory".
-/// Here a cause already contained in the line is left out, and a cause that starts with a
-/// path (or other text up to ": ") already in the line loses that prefix.
+/// The error and its causes on one line, each thing said once
+/// ([`medvlm_io::guard::error_chain`]).
 fn error_report(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let mut text = cause.to_string();
-        if line.is_empty() {
-            line = text;
-            continue;
-        }
-        if line.contains(text.as_str()) {
-            continue;
-        }
-        // Strip leading "A: B: " segments that the line already holds, also when one word
-        // precedes a path the line names ("image scans/x.png: ...").
-        let known = |head: &str| {
-            line.contains(head)
-                || head.split_once(' ').is_some_and(|(_, path)| {
-                    (path.contains('/') || path.contains('.')) && line.contains(path)
-                })
-        };
-        while let Some((head, rest)) = text.split_once(": ") {
-            if !head.is_empty() && known(head) && !rest.is_empty() {
-                text = rest.to_string();
-            } else {
-                break;
-            }
-        }
-        if line.contains(text.as_str()) {
-            continue;
-        }
-        line.push_str(": ");
-        line.push_str(&text);
-    }
-    line
+    medvlm_io::guard::error_chain(err.as_ref())
 }
 
 #[cfg(test)]

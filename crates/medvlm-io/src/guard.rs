@@ -29,18 +29,42 @@ pub fn quiet_catch<R>(f: impl FnOnce() -> R) -> std::result::Result<R, String> {
     })
 }
 
-/// An error and its causes on one line, each cause left out when the text so far already
-/// holds it (many errors print their source and also return it from `source()`).
+/// An error and its causes on one line, without repeating what an outer message already
+/// says. Many error types both print their cause and return it as `source()` (the I/O
+/// errors of std and most crates' wrappers), and contexts name the file that the inner error
+/// names again, so a plain `{:#}` reads "reading x: x: Is a directory: Is a directory".
+/// Here a cause already contained in the line is left out, and a cause that starts with a
+/// path (or other text up to ": ") already in the line loses that prefix. The `medvlm`
+/// binary reports its errors with it.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
+    let mut line = e.to_string();
     let mut cur = e.source();
-    while let Some(inner) = cur {
-        let m = inner.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
+    while let Some(cause) = cur {
+        cur = cause.source();
+        let mut text = cause.to_string();
+        if line.contains(text.as_str()) {
+            continue;
         }
-        cur = inner.source();
+        // Strip leading "A: B: " segments that the line already holds, also when one word
+        // precedes a path the line names ("image scans/x.png: ...").
+        let known = |head: &str| {
+            line.contains(head)
+                || head.split_once(' ').is_some_and(|(_, path)| {
+                    (path.contains('/') || path.contains('.')) && line.contains(path)
+                })
+        };
+        while let Some((head, rest)) = text.split_once(": ") {
+            if !head.is_empty() && known(head) && !rest.is_empty() {
+                text = rest.to_string();
+            } else {
+                break;
+            }
+        }
+        if line.contains(text.as_str()) {
+            continue;
+        }
+        line.push_str(": ");
+        line.push_str(&text);
     }
-    s
+    line
 }
