@@ -227,6 +227,68 @@ fn multi_label_rows(
     Ok((class_names, rows, notes))
 }
 
+/// The classes and rows of a multi-class task: one class per record from the label column;
+/// records without a value or with a label outside the classes are left out (counted in the
+/// notes).
+fn multi_class_rows(
+    path: &Path,
+    selected: &[(usize, &PathBuf, &medvlm_io::ManifestRecord)],
+    spec: &TaskSpec,
+) -> Result<(Vec<String>, Vec<TaskRow>, Vec<String>)> {
+    let class_names: Vec<String> = match &spec.classes {
+        Some(c) => parse_class_list(c)?,
+        None => selected
+            .iter()
+            .filter(|(_, _, r)| r.split.as_deref() == Some(spec.split.as_str()))
+            .filter_map(|(_, _, r)| field_value(r, &spec.label_field))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    };
+    if class_names.len() < 2 {
+        return Err(TaskError::Invalid(format!(
+            "manifest {}: the '{}' split has {} distinct '{}' value(s) ({:?}); a classification \
+             task needs at least two classes (check --split, --label-field and --where)",
+            path.display(),
+            spec.split,
+            class_names.len(),
+            spec.label_field,
+            class_names
+        )));
+    }
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    let mut unlabelled = 0usize;
+    let mut other_class = 0usize;
+    for &(i, image, r) in selected {
+        let Some(label) = field_value(r, &spec.label_field) else {
+            unlabelled += 1;
+            continue;
+        };
+        let Some(class) = class_names.iter().position(|c| *c == label) else {
+            other_class += 1;
+            continue;
+        };
+        rows.push(TaskRow {
+            record: i,
+            path: image.clone(),
+            split: r.split.clone(),
+            target: RowTarget::Class(class),
+        });
+    }
+    if unlabelled + other_class > 0 {
+        notes.push(format!(
+            "{} record(s) without a '{}' value and {} with a label outside the {} \
+             classes are not used",
+            unlabelled,
+            spec.label_field,
+            other_class,
+            class_names.len()
+        ));
+    }
+    Ok((class_names, rows, notes))
+}
+
 impl Task {
     /// Reads the manifests (records concatenated in order) and selects the
     /// labelled records of the task.
@@ -285,71 +347,19 @@ impl Task {
                 }
             )));
         }
-        if spec.label_field == MULTI_LABEL_FIELD {
-            let (class_names, rows, notes) = multi_label_rows(path, &selected, spec)?;
-            return Ok(Self {
-                kind: TaskKind::MultiLabel,
-                manifest_path: first.clone(),
-                manifests: paths.to_vec(),
-                manifest_sha256,
-                class_names,
-                rows,
-                notes,
-            });
-        }
-        let class_names: Vec<String> = match &spec.classes {
-            Some(c) => parse_class_list(c)?,
-            None => selected
-                .iter()
-                .filter(|(_, _, r)| r.split.as_deref() == Some(spec.split.as_str()))
-                .filter_map(|(_, _, r)| field_value(r, &spec.label_field))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect(),
+        let (kind, (class_names, rows, notes)) = if spec.label_field == MULTI_LABEL_FIELD {
+            (
+                TaskKind::MultiLabel,
+                multi_label_rows(path, &selected, spec)?,
+            )
+        } else {
+            (
+                TaskKind::MultiClass,
+                multi_class_rows(path, &selected, spec)?,
+            )
         };
-        if class_names.len() < 2 {
-            return Err(TaskError::Invalid(format!(
-                "manifest {}: the '{}' split has {} distinct '{}' value(s) ({:?}); a classification \
-                 task needs at least two classes (check --split, --label-field and --where)",
-                path.display(),
-                spec.split,
-                class_names.len(),
-                spec.label_field,
-                class_names
-            )));
-        }
-        let mut rows = Vec::new();
-        let mut notes = Vec::new();
-        let mut unlabelled = 0usize;
-        let mut other_class = 0usize;
-        for (i, image, r) in selected {
-            let Some(label) = field_value(r, &spec.label_field) else {
-                unlabelled += 1;
-                continue;
-            };
-            let Some(class) = class_names.iter().position(|c| *c == label) else {
-                other_class += 1;
-                continue;
-            };
-            rows.push(TaskRow {
-                record: i,
-                path: image.clone(),
-                split: r.split.clone(),
-                target: RowTarget::Class(class),
-            });
-        }
-        if unlabelled + other_class > 0 {
-            notes.push(format!(
-                "{} record(s) without a '{}' value and {} with a label outside the {} \
-                 classes are not used",
-                unlabelled,
-                spec.label_field,
-                other_class,
-                class_names.len()
-            ));
-        }
         Ok(Self {
-            kind: TaskKind::MultiClass,
+            kind,
             manifest_path: first.clone(),
             manifests: paths.to_vec(),
             manifest_sha256,
