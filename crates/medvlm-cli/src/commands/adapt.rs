@@ -316,16 +316,9 @@ fn write_artefact(
 /// artefact (a directory holding `adapt.json`) or an empty directory.
 fn publish_dir(tmp: &Path, out: &Path) -> anyhow::Result<()> {
     if out.exists() {
-        let empty = std::fs::read_dir(out)
-            .with_context(|| format!("listing {}", out.display()))?
-            .next()
-            .is_none();
-        if !empty && !out.join(ADAPT_CARD).exists() {
-            bail!(
-                "--out {} exists and is not a medvlm adapt artefact; choose another directory",
-                out.display()
-            );
-        }
+        // Checked again at the end: the folder may have changed during the run. `--force`
+        // was checked at the start; only an earlier artefact or an empty folder is replaced.
+        check_out_dir(out, true)?;
         std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
     }
     std::fs::rename(tmp, out)
