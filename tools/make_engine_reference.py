@@ -7,7 +7,7 @@
   The CLIP logit scale is exp(min(s, ln 100)), as medvlm's clip_loss computes it.
 * Three torch.optim.AdamW steps on a 2x3 parameter with fixed gradients.
 
-Output: crates/medvlm-adapt/tests/fixtures/engine_reference.json (float64 throughout). The
+Output: crates/medvlm-train/tests/fixtures/engine_reference.json (float64 throughout). The
 Rust tests compare against it and never run Python.
 
 Needs: pip install torch open_clip_torch   (tested with torch 2.15, open_clip_torch 3.3)
@@ -87,7 +87,7 @@ out = {
     "siglip": [siglip_case(4, 5, math.log(10.0), -10.0), siglip_case(3, 6, 1.2, -0.5)],
     "adamw": adamw_case(),
 }
-path = sys.argv[1] if len(sys.argv) > 1 else "crates/medvlm-adapt/tests/fixtures/engine_reference.json"
+path = sys.argv[1] if len(sys.argv) > 1 else "crates/medvlm-train/tests/fixtures/engine_reference.json"
 with open(path, "w") as f:
     json.dump(out, f, indent=1)
 print("wrote", path)

@@ -44,7 +44,7 @@ DISPLAY = {"chest_xray": "chest radiograph", "brain_mri": "brain MRI", "dermosco
 
 
 def exam_impression(text):
-    """data.text_section = "exam_impression" (crates/medvlm-adapt/src/text_section.rs)."""
+    """data.text_section = "exam_impression" (crates/medvlm-train/src/text_section.rs)."""
     text = text.strip()
     sentences = re.split(r"(?<=[.!?])\s+", text)
     at = text.lower().rfind("impression:")

@@ -364,7 +364,7 @@ impl Target {
                 Ok(())
             }
             Target::TrainConfig => {
-                use medvlm_adapt::train_config::{Command, TrainConfig};
+                use medvlm_train::train_config::{Command, TrainConfig};
                 let text = String::from_utf8_lossy(bytes);
                 let cfg = TrainConfig::from_toml_str(&text, path).map_err(|x| e(&x))?;
                 let pre = cfg.validate(Command::Pretrain);

@@ -1,6 +1,8 @@
-//! medvlm-adapt: adapting VLMs. The training engine (losses, optimisers,
-//! schedules, checkpoints) and the five adaptation strategies, one file per
-//! method under `methods/`, behind the shared traits in `method`.
+//! medvlm-adapt: adapting VLMs. The five adaptation strategies, one file per method under
+//! `methods/`, behind the shared traits in `method`; tasks built from manifests (`task`), the
+//! content-keyed feature cache (`feature_cache`) and the few-shot protocol (`fewshot`). Methods
+//! that train an encoder (prompt learning, LoRA, BitFit, partial and full fine-tuning) use the
+//! training engine in `medvlm-train`, which does not depend on this crate.
 //!
 //! The entry point of few-shot adaptation on frozen features is
 //! [`method::method_by_name`]: a method fits a classifier from class prompt embeddings and a
@@ -29,19 +31,8 @@
 //! # }
 //! ```
 
-pub mod checkpoint;
-pub mod data;
 pub mod feature_cache;
 pub mod fewshot;
-pub mod finetune;
-pub mod lora;
-pub mod losses;
 pub mod method;
 pub mod methods;
-pub mod optim;
-pub mod pretrain;
-pub mod schedule;
 pub mod task;
-pub mod text_section;
-pub mod train_config;
-pub mod trainer;

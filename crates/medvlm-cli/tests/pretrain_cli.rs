@@ -479,10 +479,10 @@ fn example_configs_are_valid() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let p = entry.unwrap().path();
         if p.extension().and_then(|e| e.to_str()) == Some("toml") {
-            medvlm_adapt::pretrain::load_pretrain_config(
+            medvlm_train::pretrain::load_pretrain_config(
                 &p,
                 &[],
-                medvlm_adapt::train_config::Command::Pretrain,
+                medvlm_train::train_config::Command::Pretrain,
             )
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             n += 1;

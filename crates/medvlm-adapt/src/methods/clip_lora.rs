@@ -1,7 +1,7 @@
 //! LoRA in the CLIP-LoRA setting: Zanella & Ben Ayed, "Low-Rank Few-Shot
 //! Adaptation of Vision-Language Models", CVPR Workshops 2024.
 //!
-//! Low-rank adapters (Hu et al., ICLR 2022; [`crate::lora`]) on the query,
+//! Low-rank adapters (Hu et al., ICLR 2022; [`medvlm_train::lora`]) on the query,
 //! key and value projections of every block of both encoders, trained with
 //! cross-entropy over the class prompts on the support images; the base
 //! weights stay frozen. Defaults (the paper's): rank 2, alpha 1, dropout
@@ -12,9 +12,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::encoder_tuning::{tuning_method_entry, EncoderTuningMethod, TuningPlan, TuningSchedule};
-use crate::finetune::{FinetuneSpec, Mode, Towers};
-use crate::lora::LoraSpec;
 use crate::method::{MethodError, Result};
+use medvlm_train::finetune::{FinetuneSpec, Mode, Towers};
+use medvlm_train::lora::LoraSpec;
 
 /// CLIP-LoRA few-shot fine-tuning.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,7 +26,7 @@ pub struct ClipLora {
     /// Dropout on the adapter input during training.
     pub dropout: f64,
     /// Adapted layers (roles `q`, `k`, `v`, `out`, `fc1`, `fc2` or module names; see
-    /// [`crate::lora`]).
+    /// [`medvlm_train::lora`]).
     pub targets: Vec<String>,
     /// Towers that get adapters.
     pub towers: Towers,

@@ -17,7 +17,7 @@
 //! normalised embeddings (one prompt: the prompt itself). No augmentation: the
 //! images are used as the model's own preprocessing gives them.
 //!
-//! Which parameters move comes from the training engine ([`crate::finetune`]):
+//! Which parameters move comes from the training engine ([`medvlm_train::finetune`]):
 //! a [`FinetuneSpec`] selects base weights (BitFit: biases; partial: the last
 //! k blocks and the heads; full: everything) or adds LoRA adapters. The model
 //! must be loaded trainable ([`medvlm_models::LoadMode::Trainable`]) since
@@ -39,12 +39,12 @@ use serde::{Deserialize, Serialize};
 use super::prompt_common::{cosine_logits, image_embeddings, model_scale, Batches, PromptEnsemble};
 use super::{train_full_batch, Optimizer};
 use crate::fewshot::TaskKind;
-use crate::finetune::{prepare, FinetuneError, FinetuneSpec, Towers};
-use crate::lora::{install_lora_tensors, set_lora_training, LoraSpec};
 use crate::method::{
     l2_normalize, normalized_input, AdaptInput, AdaptationMethod, AdaptedClassifier,
     ClassifierCard, MethodError, Result, CARD_FORMAT, WEIGHTS_FILE,
 };
+use medvlm_train::finetune::{prepare, FinetuneError, FinetuneSpec, Towers};
+use medvlm_train::lora::{install_lora_tensors, set_lora_training, LoraSpec};
 
 /// Registry names of the encoder fine-tuning methods.
 pub const TUNING_METHOD_NAMES: &[&str] = &["lora", "bitfit", "partial-finetune", "full-finetune"];

@@ -13,8 +13,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::encoder_tuning::{tuning_method_entry, EncoderTuningMethod, TuningPlan, TuningSchedule};
-use crate::finetune::{FinetuneSpec, Mode, Towers};
 use crate::method::Result;
+use medvlm_train::finetune::{FinetuneSpec, Mode, Towers};
 
 /// Few-shot full fine-tuning.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

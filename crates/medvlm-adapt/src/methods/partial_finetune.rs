@@ -12,8 +12,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::encoder_tuning::{tuning_method_entry, EncoderTuningMethod, TuningPlan, TuningSchedule};
-use crate::finetune::{FinetuneSpec, Mode, Towers};
 use crate::method::{AdaptationMethod, MethodError, Result};
+use medvlm_train::finetune::{FinetuneSpec, Mode, Towers};
 
 /// Few-shot fine-tuning of the last blocks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -19,7 +19,7 @@
 //! * `zero-shot-mixture`: the prompts ensembled in probability space; the
 //!   logit of class c is `log mean_p exp(s * norm(f) . t_p)` over its normalised
 //!   prompt embeddings `t_p` (the class as a mixture of the texts that could
-//!   describe it; `crate::pretrain::prompt_mixture_scores`). For prompt sets
+//!   describe it; `medvlm_train::pretrain::prompt_mixture_scores`). For prompt sets
 //!   that differ in content rather than wording (a lesion's size and location),
 //!   whose mean embedding is a blurred centre; CLIP ensembles in embedding
 //!   space for its cost (section 3.1.4). medvlm's quickstart evaluates this way.
@@ -277,8 +277,12 @@ impl AdaptedClassifier for ZeroShotClassifier {
     fn logits(&self, image_features: &Tensor) -> Result<Tensor> {
         let f = normalized_input(&self.card, image_features)?;
         if let Some(m) = &self.mixture {
-            return crate::pretrain::prompt_mixture_scores(&f, &m.per_class, self.card.logit_scale)
-                .map_err(|e| MethodError::InvalidInput(e.to_string()));
+            return medvlm_train::pretrain::prompt_mixture_scores(
+                &f,
+                &m.per_class,
+                self.card.logit_scale,
+            )
+            .map_err(|e| MethodError::InvalidInput(e.to_string()));
         }
         Ok((f.matmul(&self.effective.t()?)? * self.card.logit_scale)?)
     }

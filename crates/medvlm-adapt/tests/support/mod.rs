@@ -29,17 +29,7 @@ pub fn class_colour_images(n: usize, seed: u32) -> (Tensor, Vec<usize>) {
     )
 }
 
-/// Largest absolute difference of two same-shaped f32 tensors.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+// One definition for both crates' tests: the engine tests own it.
+#[path = "../../../medvlm-train/tests/support/mod.rs"]
+mod train_support;
+pub use train_support::max_abs_diff;

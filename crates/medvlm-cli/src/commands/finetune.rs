@@ -1,6 +1,6 @@
 //! `medvlm finetune --config FILE.toml [--set KEY=VALUE ...] [--resume] [--skip-bad]`: contrastive fine-tuning of a
 //! pretrained model directory on a manifest's image-text pairs, in one of the modes of
-//! `medvlm_adapt::finetune` (full, partial = last k blocks, BitFit, LoRA). Every
+//! `medvlm_train::finetune` (full, partial = last k blocks, BitFit, LoRA). Every
 //! hyperparameter is a key of the TOML file (docs/training.md, docs/finetuning.md); `--set`
 //! overrides one before validation.
 //!
@@ -21,16 +21,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use medvlm_adapt::finetune::{
+use medvlm_models::{LoadMode, LoadOptions};
+use medvlm_train::finetune::{
     export_model_dir, prepare, scalar_value, train_contrastive, FinetuneSpec, Mode, PairData,
     VarMap,
 };
-use medvlm_adapt::lora::{merge_lora, save_lora_adapters};
-use medvlm_adapt::losses::{ContrastiveHead, LossKind};
-use medvlm_adapt::pretrain::{config_toml, load_pretrain_config};
-use medvlm_adapt::train_config::{AugmentConfig, Command, TrainConfig};
-use medvlm_adapt::trainer::{Callbacks, LoopConfig, RunPaths, StepRecord};
-use medvlm_models::{LoadMode, LoadOptions};
+use medvlm_train::lora::{merge_lora, save_lora_adapters};
+use medvlm_train::losses::{ContrastiveHead, LossKind};
+use medvlm_train::pretrain::{config_toml, load_pretrain_config};
+use medvlm_train::train_config::{AugmentConfig, Command, TrainConfig};
+use medvlm_train::trainer::{Callbacks, LoopConfig, RunPaths, StepRecord};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -219,7 +219,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("finetune.mode = \"{}\" on {source}", spec.mode.name()))?;
     // LoRA is merged into the exported weights: refuse, before training, layers that have no
     // weight tensor of their own to merge into.
-    medvlm_adapt::lora::check_mergeable(&prepared.lora_layers, &base)
+    medvlm_train::lora::check_mergeable(&prepared.lora_layers, &base)
         .with_context(|| format!("finetune.mode = \"lora\" on {source}"))?;
     eprintln!(
         "finetune: {} ({} towers) on {} ({}): {} tensors, {} scalars trainable{}",

@@ -14,15 +14,15 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use medvlm_adapt::data::{self, ImageTextSample};
-use medvlm_adapt::pretrain::{
+use medvlm_train::data::{self, ImageTextSample};
+use medvlm_train::pretrain::{
     build_model, config_toml, embed_images, embed_texts, load_pretrain_config, retrieval,
     zero_shot, ContrastiveModel,
 };
-use medvlm_adapt::train_config::{Command, TrainConfig};
+use medvlm_train::train_config::{Command, TrainConfig};
 
 use crate::commands::progress::Progress;
-use medvlm_adapt::trainer::{self, Callbacks, LoopConfig, RunPaths, StepRecord, TrainSummary};
+use medvlm_train::trainer::{self, Callbacks, LoopConfig, RunPaths, StepRecord, TrainSummary};
 
 /// Arguments of `medvlm pretrain`.
 #[derive(clap::Args, Debug)]
@@ -77,7 +77,7 @@ pub fn classes_from_labels(samples: &[ImageTextSample]) -> Vec<ZeroShotClass> {
 }
 
 /// Each class's L2-normalised prompt embeddings `[P_c, E]`, for
-/// [`medvlm_adapt::pretrain::prompt_mixture_scores`] / [`zero_shot`].
+/// [`medvlm_train::pretrain::prompt_mixture_scores`] / [`zero_shot`].
 pub fn prompt_embeddings(
     model: &ContrastiveModel,
     classes: &[ZeroShotClass],
@@ -200,7 +200,7 @@ impl Callbacks<ContrastiveModel> for PretrainCallbacks<'_> {
         epoch: u64,
         _step: u64,
         model: &ContrastiveModel,
-    ) -> medvlm_adapt::trainer::Result<Option<serde_json::Value>> {
+    ) -> medvlm_train::trainer::Result<Option<serde_json::Value>> {
         let Some((samples, classes)) = &self.val else {
             return Ok(None);
         };
@@ -208,7 +208,7 @@ impl Callbacks<ContrastiveModel> for PretrainCallbacks<'_> {
             return Ok(None);
         }
         let v = validate(model, samples, classes).map_err(|e| {
-            medvlm_adapt::trainer::TrainError::Invalid(format!("validation: {e:#}"))
+            medvlm_train::trainer::TrainError::Invalid(format!("validation: {e:#}"))
         })?;
         self.bar
             .println(format!("epoch {} validation: {v}", epoch + 1));
@@ -230,7 +230,7 @@ pub fn progress_bar() -> Progress {
 /// The SHA-256 of the resolved configuration (checkpoints of another configuration are
 /// refused on resume).
 pub fn config_hash(cfg: &TrainConfig) -> anyhow::Result<String> {
-    Ok(medvlm_adapt::checkpoint::sha256_hex(
+    Ok(medvlm_train::checkpoint::sha256_hex(
         serde_json::to_string(cfg)?.as_bytes(),
     ))
 }
@@ -253,7 +253,7 @@ pub fn train_and_save<C: Callbacks<ContrastiveModel>>(
             cfg.optim.grad_accum
         );
     }
-    if cfg.loss.kind == medvlm_adapt::losses::LossKind::LabelAware {
+    if cfg.loss.kind == medvlm_train::losses::LossKind::LabelAware {
         if let Some(s) = train.iter().find(|s| s.labels.is_empty()) {
             bail!(
                 "loss.kind = \"label_aware\" needs labels (`label` or `labels` in the manifest) for every training sample; {} has none",
@@ -270,7 +270,7 @@ pub fn train_and_save<C: Callbacks<ContrastiveModel>>(
         data::ContrastiveBatches::new(train, &tokenizer, augment, cfg.seed, cfg.data.workers)?;
     source.normalise = model.normalise;
     source.group_batches =
-        cfg.data.batch_grouping == medvlm_adapt::train_config::BatchGrouping::Group;
+        cfg.data.batch_grouping == medvlm_train::train_config::BatchGrouping::Group;
     if source.group_batches && train.iter().all(|s| s.group.is_none()) {
         bail!(
             "data.batch_grouping = \"group\" needs a `modality` field in the training manifest's records; none has one"
@@ -284,11 +284,11 @@ pub fn train_and_save<C: Callbacks<ContrastiveModel>>(
     };
     // `[freeze]`: a locked tower (LiT) or the last k blocks only.
     let all = model.named_vars();
-    let trainable = medvlm_adapt::optim::select_trainable(
+    let trainable = medvlm_train::optim::select_trainable(
         all.iter().map(|(n, _)| n.as_str()),
         &cfg.freeze_selection(),
     )?;
-    let (params, _frozen) = medvlm_adapt::optim::partition_trainable(all, &trainable);
+    let (params, _frozen) = medvlm_train::optim::partition_trainable(all, &trainable);
     let hash = config_hash(cfg)?;
     let summary = trainer::train(
         params, model, &source, &loop_cfg, &paths, resume, &hash, callbacks,
@@ -367,7 +367,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut model = build_model(&cfg, &texts)?;
     std::fs::create_dir_all(&cfg.output_dir)
         .with_context(|| format!("cannot create {}", cfg.output_dir.display()))?;
-    medvlm_adapt::checkpoint::write_atomic(
+    medvlm_train::checkpoint::write_atomic(
         &cfg.output_dir.join("config.resolved.toml"),
         config_toml(&cfg)?.as_bytes(),
     )?;

@@ -8,7 +8,7 @@
 //!   can carry for it ("PA chest radiograph. Small pleural effusion in the left costophrenic
 //!   angle.", every header x severity x term x location; `medvlm_phantoms::report_prompts`,
 //!   the form the text tower was trained on), scored as a mixture of its prompts (log of the
-//!   mean of `exp(logit_scale * cosine)`; `medvlm_adapt::pretrain::prompt_mixture_scores`); studies have one finding type
+//!   mean of `exp(logit_scale * cosine)`; `medvlm_train::pretrain::prompt_mixture_scores`); studies have one finding type
 //!   (`max_findings = 1`) so the task is single-label. Two protocols are reported: *pooled*
 //!   (the classes of all modalities compete, chance 1/18) and *within modality* (only the
 //!   modality's own classes, chance 1/K); issue #5's target is three times chance under both
@@ -38,15 +38,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use medvlm_adapt::data::{plane_from_u8, to_training_plane, ImageTextSample};
-use medvlm_adapt::pretrain::{embed_images, embed_texts, retrieval};
-use medvlm_adapt::text_section::TextSection;
-use medvlm_adapt::train_config::{Command, TrainConfig};
 use medvlm_eval::classification::ClassificationReport;
 use medvlm_eval::plots::{confusion_matrix_plot, LinePlot, Plot, Series, Size};
 use medvlm_eval::report::{escape_html, Report};
 use medvlm_io::manifest::ManifestRecord;
 use medvlm_phantoms::{generate_studies, Modality, Split, StudyOptions};
+use medvlm_train::data::{plane_from_u8, to_training_plane, ImageTextSample};
+use medvlm_train::pretrain::{embed_images, embed_texts, retrieval};
+use medvlm_train::text_section::TextSection;
+use medvlm_train::train_config::{Command, TrainConfig};
 use serde_json::json;
 
 use super::pretrain::{progress_bar, train_and_save, PretrainCallbacks, ZeroShotClass};
@@ -431,7 +431,7 @@ fn zero_shot_eval(
     data: &Data,
 ) -> anyhow::Result<BTreeMap<&'static str, ZeroShotResult>> {
     let classes = &setup.classes;
-    let sims = medvlm_adapt::pretrain::prompt_mixture_scores(
+    let sims = medvlm_train::pretrain::prompt_mixture_scores(
         image_embeds,
         &setup.prompt_embeds,
         setup.logit_scale,
@@ -521,7 +521,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut data = make_benchmark(&plan, args.seed, &out)?;
     let mut fell_back = 0;
     for samples in data.by_split.values_mut() {
-        fell_back += medvlm_adapt::data::apply_text_section(samples, plan.text_section);
+        fell_back += medvlm_train::data::apply_text_section(samples, plan.text_section);
     }
     if fell_back > 0 {
         eprintln!(
@@ -548,7 +548,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg_path = out.join("quickstart.toml");
     medvlm_eval::report::write_atomic(&cfg_path, cfg_text.as_bytes())?;
     let mut cfg: TrainConfig =
-        medvlm_adapt::pretrain::load_pretrain_config(&cfg_path, &[], Command::Pretrain)?;
+        medvlm_train::pretrain::load_pretrain_config(&cfg_path, &[], Command::Pretrain)?;
     cfg.output_dir = out.clone();
     let ckpt = out.join("checkpoints");
     if ckpt.exists() {
@@ -568,7 +568,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         plan.layers, plan.width, plan.epochs
     );
     let texts: Vec<&str> = train.iter().map(|s| s.text.as_str()).collect();
-    let mut model = medvlm_adapt::pretrain::build_model(&cfg, &texts)?;
+    let mut model = medvlm_train::pretrain::build_model(&cfg, &texts)?;
     let classes = pooled_classes();
     let pooled_chance = 1.0 / classes.len() as f64;
     let val_classes: Vec<ZeroShotClass> = classes.iter().map(|(_, c)| c.clone()).collect();
@@ -866,7 +866,7 @@ fn write_report(
         std::fs::create_dir_all(&ex_dir)
             .with_context(|| format!("cannot create {}", ex_dir.display()))?;
         let n = test.len();
-        let sims = medvlm_adapt::pretrain::similarity(te, img)?; // texts x images
+        let sims = medvlm_train::pretrain::similarity(te, img)?; // texts x images
         let step = (n / 4).max(1);
         for q in (0..n).step_by(step).take(4) {
             let row = &sims[q * n..(q + 1) * n];

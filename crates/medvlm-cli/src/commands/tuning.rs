@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::Device;
-use medvlm_adapt::finetune::VarMap;
 use medvlm_adapt::methods::encoder_tuning::{
     tuning_method_by_name, TunedEncoderClassifier, TuningInput, TUNING_METHOD_NAMES,
 };
 use medvlm_models::{LoadMode, LoadOptions, LoadedModel};
+use medvlm_train::finetune::VarMap;
 
 use super::adapt::{pixel_batch, probabilities_through_model};
 

@@ -207,7 +207,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Ensemble::Mixture => {
             let scores =
-                medvlm_adapt::pretrain::prompt_mixture_scores(&img, &prompt_embeds, scale as f64)?;
+                medvlm_train::pretrain::prompt_mixture_scores(&img, &prompt_embeds, scale as f64)?;
             let scores = match bias {
                 Some(b) => (scores + b as f64)?,
                 None => scores,

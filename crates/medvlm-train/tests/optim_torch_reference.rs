@@ -1,7 +1,7 @@
 //! Three AdamW steps against torch.optim.AdamW (fixture from tools/make_engine_reference.py).
 
 use candle_core::{Device, Tensor, Var};
-use medvlm_adapt::optim::{AdamW, AdamWConfig, Gradients, WeightDecayRule};
+use medvlm_train::optim::{AdamW, AdamWConfig, Gradients, WeightDecayRule};
 use serde_json::Value;
 
 const FIXTURE: &str = include_str!("fixtures/engine_reference.json");

@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use medvlm_adapt::text_section::TextSection;
 use medvlm_phantoms::{generate_study, report_prompts, Modality, StudyOptions};
+use medvlm_train::text_section::TextSection;
 
 #[test]
 fn every_single_lesion_impression_is_a_prompt_of_its_class() {

@@ -8,12 +8,12 @@ use support::max_abs_diff;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use medvlm_adapt::finetune::{prepare, FinetuneSpec, Mode, Towers};
-use medvlm_adapt::lora::{
+use medvlm_models::{load_model_dir, LoadMode, LoadOptions, LoadedModel};
+use medvlm_train::finetune::{prepare, FinetuneSpec, Mode, Towers};
+use medvlm_train::lora::{
     load_lora_adapters, lora_adapters, save_lora_adapters, LoraSpec, ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
 };
-use medvlm_models::{load_model_dir, LoadMode, LoadOptions, LoadedModel};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -10,9 +10,9 @@ use support::max_abs_diff;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use medvlm_adapt::finetune::{export_model_dir, prepare, FinetuneSpec, Mode, Towers};
-use medvlm_adapt::lora::{merge_lora, LoraSpec};
 use medvlm_models::{load_model_dir, LoadMode, LoadOptions, LoadedModel};
+use medvlm_train::finetune::{export_model_dir, prepare, FinetuneSpec, Mode, Towers};
+use medvlm_train::lora::{merge_lora, LoraSpec};
 use rand::{Rng, SeedableRng};
 
 fn fixture(name: &str) -> PathBuf {

@@ -1,11 +1,11 @@
 //! AdamW, weight-decay exclusions, clipping, accumulation, schedule and freezing helpers.
 
 use candle_core::{DType, Device, Tensor, Var};
-use medvlm_adapt::optim::{
+use medvlm_train::optim::{
     block_index, last_k_blocks, split_by_prefix, AdamW, AdamWConfig, GradAccumulator, Gradients,
     NamedVar, WeightDecayRule,
 };
-use medvlm_adapt::schedule::WarmupCosine;
+use medvlm_train::schedule::WarmupCosine;
 
 fn grads(entries: &[(&str, Tensor)]) -> Gradients {
     Gradients(
@@ -304,7 +304,7 @@ const HF_CLIP_NAMES: [&str; 16] = [
 
 #[test]
 fn trainable_selections() {
-    use medvlm_adapt::optim::{select_trainable, TrainableSelection, DEFAULT_BLOCK_PREFIXES};
+    use medvlm_train::optim::{select_trainable, TrainableSelection, DEFAULT_BLOCK_PREFIXES};
     let names = HF_CLIP_NAMES;
     let last1 = TrainableSelection::LastKBlocks {
         k: 1,
@@ -355,7 +355,7 @@ fn trainable_selections() {
 
 #[test]
 fn config_freeze_and_finetune_combine() {
-    use medvlm_adapt::train_config::TrainConfig;
+    use medvlm_train::train_config::TrainConfig;
     let parse = |extra: &str| {
         TrainConfig::from_toml_str(
             &format!(

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use medvlm_adapt::train_config::{Command, FinetuneMode, FreezeMode, LossKind, TrainConfig};
+use medvlm_train::train_config::{Command, FinetuneMode, FreezeMode, LossKind, TrainConfig};
 
 const DOC: &str = include_str!("../../../docs/training.md");
 

@@ -7,14 +7,14 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
-use medvlm_adapt::finetune::{
+use medvlm_models::{load_model_dir, LoadMode, LoadOptions, LoadedModel};
+use medvlm_train::finetune::{
     prepare, select_trainable, snapshot, train_contrastive, FinetuneSpec, Mode, PairData, Towers,
 };
-use medvlm_adapt::losses::{ContrastiveHead, LossKind};
-use medvlm_adapt::optim::{AdamWConfig, NamedVar};
-use medvlm_adapt::train_config::{Command, TrainConfig};
-use medvlm_adapt::trainer::{LoopConfig, NoCallbacks, RunPaths};
-use medvlm_models::{load_model_dir, LoadMode, LoadOptions, LoadedModel};
+use medvlm_train::losses::{ContrastiveHead, LossKind};
+use medvlm_train::optim::{AdamWConfig, NamedVar};
+use medvlm_train::train_config::{Command, TrainConfig};
+use medvlm_train::trainer::{LoopConfig, NoCallbacks, RunPaths};
 use rand::{Rng, SeedableRng};
 
 fn fixture() -> PathBuf {
@@ -65,7 +65,7 @@ fn train_and_diff(spec: &FinetuneSpec) -> (BTreeSet<String>, BTreeSet<String>, u
     let prep = prepare(lm.model.as_mut(), &vm, &adapters, spec, 1).unwrap();
     let selected: BTreeSet<String> = prep.params.iter().map(|(n, _)| n.clone()).collect();
     let before = snapshot(&base_vars(&vm)).unwrap();
-    let s = medvlm_adapt::finetune::scalar_value(&lm.model.logit_scale()).unwrap();
+    let s = medvlm_train::finetune::scalar_value(&lm.model.logit_scale()).unwrap();
     // Fixed temperature: the model's logit_scale must stay untouched too.
     let head =
         ContrastiveHead::new(LossKind::Clip, s, 0.0, false, DType::F32, &Device::Cpu).unwrap();

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
-use medvlm_adapt::finetune::{
+use medvlm_models::{load_model_dir, LoadMode, LoadOptions};
+use medvlm_train::finetune::{
     prepare, scalar_value, snapshot, train_contrastive, FinetuneSpec, Mode, PairData, Towers,
 };
-use medvlm_adapt::lora::LoraSpec;
-use medvlm_adapt::losses::{ContrastiveHead, LossKind};
-use medvlm_adapt::optim::AdamWConfig;
-use medvlm_adapt::trainer::{LoopConfig, NoCallbacks, RunPaths};
-use medvlm_models::{load_model_dir, LoadMode, LoadOptions};
+use medvlm_train::lora::LoraSpec;
+use medvlm_train::losses::{ContrastiveHead, LossKind};
+use medvlm_train::optim::AdamWConfig;
+use medvlm_train::trainer::{LoopConfig, NoCallbacks, RunPaths};
 use rand::{Rng, SeedableRng};
 
 fn fixture() -> PathBuf {

@@ -2,7 +2,7 @@
 //! autograd (fixture from tools/make_engine_reference.py).
 
 use candle_core::{Device, Tensor, Var};
-use medvlm_adapt::losses::{clip_loss, siglip_loss};
+use medvlm_train::losses::{clip_loss, siglip_loss};
 use serde_json::Value;
 
 const FIXTURE: &str = include_str!("fixtures/engine_reference.json");

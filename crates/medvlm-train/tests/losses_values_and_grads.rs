@@ -2,7 +2,7 @@
 //! central finite differences in f64.
 
 use candle_core::{DType, Device, Tensor, Var};
-use medvlm_adapt::losses::{
+use medvlm_train::losses::{
     class_similarity_targets, clip_loss, label_aware_clip_loss, label_similarity_targets,
     siglip_loss, CLIP_LOGIT_SCALE_MAX, SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT,
 };
@@ -202,7 +202,7 @@ fn label_aware_gradients_match_finite_differences() {
 
 #[test]
 fn contrastive_head_matches_the_free_functions() {
-    use medvlm_adapt::losses::{ContrastiveHead, LossKind, CLIP_LOGIT_SCALE_INIT};
+    use medvlm_train::losses::{ContrastiveHead, LossKind, CLIP_LOGIT_SCALE_INIT};
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let (img, txt) = (random_var(&mut rng, 3, 4), random_var(&mut rng, 3, 4));

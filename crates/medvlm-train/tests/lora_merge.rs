@@ -9,15 +9,15 @@ use support::max_abs_diff;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use medvlm_adapt::finetune::{
+use medvlm_models::{load_model_dir, LoadMode, LoadOptions, LoadedModel};
+use medvlm_train::finetune::{
     export_model_dir, prepare, snapshot, train_contrastive, FinetuneError, FinetuneSpec, Mode,
     PairData, Towers,
 };
-use medvlm_adapt::lora::{lora_adapters, merge_lora, set_lora_training, LoraSpec};
-use medvlm_adapt::losses::{ContrastiveHead, LossKind};
-use medvlm_adapt::optim::{AdamWConfig, NamedVar};
-use medvlm_adapt::trainer::{LoopConfig, NoCallbacks, RunPaths};
-use medvlm_models::{load_model_dir, LoadMode, LoadOptions, LoadedModel};
+use medvlm_train::lora::{lora_adapters, merge_lora, set_lora_training, LoraSpec};
+use medvlm_train::losses::{ContrastiveHead, LossKind};
+use medvlm_train::optim::{AdamWConfig, NamedVar};
+use medvlm_train::trainer::{LoopConfig, NoCallbacks, RunPaths};
 use rand::{Rng, SeedableRng};
 
 fn fixture() -> PathBuf {
@@ -85,7 +85,7 @@ fn run_paths(dir: &std::path::Path) -> RunPaths {
 }
 
 fn head(lm: &LoadedModel, learnable: bool) -> ContrastiveHead {
-    let s = medvlm_adapt::finetune::scalar_value(&lm.model.logit_scale()).unwrap();
+    let s = medvlm_train::finetune::scalar_value(&lm.model.logit_scale()).unwrap();
     ContrastiveHead::new(LossKind::Clip, s, 0.0, learnable, DType::F32, &Device::Cpu).unwrap()
 }
 

@@ -5,10 +5,10 @@
 //! and a warm-up + cosine schedule.
 
 use candle_core::{DType, Device, Tensor, Var};
-use medvlm_adapt::checkpoint::{sha256_hex, CheckpointDir, RngState, TrainState, LATEST_FILE};
-use medvlm_adapt::losses::clip_loss;
-use medvlm_adapt::optim::{AdamW, AdamWConfig, GradAccumulator, NamedVar, WeightDecayRule};
-use medvlm_adapt::schedule::WarmupCosine;
+use medvlm_train::checkpoint::{sha256_hex, CheckpointDir, RngState, TrainState, LATEST_FILE};
+use medvlm_train::losses::clip_loss;
+use medvlm_train::optim::{AdamW, AdamWConfig, GradAccumulator, NamedVar, WeightDecayRule};
+use medvlm_train::schedule::WarmupCosine;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
