@@ -84,6 +84,10 @@ struct Cli {
     /// Log more (repeat for debug output); logs go to stderr.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Never use the network: a hub model (hf:ORG/NAME or a preset) must already be in the
+    /// hub cache (the same as HF_HUB_OFFLINE=1).
+    #[arg(long, global = true)]
+    offline: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -114,6 +118,9 @@ enum Command {
     Predict(commands::predict::Args),
     /// Benchmarks (throughput, memory, few-shot sweeps).
     Bench(commands::bench::Args),
+    /// The field's papers by task, strategy and modality, with the medvlm command that runs
+    /// each method or task.
+    Papers(commands::papers::Args),
 }
 
 fn main() {
@@ -121,6 +128,10 @@ fn main() {
     flush_subnormals();
     allocator_options();
     let cli = Cli::parse();
+    if cli.offline {
+        // Before any thread starts; the model-source code reads it as huggingface_hub does.
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    }
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Quickstart(a) => commands::quickstart::run(a),
@@ -135,6 +146,7 @@ fn main() {
         Command::Adapt(a) => commands::adapt::run(a),
         Command::Predict(a) => commands::predict::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Papers(a) => commands::papers::run(a),
     };
     if let Err(err) = result {
         eprintln!("error: {}", error_report(&err));
@@ -181,8 +193,10 @@ mod error_report_tests {
 }
 
 fn init_logging(verbose: u8) {
+    // hf-hub logs each exhausted retry at ERROR before returning the error that medvlm
+    // then reports with its explanation; once is enough unless asked for more (-v).
     let default = match verbose {
-        0 => "warn",
+        0 => "warn,hf_hub=off",
         1 => "info",
         _ => "debug",
     };

@@ -8,6 +8,9 @@ use candle_core::{DType, Device};
 use medvlm_models::preprocess::load_and_preprocess;
 use medvlm_models::LoadOptions;
 
+#[path = "../../medvlm-models/tests/support/fake_hub.rs"]
+mod fake_hub;
+
 fn fixture(family: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("..")
@@ -20,6 +23,8 @@ fn fixture(family: &str) -> PathBuf {
 fn medvlm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_medvlm"))
         .args(args)
+        // Tests never reach the network: an uncached hub model is an error, not a download.
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .expect("run medvlm")
 }
@@ -568,4 +573,112 @@ fn embed_follows_manifest_order() {
     let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-5);
     assert!(close(&a[0], &b[1]) && close(&a[1], &b[0]));
     assert!(!close(&a[0], &b[0]));
+}
+
+/// `medvlm models pull` against the loopback hub double, then the model used by name:
+/// offline from the cache, and pulled on first use when not cached.
+#[test]
+fn models_pull_then_offline_use_and_first_use_download() {
+    use fake_hub::{FakeHub, FakeRepo};
+    let f = fixture("clip");
+    let read = |n: &str| std::fs::read(f.join(n)).unwrap();
+    let repo = |seed: u8| {
+        FakeRepo::new(seed)
+            .file("config.json", read("config.json"), false)
+            .file(
+                "preprocessor_config.json",
+                read("preprocessor_config.json"),
+                false,
+            )
+            .file("tokenizer.json", read("tokenizer.json"), false)
+            .file("model.safetensors", read("model.safetensors"), true)
+            .file("flax_model.msgpack", vec![1u8; 300], true)
+    };
+    let hub = FakeHub::start(std::collections::BTreeMap::from([
+        ("org/tiny".to_string(), repo(0x5a)),
+        ("org/second".to_string(), repo(0x6b)),
+    ]));
+    let cache = tempfile::tempdir().unwrap();
+    let online = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_medvlm"))
+            .args(args)
+            .env("HF_ENDPOINT", hub.endpoint())
+            .env("HF_HUB_CACHE", cache.path())
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let r = online(&["models", "pull", "hf:org/tiny"]);
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        out.contains("4 files") && out.contains("sha256") && out.contains("git-sha1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("flax_model.msgpack"),
+        "the skipped file is listed: {out}"
+    );
+    assert_eq!(hub.gets("org/tiny/flax_model.msgpack"), 0);
+
+    // Offline (--offline and a dead endpoint): the pulled model embeds from the cache.
+    let imgs = image_dir("clip", false);
+    let emb = tempfile::tempdir().unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_medvlm"))
+        .args(["--offline", "embed", "--model", "hf:org/tiny", "--images"])
+        .arg(imgs.path())
+        .arg("--out")
+        .arg(emb.path().join("a.safetensors"))
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_HUB_CACHE", cache.path())
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    // Offline and not cached: a clear error naming the cache folder, no download.
+    let r = Command::new(env!("CARGO_BIN_EXE_medvlm"))
+        .args(["--offline", "embed", "--model", "hf:org/second", "--images"])
+        .arg(imgs.path())
+        .arg("--out")
+        .arg(emb.path().join("b.safetensors"))
+        .env("HF_ENDPOINT", hub.endpoint())
+        .env("HF_HUB_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("models--org--second"),
+        "{err}"
+    );
+    assert_eq!(hub.gets("org/second/model.safetensors"), 0);
+
+    // Online and not cached: pulled on first use, with a line per file on stderr.
+    let r = online(&[
+        "embed",
+        "--model",
+        "hf:org/second",
+        "--images",
+        s(imgs.path()),
+        "--out",
+        s(&emb.path().join("c.safetensors")),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(
+        err.contains("downloading hf:org/second") && err.contains("model.safetensors"),
+        "{err}"
+    );
+    assert_eq!(hub.gets("org/second/model.safetensors"), 1);
+    let a = std::fs::read(emb.path().join("a.safetensors")).unwrap();
+    let c = std::fs::read(emb.path().join("c.safetensors")).unwrap();
+    assert_eq!(
+        a.len(),
+        c.len(),
+        "same model, same images, same embedding file size"
+    );
+
+    let r = online(&["models", "pull", s(&fixture("clip"))]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("local folder"), "{err}");
 }

@@ -2,12 +2,12 @@
 //! resolved in the Hugging Face hub cache, or a preset name (see
 //! [`crate::presets`]).
 //!
-//! medvlm never downloads: the hub cache is read offline. Its location
-//! follows huggingface_hub: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
-//! `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`; a
-//! model lives in `models--ORG--NAME/snapshots/<commit>/` where `<commit>`
-//! is read from `refs/<revision>` (default `main`). When the model is not
-//! cached the error names the folder and the files to put there.
+//! The hub cache's location follows huggingface_hub: `$HF_HUB_CACHE`, else `$HF_HOME/hub`,
+//! else `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`; a model lives in
+//! `models--ORG--NAME/snapshots/<commit>/` where `<commit>` is read from `refs/<revision>`
+//! (default `main`). A hub model that is not cached is downloaded on first use
+//! ([`crate::hub::pull`]) unless offline (`HF_HUB_OFFLINE=1`); offline, the error names the
+//! folder and the files to put there.
 
 use std::path::{Path, PathBuf};
 
@@ -89,7 +89,15 @@ impl ModelSource {
                 }
             }
             ModelSource::Hub { repo, revision } => {
-                resolve_in_cache(&hub_cache_dir(), repo, revision.as_deref())
+                let opts = crate::hub::HubOptions::from_env();
+                match resolve_in_cache(&opts.cache_dir, repo, revision.as_deref()) {
+                    Ok(dir) => Ok(dir),
+                    // Offline, pull only looks in the cache again and says why it failed.
+                    Err(_) => {
+                        let progress = std::sync::Arc::new(crate::hub::LineProgress);
+                        Ok(crate::hub::pull(repo, revision.as_deref(), &opts, progress)?.snapshot)
+                    }
+                }
             }
         }
     }
@@ -126,10 +134,9 @@ pub fn resolve_in_cache(cache: &Path, repo: &str, revision: Option<&str>) -> Res
     let not_cached = |why: String| ModelError::Source {
         source_spec: spec.clone(),
         reason: format!(
-            "{why}. medvlm works offline and does not download: fetch the model once \
-             (e.g. `huggingface-cli download {repo}`) into the hub cache {cache}, or put its \
-             files ({EXPECTED_FILES}) in {} and point --model at that directory, or in a \
-             local directory of your choice",
+            "{why}. Download it once with `medvlm models pull hf:{repo}` (on a connected \
+             machine, then copy the hub cache {cache}), or put its files ({EXPECTED_FILES}) \
+             in {} or in a local directory of your choice and point --model at it",
             repo_dir.join("snapshots").join("<commit>").display(),
             cache = cache.display(),
         ),

@@ -8,6 +8,7 @@ pub mod data;
 pub mod embed;
 pub mod finetune;
 pub mod models;
+pub mod papers;
 pub mod phantoms;
 pub mod predict;
 pub mod pretrain;

@@ -2,6 +2,8 @@
 //! tools/make_parity_fixtures.py).
 #![allow(dead_code)]
 
+pub mod fake_hub;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
