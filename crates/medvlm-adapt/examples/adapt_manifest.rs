@@ -6,14 +6,18 @@
 //! `medvlm phantoms generate`, whose labels are its findings.)
 
 use candle_core::Device;
+use medvlm_adapt::features::{task_features, FeatureOptions};
 use medvlm_adapt::fewshot::{FewShotProtocol, TaskKind};
-use medvlm_adapt::method::{method_by_name, AdaptInput, ClassTexts, SupportSet};
+use medvlm_adapt::method::{method_by_name, AdaptInput, SupportSet};
+use medvlm_adapt::prompts::{class_prompts, encode_class_texts, PromptSource};
 use medvlm_adapt::task::{Task, TaskSpec};
-use medvlm_models::embed::{embed_image_files, embed_texts};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let m = medvlm_models::load_model(&args[1], &Default::default())?;
+    let (dev, m) = (
+        Device::Cpu,
+        medvlm_models::load_model(&args[1], &Default::default())?,
+    );
     let spec = TaskSpec {
         label_field: "label".into(),
         filters: vec![],
@@ -21,37 +25,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         split: "train".into(),
     };
     let task = Task::from_manifests(&[args[2].clone().into()], &spec)?;
-    // The images of a split through the frozen image tower, with their class indices.
-    let split = |name: &str| -> Result<_, Box<dyn std::error::Error>> {
-        let rows = task.split_rows(name);
-        let paths: Vec<_> = rows.iter().map(|&r| task.rows[r].path.clone()).collect();
-        let e = embed_image_files(&m, &paths, 32, false, &Device::Cpu, &|_| {})?;
-        Ok((e.embeds.ok_or("no readable image")?, task.classes(&rows)?))
+    // Every image through the frozen image tower once (cached beside the manifest).
+    let opts = FeatureOptions {
+        model_spec: args[1].clone(),
+        cache_dir: None,
+        batch: 32,
+        skip_bad: false,
     };
-    let ((pool, pool_y), (test, test_y)) = (split("train")?, split("test")?);
-    let prompts = task
-        .class_names
-        .iter()
-        .map(|c| embed_texts(&m, &[format!("a medical image of {c}")], 1, &Device::Cpu))
-        .collect::<Result<_, _>>()?;
-    let texts = ClassTexts {
-        class_names: task.class_names.clone(),
-        prompts,
-        negative_prompts: None,
-    };
+    let feats = task_features(&task, &m, &opts, &dev, &|_| {})?;
+    let (pool, pool_y) = feats.select(&task, &task.split_rows("train"))?;
+    let (test, test_y) = feats.select(&task, &task.split_rows("test"))?;
+    let source = PromptSource::Templates(vec!["a medical image of {}".into()]);
+    let prompts = class_prompts(&task.class_names, &source)?;
+    let texts = encode_class_texts(&m, &prompts, None, 32, &dev)?;
     let idx =
         FewShotProtocol::balanced(4, 0, TaskKind::MultiClass).sample(&pool_y, &task.class_names)?;
     let support = SupportSet::from_pool(&pool, &pool_y, &idx)?;
     let classifier =
         method_by_name("tip-adapter-f", None)?.fit(&AdaptInput::frozen(&texts, &support))?;
     let probs: Vec<f32> = classifier.probabilities(&test)?.flatten_all()?.to_vec1()?;
-    let metrics = medvlm_eval::evaluation::evaluate(
-        &probs,
-        &test_y,
-        task.class_names.len(),
-        None,
-        Default::default(),
-    )?;
+    let n_classes = task.class_names.len();
+    let metrics =
+        medvlm_eval::evaluation::evaluate(&probs, &test_y, n_classes, None, Default::default())?;
     println!(
         "tip-adapter-f, 4 shots: test balanced accuracy {:.3} ({} images)",
         metrics.balanced_accuracy, metrics.n

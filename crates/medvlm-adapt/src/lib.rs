@@ -1,6 +1,7 @@
 //! medvlm-adapt: adapting VLMs. The five adaptation strategies, one file per method under
-//! `methods/`, behind the shared traits in `method`; tasks built from manifests (`task`), the
-//! content-keyed feature cache (`feature_cache`) and the few-shot protocol (`fewshot`). Methods
+//! `methods/`, behind the shared traits in `method`; tasks built from manifests (`task`), their
+//! class prompts (`prompts`) and image features (`features`, through the content-keyed
+//! `feature_cache`), and the few-shot protocol (`fewshot`). Methods
 //! that train an encoder (prompt learning, LoRA, BitFit, partial and full fine-tuning) use the
 //! training engine in `medvlm-train`, which does not depend on this crate.
 //!
@@ -32,7 +33,9 @@
 //! ```
 
 pub mod feature_cache;
+pub mod features;
 pub mod fewshot;
 pub mod method;
 pub mod methods;
+pub mod prompts;
 pub mod task;

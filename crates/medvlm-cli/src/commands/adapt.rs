@@ -526,8 +526,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         let probs = score(&test_rows)?;
         let labels: Vec<usize> = task.classes(&test_rows)?;
-        let (calib_rows, source) =
-            feats.calibration_rows(&task, &args.task, &pool_rows, &support_rows);
+        let (calib_rows, source) = feats.calibration_rows(
+            &task,
+            &args.task.calib_split,
+            &args.task.split,
+            &pool_rows,
+            &support_rows,
+        );
         let calib = if calib_rows.is_empty() {
             None
         } else {
@@ -759,8 +764,13 @@ fn run_multilabel(
     } else {
         let probs = probabilities(clf.as_ref(), &feats.features_of(task, &test_rows)?)?;
         let targets = task.multi_hot(&test_rows)?;
-        let (calib_rows, source) =
-            feats.calibration_rows(task, &args.task, &pool_rows, &support_rows);
+        let (calib_rows, source) = feats.calibration_rows(
+            task,
+            &args.task.calib_split,
+            &args.task.split,
+            &pool_rows,
+            &support_rows,
+        );
         let calib = if calib_rows.is_empty() {
             None
         } else {

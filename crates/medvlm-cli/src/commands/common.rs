@@ -1,7 +1,6 @@
-//! Shared pieces of `medvlm adapt`, `medvlm predict` and `medvlm bench fewshot`:
-//! selecting a labelled task from a manifest, building the class prompts,
-//! extracting (and caching) image features once, and the "fit -> evaluate ->
-//! record" step with every metric of medvlm-eval.
+//! Shared flags and glue of `medvlm adapt`, `medvlm predict` and `medvlm bench fewshot`:
+//! selecting a labelled task from a manifest, the class prompts, the image features, and the
+//! probability CSVs.
 //!
 //! Task: the records of a manifest, optionally filtered with `--where
 //! FIELD=VALUE` (e.g. `modality=chest_xray`), labelled by `--label-field`
@@ -19,30 +18,27 @@
 //! used (counted and printed); labels outside the classes are ignored for the
 //! record that carries them (also counted and printed).
 //!
-//! Features: every selected record is embedded once and cached with
-//! [`medvlm_adapt::feature_cache`] under a key made of the model (spec,
-//! family, and the sizes and modification times of the files of its
-//! directory), the manifest (SHA-256 of its bytes and of the selected image
-//! paths) and the preprocessing; the cached "labels" are the manifest row
-//! indices of the embedded images, so rows skipped with `--skip-bad` stay
-//! identifiable on a cache hit.
+//! Prompts ([`medvlm_adapt::prompts`]) and features ([`medvlm_adapt::features`]: every
+//! selected image embedded once, through the content-keyed feature cache) are library calls;
+//! this module turns the flags into their inputs and says on stderr what they did.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
-use medvlm_adapt::feature_cache::{
-    fingerprint_files, hash_paths, CacheStatus, CachedFeatures, CachedLabels, FeatureCache,
-    FeatureCacheKey,
-};
-use medvlm_adapt::method::{AdaptedClassifier, ClassTexts};
+use medvlm_adapt::feature_cache::CacheStatus;
+use medvlm_adapt::features::{self, FeatureOptions};
+pub use medvlm_adapt::features::{model_fingerprint, TaskFeatures};
+use medvlm_adapt::method::AdaptedClassifier;
+use medvlm_adapt::prompts::{self, PromptSource};
+pub use medvlm_adapt::prompts::{encode_class_texts, model_logit_scale};
 pub use medvlm_adapt::task::{multi_hot_text, Task, TaskSpec, MULTI_LABEL_FIELD};
 use medvlm_eval::conformal::{ConformalConfig, ConformalScore};
 use medvlm_eval::evaluation::MULTI_LABEL_THRESHOLD;
 use medvlm_models::LoadedModel;
 
-use super::embed::{embed_images, embed_texts, report_skipped, Skipped};
+use super::embed::report_skipped;
+use super::progress::Progress;
 
 /// Task selection flags shared by `adapt` and `bench fewshot`.
 #[derive(clap::Args, Debug, Clone)]
@@ -150,108 +146,40 @@ pub fn multi_label_refusal(method: &str) -> Option<String> {
     ))
 }
 
-/// The prompts of each class, in class order.
+/// Where `--template`, `--prompts` or `--phantom-prompts` say the class prompts come from.
+fn prompt_source(args: &TaskArgs) -> anyhow::Result<PromptSource> {
+    if args.phantom_prompts {
+        let Some(name) = args
+            .filters
+            .iter()
+            .find_map(|f| f.strip_prefix("modality=").map(str::trim))
+        else {
+            bail!("--phantom-prompts needs the modality: add --where modality=NAME");
+        };
+        let modality: medvlm_phantoms::Modality = name
+            .parse()
+            .with_context(|| format!("--where modality={name}"))?;
+        return Ok(PromptSource::Table {
+            name: format!("--phantom-prompts ({name})"),
+            entries: modality
+                .class_prompts()
+                .into_iter()
+                .map(|(c, p)| (c.to_string(), p.to_string()))
+                .collect(),
+        });
+    }
+    Ok(match &args.prompts {
+        Some(path) => PromptSource::File(path.clone()),
+        None => PromptSource::Templates(args.template.clone()),
+    })
+}
+
+/// The prompts of each class, in class order ([`medvlm_adapt::prompts::class_prompts`]).
 pub fn class_prompts(
     class_names: &[String],
     args: &TaskArgs,
 ) -> anyhow::Result<Vec<(String, Vec<String>)>> {
-    if args.phantom_prompts {
-        return phantom_prompts(class_names, args);
-    }
-    let Some(path) = &args.prompts else {
-        if args.template.is_empty() {
-            bail!("give at least one --template (or --prompts FILE.json)");
-        }
-        return Ok(class_names
-            .iter()
-            .map(|c| {
-                let name = c.replace('_', " ");
-                let prompts = args
-                    .template
-                    .iter()
-                    .map(|t| t.replace("{}", &name))
-                    .collect();
-                (c.clone(), prompts)
-            })
-            .collect());
-    };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    let serde_json::Value::Object(map) = v else {
-        bail!(
-            "{}: expected a JSON object {{\"class\": [\"prompt\", ...], ...}}",
-            path.display()
-        );
-    };
-    for k in map.keys() {
-        if !class_names.contains(k) {
-            bail!(
-                "prompts file {} names class {k:?}, which is not one of the task's classes {:?}; \
-                 rename or remove it (or change --classes / --label-field)",
-                path.display(),
-                class_names
-            );
-        }
-    }
-    let mut out = Vec::with_capacity(class_names.len());
-    for c in class_names {
-        let Some(v) = map.get(c) else {
-            bail!(
-                "prompts file {} has no prompts for class {c:?}; add an entry \"{c}\": [\"...\"]",
-                path.display()
-            );
-        };
-        let prompts: Vec<String> = match v {
-            serde_json::Value::String(s) => vec![s.clone()],
-            other => serde_json::from_value(other.clone()).with_context(|| {
-                format!(
-                    "{}: prompts of class {c:?} must be a string or a list of strings",
-                    path.display()
-                )
-            })?,
-        };
-        if prompts.is_empty() {
-            bail!(
-                "prompts file {}: class {c:?} has no prompts",
-                path.display()
-            );
-        }
-        out.push((c.clone(), prompts));
-    }
-    Ok(out)
-}
-
-/// The phantom benchmark's prompt of each class of the `--where modality=` modality.
-fn phantom_prompts(
-    class_names: &[String],
-    args: &TaskArgs,
-) -> anyhow::Result<Vec<(String, Vec<String>)>> {
-    let Some(name) = args
-        .filters
-        .iter()
-        .find_map(|f| f.strip_prefix("modality=").map(str::trim))
-    else {
-        bail!("--phantom-prompts needs the modality: add --where modality=NAME");
-    };
-    let modality: medvlm_phantoms::Modality = name
-        .parse()
-        .with_context(|| format!("--where modality={name}"))?;
-    let table = modality.class_prompts();
-    class_names
-        .iter()
-        .map(|c| {
-            let Some((_, p)) = table.iter().find(|(k, _)| k == c) else {
-                bail!(
-                    "--phantom-prompts: class {c:?} has no {name} prompt (known: {:?}); \
-                     use --template or --prompts",
-                    table.iter().map(|(k, _)| *k).collect::<Vec<_>>()
-                );
-            };
-            Ok((c.clone(), vec![p.to_string()]))
-        })
-        .collect()
+    Ok(prompts::class_prompts(class_names, &prompt_source(args)?)?)
 }
 
 /// The negative prompts of each label (multi-label [`PROMPT_PAIR_METHODS`]):
@@ -263,175 +191,15 @@ pub fn negative_prompts(
     if args.negative_template.is_empty() {
         bail!("give at least one --negative-template, e.g. \"a medical image with no {{}}\"");
     }
-    Ok(class_names
-        .iter()
-        .map(|c| {
-            let name = c.replace('_', " ");
-            let prompts = args
-                .negative_template
-                .iter()
-                .map(|t| t.replace("{}", &name))
-                .collect();
-            (c.clone(), prompts)
-        })
-        .collect())
+    Ok(prompts::fill_templates(
+        class_names,
+        &args.negative_template,
+    ))
 }
 
-/// Encodes the class prompts (and, for multi-label tasks, the negative
-/// prompts of each label) with the model's text tower.
-pub fn encode_class_texts(
-    m: &LoadedModel,
-    prompts: &[(String, Vec<String>)],
-    negatives: Option<&[(String, Vec<String>)]>,
-    batch: usize,
-    device: &Device,
-) -> anyhow::Result<ClassTexts> {
-    let mut per_class = Vec::with_capacity(prompts.len());
-    for (_, p) in prompts {
-        per_class.push(embed_texts(m, p, batch, device)?);
-    }
-    let negative_prompts = negatives
-        .map(|neg| {
-            neg.iter()
-                .map(|(_, p)| embed_texts(m, p, batch, device))
-                .collect::<anyhow::Result<Vec<_>>>()
-        })
-        .transpose()?;
-    Ok(ClassTexts {
-        class_names: prompts.iter().map(|(c, _)| c.clone()).collect(),
-        prompts: per_class,
-        negative_prompts,
-    })
-}
-
-/// The model's logit scale `exp(log_scale)`, as the methods expect it.
-pub fn model_logit_scale(m: &LoadedModel) -> anyhow::Result<f64> {
-    let s = m
-        .model
-        .logit_scale()
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
-    let Some(&log_scale) = s.first() else {
-        bail!("the model has an empty logit scale");
-    };
-    Ok(log_scale.exp())
-}
-
-/// A cache identity of the model: its spec, family and the sizes and
-/// modification times of the files of its directory (cheap, and changes
-/// whenever the weights are rewritten).
-pub fn model_fingerprint(spec: &str, m: &LoadedModel) -> String {
-    let mut parts = vec![spec.to_string(), m.family.to_string()];
-    if let Ok(entries) = std::fs::read_dir(&m.dir) {
-        let mut files: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| {
-                let md = e.metadata().ok()?;
-                if !md.is_file() {
-                    return None;
-                }
-                let mtime = md
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0);
-                Some(format!(
-                    "{}:{}:{mtime}",
-                    e.file_name().to_string_lossy(),
-                    md.len()
-                ))
-            })
-            .collect();
-        files.sort();
-        parts.extend(files);
-    }
-    hash_paths(&parts)
-}
-
-/// Image features of every task row that could be read.
-pub struct TaskFeatures {
-    /// `[N, D]` f32, one row per entry of `rows`.
-    pub features: Tensor,
-    /// Indices into `Task::rows` of the feature rows.
-    pub rows: Vec<usize>,
-}
-
-impl TaskFeatures {
-    /// The feature rows of the given task rows (which must have features),
-    /// with their class labels (multi-class tasks).
-    pub fn select(&self, task: &Task, task_rows: &[usize]) -> anyhow::Result<(Tensor, Vec<usize>)> {
-        Ok((self.features_of(task, task_rows)?, task.classes(task_rows)?))
-    }
-
-    /// The feature rows `[len, D]` of the given task rows (which must have features).
-    pub fn features_of(&self, task: &Task, task_rows: &[usize]) -> anyhow::Result<Tensor> {
-        let mut pos = std::collections::HashMap::new();
-        for (i, &r) in self.rows.iter().enumerate() {
-            pos.insert(r, i as u32);
-        }
-        let mut idx = Vec::with_capacity(task_rows.len());
-        for r in task_rows {
-            let Some(&p) = pos.get(r) else {
-                bail!("image {} has no features", task.rows[*r].path.display());
-            };
-            idx.push(p);
-        }
-        let t = Tensor::new(idx.as_slice(), &Device::Cpu)?;
-        Ok(self.features.index_select(&t, 0)?)
-    }
-
-    /// The conformal calibration images: the `--calib-split` rows with features, else the
-    /// `--split` pool rows outside the support set; with a description of which it is.
-    pub fn calibration_rows(
-        &self,
-        task: &Task,
-        args: &TaskArgs,
-        pool_rows: &[usize],
-        support_rows: &[usize],
-    ) -> (Vec<usize>, String) {
-        let calib = self.available(&task.split_rows(&args.calib_split));
-        if !calib.is_empty() {
-            return (calib, format!("split '{}'", args.calib_split));
-        }
-        let support: BTreeSet<usize> = support_rows.iter().copied().collect();
-        let rest = pool_rows
-            .iter()
-            .copied()
-            .filter(|r| !support.contains(r))
-            .collect();
-        (
-            rest,
-            format!(
-                "'{}' images outside the support set (no '{}' split)",
-                args.split, args.calib_split
-            ),
-        )
-    }
-
-    /// Restricts `task_rows` to those with features.
-    pub fn available(&self, task_rows: &[usize]) -> Vec<usize> {
-        let have: BTreeSet<usize> = self.rows.iter().copied().collect();
-        task_rows
-            .iter()
-            .copied()
-            .filter(|r| have.contains(r))
-            .collect()
-    }
-}
-
-/// Default cache directory: `.medvlm-cache` beside the manifest.
-pub fn default_cache_dir(manifest: &Path) -> PathBuf {
-    manifest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .join(".medvlm-cache")
-}
-
-/// Embeds every task row once, through the feature cache.
+/// [`medvlm_adapt::features::task_features`] with a progress display, and what it did said
+/// on stderr: the cache file and whether it was loaded, computed or recomputed, and the
+/// images that could not be read.
 pub fn task_features(
     task: &Task,
     model_spec: &str,
@@ -439,94 +207,52 @@ pub fn task_features(
     args: &TaskArgs,
     device: &Device,
 ) -> anyhow::Result<TaskFeatures> {
-    let paths: Vec<String> = task
-        .rows
-        .iter()
-        .map(|r| r.path.display().to_string())
-        .collect();
-    let key = FeatureCacheKey {
-        model_id: format!("{model_spec}#{}", model_fingerprint(model_spec, m)),
-        dataset_hash: format!("{}+{}", task.manifest_sha256, hash_paths(&paths)),
-        preprocessing: format!("{:?}", m.preprocess),
-        images_sha256: fingerprint_files(&task.rows.iter().map(|r| &r.path).collect::<Vec<_>>()),
+    let opts = FeatureOptions {
+        model_spec: model_spec.to_string(),
+        cache_dir: args.cache.clone(),
+        batch: args.batch,
+        skip_bad: args.skip_bad,
     };
-    let cache = FeatureCache::new(
-        args.cache
-            .clone()
-            .unwrap_or_else(|| default_cache_dir(&task.manifest_path)),
-    );
-    let mut skipped: Vec<Skipped> = Vec::new();
-    let (cached, status) = cache
-        .load_or_compute(&key, || -> anyhow::Result<CachedFeatures> {
-            let all: Vec<PathBuf> = task.rows.iter().map(|r| r.path.clone()).collect();
-            let imgs = embed_images(m, &all, args.batch, args.skip_bad, device)?;
-            skipped = imgs.skipped;
-            let Some(features) = imgs.embeds else {
-                bail!("none of the {} images could be read", all.len());
-            };
-            // Rows kept, in order: the paths not skipped.
-            let skipped_set: BTreeSet<&str> = skipped.iter().map(|s| s.path.as_str()).collect();
-            let kept: Vec<usize> = (0..task.rows.len())
-                .filter(|&i| !skipped_set.contains(paths[i].as_str()))
-                .map(|i| task.rows[i].record)
-                .collect();
-            let kept_paths: Vec<&String> = (0..task.rows.len())
-                .filter(|&i| !skipped_set.contains(paths[i].as_str()))
-                .map(|i| &paths[i])
-                .collect();
-            Ok(CachedFeatures {
-                features,
-                labels: CachedLabels::MultiClass(kept),
-                paths_sha256: hash_paths(&kept_paths),
-            })
-        })
-        .with_context(|| format!("image features of {}", task.manifest_path.display()))?;
-    report_skipped(&skipped);
-    match status {
-        CacheStatus::Hit => eprintln!("features: loaded from {}", cache.path_for(&key).display()),
-        CacheStatus::Miss => eprintln!(
-            "features: computed, cached in {}",
-            cache.path_for(&key).display()
-        ),
-        CacheStatus::Invalidated(why) => eprintln!(
-            "features: cache file {} was invalid ({why}); recomputed",
-            cache.path_for(&key).display()
-        ),
+    // Drawn only while images are being embedded (nothing on a cache hit).
+    let pb = std::cell::OnceCell::new();
+    let result = features::task_features(task, m, &opts, device, &|n| {
+        pb.get_or_init(|| Progress::new("embedding", task.rows.len() as u64, "images"))
+            .inc(n)
+    });
+    let feats = match result {
+        Ok(f) => {
+            if let Some(p) = pb.get() {
+                p.finish();
+            }
+            f
+        }
+        Err(e) => {
+            if let Some(p) = pb.get() {
+                p.abandon();
+            }
+            let hint = (!args.skip_bad).then_some(" (--skip-bad skips unreadable images)");
+            return Err(
+                anyhow::Error::new(e).context(format!("reading the images{}", hint.unwrap_or("")))
+            );
+        }
+    };
+    report_skipped(&feats.skipped);
+    let path = feats.cache_path.display();
+    match &feats.cache_status {
+        CacheStatus::Hit => eprintln!("features: loaded from {path}"),
+        CacheStatus::Miss => eprintln!("features: computed, cached in {path}"),
+        CacheStatus::Invalidated(why) => {
+            eprintln!("features: cache file {path} was invalid ({why}); recomputed")
+        }
     }
-    let CachedLabels::MultiClass(records) = cached.labels else {
-        bail!(
-            "feature cache {} holds multi-hot labels, not manifest rows; delete it",
-            cache.path_for(&key).display()
-        );
-    };
-    let by_record: std::collections::HashMap<usize, usize> = task
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.record, i))
-        .collect();
-    let rows = records
-        .iter()
-        .map(|rec| {
-            by_record.get(rec).copied().with_context(|| {
-                format!(
-                    "feature cache {} names manifest row {rec}, not in this task; delete it",
-                    cache.path_for(&key).display()
-                )
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    if rows.len() < task.rows.len() {
+    if feats.rows.len() < task.rows.len() {
         eprintln!(
             "note: {} of {} image(s) were unreadable and have no features",
-            task.rows.len() - rows.len(),
+            task.rows.len() - feats.rows.len(),
             task.rows.len()
         );
     }
-    Ok(TaskFeatures {
-        features: cached.features.to_dtype(DType::F32)?,
-        rows,
-    })
+    Ok(feats)
 }
 
 /// Row-major probabilities `[M, C]` of a classifier on features.
