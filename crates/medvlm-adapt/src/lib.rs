@@ -1,9 +1,11 @@
 //! medvlm-adapt: adapting VLMs. The five adaptation strategies, one file per method under
 //! `methods/`, behind the shared traits in `method`; tasks built from manifests (`task`), their
 //! class prompts (`prompts`) and image features (`features`, through the content-keyed
-//! `feature_cache`), and the few-shot protocol (`fewshot`). Methods
-//! that train an encoder (prompt learning, LoRA, BitFit, partial and full fine-tuning) use the
-//! training engine in `medvlm-train`, which does not depend on this crate.
+//! `feature_cache`), the methods that fit and score through the encoders on image files
+//! (`encoders`), the adapted-model artefact and its card (`artefact`), and the few-shot
+//! protocol (`fewshot`). Methods that train an encoder (prompt learning, LoRA, BitFit, partial
+//! and full fine-tuning) use the training engine in `medvlm-train`, which does not depend on
+//! this crate.
 //!
 //! The entry point of few-shot adaptation on frozen features is
 //! [`method::method_by_name`]: a method fits a classifier from class prompt embeddings and a
@@ -32,6 +34,8 @@
 //! # }
 //! ```
 
+pub mod artefact;
+pub mod encoders;
 pub mod feature_cache;
 pub mod features;
 pub mod fewshot;

@@ -20,7 +20,7 @@
 //! the support images through the frozen model; the encoder fine-tuning
 //! methods (`lora` in the CLIP-LoRA setting, `bitfit`, `partial-finetune`,
 //! `full-finetune`) on a trainable copy of the model loaded for the fit (see
-//! `commands::tuning`); both score the test images through the model.
+//! `medvlm_adapt::encoders`); both score the test images through the model.
 //! Contrastive fine-tuning on image-text pairs (no labels) is `medvlm
 //! finetune`.
 //!
@@ -41,18 +41,22 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
+use medvlm_adapt::artefact::{
+    check_out_dir, write_artefact_dir, AdaptCard, ADAPT_CARD, ADAPT_FORMAT,
+};
+use medvlm_adapt::encoders::{
+    fit_prompt_method, fit_tuning_method, is_prompt_method, is_tuning_method, prompt_probabilities,
+    tuned_probabilities, SupportImages,
+};
 use medvlm_adapt::fewshot::{FewShotProtocol, HyperparameterPolicy, SamplingMode, TaskKind};
 use medvlm_adapt::method::{
     method_by_name, save_classifier, AdaptInput, AdaptedClassifier, FeatureAccess, SupportSet,
 };
 use medvlm_adapt::methods::encoder_tuning::TunedEncoderClassifier;
-use medvlm_adapt::methods::prompt_common::{
-    model_refusal, prompt_method_by_name, PromptClassifier, PromptInput, PROMPT_METHOD_NAMES,
-};
+use medvlm_adapt::methods::prompt_common::{model_refusal, PromptClassifier};
 use medvlm_eval::plots::{reliability_plot, Plot, Size};
 use medvlm_models::LoadedModel;
-use serde::{Deserialize, Serialize};
 
 use super::common::{
     class_prompts, encode_class_texts, load_task, model_fingerprint, model_logit_scale,
@@ -60,17 +64,10 @@ use super::common::{
     probability_csv_multilabel, task_features, write_file, Task, TaskArgs, MULTI_LABEL_METHODS,
     PROMPT_PAIR_METHODS,
 };
-use super::embed::{load, preprocess_file, DeviceArgs};
-use super::tuning::{self, is_tuning_method, TuningJob};
+use super::embed::{load, DeviceArgs};
 use medvlm_eval::evaluation::{
-    describe_fnr_control, describe_multilabel, evaluate, evaluate_multilabel, Metrics,
-    MultiLabelMetrics,
+    describe_fnr_control, describe_multilabel, evaluate, evaluate_multilabel,
 };
-
-/// File name of the adaptation card inside an artefact directory.
-pub const ADAPT_CARD: &str = "adapt.json";
-/// Version tag of the adaptation card.
-pub const ADAPT_FORMAT: &str = "medvlm-adapt/1";
 
 /// Arguments of `medvlm adapt`.
 #[derive(clap::Args, Debug)]
@@ -113,249 +110,6 @@ pub struct Args {
     pub task: TaskArgs,
     #[command(flatten)]
     pub device: DeviceArgs,
-}
-
-/// The card written to `adapt.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AdaptCard {
-    /// [`ADAPT_FORMAT`].
-    pub format: String,
-    /// Method registry name.
-    pub method: String,
-    /// Hyperparameters as used.
-    pub hyperparameters: serde_json::Value,
-    /// Model spec as given on the command line.
-    pub model: String,
-    /// Model family.
-    pub model_family: String,
-    /// Fingerprint of the model files (spec, family, file sizes and times).
-    pub model_fingerprint: String,
-    /// Manifests read.
-    pub data: Vec<PathBuf>,
-    /// SHA-256 of the manifest bytes.
-    pub data_sha256: String,
-    /// Manifest column used as label, filters, splits.
-    pub label_field: String,
-    /// `--where` filters.
-    pub filters: Vec<String>,
-    /// Multi-class (softmax) or multi-label (one sigmoid per label).
-    #[serde(default = "multi_class")]
-    pub task: TaskKind,
-    /// The few-shot protocol.
-    pub protocol: FewShotProtocol,
-    /// One-line description of the protocol.
-    pub protocol_description: String,
-    /// Class names in index order.
-    pub class_names: Vec<String>,
-    /// The prompts of each class.
-    pub prompts: Vec<(String, Vec<String>)>,
-    /// Multi-label prompt-pair methods (`zero-shot-pairs`, `tip-adapter(-f)`,
-    /// `clip-adapter`): the negative prompts of each label.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub negative_prompts: Option<Vec<(String, Vec<String>)>>,
-    /// The support images (paths) and their classes (multi-label: their
-    /// findings joined with `;`, or `normal`).
-    pub support: Vec<(String, String)>,
-    /// Split the support set was drawn from.
-    pub train_split: String,
-    /// Split evaluated, if any.
-    pub test_split: Option<String>,
-    /// Test metrics of a multi-class task (absent when the manifest has no test split).
-    pub metrics: Option<Metrics>,
-    /// Test metrics of a multi-label task (absent when the manifest has no test split).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub multilabel_metrics: Option<MultiLabelMetrics>,
-    /// What was and was not computed, and why (e.g. which conformal method a
-    /// multi-label task gets).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub notes: Vec<String>,
-    /// medvlm version that wrote the card.
-    pub medvlm_version: String,
-}
-
-impl AdaptCard {
-    /// Reads `adapt.json` from an artefact directory.
-    pub fn read(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join(ADAPT_CARD);
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading {} (is {} a `medvlm adapt --out` directory?)",
-                path.display(),
-                dir.display()
-            )
-        })?;
-        let card: Self = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a medvlm adapt card", path.display()))?;
-        if card.format != ADAPT_FORMAT {
-            bail!(
-                "{}: format {:?} is not {ADAPT_FORMAT:?}",
-                path.display(),
-                card.format
-            );
-        }
-        Ok(card)
-    }
-}
-
-fn multi_class() -> TaskKind {
-    TaskKind::MultiClass
-}
-
-/// Preprocessed pixels `[N, 3, H, W]` of image files.
-pub fn pixel_batch(m: &LoadedModel, paths: &[PathBuf], device: &Device) -> anyhow::Result<Tensor> {
-    use rayon::prelude::*;
-    let pre = paths
-        .par_iter()
-        .map(|p| preprocess_file(p, &m.preprocess).with_context(|| p.display().to_string()))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(m.preprocess.batch(&pre, device)?)
-}
-
-/// Probabilities `[N * C]` of image files scored through the model: `score` maps a batch of
-/// preprocessed pixels `[b, 3, H, W]` to class probabilities `[b, C]`.
-pub fn probabilities_through_model(
-    m: &LoadedModel,
-    paths: &[PathBuf],
-    batch: usize,
-    device: &Device,
-    score: impl Fn(&Tensor) -> anyhow::Result<Tensor>,
-) -> anyhow::Result<Vec<f32>> {
-    let mut out = Vec::new();
-    for chunk in paths.chunks(batch.max(1)) {
-        let px = pixel_batch(m, chunk, device)?;
-        let p = score(&px)?
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        out.extend(p);
-    }
-    Ok(out)
-}
-
-/// Probabilities `[N * C]` of a prompt classifier on image files, in batches.
-pub fn prompt_probabilities(
-    clf: &PromptClassifier,
-    m: &LoadedModel,
-    paths: &[PathBuf],
-    batch: usize,
-    device: &Device,
-) -> anyhow::Result<Vec<f32>> {
-    probabilities_through_model(m, paths, batch, device, |px| {
-        Ok(clf.probabilities_for_images(m.model.as_ref(), &m.tokenizer, px)?)
-    })
-}
-
-/// Fits prompt-learning method `name` on the support images through the frozen model `m`.
-/// The classes are the prompts' class names with `_` read as spaces (as templates fill them
-/// in), and the task's prompts are the methods' hand-crafted class weights (VPT's head,
-/// KgCoOp's anchor).
-#[allow(clippy::too_many_arguments)]
-pub fn fit_prompt_method(
-    name: &str,
-    overrides: Option<&serde_json::Value>,
-    m: &LoadedModel,
-    prompts: &[(String, Vec<String>)],
-    support: &[PathBuf],
-    labels: &[usize],
-    seed: u64,
-    device: &Device,
-) -> anyhow::Result<PromptClassifier> {
-    let pm = prompt_method_by_name(name, overrides)?;
-    let pixels = pixel_batch(m, support, device)?;
-    let class_names: Vec<String> = prompts.iter().map(|(c, _)| c.replace('_', " ")).collect();
-    let class_prompts: Vec<Vec<String>> = prompts.iter().map(|(_, p)| p.clone()).collect();
-    let input = PromptInput {
-        model: m.model.as_ref(),
-        tokenizer: &m.tokenizer,
-        class_names: &class_names,
-        images: &pixels,
-        labels,
-        seed,
-        class_prompts: Some(&class_prompts),
-    };
-    Ok(pm.fit_prompts(&input)?)
-}
-
-fn is_prompt_method(name: &str) -> bool {
-    PROMPT_METHOD_NAMES.contains(&name)
-}
-
-/// Writes an artefact directory: `write` fills a sibling temporary
-/// directory, which then replaces `out` (see [`publish_dir`]); on error the
-/// temporary directory is removed.
-fn write_artefact(
-    out: &Path,
-    write: impl FnOnce(&Path) -> anyhow::Result<serde_json::Value>,
-) -> anyhow::Result<serde_json::Value> {
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "adapted".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
-    }
-    let written = match write(&tmp) {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    publish_dir(&tmp, out)?;
-    Ok(written)
-}
-
-/// Moves a finished temporary directory into place, replacing a previous
-/// artefact (a directory holding `adapt.json`) or an empty directory.
-fn publish_dir(tmp: &Path, out: &Path) -> anyhow::Result<()> {
-    if out.exists() {
-        // Checked again at the end: the folder may have changed during the run. `--force`
-        // was checked at the start; only an earlier artefact or an empty folder is replaced.
-        check_out_dir(out, true)?;
-        std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
-    }
-    std::fs::rename(tmp, out)
-        .with_context(|| format!("moving {} to {}", tmp.display(), out.display()))
-}
-
-/// Refuses, before any work, an `--out` that the finished artefact could not or should not
-/// replace: a file, or a non-empty folder without `--force` (with it, only an earlier
-/// artefact is replaced, never another folder).
-fn check_out_dir(out: &Path, force: bool) -> anyhow::Result<()> {
-    if !out.exists() {
-        return Ok(());
-    }
-    if !out.is_dir() {
-        bail!("--out {} exists and is not a folder", out.display());
-    }
-    let empty = std::fs::read_dir(out)
-        .with_context(|| format!("listing {}", out.display()))?
-        .next()
-        .is_none();
-    if empty {
-        return Ok(());
-    }
-    if !out.join(ADAPT_CARD).exists() {
-        bail!(
-            "--out {} exists and is not a medvlm adapt artefact; choose another directory",
-            out.display()
-        );
-    }
-    if !force {
-        bail!(
-            "--out {} already holds an adapted model; pass --force to replace it, or choose \
-             another directory",
-            out.display()
-        );
-    }
-    Ok(())
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -452,7 +206,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|&r| task.rows[r].path.clone())
             .collect();
         let labels: Vec<usize> = task.classes(&support_rows)?;
-        let job = TuningJob {
+        let job = SupportImages {
             model: &args.model,
             class_names: &task.class_names,
             prompts: &prompts,
@@ -460,7 +214,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             labels: &labels,
             seed: args.seed,
         };
-        let (clf, tuned) = tuning::fit(&args.method, overrides.as_ref(), &job, &device)?;
+        let (clf, tuned) = fit_tuning_method(&args.method, overrides.as_ref(), &job, &device)?;
         Fitted::Tuned(Box::new(clf), Box::new(tuned))
     } else if is_prompt_method(&args.method) {
         let paths: Vec<PathBuf> = support_rows
@@ -468,16 +222,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|&r| task.rows[r].path.clone())
             .collect();
         let labels: Vec<usize> = task.classes(&support_rows)?;
-        let clf = fit_prompt_method(
-            &args.method,
-            overrides.as_ref(),
-            &m,
-            &prompts,
-            &paths,
-            &labels,
-            args.seed,
-            &device,
-        )?;
+        let job = SupportImages {
+            model: &args.model,
+            class_names: &task.class_names,
+            prompts: &prompts,
+            support: &paths,
+            labels: &labels,
+            seed: args.seed,
+        };
+        let clf = fit_prompt_method(&args.method, overrides.as_ref(), &m, &job, &device)?;
         Fitted::Prompt(Box::new(clf))
     } else {
         let support = SupportSet::from_pool(&pool_features, &pool_labels, &picked)?;
@@ -500,11 +253,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             Fitted::Prompt(clf) => {
                 let paths: Vec<PathBuf> = rows.iter().map(|&r| task.rows[r].path.clone()).collect();
-                prompt_probabilities(clf, &m, &paths, args.task.batch, &device)
+                Ok(prompt_probabilities(
+                    clf,
+                    &m,
+                    &paths,
+                    args.task.batch,
+                    &device,
+                )?)
             }
             Fitted::Tuned(clf, tuned) => {
                 let paths: Vec<PathBuf> = rows.iter().map(|&r| task.rows[r].path.clone()).collect();
-                tuning::probabilities(clf, tuned, &paths, args.task.batch, &device)
+                Ok(tuned_probabilities(
+                    clf,
+                    tuned,
+                    &paths,
+                    args.task.batch,
+                    &device,
+                )?)
             }
         }
     };
@@ -618,7 +383,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Ok(hyperparameters)
     };
-    let hyperparameters = write_artefact(&args.out, write_all)?;
+    let hyperparameters = write_artefact_dir(&args.out, write_all)?;
 
     println!(
         "adapted {} ({}) on {} support image(s), {} classes; hyperparameters {}",
@@ -808,43 +573,46 @@ fn run_multilabel(
             .to_string(),
     );
 
-    let hyperparameters = write_artefact(&args.out, |tmp| {
-        save_classifier(clf.as_ref(), tmp)?;
-        let hyperparameters = clf.card().hyperparameters.clone();
-        let card = AdaptCard {
-            format: ADAPT_FORMAT.into(),
-            method: args.method.clone(),
-            hyperparameters: hyperparameters.clone(),
-            model: args.model.clone(),
-            model_family: m.family.to_string(),
-            model_fingerprint: model_fingerprint(&args.model, &m),
-            data: task.manifests.clone(),
-            data_sha256: task.manifest_sha256.clone(),
-            label_field: args.task.label_field.clone(),
-            filters: args.task.filters.clone(),
-            task: TaskKind::MultiLabel,
-            protocol: protocol.clone(),
-            protocol_description: protocol_description.clone(),
-            class_names: task.class_names.clone(),
-            prompts: prompts.clone(),
-            negative_prompts: negatives.clone(),
-            support: support_rows
-                .iter()
-                .map(|&r| (task.rows[r].path.display().to_string(), task.label_text(r)))
-                .collect(),
-            train_split: args.task.split.clone(),
-            test_split: metrics.as_ref().map(|_| args.task.test_split.clone()),
-            metrics: None,
-            multilabel_metrics: metrics.clone(),
-            notes: notes.clone(),
-            medvlm_version: env!("CARGO_PKG_VERSION").into(),
-        };
-        write_file(&tmp.join(ADAPT_CARD), &serde_json::to_vec_pretty(&card)?)?;
-        if let Some(csv) = &eval_csv {
-            write_file(&tmp.join("eval_predictions.csv"), csv.as_bytes())?;
-        }
-        Ok(hyperparameters)
-    })?;
+    let hyperparameters = write_artefact_dir(
+        &args.out,
+        |tmp: &Path| -> anyhow::Result<serde_json::Value> {
+            save_classifier(clf.as_ref(), tmp)?;
+            let hyperparameters = clf.card().hyperparameters.clone();
+            let card = AdaptCard {
+                format: ADAPT_FORMAT.into(),
+                method: args.method.clone(),
+                hyperparameters: hyperparameters.clone(),
+                model: args.model.clone(),
+                model_family: m.family.to_string(),
+                model_fingerprint: model_fingerprint(&args.model, &m),
+                data: task.manifests.clone(),
+                data_sha256: task.manifest_sha256.clone(),
+                label_field: args.task.label_field.clone(),
+                filters: args.task.filters.clone(),
+                task: TaskKind::MultiLabel,
+                protocol: protocol.clone(),
+                protocol_description: protocol_description.clone(),
+                class_names: task.class_names.clone(),
+                prompts: prompts.clone(),
+                negative_prompts: negatives.clone(),
+                support: support_rows
+                    .iter()
+                    .map(|&r| (task.rows[r].path.display().to_string(), task.label_text(r)))
+                    .collect(),
+                train_split: args.task.split.clone(),
+                test_split: metrics.as_ref().map(|_| args.task.test_split.clone()),
+                metrics: None,
+                multilabel_metrics: metrics.clone(),
+                notes: notes.clone(),
+                medvlm_version: env!("CARGO_PKG_VERSION").into(),
+            };
+            write_file(&tmp.join(ADAPT_CARD), &serde_json::to_vec_pretty(&card)?)?;
+            if let Some(csv) = &eval_csv {
+                write_file(&tmp.join("eval_predictions.csv"), csv.as_bytes())?;
+            }
+            Ok(hyperparameters)
+        },
+    )?;
 
     println!(
         "adapted {} ({protocol_description}) on {} support image(s), {} labels ({}); \

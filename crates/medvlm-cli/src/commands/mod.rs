@@ -14,7 +14,6 @@ pub mod predict;
 pub mod pretrain;
 pub mod progress;
 pub mod quickstart;
-pub mod tuning;
 pub mod zero_shot;
 
 /// clap parser of counts that must be at least 1 (`--batch 0` would embed nothing, or loop).

@@ -19,12 +19,14 @@ use medvlm_adapt::fewshot::TaskKind;
 use medvlm_adapt::method::load_classifier;
 use medvlm_adapt::methods::prompt_common::{PromptClassifier, PROMPT_METHOD_NAMES};
 
-use super::adapt::{prompt_probabilities, AdaptCard};
 use super::common::{probabilities, probability_csv, probability_csv_multilabel, write_file};
 use super::embed::{
     embed_images, list_images, load, preprocess_file, report_skipped, DeviceArgs, Skipped,
 };
-use super::tuning::{self, is_tuning_method, load_applied};
+use medvlm_adapt::artefact::AdaptCard;
+use medvlm_adapt::encoders::{
+    is_tuning_method, load_applied, prompt_probabilities, tuned_probabilities,
+};
 use medvlm_eval::evaluation::MULTI_LABEL_THRESHOLD;
 
 /// Arguments of `medvlm predict`.
@@ -111,7 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         let probs = match &tuned {
-            Some(clf) => tuning::probabilities(clf, &m, &kept, args.batch, &device)?,
+            Some(clf) => tuned_probabilities(clf, &m, &kept, args.batch, &device)?,
             None => {
                 let clf = PromptClassifier::load(&args.adapted)?;
                 prompt_probabilities(&clf, &m, &kept, args.batch, &device)?

@@ -55,14 +55,16 @@ use medvlm_eval::plots::{LinePlot, Plot, Series, Size};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::adapt::{fit_prompt_method, prompt_probabilities};
 use crate::commands::common::{
     class_prompts, encode_class_texts, load_task, model_fingerprint, model_logit_scale,
     multi_label_refusal, negative_prompts, probabilities, task_features, write_file, Task,
     TaskArgs, MULTI_LABEL_METHODS,
 };
 use crate::commands::embed::{load, DeviceArgs};
-use crate::commands::tuning::{self, is_tuning_method, TuningJob};
+use medvlm_adapt::encoders::{
+    fit_prompt_method, fit_tuning_method, is_tuning_method, prompt_probabilities,
+    tuned_probabilities, SupportImages,
+};
 use medvlm_adapt::methods::encoder_tuning::TUNING_METHOD_NAMES;
 use medvlm_adapt::methods::prompt_common::{model_refusal, PROMPT_METHOD_NAMES};
 use medvlm_eval::evaluation::{
@@ -562,33 +564,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             // Each arm returns a scorer of image files.
             let tuned;
             let prompt_clf;
+            let job = SupportImages {
+                model: &args.model,
+                class_names: &task.class_names,
+                prompts: &prompts,
+                support: &support_paths,
+                labels: &labels,
+                seed,
+            };
             let score: Box<ImageScorer> = if is_tuning_method(name) {
-                let job = TuningJob {
-                    model: &args.model,
-                    class_names: &task.class_names,
-                    prompts: &prompts,
-                    support: &support_paths,
-                    labels: &labels,
-                    seed,
-                };
-                tuned = tuning::fit(name, overrides, &job, &device).with_context(what)?;
+                tuned = fit_tuning_method(name, overrides, &job, &device).with_context(what)?;
                 Box::new(|p: &[PathBuf]| {
-                    tuning::probabilities(&tuned.0, &tuned.1, p, args.task.batch, &device)
+                    Ok(tuned_probabilities(
+                        &tuned.0,
+                        &tuned.1,
+                        p,
+                        args.task.batch,
+                        &device,
+                    )?)
                 })
             } else {
-                prompt_clf = fit_prompt_method(
-                    name,
-                    overrides,
-                    &m,
-                    &prompts,
-                    &support_paths,
-                    &labels,
-                    seed,
-                    &device,
-                )
-                .with_context(what)?;
+                prompt_clf =
+                    fit_prompt_method(name, overrides, &m, &job, &device).with_context(what)?;
                 Box::new(|p: &[PathBuf]| {
-                    prompt_probabilities(&prompt_clf, &m, p, args.task.batch, &device)
+                    Ok(prompt_probabilities(
+                        &prompt_clf,
+                        &m,
+                        p,
+                        args.task.batch,
+                        &device,
+                    )?)
                 })
             };
             let fit_seconds = t_fit.elapsed().as_secs_f64();
