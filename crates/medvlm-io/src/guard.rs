@@ -37,11 +37,11 @@ pub fn quiet_catch<R>(f: impl FnOnce() -> R) -> std::result::Result<R, String> {
 /// path (or other text up to ": ") already in the line loses that prefix. The `medvlm`
 /// binary reports its errors with it.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
+    let mut line = without_backtrace(&e.to_string());
     let mut cur = e.source();
     while let Some(cause) = cur {
         cur = cause.source();
-        let mut text = cause.to_string();
+        let mut text = without_backtrace(&cause.to_string());
         if line.contains(text.as_str()) {
             continue;
         }
@@ -67,4 +67,55 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         line.push_str(&text);
     }
     line
+}
+
+/// A message without the stack trace some errors append to it (candle's errors carry one
+/// when `RUST_BACKTRACE` is set: lines `   0: frame`, `   1: ...`), which is noise in a
+/// user-facing message.
+fn without_backtrace(msg: &str) -> String {
+    let is_frame = |l: &str| {
+        let t = l.trim_start();
+        t.split_once(':')
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            && l.starts_with(' ')
+    };
+    match msg.lines().position(is_frame) {
+        Some(0) | None => msg.to_string(),
+        Some(i) => msg
+            .lines()
+            .take(i)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim_end()
+            .to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug)]
+    struct WithTrace;
+    impl std::fmt::Display for WithTrace {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "unsupported dtype BF16 for op matmul\n   0: candle_core::error::Error::bt\n   \
+                 1: rayon::iter::plumbing::bridge\n             at ./src/x.rs:3:4"
+            )
+        }
+    }
+    impl std::error::Error for WithTrace {}
+
+    #[test]
+    fn stack_traces_inside_messages_are_dropped() {
+        assert_eq!(
+            error_chain(&WithTrace),
+            "unsupported dtype BF16 for op matmul"
+        );
+        // A message whose own lines are not frames is kept whole.
+        let io = std::io::Error::other("line one\nline two: detail");
+        assert_eq!(error_chain(&io), "line one\nline two: detail");
+    }
 }

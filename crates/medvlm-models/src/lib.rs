@@ -35,6 +35,7 @@
 pub mod bert;
 pub mod biomedclip;
 pub mod clip;
+pub mod compute;
 pub mod conv;
 pub mod embed;
 pub mod error;

@@ -15,6 +15,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
+
+use crate::commands::progress::Progress;
 use medvlm_models::timm_vit::{RandomVitTower, TimmVitConfig};
 
 /// Architectures `bench embed` can build.
@@ -144,6 +146,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let device = parse_device(&args.device)?;
     let dtype: DType = args.dtype.into();
+    // Refused before the weights are made, with what to use instead.
+    medvlm_models::compute::check_compute_dtype(dtype, &device)
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let cfg = TimmVitConfig::from_timm_name(args.arch.timm_name())
         .context("internal: architecture table")?;
     let rss_before_kib = proc_status_kib("VmRSS");
@@ -160,8 +165,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let _ = e.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         Ok(())
     };
+    // Progress on stderr (a bar on a terminal, a line every MEDVLM_PROGRESS_SECS otherwise);
+    // at most one line per interval, so it does not disturb the timing.
+    let progress = Progress::new(
+        "bench embed",
+        (args.warmup + args.batches) as u64,
+        "batches",
+    );
     for _ in 0..args.warmup {
         run_batch()?;
+        progress.inc(1);
     }
     let mut per_batch = Vec::with_capacity(args.batches);
     let start = Instant::now();
@@ -169,7 +182,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let t = Instant::now();
         run_batch()?;
         per_batch.push(t.elapsed().as_secs_f64());
+        progress.inc(1);
     }
+    progress.finish();
     let total = start.elapsed().as_secs_f64();
     let images = (args.batch * args.batches) as f64;
     let throughput = images / total;
