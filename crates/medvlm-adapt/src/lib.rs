@@ -2,8 +2,8 @@
 //! `methods/`, behind the shared traits in `method`; tasks built from manifests (`task`), their
 //! class prompts (`prompts`) and image features (`features`, through the content-keyed
 //! `feature_cache`), the methods that fit and score through the encoders on image files
-//! (`encoders`), the adapted-model artefact and its card (`artefact`), and the few-shot
-//! protocol (`fewshot`). Methods that train an encoder (prompt learning, LoRA, BitFit, partial
+//! (`encoders`), the adapted-model artefact and its card (`artefact`), an artefact loaded
+//! for prediction (`predictor`), and the few-shot protocol (`fewshot`). Methods that train an encoder (prompt learning, LoRA, BitFit, partial
 //! and full fine-tuning) use the training engine in `medvlm-train`, which does not depend on
 //! this crate.
 //!
@@ -41,5 +41,6 @@ pub mod features;
 pub mod fewshot;
 pub mod method;
 pub mod methods;
+pub mod predictor;
 pub mod prompts;
 pub mod task;

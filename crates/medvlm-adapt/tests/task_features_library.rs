@@ -118,3 +118,134 @@ fn features_are_cached_follow_image_contents_and_name_unreadable_files() {
     assert_eq!(texts.prompts[0].dims(), [1, 24]);
     assert!(model_logit_scale(&m).unwrap() > 1.0);
 }
+
+/// An artefact written with the library pieces (`medvlm adapt` does the same), reloaded for
+/// prediction: files and in-memory pixels give the probabilities the fitted classifier gives
+/// on the same images' features; an unreadable file is named, or skipped and listed.
+#[test]
+fn an_adapted_model_predicts_files_and_pixels_like_the_fitted_classifier() {
+    use medvlm_adapt::artefact::{write_artefact_dir, AdaptCard, ADAPT_CARD, ADAPT_FORMAT};
+    use medvlm_adapt::fewshot::{FewShotProtocol, TaskKind};
+    use medvlm_adapt::method::{method_by_name, save_classifier, AdaptInput, SupportSet};
+    use medvlm_adapt::predictor::{AdaptedModel, PredictError};
+
+    let d = tempfile::tempdir().unwrap();
+    let paths: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let p = d.path().join(format!("{i}.png"));
+            write_image(&p, 0.25 * i as f32);
+            p
+        })
+        .collect();
+    let spec = clip_fixture().to_str().unwrap().to_string();
+    let m = medvlm_models::load_model(&spec, &Default::default()).unwrap();
+    let feats =
+        medvlm_models::embed::embed_image_files(&m, &paths, 4, false, &Device::Cpu, &|_| {})
+            .unwrap()
+            .embeds
+            .unwrap();
+    let classes = vec!["dark".to_string(), "bright".to_string()];
+    let prompts = class_prompts(
+        &classes,
+        &PromptSource::Templates(vec!["a {} image".into()]),
+    )
+    .unwrap();
+    let texts = encode_class_texts(&m, &prompts, None, 8, &Device::Cpu).unwrap();
+    let support = SupportSet::multi_class(feats.clone(), vec![0, 0, 1, 1]);
+    let clf = method_by_name("linear-probe", None)
+        .unwrap()
+        .fit(&AdaptInput::frozen(&texts, &support))
+        .unwrap();
+    let expected: Vec<f32> = clf
+        .probabilities(&feats)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+
+    let out = d.path().join("adapted");
+    let protocol = FewShotProtocol::balanced(2, 0, TaskKind::MultiClass);
+    write_artefact_dir(
+        &out,
+        |tmp| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            save_classifier(clf.as_ref(), tmp)?;
+            let card = AdaptCard {
+                format: ADAPT_FORMAT.into(),
+                method: "linear-probe".into(),
+                hyperparameters: clf.card().hyperparameters.clone(),
+                model: spec.clone(),
+                model_family: m.family.to_string(),
+                model_fingerprint: String::new(),
+                data: vec![],
+                data_sha256: String::new(),
+                label_field: "label".into(),
+                filters: vec![],
+                task: TaskKind::MultiClass,
+                protocol_description: protocol.describe(),
+                protocol,
+                class_names: classes.clone(),
+                prompts: prompts.clone(),
+                negative_prompts: None,
+                support: vec![],
+                train_split: "train".into(),
+                test_split: None,
+                metrics: None,
+                multilabel_metrics: None,
+                notes: vec![],
+                medvlm_version: "test".into(),
+            };
+            std::fs::write(tmp.join(ADAPT_CARD), serde_json::to_vec(&card)?)?;
+            Ok(())
+        },
+    )
+    .unwrap();
+
+    let adapted = AdaptedModel::load(&out, None, &Device::Cpu).unwrap();
+    assert_eq!(adapted.class_names(), classes.as_slice());
+    let pred = adapted
+        .predict_files(&paths, 3, false, &Device::Cpu, &|_| {})
+        .unwrap();
+    assert_eq!(pred.paths, paths);
+    assert_eq!(pred.probabilities.len(), expected.len());
+    for (a, b) in pred.probabilities.iter().zip(&expected) {
+        assert!((a - b).abs() <= 2e-6, "{a} vs {b}");
+    }
+    let px = medvlm_models::embed::preprocess_file(&paths[3], &adapted.model.preprocess).unwrap();
+    let px = adapted.model.preprocess.batch(&[px], &Device::Cpu).unwrap();
+    let one: Vec<f32> = adapted
+        .predict_pixels(&px)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (a, b) in one.iter().zip(&expected[6..8]) {
+        assert!((a - b).abs() <= 2e-6, "{a} vs {b}");
+    }
+
+    std::fs::write(&paths[1], b"broken").unwrap();
+    let err = adapted
+        .predict_files(&paths, 3, false, &Device::Cpu, &|_| {})
+        .unwrap_err();
+    assert!(
+        matches!(&err, PredictError::Unreadable { path, .. } if path == &paths[1]),
+        "{err}"
+    );
+    let skipped = adapted
+        .predict_files(&paths, 3, true, &Device::Cpu, &|_| {})
+        .unwrap();
+    assert_eq!(skipped.paths.len(), 3);
+    assert_eq!(skipped.skipped.len(), 1);
+    assert_eq!(skipped.probabilities.len(), 6);
+
+    // A model that is not there is an error naming the artefact and the spec tried.
+    let Err(err) = AdaptedModel::load(&out, Some("/no/such/model"), &Device::Cpu) else {
+        panic!("a missing model must not load");
+    };
+    let msg = medvlm_io::guard::error_chain(&err);
+    assert!(
+        msg.contains("adapted") && msg.contains("/no/such/model"),
+        "{msg}"
+    );
+}

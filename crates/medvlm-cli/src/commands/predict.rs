@@ -14,20 +14,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use medvlm_adapt::fewshot::TaskKind;
-use medvlm_adapt::method::load_classifier;
-use medvlm_adapt::methods::prompt_common::{PromptClassifier, PROMPT_METHOD_NAMES};
-
-use super::common::{probabilities, probability_csv, probability_csv_multilabel, write_file};
-use super::embed::{
-    embed_images, list_images, load, preprocess_file, report_skipped, DeviceArgs, Skipped,
-};
-use medvlm_adapt::artefact::AdaptCard;
-use medvlm_adapt::encoders::{
-    is_tuning_method, load_applied, prompt_probabilities, tuned_probabilities,
-};
+use medvlm_adapt::predictor::{AdaptedModel, PredictError};
 use medvlm_eval::evaluation::MULTI_LABEL_THRESHOLD;
+
+use super::common::{probability_csv, probability_csv_multilabel, write_file};
+use super::embed::{list_images, report_skipped, DeviceArgs};
+use super::progress::Progress;
 
 /// Arguments of `medvlm predict`.
 #[derive(clap::Args, Debug)]
@@ -75,96 +69,48 @@ fn expand(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = args.device.device()?;
-    let card = AdaptCard::read(&args.adapted)?;
+    let adapted = AdaptedModel::load(&args.adapted, args.model.as_deref(), &device)?;
     let paths = expand(&args.images)?;
-    let spec = args.model.clone().unwrap_or_else(|| card.model.clone());
-    let model_context = || {
-        format!(
-            "the model of {} (use --model if it moved)",
-            args.adapted.display()
-        )
-    };
-    let method = card.method.as_str();
-    let through_model = PROMPT_METHOD_NAMES.contains(&method) || is_tuning_method(method);
-    // Fine-tuned weights go onto a trainable copy of the base model.
-    let (m, tuned) = if is_tuning_method(method) {
-        let (clf, m) = load_applied(&args.adapted, &spec, &device).with_context(model_context)?;
-        (m, Some(clf))
-    } else {
-        (load(&spec, &device).with_context(model_context)?, None)
-    };
-    let mut task = TaskKind::MultiClass;
-    let (kept, skipped, probs): (Vec<PathBuf>, Vec<Skipped>, Vec<f32>) = if through_model {
-        let mut kept = Vec::new();
-        let mut skipped = Vec::new();
-        for p in &paths {
-            match preprocess_file(p, &m.preprocess) {
-                Ok(_) => kept.push(p.clone()),
-                Err(e) if args.skip_bad => skipped.push(Skipped {
-                    path: p.display().to_string(),
-                    error: format!("{e:#}"),
-                }),
-                Err(e) => {
-                    return Err(anyhow::Error::new(e).context(format!(
-                        "unreadable image {} (use --skip-bad to skip such files)",
-                        p.display()
-                    )))
-                }
-            }
+    let pb = Progress::new("predicting", paths.len() as u64, "images");
+    let result = adapted.predict_files(&paths, args.batch, args.skip_bad, &device, &|n| pb.inc(n));
+    let pred = match result {
+        Ok(p) => {
+            pb.finish();
+            p
         }
-        let probs = match &tuned {
-            Some(clf) => tuned_probabilities(clf, &m, &kept, args.batch, &device)?,
-            None => {
-                let clf = PromptClassifier::load(&args.adapted)?;
-                prompt_probabilities(&clf, &m, &kept, args.batch, &device)?
-            }
-        };
-        (kept, skipped, probs)
-    } else {
-        let clf = load_classifier(&args.adapted)?;
-        task = clf.card().task;
-        if task != card.task {
-            bail!(
-                "{}: adapt.json says {:?} but the saved classifier is {:?}; \
-                     re-run medvlm adapt",
-                args.adapted.display(),
-                card.task,
-                task
-            );
+        Err(e) => {
+            pb.abandon();
+            let unreadable = matches!(e, PredictError::Unreadable { .. });
+            let e = anyhow::Error::new(e);
+            return Err(if unreadable {
+                e.context("reading the images (--skip-bad skips unreadable ones)")
+            } else {
+                e
+            });
         }
-        let imgs = embed_images(&m, &paths, args.batch, args.skip_bad, &device)?;
-        let Some(feats) = imgs.embeds else {
-            report_skipped(&imgs.skipped);
-            bail!("none of the {} images could be read", paths.len());
-        };
-        let probs = probabilities(clf.as_ref(), &feats)?;
-        (imgs.paths, imgs.skipped, probs)
     };
-    if kept.is_empty() {
-        report_skipped(&skipped);
-        bail!("none of the {} images could be read", paths.len());
-    }
-    let names: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();
-    let table = match task {
-        TaskKind::MultiClass => probability_csv(&names, &probs, &card.class_names),
+    let names: Vec<String> = pred.paths.iter().map(|p| p.display().to_string()).collect();
+    let classes = adapted.class_names();
+    let table = match adapted.task() {
+        TaskKind::MultiClass => probability_csv(&names, &pred.probabilities, classes),
         TaskKind::MultiLabel => {
             eprintln!(
                 "multi-label: one independent sigmoid probability per label (rows need not sum \
                  to 1); predicted_labels lists those >= {MULTI_LABEL_THRESHOLD}"
             );
-            probability_csv_multilabel(&names, &probs, &card.class_names)
+            probability_csv_multilabel(&names, &pred.probabilities, classes)
         }
     };
     print!("{table}");
     if let Some(csv) = &args.csv {
         write_file(csv, table.as_bytes())?;
     }
-    if !skipped.is_empty() {
-        report_skipped(&skipped);
+    if !pred.skipped.is_empty() {
+        report_skipped(&pred.skipped);
         eprintln!(
             "predicted {} image(s); skipped {} unreadable",
-            kept.len(),
-            skipped.len()
+            pred.paths.len(),
+            pred.skipped.len()
         );
     }
     Ok(())
