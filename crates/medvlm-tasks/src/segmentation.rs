@@ -1,0 +1,351 @@
+//! Text-guided segmentation on a frozen VLM image tower (CLIPSeg's design, Lüddecke & Ecker,
+//! CVPR 2022, "Image Segmentation Using Text and Image Prompts", reduced to one layer):
+//! the patch tokens of the frozen image tower are reduced to a small width, conditioned on
+//! the prompt's text embedding by FiLM (Perez et al., AAAI 2018: `x * (1 + gamma(t)) +
+//! beta(t)`), and decoded to a mask by a light convolutional decoder that doubles the
+//! resolution at each step (nearest upsampling + 3x3 convolutions) up to the input size, with
+//! the input's grey level joined in before the last convolutions so borders can be sharper
+//! than the patch grid. Loss: binary cross-entropy + soft Dice
+//! ([`medvlm_train::losses::bce_with_logits`], [`medvlm_train::losses::soft_dice_loss`]).
+//!
+//! Defaults ([`SegHeadConfig::default`]): width 64, AdamW lr 1e-3, weight decay 1e-4, 300
+//! steps of batch 16, threshold 0.5 on the sigmoid. Only the head trains; the image and text
+//! towers stay frozen, so their features are computed once ([`SegSample`]).
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use medvlm_train::losses::{bce_with_logits, soft_dice_loss};
+use medvlm_train::optim::{AdamW, AdamWConfig, Gradients, NamedVar, WeightDecayRule};
+
+/// Errors of the segmentation head.
+#[derive(Debug, thiserror::Error)]
+pub enum SegError {
+    /// Tensor error.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Loss error.
+    #[error(transparent)]
+    Loss(#[from] medvlm_train::losses::LossError),
+    /// Optimiser error.
+    #[error(transparent)]
+    Optim(#[from] medvlm_train::optim::OptimError),
+    /// Inputs or settings that cannot work (the message says which).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, SegError>;
+
+/// Shape and training settings of the head.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SegHeadConfig {
+    /// Width of the reduced patch features and of the decoder.
+    pub width: usize,
+    /// Width of the image tower's patch tokens.
+    pub feature_dim: usize,
+    /// Width of the text embeddings.
+    pub text_dim: usize,
+    /// Patch grid `(rows, cols)` of the image tower.
+    pub grid: (usize, usize),
+    /// Input (and mask) size in pixels; a power-of-two multiple of the grid.
+    pub image_size: usize,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Samples per step.
+    pub batch: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Sigmoid threshold of a predicted mask.
+    pub threshold: f32,
+    /// Seed of the initialisation and the sample order.
+    pub seed: u64,
+}
+
+impl SegHeadConfig {
+    /// Defaults (see the module doc) for a tower with these sizes.
+    pub fn new(
+        feature_dim: usize,
+        text_dim: usize,
+        grid: (usize, usize),
+        image_size: usize,
+    ) -> Self {
+        Self {
+            width: 64,
+            feature_dim,
+            text_dim,
+            grid,
+            image_size,
+            steps: 300,
+            batch: 16,
+            lr: 1e-3,
+            weight_decay: 1e-4,
+            threshold: 0.5,
+            seed: 0,
+        }
+    }
+
+    /// Number of x2 upsampling steps from the grid to the input size.
+    pub fn upsample_steps(&self) -> Result<usize> {
+        let (gh, gw) = self.grid;
+        if gh == 0 || gw == 0 || gh != gw {
+            return Err(SegError::Invalid(format!(
+                "the patch grid {gh}x{gw} must be square and non-empty"
+            )));
+        }
+        let ratio = self.image_size / gh;
+        if ratio * gh != self.image_size || !ratio.is_power_of_two() {
+            return Err(SegError::Invalid(format!(
+                "image size {} is not a power-of-two multiple of the {gh}x{gw} patch grid",
+                self.image_size
+            )));
+        }
+        Ok(ratio.trailing_zeros() as usize)
+    }
+}
+
+/// The head: reduce + FiLM + decoder.
+pub struct TextSegHead {
+    cfg: SegHeadConfig,
+    reduce: Linear,
+    film: Linear,
+    grid_conv: Conv2d,
+    up_convs: Vec<Conv2d>,
+    pixel_conv: Conv2d,
+    out: Conv2d,
+}
+
+fn conv3(vb: VarBuilder, cin: usize, cout: usize) -> candle_core::Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    candle_nn::conv2d(cin, cout, 3, cfg, vb)
+}
+
+impl TextSegHead {
+    /// A freshly initialised head (candle's default initialisation) with its parameters in
+    /// `vb`.
+    pub fn new(vb: VarBuilder, cfg: &SegHeadConfig) -> Result<Self> {
+        let steps = cfg.upsample_steps()?;
+        let w = cfg.width;
+        let up_convs = (0..steps)
+            .map(|i| conv3(vb.pp(format!("up.{i}")), w, w))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            reduce: candle_nn::linear(cfg.feature_dim, w, vb.pp("reduce"))?,
+            film: candle_nn::linear(cfg.text_dim, 2 * w, vb.pp("film"))?,
+            grid_conv: conv3(vb.pp("grid"), w, w)?,
+            up_convs,
+            pixel_conv: conv3(vb.pp("pixel"), w + 1, w)?,
+            out: candle_nn::conv2d(w, 1, 1, Default::default(), vb.pp("out"))?,
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SegHeadConfig {
+        &self.cfg
+    }
+
+    /// Mask logits `[B, 1, S, S]` from patch tokens `[B, N, D]` (N = grid cells), text
+    /// embeddings `[B, E]` (normalised) and the grey input `[B, 1, S, S]`.
+    pub fn forward(&self, patches: &Tensor, text: &Tensor, grey: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = patches.dims3()?;
+        let (gh, gw) = self.cfg.grid;
+        if n != gh * gw {
+            return Err(SegError::Invalid(format!(
+                "{n} patch tokens for a {gh}x{gw} grid"
+            )));
+        }
+        let w = self.cfg.width;
+        let x = self
+            .reduce
+            .forward(patches)?
+            .reshape((b, gh, gw, w))?
+            .permute((0, 3, 1, 2))?;
+        let film = self.film.forward(text)?;
+        let gamma = film.narrow(1, 0, w)?.reshape((b, w, 1, 1))?;
+        let beta = film.narrow(1, w, w)?.reshape((b, w, 1, 1))?;
+        let mut x = x.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(&beta)?;
+        x = self.grid_conv.forward(&x)?.relu()?;
+        let (mut h, mut wd) = (gh, gw);
+        for conv in &self.up_convs {
+            h *= 2;
+            wd *= 2;
+            x = conv.forward(&x.upsample_nearest2d(h, wd)?)?.relu()?;
+        }
+        let x = Tensor::cat(&[&x, grey], 1)?;
+        let x = self.pixel_conv.forward(&x)?.relu()?;
+        Ok(self.out.forward(&x)?)
+    }
+}
+
+/// One training or evaluation sample: a frozen image's patch tokens, a prompt's text
+/// embedding and the target mask (all zeros when the prompted finding is absent).
+#[derive(Debug, Clone)]
+pub struct SegSample {
+    /// Patch tokens `[N, D]`.
+    pub patches: Tensor,
+    /// Text embedding `[E]` (L2-normalised).
+    pub text: Tensor,
+    /// Grey input `[1, S, S]` in `[0, 1]`.
+    pub grey: Tensor,
+    /// Target `[1, S, S]` of 0/1.
+    pub mask: Tensor,
+}
+
+fn stack(samples: &[&SegSample]) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let p: Vec<&Tensor> = samples.iter().map(|s| &s.patches).collect();
+    let t: Vec<&Tensor> = samples.iter().map(|s| &s.text).collect();
+    let g: Vec<&Tensor> = samples.iter().map(|s| &s.grey).collect();
+    let m: Vec<&Tensor> = samples.iter().map(|s| &s.mask).collect();
+    Ok((
+        Tensor::stack(&p, 0)?,
+        Tensor::stack(&t, 0)?,
+        Tensor::stack(&g, 0)?,
+        Tensor::stack(&m, 0)?,
+    ))
+}
+
+/// Re-draws every parameter from a seeded generator (candle's initialisers use the thread's
+/// RNG, which the CPU device cannot seed): weights Kaiming-normal `N(0, 2 / fan_in)` as
+/// candle's default, biases zero. Parameters are visited in name order, so a seed gives the
+/// same head on every run.
+fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
+    use rand_distr::{Distribution, Normal};
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5e9_4ead);
+    for (name, var) in params {
+        let t = var.as_tensor();
+        let dims = t.dims().to_vec();
+        let values: Vec<f32> = if name.ends_with("bias") {
+            vec![0.0; t.elem_count()]
+        } else {
+            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+            let normal = Normal::new(0.0f32, (2.0 / fan_in as f32).sqrt())
+                .map_err(|e| SegError::Invalid(e.to_string()))?;
+            (0..t.elem_count())
+                .map(|_| normal.sample(&mut rng))
+                .collect()
+        };
+        var.set(&Tensor::from_vec(values, dims, t.device())?)?;
+    }
+    Ok(())
+}
+
+/// A trained head with its parameters.
+pub struct TrainedSegHead {
+    /// The head.
+    pub head: TextSegHead,
+    /// Its parameters (save with `varmap.save`).
+    pub varmap: VarMap,
+    /// Loss of each step.
+    pub losses: Vec<f32>,
+}
+
+/// Trains a head on `samples` with AdamW (the engine's, [`medvlm_train::optim::AdamW`]).
+pub fn train_head(
+    cfg: &SegHeadConfig,
+    samples: &[SegSample],
+    device: &Device,
+) -> Result<TrainedSegHead> {
+    if samples.is_empty() {
+        return Err(SegError::Invalid("no training samples".into()));
+    }
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let head = TextSegHead::new(vb, cfg)?;
+    let params: Vec<NamedVar> = {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| SegError::Invalid("poisoned varmap".into()))?;
+        let mut v: Vec<NamedVar> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    seeded_init(&params, cfg.seed)?;
+    let opt_cfg = AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(params.clone(), opt_cfg, &WeightDecayRule::default())?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    let mut pos = order.len();
+    let mut losses = Vec::with_capacity(cfg.steps);
+    for _ in 0..cfg.steps {
+        let mut batch = Vec::with_capacity(cfg.batch);
+        while batch.len() < cfg.batch.min(samples.len()) {
+            if pos == order.len() {
+                order.shuffle(&mut rng);
+                pos = 0;
+            }
+            batch.push(&samples[order[pos]]);
+            pos += 1;
+        }
+        let (p, t, g, m) = stack(&batch)?;
+        let logits = head.forward(&p, &t, &g)?;
+        let loss = (bce_with_logits(&logits, &m)? + soft_dice_loss(&logits, &m, 1e-5)?)?;
+        let grads = Gradients::from_grad_store(&loss.backward()?, &params);
+        opt.step(&grads, cfg.lr)?;
+        losses.push(loss.to_scalar::<f32>()?);
+    }
+    Ok(TrainedSegHead {
+        head,
+        varmap,
+        losses,
+    })
+}
+
+/// Predicted masks `[B, 1, S, S]` of 0/1 (f32) for samples (their targets are not used).
+pub fn predict_masks(head: &TextSegHead, samples: &[SegSample]) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(samples.len());
+    for chunk in samples.chunks(32) {
+        let refs: Vec<&SegSample> = chunk.iter().collect();
+        let (p, t, g, _) = stack(&refs)?;
+        let prob = candle_nn::ops::sigmoid(&head.forward(&p, &t, &g)?)?;
+        let masks = prob
+            .ge(head.config().threshold as f64)?
+            .to_dtype(DType::F32)?;
+        for i in 0..chunk.len() {
+            out.push(masks.get(i)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The patch-text similarity baseline without training (MaskCLIP's idea, Zhou et al., ECCV
+/// 2022): the cosine of each patch token with the text embedding (both already in the joint
+/// space), upsampled to the input size and thresholded at `threshold`. Only meaningful for
+/// towers whose patch tokens are projected into the text space.
+pub fn similarity_masks(
+    projected_patches: &Tensor,
+    text: &Tensor,
+    grid: (usize, usize),
+    image_size: usize,
+    threshold: f32,
+) -> Result<Tensor> {
+    let (b, n, _) = projected_patches.dims3()?;
+    if n != grid.0 * grid.1 {
+        return Err(SegError::Invalid(format!(
+            "{n} patch tokens for a {}x{} grid",
+            grid.0, grid.1
+        )));
+    }
+    let norm = |t: &Tensor| -> candle_core::Result<Tensor> {
+        t.broadcast_div(&t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
+    };
+    let sim = norm(projected_patches)?
+        .matmul(&norm(text)?.unsqueeze(2)?)?
+        .reshape((b, 1, grid.0, grid.1))?;
+    let up = sim.upsample_nearest2d(image_size, image_size)?;
+    Ok(up.ge(threshold as f64)?.to_dtype(DType::F32)?)
+}
