@@ -12,6 +12,8 @@
 //! * [`conformal_multilabel`]: conformal risk control of the false-negative rate of
 //!   multi-label sets.
 //! * [`retrieval`]: image-text recall@K.
+//! * [`segmentation`]: Dice, IoU, Hausdorff distance (HD, HD95) and average surface distance
+//!   of 2-D binary masks (MONAI conventions), with per-label summaries.
 //! * [`fewshot_table`]: mean ± std tables over seeds.
 //! * [`plots`]: line plots, confusion-matrix heatmaps, reliability diagrams (SVG/PNG).
 //! * [`report`]: self-contained HTML reports.
@@ -43,5 +45,6 @@ pub mod multilabel;
 pub mod plots;
 pub mod report;
 pub mod retrieval;
+pub mod segmentation;
 
 pub use error::{EvalError, Result};
