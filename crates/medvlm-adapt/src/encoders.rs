@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use medvlm_models::embed::preprocess_file;
+use medvlm_models::embed::{for_each_pixel_batch, preprocess_file};
 use medvlm_models::{LoadMode, LoadOptions, LoadedModel, ModelError};
 use medvlm_train::finetune::VarMap;
 use rayon::prelude::*;
@@ -107,15 +107,15 @@ pub fn probabilities_through_model(
     score: impl Fn(&Tensor) -> Result<Tensor, MethodError>,
 ) -> Result<Vec<f32>, EncoderError> {
     let mut out = Vec::new();
-    for chunk in paths.chunks(batch.max(1)) {
-        let px = pixel_batch(m, chunk, device)?;
-        let p = score(&px)?
+    for_each_pixel_batch(m, paths, batch, false, device, &|_| {}, |px| {
+        let p = score(px)?
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         out.extend(p);
-    }
+        Ok::<(), EncoderError>(())
+    })?;
     Ok(out)
 }
 

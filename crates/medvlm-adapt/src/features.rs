@@ -151,22 +151,14 @@ pub fn task_features(
     );
     let cache_path = cache.path_for(&key);
     let mut skipped: Vec<Skipped> = Vec::new();
+    type ComputeError = Box<dyn std::error::Error + Send + Sync>;
     let (cached, cache_status) = cache
-        .load_or_compute(&key, || -> Result<CachedFeatures, FeaturesError> {
+        .load_or_compute(&key, || -> Result<CachedFeatures, ComputeError> {
             let all: Vec<PathBuf> = task.rows.iter().map(|r| r.path.clone()).collect();
-            let imgs = embed_image_files(m, &all, opts.batch, opts.skip_bad, device, on_progress)
-                .map_err(|e| FeaturesError::Cache {
-                manifest: task.manifest_path.clone(),
-                source: FeatureCacheError::Compute(Box::new(e)),
-            })?;
+            let imgs = embed_image_files(m, &all, opts.batch, opts.skip_bad, device, on_progress)?;
             skipped = imgs.skipped;
             let Some(features) = imgs.embeds else {
-                return Err(FeaturesError::Cache {
-                    manifest: task.manifest_path.clone(),
-                    source: FeatureCacheError::Compute(
-                        format!("none of the {} images could be read", all.len()).into(),
-                    ),
-                });
+                return Err(format!("none of the {} images could be read", all.len()).into());
             };
             // Rows kept, in order: the paths not skipped.
             let skipped_set: BTreeSet<&str> = skipped.iter().map(|s| s.path.as_str()).collect();
@@ -181,20 +173,9 @@ pub fn task_features(
                 paths_sha256: hash_paths(&kept.iter().map(|&i| &paths[i]).collect::<Vec<_>>()),
             })
         })
-        .map_err(|e| match e {
-            // An error of the computation itself comes back boxed; unwrap it so the
-            // message is said once.
-            FeatureCacheError::Compute(inner) => match inner.downcast::<FeaturesError>() {
-                Ok(fe) => *fe,
-                Err(other) => FeaturesError::Cache {
-                    manifest: task.manifest_path.clone(),
-                    source: FeatureCacheError::Compute(other),
-                },
-            },
-            other => FeaturesError::Cache {
-                manifest: task.manifest_path.clone(),
-                source: other,
-            },
+        .map_err(|source| FeaturesError::Cache {
+            manifest: task.manifest_path.clone(),
+            source,
         })?;
     let CachedLabels::MultiClass(records) = cached.labels else {
         return Err(FeaturesError::Foreign {

@@ -12,9 +12,8 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use medvlm_models::embed::{preprocess_file, Skipped};
+use medvlm_models::embed::{for_each_pixel_batch, Skipped};
 use medvlm_models::{LoadOptions, LoadedModel, ModelError};
-use rayon::prelude::*;
 
 use crate::artefact::{AdaptCard, ArtefactError};
 use crate::encoders::{is_prompt_method, is_tuning_method, load_applied, EncoderError};
@@ -53,19 +52,11 @@ pub enum PredictError {
         /// Task kind of the classifier.
         saved: TaskKind,
     },
-    /// An image could not be read (without `skip_bad`).
-    #[error("unreadable image {path} (skip unreadable images to go on)")]
-    Unreadable {
-        /// The image.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: ModelError,
-    },
     /// No image could be read.
     #[error("none of the {0} images could be read")]
     NoneReadable(usize),
-    /// Running the model failed.
+    /// Running the model failed, or an image could not be read without `skip_bad`
+    /// ([`ModelError::UnreadableImage`], naming the file).
     #[error(transparent)]
     Compute(#[from] ModelError),
     /// Tensor error.
@@ -196,43 +187,25 @@ impl AdaptedModel {
         device: &Device,
         on_progress: &dyn Fn(u64),
     ) -> Result<Predictions, PredictError> {
-        let mut out = Predictions {
-            paths: Vec::new(),
-            probabilities: Vec::new(),
-            skipped: Vec::new(),
+        let mut probabilities = Vec::new();
+        let pass = for_each_pixel_batch(
+            &self.model,
+            paths,
+            batch,
+            skip_bad,
+            device,
+            on_progress,
+            |px| -> Result<(), PredictError> {
+                let probs = self.predict_pixels(px)?;
+                probabilities.extend(probs.flatten_all()?.to_vec1::<f32>()?);
+                Ok(())
+            },
+        )?;
+        let out = Predictions {
+            paths: pass.paths,
+            probabilities,
+            skipped: pass.skipped,
         };
-        for chunk in paths.chunks(batch.max(1)) {
-            let pre: Vec<_> = chunk
-                .par_iter()
-                .map(|p| preprocess_file(p, &self.model.preprocess))
-                .collect();
-            let mut ok = Vec::with_capacity(chunk.len());
-            for (p, r) in chunk.iter().zip(pre) {
-                match r {
-                    Ok(v) => {
-                        ok.push(v);
-                        out.paths.push(p.clone());
-                    }
-                    Err(e) if skip_bad => out.skipped.push(Skipped {
-                        path: p.display().to_string(),
-                        error: medvlm_io::guard::error_chain(&e),
-                    }),
-                    Err(source) => {
-                        return Err(PredictError::Unreadable {
-                            path: p.clone(),
-                            source,
-                        })
-                    }
-                }
-            }
-            if !ok.is_empty() {
-                let px = self.model.preprocess.batch(&ok, device)?;
-                let probs = self.predict_pixels(&px)?;
-                out.probabilities
-                    .extend(probs.flatten_all()?.to_vec1::<f32>()?);
-            }
-            on_progress(chunk.len() as u64);
-        }
         if out.paths.is_empty() {
             return Err(PredictError::NoneReadable(paths.len()));
         }

@@ -229,7 +229,11 @@ fn an_adapted_model_predicts_files_and_pixels_like_the_fitted_classifier() {
         .predict_files(&paths, 3, false, &Device::Cpu, &|_| {})
         .unwrap_err();
     assert!(
-        matches!(&err, PredictError::Unreadable { path, .. } if path == &paths[1]),
+        matches!(
+            &err,
+            PredictError::Compute(medvlm_models::ModelError::UnreadableImage { path, .. })
+                if path == &paths[1]
+        ),
         "{err}"
     );
     let skipped = adapted

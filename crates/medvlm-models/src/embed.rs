@@ -66,6 +66,64 @@ pub struct ImageEmbeddings {
     pub skipped: Vec<Skipped>,
 }
 
+/// The readable files of a batched pass over image files, and the skipped ones.
+#[derive(Debug, Default)]
+pub struct PixelPass {
+    /// The files given to `each`, in input order.
+    pub paths: Vec<PathBuf>,
+    /// The files skipped (only with `skip_bad`).
+    pub skipped: Vec<Skipped>,
+}
+
+/// Preprocesses (in parallel) `paths` in batches of `batch` (at least 1) with the model's
+/// preprocessing and calls `each` with the pixels `[b, 3, H, W]` of the readable files of
+/// every batch. Without `skip_bad` the first unreadable file is an error naming it
+/// ([`ModelError::UnreadableImage`]); with it, such files are listed in the result.
+/// `on_progress(n)` is called after each batch with the number of files it covered. Shared
+/// by [`embed_image_files`] and every other pass that scores image files through a model.
+pub fn for_each_pixel_batch<E: From<ModelError>>(
+    m: &LoadedModel,
+    paths: &[PathBuf],
+    batch: usize,
+    skip_bad: bool,
+    device: &Device,
+    on_progress: &dyn Fn(u64),
+    mut each: impl FnMut(&Tensor) -> std::result::Result<(), E>,
+) -> std::result::Result<PixelPass, E> {
+    let mut pass = PixelPass::default();
+    for chunk in paths.chunks(batch.max(1)) {
+        let pre: Vec<Result<Vec<f32>>> = chunk
+            .par_iter()
+            .map(|p| preprocess_file(p, &m.preprocess))
+            .collect();
+        let mut ok = Vec::with_capacity(chunk.len());
+        for (p, r) in chunk.iter().zip(pre) {
+            match r {
+                Ok(v) => {
+                    ok.push(v);
+                    pass.paths.push(p.clone());
+                }
+                Err(e) if skip_bad => pass.skipped.push(Skipped {
+                    path: p.display().to_string(),
+                    error: medvlm_io::guard::error_chain(&e),
+                }),
+                Err(e) => {
+                    return Err(ModelError::UnreadableImage {
+                        path: p.clone(),
+                        source: Box::new(e),
+                    }
+                    .into())
+                }
+            }
+        }
+        if !ok.is_empty() {
+            each(&m.preprocess.batch(&ok, device)?)?;
+        }
+        on_progress(chunk.len() as u64);
+    }
+    Ok(pass)
+}
+
 /// Preprocesses (in parallel) and embeds `paths` in batches of `batch` (at least 1) with the
 /// image tower of `m`. Without `skip_bad` the first unreadable file is an error naming it;
 /// with it, such files are listed in the result. `on_progress(n)` is called after each batch
@@ -79,44 +137,16 @@ pub fn embed_image_files(
     on_progress: &dyn Fn(u64),
 ) -> Result<ImageEmbeddings> {
     let mut rows = Vec::new();
-    let mut kept = Vec::new();
-    let mut skipped = Vec::new();
-    for chunk in paths.chunks(batch.max(1)) {
-        let pre: Vec<Result<Vec<f32>>> = chunk
-            .par_iter()
-            .map(|p| preprocess_file(p, &m.preprocess))
-            .collect();
-        let mut ok = Vec::with_capacity(chunk.len());
-        for (p, r) in chunk.iter().zip(pre) {
-            match r {
-                Ok(v) => {
-                    ok.push(v);
-                    kept.push(p.clone());
-                }
-                Err(e) if skip_bad => skipped.push(Skipped {
-                    path: p.display().to_string(),
-                    error: medvlm_io::guard::error_chain(&e),
-                }),
-                Err(e) => {
-                    return Err(ModelError::UnreadableImage {
-                        path: p.clone(),
-                        source: Box::new(e),
-                    })
-                }
-            }
-        }
-        if !ok.is_empty() {
-            let px = m.preprocess.batch(&ok, device)?;
-            let e = m
-                .model
-                .encode_image(&px)?
-                .embeds
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?;
-            rows.push(e);
-        }
-        on_progress(chunk.len() as u64);
-    }
+    let pass = for_each_pixel_batch(m, paths, batch, skip_bad, device, on_progress, |px| {
+        let e = m
+            .model
+            .encode_image(px)?
+            .embeds
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?;
+        rows.push(e);
+        Ok::<(), ModelError>(())
+    })?;
     let embeds = if rows.is_empty() {
         None
     } else {
@@ -124,8 +154,8 @@ pub fn embed_image_files(
     };
     Ok(ImageEmbeddings {
         embeds,
-        paths: kept,
-        skipped,
+        paths: pass.paths,
+        skipped: pass.skipped,
     })
 }
 

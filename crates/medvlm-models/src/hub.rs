@@ -299,6 +299,71 @@ fn commit_of(snapshot: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The commit `rev` resolves to, and the repo's files (path -> size) at that commit.
+fn commit_and_files(
+    handle: &hf_hub::HFRepositorySync<RepoTypeModel>,
+    repo: &str,
+    rev: &str,
+    endpoint: &str,
+) -> Result<(String, BTreeMap<String, u64>)> {
+    let info = handle
+        .info()
+        .revision(rev.to_string())
+        .send()
+        .map_err(|e| explain(repo, rev, endpoint, e))?;
+    let commit = info
+        .sha
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| hub_error(repo, rev, "the hub named no commit for this revision"))?;
+    let entries = handle
+        .list_tree()
+        .revision(commit.clone())
+        .recursive(true)
+        .send()
+        .map_err(|e| explain(repo, rev, endpoint, e))?;
+    let listing = entries
+        .into_iter()
+        .filter_map(|e| match e {
+            RepoTreeEntry::File { path, size, .. } => Some((path, size)),
+            RepoTreeEntry::Directory { .. } => None,
+        })
+        .collect();
+    Ok((commit, listing))
+}
+
+/// Which repo and revision a download is of (for the request and for errors).
+struct Revision<'a> {
+    repo: &'a str,
+    rev: &'a str,
+    endpoint: &'a str,
+    commit: &'a str,
+}
+
+/// Download `file` (listed with `size` bytes) at the commit into the cache and verify it.
+fn download_verified(
+    handle: &hf_hub::HFRepositorySync<RepoTypeModel>,
+    at: &Revision,
+    file: &str,
+    size: u64,
+    progress: Option<Progress>,
+) -> Result<(PathBuf, Checked)> {
+    let path = handle
+        .download_file()
+        .filename(file.to_string())
+        .revision(at.commit.to_string())
+        .maybe_progress(progress)
+        .send()
+        .map_err(|e| explain(at.repo, at.rev, at.endpoint, e))?;
+    let checked = verify_file(&path, size).map_err(|why| {
+        hub_error(
+            at.repo,
+            at.rev,
+            format!("{file} ({}): {why}", path.display()),
+        )
+    })?;
+    Ok((path, checked))
+}
+
 /// List, select, download and verify the files of one repo.
 fn fetch_repo(
     handle: &hf_hub::HFRepositorySync<RepoTypeModel>,
@@ -308,29 +373,7 @@ fn fetch_repo(
     cache_dir: &Path,
     progress: &Arc<dyn PullProgress>,
 ) -> Result<PullReport> {
-    let info = handle
-        .info()
-        .revision(rev.to_string())
-        .send()
-        .map_err(|e| explain(repo, rev, endpoint, e))?;
-    let commit = info
-        .sha
-        .clone()
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| hub_error(repo, rev, "the hub named no commit for this revision"))?;
-    let entries = handle
-        .list_tree()
-        .revision(commit.clone())
-        .recursive(true)
-        .send()
-        .map_err(|e| explain(repo, rev, endpoint, e))?;
-    let listing: BTreeMap<String, u64> = entries
-        .into_iter()
-        .filter_map(|e| match e {
-            RepoTreeEntry::File { path, size, .. } => Some((path, size)),
-            RepoTreeEntry::Directory { .. } => None,
-        })
-        .collect();
+    let (commit, listing) = commit_and_files(handle, repo, rev, endpoint)?;
     let (wanted, skipped) = select_files(&listing);
     let has_weights = WEIGHTS
         .iter()
@@ -372,15 +415,14 @@ fn fetch_repo(
             total,
             sink: progress.clone(),
         };
-        let path = handle
-            .download_file()
-            .filename(f.clone())
-            .revision(commit.clone())
-            .progress(Progress::new(counter))
-            .send()
-            .map_err(|e| explain(repo, rev, endpoint, e))?;
-        let checked = verify_file(&path, listing[f])
-            .map_err(|why| hub_error(repo, rev, format!("{f} ({}): {why}", path.display())))?;
+        let at = Revision {
+            repo,
+            rev,
+            endpoint,
+            commit: &commit,
+        };
+        let (_, checked) =
+            download_verified(handle, &at, f, listing[f], Some(Progress::new(counter)))?;
         done += listing[f];
         progress.bytes(done, total);
         progress.file_done(f, listing[f]);
@@ -518,11 +560,13 @@ fn complete_snapshot(
         let cfg: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| ModelError::config(&open_clip, e))?;
         let text_cfg = &cfg["model_cfg"]["text_cfg"];
-        let names: Vec<&str> = ["hf_model_name", "hf_tokenizer_name"]
+        let mut names: Vec<&str> = ["hf_model_name", "hf_tokenizer_name"]
             .iter()
             .filter_map(|k| text_cfg[*k].as_str())
             .collect();
-        for companion in dedup(names) {
+        // The two keys usually name the same repo.
+        names.dedup();
+        for companion in names {
             let folder = snap.join(companion);
             // A local folder (a self-contained model directory) needs nothing fetched.
             if folder.join("config.json").is_file() || !looks_like_repo_id(companion) {
@@ -540,16 +584,6 @@ fn complete_snapshot(
         }
     }
     ensure_tokenizer(&snap, &mut report.made, "")
-}
-
-fn dedup(v: Vec<&str>) -> Vec<&str> {
-    let mut out: Vec<&str> = Vec::new();
-    for s in v {
-        if !out.contains(&s) {
-            out.push(s);
-        }
-    }
-    out
 }
 
 /// `ORG/NAME` with no path-like parts (an open_clip `hf_model_name` may be a local folder).
@@ -571,27 +605,7 @@ fn fetch_companion(
     progress: &Arc<dyn PullProgress>,
 ) -> Result<Vec<(String, PathBuf)>> {
     let rev = "main";
-    let info = handle
-        .info()
-        .revision(rev.to_string())
-        .send()
-        .map_err(|e| explain(repo, rev, endpoint, e))?;
-    let commit = info
-        .sha
-        .ok_or_else(|| hub_error(repo, rev, "the hub named no commit for this revision"))?;
-    let entries = handle
-        .list_tree()
-        .revision(commit.clone())
-        .recursive(true)
-        .send()
-        .map_err(|e| explain(repo, rev, endpoint, e))?;
-    let listing: BTreeMap<String, u64> = entries
-        .into_iter()
-        .filter_map(|e| match e {
-            RepoTreeEntry::File { path, size, .. } => Some((path, size)),
-            RepoTreeEntry::Directory { .. } => None,
-        })
-        .collect();
+    let (commit, listing) = commit_and_files(handle, repo, rev, endpoint)?;
     let wanted: Vec<&str> = [
         "config.json",
         "tokenizer.json",
@@ -612,14 +626,13 @@ fn fetch_companion(
     }
     let mut out = Vec::new();
     for f in wanted {
-        let path = handle
-            .download_file()
-            .filename(f.to_string())
-            .revision(commit.clone())
-            .send()
-            .map_err(|e| explain(repo, rev, endpoint, e))?;
-        verify_file(&path, listing[f])
-            .map_err(|why| hub_error(repo, rev, format!("{f} ({}): {why}", path.display())))?;
+        let at = Revision {
+            repo,
+            rev,
+            endpoint,
+            commit: &commit,
+        };
+        let (path, _) = download_verified(handle, &at, f, listing[f], None)?;
         progress.file_done(&format!("{repo}/{f}"), listing[f]);
         out.push((f.to_string(), path));
     }

@@ -18,6 +18,7 @@ use anyhow::bail;
 use medvlm_adapt::fewshot::TaskKind;
 use medvlm_adapt::predictor::{AdaptedModel, PredictError};
 use medvlm_eval::evaluation::MULTI_LABEL_THRESHOLD;
+use medvlm_models::ModelError;
 
 use super::common::{probability_csv, probability_csv_multilabel, write_file};
 use super::embed::{list_images, report_skipped, DeviceArgs};
@@ -80,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Err(e) => {
             pb.abandon();
-            let unreadable = matches!(e, PredictError::Unreadable { .. });
+            let unreadable = matches!(e, PredictError::Compute(ModelError::UnreadableImage { .. }));
             let e = anyhow::Error::new(e);
             return Err(if unreadable {
                 e.context("reading the images (--skip-bad skips unreadable ones)")
