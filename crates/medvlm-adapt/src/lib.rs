@@ -3,9 +3,11 @@
 //! class prompts (`prompts`) and image features (`features`, through the content-keyed
 //! `feature_cache`), the methods that fit and score through the encoders on image files
 //! (`encoders`), the adapted-model artefact and its card (`artefact`), an artefact loaded
-//! for prediction (`predictor`), and the few-shot protocol (`fewshot`). Methods that train an encoder (prompt learning, LoRA, BitFit, partial
-//! and full fine-tuning) use the training engine in `medvlm-train`, which does not depend on
-//! this crate.
+//! for prediction (`predictor`), the few-shot protocol (`fewshot`), and the pipeline that
+//! draws, fits, evaluates and writes an artefact (`pipeline::adapt`, all of `medvlm adapt`) or
+//! sweeps methods over shots and seeds (`fewshot_sweep::sweep`, all of `medvlm bench
+//! fewshot`). Methods that train an encoder (prompt learning, LoRA, BitFit, partial and full
+//! fine-tuning) use the training engine in `medvlm-train`, which does not depend on this crate.
 //!
 //! The entry point of few-shot adaptation on frozen features is
 //! [`method::method_by_name`]: a method fits a classifier from class prompt embeddings and a
@@ -39,8 +41,10 @@ pub mod encoders;
 pub mod feature_cache;
 pub mod features;
 pub mod fewshot;
+pub mod fewshot_sweep;
 pub mod method;
 pub mod methods;
+pub mod pipeline;
 pub mod predictor;
 pub mod prompts;
 pub mod task;

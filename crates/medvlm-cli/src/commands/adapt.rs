@@ -24,8 +24,11 @@
 //! Contrastive fine-tuning on image-text pairs (no labels) is `medvlm
 //! finetune`.
 //!
+//! The steps are one library call, [`medvlm_adapt::pipeline::adapt`]; this module turns the
+//! flags into its inputs and prints what it did.
+//!
 //! Multi-label tasks (`--label-field labels`, see `commands::common`): only
-//! the methods of [`MULTI_LABEL_METHODS`] run (`zero-shot-pairs`,
+//! the methods of [`medvlm_adapt::pipeline::MULTI_LABEL_METHODS`] run (`zero-shot-pairs`,
 //! `linear-probe`, and `tip-adapter`, `tip-adapter-f`, `clip-adapter` on top
 //! of the prompt pairs); the support set is drawn with the library's greedy
 //! multi-label sampler (at least K positives per finding); the metrics are
@@ -38,36 +41,20 @@
 //! recall. There are no APS/RAPS sets and no reliability diagram (both
 //! assume one class per image), which the card and the output say.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
-use medvlm_adapt::artefact::{
-    check_out_dir, write_artefact_dir, AdaptCard, ADAPT_CARD, ADAPT_FORMAT,
-};
-use medvlm_adapt::encoders::{
-    fit_prompt_method, fit_tuning_method, is_prompt_method, is_tuning_method, prompt_probabilities,
-    tuned_probabilities, SupportImages,
-};
+use medvlm_adapt::artefact::check_out_dir;
 use medvlm_adapt::fewshot::{FewShotProtocol, HyperparameterPolicy, SamplingMode, TaskKind};
-use medvlm_adapt::method::{
-    method_by_name, save_classifier, AdaptInput, AdaptedClassifier, FeatureAccess, SupportSet,
+use medvlm_adapt::method::method_by_name;
+use medvlm_adapt::pipeline::{
+    adapt, method_refusal, AdaptContext, AdaptRequest, MethodRefusal, PipelineError, Splits,
+    TaskSetup,
 };
-use medvlm_adapt::methods::encoder_tuning::TunedEncoderClassifier;
-use medvlm_adapt::methods::prompt_common::{model_refusal, PromptClassifier};
-use medvlm_eval::plots::{reliability_plot, Plot, Size};
-use medvlm_models::LoadedModel;
+use medvlm_eval::evaluation::{describe_fnr_control, describe_multilabel};
 
-use super::common::{
-    class_prompts, encode_class_texts, load_task, model_fingerprint, model_logit_scale,
-    multi_label_refusal, negative_prompts, probabilities, probability_csv,
-    probability_csv_multilabel, task_features, write_file, Task, TaskArgs, MULTI_LABEL_METHODS,
-    PROMPT_PAIR_METHODS,
-};
+use super::common::{class_prompts, load_task, negative_prompts, task_features, TaskArgs};
 use super::embed::{load, DeviceArgs};
-use medvlm_eval::evaluation::{
-    describe_fnr_control, describe_multilabel, evaluate, evaluate_multilabel,
-};
 
 /// Arguments of `medvlm adapt`.
 #[derive(clap::Args, Debug)]
@@ -121,17 +108,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(serde_json::from_str)
         .transpose()
         .context("--hparams must be a JSON object, e.g. '{\"epochs\": 50}'")?;
-    let method = method_by_name(&args.method, overrides.as_ref())?;
-    if method.requires_encoder()
-        && !is_prompt_method(&args.method)
-        && !is_tuning_method(&args.method)
-    {
-        bail!(
-            "method '{}' needs the encoders but has no few-shot fit; pick another method: {}",
-            args.method,
-            medvlm_adapt::method::METHOD_NAMES.join(", ")
-        );
-    }
+    // Built once here so that an unknown name or a bad override fails before any work.
+    method_by_name(&args.method, overrides.as_ref())?;
     if args.shots == 0 {
         bail!("--shots must be at least 1");
     }
@@ -141,259 +119,113 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(f) if f >= 2 => HyperparameterPolicy::SupportCv { folds: f },
         Some(f) => bail!("--support-cv {f}: needs at least 2 folds"),
     };
-    if task.kind == TaskKind::MultiLabel {
-        return run_multilabel(&args, method.as_ref(), &task, policy, &device);
-    }
-    if args.method == "zero-shot-pairs" {
+    let multi_label = task.kind == TaskKind::MultiLabel;
+    if multi_label && args.mode == "realistic" {
         bail!(
+            "--mode realistic draws classes by their prior and is defined for multi-class tasks; \
+             multi-label support sets use the greedy multi-label sampler (at least K positives \
+             per finding): drop --mode realistic"
+        );
+    }
+    let prompts = class_prompts(&task.class_names, &args.task)?;
+    // Multi-label tasks: the prompt-pair methods score them, and the card records them.
+    let negatives = if multi_label {
+        Some(negative_prompts(&task.class_names, &args.task)?)
+    } else {
+        None
+    };
+    let m = load(&args.model, &device)?;
+    // Refused before any image is read.
+    match method_refusal(&args.method, task.kind, &m) {
+        None => {}
+        Some(MethodRefusal::NotMultiLabel(why)) => {
+            bail!("--label-field labels makes a multi-label task: method {why}")
+        }
+        Some(MethodRefusal::NeedsMultiLabel(_)) => bail!(
             "method 'zero-shot-pairs' scores each label with a positive/negative prompt pair \
              and needs a multi-label task (--label-field labels); for the multi-class \
              '{}' task use zero-shot or zero-shot-ensemble",
             args.task.label_field
-        );
-    }
-    let prompts = class_prompts(&task.class_names, &args.task)?;
-    let protocol = FewShotProtocol {
-        shots: args.shots,
-        seed: args.seed,
-        mode: match args.mode.as_str() {
-            "realistic" => SamplingMode::Realistic { min_per_class: 1 },
-            _ => SamplingMode::Balanced,
-        },
-        task: TaskKind::MultiClass,
-        hyperparameter_policy: policy,
-        validation_set: false,
-    };
-
-    let m = load(&args.model, &device)?;
-    if let Some(reason) = model_refusal(&args.method, m.model.as_ref()) {
-        bail!("method '{}' on {}: {reason}", args.method, args.model);
+        ),
+        Some(MethodRefusal::Model(why)) => {
+            bail!("method '{}' on {}: {why}", args.method, args.model)
+        }
     }
     let feats = task_features(&task, &args.model, &m, &args.task, &device)?;
-    let pool_rows = feats.available(&task.split_rows(&args.task.split));
-    if pool_rows.is_empty() {
-        bail!(
-            "manifest {} has no labelled '{}' images to draw the support set from (set --split)",
-            task.manifest_path.display(),
-            args.task.split
-        );
-    }
-    let (pool_features, pool_labels) = feats.select(&task, &pool_rows)?;
-    let picked = protocol
-        .sample(&pool_labels, &task.class_names)
-        .map_err(|e| anyhow::anyhow!("--shots {}: {e}", args.shots))
-        .with_context(|| {
-            format!(
-                "drawing the support set from {}",
-                task.manifest_path.display()
-            )
-        })?;
-    let support_rows: Vec<usize> = picked.iter().map(|&i| pool_rows[i]).collect();
-
-    let texts = encode_class_texts(&m, &prompts, None, args.task.batch, &device)?;
-    let scale = model_logit_scale(&m)?;
-    let c = task.class_names.len();
-
-    // Fit; `score` gives probabilities of task rows.
-    enum Fitted {
-        Frozen(Box<dyn AdaptedClassifier>),
-        Prompt(Box<PromptClassifier>),
-        Tuned(Box<TunedEncoderClassifier>, Box<LoadedModel>),
-    }
-    let fitted = if is_tuning_method(&args.method) {
-        let paths: Vec<PathBuf> = support_rows
-            .iter()
-            .map(|&r| task.rows[r].path.clone())
-            .collect();
-        let labels: Vec<usize> = task.classes(&support_rows)?;
-        let job = SupportImages {
-            model: &args.model,
-            class_names: &task.class_names,
-            prompts: &prompts,
-            support: &paths,
-            labels: &labels,
+    let ctx = AdaptContext::new(TaskSetup {
+        task: &task,
+        features: &feats,
+        model: &m,
+        model_spec: &args.model,
+        prompts,
+        negative_prompts: negatives,
+        label_field: args.task.label_field.clone(),
+        filters: args.task.filters.clone(),
+        splits: Splits {
+            train: args.task.split.clone(),
+            test: (args.task.test_split != "none").then(|| args.task.test_split.clone()),
+            calib: args.task.calib_split.clone(),
+        },
+        conformal: args.task.conformal(args.seed),
+        batch: args.task.batch,
+        device: &device,
+    })
+    .map_err(|e| match e {
+        PipelineError::Refused(why) => anyhow::anyhow!("{why} (set --split)"),
+        e => e.into(),
+    })?;
+    let request = AdaptRequest {
+        method: args.method.clone(),
+        overrides,
+        protocol: FewShotProtocol {
+            shots: args.shots,
             seed: args.seed,
-        };
-        let (clf, tuned) = fit_tuning_method(&args.method, overrides.as_ref(), &job, &device)?;
-        Fitted::Tuned(Box::new(clf), Box::new(tuned))
-    } else if is_prompt_method(&args.method) {
-        let paths: Vec<PathBuf> = support_rows
-            .iter()
-            .map(|&r| task.rows[r].path.clone())
-            .collect();
-        let labels: Vec<usize> = task.classes(&support_rows)?;
-        let job = SupportImages {
-            model: &args.model,
-            class_names: &task.class_names,
-            prompts: &prompts,
-            support: &paths,
-            labels: &labels,
-            seed: args.seed,
-        };
-        let clf = fit_prompt_method(&args.method, overrides.as_ref(), &m, &job, &device)?;
-        Fitted::Prompt(Box::new(clf))
-    } else {
-        let support = SupportSet::from_pool(&pool_features, &pool_labels, &picked)?;
-        let input = AdaptInput {
-            texts: &texts,
-            support: &support,
-            access: FeatureAccess::FrozenFeatures,
-            logit_scale: Some(scale),
-            policy,
-            seed: args.seed,
-            protocol: Some(&protocol),
-        };
-        Fitted::Frozen(method.fit(&input)?)
+            mode: match args.mode.as_str() {
+                "realistic" => SamplingMode::Realistic { min_per_class: 1 },
+                _ => SamplingMode::Balanced,
+            },
+            task: task.kind,
+            hyperparameter_policy: policy,
+            validation_set: false,
+        },
     };
-    let score = |rows: &[usize]| -> anyhow::Result<Vec<f32>> {
-        match &fitted {
-            Fitted::Frozen(clf) => {
-                let (f, _) = feats.select(&task, rows)?;
-                probabilities(clf.as_ref(), &f)
-            }
-            Fitted::Prompt(clf) => {
-                let paths: Vec<PathBuf> = rows.iter().map(|&r| task.rows[r].path.clone()).collect();
-                Ok(prompt_probabilities(
-                    clf,
-                    &m,
-                    &paths,
-                    args.task.batch,
-                    &device,
-                )?)
-            }
-            Fitted::Tuned(clf, tuned) => {
-                let paths: Vec<PathBuf> = rows.iter().map(|&r| task.rows[r].path.clone()).collect();
-                Ok(tuned_probabilities(
-                    clf,
-                    tuned,
-                    &paths,
-                    args.task.batch,
-                    &device,
-                )?)
-            }
+    let adapted = adapt(&ctx, &request).map_err(|e| match e {
+        e @ PipelineError::Support { .. } => {
+            anyhow::Error::new(e).context(format!("--shots {}", args.shots))
         }
-    };
+        e => e.into(),
+    })?;
+    adapted.write(&args.out)?;
 
-    // Evaluation.
-    let test_rows = if args.task.test_split == "none" {
-        Vec::new()
-    } else {
-        feats.available(&task.split_rows(&args.task.test_split))
-    };
-    let mut eval_csv = None;
-    let metrics = if test_rows.is_empty() {
+    let card = &adapted.card;
+    if adapted.evaluation.is_none() {
         eprintln!(
             "note: no '{}' split in {}: the artefact carries no test metrics",
             args.task.test_split,
             task.manifest_path.display()
         );
-        None
-    } else {
-        let probs = score(&test_rows)?;
-        let labels: Vec<usize> = task.classes(&test_rows)?;
-        let (calib_rows, source) = feats.calibration_rows(
-            &task,
-            &args.task.calib_split,
-            &args.task.split,
-            &pool_rows,
-            &support_rows,
+    }
+    if multi_label {
+        println!(
+            "adapted {} ({}) on {} support image(s), {} labels ({}); hyperparameters {}",
+            args.method,
+            card.protocol_description,
+            card.support.len(),
+            task.class_names.len(),
+            task.class_names.join(", "),
+            card.hyperparameters
         );
-        let calib = if calib_rows.is_empty() {
-            None
-        } else {
-            let cp = score(&calib_rows)?;
-            let cl: Vec<usize> = task.classes(&calib_rows)?;
-            Some((cp, cl, source))
-        };
-        let metrics = evaluate(
-            &probs,
-            &labels,
-            c,
-            calib
-                .as_ref()
-                .map(|(p, l, s)| (p.as_slice(), l.as_slice(), s.clone())),
-            args.task.conformal(args.seed),
-        )?;
-        let paths: Vec<String> = test_rows
-            .iter()
-            .map(|&r| task.rows[r].path.display().to_string())
-            .collect();
-        eval_csv = Some(probability_csv(&paths, &probs, &task.class_names));
-        Some(metrics)
-    };
-
-    // Write the artefact into a sibling temporary directory, then move it.
-    let write_all = |tmp: &Path| -> anyhow::Result<serde_json::Value> {
-        let hyperparameters = match &fitted {
-            Fitted::Frozen(clf) => {
-                save_classifier(clf.as_ref(), tmp)?;
-                clf.card().hyperparameters.clone()
-            }
-            Fitted::Prompt(clf) => {
-                save_classifier(clf.as_ref(), tmp)?;
-                clf.card().hyperparameters.clone()
-            }
-            Fitted::Tuned(clf, _) => {
-                save_classifier(clf.as_ref(), tmp)?;
-                clf.card().hyperparameters.clone()
-            }
-        };
-        let card = AdaptCard {
-            format: ADAPT_FORMAT.into(),
-            method: args.method.clone(),
-            hyperparameters: hyperparameters.clone(),
-            model: args.model.clone(),
-            model_family: m.family.to_string(),
-            model_fingerprint: model_fingerprint(&args.model, &m),
-            data: task.manifests.clone(),
-            data_sha256: task.manifest_sha256.clone(),
-            label_field: args.task.label_field.clone(),
-            filters: args.task.filters.clone(),
-            task: TaskKind::MultiClass,
-            protocol_description: protocol.describe(),
-            protocol: protocol.clone(),
-            class_names: task.class_names.clone(),
-            prompts: prompts.clone(),
-            negative_prompts: None,
-            support: support_rows
-                .iter()
-                .map(|&r| (task.rows[r].path.display().to_string(), task.label_text(r)))
-                .collect(),
-            train_split: args.task.split.clone(),
-            test_split: metrics.as_ref().map(|_| args.task.test_split.clone()),
-            metrics: metrics.clone(),
-            multilabel_metrics: None,
-            notes: Vec::new(),
-            medvlm_version: env!("CARGO_PKG_VERSION").into(),
-        };
-        write_file(&tmp.join(ADAPT_CARD), &serde_json::to_vec_pretty(&card)?)?;
-        if let Some(csv) = &eval_csv {
-            write_file(&tmp.join("eval_predictions.csv"), csv.as_bytes())?;
-        }
-        if let Some(mx) = &metrics {
-            reliability_plot(
-                format!(
-                    "{} {}-shot: reliability (ECE {:.3})",
-                    args.method, args.shots, mx.ece
-                ),
-                &mx.reliability,
-            )
-            .write_png(&tmp.join("reliability.png"), Size::default())
-            .context("drawing reliability.png")?;
-        }
-        Ok(hyperparameters)
-    };
-    let hyperparameters = write_artefact_dir(&args.out, write_all)?;
-
-    println!(
-        "adapted {} ({}) on {} support image(s), {} classes; hyperparameters {}",
-        args.method,
-        protocol.describe(),
-        support_rows.len(),
-        c,
-        hyperparameters
-    );
-    if let Some(mx) = &metrics {
+    } else {
+        println!(
+            "adapted {} ({}) on {} support image(s), {} classes; hyperparameters {}",
+            args.method,
+            card.protocol_description,
+            card.support.len(),
+            task.class_names.len(),
+            card.hyperparameters
+        );
+    }
+    if let Some(mx) = &card.metrics {
         println!(
             "test ({} images): accuracy {:.4}, balanced accuracy {:.4}, macro-F1 {:.4}, macro AUROC {}, ECE {:.4}",
             mx.n,
@@ -421,209 +253,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    println!("wrote {}", args.out.display());
-    Ok(())
-}
-
-/// `medvlm adapt` on a multi-label task (`--label-field labels`).
-fn run_multilabel(
-    args: &Args,
-    method: &dyn medvlm_adapt::method::AdaptationMethod,
-    task: &Task,
-    policy: HyperparameterPolicy,
-    device: &Device,
-) -> anyhow::Result<()> {
-    if let Some(why) = multi_label_refusal(&args.method) {
-        bail!("--label-field labels makes a multi-label task: method {why}");
-    }
-    if args.mode == "realistic" {
-        bail!(
-            "--mode realistic draws classes by their prior and is defined for multi-class tasks; \
-             multi-label support sets use the greedy multi-label sampler (at least K positives \
-             per finding): drop --mode realistic"
-        );
-    }
-    let prompts = class_prompts(&task.class_names, &args.task)?;
-    let negatives = if PROMPT_PAIR_METHODS.contains(&args.method.as_str()) {
-        Some(negative_prompts(&task.class_names, &args.task)?)
-    } else {
-        None
-    };
-    let protocol = FewShotProtocol {
-        shots: args.shots,
-        seed: args.seed,
-        mode: SamplingMode::Balanced,
-        task: TaskKind::MultiLabel,
-        hyperparameter_policy: policy,
-        validation_set: false,
-    };
-    let protocol_description = format!(
-        "{}; greedy multi-label sampler: at least {} positive(s) per finding, studies without \
-         findings not drawn",
-        protocol.describe(),
-        args.shots
-    );
-
-    let m = load(&args.model, device)?;
-    let feats = task_features(task, &args.model, &m, &args.task, device)?;
-    let pool_rows = feats.available(&task.split_rows(&args.task.split));
-    if pool_rows.is_empty() {
-        bail!(
-            "manifest {} has no labelled '{}' images to draw the support set from (set --split)",
-            task.manifest_path.display(),
-            args.task.split
-        );
-    }
-    let pool_targets = task.multi_hot(&pool_rows)?;
-    let picked = medvlm_adapt::fewshot::sample_support_multilabel(
-        &pool_targets,
-        &task.class_names,
-        args.shots,
-        args.seed,
-    )
-    .map_err(|e| anyhow::anyhow!("--shots {}: {e}", args.shots))
-    .with_context(|| {
-        format!(
-            "drawing the multi-label support set from the '{}' split of {}",
-            args.task.split,
-            task.manifest_path.display()
-        )
-    })?;
-    let support_rows: Vec<usize> = picked.iter().map(|&i| pool_rows[i]).collect();
-    let support = SupportSet {
-        features: feats.features_of(task, &support_rows)?,
-        labels: task.support_labels(&support_rows)?,
-    };
-    let texts = encode_class_texts(&m, &prompts, negatives.as_deref(), args.task.batch, device)?;
-    let input = AdaptInput {
-        texts: &texts,
-        support: &support,
-        access: FeatureAccess::FrozenFeatures,
-        logit_scale: Some(model_logit_scale(&m)?),
-        policy,
-        seed: args.seed,
-        protocol: Some(&protocol),
-    };
-    let clf = method.fit(&input)?;
-    if clf.card().task != TaskKind::MultiLabel {
-        bail!(
-            "method '{}' returned a multi-class classifier for a multi-label task; multi-label \
-             methods: {}",
-            args.method,
-            MULTI_LABEL_METHODS.join(", ")
-        );
-    }
-
-    let test_rows = if args.task.test_split == "none" {
-        Vec::new()
-    } else {
-        feats.available(&task.split_rows(&args.task.test_split))
-    };
-    let (metrics, eval_csv) = if test_rows.is_empty() {
-        eprintln!(
-            "note: no '{}' split in {}: the artefact carries no test metrics",
-            args.task.test_split,
-            task.manifest_path.display()
-        );
-        (None, None)
-    } else {
-        let probs = probabilities(clf.as_ref(), &feats.features_of(task, &test_rows)?)?;
-        let targets = task.multi_hot(&test_rows)?;
-        let (calib_rows, source) = feats.calibration_rows(
-            task,
-            &args.task.calib_split,
-            &args.task.split,
-            &pool_rows,
-            &support_rows,
-        );
-        let calib = if calib_rows.is_empty() {
-            None
-        } else {
-            let cp = probabilities(clf.as_ref(), &feats.features_of(task, &calib_rows)?)?;
-            Some((cp, task.multi_hot(&calib_rows)?, source))
-        };
-        let metrics = evaluate_multilabel(
-            &probs,
-            &targets,
-            &task.class_names,
-            calib
-                .as_ref()
-                .map(|(p, t, s)| (p.as_slice(), t.as_slice(), s.clone())),
-            args.task.conformal_alpha,
-        )?;
-        let paths: Vec<String> = test_rows
-            .iter()
-            .map(|&r| task.rows[r].path.display().to_string())
-            .collect();
-        (
-            Some(metrics),
-            Some(probability_csv_multilabel(
-                &paths,
-                &probs,
-                &task.class_names,
-            )),
-        )
-    };
-    let mut notes = Vec::new();
-    if let Some(mx) = &metrics {
-        notes.push(mx.conformal.clone());
-    }
-    notes.push(
-        "no reliability diagram: the top-class confidence it bins assumes one class per image"
-            .to_string(),
-    );
-
-    let hyperparameters = write_artefact_dir(
-        &args.out,
-        |tmp: &Path| -> anyhow::Result<serde_json::Value> {
-            save_classifier(clf.as_ref(), tmp)?;
-            let hyperparameters = clf.card().hyperparameters.clone();
-            let card = AdaptCard {
-                format: ADAPT_FORMAT.into(),
-                method: args.method.clone(),
-                hyperparameters: hyperparameters.clone(),
-                model: args.model.clone(),
-                model_family: m.family.to_string(),
-                model_fingerprint: model_fingerprint(&args.model, &m),
-                data: task.manifests.clone(),
-                data_sha256: task.manifest_sha256.clone(),
-                label_field: args.task.label_field.clone(),
-                filters: args.task.filters.clone(),
-                task: TaskKind::MultiLabel,
-                protocol: protocol.clone(),
-                protocol_description: protocol_description.clone(),
-                class_names: task.class_names.clone(),
-                prompts: prompts.clone(),
-                negative_prompts: negatives.clone(),
-                support: support_rows
-                    .iter()
-                    .map(|&r| (task.rows[r].path.display().to_string(), task.label_text(r)))
-                    .collect(),
-                train_split: args.task.split.clone(),
-                test_split: metrics.as_ref().map(|_| args.task.test_split.clone()),
-                metrics: None,
-                multilabel_metrics: metrics.clone(),
-                notes: notes.clone(),
-                medvlm_version: env!("CARGO_PKG_VERSION").into(),
-            };
-            write_file(&tmp.join(ADAPT_CARD), &serde_json::to_vec_pretty(&card)?)?;
-            if let Some(csv) = &eval_csv {
-                write_file(&tmp.join("eval_predictions.csv"), csv.as_bytes())?;
-            }
-            Ok(hyperparameters)
-        },
-    )?;
-
-    println!(
-        "adapted {} ({protocol_description}) on {} support image(s), {} labels ({}); \
-         hyperparameters {}",
-        args.method,
-        support_rows.len(),
-        task.class_names.len(),
-        task.class_names.join(", "),
-        hyperparameters
-    );
-    if let Some(mx) = &metrics {
+    if let Some(mx) = &card.multilabel_metrics {
         println!("{}", describe_multilabel(mx));
         let per_class: Vec<String> = mx
             .per_class_auroc
@@ -638,7 +268,7 @@ fn run_multilabel(
             println!("{}", describe_fnr_control(cf));
         }
     }
-    for n in &notes {
+    for n in &card.notes {
         println!("note: {n}");
     }
     println!("wrote {}", args.out.display());

@@ -1,6 +1,5 @@
 //! Shared flags and glue of `medvlm adapt`, `medvlm predict` and `medvlm bench fewshot`:
-//! selecting a labelled task from a manifest, the class prompts, the image features, and the
-//! probability CSVs.
+//! selecting a labelled task from a manifest, the class prompts and the image features.
 //!
 //! Task: the records of a manifest, optionally filtered with `--where
 //! FIELD=VALUE` (e.g. `modality=chest_xray`), labelled by `--label-field`
@@ -11,7 +10,7 @@
 //!
 //! Multi-label tasks (`--label-field labels`): each record carries any subset
 //! of findings in its `labels` list. The classes are the sorted distinct
-//! labels of the training split except [`NORMAL_LABEL`]: `normal` is not a
+//! labels of the training split except [`medvlm_adapt::task::NORMAL_LABEL`]: `normal` is not a
 //! class but the absence of every finding, so a study labelled only `normal`
 //! is a negative for every class (an all-zero multi-hot row). Records with
 //! an empty `labels` list, or with `normal` together with a finding, are not
@@ -25,16 +24,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use medvlm_adapt::feature_cache::CacheStatus;
+pub use medvlm_adapt::features::TaskFeatures;
 use medvlm_adapt::features::{self, FeatureOptions};
-pub use medvlm_adapt::features::{model_fingerprint, TaskFeatures};
-use medvlm_adapt::method::AdaptedClassifier;
 use medvlm_adapt::prompts::{self, PromptSource};
-pub use medvlm_adapt::prompts::{encode_class_texts, model_logit_scale};
-pub use medvlm_adapt::task::{multi_hot_text, Task, TaskSpec, MULTI_LABEL_FIELD};
+pub use medvlm_adapt::task::{Task, TaskSpec};
 use medvlm_eval::conformal::{ConformalConfig, ConformalScore};
-use medvlm_eval::evaluation::MULTI_LABEL_THRESHOLD;
 use medvlm_models::LoadedModel;
 
 use super::embed::report_skipped;
@@ -104,46 +100,6 @@ pub struct TaskArgs {
     /// Skip unreadable images (counted and listed) instead of stopping.
     #[arg(long)]
     pub skip_bad: bool,
-}
-
-/// The frozen-feature methods that fit multi-label tasks (one sigmoid per
-/// label): CheXzero-style positive/negative prompt pairs, the linear probe
-/// with an independent logistic loss per label, and Tip-Adapter(-F) and
-/// CLIP-Adapter on top of the prompt pairs (signed multi-hot cache values,
-/// binary cross-entropy; see their docs in medvlm-adapt). Every other method
-/// is multi-class only (a softmax over classes).
-pub const MULTI_LABEL_METHODS: &[&str] = &[
-    "zero-shot-pairs",
-    "linear-probe",
-    "tip-adapter",
-    "tip-adapter-f",
-    "clip-adapter",
-];
-
-/// The multi-label methods whose zero-shot part is the positive/negative
-/// prompt pairs (they need `--negative-template`).
-pub const PROMPT_PAIR_METHODS: &[&str] = &[
-    "zero-shot-pairs",
-    "tip-adapter",
-    "tip-adapter-f",
-    "clip-adapter",
-];
-
-/// Why a method cannot run on a multi-label task, or `None` if it can.
-pub fn multi_label_refusal(method: &str) -> Option<String> {
-    if MULTI_LABEL_METHODS.contains(&method) {
-        return None;
-    }
-    let why = if method.starts_with("zero-shot") {
-        "scores classes with a softmax over classes (one class per image); for multi-label \
-         zero-shot use 'zero-shot-pairs' (positive/negative prompt pairs)"
-    } else {
-        "is multi-class only (one class per image)"
-    };
-    Some(format!(
-        "'{method}' {why}; multi-label methods: {}",
-        MULTI_LABEL_METHODS.join(", ")
-    ))
 }
 
 /// Where `--template`, `--prompts` or `--phantom-prompts` say the class prompts come from.
@@ -255,15 +211,6 @@ pub fn task_features(
     Ok(feats)
 }
 
-/// Row-major probabilities `[M, C]` of a classifier on features.
-pub fn probabilities(clf: &dyn AdaptedClassifier, features: &Tensor) -> anyhow::Result<Vec<f32>> {
-    Ok(clf
-        .probabilities(features)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()?)
-}
-
 /// Reads the task of these arguments from the manifests (the library's
 /// [`Task::from_manifests`]) and says on stderr what it left out.
 pub fn load_task(paths: &[PathBuf], args: &TaskArgs) -> anyhow::Result<Task> {
@@ -308,68 +255,6 @@ impl TaskArgs {
     }
 }
 
-/// A multi-label probability table as CSV: `image,<label>...,predicted_labels`,
-/// where `predicted_labels` lists the labels with probability >=
-/// [`MULTI_LABEL_THRESHOLD`] joined with `;` (`normal` when none is).
-pub fn probability_csv_multilabel(
-    paths: &[String],
-    probs: &[f32],
-    class_names: &[String],
-) -> String {
-    let c = class_names.len();
-    let mut out = String::from("image");
-    for name in class_names {
-        out.push(',');
-        out.push_str(&csv_field(name));
-    }
-    out.push_str(",predicted_labels\n");
-    for (p, row) in paths.iter().zip(probs.chunks_exact(c.max(1))) {
-        out.push_str(&csv_field(p));
-        for v in row {
-            out.push_str(&format!(",{v:.6}"));
-        }
-        let hot: Vec<bool> = row.iter().map(|&v| v >= MULTI_LABEL_THRESHOLD).collect();
-        out.push(',');
-        out.push_str(&csv_field(&multi_hot_text(&hot, class_names)));
-        out.push('\n');
-    }
-    out
-}
-
-/// CSV field quoting.
-pub fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
-/// A probability table as CSV: `image,<class>...,prediction`.
-pub fn probability_csv(paths: &[String], probs: &[f32], class_names: &[String]) -> String {
-    let c = class_names.len();
-    let mut out = String::from("image");
-    for name in class_names {
-        out.push(',');
-        out.push_str(&csv_field(name));
-    }
-    out.push_str(",prediction\n");
-    for (p, row) in paths.iter().zip(probs.chunks_exact(c.max(1))) {
-        out.push_str(&csv_field(p));
-        let mut best = 0;
-        for (i, v) in row.iter().enumerate() {
-            out.push_str(&format!(",{v:.6}"));
-            if *v > row[best] {
-                best = i;
-            }
-        }
-        out.push(',');
-        out.push_str(&csv_field(&class_names[best]));
-        out.push('\n');
-    }
-    out
-}
-
 /// Writes bytes atomically, creating the parent folder.
 pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -377,25 +262,4 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     }
     medvlm_io::atomic::write_atomic(path, bytes)
         .with_context(|| format!("writing {}", path.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn multi_hot_text_says_normal_without_findings() {
-        let names = vec!["a".to_string(), "b".to_string()];
-        assert_eq!(multi_hot_text(&[false, false], &names), "normal");
-        assert_eq!(multi_hot_text(&[true, true], &names), "a;b");
-        for m in MULTI_LABEL_METHODS {
-            assert!(multi_label_refusal(m).is_none(), "{m}");
-        }
-        assert!(multi_label_refusal("taskres")
-            .unwrap()
-            .contains("zero-shot-pairs, linear-probe, tip-adapter, tip-adapter-f, clip-adapter"));
-        assert!(multi_label_refusal("zero-shot")
-            .unwrap()
-            .contains("use 'zero-shot-pairs'"));
-    }
 }

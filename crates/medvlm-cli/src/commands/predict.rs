@@ -20,7 +20,9 @@ use medvlm_adapt::predictor::{AdaptedModel, PredictError};
 use medvlm_eval::evaluation::MULTI_LABEL_THRESHOLD;
 use medvlm_models::ModelError;
 
-use super::common::{probability_csv, probability_csv_multilabel, write_file};
+use medvlm_adapt::pipeline::{probability_csv, probability_csv_multilabel};
+
+use super::common::write_file;
 use super::embed::{list_images, report_skipped, DeviceArgs};
 use super::progress::Progress;
 
