@@ -31,6 +31,7 @@ pub mod lora;
 pub mod losses;
 pub mod optim;
 pub mod pretrain;
+pub mod pretrain_run;
 pub mod schedule;
 pub mod text_section;
 pub mod train_config;

@@ -49,7 +49,11 @@ use medvlm_train::text_section::TextSection;
 use medvlm_train::train_config::{Command, TrainConfig};
 use serde_json::json;
 
-use super::pretrain::{progress_bar, train_and_save, PretrainCallbacks, ZeroShotClass};
+use medvlm_train::pretrain_run::{
+    logit_scale, prompt_embeddings, train_and_save, EpochValidation, ZeroShotClass,
+};
+
+use super::pretrain::{progress_bar, PretrainCallbacks};
 
 /// Arguments of `medvlm quickstart`.
 #[derive(clap::Args, Debug)]
@@ -574,8 +578,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let val_classes: Vec<ZeroShotClass> = classes.iter().map(|(_, c)| c.clone()).collect();
     let mut cb = PretrainCallbacks {
         bar: progress_bar(),
-        val: (!val.is_empty()).then_some((val, val_classes.clone())),
-        every_epochs: plan.eval_every(),
+        val: (!val.is_empty()).then(|| EpochValidation {
+            samples: val,
+            classes: val_classes.clone(),
+            every_epochs: plan.eval_every(),
+        }),
         throttle: std::time::Duration::ZERO,
         verbose: false,
     };
@@ -592,8 +599,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut zs_all = BTreeMap::new();
     let mut test_img = None;
     let zs_setup = ZeroShotSetup {
-        prompt_embeds: super::pretrain::prompt_embeddings(&model, &val_classes)?,
-        logit_scale: super::pretrain::logit_scale(&model)?,
+        prompt_embeds: prompt_embeddings(&model, &val_classes)?,
+        logit_scale: logit_scale(&model)?,
         classes,
     };
     for (name, samples) in [("test", test), ("test_heldout_site", heldout)] {
