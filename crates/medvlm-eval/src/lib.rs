@@ -12,6 +12,10 @@
 //! * [`conformal_multilabel`]: conformal risk control of the false-negative rate of
 //!   multi-label sets.
 //! * [`retrieval`]: image-text recall@K.
+//! * [`report_metrics`]: BLEU-1..4, ROUGE-L and CIDEr-D of generated reports, as pycocoevalcap
+//!   computes them.
+//! * [`report_labeller`]: a negation- and hedge-aware rule labeller of findings in reports,
+//!   and finding-level clinical efficacy (precision, recall, F1; micro and macro).
 //! * [`segmentation`]: Dice, IoU, Hausdorff distance (HD, HD95) and average surface distance
 //!   of 2-D binary masks (MONAI conventions), with per-label summaries.
 //! * [`fewshot_table`]: mean ± std tables over seeds.
@@ -44,6 +48,8 @@ pub mod fewshot_table;
 pub mod multilabel;
 pub mod plots;
 pub mod report;
+pub mod report_labeller;
+pub mod report_metrics;
 pub mod retrieval;
 pub mod segmentation;
 

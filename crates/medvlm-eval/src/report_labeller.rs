@@ -1,0 +1,372 @@
+//! Clinical efficacy of generated reports: a rule labeller that reads which findings a report
+//! states, denies or hedges (the CheXpert labeller's idea, Irvin et al., AAAI 2019, with
+//! NegEx-style negation cues, Chapman et al., J. Biomed. Inform. 2001), and finding-level
+//! precision, recall and F1 of the generated reports' labels against the reference reports'
+//! labels ([`clinical_efficacy`]), micro (pooled counts) and macro (mean over findings).
+//!
+//! Labelling ([`label_report`]), sentence by sentence (split at `.`, `;`, `!`, `?` and line
+//! breaks): a finding is mentioned when one of its lexicon's match strings occurs in the
+//! lower-cased sentence. The mention is
+//!
+//! * **negative** when a negation cue (`no`, `not`, `without`, `negative`, `absent`, `free of`)
+//!   stands in the same sentence before it with no scope breaker (`but`, `however`,
+//!   `although`, `though`, `except`) in between, or `not` / `absent` follows it in the sentence
+//!   (`effusion is not seen`);
+//! * **uncertain** when a hedge cue stands in the sentence (`possible`, `possibly`, `probable`,
+//!   `probably`, `suspected`, `suspicious`, `may`, `might`, `could`, `likely`, `questionable`,
+//!   `cannot be excluded`, `concerning for`, `suggestive of`);
+//! * **positive** otherwise.
+//!
+//! Over a report, as CheXpert aggregates: positive if any mention is positive, else uncertain
+//! if any is uncertain, else negative if it is mentioned, else not mentioned. For clinical
+//! efficacy a finding is predicted present when it is positive, and, with
+//! `uncertain_as_positive` (the "U-Ones" policy), also when it is uncertain; negative and
+//! unmentioned are absent. Precision of a finding never predicted is 0, as scikit-learn's
+//! `zero_division=0`; macro averages run over every finding of the lexicon.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EvalError, Result};
+
+/// The findings a labeller looks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FindingLexicon {
+    /// One entry per finding, in output order.
+    pub findings: Vec<FindingTerms>,
+}
+
+/// A finding and the strings that identify a mention of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FindingTerms {
+    /// The finding's label (e.g. `pleural_effusion`).
+    pub label: String,
+    /// Lower-case substrings, any of which marks a mention (e.g. `effusion`, `pleural fluid`).
+    pub match_terms: Vec<String>,
+}
+
+/// What a report says about a finding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mention {
+    /// Stated as present.
+    Positive,
+    /// Stated with a hedge.
+    Uncertain,
+    /// Denied.
+    Negative,
+}
+
+const NEGATION: &[&str] = &["no", "not", "without", "negative", "absent"];
+const NEGATION_PAIRS: &[(&str, &str)] = &[("free", "of")];
+const SCOPE_BREAKERS: &[&str] = &["but", "however", "although", "though", "except"];
+const HEDGES: &[&str] = &[
+    "possible",
+    "possibly",
+    "probable",
+    "probably",
+    "suspected",
+    "suspicious",
+    "may",
+    "might",
+    "could",
+    "likely",
+    "questionable",
+];
+const HEDGE_PHRASES: &[&str] = &[
+    "cannot be excluded",
+    "can not be excluded",
+    "cannot exclude",
+    "concerning for",
+    "suggestive of",
+];
+
+/// Words of a sentence with the byte offset where each starts.
+fn words(sentence: &str) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for (i, c) in sentence.char_indices() {
+        let inside = c.is_alphanumeric() || c == '-' || c == '\'';
+        match (inside, start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                out.push((s, &sentence[s..i]));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        out.push((s, &sentence[s..]));
+    }
+    out
+}
+
+fn sentence_mention(sentence: &str, at: usize) -> Mention {
+    let w = words(sentence);
+    // Index of the first word at or after the mention.
+    let pos = w.iter().position(|&(o, _)| o >= at).unwrap_or(w.len());
+    let before = &w[..pos];
+    let mut negated = false;
+    for (i, &(_, word)) in before.iter().enumerate() {
+        let cue = NEGATION.contains(&word)
+            || NEGATION_PAIRS
+                .iter()
+                .any(|&(a, b)| word == a && before.get(i + 1).is_some_and(|&(_, n)| n == b));
+        if cue {
+            negated = true;
+        } else if SCOPE_BREAKERS.contains(&word) {
+            negated = false;
+        }
+    }
+    // "effusion is not seen", "pneumothorax absent".
+    let after = &w[pos.min(w.len())..];
+    let mut broken = false;
+    for &(_, word) in after {
+        if SCOPE_BREAKERS.contains(&word) {
+            broken = true;
+        }
+        if !broken && (word == "not" || word == "absent") {
+            negated = true;
+        }
+    }
+    if negated {
+        return Mention::Negative;
+    }
+    let hedged = w.iter().any(|&(_, word)| HEDGES.contains(&word))
+        || HEDGE_PHRASES.iter().any(|p| sentence.contains(p));
+    if hedged {
+        Mention::Uncertain
+    } else {
+        Mention::Positive
+    }
+}
+
+/// What `text` says about each finding of the lexicon, in lexicon order (`None`: not
+/// mentioned).
+pub fn label_report(text: &str, lexicon: &FindingLexicon) -> Vec<Option<Mention>> {
+    let lower = text.to_lowercase();
+    let mut out = vec![None; lexicon.findings.len()];
+    for sentence in lower.split(['.', ';', '!', '?', '\n']) {
+        for (k, f) in lexicon.findings.iter().enumerate() {
+            for term in &f.match_terms {
+                for (at, _) in sentence.match_indices(term.as_str()) {
+                    let m = sentence_mention(sentence, at);
+                    out[k] = Some(match (out[k], m) {
+                        (Some(Mention::Positive), _) | (_, Mention::Positive) => Mention::Positive,
+                        (Some(Mention::Uncertain), _) | (_, Mention::Uncertain) => {
+                            Mention::Uncertain
+                        }
+                        _ => Mention::Negative,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Precision, recall and F1.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prf {
+    /// Precision (0 without predicted positives).
+    pub precision: f64,
+    /// Recall (0 without reference positives).
+    pub recall: f64,
+    /// F1 (0 when precision + recall is 0).
+    pub f1: f64,
+}
+
+impl Prf {
+    fn from_counts(tp: usize, fp: usize, fn_: usize) -> Self {
+        let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let precision = ratio(tp, tp + fp);
+        let recall = ratio(tp, tp + fn_);
+        let f1 = if precision + recall == 0.0 {
+            0.0
+        } else {
+            2.0 * precision * recall / (precision + recall)
+        };
+        Self {
+            precision,
+            recall,
+            f1,
+        }
+    }
+}
+
+/// Clinical efficacy of one finding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FindingEfficacy {
+    /// The finding.
+    pub label: String,
+    /// Reports where both the generated and the reference report state it.
+    pub true_positives: usize,
+    /// Reports where only the generated report states it.
+    pub false_positives: usize,
+    /// Reports where only the reference report states it.
+    pub false_negatives: usize,
+    /// Precision, recall, F1.
+    pub scores: Prf,
+}
+
+/// Finding-level clinical efficacy of generated reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClinicalEfficacy {
+    /// Per finding, in lexicon order.
+    pub per_finding: Vec<FindingEfficacy>,
+    /// From the counts pooled over findings.
+    pub micro: Prf,
+    /// Mean over findings of their precision, recall and F1.
+    pub macro_avg: Prf,
+    /// Whether uncertain mentions counted as present.
+    pub uncertain_as_positive: bool,
+    /// Number of report pairs.
+    pub n: usize,
+}
+
+/// Clinical efficacy of `generated` reports against their `reference` reports, both labelled
+/// with [`label_report`].
+pub fn clinical_efficacy(
+    generated: &[String],
+    reference: &[String],
+    lexicon: &FindingLexicon,
+    uncertain_as_positive: bool,
+) -> Result<ClinicalEfficacy> {
+    if generated.len() != reference.len() {
+        return Err(EvalError::LengthMismatch {
+            what: "reference reports",
+            got: reference.len(),
+            expected: generated.len(),
+        });
+    }
+    if generated.is_empty() {
+        return Err(EvalError::Empty("reports to label"));
+    }
+    if lexicon.findings.is_empty() {
+        return Err(EvalError::Empty("findings in the lexicon"));
+    }
+    let present = |m: Option<Mention>| match m {
+        Some(Mention::Positive) => true,
+        Some(Mention::Uncertain) => uncertain_as_positive,
+        _ => false,
+    };
+    let k = lexicon.findings.len();
+    let mut counts = vec![(0usize, 0usize, 0usize); k];
+    for (g, r) in generated.iter().zip(reference) {
+        let lg = label_report(g, lexicon);
+        let lr = label_report(r, lexicon);
+        for f in 0..k {
+            match (present(lg[f]), present(lr[f])) {
+                (true, true) => counts[f].0 += 1,
+                (true, false) => counts[f].1 += 1,
+                (false, true) => counts[f].2 += 1,
+                (false, false) => {}
+            }
+        }
+    }
+    let per_finding: Vec<FindingEfficacy> = lexicon
+        .findings
+        .iter()
+        .zip(&counts)
+        .map(|(f, &(tp, fp, fn_))| FindingEfficacy {
+            label: f.label.clone(),
+            true_positives: tp,
+            false_positives: fp,
+            false_negatives: fn_,
+            scores: Prf::from_counts(tp, fp, fn_),
+        })
+        .collect();
+    let (tp, fp, fn_) = counts
+        .iter()
+        .fold((0, 0, 0), |a, c| (a.0 + c.0, a.1 + c.1, a.2 + c.2));
+    let mean =
+        |get: fn(&Prf) -> f64| per_finding.iter().map(|f| get(&f.scores)).sum::<f64>() / k as f64;
+    Ok(ClinicalEfficacy {
+        micro: Prf::from_counts(tp, fp, fn_),
+        macro_avg: Prf {
+            precision: mean(|p| p.precision),
+            recall: mean(|p| p.recall),
+            f1: mean(|p| p.f1),
+        },
+        per_finding,
+        uncertain_as_positive,
+        n: generated.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lexicon() -> FindingLexicon {
+        let f = |label: &str, terms: &[&str]| FindingTerms {
+            label: label.into(),
+            match_terms: terms.iter().map(|t| t.to_string()).collect(),
+        };
+        FindingLexicon {
+            findings: vec![
+                f("pleural_effusion", &["effusion", "pleural fluid"]),
+                f("pneumothorax", &["pneumothorax"]),
+                f("nodule", &["nodul"]),
+            ],
+        }
+    }
+
+    #[test]
+    fn negation_hedging_and_scope() {
+        let lex = lexicon();
+        use Mention::*;
+        assert_eq!(
+            label_report("Small right effusion. No pneumothorax.", &lex),
+            vec![Some(Positive), Some(Negative), None]
+        );
+        assert_eq!(
+            label_report("No pneumothorax, nodule or effusion is identified.", &lex),
+            vec![Some(Negative), Some(Negative), Some(Negative)]
+        );
+        assert_eq!(
+            label_report("Effusion is not seen; a nodule cannot be excluded.", &lex),
+            vec![Some(Negative), None, Some(Uncertain)]
+        );
+        assert_eq!(
+            label_report("No pneumothorax but a new nodular opacity.", &lex),
+            vec![None, Some(Negative), Some(Positive)]
+        );
+        // Positive wins over a denial elsewhere in the report.
+        assert_eq!(
+            label_report(
+                "No effusion on the left. Right pleural fluid collection.",
+                &lex
+            )[0],
+            Some(Positive)
+        );
+    }
+
+    #[test]
+    fn efficacy_counts_by_hand() {
+        let lex = lexicon();
+        let generated = vec![
+            "Effusion. Possible nodule.".to_string(),
+            "No effusion. Pneumothorax.".to_string(),
+        ];
+        let reference = vec![
+            "Effusion and nodule.".to_string(),
+            "Effusion. No pneumothorax.".to_string(),
+        ];
+        let ce = clinical_efficacy(&generated, &reference, &lex, false).unwrap();
+        // effusion: TP 1, FN 1; pneumothorax: FP 1; nodule: FN 1 (uncertain is absent).
+        let c: Vec<_> = ce
+            .per_finding
+            .iter()
+            .map(|f| (f.true_positives, f.false_positives, f.false_negatives))
+            .collect();
+        assert_eq!(c, vec![(1, 0, 1), (0, 1, 0), (0, 0, 1)]);
+        // Micro: TP 1, FP 1, FN 2.
+        assert!((ce.micro.precision - 0.5).abs() < 1e-12);
+        assert!((ce.micro.recall - 1.0 / 3.0).abs() < 1e-12);
+        // Macro F1: effusion 2/3, the others 0.
+        assert!((ce.macro_avg.f1 - (2.0 / 3.0) / 3.0).abs() < 1e-12);
+        let u1 = clinical_efficacy(&generated, &reference, &lex, true).unwrap();
+        assert_eq!(u1.per_finding[2].true_positives, 1);
+        assert!(clinical_efficacy(&generated, &reference[..1], &lex, false).is_err());
+    }
+}
