@@ -530,3 +530,42 @@ fn jpeg_extended_12_bit() {
     let img = check_dicom("JPGExtended.dcm");
     assert_eq!(img.bits_stored, Some(12));
 }
+
+/// JPEG Lossless (Process 14) 12- and 16-bit grey frames with predictors 1, 4, 6 and 7
+/// (`tools/make_jpeg_lossless_fixtures.py`; GDCM decodes each to its source) decode to exactly
+/// the pixels of their uncompressed source.
+#[test]
+fn jpeg_lossless_12_and_16_bit_grey_equal_their_uncompressed_source() {
+    for (name, source, uid) in [
+        (
+            "MR_small_12bit_jpeg_lossless_sv1.dcm",
+            "MR_small_12bit.dcm",
+            "1.2.840.10008.1.2.4.70",
+        ),
+        (
+            "MR_small_12bit_jpeg_lossless_p14_pred4.dcm",
+            "MR_small_12bit.dcm",
+            "1.2.840.10008.1.2.4.57",
+        ),
+        (
+            "CT_small_jpeg_lossless_p14_pred6.dcm",
+            "CT_small.dcm",
+            "1.2.840.10008.1.2.4.57",
+        ),
+        (
+            "MR_small_jpeg_lossless_p14_pred7.dcm",
+            "MR_small.dcm",
+            "1.2.840.10008.1.2.4.57",
+        ),
+    ] {
+        let got = load_any(&data(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want = load_any(&data(source)).unwrap();
+        assert_eq!(got.shape, want.shape, "{name}");
+        assert_eq!(got.data, want.data, "{name}");
+        assert!(
+            got.transfer_syntax.as_deref().unwrap_or("").contains(uid),
+            "{name}: {:?}",
+            got.transfer_syntax
+        );
+    }
+}
