@@ -316,7 +316,10 @@ mod tests {
         assert!((rouge_l_per_report(&r, std::slice::from_ref(&r)).unwrap()[0] - 1.0).abs() < 1e-12);
         let other = vec![toks("lungs clear")];
         assert!(bleu(&other, std::slice::from_ref(&r)).unwrap()[0] < 1e-6);
-        assert_eq!(rouge_l_per_report(&other, std::slice::from_ref(&r)).unwrap()[0], 0.0);
+        assert_eq!(
+            rouge_l_per_report(&other, std::slice::from_ref(&r)).unwrap()[0],
+            0.0
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@
 
 use std::path::Path;
 
+use crate::dicom_lengths::check_declared_lengths;
+
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{
@@ -69,6 +71,9 @@ pub fn open_with_notes(path: &Path) -> Result<(DefaultDicomObject, Vec<String>)>
         reason: format!("cannot parse the data set: {reason}"),
     };
     if head.len() >= 132 && &head[128..132] == b"DICM" {
+        let f = std::fs::File::open(path).map_err(|e| IoError::os(path, e))?;
+        check_declared_lengths(std::io::BufReader::new(f), Some(132), None)
+            .map_err(|reason| parse_err(meta_ts_or_unknown(path), reason))?;
         let obj = crate::guard::quiet_catch(|| OpenFileOptions::new().open_file(path))
             .map_err(|p| parse_err(meta_ts_or_unknown(path), p))?
             .map_err(|e| parse_err(meta_ts_or_unknown(path), crate::guard::error_chain(&e)))?;
@@ -76,12 +81,14 @@ pub fn open_with_notes(path: &Path) -> Result<(DefaultDicomObject, Vec<String>)>
     }
     let bytes = std::fs::read(path).map_err(|e| IoError::os(path, e))?;
     let from_meta_group = |with_magic: &[u8], note: String| {
+        let ts = || meta_ts_of(with_magic).unwrap_or_else(|| "unknown".into());
+        check_declared_lengths(std::io::Cursor::new(with_magic), Some(4), None)
+            .map_err(|reason| parse_err(ts(), reason))?;
         let r = crate::guard::quiet_catch(|| {
             OpenFileOptions::new()
                 .read_preamble(ReadPreamble::Never)
                 .from_reader(with_magic)
         });
-        let ts = || meta_ts_of(with_magic).unwrap_or_else(|| "unknown".into());
         let obj = r
             .map_err(|p| parse_err(ts(), p))?
             .map_err(|e| parse_err(ts(), crate::guard::error_chain(&e)))?;
@@ -113,6 +120,8 @@ pub fn open_with_notes(path: &Path) -> Result<(DefaultDicomObject, Vec<String>)>
         });
     };
     let label = transfer_syntax_label(ts.uid());
+    check_declared_lengths(std::io::Cursor::new(&bytes), None, Some(ts.uid()))
+        .map_err(|reason| parse_err(label.clone(), reason))?;
     let ds = crate::guard::quiet_catch(|| InMemDicomObject::read_dataset_with_ts(&bytes[..], ts))
         .map_err(|p| parse_err(label.clone(), p))?
         .map_err(|e| parse_err(label.clone(), crate::guard::error_chain(&e)))?;

@@ -55,6 +55,7 @@ pub mod atomic;
 pub mod check;
 pub mod deidentify;
 pub mod dicom;
+mod dicom_lengths;
 pub mod error;
 pub mod guard;
 mod jpeg12;

@@ -550,3 +550,33 @@ fn nifti_zero_negative_and_absurd_header_values_are_refused() {
     let e = err_of(&p2).to_string();
     assert!(e.contains("invalid vox_offset 100"), "{e}");
 }
+
+/// An element declaring a length far beyond the file is refused before the parser allocates
+/// it (dicom-object allocates a declared length before noticing the file is short), with the
+/// element, its offset and the file named.
+#[test]
+fn dicom_length_past_the_end_is_refused_before_allocating() {
+    let bytes = std::fs::read(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/MR_small.dcm"),
+    )
+    .unwrap();
+    // (7FE0,0010) OW in explicit VR little endian: tag, VR, 2 reserved bytes, 4-byte length.
+    let at = bytes
+        .windows(6)
+        .rposition(|w| w == [0xE0, 0x7F, 0x10, 0x00, b'O', b'W'])
+        .expect("pixel data element");
+    for (variant, declared) in [("pixels", 2_000_000_000u32), ("odd", 0xFFFF_FFF0)] {
+        let mut damaged = bytes.clone();
+        damaged[at + 8..at + 12].copy_from_slice(&declared.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(format!("{variant}.dcm"));
+        std::fs::write(&p, &damaged).unwrap();
+        let err = medvlm_io::load_any(&p).unwrap_err().to_string();
+        assert!(err.contains(&format!("{variant}.dcm")), "{err}");
+        assert!(
+            err.contains(&format!("(7FE0,0010) at byte {at} declares {declared} bytes")),
+            "{err}"
+        );
+        assert!(err.contains("remain in the file"), "{err}");
+    }
+}
