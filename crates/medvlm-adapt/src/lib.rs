@@ -44,3 +44,4 @@ pub mod methods;
 pub mod predictor;
 pub mod prompts;
 pub mod task;
+pub mod zero_shot;
