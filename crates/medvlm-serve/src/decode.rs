@@ -38,7 +38,7 @@ pub enum UploadKind {
 impl UploadKind {
     /// Detects the format from the first bytes.
     pub fn sniff(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() >= 132 && &bytes[128..132] == b"DICM" || bytes.starts_with(b"DICM") {
+        if (bytes.len() >= 132 && &bytes[128..132] == b"DICM") || bytes.starts_with(b"DICM") {
             return Some(Self::Dicom);
         }
         if bytes.starts_with(&[0x89, b'P', b'N', b'G']) {

@@ -581,7 +581,6 @@ fn build_classes(
             p
         }
     };
-    let classes: Vec<(String, Vec<String>)> = classes;
     if classes.len() < 2 {
         return Err(ApiError::unprocessable("give at least two classes"));
     }
@@ -600,10 +599,11 @@ fn build_classes(
     Ok(classes)
 }
 
-fn zero_shot_request(payload: Payload) -> Result<ZeroShotRequest, ApiError> {
+fn zero_shot_request(svc: &Service, payload: Payload) -> Result<ZeroShotRequest, ApiError> {
     match payload {
         Payload::Json(v) => {
             let m = object(v)?;
+            check_model(svc, opt_str(&m, "model")?)?;
             reject_unknown(
                 &m,
                 &[
@@ -659,7 +659,7 @@ fn zero_shot_request(payload: Payload) -> Result<ZeroShotRequest, ApiError> {
                     }
                     "ensemble" => ensemble = Some(text),
                     "window" => window = Some(text),
-                    "model" => {}
+                    "model" => check_model(svc, Some(text))?,
                     other => {
                         return Err(ApiError::unprocessable(format!(
                             "unknown form field {other:?}"
@@ -683,10 +683,7 @@ fn zero_shot_request(payload: Payload) -> Result<ZeroShotRequest, ApiError> {
 pub async fn zero_shot(State(svc): State<Service>, req: Request) -> Response {
     let fut = async {
         let payload = read_payload(&svc, req).await?;
-        if let Payload::Json(Value::Object(m)) = &payload {
-            check_model(&svc, opt_str(m, "model")?)?;
-        }
-        let r = zero_shot_request(payload)?;
+        let r = zero_shot_request(&svc, payload)?;
         let px = preprocess(svc.inner.model.preprocess.clone(), r.image, r.window).await?;
         let pending = submit(&svc, Target::Embed, px)?;
         let s = svc.clone();

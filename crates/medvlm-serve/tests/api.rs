@@ -328,8 +328,9 @@ async fn zero_shot_probabilities_equal_the_library_computation() {
     assert_eq!(v["probabilities"].as_array().unwrap().len(), 2);
 }
 
-/// A linear-probe artefact written with the library pieces (as `medvlm adapt` does).
-fn write_artefact(dir: &Path, images: &[PathBuf]) {
+/// A linear-probe artefact written with the library pieces (as `medvlm adapt` does):
+/// multi-class, or multi-label with conformal risk control calibrated on its own images.
+fn write_artefact(dir: &Path, images: &[PathBuf], multilabel: bool) {
     use medvlm_adapt::artefact::{write_artefact_dir, AdaptCard, ADAPT_CARD, ADAPT_FORMAT};
     use medvlm_adapt::fewshot::{FewShotProtocol, TaskKind};
     use medvlm_adapt::method::{method_by_name, save_classifier, AdaptInput, SupportSet};
@@ -349,12 +350,47 @@ fn write_artefact(dir: &Path, images: &[PathBuf]) {
     )
     .unwrap();
     let texts = encode_class_texts(&m, &prompts, None, 8, &Device::Cpu).unwrap();
-    let support = SupportSet::multi_class(feats, vec![0, 0, 1, 1]);
+    let targets = vec![
+        vec![true, false],
+        vec![true, true],
+        vec![false, true],
+        vec![false, false],
+    ];
+    let support = if multilabel {
+        SupportSet {
+            features: feats.clone(),
+            labels: medvlm_adapt::method::SupportLabels::MultiLabel(targets.clone()),
+        }
+    } else {
+        SupportSet::multi_class(feats.clone(), vec![0, 0, 1, 1])
+    };
     let clf = method_by_name("linear-probe", None)
         .unwrap()
         .fit(&AdaptInput::frozen(&texts, &support))
         .unwrap();
-    let protocol = FewShotProtocol::balanced(2, 0, TaskKind::MultiClass);
+    let task = if multilabel {
+        TaskKind::MultiLabel
+    } else {
+        TaskKind::MultiClass
+    };
+    let multilabel_metrics = multilabel.then(|| {
+        let probs: Vec<f32> = clf
+            .probabilities(&feats)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        medvlm_eval::evaluation::evaluate_multilabel(
+            &probs,
+            &targets,
+            &classes,
+            Some((&probs, &targets, "train".to_string())),
+            0.3,
+        )
+        .unwrap()
+    });
+    let protocol = FewShotProtocol::balanced(2, 0, task);
     write_artefact_dir(
         dir,
         |tmp| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -370,7 +406,7 @@ fn write_artefact(dir: &Path, images: &[PathBuf]) {
                 data_sha256: String::new(),
                 label_field: "label".into(),
                 filters: vec![],
-                task: TaskKind::MultiClass,
+                task,
                 protocol_description: protocol.describe(),
                 protocol,
                 class_names: classes.clone(),
@@ -380,7 +416,7 @@ fn write_artefact(dir: &Path, images: &[PathBuf]) {
                 train_split: "train".into(),
                 test_split: None,
                 metrics: None,
-                multilabel_metrics: None,
+                multilabel_metrics: multilabel_metrics.clone(),
                 notes: vec![],
                 medvlm_version: "test".into(),
             };
@@ -402,7 +438,7 @@ async fn predict_equals_predict_files_and_says_why_there_is_no_conformal_set() {
         })
         .collect();
     let dir = d.path().join("chest-lp");
-    write_artefact(&dir, &images);
+    write_artefact(&dir, &images, false);
     let adapted = AdaptedModel::load(&dir, None, &Device::Cpu).unwrap();
     let expected = adapted
         .predict_files(&images, 4, false, &Device::Cpu, &|_| {})
@@ -647,4 +683,84 @@ async fn malformed_requests_get_json_errors_with_their_status() {
     .await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
     error_of(&v, "method_not_allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_label_artefact_with_conformal_risk_control_returns_its_label_set() {
+    let d = tempfile::tempdir().unwrap();
+    let images: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let p = d.path().join(format!("{i}.png"));
+            write_image(&p, 0.25 * i as f32);
+            p
+        })
+        .collect();
+    let dir = d.path().join("findings");
+    write_artefact(&dir, &images, true);
+    let adapted = AdaptedModel::load(&dir, None, &Device::Cpu).unwrap();
+    let expected = adapted
+        .predict_files(&images, 4, false, &Device::Cpu, &|_| {})
+        .unwrap();
+    let report = adapted
+        .card
+        .multilabel_metrics
+        .as_ref()
+        .unwrap()
+        .conformal_fnr_control
+        .as_ref()
+        .expect("the card was calibrated")
+        .report
+        .clone();
+    let svc = Service::new(
+        "tiny-clip",
+        load_model(),
+        vec![("findings".into(), dir, adapted)],
+        opts(),
+    )
+    .unwrap();
+    let router = svc.router();
+    let names = ["dark", "bright"];
+    for (i, img) in images.iter().enumerate() {
+        let bytes = std::fs::read(img).unwrap();
+        let (s, v) = call_json(
+            &router,
+            post_json("/v1/predict", &json!({"image": b64(&bytes)})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["task"], "multi-label");
+        let p = &expected.probabilities[i * 2..i * 2 + 2];
+        let want_set: Vec<&str> = names
+            .iter()
+            .zip(p)
+            .filter(|(_, &q)| report.calibration_too_small || q >= report.threshold)
+            .map(|(n, _)| *n)
+            .collect();
+        let c = &v["conformal"];
+        assert_eq!(c["set"], json!(want_set), "{v}");
+        assert_eq!(c["threshold"].as_f64().unwrap() as f32, report.threshold);
+        assert_eq!(c["target_fnr"], 0.3);
+        assert_eq!(c["calibration_source"], "train");
+        let want_pred: Vec<&str> = names
+            .iter()
+            .zip(p)
+            .filter(|(_, &q)| q >= 0.5)
+            .map(|(n, _)| *n)
+            .collect();
+        let got_pred: Vec<&str> = v["predicted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["class"].as_str().unwrap())
+            .collect();
+        let mut got_sorted = got_pred.clone();
+        got_sorted.sort_by_key(|n| names.iter().position(|m| m == n));
+        assert_eq!(got_sorted, want_pred);
+    }
+    let (_, v) = call_json(
+        &router,
+        Request::get("/v1/models").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(v["artefacts"][0]["conformal_sets"], true);
 }
