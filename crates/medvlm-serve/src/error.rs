@@ -70,8 +70,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    /// The async runtime could not start.
-    #[error("starting the async runtime")]
+    /// The async runtime or the model worker thread could not start.
+    #[error("starting the async runtime or the model worker thread")]
     Runtime(#[source] std::io::Error),
 }
 

@@ -229,17 +229,23 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The warning printed when the service listens beyond loopback without an API key.
+pub fn exposure_warning(addr: SocketAddr, has_api_key: bool) -> Option<String> {
+    (!addr.ip().is_loopback() && !has_api_key).then(|| {
+        format!(
+            "warning: serving on {addr} (not loopback) without an API key: anyone who can \
+             reach this address can use the model; pass --api-key-file"
+        )
+    })
+}
+
 /// `medvlm serve`: loads the model and artefacts, binds `config.addr` (printing
 /// `listening on http://ADDR` on stderr, and a warning when a non-loopback address has no
 /// API key), and serves until SIGINT/SIGTERM, finishing the requests in flight.
 pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let service = config.load()?;
-    if !config.addr.ip().is_loopback() && config.api_key_file.is_none() {
-        eprintln!(
-            "warning: serving on {} (not loopback) without an API key: anyone who can reach \
-             this address can use the model; pass --api-key-file",
-            config.addr
-        );
+    if let Some(w) = exposure_warning(config.addr, config.api_key_file.is_some()) {
+        eprintln!("{w}");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -268,4 +274,56 @@ pub fn serve(config: ServeConfig) -> Result<(), ServeError> {
         eprintln!("medvlm serve: stopped");
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_non_loopback_address_without_a_key_is_warned_about() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(exposure_warning(a("0.0.0.0:8080"), false)
+            .unwrap()
+            .contains("without an API key"));
+        assert!(exposure_warning(a("10.1.2.3:80"), false).is_some());
+        assert!(exposure_warning(a("0.0.0.0:8080"), true).is_none());
+        assert!(exposure_warning(a("127.0.0.1:8080"), false).is_none());
+        assert!(exposure_warning(a("[::1]:8080"), false).is_none());
+    }
+
+    #[test]
+    fn limits_out_of_range_and_empty_key_files_are_refused() {
+        let bad = |c: ServeConfig| c.options().unwrap_err().to_string();
+        assert!(bad(ServeConfig {
+            max_batch: 0,
+            ..Default::default()
+        })
+        .contains("--max-batch"));
+        assert!(bad(ServeConfig {
+            queue: 0,
+            ..Default::default()
+        })
+        .contains("--queue"));
+        assert!(bad(ServeConfig {
+            timeout_s: 0.0,
+            ..Default::default()
+        })
+        .contains("--timeout-s"));
+        assert!(bad(ServeConfig {
+            max_body_mb: -1.0,
+            ..Default::default()
+        })
+        .contains("--max-body-mb"));
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("key");
+        std::fs::write(&f, "\n").unwrap();
+        let e = bad(ServeConfig {
+            api_key_file: Some(f.clone()),
+            ..Default::default()
+        });
+        assert!(e.contains("empty") && e.contains("key"), "{e}");
+        std::fs::write(&f, "  abc  \nsecond line\n").unwrap();
+        assert_eq!(read_api_key(&f).unwrap(), "abc");
+    }
 }

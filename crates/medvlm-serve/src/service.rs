@@ -216,7 +216,11 @@ async fn auth(State(svc): State<Service>, req: Request, next: Next) -> Response 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 9110, 11.1).
+            let (scheme, rest) = v.split_at_checked(7)?;
+            scheme.eq_ignore_ascii_case("bearer ").then_some(rest)
+        })
         .map(str::trim);
     match given {
         Some(g) if same_bytes(g.as_bytes(), key.as_bytes()) => next.run(req).await,

@@ -154,7 +154,7 @@ async fn embeddings_equal_the_library_embeddings_of_the_same_image_and_text() {
     let m = load_model();
     let img = medvlm_models::embed::embed_image_files(
         &m,
-        &[png.clone()],
+        std::slice::from_ref(&png),
         1,
         false,
         &Device::Cpu,

@@ -201,8 +201,10 @@ async fn the_api_key_guards_v1_routes_only_and_is_never_echoed() {
         assert_eq!(v["error"]["code"], "unauthorized");
         assert!(!v.to_string().contains(key));
     }
-    let (s, _, _) = send(router.clone(), get(Some(&format!("Bearer {key}")))).await;
-    assert_eq!(s, StatusCode::OK);
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let (s, _, _) = send(router.clone(), get(Some(&format!("{scheme} {key}")))).await;
+        assert_eq!(s, StatusCode::OK, "{scheme}");
+    }
     let mut req = embed_request(&png_b64(0.2));
     req.headers_mut().insert(
         header::AUTHORIZATION,
