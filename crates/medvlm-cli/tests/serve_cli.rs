@@ -137,6 +137,10 @@ fn the_binary_serves_embeddings_behind_the_key_and_stops_on_sigterm() {
         "{log}"
     );
     assert!(
+        log.contains("status=401 error_code=\"unauthorized\""),
+        "{log}"
+    );
+    assert!(
         !log.contains("k-9f2c1e") && !log.contains("CompressedSamples"),
         "{log}"
     );

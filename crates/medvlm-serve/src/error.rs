@@ -75,6 +75,10 @@ pub enum ServeError {
     Runtime(#[source] std::io::Error),
 }
 
+/// The code of an error response, kept in its extensions for the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 /// An error answered to a client: an HTTP status, a stable machine-readable code and a
 /// message naming the reason (never patient data, never the API key).
 #[derive(Debug, Clone)]
@@ -141,6 +145,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
         let mut resp = (self.status, axum::Json(body)).into_response();
+        // For the access log: the code only, never the message.
+        resp.extensions_mut().insert(ErrorCode(self.code));
         if let Some(s) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);

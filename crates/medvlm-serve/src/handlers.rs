@@ -290,10 +290,7 @@ async fn with_timeout<T: IntoResponse>(
     let t = svc.inner.opts.timeout;
     match tokio::time::timeout(t, fut).await {
         Ok(Ok(r)) => r.into_response(),
-        Ok(Err(e)) => {
-            tracing::warn!(target: "medvlm_serve::access", code = e.code, status = e.status.as_u16(), "request refused");
-            e.into_response()
-        }
+        Ok(Err(e)) => e.into_response(),
         Err(_) => ApiError {
             retry_after: Some(1),
             ..ApiError::new(
@@ -417,6 +414,17 @@ pub async fn embeddings(State(svc): State<Service>, req: Request) -> Response {
         let payload = read_payload(&svc, req).await?;
         let (inputs, window) = embedding_inputs(payload, &svc)?;
         let cfg = svc.inner.model.preprocess.clone();
+        let images = inputs
+            .iter()
+            .filter(|i| matches!(i, EmbedInput::Image(_)))
+            .count();
+        let capacity = svc.batcher().capacity();
+        if images > capacity {
+            return Err(ApiError::unprocessable(format!(
+                "{images} images in one request, more than the queue holds ({capacity}, --queue); \
+                 split the request"
+            )));
+        }
         // Decode every image first (415 before anything is queued), then queue them all.
         let mut texts = Vec::new();
         let mut slots = Vec::with_capacity(inputs.len());

@@ -258,12 +258,18 @@ async fn observe(State(svc): State<Service>, req: Request, next: Next) -> Respon
     let response_bytes = axum::body::HttpBody::size_hint(resp.body())
         .exact()
         .unwrap_or(0);
+    let error_code = resp
+        .extensions()
+        .get::<crate::error::ErrorCode>()
+        .map(|c| c.0)
+        .unwrap_or("-");
     tracing::info!(
         target: "medvlm_serve::access",
         request_id = id,
         method = %method,
         route = %route,
         status,
+        error_code,
         latency_ms = (seconds * 1000.0 * 1000.0).round() / 1000.0,
         request_bytes,
         response_bytes,

@@ -628,6 +628,11 @@ async fn malformed_requests_get_json_errors_with_their_status() {
         ("/v1/embeddings", json!({"input": [3]}), "input[0]"),
         ("/v1/embeddings", json!([1, 2]), "object"),
         (
+            "/v1/embeddings",
+            json!({"input": vec![json!({"image": "AAAA"}); 17]}),
+            "split the request",
+        ),
+        (
             "/v1/zero-shot",
             json!({"image": b64(&bytes), "labels": ["only"]}),
             "two classes",
@@ -763,4 +768,62 @@ async fn a_multi_label_artefact_with_conformal_risk_control_returns_its_label_se
     )
     .await;
     assert_eq!(v["artefacts"][0]["conformal_sets"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn siglip_zero_shot_is_a_sigmoid_with_bias_equal_to_the_library() {
+    use medvlm_adapt::zero_shot::{class_prompt_embeddings, zero_shot_probabilities, Ensemble};
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../medvlm-models/tests/fixtures/siglip");
+    let load =
+        || medvlm_models::load_model(fixture.to_str().unwrap(), &Default::default()).unwrap();
+    let m = load();
+    assert!(m.model.logit_bias().is_some());
+    let d = tempfile::tempdir().unwrap();
+    let png = d.path().join("a.png");
+    write_image(&png, 0.45);
+    let bytes = std::fs::read(&png).unwrap();
+    let img = medvlm_models::embed::embed_image_files(
+        &m,
+        std::slice::from_ref(&png),
+        1,
+        false,
+        &Device::Cpu,
+        &|_| {},
+    )
+    .unwrap()
+    .embeds
+    .unwrap();
+    let names: Vec<String> = ["fracture", "no fracture", "implant"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let classes: Vec<(String, Vec<String>)> = names
+        .iter()
+        .map(|n| (n.clone(), vec![format!("an x-ray of {n}")]))
+        .collect();
+    let pe = class_prompt_embeddings(&m, &classes, 8, &Device::Cpu).unwrap();
+    let expected = zero_shot_probabilities(&m, &img, &names, &pe, Ensemble::Mean).unwrap();
+    let router = Service::new("tiny-siglip", load(), vec![], opts())
+        .unwrap()
+        .router();
+    let (s, v) = call_json(
+        &router,
+        post_json(
+            "/v1/zero-shot",
+            &json!({"image": b64(&bytes), "labels": names, "template": "an x-ray of {}"}),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["activation"], "sigmoid");
+    for p in v["probabilities"].as_array().unwrap() {
+        let i = names.iter().position(|n| p["class"] == n.as_str()).unwrap();
+        let got = p["probability"].as_f64().unwrap() as f32;
+        assert!(
+            (got - expected[0][i]).abs() <= 1e-6,
+            "{got} vs {}",
+            expected[0][i]
+        );
+    }
 }
