@@ -48,3 +48,4 @@ pub mod pipeline;
 pub mod predictor;
 pub mod prompts;
 pub mod task;
+pub mod zero_shot;

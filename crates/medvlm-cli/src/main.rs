@@ -56,15 +56,25 @@ fn flush_subnormals() {
 /// head -1`), as Unix tools do. The Rust runtime ignores SIGPIPE, so a write to a closed pipe
 /// fails with EPIPE and `println!` panics with a backtrace; with the default action restored
 /// the kernel ends the process at that write instead. Files are written atomically (temp file +
-/// rename), so being ended mid-run leaves no half-written output. A long-running server
-/// (the planned `medvlm serve`) must not inherit this: a client closing its socket would end
-/// the process; it should set SIGPIPE back to ignored.
+/// rename), so being ended mid-run leaves no half-written output. The long-running server
+/// (`medvlm serve`) must not inherit this (a client closing its socket would end the
+/// process): [`ignore_sigpipe`] sets it back to ignored for that command.
 fn restore_default_sigpipe() {
     #[cfg(unix)]
     // SAFETY: sets the disposition of one signal before any thread starts; SIG_DFL is always
     // a valid disposition.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// SIGPIPE ignored again (as the Rust runtime sets it), for `medvlm serve`.
+fn ignore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: sets the disposition of one signal before any thread starts; SIG_IGN is always
+    // a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
 }
 
@@ -116,6 +126,8 @@ enum Command {
     Adapt(commands::adapt::Args),
     /// Predict with an adapted model.
     Predict(commands::predict::Args),
+    /// Serve the model and adapted artefacts over HTTP (embeddings, zero-shot, predict).
+    Serve(commands::serve::Args),
     /// Benchmarks (throughput, memory, few-shot sweeps).
     Bench(commands::bench::Args),
     /// The field's papers by task, strategy and modality, with the medvlm command that runs
@@ -128,6 +140,9 @@ fn main() {
     flush_subnormals();
     allocator_options();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve(_)) {
+        ignore_sigpipe();
+    }
     if cli.offline {
         // Before any thread starts; the model-source code reads it as huggingface_hub does.
         std::env::set_var("HF_HUB_OFFLINE", "1");
@@ -145,6 +160,7 @@ fn main() {
         Command::Finetune(a) => commands::finetune::run(a),
         Command::Adapt(a) => commands::adapt::run(a),
         Command::Predict(a) => commands::predict::run(a),
+        Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Papers(a) => commands::papers::run(a),
     };

@@ -11,11 +11,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Tensor};
-use medvlm_models::vlm::l2_normalize;
-use medvlm_models::Family;
 
-use super::embed::{embed_images, embed_texts, list_images, load, report_skipped, DeviceArgs};
+use super::embed::{embed_images, list_images, load, report_skipped, DeviceArgs};
 
 /// Arguments of `medvlm zero-shot`.
 #[derive(clap::Args, Debug)]
@@ -108,13 +105,6 @@ fn read_prompts(path: &std::path::Path) -> anyhow::Result<Vec<(String, Vec<Strin
     Ok(out)
 }
 
-fn softmax(row: &[f32]) -> Vec<f32> {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = row.iter().map(|&z| (z - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    exp.iter().map(|e| e / sum).collect()
-}
-
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
@@ -145,80 +135,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let paths = list_images(&args.images)?;
     let m = load(&args.model, &device)?;
 
-    // Each class's normalised prompt embeddings.
-    let mut prompt_embeds = Vec::with_capacity(classes.len());
-    for (_, prompts) in &classes {
-        let e = l2_normalize(&embed_texts(&m, prompts, args.batch, &device)?)?;
-        prompt_embeds.push(
-            e.to_device(&candle_core::Device::Cpu)?
-                .to_dtype(DType::F32)?,
-        );
-    }
+    let prompt_embeds =
+        medvlm_adapt::zero_shot::class_prompt_embeddings(&m, &classes, args.batch, &device)
+            .context("text encoder")?;
 
     let imgs = embed_images(&m, &paths, args.batch, args.skip_bad, &device)?;
     let Some(image_embeds) = imgs.embeds else {
         report_skipped(&imgs.skipped);
         bail!("none of the {} images could be read", paths.len());
     };
-    let img = l2_normalize(&image_embeds)?
-        .to_device(&candle_core::Device::Cpu)?
-        .to_dtype(DType::F32)?;
-    let first = |t: Tensor| -> anyhow::Result<f32> {
-        t.to_device(&candle_core::Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .first()
-            .copied()
-            .with_context(|| format!("{}: the logit scale or bias is empty", args.model))
+    let class_names: Vec<String> = classes.iter().map(|(c, _)| c.clone()).collect();
+    let ensemble = match args.ensemble {
+        Ensemble::Mean => medvlm_adapt::zero_shot::Ensemble::Mean,
+        Ensemble::Mixture => medvlm_adapt::zero_shot::Ensemble::Mixture,
     };
-    let scale = first(m.model.logit_scale().exp()?)?;
-    let bias = m.model.logit_bias().map(first).transpose()?;
-    let sigmoid = |z: f32| 1.0 / (1.0 + (-z).exp());
-    let probs: Vec<Vec<f32>> = match args.ensemble {
-        Ensemble::Mean => {
-            // CLIP's ensembling, as the zero-shot-ensemble method does it.
-            let txt = medvlm_adapt::method::ClassTexts {
-                class_names: classes.iter().map(|(c, _)| c.clone()).collect(),
-                prompts: prompt_embeds,
-                negative_prompts: None,
-            }
-            .ensemble_weights()?;
-            let logits = (img.matmul(&txt.t()?)? * scale as f64)?;
-            let logits = (logits + bias.unwrap_or(0.0) as f64)?;
-            logits
-                .to_vec2::<f32>()?
-                .iter()
-                .map(|row| match m.family {
-                    Family::Siglip => row.iter().map(|&z| sigmoid(z)).collect(),
-                    _ => softmax(row),
-                })
-                .collect()
-        }
-        Ensemble::Mixture if m.family == Family::Siglip => {
-            // Mean over the class's prompts of each prompt's sigmoid.
-            let mut cols = Vec::with_capacity(prompt_embeds.len());
-            for pe in &prompt_embeds {
-                let z = ((img.matmul(&pe.t()?)? * scale as f64)? + bias.unwrap_or(0.0) as f64)?;
-                let p = (z.neg()?.exp()? + 1.0)?.recip()?;
-                cols.push(p.mean_keepdim(1)?);
-            }
-            Tensor::cat(&cols, 1)?.to_vec2::<f32>()?
-        }
-        Ensemble::Mixture => {
-            let scores =
-                medvlm_train::pretrain::prompt_mixture_scores(&img, &prompt_embeds, scale as f64)?;
-            let scores = match bias {
-                Some(b) => (scores + b as f64)?,
-                None => scores,
-            };
-            scores
-                .to_vec2::<f32>()?
-                .iter()
-                .map(|r| softmax(r))
-                .collect()
-        }
-    };
+    let probs = medvlm_adapt::zero_shot::zero_shot_probabilities(
+        &m,
+        &image_embeds,
+        &class_names,
+        &prompt_embeds,
+        ensemble,
+    )
+    .with_context(|| format!("scoring with {}", args.model))?;
 
     let mut table = String::new();
     table.push_str("image");

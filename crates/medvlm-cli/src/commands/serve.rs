@@ -1,0 +1,61 @@
+//! `medvlm serve`: the model (and adapted artefacts) as an HTTP service; parses the
+//! arguments and calls [`medvlm_serve::serve`] (docs/serve.md).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::embed::DeviceArgs;
+
+/// Arguments of `medvlm serve`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model: a directory, hf:ORG/NAME[@REV], or a preset name (see `medvlm models`).
+    #[arg(long)]
+    pub model: String,
+    /// An artefact folder written by `medvlm adapt`, served under its folder name
+    /// (repeatable).
+    #[arg(long)]
+    pub adapted: Vec<PathBuf>,
+    /// Address to listen on (port 0: any free port; the address is printed on stderr).
+    /// A non-loopback address without --api-key-file prints a warning.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// File whose first line is the API key; /v1/* then needs `Authorization: Bearer KEY`.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Most images per forward pass.
+    #[arg(long, default_value_t = 16, value_parser = crate::commands::at_least_one)]
+    pub max_batch: usize,
+    /// Longest wait (ms) for more images after the first of a batch.
+    #[arg(long, default_value_t = 10)]
+    pub max_wait_ms: u64,
+    /// Images that may wait for the model; more are refused with 429.
+    #[arg(long, default_value_t = 64, value_parser = crate::commands::at_least_one)]
+    pub queue: usize,
+    /// Request timeout in seconds (then 504).
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout_s: f64,
+    /// Largest request body in MiB (then 413).
+    #[arg(long, default_value_t = 32.0)]
+    pub max_body_mb: f64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let config = medvlm_serve::ServeConfig {
+        model: args.model,
+        adapted: args.adapted,
+        addr: args.addr,
+        api_key_file: args.api_key_file,
+        max_batch: args.max_batch,
+        max_wait_ms: args.max_wait_ms,
+        queue: args.queue,
+        timeout_s: args.timeout_s,
+        max_body_mb: args.max_body_mb,
+        device: args.device.device()?,
+    };
+    medvlm_serve::serve(config).context("medvlm serve")
+}

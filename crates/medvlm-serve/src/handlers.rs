@@ -1,0 +1,989 @@
+//! The route handlers. Every `/v1/*` handler reads the body itself (so that an oversized body
+//! is a JSON 413 and a wrong content type a JSON 415), answers within the request timeout
+//! (504 otherwise), and sends images to the model only through the batching queue.
+
+use std::future::Future;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use candle_core::Tensor;
+use http_body_util::BodyExt;
+use medvlm_adapt::fewshot::TaskKind;
+use medvlm_adapt::zero_shot::Ensemble;
+use medvlm_io::Window;
+use medvlm_models::{Family, PreprocessConfig};
+use serde_json::{json, Map, Value};
+
+use crate::batcher::{SubmitError, Target};
+use crate::decode::{decode_upload, DecodeError};
+use crate::error::ApiError;
+use crate::service::Service;
+
+// ---------------------------------------------------------------- request bodies
+
+/// A part of a multipart form.
+struct FormPart {
+    name: String,
+    file_name: Option<String>,
+    data: Bytes,
+}
+
+impl FormPart {
+    fn text(&self) -> Result<String, ApiError> {
+        String::from_utf8(self.data.to_vec()).map_err(|_| {
+            ApiError::bad_request(
+                "bad_multipart",
+                format!("form field {:?} is not UTF-8 text", self.name),
+            )
+        })
+    }
+}
+
+/// A request body: JSON or a multipart form.
+enum Payload {
+    Json(Value),
+    Form(Vec<FormPart>),
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("the request body is larger than the limit of {limit} bytes (--max-body-mb)"),
+    )
+}
+
+async fn read_payload(svc: &Service, req: Request) -> Result<Payload, ApiError> {
+    let limit = svc.inner.opts.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let essence = ct.split(';').next().unwrap_or("").trim().to_string();
+    let is_json = essence == "application/json" || essence.ends_with("+json");
+    let is_form = essence == "multipart/form-data";
+    if !is_json && !is_form {
+        return Err(ApiError::unsupported(format!(
+            "send application/json or multipart/form-data (Content-Type was {:?})",
+            if essence.is_empty() {
+                "absent"
+            } else {
+                &essence
+            }
+        )));
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                too_large(limit)
+            } else {
+                ApiError::bad_request("bad_body", "the request body could not be read")
+            }
+        })?
+        .to_bytes();
+    if is_json {
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad_request("bad_json", format!("the body is not valid JSON: {e}"))
+        })?;
+        return Ok(Payload::Json(v));
+    }
+    let req = Request::from_parts(parts, Body::from(bytes));
+    let mut form = Multipart::from_request(req, &()).await.map_err(|e| {
+        ApiError::bad_request("bad_multipart", format!("malformed multipart form: {e}"))
+    })?;
+    let mut out = Vec::new();
+    loop {
+        let field = form.next_field().await.map_err(|e| {
+            ApiError::bad_request("bad_multipart", format!("malformed multipart form: {e}"))
+        })?;
+        let Some(field) = field else { break };
+        let name = field.name().unwrap_or("").to_string();
+        let file_name = field.file_name().map(str::to_string);
+        let data = field.bytes().await.map_err(|e| {
+            ApiError::bad_request("bad_multipart", format!("malformed multipart form: {e}"))
+        })?;
+        out.push(FormPart {
+            name,
+            file_name,
+            data,
+        });
+    }
+    Ok(Payload::Form(out))
+}
+
+fn object(v: Value) -> Result<Map<String, Value>, ApiError> {
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::unprocessable("the body must be a JSON object")),
+    }
+}
+
+fn reject_unknown(m: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+    match m.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::unprocessable(format!(
+            "unknown field {k:?} (this route takes {allowed:?})"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn opt_str(m: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::unprocessable(format!(
+            "field {key:?} must be a string"
+        ))),
+    }
+}
+
+/// Base64 (standard alphabet, padding optional, whitespace ignored, an optional `data:...,`
+/// prefix) to bytes.
+fn base64_image(s: &str, what: &str) -> Result<Bytes, ApiError> {
+    let s = match s.strip_prefix("data:") {
+        Some(rest) => rest.split_once(',').map(|(_, d)| d).unwrap_or(""),
+        None => s,
+    };
+    let clean: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let eng = base64::engine::general_purpose::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    eng.decode(clean.as_bytes()).map(Bytes::from).map_err(|e| {
+        ApiError::bad_request("bad_base64", format!("{what} is not valid base64: {e}"))
+    })
+}
+
+fn parse_window(s: Option<String>) -> Result<Option<Window>, ApiError> {
+    s.map(|w| {
+        w.parse::<Window>()
+            .map_err(|e| ApiError::unprocessable(format!("field \"window\": {e}")))
+    })
+    .transpose()
+}
+
+fn parse_ensemble(s: Option<String>) -> Result<Ensemble, ApiError> {
+    match s.as_deref() {
+        None | Some("mean") => Ok(Ensemble::Mean),
+        Some("mixture") => Ok(Ensemble::Mixture),
+        Some(other) => Err(ApiError::unprocessable(format!(
+            "field \"ensemble\" must be \"mean\" or \"mixture\", not {other:?}"
+        ))),
+    }
+}
+
+fn is_file_part(p: &FormPart) -> bool {
+    p.file_name.is_some() || matches!(p.name.as_str(), "image" | "file")
+}
+
+// ---------------------------------------------------------------- model calls
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError::internal("a worker task failed"))?
+}
+
+async fn preprocess(
+    cfg: PreprocessConfig,
+    bytes: Bytes,
+    window: Option<Window>,
+) -> Result<Vec<f32>, ApiError> {
+    blocking(move || {
+        decode_upload(&bytes, &cfg, window.as_ref()).map_err(|e| match e {
+            DecodeError::Unrecognised | DecodeError::Undecodable { .. } => {
+                ApiError::unsupported(e.to_string())
+            }
+            DecodeError::Empty => ApiError::unprocessable(e.to_string()),
+            DecodeError::Temp(_) => ApiError::internal(e.to_string()),
+        })
+    })
+    .await
+}
+
+type Pending = tokio::sync::oneshot::Receiver<crate::batcher::JobResult>;
+
+fn submit(svc: &Service, target: Target, pixels: Vec<f32>) -> Result<Pending, ApiError> {
+    svc.batcher().submit(target, pixels).map_err(|e| match e {
+        SubmitError::Full => {
+            svc.inner.metrics.record_rejected();
+            ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "queue_full",
+                    format!(
+                        "the model queue is full ({} images waiting); retry later",
+                        svc.batcher().capacity()
+                    ),
+                )
+            }
+        }
+        SubmitError::Closed => ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "worker_stopped",
+                "the model worker has stopped",
+            )
+        },
+    })
+}
+
+async fn answer(p: Pending) -> Result<Vec<f32>, ApiError> {
+    p.await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "worker_stopped",
+                "the model worker stopped before answering",
+            )
+        })?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", e))
+}
+
+fn normalise(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
+async fn text_embeddings(svc: &Service, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ApiError> {
+    let s = svc.clone();
+    blocking(move || {
+        let o = &s.inner.opts;
+        let t = medvlm_models::embed::embed_texts(&s.inner.model, &texts, o.text_batch, &o.device)
+            .and_then(|t| Ok(t.to_vec2::<f32>()?))
+            .map_err(|e| ApiError::internal(format!("text encoder: {e}")))?;
+        Ok(t)
+    })
+    .await
+}
+
+async fn with_timeout<T: IntoResponse>(
+    svc: &Service,
+    fut: impl Future<Output = Result<T, ApiError>>,
+) -> Response {
+    let t = svc.inner.opts.timeout;
+    match tokio::time::timeout(t, fut).await {
+        Ok(Ok(r)) => r.into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "no answer within the request timeout of {:.3} s (--timeout-s)",
+                    t.as_secs_f64()
+                ),
+            )
+        }
+        .into_response(),
+    }
+}
+
+fn ranked(names: &[String], probs: &[f32]) -> Vec<Value> {
+    let mut order: Vec<usize> = (0..probs.len().min(names.len())).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    order
+        .into_iter()
+        .map(|i| json!({"class": names[i], "probability": probs[i]}))
+        .collect()
+}
+
+// ---------------------------------------------------------------- /v1/embeddings
+
+enum EmbedInput {
+    Text(String),
+    Image(Bytes),
+}
+
+fn embedding_inputs(
+    payload: Payload,
+    svc: &Service,
+) -> Result<(Vec<EmbedInput>, Option<Window>), ApiError> {
+    let mut inputs = Vec::new();
+    let window;
+    match payload {
+        Payload::Json(v) => {
+            let m = object(v)?;
+            reject_unknown(&m, &["model", "input", "encoding_format", "window", "user"])?;
+            check_model(svc, opt_str(&m, "model")?)?;
+            if let Some(f) = opt_str(&m, "encoding_format")? {
+                if f != "float" {
+                    return Err(ApiError::unprocessable(format!(
+                        "encoding_format {f:?} is not supported (only \"float\")"
+                    )));
+                }
+            }
+            window = parse_window(opt_str(&m, "window")?)?;
+            let items = match m.get("input") {
+                None | Some(Value::Null) => {
+                    return Err(ApiError::unprocessable(
+                        "field \"input\" is required: a string, or a list of strings and {\"image\": \"<base64>\"} objects",
+                    ))
+                }
+                Some(Value::Array(a)) => a.clone(),
+                Some(other) => vec![other.clone()],
+            };
+            for (i, item) in items.into_iter().enumerate() {
+                match item {
+                    Value::String(s) => inputs.push(EmbedInput::Text(s)),
+                    Value::Object(o) => match (o.get("image"), o.len()) {
+                        (Some(Value::String(b)), 1) => inputs.push(EmbedInput::Image(
+                            base64_image(b, &format!("input[{i}].image"))?,
+                        )),
+                        _ => {
+                            return Err(ApiError::unprocessable(format!(
+                                "input[{i}] must be a string or {{\"image\": \"<base64>\"}}"
+                            )))
+                        }
+                    },
+                    _ => {
+                        return Err(ApiError::unprocessable(format!(
+                            "input[{i}] must be a string or {{\"image\": \"<base64>\"}}"
+                        )))
+                    }
+                }
+            }
+        }
+        Payload::Form(parts) => {
+            let mut w = None;
+            for p in parts {
+                if is_file_part(&p) {
+                    inputs.push(EmbedInput::Image(p.data));
+                } else {
+                    match p.name.as_str() {
+                        "input" | "text" => inputs.push(EmbedInput::Text(p.text()?)),
+                        "window" => w = Some(p.text()?),
+                        "model" => check_model(svc, Some(p.text()?))?,
+                        other => {
+                            return Err(ApiError::unprocessable(format!(
+                                "unknown form field {other:?} (image files, \"text\", \"window\", \"model\")"
+                            )))
+                        }
+                    }
+                }
+            }
+            window = parse_window(w)?;
+        }
+    }
+    if inputs.is_empty() {
+        return Err(ApiError::unprocessable("no input to embed"));
+    }
+    Ok((inputs, window))
+}
+
+fn check_model(svc: &Service, model: Option<String>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != svc.inner.model_name => Err(ApiError::not_found(format!(
+            "model {m:?} is not served; this service serves {:?}",
+            svc.inner.model_name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `POST /v1/embeddings`.
+pub async fn embeddings(State(svc): State<Service>, req: Request) -> Response {
+    let fut = async {
+        let payload = read_payload(&svc, req).await?;
+        let (inputs, window) = embedding_inputs(payload, &svc)?;
+        let cfg = svc.inner.model.preprocess.clone();
+        let images = inputs
+            .iter()
+            .filter(|i| matches!(i, EmbedInput::Image(_)))
+            .count();
+        let capacity = svc.batcher().capacity();
+        if images > capacity {
+            return Err(ApiError::unprocessable(format!(
+                "{images} images in one request, more than the queue holds ({capacity}, --queue); \
+                 split the request"
+            )));
+        }
+        // Decode every image first (415 before anything is queued), then queue them all.
+        let mut texts = Vec::new();
+        let mut slots = Vec::with_capacity(inputs.len());
+        let mut pixels = Vec::new();
+        for inp in inputs {
+            match inp {
+                EmbedInput::Text(t) => {
+                    slots.push((true, texts.len()));
+                    texts.push(t);
+                }
+                EmbedInput::Image(b) => {
+                    slots.push((false, pixels.len()));
+                    pixels.push(preprocess(cfg.clone(), b, window.clone()).await?);
+                }
+            }
+        }
+        let pending = pixels
+            .into_iter()
+            .map(|px| submit(&svc, Target::Embed, px))
+            .collect::<Result<Vec<_>, _>>()?;
+        let text_rows = if texts.is_empty() {
+            Vec::new()
+        } else {
+            text_embeddings(&svc, texts).await?
+        };
+        let mut image_rows = Vec::with_capacity(pending.len());
+        for p in pending {
+            image_rows.push(answer(p).await?);
+        }
+        let data: Vec<Value> = slots
+            .into_iter()
+            .enumerate()
+            .map(|(i, (is_text, j))| {
+                let mut e = if is_text {
+                    text_rows[j].clone()
+                } else {
+                    image_rows[j].clone()
+                };
+                normalise(&mut e);
+                json!({"object": "embedding", "index": i, "embedding": e})
+            })
+            .collect();
+        Ok(Json(json!({
+            "object": "list",
+            "data": data,
+            "model": svc.inner.model_name,
+        })))
+    };
+    with_timeout(&svc, fut).await
+}
+
+// ---------------------------------------------------------------- /v1/zero-shot
+
+struct ZeroShotRequest {
+    image: Bytes,
+    classes: Vec<(String, Vec<String>)>,
+    ensemble: Ensemble,
+    window: Option<Window>,
+}
+
+fn labels_from(v: &Value) -> Result<Vec<String>, ApiError> {
+    let names: Vec<String> = match v {
+        Value::String(s) => s
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| match x {
+                Value::String(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+                _ => Err(ApiError::unprocessable(
+                    "field \"labels\" must hold non-empty strings",
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(ApiError::unprocessable(
+                "field \"labels\" must be a list of strings or a ';'-separated string",
+            ))
+        }
+    };
+    Ok(names)
+}
+
+fn prompts_from(v: &Value) -> Result<Vec<(String, Vec<String>)>, ApiError> {
+    let list = |class: &str, v: &Value| -> Result<Vec<String>, ApiError> {
+        match v {
+            Value::String(s) => Ok(vec![s.clone()]),
+            Value::Array(a) => a
+                .iter()
+                .map(|x| match x {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => Err(ApiError::unprocessable(format!(
+                        "prompts of class {class:?} must be strings"
+                    ))),
+                })
+                .collect(),
+            _ => Err(ApiError::unprocessable(format!(
+                "prompts of class {class:?} must be a string or a list of strings"
+            ))),
+        }
+    };
+    match v {
+        Value::Object(m) => m.iter().map(|(k, v)| Ok((k.clone(), list(k, v)?))).collect(),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                let class = x.get("class").and_then(Value::as_str);
+                match (class, x.get("prompts")) {
+                    (Some(c), Some(p)) => Ok((c.to_string(), list(c, p)?)),
+                    _ => Err(ApiError::unprocessable(
+                        "field \"prompts\" as a list must hold {\"class\": ..., \"prompts\": [...]}",
+                    )),
+                }
+            })
+            .collect(),
+        _ => Err(ApiError::unprocessable(
+            "field \"prompts\" must be {\"class\": [\"prompt\", ...]} or [{\"class\": ..., \"prompts\": [...]}]",
+        )),
+    }
+}
+
+fn build_classes(
+    labels: Option<Vec<String>>,
+    template: Option<String>,
+    prompts: Option<Vec<(String, Vec<String>)>>,
+) -> Result<Vec<(String, Vec<String>)>, ApiError> {
+    let classes = match (labels, prompts) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::unprocessable(
+                "give \"labels\" (with an optional \"template\") or \"prompts\", not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::unprocessable(
+                "give \"labels\" (with an optional \"template\") or \"prompts\"",
+            ))
+        }
+        (Some(names), None) => {
+            let t = template.unwrap_or_else(|| "a photo of {}.".to_string());
+            if !t.contains("{}") {
+                return Err(ApiError::unprocessable(format!(
+                    "template {t:?} has no {{}} for the label"
+                )));
+            }
+            names
+                .into_iter()
+                .map(|n| {
+                    let p = t.replace("{}", &n);
+                    (n, vec![p])
+                })
+                .collect()
+        }
+        (None, Some(p)) => {
+            if template.is_some() {
+                return Err(ApiError::unprocessable(
+                    "\"template\" applies to \"labels\", not to \"prompts\"",
+                ));
+            }
+            p
+        }
+    };
+    if classes.len() < 2 {
+        return Err(ApiError::unprocessable("give at least two classes"));
+    }
+    for (i, (c, p)) in classes.iter().enumerate() {
+        if p.is_empty() || p.iter().any(|s| s.trim().is_empty()) {
+            return Err(ApiError::unprocessable(format!(
+                "class {c:?} has no prompt or an empty one"
+            )));
+        }
+        if classes[..i].iter().any(|(d, _)| d == c) {
+            return Err(ApiError::unprocessable(format!(
+                "class {c:?} is given twice"
+            )));
+        }
+    }
+    Ok(classes)
+}
+
+fn zero_shot_request(svc: &Service, payload: Payload) -> Result<ZeroShotRequest, ApiError> {
+    match payload {
+        Payload::Json(v) => {
+            let m = object(v)?;
+            check_model(svc, opt_str(&m, "model")?)?;
+            reject_unknown(
+                &m,
+                &[
+                    "model", "image", "labels", "template", "prompts", "ensemble", "window",
+                ],
+            )?;
+            let image = match opt_str(&m, "image")? {
+                Some(b) => base64_image(&b, "image")?,
+                None => {
+                    return Err(ApiError::unprocessable(
+                        "field \"image\" (base64 of the file) is required",
+                    ))
+                }
+            };
+            let labels = m.get("labels").map(labels_from).transpose()?;
+            let prompts = m.get("prompts").map(prompts_from).transpose()?;
+            Ok(ZeroShotRequest {
+                image,
+                classes: build_classes(labels, opt_str(&m, "template")?, prompts)?,
+                ensemble: parse_ensemble(opt_str(&m, "ensemble")?)?,
+                window: parse_window(opt_str(&m, "window")?)?,
+            })
+        }
+        Payload::Form(parts) => {
+            let (mut image, mut labels, mut template, mut prompts, mut ensemble, mut window) =
+                (None, None, None, None, None, None);
+            for p in parts {
+                if is_file_part(&p) {
+                    if image.is_some() {
+                        return Err(ApiError::unprocessable("send one image per request"));
+                    }
+                    image = Some(p.data);
+                    continue;
+                }
+                let text = p.text()?;
+                match p.name.as_str() {
+                    "labels" => {
+                        let v = serde_json::from_str::<Value>(&text)
+                            .ok()
+                            .filter(Value::is_array)
+                            .unwrap_or(Value::String(text));
+                        labels = Some(labels_from(&v)?);
+                    }
+                    "template" => template = Some(text),
+                    "prompts" => {
+                        let v: Value = serde_json::from_str(&text).map_err(|e| {
+                            ApiError::bad_request(
+                                "bad_json",
+                                format!("form field \"prompts\" is not valid JSON: {e}"),
+                            )
+                        })?;
+                        prompts = Some(prompts_from(&v)?);
+                    }
+                    "ensemble" => ensemble = Some(text),
+                    "window" => window = Some(text),
+                    "model" => check_model(svc, Some(text))?,
+                    other => {
+                        return Err(ApiError::unprocessable(format!(
+                            "unknown form field {other:?}"
+                        )))
+                    }
+                }
+            }
+            Ok(ZeroShotRequest {
+                image: image.ok_or_else(|| {
+                    ApiError::unprocessable("the form has no image file (field \"image\")")
+                })?,
+                classes: build_classes(labels, template, prompts)?,
+                ensemble: parse_ensemble(ensemble)?,
+                window: parse_window(window)?,
+            })
+        }
+    }
+}
+
+/// `POST /v1/zero-shot`.
+pub async fn zero_shot(State(svc): State<Service>, req: Request) -> Response {
+    let fut = async {
+        let payload = read_payload(&svc, req).await?;
+        let r = zero_shot_request(&svc, payload)?;
+        let px = preprocess(svc.inner.model.preprocess.clone(), r.image, r.window).await?;
+        let pending = submit(&svc, Target::Embed, px)?;
+        let s = svc.clone();
+        let classes = r.classes.clone();
+        let prompt_embeds = blocking(move || {
+            let o = &s.inner.opts;
+            medvlm_adapt::zero_shot::class_prompt_embeddings(
+                &s.inner.model,
+                &classes,
+                o.text_batch,
+                &o.device,
+            )
+            .map_err(|e| ApiError::internal(format!("text encoder: {e}")))
+        })
+        .await?;
+        let row = answer(pending).await?;
+        let s = svc.clone();
+        let names: Vec<String> = r.classes.iter().map(|(c, _)| c.clone()).collect();
+        let ensemble = r.ensemble;
+        let names2 = names.clone();
+        let probs = blocking(move || {
+            let d = row.len();
+            let img = Tensor::from_vec(row, (1, d), &candle_core::Device::Cpu)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            medvlm_adapt::zero_shot::zero_shot_probabilities(
+                &s.inner.model,
+                &img,
+                &names2,
+                &prompt_embeds,
+                ensemble,
+            )
+            .map_err(|e| ApiError::internal(format!("zero-shot scoring: {e}")))
+        })
+        .await?;
+        let probs = probs.into_iter().next().unwrap_or_default();
+        let ranked = ranked(&names, &probs);
+        Ok(Json(json!({
+            "object": "zero-shot",
+            "model": svc.inner.model_name,
+            "activation": if svc.inner.model.family == Family::Siglip { "sigmoid" } else { "softmax" },
+            "ensemble": match ensemble { Ensemble::Mean => "mean", Ensemble::Mixture => "mixture" },
+            "top": ranked.first().cloned().unwrap_or(Value::Null),
+            "probabilities": ranked,
+        })))
+    };
+    with_timeout(&svc, fut).await
+}
+
+// ---------------------------------------------------------------- /v1/predict
+
+fn predict_request(payload: Payload) -> Result<(Option<String>, Bytes, Option<Window>), ApiError> {
+    match payload {
+        Payload::Json(v) => {
+            let m = object(v)?;
+            reject_unknown(&m, &["artefact", "image", "window"])?;
+            let image = match opt_str(&m, "image")? {
+                Some(b) => base64_image(&b, "image")?,
+                None => {
+                    return Err(ApiError::unprocessable(
+                        "field \"image\" (base64 of the file) is required",
+                    ))
+                }
+            };
+            Ok((
+                opt_str(&m, "artefact")?,
+                image,
+                parse_window(opt_str(&m, "window")?)?,
+            ))
+        }
+        Payload::Form(parts) => {
+            let (mut artefact, mut image, mut window) = (None, None, None);
+            for p in parts {
+                if is_file_part(&p) {
+                    if image.is_some() {
+                        return Err(ApiError::unprocessable("send one image per request"));
+                    }
+                    image = Some(p.data);
+                    continue;
+                }
+                match p.name.as_str() {
+                    "artefact" => artefact = Some(p.text()?),
+                    "window" => window = Some(p.text()?),
+                    other => {
+                        return Err(ApiError::unprocessable(format!(
+                            "unknown form field {other:?} (an image file, \"artefact\", \"window\")"
+                        )))
+                    }
+                }
+            }
+            let image = image.ok_or_else(|| {
+                ApiError::unprocessable("the form has no image file (field \"image\")")
+            })?;
+            Ok((artefact, image, parse_window(window)?))
+        }
+    }
+}
+
+/// What the card says about conformal sets and calibration, for one probability row.
+fn conformal_fields(
+    card: &medvlm_adapt::artefact::AdaptCard,
+    names: &[String],
+    probs: &[f32],
+) -> Map<String, Value> {
+    let mut out = Map::new();
+    match card.task {
+        TaskKind::MultiLabel => {
+            match card
+                .multilabel_metrics
+                .as_ref()
+                .and_then(|m| m.conformal_fnr_control.as_ref())
+            {
+                Some(s) => {
+                    let r = &s.report;
+                    let set: Vec<&String> = names
+                        .iter()
+                        .zip(probs)
+                        .filter(|(_, &p)| r.calibration_too_small || p >= r.threshold)
+                        .map(|(n, _)| n)
+                        .collect();
+                    out.insert(
+                        "conformal".into(),
+                        json!({
+                            "method": "conformal risk control of the false-negative rate (Angelopoulos et al., ICLR 2024)",
+                            "target_fnr": r.target_alpha,
+                            "lambda_hat": r.lambda_hat,
+                            "threshold": r.threshold,
+                            "calibration_source": s.calibration_source,
+                            "n_calibration": r.n_calibration,
+                            "calibration_too_small": r.calibration_too_small,
+                            "set": set,
+                        }),
+                    );
+                }
+                None => {
+                    out.insert("conformal".into(), Value::Null);
+                    out.insert(
+                        "conformal_reason".into(),
+                        json!("adapt.json has no conformal calibration (the artefact was adapted without calibration examples)"),
+                    );
+                }
+            }
+        }
+        TaskKind::MultiClass => {
+            out.insert("conformal".into(), Value::Null);
+            let reason = match card.metrics.as_ref().and_then(|m| m.conformal.as_ref()) {
+                Some(c) => format!(
+                    "adapt.json records how the split-conformal sets did on the test split \
+                     (alpha {}, coverage {:.4}, mean set size {:.3}, calibrated on {}) but not \
+                     the calibrated score threshold q_hat, so no set can be formed for a new image",
+                    c.config.alpha, c.report.coverage, c.report.mean_set_size, c.calibration_source
+                ),
+                None => "adapt.json has no conformal calibration (no calibration or test split when it was adapted)".to_string(),
+            };
+            out.insert("conformal_reason".into(), json!(reason));
+        }
+    }
+    out.insert("calibrated_probabilities".into(), Value::Null);
+    out.insert(
+        "calibration_reason".into(),
+        json!("adapt.json stores no temperature or other calibration map; the probabilities are the classifier's own"),
+    );
+    out
+}
+
+/// `POST /v1/predict`.
+pub async fn predict(State(svc): State<Service>, req: Request) -> Response {
+    let fut = async {
+        let payload = read_payload(&svc, req).await?;
+        let (name, image, window) = predict_request(payload)?;
+        let arts = &svc.inner.artefacts;
+        let known = || arts.iter().map(|a| a.name.as_str()).collect::<Vec<_>>();
+        let idx = match name {
+            Some(n) => arts.iter().position(|a| a.name == n).ok_or_else(|| {
+                ApiError::not_found(format!("no adapted artefact {n:?}; served: {:?}", known()))
+            })?,
+            None if arts.len() == 1 => 0,
+            None if arts.is_empty() => {
+                return Err(ApiError::not_found(
+                    "no adapted artefact is served (start with --adapted DIR)",
+                ))
+            }
+            None => {
+                return Err(ApiError::unprocessable(format!(
+                    "field \"artefact\" is required: one of {:?}",
+                    known()
+                )))
+            }
+        };
+        let a = &arts[idx];
+        let px = preprocess(a.model.model.preprocess.clone(), image, window).await?;
+        let probs = answer(submit(&svc, Target::Adapted(idx), px)?).await?;
+        let card = &a.model.card;
+        let names = a.model.class_names();
+        let ranked = ranked(names, &probs);
+        let predicted: Vec<Value> = match card.task {
+            TaskKind::MultiClass => ranked.first().cloned().into_iter().collect(),
+            TaskKind::MultiLabel => ranked
+                .iter()
+                .filter(|v| {
+                    v["probability"].as_f64().unwrap_or(0.0)
+                        >= medvlm_eval::evaluation::MULTI_LABEL_THRESHOLD as f64
+                })
+                .cloned()
+                .collect(),
+        };
+        let mut body = Map::new();
+        body.insert("object".into(), json!("prediction"));
+        body.insert("artefact".into(), json!(a.name));
+        body.insert("method".into(), json!(card.method));
+        body.insert("task".into(), json!(card.task));
+        body.insert("top".into(), ranked.first().cloned().unwrap_or(Value::Null));
+        body.insert("predicted".into(), json!(predicted));
+        body.insert("probabilities".into(), json!(ranked));
+        body.extend(conformal_fields(card, names, &probs));
+        Ok(Json(Value::Object(body)))
+    };
+    with_timeout(&svc, fut).await
+}
+
+// ---------------------------------------------------------------- the rest
+
+/// `GET /v1/models`.
+pub async fn models(State(svc): State<Service>) -> Json<Value> {
+    let m = &svc.inner.model;
+    let artefacts: Vec<Value> = svc
+        .inner
+        .artefacts
+        .iter()
+        .map(|a| {
+            let c = &a.model.card;
+            let conformal = match c.task {
+                TaskKind::MultiLabel => c
+                    .multilabel_metrics
+                    .as_ref()
+                    .is_some_and(|m| m.conformal_fnr_control.is_some()),
+                TaskKind::MultiClass => false,
+            };
+            json!({
+                "name": a.name,
+                "method": c.method,
+                "task": c.task,
+                "classes": c.class_names,
+                "base_model": c.model,
+                "conformal_sets": conformal,
+            })
+        })
+        .collect();
+    Json(json!({
+        "object": "list",
+        "model": {
+            "id": svc.inner.model_name,
+            "family": m.family.to_string(),
+            "embed_dim": m.model.embed_dim(),
+            "image_size": m.preprocess.output_size().map(|(h, w)| vec![h, w]),
+        },
+        "artefacts": artefacts,
+    }))
+}
+
+/// `GET /healthz`: the process answers.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the model is loaded and its worker thread runs.
+pub async fn readyz(State(svc): State<Service>) -> Response {
+    if svc.batcher().is_alive() {
+        Json(json!({"status": "ready", "model": svc.inner.model_name})).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the model worker is not running",
+        )
+        .into_response()
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(svc): State<Service>) -> Response {
+    let b = svc.batcher();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        svc.inner.metrics.render(b.waiting(), b.capacity()),
+    )
+        .into_response()
+}
+
+/// `GET /`: the web page.
+pub async fn index() -> Html<&'static str> {
+    Html(include_str!("../assets/index.html"))
+}
