@@ -147,6 +147,19 @@ fn adapted_artefact_predicts_what_its_evaluation_reported() {
         "{}",
         cf.calibration_source
     );
+    // The card keeps the calibrated predictor: its sets on the test images give the coverage
+    // the evaluation reported.
+    let predictor = cf
+        .predictor
+        .as_ref()
+        .expect("calibrated predictor in the card");
+    let sets = predictor.predict_sets(&eval.probabilities).unwrap();
+    let covered = sets
+        .iter()
+        .zip(&eval.rows)
+        .filter(|(set, &r)| set.contains(&f.task.classes(&[r]).unwrap()[0]))
+        .count();
+    assert!((cf.report.coverage - covered as f64 / 8.0).abs() < 1e-12);
     // The reported accuracy is the accuracy of the reported probabilities.
     let correct = eval
         .probabilities

@@ -30,6 +30,10 @@ pub struct ConformalSummary {
     pub n_calibration: usize,
     /// Target coverage, measured coverage and mean set size on the test set.
     pub report: ConformalReport,
+    /// The calibrated predictor (its score threshold `q_hat`), so that sets can be formed for
+    /// new images; absent in cards written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictor: Option<ConformalPredictor>,
 }
 
 /// Every metric of one evaluation on a labelled test set.
@@ -79,6 +83,7 @@ pub fn evaluate(
                 calibration_source: source,
                 n_calibration: cal_labels.len(),
                 report: predictor.evaluate(probs, labels)?,
+                predictor: Some(predictor),
             })
         }
         _ => None,

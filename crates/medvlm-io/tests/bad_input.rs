@@ -574,7 +574,9 @@ fn dicom_length_past_the_end_is_refused_before_allocating() {
         let err = medvlm_io::load_any(&p).unwrap_err().to_string();
         assert!(err.contains(&format!("{variant}.dcm")), "{err}");
         assert!(
-            err.contains(&format!("(7FE0,0010) at byte {at} declares {declared} bytes")),
+            err.contains(&format!(
+                "(7FE0,0010) at byte {at} declares {declared} bytes"
+            )),
             "{err}"
         );
         assert!(err.contains("remain in the file"), "{err}");

@@ -835,17 +835,57 @@ fn conformal_fields(
             }
         }
         TaskKind::MultiClass => {
-            out.insert("conformal".into(), Value::Null);
-            let reason = match card.metrics.as_ref().and_then(|m| m.conformal.as_ref()) {
-                Some(c) => format!(
-                    "adapt.json records how the split-conformal sets did on the test split \
-                     (alpha {}, coverage {:.4}, mean set size {:.3}, calibrated on {}) but not \
-                     the calibrated score threshold q_hat, so no set can be formed for a new image",
-                    c.config.alpha, c.report.coverage, c.report.mean_set_size, c.calibration_source
-                ),
-                None => "adapt.json has no conformal calibration (no calibration or test split when it was adapted)".to_string(),
-            };
-            out.insert("conformal_reason".into(), json!(reason));
+            let summary = card.metrics.as_ref().and_then(|m| m.conformal.as_ref());
+            let sets = summary
+                .and_then(|c| c.predictor.as_ref())
+                .map(|p| p.predict_sets(probs));
+            match (summary, sets) {
+                (Some(c), Some(Ok(sets))) => {
+                    let set: Vec<&String> = sets
+                        .first()
+                        .map(|s| s.iter().filter_map(|&k| names.get(k)).collect())
+                        .unwrap_or_default();
+                    let p = c.predictor.as_ref();
+                    out.insert(
+                        "conformal".into(),
+                        json!({
+                            "method": match c.config.score {
+                                medvlm_eval::conformal::ConformalScore::Aps => "split-conformal APS (Romano et al., NeurIPS 2020)",
+                                medvlm_eval::conformal::ConformalScore::Raps { .. } => "split-conformal RAPS (Angelopoulos et al., ICLR 2021)",
+                            },
+                            "alpha": c.config.alpha,
+                            "target_coverage": 1.0 - c.config.alpha,
+                            "randomized": c.config.randomized,
+                            "q_hat": p.and_then(|p| p.q_hat),
+                            "calibration_source": c.calibration_source,
+                            "n_calibration": c.n_calibration,
+                            "test_coverage": c.report.coverage,
+                            "set": set,
+                        }),
+                    );
+                }
+                (Some(c), sets) => {
+                    out.insert("conformal".into(), Value::Null);
+                    let reason = match sets {
+                        Some(Err(e)) => format!("the recorded conformal predictor cannot score this row: {e}"),
+                        _ => format!(
+                            "adapt.json records how the split-conformal sets did on the test split \
+                             (alpha {}, coverage {:.4}, mean set size {:.3}, calibrated on {}) but not \
+                             the calibrated score threshold q_hat (written by an older medvlm); \
+                             re-run medvlm adapt to get sets for new images",
+                            c.config.alpha, c.report.coverage, c.report.mean_set_size, c.calibration_source
+                        ),
+                    };
+                    out.insert("conformal_reason".into(), json!(reason));
+                }
+                (None, _) => {
+                    out.insert("conformal".into(), Value::Null);
+                    out.insert(
+                        "conformal_reason".into(),
+                        json!("adapt.json has no conformal calibration (no calibration or test split when it was adapted)"),
+                    );
+                }
+            }
         }
     }
     out.insert("calibrated_probabilities".into(), Value::Null);
@@ -927,7 +967,11 @@ pub async fn models(State(svc): State<Service>) -> Json<Value> {
                     .multilabel_metrics
                     .as_ref()
                     .is_some_and(|m| m.conformal_fnr_control.is_some()),
-                TaskKind::MultiClass => false,
+                TaskKind::MultiClass => c
+                    .metrics
+                    .as_ref()
+                    .and_then(|m| m.conformal.as_ref())
+                    .is_some_and(|s| s.predictor.is_some()),
             };
             json!({
                 "name": a.name,

@@ -330,7 +330,7 @@ async fn zero_shot_probabilities_equal_the_library_computation() {
 
 /// A linear-probe artefact written with the library pieces (as `medvlm adapt` does):
 /// multi-class, or multi-label with conformal risk control calibrated on its own images.
-fn write_artefact(dir: &Path, images: &[PathBuf], multilabel: bool) {
+fn write_artefact(dir: &Path, images: &[PathBuf], multilabel: bool, calibrated: bool) {
     use medvlm_adapt::artefact::{write_artefact_dir, AdaptCard, ADAPT_CARD, ADAPT_FORMAT};
     use medvlm_adapt::fewshot::{FewShotProtocol, TaskKind};
     use medvlm_adapt::method::{method_by_name, save_classifier, AdaptInput, SupportSet};
@@ -390,6 +390,29 @@ fn write_artefact(dir: &Path, images: &[PathBuf], multilabel: bool) {
         )
         .unwrap()
     });
+    // Multi-class with calibration: split-conformal APS calibrated on the support images.
+    let metrics = (calibrated && !multilabel).then(|| {
+        let probs: Vec<f32> = clf
+            .probabilities(&feats)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let labels = [0, 0, 1, 1];
+        let config = medvlm_eval::conformal::ConformalConfig {
+            alpha: 0.4,
+            ..Default::default()
+        };
+        medvlm_eval::evaluation::evaluate(
+            &probs,
+            &labels,
+            2,
+            Some((&probs, &labels, "train".to_string())),
+            config,
+        )
+        .unwrap()
+    });
     let protocol = FewShotProtocol::balanced(2, 0, task);
     write_artefact_dir(
         dir,
@@ -415,7 +438,7 @@ fn write_artefact(dir: &Path, images: &[PathBuf], multilabel: bool) {
                 support: vec![],
                 train_split: "train".into(),
                 test_split: None,
-                metrics: None,
+                metrics: metrics.clone(),
                 multilabel_metrics: multilabel_metrics.clone(),
                 notes: vec![],
                 medvlm_version: "test".into(),
@@ -438,7 +461,7 @@ async fn predict_equals_predict_files_and_says_why_there_is_no_conformal_set() {
         })
         .collect();
     let dir = d.path().join("chest-lp");
-    write_artefact(&dir, &images, false);
+    write_artefact(&dir, &images, false, false);
     let adapted = AdaptedModel::load(&dir, None, &Device::Cpu).unwrap();
     let expected = adapted
         .predict_files(&images, 4, false, &Device::Cpu, &|_| {})
@@ -701,7 +724,7 @@ async fn a_multi_label_artefact_with_conformal_risk_control_returns_its_label_se
         })
         .collect();
     let dir = d.path().join("findings");
-    write_artefact(&dir, &images, true);
+    write_artefact(&dir, &images, true, false);
     let adapted = AdaptedModel::load(&dir, None, &Device::Cpu).unwrap();
     let expected = adapted
         .predict_files(&images, 4, false, &Device::Cpu, &|_| {})
@@ -825,5 +848,69 @@ async fn siglip_zero_shot_is_a_sigmoid_with_bias_equal_to_the_library() {
             "{got} vs {}",
             expected[0][i]
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predict_gives_the_split_conformal_set_the_card_calibrated() {
+    let d = tempfile::tempdir().unwrap();
+    let images: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let p = d.path().join(format!("{i}.png"));
+            write_image(&p, 0.25 * i as f32);
+            p
+        })
+        .collect();
+    let dir = d.path().join("chest-cal");
+    write_artefact(&dir, &images, false, true);
+    let adapted = AdaptedModel::load(&dir, None, &Device::Cpu).unwrap();
+    let expected = adapted
+        .predict_files(&images, 4, false, &Device::Cpu, &|_| {})
+        .unwrap();
+    let card = medvlm_adapt::artefact::AdaptCard::read(&dir).unwrap();
+    let predictor = card
+        .metrics
+        .as_ref()
+        .unwrap()
+        .conformal
+        .as_ref()
+        .unwrap()
+        .predictor
+        .clone()
+        .unwrap();
+    let sets = predictor.predict_sets(&expected.probabilities).unwrap();
+    let svc = Service::new(
+        "tiny-clip",
+        load_model(),
+        vec![("chest-cal".into(), dir.clone(), adapted)],
+        opts(),
+    )
+    .unwrap();
+    let router = svc.router();
+    let names = ["dark", "bright"];
+    for (i, img) in images.iter().enumerate() {
+        let bytes = std::fs::read(img).unwrap();
+        let (s, v) = call_json(
+            &router,
+            post_json(
+                "/v1/predict",
+                &json!({"artefact": "chest-cal", "image": b64(&bytes)}),
+            ),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let c = &v["conformal"];
+        assert!(c.is_object(), "{v}");
+        let got: Vec<&str> = c["set"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap())
+            .collect();
+        let want: Vec<&str> = sets[i].iter().map(|&k| names[k]).collect();
+        assert_eq!(got, want, "image {i}");
+        assert_eq!(c["alpha"].as_f64(), Some(0.4));
+        assert_eq!(c["q_hat"].as_f64(), predictor.q_hat);
+        assert_eq!(c["n_calibration"], 4);
     }
 }
