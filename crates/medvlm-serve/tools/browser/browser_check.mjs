@@ -1,0 +1,53 @@
+// The web page of `medvlm serve` in a real headless Chromium (Debian's `chromium`, driven by
+// puppeteer-core): the page loads and lists the model and artefacts, an uploaded image is
+// scored through the adapted artefact with the expected top class and a conformal set, and
+// zero-shot bars render. Screenshots of each state are written to OUT_DIR.
+//
+// Usage: node browser_check.mjs BASE_URL IMAGE_FILE ARTEFACT EXPECTED_TOP OUT_DIR
+import puppeteer from "puppeteer-core";
+
+const [base, image, artefact, expected, outDir] = process.argv.slice(2);
+const fail = (msg) => { console.error("FAIL: " + msg); process.exit(1); };
+
+const browser = await puppeteer.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu"],
+});
+try {
+  const page = await browser.newPage();
+  await page.setViewport({ width: 1100, height: 900 });
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  await page.goto(base + "/", { waitUntil: "networkidle0" });
+  const header = await page.$eval("#model", (e) => e.textContent);
+  if (!header.trim()) fail("the page shows no model");
+  const options = await page.$$eval("#artefact option", (os) => os.map((o) => o.value));
+  if (!options.includes(artefact)) fail(`artefact ${artefact} not listed: ${options}`);
+  await page.screenshot({ path: `${outDir}/serve_page.png` });
+
+  // Upload through the file input (what dropping a file does) and score with the artefact.
+  const input = await page.$("#file");
+  await input.uploadFile(image);
+  await page.click('input[name="mode"][value="predict"]');
+  await page.select("#artefact", artefact);
+  await page.click("#go");
+  await page.waitForFunction(() => document.querySelectorAll("#out .bar").length > 0, { timeout: 30000 });
+  const result = await page.$eval("#out", (e) => e.innerText);
+  console.log("predict:\n" + result);
+  const firstBar = await page.$eval("#out .bar", (e) => e.innerText);
+  if (!firstBar.includes(expected)) fail(`top class is not ${expected}: ${firstBar}`);
+  if (!/conformal/i.test(result)) fail("no conformal set shown");
+  await page.screenshot({ path: `${outDir}/serve_predict.png`, fullPage: true });
+
+  // Zero-shot with the default labels: one bar per label.
+  await page.click('input[name="mode"][value="zero-shot"]');
+  await page.click("#go");
+  await page.waitForFunction(() => document.querySelectorAll("#out .bar").length >= 2, { timeout: 30000 });
+  const bars = await page.$$eval("#out .bar", (bs) => bs.length);
+  console.log(`zero-shot: ${bars} bars`);
+  if (errors.length) fail("page errors: " + errors.join("; "));
+  console.log("OK");
+} finally {
+  await browser.close();
+}

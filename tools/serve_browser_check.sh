@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# medvlm serve's web page in a real headless Chromium: the page loads, an uploaded DICOM is
+# scored by an adapted artefact with the expected top class and a conformal set, zero-shot
+# bars render; screenshots go to docs/img/serve_*.png.
+#
+#   tools/serve_browser_check.sh
+#
+# Installs Debian's `chromium` (apt) and puppeteer-core (npm) when missing; builds medvlm;
+# makes 160 phantom studies at 64 px and a linear-probe artefact on their modality with the
+# tiny CLIP fixture (random weights: the point is the page, not the model). Not part of
+# `cargo test` (CI has no browser).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$PWD"
+if ! command -v chromium >/dev/null; then
+    sudo_="" ; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+    $sudo_ apt-get install -y -q chromium
+fi
+tools="crates/medvlm-serve/tools/browser"
+[ -d "$tools/node_modules/puppeteer-core" ] || (cd "$tools" && npm install --silent)
+cargo build -q -p medvlm-cli
+bin="${CARGO_TARGET_DIR:-target}/debug/medvlm"
+work="$(mktemp -d)"
+trap 'kill "${pid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+"$bin" phantoms generate --out "$work/ph" --n 160 --size 64 >"$work/gen.log" 2>&1
+model="crates/medvlm-models/tests/fixtures/clip"
+"$bin" adapt --method linear-probe --shots 8 --model "$model" \
+    --train "$work/ph/train.jsonl" --train "$work/ph/val.jsonl" --train "$work/ph/test.jsonl" \
+    --label-field modality --out "$work/modality" >"$work/adapt.log" 2>&1
+"$bin" serve --model "$model" --adapted "$work/modality" --addr 127.0.0.1:0 2>"$work/serve.log" &
+pid=$!
+for _ in $(seq 50); do
+    addr="$(grep -o 'http://127.0.0.1:[0-9]*' "$work/serve.log" | head -1 || true)"
+    [ -n "$addr" ] && break
+    sleep 0.2
+done
+[ -n "$addr" ] || { cat "$work/serve.log"; exit 1; }
+# A chest radiograph of the test split (not the held-out site), as its DICOM file.
+rel="$(python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["modality"] == "chest_xray" and r.get("dicom"):
+        print(r["dicom"]); break' "$work/ph/test.jsonl")"
+image="$work/ph/$rel"
+mkdir -p docs/img
+node "$tools/browser_check.mjs" "$addr" "$image" modality chest_xray "$root/docs/img"
