@@ -115,12 +115,12 @@ fn scrub(msg: &str, path: &Path) -> String {
     msg.replace(&path.display().to_string(), "<upload>")
 }
 
-/// Decodes and preprocesses one uploaded image to the model's `3 * H * W` input values.
-pub fn decode_upload(
+/// Writes an upload to a private temporary file (medvlm-io reads from paths) and runs `f` on
+/// it; reader messages have the temporary path replaced by `<upload>`.
+fn with_upload<T>(
     bytes: &[u8],
-    cfg: &PreprocessConfig,
-    window: Option<&Window>,
-) -> Result<Vec<f32>, DecodeError> {
+    f: impl FnOnce(&Path, UploadKind) -> Result<T, String>,
+) -> Result<T, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -133,23 +133,52 @@ pub fn decode_upload(
     tmp.write_all(bytes).map_err(DecodeError::Temp)?;
     tmp.flush().map_err(DecodeError::Temp)?;
     let path = tmp.path();
-    let undecodable = |reason: String| DecodeError::Undecodable {
+    f(path, kind).map_err(|reason| DecodeError::Undecodable {
         kind,
         reason: scrub(&reason, path),
-    };
-    let out = match window {
+    })
+}
+
+/// Decodes and preprocesses one uploaded image to the model's `3 * H * W` input values.
+pub fn decode_upload(
+    bytes: &[u8],
+    cfg: &PreprocessConfig,
+    window: Option<&Window>,
+) -> Result<Vec<f32>, DecodeError> {
+    with_upload(bytes, |path, kind| match window {
         Some(w) if kind.windowed() => {
-            let img = medvlm_io::load_any(path)
-                .map_err(|e| undecodable(medvlm_io::guard::error_chain(&e)))?;
+            let img = medvlm_io::load_any(path).map_err(|e| medvlm_io::guard::error_chain(&e))?;
             let plane = medvlm_io::preprocess::windowed_plane(&img, &PlaneSelect::default(), w)
-                .map_err(|e| undecodable(medvlm_io::guard::error_chain(&e)))?;
+                .map_err(|e| medvlm_io::guard::error_chain(&e))?;
             cfg.apply_array(&plane.data, plane.rows, plane.cols, plane.channels)
-                .map_err(|e| undecodable(e.to_string()))?
+                .map_err(|e| e.to_string())
         }
         _ => medvlm_models::embed::preprocess_file(path, cfg)
-            .map_err(|e| undecodable(medvlm_io::guard::error_chain(&e)))?,
-    };
-    Ok(out)
+            .map_err(|e| medvlm_io::guard::error_chain(&e)),
+    })
+}
+
+/// The uploaded image as an 8-bit PNG at its own size, windowed as the model input is for
+/// DICOM/NIfTI: the window given, or the default `auto` (the file's first window, else the
+/// 0.5-99.5 percentiles); raster images are min-max scaled. Returns the PNG and the window
+/// used.
+pub fn preview_png(
+    bytes: &[u8],
+    window: Option<&Window>,
+) -> Result<(Vec<u8>, String), DecodeError> {
+    with_upload(bytes, |path, kind| {
+        let w = if kind.windowed() {
+            window.cloned().unwrap_or(Window::Auto)
+        } else {
+            Window::None
+        };
+        let chain = |e: medvlm_io::IoError| medvlm_io::guard::error_chain(&e);
+        let img = medvlm_io::load_any(path).map_err(chain)?;
+        let plane = medvlm_io::preprocess::windowed_plane(&img, &PlaneSelect::default(), &w)
+            .map_err(chain)?;
+        let png = medvlm_io::raster::encode_png(&plane).map_err(chain)?;
+        Ok((png, format!("{w:?}")))
+    })
 }
 
 #[cfg(test)]

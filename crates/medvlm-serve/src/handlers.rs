@@ -19,7 +19,7 @@ use medvlm_models::{Family, PreprocessConfig};
 use serde_json::{json, Map, Value};
 
 use crate::batcher::{SubmitError, Target};
-use crate::decode::{decode_upload, DecodeError};
+use crate::decode::{decode_upload, preview_png, DecodeError};
 use crate::error::ApiError;
 use crate::service::Service;
 
@@ -211,16 +211,7 @@ async fn preprocess(
     bytes: Bytes,
     window: Option<Window>,
 ) -> Result<Vec<f32>, ApiError> {
-    blocking(move || {
-        decode_upload(&bytes, &cfg, window.as_ref()).map_err(|e| match e {
-            DecodeError::Unrecognised | DecodeError::Undecodable { .. } => {
-                ApiError::unsupported(e.to_string())
-            }
-            DecodeError::Empty => ApiError::unprocessable(e.to_string()),
-            DecodeError::Temp(_) => ApiError::internal(e.to_string()),
-        })
-    })
-    .await
+    blocking(move || decode_upload(&bytes, &cfg, window.as_ref()).map_err(decode_error)).await
 }
 
 type Pending = tokio::sync::oneshot::Receiver<crate::batcher::JobResult>;
@@ -1030,4 +1021,94 @@ pub async fn metrics(State(svc): State<Service>) -> Response {
 /// `GET /`: the web page.
 pub async fn index() -> Html<&'static str> {
     Html(include_str!("../assets/index.html"))
+}
+
+/// `GET /models`: the page listing the model and the adapted artefacts.
+pub async fn models_page() -> Html<&'static str> {
+    Html(include_str!("../assets/models.html"))
+}
+
+/// `GET /papers`: the page of the literature catalogue.
+pub async fn papers_page() -> Html<&'static str> {
+    Html(include_str!("../assets/papers.html"))
+}
+
+fn decode_error(e: DecodeError) -> ApiError {
+    match e {
+        DecodeError::Unrecognised | DecodeError::Undecodable { .. } => {
+            ApiError::unsupported(e.to_string())
+        }
+        DecodeError::Empty => ApiError::unprocessable(e.to_string()),
+        DecodeError::Temp(_) => ApiError::internal(e.to_string()),
+    }
+}
+
+/// `POST /v1/preview`: the uploaded image as a PNG, windowed as the model sees it (an image
+/// and an optional `window`, as `/v1/predict` takes them).
+pub async fn preview(State(svc): State<Service>, req: Request) -> Response {
+    with_timeout(&svc, async {
+        let payload = read_payload(&svc, req).await?;
+        let (artefact, image, window) = predict_request(payload)?;
+        if artefact.is_some() {
+            return Err(ApiError::unprocessable(
+                "/v1/preview takes an image and an optional window, not an artefact",
+            ));
+        }
+        let (png, used) =
+            blocking(move || preview_png(&image, window.as_ref()).map_err(decode_error)).await?;
+        Ok((
+            [
+                (header::CONTENT_TYPE, "image/png".to_string()),
+                (header::HeaderName::from_static("x-medvlm-window"), used),
+            ],
+            png,
+        )
+            .into_response())
+    })
+    .await
+}
+
+/// `GET /v1/papers?task=&strategy=&modality=&q=`: the literature catalogue, filtered as
+/// `medvlm papers` filters it.
+pub async fn papers(
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let result = (|| -> Result<Value, ApiError> {
+        let all = medvlm_papers::catalogue()
+            .map_err(|e| ApiError::internal(format!("the embedded catalogue: {e}")))?;
+        let mut f = medvlm_papers::Filter::default();
+        for (k, v) in &q {
+            let v = v.trim();
+            if v.is_empty() {
+                continue;
+            }
+            match k.as_str() {
+                "task" => {
+                    f.task = Some(
+                        medvlm_papers::parse_task(v)
+                            .map_err(|e| ApiError::unprocessable(e.to_string()))?,
+                    )
+                }
+                "strategy" => {
+                    f.strategy = Some(
+                        medvlm_papers::Strategy::parse(v)
+                            .map_err(|e| ApiError::unprocessable(e.to_string()))?,
+                    )
+                }
+                "modality" => f.modality = Some(v.to_string()),
+                "q" => f.search = vec![v.to_string()],
+                other => {
+                    return Err(ApiError::unprocessable(format!(
+                        "unknown query parameter {other:?} (task, strategy, modality, q)"
+                    )))
+                }
+            }
+        }
+        let hits = medvlm_papers::filter(&all, &f);
+        Ok(json!({"object": "list", "total": all.len(), "count": hits.len(), "data": hits}))
+    })();
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
 }

@@ -180,6 +180,8 @@ pub fn routes() -> Vec<RouteSpec> {
     };
     vec![
         r("/", Method::GET, get(handlers::index)),
+        r("/models", Method::GET, get(handlers::models_page)),
+        r("/papers", Method::GET, get(handlers::papers_page)),
         r("/healthz", Method::GET, get(handlers::healthz)),
         r("/readyz", Method::GET, get(handlers::readyz)),
         r("/metrics", Method::GET, get(handlers::metrics)),
@@ -188,6 +190,8 @@ pub fn routes() -> Vec<RouteSpec> {
         r("/v1/embeddings", Method::POST, post(handlers::embeddings)),
         r("/v1/zero-shot", Method::POST, post(handlers::zero_shot)),
         r("/v1/predict", Method::POST, post(handlers::predict)),
+        r("/v1/preview", Method::POST, post(handlers::preview)),
+        r("/v1/papers", Method::GET, get(handlers::papers)),
     ]
 }
 

@@ -914,3 +914,124 @@ async fn predict_gives_the_split_conformal_set_the_card_calibrated() {
         assert_eq!(c["n_calibration"], 4);
     }
 }
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(b: &[u8]) -> (u32, u32) {
+    assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    (
+        u32::from_be_bytes(b[16..20].try_into().unwrap()),
+        u32::from_be_bytes(b[20..24].try_into().unwrap()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_is_the_windowed_image_as_png() {
+    let router = service(opts()).router();
+    let io = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../medvlm-io/tests/data");
+    let ct = std::fs::read(io.join("CT_small.dcm")).unwrap();
+    let mut pngs = Vec::new();
+    for window in [None, Some("lung"), Some("-600/1500")] {
+        let mut body = json!({"image": b64(&ct)});
+        if let Some(w) = window {
+            body["window"] = json!(w);
+        }
+        let (s, h, b) = call(&router, post_json("/v1/preview", &body)).await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(h.get(header::CONTENT_TYPE).unwrap(), "image/png");
+        assert_eq!(png_size(&b), (128, 128));
+        let used = h
+            .get("x-medvlm-window")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        pngs.push((used, b));
+    }
+    assert!(pngs[0].0.contains("Auto"), "{}", pngs[0].0);
+    // The lung preset is centre -600, width 1500: the same pixels as the explicit window,
+    // and not those of the file's own window.
+    assert_eq!(pngs[1].1, pngs[2].1);
+    assert_ne!(pngs[0].1, pngs[1].1);
+    // The decoded pixels, windowed by the library, are what the PNG holds.
+    let img = medvlm_io::load_any(&io.join("CT_small.dcm")).unwrap();
+    let plane = medvlm_io::preprocess::windowed_plane(
+        &img,
+        &medvlm_io::PlaneSelect::default(),
+        &medvlm_io::Window::preset("lung").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(pngs[1].1, medvlm_io::raster::encode_png(&plane).unwrap());
+
+    // Multipart, a raster image; an artefact name is refused; garbage is a 415.
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.png");
+    write_image(&p, 0.3);
+    let bytes = std::fs::read(&p).unwrap();
+    let (s, _, b) = call(
+        &router,
+        multipart("/v1/preview", &[("image", Some("a.png"), &bytes)]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(png_size(&b), (32, 32));
+    let (s, v) = call_json(
+        &router,
+        post_json(
+            "/v1/preview",
+            &json!({"image": b64(&bytes), "artefact": "x"}),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (s, _) = call_json(
+        &router,
+        post_json(
+            "/v1/preview",
+            &json!({"image": b64(b"not an image at all")}),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn papers_are_filtered_as_medvlm_papers_filters_them_and_pages_are_served() {
+    let router = service(opts()).router();
+    let get = |uri: &str| Request::builder().uri(uri).body(Body::empty()).unwrap();
+    let (s, all) = call_json(&router, get("/v1/papers")).await;
+    assert_eq!(s, StatusCode::OK, "{all}");
+    let total = all["total"].as_u64().unwrap() as usize;
+    assert_eq!(all["count"].as_u64().unwrap() as usize, total);
+    let catalogue = medvlm_papers::catalogue().unwrap();
+    assert_eq!(total, catalogue.len());
+    let (s, seg) = call_json(&router, get("/v1/papers?task=segmentation&q=")).await;
+    assert_eq!(s, StatusCode::OK, "{seg}");
+    let want = medvlm_papers::filter(
+        &catalogue,
+        &medvlm_papers::Filter {
+            task: Some(medvlm_papers::parse_task("segmentation").unwrap()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(seg["count"].as_u64().unwrap() as usize, want.len());
+    assert!(want.len() > 0 && want.len() < total);
+    for (p, w) in seg["data"].as_array().unwrap().iter().zip(&want) {
+        assert_eq!(p["link"].as_str(), w.link.as_deref());
+    }
+    let (s, v) = call_json(&router, get("/v1/papers?colour=red")).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (s, v) = call_json(&router, get("/v1/papers?strategy=astrology")).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    for page in ["/", "/models", "/papers"] {
+        let (s, h, b) = call(&router, get(page)).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        assert!(h
+            .get(header::CONTENT_TYPE)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        let html = String::from_utf8(b).unwrap();
+        assert!(html.contains(r#"href="/papers""#), "{page}: no navigation");
+    }
+}

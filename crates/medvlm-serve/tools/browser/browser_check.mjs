@@ -29,6 +29,16 @@ try {
   // Upload through the file input (what dropping a file does) and score with the artefact.
   const input = await page.$("#file");
   await input.uploadFile(image);
+  // The image as the model sees it, then with the lung preset.
+  await page.waitForFunction(() => { const i = document.getElementById("preview");
+    return i.style.display === "block" && i.complete && i.naturalWidth > 0; }, { timeout: 30000 });
+  const autoNote = await page.$eval("#previewnote", (e) => e.textContent);
+  console.log("preview: " + autoNote);
+  if (!/Auto/.test(autoNote)) fail("default preview window is not auto: " + autoNote);
+  await page.select("#preset", "lung");
+  await page.waitForFunction(() => /CenterWidth/.test(document.getElementById("previewnote").textContent), { timeout: 30000 });
+  await page.select("#preset", "");
+  await page.waitForFunction(() => /Auto/.test(document.getElementById("previewnote").textContent), { timeout: 30000 });
   await page.click('input[name="mode"][value="predict"]');
   await page.select("#artefact", artefact);
   await page.click("#go");
@@ -46,6 +56,20 @@ try {
   await page.waitForFunction(() => document.querySelectorAll("#out .bar").length >= 2, { timeout: 30000 });
   const bars = await page.$$eval("#out .bar", (bs) => bs.length);
   console.log(`zero-shot: ${bars} bars`);
+
+  // The literature catalogue page, filtered by task.
+  await page.goto(base + "/papers", { waitUntil: "networkidle0" });
+  const all = await page.$eval("#count", (e) => e.textContent);
+  await page.type("#task", "segmentation");
+  await page.waitForFunction((before) => document.getElementById("count").textContent !== before, { timeout: 30000 }, all);
+  const seg = await page.$eval("#count", (e) => e.textContent);
+  console.log(`papers: ${all}; segmentation: ${seg}`);
+  const n = parseInt(seg, 10);
+  if (!(n > 0 && n < parseInt(all, 10))) fail("the task filter did not narrow the catalogue");
+  await page.screenshot({ path: `${outDir}/serve_papers.png` });
+  await page.goto(base + "/models", { waitUntil: "networkidle0" });
+  const models = await page.$eval("#out", (e) => e.innerText);
+  if (!models.includes(artefact)) fail("the models page does not list " + artefact);
   if (errors.length) fail("page errors: " + errors.join("; "));
   console.log("OK");
 } finally {
