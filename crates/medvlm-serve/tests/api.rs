@@ -1014,7 +1014,7 @@ async fn papers_are_filtered_as_medvlm_papers_filters_them_and_pages_are_served(
         },
     );
     assert_eq!(seg["count"].as_u64().unwrap() as usize, want.len());
-    assert!(want.len() > 0 && want.len() < total);
+    assert!(!want.is_empty() && want.len() < total);
     for (p, w) in seg["data"].as_array().unwrap().iter().zip(&want) {
         assert_eq!(p["link"].as_str(), w.link.as_deref());
     }
