@@ -1,4 +1,5 @@
-//! `medvlm bench embed`: progress lines when stderr is a file, and a dtype the device cannot
+//! `medvlm bench embed`, `bench io` and `bench phantoms`: progress lines when stderr is a file,
+//! and (embed) a dtype the device cannot
 //! compute in refused before any work, without a stack trace even under RUST_BACKTRACE=1.
 
 use std::process::Command;
@@ -41,4 +42,47 @@ fn bench_embed_reports_progress_and_refuses_an_unsupported_dtype_up_front() {
             "refused before work: {err}"
         );
     }
+}
+
+/// `bench io` and `bench phantoms` say how far they are when stderr is a file, and keep their
+/// tables on stdout.
+#[test]
+fn bench_io_and_phantoms_report_progress_in_a_log() {
+    let run = |args: &[&str]| {
+        let r = Command::new(env!("CARGO_BIN_EXE_medvlm"))
+            .args(args)
+            .env("MEDVLM_PROGRESS_SECS", "0")
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        (
+            String::from_utf8_lossy(&r.stdout).to_string(),
+            String::from_utf8_lossy(&r.stderr).to_string(),
+        )
+    };
+    // 6 files: a warm-up and 2 x 1 timed passes = 18 reads.
+    let (out, err) = run(&[
+        "bench", "io", "--count", "6", "--side", "32", "--repeat", "2",
+    ]);
+    assert!(out.contains("decode + preprocess:"), "{out}");
+    assert!(err.contains("bench io: 18/18 file reads (100 %)"), "{err}");
+    assert!(
+        !out.contains("file reads"),
+        "progress belongs on stderr: {out}"
+    );
+    let (out, err) = run(&[
+        "bench",
+        "phantoms",
+        "--n",
+        "4",
+        "--sizes",
+        "32",
+        "--no-write",
+    ]);
+    assert!(
+        out.lines().any(|l| l.trim_start().starts_with("32 ")),
+        "{out}"
+    );
+    assert!(err.contains("bench phantoms: 2/2 steps (100 %)"), "{err}");
+    assert!(err.contains("32 px: 4 studies in memory"), "{err}");
 }

@@ -127,17 +127,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .num_threads(args.threads)
         .build()
         .context("building the rayon pool")?;
+    // Every file read of the warm-up and the timed passes, so a long run in a log says how far
+    // it is (one atomic add per file: nothing next to a decode).
+    let timed = args.repeat.saturating_sub(1).max(1);
+    let pb = crate::commands::progress::Progress::new(
+        "bench io",
+        (files.len() * (1 + 2 * timed)) as u64,
+        "file reads",
+    );
     // Files that fail are counted and reported, never silently dropped.
     let pass = |preprocess: bool| -> (usize, Vec<String>) {
         pool.install(|| {
             let results: Vec<Result<(), String>> = files
                 .par_iter()
                 .map(|p| {
-                    let img = medvlm_io::load_any(p).map_err(|e| e.to_string())?;
-                    if preprocess {
-                        to_model_input(&img, &opts).map_err(|e| format!("{}: {e}", p.display()))?;
-                    }
-                    Ok(())
+                    let result =
+                        medvlm_io::load_any(p)
+                            .map_err(|e| e.to_string())
+                            .and_then(|img| {
+                                if preprocess {
+                                    to_model_input(&img, &opts)
+                                        .map_err(|e| format!("{}: {e}", p.display()))?;
+                                }
+                                Ok(())
+                            });
+                    pb.inc(1);
+                    result
                 })
                 .collect();
             let errs: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
@@ -148,7 +163,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for e in &errs {
         eprintln!("skipped: {e}");
     }
-    let timed = args.repeat.saturating_sub(1).max(1);
     let measure = |preprocess: bool| {
         let t = Instant::now();
         let mut n = 0;
@@ -159,6 +173,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let (n_dec, t_dec) = measure(false);
     let (n_all, t_all) = measure(true);
+    pb.finish();
     println!(
         "bench io: {} file(s){} x {timed} pass(es), {} rayon thread(s), input {}x{}, window {}",
         files.len(),

@@ -98,6 +98,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "with disk writes /s"
         );
     }
+    // Three steps per size (warm-up, in memory, with writes); a line each in a log.
+    let steps = if args.no_write { 2 } else { 3 };
+    let pb = crate::commands::progress::Progress::new(
+        "bench phantoms",
+        (args.sizes.len() * steps) as u64,
+        "steps",
+    );
     for &size in &args.sizes {
         let opts = StudyOptions {
             size,
@@ -124,7 +131,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "pass --force",
         )?;
         // Warm-up (page faults, allocator) on a few studies.
+        pb.set_message(format!("{size} px: warm-up"));
         pool.install(|| generate_studies(&modalities, args.seed, 8.min(args.n), &opts))?;
+        pb.inc(1);
+        pb.set_message(format!("{size} px: {} studies in memory", args.n));
         let t = Instant::now();
         let cpu0 = process_cpu_seconds();
         let studies = pool.install(|| generate_studies(&modalities, args.seed, args.n, &opts))?;
@@ -135,15 +145,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         let idle_estimate = cpu_per_study.map(|c| args.threads as f64 / c);
         drop(studies);
+        pb.inc(1);
         let write_rate = if args.no_write {
             None
         } else {
             let dir = config.out.clone();
+            pb.set_message(format!("{size} px: {} studies written", args.n));
             let t = Instant::now();
             let result = pool.install(|| write_dataset(&config));
             let secs = t.elapsed().as_secs_f64();
             let _ = std::fs::remove_dir_all(&dir);
             result.with_context(|| format!("writing to the scratch folder {}", dir.display()))?;
+            pb.inc(1);
             Some(args.n as f64 / secs)
         };
         if args.json {
@@ -173,5 +186,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("{size:>6} {mem_rate:>14.0} {c:>17} {e:>22} {w:>20}");
         }
     }
+    pb.finish();
     Ok(())
 }
