@@ -1,6 +1,6 @@
 //! `medvlm bench embed`, `bench io` and `bench phantoms`: progress lines when stderr is a file,
-//! and (embed) a dtype the device cannot
-//! compute in refused before any work, without a stack trace even under RUST_BACKTRACE=1.
+//! and (embed) a dtype the device cannot compute in refused before any work, without a stack
+//! trace even under RUST_BACKTRACE=1.
 
 use std::process::Command;
 
