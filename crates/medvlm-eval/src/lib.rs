@@ -5,6 +5,7 @@
 //! PNG); [`report::Report`] assembles a self-contained HTML report.
 //!
 //! * [`classification`]: accuracy, balanced accuracy, macro-F1, confusion matrix.
+//! * [`anomaly`]: pixel AUROC and AUPRO of anomaly maps (MVTec AD procedure).
 //! * [`auroc`]: exact (Mann-Whitney) AUROC, one-vs-rest and multi-label.
 //! * [`multilabel`]: macro/micro F1 at a threshold, average precision.
 //! * [`calibration`]: expected calibration error and reliability diagrams.
@@ -16,6 +17,8 @@
 //!   computes them.
 //! * [`report_labeller`]: a negation- and hedge-aware rule labeller of findings in reports,
 //!   and finding-level clinical efficacy (precision, recall, F1; micro and macro).
+//! * [`detection`]: COCO-style box AP (mAP@[.5:.95], @.5, @.75; macro and micro) as
+//!   pycocotools computes it, and phrase-grounding Acc@0.5 / mIoU.
 //! * [`segmentation`]: Dice, IoU, Hausdorff distance (HD, HD95) and average surface distance
 //!   of 2-D binary masks (MONAI conventions), with per-label summaries.
 //! * [`fewshot_table`]: mean ± std tables over seeds.
@@ -37,11 +40,13 @@
 //! assert_eq!(m.macro_auroc, Some(1.0)); // every class-1 image outscores the class-0 one
 //! ```
 
+pub mod anomaly;
 pub mod auroc;
 pub mod calibration;
 pub mod classification;
 pub mod conformal;
 pub mod conformal_multilabel;
+pub mod detection;
 pub mod error;
 pub mod evaluation;
 pub mod fewshot_table;
