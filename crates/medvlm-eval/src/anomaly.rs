@@ -107,9 +107,20 @@ pub fn connected_components(mask: &[bool], height: usize, width: usize) -> (Vec<
     (label, n as usize)
 }
 
+/// The PRO curve of a set of maps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProCurve {
+    /// False-positive rates, from 0, non-decreasing.
+    pub fpr: Vec<f64>,
+    /// Mean per-region overlap at each point.
+    pub pro: Vec<f64>,
+    /// Defect regions (8-connected components) over all masks.
+    pub regions: usize,
+}
+
 /// The PRO curve: `(fpr, pro)` points from `(0, 0)`, one per distinct anomaly score (highest
-/// first), and the number of defect regions. `None` when there is no region or no normal pixel.
-pub fn pro_curve(maps: &[PixelMap]) -> Result<Option<(Vec<f64>, Vec<f64>, usize)>> {
+/// first). `None` when there is no region or no normal pixel.
+pub fn pro_curve(maps: &[PixelMap]) -> Result<Option<ProCurve>> {
     check(maps)?;
     let mut regions = 0usize;
     let mut labelled = Vec::with_capacity(maps.len());
@@ -154,7 +165,7 @@ pub fn pro_curve(maps: &[PixelMap]) -> Result<Option<(Vec<f64>, Vec<f64>, usize)
             pro.push(p.clamp(0.0, 1.0));
         }
     }
-    Ok(Some((fpr, pro, regions)))
+    Ok(Some(ProCurve { fpr, pro, regions }))
 }
 
 /// Area under the curve `y(x)` from `x[0]` to `x_max` by the trapezoid rule, the segment that
