@@ -196,7 +196,7 @@ pub fn aupro(maps: &[PixelMap], fpr_limit: f64) -> Result<Option<f64>> {
             reason: format!("{fpr_limit} is not in (0, 1]"),
         });
     }
-    Ok(pro_curve(maps)?.map(|(fpr, pro, _)| trapezoid_up_to(&fpr, &pro, fpr_limit) / fpr_limit))
+    Ok(pro_curve(maps)?.map(|c| trapezoid_up_to(&c.fpr, &c.pro, fpr_limit) / fpr_limit))
 }
 
 #[cfg(test)]
