@@ -1,7 +1,9 @@
 //! medvlm-tasks: task heads on the encoders of `medvlm-models`, trained with the engine of
 //! `medvlm-train`, one module per task. Now: text-guided segmentation
 //! ([`segmentation`]: a CLIPSeg-style FiLM decoder on frozen patch tokens, and the
-//! training-free patch-text similarity baseline).
+//! training-free patch-text similarity baseline), and few-shot anomaly detection and
+//! localisation ([`anomaly`]: a memory of normal patch features, nearest-neighbour maps, a
+//! threshold chosen on normal images).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -23,4 +25,5 @@
 //! # }
 //! ```
 
+pub mod anomaly;
 pub mod segmentation;
