@@ -21,6 +21,7 @@
 //!   pycocotools computes it, and phrase-grounding Acc@0.5 / mIoU.
 //! * [`segmentation`]: Dice, IoU, Hausdorff distance (HD, HD95) and average surface distance
 //!   of 2-D binary masks (MONAI conventions), with per-label summaries.
+//! * [`image_quality`]: PSNR and SSIM with BasicSR's conventions (8-bit scale, border crop).
 //! * [`fewshot_table`]: mean ± std tables over seeds.
 //! * [`plots`]: line plots, confusion-matrix heatmaps, reliability diagrams (SVG/PNG).
 //! * [`report`]: self-contained HTML reports.
@@ -50,6 +51,7 @@ pub mod detection;
 pub mod error;
 pub mod evaluation;
 pub mod fewshot_table;
+pub mod image_quality;
 pub mod multilabel;
 pub mod plots;
 pub mod report;
