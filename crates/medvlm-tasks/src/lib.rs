@@ -1,7 +1,9 @@
 //! medvlm-tasks: task heads on the encoders of `medvlm-models`, trained with the engine of
 //! `medvlm-train`, one module per task. Now: text-guided segmentation
 //! ([`segmentation`]: a CLIPSeg-style FiLM decoder on frozen patch tokens, and the
-//! training-free patch-text similarity baseline).
+//! training-free patch-text similarity baseline; [`segmentation_pipeline`]: the task read
+//! from a manifest of images and masks, training, evaluation per finding and modality, the
+//! saved segmenter and prediction on image files and NIfTI volumes).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -24,3 +26,4 @@
 //! ```
 
 pub mod segmentation;
+pub mod segmentation_pipeline;
