@@ -116,6 +116,9 @@ enum Command {
     Adapt(commands::adapt::Args),
     /// Predict with an adapted model.
     Predict(commands::predict::Args),
+    /// Text-guided segmentation: train a head on frozen patch tokens, predict masks,
+    /// evaluate against the similarity baseline.
+    Segment(commands::segment::Args),
     /// Benchmarks (throughput, memory, few-shot sweeps).
     Bench(commands::bench::Args),
     /// The field's papers by task, strategy and modality, with the medvlm command that runs
@@ -145,6 +148,7 @@ fn main() {
         Command::Finetune(a) => commands::finetune::run(a),
         Command::Adapt(a) => commands::adapt::run(a),
         Command::Predict(a) => commands::predict::run(a),
+        Command::Segment(a) => commands::segment::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Papers(a) => commands::papers::run(a),
     };

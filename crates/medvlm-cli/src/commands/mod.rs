@@ -14,6 +14,7 @@ pub mod predict;
 pub mod pretrain;
 pub mod progress;
 pub mod quickstart;
+pub mod segment;
 pub mod zero_shot;
 
 /// clap parser of counts that must be at least 1 (`--batch 0` would embed nothing, or loop).
