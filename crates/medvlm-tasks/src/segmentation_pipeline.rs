@@ -694,7 +694,7 @@ pub fn train_segmenter(
     }
     let (all_pairs, _) = pairs(&images, &classes);
     // Every present pair, and one absent pair per image (seeded).
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0xab5e_47);
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0x00ab_5e47);
     let mut chosen: Vec<PairRef> = all_pairs.iter().filter(|p| p.present).copied().collect();
     for i in 0..images.len() {
         let absent: Vec<&PairRef> = all_pairs
@@ -1417,7 +1417,7 @@ fn stem_of(path: &Path) -> String {
 pub fn overlay(plane: &Plane, mask: &[u8]) -> Plane {
     let n = plane.rows * plane.cols;
     let mut data = Vec::with_capacity(n * 3);
-    for i in 0..n {
+    for (i, &inside) in mask.iter().enumerate().take(n) {
         let rgb = if plane.channels == 3 {
             [
                 plane.data[3 * i],
@@ -1427,7 +1427,7 @@ pub fn overlay(plane: &Plane, mask: &[u8]) -> Plane {
         } else {
             [plane.data[i]; 3]
         };
-        let a = if mask[i] > 0 { 0.45 } else { 0.0 };
+        let a = if inside > 0 { 0.45 } else { 0.0 };
         data.push(rgb[0] * (1.0 - a) + a);
         data.push(rgb[1] * (1.0 - a));
         data.push(rgb[2] * (1.0 - a));
