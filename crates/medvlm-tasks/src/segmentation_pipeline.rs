@@ -552,7 +552,7 @@ fn sample(img: &LoadedImage, cls: &SegClass, text: &Tensor, size: usize) -> Resu
 pub struct TrainOptions {
     /// Model spec (directory, `hf:ORG/NAME` or preset), recorded in the card.
     pub model_spec: String,
-    /// Head settings; `None`: [`SegHeadConfig::new`] for the model's sizes.
+    /// Optimiser steps; `None`: the default of [`SegHeadConfig::new`] (300).
     pub steps: Option<usize>,
     /// Head batch; `None`: the default (16).
     pub batch: Option<usize>,
@@ -600,7 +600,7 @@ pub struct SegCard {
     pub baseline_thresholds: BTreeMap<String, f32>,
     /// The training manifest.
     pub train_manifest: String,
-    /// Training images and (image, class) samples.
+    /// Training images.
     pub n_train_images: usize,
     /// Training samples (present + absent pairs).
     pub n_train_samples: usize,
