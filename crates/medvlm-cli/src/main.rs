@@ -126,6 +126,9 @@ enum Command {
     Adapt(commands::adapt::Args),
     /// Predict with an adapted model.
     Predict(commands::predict::Args),
+    /// Text-guided segmentation: train a head on frozen patch tokens, predict masks,
+    /// evaluate against the similarity baseline.
+    Segment(commands::segment::Args),
     /// Serve the model and adapted artefacts over HTTP (embeddings, zero-shot, predict).
     Serve(commands::serve::Args),
     /// Benchmarks (throughput, memory, few-shot sweeps).
@@ -160,6 +163,7 @@ fn main() {
         Command::Finetune(a) => commands::finetune::run(a),
         Command::Adapt(a) => commands::adapt::run(a),
         Command::Predict(a) => commands::predict::run(a),
+        Command::Segment(a) => commands::segment::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Papers(a) => commands::papers::run(a),

@@ -536,6 +536,15 @@ impl ImageEncoder for ClipModel {
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size
     }
+    fn project_patch_tokens(&self, out: &VisionOutput) -> Result<Option<Tensor>> {
+        // The class token is pooled by post_layernorm + visual_projection; the same two maps
+        // applied to every patch token give per-patch embeddings in the joint space.
+        let normed = self
+            .vision_model
+            .post_layernorm
+            .forward(&out.patch_tokens()?)?;
+        Ok(Some(self.visual_projection.forward(&normed)?))
+    }
 }
 
 impl LinearLayers for ClipModel {

@@ -210,6 +210,13 @@ pub trait ImageEncoder: Send + Sync {
     fn supports_visual_prompts(&self) -> bool {
         true
     }
+    /// The patch tokens of `out` mapped into the joint image-text space, `[B, N, E]`, the way
+    /// the tower maps its pooled token (dense CLIP features as MaskCLIP uses them, Zhou et al.,
+    /// ECCV 2022), or `None` for towers whose pooling has no per-token equivalent (attention
+    /// pooling heads). Default: `None`.
+    fn project_patch_tokens(&self, _out: &VisionOutput) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// A dual-encoder vision-language model.

@@ -1,9 +1,11 @@
 //! medvlm-tasks: task heads on the encoders of `medvlm-models`, trained with the engine of
 //! `medvlm-train`, one module per task. Now: text-guided segmentation
 //! ([`segmentation`]: a CLIPSeg-style FiLM decoder on frozen patch tokens, and the
-//! training-free patch-text similarity baseline), and few-shot anomaly detection and
-//! localisation ([`anomaly`]: a memory of normal patch features, nearest-neighbour maps, a
-//! threshold chosen on normal images).
+//! training-free patch-text similarity baseline; [`segmentation_pipeline`]: the task read
+//! from a manifest of images and masks, training, evaluation per finding and modality, the
+//! saved segmenter and prediction on image files and NIfTI volumes), and few-shot anomaly
+//! detection and localisation ([`anomaly`]: a memory of normal patch features,
+//! nearest-neighbour maps, a threshold chosen on normal images).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -27,3 +29,4 @@
 
 pub mod anomaly;
 pub mod segmentation;
+pub mod segmentation_pipeline;

@@ -13,7 +13,7 @@
 //! towers stay frozen, so their features are computed once ([`SegSample`]).
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
+use candle_nn::{Linear, VarBuilder, VarMap};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -111,23 +111,52 @@ impl SegHeadConfig {
     }
 }
 
-/// The head: reduce + FiLM + decoder.
+/// A 3x3 convolution (padding 1) with bias on channels-last tensors, its weight in PyTorch's
+/// `[out, in, 3, 3]` layout. It runs on `medvlm_models::conv::conv2d` (im2col + gemm per
+/// image, with its own backward): candle's CPU `conv2d` backward goes through a direct
+/// `conv_transpose2d` loop that made a 300-step training take minutes at 32 px.
+struct Conv3 {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv3 {
+    fn new(vb: VarBuilder, cin: usize, cout: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(
+                (cout, cin, 3, 3),
+                "weight",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?,
+            bias: vb.get_with_hints(cout, "bias", candle_nn::Init::Const(0.0))?,
+        })
+    }
+
+    /// `[B, H, W, in]` -> `[B, H, W, out]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        medvlm_models::conv::conv2d(x, &self.weight, 1, 1)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Nearest-neighbour x2 upsampling of a channels-last `[B, H, W, C]` tensor (a broadcast,
+/// whose backward is a sum).
+fn upsample2_nhwc(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    x.reshape((b, h, 1, w, 1, c))?
+        .broadcast_as((b, h, 2, w, 2, c))?
+        .contiguous()?
+        .reshape((b, 2 * h, 2 * w, c))
+}
+
+/// The head: reduce + FiLM + decoder (channels-last inside).
 pub struct TextSegHead {
     cfg: SegHeadConfig,
     reduce: Linear,
     film: Linear,
-    grid_conv: Conv2d,
-    up_convs: Vec<Conv2d>,
-    pixel_conv: Conv2d,
-    out: Conv2d,
-}
-
-fn conv3(vb: VarBuilder, cin: usize, cout: usize) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    candle_nn::conv2d(cin, cout, 3, cfg, vb)
+    grid_conv: Conv3,
+    up_convs: Vec<Conv3>,
+    pixel_conv: Conv3,
+    out: Linear,
 }
 
 impl TextSegHead {
@@ -137,16 +166,16 @@ impl TextSegHead {
         let steps = cfg.upsample_steps()?;
         let w = cfg.width;
         let up_convs = (0..steps)
-            .map(|i| conv3(vb.pp(format!("up.{i}")), w, w))
+            .map(|i| Conv3::new(vb.pp(format!("up.{i}")), w, w))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
             reduce: candle_nn::linear(cfg.feature_dim, w, vb.pp("reduce"))?,
             film: candle_nn::linear(cfg.text_dim, 2 * w, vb.pp("film"))?,
-            grid_conv: conv3(vb.pp("grid"), w, w)?,
+            grid_conv: Conv3::new(vb.pp("grid"), w, w)?,
             up_convs,
-            pixel_conv: conv3(vb.pp("pixel"), w + 1, w)?,
-            out: candle_nn::conv2d(w, 1, 1, Default::default(), vb.pp("out"))?,
+            pixel_conv: Conv3::new(vb.pp("pixel"), w + 1, w)?,
+            out: candle_nn::linear(w, 1, vb.pp("out"))?,
         })
     }
 
@@ -166,25 +195,22 @@ impl TextSegHead {
             )));
         }
         let w = self.cfg.width;
-        let x = self
-            .reduce
-            .forward(patches)?
-            .reshape((b, gh, gw, w))?
-            .permute((0, 3, 1, 2))?;
+        // Patch tokens are row-major over the grid, so [B, N, w] is already [B, gh, gw, w].
+        let x = self.reduce.forward(patches)?.reshape((b, gh, gw, w))?;
         let film = self.film.forward(text)?;
-        let gamma = film.narrow(1, 0, w)?.reshape((b, w, 1, 1))?;
-        let beta = film.narrow(1, w, w)?.reshape((b, w, 1, 1))?;
+        let gamma = film.narrow(1, 0, w)?.reshape((b, 1, 1, w))?;
+        let beta = film.narrow(1, w, w)?.reshape((b, 1, 1, w))?;
         let mut x = x.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(&beta)?;
         x = self.grid_conv.forward(&x)?.relu()?;
-        let (mut h, mut wd) = (gh, gw);
         for conv in &self.up_convs {
-            h *= 2;
-            wd *= 2;
-            x = conv.forward(&x.upsample_nearest2d(h, wd)?)?.relu()?;
+            x = conv.forward(&upsample2_nhwc(&x)?)?.relu()?;
         }
-        let x = Tensor::cat(&[&x, grey], 1)?;
+        let s = self.cfg.image_size;
+        // One channel: [B, 1, S, S] and [B, S, S, 1] hold the same values in the same order.
+        let grey = grey.reshape((b, s, s, 1))?;
+        let x = Tensor::cat(&[&x, &grey], 3)?;
         let x = self.pixel_conv.forward(&x)?.relu()?;
-        Ok(self.out.forward(&x)?)
+        Ok(self.out.forward(&x)?.reshape((b, 1, s, s))?)
     }
 }
 

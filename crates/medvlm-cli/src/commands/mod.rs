@@ -14,6 +14,7 @@ pub mod predict;
 pub mod pretrain;
 pub mod progress;
 pub mod quickstart;
+pub mod segment;
 pub mod serve;
 pub mod zero_shot;
 

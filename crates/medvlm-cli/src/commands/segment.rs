@@ -1,0 +1,217 @@
+//! `medvlm segment train|predict|eval`: text-guided segmentation on a frozen VLM image tower
+//! (a CLIPSeg-style head; `medvlm_tasks::segmentation_pipeline`, docs/segmentation.md).
+//!
+//! * `train --model M --manifest train.jsonl [--val val.jsonl] --out DIR`: trains the head
+//!   on the manifest's images and per-finding masks and writes the segmenter folder
+//!   (`head.safetensors` + `segmenter.json`); with `--val`, prints its evaluation there.
+//! * `predict --segmenter DIR --prompt TEXT IMAGES... --out DIR`: writes `<stem>_mask.png`
+//!   and `<stem>_overlay.png` per image, and `<stem>_mask.nii.gz` (the input's affine and
+//!   shape) for NIfTI input, 3-D volumes segmented slice by slice across `--axis`.
+//! * `eval --segmenter DIR --manifest test.jsonl [--json OUT]`: Dice, IoU and HD95 per
+//!   finding and per modality of the head and of the training-free similarity baseline.
+
+use std::path::PathBuf;
+
+use medvlm_tasks::segmentation_pipeline::{
+    evaluate_manifest, predict_files, train_and_save, TrainOptions,
+};
+
+use super::common::write_file;
+use super::embed::DeviceArgs;
+
+/// Arguments of `medvlm segment`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: SegmentCommand,
+}
+
+/// The subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum SegmentCommand {
+    /// Train a segmentation head on a manifest of images and per-finding masks.
+    Train(TrainArgs),
+    /// Segment images (PNG/JPEG/TIFF, DICOM, NIfTI) for a prompt.
+    Predict(PredictArgs),
+    /// Evaluate a segmenter and the similarity baseline on a manifest.
+    Eval(EvalArgs),
+}
+
+/// `medvlm segment train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Model: a directory, hf:ORG/NAME or a preset (its image tower must give patch tokens).
+    #[arg(long)]
+    pub model: String,
+    /// Training manifest (.jsonl / .csv) with `masks` [{label, path}] per image.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Only the records of this split of the manifest.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Validation manifest: evaluated after training, table printed.
+    #[arg(long)]
+    pub val: Option<PathBuf>,
+    /// Output folder of the segmenter.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Optimiser steps (default 300).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Samples per step (default 16).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub batch: Option<usize>,
+    /// Head width (default 64).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub width: Option<usize>,
+    /// AdamW learning rate (default 1e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of the head's initialisation, sample order and absent pairs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `medvlm segment predict`.
+#[derive(clap::Args, Debug)]
+pub struct PredictArgs {
+    /// Segmenter folder written by `medvlm segment train`.
+    #[arg(long)]
+    pub segmenter: PathBuf,
+    /// What to segment: a class of the segmenter (`modality/label`, or a label only one
+    /// class has) uses its trained prompt embedding; other text is embedded as given.
+    #[arg(long)]
+    pub prompt: String,
+    /// Image files.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Axis across which 3-D NIfTI volumes are cut into slices (0 = x, 1 = y, 2 = z).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub axis: u8,
+    /// Model to use instead of the one named in the segmenter (same weights, moved).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `medvlm segment eval`.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Segmenter folder written by `medvlm segment train`.
+    #[arg(long)]
+    pub segmenter: PathBuf,
+    /// Test manifest with masks.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Only the records of this split of the manifest.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Also write the evaluation as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Model to use instead of the one named in the segmenter (same weights, moved).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Runs `medvlm segment`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        SegmentCommand::Train(a) => train(a),
+        SegmentCommand::Predict(a) => predict(a),
+        SegmentCommand::Eval(a) => eval(a),
+    }
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let opts = TrainOptions {
+        model_spec: a.model.clone(),
+        steps: a.steps,
+        batch: a.batch,
+        width: a.width,
+        lr: a.lr,
+        seed: a.seed,
+        split: a.split.clone(),
+    };
+    let t0 = std::time::Instant::now();
+    let (card, val) = train_and_save(&a.manifest, a.val.as_deref(), &opts, &a.out, &device)?;
+    println!(
+        "trained a segmentation head on {} images ({} samples, {} classes) in {:.1} s: {} steps, final loss {:.4}",
+        card.n_train_images,
+        card.n_train_samples,
+        card.classes.len(),
+        t0.elapsed().as_secs_f64(),
+        card.head.steps,
+        card.final_loss
+    );
+    println!("segmenter written to {}", a.out.display());
+    if let Some(e) = val {
+        print!("{}", e.render_table());
+    }
+    Ok(())
+}
+
+fn predict(a: PredictArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let (files, class, warning) = predict_files(
+        &a.segmenter,
+        a.model.as_deref(),
+        &a.prompt,
+        &a.images,
+        usize::from(a.axis),
+        &a.out,
+        &device,
+    )?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    match class {
+        Some(c) => println!("prompt `{}`: the segmenter's class `{c}`", a.prompt),
+        None => println!(
+            "prompt `{}`: not a class of the segmenter, embedded as free text (best effort)",
+            a.prompt
+        ),
+    }
+    for f in files {
+        println!(
+            "{}: {} px in {} slice(s) -> {}{}",
+            f.input.display(),
+            f.area,
+            f.slices,
+            f.mask_png.display(),
+            f.mask_nifti
+                .map(|p| format!(", {}", p.display()))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let (evaluation, warning) = evaluate_manifest(
+        &a.segmenter,
+        a.model.as_deref(),
+        &a.manifest,
+        a.split.as_deref(),
+        &device,
+    )?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    print!("{}", evaluation.render_table());
+    if let Some(path) = &a.json {
+        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
+        println!("evaluation written to {}", path.display());
+    }
+    Ok(())
+}
