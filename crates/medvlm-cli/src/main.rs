@@ -126,6 +126,9 @@ enum Command {
     Adapt(commands::adapt::Args),
     /// Predict with an adapted model.
     Predict(commands::predict::Args),
+    /// Anomaly detection and localisation: a memory of normal patch features, maps,
+    /// a threshold chosen on normal images.
+    Anomaly(commands::anomaly::Args),
     /// Text-guided segmentation: train a head on frozen patch tokens, predict masks,
     /// evaluate against the similarity baseline.
     Segment(commands::segment::Args),
@@ -163,6 +166,7 @@ fn main() {
         Command::Finetune(a) => commands::finetune::run(a),
         Command::Adapt(a) => commands::adapt::run(a),
         Command::Predict(a) => commands::predict::run(a),
+        Command::Anomaly(a) => commands::anomaly::run(a),
         Command::Segment(a) => commands::segment::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),

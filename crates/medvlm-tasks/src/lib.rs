@@ -28,5 +28,6 @@
 //! ```
 
 pub mod anomaly;
+pub mod anomaly_pipeline;
 pub mod segmentation;
 pub mod segmentation_pipeline;

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod adapt;
+pub mod anomaly;
 pub mod bench;
 pub mod common;
 pub mod convert;

@@ -1,0 +1,211 @@
+//! `medvlm anomaly fit|eval|predict`: few-shot anomaly detection and localisation with a
+//! memory of normal patch features (`medvlm_tasks::anomaly_pipeline`, docs/anomaly.md).
+//!
+//! * `fit --model M --manifest train.jsonl [--calib val.jsonl] --out DIR [--shots 16]
+//!   [--fpr 0.05]`: per modality, the memory of `--shots` normal images and the threshold at
+//!   `--fpr` on other normal images; writes `memory.safetensors` + `anomaly.json`.
+//! * `eval --detector DIR --manifest test.jsonl [--json OUT]`: image AUROC, pixel AUROC, AUPRO
+//!   and the decision's FPR/TPR per modality, beside two baselines.
+//! * `predict --detector DIR [--modality M] IMAGES... --out DIR`: `<stem>_anomaly.png`,
+//!   `<stem>_overlay.png` and a CSV of scores and decisions.
+
+use std::path::PathBuf;
+
+use medvlm_tasks::anomaly::MemoryConfig;
+use medvlm_tasks::anomaly_pipeline::{fit, AnomalyDetector, AnomalyOptions, AnomalyTask};
+
+use medvlm_adapt::pipeline::csv_field;
+
+use super::common::write_file;
+use super::embed::{load, DeviceArgs};
+
+/// Arguments of `medvlm anomaly`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: AnomalyCommand,
+}
+
+/// The subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum AnomalyCommand {
+    /// Fit the memory of normal images and the decision threshold.
+    Fit(FitArgs),
+    /// Evaluate a detector on a labelled manifest (with masks where it has them).
+    Eval(EvalArgs),
+    /// Score images: anomaly maps, overlays, scores and decisions.
+    Predict(PredictArgs),
+}
+
+/// `medvlm anomaly fit`.
+#[derive(clap::Args, Debug)]
+pub struct FitArgs {
+    /// Model: a directory, hf:ORG/NAME or a preset (a ViT image tower: patch tokens).
+    #[arg(long)]
+    pub model: String,
+    /// Training manifest; its `normal` studies form the memory.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Only this split of the training manifest.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Manifest whose normal studies set the threshold (default: the training normals
+    /// outside the memory).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Normal images per modality in the memory.
+    #[arg(long, default_value_t = 16, value_parser = crate::commands::at_least_one)]
+    pub shots: usize,
+    /// Target false-positive rate of the threshold on the calibration normals.
+    #[arg(long, default_value_t = 0.05)]
+    pub fpr: f64,
+    /// Seed of the normal draw.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Gaussian smoothing of the maps in pixels.
+    #[arg(long, default_value_t = 4.0)]
+    pub sigma: f64,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `medvlm anomaly eval`.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Detector folder written by `medvlm anomaly fit`.
+    #[arg(long)]
+    pub detector: PathBuf,
+    /// Test manifest.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Only this split.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Also write the evaluation as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Model to use instead of the one named in the detector (same weights, moved).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `medvlm anomaly predict`.
+#[derive(clap::Args, Debug)]
+pub struct PredictArgs {
+    /// Detector folder written by `medvlm anomaly fit`.
+    #[arg(long)]
+    pub detector: PathBuf,
+    /// The images' modality (a modality the detector was fitted on; needed when it has
+    /// several).
+    #[arg(long)]
+    pub modality: Option<String>,
+    /// Image files (PNG/JPEG/TIFF, DICOM, NIfTI slices).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Model to use instead of the one named in the detector (same weights, moved).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Runs `medvlm anomaly`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        AnomalyCommand::Fit(a) => fit_cmd(a),
+        AnomalyCommand::Eval(a) => eval(a),
+        AnomalyCommand::Predict(a) => predict(a),
+    }
+}
+
+fn fit_cmd(a: FitArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let train = AnomalyTask::from_manifest(&a.manifest, a.split.as_deref())?;
+    let calib = a
+        .calib
+        .as_deref()
+        .map(|p| AnomalyTask::from_manifest(p, None))
+        .transpose()?;
+    let m = load(&a.model, &device)?;
+    let options = AnomalyOptions {
+        shots: a.shots,
+        seed: a.seed,
+        fpr: a.fpr,
+        memory: MemoryConfig {
+            seed: a.seed,
+            sigma: a.sigma,
+            ..Default::default()
+        },
+    };
+    let det = fit(m, &a.model, &train, calib.as_ref(), &options, &device)?;
+    det.save(&a.out)?;
+    for d in &det.modalities {
+        println!(
+            "{}: memory of {} normal image(s) ({} patch features, grid {}x{}); threshold {:.4} \
+             (at most {:.0} % of {} calibration normals above it)",
+            d.modality.as_deref().unwrap_or("(no modality)"),
+            d.memory_images.len(),
+            d.memory.features.dim(0)?,
+            d.memory.grid.0,
+            d.memory.grid.1,
+            d.threshold.value,
+            100.0 * d.threshold.target_false_positive_rate,
+            d.threshold.n_calibration
+        );
+    }
+    println!("detector written to {}", a.out.display());
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let det = AnomalyDetector::load(&a.detector, a.model.as_deref(), &device)?;
+    let task = AnomalyTask::from_manifest(&a.manifest, a.split.as_deref())?;
+    let evaluation = det.evaluate(&task, &device)?;
+    print!("{}", evaluation.render_table());
+    if let Some(path) = &a.json {
+        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
+        println!("evaluation written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn predict(a: PredictArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let det = AnomalyDetector::load(&a.detector, a.model.as_deref(), &device)?;
+    let modality = match (&a.modality, det.modalities.as_slice()) {
+        (Some(m), _) => Some(m.clone()),
+        (None, [only]) => only.modality.clone(),
+        (None, many) => anyhow::bail!(
+            "the detector was fitted on {} modalities ({}): pass --modality",
+            many.len(),
+            many.iter()
+                .map(|d| d.modality.as_deref().unwrap_or("(none)"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let rows = det.predict_and_write(&a.images, modality.as_deref(), &a.out, &device)?;
+    let mut csv = String::from("image,score,anomalous,map,overlay\n");
+    for r in &rows {
+        csv.push_str(&format!(
+            "{},{:.6},{},{},{}\n",
+            csv_field(&r.input.display().to_string()),
+            r.score,
+            r.anomalous,
+            csv_field(&r.map_png.display().to_string()),
+            csv_field(&r.overlay_png.display().to_string())
+        ));
+    }
+    print!("{csv}");
+    write_file(&a.out.join("scores.csv"), csv.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! `medvlm anomaly fit`, `eval` and `predict` on a tiny phantom set (32 px, brain MRI and
+//! dermoscopy, a third of the studies normal) with the tiny CLIP fixture model (random
+//! weights): the detector folder is written with a memory and a threshold per modality, the
+//! evaluation table holds the method and both baselines for each modality, predictions write
+//! maps, overlays and a score CSV, and bad input fails with the reason.
+
+use std::path::{Path, PathBuf};
+
+mod common;
+use common::{arg, bin, fails, model, ok, run};
+
+fn phantoms(dir: &Path) -> PathBuf {
+    let out = dir.join("ph");
+    ok(&bin()
+        .args([
+            "phantoms",
+            "generate",
+            "--n",
+            "48",
+            "--seed",
+            "5",
+            "--normal-fraction",
+            "0.4",
+            "--modalities",
+            "dermoscopy,brain_mri",
+            "--size",
+            "32",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap());
+    out
+}
+
+#[test]
+fn anomaly_fit_then_eval_and_predict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let det = tmp.path().join("det");
+    let fit_out = ok(&run(&[
+        "anomaly",
+        "fit",
+        "--model",
+        arg(&model()),
+        "--manifest",
+        arg(&ph.join("manifest.jsonl")),
+        "--shots",
+        "3",
+        "--fpr",
+        "0.2",
+        "--out",
+        arg(&det),
+    ]));
+    assert!(
+        fit_out.contains("brain_mri: memory of 3 normal image(s)"),
+        "{fit_out}"
+    );
+    assert!(
+        fit_out.contains("dermoscopy: memory of 3 normal image(s)"),
+        "{fit_out}"
+    );
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(det.join("anomaly.json")).unwrap()).unwrap();
+    assert_eq!(card["format"], "medvlm-anomaly/1");
+    assert_eq!(card["modalities"].as_array().unwrap().len(), 2);
+    assert!(det.join("memory.safetensors").is_file());
+
+    let json = tmp.path().join("eval.json");
+    let table = ok(&run(&[
+        "anomaly",
+        "eval",
+        "--detector",
+        arg(&det),
+        "--manifest",
+        arg(&ph.join("manifest.jsonl")),
+        "--json",
+        arg(&json),
+    ]));
+    assert!(
+        table.contains("| brain_mri |") && table.contains("| dermoscopy |"),
+        "{table}"
+    );
+    let e: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for m in e["modalities"].as_array().unwrap() {
+        let n = m["n_normal"].as_u64().unwrap() + m["n_anomalous"].as_u64().unwrap();
+        assert_eq!(n, 24, "{m}");
+        assert!(m["n_normal"].as_u64().unwrap() > 3, "{m}");
+        for key in ["false_positive_rate", "true_positive_rate"] {
+            let v = m[key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{key} {v}");
+        }
+        assert!(m["memory"]["image_auroc"].is_number(), "{m}");
+    }
+
+    // Predict on two brain MRI images: maps, overlays, scores.
+    let man = std::fs::read_to_string(ph.join("manifest.jsonl")).unwrap();
+    let brains: Vec<PathBuf> = man
+        .lines()
+        .filter(|l| l.contains("\"modality\":\"brain_mri\""))
+        .take(2)
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            ph.join(v["image"].as_str().unwrap())
+        })
+        .collect();
+    let out = tmp.path().join("pred");
+    let csv = ok(&run(&[
+        "anomaly",
+        "predict",
+        "--detector",
+        arg(&det),
+        "--modality",
+        "brain_mri",
+        arg(&brains[0]),
+        arg(&brains[1]),
+        "--out",
+        arg(&out),
+    ]));
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    for b in &brains {
+        let stem = b.file_stem().unwrap().to_string_lossy().to_string();
+        assert!(out.join(format!("{stem}_anomaly.png")).is_file());
+        assert!(out.join(format!("{stem}_overlay.png")).is_file());
+    }
+    assert!(out.join("scores.csv").is_file());
+
+    // Two modalities and no --modality: the error says so.
+    let err = fails(
+        &bin()
+            .args(["anomaly", "predict", "--detector"])
+            .arg(&det)
+            .arg(&brains[0])
+            .arg("--out")
+            .arg(tmp.path().join("x"))
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("pass --modality"), "{err}");
+    // More shots than normal images: refused, naming the modality.
+    let err = fails(
+        &bin()
+            .args(["anomaly", "fit", "--shots", "500", "--model"])
+            .arg(model())
+            .arg("--manifest")
+            .arg(ph.join("manifest.jsonl"))
+            .arg("--out")
+            .arg(tmp.path().join("y"))
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("fewer than the 500 shots"), "{err}");
+}

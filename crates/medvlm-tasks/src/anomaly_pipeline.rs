@@ -1,0 +1,834 @@
+//! Anomaly detection and localisation on a labelled manifest, what `medvlm anomaly fit|eval|
+//! predict` runs: a study is normal when its only label is `normal` and anomalous otherwise;
+//! its finding masks (where the manifest lists them) are the ground truth of localisation.
+//!
+//! Per modality (the manifest's `modality` field; one group without it):
+//! * **fit** ([`fit`]): the memory ([`crate::anomaly::NormalMemory`]) of the patch tokens of
+//!   `shots` normal training images drawn with a seed, and the decision threshold at a target
+//!   false-positive rate on other normal images (the calibration split when given, else the
+//!   training normals outside the memory);
+//! * **score**: anomaly maps at the model's input size and image scores (the map maximum);
+//! * **evaluate** ([`AnomalyDetector::evaluate`]): image AUROC, pixel AUROC and AUPRO
+//!   ([`medvlm_eval::anomaly`]) and the decision's false-positive and true-positive rates at
+//!   the threshold; the same for two baselines with the same normal images: *global*, the
+//!   cosine distance of an image's mean patch token to the nearest normal one (image level
+//!   only), and *pixel difference*, the smoothed absolute difference from the mean normal
+//!   image (localisation). Pixel metrics use the images whose every finding has a mask
+//!   (anomalous studies with an unmasked finding are counted and left out of them).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use medvlm_eval::anomaly::{aupro, pixel_auroc, PixelMap, DEFAULT_FPR_LIMIT};
+use medvlm_eval::auroc::auroc_binary;
+use medvlm_models::LoadedModel;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::anomaly::{anomaly_maps, image_scores, MemoryConfig, NormalMemory, Threshold};
+use crate::segmentation_pipeline::{
+    load_images, model_fingerprint, FindingMask, LoadedImage, SegItem, SegPipelineError, SegTask,
+};
+
+/// Errors of the anomaly pipeline (they name the file and the reason).
+#[derive(Debug, thiserror::Error)]
+pub enum AnomalyPipelineError {
+    /// Reading images, masks or the model.
+    #[error(transparent)]
+    Data(Box<SegPipelineError>),
+    /// The anomaly core.
+    #[error(transparent)]
+    Anomaly(#[from] crate::anomaly::AnomalyError),
+    /// A metric.
+    #[error(transparent)]
+    Eval(#[from] medvlm_eval::EvalError),
+    /// Tensor error.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The model.
+    #[error(transparent)]
+    Model(#[from] medvlm_models::ModelError),
+    /// A file could not be read or written.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Inputs or settings that cannot work (the message says which).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<SegPipelineError> for AnomalyPipelineError {
+    fn from(e: SegPipelineError) -> Self {
+        AnomalyPipelineError::Data(Box::new(e))
+    }
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, AnomalyPipelineError>;
+
+fn file_err(path: &Path, reason: impl ToString) -> AnomalyPipelineError {
+    AnomalyPipelineError::File {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// One study of an anomaly task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnomalyItem {
+    /// The image and its finding masks.
+    pub item: SegItem,
+    /// Whether the study is normal (its only label is `normal`).
+    pub normal: bool,
+    /// Whether every finding of an anomalous study has a mask (pixel metrics need it).
+    pub fully_masked: bool,
+}
+
+/// The studies of a manifest (optionally one split).
+#[derive(Debug, Clone)]
+pub struct AnomalyTask {
+    /// The manifest.
+    pub manifest: PathBuf,
+    /// The studies, in manifest order.
+    pub items: Vec<AnomalyItem>,
+}
+
+impl AnomalyTask {
+    /// Reads `manifest`; a study is normal when its labels (the `labels` list, else `label`)
+    /// are exactly `normal`. A listed mask file that does not exist is an error naming it.
+    pub fn from_manifest(manifest: &Path, split: Option<&str>) -> Result<Self> {
+        let m = medvlm_io::read_manifest(manifest)
+            .map_err(|e| file_err(manifest, medvlm_io::guard::error_chain(&e)))?;
+        let mut items = Vec::new();
+        for rec in &m.records {
+            if split.is_some_and(|s| rec.split.as_deref() != Some(s)) {
+                continue;
+            }
+            let labels: Vec<&str> = if rec.labels.is_empty() {
+                rec.label.as_deref().into_iter().collect()
+            } else {
+                rec.labels.iter().map(String::as_str).collect()
+            };
+            if labels.is_empty() {
+                return Err(file_err(
+                    manifest,
+                    format!("record {} has no label (normal or findings)", rec.image),
+                ));
+            }
+            let normal = labels == ["normal"];
+            let image = m.image_path(rec);
+            let findings: Vec<FindingMask> = rec
+                .masks
+                .iter()
+                .map(|r| FindingMask {
+                    label: r.label.clone(),
+                    path: m.resolve(&r.path),
+                })
+                .collect();
+            if let Some(f) = findings.iter().find(|f| !f.path.is_file()) {
+                return Err(file_err(
+                    &f.path,
+                    format!(
+                        "mask of `{}` of {} does not exist",
+                        f.label,
+                        image.display()
+                    ),
+                ));
+            }
+            let masked: std::collections::BTreeSet<&str> =
+                findings.iter().map(|f| f.label.as_str()).collect();
+            let fully_masked = normal || labels.iter().all(|l| masked.contains(l));
+            items.push(AnomalyItem {
+                item: SegItem {
+                    image,
+                    modality: rec
+                        .extra
+                        .get("modality")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string),
+                    findings,
+                },
+                normal,
+                fully_masked,
+            });
+        }
+        if items.is_empty() {
+            return Err(AnomalyPipelineError::Invalid(format!(
+                "{}: no records{}",
+                manifest.display(),
+                split
+                    .map(|s| format!(" in split `{s}`"))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(Self {
+            manifest: manifest.to_path_buf(),
+            items,
+        })
+    }
+
+    fn modalities(&self) -> Vec<Option<String>> {
+        let mut v: Vec<Option<String>> =
+            self.items.iter().map(|i| i.item.modality.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    fn seg_task(&self, idx: &[usize]) -> SegTask {
+        SegTask {
+            manifest: self.manifest.clone(),
+            items: idx.iter().map(|&i| self.items[i].item.clone()).collect(),
+        }
+    }
+}
+
+/// Settings of [`fit`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnomalyOptions {
+    /// Normal images per modality in the memory (the few shots).
+    pub shots: usize,
+    /// Seed of the draw (and of the memory subset).
+    pub seed: u64,
+    /// Target false-positive rate of the threshold on the calibration normals.
+    pub fpr: f64,
+    /// Memory size limit and map smoothing.
+    pub memory: MemoryConfig,
+}
+
+impl Default for AnomalyOptions {
+    fn default() -> Self {
+        Self {
+            shots: 16,
+            seed: 0,
+            fpr: 0.05,
+            memory: MemoryConfig::default(),
+        }
+    }
+}
+
+/// The fitted detector of one modality.
+#[derive(Debug, Clone)]
+pub struct ModalityDetector {
+    /// The modality (`None`: the manifest has no modality field).
+    pub modality: Option<String>,
+    /// Normal patch features.
+    pub memory: NormalMemory,
+    /// The decision threshold on image scores.
+    pub threshold: Threshold,
+    /// Baseline: mean patch token of each memory image, L2-normalised `[K, D]`.
+    pub normal_means: Tensor,
+    /// Baseline: the mean normal grey image at the model's size.
+    pub normal_grey: Vec<f32>,
+    /// The memory images.
+    pub memory_images: Vec<PathBuf>,
+}
+
+/// The card of a saved detector (`anomaly.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AnomalyCard {
+    /// `medvlm-anomaly/1`.
+    pub format: String,
+    /// Model spec.
+    pub model_spec: String,
+    /// Model fingerprint.
+    pub model_fingerprint: String,
+    /// Input size of the maps.
+    pub image_size: usize,
+    /// The options.
+    pub options: AnomalyOptions,
+    /// Per modality: name, threshold, memory images, patch grid.
+    pub modalities: Vec<ModalityCard>,
+    /// medvlm version.
+    pub medvlm_version: String,
+}
+
+/// One modality in the card.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModalityCard {
+    /// The modality.
+    pub modality: Option<String>,
+    /// The threshold.
+    pub threshold: Threshold,
+    /// The memory images.
+    pub memory_images: Vec<PathBuf>,
+    /// The patch grid.
+    pub grid: (usize, usize),
+}
+
+/// A fitted detector with its model.
+pub struct AnomalyDetector {
+    /// Per modality.
+    pub modalities: Vec<ModalityDetector>,
+    /// The card.
+    pub card: AnomalyCard,
+    model: LoadedModel,
+}
+
+const CARD_FORMAT: &str = "medvlm-anomaly/1";
+const CARD_FILE: &str = "anomaly.json";
+const TENSORS_FILE: &str = "memory.safetensors";
+
+fn grid_of(m: &LoadedModel, patches: usize) -> Result<(usize, usize)> {
+    let g = (patches as f64).sqrt().round() as usize;
+    if g * g != patches {
+        return Err(AnomalyPipelineError::Invalid(format!(
+            "the image tower gives {patches} patch tokens, not a square grid (a ViT is needed; \
+             model input {} px)",
+            m.model.image_size()
+        )));
+    }
+    Ok((g, g))
+}
+
+fn l2(t: &Tensor) -> Result<Tensor> {
+    Ok(t.broadcast_div(
+        &t.sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?,
+    )?)
+}
+
+fn stack_patches(images: &[LoadedImage]) -> Result<Tensor> {
+    let v: Vec<Tensor> = images.iter().map(|i| i.patches.clone()).collect();
+    Ok(Tensor::stack(&v, 0)?)
+}
+
+fn grey_of(img: &LoadedImage) -> Result<Vec<f32>> {
+    Ok(img.grey.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+}
+
+/// Fits one detector per modality of `train` (see the module docs). `calib`: the split whose
+/// normal images set the threshold; without it, the training normals outside the memory.
+pub fn fit(
+    m: LoadedModel,
+    model_spec: &str,
+    train: &AnomalyTask,
+    calib: Option<&AnomalyTask>,
+    options: &AnomalyOptions,
+    device: &Device,
+) -> Result<AnomalyDetector> {
+    if options.shots == 0 {
+        return Err(AnomalyPipelineError::Invalid(
+            "shots must be at least 1".into(),
+        ));
+    }
+    let mut modalities = Vec::new();
+    let mut cards = Vec::new();
+    let mut size = 0;
+    for modality in train.modalities() {
+        let mut normals: Vec<usize> = (0..train.items.len())
+            .filter(|&i| train.items[i].normal && train.items[i].item.modality == modality)
+            .collect();
+        let name = modality.clone().unwrap_or_else(|| "(no modality)".into());
+        if normals.len() < options.shots {
+            return Err(AnomalyPipelineError::Invalid(format!(
+                "{}: modality {name} has {} normal training image(s), fewer than the {} shots",
+                train.manifest.display(),
+                normals.len(),
+                options.shots
+            )));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+        normals.shuffle(&mut rng);
+        let (mem_idx, rest) = normals.split_at(options.shots);
+        let mem_images = load_images(&m, &train.seg_task(mem_idx), device)?;
+        size = (mem_images[0].grey.dim(1)?).max(size);
+        let patches = stack_patches(&mem_images)?;
+        let grid = grid_of(&m, patches.dim(1)?)?;
+        let memory = NormalMemory::fit(&patches, grid, options.memory.clone())?;
+        let normal_means = l2(&patches.mean(1)?)?;
+        let greys: Vec<Vec<f32>> = mem_images.iter().map(grey_of).collect::<Result<_>>()?;
+        let normal_grey: Vec<f32> = (0..greys[0].len())
+            .map(|p| greys.iter().map(|g| g[p]).sum::<f32>() / greys.len() as f32)
+            .collect();
+        // Calibration normals.
+        let calib_images = match calib {
+            Some(c) => {
+                let idx: Vec<usize> = (0..c.items.len())
+                    .filter(|&i| c.items[i].normal && c.items[i].item.modality == modality)
+                    .collect();
+                load_images(&m, &c.seg_task(&idx), device)?
+            }
+            None => load_images(&m, &train.seg_task(rest), device)?,
+        };
+        if calib_images.is_empty() {
+            return Err(AnomalyPipelineError::Invalid(format!(
+                "modality {name}: no normal calibration images (give a calibration split, or \
+                 more normal training images than shots)"
+            )));
+        }
+        let s = memory.patch_scores(&stack_patches(&calib_images)?)?;
+        let maps = anomaly_maps(&s, grid, size, options.memory.sigma)?;
+        let threshold = Threshold::on_normals(&image_scores(&maps), options.fpr)?;
+        let memory_images: Vec<PathBuf> = mem_images.iter().map(|i| i.path.clone()).collect();
+        cards.push(ModalityCard {
+            modality: modality.clone(),
+            threshold,
+            memory_images: memory_images.clone(),
+            grid,
+        });
+        modalities.push(ModalityDetector {
+            modality,
+            memory,
+            threshold,
+            normal_means,
+            normal_grey,
+            memory_images,
+        });
+    }
+    let card = AnomalyCard {
+        format: CARD_FORMAT.into(),
+        model_spec: model_spec.to_string(),
+        model_fingerprint: model_fingerprint(model_spec, &m),
+        image_size: size,
+        options: options.clone(),
+        modalities: cards,
+        medvlm_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    Ok(AnomalyDetector {
+        modalities,
+        card,
+        model: m,
+    })
+}
+
+/// Scores of one image by one method.
+#[derive(Debug, Clone)]
+pub struct ScoredImage {
+    /// Anomaly map at the model's input size, row-major.
+    pub map: Vec<f32>,
+    /// Image score.
+    pub score: f32,
+}
+
+/// Metrics of one method on one modality.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodMetrics {
+    /// Image AUROC (normal vs anomalous).
+    pub image_auroc: Option<f64>,
+    /// Pixel AUROC over the fully masked images.
+    pub pixel_auroc: Option<f64>,
+    /// AUPRO up to FPR 0.3 over the fully masked images.
+    pub aupro: Option<f64>,
+}
+
+/// Evaluation of one modality.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModalityEvaluation {
+    /// The modality.
+    pub modality: Option<String>,
+    /// Normal test images.
+    pub n_normal: usize,
+    /// Anomalous test images.
+    pub n_anomalous: usize,
+    /// Anomalous images left out of the pixel metrics (a finding without a mask).
+    pub n_unmasked: usize,
+    /// The memory method.
+    pub memory: MethodMetrics,
+    /// Baseline: mean patch token's distance to the nearest normal (image level).
+    pub global_baseline_image_auroc: Option<f64>,
+    /// Baseline: smoothed difference from the mean normal image (localisation).
+    pub pixel_difference_baseline: MethodMetrics,
+    /// Share of normal test images above the threshold.
+    pub false_positive_rate: f64,
+    /// Share of anomalous test images above the threshold.
+    pub true_positive_rate: f64,
+    /// The threshold's target FPR.
+    pub target_false_positive_rate: f64,
+}
+
+/// Evaluation of a detector on a task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AnomalyEvaluation {
+    /// The manifest.
+    pub manifest: PathBuf,
+    /// Per modality.
+    pub modalities: Vec<ModalityEvaluation>,
+}
+
+impl AnomalyDetector {
+    /// The model.
+    pub fn model(&self) -> &LoadedModel {
+        &self.model
+    }
+
+    fn detector_of(&self, modality: &Option<String>) -> Result<&ModalityDetector> {
+        self.modalities
+            .iter()
+            .find(|d| &d.modality == modality)
+            .ok_or_else(|| {
+                AnomalyPipelineError::Invalid(format!(
+                    "the detector has no memory for modality {} (fitted: {})",
+                    modality.as_deref().unwrap_or("(none)"),
+                    self.modalities
+                        .iter()
+                        .map(|d| d.modality.as_deref().unwrap_or("(none)"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    }
+
+    /// Memory-method maps and scores of loaded images of one modality.
+    pub fn score(
+        &self,
+        det: &ModalityDetector,
+        images: &[LoadedImage],
+    ) -> Result<Vec<ScoredImage>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let s = det.memory.patch_scores(&stack_patches(images)?)?;
+        let maps = anomaly_maps(
+            &s,
+            det.memory.grid,
+            self.card.image_size,
+            det.memory.config.sigma,
+        )?;
+        let scores = image_scores(&maps);
+        Ok(maps
+            .into_iter()
+            .zip(scores)
+            .map(|(map, score)| ScoredImage { map, score })
+            .collect())
+    }
+
+    /// Evaluates on `task` per modality (see the module docs).
+    pub fn evaluate(&self, task: &AnomalyTask, device: &Device) -> Result<AnomalyEvaluation> {
+        let mut out = Vec::new();
+        for modality in task.modalities() {
+            let det = self.detector_of(&modality)?;
+            let idx: Vec<usize> = (0..task.items.len())
+                .filter(|&i| task.items[i].item.modality == modality)
+                .collect();
+            let images = load_images(&self.model, &task.seg_task(&idx), device)?;
+            let scored = self.score(det, &images)?;
+            let anomalous: Vec<bool> = idx.iter().map(|&i| !task.items[i].normal).collect();
+            let masked: Vec<bool> = idx.iter().map(|&i| task.items[i].fully_masked).collect();
+            let size = self.card.image_size;
+            let defect: Vec<Vec<bool>> = images
+                .iter()
+                .map(|im| {
+                    let mut d = vec![false; size * size];
+                    for m in im.masks.values() {
+                        for (a, &b) in d.iter_mut().zip(m) {
+                            *a |= b != 0;
+                        }
+                    }
+                    d
+                })
+                .collect();
+            let scores: Vec<f32> = scored.iter().map(|s| s.score).collect();
+            let pixel_metrics = |maps: &[&Vec<f32>]| -> Result<MethodMetrics> {
+                let pm: Vec<PixelMap> = maps
+                    .iter()
+                    .zip(&defect)
+                    .zip(&masked)
+                    .filter(|(_, &m)| m)
+                    .map(|((map, d), _)| PixelMap {
+                        scores: map,
+                        defect: d,
+                        height: size,
+                        width: size,
+                    })
+                    .collect();
+                Ok(MethodMetrics {
+                    image_auroc: None,
+                    pixel_auroc: if pm.is_empty() {
+                        None
+                    } else {
+                        pixel_auroc(&pm)?
+                    },
+                    aupro: if pm.is_empty() {
+                        None
+                    } else {
+                        aupro(&pm, DEFAULT_FPR_LIMIT)?
+                    },
+                })
+            };
+            let mut memory = pixel_metrics(&scored.iter().map(|s| &s.map).collect::<Vec<_>>())?;
+            memory.image_auroc = auroc_binary(&scores, &anomalous)?;
+            // Baselines with the same normal images.
+            let means = l2(&stack_patches(&images)?.mean(1)?)?;
+            let global: Vec<f32> = means
+                .matmul(&det.normal_means.t()?)?
+                .max(D::Minus1)?
+                .affine(-1.0, 1.0)?
+                .to_vec1()?;
+            let diff_maps: Vec<Vec<f32>> = images
+                .iter()
+                .map(|im| {
+                    let g = grey_of(im)?;
+                    let d: Vec<f32> = g
+                        .iter()
+                        .zip(&det.normal_grey)
+                        .map(|(a, b)| (a - b).abs())
+                        .collect();
+                    let t = Tensor::from_vec(d, (1, size * size), &Device::Cpu)?;
+                    // Reuse the map smoothing at full resolution (grid = size).
+                    Ok(anomaly_maps(&t, (size, size), size, det.memory.config.sigma)?.remove(0))
+                })
+                .collect::<Result<_>>()?;
+            let mut diff = pixel_metrics(&diff_maps.iter().collect::<Vec<_>>())?;
+            diff.image_auroc = auroc_binary(&image_scores(&diff_maps), &anomalous)?;
+            let called = det.threshold.decide(&scores);
+            let rate = |want: bool| {
+                let n = anomalous.iter().filter(|&&a| a == want).count();
+                let hit = called
+                    .iter()
+                    .zip(&anomalous)
+                    .filter(|(&c, &a)| c && a == want)
+                    .count();
+                if n == 0 {
+                    0.0
+                } else {
+                    hit as f64 / n as f64
+                }
+            };
+            out.push(ModalityEvaluation {
+                modality,
+                n_normal: anomalous.iter().filter(|&&a| !a).count(),
+                n_anomalous: anomalous.iter().filter(|&&a| a).count(),
+                n_unmasked: anomalous
+                    .iter()
+                    .zip(&masked)
+                    .filter(|(&a, &m)| a && !m)
+                    .count(),
+                memory,
+                global_baseline_image_auroc: auroc_binary(&global, &anomalous)?,
+                pixel_difference_baseline: diff,
+                false_positive_rate: rate(false),
+                true_positive_rate: rate(true),
+                target_false_positive_rate: det.threshold.target_false_positive_rate,
+            });
+        }
+        Ok(AnomalyEvaluation {
+            manifest: task.manifest.clone(),
+            modalities: out,
+        })
+    }
+
+    /// Writes `dir/memory.safetensors` (memory rows, baseline means and mean grey per
+    /// modality) and `dir/anomaly.json`, each atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+        let mut tensors: std::collections::HashMap<String, Tensor> =
+            std::collections::HashMap::new();
+        for (i, d) in self.modalities.iter().enumerate() {
+            tensors.insert(format!("{i}.memory"), d.memory.features.clone());
+            tensors.insert(format!("{i}.normal_means"), d.normal_means.clone());
+            let n = d.normal_grey.len();
+            tensors.insert(
+                format!("{i}.normal_grey"),
+                Tensor::from_slice(&d.normal_grey, n, &Device::Cpu)?,
+            );
+        }
+        let path = dir.join(TENSORS_FILE);
+        medvlm_io::atomic::write_atomic_via(&path, |tmp| {
+            candle_core::safetensors::save(&tensors, tmp).map_err(std::io::Error::other)
+        })
+        .map_err(|e| file_err(&path, medvlm_io::guard::error_chain(&e)))?;
+        let card_path = dir.join(CARD_FILE);
+        let json = serde_json::to_vec_pretty(&self.card).map_err(|e| file_err(&card_path, e))?;
+        medvlm_io::atomic::write_atomic(&card_path, &json)
+            .map_err(|e| file_err(&card_path, medvlm_io::guard::error_chain(&e)))
+    }
+
+    /// Loads a saved detector with its model (`model`: another spec for the same weights).
+    pub fn load(dir: &Path, model: Option<&str>, device: &Device) -> Result<Self> {
+        let card_path = dir.join(CARD_FILE);
+        let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
+        let card: AnomalyCard = serde_json::from_str(&text)
+            .map_err(|e| file_err(&card_path, format!("not an anomaly detector card: {e}")))?;
+        if card.format != CARD_FORMAT {
+            return Err(file_err(
+                &card_path,
+                format!("format `{}`, expected `{CARD_FORMAT}`", card.format),
+            ));
+        }
+        let spec = model.unwrap_or(&card.model_spec).to_string();
+        let opts = medvlm_models::LoadOptions {
+            device: device.clone(),
+            ..Default::default()
+        };
+        let m = medvlm_models::load_model(&spec, &opts)?;
+        let path = dir.join(TENSORS_FILE);
+        let tensors =
+            candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| file_err(&path, e))?;
+        let get = |k: String| {
+            tensors
+                .get(&k)
+                .cloned()
+                .ok_or_else(|| file_err(&path, format!("tensor `{k}` is missing")))
+        };
+        let mut modalities = Vec::new();
+        for (i, mc) in card.modalities.iter().enumerate() {
+            modalities.push(ModalityDetector {
+                modality: mc.modality.clone(),
+                memory: NormalMemory {
+                    features: get(format!("{i}.memory"))?,
+                    grid: mc.grid,
+                    config: card.options.memory.clone(),
+                },
+                threshold: mc.threshold,
+                normal_means: get(format!("{i}.normal_means"))?,
+                normal_grey: get(format!("{i}.normal_grey"))?.to_vec1()?,
+                memory_images: mc.memory_images.clone(),
+            });
+        }
+        Ok(Self {
+            modalities,
+            card,
+            model: m,
+        })
+    }
+
+    /// Scores image files of a modality: the loaded images (grey at the model's size), their
+    /// maps and scores, and the decisions.
+    pub fn predict_files(
+        &self,
+        files: &[PathBuf],
+        modality: Option<&str>,
+        device: &Device,
+    ) -> Result<Vec<(LoadedImage, ScoredImage, bool)>> {
+        let modality = modality.map(str::to_string);
+        let det = self.detector_of(&modality)?;
+        let task = SegTask {
+            manifest: PathBuf::new(),
+            items: files
+                .iter()
+                .map(|f| SegItem {
+                    image: f.clone(),
+                    modality: modality.clone(),
+                    findings: Vec::new(),
+                })
+                .collect(),
+        };
+        let images = load_images(&self.model, &task, device)?;
+        let scored = self.score(det, &images)?;
+        Ok(images
+            .into_iter()
+            .zip(scored)
+            .map(|(im, s)| {
+                let called = s.score > det.threshold.value;
+                (im, s, called)
+            })
+            .collect())
+    }
+}
+
+impl AnomalyEvaluation {
+    /// A Markdown table: per modality, image AUROC, pixel AUROC and AUPRO of the memory method
+    /// and the baselines, and the decision's FPR/TPR.
+    pub fn render_table(&self) -> String {
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
+        let mut s = String::from(
+            "| modality | normal / anomalous | image AUROC (memory / global / pixel diff) | pixel AUROC (memory / pixel diff) | AUPRO@0.3 (memory / pixel diff) | FPR / TPR at threshold |\n|---|---|---|---|---|---|\n",
+        );
+        for m in &self.modalities {
+            s.push_str(&format!(
+                "| {} | {} / {}{} | {} / {} / {} | {} / {} | {} / {} | {:.3} / {:.3} (target FPR {}) |\n",
+                m.modality.as_deref().unwrap_or("-"),
+                m.n_normal,
+                m.n_anomalous,
+                if m.n_unmasked > 0 {
+                    format!(" ({} unmasked)", m.n_unmasked)
+                } else {
+                    String::new()
+                },
+                f(m.memory.image_auroc),
+                f(m.global_baseline_image_auroc),
+                f(m.pixel_difference_baseline.image_auroc),
+                f(m.memory.pixel_auroc),
+                f(m.pixel_difference_baseline.pixel_auroc),
+                f(m.memory.aupro),
+                f(m.pixel_difference_baseline.aupro),
+                m.false_positive_rate,
+                m.true_positive_rate,
+                m.target_false_positive_rate
+            ));
+        }
+        s
+    }
+}
+
+/// One predicted image: its score, decision and the files written.
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictedAnomaly {
+    /// The input.
+    pub input: PathBuf,
+    /// Image score.
+    pub score: f32,
+    /// Whether the score is above the modality's threshold.
+    pub anomalous: bool,
+    /// The anomaly map as an 8-bit PNG (0 = lowest, 128 = the threshold, 255 = twice it).
+    pub map_png: PathBuf,
+    /// The image with the region above the threshold outlined.
+    pub overlay_png: PathBuf,
+}
+
+impl AnomalyDetector {
+    /// Scores image files of a modality and writes `<stem>_anomaly.png` and
+    /// `<stem>_overlay.png` per image into `out` (atomically).
+    pub fn predict_and_write(
+        &self,
+        files: &[PathBuf],
+        modality: Option<&str>,
+        out: &Path,
+        device: &Device,
+    ) -> Result<Vec<PredictedAnomaly>> {
+        std::fs::create_dir_all(out).map_err(|e| file_err(out, e))?;
+        let det = self.detector_of(&modality.map(str::to_string))?;
+        let t = det.threshold.value.max(1e-6);
+        let size = self.card.image_size;
+        let mut rows = Vec::new();
+        for (image, scored, called) in self.predict_files(files, modality, device)? {
+            let file = image.path.clone();
+            let stem = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image".into());
+            let map_plane = medvlm_io::Plane::new(
+                size,
+                size,
+                1,
+                scored
+                    .map
+                    .iter()
+                    .map(|v| (v / (2.0 * t)).clamp(0.0, 1.0))
+                    .collect(),
+            )
+            .map_err(|e| file_err(&file, e))?;
+            let map_png = out.join(format!("{stem}_anomaly.png"));
+            medvlm_io::raster::write_png(&map_png, &map_plane)
+                .map_err(|e| file_err(&map_png, medvlm_io::guard::error_chain(&e)))?;
+            // The image as the model saw it, so the outline sits on the map's pixels.
+            let grey = grey_of(&image)?;
+            let seen =
+                medvlm_io::Plane::new(size, size, 1, grey).map_err(|e| file_err(&file, e))?;
+            let region: Vec<u8> = scored.map.iter().map(|&v| u8::from(v > t)).collect();
+            let overlay_png = out.join(format!("{stem}_overlay.png"));
+            medvlm_io::raster::write_png(
+                &overlay_png,
+                &crate::segmentation_pipeline::overlay(&seen, &region),
+            )
+            .map_err(|e| file_err(&overlay_png, medvlm_io::guard::error_chain(&e)))?;
+            rows.push(PredictedAnomaly {
+                input: file,
+                score: scored.score,
+                anomalous: called,
+                map_png,
+                overlay_png,
+            });
+        }
+        Ok(rows)
+    }
+}
