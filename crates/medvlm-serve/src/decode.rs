@@ -117,7 +117,7 @@ fn scrub(msg: &str, path: &Path) -> String {
 
 /// Writes an upload to a private temporary file (medvlm-io reads from paths) and runs `f` on
 /// it; reader messages have the temporary path replaced by `<upload>`.
-fn with_upload<T>(
+pub(crate) fn with_upload<T>(
     bytes: &[u8],
     f: impl FnOnce(&Path, UploadKind) -> Result<T, String>,
 ) -> Result<T, DecodeError> {

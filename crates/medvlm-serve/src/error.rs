@@ -43,6 +43,14 @@ pub enum ServeError {
         "adapted artefact {0}: cannot take a name from this path (use a folder with a UTF-8 name)"
     )]
     NoName(PathBuf),
+    /// A segmenter or anomaly detector folder did not load.
+    #[error("task head {dir}: {reason}")]
+    Head {
+        /// The folder.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The API key file is unreadable or empty.
     #[error("API key file {path}: {reason}")]
     ApiKey {

@@ -1112,3 +1112,229 @@ pub async fn papers(
         Err(e) => e.into_response(),
     }
 }
+
+// ---------------------------------------------------------------- task heads
+
+/// Text fields and the one image of a request: JSON `{field: "...", "image": base64}` or a
+/// multipart form with text fields and one file.
+fn fields_and_image(
+    payload: Payload,
+    allowed: &[&str],
+) -> Result<(std::collections::HashMap<String, String>, Bytes), ApiError> {
+    let mut fields = std::collections::HashMap::new();
+    let mut image = None;
+    match payload {
+        Payload::Json(v) => {
+            let m = object(v)?;
+            let mut keys: Vec<&str> = allowed.to_vec();
+            keys.push("image");
+            reject_unknown(&m, &keys)?;
+            for k in allowed {
+                if let Some(v) = opt_str(&m, k)? {
+                    fields.insert(k.to_string(), v);
+                }
+            }
+            if let Some(b) = opt_str(&m, "image")? {
+                image = Some(base64_image(&b, "image")?);
+            }
+        }
+        Payload::Form(parts) => {
+            for p in parts {
+                if is_file_part(&p) {
+                    if image.is_some() {
+                        return Err(ApiError::unprocessable("send one image per request"));
+                    }
+                    image = Some(p.data);
+                } else if allowed.contains(&p.name.as_str()) {
+                    fields.insert(p.name.clone(), p.text()?);
+                } else {
+                    return Err(ApiError::unprocessable(format!(
+                        "unknown form field {:?} (an image file and {})",
+                        p.name,
+                        allowed.join(", ")
+                    )));
+                }
+            }
+        }
+    }
+    let image = image
+        .ok_or_else(|| ApiError::unprocessable("the request has no image (field \"image\")"))?;
+    Ok((fields, image))
+}
+
+/// The head named `name`, or the only one when no name is given.
+fn pick<'a, T>(
+    heads: &'a [(String, std::sync::Arc<T>)],
+    name: Option<&String>,
+    what: &str,
+) -> Result<(&'a String, std::sync::Arc<T>), ApiError> {
+    match name {
+        Some(n) => heads
+            .iter()
+            .find(|(h, _)| h == n)
+            .map(|(h, t)| (h, t.clone()))
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "no {what} named {n:?}; served: {}",
+                    heads
+                        .iter()
+                        .map(|(h, _)| h.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }),
+        None => match heads {
+            [(h, t)] => Ok((h, t.clone())),
+            [] => Err(ApiError::not_found(format!(
+                "no {what} is served (start medvlm serve with --{what} DIR)"
+            ))),
+            _ => Err(ApiError::unprocessable(format!(
+                "several {what}s are served; name one in the field \"{what}\""
+            ))),
+        },
+    }
+}
+
+fn png_base64(plane: &medvlm_io::Plane) -> Result<String, String> {
+    let png = medvlm_io::raster::encode_png(plane).map_err(|e| e.to_string())?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(png))
+}
+
+/// `POST /v1/segment`: the mask of what `prompt` names in the image, from a segmenter
+/// (`--segmenter DIR`), as base64 PNGs (mask and overlay) at the image's size.
+pub async fn segment(State(svc): State<Service>, req: Request) -> Response {
+    with_timeout(&svc, async {
+        let payload = read_payload(&svc, req).await?;
+        let (fields, image) = fields_and_image(payload, &["segmenter", "prompt"])?;
+        let prompt = fields
+            .get("prompt")
+            .cloned()
+            .ok_or_else(|| ApiError::unprocessable("field \"prompt\" is required"))?;
+        let (name, seg) = pick(
+            &svc.inner.heads.segmenters,
+            fields.get("segmenter"),
+            "segmenter",
+        )?;
+        let name = name.clone();
+        let device = svc.inner.opts.device.clone();
+        let v = blocking(move || {
+            crate::decode::with_upload(&image, |path, _| {
+                let plane = medvlm_tasks::segmentation_pipeline::read_plane(path)
+                    .map_err(|e| e.to_string())?;
+                let (text, class) = seg
+                    .prompt_embedding(&prompt, &device)
+                    .map_err(|e| e.to_string())?;
+                let mask = seg
+                    .segment_planes(std::slice::from_ref(&plane), &text, &device)
+                    .map_err(|e| e.to_string())?
+                    .remove(0);
+                let mask_plane = medvlm_io::Plane::new(
+                    plane.rows,
+                    plane.cols,
+                    1,
+                    mask.iter().map(|&m| f32::from(m)).collect(),
+                )
+                .map_err(|e| e.to_string())?;
+                let overlay = medvlm_tasks::segmentation_pipeline::overlay(&plane, &mask);
+                Ok(json!({
+                    "object": "segmentation",
+                    "segmenter": name,
+                    "prompt": prompt,
+                    "class": class,
+                    "width": plane.cols,
+                    "height": plane.rows,
+                    "area": mask.iter().map(|&m| m as usize).sum::<usize>(),
+                    "mask_png": png_base64(&mask_plane)?,
+                    "overlay_png": png_base64(&overlay)?,
+                }))
+            })
+            .map_err(decode_error)
+        })
+        .await?;
+        Ok(Json(v))
+    })
+    .await
+}
+
+/// `POST /v1/anomaly`: the anomaly score, decision and map of the image from a detector
+/// (`--detector DIR`), the map as a base64 PNG at the model's input size (128 = the
+/// threshold).
+pub async fn anomaly(State(svc): State<Service>, req: Request) -> Response {
+    with_timeout(&svc, async {
+        let payload = read_payload(&svc, req).await?;
+        let (fields, image) = fields_and_image(payload, &["detector", "modality"])?;
+        let (name, det) = pick(
+            &svc.inner.heads.detectors,
+            fields.get("detector"),
+            "detector",
+        )?;
+        let name = name.clone();
+        let modality = match (fields.get("modality"), det.modalities.as_slice()) {
+            (Some(m), _) => Some(m.clone()),
+            (None, [only]) => only.modality.clone(),
+            (None, many) => {
+                return Err(ApiError::unprocessable(format!(
+                    "detector {name:?} knows {} modalities ({}); give the field \"modality\"",
+                    many.len(),
+                    many.iter()
+                        .map(|d| d.modality.as_deref().unwrap_or("(none)"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+        };
+        if let Some(m) = &modality {
+            if !det
+                .modalities
+                .iter()
+                .any(|d| d.modality.as_deref() == Some(m))
+            {
+                return Err(ApiError::unprocessable(format!(
+                    "detector {name:?} has no memory for modality {m:?}"
+                )));
+            }
+        }
+        let device = svc.inner.opts.device.clone();
+        let v = blocking(move || {
+            crate::decode::with_upload(&image, |path, _| {
+                let (_, scored, anomalous) = det
+                    .predict_files(&[path.to_path_buf()], modality.as_deref(), &device)
+                    .map_err(|e| e.to_string())?
+                    .remove(0);
+                let d = det
+                    .modalities
+                    .iter()
+                    .find(|d| d.modality == modality)
+                    .ok_or("no detector for the modality")?;
+                let t = d.threshold.value.max(1e-6);
+                let size = det.card.image_size;
+                let map = medvlm_io::Plane::new(
+                    size,
+                    size,
+                    1,
+                    scored
+                        .map
+                        .iter()
+                        .map(|v| (v / (2.0 * t)).clamp(0.0, 1.0))
+                        .collect(),
+                )
+                .map_err(|e| e.to_string())?;
+                Ok(json!({
+                    "object": "anomaly",
+                    "detector": name,
+                    "modality": modality,
+                    "score": scored.score,
+                    "threshold": d.threshold.value,
+                    "target_false_positive_rate": d.threshold.target_false_positive_rate,
+                    "anomalous": anomalous,
+                    "map_size": size,
+                    "map_png": png_base64(&map)?,
+                }))
+            })
+            .map_err(decode_error)
+        })
+        .await?;
+        Ok(Json(v))
+    })
+    .await
+}

@@ -51,7 +51,7 @@ use medvlm_models::LoadOptions;
 
 pub use batcher::{BatchConfig, Batcher};
 pub use error::{ApiError, ServeError};
-pub use service::{routes, Service, ServiceOptions};
+pub use service::{routes, Service, ServiceOptions, TaskHeads};
 
 /// Everything `medvlm serve` is started with.
 #[derive(Debug, Clone)]
@@ -60,6 +60,10 @@ pub struct ServeConfig {
     pub model: String,
     /// Adapted artefact folders, each served under its folder name.
     pub adapted: Vec<PathBuf>,
+    /// Segmenter folders (`medvlm segment train`), served by `/v1/segment` under their names.
+    pub segmenters: Vec<PathBuf>,
+    /// Anomaly detector folders (`medvlm anomaly fit`), served by `/v1/anomaly`.
+    pub detectors: Vec<PathBuf>,
     /// Address to bind (port 0: any free port; the bound address is printed on stderr).
     pub addr: SocketAddr,
     /// File holding the API key (first line); `/v1/*` then needs `Authorization: Bearer`.
@@ -83,6 +87,8 @@ impl Default for ServeConfig {
         Self {
             model: String::new(),
             adapted: vec![],
+            segmenters: vec![],
+            detectors: vec![],
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key_file: None,
             max_batch: 16,
@@ -180,8 +186,42 @@ impl ServeConfig {
                 })?;
             artefacts.push((name, dir.clone(), a));
         }
-        Service::new(self.model.clone(), model, artefacts, opts).map_err(ServeError::Runtime)
+        let mut heads = crate::service::TaskHeads::default();
+        for dir in &self.segmenters {
+            let name = folder_name(dir)?;
+            let (seg, warning) =
+                medvlm_tasks::segmentation_pipeline::Segmenter::load(dir, None, &self.device)
+                    .map_err(|e| ServeError::Head {
+                        dir: dir.clone(),
+                        reason: e.to_string(),
+                    })?;
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+            heads.segmenters.push((name, std::sync::Arc::new(seg)));
+        }
+        for dir in &self.detectors {
+            let name = folder_name(dir)?;
+            let det =
+                medvlm_tasks::anomaly_pipeline::AnomalyDetector::load(dir, None, &self.device)
+                    .map_err(|e| ServeError::Head {
+                        dir: dir.clone(),
+                        reason: e.to_string(),
+                    })?;
+            heads.detectors.push((name, std::sync::Arc::new(det)));
+        }
+        Service::with_heads(self.model.clone(), model, artefacts, heads, opts)
+            .map_err(ServeError::Runtime)
     }
+}
+
+fn folder_name(dir: &Path) -> Result<String, ServeError> {
+    dir.components()
+        .next_back()
+        .and_then(|c| c.as_os_str().to_str())
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .map(str::to_string)
+        .ok_or_else(|| ServeError::NoName(dir.to_path_buf()))
 }
 
 /// Serves `service` on `listener` until `shutdown` completes, then stops accepting

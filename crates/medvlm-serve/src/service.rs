@@ -14,6 +14,8 @@ use axum::Router;
 use candle_core::Device;
 use medvlm_adapt::predictor::AdaptedModel;
 use medvlm_models::LoadedModel;
+use medvlm_tasks::anomaly_pipeline::AnomalyDetector;
+use medvlm_tasks::segmentation_pipeline::Segmenter;
 
 use crate::batcher::{BatchConfig, Batcher, Engine};
 use crate::error::ApiError;
@@ -64,8 +66,18 @@ pub struct Artefact {
     pub model: Arc<AdaptedModel>,
 }
 
+/// Task heads served beside the classifier artefacts, each under its folder name.
+#[derive(Default)]
+pub struct TaskHeads {
+    /// Text-guided segmenters (`medvlm segment train`), for `/v1/segment`.
+    pub segmenters: Vec<(String, Arc<Segmenter>)>,
+    /// Anomaly detectors (`medvlm anomaly fit`), for `/v1/anomaly`.
+    pub detectors: Vec<(String, Arc<AnomalyDetector>)>,
+}
+
 pub(crate) struct Inner {
     pub model_name: String,
+    pub heads: TaskHeads,
     pub model: Arc<LoadedModel>,
     pub artefacts: Vec<Artefact>,
     pub batcher: Batcher,
@@ -89,6 +101,18 @@ impl Service {
         artefacts: Vec<(String, PathBuf, AdaptedModel)>,
         opts: ServiceOptions,
     ) -> std::io::Result<Self> {
+        Self::with_heads(model_name, model, artefacts, TaskHeads::default(), opts)
+    }
+
+    /// [`Self::new`] with task heads (segmenters, anomaly detectors). Their requests run on
+    /// a blocking thread each, outside the batching queue (one image per request).
+    pub fn with_heads(
+        model_name: impl Into<String>,
+        model: LoadedModel,
+        artefacts: Vec<(String, PathBuf, AdaptedModel)>,
+        heads: TaskHeads,
+        opts: ServiceOptions,
+    ) -> std::io::Result<Self> {
         let model = Arc::new(model);
         let artefacts: Vec<Artefact> = artefacts
             .into_iter()
@@ -108,6 +132,7 @@ impl Service {
         Ok(Self {
             inner: Arc::new(Inner {
                 model_name: model_name.into(),
+                heads,
                 model,
                 artefacts,
                 batcher,
@@ -191,6 +216,8 @@ pub fn routes() -> Vec<RouteSpec> {
         r("/v1/zero-shot", Method::POST, post(handlers::zero_shot)),
         r("/v1/predict", Method::POST, post(handlers::predict)),
         r("/v1/preview", Method::POST, post(handlers::preview)),
+        r("/v1/segment", Method::POST, post(handlers::segment)),
+        r("/v1/anomaly", Method::POST, post(handlers::anomaly)),
         r("/v1/papers", Method::GET, get(handlers::papers)),
     ]
 }

@@ -18,6 +18,14 @@ pub struct Args {
     /// (repeatable).
     #[arg(long)]
     pub adapted: Vec<PathBuf>,
+    /// A segmenter folder written by `medvlm segment train`, served by /v1/segment under its
+    /// folder name (repeatable).
+    #[arg(long = "segmenter")]
+    pub segmenters: Vec<PathBuf>,
+    /// An anomaly detector folder written by `medvlm anomaly fit`, served by /v1/anomaly
+    /// under its folder name (repeatable).
+    #[arg(long = "detector")]
+    pub detectors: Vec<PathBuf>,
     /// Address to listen on (port 0: any free port; the address is printed on stderr).
     /// A non-loopback address without --api-key-file prints a warning.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -48,6 +56,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let config = medvlm_serve::ServeConfig {
         model: args.model,
         adapted: args.adapted,
+        segmenters: args.segmenters,
+        detectors: args.detectors,
         addr: args.addr,
         api_key_file: args.api_key_file,
         max_batch: args.max_batch,

@@ -1,0 +1,197 @@
+//! `/v1/segment` and `/v1/anomaly`: a segmenter and an anomaly detector made with the library
+//! on a tiny phantom set and the tiny CLIP fixture answer what the library answers for the
+//! same file, and the requests that cannot work get JSON errors.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use base64::Engine as _;
+use candle_core::Device;
+use http_body_util::BodyExt;
+use medvlm_phantoms::{write_dataset, DatasetConfig, Modality, StudyOptions};
+use medvlm_serve::{Service, ServiceOptions, TaskHeads};
+use medvlm_tasks::anomaly_pipeline::{fit, AnomalyDetector, AnomalyOptions, AnomalyTask};
+use medvlm_tasks::segmentation_pipeline::{read_plane, train_and_save, Segmenter, TrainOptions};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn clip_fixture() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../medvlm-models/tests/fixtures/clip")
+        .display()
+        .to_string()
+}
+
+fn load_model() -> medvlm_models::LoadedModel {
+    medvlm_models::load_model(&clip_fixture(), &Default::default()).unwrap()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn call(router: &axum::Router, uri: &str, body: &Value) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .method("POST")
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let s = resp.status();
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    (s, serde_json::from_slice(&b).unwrap())
+}
+
+fn phantoms(dir: &Path) -> PathBuf {
+    let out = dir.join("ph");
+    write_dataset(&DatasetConfig {
+        out: out.clone(),
+        n: 24,
+        seed: 4,
+        modalities: vec![Modality::Dermoscopy],
+        options: StudyOptions {
+            size: 32,
+            max_findings: 1,
+            normal_fraction: 0.5,
+            ..Default::default()
+        },
+        force: false,
+    })
+    .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_and_anomaly_answer_as_the_library() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let manifest = ph.join("manifest.jsonl");
+    let dev = Device::Cpu;
+    let seg_dir = tmp.path().join("skin-seg");
+    train_and_save(
+        &manifest,
+        None,
+        &TrainOptions {
+            model_spec: clip_fixture(),
+            steps: Some(5),
+            batch: Some(4),
+            width: Some(8),
+            lr: None,
+            seed: 0,
+            split: None,
+        },
+        &seg_dir,
+        &dev,
+    )
+    .unwrap();
+    let det_dir = tmp.path().join("skin-anomaly");
+    let task = AnomalyTask::from_manifest(&manifest, None).unwrap();
+    fit(
+        load_model(),
+        &clip_fixture(),
+        &task,
+        None,
+        &AnomalyOptions {
+            shots: 3,
+            fpr: 0.2,
+            ..Default::default()
+        },
+        &dev,
+    )
+    .unwrap()
+    .save(&det_dir)
+    .unwrap();
+
+    let (seg, _) = Segmenter::load(&seg_dir, None, &dev).unwrap();
+    let det = AnomalyDetector::load(&det_dir, None, &dev).unwrap();
+    let heads = TaskHeads {
+        segmenters: vec![(
+            "skin-seg".into(),
+            Arc::new(Segmenter::load(&seg_dir, None, &dev).unwrap().0),
+        )],
+        detectors: vec![(
+            "skin-anomaly".into(),
+            Arc::new(AnomalyDetector::load(&det_dir, None, &dev).unwrap()),
+        )],
+    };
+    let opts = ServiceOptions {
+        timeout: std::time::Duration::from_secs(60),
+        ..ServiceOptions::default()
+    };
+    let router = Service::with_heads("tiny-clip", load_model(), vec![], heads, opts)
+        .unwrap()
+        .router();
+
+    let image = task
+        .items
+        .iter()
+        .find(|i| !i.normal)
+        .unwrap()
+        .item
+        .image
+        .clone();
+    let bytes = std::fs::read(&image).unwrap();
+
+    // Segmentation: the same mask as the library on the same file.
+    let (s, v) = call(
+        &router,
+        "/v1/segment",
+        &json!({"prompt": "melanoma", "image": b64(&bytes)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let plane = read_plane(&image).unwrap();
+    let (text, _) = seg.prompt_embedding("melanoma", &dev).unwrap();
+    let want = seg
+        .segment_planes(std::slice::from_ref(&plane), &text, &dev)
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        v["area"].as_u64().unwrap() as usize,
+        want.iter().map(|&m| m as usize).sum::<usize>()
+    );
+    assert_eq!(
+        (v["width"].as_u64(), v["height"].as_u64()),
+        (Some(plane.cols as u64), Some(plane.rows as u64))
+    );
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(v["mask_png"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+
+    // Anomaly: the library's score and decision for the same file.
+    let (s, v) = call(&router, "/v1/anomaly", &json!({"image": b64(&bytes)})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, scored, called) = det
+        .predict_files(&[image.clone()], Some("dermoscopy"), &dev)
+        .unwrap()
+        .remove(0);
+    assert!(
+        (v["score"].as_f64().unwrap() - scored.score as f64).abs() < 1e-6,
+        "{v}"
+    );
+    assert_eq!(v["anomalous"].as_bool(), Some(called));
+    assert_eq!(v["modality"], "dermoscopy");
+
+    // Errors: no prompt, an unknown segmenter, an unknown modality.
+    let (s, v) = call(&router, "/v1/segment", &json!({"image": b64(&bytes)})).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (s, v) = call(
+        &router,
+        "/v1/segment",
+        &json!({"segmenter": "x", "prompt": "a", "image": b64(&bytes)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("skin-seg"));
+    let (s, v) = call(
+        &router,
+        "/v1/anomaly",
+        &json!({"modality": "chest_xray", "image": b64(&bytes)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+}
