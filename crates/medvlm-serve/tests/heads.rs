@@ -166,7 +166,7 @@ async fn segment_and_anomaly_answer_as_the_library() {
     let (s, v) = call(&router, "/v1/anomaly", &json!({"image": b64(&bytes)})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (_, scored, called) = det
-        .predict_files(&[image.clone()], Some("dermoscopy"), &dev)
+        .predict_files(std::slice::from_ref(&image), Some("dermoscopy"), &dev)
         .unwrap()
         .remove(0);
     assert!(
