@@ -191,3 +191,76 @@ pub fn argmax_rows(scores: &[f32], num_classes: usize) -> Result<Vec<usize>> {
         })
         .collect())
 }
+
+/// Zero-shot reports of one group (e.g. a modality) of a pooled classifier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupReports {
+    /// The group's samples under the argmax over *all* classes (chance 1 / all classes);
+    /// indices are the pooled class indices.
+    pub pooled: ClassificationReport,
+    /// The group's samples under the argmax over the group's *own* classes only (chance
+    /// 1 / the group's classes); indices are positions in `classes`.
+    pub within: ClassificationReport,
+    /// The group's classes, as pooled class indices.
+    pub classes: Vec<usize>,
+}
+
+/// Per group, the pooled and the within-group reports of a classifier whose classes belong to
+/// groups (the quickstart's protocol: classes are each modality's findings; *pooled* lets
+/// every modality's classes compete, *within* only the sample's own modality's).
+/// `scores`: row-major `[samples, classes]`; `class_group[c]` and `sample_group[i]` the
+/// groups; `truth[i]` a class of sample `i`'s group. Ties go to the lower class index.
+pub fn pooled_and_within_groups<G: Ord + Clone>(
+    scores: &[f32],
+    truth: &[usize],
+    class_group: &[G],
+    sample_group: &[G],
+) -> Result<std::collections::BTreeMap<G, GroupReports>> {
+    let k = class_group.len();
+    check_len("truth", truth.len(), sample_group.len())?;
+    check_len("scores", scores.len(), sample_group.len() * k)?;
+    let mut out = std::collections::BTreeMap::new();
+    let mut groups: Vec<G> = class_group.to_vec();
+    groups.sort();
+    groups.dedup();
+    for g in groups {
+        let idx: Vec<usize> = (0..k).filter(|&c| class_group[c] == g).collect();
+        let (mut tp, mut pp, mut tw, mut pw) = (vec![], vec![], vec![], vec![]);
+        for (i, sg) in sample_group.iter().enumerate() {
+            if *sg != g {
+                continue;
+            }
+            let row = &scores[i * k..(i + 1) * k];
+            let t = truth[i];
+            let local_t =
+                idx.iter()
+                    .position(|&c| c == t)
+                    .ok_or_else(|| EvalError::InvalidParameter {
+                        name: "truth",
+                        reason: format!("sample {i}'s class {t} is not a class of its group"),
+                    })?;
+            let best = |cands: &mut dyn Iterator<Item = usize>| {
+                cands
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+                    .unwrap_or(0)
+            };
+            tp.push(t);
+            pp.push(best(&mut (0..k)));
+            tw.push(local_t);
+            let lp = best(&mut idx.iter().copied());
+            pw.push(idx.iter().position(|&c| c == lp).unwrap_or(0));
+        }
+        if tp.is_empty() {
+            continue;
+        }
+        out.insert(
+            g,
+            GroupReports {
+                pooled: ClassificationReport::new(&tp, &pp, k)?,
+                within: ClassificationReport::new(&tw, &pw, idx.len())?,
+                classes: idx,
+            },
+        );
+    }
+    Ok(out)
+}

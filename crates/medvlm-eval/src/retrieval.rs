@@ -165,3 +165,30 @@ pub fn retrieval_recall_paired(
     let positives: Vec<(usize, usize)> = (0..n).map(|i| (i, i)).collect();
     retrieval_recall(similarity, n, n, &positives, ks)
 }
+
+/// Recall@K of a random ranking when a query's correct items are the items with the same
+/// text as it (the chance level of text-to-image recall@K, as the quickstart reports it): the
+/// mean over queries of `1 - prod_{j < K} (n - m - j) / (n - j)`, `m` the items sharing the
+/// query's text, `n` all items.
+pub fn random_recall_at_k(texts: &[&str], k: usize) -> f64 {
+    let n = texts.len();
+    if n == 0 {
+        return 0.0;
+    }
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for t in texts {
+        *counts.entry(t).or_default() += 1;
+    }
+    texts
+        .iter()
+        .map(|t| {
+            let m = counts[t];
+            let mut p_miss = 1.0;
+            for j in 0..k.min(n) {
+                p_miss *= (n - m).saturating_sub(j) as f64 / (n - j) as f64;
+            }
+            1.0 - p_miss
+        })
+        .sum::<f64>()
+        / n as f64
+}

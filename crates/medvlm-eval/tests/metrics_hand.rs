@@ -242,3 +242,28 @@ fn average_precision_matches_scikit_learn_example() {
         .unwrap();
     assert!((tied - 0.25).abs() < 1e-12, "{tied}");
 }
+
+#[test]
+fn random_recall_and_grouped_zero_shot_by_hand() {
+    use medvlm_eval::classification::pooled_and_within_groups;
+    use medvlm_eval::retrieval::random_recall_at_k;
+    // 4 distinct texts: a random top-1 finds the one correct item 1 time in 4.
+    assert!((random_recall_at_k(&["a", "b", "c", "d"], 1) - 0.25).abs() < 1e-12);
+    // "a" twice among 4: P(miss at K=1) = 2/4 for the two "a" queries, 3/4 for the others.
+    let r = random_recall_at_k(&["a", "a", "b", "c"], 1);
+    assert!((r - (0.5 + 0.5 + 0.25 + 0.25) / 4.0).abs() < 1e-12);
+    assert_eq!(random_recall_at_k(&["a", "b"], 5), 1.0);
+
+    // Classes 0, 1 in group "x", class 2 in group "y". Sample 0 (x, truth 0) scores class 2
+    // highest: wrong pooled, right within x. Sample 1 (x, truth 1) right in both. Sample 2
+    // (y, truth 2) right.
+    let scores = [0.3, 0.1, 0.9, 0.1, 0.8, 0.2, 0.0, 0.1, 0.7];
+    let g =
+        pooled_and_within_groups(&scores, &[0, 1, 2], &["x", "x", "y"], &["x", "x", "y"]).unwrap();
+    assert_eq!(g["x"].pooled.accuracy, 0.5);
+    assert_eq!(g["x"].within.accuracy, 1.0);
+    assert_eq!(g["x"].classes, vec![0, 1]);
+    assert_eq!(g["y"].within.n, 1);
+    // A sample whose truth is not a class of its group is an error.
+    assert!(pooled_and_within_groups(&scores[..3], &[2], &["x", "x", "y"], &["x"]).is_err());
+}

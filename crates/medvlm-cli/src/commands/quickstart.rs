@@ -443,62 +443,59 @@ fn zero_shot_eval(
     .flatten_all()?
     .to_vec1::<f32>()?;
     let k = classes.len();
-    let mut out = BTreeMap::new();
-    for m in modalities() {
-        let idx: Vec<usize> = (0..k).filter(|&c| classes[c].0 == m).collect();
-        let mut t_pooled = Vec::new();
-        let mut p_pooled = Vec::new();
-        let mut t_within = Vec::new();
-        let mut p_within = Vec::new();
-        for (i, s) in samples.iter().enumerate() {
-            if data.modality_of.get(&s.id) != Some(&m) {
-                continue;
-            }
-            let row = &sims[i * k..(i + 1) * k];
-            let truth = classes
-                .iter()
-                .position(|(_, c)| Some(&c.label) == s.labels.first())
-                .context("a study's label is not among the class prompts")?;
-            let best = |cands: &mut dyn Iterator<Item = usize>| {
-                cands
-                    .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
-                    .unwrap_or(0)
-            };
-            t_pooled.push(truth);
-            p_pooled.push(best(&mut (0..k)));
-            let local_truth = idx.iter().position(|&c| c == truth).unwrap_or(0);
-            let local_pred = best(&mut idx.iter().copied());
-            t_within.push(local_truth);
-            p_within.push(idx.iter().position(|&c| c == local_pred).unwrap_or(0));
-        }
-        if t_pooled.is_empty() {
+    // Samples of the listed modalities, with their class (pooled index) and modality.
+    let mut rows = Vec::new();
+    let mut truth = Vec::new();
+    let mut sample_group = Vec::new();
+    for (i, s) in samples.iter().enumerate() {
+        let Some(&m) = data.modality_of.get(&s.id) else {
+            continue;
+        };
+        if !modalities().contains(&m) {
             continue;
         }
-        // Pooled balanced accuracy over the modality's own classes: recall of each of its
-        // classes under the 18-way classifier, averaged.
-        let pooled = ClassificationReport::new(&t_pooled, &p_pooled, k)?;
-        let within = ClassificationReport::new(&t_within, &p_within, idx.len())?;
-        out.insert(
-            m.name(),
-            ZeroShotResult {
-                pooled,
-                within,
-                classes: idx
-                    .iter()
-                    .map(|&c| {
-                        classes[c]
-                            .1
-                            .label
-                            .split(':')
-                            .nth(1)
-                            .unwrap_or("")
-                            .to_string()
-                    })
-                    .collect(),
-            },
-        );
+        let t = classes
+            .iter()
+            .position(|(_, c)| Some(&c.label) == s.labels.first())
+            .context("a study's label is not among the class prompts")?;
+        rows.extend_from_slice(&sims[i * k..(i + 1) * k]);
+        truth.push(t);
+        sample_group.push(m.name());
     }
-    Ok(out)
+    let class_group: Vec<&'static str> = classes.iter().map(|(m, _)| m.name()).collect();
+    // Pooled: argmax over the 18 classes of the 4 modalities; within: over the modality's own.
+    let groups = medvlm_eval::classification::pooled_and_within_groups(
+        &rows,
+        &truth,
+        &class_group,
+        &sample_group,
+    )?;
+    Ok(groups
+        .into_iter()
+        .map(|(m, g)| {
+            let names = g
+                .classes
+                .iter()
+                .map(|&c| {
+                    classes[c]
+                        .1
+                        .label
+                        .split(':')
+                        .nth(1)
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .collect();
+            (
+                m,
+                ZeroShotResult {
+                    pooled: g.pooled,
+                    within: g.within,
+                    classes: names,
+                },
+            )
+        })
+        .collect())
 }
 
 /// Mean recall over the classes with support (the pooled report's balanced accuracy counts
@@ -644,23 +641,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
             // Chance of recall@5 for a text query: 1 - P(no correct image among 5 random picks).
+            let chance5 = medvlm_eval::retrieval::random_recall_at_k(&texts, 5);
             let n = texts.len();
-            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-            for t in &texts {
-                *counts.entry(t).or_default() += 1;
-            }
-            let chance5: f64 = texts
-                .iter()
-                .map(|t| {
-                    let m = counts[t];
-                    let mut p_miss = 1.0;
-                    for j in 0..5.min(n) {
-                        p_miss *= (n - m).saturating_sub(j) as f64 / (n - j) as f64;
-                    }
-                    1.0 - p_miss
-                })
-                .sum::<f64>()
-                / n as f64;
             rm.insert("text_to_image_recall@5_chance".into(), json!(chance5));
             rm.insert("queries".into(), json!(n));
             split_metrics.insert("retrieval".into(), serde_json::Value::Object(rm));
