@@ -91,6 +91,8 @@ fn anomaly_fit_then_eval_and_predict() {
             assert!((0.0..=1.0).contains(&v), "{key} {v}");
         }
         assert!(m["memory"]["image_auroc"].is_number(), "{m}");
+        // The CLIP fixture projects its patch tokens: the zero-shot branch is evaluated too.
+        assert!(m["zero_shot"]["image_auroc"].is_number(), "{m}");
     }
 
     // Predict on two brain MRI images: maps, overlays, scores.

@@ -8,6 +8,10 @@
 //!   false-positive rate on other normal images (the calibration split when given, else the
 //!   training normals outside the memory);
 //! * **score**: anomaly maps at the model's input size and image scores (the map maximum);
+//! * **zero-shot** (no normal images; WinCLIP's two-state comparison, Jeong et al., CVPR
+//!   2023, without its multi-scale windows): each projected patch token's highest cosine to an
+//!   abnormal state's prompts minus its cosine to the normal state's ([`state_prompts`]), mapped
+//!   like the memory's scores; evaluated beside the memory method;
 //! * **evaluate** ([`AnomalyDetector::evaluate`]): image AUROC, pixel AUROC and AUPRO
 //!   ([`medvlm_eval::anomaly`]) and the decision's false-positive and true-positive rates at
 //!   the threshold; the same for two baselines with the same normal images: *global*, the
@@ -228,6 +232,50 @@ pub struct ModalityDetector {
     pub normal_grey: Vec<f32>,
     /// The memory images.
     pub memory_images: Vec<PathBuf>,
+    /// Zero-shot branch: L2-normalised text embeddings `[1 + F, E]`, row 0 the normal state
+    /// and one row per abnormal state (`None`: the tower has no projected patch tokens).
+    pub zero_shot_text: Option<Tensor>,
+}
+
+/// The normal and abnormal state prompts of a modality's zero-shot branch: for a phantom
+/// modality its report-style impressions of `normal` and of each finding (one abnormal state
+/// per finding); otherwise generic wording.
+pub fn state_prompts(modality: Option<&str>) -> (Vec<String>, Vec<Vec<String>>) {
+    if let Some(m) = modality.and_then(|m| m.parse::<medvlm_phantoms::Modality>().ok()) {
+        let normal = medvlm_phantoms::report_prompts(m, "normal").unwrap_or_default();
+        let abnormal: Vec<Vec<String>> = m
+            .findings()
+            .iter()
+            .filter_map(|f| medvlm_phantoms::report_prompts(m, f))
+            .filter(|p| !p.is_empty())
+            .collect();
+        if !normal.is_empty() && !abnormal.is_empty() {
+            return (normal, abnormal);
+        }
+    }
+    let what = modality.unwrap_or("medical").replace('_', " ");
+    (
+        vec![
+            format!("a normal {what} image"),
+            format!("a {what} image without abnormality"),
+        ],
+        vec![vec![
+            format!("an abnormal {what} image"),
+            format!("a {what} image with a lesion"),
+        ]],
+    )
+}
+
+/// Zero-shot patch scores `[N, P]`: for each projected patch token, the highest cosine to an
+/// abnormal state minus the cosine to the normal state (WinCLIP's two-state comparison; the
+/// difference orders patches as the softmax over the states does).
+fn zero_shot_patch_scores(projected: &Tensor, text: &Tensor) -> Result<Tensor> {
+    let (n, p, e) = projected.dims3()?;
+    let q = l2(&projected.reshape((n * p, e))?)?;
+    let sims = q.matmul(&text.t()?)?; // [N*P, 1+F]
+    let normal = sims.narrow(1, 0, 1)?.squeeze(1)?;
+    let abnormal = sims.narrow(1, 1, text.dim(0)? - 1)?.max(D::Minus1)?;
+    Ok((abnormal - normal)?.reshape((n, p))?)
 }
 
 /// The card of a saved detector (`anomaly.json`).
@@ -369,6 +417,16 @@ pub fn fit(
         let maps = anomaly_maps(&s, grid, size, options.memory.sigma)?;
         let threshold = Threshold::on_normals(&image_scores(&maps), options.fpr)?;
         let memory_images: Vec<PathBuf> = mem_images.iter().map(|i| i.path.clone()).collect();
+        let zero_shot_text = if mem_images[0].projected.is_some() {
+            let (normal, abnormal) = state_prompts(modality.as_deref());
+            let mut lists = vec![normal];
+            lists.extend(abnormal);
+            Some(crate::segmentation_pipeline::prompt_embeddings(
+                &m, &lists, device,
+            )?)
+        } else {
+            None
+        };
         cards.push(ModalityCard {
             modality: modality.clone(),
             threshold,
@@ -382,6 +440,7 @@ pub fn fit(
             normal_means,
             normal_grey,
             memory_images,
+            zero_shot_text,
         });
     }
     let card = AnomalyCard {
@@ -433,6 +492,8 @@ pub struct ModalityEvaluation {
     pub n_unmasked: usize,
     /// The memory method.
     pub memory: MethodMetrics,
+    /// The zero-shot branch (no normal images; `None` without projected patch tokens).
+    pub zero_shot: Option<MethodMetrics>,
     /// Baseline: mean patch token's distance to the nearest normal (image level).
     pub global_baseline_image_auroc: Option<f64>,
     /// Baseline: smoothed difference from the mean normal image (localisation).
@@ -579,6 +640,21 @@ impl AnomalyDetector {
                 .collect::<Result<_>>()?;
             let mut diff = pixel_metrics(&diff_maps.iter().collect::<Vec<_>>())?;
             diff.image_auroc = auroc_binary(&image_scores(&diff_maps), &anomalous)?;
+            let zero_shot = match (
+                &det.zero_shot_text,
+                images.iter().all(|i| i.projected.is_some()),
+            ) {
+                (Some(text), true) => {
+                    let proj: Vec<Tensor> =
+                        images.iter().filter_map(|i| i.projected.clone()).collect();
+                    let s = zero_shot_patch_scores(&Tensor::stack(&proj, 0)?, text)?;
+                    let maps = anomaly_maps(&s, det.memory.grid, size, det.memory.config.sigma)?;
+                    let mut zm = pixel_metrics(&maps.iter().collect::<Vec<_>>())?;
+                    zm.image_auroc = auroc_binary(&image_scores(&maps), &anomalous)?;
+                    Some(zm)
+                }
+                _ => None,
+            };
             let called = det.threshold.decide(&scores);
             let rate = |want: bool| {
                 let n = anomalous.iter().filter(|&&a| a == want).count();
@@ -603,6 +679,7 @@ impl AnomalyDetector {
                     .filter(|(&a, &m)| a && !m)
                     .count(),
                 memory,
+                zero_shot,
                 global_baseline_image_auroc: auroc_binary(&global, &anomalous)?,
                 pixel_difference_baseline: diff,
                 false_positive_rate: rate(false),
@@ -625,6 +702,9 @@ impl AnomalyDetector {
         for (i, d) in self.modalities.iter().enumerate() {
             tensors.insert(format!("{i}.memory"), d.memory.features.clone());
             tensors.insert(format!("{i}.normal_means"), d.normal_means.clone());
+            if let Some(t) = &d.zero_shot_text {
+                tensors.insert(format!("{i}.zero_shot_text"), t.clone());
+            }
             let n = d.normal_grey.len();
             tensors.insert(
                 format!("{i}.normal_grey"),
@@ -682,6 +762,7 @@ impl AnomalyDetector {
                 normal_means: get(format!("{i}.normal_means"))?,
                 normal_grey: get(format!("{i}.normal_grey"))?.to_vec1()?,
                 memory_images: mc.memory_images.clone(),
+                zero_shot_text: tensors.get(&format!("{i}.zero_shot_text")).cloned(),
             });
         }
         Ok(Self {
@@ -731,11 +812,11 @@ impl AnomalyEvaluation {
     pub fn render_table(&self) -> String {
         let f = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
         let mut s = String::from(
-            "| modality | normal / anomalous | image AUROC (memory / global / pixel diff) | pixel AUROC (memory / pixel diff) | AUPRO@0.3 (memory / pixel diff) | FPR / TPR at threshold |\n|---|---|---|---|---|---|\n",
+            "| modality | normal / anomalous | image AUROC (memory / zero-shot / global / pixel diff) | pixel AUROC (memory / zero-shot / pixel diff) | AUPRO@0.3 (memory / zero-shot / pixel diff) | FPR / TPR at threshold |\n|---|---|---|---|---|---|\n",
         );
         for m in &self.modalities {
             s.push_str(&format!(
-                "| {} | {} / {}{} | {} / {} / {} | {} / {} | {} / {} | {:.3} / {:.3} (target FPR {}) |\n",
+                "| {} | {} / {}{} | {} / {} / {} / {} | {} / {} / {} | {} / {} / {} | {:.3} / {:.3} (target FPR {}) |\n",
                 m.modality.as_deref().unwrap_or("-"),
                 m.n_normal,
                 m.n_anomalous,
@@ -745,11 +826,14 @@ impl AnomalyEvaluation {
                     String::new()
                 },
                 f(m.memory.image_auroc),
+                f(m.zero_shot.as_ref().and_then(|z| z.image_auroc)),
                 f(m.global_baseline_image_auroc),
                 f(m.pixel_difference_baseline.image_auroc),
                 f(m.memory.pixel_auroc),
+                f(m.zero_shot.as_ref().and_then(|z| z.pixel_auroc)),
                 f(m.pixel_difference_baseline.pixel_auroc),
                 f(m.memory.aupro),
+                f(m.zero_shot.as_ref().and_then(|z| z.aupro)),
                 f(m.pixel_difference_baseline.aupro),
                 m.false_positive_rate,
                 m.true_positive_rate,
@@ -830,5 +914,28 @@ impl AnomalyDetector {
             });
         }
         Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_prompts_use_the_phantom_vocabulary_or_generic_wording() {
+        let (normal, abnormal) = state_prompts(Some("chest_xray"));
+        assert!(!normal.is_empty());
+        let m: medvlm_phantoms::Modality = "chest_xray".parse().unwrap();
+        assert_eq!(abnormal.len(), m.findings().len());
+        assert!(abnormal.iter().all(|p| !p.is_empty()));
+        let (normal, abnormal) = state_prompts(Some("ultrasound"));
+        assert_eq!(normal[0], "a normal ultrasound image");
+        assert_eq!(
+            abnormal,
+            vec![vec![
+                "an abnormal ultrasound image".to_string(),
+                "a ultrasound image with a lesion".to_string()
+            ]]
+        );
     }
 }
