@@ -7,6 +7,7 @@ pub mod convert;
 pub mod data;
 pub mod embed;
 pub mod finetune;
+pub mod index;
 pub mod models;
 pub mod papers;
 pub mod phantoms;
@@ -14,6 +15,7 @@ pub mod predict;
 pub mod pretrain;
 pub mod progress;
 pub mod quickstart;
+pub mod search;
 pub mod serve;
 pub mod zero_shot;
 
