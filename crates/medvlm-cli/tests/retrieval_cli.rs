@@ -10,7 +10,16 @@ use common::{arg, fails, model, ok, run};
 
 fn phantom_images(dir: &Path) -> std::path::PathBuf {
     let out = dir.join("ph");
-    ok(&run(&["phantoms", "generate", "--n", "6", "--seed", "3", "--out", arg(&out)]));
+    ok(&run(&[
+        "phantoms",
+        "generate",
+        "--n",
+        "6",
+        "--seed",
+        "3",
+        "--out",
+        arg(&out),
+    ]));
     out.join("images")
 }
 
@@ -23,16 +32,37 @@ fn sharded_embed_merge_and_search() {
     for i in 0..2 {
         let out = shards.join(format!("shard-{i}.safetensors"));
         let s = ok(&run(&[
-            "embed", "--model", arg(&clip), "--images", arg(&images), "--out", arg(&out),
-            "--shard", &format!("{i}/2"),
+            "embed",
+            "--model",
+            arg(&clip),
+            "--images",
+            arg(&images),
+            "--out",
+            arg(&out),
+            "--shard",
+            &format!("{i}/2"),
         ]));
         assert!(s.contains(&format!("shard {i}/2: 3 of 6")), "{s}");
     }
     let merged = tmp.path().join("idx-merged");
-    ok(&run(&["index", "build", "--from-shards", arg(&shards), "--out", arg(&merged)]));
+    ok(&run(&[
+        "index",
+        "build",
+        "--from-shards",
+        arg(&shards),
+        "--out",
+        arg(&merged),
+    ]));
     let once = tmp.path().join("idx-once");
     ok(&run(&[
-        "index", "build", "--model", arg(&clip), "--images", arg(&images), "--out", arg(&once),
+        "index",
+        "build",
+        "--model",
+        arg(&clip),
+        "--images",
+        arg(&images),
+        "--out",
+        arg(&once),
     ]));
     // Same ids in the same order, same embeddings bit for bit.
     for f in ["entries.json", "embeddings.safetensors"] {
@@ -48,11 +78,23 @@ fn sharded_embed_merge_and_search() {
     assert_eq!(card["ann"]["ef_search"], 100);
 
     // Searching by an indexed image returns it first, score ~1 (HNSW and exact).
-    let mut pngs: Vec<_> = std::fs::read_dir(&images).unwrap().flatten().map(|e| e.path()).collect();
+    let mut pngs: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     pngs.sort();
     let query = &pngs[4];
     for exact in [false, true] {
-        let mut a = vec!["search", "--index", arg(&merged), "--image", arg(query), "--k", "3"];
+        let mut a = vec![
+            "search",
+            "--index",
+            arg(&merged),
+            "--image",
+            arg(query),
+            "--k",
+            "3",
+        ];
         if exact {
             a.push("--exact");
         }
@@ -64,17 +106,38 @@ fn sharded_embed_merge_and_search() {
         assert_eq!(s.lines().count(), 4, "{s}");
     }
     // Text query: the text tower runs and returns k studies.
-    let s = ok(&run(&["search", "--index", arg(&merged), "--text", "a chest x-ray", "--k", "2"]));
+    let s = ok(&run(&[
+        "search",
+        "--index",
+        arg(&merged),
+        "--text",
+        "a chest x-ray",
+        "--k",
+        "2",
+    ]));
     assert_eq!(s.lines().count(), 3, "{s}");
 
     // A missing shard is named.
     std::fs::remove_file(shards.join("shard-1.safetensors")).unwrap();
-    let e = fails(&run(&["index", "build", "--from-shards", arg(&shards), "--out", arg(&tmp.path().join("x"))]));
+    let e = fails(&run(&[
+        "index",
+        "build",
+        "--from-shards",
+        arg(&shards),
+        "--out",
+        arg(&tmp.path().join("x")),
+    ]));
     assert!(e.contains("1/2") && e.contains("missing"), "{e}");
     // Another model than the index's is an error naming both.
     let siglip = clip.parent().unwrap().join("siglip");
     let e = fails(&run(&[
-        "search", "--index", arg(&merged), "--text", "x", "--model", arg(&siglip),
+        "search",
+        "--index",
+        arg(&merged),
+        "--text",
+        "x",
+        "--model",
+        arg(&siglip),
     ]));
     assert!(e.contains("siglip") && e.contains("clip"), "{e}");
 }

@@ -460,7 +460,10 @@ impl EmbeddingIndex {
     pub fn search_ann(&self, query: &[f32], k: usize) -> Result<Vec<Hit>> {
         let q = self.query_vector(query)?;
         let qp = RowPoint {
-            rows: Arc::new(Rows { dim: q.len(), data: q }),
+            rows: Arc::new(Rows {
+                dim: q.len(),
+                data: q,
+            }),
             row: 0,
         };
         let mut search = Search::default();
@@ -564,7 +567,8 @@ impl EmbeddingIndex {
             &bytes,
         )
         .map_err(|e| file_err(&p, e))?;
-        let buf = safetensors::serialize([("embeddings", view)], None).map_err(|e| file_err(&p, e))?;
+        let buf =
+            safetensors::serialize([("embeddings", view)], None).map_err(|e| file_err(&p, e))?;
         std::fs::write(&p, buf).map_err(|e| file_err(&p, e))?;
         Ok(())
     }
@@ -610,7 +614,11 @@ impl EmbeddingIndex {
         if graph.iter().count() != card.count {
             return Err(file_err(
                 &graph_path,
-                format!("the graph has {} points, the card says {}", graph.iter().count(), card.count),
+                format!(
+                    "the graph has {} points, the card says {}",
+                    graph.iter().count(),
+                    card.count
+                ),
             ));
         }
         Ok(EmbeddingIndex {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{read_f32_tensor, read_json, Entry, RetrievalError, Result};
+use crate::{read_f32_tensor, read_json, Entry, Result, RetrievalError};
 
 /// Shard `index` of `count` (written `I/N`, `0 <= I < N`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,10 +185,14 @@ pub fn merge(files: &[EmbeddingsFile]) -> Result<Merged> {
             ));
         }
     }
-    let sharded: Vec<&EmbeddingsFile> = files.iter().filter(|f| f.sidecar.shard.is_some()).collect();
+    let sharded: Vec<&EmbeddingsFile> =
+        files.iter().filter(|f| f.sidecar.shard.is_some()).collect();
     if !sharded.is_empty() {
         if sharded.len() != files.len() {
-            let plain = files.iter().find(|f| f.sidecar.shard.is_none()).map(|f| &f.path);
+            let plain = files
+                .iter()
+                .find(|f| f.sidecar.shard.is_none())
+                .map(|f| &f.path);
             return Err(RetrievalError::Invalid(format!(
                 "{} is not a shard but other files are; merge either shards or whole embeddings",
                 plain.map(|p| p.display().to_string()).unwrap_or_default()
@@ -201,7 +205,10 @@ pub fn merge(files: &[EmbeddingsFile]) -> Result<Merged> {
             if s.count != n {
                 return Err(crate::file_err(
                     &f.path,
-                    format!("is shard {s}, but {} is one of {n} shards", sharded[0].path.display()),
+                    format!(
+                        "is shard {s}, but {} is one of {n} shards",
+                        sharded[0].path.display()
+                    ),
                 ));
             }
             if let Some(other) = seen.insert(s.index, &f.path) {

@@ -30,7 +30,12 @@ impl SplitMix64 {
 }
 
 fn unit(v: &mut [f32]) {
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+    let n = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::MIN_POSITIVE);
     v.iter_mut().for_each(|x| *x /= n);
 }
 
@@ -44,9 +49,17 @@ pub fn centres(clusters: usize, dim: usize, seed: u64) -> Vec<f32> {
 
 /// `n` unit vectors `[n, dim]` around the centres of `centres(clusters, dim, seed)`;
 /// `stream` picks an independent draw of points (e.g. 0 for the base, 1 for queries).
-pub fn clustered(n: usize, dim: usize, clusters: usize, spread: f32, seed: u64, stream: u64) -> Vec<f32> {
+pub fn clustered(
+    n: usize,
+    dim: usize,
+    clusters: usize,
+    spread: f32,
+    seed: u64,
+    stream: u64,
+) -> Vec<f32> {
     let c = centres(clusters.max(1), dim, seed);
-    let mut rng = SplitMix64::new(seed ^ (stream.wrapping_add(1)).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut rng =
+        SplitMix64::new(seed ^ (stream.wrapping_add(1)).wrapping_mul(0xD1B5_4A32_D192_ED03));
     let sd = spread / (dim as f32).sqrt();
     let mut out = Vec::with_capacity(n * dim);
     for _ in 0..n {

@@ -6,7 +6,9 @@ use medvlm_retrieval::synthetic::{clustered, SplitMix64};
 use medvlm_retrieval::{recall_at_k, EmbeddingIndex, Entry, HnswParams, RetrievalError};
 
 fn entries(n: usize) -> Vec<Entry> {
-    (0..n).map(|i| Entry::from_path(format!("img/{i:05}.png"))).collect()
+    (0..n)
+        .map(|i| Entry::from_path(format!("img/{i:05}.png")))
+        .collect()
 }
 
 fn random(n: usize, dim: usize, seed: u64) -> Vec<f32> {
@@ -118,11 +120,21 @@ fn save_load_round_trip_gives_identical_results() {
         idx.search_exact_batch(&queries, 10).unwrap()
     );
     // Only the index directory is left (no temporary siblings).
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("index")]);
     // A model other than the index's is an error naming both.
-    let e = back.check_model(&p, "other-model", "fp2").unwrap_err().to_string();
-    assert!(e.contains("other-model") && e.contains("fp2") && e.contains("fingerprint fp"), "{e}");
+    let e = back
+        .check_model(&p, "other-model", "fp2")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("other-model") && e.contains("fp2") && e.contains("fingerprint fp"),
+        "{e}"
+    );
     back.check_model(&p, "m", "fp").unwrap();
     // A truncated embeddings file is an error naming it.
     std::fs::write(p.join("embeddings.safetensors"), b"junk").unwrap();
@@ -140,7 +152,8 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(e.contains("img/00000.png") && e.contains("norm"), "{e}");
     let mut dup = entries(2);
     dup[1].id = dup[0].id.clone();
-    let e = EmbeddingIndex::build("m", "f", dup, vec![1.0; 6], 3, HnswParams::default()).unwrap_err();
+    let e =
+        EmbeddingIndex::build("m", "f", dup, vec![1.0; 6], 3, HnswParams::default()).unwrap_err();
     assert!(e.to_string().contains("duplicate id"));
     let idx = build(vec![1.0; 6], 3);
     assert!(idx.search_exact(&[1.0, 0.0], 1).is_err());
@@ -148,14 +161,34 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!("3/3".parse::<ShardSpec>().is_err());
     assert!("1/0".parse::<ShardSpec>().is_err());
     assert!("x".parse::<ShardSpec>().is_err());
-    assert_eq!("2/4".parse::<ShardSpec>().unwrap(), ShardSpec { index: 2, count: 4 });
+    assert_eq!(
+        "2/4".parse::<ShardSpec>().unwrap(),
+        ShardSpec { index: 2, count: 4 }
+    );
 }
 
-fn shard_file(dir: &std::path::Path, name: &str, paths: &[String], values: Vec<f32>, dim: usize, fp: &str, shard: Option<ShardSpec>) -> std::path::PathBuf {
+fn shard_file(
+    dir: &std::path::Path,
+    name: &str,
+    paths: &[String],
+    values: Vec<f32>,
+    dim: usize,
+    fp: &str,
+    shard: Option<ShardSpec>,
+) -> std::path::PathBuf {
     let p = dir.join(format!("{name}.safetensors"));
     let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![paths.len(), dim], &bytes).unwrap();
-    std::fs::write(&p, safetensors::serialize([("image_embeds", view)], None).unwrap()).unwrap();
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![paths.len(), dim],
+        &bytes,
+    )
+    .unwrap();
+    std::fs::write(
+        &p,
+        safetensors::serialize([("image_embeds", view)], None).unwrap(),
+    )
+    .unwrap();
     let sc = EmbeddingsSidecar {
         model: "m".into(),
         model_fingerprint: Some(fp.into()),
@@ -182,8 +215,19 @@ fn shard_merge_equals_building_at_once_and_names_missing_or_mismatched_files() {
         let sel = shards::select(&rows, spec);
         assert!(sel.iter().all(|k| k % count == i));
         let paths: Vec<String> = sel.iter().map(|&k| all_paths[k].clone()).collect();
-        let vals: Vec<f32> = sel.iter().flat_map(|&k| all[k * dim..(k + 1) * dim].to_vec()).collect();
-        files.push(shard_file(dir.path(), &format!("shard-{i}"), &paths, vals, dim, "fp", Some(spec)));
+        let vals: Vec<f32> = sel
+            .iter()
+            .flat_map(|&k| all[k * dim..(k + 1) * dim].to_vec())
+            .collect();
+        files.push(shard_file(
+            dir.path(),
+            &format!("shard-{i}"),
+            &paths,
+            vals,
+            dim,
+            "fp",
+            Some(spec),
+        ));
     }
     let read: Vec<EmbeddingsFile> = shards::list_embeddings(dir.path())
         .unwrap()
@@ -191,39 +235,91 @@ fn shard_merge_equals_building_at_once_and_names_missing_or_mismatched_files() {
         .map(|p| shards::read_embeddings(p).unwrap())
         .collect();
     let merged = shards::merge(&read).unwrap();
-    let (e_all, v_all) = shards::sort_by_id(all_paths.iter().cloned().map(Entry::from_path).collect(), all.clone(), dim);
+    let (e_all, v_all) = shards::sort_by_id(
+        all_paths.iter().cloned().map(Entry::from_path).collect(),
+        all.clone(),
+        dim,
+    );
     assert_eq!(merged.entries, e_all);
-    assert_eq!(merged.values.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), v_all.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
-    let a = EmbeddingIndex::build("m", "fp", merged.entries, merged.values, dim, HnswParams::default()).unwrap();
+    assert_eq!(
+        merged
+            .values
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>(),
+        v_all.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    let a = EmbeddingIndex::build(
+        "m",
+        "fp",
+        merged.entries,
+        merged.values,
+        dim,
+        HnswParams::default(),
+    )
+    .unwrap();
     let b = EmbeddingIndex::build("m", "fp", e_all, v_all, dim, HnswParams::default()).unwrap();
     for i in 0..n {
         assert_eq!(a.embedding(i), b.embedding(i));
     }
 
     // Missing shard 1: named.
-    let without: Vec<_> = read.iter().filter(|f| f.sidecar.shard.unwrap().index != 1).cloned().collect();
+    let without: Vec<_> = read
+        .iter()
+        .filter(|f| f.sidecar.shard.unwrap().index != 1)
+        .cloned()
+        .collect();
     let e = shards::merge(&without).unwrap_err().to_string();
     assert!(e.contains("1/3") && e.contains("missing"), "{e}");
     // Another model: the file is named.
-    let other = shard_file(dir.path(), "other", &["x.png".into()], vec![1.0; dim], dim, "fp-other", Some(ShardSpec { index: 1, count: 3 }));
+    let other = shard_file(
+        dir.path(),
+        "other",
+        &["x.png".into()],
+        vec![1.0; dim],
+        dim,
+        "fp-other",
+        Some(ShardSpec { index: 1, count: 3 }),
+    );
     let mut mixed = without.clone();
     mixed.push(shards::read_embeddings(&other).unwrap());
     let e = shards::merge(&mixed).unwrap_err().to_string();
-    assert!(e.contains("other.safetensors") && e.contains("fp-other"), "{e}");
+    assert!(
+        e.contains("other.safetensors") && e.contains("fp-other"),
+        "{e}"
+    );
     // Another dimension: the file is named.
-    let wide = shard_file(dir.path(), "wide", &["y.png".into()], vec![1.0; dim + 1], dim + 1, "fp", Some(ShardSpec { index: 1, count: 3 }));
+    let wide = shard_file(
+        dir.path(),
+        "wide",
+        &["y.png".into()],
+        vec![1.0; dim + 1],
+        dim + 1,
+        "fp",
+        Some(ShardSpec { index: 1, count: 3 }),
+    );
     let mut mixed = without.clone();
     mixed.push(shards::read_embeddings(&wide).unwrap());
     let e = shards::merge(&mixed).unwrap_err().to_string();
-    assert!(e.contains("wide.safetensors") && e.contains("dimension 9"), "{e}");
+    assert!(
+        e.contains("wide.safetensors") && e.contains("dimension 9"),
+        "{e}"
+    );
     // The same shard twice.
     let mut twice = read.clone();
     twice.push(read[0].clone());
-    assert!(shards::merge(&twice).unwrap_err().to_string().contains("shard 0/3"));
+    assert!(shards::merge(&twice)
+        .unwrap_err()
+        .to_string()
+        .contains("shard 0/3"));
     // A sidecar whose image count disagrees with the tensor: named.
     let bad = dir.path().join("bad.safetensors");
     std::fs::copy(&files[0], &bad).unwrap();
-    std::fs::write(shards::sidecar_path(&bad), br#"{"model":"m","embed_dim":8,"images":["a"]}"#).unwrap();
+    std::fs::write(
+        shards::sidecar_path(&bad),
+        br#"{"model":"m","embed_dim":8,"images":["a"]}"#,
+    )
+    .unwrap();
     let e = shards::read_embeddings(&bad).unwrap_err().to_string();
     assert!(e.contains("bad.safetensors") && e.contains("shape"), "{e}");
 }

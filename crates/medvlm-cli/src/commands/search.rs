@@ -39,7 +39,10 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let index = EmbeddingIndex::load(&args.index)
         .with_context(|| format!("loading the index {}", args.index.display()))?;
-    let spec = args.model.clone().unwrap_or_else(|| index.card.model.clone());
+    let spec = args
+        .model
+        .clone()
+        .unwrap_or_else(|| index.card.model.clone());
     let device = args.device.device()?;
     let m = embed::load(&spec, &device)?;
     let fp = medvlm_adapt::features::model_fingerprint(&spec, &m);

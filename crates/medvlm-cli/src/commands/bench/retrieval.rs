@@ -56,7 +56,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|---|");
     for &n in &args.sizes {
         let base = clustered(n, args.dim, args.clusters, args.spread, args.seed, 0);
-        let queries = clustered(args.queries, args.dim, args.clusters, args.spread, args.seed, 1);
+        let queries = clustered(
+            args.queries,
+            args.dim,
+            args.clusters,
+            args.spread,
+            args.seed,
+            1,
+        );
         let entries = (0..n).map(|i| Entry::from_path(format!("v{i}"))).collect();
         let t = Instant::now();
         let index = EmbeddingIndex::build(
