@@ -184,18 +184,19 @@ impl Rows {
 /// Dot product with eight independent accumulators (lets the compiler vectorise).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
         }
     }
-    let mut s = 0f32;
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    acc.iter().sum::<f32>() + s
+    acc.iter().sum::<f32>() + tail
 }
 
 /// L2-normalises `v` in place; `what` names the vector in the error (zero or non-finite).
@@ -519,6 +520,12 @@ impl EmbeddingIndex {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        if dir.exists() && !dir.join("card.json").is_file() {
+            return Err(file_err(
+                dir,
+                "exists and is not a medvlm index (no card.json); refusing to replace it",
+            ));
+        }
         std::fs::create_dir_all(&parent).map_err(|e| file_err(&parent, e))?;
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         if tmp.exists() {

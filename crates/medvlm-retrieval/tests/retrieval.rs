@@ -136,6 +136,16 @@ fn save_load_round_trip_gives_identical_results() {
         "{e}"
     );
     back.check_model(&p, "m", "fp").unwrap();
+    // A directory that is not an index is not replaced.
+    let other = dir.path().join("not-an-index");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("keep.txt"), b"x").unwrap();
+    let e = idx.save(&other).unwrap_err().to_string();
+    assert!(
+        e.contains("not-an-index") && e.contains("not a medvlm index"),
+        "{e}"
+    );
+    assert!(other.join("keep.txt").is_file());
     // A truncated embeddings file is an error naming it.
     std::fs::write(p.join("embeddings.safetensors"), b"junk").unwrap();
     let e = EmbeddingIndex::load(&p).unwrap_err().to_string();

@@ -58,6 +58,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let q = query.flatten_all()?.to_vec1::<f32>()?;
+    if !args.exact && args.k > index.card.ann.ef_search {
+        eprintln!(
+            "note: HNSW returns at most ef_search = {} hits; use --exact for --k {}",
+            index.card.ann.ef_search, args.k
+        );
+    }
     let hits = if args.exact {
         index.search_exact(&q, args.k)?
     } else {
