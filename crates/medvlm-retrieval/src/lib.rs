@@ -7,12 +7,12 @@
 //!
 //! # ANN implementation and parameters
 //!
-//! HNSW comes from the `instant-distance` crate (0.6.1, pure Rust, used in production by
-//! its authors at instant.dev, MIT/Apache-2.0): it needs no C/C++ toolchain, builds the
-//! graph in parallel with rayon and derives serde for the graph, so the graph is saved
-//! and loaded rather than rebuilt. `hnsw_rs` was the other candidate; it pulls memory-map
-//! and allocator dependencies medvlm does not otherwise need. Parameters ([`HnswParams`],
-//! recorded in the index card):
+//! HNSW comes from the `instant-distance` crate (0.6.1, pure Rust, MIT/Apache-2.0): it
+//! needs no C/C++ toolchain, has few dependencies (rayon, parking_lot, ordered-float,
+//! rand, num_cpus; serde with `with-serde`), builds the graph in parallel with rayon and
+//! derives serde for the graph, so the graph is saved and loaded rather than rebuilt.
+//! `hnsw_rs` was the other candidate named in the issue and was not evaluated.
+//! Parameters ([`HnswParams`], recorded in the index card):
 //!
 //! - `M` = 32 neighbours per node on the upper layers and `2M` = 64 on layer 0 (fixed by
 //!   instant-distance), level multiplier `1/ln(M)`;
@@ -20,7 +20,9 @@
 //!   is built, so an ANN query returns at most `ef_search` hits);
 //! - `seed` = 0 (default) for the level assignment. Construction inserts points in
 //!   parallel, so two builds of the same vectors may give slightly different graphs;
-//!   a saved graph loads back identical.
+//!   a saved graph loads back identical. The graph file is trusted as written by
+//!   [`EmbeddingIndex::save`]: its point ids are checked on load, but neighbour lists
+//!   are not (instant-distance keeps those fields private).
 //!
 //! Distance is `1 - cos`: every stored vector and every query is L2-normalised, so the
 //! score reported is the dot product. Scores of ANN hits are recomputed with the same dot
