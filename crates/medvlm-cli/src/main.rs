@@ -139,6 +139,10 @@ enum Command {
     /// The field's papers by task, strategy and modality, with the medvlm command that runs
     /// each method or task.
     Papers(commands::papers::Args),
+    /// Build a retrieval index of study embeddings (HNSW + exact), also from shards.
+    Index(commands::index::Args),
+    /// The indexed studies nearest to a text or an image.
+    Search(commands::search::Args),
 }
 
 fn main() {
@@ -171,6 +175,8 @@ fn main() {
         Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Papers(a) => commands::papers::run(a),
+        Command::Index(a) => commands::index::run(a),
+        Command::Search(a) => commands::search::run(a),
     };
     if let Err(err) = result {
         eprintln!("error: {}", error_report(&err));

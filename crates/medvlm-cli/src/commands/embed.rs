@@ -39,6 +39,11 @@ pub struct Args {
     /// Skip unreadable images (counted and listed at the end) instead of stopping.
     #[arg(long)]
     pub skip_bad: bool,
+    /// Embed only shard I of N (0 <= I < N): item k of the image list (a directory's
+    /// files in sorted order, a manifest's rows in order) when k mod N == I. Merge the
+    /// shards with `medvlm index build --from-shards DIR`.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<medvlm_retrieval::shards::ShardSpec>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -186,6 +191,10 @@ struct Sidecar<'a> {
     model: &'a str,
     family: String,
     embed_dim: usize,
+    /// `medvlm_adapt::features::model_fingerprint`, checked when shards are merged.
+    model_fingerprint: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<medvlm_retrieval::shards::ShardSpec>,
     images: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     texts: Option<&'a [String]>,
@@ -211,7 +220,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(lines)
         }
     };
-    let paths = list_images(&args.images)?;
+    let mut paths = list_images(&args.images)?;
+    if let Some(spec) = args.shard {
+        let total = paths.len();
+        paths = medvlm_retrieval::shards::select(&paths, spec);
+        println!("shard {spec}: {} of {total} image(s)", paths.len());
+        if paths.is_empty() {
+            bail!("shard {spec} of {total} image(s) is empty (fewer images than shards)");
+        }
+    }
     let m = load(&args.model, &device)?;
     let imgs = embed_images(&m, &paths, args.batch, args.skip_bad, &device)?;
     report_skipped(&imgs.skipped);
@@ -235,6 +252,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model: &args.model,
         family: m.family.to_string(),
         embed_dim: m.model.embed_dim(),
+        model_fingerprint: medvlm_adapt::features::model_fingerprint(&args.model, &m),
+        shard: args.shard,
         images: imgs.paths.iter().map(|p| p.display().to_string()).collect(),
         texts: texts.as_deref(),
         skipped: &imgs.skipped,

@@ -98,7 +98,7 @@ pub struct Args {
 }
 
 /// A field of /proc/self/status in kiB (`VmHWM`, `VmRSS`), if available.
-fn proc_status_kib(field: &str) -> Option<u64> {
+pub(crate) fn proc_status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status.lines().find_map(|l| {
         let rest = l.strip_prefix(field)?.strip_prefix(':')?;

@@ -4,6 +4,7 @@ pub mod embed;
 pub mod fewshot;
 pub mod io;
 pub mod phantoms;
+pub mod retrieval;
 
 /// Benchmarks.
 #[derive(clap::Args, Debug)]
@@ -24,6 +25,8 @@ enum BenchCommand {
     Io(io::Args),
     /// Phantom generation speed.
     Phantoms(phantoms::Args),
+    /// Exact vs HNSW search: recall, queries/s, build time, memory (synthetic vectors).
+    Retrieval(retrieval::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -32,5 +35,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BenchCommand::Fewshot(a) => fewshot::run(a),
         BenchCommand::Io(a) => io::run(a),
         BenchCommand::Phantoms(a) => phantoms::run(a),
+        BenchCommand::Retrieval(a) => retrieval::run(a),
     }
 }
