@@ -12,7 +12,14 @@
 use std::io::{Read, Seek, SeekFrom};
 
 const UNDEFINED: u32 = 0xFFFF_FFFF;
-/// VRs whose explicit-VR header has a 4-byte length (PS3.5 7.1.2).
+/// VRs whose explicit-VR header has a 2-byte length (PS3.5 7.1.2). Every other VR, an
+/// unknown one included (read as UN, as dicom-rs reads it), has 2 reserved bytes and a 4-byte
+/// length.
+const SHORT_VRS: &[&[u8; 2]] = &[
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
+    b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+];
+/// The known VRs with a 4-byte length.
 const LONG_VRS: &[&[u8; 2]] = &[
     b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV",
 ];
@@ -127,14 +134,21 @@ impl<R: Read + Seek> Walker<R> {
             }
             let (vr, len, header) = if enc.explicit {
                 let vr = [head[4], head[5]];
-                if LONG_VRS.iter().any(|v| v[..] == vr) {
-                    let l: [u8; 4] = self.bytes(pos + 8)?;
-                    (Some(vr), Self::u32(l, enc.little), 12)
-                } else {
+                if SHORT_VRS.iter().any(|v| v[..] == vr) {
                     (
                         Some(vr),
                         u32::from(Self::u16([head[6], head[7]], enc.little)),
                         8,
+                    )
+                } else {
+                    // Every other VR, an unknown one included, has a 4-byte length; an unknown
+                    // VR is read as UN, as dicom-rs reads it.
+                    let l: [u8; 4] = self.bytes(pos + 8)?;
+                    let known = LONG_VRS.iter().any(|v| v[..] == vr);
+                    (
+                        Some(if known { vr } else { *b"UN" }),
+                        Self::u32(l, enc.little),
+                        12,
                     )
                 }
             } else {
@@ -244,17 +258,37 @@ pub(crate) fn check_declared_lengths<R: Read + Seek>(
         .seek(SeekFrom::End(0))
         .map_err(|e| format!("reading the file length: {e}"))?;
     let mut w = Walker { r, len, ts: None };
+    let explicit_le = Encoding {
+        explicit: true,
+        little: true,
+    };
     let (data_at, uid) = match meta_at {
         Some(at) => {
-            let meta = Encoding {
-                explicit: true,
-                little: true,
+            // The group length (0002,0000) bounds the meta group, as the parser reads it;
+            // without one, the group ends at the first element of another group.
+            let group_len = (at + 12 <= len)
+                .then(|| w.bytes::<12>(at))
+                .transpose()?
+                .filter(|h| h[0..4] == [0x02, 0x00, 0x00, 0x00] && &h[4..6] == b"UL")
+                .map(|h| u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as u64);
+            let after = match group_len {
+                Some(g) => {
+                    let end = at + 12 + g;
+                    if end > len {
+                        return Err(format!(
+                            "the file meta group length (0002,0000) declares {g} bytes but only \
+                             {} remain in the file (a damaged or truncated file)",
+                            len.saturating_sub(at + 12)
+                        ));
+                    }
+                    w.walk(at + 12, end, explicit_le, 0, false, None)?;
+                    end
+                }
+                None => w.walk(at, len, explicit_le, 0, false, Some(0x0002))?.0,
             };
-            let (after, _) = w.walk(at, len, meta, 0, false, Some(0x0002))?;
-            let Some(uid) = w.ts.clone() else {
-                // No transfer syntax: left to the parser, which names the problem.
-                return Ok(());
-            };
+            // Without a transfer syntax the parser cannot read the data set as a Part 10
+            // file; walk it as the default explicit VR little endian all the same.
+            let uid = w.ts.clone().unwrap_or_else(|| "1.2.840.10008.1.2.1".into());
             (after, uid)
         }
         None => (0, bare_uid.unwrap_or("1.2.840.10008.1.2.1").to_string()),
@@ -276,7 +310,7 @@ mod tests {
         b.extend_from_slice(&tag.0.to_le_bytes());
         b.extend_from_slice(&tag.1.to_le_bytes());
         b.extend_from_slice(vr);
-        if LONG_VRS.contains(&vr) {
+        if !SHORT_VRS.contains(&vr) {
             b.extend_from_slice(&[0, 0]);
             b.extend_from_slice(&declared.unwrap_or(value.len() as u32).to_le_bytes());
         } else {

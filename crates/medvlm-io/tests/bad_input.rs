@@ -582,3 +582,16 @@ fn dicom_length_past_the_end_is_refused_before_allocating() {
         assert!(err.contains("remain in the file"), "{err}");
     }
 }
+
+/// A fuzzed file (`fuzz_unknown_vr_meta.dcm`, from pydicom's MR_small.dcm) whose meta group
+/// holds an element with an unknown VR: dicom-rs reads it as UN with a 4-byte length and
+/// allocated 3.9 GB for a later element; the length check, which reads unknown VRs the same
+/// way, refuses the file first.
+#[test]
+fn fuzzed_unknown_vr_in_the_meta_group_is_refused_before_allocating() {
+    let err = medvlm_io::load_any(&data("fuzz_unknown_vr_meta.dcm"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fuzz_unknown_vr_meta.dcm"), "{err}");
+    assert!(err.contains("declares") && err.contains("remain"), "{err}");
+}
