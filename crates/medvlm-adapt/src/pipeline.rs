@@ -22,7 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use medvlm_eval::conformal::ConformalConfig;
 use medvlm_eval::evaluation::{
     evaluate, evaluate_multilabel, Metrics, MultiLabelMetrics, MULTI_LABEL_THRESHOLD,
@@ -867,15 +867,6 @@ pub fn probability_csv_multilabel(
         out.push('\n');
     }
     out
-}
-
-/// Row-major probabilities `[M, C]` of a classifier on features.
-pub fn feature_probabilities(clf: &dyn AdaptedClassifier, features: &Tensor) -> Result<Vec<f32>> {
-    Ok(clf
-        .probabilities(features)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()?)
 }
 
 #[cfg(test)]

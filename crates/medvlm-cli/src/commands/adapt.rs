@@ -45,15 +45,14 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use medvlm_adapt::artefact::check_out_dir;
-use medvlm_adapt::fewshot::{FewShotProtocol, HyperparameterPolicy, SamplingMode, TaskKind};
+use medvlm_adapt::fewshot::{FewShotProtocol, SamplingMode, TaskKind};
 use medvlm_adapt::method::method_by_name;
 use medvlm_adapt::pipeline::{
-    adapt, method_refusal, AdaptContext, AdaptRequest, MethodRefusal, PipelineError, Splits,
-    TaskSetup,
+    adapt, method_refusal, AdaptContext, AdaptRequest, MethodRefusal, PipelineError,
 };
 use medvlm_eval::evaluation::{describe_fnr_control, describe_multilabel};
 
-use super::common::{class_prompts, load_task, negative_prompts, task_features, TaskArgs};
+use super::common::{hyperparameter_policy, load_task, task_features, task_prompts, TaskArgs};
 use super::embed::{load, DeviceArgs};
 
 /// Arguments of `medvlm adapt`.
@@ -114,26 +113,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--shots must be at least 1");
     }
     let task = load_task(&args.train, &args.task)?;
-    let policy = match args.support_cv {
-        None => HyperparameterPolicy::Fixed,
-        Some(f) if f >= 2 => HyperparameterPolicy::SupportCv { folds: f },
-        Some(f) => bail!("--support-cv {f}: needs at least 2 folds"),
-    };
+    let policy = hyperparameter_policy(args.support_cv)?;
     let multi_label = task.kind == TaskKind::MultiLabel;
-    if multi_label && args.mode == "realistic" {
-        bail!(
-            "--mode realistic draws classes by their prior and is defined for multi-class tasks; \
-             multi-label support sets use the greedy multi-label sampler (at least K positives \
-             per finding): drop --mode realistic"
-        );
-    }
-    let prompts = class_prompts(&task.class_names, &args.task)?;
-    // Multi-label tasks: the prompt-pair methods score them, and the card records them.
-    let negatives = if multi_label {
-        Some(negative_prompts(&task.class_names, &args.task)?)
-    } else {
-        None
-    };
+    let prompts = task_prompts(&task, &args.task, &args.mode)?;
     let m = load(&args.model, &device)?;
     // Refused before any image is read.
     match method_refusal(&args.method, task.kind, &m) {
@@ -152,24 +134,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let feats = task_features(&task, &args.model, &m, &args.task, &device)?;
-    let ctx = AdaptContext::new(TaskSetup {
-        task: &task,
-        features: &feats,
-        model: &m,
-        model_spec: &args.model,
+    let ctx = AdaptContext::new(args.task.setup(
+        &task,
+        &feats,
+        &m,
+        &args.model,
         prompts,
-        negative_prompts: negatives,
-        label_field: args.task.label_field.clone(),
-        filters: args.task.filters.clone(),
-        splits: Splits {
-            train: args.task.split.clone(),
-            test: (args.task.test_split != "none").then(|| args.task.test_split.clone()),
-            calib: args.task.calib_split.clone(),
-        },
-        conformal: args.task.conformal(args.seed),
-        batch: args.task.batch,
-        device: &device,
-    })
+        args.seed,
+        &device,
+    ))
     .map_err(|e| match e {
         PipelineError::Refused(why) => anyhow::anyhow!("{why} (set --split)"),
         e => e.into(),

@@ -263,3 +263,77 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     medvlm_io::atomic::write_atomic(path, bytes)
         .with_context(|| format!("writing {}", path.display()))
 }
+
+/// Class prompts and, for multi-label tasks, negative prompts (see [`task_prompts`]).
+pub type TaskPrompts = (
+    Vec<(String, Vec<String>)>,
+    Option<Vec<(String, Vec<String>)>>,
+);
+
+/// `--support-cv F`: fixed defaults without it, F-fold cross-validation on the support set with
+/// it (at least 2 folds).
+pub fn hyperparameter_policy(
+    support_cv: Option<usize>,
+) -> anyhow::Result<medvlm_adapt::fewshot::HyperparameterPolicy> {
+    use medvlm_adapt::fewshot::HyperparameterPolicy;
+    match support_cv {
+        None => Ok(HyperparameterPolicy::Fixed),
+        Some(f) if f >= 2 => Ok(HyperparameterPolicy::SupportCv { folds: f }),
+        Some(f) => bail!("--support-cv {f}: needs at least 2 folds"),
+    }
+}
+
+/// The class prompts of a task and, for a multi-label task, the negative prompts of each label;
+/// `--mode realistic` is refused on a multi-label task (its sampler draws classes by prior).
+pub fn task_prompts(task: &Task, args: &TaskArgs, mode: &str) -> anyhow::Result<TaskPrompts> {
+    let multi_label = task.kind == medvlm_adapt::fewshot::TaskKind::MultiLabel;
+    if multi_label && mode == "realistic" {
+        bail!(
+            "--mode realistic draws classes by their prior and is defined for multi-class tasks; \
+             multi-label support sets use the greedy multi-label sampler (at least K positives \
+             per finding): drop --mode realistic"
+        );
+    }
+    let prompts = class_prompts(&task.class_names, args)?;
+    // Multi-label tasks: the prompt-pair methods score them, and cards record them.
+    let negatives = if multi_label {
+        Some(negative_prompts(&task.class_names, args)?)
+    } else {
+        None
+    };
+    Ok((prompts, negatives))
+}
+
+impl TaskArgs {
+    /// The library's task setup of these flags (`--test-split none`: no test split).
+    #[allow(clippy::too_many_arguments)]
+    pub fn setup<'a>(
+        &self,
+        task: &'a Task,
+        features: &'a TaskFeatures,
+        model: &'a LoadedModel,
+        model_spec: &'a str,
+        prompts: TaskPrompts,
+        seed: u64,
+        device: &'a Device,
+    ) -> medvlm_adapt::pipeline::TaskSetup<'a> {
+        medvlm_adapt::pipeline::TaskSetup {
+            task,
+            features,
+            model,
+            model_spec,
+            prompts: prompts.0,
+            negative_prompts: prompts.1,
+            label_field: self.label_field.clone(),
+            filters: self.filters.clone(),
+            splits: medvlm_adapt::pipeline::Splits {
+                train: self.split.clone(),
+                test: (self.test_split != "none").then(|| self.test_split.clone()),
+                calib: self.calib_split.clone(),
+            },
+            conformal: self.conformal(seed),
+            batch: self.batch,
+            device,
+        }
+    }
+}

@@ -49,13 +49,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use medvlm_adapt::fewshot::{HyperparameterPolicy, SamplingMode, TaskKind};
+use medvlm_adapt::fewshot::{SamplingMode, TaskKind};
 use medvlm_adapt::fewshot_sweep::{plan_methods, resolve_methods, sweep, SweepRequest};
 use medvlm_adapt::method::method_by_name;
-use medvlm_adapt::pipeline::{AdaptContext, PipelineError, Splits, TaskSetup};
+use medvlm_adapt::pipeline::{AdaptContext, PipelineError};
 
 use crate::commands::common::{
-    class_prompts, load_task, negative_prompts, task_features, TaskArgs,
+    hyperparameter_policy, load_task, task_features, task_prompts, TaskArgs,
 };
 use crate::commands::embed::{load, DeviceArgs};
 
@@ -160,26 +160,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.seeds == 0 {
         bail!("--seeds must be at least 1");
     }
-    let policy = match args.support_cv {
-        None => HyperparameterPolicy::Fixed,
-        Some(f) if f >= 2 => HyperparameterPolicy::SupportCv { folds: f },
-        Some(f) => bail!("--support-cv {f}: needs at least 2 folds"),
-    };
+    let policy = hyperparameter_policy(args.support_cv)?;
     let task = load_task(&args.data, &args.task)?;
     let multi_label = task.kind == TaskKind::MultiLabel;
-    if multi_label && args.mode == "realistic" {
-        bail!(
-            "--mode realistic draws classes by their prior and is defined for multi-class tasks; \
-             multi-label support sets use the greedy multi-label sampler (at least K positives \
-             per finding): drop --mode realistic"
-        );
-    }
-    let prompts = class_prompts(&task.class_names, &args.task)?;
-    let negatives = if multi_label {
-        Some(negative_prompts(&task.class_names, &args.task)?)
-    } else {
-        None
-    };
+    let prompts = task_prompts(&task, &args.task, &args.mode)?;
     let m = load(&args.model, &device)?;
     // Methods this task or model cannot run (multi-class methods on a multi-label task,
     // visual prompts on a convolutional tower) are listed as skipped, before any image is read.
@@ -197,24 +181,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     overrides.retain(|name, _| methods.contains(name));
 
     let feats = task_features(&task, &args.model, &m, &args.task, &device)?;
-    let ctx = AdaptContext::new(TaskSetup {
-        task: &task,
-        features: &feats,
-        model: &m,
-        model_spec: &args.model,
-        prompts,
-        negative_prompts: negatives,
-        label_field: args.task.label_field.clone(),
-        filters: args.task.filters.clone(),
-        splits: Splits {
-            train: args.task.split.clone(),
-            test: Some(args.task.test_split.clone()),
-            calib: args.task.calib_split.clone(),
-        },
-        conformal: args.task.conformal(0),
-        batch: args.task.batch,
-        device: &device,
-    })?;
+    let ctx =
+        AdaptContext::new(
+            args.task
+                .setup(&task, &feats, &m, &args.model, prompts, 0, &device),
+        )?;
     if ctx.test_rows().is_empty() {
         bail!(
             "{}: need labelled '{}' images ({} found) and '{}' images (0 found); set --split / --test-split",
