@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::anomaly::{anomaly_maps, image_scores, MemoryConfig, NormalMemory, Threshold};
 use crate::segmentation_pipeline::{
-    load_images, model_fingerprint, FindingMask, LoadedImage, SegItem, SegPipelineError, SegTask,
+    load_images, model_fingerprint, LoadedImage, SegItem, SegPipelineError, SegTask,
 };
 
 /// Errors of the anomaly pipeline (they name the file and the reason).
@@ -107,72 +107,31 @@ impl AnomalyTask {
     /// Reads `manifest`; a study is normal when its labels (the `labels` list, else `label`)
     /// are exactly `normal`. A listed mask file that does not exist is an error naming it.
     pub fn from_manifest(manifest: &Path, split: Option<&str>) -> Result<Self> {
-        let m = medvlm_io::read_manifest(manifest)
-            .map_err(|e| file_err(manifest, medvlm_io::guard::error_chain(&e)))?;
-        let mut items = Vec::new();
-        for rec in &m.records {
-            if split.is_some_and(|s| rec.split.as_deref() != Some(s)) {
-                continue;
-            }
-            let labels: Vec<&str> = if rec.labels.is_empty() {
-                rec.label.as_deref().into_iter().collect()
-            } else {
-                rec.labels.iter().map(String::as_str).collect()
-            };
-            if labels.is_empty() {
+        // The images, masks (checked to exist) and labels as the segmentation task reads them.
+        let seg = SegTask::from_manifest(manifest, split)?;
+        let mut items = Vec::with_capacity(seg.items.len());
+        for item in seg.items {
+            if item.labels.is_empty() {
                 return Err(file_err(
                     manifest,
-                    format!("record {} has no label (normal or findings)", rec.image),
-                ));
-            }
-            let normal = labels == ["normal"];
-            let image = m.image_path(rec);
-            let findings: Vec<FindingMask> = rec
-                .masks
-                .iter()
-                .map(|r| FindingMask {
-                    label: r.label.clone(),
-                    path: m.resolve(&r.path),
-                })
-                .collect();
-            if let Some(f) = findings.iter().find(|f| !f.path.is_file()) {
-                return Err(file_err(
-                    &f.path,
                     format!(
-                        "mask of `{}` of {} does not exist",
-                        f.label,
-                        image.display()
+                        "record {} has no label (normal or findings)",
+                        item.image.display()
                     ),
                 ));
             }
+            let normal = item.labels == ["normal"];
             let masked: std::collections::BTreeSet<&str> =
-                findings.iter().map(|f| f.label.as_str()).collect();
-            let fully_masked = normal || labels.iter().all(|l| masked.contains(l));
+                item.findings.iter().map(|f| f.label.as_str()).collect();
+            let fully_masked = normal || item.labels.iter().all(|l| masked.contains(l.as_str()));
             items.push(AnomalyItem {
-                item: SegItem {
-                    image,
-                    modality: rec
-                        .extra
-                        .get("modality")
-                        .and_then(|v| v.as_str())
-                        .map(str::to_string),
-                    findings,
-                },
+                item,
                 normal,
                 fully_masked,
             });
         }
-        if items.is_empty() {
-            return Err(AnomalyPipelineError::Invalid(format!(
-                "{}: no records{}",
-                manifest.display(),
-                split
-                    .map(|s| format!(" in split `{s}`"))
-                    .unwrap_or_default()
-            )));
-        }
         Ok(Self {
-            manifest: manifest.to_path_buf(),
+            manifest: seg.manifest,
             items,
         })
     }
@@ -787,6 +746,7 @@ impl AnomalyDetector {
             items: files
                 .iter()
                 .map(|f| SegItem {
+                    labels: Vec::new(),
                     image: f.clone(),
                     modality: modality.clone(),
                     findings: Vec::new(),

@@ -145,6 +145,9 @@ pub struct SegItem {
     pub modality: Option<String>,
     /// Its findings (none for a normal image).
     pub findings: Vec<FindingMask>,
+    /// Its labels as the manifest gives them (the `labels` list, else `label`; may name
+    /// findings without a mask, or `normal`).
+    pub labels: Vec<String>,
 }
 
 /// A segmentation task: the images of one manifest (optionally one split) with their masks.
@@ -192,7 +195,13 @@ impl SegTask {
                     });
                 }
             }
+            let labels = if rec.labels.is_empty() {
+                rec.label.iter().cloned().collect()
+            } else {
+                rec.labels.clone()
+            };
             items.push(SegItem {
+                labels,
                 image,
                 modality: rec
                     .extra
