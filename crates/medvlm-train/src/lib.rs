@@ -32,6 +32,7 @@ pub mod losses;
 pub mod optim;
 pub mod pretrain;
 pub mod pretrain_run;
+pub mod quickstart;
 pub mod schedule;
 pub mod text_section;
 pub mod train_config;

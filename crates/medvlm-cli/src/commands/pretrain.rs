@@ -66,15 +66,7 @@ impl Callbacks<ContrastiveModel> for PretrainCallbacks<'_> {
         self.bar.start_at(start_step);
     }
     fn on_update(&mut self, r: &StepRecord) {
-        let t = r.scalars.get("temperature").copied().unwrap_or(f64::NAN);
-        self.bar.set_message(format!(
-            "epoch {} loss {:.4} lr {:.2e} T {:.4}",
-            r.epoch + 1,
-            r.loss,
-            r.lr,
-            t
-        ));
-        self.bar.set_position(r.step);
+        show_update(&self.bar, r);
         if !self.throttle.is_zero() {
             std::thread::sleep(self.throttle);
         }
@@ -104,6 +96,19 @@ impl Callbacks<ContrastiveModel> for PretrainCallbacks<'_> {
 }
 
 /// Progress of the training updates on stderr.
+/// The bar's message and position after update `r`: epoch, loss, learning rate, temperature.
+pub fn show_update(bar: &Progress, r: &StepRecord) {
+    let t = r.scalars.get("temperature").copied().unwrap_or(f64::NAN);
+    bar.set_message(format!(
+        "epoch {} loss {:.4} lr {:.2e} T {:.4}",
+        r.epoch + 1,
+        r.loss,
+        r.lr,
+        t
+    ));
+    bar.set_position(r.step);
+}
+
 pub fn progress_bar() -> Progress {
     Progress::new("training", 0, "updates")
 }
