@@ -198,7 +198,7 @@ impl std::str::FromStr for BertPooling {
 
 /// Value added to attention scores of padded keys: the dtype's lowest finite
 /// value, as `transformers` does (finite, so a fully padded row stays defined).
-fn mask_value(dtype: DType) -> f64 {
+pub(crate) fn mask_value(dtype: DType) -> f64 {
     match dtype {
         DType::F16 => -65504.0,
         DType::BF16 => -3.38e38,

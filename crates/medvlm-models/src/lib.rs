@@ -41,6 +41,7 @@ pub mod embed;
 pub mod error;
 pub mod fastmath;
 pub mod fused;
+pub mod gpt2;
 pub mod hub;
 pub mod linear;
 pub mod model_dir;
