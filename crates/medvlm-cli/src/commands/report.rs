@@ -1,0 +1,216 @@
+//! `medvlm report train|generate|eval`: report generation from a frozen VLM image tower
+//! (ClipCap-style prefix mapping into a GPT-2-layout decoder; `medvlm_tasks::report_pipeline`,
+//! docs/report_generation.md).
+//!
+//! * `train --model M --manifest train.jsonl --out DIR`: trains the generator on the
+//!   manifest's images and `text` reports and writes its folder.
+//! * `generate --generator DIR IMAGES...`: prints one report per image.
+//! * `eval --generator DIR --manifest test.jsonl [--json OUT]`: BLEU, ROUGE-L, CIDEr-D and
+//!   clinical efficacy of the generated reports and of the nearest-neighbour baseline.
+
+use std::path::PathBuf;
+
+use medvlm_tasks::report_generation::ReportGenConfig;
+use medvlm_tasks::report_pipeline::{
+    evaluate_manifest, generate_files, train_and_save, Decoding, ReportTrainOptions,
+};
+
+use super::common::write_file;
+use super::embed::DeviceArgs;
+
+/// Arguments of `medvlm report`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: ReportCommand,
+}
+
+/// The subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum ReportCommand {
+    /// Train a report generator on a manifest of images and reports.
+    Train(TrainArgs),
+    /// Write a report for each image (PNG/JPEG/TIFF, DICOM, NIfTI).
+    Generate(GenerateArgs),
+    /// Evaluate a generator and the nearest-neighbour baseline on a manifest.
+    Eval(EvalArgs),
+}
+
+/// `medvlm report train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Image model: a directory, hf:ORG/NAME or a preset.
+    #[arg(long)]
+    pub model: String,
+    /// Training manifest (.jsonl / .csv) with a `text` report per image.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Only the records of this split of the manifest.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Output folder of the generator.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Passes over the training reports (default 12).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub epochs: Option<usize>,
+    /// Reports per update (default 32).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub batch: Option<usize>,
+    /// Decoder width (default 128).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub width: Option<usize>,
+    /// Decoder blocks (default 2).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub layers: Option<usize>,
+    /// Prefix length (default 10).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub prefix: Option<usize>,
+    /// Longest report in tokens (default 120); longer ones are cut and counted.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Peak learning rate (default 1e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of initialisation and batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Decoding flag shared by `generate` and `eval`.
+#[derive(clap::Args, Debug)]
+pub struct DecodingArgs {
+    /// Beam search with this many beams (default: greedy decoding).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub beams: Option<usize>,
+}
+
+impl DecodingArgs {
+    fn decoding(&self) -> Decoding {
+        match self.beams {
+            Some(k) if k > 1 => Decoding::Beam(k),
+            _ => Decoding::Greedy,
+        }
+    }
+}
+
+/// `medvlm report generate`.
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// Generator folder written by `medvlm report train`.
+    #[arg(long)]
+    pub generator: PathBuf,
+    /// Image files.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `medvlm report eval`.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Generator folder written by `medvlm report train`.
+    #[arg(long)]
+    pub generator: PathBuf,
+    /// Test manifest with a `text` report per image.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Only the records of this split of the manifest.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Findings lexicon (JSON: {"findings": [{"label", "match_terms": [...]}]}) for clinical
+    /// efficacy (default: the phantom vocabulary).
+    #[arg(long)]
+    pub lexicon: Option<PathBuf>,
+    /// Also write the evaluation as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Runs `medvlm report`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        ReportCommand::Train(a) => train(a),
+        ReportCommand::Generate(a) => generate(a),
+        ReportCommand::Eval(a) => eval(a),
+    }
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let d = ReportGenConfig::default();
+    let config = ReportGenConfig {
+        epochs: a.epochs.unwrap_or(d.epochs),
+        batch: a.batch.unwrap_or(d.batch),
+        width: a.width.unwrap_or(d.width),
+        layers: a.layers.unwrap_or(d.layers),
+        prefix_len: a.prefix.unwrap_or(d.prefix_len),
+        max_tokens: a.max_tokens.unwrap_or(d.max_tokens),
+        lr: a.lr.unwrap_or(d.lr),
+        seed: a.seed,
+        ..d
+    };
+    let opts = ReportTrainOptions {
+        model_spec: a.model.clone(),
+        config,
+        split: a.split.clone(),
+    };
+    let t0 = std::time::Instant::now();
+    let card = train_and_save(&a.manifest, &opts, &a.out, &device, &mut |e, loss| {
+        eprintln!("epoch {} loss {loss:.4}", e + 1)
+    })?;
+    println!(
+        "trained a report generator on {} reports ({} words in the vocabulary, {} cut to {} tokens) in {:.1} s; final loss {:.4}",
+        card.n_train,
+        card.vocab_size,
+        card.n_truncated,
+        card.config.max_tokens,
+        t0.elapsed().as_secs_f64(),
+        card.epoch_losses.last().copied().unwrap_or(f32::NAN)
+    );
+    println!("generator written to {}", a.out.display());
+    Ok(())
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let (reports, warning) =
+        generate_files(&a.generator, &a.images, a.decoding.decoding(), &device)?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    for (img, r) in a.images.iter().zip(reports) {
+        println!("{}\t{r}", img.display());
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let (evaluation, warning) = evaluate_manifest(
+        &a.generator,
+        &a.manifest,
+        a.split.as_deref(),
+        a.decoding.decoding(),
+        a.lexicon.as_deref(),
+        &device,
+    )?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    print!("{}", evaluation.render_table());
+    if let Some(path) = &a.json {
+        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
+        println!("evaluation written to {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,572 @@
+//! Report generation from image embeddings: ClipCap's prefix mapping (Mokady et al. 2021,
+//! "ClipCap: CLIP Prefix for Image Captioning") in front of a GPT-2-layout causal decoder
+//! ([`medvlm_models::gpt2`]), trained with token cross-entropy on the reports (R2Gen and
+//! PromptMRG are the medical anchors; this is the prefix-mapping variant).
+//!
+//! A frozen image tower's pooled embedding `[E]` goes through an MLP
+//! `E -> (P x W) / 2 -> tanh -> P x W`, giving `P` prefix embeddings of the decoder's width
+//! `W`; the report's tokens follow, and the decoder predicts each token from the prefix and the
+//! tokens before it. The loss is the mean cross-entropy over the report's tokens and its
+//! end-of-text token (padding excluded). Decoding is greedy (batched) or beam search.
+//!
+//! Defaults ([`ReportGenConfig::default`]): prefix of 10, decoder width 128, 2 blocks, 4
+//! heads, reports up to 120 tokens, AdamW lr 1e-3 with 5 % warm-up and cosine decay, weight
+//! decay 0.01, batch 32, 12 epochs, seed 0; the vocabulary is the training reports' words seen
+//! at least twice (lower-cased; punctuation as tokens).
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_nn::{Linear, VarBuilder, VarMap};
+use medvlm_models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
+use medvlm_train::optim::{AdamW, AdamWConfig, Gradients, NamedVar, WeightDecayRule};
+use medvlm_train::schedule::WarmupCosine;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Errors of report generation.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// Tensor error.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Optimiser error.
+    #[error(transparent)]
+    Optim(#[from] medvlm_train::optim::OptimError),
+    /// Model loading or decoding error.
+    #[error(transparent)]
+    Model(#[from] medvlm_models::ModelError),
+    /// Metric error.
+    #[error(transparent)]
+    Eval(#[from] medvlm_eval::EvalError),
+    /// A file could not be read or written.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Inputs or settings that cannot work (the message says which).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Result of report generation.
+pub type Result<T> = std::result::Result<T, ReportError>;
+
+/// Padding token id of the word tokenizer ([`medvlm_train::pretrain::build_word_tokenizer`]).
+pub const PAD_ID: u32 = 0;
+/// End-of-text token id of the word tokenizer.
+pub const EOS_ID: u32 = 3;
+
+/// Shape and training settings; see the module documentation for the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReportGenConfig {
+    /// Prefix embeddings made from the image embedding.
+    pub prefix_len: usize,
+    /// Decoder width.
+    pub width: usize,
+    /// Decoder blocks.
+    pub layers: usize,
+    /// Decoder attention heads.
+    pub heads: usize,
+    /// Longest report in tokens (with its end-of-text token); longer ones are cut.
+    pub max_tokens: usize,
+    /// Passes over the training reports.
+    pub epochs: usize,
+    /// Reports per update.
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// AdamW weight decay (matrices only).
+    pub weight_decay: f64,
+    /// Seed of initialisation and batch order.
+    pub seed: u64,
+    /// Minimum count of a word to enter the vocabulary.
+    pub min_word_count: usize,
+}
+
+impl Default for ReportGenConfig {
+    fn default() -> Self {
+        Self {
+            prefix_len: 10,
+            width: 128,
+            layers: 2,
+            heads: 4,
+            max_tokens: 120,
+            epochs: 12,
+            batch: 32,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            seed: 0,
+            min_word_count: 2,
+        }
+    }
+}
+
+impl ReportGenConfig {
+    /// Whether the settings can work.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ReportError::Invalid(m));
+        if self.prefix_len == 0 || self.max_tokens < 2 {
+            return bad("prefix_len must be >= 1 and max_tokens >= 2".into());
+        }
+        if self.width == 0 || self.heads == 0 || !self.width.is_multiple_of(self.heads) {
+            return bad(format!(
+                "width {} must be a positive multiple of heads {}",
+                self.width, self.heads
+            ));
+        }
+        if self.layers == 0 || self.epochs == 0 || self.batch == 0 {
+            return bad("layers, epochs and batch must be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("lr {} must be positive", self.lr));
+        }
+        Ok(())
+    }
+
+    /// The decoder's GPT-2 configuration for a vocabulary of `vocab` tokens.
+    pub fn decoder_config(&self, vocab: usize) -> Gpt2Config {
+        let mut c = Gpt2Config::small(
+            vocab,
+            self.prefix_len + self.max_tokens,
+            self.width,
+            self.layers,
+            self.heads,
+        );
+        c.eos_token_id = Some(EOS_ID);
+        c
+    }
+}
+
+/// ClipCap's MLP from an image embedding to `prefix_len` decoder embeddings.
+#[derive(Debug, Clone)]
+pub struct PrefixMapper {
+    l1: Linear,
+    l2: Linear,
+    prefix_len: usize,
+    width: usize,
+}
+
+impl PrefixMapper {
+    /// Parameters `l1`, `l2` under `vb`.
+    pub fn new(vb: VarBuilder, image_dim: usize, prefix_len: usize, width: usize) -> Result<Self> {
+        let out = prefix_len * width;
+        let hidden = (out / 2).max(1);
+        Ok(Self {
+            l1: candle_nn::linear(image_dim, hidden, vb.pp("l1"))?,
+            l2: candle_nn::linear(hidden, out, vb.pp("l2"))?,
+            prefix_len,
+            width,
+        })
+    }
+
+    /// Prefix embeddings `[B, P, W]` of image embeddings `[B, E]`.
+    pub fn forward(&self, image: &Tensor) -> Result<Tensor> {
+        let b = image.dim(0)?;
+        Ok(self
+            .l2
+            .forward(&self.l1.forward(image)?.tanh()?)?
+            .reshape((b, self.prefix_len, self.width))?)
+    }
+}
+
+/// The prefix mapper and the decoder.
+#[derive(Debug, Clone)]
+pub struct ReportGenerator {
+    /// Image embedding -> prefix.
+    pub mapper: PrefixMapper,
+    /// The decoder.
+    pub decoder: Gpt2LmHeadModel,
+    /// Settings.
+    pub cfg: ReportGenConfig,
+    /// Width of the image embeddings it reads.
+    pub image_dim: usize,
+}
+
+impl ReportGenerator {
+    /// Builds (or loads, from a checkpoint's `vb`) the mapper under `mapper` and the decoder
+    /// under `decoder.transformer`.
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &ReportGenConfig,
+        image_dim: usize,
+        vocab: usize,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let dcfg = cfg.decoder_config(vocab);
+        Ok(Self {
+            mapper: PrefixMapper::new(vb.pp("mapper"), image_dim, cfg.prefix_len, cfg.width)?,
+            decoder: Gpt2LmHeadModel::load(vb.pp("decoder"), &dcfg, "transformer")?,
+            cfg: cfg.clone(),
+            image_dim,
+        })
+    }
+
+    /// Mean token cross-entropy of `targets` `[B, T]` (report tokens then EOS, right-padded
+    /// with [`PAD_ID`]) given image embeddings `[B, E]`.
+    pub fn loss(&self, images: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, t) = targets.dims2()?;
+        let p = self.cfg.prefix_len;
+        let prefix = self.mapper.forward(images)?;
+        // The decoder reads the prefix and every target token but the last; position
+        // p - 1 + i predicts target i.
+        let embeds = if t > 1 {
+            let inputs = targets.narrow(1, 0, t - 1)?;
+            Tensor::cat(
+                &[&prefix, &self.decoder.transformer.embed_tokens(&inputs)?],
+                1,
+            )?
+        } else {
+            prefix
+        };
+        let logits = self
+            .decoder
+            .forward_embeds(&embeds, None)?
+            .narrow(1, p - 1, t)?
+            .reshape((b * t, ()))?;
+        let flat = targets.flatten_all()?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let picked = log_probs.gather(&flat.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let mask = flat.ne(PAD_ID)?.to_dtype(DType::F32)?;
+        let n = mask.sum_all()?.to_scalar::<f32>()?;
+        if n == 0.0 {
+            return Err(ReportError::Invalid("a batch without report tokens".into()));
+        }
+        Ok(((picked * mask)?.sum_all()? / (-(n as f64)))?)
+    }
+
+    /// Greedy decoding of a batch of image embeddings `[B, E]`: up to `max_new` tokens each,
+    /// a report ending at its first EOS (not included).
+    pub fn generate_greedy(&self, images: &Tensor, max_new: usize) -> Result<Vec<Vec<u32>>> {
+        let b = images.dim(0)?;
+        let max_new = max_new.min(self.cfg.max_tokens);
+        let prefix = self.mapper.forward(images)?;
+        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); b];
+        let mut done = vec![false; b];
+        for step in 0..max_new {
+            let embeds = if step == 0 {
+                prefix.clone()
+            } else {
+                let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
+                let ids = Tensor::from_vec(flat, (b, step), images.device())?;
+                Tensor::cat(&[&prefix, &self.decoder.transformer.embed_tokens(&ids)?], 1)?
+            };
+            let t = embeds.dim(1)?;
+            let last = self
+                .decoder
+                .forward_embeds(&embeds, None)?
+                .i((.., t - 1, ..))?
+                .argmax(D::Minus1)?
+                .to_vec1::<u32>()?;
+            for (i, &tok) in last.iter().enumerate() {
+                // A finished report keeps emitting EOS so all rows stay one length.
+                let tok = if done[i] { EOS_ID } else { tok };
+                done[i] |= tok == EOS_ID;
+                tokens[i].push(tok);
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+        }
+        Ok(tokens
+            .into_iter()
+            .map(|t| t.into_iter().take_while(|&x| x != EOS_ID).collect())
+            .collect())
+    }
+
+    /// Beam search for one image embedding `[E]` ([`Gpt2LmHeadModel::beam_search`], length
+    /// penalty 1); the report without its EOS.
+    pub fn generate_beam(&self, image: &Tensor, beams: usize, max_new: usize) -> Result<Vec<u32>> {
+        let prefix = self.mapper.forward(&image.unsqueeze(0)?)?.squeeze(0)?;
+        let d = self.decoder.beam_search(
+            Some(&prefix),
+            &[],
+            max_new.min(self.cfg.max_tokens),
+            Some(EOS_ID),
+            beams,
+            1.0,
+        )?;
+        Ok(d.tokens.into_iter().take_while(|&x| x != EOS_ID).collect())
+    }
+}
+
+/// Re-draws every parameter from a seeded generator (candle's initialisers use the thread's
+/// RNG): biases 0, layer-norm scales 1, decoder matrices and embeddings N(0, 0.02) as GPT-2,
+/// mapper matrices N(0, 1 / fan_in). Parameters are visited in name order.
+fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
+    use rand_distr::{Distribution, Normal};
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x2e90_77ca);
+    for (name, var) in params {
+        let t = var.as_tensor();
+        let dims = t.dims().to_vec();
+        let n = t.elem_count();
+        let values: Vec<f32> = if name.ends_with("bias") {
+            vec![0.0; n]
+        } else if name.contains(".ln_") && name.ends_with("weight") {
+            vec![1.0; n]
+        } else {
+            let std = if name.starts_with("mapper.") {
+                (1.0 / dims.get(1).copied().unwrap_or(1).max(1) as f32).sqrt()
+            } else {
+                0.02
+            };
+            let normal =
+                Normal::new(0.0f32, std).map_err(|e| ReportError::Invalid(e.to_string()))?;
+            (0..n).map(|_| normal.sample(&mut rng)).collect()
+        };
+        var.set(&Tensor::from_vec(values, dims, t.device())?)?;
+    }
+    Ok(())
+}
+
+/// Parameters of a varmap in name order.
+pub fn named_params(varmap: &VarMap) -> Result<Vec<NamedVar>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| ReportError::Invalid("poisoned varmap".into()))?;
+    let mut v: Vec<NamedVar> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(v)
+}
+
+/// Report token ids padded to one length: `[B, T]` with [`PAD_ID`].
+pub fn pad_batch(rows: &[&[u32]], device: &Device) -> Result<Tensor> {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let mut flat = Vec::with_capacity(rows.len() * t);
+    for r in rows {
+        flat.extend_from_slice(r);
+        flat.extend(std::iter::repeat_n(PAD_ID, t - r.len()));
+    }
+    Ok(Tensor::from_vec(flat, (rows.len(), t), device)?)
+}
+
+/// A trained generator and its training record.
+pub struct TrainedGenerator {
+    /// The generator.
+    pub generator: ReportGenerator,
+    /// Its parameters (names `mapper.*`, `decoder.transformer.*`).
+    pub varmap: VarMap,
+    /// Mean loss of each epoch.
+    pub epoch_losses: Vec<f32>,
+}
+
+/// Trains a generator on image embeddings `[N, E]` and their report token ids (each ending
+/// with EOS, at most `cfg.max_tokens`), with the engine's AdamW and warm-up + cosine schedule;
+/// `on_epoch(epoch, mean_loss)` after each epoch.
+pub fn train_generator(
+    cfg: &ReportGenConfig,
+    images: &Tensor,
+    reports: &[Vec<u32>],
+    vocab: usize,
+    on_epoch: &mut dyn FnMut(usize, f32),
+) -> Result<TrainedGenerator> {
+    cfg.validate()?;
+    let (n, e) = images.dims2()?;
+    if n != reports.len() || n == 0 {
+        return Err(ReportError::Invalid(format!(
+            "{n} image embeddings for {} reports",
+            reports.len()
+        )));
+    }
+    if let Some(i) = reports
+        .iter()
+        .position(|r| r.is_empty() || r.len() > cfg.max_tokens)
+    {
+        return Err(ReportError::Invalid(format!(
+            "report {i} has {} tokens; expected 1 to {}",
+            reports[i].len(),
+            cfg.max_tokens
+        )));
+    }
+    let dev = images.device().clone();
+    let varmap = VarMap::new();
+    let generator = ReportGenerator::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        cfg,
+        e,
+        vocab,
+    )?;
+    let params = named_params(&varmap)?;
+    seeded_init(&params, cfg.seed)?;
+    let mut opt = AdamW::new(
+        params.clone(),
+        AdamWConfig {
+            weight_decay: cfg.weight_decay,
+            ..AdamWConfig::default()
+        },
+        &WeightDecayRule::default(),
+    )?;
+    let steps_per_epoch = n.div_ceil(cfg.batch);
+    let total = (steps_per_epoch * cfg.epochs) as u64;
+    let schedule = WarmupCosine {
+        base_lr: cfg.lr,
+        warmup_steps: total / 20,
+        total_steps: total,
+        min_lr: 0.0,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut step = 0u64;
+    let mut epoch_losses = Vec::with_capacity(cfg.epochs);
+    for epoch in 0..cfg.epochs {
+        order.shuffle(&mut rng);
+        let mut sum = 0.0f64;
+        for chunk in order.chunks(cfg.batch) {
+            let idx = Tensor::from_vec(
+                chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                chunk.len(),
+                &dev,
+            )?;
+            let x = images.index_select(&idx, 0)?;
+            let rows: Vec<&[u32]> = chunk.iter().map(|&i| reports[i].as_slice()).collect();
+            let y = pad_batch(&rows, &dev)?;
+            let loss = generator.loss(&x, &y)?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(ReportError::Invalid(format!(
+                    "the loss is not finite ({value}) at update {step}; lower the learning rate"
+                )));
+            }
+            let grads = Gradients::from_grad_store(&loss.backward()?, &params);
+            opt.step(&grads, schedule.lr(step))?;
+            step += 1;
+            sum += value as f64 * chunk.len() as f64;
+        }
+        let mean = (sum / n as f64) as f32;
+        epoch_losses.push(mean);
+        on_epoch(epoch, mean);
+    }
+    Ok(TrainedGenerator {
+        generator,
+        varmap,
+        epoch_losses,
+    })
+}
+
+/// The tensors of a varmap by name, for saving.
+pub fn varmap_tensors(varmap: &VarMap) -> Result<BTreeMap<String, Tensor>> {
+    Ok(named_params(varmap)?
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two kinds of "image" (embeddings near two points) with one report each: the generator
+    /// learns to write each kind's report for unseen embeddings of that kind, greedy and
+    /// beam alike.
+    #[test]
+    fn learns_to_write_the_report_of_each_kind_of_image() {
+        let dev = Device::Cpu;
+        let reports: [Vec<u32>; 2] = [vec![4, 5, 6, 7, EOS_ID], vec![8, 6, 9, EOS_ID]];
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let point = |kind: usize, rng: &mut ChaCha8Rng| -> Vec<f32> {
+            use rand::Rng;
+            (0..8)
+                .map(|d| if d % 2 == kind { 1.0 } else { 0.0 } + rng.random_range(-0.1..0.1))
+                .collect()
+        };
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..64 {
+            x.extend(point(i % 2, &mut rng));
+            y.push(reports[i % 2].clone());
+        }
+        let images = Tensor::from_vec(x, (64, 8), &dev).unwrap();
+        let cfg = ReportGenConfig {
+            prefix_len: 2,
+            width: 32,
+            layers: 1,
+            heads: 2,
+            max_tokens: 8,
+            epochs: 30,
+            batch: 16,
+            lr: 3e-3,
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        let t = train_generator(&cfg, &images, &y, 12, &mut |_, l| seen.push(l)).unwrap();
+        assert_eq!(seen, t.epoch_losses);
+        assert!(seen[0] > 1.5 && *seen.last().unwrap() < 0.2, "{seen:?}");
+        let test: Vec<f32> = [point(0, &mut rng), point(1, &mut rng)].concat();
+        let test = Tensor::from_vec(test, (2, 8), &dev).unwrap();
+        let out = t.generator.generate_greedy(&test, 8).unwrap();
+        assert_eq!(out[0], reports[0][..4]);
+        assert_eq!(out[1], reports[1][..3]);
+        let beam = t
+            .generator
+            .generate_beam(&test.i(1).unwrap(), 3, 8)
+            .unwrap();
+        assert_eq!(beam, reports[1][..3]);
+    }
+
+    #[test]
+    fn padding_does_not_count_in_the_loss() {
+        let dev = Device::Cpu;
+        let cfg = ReportGenConfig {
+            prefix_len: 2,
+            width: 16,
+            layers: 1,
+            heads: 2,
+            max_tokens: 8,
+            ..Default::default()
+        };
+        let varmap = VarMap::new();
+        let g = ReportGenerator::new(
+            VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+            &cfg,
+            4,
+            10,
+        )
+        .unwrap();
+        seeded_init(&named_params(&varmap).unwrap(), 3).unwrap();
+        let img = Tensor::new(&[[0.5f32, -0.2, 0.1, 0.9]], &dev).unwrap();
+        let short = pad_batch(&[&[4, 5, EOS_ID]], &dev).unwrap();
+        let padded = pad_batch(&[&[4, 5, EOS_ID], &[4, 5, 6, 7, 8, EOS_ID]], &dev)
+            .unwrap()
+            .narrow(0, 0, 1)
+            .unwrap();
+        assert_eq!(padded.dims(), &[1, 6]);
+        let a = g.loss(&img, &short).unwrap().to_scalar::<f32>().unwrap();
+        let b = g.loss(&img, &padded).unwrap().to_scalar::<f32>().unwrap();
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        assert!(a > 1.0);
+    }
+
+    #[test]
+    fn unusable_settings_and_data_are_refused() {
+        let bad = ReportGenConfig {
+            width: 30,
+            heads: 4,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("multiple"));
+        let dev = Device::Cpu;
+        let images = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+        let cfg = ReportGenConfig {
+            max_tokens: 4,
+            ..Default::default()
+        };
+        let err = train_generator(&cfg, &images, &[vec![4, EOS_ID]], 10, &mut |_, _| {})
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("2 image embeddings for 1 reports"), "{err}");
+        let long = vec![vec![4, 5, 6, 7, 8, EOS_ID], vec![4, EOS_ID]];
+        let err = train_generator(&cfg, &images, &long, 10, &mut |_, _| {})
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("6 tokens"), "{err}");
+    }
+}

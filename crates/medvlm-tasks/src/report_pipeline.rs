@@ -1,0 +1,728 @@
+//! Report generation as a task: image-report pairs from a manifest, a frozen image tower's
+//! embeddings, the ClipCap-style generator of [`crate::report_generation`] trained on them,
+//! the saved generator folder, evaluation beside the nearest-neighbour-report baseline, and
+//! generation for image files.
+//!
+//! Protocol ([`evaluate`]): every record of the evaluated manifest (or split) gets one
+//! generated report (greedy by default, or beam search), scored against its one reference
+//! report with BLEU-1..4, ROUGE-L and CIDEr-D ([`medvlm_eval::report_metrics`], as
+//! pycocoevalcap computes them) and with clinical efficacy ([`medvlm_eval::report_labeller`]:
+//! the findings a rule labeller reads as present, uncertain mentions counted present,
+//! precision/recall/F1 per finding, micro and macro over the lexicon's findings), overall and
+//! per modality. The lexicon is the phantom vocabulary unless a JSON
+//! [`FindingLexicon`] is given. The baseline writes, for each image, the training report of
+//! the training image whose embedding is nearest by cosine (the retrieval baseline of report
+//! generation papers); it shares the generator's embeddings, so the comparison is of the
+//! decoder, not of the tower.
+//!
+//! Artefact folder ([`ReportModel::save`], written to a temporary folder and renamed):
+//! `report_model.json` (the card: settings, the image model's spec and fingerprint, the
+//! training record), `generator.safetensors` (`mapper.*` and the decoder under
+//! `decoder.transformer.*`, GPT-2's layout), `tokenizer.json`, and for the baseline
+//! `train_embeddings.safetensors` and `train_reports.json`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use medvlm_eval::report_labeller::{
+    clinical_efficacy, ClinicalEfficacy, FindingLexicon, FindingTerms,
+};
+use medvlm_eval::report_metrics::{score_reports, ReportScores};
+use medvlm_models::LoadedModel;
+use serde::{Deserialize, Serialize};
+
+use crate::report_generation::{
+    train_generator, varmap_tensors, ReportError, ReportGenConfig, ReportGenerator, Result, EOS_ID,
+};
+
+/// Format tag of the card.
+pub const FORMAT: &str = "medvlm-report/1";
+const CARD_FILE: &str = "report_model.json";
+const WEIGHTS_FILE: &str = "generator.safetensors";
+const TOKENIZER_FILE: &str = "tokenizer.json";
+const TRAIN_EMBEDS_FILE: &str = "train_embeddings.safetensors";
+const TRAIN_REPORTS_FILE: &str = "train_reports.json";
+
+fn file_err(path: &Path, reason: impl std::fmt::Display) -> ReportError {
+    ReportError::File {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// One image and its report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportItem {
+    /// The image file.
+    pub image: PathBuf,
+    /// The reference report.
+    pub report: String,
+    /// The record's `modality`, when given.
+    pub modality: Option<String>,
+}
+
+/// Image-report pairs read from a manifest.
+#[derive(Debug, Clone)]
+pub struct ReportTask {
+    /// The manifest.
+    pub manifest: PathBuf,
+    /// The pairs, in manifest order.
+    pub items: Vec<ReportItem>,
+}
+
+impl ReportTask {
+    /// The records of `manifest` (those of `split` when given); each must carry a non-empty
+    /// `text` (the report), otherwise the error names the record.
+    pub fn from_manifest(manifest: &Path, split: Option<&str>) -> Result<Self> {
+        let m = medvlm_io::read_manifest(manifest).map_err(|e| file_err(manifest, e))?;
+        let mut items = Vec::new();
+        for (i, rec) in m.records.iter().enumerate() {
+            if split.is_some_and(|s| rec.split.as_deref() != Some(s)) {
+                continue;
+            }
+            let report = rec.text.as_deref().map(str::trim).unwrap_or("");
+            if report.is_empty() {
+                return Err(file_err(
+                    manifest,
+                    format!(
+                        "record {} ({}) has no report text; report generation needs a `text` on every record",
+                        i + 1,
+                        rec.image
+                    ),
+                ));
+            }
+            items.push(ReportItem {
+                image: m.image_path(rec),
+                report: report.to_string(),
+                modality: rec
+                    .extra
+                    .get("modality")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string),
+            });
+        }
+        if items.is_empty() {
+            return Err(file_err(
+                manifest,
+                match split {
+                    Some(s) => format!("no record of split {s:?}"),
+                    None => "no records".to_string(),
+                },
+            ));
+        }
+        Ok(Self {
+            manifest: manifest.to_path_buf(),
+            items,
+        })
+    }
+}
+
+/// L2-normalised image embeddings `[N, E]` of files with a loaded model (every file must be
+/// readable: an unreadable one is an error naming it).
+pub fn image_embeddings(m: &LoadedModel, files: &[PathBuf], device: &Device) -> Result<Tensor> {
+    let e = medvlm_models::embed::embed_image_files(m, files, 32, false, device, &|_| {})?;
+    let t = e
+        .embeds
+        .ok_or_else(|| ReportError::Invalid("no image could be embedded".into()))?;
+    let norm = t.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    Ok(t.broadcast_div(&norm)?.to_device(device)?)
+}
+
+/// Text of word tokens as a report: punctuation attached to its word, hyphens and `&`
+/// joining theirs (`t1 - weighted` -> `t1-weighted`).
+pub fn detokenize(words: &[String]) -> String {
+    let mut out = String::new();
+    let mut glue_next = true;
+    for w in words {
+        let attach_left = matches!(w.as_str(), "." | "," | ":" | ";" | "!" | "?" | ")");
+        let joiner = matches!(w.as_str(), "-" | "&" | "/" | "'");
+        if !(glue_next || attach_left || joiner) {
+            out.push(' ');
+        }
+        out.push_str(w);
+        glue_next = joiner || w == "(";
+    }
+    out
+}
+
+/// The phantom vocabulary's findings (every modality) as a labeller lexicon.
+pub fn phantom_lexicon() -> FindingLexicon {
+    FindingLexicon {
+        findings: medvlm_phantoms::Modality::ALL
+            .iter()
+            .flat_map(|m| m.vocab().iter())
+            .map(|v| FindingTerms {
+                label: v.label.to_string(),
+                match_terms: v.match_terms.iter().map(|t| t.to_string()).collect(),
+            })
+            .collect(),
+    }
+}
+
+fn phantom_modality_lexicon(name: &str) -> Option<FindingLexicon> {
+    let m = medvlm_phantoms::Modality::ALL
+        .into_iter()
+        .find(|m| m.name() == name)?;
+    Some(FindingLexicon {
+        findings: m
+            .vocab()
+            .iter()
+            .map(|v| FindingTerms {
+                label: v.label.to_string(),
+                match_terms: v.match_terms.iter().map(|t| t.to_string()).collect(),
+            })
+            .collect(),
+    })
+}
+
+/// What the saved generator records of its training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportCard {
+    /// [`FORMAT`].
+    pub format: String,
+    /// The image model as given (`--model`).
+    pub model_spec: String,
+    /// Fingerprint of the image model's folder.
+    pub model_fingerprint: String,
+    /// Width of its image embeddings.
+    pub image_dim: usize,
+    /// Vocabulary size of the tokenizer.
+    pub vocab_size: usize,
+    /// Generator settings.
+    pub config: ReportGenConfig,
+    /// The training manifest and split.
+    pub train_manifest: String,
+    /// Split used, if any.
+    pub train_split: Option<String>,
+    /// Training reports.
+    pub n_train: usize,
+    /// Reports cut to `max_tokens`.
+    pub n_truncated: usize,
+    /// Mean loss of each epoch.
+    pub epoch_losses: Vec<f32>,
+}
+
+/// How reports are decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decoding {
+    /// Greedy (batched).
+    Greedy,
+    /// Beam search with this many beams.
+    Beam(usize),
+}
+
+/// A trained generator with its tokenizer and baseline memory.
+pub struct ReportModel {
+    /// The card.
+    pub card: ReportCard,
+    /// The generator.
+    pub generator: ReportGenerator,
+    /// The word tokenizer.
+    pub tokenizer: tokenizers::Tokenizer,
+    /// Training image embeddings `[N, E]` (L2-normalised) for the baseline.
+    pub train_embeds: Tensor,
+    /// Their reports.
+    pub train_reports: Vec<String>,
+    /// The generator's parameters by name (what `generator.safetensors` holds).
+    weights: HashMap<String, Tensor>,
+}
+
+/// Settings of [`train`].
+#[derive(Debug, Clone)]
+pub struct ReportTrainOptions {
+    /// Image model spec (`medvlm_models::load_model`).
+    pub model_spec: String,
+    /// Generator settings.
+    pub config: ReportGenConfig,
+    /// Split of the manifest to train on (`None`: every record).
+    pub split: Option<String>,
+}
+
+/// Token ids of a report: its words then EOS, cut to `max_tokens` (the cut keeps EOS).
+fn encode_report(
+    tok: &tokenizers::Tokenizer,
+    text: &str,
+    max_tokens: usize,
+) -> Result<(Vec<u32>, bool)> {
+    let enc = tok
+        .encode(text, false)
+        .map_err(|e| ReportError::Invalid(format!("tokenizer: {e}")))?;
+    let mut ids = enc.get_ids().to_vec();
+    let cut = ids.len() + 1 > max_tokens;
+    ids.truncate(max_tokens - 1);
+    ids.push(EOS_ID);
+    Ok((ids, cut))
+}
+
+/// Trains a generator on `task` with the image model `m` (loaded from `opts.model_spec`);
+/// `on_epoch(epoch, loss)` after each epoch.
+pub fn train(
+    task: &ReportTask,
+    m: &LoadedModel,
+    opts: &ReportTrainOptions,
+    device: &Device,
+    on_epoch: &mut dyn FnMut(usize, f32),
+) -> Result<ReportModel> {
+    opts.config.validate()?;
+    let files: Vec<PathBuf> = task.items.iter().map(|i| i.image.clone()).collect();
+    let embeds = image_embeddings(m, &files, device)?;
+    let texts: Vec<&str> = task.items.iter().map(|i| i.report.as_str()).collect();
+    let tokenizer =
+        medvlm_train::pretrain::build_word_tokenizer(&texts, opts.config.min_word_count)
+            .map_err(|e| ReportError::Invalid(e.to_string()))?;
+    let mut reports = Vec::with_capacity(texts.len());
+    let mut n_truncated = 0;
+    for t in &texts {
+        let (ids, cut) = encode_report(&tokenizer, t, opts.config.max_tokens)?;
+        n_truncated += usize::from(cut);
+        reports.push(ids);
+    }
+    let vocab = tokenizer.get_vocab_size(true);
+    let trained = train_generator(&opts.config, &embeds, &reports, vocab, on_epoch)?;
+    let card = ReportCard {
+        format: FORMAT.into(),
+        model_spec: opts.model_spec.clone(),
+        model_fingerprint: crate::segmentation_pipeline::model_fingerprint(&opts.model_spec, m),
+        image_dim: embeds.dim(1)?,
+        vocab_size: vocab,
+        config: opts.config.clone(),
+        train_manifest: task.manifest.display().to_string(),
+        train_split: opts.split.clone(),
+        n_train: reports.len(),
+        n_truncated,
+        epoch_losses: trained.epoch_losses.clone(),
+    };
+    Ok(ReportModel {
+        card,
+        generator: trained.generator,
+        tokenizer,
+        train_embeds: embeds,
+        train_reports: texts.iter().map(|s| s.to_string()).collect(),
+        weights: varmap_tensors(&trained.varmap)?.into_iter().collect(),
+    })
+}
+
+impl ReportModel {
+    /// Writes the artefact folder `out` (see the module documentation), replacing an earlier
+    /// one only once the new one is complete.
+    pub fn save(&self, out: &Path) -> Result<()> {
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| file_err(parent, e))?;
+        let tmp = parent.join(format!(
+            ".{}.tmp-{}",
+            out.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("report-model"),
+            std::process::id()
+        ));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
+        let card = serde_json::to_string_pretty(&self.card).map_err(|e| file_err(out, e))?;
+        std::fs::write(tmp.join(CARD_FILE), card).map_err(|e| file_err(&tmp.join(CARD_FILE), e))?;
+        candle_core::safetensors::save(&self.weights, tmp.join(WEIGHTS_FILE))?;
+        self.tokenizer
+            .save(tmp.join(TOKENIZER_FILE), false)
+            .map_err(|e| file_err(&tmp.join(TOKENIZER_FILE), e))?;
+        let mut te = HashMap::new();
+        te.insert(
+            "embeddings".to_string(),
+            self.train_embeds.to_device(&Device::Cpu)?,
+        );
+        candle_core::safetensors::save(&te, tmp.join(TRAIN_EMBEDS_FILE))?;
+        let reports = serde_json::to_string(&self.train_reports).map_err(|e| file_err(out, e))?;
+        std::fs::write(tmp.join(TRAIN_REPORTS_FILE), reports)
+            .map_err(|e| file_err(&tmp.join(TRAIN_REPORTS_FILE), e))?;
+        if out.exists() {
+            std::fs::remove_dir_all(out).map_err(|e| file_err(out, e))?;
+        }
+        std::fs::rename(&tmp, out).map_err(|e| file_err(out, e))?;
+        Ok(())
+    }
+
+    /// Loads an artefact folder and its image model; the second value is a warning when the
+    /// image model's fingerprint differs from the card's.
+    pub fn load(dir: &Path, device: &Device) -> Result<(Self, LoadedModel, Option<String>)> {
+        let card_path = dir.join(CARD_FILE);
+        let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
+        let card: ReportCard = serde_json::from_str(&text).map_err(|e| file_err(&card_path, e))?;
+        if card.format != FORMAT {
+            return Err(file_err(
+                &card_path,
+                format!("format {:?}, expected {FORMAT:?}", card.format),
+            ));
+        }
+        let tok_path = dir.join(TOKENIZER_FILE);
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| file_err(&tok_path, e))?;
+        if tokenizer.get_vocab_size(true) != card.vocab_size {
+            return Err(file_err(
+                &tok_path,
+                format!(
+                    "{} tokens, the decoder was trained for {}",
+                    tokenizer.get_vocab_size(true),
+                    card.vocab_size
+                ),
+            ));
+        }
+        let wpath = dir.join(WEIGHTS_FILE);
+        let file = medvlm_models::WeightFile::open(&wpath)?;
+        let generator = file.load(
+            DType::F32,
+            device,
+            &medvlm_models::LoadMode::Frozen,
+            &[],
+            |vb: VarBuilder| {
+                ReportGenerator::new(vb, &card.config, card.image_dim, card.vocab_size)
+                    .map_err(|e| candle_core::Error::msg(e.to_string()))
+            },
+        )?;
+        let weights =
+            candle_core::safetensors::load(&wpath, device).map_err(|e| file_err(&wpath, e))?;
+        let epath = dir.join(TRAIN_EMBEDS_FILE);
+        let train_embeds = candle_core::safetensors::load(&epath, device)
+            .map_err(|e| file_err(&epath, e))?
+            .remove("embeddings")
+            .ok_or_else(|| file_err(&epath, "no `embeddings` tensor"))?;
+        let rpath = dir.join(TRAIN_REPORTS_FILE);
+        let train_reports: Vec<String> = serde_json::from_str(
+            &std::fs::read_to_string(&rpath).map_err(|e| file_err(&rpath, e))?,
+        )
+        .map_err(|e| file_err(&rpath, e))?;
+        if train_reports.len() != train_embeds.dim(0)? {
+            return Err(file_err(
+                &rpath,
+                "not as many reports as training embeddings",
+            ));
+        }
+        let lopts = medvlm_models::LoadOptions {
+            device: device.clone(),
+            ..Default::default()
+        };
+        let m = medvlm_models::load_model(&card.model_spec, &lopts)?;
+        let fp = crate::segmentation_pipeline::model_fingerprint(&card.model_spec, &m);
+        let warning = (fp != card.model_fingerprint).then(|| {
+            format!(
+                "the image model {} is not the one the generator was trained with (fingerprint differs)",
+                card.model_spec
+            )
+        });
+        Ok((
+            Self {
+                card,
+                generator,
+                tokenizer,
+                train_embeds,
+                train_reports,
+                weights,
+            },
+            m,
+            warning,
+        ))
+    }
+
+    /// Reports for L2-normalised image embeddings `[N, E]`.
+    pub fn generate(&self, embeds: &Tensor, decoding: Decoding) -> Result<Vec<String>> {
+        if embeds.dim(1)? != self.card.image_dim {
+            return Err(ReportError::Invalid(format!(
+                "image embeddings are {} wide; the generator reads {}",
+                embeds.dim(1)?,
+                self.card.image_dim
+            )));
+        }
+        let max = self.card.config.max_tokens;
+        let ids: Vec<Vec<u32>> = match decoding {
+            Decoding::Greedy => {
+                let mut out = Vec::new();
+                for start in (0..embeds.dim(0)?).step_by(64) {
+                    let n = 64.min(embeds.dim(0)? - start);
+                    out.extend(
+                        self.generator
+                            .generate_greedy(&embeds.narrow(0, start, n)?, max)?,
+                    );
+                }
+                out
+            }
+            Decoding::Beam(k) => (0..embeds.dim(0)?)
+                .map(|i| self.generator.generate_beam(&embeds.get(i)?, k, max))
+                .collect::<Result<_>>()?,
+        };
+        ids.iter().map(|t| self.detok(t)).collect()
+    }
+
+    fn detok(&self, ids: &[u32]) -> Result<String> {
+        let words: Vec<String> = ids
+            .iter()
+            .filter_map(|&i| self.tokenizer.id_to_token(i))
+            .filter(|w| !w.starts_with("<|"))
+            .collect();
+        Ok(detokenize(&words))
+    }
+
+    /// The nearest-neighbour baseline: for each embedding `[N, E]`, the training report of
+    /// the training image with the highest cosine.
+    pub fn nearest_reports(&self, embeds: &Tensor) -> Result<Vec<String>> {
+        let sims = embeds.matmul(&self.train_embeds.t()?)?;
+        let best = sims.argmax(1)?.to_vec1::<u32>()?;
+        Ok(best
+            .into_iter()
+            .map(|i| self.train_reports[i as usize].clone())
+            .collect())
+    }
+}
+
+/// Scores of one set of generated reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportMetrics {
+    /// BLEU, ROUGE-L, CIDEr-D.
+    pub language: ReportScores,
+    /// Clinical efficacy over the whole lexicon.
+    pub clinical: ClinicalEfficacy,
+    /// Per modality: clinical efficacy over that modality's findings (phantom lexicon) or the
+    /// whole lexicon, and the language scores.
+    pub per_modality: BTreeMap<String, (ReportScores, ClinicalEfficacy)>,
+}
+
+/// One example of the evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportExample {
+    /// Image file.
+    pub image: String,
+    /// Reference report.
+    pub reference: String,
+    /// Generated report.
+    pub generated: String,
+    /// The nearest-neighbour report.
+    pub nearest_neighbour: String,
+}
+
+/// The evaluation of a generator on a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportEvaluation {
+    /// The manifest evaluated.
+    pub manifest: String,
+    /// Reports scored.
+    pub n: usize,
+    /// How reports were decoded.
+    pub decoding: Decoding,
+    /// The generator.
+    pub generated: ReportMetrics,
+    /// The nearest-neighbour-report baseline.
+    pub nearest_neighbour: ReportMetrics,
+    /// The first few examples.
+    pub examples: Vec<ReportExample>,
+}
+
+fn score(
+    generated: &[String],
+    task: &ReportTask,
+    lexicon: &FindingLexicon,
+    custom_lexicon: bool,
+) -> Result<ReportMetrics> {
+    let refs: Vec<Vec<String>> = task.items.iter().map(|i| vec![i.report.clone()]).collect();
+    let ref_texts: Vec<String> = task.items.iter().map(|i| i.report.clone()).collect();
+    let language = score_reports(generated, &refs)?;
+    let clinical = clinical_efficacy(generated, &ref_texts, lexicon, true)?;
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, it) in task.items.iter().enumerate() {
+        groups
+            .entry(it.modality.clone().unwrap_or_else(|| "-".into()))
+            .or_default()
+            .push(i);
+    }
+    let mut per_modality = BTreeMap::new();
+    if groups.len() > 1 {
+        for (m, idx) in groups {
+            let g: Vec<String> = idx.iter().map(|&i| generated[i].clone()).collect();
+            let r: Vec<String> = idx.iter().map(|&i| ref_texts[i].clone()).collect();
+            let rr: Vec<Vec<String>> = r.iter().map(|x| vec![x.clone()]).collect();
+            let lex = if custom_lexicon {
+                None
+            } else {
+                phantom_modality_lexicon(&m)
+            };
+            let ce = clinical_efficacy(&g, &r, lex.as_ref().unwrap_or(lexicon), true)?;
+            per_modality.insert(m, (score_reports(&g, &rr)?, ce));
+        }
+    }
+    Ok(ReportMetrics {
+        language,
+        clinical,
+        per_modality,
+    })
+}
+
+/// Evaluates a generator and the nearest-neighbour baseline on `task` (see the module
+/// documentation); `lexicon` overrides the phantom vocabulary.
+pub fn evaluate(
+    model: &ReportModel,
+    image_model: &LoadedModel,
+    task: &ReportTask,
+    decoding: Decoding,
+    lexicon: Option<&FindingLexicon>,
+    device: &Device,
+) -> Result<ReportEvaluation> {
+    let files: Vec<PathBuf> = task.items.iter().map(|i| i.image.clone()).collect();
+    let embeds = image_embeddings(image_model, &files, device)?;
+    let generated = model.generate(&embeds, decoding)?;
+    let nearest = model.nearest_reports(&embeds)?;
+    let default_lex = phantom_lexicon();
+    let lex = lexicon.unwrap_or(&default_lex);
+    let examples = task
+        .items
+        .iter()
+        .zip(&generated)
+        .zip(&nearest)
+        .take(8)
+        .map(|((it, g), nn)| ReportExample {
+            image: it.image.display().to_string(),
+            reference: it.report.clone(),
+            generated: g.clone(),
+            nearest_neighbour: nn.clone(),
+        })
+        .collect();
+    Ok(ReportEvaluation {
+        manifest: task.manifest.display().to_string(),
+        n: task.items.len(),
+        decoding,
+        generated: score(&generated, task, lex, lexicon.is_some())?,
+        nearest_neighbour: score(&nearest, task, lex, lexicon.is_some())?,
+        examples,
+    })
+}
+
+/// Reads `manifest`, loads the image model, trains and writes the artefact folder `out`.
+pub fn train_and_save(
+    manifest: &Path,
+    opts: &ReportTrainOptions,
+    out: &Path,
+    device: &Device,
+    on_epoch: &mut dyn FnMut(usize, f32),
+) -> Result<ReportCard> {
+    let task = ReportTask::from_manifest(manifest, opts.split.as_deref())?;
+    let lopts = medvlm_models::LoadOptions {
+        device: device.clone(),
+        ..Default::default()
+    };
+    let m = medvlm_models::load_model(&opts.model_spec, &lopts)?;
+    let model = train(&task, &m, opts, device, on_epoch)?;
+    model.save(out)?;
+    Ok(model.card)
+}
+
+/// Reads a lexicon file (JSON [`FindingLexicon`]).
+pub fn read_lexicon(path: &Path) -> Result<FindingLexicon> {
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
+    let lex: FindingLexicon = serde_json::from_str(&text).map_err(|e| file_err(path, e))?;
+    if lex.findings.is_empty() {
+        return Err(file_err(path, "the lexicon lists no findings"));
+    }
+    Ok(lex)
+}
+
+/// Loads the artefact `dir` and evaluates it on `manifest` (its `split` when given); the
+/// second value is the image-model warning of [`ReportModel::load`].
+pub fn evaluate_manifest(
+    dir: &Path,
+    manifest: &Path,
+    split: Option<&str>,
+    decoding: Decoding,
+    lexicon: Option<&Path>,
+    device: &Device,
+) -> Result<(ReportEvaluation, Option<String>)> {
+    let task = ReportTask::from_manifest(manifest, split)?;
+    let lex = lexicon.map(read_lexicon).transpose()?;
+    let (model, m, warning) = ReportModel::load(dir, device)?;
+    Ok((
+        evaluate(&model, &m, &task, decoding, lex.as_ref(), device)?,
+        warning,
+    ))
+}
+
+/// Reports for image files with the artefact `dir`, in input order.
+pub fn generate_files(
+    dir: &Path,
+    images: &[PathBuf],
+    decoding: Decoding,
+    device: &Device,
+) -> Result<(Vec<String>, Option<String>)> {
+    let (model, m, warning) = ReportModel::load(dir, device)?;
+    let embeds = image_embeddings(&m, images, device)?;
+    Ok((model.generate(&embeds, decoding)?, warning))
+}
+
+impl ReportEvaluation {
+    /// A plain-text table: language and clinical-efficacy scores of the generator and the
+    /// baseline, overall and per modality, then the first examples.
+    pub fn render_table(&self) -> String {
+        let mut s = format!(
+            "{} reports of {} ({}); clinical efficacy: uncertain mentions count as present\n",
+            self.n,
+            self.manifest,
+            match self.decoding {
+                Decoding::Greedy => "greedy decoding".to_string(),
+                Decoding::Beam(k) => format!("beam search, {k} beams"),
+            }
+        );
+        s.push_str(&format!(
+            "{:<22} {:<18} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9}\n",
+            "subset",
+            "method",
+            "BLEU-1",
+            "BLEU-4",
+            "ROUGE-L",
+            "CIDEr-D",
+            "CE P",
+            "CE R",
+            "CE F1 mi",
+            "CE F1 ma"
+        ));
+        let mut rows = vec![("all".to_string(), None)];
+        rows.extend(
+            self.generated
+                .per_modality
+                .keys()
+                .map(|m| (m.clone(), Some(m.clone()))),
+        );
+        for (name, key) in rows {
+            for (method, metrics) in [
+                ("generated", &self.generated),
+                ("nearest neighbour", &self.nearest_neighbour),
+            ] {
+                let (lang, ce) = match &key {
+                    None => (&metrics.language, &metrics.clinical),
+                    Some(k) => match metrics.per_modality.get(k) {
+                        Some((l, c)) => (l, c),
+                        None => continue,
+                    },
+                };
+                s.push_str(&format!(
+                    "{:<22} {:<18} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.3} {:>8.3} {:>9.3} {:>9.3}\n",
+                    name,
+                    method,
+                    lang.bleu[0],
+                    lang.bleu[3],
+                    lang.rouge_l,
+                    lang.cider_d,
+                    ce.micro.precision,
+                    ce.micro.recall,
+                    ce.micro.f1,
+                    ce.macro_avg.f1
+                ));
+            }
+        }
+        for e in self.examples.iter().take(3) {
+            s.push_str(&format!(
+                "\n{}\n  reference:  {}\n  generated:  {}\n  nearest:    {}\n",
+                e.image, e.reference, e.generated, e.nearest_neighbour
+            ));
+        }
+        s
+    }
+}
