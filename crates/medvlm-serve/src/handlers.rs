@@ -1130,7 +1130,10 @@ fn fields_and_image(
             keys.push("image");
             reject_unknown(&m, &keys)?;
             for k in allowed {
-                if let Some(v) = opt_str(&m, k)? {
+                // Numeric settings (`beams`) may come as JSON numbers, as form fields are text.
+                if let Some(Value::Number(n)) = m.get(*k) {
+                    fields.insert(k.to_string(), n.to_string());
+                } else if let Some(v) = opt_str(&m, k)? {
                     fields.insert(k.to_string(), v);
                 }
             }
@@ -1329,6 +1332,56 @@ pub async fn anomaly(State(svc): State<Service>, req: Request) -> Response {
                     "anomalous": anomalous,
                     "map_size": size,
                     "map_png": png_base64(&map)?,
+                }))
+            })
+            .map_err(decode_error)
+        })
+        .await?;
+        Ok(Json(v))
+    })
+    .await
+}
+
+/// `POST /v1/report`: a report for the image from a report generator (`--reporter DIR`),
+/// greedy or with `beams` (a JSON number or string, 1 to 8).
+pub async fn report(State(svc): State<Service>, req: Request) -> Response {
+    with_timeout(&svc, async {
+        let payload = read_payload(&svc, req).await?;
+        let (fields, image) = fields_and_image(payload, &["reporter", "beams"])?;
+        let (name, rep) = pick(
+            &svc.inner.heads.reporters,
+            fields.get("reporter"),
+            "reporter",
+        )?;
+        let name = name.clone();
+        let beams = match fields.get("beams") {
+            None => 1,
+            Some(b) => match b.trim().parse::<usize>() {
+                Ok(k) if (1..=8).contains(&k) => k,
+                _ => {
+                    return Err(ApiError::unprocessable(format!(
+                        "field \"beams\" = {b:?}: expected a whole number from 1 to 8"
+                    )))
+                }
+            },
+        };
+        let decoding = if beams > 1 {
+            medvlm_tasks::report_pipeline::Decoding::Beam(beams)
+        } else {
+            medvlm_tasks::report_pipeline::Decoding::Greedy
+        };
+        let device = svc.inner.opts.device.clone();
+        let v = blocking(move || {
+            crate::decode::with_upload(&image, |path, _| {
+                let report = rep
+                    .report_files(&[path.to_path_buf()], decoding, &device)
+                    .map_err(|e| e.to_string())?
+                    .remove(0);
+                Ok(json!({
+                    "object": "report",
+                    "reporter": name,
+                    "beams": beams,
+                    "report": report,
                 }))
             })
             .map_err(decode_error)

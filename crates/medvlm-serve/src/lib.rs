@@ -64,6 +64,8 @@ pub struct ServeConfig {
     pub segmenters: Vec<PathBuf>,
     /// Anomaly detector folders (`medvlm anomaly fit`), served by `/v1/anomaly`.
     pub detectors: Vec<PathBuf>,
+    /// Report generator folders (`medvlm report train`), served by `/v1/report`.
+    pub reporters: Vec<PathBuf>,
     /// Address to bind (port 0: any free port; the bound address is printed on stderr).
     pub addr: SocketAddr,
     /// File holding the API key (first line); `/v1/*` then needs `Authorization: Bearer`.
@@ -89,6 +91,7 @@ impl Default for ServeConfig {
             adapted: vec![],
             segmenters: vec![],
             detectors: vec![],
+            reporters: vec![],
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key_file: None,
             max_batch: 16,
@@ -209,6 +212,18 @@ impl ServeConfig {
                         reason: e.to_string(),
                     })?;
             heads.detectors.push((name, std::sync::Arc::new(det)));
+        }
+        for dir in &self.reporters {
+            let name = folder_name(dir)?;
+            let (rep, warning) = medvlm_tasks::report_pipeline::Reporter::load(dir, &self.device)
+                .map_err(|e| ServeError::Head {
+                dir: dir.clone(),
+                reason: e.to_string(),
+            })?;
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+            heads.reporters.push((name, std::sync::Arc::new(rep)));
         }
         Service::with_heads(self.model.clone(), model, artefacts, heads, opts)
             .map_err(ServeError::Runtime)

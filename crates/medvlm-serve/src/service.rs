@@ -15,6 +15,7 @@ use candle_core::Device;
 use medvlm_adapt::predictor::AdaptedModel;
 use medvlm_models::LoadedModel;
 use medvlm_tasks::anomaly_pipeline::AnomalyDetector;
+use medvlm_tasks::report_pipeline::Reporter;
 use medvlm_tasks::segmentation_pipeline::Segmenter;
 
 use crate::batcher::{BatchConfig, Batcher, Engine};
@@ -73,6 +74,8 @@ pub struct TaskHeads {
     pub segmenters: Vec<(String, Arc<Segmenter>)>,
     /// Anomaly detectors (`medvlm anomaly fit`), for `/v1/anomaly`.
     pub detectors: Vec<(String, Arc<AnomalyDetector>)>,
+    /// Report generators (`medvlm report train`), for `/v1/report`.
+    pub reporters: Vec<(String, Arc<Reporter>)>,
 }
 
 pub(crate) struct Inner {
@@ -218,6 +221,7 @@ pub fn routes() -> Vec<RouteSpec> {
         r("/v1/preview", Method::POST, post(handlers::preview)),
         r("/v1/segment", Method::POST, post(handlers::segment)),
         r("/v1/anomaly", Method::POST, post(handlers::anomaly)),
+        r("/v1/report", Method::POST, post(handlers::report)),
         r("/v1/papers", Method::GET, get(handlers::papers)),
     ]
 }

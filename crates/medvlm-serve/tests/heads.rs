@@ -1,4 +1,5 @@
-//! `/v1/segment` and `/v1/anomaly`: a segmenter and an anomaly detector made with the library
+//! `/v1/segment`, `/v1/anomaly` and `/v1/report`: a segmenter, an anomaly detector and a
+//! report generator made with the library
 //! on a tiny phantom set and the tiny CLIP fixture answer what the library answers for the
 //! same file, and the requests that cannot work get JSON errors.
 
@@ -116,6 +117,7 @@ async fn segment_and_anomaly_answer_as_the_library() {
             "skin-anomaly".into(),
             Arc::new(AnomalyDetector::load(&det_dir, None, &dev).unwrap()),
         )],
+        reporters: vec![],
     };
     let opts = ServiceOptions {
         timeout: std::time::Duration::from_secs(60),
@@ -194,4 +196,88 @@ async fn segment_and_anomaly_answer_as_the_library() {
     )
     .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_answers_as_the_library() {
+    use medvlm_tasks::report_generation::ReportGenConfig;
+    use medvlm_tasks::report_pipeline::{self, Decoding, ReportTrainOptions, Reporter};
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let dev = Device::Cpu;
+    let dir = tmp.path().join("skin-reports");
+    report_pipeline::train_and_save(
+        &ph.join("manifest.jsonl"),
+        &ReportTrainOptions {
+            model_spec: clip_fixture(),
+            config: ReportGenConfig {
+                width: 16,
+                layers: 1,
+                heads: 2,
+                prefix_len: 2,
+                epochs: 2,
+                batch: 8,
+                ..Default::default()
+            },
+            split: None,
+        },
+        &dir,
+        &dev,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let (lib, _) = Reporter::load(&dir, &dev).unwrap();
+    let heads = TaskHeads {
+        reporters: vec![(
+            "skin-reports".into(),
+            Arc::new(Reporter::load(&dir, &dev).unwrap().0),
+        )],
+        ..Default::default()
+    };
+    let router = Service::with_heads(
+        "tiny-clip",
+        load_model(),
+        vec![],
+        heads,
+        ServiceOptions::default(),
+    )
+    .unwrap()
+    .router();
+    let image = ph.join("images").join(
+        std::fs::read_dir(ph.join("images"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name(),
+    );
+    let bytes = std::fs::read(&image).unwrap();
+    for (beams, decoding) in [(json!(1), Decoding::Greedy), (json!(2), Decoding::Beam(2))] {
+        let (s, v) = call(
+            &router,
+            "/v1/report",
+            &json!({"image": b64(&bytes), "beams": beams}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let want = lib
+            .report_files(std::slice::from_ref(&image), decoding, &dev)
+            .unwrap();
+        assert_eq!(v["report"].as_str().unwrap(), want[0]);
+        assert_eq!(v["reporter"], "skin-reports");
+    }
+    let (s, v) = call(
+        &router,
+        "/v1/report",
+        &json!({"image": b64(&bytes), "beams": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (s, v) = call(
+        &router,
+        "/v1/report",
+        &json!({"image": b64(&bytes), "reporter": "x"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
 }

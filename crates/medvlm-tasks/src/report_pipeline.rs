@@ -645,6 +645,35 @@ pub fn evaluate_manifest(
     ))
 }
 
+/// A generator with the image model it reads, ready to write reports for image files (what
+/// `medvlm report generate` and the service's `/v1/report` use).
+pub struct Reporter {
+    /// The generator.
+    pub model: ReportModel,
+    /// Its image model.
+    pub image_model: LoadedModel,
+}
+
+impl Reporter {
+    /// Loads the artefact `dir` and its image model; the second value is the image-model
+    /// warning of [`ReportModel::load`].
+    pub fn load(dir: &Path, device: &Device) -> Result<(Self, Option<String>)> {
+        let (model, image_model, warning) = ReportModel::load(dir, device)?;
+        Ok((Self { model, image_model }, warning))
+    }
+
+    /// One report per image file, in input order (an unreadable file is an error naming it).
+    pub fn report_files(
+        &self,
+        images: &[PathBuf],
+        decoding: Decoding,
+        device: &Device,
+    ) -> Result<Vec<String>> {
+        let embeds = image_embeddings(&self.image_model, images, device)?;
+        self.model.generate(&embeds, decoding)
+    }
+}
+
 /// Reports for image files with the artefact `dir`, in input order.
 pub fn generate_files(
     dir: &Path,
@@ -652,9 +681,8 @@ pub fn generate_files(
     decoding: Decoding,
     device: &Device,
 ) -> Result<(Vec<String>, Option<String>)> {
-    let (model, m, warning) = ReportModel::load(dir, device)?;
-    let embeds = image_embeddings(&m, images, device)?;
-    Ok((model.generate(&embeds, decoding)?, warning))
+    let (r, warning) = Reporter::load(dir, device)?;
+    Ok((r.report_files(images, decoding, device)?, warning))
 }
 
 impl ReportEvaluation {

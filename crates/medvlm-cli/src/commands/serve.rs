@@ -26,6 +26,10 @@ pub struct Args {
     /// under its folder name (repeatable).
     #[arg(long = "detector")]
     pub detectors: Vec<PathBuf>,
+    /// A report generator folder written by `medvlm report train`, served by /v1/report under
+    /// its folder name (repeatable).
+    #[arg(long = "reporter")]
+    pub reporters: Vec<PathBuf>,
     /// Address to listen on (port 0: any free port; the address is printed on stderr).
     /// A non-loopback address without --api-key-file prints a warning.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -58,6 +62,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         adapted: args.adapted,
         segmenters: args.segmenters,
         detectors: args.detectors,
+        reporters: args.reporters,
         addr: args.addr,
         api_key_file: args.api_key_file,
         max_batch: args.max_batch,
