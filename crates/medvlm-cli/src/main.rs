@@ -132,6 +132,9 @@ enum Command {
     /// Text-guided segmentation: train a head on frozen patch tokens, predict masks,
     /// evaluate against the similarity baseline.
     Segment(commands::segment::Args),
+    /// Detection and phrase grounding: train an OWL-ViT-style box head on frozen patch
+    /// tokens, box what a prompt names, evaluate against the heatmap and centre baselines.
+    Detect(commands::detect::Args),
     /// Serve the model and adapted artefacts over HTTP (embeddings, zero-shot, predict).
     Serve(commands::serve::Args),
     /// Benchmarks (throughput, memory, few-shot sweeps).
@@ -172,6 +175,7 @@ fn main() {
         Command::Predict(a) => commands::predict::run(a),
         Command::Anomaly(a) => commands::anomaly::run(a),
         Command::Segment(a) => commands::segment::run(a),
+        Command::Detect(a) => commands::detect::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Papers(a) => commands::papers::run(a),

@@ -29,5 +29,7 @@
 
 pub mod anomaly;
 pub mod anomaly_pipeline;
+pub mod detection;
+pub mod detection_pipeline;
 pub mod segmentation;
 pub mod segmentation_pipeline;
