@@ -80,19 +80,8 @@ use crate::segmentation_pipeline::{
 #[derive(Debug, thiserror::Error)]
 pub enum DetPipelineError {
     /// A box of the manifest that cannot be a box of its image.
-    #[error("{manifest}: box `{label}` [{x0}, {y0}, {x1}, {y1}] of {image} ({rows}x{cols} px): {reason}")]
-    Box {
-        manifest: PathBuf,
-        image: PathBuf,
-        label: String,
-        x0: f32,
-        y0: f32,
-        x1: f32,
-        y1: f32,
-        rows: usize,
-        cols: usize,
-        reason: String,
-    },
+    #[error("{}: box `{}` [{}, {}, {}, {}] of {} ({}x{} px): {}", .0.manifest.display(), .0.label, .0.x0, .0.y0, .0.x1, .0.y1, .0.image.display(), .0.rows, .0.cols, .0.reason)]
+    Box(Box<BadBox>),
     /// A prompt that is not a class of the detector.
     #[error("prompt `{prompt}` is not a class of the detector (it had no boxes in the training manifest {train_manifest}); classes: {classes}; pass --free-text to ground any text (best effort)")]
     UnknownClass {
@@ -102,7 +91,7 @@ pub enum DetPipelineError {
     },
     /// Reading the task, the images or the model failed (shared with segmentation).
     #[error(transparent)]
-    Seg(#[from] SegPipelineError),
+    Seg(Box<SegPipelineError>),
     /// The model failed.
     #[error(transparent)]
     Model(#[from] medvlm_models::ModelError),
@@ -123,8 +112,40 @@ pub enum DetPipelineError {
     Invalid(String),
 }
 
+/// A manifest box that cannot be a box of its image (rows and cols are 0 when the image has
+/// not been read yet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadBox {
+    /// The manifest.
+    pub manifest: PathBuf,
+    /// The image the box belongs to.
+    pub image: PathBuf,
+    /// The box's label.
+    pub label: String,
+    /// Left edge.
+    pub x0: f32,
+    /// Top edge.
+    pub y0: f32,
+    /// Right edge (exclusive).
+    pub x1: f32,
+    /// Bottom edge (exclusive).
+    pub y1: f32,
+    /// The image's rows.
+    pub rows: usize,
+    /// The image's columns.
+    pub cols: usize,
+    /// What is wrong.
+    pub reason: String,
+}
+
 /// Result of this module.
 pub type Result<T> = std::result::Result<T, DetPipelineError>;
+
+impl From<SegPipelineError> for DetPipelineError {
+    fn from(e: SegPipelineError) -> Self {
+        Self::Seg(Box::new(e))
+    }
+}
 
 fn file_err(path: &Path, reason: impl ToString) -> DetPipelineError {
     DetPipelineError::File {
@@ -166,7 +187,7 @@ fn box_err(
     (rows, cols): (usize, usize),
     reason: &str,
 ) -> DetPipelineError {
-    DetPipelineError::Box {
+    DetPipelineError::Box(Box::new(BadBox {
         manifest: task.manifest.clone(),
         image: image.to_path_buf(),
         label: b.label.clone(),
@@ -177,7 +198,7 @@ fn box_err(
         rows,
         cols,
         reason: reason.into(),
-    }
+    }))
 }
 
 /// The classes of a task: every (modality, label) with a box, sorted by name.
@@ -1264,7 +1285,7 @@ impl Detector {
     ) -> Result<PredictedBoxes> {
         std::fs::create_dir_all(out).map_err(|e| file_err(out, e))?;
         let img = medvlm_io::load_any(input).map_err(|e| {
-            DetPipelineError::Seg(SegPipelineError::Image {
+            DetPipelineError::from(SegPipelineError::Image {
                 path: input.to_path_buf(),
                 reason: medvlm_io::guard::error_chain(&e),
             })
@@ -1335,7 +1356,7 @@ pub fn predict_files(
     let (text, class) = det.prompt_embedding(prompt, free_text, device)?;
     for p in inputs {
         if !p.is_file() {
-            return Err(DetPipelineError::Seg(SegPipelineError::Image {
+            return Err(DetPipelineError::from(SegPipelineError::Image {
                 path: p.clone(),
                 reason: "no such file".into(),
             }));
