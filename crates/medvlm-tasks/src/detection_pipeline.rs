@@ -45,7 +45,7 @@
 //!
 //! # Defaults
 //!
-//! Head: [`DetHeadConfig::new`] (width 64, 600 AdamW steps of batch 32, lr 1e-3, weight
+//! Head: [`DetHeadConfig::new`] (width 64, 1500 AdamW steps of batch 64, lr 1e-2, weight
 //! decay 1e-4; loss weights focal 2, L1 5, GIoU 2, alpha 0.25, gamma 2; NMS IoU 0.5, 100
 //! detections per pair).
 
@@ -324,13 +324,13 @@ pub fn patch_grid(n: usize) -> Result<(usize, usize)> {
 pub struct TrainOptions {
     /// Model spec (directory, `hf:ORG/NAME` or preset), recorded in the card.
     pub model_spec: String,
-    /// Optimiser steps; `None`: the default of [`DetHeadConfig::new`] (600).
+    /// Optimiser steps; `None`: the default of [`DetHeadConfig::new`] (1500).
     pub steps: Option<usize>,
-    /// Batch; `None`: the default (32).
+    /// Batch; `None`: the default (64).
     pub batch: Option<usize>,
     /// Box MLP width; `None`: the default (64).
     pub width: Option<usize>,
-    /// Learning rate; `None`: the default (1e-3).
+    /// Learning rate; `None`: the default (1e-2).
     pub lr: Option<f64>,
     /// Seed of the head and of the absent pairs drawn.
     pub seed: u64,

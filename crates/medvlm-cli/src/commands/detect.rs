@@ -55,16 +55,16 @@ pub struct TrainArgs {
     /// Output folder of the detector.
     #[arg(long)]
     pub out: PathBuf,
-    /// Optimiser steps (default 600).
+    /// Optimiser steps (default 1500).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Samples per step (default 32).
+    /// Samples per step (default 64).
     #[arg(long, value_parser = crate::commands::at_least_one)]
     pub batch: Option<usize>,
     /// Box MLP width (default 64).
     #[arg(long, value_parser = crate::commands::at_least_one)]
     pub width: Option<usize>,
-    /// AdamW learning rate (default 1e-3).
+    /// AdamW learning rate (default 1e-2).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Seed of the head's initialisation, sample order and absent pairs.
