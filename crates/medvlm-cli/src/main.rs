@@ -135,6 +135,9 @@ enum Command {
     /// Report generation: train a prefix-mapping decoder on image-report pairs, write reports,
     /// evaluate against the nearest-neighbour-report baseline.
     Report(commands::report::Args),
+    /// Detection and phrase grounding: train an OWL-ViT-style box head on frozen patch
+    /// tokens, box what a prompt names, evaluate against the heatmap and centre baselines.
+    Detect(commands::detect::Args),
     /// Serve the model and adapted artefacts over HTTP (embeddings, zero-shot, predict).
     Serve(commands::serve::Args),
     /// Benchmarks (throughput, memory, few-shot sweeps).
@@ -176,6 +179,7 @@ fn main() {
         Command::Anomaly(a) => commands::anomaly::run(a),
         Command::Segment(a) => commands::segment::run(a),
         Command::Report(a) => commands::report::run(a),
+        Command::Detect(a) => commands::detect::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Papers(a) => commands::papers::run(a),

@@ -747,6 +747,7 @@ impl AnomalyDetector {
                 .iter()
                 .map(|f| SegItem {
                     labels: Vec::new(),
+                    boxes: Vec::new(),
                     image: f.clone(),
                     modality: modality.clone(),
                     findings: Vec::new(),

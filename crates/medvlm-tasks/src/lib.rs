@@ -3,9 +3,16 @@
 //! ([`segmentation`]: a CLIPSeg-style FiLM decoder on frozen patch tokens, and the
 //! training-free patch-text similarity baseline; [`segmentation_pipeline`]: the task read
 //! from a manifest of images and masks, training, evaluation per finding and modality, the
-//! saved segmenter and prediction on image files and NIfTI volumes), and few-shot anomaly
+//! saved segmenter and prediction on image files and NIfTI volumes), few-shot anomaly
 //! detection and localisation ([`anomaly`]: a memory of normal patch features,
-//! nearest-neighbour maps, a threshold chosen on normal images).
+//! nearest-neighbour maps, a threshold chosen on normal images), and detection and phrase
+//! grounding ([`detection`]: an OWL-ViT-style box head on frozen patch tokens with Hungarian
+//! matching and focal + L1 + GIoU losses, and the heatmap and centre-box baselines;
+//! [`detection_pipeline`]: the task read from a manifest with boxes, training, evaluation
+//! with COCO mAP and grounding Acc@0.5, the saved detector and prediction on image files),
+//! and report generation ([`report_generation`]: a ClipCap prefix mapping into a GPT-2-layout
+//! decoder; [`report_pipeline`]: training on image-report pairs, evaluation with language and
+//! clinical-efficacy metrics beside the nearest-neighbour-report baseline, the saved generator).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -29,6 +36,8 @@
 
 pub mod anomaly;
 pub mod anomaly_pipeline;
+pub mod detection;
+pub mod detection_pipeline;
 pub mod report_generation;
 pub mod report_pipeline;
 pub mod segmentation;

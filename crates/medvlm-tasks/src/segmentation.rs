@@ -8,7 +8,7 @@
 //! than the patch grid. Loss: binary cross-entropy + soft Dice
 //! ([`medvlm_train::losses::bce_with_logits`], [`medvlm_train::losses::soft_dice_loss`]).
 //!
-//! Defaults ([`SegHeadConfig::default`]): width 64, AdamW lr 1e-3, weight decay 1e-4, 300
+//! Defaults ([`SegHeadConfig::new`]): width 64, AdamW lr 1e-3, weight decay 1e-4, 300
 //! steps of batch 16, threshold 0.5 on the sigmoid. Only the head trains; the image and text
 //! towers stay frozen, so their features are computed once ([`SegSample`]).
 

@@ -148,6 +148,9 @@ pub struct SegItem {
     /// Its labels as the manifest gives them (the `labels` list, else `label`; may name
     /// findings without a mask, or `normal`).
     pub labels: Vec<String>,
+    /// Its `boxes` `[{label, x0, y0, x1, y1}]` in the image's pixels, as the manifest gives
+    /// them (checked against the image's size by the detection pipeline).
+    pub boxes: Vec<medvlm_io::BoundingBox>,
 }
 
 /// A segmentation task: the images of one manifest (optionally one split) with their masks.
@@ -202,6 +205,7 @@ impl SegTask {
             };
             items.push(SegItem {
                 labels,
+                boxes: rec.boxes.clone(),
                 image,
                 modality: rec
                     .extra
@@ -296,7 +300,7 @@ pub fn read_plane(path: &Path) -> Result<Plane> {
     plane_of(path, &img, &PlaneSelect::default())
 }
 
-fn plane_of(path: &Path, img: &medvlm_io::MedImage, sel: &PlaneSelect) -> Result<Plane> {
+pub(crate) fn plane_of(path: &Path, img: &medvlm_io::MedImage, sel: &PlaneSelect) -> Result<Plane> {
     let bad = |e: medvlm_io::IoError| SegPipelineError::Image {
         path: path.to_path_buf(),
         reason: medvlm_io::guard::error_chain(&e),
@@ -333,7 +337,7 @@ pub fn resize_mask(
 
 /// The model's preprocessing with a plain resize to its input size and no crop, so a
 /// prediction maps back onto the whole image.
-fn seg_preprocess(m: &LoadedModel, size: usize) -> PreprocessConfig {
+pub(crate) fn seg_preprocess(m: &LoadedModel, size: usize) -> PreprocessConfig {
     PreprocessConfig {
         resize: Some(Resize::Exact {
             height: size,
@@ -345,12 +349,17 @@ fn seg_preprocess(m: &LoadedModel, size: usize) -> PreprocessConfig {
 }
 
 /// A plane turned into the model's input `3 x S x S` and the head's grey input `S x S`.
-struct Prepared {
-    pixels: Vec<f32>,
-    grey: Vec<f32>,
+pub(crate) struct Prepared {
+    pub(crate) pixels: Vec<f32>,
+    pub(crate) grey: Vec<f32>,
 }
 
-fn prepare(pre: &PreprocessConfig, plane: &Plane, size: usize, path: &Path) -> Result<Prepared> {
+pub(crate) fn prepare(
+    pre: &PreprocessConfig,
+    plane: &Plane,
+    size: usize,
+    path: &Path,
+) -> Result<Prepared> {
     let pixels = pre
         .apply_array(&plane.data, plane.rows, plane.cols, plane.channels)
         .map_err(|e| SegPipelineError::Image {
@@ -412,6 +421,8 @@ pub struct LoadedImage {
     pub projected: Option<Tensor>,
     /// Masks at `S x S` (0/1) by finding label (several masks of one label are joined).
     pub masks: BTreeMap<String, Vec<u8>>,
+    /// The file's own size `(rows, cols)` before the resize to `S`.
+    pub shape: (usize, usize),
 }
 
 /// Reads every image and mask of `task` (a mask of the wrong size or an unreadable file
@@ -437,11 +448,11 @@ pub fn load_images(m: &LoadedModel, task: &SegTask, device: &Device) -> Result<V
             }
             let p = prepare(&pre, &plane, size, &it.image)?;
             pixels.push(p.pixels);
-            partial.push((it, p.grey, masks));
+            partial.push((it, p.grey, masks, shape));
         }
         let px = pre.batch(&pixels, device)?;
         let (patches, projected) = encode_patches(m, &px)?;
-        for (i, (it, grey, masks)) in partial.into_iter().enumerate() {
+        for (i, (it, grey, masks, shape)) in partial.into_iter().enumerate() {
             out.push(LoadedImage {
                 path: it.image.clone(),
                 modality: it.modality.clone(),
@@ -449,6 +460,7 @@ pub fn load_images(m: &LoadedModel, task: &SegTask, device: &Device) -> Result<V
                 patches: patches.get(i)?,
                 projected: projected.as_ref().map(|p| p.get(i)).transpose()?,
                 masks,
+                shape,
             });
         }
     }
@@ -457,7 +469,7 @@ pub fn load_images(m: &LoadedModel, task: &SegTask, device: &Device) -> Result<V
 
 /// Patch tokens `[B, N, D]` and, when the tower has them, projected patch tokens `[B, N, E]`,
 /// as f32 on the CPU.
-fn encode_patches(m: &LoadedModel, px: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+pub(crate) fn encode_patches(m: &LoadedModel, px: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
     let out = m.model.encode_image(px)?;
     let cpu = |t: Tensor| -> candle_core::Result<Tensor> {
         t.to_dtype(DType::F32)?.to_device(&Device::Cpu)
@@ -840,46 +852,120 @@ fn choose_baseline_thresholds(
 // Artefact
 // ---------------------------------------------------------------------------------------
 
+/// Writes a head artefact folder: `dir/head_file` (safetensors: the head's parameters and
+/// the classes' text embeddings under `class_text`) and then `dir/card_file` (the JSON card),
+/// each atomically (temporary file + rename), the card last so that a folder with a card is
+/// complete. Shared by the segmenter and the detector.
+pub(crate) fn save_head_artefact<C: Serialize>(
+    dir: &Path,
+    head_file: &str,
+    card_file: &str,
+    varmap: &VarMap,
+    class_text: &Tensor,
+    card: &C,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+    let mut tensors: HashMap<String, Tensor> = {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| SegPipelineError::Invalid("poisoned varmap".into()))?;
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    };
+    tensors.insert(CLASS_TEXT_KEY.into(), class_text.clone());
+    let head_path = dir.join(head_file);
+    medvlm_io::atomic::write_atomic_via(&head_path, |tmp| {
+        candle_core::safetensors::save(&tensors, tmp).map_err(std::io::Error::other)
+    })
+    .map_err(|e| file_err(&head_path, medvlm_io::guard::error_chain(&e)))?;
+    let card_path = dir.join(card_file);
+    let json = serde_json::to_vec_pretty(card).map_err(|e| file_err(&card_path, e))?;
+    medvlm_io::atomic::write_atomic(&card_path, &json)
+        .map_err(|e| file_err(&card_path, medvlm_io::guard::error_chain(&e)))
+}
+
+/// Reads a head artefact's tensors (see [`save_head_artefact`]) into `varmap`, whose
+/// variables the freshly built head has declared (each must be in the file), and returns
+/// the classes' text embeddings `[n_classes, E]` on the CPU.
+pub(crate) fn load_head_artefact(
+    dir: &Path,
+    head_file: &str,
+    varmap: &VarMap,
+    n_classes: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let head_path = dir.join(head_file);
+    let mut tensors =
+        candle_core::safetensors::load(&head_path, device).map_err(|e| file_err(&head_path, e))?;
+    let class_text = tensors
+        .remove(CLASS_TEXT_KEY)
+        .ok_or_else(|| file_err(&head_path, "no class_text tensor"))?
+        .to_device(&Device::Cpu)?;
+    if class_text.dim(0)? != n_classes {
+        return Err(file_err(
+            &head_path,
+            format!(
+                "{} class embeddings for {n_classes} classes in the card",
+                class_text.dim(0)?
+            ),
+        ));
+    }
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| SegPipelineError::Invalid("poisoned varmap".into()))?;
+    for (name, var) in data.iter() {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| file_err(&head_path, format!("no tensor `{name}`")))?;
+        var.set(t)
+            .map_err(|e| file_err(&head_path, format!("tensor `{name}`: {e}")))?;
+    }
+    Ok(class_text)
+}
+
+/// Reads a JSON card `dir/card_file` whose `format` field must be `format`.
+pub(crate) fn read_json_card<C: serde::de::DeserializeOwned>(
+    dir: &Path,
+    card_file: &str,
+    format: &str,
+    what: &str,
+    format_of: impl Fn(&C) -> &str,
+) -> Result<C> {
+    let card_path = dir.join(card_file);
+    let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
+    let card: C = serde_json::from_str(&text)
+        .map_err(|e| file_err(&card_path, format!("not a {what} card: {e}")))?;
+    if format_of(&card) != format {
+        return Err(file_err(
+            &card_path,
+            format!("format `{}`, expected `{format}`", format_of(&card)),
+        ));
+    }
+    Ok(card)
+}
+
 impl Segmenter {
     /// Writes `dir/head.safetensors` (the head's parameters and the classes' text embeddings)
     /// and then `dir/segmenter.json` (the card), each atomically (temporary file + rename).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
-        let mut tensors: HashMap<String, Tensor> = {
-            let data = self
-                .varmap
-                .data()
-                .lock()
-                .map_err(|_| SegPipelineError::Invalid("poisoned varmap".into()))?;
-            data.iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-                .collect()
-        };
-        tensors.insert(CLASS_TEXT_KEY.into(), self.class_text.clone());
-        let head_path = dir.join(HEAD_FILE);
-        medvlm_io::atomic::write_atomic_via(&head_path, |tmp| {
-            candle_core::safetensors::save(&tensors, tmp).map_err(std::io::Error::other)
-        })
-        .map_err(|e| file_err(&head_path, medvlm_io::guard::error_chain(&e)))?;
-        let card_path = dir.join(CARD_FILE);
-        let json = serde_json::to_vec_pretty(&self.card).map_err(|e| file_err(&card_path, e))?;
-        medvlm_io::atomic::write_atomic(&card_path, &json)
-            .map_err(|e| file_err(&card_path, medvlm_io::guard::error_chain(&e)))
+        save_head_artefact(
+            dir,
+            HEAD_FILE,
+            CARD_FILE,
+            &self.varmap,
+            &self.class_text,
+            &self.card,
+        )
     }
 
     /// Reads a segmenter folder's card.
     pub fn read_card(dir: &Path) -> Result<SegCard> {
-        let card_path = dir.join(CARD_FILE);
-        let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
-        let card: SegCard = serde_json::from_str(&text)
-            .map_err(|e| file_err(&card_path, format!("not a segmenter card: {e}")))?;
-        if card.format != CARD_FORMAT {
-            return Err(file_err(
-                &card_path,
-                format!("format `{}`, expected `{CARD_FORMAT}`", card.format),
-            ));
-        }
-        Ok(card)
+        read_json_card(dir, CARD_FILE, CARD_FORMAT, "segmenter", |c: &SegCard| {
+            c.format.as_str()
+        })
     }
 
     /// Loads a segmenter folder with its model: `model` when given (a spec), else the card's
@@ -907,41 +993,12 @@ impl Segmenter {
         spec: &str,
         device: &Device,
     ) -> Result<(Self, Option<String>)> {
-        let head_path = dir.join(HEAD_FILE);
-        let mut tensors = candle_core::safetensors::load(&head_path, device)
-            .map_err(|e| file_err(&head_path, e))?;
-        let class_text = tensors
-            .remove(CLASS_TEXT_KEY)
-            .ok_or_else(|| file_err(&head_path, "no class_text tensor"))?
-            .to_device(&Device::Cpu)?;
-        if class_text.dim(0)? != card.classes.len() {
-            return Err(file_err(
-                &head_path,
-                format!(
-                    "{} class embeddings for {} classes in the card",
-                    class_text.dim(0)?,
-                    card.classes.len()
-                ),
-            ));
-        }
         let varmap = VarMap::new();
         let head = TextSegHead::new(
             VarBuilder::from_varmap(&varmap, DType::F32, device),
             &card.head,
         )?;
-        {
-            let data = varmap
-                .data()
-                .lock()
-                .map_err(|_| SegPipelineError::Invalid("poisoned varmap".into()))?;
-            for (name, var) in data.iter() {
-                let t = tensors
-                    .get(name)
-                    .ok_or_else(|| file_err(&head_path, format!("no tensor `{name}`")))?;
-                var.set(t)
-                    .map_err(|e| file_err(&head_path, format!("tensor `{name}`: {e}")))?;
-            }
-        }
+        let class_text = load_head_artefact(dir, HEAD_FILE, &varmap, card.classes.len(), device)?;
         let fp = model_fingerprint(spec, &m);
         let warning = (fp != card.model_fingerprint).then(|| {
             format!(
@@ -1407,7 +1464,7 @@ pub struct PredictedFile {
     pub slices: usize,
 }
 
-fn stem_of(path: &Path) -> String {
+pub(crate) fn stem_of(path: &Path) -> String {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -1449,7 +1506,7 @@ pub fn overlay(plane: &Plane, mask: &[u8]) -> Plane {
     }
 }
 
-fn write_png(path: &Path, plane: &Plane) -> Result<()> {
+pub(crate) fn write_png(path: &Path, plane: &Plane) -> Result<()> {
     medvlm_io::raster::write_png(path, plane)
         .map_err(|e| file_err(path, medvlm_io::guard::error_chain(&e)))
 }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod common;
 pub mod convert;
 pub mod data;
+pub mod detect;
 pub mod embed;
 pub mod finetune;
 pub mod index;
