@@ -1238,6 +1238,36 @@ pub struct PredictedBoxes {
     pub json: PathBuf,
 }
 
+/// The boxes [`Detector::boxes_in_plane`] finds, in the plane's pixels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlaneBoxes {
+    /// The grounded box: the best-scoring token's.
+    pub grounding: ScoredBox,
+    /// Detections with a score of at least the minimum, after suppression.
+    pub detections: Vec<ScoredBox>,
+}
+
+/// The plane with the grounded box in red and the other detections in yellow, enlarged so
+/// the longer side is about 256 pixels (at most 8x).
+pub fn boxes_overlay(plane: &Plane, found: &PlaneBoxes) -> Plane {
+    let frac = |b: &Bbox| {
+        [
+            b[0] / plane.cols as f64,
+            b[1] / plane.rows as f64,
+            b[2] / plane.cols as f64,
+            b[3] / plane.rows as f64,
+        ]
+    };
+    let mut drawn: Vec<(Bbox, [f32; 3])> = found
+        .detections
+        .iter()
+        .map(|d| (frac(&d.bbox), YELLOW))
+        .collect();
+    drawn.push((frac(&found.grounding.bbox), RED));
+    let scale = (256 / plane.rows.max(plane.cols).max(1)).clamp(1, 8);
+    draw_boxes(plane, &drawn, scale)
+}
+
 impl Detector {
     /// Every token's box (fractions of the image) and score for `planes` and one text
     /// embedding.
@@ -1271,6 +1301,44 @@ impl Detector {
         Ok(out)
     }
 
+    /// The grounded box and the detections scoring at least `min_score` (after suppression)
+    /// of what `text` names in `plane`, in the plane's pixels.
+    pub fn boxes_in_plane(
+        &self,
+        plane: &Plane,
+        text: &Tensor,
+        min_score: f64,
+        device: &Device,
+    ) -> Result<PlaneBoxes> {
+        let toks = self
+            .token_boxes(std::slice::from_ref(plane), text, device)?
+            .remove(0);
+        let (g, gs) = ground(&toks)
+            .ok_or_else(|| DetPipelineError::Invalid("the model gave no tokens".into()))?;
+        let px = |b: &Bbox| {
+            [
+                b[0] * plane.cols as f64,
+                b[1] * plane.rows as f64,
+                b[2] * plane.cols as f64,
+                b[3] * plane.rows as f64,
+            ]
+        };
+        Ok(PlaneBoxes {
+            grounding: ScoredBox {
+                bbox: px(&g),
+                score: gs,
+            },
+            detections: detect(&toks, self.card.head.nms_iou, self.card.head.max_detections)
+                .into_iter()
+                .filter(|d| d.1 >= min_score)
+                .map(|d| ScoredBox {
+                    bbox: px(&d.0),
+                    score: d.1,
+                })
+                .collect(),
+        })
+    }
+
     /// Boxes what `text` names in one 2-D image file (PNG/JPEG/TIFF, or the default plane of
     /// a DICOM/NIfTI/npy file) and writes `<stem>_boxes.png` (the image with the grounded box
     /// in red and the other detections scoring at least `min_score` in yellow) and
@@ -1291,44 +1359,15 @@ impl Detector {
             })
         })?;
         let plane = plane_of(input, &img, &PlaneSelect::default())?;
-        let toks = self
-            .token_boxes(std::slice::from_ref(&plane), text, device)?
-            .remove(0);
-        let (g, gs) = ground(&toks)
-            .ok_or_else(|| DetPipelineError::Invalid("the model gave no tokens".into()))?;
-        let dets: Vec<(Bbox, f64)> =
-            detect(&toks, self.card.head.nms_iou, self.card.head.max_detections)
-                .into_iter()
-                .filter(|d| d.1 >= min_score)
-                .collect();
-        let px = |b: &Bbox| {
-            [
-                b[0] * plane.cols as f64,
-                b[1] * plane.rows as f64,
-                b[2] * plane.cols as f64,
-                b[3] * plane.rows as f64,
-            ]
-        };
+        let found = self.boxes_in_plane(&plane, text, min_score, device)?;
         let stem = stem_of(input);
         let overlay_png = out.join(format!("{stem}_boxes.png"));
         let json = out.join(format!("{stem}_boxes.json"));
-        let mut drawn: Vec<(Bbox, [f32; 3])> = dets.iter().map(|d| (d.0, YELLOW)).collect();
-        drawn.push((g, RED));
-        let scale = (256 / plane.rows.max(plane.cols)).clamp(1, 8);
-        write_png(&overlay_png, &draw_boxes(&plane, &drawn, scale))?;
+        write_png(&overlay_png, &boxes_overlay(&plane, &found))?;
         let rec = PredictedBoxes {
             input: input.to_path_buf(),
-            grounding: ScoredBox {
-                bbox: px(&g),
-                score: gs,
-            },
-            detections: dets
-                .iter()
-                .map(|d| ScoredBox {
-                    bbox: px(&d.0),
-                    score: d.1,
-                })
-                .collect(),
+            grounding: found.grounding,
+            detections: found.detections,
             overlay_png,
             json: json.clone(),
         };
