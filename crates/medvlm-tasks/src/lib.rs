@@ -31,3 +31,5 @@ pub mod anomaly;
 pub mod anomaly_pipeline;
 pub mod segmentation;
 pub mod segmentation_pipeline;
+pub mod super_resolution;
+pub mod super_resolution_pipeline;
