@@ -3,9 +3,12 @@
 //! ([`segmentation`]: a CLIPSeg-style FiLM decoder on frozen patch tokens, and the
 //! training-free patch-text similarity baseline; [`segmentation_pipeline`]: the task read
 //! from a manifest of images and masks, training, evaluation per finding and modality, the
-//! saved segmenter and prediction on image files and NIfTI volumes), and few-shot anomaly
+//! saved segmenter and prediction on image files and NIfTI volumes), few-shot anomaly
 //! detection and localisation ([`anomaly`]: a memory of normal patch features,
-//! nearest-neighbour maps, a threshold chosen on normal images).
+//! nearest-neighbour maps, a threshold chosen on normal images), and super-resolution of
+//! grey images ([`super_resolution`]: an EDSR-style residual network over bicubic
+//! upsampling, x2 and x4; [`super_resolution_pipeline`]: pairs from a manifest by bicubic
+//! downsampling, PSNR/SSIM against bicubic, the saved upscaler and its use on files).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};

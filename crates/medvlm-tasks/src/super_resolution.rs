@@ -125,7 +125,8 @@ impl SrConfig {
         if self.features == 0 {
             return bad("features must be at least 1".into());
         }
-        if self.patch == 0 || self.patch % self.scale != 0 || self.patch / self.scale < 2 {
+        if self.patch == 0 || !self.patch.is_multiple_of(self.scale) || self.patch / self.scale < 2
+        {
             return bad(format!(
                 "patch {} must be a multiple of the scale {} of at least {}",
                 self.patch,
@@ -426,7 +427,7 @@ pub fn check_hr_size(rows: usize, cols: usize, scale: usize) -> Result<()> {
             "scale {scale} is not supported (x2 or x4 only)"
         )));
     }
-    if rows % scale != 0 || cols % scale != 0 {
+    if !rows.is_multiple_of(scale) || !cols.is_multiple_of(scale) {
         return Err(SrError::Invalid(format!(
             "the scale {scale} does not divide the image size {rows}x{cols}"
         )));
