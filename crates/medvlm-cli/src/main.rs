@@ -138,6 +138,9 @@ enum Command {
     /// Detection and phrase grounding: train an OWL-ViT-style box head on frozen patch
     /// tokens, box what a prompt names, evaluate against the heatmap and centre baselines.
     Detect(commands::detect::Args),
+    /// Super-resolution of grey images (x2, x4): train an EDSR-style network over bicubic
+    /// upsampling, evaluate PSNR/SSIM, upscale files.
+    Upscale(commands::upscale::Args),
     /// Serve the model and adapted artefacts over HTTP (embeddings, zero-shot, predict).
     Serve(commands::serve::Args),
     /// Benchmarks (throughput, memory, few-shot sweeps).
@@ -180,6 +183,7 @@ fn main() {
         Command::Segment(a) => commands::segment::run(a),
         Command::Report(a) => commands::report::run(a),
         Command::Detect(a) => commands::detect::run(a),
+        Command::Upscale(a) => commands::upscale::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Papers(a) => commands::papers::run(a),

@@ -1,18 +1,21 @@
 //! medvlm-tasks: task heads on the encoders of `medvlm-models`, trained with the engine of
-//! `medvlm-train`, one module per task. Now: text-guided segmentation
-//! ([`segmentation`]: a CLIPSeg-style FiLM decoder on frozen patch tokens, and the
-//! training-free patch-text similarity baseline; [`segmentation_pipeline`]: the task read
-//! from a manifest of images and masks, training, evaluation per finding and modality, the
-//! saved segmenter and prediction on image files and NIfTI volumes), few-shot anomaly
-//! detection and localisation ([`anomaly`]: a memory of normal patch features,
-//! nearest-neighbour maps, a threshold chosen on normal images), and detection and phrase
-//! grounding ([`detection`]: an OWL-ViT-style box head on frozen patch tokens with Hungarian
-//! matching and focal + L1 + GIoU losses, and the heatmap and centre-box baselines;
-//! [`detection_pipeline`]: the task read from a manifest with boxes, training, evaluation
-//! with COCO mAP and grounding Acc@0.5, the saved detector and prediction on image files),
-//! and report generation ([`report_generation`]: a ClipCap prefix mapping into a GPT-2-layout
-//! decoder; [`report_pipeline`]: training on image-report pairs, evaluation with language and
-//! clinical-efficacy metrics beside the nearest-neighbour-report baseline, the saved generator).
+//! `medvlm-train`, one module per task (and a `_pipeline` module that reads the task from a
+//! manifest, trains, evaluates beside its baselines, saves the artefact and predicts on files):
+//!
+//! - text-guided segmentation ([`segmentation`], [`segmentation_pipeline`]): a CLIPSeg-style
+//!   FiLM decoder on frozen patch tokens and the training-free patch-text similarity baseline;
+//!   masks for image files and NIfTI volumes;
+//! - few-shot anomaly detection and localisation ([`anomaly`], [`anomaly_pipeline`]): a memory
+//!   of normal patch features, nearest-neighbour maps, a threshold chosen on normal images;
+//! - detection and phrase grounding ([`detection`], [`detection_pipeline`]): an OWL-ViT-style
+//!   box head with Hungarian matching and focal + L1 + GIoU losses, against the heatmap and
+//!   centre-box baselines, scored with COCO mAP and grounding Acc@0.5;
+//! - report generation ([`report_generation`], [`report_pipeline`]): a ClipCap prefix mapping
+//!   into a GPT-2-layout decoder, scored with language and clinical-efficacy metrics against
+//!   the nearest-neighbour-report baseline;
+//! - super-resolution of grey images ([`super_resolution`], [`super_resolution_pipeline`]): an
+//!   EDSR-style residual network over bicubic upsampling, x2 and x4, scored with PSNR/SSIM
+//!   against bicubic.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -42,3 +45,5 @@ pub mod report_generation;
 pub mod report_pipeline;
 pub mod segmentation;
 pub mod segmentation_pipeline;
+pub mod super_resolution;
+pub mod super_resolution_pipeline;

@@ -21,6 +21,7 @@ pub mod report;
 pub mod search;
 pub mod segment;
 pub mod serve;
+pub mod upscale;
 pub mod zero_shot;
 
 /// clap parser of counts that must be at least 1 (`--batch 0` would embed nothing, or loop).
