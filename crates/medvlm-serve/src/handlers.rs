@@ -1130,9 +1130,12 @@ fn fields_and_image(
             keys.push("image");
             reject_unknown(&m, &keys)?;
             for k in allowed {
-                // Numeric settings (`beams`) may come as JSON numbers, as form fields are text.
+                // Numeric and boolean settings (`beams`, `free_text`) may come as JSON numbers
+                // and booleans, as form fields are text.
                 if let Some(Value::Number(n)) = m.get(*k) {
                     fields.insert(k.to_string(), n.to_string());
+                } else if let Some(Value::Bool(x)) = m.get(*k) {
+                    fields.insert(k.to_string(), x.to_string());
                 } else if let Some(v) = opt_str(&m, k)? {
                     fields.insert(k.to_string(), v);
                 }
@@ -1382,6 +1385,79 @@ pub async fn report(State(svc): State<Service>, req: Request) -> Response {
                     "reporter": name,
                     "beams": beams,
                     "report": report,
+                }))
+            })
+            .map_err(decode_error)
+        })
+        .await?;
+        Ok(Json(v))
+    })
+    .await
+}
+
+/// `POST /v1/detect`: the grounded box and the detections of what `prompt` names in the image,
+/// from a box detector (`--box-detector DIR`), in the image's pixels, with an overlay PNG.
+pub async fn detect(State(svc): State<Service>, req: Request) -> Response {
+    with_timeout(&svc, async {
+        let payload = read_payload(&svc, req).await?;
+        let (fields, image) = fields_and_image(
+            payload,
+            &["box_detector", "prompt", "min_score", "free_text"],
+        )?;
+        let prompt = fields
+            .get("prompt")
+            .cloned()
+            .ok_or_else(|| ApiError::unprocessable("field \"prompt\" is required"))?;
+        let min_score = match fields.get("min_score") {
+            None => 0.3,
+            Some(v) => match v.trim().parse::<f64>() {
+                Ok(x) if (0.0..=1.0).contains(&x) => x,
+                _ => {
+                    return Err(ApiError::unprocessable(format!(
+                        "field \"min_score\" = {v:?}: expected a number from 0 to 1"
+                    )))
+                }
+            },
+        };
+        let free_text = match fields.get("free_text").map(|v| v.trim()) {
+            None | Some("false") | Some("0") => false,
+            Some("true") | Some("1") => true,
+            Some(v) => {
+                return Err(ApiError::unprocessable(format!(
+                    "field \"free_text\" = {v:?}: expected true or false"
+                )))
+            }
+        };
+        let (name, det) = pick(
+            &svc.inner.heads.box_detectors,
+            fields.get("box_detector"),
+            "box_detector",
+        )?;
+        let name = name.clone();
+        let device = svc.inner.opts.device.clone();
+        // An unknown class is the request's fault (422), not a decoding failure.
+        let (text, class) = det
+            .prompt_embedding(&prompt, free_text, &device)
+            .map_err(|e| ApiError::unprocessable(e.to_string()))?;
+        let v = blocking(move || {
+            crate::decode::with_upload(&image, |path, _| {
+                let plane = medvlm_tasks::segmentation_pipeline::read_plane(path)
+                    .map_err(|e| e.to_string())?;
+                let found = det
+                    .boxes_in_plane(&plane, &text, min_score, &device)
+                    .map_err(|e| e.to_string())?;
+                let overlay = medvlm_tasks::detection_pipeline::boxes_overlay(&plane, &found);
+                Ok(json!({
+                    "object": "detection",
+                    "box_detector": name,
+                    "prompt": prompt,
+                    "class": class,
+                    "width": plane.cols,
+                    "height": plane.rows,
+                    "grounding": found.grounding,
+                    "detections": found.detections,
+                    "min_score": min_score,
+                    "overlay_png": png_base64(&overlay)?,
                 }))
             })
             .map_err(decode_error)

@@ -66,6 +66,8 @@ pub struct ServeConfig {
     pub detectors: Vec<PathBuf>,
     /// Report generator folders (`medvlm report train`), served by `/v1/report`.
     pub reporters: Vec<PathBuf>,
+    /// Box detector folders (`medvlm detect train`), served by `/v1/detect`.
+    pub box_detectors: Vec<PathBuf>,
     /// Address to bind (port 0: any free port; the bound address is printed on stderr).
     pub addr: SocketAddr,
     /// File holding the API key (first line); `/v1/*` then needs `Authorization: Bearer`.
@@ -92,6 +94,7 @@ impl Default for ServeConfig {
             segmenters: vec![],
             detectors: vec![],
             reporters: vec![],
+            box_detectors: vec![],
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key_file: None,
             max_batch: 16,
@@ -224,6 +227,20 @@ impl ServeConfig {
                 eprintln!("warning: {w}");
             }
             heads.reporters.push((name, std::sync::Arc::new(rep)));
+        }
+        for dir in &self.box_detectors {
+            let name = folder_name(dir)?;
+            let (det, warning) =
+                medvlm_tasks::detection_pipeline::Detector::load(dir, None, &self.device).map_err(
+                    |e| ServeError::Head {
+                        dir: dir.clone(),
+                        reason: e.to_string(),
+                    },
+                )?;
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+            heads.box_detectors.push((name, std::sync::Arc::new(det)));
         }
         Service::with_heads(self.model.clone(), model, artefacts, heads, opts)
             .map_err(ServeError::Runtime)

@@ -15,6 +15,7 @@ use candle_core::Device;
 use medvlm_adapt::predictor::AdaptedModel;
 use medvlm_models::LoadedModel;
 use medvlm_tasks::anomaly_pipeline::AnomalyDetector;
+use medvlm_tasks::detection_pipeline::Detector;
 use medvlm_tasks::report_pipeline::Reporter;
 use medvlm_tasks::segmentation_pipeline::Segmenter;
 
@@ -76,6 +77,8 @@ pub struct TaskHeads {
     pub detectors: Vec<(String, Arc<AnomalyDetector>)>,
     /// Report generators (`medvlm report train`), for `/v1/report`.
     pub reporters: Vec<(String, Arc<Reporter>)>,
+    /// Box detectors (`medvlm detect train`), for `/v1/detect`.
+    pub box_detectors: Vec<(String, Arc<Detector>)>,
 }
 
 pub(crate) struct Inner {
@@ -222,6 +225,7 @@ pub fn routes() -> Vec<RouteSpec> {
         r("/v1/segment", Method::POST, post(handlers::segment)),
         r("/v1/anomaly", Method::POST, post(handlers::anomaly)),
         r("/v1/report", Method::POST, post(handlers::report)),
+        r("/v1/detect", Method::POST, post(handlers::detect)),
         r("/v1/papers", Method::GET, get(handlers::papers)),
     ]
 }

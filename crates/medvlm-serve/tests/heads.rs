@@ -117,7 +117,7 @@ async fn segment_and_anomaly_answer_as_the_library() {
             "skin-anomaly".into(),
             Arc::new(AnomalyDetector::load(&det_dir, None, &dev).unwrap()),
         )],
-        reporters: vec![],
+        ..Default::default()
     };
     let opts = ServiceOptions {
         timeout: std::time::Duration::from_secs(60),
@@ -280,4 +280,100 @@ async fn report_answers_as_the_library() {
     )
     .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detect_answers_as_the_library() {
+    use medvlm_tasks::detection_pipeline::{self, Detector};
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let dev = Device::Cpu;
+    let dir = tmp.path().join("skin-boxes");
+    detection_pipeline::train_and_save(
+        &ph.join("manifest.jsonl"),
+        None,
+        &detection_pipeline::TrainOptions {
+            model_spec: clip_fixture(),
+            steps: Some(5),
+            batch: Some(4),
+            width: Some(8),
+            lr: None,
+            seed: 0,
+            split: None,
+        },
+        &dir,
+        &dev,
+    )
+    .unwrap();
+    let (lib, _) = Detector::load(&dir, None, &dev).unwrap();
+    let class = lib.card.classes[0].name.clone();
+    let heads = TaskHeads {
+        box_detectors: vec![(
+            "skin-boxes".into(),
+            Arc::new(Detector::load(&dir, None, &dev).unwrap().0),
+        )],
+        ..Default::default()
+    };
+    let router = Service::with_heads(
+        "tiny-clip",
+        load_model(),
+        vec![],
+        heads,
+        ServiceOptions::default(),
+    )
+    .unwrap()
+    .router();
+    let image = ph.join("images").join(
+        std::fs::read_dir(ph.join("images"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name(),
+    );
+    let bytes = std::fs::read(&image).unwrap();
+    let (s, v) = call(
+        &router,
+        "/v1/detect",
+        &json!({"image": b64(&bytes), "prompt": class, "min_score": 0.0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (text, _) = lib.prompt_embedding(&class, false, &dev).unwrap();
+    let want = lib
+        .boxes_in_plane(&read_plane(&image).unwrap(), &text, 0.0, &dev)
+        .unwrap();
+    assert_eq!(
+        v["grounding"],
+        serde_json::to_value(&want.grounding).unwrap()
+    );
+    assert_eq!(
+        v["detections"],
+        serde_json::to_value(&want.detections).unwrap()
+    );
+    assert!(!want.detections.is_empty());
+    assert_eq!(v["class"], json!(class));
+    // An unknown class without free_text, and a bad min_score, are the request's fault.
+    let (s, v) = call(
+        &router,
+        "/v1/detect",
+        &json!({"image": b64(&bytes), "prompt": "a spaceship"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (s, v) = call(
+        &router,
+        "/v1/detect",
+        &json!({"image": b64(&bytes), "prompt": "a spaceship", "free_text": true}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["class"], Value::Null);
+    let (s, v) = call(
+        &router,
+        "/v1/detect",
+        &json!({"image": b64(&bytes), "prompt": class, "min_score": 2}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
 }

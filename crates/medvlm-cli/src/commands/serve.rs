@@ -30,6 +30,10 @@ pub struct Args {
     /// its folder name (repeatable).
     #[arg(long = "reporter")]
     pub reporters: Vec<PathBuf>,
+    /// A box detector folder written by `medvlm detect train`, served by /v1/detect under
+    /// its folder name (repeatable).
+    #[arg(long = "box-detector")]
+    pub box_detectors: Vec<PathBuf>,
     /// Address to listen on (port 0: any free port; the address is printed on stderr).
     /// A non-loopback address without --api-key-file prints a warning.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -63,6 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         segmenters: args.segmenters,
         detectors: args.detectors,
         reporters: args.reporters,
+        box_detectors: args.box_detectors,
         addr: args.addr,
         api_key_file: args.api_key_file,
         max_batch: args.max_batch,
