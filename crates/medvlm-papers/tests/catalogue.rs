@@ -37,7 +37,18 @@ const METHODS: [&str; 21] = [
 
 /// The subcommands a paper may link to: the ones that implement something of the
 /// literature today.
-const SUBCOMMANDS: [&str; 5] = ["adapt", "zero-shot", "pretrain", "finetune", "quickstart"];
+const SUBCOMMANDS: [&str; 10] = [
+    "adapt",
+    "zero-shot",
+    "pretrain",
+    "finetune",
+    "quickstart",
+    "segment",
+    "anomaly",
+    "report",
+    "detect",
+    "upscale",
+];
 
 const CLIP_TITLE: &str = "Learning Transferable Visual Models From Natural Language Supervision";
 
@@ -463,32 +474,32 @@ fn every_method_name_is_linked_from_a_paper() {
 }
 
 #[test]
-fn tasks_without_a_command_link_to_none() {
+fn task_papers_link_only_their_task_command() {
     for p in papers() {
-        if matches!(
-            p.task,
-            Task::Segmentation
-                | Task::ReportGeneration
-                | Task::Vqa
-                | Task::Synthesis
-                | Task::Other
-                | Task::AnomalyDetection
-                | Task::MultiTask
-        ) {
+        let allowed: &[&str] = match p.task {
+            Task::Segmentation => &["segment"],
+            Task::AnomalyDetection => &["anomaly"],
+            Task::ReportGeneration => &["report"],
+            // Detection, registration and super-resolution papers.
+            Task::Other => &["detect", "register", "upscale"],
+            Task::Vqa | Task::Synthesis | Task::MultiTask => &[],
+            _ => continue,
+        };
+        for i in &p.implemented_by {
             assert!(
-                p.implemented_by.is_empty(),
-                "{} links {:?}",
+                allowed.contains(&i.subcommand().unwrap()),
+                "{} links {}",
                 p.display_title(),
-                p.implemented_by
+                i.command
             );
+            // A task paper is at most the same task, never an implementation of medvlm's.
+            assert_eq!(i.relation, Relation::SameTask, "{}", p.display_title());
         }
-        // A task paper is at most the same task, never an implementation of medvlm's.
-        if p.task != Task::Models && p.task != Task::Method {
-            assert!(p
-                .implemented_by
-                .iter()
-                .all(|i| i.relation == Relation::SameTask));
-        }
+    }
+    // Every task medvlm runs is linked from the papers of that task.
+    let linked = subcommands_linked(&papers());
+    for sub in ["segment", "anomaly", "report", "detect", "upscale"] {
+        assert!(linked.contains(sub), "{sub}");
     }
 }
 

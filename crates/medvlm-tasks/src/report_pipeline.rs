@@ -457,10 +457,12 @@ impl ReportModel {
     }
 
     fn detok(&self, ids: &[u32]) -> Result<String> {
+        // Ids 0-3 are the word tokenizer's padding, start, unknown and end tokens: a report
+        // shows none of them (an unknown word, e.g. a measurement seen once, is left out).
         let words: Vec<String> = ids
             .iter()
+            .filter(|&&i| i > EOS_ID)
             .filter_map(|&i| self.tokenizer.id_to_token(i))
-            .filter(|w| !w.starts_with("<|"))
             .collect();
         Ok(detokenize(&words))
     }
