@@ -132,6 +132,9 @@ enum Command {
     /// Text-guided segmentation: train a head on frozen patch tokens, predict masks,
     /// evaluate against the similarity baseline.
     Segment(commands::segment::Args),
+    /// Deformable registration: train a VoxelMorph-style network on image pairs, register
+    /// a moving image onto a fixed one, evaluate against known fields.
+    Register(commands::register::Args),
     /// Serve the model and adapted artefacts over HTTP (embeddings, zero-shot, predict).
     Serve(commands::serve::Args),
     /// Benchmarks (throughput, memory, few-shot sweeps).
@@ -172,6 +175,7 @@ fn main() {
         Command::Predict(a) => commands::predict::run(a),
         Command::Anomaly(a) => commands::anomaly::run(a),
         Command::Segment(a) => commands::segment::run(a),
+        Command::Register(a) => commands::register::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Papers(a) => commands::papers::run(a),

@@ -5,7 +5,11 @@
 //! from a manifest of images and masks, training, evaluation per finding and modality, the
 //! saved segmenter and prediction on image files and NIfTI volumes), and few-shot anomaly
 //! detection and localisation ([`anomaly`]: a memory of normal patch features,
-//! nearest-neighbour maps, a threshold chosen on normal images).
+//! nearest-neighbour maps, a threshold chosen on normal images), and deformable registration
+//! ([`registration`]: a VoxelMorph-style U-Net predicting a velocity field, scaling and
+//! squaring, a differentiable bilinear spatial transformer and the losses;
+//! [`registration_pipeline`]: pairs from a manifest, training, evaluation against the known
+//! field, the saved registrar and its application to image files).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -29,5 +33,7 @@
 
 pub mod anomaly;
 pub mod anomaly_pipeline;
+pub mod registration;
+pub mod registration_pipeline;
 pub mod segmentation;
 pub mod segmentation_pipeline;

@@ -16,6 +16,7 @@ pub mod predict;
 pub mod pretrain;
 pub mod progress;
 pub mod quickstart;
+pub mod register;
 pub mod search;
 pub mod segment;
 pub mod serve;
