@@ -73,12 +73,7 @@ pub fn warp(image: &[f32], field: &[f32], shape: (usize, usize)) -> Result<Vec<f
     for y in 0..h {
         for x in 0..w {
             let i = y * w + x;
-            out[i] = sample(
-                image,
-                shape,
-                x as f32 + field[i],
-                y as f32 + field[n + i],
-            );
+            out[i] = sample(image, shape, x as f32 + field[i], y as f32 + field[n + i]);
         }
     }
     Ok(out)

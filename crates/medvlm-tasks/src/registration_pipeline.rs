@@ -38,7 +38,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use medvlm_eval::registration::{
-    folding_share, invert, inverse_residual, warp as warp_plain, warp_mask, RegistrationCase,
+    folding_share, inverse_residual, invert, warp as warp_plain, warp_mask, RegistrationCase,
     RegistrationSummary,
 };
 use medvlm_io::Plane;
@@ -243,7 +243,11 @@ impl RegPair {
 /// Reads the pairs of `manifest` (records with a `moved` key; with `split`, only that
 /// split's; with `limit`, the first `limit`). No pair, a missing file or mismatched sizes
 /// are errors.
-pub fn load_pairs(manifest: &Path, split: Option<&str>, limit: Option<usize>) -> Result<Vec<RegPair>> {
+pub fn load_pairs(
+    manifest: &Path,
+    split: Option<&str>,
+    limit: Option<usize>,
+) -> Result<Vec<RegPair>> {
     let m = medvlm_io::read_manifest(manifest).map_err(|source| RegPipelineError::Manifest {
         path: manifest.to_path_buf(),
         source,
@@ -265,7 +269,12 @@ pub fn load_pairs(manifest: &Path, split: Option<&str>, limit: Option<usize>) ->
             .and_then(|v| v.as_str())
             .map(|p| m.resolve(p));
         let masks: Vec<PathBuf> = rec.masks.iter().map(|r| m.resolve(&r.path)).collect();
-        let mut pair = RegPair::from_files(&m.resolve(moved), &m.image_path(rec), field.as_deref(), &masks)?;
+        let mut pair = RegPair::from_files(
+            &m.resolve(moved),
+            &m.image_path(rec),
+            field.as_deref(),
+            &masks,
+        )?;
         if let Some(modality) = rec.extra.get("modality").and_then(|v| v.as_str()) {
             pair.modality = modality.to_string();
         }
@@ -275,7 +284,9 @@ pub fn load_pairs(manifest: &Path, split: Option<&str>, limit: Option<usize>) ->
         return Err(RegPipelineError::Invalid(format!(
             "{}: no record with a `moved` image{}",
             manifest.display(),
-            split.map(|s| format!(" in split `{s}`")).unwrap_or_default()
+            split
+                .map(|s| format!(" in split `{s}`"))
+                .unwrap_or_default()
         )));
     }
     let shape = pairs[0].shape;
@@ -370,7 +381,13 @@ impl Registrar {
         progress: impl FnMut(usize, &LossTerms),
     ) -> Result<Self> {
         let pairs = load_pairs(manifest, split, limit)?;
-        Self::train_on(&pairs, &manifest.display().to_string(), cfg, device, progress)
+        Self::train_on(
+            &pairs,
+            &manifest.display().to_string(),
+            cfg,
+            device,
+            progress,
+        )
     }
 
     /// Trains on loaded pairs.
@@ -415,10 +432,11 @@ impl Registrar {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
         let weights = dir.join(WEIGHTS_FILE);
-        let tensors: std::collections::HashMap<String, Tensor> = crate::registration::named_vars(&self.varmap)?
-            .into_iter()
-            .map(|(k, v)| (k, v.as_tensor().clone()))
-            .collect();
+        let tensors: std::collections::HashMap<String, Tensor> =
+            crate::registration::named_vars(&self.varmap)?
+                .into_iter()
+                .map(|(k, v)| (k, v.as_tensor().clone()))
+                .collect();
         medvlm_io::atomic::write_atomic_via(&weights, |tmp| {
             candle_core::safetensors::save(&tensors, tmp).map_err(std::io::Error::other)
         })
@@ -432,16 +450,18 @@ impl Registrar {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let card_path = dir.join(CARD_FILE);
         let bytes = std::fs::read(&card_path).map_err(|e| read_err(&card_path, e))?;
-        let card: RegCard =
-            serde_json::from_slice(&bytes).map_err(|e| read_err(&card_path, e))?;
+        let card: RegCard = serde_json::from_slice(&bytes).map_err(|e| read_err(&card_path, e))?;
         card.config
             .validate(card.image_size)
             .map_err(|e| read_err(&card_path, e))?;
         let weights = dir.join(WEIGHTS_FILE);
-        let tensors = candle_core::safetensors::load(&weights, device)
-            .map_err(|e| read_err(&weights, e))?;
+        let tensors =
+            candle_core::safetensors::load(&weights, device).map_err(|e| read_err(&weights, e))?;
         let varmap = VarMap::new();
-        let net = RegNet::new(VarBuilder::from_varmap(&varmap, DType::F32, device), &card.config)?;
+        let net = RegNet::new(
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+            &card.config,
+        )?;
         for (name, var) in crate::registration::named_vars(&varmap)? {
             let t = tensors
                 .get(&name)
@@ -518,7 +538,10 @@ pub struct RegEvaluation {
 fn row(pairs: &[RegPair], cases: &[RegistrationCase]) -> Result<MethodRow> {
     let mut groups: BTreeMap<String, Vec<RegistrationCase>> = BTreeMap::new();
     for (p, c) in pairs.iter().zip(cases) {
-        groups.entry(p.modality.clone()).or_default().push(c.clone());
+        groups
+            .entry(p.modality.clone())
+            .or_default()
+            .push(c.clone());
     }
     let per_modality = groups
         .into_iter()
@@ -708,7 +731,12 @@ pub fn apply_files(
 /// |fixed - moving|, |fixed - warped| (both ×4 for visibility), and the predicted field as
 /// colour (red = dx, blue = dy, grey = 0, ±`max_px` saturates), separated by 2-px gaps;
 /// each tile upscaled ×`zoom` (nearest).
-pub fn comparison_grid(pairs: &[RegPair], fields: &[Vec<f32>], zoom: usize, max_px: f32) -> Result<Plane> {
+pub fn comparison_grid(
+    pairs: &[RegPair],
+    fields: &[Vec<f32>],
+    zoom: usize,
+    max_px: f32,
+) -> Result<Plane> {
     let first = pairs
         .first()
         .ok_or_else(|| RegPipelineError::Invalid("no pairs for the grid".into()))?;
@@ -800,8 +828,12 @@ mod tests {
             png(&dir.join(format!("images/{id}.png")), img);
             png(&dir.join(format!("moved/{id}.png")), moved);
             png(&dir.join(format!("masks/{id}_0_blob.png")), mask);
-            medvlm_io::npy::write_npy_f32(&dir.join(format!("deformation/{id}.npy")), &[2, size, size], &u)
-                .unwrap();
+            medvlm_io::npy::write_npy_f32(
+                &dir.join(format!("deformation/{id}.npy")),
+                &[2, size, size],
+                &u,
+            )
+            .unwrap();
             lines.push(format!(
                 r#"{{"image":"images/{id}.png","moved":"moved/{id}.png","deformation":"deformation/{id}.npy","masks":[{{"label":"blob","path":"masks/{id}_0_blob.png"}}]}}"#
             ));
@@ -830,7 +862,8 @@ mod tests {
         let manifest = write_pairs(dir.path(), 6, 32);
         let pairs = load_pairs(&manifest, None, None).unwrap();
         assert_eq!(pairs.len(), 6);
-        let reg = Registrar::train_on(&pairs, "tiny", &tiny_cfg(), &Device::Cpu, |_, _| {}).unwrap();
+        let reg =
+            Registrar::train_on(&pairs, "tiny", &tiny_cfg(), &Device::Cpu, |_, _| {}).unwrap();
         let e = reg.evaluate(&pairs).unwrap();
         assert!(
             e.mse_after < 0.7 * e.mse_before,
@@ -838,7 +871,11 @@ mod tests {
             e.mse_after,
             e.mse_before
         );
-        assert!(e.network.all.epe < e.identity.all.epe, "{}", e.render_table());
+        assert!(
+            e.network.all.epe < e.identity.all.epe,
+            "{}",
+            e.render_table()
+        );
         assert!(e.oracle.all.epe == 0.0 && e.inverse_residual < 0.05);
         // Save / load gives the same fields.
         let out = dir.path().join("reg");
@@ -875,7 +912,9 @@ mod tests {
         let other = dir.path().join("other.png");
         medvlm_io::raster::write_png(&other, &Plane::new(8, 16, 1, vec![0.5; 128]).unwrap())
             .unwrap();
-        let e = RegPair::from_files(&other, &img, None, &[]).unwrap_err().to_string();
+        let e = RegPair::from_files(&other, &img, None, &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("other.png") && e.contains("[8, 16]"), "{e}");
         // A field of the wrong shape.
         let bad_field = dir.path().join("bad.npy");
@@ -891,7 +930,9 @@ mod tests {
         assert!(e.contains("nope.png") && e.contains("no such file"), "{e}");
         let corrupt = dir.path().join("corrupt.png");
         std::fs::write(&corrupt, b"not a png").unwrap();
-        let e = RegPair::from_files(&corrupt, &img, None, &[]).unwrap_err().to_string();
+        let e = RegPair::from_files(&corrupt, &img, None, &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("corrupt.png"), "{e}");
         // A manifest without pairs, and a missing registrar.
         let plain = dir.path().join("plain.jsonl");

@@ -61,7 +61,7 @@ pub struct TrainArgs {
     /// Output folder of the registrar.
     #[arg(long)]
     pub out: PathBuf,
-    /// Optimiser steps (default 1500).
+    /// Optimiser steps (default 450).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Pairs per step (default 16).
@@ -70,7 +70,7 @@ pub struct TrainArgs {
     /// First-level width (default 16).
     #[arg(long, value_parser = crate::commands::at_least_one)]
     pub width: Option<usize>,
-    /// AdamW learning rate (default 1e-3).
+    /// AdamW learning rate (default 2e-3).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Similarity: mse (default) or ncc (local NCC, 9x9 window).
@@ -79,6 +79,9 @@ pub struct TrainArgs {
     /// Smoothness weight λ (default 0.01).
     #[arg(long)]
     pub smoothness: Option<f64>,
+    /// Velocity grid downsizing factor, a power of two (default 4).
+    #[arg(long)]
+    pub field_downsize: Option<usize>,
     /// Scaling-and-squaring steps (default 7).
     #[arg(long)]
     pub integration_steps: Option<usize>,
@@ -165,6 +168,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         },
         smoothness: a.smoothness.unwrap_or(d.smoothness),
         integration_steps: a.integration_steps.unwrap_or(d.integration_steps),
+        field_downsize: a.field_downsize.unwrap_or(d.field_downsize),
         mask_dice_weight: a.mask_dice.unwrap_or(d.mask_dice_weight),
         seed: a.seed,
         ..d
@@ -217,7 +221,11 @@ fn apply(a: ApplyArgs) -> anyhow::Result<()> {
         r.mse.1,
         100.0 * r.folding
     );
-    println!("warped image {}, field {}", r.warped.display(), r.field.display());
+    println!(
+        "warped image {}, field {}",
+        r.warped.display(),
+        r.field.display()
+    );
     if let Some(m) = r.warped_mask {
         println!("warped mask {}", m.display());
     }
