@@ -727,6 +727,25 @@ pub fn apply_files(
     })
 }
 
+/// Indices of up to `k` pairs for a figure: the first pair of each modality in turn, then
+/// the following ones.
+pub fn figure_pairs(pairs: &[RegPair], k: usize) -> Vec<usize> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out: Vec<usize> = (0..pairs.len())
+        .filter(|&i| seen.insert(pairs[i].modality.clone()))
+        .take(k)
+        .collect();
+    for i in 0..pairs.len() {
+        if out.len() >= k {
+            break;
+        }
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    out
+}
+
 /// An image grid for the docs: one row per pair, columns moving, fixed, warped,
 /// |fixed - moving|, |fixed - warped| (both ×4 for visibility), and the predicted field as
 /// colour (red = dx, blue = dy, grey = 0, ±`max_px` saturates), separated by 2-px gaps;

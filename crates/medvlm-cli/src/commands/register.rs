@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use medvlm_tasks::registration::{RegConfig, Similarity};
 use medvlm_tasks::registration_pipeline::{
-    apply_files, comparison_grid, evaluate_manifest, load_pairs, Registrar,
+    apply_files, comparison_grid, evaluate_manifest, figure_pairs, load_pairs, Registrar,
 };
 
 use super::common::write_file;
@@ -135,12 +135,15 @@ pub struct EvalArgs {
     /// Also write the evaluation as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Also write an image grid of the first pairs here (PNG).
+    /// Also write an image grid here (PNG): one pair per modality first.
     #[arg(long)]
     pub grid: Option<PathBuf>,
     /// Pairs in the grid.
     #[arg(long, default_value_t = 4, value_parser = crate::commands::at_least_one)]
     pub grid_rows: usize,
+    /// Upscaling of each grid tile (nearest).
+    #[arg(long, default_value_t = 2, value_parser = crate::commands::at_least_one)]
+    pub grid_zoom: usize,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -247,8 +250,10 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         println!("evaluation written to {}", path.display());
     }
     if let Some(path) = &a.grid {
-        let k = a.grid_rows.min(pairs.len());
-        let grid = comparison_grid(&pairs[..k], &fields[..k], 2, 2.0)?;
+        let chosen = figure_pairs(&pairs, a.grid_rows);
+        let p: Vec<_> = chosen.iter().map(|&i| pairs[i].clone()).collect();
+        let f: Vec<_> = chosen.iter().map(|&i| fields[i].clone()).collect();
+        let grid = comparison_grid(&p, &f, a.grid_zoom, 2.0)?;
         write_file(path, &medvlm_io::raster::encode_png(&grid)?)?;
         println!("image grid written to {}", path.display());
     }
