@@ -50,7 +50,7 @@
 //! # }
 //! ```
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -709,12 +709,6 @@ pub fn predict_fields(net: &RegNet, moving: &Tensor, fixed: &Tensor) -> Result<T
         return Err(RegError::Invalid("no pairs to register".into()));
     }
     Ok(Tensor::cat(&out, 0)?)
-}
-
-/// Mean of a `[B, ...]` tensor over everything but the batch axis.
-pub fn per_sample_mean(t: &Tensor) -> Result<Tensor> {
-    let b = t.dim(0)?;
-    Ok(t.reshape((b, ()))?.mean(D::Minus1)?)
 }
 
 #[cfg(test)]
