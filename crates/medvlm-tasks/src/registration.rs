@@ -31,7 +31,7 @@
 //! integrated at a quarter of the resolution (`field_downsize` 4, VoxelMorph's
 //! `int_downsize`, enough for smooth fields and 8x cheaper than full resolution on the CPU)
 //! with 7 scaling-and-squaring steps, then resized bilinearly to the image, similarity MSE
-//! (or local NCC with a 9x9 window), smoothness weight λ = 0.01 on the squared spatial
+//! (or local NCC with a 9x9 window), smoothness weight λ = 0.1 on the squared spatial
 //! gradient of the velocity field (VoxelMorph's `Grad('l2')` on the pre-integration flow),
 //! optional soft-Dice weight 0 on warped masks, 450 AdamW steps of batch 16 at lr 2e-3,
 //! weight decay 0, seed 0.
@@ -128,7 +128,7 @@ impl Default for RegConfig {
             field_downsize: 4,
             similarity: Similarity::Mse,
             ncc_window: 9,
-            smoothness: 0.01,
+            smoothness: 0.1,
             mask_dice_weight: 0.0,
             steps: 450,
             batch: 16,
