@@ -141,6 +141,9 @@ enum Command {
     /// Super-resolution of grey images (x2, x4): train an EDSR-style network over bicubic
     /// upsampling, evaluate PSNR/SSIM, upscale files.
     Upscale(commands::upscale::Args),
+    /// Deformable registration: train a VoxelMorph-style network on image pairs, register
+    /// a moving image onto a fixed one, evaluate against known fields.
+    Register(commands::register::Args),
     /// Serve the model and adapted artefacts over HTTP (embeddings, zero-shot, predict).
     Serve(commands::serve::Args),
     /// Benchmarks (throughput, memory, few-shot sweeps).
@@ -184,6 +187,7 @@ fn main() {
         Command::Report(a) => commands::report::run(a),
         Command::Detect(a) => commands::detect::run(a),
         Command::Upscale(a) => commands::upscale::run(a),
+        Command::Register(a) => commands::register::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Papers(a) => commands::papers::run(a),

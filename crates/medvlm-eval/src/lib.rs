@@ -21,6 +21,8 @@
 //!   pycocotools computes it, and phrase-grounding Acc@0.5 / mIoU.
 //! * [`segmentation`]: Dice, IoU, Hausdorff distance (HD, HD95) and average surface distance
 //!   of 2-D binary masks (MONAI conventions), with per-label summaries.
+//! * [`registration`]: end-point error, folding (non-positive Jacobian determinant) and Dice
+//!   of warped masks for deformable registration, with the field algebra they need.
 //! * [`image_quality`]: PSNR and SSIM with BasicSR's conventions (8-bit scale, border crop).
 //! * [`fewshot_table`]: mean ± std tables over seeds.
 //! * [`plots`]: line plots, confusion-matrix heatmaps, reliability diagrams (SVG/PNG).
@@ -54,6 +56,7 @@ pub mod fewshot_table;
 pub mod image_quality;
 pub mod multilabel;
 pub mod plots;
+pub mod registration;
 pub mod report;
 pub mod report_labeller;
 pub mod report_metrics;

@@ -37,7 +37,7 @@ const METHODS: [&str; 21] = [
 
 /// The subcommands a paper may link to: the ones that implement something of the
 /// literature today.
-const SUBCOMMANDS: [&str; 10] = [
+const SUBCOMMANDS: [&str; 11] = [
     "adapt",
     "zero-shot",
     "pretrain",
@@ -48,6 +48,7 @@ const SUBCOMMANDS: [&str; 10] = [
     "report",
     "detect",
     "upscale",
+    "register",
 ];
 
 const CLIP_TITLE: &str = "Learning Transferable Visual Models From Natural Language Supervision";
@@ -498,7 +499,9 @@ fn task_papers_link_only_their_task_command() {
     }
     // Every task medvlm runs is linked from the papers of that task.
     let linked = subcommands_linked(&papers());
-    for sub in ["segment", "anomaly", "report", "detect", "upscale"] {
+    for sub in [
+        "segment", "anomaly", "report", "detect", "upscale", "register",
+    ] {
         assert!(linked.contains(sub), "{sub}");
     }
 }

@@ -13,6 +13,10 @@
 //! - report generation ([`report_generation`], [`report_pipeline`]): a ClipCap prefix mapping
 //!   into a GPT-2-layout decoder, scored with language and clinical-efficacy metrics against
 //!   the nearest-neighbour-report baseline;
+//! - deformable registration ([`registration`], [`registration_pipeline`]): a
+//!   VoxelMorph-style U-Net predicting a velocity field, scaling and squaring, a
+//!   differentiable bilinear spatial transformer, scored with EPE against the known field,
+//!   Dice of warped masks and folding;
 //! - super-resolution of grey images ([`super_resolution`], [`super_resolution_pipeline`]): an
 //!   EDSR-style residual network over bicubic upsampling, x2 and x4, scored with PSNR/SSIM
 //!   against bicubic.
@@ -41,6 +45,8 @@ pub mod anomaly;
 pub mod anomaly_pipeline;
 pub mod detection;
 pub mod detection_pipeline;
+pub mod registration;
+pub mod registration_pipeline;
 pub mod report_generation;
 pub mod report_pipeline;
 pub mod segmentation;

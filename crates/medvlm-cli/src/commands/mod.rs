@@ -17,6 +17,7 @@ pub mod predict;
 pub mod pretrain;
 pub mod progress;
 pub mod quickstart;
+pub mod register;
 pub mod report;
 pub mod search;
 pub mod segment;
