@@ -7,30 +7,10 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{arg, bin, fails, model, ok, run};
+use common::{arg, fails, model, ok, phantoms32, run};
 
 fn phantoms(dir: &Path) -> PathBuf {
-    let out = dir.join("ph");
-    ok(&bin()
-        .args([
-            "phantoms",
-            "generate",
-            "--n",
-            "24",
-            "--seed",
-            "3",
-            "--max-findings",
-            "1",
-            "--modalities",
-            "dermoscopy,brain_mri",
-            "--size",
-            "32",
-            "--out",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap());
-    out
+    phantoms32(dir, 24, "dermoscopy,brain_mri")
 }
 
 #[test]

@@ -49,3 +49,29 @@ pub fn fails(out: &Output) -> String {
     assert!(!stderr.contains("panicked"), "{stderr}");
     stderr
 }
+
+/// `medvlm phantoms generate` of `n` studies at 32 px (seed 3, one finding type per study) of
+/// `modalities` (comma-separated) into `dir/ph`, which it returns.
+pub fn phantoms32(dir: &Path, n: u32, modalities: &str) -> PathBuf {
+    let out = dir.join("ph");
+    ok(&bin()
+        .args([
+            "phantoms",
+            "generate",
+            "--n",
+            &n.to_string(),
+            "--seed",
+            "3",
+            "--max-findings",
+            "1",
+            "--modalities",
+            modalities,
+            "--size",
+            "32",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap());
+    out
+}
