@@ -1467,3 +1467,64 @@ pub async fn detect(State(svc): State<Service>, req: Request) -> Response {
     })
     .await
 }
+
+/// Largest super-resolved image `/v1/upscale` makes, in pixels (4096 x 4096): a bigger upload
+/// would need gigabytes for the network's activations.
+const MAX_UPSCALED_PIXELS: usize = 4096 * 4096;
+
+/// `POST /v1/upscale`: the image super-resolved by an upscaler (`--upscaler DIR`), as an
+/// 8-bit grey PNG `scale` times larger (colour uploads are converted to grey first).
+pub async fn upscale(State(svc): State<Service>, req: Request) -> Response {
+    with_timeout(&svc, async {
+        let payload = read_payload(&svc, req).await?;
+        let (fields, image) = fields_and_image(payload, &["upscaler"])?;
+        let (name, up) = pick(
+            &svc.inner.heads.upscalers,
+            fields.get("upscaler"),
+            "upscaler",
+        )?;
+        let name = name.clone();
+        let v = blocking(move || {
+            crate::decode::with_upload(&image, |path, _| {
+                use medvlm_tasks::super_resolution_pipeline as sr;
+                let g = sr::read_grey(path).map_err(|e| e.to_string())?;
+                // A decodable image of a size the upscaler cannot take is the request's
+                // fault (422), not a decoding failure (415).
+                let s = up.scale();
+                if g.rows < medvlm_tasks::super_resolution::MIN_LR_SIDE
+                    || g.cols < medvlm_tasks::super_resolution::MIN_LR_SIDE
+                {
+                    return Ok(Err(ApiError::unprocessable(format!(
+                        "{}x{} is too small to upscale (at least {} px per side)",
+                        g.rows,
+                        g.cols,
+                        medvlm_tasks::super_resolution::MIN_LR_SIDE
+                    ))));
+                }
+                if g.rows * g.cols * s * s > MAX_UPSCALED_PIXELS {
+                    return Ok(Err(ApiError::unprocessable(format!(
+                        "{}x{} upscaled x{s} exceeds {MAX_UPSCALED_PIXELS} pixels",
+                        g.rows, g.cols
+                    ))));
+                }
+                let hr = up.upscale(&g).map_err(|e| e.to_string())?;
+                let plane = medvlm_io::Plane::new(g.rows * s, g.cols * s, 1, hr)
+                    .map_err(|e| e.to_string())?;
+                Ok(Ok(json!({
+                    "object": "upscale",
+                    "upscaler": name,
+                    "scale": s,
+                    "input_size": [g.rows, g.cols],
+                    "output_size": [g.rows * s, g.cols * s],
+                    "from_colour": g.from_colour,
+                    "image_png": png_base64(&plane)?,
+                })))
+            })
+            .map_err(decode_error)
+            .and_then(|answer| answer)
+        })
+        .await?;
+        Ok(Json(v))
+    })
+    .await
+}

@@ -68,6 +68,8 @@ pub struct ServeConfig {
     pub reporters: Vec<PathBuf>,
     /// Box detector folders (`medvlm detect train`), served by `/v1/detect`.
     pub box_detectors: Vec<PathBuf>,
+    /// Upscaler folders (`medvlm upscale train`), served by `/v1/upscale`.
+    pub upscalers: Vec<PathBuf>,
     /// Address to bind (port 0: any free port; the bound address is printed on stderr).
     pub addr: SocketAddr,
     /// File holding the API key (first line); `/v1/*` then needs `Authorization: Bearer`.
@@ -95,6 +97,7 @@ impl Default for ServeConfig {
             detectors: vec![],
             reporters: vec![],
             box_detectors: vec![],
+            upscalers: vec![],
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key_file: None,
             max_batch: 16,
@@ -241,6 +244,15 @@ impl ServeConfig {
                 eprintln!("warning: {w}");
             }
             heads.box_detectors.push((name, std::sync::Arc::new(det)));
+        }
+        for dir in &self.upscalers {
+            let name = folder_name(dir)?;
+            let up = medvlm_tasks::super_resolution_pipeline::Upscaler::load(dir, &self.device)
+                .map_err(|e| ServeError::Head {
+                    dir: dir.clone(),
+                    reason: e.to_string(),
+                })?;
+            heads.upscalers.push((name, std::sync::Arc::new(up)));
         }
         Service::with_heads(self.model.clone(), model, artefacts, heads, opts)
             .map_err(ServeError::Runtime)

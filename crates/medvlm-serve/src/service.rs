@@ -18,6 +18,7 @@ use medvlm_tasks::anomaly_pipeline::AnomalyDetector;
 use medvlm_tasks::detection_pipeline::Detector;
 use medvlm_tasks::report_pipeline::Reporter;
 use medvlm_tasks::segmentation_pipeline::Segmenter;
+use medvlm_tasks::super_resolution_pipeline::Upscaler;
 
 use crate::batcher::{BatchConfig, Batcher, Engine};
 use crate::error::ApiError;
@@ -79,6 +80,8 @@ pub struct TaskHeads {
     pub reporters: Vec<(String, Arc<Reporter>)>,
     /// Box detectors (`medvlm detect train`), for `/v1/detect`.
     pub box_detectors: Vec<(String, Arc<Detector>)>,
+    /// Super-resolution networks (`medvlm upscale train`), for `/v1/upscale`.
+    pub upscalers: Vec<(String, Arc<Upscaler>)>,
 }
 
 pub(crate) struct Inner {
@@ -226,6 +229,7 @@ pub fn routes() -> Vec<RouteSpec> {
         r("/v1/anomaly", Method::POST, post(handlers::anomaly)),
         r("/v1/report", Method::POST, post(handlers::report)),
         r("/v1/detect", Method::POST, post(handlers::detect)),
+        r("/v1/upscale", Method::POST, post(handlers::upscale)),
         r("/v1/papers", Method::GET, get(handlers::papers)),
     ]
 }

@@ -377,3 +377,96 @@ async fn detect_answers_as_the_library() {
     .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upscale_answers_as_the_library() {
+    use medvlm_tasks::super_resolution::SrConfig;
+    use medvlm_tasks::super_resolution_pipeline::{
+        read_grey, train_upscaler, TrainOptions, Upscaler,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let dev = Device::Cpu;
+    let up = train_upscaler(
+        &ph.join("manifest.jsonl"),
+        &TrainOptions {
+            config: SrConfig {
+                scale: 2,
+                features: 8,
+                blocks: 1,
+                patch: 16,
+                steps: 3,
+                batch: 2,
+                ..Default::default()
+            },
+            split: None,
+            max_images: Some(4),
+        },
+        &dev,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let dir = tmp.path().join("sr2");
+    up.save(&dir).unwrap();
+    let lib = Upscaler::load(&dir, &dev).unwrap();
+    let heads = TaskHeads {
+        upscalers: vec![("sr2".into(), Arc::new(Upscaler::load(&dir, &dev).unwrap()))],
+        ..Default::default()
+    };
+    let router = Service::with_heads(
+        "tiny-clip",
+        load_model(),
+        vec![],
+        heads,
+        ServiceOptions::default(),
+    )
+    .unwrap()
+    .router();
+    let image = ph.join("images").join(
+        std::fs::read_dir(ph.join("images"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name(),
+    );
+    let bytes = std::fs::read(&image).unwrap();
+    let (s, v) = call(&router, "/v1/upscale", &json!({"image": b64(&bytes)})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["scale"], 2);
+    assert_eq!(v["output_size"], json!([64, 64]));
+    // The PNG holds the library's output rounded to 8 bits.
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(v["image_png"].as_str().unwrap())
+        .unwrap();
+    let out = tmp.path().join("out.png");
+    std::fs::write(&out, png).unwrap();
+    let got = read_grey(&out).unwrap();
+    let want = lib.upscale(&read_grey(&image).unwrap()).unwrap();
+    assert_eq!((got.rows, got.cols), (64, 64));
+    assert_eq!(got.data.len(), want.len());
+    for (g, w) in got.data.iter().zip(&want) {
+        assert!((g - w).abs() <= 1.0 / 255.0 + 1e-6, "{g} vs {w}");
+    }
+    // An image too small to upscale is the request's fault.
+    let small = tmp.path().join("small.png");
+    medvlm_io::raster::write_png(
+        &small,
+        &medvlm_io::Plane::new(4, 4, 1, vec![0.5; 16]).unwrap(),
+    )
+    .unwrap();
+    let (s, v) = call(
+        &router,
+        "/v1/upscale",
+        &json!({"image": b64(&std::fs::read(&small).unwrap())}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too small"),
+        "{v}"
+    );
+}

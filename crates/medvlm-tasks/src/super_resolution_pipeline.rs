@@ -675,6 +675,21 @@ fn stem_of(path: &Path) -> String {
     name
 }
 
+/// Refuses a low-resolution image smaller than [`MIN_LR_SIDE`] px per side (the error names
+/// `path`).
+pub fn check_lr_size(g: &GreyImage, path: &Path) -> Result<()> {
+    if g.rows < MIN_LR_SIDE || g.cols < MIN_LR_SIDE {
+        return Err(image_err(
+            path,
+            format!(
+                "{}x{} is too small to upscale (at least {MIN_LR_SIDE} px per side)",
+                g.rows, g.cols
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Upscales each file (taken as a low-resolution image, any size of at least
 /// [`MIN_LR_SIDE`] px per side) and writes `<stem>_x<scale>.png` (8-bit grey) to `out`.
 /// Every file is checked before any is written; an unreadable one is an error naming it.
@@ -683,15 +698,7 @@ pub fn apply_files(up: &Upscaler, files: &[PathBuf], out: &Path) -> Result<Vec<A
     let mut inputs = Vec::with_capacity(files.len());
     for f in files {
         let g = read_grey(f)?;
-        if g.rows < MIN_LR_SIDE || g.cols < MIN_LR_SIDE {
-            return Err(image_err(
-                f,
-                format!(
-                    "{}x{} is too small to upscale (at least {MIN_LR_SIDE} px per side)",
-                    g.rows, g.cols
-                ),
-            ));
-        }
+        check_lr_size(&g, f)?;
         inputs.push(g);
     }
     std::fs::create_dir_all(out).map_err(|e| file_err(out, e))?;

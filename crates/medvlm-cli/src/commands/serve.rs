@@ -34,6 +34,10 @@ pub struct Args {
     /// its folder name (repeatable).
     #[arg(long = "box-detector")]
     pub box_detectors: Vec<PathBuf>,
+    /// An upscaler folder written by `medvlm upscale train`, served by /v1/upscale under its
+    /// folder name (repeatable).
+    #[arg(long = "upscaler")]
+    pub upscalers: Vec<PathBuf>,
     /// Address to listen on (port 0: any free port; the address is printed on stderr).
     /// A non-loopback address without --api-key-file prints a warning.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -68,6 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         detectors: args.detectors,
         reporters: args.reporters,
         box_detectors: args.box_detectors,
+        upscalers: args.upscalers,
         addr: args.addr,
         api_key_file: args.api_key_file,
         max_batch: args.max_batch,
