@@ -144,7 +144,8 @@ enum Command {
     /// Deformable registration: train a VoxelMorph-style network on image pairs, register
     /// a moving image onto a fixed one, evaluate against known fields.
     Register(commands::register::Args),
-    /// Serve the model and adapted artefacts over HTTP (embeddings, zero-shot, predict).
+    /// Serve the model, adapted artefacts and task heads over HTTP (embeddings, zero-shot,
+    /// predict, segment, anomaly, detect, report, upscale).
     Serve(commands::serve::Args),
     /// Benchmarks (throughput, memory, few-shot sweeps).
     Bench(commands::bench::Args),
