@@ -46,6 +46,29 @@ async fn call(router: &axum::Router, uri: &str, body: &Value) -> (StatusCode, Va
     (s, serde_json::from_slice(&b).unwrap())
 }
 
+/// A service on the tiny CLIP fixture serving `heads`, with default options.
+fn router_with(heads: TaskHeads) -> axum::Router {
+    Service::with_heads(
+        "tiny-clip",
+        load_model(),
+        vec![],
+        heads,
+        ServiceOptions::default(),
+    )
+    .unwrap()
+    .router()
+}
+
+/// An image file of the phantom set.
+fn first_image(ph: &Path) -> PathBuf {
+    std::fs::read_dir(ph.join("images"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+}
+
 fn phantoms(dir: &Path) -> PathBuf {
     let out = dir.join("ph");
     write_dataset(&DatasetConfig {
@@ -234,23 +257,8 @@ async fn report_answers_as_the_library() {
         )],
         ..Default::default()
     };
-    let router = Service::with_heads(
-        "tiny-clip",
-        load_model(),
-        vec![],
-        heads,
-        ServiceOptions::default(),
-    )
-    .unwrap()
-    .router();
-    let image = ph.join("images").join(
-        std::fs::read_dir(ph.join("images"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .file_name(),
-    );
+    let router = router_with(heads);
+    let image = first_image(&ph);
     let bytes = std::fs::read(&image).unwrap();
     for (beams, decoding) in [(json!(1), Decoding::Greedy), (json!(2), Decoding::Beam(2))] {
         let (s, v) = call(
@@ -314,23 +322,8 @@ async fn detect_answers_as_the_library() {
         )],
         ..Default::default()
     };
-    let router = Service::with_heads(
-        "tiny-clip",
-        load_model(),
-        vec![],
-        heads,
-        ServiceOptions::default(),
-    )
-    .unwrap()
-    .router();
-    let image = ph.join("images").join(
-        std::fs::read_dir(ph.join("images"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .file_name(),
-    );
+    let router = router_with(heads);
+    let image = first_image(&ph);
     let bytes = std::fs::read(&image).unwrap();
     let (s, v) = call(
         &router,
@@ -413,23 +406,8 @@ async fn upscale_answers_as_the_library() {
         upscalers: vec![("sr2".into(), Arc::new(Upscaler::load(&dir, &dev).unwrap()))],
         ..Default::default()
     };
-    let router = Service::with_heads(
-        "tiny-clip",
-        load_model(),
-        vec![],
-        heads,
-        ServiceOptions::default(),
-    )
-    .unwrap()
-    .router();
-    let image = ph.join("images").join(
-        std::fs::read_dir(ph.join("images"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .file_name(),
-    );
+    let router = router_with(heads);
+    let image = first_image(&ph);
     let bytes = std::fs::read(&image).unwrap();
     let (s, v) = call(&router, "/v1/upscale", &json!({"image": b64(&bytes)})).await;
     assert_eq!(s, StatusCode::OK, "{v}");

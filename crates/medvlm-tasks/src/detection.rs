@@ -552,22 +552,11 @@ fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// The head's parameters in name order.
-pub fn head_params(varmap: &VarMap) -> Result<Vec<NamedVar>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| DetError::Invalid("poisoned varmap".into()))?;
-    let mut v: Vec<NamedVar> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(v)
-}
-
 /// A freshly initialised head (seeded, see `seeded_init`) and its parameters.
 pub fn init_head(cfg: &DetHeadConfig, device: &Device) -> Result<(DetectionHead, VarMap)> {
     let varmap = VarMap::new();
     let head = DetectionHead::new(VarBuilder::from_varmap(&varmap, DType::F32, device), cfg)?;
-    seeded_init(&head_params(&varmap)?, cfg.seed)?;
+    seeded_init(&medvlm_train::optim::varmap_params(&varmap), cfg.seed)?;
     Ok((head, varmap))
 }
 
@@ -596,7 +585,7 @@ pub fn train_head(
         ));
     }
     let (head, varmap) = init_head(cfg, device)?;
-    let params = head_params(&varmap)?;
+    let params = medvlm_train::optim::varmap_params(&varmap);
     let opt_cfg = AdamWConfig {
         weight_decay: cfg.weight_decay,
         ..AdamWConfig::default()

@@ -657,16 +657,7 @@ impl Detector {
         device: &Device,
     ) -> Result<(Tensor, Option<String>)> {
         let classes = &self.card.classes;
-        let by_name = classes.iter().position(|c| c.name == prompt);
-        let by_label: Vec<usize> = (0..classes.len())
-            .filter(|&i| classes[i].label == prompt)
-            .collect();
-        let idx = by_name.or(if by_label.len() == 1 {
-            Some(by_label[0])
-        } else {
-            None
-        });
-        if let Some(i) = idx {
+        if let Some(i) = crate::segmentation_pipeline::class_named(classes, prompt) {
             return Ok((self.class_text.get(i)?, Some(classes[i].name.clone())));
         }
         if !free_text {

@@ -517,17 +517,6 @@ impl RegNet {
     }
 }
 
-/// Parameters of a varmap, sorted by name.
-pub fn named_vars(varmap: &VarMap) -> Result<Vec<NamedVar>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| RegError::Invalid("poisoned varmap".into()))?;
-    let mut v: Vec<NamedVar> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(v)
-}
-
 /// He-normal weights and zero biases from `seed`; the velocity layer's weights get standard
 /// deviation 1e-5 (VoxelMorph's initialisation of its flow layer), so the first fields are
 /// near the identity.
@@ -634,7 +623,7 @@ pub fn train(
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let net = RegNet::new(vb, cfg)?;
-    let params = named_vars(&varmap)?;
+    let params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
     let opt_cfg = AdamWConfig {
         weight_decay: cfg.weight_decay,

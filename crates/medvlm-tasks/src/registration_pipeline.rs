@@ -433,7 +433,7 @@ impl Registrar {
         std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
         let weights = dir.join(WEIGHTS_FILE);
         let tensors: std::collections::HashMap<String, Tensor> =
-            crate::registration::named_vars(&self.varmap)?
+            medvlm_train::optim::varmap_params(&self.varmap)
                 .into_iter()
                 .map(|(k, v)| (k, v.as_tensor().clone()))
                 .collect();
@@ -462,7 +462,7 @@ impl Registrar {
             VarBuilder::from_varmap(&varmap, DType::F32, device),
             &card.config,
         )?;
-        for (name, var) in crate::registration::named_vars(&varmap)? {
+        for (name, var) in medvlm_train::optim::varmap_params(&varmap) {
             let t = tensors
                 .get(&name)
                 .ok_or_else(|| read_err(&weights, format!("no tensor `{name}`")))?;
@@ -494,7 +494,7 @@ impl Registrar {
     }
 
     fn net_device(&self) -> Result<Device> {
-        let vars = crate::registration::named_vars(&self.varmap)?;
+        let vars = medvlm_train::optim::varmap_params(&self.varmap);
         Ok(vars
             .first()
             .map(|(_, v)| v.as_tensor().device().clone())

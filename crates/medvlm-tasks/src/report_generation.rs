@@ -14,8 +14,6 @@
 //! decay 0.01, batch 32, 12 epochs, seed 0; the vocabulary is the training reports' words seen
 //! at least twice (lower-cased; punctuation as tokens).
 
-use std::collections::BTreeMap;
-
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
 use medvlm_models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
@@ -325,17 +323,6 @@ fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// Parameters of a varmap in name order.
-pub fn named_params(varmap: &VarMap) -> Result<Vec<NamedVar>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| ReportError::Invalid("poisoned varmap".into()))?;
-    let mut v: Vec<NamedVar> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(v)
-}
-
 /// Report token ids padded to one length: `[B, T]` with [`PAD_ID`].
 pub fn pad_batch(rows: &[&[u32]], device: &Device) -> Result<Tensor> {
     let t = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
@@ -393,7 +380,7 @@ pub fn train_generator(
         e,
         vocab,
     )?;
-    let params = named_params(&varmap)?;
+    let params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
     let mut opt = AdamW::new(
         params.clone(),
@@ -448,14 +435,6 @@ pub fn train_generator(
         varmap,
         epoch_losses,
     })
-}
-
-/// The tensors of a varmap by name, for saving.
-pub fn varmap_tensors(varmap: &VarMap) -> Result<BTreeMap<String, Tensor>> {
-    Ok(named_params(varmap)?
-        .into_iter()
-        .map(|(k, v)| (k, v.as_tensor().clone()))
-        .collect())
 }
 
 #[cfg(test)]
@@ -529,7 +508,7 @@ mod tests {
             10,
         )
         .unwrap();
-        seeded_init(&named_params(&varmap).unwrap(), 3).unwrap();
+        seeded_init(&medvlm_train::optim::varmap_params(&varmap), 3).unwrap();
         let img = Tensor::new(&[[0.5f32, -0.2, 0.1, 0.9]], &dev).unwrap();
         let short = pad_batch(&[&[4, 5, EOS_ID]], &dev).unwrap();
         let padded = pad_batch(&[&[4, 5, EOS_ID], &[4, 5, 6, 7, 8, EOS_ID]], &dev)

@@ -34,7 +34,7 @@ use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use crate::report_generation::{
-    train_generator, varmap_tensors, ReportError, ReportGenConfig, ReportGenerator, Result, EOS_ID,
+    train_generator, ReportError, ReportGenConfig, ReportGenerator, Result, EOS_ID,
 };
 
 /// Format tag of the card.
@@ -126,8 +126,7 @@ pub fn image_embeddings(m: &LoadedModel, files: &[PathBuf], device: &Device) -> 
     let t = e
         .embeds
         .ok_or_else(|| ReportError::Invalid("no image could be embedded".into()))?;
-    let norm = t.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-    Ok(t.broadcast_div(&norm)?.to_device(device)?)
+    Ok(medvlm_models::vlm::l2_normalize(&t)?.to_device(device)?)
 }
 
 /// Text of word tokens as a report: punctuation attached to its word, hyphens and `&`
@@ -300,7 +299,7 @@ pub fn train(
         tokenizer,
         train_embeds: embeds,
         train_reports: texts.iter().map(|s| s.to_string()).collect(),
-        weights: varmap_tensors(&trained.varmap)?.into_iter().collect(),
+        weights: medvlm_models::model_dir::varmap_tensors(&trained.varmap)?,
     })
 }
 

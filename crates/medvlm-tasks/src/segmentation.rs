@@ -288,15 +288,7 @@ pub fn train_head(
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let head = TextSegHead::new(vb, cfg)?;
-    let params: Vec<NamedVar> = {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| SegError::Invalid("poisoned varmap".into()))?;
-        let mut v: Vec<NamedVar> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
+    let params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
     let opt_cfg = AdamWConfig {
         weight_decay: cfg.weight_decay,

@@ -252,6 +252,21 @@ pub struct SegClass {
     pub prompts: Vec<String>,
 }
 
+/// The class a prompt names: the class of that name (`modality/label`), else the only class
+/// with that label; `None` when no class, or several, match.
+pub fn class_named(classes: &[SegClass], prompt: &str) -> Option<usize> {
+    classes.iter().position(|c| c.name == prompt).or_else(|| {
+        let mut by_label = classes
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.label == prompt);
+        match (by_label.next(), by_label.next()) {
+            (Some((i, _)), None) => Some(i),
+            _ => None,
+        }
+    })
+}
+
 /// Default prompts of a class (see the module docs).
 pub fn default_prompts(modality: Option<&str>, label: &str) -> Vec<String> {
     if let Some(m) = modality.and_then(|m| m.parse::<medvlm_phantoms::Modality>().ok()) {
@@ -1034,16 +1049,7 @@ impl Segmenter {
         prompt: &str,
         device: &Device,
     ) -> Result<(Tensor, Option<String>)> {
-        let by_name = self.card.classes.iter().position(|c| c.name == prompt);
-        let by_label: Vec<usize> = (0..self.card.classes.len())
-            .filter(|&i| self.card.classes[i].label == prompt)
-            .collect();
-        let idx = by_name.or(if by_label.len() == 1 {
-            Some(by_label[0])
-        } else {
-            None
-        });
-        if let Some(i) = idx {
+        if let Some(i) = class_named(&self.card.classes, prompt) {
             return Ok((
                 self.class_text.get(i)?,
                 Some(self.card.classes[i].name.clone()),

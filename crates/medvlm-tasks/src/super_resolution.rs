@@ -465,17 +465,6 @@ fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// The parameters of a varmap sorted by name.
-pub fn named_vars(varmap: &VarMap) -> Result<Vec<NamedVar>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| SrError::Invalid("poisoned varmap".into()))?;
-    let mut v: Vec<NamedVar> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(v)
-}
-
 /// One of the 8 flips/rotations of a square `n x n` image (`k` in `0..8`: bit 0 flips
 /// columns, bit 1 flips rows, bit 2 transposes).
 fn dihedral(src: &[f32], n: usize, k: u8) -> Vec<f32> {
@@ -541,7 +530,7 @@ pub fn train_sr(
     let lp = patch / s;
     let varmap = VarMap::new();
     let net = SrNet::new(VarBuilder::from_varmap(&varmap, DType::F32, device), cfg)?;
-    let params = named_vars(&varmap)?;
+    let params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
     let opt_cfg = AdamWConfig {
         weight_decay: 0.0,

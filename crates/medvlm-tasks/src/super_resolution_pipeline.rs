@@ -35,8 +35,8 @@ use medvlm_eval::image_quality::{psnr, ssim, ImageRef};
 use medvlm_io::{Plane, PlaneSelect, SourceFormat, Window};
 
 use crate::super_resolution::{
-    bicubic_resize, check_hr_size, named_vars, quantise_u8, train_sr, upscale, SrConfig, SrError,
-    SrNet, SrPair, MIN_LR_SIDE,
+    bicubic_resize, check_hr_size, quantise_u8, train_sr, upscale, SrConfig, SrError, SrNet,
+    SrPair, MIN_LR_SIDE,
 };
 
 /// Errors of the super-resolution pipeline; each names the file and the reason.
@@ -271,7 +271,7 @@ impl Upscaler {
     /// Writes `dir/weights.safetensors` then `dir/upscaler.json`, each atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
-        let tensors: HashMap<String, Tensor> = named_vars(&self.varmap)?
+        let tensors: HashMap<String, Tensor> = medvlm_train::optim::varmap_params(&self.varmap)
             .into_iter()
             .map(|(k, v)| (k, v.as_tensor().clone()))
             .collect();
@@ -309,7 +309,7 @@ impl Upscaler {
             VarBuilder::from_varmap(&varmap, DType::F32, device),
             &card.config,
         )?;
-        for (name, var) in named_vars(&varmap)? {
+        for (name, var) in medvlm_train::optim::varmap_params(&varmap) {
             let t = tensors
                 .get(&name)
                 .ok_or_else(|| file_err(&weights, format!("no tensor `{name}`")))?;

@@ -56,6 +56,19 @@ pub type Result<T> = std::result::Result<T, OptimError>;
 /// A trainable tensor and its name (module path, e.g. `vision_model.encoder.layers.3.mlp.fc1.weight`).
 pub type NamedVar = (String, Var);
 
+/// The variables of a `VarMap` in name order: the order seeded initialisers draw in and
+/// checkpoints list, so a seed gives the same model on every run. (A lock poisoned by a
+/// panic elsewhere still holds valid variables, so it is read through.)
+pub fn varmap_params(varmap: &candle_nn::VarMap) -> Vec<NamedVar> {
+    let data = varmap
+        .data()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut v: Vec<NamedVar> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 /// Which parameters get weight decay; see the module documentation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
