@@ -1528,3 +1528,147 @@ pub async fn upscale(State(svc): State<Service>, req: Request) -> Response {
     })
     .await
 }
+
+/// Text fields and the named images of a request: JSON `{field: "...", "<image name>":
+/// base64}` or a multipart form whose file parts are named after the images. Every image is
+/// required.
+fn fields_and_named_images(
+    payload: Payload,
+    allowed: &[&str],
+    images: &[&str],
+) -> Result<(std::collections::HashMap<String, String>, Vec<Bytes>), ApiError> {
+    let mut fields = std::collections::HashMap::new();
+    let mut found: Vec<Option<Bytes>> = vec![None; images.len()];
+    match payload {
+        Payload::Json(v) => {
+            let m = object(v)?;
+            let mut keys: Vec<&str> = allowed.to_vec();
+            keys.extend_from_slice(images);
+            reject_unknown(&m, &keys)?;
+            for k in allowed {
+                if let Some(v) = opt_str(&m, k)? {
+                    fields.insert(k.to_string(), v);
+                }
+            }
+            for (slot, name) in found.iter_mut().zip(images) {
+                if let Some(b) = opt_str(&m, name)? {
+                    *slot = Some(base64_image(&b, name)?);
+                }
+            }
+        }
+        Payload::Form(parts) => {
+            for p in parts {
+                if let Some(i) = images.iter().position(|n| *n == p.name) {
+                    if found[i].is_some() {
+                        return Err(ApiError::unprocessable(format!(
+                            "the form has two files named {:?}",
+                            p.name
+                        )));
+                    }
+                    found[i] = Some(p.data);
+                } else if allowed.contains(&p.name.as_str()) && p.file_name.is_none() {
+                    fields.insert(p.name.clone(), p.text()?);
+                } else {
+                    return Err(ApiError::unprocessable(format!(
+                        "unknown form field {:?} (files named {} and the fields {})",
+                        p.name,
+                        images.join(", "),
+                        allowed.join(", ")
+                    )));
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(images.len());
+    for (b, name) in found.into_iter().zip(images) {
+        out.push(b.ok_or_else(|| {
+            ApiError::unprocessable(format!("the request has no image {name:?}"))
+        })?);
+    }
+    Ok((fields, out))
+}
+
+/// Largest image pair `/v1/register` takes, in pixels per image (2048 x 2048).
+const MAX_REGISTER_PIXELS: usize = 2048 * 2048;
+
+/// `POST /v1/register`: the `moving` image registered onto the `fixed` one by a registrar
+/// (`--registrar DIR`): the warped moving image as an 8-bit grey PNG, the pull-back field
+/// (moving -> fixed, `[2, H, W]` float32, `dx, dy` in pixels) as a base64 `.npy`, the share
+/// of folded pixels and the grey-level MSE before and after. Colour uploads are averaged to
+/// grey, as the CLI does.
+pub async fn register(State(svc): State<Service>, req: Request) -> Response {
+    with_timeout(&svc, async {
+        let payload = read_payload(&svc, req).await?;
+        let (fields, mut images) =
+            fields_and_named_images(payload, &["registrar"], &["moving", "fixed"])?;
+        let (name, reg) = pick(
+            &svc.inner.heads.registrars,
+            fields.get("registrar"),
+            "registrar",
+        )?;
+        let name = name.clone();
+        let fixed_bytes = images.pop().unwrap_or_default();
+        let moving_bytes = images.pop().unwrap_or_default();
+        let v = blocking(move || {
+            use medvlm_tasks::registration_pipeline::{read_grey, RegPair};
+            let grey = |bytes: &Bytes, which: &str| {
+                crate::decode::with_upload(bytes, |path, _| {
+                    read_grey(path).map_err(|e| e.to_string())
+                })
+                .map_err(|e| {
+                    let mut err = decode_error(e);
+                    err.message = format!("{which} image: {}", err.message);
+                    err
+                })
+            };
+            let (moving, ms) = grey(&moving_bytes, "moving")?;
+            let (fixed, fs) = grey(&fixed_bytes, "fixed")?;
+            // Decodable images that cannot be registered are the request's fault (422).
+            if ms != fs {
+                return Err(ApiError::unprocessable(format!(
+                    "the moving image is {}x{} but the fixed image is {}x{}; register images of one size",
+                    ms.0, ms.1, fs.0, fs.1
+                )));
+            }
+            if fs.0 * fs.1 > MAX_REGISTER_PIXELS {
+                return Err(ApiError::unprocessable(format!(
+                    "{}x{} is more than the {MAX_REGISTER_PIXELS} pixels /v1/register takes",
+                    fs.0, fs.1
+                )));
+            }
+            reg.check_size(fs)
+                .map_err(|e| ApiError::unprocessable(e.to_string()))?;
+            let pair = RegPair {
+                id: "upload".into(),
+                modality: String::new(),
+                moving_path: "<moving upload>".into(),
+                fixed_path: "<fixed upload>".into(),
+                moving,
+                fixed,
+                shape: fs,
+                known_field: None,
+                fixed_mask: None,
+            };
+            let done = reg
+                .apply_pair(&pair)
+                .map_err(|e| ApiError::internal(format!("registration: {e}")))?;
+            let warped = medvlm_io::Plane::new(fs.0, fs.1, 1, done.warped)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            let npy = medvlm_io::npy::encode_npy_f32(&[2, fs.0, fs.1], &done.field)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok(json!({
+                "object": "registration",
+                "registrar": name,
+                "size": [fs.0, fs.1],
+                "folding": done.folding,
+                "mse_before": done.mse.0,
+                "mse_after": done.mse.1,
+                "warped_png": png_base64(&warped).map_err(ApiError::internal)?,
+                "field_npy": base64::engine::general_purpose::STANDARD.encode(npy),
+            }))
+        })
+        .await?;
+        Ok(Json(v))
+    })
+    .await
+}

@@ -70,6 +70,8 @@ pub struct ServeConfig {
     pub box_detectors: Vec<PathBuf>,
     /// Upscaler folders (`medvlm upscale train`), served by `/v1/upscale`.
     pub upscalers: Vec<PathBuf>,
+    /// Registrar folders (`medvlm register train`), served by `/v1/register`.
+    pub registrars: Vec<PathBuf>,
     /// Address to bind (port 0: any free port; the bound address is printed on stderr).
     pub addr: SocketAddr,
     /// File holding the API key (first line); `/v1/*` then needs `Authorization: Bearer`.
@@ -98,6 +100,7 @@ impl Default for ServeConfig {
             reporters: vec![],
             box_detectors: vec![],
             upscalers: vec![],
+            registrars: vec![],
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key_file: None,
             max_batch: 16,
@@ -253,6 +256,15 @@ impl ServeConfig {
                     reason: e.to_string(),
                 })?;
             heads.upscalers.push((name, std::sync::Arc::new(up)));
+        }
+        for dir in &self.registrars {
+            let name = folder_name(dir)?;
+            let reg = medvlm_tasks::registration_pipeline::Registrar::load(dir, &self.device)
+                .map_err(|e| ServeError::Head {
+                    dir: dir.clone(),
+                    reason: e.to_string(),
+                })?;
+            heads.registrars.push((name, std::sync::Arc::new(reg)));
         }
         Service::with_heads(self.model.clone(), model, artefacts, heads, opts)
             .map_err(ServeError::Runtime)

@@ -16,6 +16,7 @@ use medvlm_adapt::predictor::AdaptedModel;
 use medvlm_models::LoadedModel;
 use medvlm_tasks::anomaly_pipeline::AnomalyDetector;
 use medvlm_tasks::detection_pipeline::Detector;
+use medvlm_tasks::registration_pipeline::Registrar;
 use medvlm_tasks::report_pipeline::Reporter;
 use medvlm_tasks::segmentation_pipeline::Segmenter;
 use medvlm_tasks::super_resolution_pipeline::Upscaler;
@@ -82,6 +83,8 @@ pub struct TaskHeads {
     pub box_detectors: Vec<(String, Arc<Detector>)>,
     /// Super-resolution networks (`medvlm upscale train`), for `/v1/upscale`.
     pub upscalers: Vec<(String, Arc<Upscaler>)>,
+    /// Registration networks (`medvlm register train`), for `/v1/register`.
+    pub registrars: Vec<(String, Arc<Registrar>)>,
 }
 
 pub(crate) struct Inner {
@@ -230,6 +233,7 @@ pub fn routes() -> Vec<RouteSpec> {
         r("/v1/report", Method::POST, post(handlers::report)),
         r("/v1/detect", Method::POST, post(handlers::detect)),
         r("/v1/upscale", Method::POST, post(handlers::upscale)),
+        r("/v1/register", Method::POST, post(handlers::register)),
         r("/v1/papers", Method::GET, get(handlers::papers)),
     ]
 }

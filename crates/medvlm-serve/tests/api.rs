@@ -3,6 +3,8 @@
 //! a JSON error with its status, the queue refuses when full and batches concurrent images,
 //! and the server finishes a request in flight when shut down.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,6 +13,7 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use base64::Engine as _;
 use candle_core::Device;
+use common::multipart;
 use http_body_util::BodyExt;
 use medvlm_adapt::predictor::AdaptedModel;
 use medvlm_io::medimage::Plane;
@@ -57,36 +60,6 @@ fn post_json(uri: &str, body: &Value) -> Request<Body> {
     Request::post(uri)
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap()
-}
-
-fn multipart(uri: &str, parts: &[(&str, Option<&str>, &[u8])]) -> Request<Body> {
-    let boundary = "medvlm-test-boundary-7f3a";
-    let mut body = Vec::new();
-    for (name, file, data) in parts {
-        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
-        match file {
-            Some(f) => body.extend_from_slice(
-                format!(
-                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\
-                     Content-Type: application/octet-stream\r\n\r\n"
-                )
-                .as_bytes(),
-            ),
-            None => body.extend_from_slice(
-                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
-            ),
-        }
-        body.extend_from_slice(data);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    Request::post(uri)
-        .header(
-            header::CONTENT_TYPE,
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(Body::from(body))
         .unwrap()
 }
 

@@ -1,7 +1,9 @@
-//! `/v1/segment`, `/v1/anomaly` and `/v1/report`: a segmenter, an anomaly detector and a
-//! report generator made with the library
-//! on a tiny phantom set and the tiny CLIP fixture answer what the library answers for the
-//! same file, and the requests that cannot work get JSON errors.
+//! The task-head routes (`/v1/segment`, `/v1/anomaly`, `/v1/report`, `/v1/detect`,
+//! `/v1/upscale`, `/v1/register`): heads made with the library on a tiny phantom set and the
+//! tiny CLIP fixture answer what the library answers for the same files, and the requests
+//! that cannot work get JSON errors.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -447,4 +449,125 @@ async fn upscale_answers_as_the_library() {
             .contains("too small"),
         "{v}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_answers_as_the_library() {
+    use medvlm_tasks::registration::RegConfig;
+    use medvlm_tasks::registration_pipeline::{load_pairs, read_grey, Registrar};
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let dev = Device::Cpu;
+    let pairs = load_pairs(&ph.join("manifest.jsonl"), None, Some(4)).unwrap();
+    let cfg = RegConfig {
+        width: 4,
+        levels: 2,
+        integration_steps: 3,
+        steps: 3,
+        batch: 2,
+        ..RegConfig::default()
+    };
+    let reg = Registrar::train_on(&pairs, "tiny", &cfg, &dev, |_, _| {}).unwrap();
+    let dir = tmp.path().join("reg");
+    reg.save(&dir).unwrap();
+    let heads = TaskHeads {
+        registrars: vec![("reg".into(), Arc::new(Registrar::load(&dir, &dev).unwrap()))],
+        ..Default::default()
+    };
+    let router = router_with(heads);
+    let pair = &pairs[0];
+    let moving = std::fs::read(&pair.moving_path).unwrap();
+    let fixed = std::fs::read(&pair.fixed_path).unwrap();
+    let (s, v) = call(
+        &router,
+        "/v1/register",
+        &json!({"moving": b64(&moving), "fixed": b64(&fixed)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["size"], json!([32, 32]));
+    let want = reg.apply_pair(pair).unwrap();
+    assert_eq!(v["folding"].as_f64().unwrap(), want.folding);
+    assert!((v["mse_after"].as_f64().unwrap() - want.mse.1).abs() < 1e-12);
+    // The field comes back exactly; the warped image rounded to 8 bits.
+    let npy = tmp.path().join("field.npy");
+    let dec = |k: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v[k].as_str().unwrap())
+            .unwrap()
+    };
+    std::fs::write(&npy, dec("field_npy")).unwrap();
+    let field = medvlm_io::npy::read_npy(&npy).unwrap();
+    assert_eq!(field.shape, vec![2, 32, 32]);
+    assert!(field
+        .data
+        .iter()
+        .zip(&want.field)
+        .all(|(a, b)| *a as f32 == *b));
+    let png = tmp.path().join("warped.png");
+    std::fs::write(&png, dec("warped_png")).unwrap();
+    let (warped, shape) = read_grey(&png).unwrap();
+    assert_eq!(shape, (32, 32));
+    for (g, w) in warped.iter().zip(&want.warped) {
+        assert!((g - w).abs() <= 1.0 / 255.0 + 1e-6, "{g} vs {w}");
+    }
+
+    // A multipart form with files named moving and fixed answers the same.
+    let form = common::multipart(
+        "/v1/register",
+        &[
+            ("moving", Some("m.png"), &moving),
+            ("fixed", Some("f.png"), &fixed),
+            ("registrar", None, b"reg"),
+        ],
+    );
+    let resp = router.clone().oneshot(form).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    let f: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(f["field_npy"], v["field_npy"]);
+
+    // Requests that cannot be registered are refused with the reason.
+    let png_of = |n: usize| {
+        let p = tmp.path().join(format!("grey{n}.png"));
+        medvlm_io::raster::write_png(
+            &p,
+            &medvlm_io::Plane::new(n, n, 1, vec![0.5; n * n]).unwrap(),
+        )
+        .unwrap();
+        std::fs::read(&p).unwrap()
+    };
+    for (body, needle) in [
+        (json!({"moving": b64(&moving)}), "no image \"fixed\""),
+        (
+            json!({"moving": b64(&png_of(16)), "fixed": b64(&fixed)}),
+            "16x16 but the fixed image is 32x32",
+        ),
+        (
+            json!({"moving": b64(&png_of(30)), "fixed": b64(&png_of(30))}),
+            "divisible by 2^levels",
+        ),
+        (
+            json!({"moving": b64(&moving), "fixed": b64(&fixed), "registrar": "other"}),
+            "no registrar named",
+        ),
+    ] {
+        let (s, e) = call(&router, "/v1/register", &body).await;
+        assert!(s.is_client_error(), "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(needle),
+            "{needle}: {e}"
+        );
+    }
+    let (s, e) = call(
+        &router,
+        "/v1/register",
+        &json!({"moving": b64(b"not an image"), "fixed": b64(&fixed)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{e}");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("moving image:"));
 }

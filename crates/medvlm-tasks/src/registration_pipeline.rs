@@ -674,6 +674,53 @@ pub struct Applied {
     pub mse: (f64, f64),
 }
 
+/// One pair registered in memory by [`Registrar::apply_pair`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registered {
+    /// The pull-back field moving -> fixed, planar `[2, H, W]` (`dx, dy` in pixels).
+    pub field: Vec<f32>,
+    /// The moving image warped by the field (grey levels in `[0, 1]`).
+    pub warped: Vec<f32>,
+    /// Share of pixels whose Jacobian determinant is not positive (folding).
+    pub folding: f64,
+    /// Grey-level MSE against the fixed image, before and after.
+    pub mse: (f64, f64),
+}
+
+impl Registrar {
+    /// Checks that a pair of size `shape` can be registered by this network (divisible by
+    /// `2^levels`, at least 2 x 2); the error states the rule.
+    pub fn check_size(&self, shape: (usize, usize)) -> Result<()> {
+        self.card
+            .config
+            .validate(shape)
+            .map_err(|e| RegPipelineError::Invalid(e.to_string()))
+    }
+
+    /// Registers one pair in memory: the field, the warped moving image, folding and MSE.
+    pub fn apply_pair(&self, pair: &RegPair) -> Result<Registered> {
+        self.check_size(pair.shape)?;
+        let field = self
+            .register(std::slice::from_ref(pair))?
+            .pop()
+            .ok_or_else(|| RegPipelineError::Invalid("no field".into()))?;
+        let warped = warp_plain(&pair.moving, &field, pair.shape)?;
+        let mse = |a: &[f32]| {
+            a.iter()
+                .zip(&pair.fixed)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum::<f64>()
+                / a.len() as f64
+        };
+        Ok(Registered {
+            folding: folding_share(&field, pair.shape)?,
+            mse: (mse(&pair.moving), mse(&warped)),
+            field,
+            warped,
+        })
+    }
+}
+
 /// Registers `moving` onto `fixed` with a saved registrar and writes `out/warped.png`,
 /// `out/field.npy` and, with `moving_mask`, `out/warped_mask.png`.
 pub fn apply_files(
@@ -686,23 +733,20 @@ pub fn apply_files(
 ) -> Result<Applied> {
     let reg = Registrar::load(dir, device)?;
     let pair = RegPair::from_files(moving, fixed, None, &[])?;
-    let field = reg
-        .register(std::slice::from_ref(&pair))?
-        .pop()
-        .ok_or_else(|| RegPipelineError::Invalid("no field".into()))?;
+    let done = reg.apply_pair(&pair)?;
     std::fs::create_dir_all(out).map_err(|e| file_err(out, e))?;
-    let warped = warp_plain(&pair.moving, &field, pair.shape)?;
     let (rows, cols) = pair.shape;
     let warped_path = out.join("warped.png");
-    let plane = Plane::new(rows, cols, 1, warped.clone()).map_err(|e| file_err(&warped_path, e))?;
+    let plane =
+        Plane::new(rows, cols, 1, done.warped.clone()).map_err(|e| file_err(&warped_path, e))?;
     medvlm_io::raster::write_png(&warped_path, &plane).map_err(|e| file_err(&warped_path, e))?;
     let field_path = out.join("field.npy");
-    medvlm_io::npy::write_npy_f32(&field_path, &[2, rows, cols], &field)
+    medvlm_io::npy::write_npy_f32(&field_path, &[2, rows, cols], &done.field)
         .map_err(|e| file_err(&field_path, e))?;
     let warped_mask = match moving_mask {
         Some(p) => {
             let m = read_mask(p, pair.shape, moving)?;
-            let w = warp_mask(&m, &field, pair.shape)?;
+            let w = warp_mask(&m, &done.field, pair.shape)?;
             let path = out.join("warped_mask.png");
             let plane = Plane::new(rows, cols, 1, w.iter().map(|&v| f32::from(v)).collect())
                 .map_err(|e| file_err(&path, e))?;
@@ -711,19 +755,12 @@ pub fn apply_files(
         }
         None => None,
     };
-    let mse = |a: &[f32]| {
-        a.iter()
-            .zip(&pair.fixed)
-            .map(|(x, y)| f64::from(x - y).powi(2))
-            .sum::<f64>()
-            / a.len() as f64
-    };
     Ok(Applied {
         warped: warped_path,
         field: field_path,
         warped_mask,
-        folding: folding_share(&field, pair.shape)?,
-        mse: (mse(&pair.moving), mse(&warped)),
+        folding: done.folding,
+        mse: done.mse,
     })
 }
 

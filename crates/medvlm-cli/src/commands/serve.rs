@@ -38,6 +38,10 @@ pub struct Args {
     /// folder name (repeatable).
     #[arg(long = "upscaler")]
     pub upscalers: Vec<PathBuf>,
+    /// A registrar folder written by `medvlm register train`, served by /v1/register under
+    /// its folder name (repeatable).
+    #[arg(long = "registrar")]
+    pub registrars: Vec<PathBuf>,
     /// Address to listen on (port 0: any free port; the address is printed on stderr).
     /// A non-loopback address without --api-key-file prints a warning.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -73,6 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         reporters: args.reporters,
         box_detectors: args.box_detectors,
         upscalers: args.upscalers,
+        registrars: args.registrars,
         addr: args.addr,
         api_key_file: args.api_key_file,
         max_batch: args.max_batch,
