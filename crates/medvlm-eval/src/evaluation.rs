@@ -13,6 +13,7 @@ use crate::classification::{argmax_rows, ClassificationReport};
 use crate::conformal::{ConformalConfig, ConformalPredictor, ConformalReport};
 use crate::conformal_multilabel::{FnrControlReport, FnrController};
 use crate::multilabel::{average_precision, multilabel_f1};
+use crate::temperature::{apply_temperature, fit_temperature, Temperature};
 use crate::Result;
 
 /// Decision threshold on the sigmoid probabilities for the thresholded
@@ -36,6 +37,35 @@ pub struct ConformalSummary {
     pub predictor: Option<ConformalPredictor>,
 }
 
+/// Temperature scaling fitted on the calibration examples and its effect on the test set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemperatureSummary {
+    /// The method, for readers of the card.
+    pub method: String,
+    /// Where the calibration examples came from (the conformal calibration examples).
+    pub calibration_source: String,
+    /// The fitted temperature and the calibration NLL before and after.
+    pub fit: Temperature,
+    /// Test ECE (15 bins) of the classifier's own probabilities.
+    pub test_ece_before: f64,
+    /// Test ECE after temperature scaling.
+    pub test_ece_after: f64,
+    /// Test mean NLL before.
+    pub test_nll_before: f64,
+    /// Test mean NLL after.
+    pub test_nll_after: f64,
+}
+
+/// Mean negative log-likelihood of `labels` (probabilities floored at 1e-30).
+fn mean_nll(probs: &[f32], labels: &[usize], c: usize) -> f64 {
+    probs
+        .chunks_exact(c)
+        .zip(labels)
+        .map(|(row, &y)| -(row[y] as f64).max(1e-30).ln())
+        .sum::<f64>()
+        / labels.len().max(1) as f64
+}
+
 /// Every metric of one evaluation on a labelled test set.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Metrics {
@@ -57,6 +87,11 @@ pub struct Metrics {
     pub reliability: ReliabilityDiagram,
     /// Split-conformal APS sets, when calibration examples exist.
     pub conformal: Option<ConformalSummary>,
+    /// Temperature scaling fitted on the same calibration examples, when they exist (absent
+    /// in cards written before it was recorded). Conformal sets use the unscaled
+    /// probabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<TemperatureSummary>,
 }
 
 /// Computes every metric from test probabilities; `calibration` gives the
@@ -74,6 +109,25 @@ pub fn evaluate(
     let accuracy = pred.iter().zip(labels).filter(|(p, y)| p == y).count() as f64 / n.max(1) as f64;
     let auroc = auroc_one_vs_rest(probs, labels, num_classes)?;
     let reliability = reliability_diagram(probs, labels, num_classes, DEFAULT_NUM_BINS)?;
+    let temperature = match &calibration {
+        Some((cal_probs, cal_labels, source)) if !cal_labels.is_empty() && num_classes >= 2 => {
+            let fit = fit_temperature(cal_probs, cal_labels, num_classes)?;
+            let scaled = apply_temperature(probs, num_classes, fit.temperature)?;
+            let after = reliability_diagram(&scaled, labels, num_classes, DEFAULT_NUM_BINS)?;
+            Some(TemperatureSummary {
+                method: "temperature scaling (Guo et al., ICML 2017), NLL-optimal T on the \
+                         calibration examples"
+                    .into(),
+                calibration_source: source.clone(),
+                test_ece_before: reliability.ece,
+                test_ece_after: after.ece,
+                test_nll_before: mean_nll(probs, labels, num_classes),
+                test_nll_after: mean_nll(&scaled, labels, num_classes),
+                fit,
+            })
+        }
+        _ => None,
+    };
     let conformal = match calibration {
         Some((cal_probs, cal_labels, source)) if !cal_labels.is_empty() => {
             let predictor =
@@ -98,6 +152,7 @@ pub fn evaluate(
         auroc,
         reliability,
         conformal,
+        temperature,
     })
 }
 

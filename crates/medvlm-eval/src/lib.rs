@@ -9,6 +9,7 @@
 //! * [`auroc`]: exact (Mann-Whitney) AUROC, one-vs-rest and multi-label.
 //! * [`multilabel`]: macro/micro F1 at a threshold, average precision.
 //! * [`calibration`]: expected calibration error and reliability diagrams.
+//! * [`temperature`]: temperature scaling of multi-class probabilities (fit and apply).
 //! * [`conformal`]: split-conformal APS and RAPS prediction sets.
 //! * [`conformal_multilabel`]: conformal risk control of the false-negative rate of
 //!   multi-label sets.
@@ -62,5 +63,6 @@ pub mod report_labeller;
 pub mod report_metrics;
 pub mod retrieval;
 pub mod segmentation;
+pub mod temperature;
 
 pub use error::{EvalError, Result};

@@ -879,11 +879,39 @@ fn conformal_fields(
             }
         }
     }
-    out.insert("calibrated_probabilities".into(), Value::Null);
-    out.insert(
-        "calibration_reason".into(),
-        json!("adapt.json stores no temperature or other calibration map; the probabilities are the classifier's own"),
-    );
+    let temperature = match card.task {
+        TaskKind::MultiClass => card.metrics.as_ref().and_then(|m| m.temperature.as_ref()),
+        TaskKind::MultiLabel => None,
+    };
+    let calibrated = temperature.and_then(|t| {
+        medvlm_eval::temperature::apply_temperature(probs, names.len(), t.fit.temperature)
+            .ok()
+            .map(|c| (t, c))
+    });
+    match calibrated {
+        Some((t, c)) => {
+            out.insert("calibrated_probabilities".into(), json!(ranked(names, &c)));
+            out.insert(
+                "calibration".into(),
+                json!({
+                    "method": t.method,
+                    "temperature": t.fit.temperature,
+                    "calibration_source": t.calibration_source,
+                    "n_calibration": t.fit.n,
+                    "test_ece_before": t.test_ece_before,
+                    "test_ece_after": t.test_ece_after,
+                }),
+            );
+        }
+        None => {
+            out.insert("calibrated_probabilities".into(), Value::Null);
+            let reason = match card.task {
+                TaskKind::MultiLabel => "temperature scaling is fitted for multi-class artefacts only; the probabilities are the classifier's own sigmoids",
+                TaskKind::MultiClass => "adapt.json has no temperature (no calibration examples when it was adapted, or written by a medvlm older than temperature scaling); the probabilities are the classifier's own",
+            };
+            out.insert("calibration_reason".into(), json!(reason));
+        }
+    }
     out
 }
 

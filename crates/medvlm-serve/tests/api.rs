@@ -885,6 +885,30 @@ async fn predict_gives_the_split_conformal_set_the_card_calibrated() {
         assert_eq!(c["alpha"].as_f64(), Some(0.4));
         assert_eq!(c["q_hat"].as_f64(), predictor.q_hat);
         assert_eq!(c["n_calibration"], 4);
+        // Temperature scaling fitted on the same calibration examples: the served calibrated
+        // probabilities are softmax(ln p / T) of the classifier's, in the same order.
+        let t = card.metrics.as_ref().unwrap().temperature.as_ref().unwrap();
+        assert_eq!(
+            v["calibration"]["temperature"].as_f64(),
+            Some(t.fit.temperature)
+        );
+        let row = &expected.probabilities[i * 2..i * 2 + 2];
+        let want = medvlm_eval::temperature::apply_temperature(row, 2, t.fit.temperature).unwrap();
+        let cal = v["calibrated_probabilities"].as_array().unwrap();
+        assert_eq!(cal[0]["class"], v["top"]["class"], "{v}");
+        for p in cal {
+            let k = names
+                .iter()
+                .position(|n| *n == p["class"].as_str().unwrap())
+                .unwrap();
+            let got = p["probability"].as_f64().unwrap() as f32;
+            assert!(
+                (got - want[k]).abs() <= 1e-5,
+                "image {i}: {got} vs {}",
+                want[k]
+            );
+        }
+        assert!(v.get("calibration_reason").is_none(), "{v}");
     }
 }
 

@@ -225,6 +225,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 cf.report.mean_set_size
             );
         }
+        if let Some(t) = &mx.temperature {
+            println!(
+                "temperature scaling (fitted on {} {}): T = {:.3}{}; test ECE {:.4} -> {:.4}, NLL {:.4} -> {:.4} (served as calibrated probabilities)",
+                t.fit.n,
+                t.calibration_source,
+                t.fit.temperature,
+                if t.fit.at_bound { " (at the search bound)" } else { "" },
+                t.test_ece_before,
+                t.test_ece_after,
+                t.test_nll_before,
+                t.test_nll_after
+            );
+        }
     }
     if let Some(mx) = &card.multilabel_metrics {
         println!("{}", describe_multilabel(mx));
