@@ -1041,7 +1041,11 @@ pub async fn metrics(State(svc): State<Service>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        svc.inner.metrics.render(b.waiting(), b.capacity()),
+        {
+            let mut text = svc.inner.metrics.render(b.waiting(), b.capacity());
+            svc.inner.head_gate.load().render(&mut text);
+            text
+        },
     )
         .into_response()
 }
@@ -1251,40 +1255,43 @@ pub async fn segment(State(svc): State<Service>, req: Request) -> Response {
         )?;
         let name = name.clone();
         let device = svc.inner.opts.device.clone();
-        let v = blocking(move || {
-            crate::decode::with_upload(&image, |path, _| {
-                let plane = medvlm_tasks::segmentation_pipeline::read_plane(path)
+        let v = svc
+            .inner
+            .head_gate
+            .run(move || {
+                crate::decode::with_upload(&image, |path, _| {
+                    let plane = medvlm_tasks::segmentation_pipeline::read_plane(path)
+                        .map_err(|e| e.to_string())?;
+                    let (text, class) = seg
+                        .prompt_embedding(&prompt, &device)
+                        .map_err(|e| e.to_string())?;
+                    let mask = seg
+                        .segment_planes(std::slice::from_ref(&plane), &text, &device)
+                        .map_err(|e| e.to_string())?
+                        .remove(0);
+                    let mask_plane = medvlm_io::Plane::new(
+                        plane.rows,
+                        plane.cols,
+                        1,
+                        mask.iter().map(|&m| f32::from(m)).collect(),
+                    )
                     .map_err(|e| e.to_string())?;
-                let (text, class) = seg
-                    .prompt_embedding(&prompt, &device)
-                    .map_err(|e| e.to_string())?;
-                let mask = seg
-                    .segment_planes(std::slice::from_ref(&plane), &text, &device)
-                    .map_err(|e| e.to_string())?
-                    .remove(0);
-                let mask_plane = medvlm_io::Plane::new(
-                    plane.rows,
-                    plane.cols,
-                    1,
-                    mask.iter().map(|&m| f32::from(m)).collect(),
-                )
-                .map_err(|e| e.to_string())?;
-                let overlay = medvlm_tasks::segmentation_pipeline::overlay(&plane, &mask);
-                Ok(json!({
-                    "object": "segmentation",
-                    "segmenter": name,
-                    "prompt": prompt,
-                    "class": class,
-                    "width": plane.cols,
-                    "height": plane.rows,
-                    "area": mask.iter().map(|&m| m as usize).sum::<usize>(),
-                    "mask_png": png_base64(&mask_plane)?,
-                    "overlay_png": png_base64(&overlay)?,
-                }))
+                    let overlay = medvlm_tasks::segmentation_pipeline::overlay(&plane, &mask);
+                    Ok(json!({
+                        "object": "segmentation",
+                        "segmenter": name,
+                        "prompt": prompt,
+                        "class": class,
+                        "width": plane.cols,
+                        "height": plane.rows,
+                        "area": mask.iter().map(|&m| m as usize).sum::<usize>(),
+                        "mask_png": png_base64(&mask_plane)?,
+                        "overlay_png": png_base64(&overlay)?,
+                    }))
+                })
+                .map_err(decode_error)
             })
-            .map_err(decode_error)
-        })
-        .await?;
+            .await?;
         Ok(Json(v))
     })
     .await
@@ -1329,45 +1336,48 @@ pub async fn anomaly(State(svc): State<Service>, req: Request) -> Response {
             }
         }
         let device = svc.inner.opts.device.clone();
-        let v = blocking(move || {
-            crate::decode::with_upload(&image, |path, _| {
-                let (_, scored, anomalous) = det
-                    .predict_files(&[path.to_path_buf()], modality.as_deref(), &device)
-                    .map_err(|e| e.to_string())?
-                    .remove(0);
-                let d = det
-                    .modalities
-                    .iter()
-                    .find(|d| d.modality == modality)
-                    .ok_or("no detector for the modality")?;
-                let t = d.threshold.value.max(1e-6);
-                let size = det.card.image_size;
-                let map = medvlm_io::Plane::new(
-                    size,
-                    size,
-                    1,
-                    scored
-                        .map
+        let v = svc
+            .inner
+            .head_gate
+            .run(move || {
+                crate::decode::with_upload(&image, |path, _| {
+                    let (_, scored, anomalous) = det
+                        .predict_files(&[path.to_path_buf()], modality.as_deref(), &device)
+                        .map_err(|e| e.to_string())?
+                        .remove(0);
+                    let d = det
+                        .modalities
                         .iter()
-                        .map(|v| (v / (2.0 * t)).clamp(0.0, 1.0))
-                        .collect(),
-                )
-                .map_err(|e| e.to_string())?;
-                Ok(json!({
-                    "object": "anomaly",
-                    "detector": name,
-                    "modality": modality,
-                    "score": scored.score,
-                    "threshold": d.threshold.value,
-                    "target_false_positive_rate": d.threshold.target_false_positive_rate,
-                    "anomalous": anomalous,
-                    "map_size": size,
-                    "map_png": png_base64(&map)?,
-                }))
+                        .find(|d| d.modality == modality)
+                        .ok_or("no detector for the modality")?;
+                    let t = d.threshold.value.max(1e-6);
+                    let size = det.card.image_size;
+                    let map = medvlm_io::Plane::new(
+                        size,
+                        size,
+                        1,
+                        scored
+                            .map
+                            .iter()
+                            .map(|v| (v / (2.0 * t)).clamp(0.0, 1.0))
+                            .collect(),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    Ok(json!({
+                        "object": "anomaly",
+                        "detector": name,
+                        "modality": modality,
+                        "score": scored.score,
+                        "threshold": d.threshold.value,
+                        "target_false_positive_rate": d.threshold.target_false_positive_rate,
+                        "anomalous": anomalous,
+                        "map_size": size,
+                        "map_png": png_base64(&map)?,
+                    }))
+                })
+                .map_err(decode_error)
             })
-            .map_err(decode_error)
-        })
-        .await?;
+            .await?;
         Ok(Json(v))
     })
     .await
@@ -1402,22 +1412,25 @@ pub async fn report(State(svc): State<Service>, req: Request) -> Response {
             medvlm_tasks::report_pipeline::Decoding::Greedy
         };
         let device = svc.inner.opts.device.clone();
-        let v = blocking(move || {
-            crate::decode::with_upload(&image, |path, _| {
-                let report = rep
-                    .report_files(&[path.to_path_buf()], decoding, &device)
-                    .map_err(|e| e.to_string())?
-                    .remove(0);
-                Ok(json!({
-                    "object": "report",
-                    "reporter": name,
-                    "beams": beams,
-                    "report": report,
-                }))
+        let v = svc
+            .inner
+            .head_gate
+            .run(move || {
+                crate::decode::with_upload(&image, |path, _| {
+                    let report = rep
+                        .report_files(&[path.to_path_buf()], decoding, &device)
+                        .map_err(|e| e.to_string())?
+                        .remove(0);
+                    Ok(json!({
+                        "object": "report",
+                        "reporter": name,
+                        "beams": beams,
+                        "report": report,
+                    }))
+                })
+                .map_err(decode_error)
             })
-            .map_err(decode_error)
-        })
-        .await?;
+            .await?;
         Ok(Json(v))
     })
     .await
@@ -1467,30 +1480,33 @@ pub async fn detect(State(svc): State<Service>, req: Request) -> Response {
         let (text, class) = det
             .prompt_embedding(&prompt, free_text, &device)
             .map_err(|e| ApiError::unprocessable(e.to_string()))?;
-        let v = blocking(move || {
-            crate::decode::with_upload(&image, |path, _| {
-                let plane = medvlm_tasks::segmentation_pipeline::read_plane(path)
-                    .map_err(|e| e.to_string())?;
-                let found = det
-                    .boxes_in_plane(&plane, &text, min_score, &device)
-                    .map_err(|e| e.to_string())?;
-                let overlay = medvlm_tasks::detection_pipeline::boxes_overlay(&plane, &found);
-                Ok(json!({
-                    "object": "detection",
-                    "box_detector": name,
-                    "prompt": prompt,
-                    "class": class,
-                    "width": plane.cols,
-                    "height": plane.rows,
-                    "grounding": found.grounding,
-                    "detections": found.detections,
-                    "min_score": min_score,
-                    "overlay_png": png_base64(&overlay)?,
-                }))
+        let v = svc
+            .inner
+            .head_gate
+            .run(move || {
+                crate::decode::with_upload(&image, |path, _| {
+                    let plane = medvlm_tasks::segmentation_pipeline::read_plane(path)
+                        .map_err(|e| e.to_string())?;
+                    let found = det
+                        .boxes_in_plane(&plane, &text, min_score, &device)
+                        .map_err(|e| e.to_string())?;
+                    let overlay = medvlm_tasks::detection_pipeline::boxes_overlay(&plane, &found);
+                    Ok(json!({
+                        "object": "detection",
+                        "box_detector": name,
+                        "prompt": prompt,
+                        "class": class,
+                        "width": plane.cols,
+                        "height": plane.rows,
+                        "grounding": found.grounding,
+                        "detections": found.detections,
+                        "min_score": min_score,
+                        "overlay_png": png_base64(&overlay)?,
+                    }))
+                })
+                .map_err(decode_error)
             })
-            .map_err(decode_error)
-        })
-        .await?;
+            .await?;
         Ok(Json(v))
     })
     .await
@@ -1512,46 +1528,49 @@ pub async fn upscale(State(svc): State<Service>, req: Request) -> Response {
             "upscaler",
         )?;
         let name = name.clone();
-        let v = blocking(move || {
-            crate::decode::with_upload(&image, |path, _| {
-                use medvlm_tasks::super_resolution_pipeline as sr;
-                let g = sr::read_grey(path).map_err(|e| e.to_string())?;
-                // A decodable image of a size the upscaler cannot take is the request's
-                // fault (422), not a decoding failure (415).
-                let s = up.scale();
-                if g.rows < medvlm_tasks::super_resolution::MIN_LR_SIDE
-                    || g.cols < medvlm_tasks::super_resolution::MIN_LR_SIDE
-                {
-                    return Ok(Err(ApiError::unprocessable(format!(
-                        "{}x{} is too small to upscale (at least {} px per side)",
-                        g.rows,
-                        g.cols,
-                        medvlm_tasks::super_resolution::MIN_LR_SIDE
-                    ))));
-                }
-                if g.rows * g.cols * s * s > MAX_UPSCALED_PIXELS {
-                    return Ok(Err(ApiError::unprocessable(format!(
-                        "{}x{} upscaled x{s} exceeds {MAX_UPSCALED_PIXELS} pixels",
-                        g.rows, g.cols
-                    ))));
-                }
-                let hr = up.upscale(&g).map_err(|e| e.to_string())?;
-                let plane = medvlm_io::Plane::new(g.rows * s, g.cols * s, 1, hr)
-                    .map_err(|e| e.to_string())?;
-                Ok(Ok(json!({
-                    "object": "upscale",
-                    "upscaler": name,
-                    "scale": s,
-                    "input_size": [g.rows, g.cols],
-                    "output_size": [g.rows * s, g.cols * s],
-                    "from_colour": g.from_colour,
-                    "image_png": png_base64(&plane)?,
-                })))
+        let v = svc
+            .inner
+            .head_gate
+            .run(move || {
+                crate::decode::with_upload(&image, |path, _| {
+                    use medvlm_tasks::super_resolution_pipeline as sr;
+                    let g = sr::read_grey(path).map_err(|e| e.to_string())?;
+                    // A decodable image of a size the upscaler cannot take is the request's
+                    // fault (422), not a decoding failure (415).
+                    let s = up.scale();
+                    if g.rows < medvlm_tasks::super_resolution::MIN_LR_SIDE
+                        || g.cols < medvlm_tasks::super_resolution::MIN_LR_SIDE
+                    {
+                        return Ok(Err(ApiError::unprocessable(format!(
+                            "{}x{} is too small to upscale (at least {} px per side)",
+                            g.rows,
+                            g.cols,
+                            medvlm_tasks::super_resolution::MIN_LR_SIDE
+                        ))));
+                    }
+                    if g.rows * g.cols * s * s > MAX_UPSCALED_PIXELS {
+                        return Ok(Err(ApiError::unprocessable(format!(
+                            "{}x{} upscaled x{s} exceeds {MAX_UPSCALED_PIXELS} pixels",
+                            g.rows, g.cols
+                        ))));
+                    }
+                    let hr = up.upscale(&g).map_err(|e| e.to_string())?;
+                    let plane = medvlm_io::Plane::new(g.rows * s, g.cols * s, 1, hr)
+                        .map_err(|e| e.to_string())?;
+                    Ok(Ok(json!({
+                        "object": "upscale",
+                        "upscaler": name,
+                        "scale": s,
+                        "input_size": [g.rows, g.cols],
+                        "output_size": [g.rows * s, g.cols * s],
+                        "from_colour": g.from_colour,
+                        "image_png": png_base64(&plane)?,
+                    })))
+                })
+                .map_err(decode_error)
+                .and_then(|answer| answer)
             })
-            .map_err(decode_error)
-            .and_then(|answer| answer)
-        })
-        .await?;
+            .await?;
         Ok(Json(v))
     })
     .await
@@ -1637,7 +1656,7 @@ pub async fn register(State(svc): State<Service>, req: Request) -> Response {
         let name = name.clone();
         let fixed_bytes = images.pop().unwrap_or_default();
         let moving_bytes = images.pop().unwrap_or_default();
-        let v = blocking(move || {
+        let v = svc.inner.head_gate.run(move || {
             use medvlm_tasks::registration_pipeline::{read_grey, RegPair};
             let grey = |bytes: &Bytes, which: &str| {
                 crate::decode::with_upload(bytes, |path, _| {

@@ -36,6 +36,7 @@ pub mod batcher;
 pub mod decode;
 pub mod error;
 mod handlers;
+pub mod head_gate;
 pub mod metrics;
 pub mod openapi;
 pub mod service;
@@ -86,6 +87,10 @@ pub struct ServeConfig {
     pub timeout_s: f64,
     /// Largest request body in MiB (then 413).
     pub max_body_mb: f64,
+    /// Task-head requests that may compute at once.
+    pub head_workers: usize,
+    /// Task-head requests that may wait for a worker before 429.
+    pub head_queue: usize,
     /// Compute device.
     pub device: Device,
 }
@@ -108,6 +113,8 @@ impl Default for ServeConfig {
             queue: 64,
             timeout_s: 30.0,
             max_body_mb: 32.0,
+            head_workers: ServiceOptions::default().head_workers,
+            head_queue: 16,
             device: Device::Cpu,
         }
     }
@@ -142,6 +149,9 @@ impl ServeConfig {
         if self.queue == 0 {
             return Err(limit("--queue", "must be at least 1"));
         }
+        if self.head_workers == 0 {
+            return Err(limit("--head-workers", "must be at least 1"));
+        }
         if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
             return Err(limit("--timeout-s", "must be a positive number of seconds"));
         }
@@ -159,6 +169,8 @@ impl ServeConfig {
             max_body_bytes: (self.max_body_mb * 1024.0 * 1024.0) as usize,
             device: self.device.clone(),
             text_batch: 32,
+            head_workers: self.head_workers,
+            head_queue: self.head_queue,
         })
     }
 

@@ -23,6 +23,7 @@ use medvlm_tasks::super_resolution_pipeline::Upscaler;
 
 use crate::batcher::{BatchConfig, Batcher, Engine};
 use crate::error::ApiError;
+use crate::head_gate::HeadGate;
 use crate::metrics::Metrics;
 use crate::{handlers, openapi};
 
@@ -41,6 +42,10 @@ pub struct ServiceOptions {
     pub device: Device,
     /// Texts per text-tower batch.
     pub text_batch: usize,
+    /// Task-head requests that may compute at once.
+    pub head_workers: usize,
+    /// Task-head requests that may wait for a worker before 429.
+    pub head_queue: usize,
 }
 
 impl Default for ServiceOptions {
@@ -56,6 +61,8 @@ impl Default for ServiceOptions {
             max_body_bytes: 32 * 1024 * 1024,
             device: Device::Cpu,
             text_batch: 32,
+            head_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            head_queue: 16,
         }
     }
 }
@@ -94,6 +101,7 @@ pub(crate) struct Inner {
     pub artefacts: Vec<Artefact>,
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
+    pub head_gate: HeadGate,
     pub opts: ServiceOptions,
     next_id: AtomicU64,
 }
@@ -116,8 +124,9 @@ impl Service {
         Self::with_heads(model_name, model, artefacts, TaskHeads::default(), opts)
     }
 
-    /// [`Self::new`] with task heads (segmenters, anomaly detectors). Their requests run on
-    /// a blocking thread each, outside the batching queue (one image per request).
+    /// [`Self::new`] with task heads (segmenters, anomaly detectors, ...). Their requests run
+    /// on a blocking thread each, outside the batching queue (one image per request), bounded
+    /// by a [`HeadGate`] of `opts.head_workers` and `opts.head_queue`.
     pub fn with_heads(
         model_name: impl Into<String>,
         model: LoadedModel,
@@ -149,6 +158,7 @@ impl Service {
                 artefacts,
                 batcher,
                 metrics,
+                head_gate: HeadGate::new(opts.head_workers, opts.head_queue),
                 opts,
                 next_id: AtomicU64::new(1),
             }),

@@ -159,6 +159,9 @@ async fn concurrent_images_run_as_one_batch_and_the_metrics_count_them() {
         "medvlm_forward_passes_total 1\n",
         "medvlm_queue_depth 0\n",
         "# TYPE medvlm_request_duration_seconds histogram\n",
+        "medvlm_head_running 0\n",
+        "medvlm_head_waiting 0\n",
+        "# TYPE medvlm_head_rejected_total counter\nmedvlm_head_rejected_total 0\n",
     ] {
         assert!(m.contains(line), "missing {line:?} in\n{m}");
     }

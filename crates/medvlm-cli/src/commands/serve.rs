@@ -58,6 +58,13 @@ pub struct Args {
     /// Images that may wait for the model; more are refused with 429.
     #[arg(long, default_value_t = 64, value_parser = crate::commands::at_least_one)]
     pub queue: usize,
+    /// Task-head requests (segment, anomaly, detect, report, upscale, register) that may
+    /// compute at once (default: the number of CPU threads).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub head_workers: Option<usize>,
+    /// Task-head requests that may wait for a worker; more are refused with 429.
+    #[arg(long, default_value_t = 16)]
+    pub head_queue: usize,
     /// Request timeout in seconds (then 504).
     #[arg(long, default_value_t = 30.0)]
     pub timeout_s: f64,
@@ -85,6 +92,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         queue: args.queue,
         timeout_s: args.timeout_s,
         max_body_mb: args.max_body_mb,
+        head_workers: args
+            .head_workers
+            .unwrap_or(medvlm_serve::ServeConfig::default().head_workers),
+        head_queue: args.head_queue,
         device: args.device.device()?,
     };
     medvlm_serve::serve(config).context("medvlm serve")
