@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # medvlm serve's web page in a real headless Chromium: the page loads, an uploaded DICOM is
 # scored by an adapted artefact with the expected top class and a conformal set, zero-shot
-# bars render; screenshots go to docs/img/serve_*.png.
+# bars render, an anomaly detector's map is shown; screenshots go to docs/img/serve_*.png.
 #
 #   tools/serve_browser_check.sh
 #
@@ -21,13 +21,19 @@ tools="crates/medvlm-serve/tools/browser"
 cargo build -q -p medvlm-cli
 bin="${CARGO_TARGET_DIR:-target}/debug/medvlm"
 work="$(mktemp -d)"
-trap 'kill "${pid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'if [ -n "${pid:-}" ]; then kill "$pid" 2>/dev/null || true; fi; rm -rf "$work"' EXIT
 "$bin" phantoms generate --out "$work/ph" --n 160 --size 64 >"$work/gen.log" 2>&1
 model="crates/medvlm-models/tests/fixtures/clip"
 "$bin" adapt --method linear-probe --shots 8 --model "$model" \
     --train "$work/ph/train.jsonl" --train "$work/ph/val.jsonl" --train "$work/ph/test.jsonl" \
     --label-field modality --out "$work/modality" >"$work/adapt.log" 2>&1
-"$bin" serve --model "$model" --adapted "$work/modality" --addr 127.0.0.1:0 2>"$work/serve.log" &
+# A task head for the page's overlay: an anomaly detector with a memory of 2 normal
+# images per modality (the set is small: 160 studies) (patch tokens of the same fixture).
+"$bin" anomaly fit --model "$model" --manifest "$work/ph/manifest.jsonl" --shots 2 \
+    --out "$work/anomaly" >"$work/anomaly.log" 2>&1 \
+    || { cat "$work/anomaly.log"; exit 1; }
+"$bin" serve --model "$model" --adapted "$work/modality" --detector "$work/anomaly" \
+    --addr 127.0.0.1:0 2>"$work/serve.log" &
 pid=$!
 for _ in $(seq 50); do
     addr="$(grep -o 'http://127.0.0.1:[0-9]*' "$work/serve.log" | head -1 || true)"

@@ -1011,7 +1011,51 @@ pub async fn models(State(svc): State<Service>) -> Json<Value> {
             "image_size": m.preprocess.output_size().map(|(h, w)| vec![h, w]),
         },
         "artefacts": artefacts,
+        "heads": head_list(&svc.inner.heads),
     }))
+}
+
+/// The served task heads: kind, name, route, the form field that names one, and whether a
+/// request needs a `prompt`.
+fn head_list(h: &crate::service::TaskHeads) -> Vec<Value> {
+    let entry = |kind: &str, name: &str, route: &str, field: &str, prompt: bool| json!({"kind": kind, "name": name, "route": route, "field": field, "needs_prompt": prompt});
+    let mut out = Vec::new();
+    out.extend(
+        h.segmenters
+            .iter()
+            .map(|(n, _)| entry("segmenter", n, "/v1/segment", "segmenter", true)),
+    );
+    out.extend(h.detectors.iter().map(|(n, d)| {
+        let mut e = entry("anomaly detector", n, "/v1/anomaly", "detector", false);
+        // The modalities it has a memory for: a request names one when there are several.
+        e["modalities"] = json!(d
+            .modalities
+            .iter()
+            .filter_map(|m| m.modality.clone())
+            .collect::<Vec<_>>());
+        e
+    }));
+    out.extend(
+        h.box_detectors
+            .iter()
+            .map(|(n, _)| entry("box detector", n, "/v1/detect", "box_detector", true)),
+    );
+    out.extend(
+        h.reporters
+            .iter()
+            .map(|(n, _)| entry("report generator", n, "/v1/report", "reporter", false)),
+    );
+    out.extend(
+        h.upscalers
+            .iter()
+            .map(|(n, _)| entry("upscaler", n, "/v1/upscale", "upscaler", false)),
+    );
+    out.extend(
+        h.registrars
+            .iter()
+            .map(|(n, _)| entry("registrar", n, "/v1/register", "registrar", false)),
+    );
+    out
 }
 
 /// `GET /healthz`: the process answers.

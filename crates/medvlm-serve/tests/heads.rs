@@ -475,6 +475,24 @@ async fn register_answers_as_the_library() {
         ..Default::default()
     };
     let router = router_with(heads);
+    // /v1/models lists the head with the route and the field that names it.
+    let resp = router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/v1/models")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    let models: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        models["heads"],
+        json!([{"kind": "registrar", "name": "reg", "route": "/v1/register",
+                "field": "registrar", "needs_prompt": false}])
+    );
     let pair = &pairs[0];
     let moving = std::fs::read(&pair.moving_path).unwrap();
     let fixed = std::fs::read(&pair.fixed_path).unwrap();

@@ -57,6 +57,23 @@ try {
   const bars = await page.$$eval("#out .bar", (bs) => bs.length);
   console.log(`zero-shot: ${bars} bars`);
 
+  // A task head: the anomaly detector's map and decision.
+  await page.click('input[name="mode"][value="head"]');
+  const heads = await page.$$eval("#head option", (os) => os.map((o) => o.textContent));
+  console.log("heads: " + heads.join("; "));
+  if (!heads.some((h) => h.startsWith("anomaly detector"))) fail("no anomaly detector listed");
+  await page.select("#modality", expected);
+  await page.click("#go");
+  await page.waitForFunction(() => { const i = document.querySelector("#out img.result");
+    return (i && i.complete && i.naturalWidth > 0) || document.querySelector("#out .error"); }, { timeout: 30000 });
+  const headError = await page.$("#out .error");
+  if (headError) fail("the anomaly head answered: " + await page.$eval("#out .error", (e) => e.textContent));
+  await page.waitForFunction(() => document.querySelector("#out canvas.result"), { timeout: 30000 });
+  const head = await page.$eval("#out h2", (e) => e.textContent);
+  console.log("anomaly: " + head);
+  if (!/^(Anomalous|Normal): score/.test(head)) fail("no anomaly decision shown: " + head);
+  await page.screenshot({ path: `${outDir}/serve_anomaly.png`, fullPage: true });
+
   // The literature catalogue page, filtered by task.
   await page.goto(base + "/papers", { waitUntil: "networkidle0" });
   const all = await page.$eval("#count", (e) => e.textContent);
@@ -70,6 +87,7 @@ try {
   await page.goto(base + "/models", { waitUntil: "networkidle0" });
   const models = await page.$eval("#out", (e) => e.innerText);
   if (!models.includes(artefact)) fail("the models page does not list " + artefact);
+  if (!/1 task head/.test(models)) fail("the models page does not list the task head");
   if (errors.length) fail("page errors: " + errors.join("; "));
   console.log("OK");
 } finally {
