@@ -382,8 +382,13 @@ impl ReportModel {
                     .map_err(|e| candle_core::Error::msg(e.to_string()))
             },
         )?;
-        let weights =
-            candle_core::safetensors::load(&wpath, device).map_err(|e| file_err(&wpath, e))?;
+        // Kept for re-saving: read from the file already open, not a second time from disk.
+        let names: Vec<String> = file.tensors().map(|(n, _, _)| n.to_string()).collect();
+        let mut weights = HashMap::with_capacity(names.len());
+        for n in names {
+            let t = file.tensor(&n, DType::F32, device)?;
+            weights.insert(n, t);
+        }
         let epath = dir.join(TRAIN_EMBEDS_FILE);
         let train_embeds = candle_core::safetensors::load(&epath, device)
             .map_err(|e| file_err(&epath, e))?
