@@ -1691,13 +1691,16 @@ pub async fn register(State(svc): State<Service>, req: Request) -> Response {
     with_timeout(&svc, async {
         let payload = read_payload(&svc, req).await?;
         let (fields, mut images) =
-            fields_and_named_images(payload, &["registrar"], &["moving", "fixed"])?;
+            fields_and_named_images(payload, &["registrar", "prompt"], &["moving", "fixed"])?;
         let (name, reg) = pick(
             &svc.inner.heads.registrars,
             fields.get("registrar"),
             "registrar",
         )?;
         let name = name.clone();
+        let prompt = reg
+            .check_prompt(fields.get("prompt").map(String::as_str))
+            .map_err(|e| ApiError::unprocessable(e.to_string()))?;
         let fixed_bytes = images.pop().unwrap_or_default();
         let moving_bytes = images.pop().unwrap_or_default();
         let v = svc.inner.head_gate.run(move || {
@@ -1739,6 +1742,7 @@ pub async fn register(State(svc): State<Service>, req: Request) -> Response {
                 shape: fs,
                 known_field: None,
                 fixed_mask: None,
+                prompt,
             };
             let done = reg
                 .apply_pair(&pair)

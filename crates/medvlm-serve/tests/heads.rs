@@ -467,7 +467,7 @@ async fn register_answers_as_the_library() {
         batch: 2,
         ..RegConfig::default()
     };
-    let reg = Registrar::train_on(&pairs, "tiny", &cfg, &dev, |_, _| {}).unwrap();
+    let reg = Registrar::train_on(&pairs, "tiny", &cfg, None, &dev, |_, _| {}).unwrap();
     let dir = tmp.path().join("reg");
     reg.save(&dir).unwrap();
     let heads = TaskHeads {

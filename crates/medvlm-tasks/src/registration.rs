@@ -117,6 +117,11 @@ pub struct RegConfig {
     pub weight_decay: f64,
     /// Seed of the initialisation and the pair order.
     pub seed: u64,
+    /// Width of the text embedding that conditions the network (0 = unconditioned): FiLM
+    /// of the bottleneck features, `x (1 + γ(t)) + β(t)` with `(γ, β)` a linear map of the
+    /// L2-normalised text embedding `t` (TextSCF's idea, Chen et al.), initialised to zero so
+    /// training starts from the unconditioned network.
+    pub text_dim: usize,
 }
 
 impl Default for RegConfig {
@@ -135,6 +140,7 @@ impl Default for RegConfig {
             lr: 2e-3,
             weight_decay: 0.0,
             seed: 0,
+            text_dim: 0,
         }
     }
 }
@@ -437,12 +443,13 @@ pub struct RegNet {
     dec: Vec<Conv3x3>,
     refine: Conv3x3,
     velocity: Conv3x3,
+    film: Option<candle_nn::Linear>,
     cfg: RegConfig,
 }
 
 impl RegNet {
     /// Builds the network's parameters under `vb` (names `enc.i`, `dec.i`, `refine`,
-    /// `velocity`).
+    /// `velocity`, and `film` when `text_dim > 0`).
     pub fn new(vb: VarBuilder, cfg: &RegConfig) -> Result<Self> {
         if cfg.width == 0 {
             return Err(RegError::Invalid("width must be at least 1".into()));
@@ -462,11 +469,16 @@ impl RegNet {
         let cin = if cfg.levels == 0 { w } else { w2 };
         let refine = Conv3x3::new(vb.pp("refine"), cin, w, 1)?;
         let velocity = Conv3x3::new(vb.pp("velocity"), w, 2, 1)?;
+        let bottleneck = if cfg.levels == 0 { w } else { w2 };
+        let film = (cfg.text_dim > 0)
+            .then(|| candle_nn::linear(cfg.text_dim, 2 * bottleneck, vb.pp("film")))
+            .transpose()?;
         Ok(Self {
             enc,
             dec,
             refine,
             velocity,
+            film,
             cfg: cfg.clone(),
         })
     }
@@ -477,8 +489,14 @@ impl RegNet {
     }
 
     /// Velocity field `[B, 2, H / d, W / d]` (`d` = `field_downsize`, in pixels of that grid)
-    /// for moving and fixed images `[B, 1, H, W]`.
-    pub fn velocity(&self, moving: &Tensor, fixed: &Tensor) -> Result<Tensor> {
+    /// for moving and fixed images `[B, 1, H, W]`, conditioned on text embeddings `[B, D]`
+    /// when the network has `text_dim = D > 0` (then required; refused otherwise).
+    pub fn velocity(
+        &self,
+        moving: &Tensor,
+        fixed: &Tensor,
+        text: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = moving.dims4()?;
         if fixed.dims4()? != (b, c, h, w) || c != 1 {
             return Err(RegError::Invalid(format!(
@@ -495,6 +513,33 @@ impl RegNet {
             skips.push(x.clone());
         }
         skips.pop();
+        match (&self.film, text) {
+            (Some(film), Some(t)) => {
+                if t.dims2()? != (b, self.cfg.text_dim) {
+                    return Err(RegError::Invalid(format!(
+                        "text embeddings are {:?}; the network reads [{b}, {}]",
+                        t.dims(),
+                        self.cfg.text_dim
+                    )));
+                }
+                let gb = candle_nn::Module::forward(film, t)?;
+                let ch = gb.dim(1)? / 2;
+                let gamma = gb.narrow(1, 0, ch)?.reshape((b, ch, 1, 1))?;
+                let beta = gb.narrow(1, ch, ch)?.reshape((b, ch, 1, 1))?;
+                x = x.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(&beta)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(RegError::Invalid(
+                    "this registration network is text-conditioned: give a prompt".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(RegError::Invalid(
+                    "this registration network is not text-conditioned: it takes no prompt".into(),
+                ))
+            }
+        }
         for conv in &self.dec {
             let skip = skips
                 .pop()
@@ -509,9 +554,14 @@ impl RegNet {
 
     /// Velocity (at the reduced grid) and the integrated displacement field at the input
     /// size (pull-back, moving -> fixed).
-    pub fn forward(&self, moving: &Tensor, fixed: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn forward(
+        &self,
+        moving: &Tensor,
+        fixed: &Tensor,
+        text: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
         let (_, _, h, w) = moving.dims4()?;
-        let v = self.velocity(moving, fixed)?;
+        let v = self.velocity(moving, fixed, text)?;
         let u = resize_field(&integrate(&v, self.cfg.integration_steps)?, (h, w))?;
         Ok((v, u))
     }
@@ -519,14 +569,14 @@ impl RegNet {
 
 /// He-normal weights and zero biases from `seed`; the velocity layer's weights get standard
 /// deviation 1e-5 (VoxelMorph's initialisation of its flow layer), so the first fields are
-/// near the identity.
+/// near the identity; the FiLM layer starts at zero (no modulation).
 fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
     use rand_distr::{Distribution, Normal};
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7e9_157e);
     for (name, var) in params {
         let t = var.as_tensor();
         let dims = t.dims().to_vec();
-        let values: Vec<f32> = if name.ends_with("bias") {
+        let values: Vec<f32> = if name.ends_with("bias") || name.starts_with("film") {
             vec![0.0; t.elem_count()]
         } else {
             let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
@@ -554,6 +604,8 @@ pub struct PairTensors {
     pub fixed: Tensor,
     /// Moving and fixed masks, when the Dice term is used.
     pub masks: Option<(Tensor, Tensor)>,
+    /// Text embeddings `[N, D]` of each pair's prompt, for a text-conditioned network.
+    pub text: Option<Tensor>,
 }
 
 /// Loss terms of one batch.
@@ -574,9 +626,10 @@ pub fn loss(
     moving: &Tensor,
     fixed: &Tensor,
     masks: Option<(&Tensor, &Tensor)>,
+    text: Option<&Tensor>,
 ) -> Result<(Tensor, LossTerms)> {
     let cfg = net.config();
-    let (v, u) = net.forward(moving, fixed)?;
+    let (v, u) = net.forward(moving, fixed, text)?;
     let warped = warp(moving, &u)?;
     let sim = match cfg.similarity {
         Similarity::Mse => mse(&warped, fixed)?,
@@ -651,7 +704,18 @@ pub fn train(
             Some((mm, fm)) => Some((mm.index_select(&idx, 0)?, fm.index_select(&idx, 0)?)),
             None => None,
         };
-        let (total, terms) = loss(&net, &m, &f, masks.as_ref().map(|(a, b)| (a, b)))?;
+        let text = pairs
+            .text
+            .as_ref()
+            .map(|t| t.index_select(&idx, 0))
+            .transpose()?;
+        let (total, terms) = loss(
+            &net,
+            &m,
+            &f,
+            masks.as_ref().map(|(a, b)| (a, b)),
+            text.as_ref(),
+        )?;
         if !terms.total.is_finite() {
             return Err(RegError::Invalid(format!(
                 "the loss became {} at step {step}",
@@ -680,16 +744,23 @@ pub fn train(
 }
 
 /// Predicted displacement fields `[N, 2, H, W]` (pull-back, moving -> fixed) in batches of
-/// 32.
-pub fn predict_fields(net: &RegNet, moving: &Tensor, fixed: &Tensor) -> Result<Tensor> {
+/// 32, with text embeddings `[N, D]` for a text-conditioned network.
+pub fn predict_fields(
+    net: &RegNet,
+    moving: &Tensor,
+    fixed: &Tensor,
+    text: Option<&Tensor>,
+) -> Result<Tensor> {
     let n = moving.dim(0)?;
     let mut out = Vec::new();
     let mut start = 0;
     while start < n {
         let len = 32.min(n - start);
+        let t = text.map(|t| t.narrow(0, start, len)).transpose()?;
         let (_, u) = net.forward(
             &moving.narrow(0, start, len)?,
             &fixed.narrow(0, start, len)?,
+            t.as_ref(),
         )?;
         out.push(u.detach());
         start += len;
@@ -941,8 +1012,28 @@ mod tests {
         .unwrap();
         // 10 is not divisible by 2^2.
         let odd = ramp(10, 10);
-        assert!(net.velocity(&odd, &odd).is_err());
-        assert!(net.velocity(&img, &ramp(8, 16)).is_err());
+        assert!(net.velocity(&odd, &odd, None).is_err());
+        assert!(net.velocity(&img, &ramp(8, 16), None).is_err());
+        // An unconditioned network takes no text; a conditioned one needs [B, text_dim].
+        let t = Tensor::ones((1, 3), DType::F32, &dev()).unwrap();
+        assert!(net.velocity(&img, &img, Some(&t)).is_err());
+        let cond = RegNet::new(
+            VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev()),
+            &RegConfig {
+                text_dim: 3,
+                ..cfg.clone()
+            },
+        )
+        .unwrap();
+        assert!(cond.velocity(&img, &img, None).is_err());
+        assert!(cond
+            .velocity(
+                &img,
+                &img,
+                Some(&Tensor::ones((1, 4), DType::F32, &dev()).unwrap())
+            )
+            .is_err());
+        assert!(cond.velocity(&img, &img, Some(&t)).is_ok());
         assert!(RegConfig {
             ncc_window: 4,
             ..RegConfig::default()
@@ -955,5 +1046,106 @@ mod tests {
         }
         .validate((64, 64))
         .is_err());
+    }
+
+    #[test]
+    fn text_conditioning_starts_as_the_plain_network_and_learns_to_use_the_text() {
+        let base = RegConfig {
+            width: 4,
+            levels: 2,
+            integration_steps: 4,
+            steps: 40,
+            batch: 4,
+            lr: 5e-3,
+            smoothness: 0.01,
+            ..RegConfig::default()
+        };
+        // Pairs: the fixed image is the moving one shifted by one pixel, right or down.
+        let mut mv = Vec::new();
+        let mut fx = Vec::new();
+        let mut tx = Vec::new();
+        for k in 0..8 {
+            let img = ramp(16, 16)
+                .affine(1.0, 0.1 * k as f64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let (dx, dy) = if k % 2 == 0 { (1, 0) } else { (0, 1) };
+            let mut f = vec![0f32; 256];
+            for y in 0..16 {
+                for x in 0..16 {
+                    f[y * 16 + x] = img[(y + dy).min(15) * 16 + (x + dx).min(15)];
+                }
+            }
+            mv.extend(img);
+            fx.extend(f);
+            tx.extend(if k % 2 == 0 { [1f32, 0.0] } else { [0.0, 1.0] });
+        }
+        let pairs = PairTensors {
+            moving: Tensor::from_vec(mv, (8, 1, 16, 16), &dev()).unwrap(),
+            fixed: Tensor::from_vec(fx, (8, 1, 16, 16), &dev()).unwrap(),
+            masks: None,
+            text: Some(Tensor::from_vec(tx, (8, 2), &dev()).unwrap()),
+        };
+        let plain = train(
+            &RegConfig {
+                steps: 0,
+                ..base.clone()
+            },
+            &pairs,
+            &dev(),
+            |_, _| {},
+        )
+        .unwrap();
+        let cond_cfg = RegConfig {
+            text_dim: 2,
+            ..base.clone()
+        };
+        let cond0 = train(
+            &RegConfig {
+                steps: 0,
+                ..cond_cfg.clone()
+            },
+            &pairs,
+            &dev(),
+            |_, _| {},
+        )
+        .unwrap();
+        // Same seed, FiLM at zero: the conditioned network starts as the plain one.
+        let t = pairs.text.as_ref().unwrap();
+        let a = plain
+            .net
+            .velocity(&pairs.moving, &pairs.fixed, None)
+            .unwrap();
+        let b = cond0
+            .net
+            .velocity(&pairs.moving, &pairs.fixed, Some(t))
+            .unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        // Trained, the FiLM layer is used: two prompts give two fields for one pair.
+        let trained = train(&cond_cfg, &pairs, &dev(), |_, _| {}).unwrap();
+        let first = trained.history[..5].iter().map(|t| t.total).sum::<f32>();
+        let last = trained.history[35..].iter().map(|t| t.total).sum::<f32>();
+        assert!(last < first, "loss {first} -> {last}");
+        let pair_m = pairs.moving.narrow(0, 0, 1).unwrap();
+        let pair_f = pairs.fixed.narrow(0, 0, 1).unwrap();
+        let field = |row: usize| {
+            trained
+                .net
+                .velocity(&pair_m, &pair_f, Some(&t.narrow(0, row, 1).unwrap()))
+                .unwrap()
+        };
+        let gap = (field(0) - field(1))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(gap > 1e-6, "the prompt changes nothing ({gap})");
     }
 }

@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use medvlm_eval::registration::{
@@ -180,6 +181,24 @@ pub struct RegPair {
     pub known_field: Option<Vec<f32>>,
     /// Union of the fixed image's masks, when it has any.
     pub fixed_mask: Option<Vec<u8>>,
+    /// The text a text-conditioned registrar reads for this pair ([`pair_prompt`]).
+    pub prompt: String,
+}
+
+/// The prompt of a pair for text conditioning: the modality in words, with the findings when
+/// there are any (`"brain mri with tumour"`, `"chest xray"`); `normal` adds nothing.
+pub fn pair_prompt(modality: &str, findings: &[String]) -> String {
+    let mut p = modality.replace('_', " ");
+    let found: Vec<&str> = findings
+        .iter()
+        .map(String::as_str)
+        .filter(|f| !f.is_empty() && *f != "normal")
+        .collect();
+    if !found.is_empty() {
+        p.push_str(" with ");
+        p.push_str(&found.join(", ").replace('_', " "));
+    }
+    p
 }
 
 impl RegPair {
@@ -218,6 +237,7 @@ impl RegPair {
             .map(|(a, _)| a.to_string())
             .unwrap_or_else(|| id.clone());
         Ok(Self {
+            prompt: pair_prompt(&modality, &[]),
             id,
             modality,
             moving_path: moving.to_path_buf(),
@@ -278,6 +298,12 @@ pub fn load_pairs(
         if let Some(modality) = rec.extra.get("modality").and_then(|v| v.as_str()) {
             pair.modality = modality.to_string();
         }
+        let findings: Vec<String> = if rec.labels.is_empty() {
+            rec.label.iter().cloned().collect()
+        } else {
+            rec.labels.clone()
+        };
+        pair.prompt = pair_prompt(&pair.modality, &findings);
         pairs.push(pair);
     }
     if pairs.is_empty() {
@@ -301,8 +327,67 @@ pub fn load_pairs(
     Ok(pairs)
 }
 
-/// Stacks pairs into `[N, 1, H, W]` tensors (with masks when `with_masks`).
-pub fn pair_tensors(pairs: &[RegPair], with_masks: bool, device: &Device) -> Result<PairTensors> {
+/// The text tower that conditions a registrar: the loaded VLM, its spec and fingerprint.
+pub struct TextConditioner {
+    /// Model spec as given (`medvlm_models::load_model`).
+    pub spec: String,
+    /// The model (its text tower is used).
+    pub model: LoadedModel,
+}
+
+impl TextConditioner {
+    /// Loads the model of `spec`.
+    pub fn load(spec: &str, device: &Device) -> Result<Self> {
+        let opts = medvlm_models::LoadOptions {
+            device: device.clone(),
+            ..Default::default()
+        };
+        let model = medvlm_models::load_model(spec, &opts)
+            .map_err(|e| RegPipelineError::Invalid(format!("text model {spec}: {e}")))?;
+        Ok(Self {
+            spec: spec.to_string(),
+            model,
+        })
+    }
+
+    /// The model's fingerprint (files, family), as the other heads record it.
+    pub fn fingerprint(&self) -> String {
+        crate::segmentation_pipeline::model_fingerprint(&self.spec, &self.model)
+    }
+
+    /// L2-normalised text embeddings `[N, D]` of `prompts`, each distinct prompt embedded once.
+    pub fn embed(&self, prompts: &[String], device: &Device) -> Result<Tensor> {
+        let mut distinct: Vec<String> = prompts.to_vec();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.iter().any(|p| p.trim().is_empty()) {
+            return Err(RegPipelineError::Invalid(
+                "a text-conditioned registrar needs a non-empty prompt for every pair".into(),
+            ));
+        }
+        let e = medvlm_models::embed::embed_texts(&self.model, &distinct, 64, device)
+            .map_err(|e| RegPipelineError::Invalid(format!("text model {}: {e}", self.spec)))?;
+        let e = medvlm_models::vlm::l2_normalize(&e)
+            .map_err(|e| RegPipelineError::Invalid(format!("text model {}: {e}", self.spec)))?;
+        let idx: Vec<u32> = prompts
+            .iter()
+            .map(|p| distinct.binary_search(p).unwrap_or(0) as u32)
+            .collect();
+        Ok(
+            e.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?
+                .to_device(device)?,
+        )
+    }
+}
+
+/// Stacks pairs into `[N, 1, H, W]` tensors (with masks when `with_masks`, and the prompts'
+/// text embeddings when `text` is given).
+pub fn pair_tensors(
+    pairs: &[RegPair],
+    with_masks: bool,
+    text: Option<&TextConditioner>,
+    device: &Device,
+) -> Result<PairTensors> {
     let (h, w) = pairs
         .first()
         .map(|p| p.shape)
@@ -333,10 +418,17 @@ pub fn pair_tensors(pairs: &[RegPair], with_masks: bool, device: &Device) -> Res
     } else {
         None
     };
+    let text = text
+        .map(|t| {
+            let prompts: Vec<String> = pairs.iter().map(|p| p.prompt.clone()).collect();
+            t.embed(&prompts, device)
+        })
+        .transpose()?;
     Ok(PairTensors {
         moving: stack(&|p| p.moving.clone())?,
         fixed: stack(&|p| p.fixed.clone())?,
         masks,
+        text,
     })
 }
 
@@ -355,6 +447,12 @@ pub struct RegCard {
     pub final_terms: Option<LossTerms>,
     /// Wall-clock training time (s).
     pub train_seconds: f64,
+    /// The model whose text tower conditions the network (`config.text_dim > 0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_model: Option<String>,
+    /// Its fingerprint when trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_model_fingerprint: Option<String>,
 }
 
 /// A trained registration network and its card.
@@ -364,19 +462,25 @@ pub struct Registrar {
     varmap: VarMap,
     /// The card.
     pub card: RegCard,
+    /// The text tower of a text-conditioned registrar.
+    pub text: Option<TextConditioner>,
+    /// Set by [`Registrar::load`] when the text model's files differ from training.
+    pub warning: Option<String>,
 }
 
 const WEIGHTS_FILE: &str = "registration.safetensors";
 const CARD_FILE: &str = "registrar.json";
 
 impl Registrar {
-    /// Trains on the pairs of `manifest` (see [`load_pairs`]); `progress` as in
+    /// Trains on the pairs of `manifest` (see [`load_pairs`]), conditioned on each pair's
+    /// prompt through the text tower of `text_model` when given; `progress` as in
     /// [`train`](crate::registration::train).
     pub fn train(
         manifest: &Path,
         split: Option<&str>,
         limit: Option<usize>,
         cfg: &RegConfig,
+        text_model: Option<&str>,
         device: &Device,
         progress: impl FnMut(usize, &LossTerms),
     ) -> Result<Self> {
@@ -385,21 +489,33 @@ impl Registrar {
             &pairs,
             &manifest.display().to_string(),
             cfg,
+            text_model,
             device,
             progress,
         )
     }
 
-    /// Trains on loaded pairs.
+    /// Trains on loaded pairs (text-conditioned when `text_model` is given: `cfg.text_dim`
+    /// is then set to its embedding width).
     pub fn train_on(
         pairs: &[RegPair],
         source: &str,
         cfg: &RegConfig,
+        text_model: Option<&str>,
         device: &Device,
         progress: impl FnMut(usize, &LossTerms),
     ) -> Result<Self> {
         let t0 = std::time::Instant::now();
-        let tensors = pair_tensors(pairs, cfg.mask_dice_weight > 0.0, device)?;
+        let text = text_model
+            .map(|spec| TextConditioner::load(spec, device))
+            .transpose()?;
+        let mut cfg = cfg.clone();
+        cfg.text_dim = match &text {
+            Some(t) => t.model.model.embed_dim(),
+            None => 0,
+        };
+        let cfg = &cfg;
+        let tensors = pair_tensors(pairs, cfg.mask_dice_weight > 0.0, text.as_ref(), device)?;
         let TrainedRegNet {
             net,
             varmap,
@@ -424,7 +540,11 @@ impl Registrar {
                 n_train_pairs: pairs.len(),
                 final_terms,
                 train_seconds: t0.elapsed().as_secs_f64(),
+                text_model: text.as_ref().map(|t| t.spec.clone()),
+                text_model_fingerprint: text.as_ref().map(TextConditioner::fingerprint),
             },
+            text,
+            warning: None,
         })
     }
 
@@ -446,7 +566,8 @@ impl Registrar {
         medvlm_io::atomic::write_atomic(&card, &json).map_err(|e| file_err(&card, e))
     }
 
-    /// Loads a registrar folder written by [`Registrar::save`].
+    /// Loads a registrar folder written by [`Registrar::save`] (and, for a text-conditioned
+    /// one, its text model; a warning goes to the log when that model's files changed).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let card_path = dir.join(CARD_FILE);
         let bytes = std::fs::read(&card_path).map_err(|e| read_err(&card_path, e))?;
@@ -478,14 +599,48 @@ impl Registrar {
             }
             var.set(&t.to_dtype(DType::F32)?)?;
         }
-        Ok(Self { net, varmap, card })
+        let mut warning = None;
+        let text = match (&card.text_model, card.config.text_dim) {
+            (Some(spec), d) if d > 0 => {
+                let t = TextConditioner::load(spec, device)?;
+                if t.model.model.embed_dim() != d {
+                    return Err(read_err(
+                        &card_path,
+                        format!(
+                            "the text model {spec} embeds {} wide; the network reads {d}",
+                            t.model.model.embed_dim()
+                        ),
+                    ));
+                }
+                if card.text_model_fingerprint.as_deref() != Some(t.fingerprint().as_str()) {
+                    warning = Some(format!(
+                        "the text model {spec} is not the one the registrar was trained with (fingerprint differs)"
+                    ));
+                }
+                Some(t)
+            }
+            (None, 0) => None,
+            _ => {
+                return Err(read_err(
+                    &card_path,
+                    "text_dim and text_model disagree (one is set without the other)",
+                ))
+            }
+        };
+        Ok(Self {
+            net,
+            varmap,
+            card,
+            text,
+            warning,
+        })
     }
 
     /// Predicted pull-back fields (moving -> fixed), one planar `[2, H, W]` vector per pair.
     pub fn register(&self, pairs: &[RegPair]) -> Result<Vec<Vec<f32>>> {
         let device = self.net_device()?;
-        let t = pair_tensors(pairs, false, &device)?;
-        let u = predict_fields(&self.net, &t.moving, &t.fixed)?;
+        let t = pair_tensors(pairs, false, self.text.as_ref(), &device)?;
+        let u = predict_fields(&self.net, &t.moving, &t.fixed, t.text.as_ref())?;
         let mut out = Vec::with_capacity(pairs.len());
         for i in 0..pairs.len() {
             out.push(u.get(i)?.flatten_all()?.to_vec1::<f32>()?);
@@ -654,6 +809,9 @@ pub fn evaluate_manifest(
     device: &Device,
 ) -> Result<(RegEvaluation, Vec<RegPair>, Vec<Vec<f32>>)> {
     let reg = Registrar::load(dir, device)?;
+    if let Some(w) = &reg.warning {
+        eprintln!("warning: {w}");
+    }
     let pairs = load_pairs(manifest, split, limit)?;
     let fields = reg.register(&pairs)?;
     Ok((evaluate_fields(&pairs, &fields)?, pairs, fields))
@@ -697,6 +855,22 @@ impl Registrar {
             .map_err(|e| RegPipelineError::Invalid(e.to_string()))
     }
 
+    /// The prompt a pair gets from a user: required (non-empty) by a text-conditioned
+    /// registrar, refused by an unconditioned one.
+    pub fn check_prompt(&self, prompt: Option<&str>) -> Result<String> {
+        match (&self.card.text_model, prompt.map(str::trim)) {
+            (Some(_), Some(p)) if !p.is_empty() => Ok(p.to_string()),
+            (Some(m), _) => Err(RegPipelineError::Invalid(format!(
+                "this registrar is text-conditioned (trained with the text tower of {m}): give a \
+                 prompt naming the modality and findings, e.g. \"brain mri with tumour\""
+            ))),
+            (None, Some(_)) => Err(RegPipelineError::Invalid(
+                "this registrar is not text-conditioned: it takes no prompt".into(),
+            )),
+            (None, None) => Ok(String::new()),
+        }
+    }
+
     /// Registers one pair in memory: the field, the warped moving image, folding and MSE.
     pub fn apply_pair(&self, pair: &RegPair) -> Result<Registered> {
         self.check_size(pair.shape)?;
@@ -722,17 +896,23 @@ impl Registrar {
 }
 
 /// Registers `moving` onto `fixed` with a saved registrar and writes `out/warped.png`,
-/// `out/field.npy` and, with `moving_mask`, `out/warped_mask.png`.
+/// `out/field.npy` and, with `moving_mask`, `out/warped_mask.png`. A text-conditioned
+/// registrar needs `prompt` (see [`pair_prompt`]); an unconditioned one refuses it.
 pub fn apply_files(
     dir: &Path,
     moving: &Path,
     fixed: &Path,
     moving_mask: Option<&Path>,
+    prompt: Option<&str>,
     out: &Path,
     device: &Device,
 ) -> Result<Applied> {
     let reg = Registrar::load(dir, device)?;
-    let pair = RegPair::from_files(moving, fixed, None, &[])?;
+    if let Some(w) = &reg.warning {
+        eprintln!("warning: {w}");
+    }
+    let mut pair = RegPair::from_files(moving, fixed, None, &[])?;
+    pair.prompt = reg.check_prompt(prompt)?;
     let done = reg.apply_pair(&pair)?;
     std::fs::create_dir_all(out).map_err(|e| file_err(out, e))?;
     let (rows, cols) = pair.shape;
@@ -918,8 +1098,8 @@ mod tests {
         let manifest = write_pairs(dir.path(), 6, 32);
         let pairs = load_pairs(&manifest, None, None).unwrap();
         assert_eq!(pairs.len(), 6);
-        let reg =
-            Registrar::train_on(&pairs, "tiny", &tiny_cfg(), &Device::Cpu, |_, _| {}).unwrap();
+        let reg = Registrar::train_on(&pairs, "tiny", &tiny_cfg(), None, &Device::Cpu, |_, _| {})
+            .unwrap();
         let e = reg.evaluate(&pairs).unwrap();
         assert!(
             e.mse_after < 0.7 * e.mse_before,
@@ -947,6 +1127,7 @@ mod tests {
             &pairs[0].moving_path,
             &pairs[0].fixed_path,
             None,
+            None,
             &dir.path().join("applied"),
             &Device::Cpu,
         )
@@ -955,6 +1136,106 @@ mod tests {
         assert!(applied.mse.1 < applied.mse.0);
         let grid = comparison_grid(&pairs[..2], &a, 2, 3.0).unwrap();
         assert_eq!((grid.rows, grid.cols), (2 * 64 + 2, 6 * 64 + 10));
+        // An unconditioned registrar refuses a prompt.
+        let e = back
+            .check_prompt(Some("brain mri"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not text-conditioned"), "{e}");
+    }
+
+    fn clip_fixture() -> String {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../medvlm-models/tests/fixtures/clip")
+            .display()
+            .to_string()
+    }
+
+    #[test]
+    fn a_text_conditioned_registrar_reads_its_prompts_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = write_pairs(dir.path(), 4, 16);
+        let mut pairs = load_pairs(&manifest, None, None).unwrap();
+        // The phantom-style prompt: modality words and findings.
+        assert_eq!(
+            pair_prompt("brain_mri", &["tumour".into()]),
+            "brain mri with tumour"
+        );
+        assert_eq!(pair_prompt("chest_xray", &["normal".into()]), "chest xray");
+        pairs[1].prompt = "dermoscopy with melanoma".into();
+        let cfg = RegConfig {
+            steps: 5,
+            ..tiny_cfg()
+        };
+        let fixture = clip_fixture();
+        let reg = Registrar::train_on(
+            &pairs,
+            "tiny",
+            &cfg,
+            Some(&fixture),
+            &Device::Cpu,
+            |_, _| {},
+        )
+        .unwrap();
+        let dim = reg.text.as_ref().unwrap().model.model.embed_dim();
+        assert_eq!(reg.card.config.text_dim, dim);
+        assert_eq!(reg.card.text_model.as_deref(), Some(fixture.as_str()));
+        let out = dir.path().join("reg-text");
+        reg.save(&out).unwrap();
+        let back = Registrar::load(&out, &Device::Cpu).unwrap();
+        assert!(back.warning.is_none());
+        assert_eq!(
+            reg.register(&pairs).unwrap(),
+            back.register(&pairs).unwrap()
+        );
+        // The prompt is part of the input: the same pair under another prompt differs once
+        // the FiLM layer has moved from zero.
+        let tensors = crate::registration_pipeline::pair_tensors(
+            &pairs[..2],
+            false,
+            back.text.as_ref(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let t = tensors.text.unwrap();
+        assert_eq!(t.dims(), &[2, dim]);
+        // Prompts are required by apply, and an empty one is refused.
+        for p in [None, Some("  ")] {
+            let e = apply_files(
+                &out,
+                &pairs[0].moving_path,
+                &pairs[0].fixed_path,
+                None,
+                p,
+                &dir.path().join("applied"),
+                &Device::Cpu,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("text-conditioned"), "{e}");
+        }
+        let applied = apply_files(
+            &out,
+            &pairs[0].moving_path,
+            &pairs[0].fixed_path,
+            None,
+            Some("blob"),
+            &dir.path().join("applied"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(applied.field.is_file());
+        // A card whose text model disagrees with text_dim is refused.
+        let card_path = out.join("registrar.json");
+        let mut card: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&card_path).unwrap()).unwrap();
+        card["text_model"] = serde_json::Value::Null;
+        std::fs::write(&card_path, serde_json::to_vec(&card).unwrap()).unwrap();
+        let e = Registrar::load(&out, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("text_dim and text_model disagree"), "{e}");
     }
 
     #[test]

@@ -91,6 +91,10 @@ pub struct TrainArgs {
     /// Seed of the initialisation and pair order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Condition the network on each pair's prompt (its modality and findings, e.g.
+    /// "brain mri with tumour") through this model's text tower (FiLM of the bottleneck).
+    #[arg(long)]
+    pub text_model: Option<String>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -110,6 +114,10 @@ pub struct ApplyArgs {
     /// A mask of the moving image to carry along.
     #[arg(long)]
     pub moving_mask: Option<PathBuf>,
+    /// The prompt of a text-conditioned registrar: modality and findings, e.g.
+    /// "brain mri with tumour" (refused by an unconditioned one).
+    #[arg(long)]
+    pub prompt: Option<String>,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -181,6 +189,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         a.split.as_deref(),
         a.limit,
         &cfg,
+        a.text_model.as_deref(),
         &device,
         |step, t| {
             eprintln!(
@@ -213,6 +222,7 @@ fn apply(a: ApplyArgs) -> anyhow::Result<()> {
         &a.moving,
         &a.fixed,
         a.moving_mask.as_deref(),
+        a.prompt.as_deref(),
         &a.out,
         &device,
     )?;
