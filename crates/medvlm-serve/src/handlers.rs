@@ -1018,43 +1018,77 @@ pub async fn models(State(svc): State<Service>) -> Json<Value> {
 /// The served task heads: kind, name, route, the form field that names one, and whether a
 /// request needs a `prompt`.
 fn head_list(h: &crate::service::TaskHeads) -> Vec<Value> {
-    let entry = |kind: &str, name: &str, route: &str, field: &str, prompt: bool| json!({"kind": kind, "name": name, "route": route, "field": field, "needs_prompt": prompt});
+    fn names<T>(heads: &[(String, std::sync::Arc<T>)]) -> Vec<&str> {
+        heads.iter().map(|(n, _)| n.as_str()).collect()
+    }
+    let kinds = [
+        (
+            "segmenter",
+            names(&h.segmenters),
+            "/v1/segment",
+            "segmenter",
+            true,
+        ),
+        (
+            "anomaly detector",
+            names(&h.detectors),
+            "/v1/anomaly",
+            "detector",
+            false,
+        ),
+        (
+            "box detector",
+            names(&h.box_detectors),
+            "/v1/detect",
+            "box_detector",
+            true,
+        ),
+        (
+            "report generator",
+            names(&h.reporters),
+            "/v1/report",
+            "reporter",
+            false,
+        ),
+        (
+            "upscaler",
+            names(&h.upscalers),
+            "/v1/upscale",
+            "upscaler",
+            false,
+        ),
+        (
+            "registrar",
+            names(&h.registrars),
+            "/v1/register",
+            "registrar",
+            false,
+        ),
+    ];
     let mut out = Vec::new();
-    out.extend(
-        h.segmenters
-            .iter()
-            .map(|(n, _)| entry("segmenter", n, "/v1/segment", "segmenter", true)),
-    );
-    out.extend(h.detectors.iter().map(|(n, d)| {
-        let mut e = entry("anomaly detector", n, "/v1/anomaly", "detector", false);
-        // The modalities it has a memory for: a request names one when there are several.
-        e["modalities"] = json!(d
-            .modalities
-            .iter()
-            .filter_map(|m| m.modality.clone())
-            .collect::<Vec<_>>());
-        e
-    }));
-    out.extend(
-        h.box_detectors
-            .iter()
-            .map(|(n, _)| entry("box detector", n, "/v1/detect", "box_detector", true)),
-    );
-    out.extend(
-        h.reporters
-            .iter()
-            .map(|(n, _)| entry("report generator", n, "/v1/report", "reporter", false)),
-    );
-    out.extend(
-        h.upscalers
-            .iter()
-            .map(|(n, _)| entry("upscaler", n, "/v1/upscale", "upscaler", false)),
-    );
-    out.extend(
-        h.registrars
-            .iter()
-            .map(|(n, _)| entry("registrar", n, "/v1/register", "registrar", false)),
-    );
+    for (kind, served, route, field, prompt) in kinds {
+        for name in served {
+            let mut e = json!({"kind": kind, "name": name, "route": route, "field": field,
+                               "needs_prompt": prompt});
+            if let Some((_, d)) = h.detectors.iter().find(|(n, _)| n == name) {
+                if kind == "anomaly detector" {
+                    // The modalities it has a memory for: a request names one when there are
+                    // several.
+                    e["modalities"] = json!(d
+                        .modalities
+                        .iter()
+                        .filter_map(|m| m.modality.clone())
+                        .collect::<Vec<_>>());
+                }
+            }
+            if let Some((_, r)) = h.registrars.iter().find(|(n, _)| n == name) {
+                if kind == "registrar" {
+                    e["needs_prompt"] = json!(r.card.text_model.is_some());
+                }
+            }
+            out.push(e);
+        }
+    }
     out
 }
 
@@ -1394,19 +1428,8 @@ pub async fn anomaly(State(svc): State<Service>, req: Request) -> Response {
                         .iter()
                         .find(|d| d.modality == modality)
                         .ok_or("no detector for the modality")?;
-                    let t = d.threshold.value.max(1e-6);
                     let size = det.card.image_size;
-                    let map = medvlm_io::Plane::new(
-                        size,
-                        size,
-                        1,
-                        scored
-                            .map
-                            .iter()
-                            .map(|v| (v / (2.0 * t)).clamp(0.0, 1.0))
-                            .collect(),
-                    )
-                    .map_err(|e| e.to_string())?;
+                    let map = scored.map_plane(size, d.threshold.value)?;
                     Ok(json!({
                         "object": "anomaly",
                         "detector": name,

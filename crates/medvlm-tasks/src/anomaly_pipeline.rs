@@ -427,6 +427,28 @@ pub struct ScoredImage {
     pub score: f32,
 }
 
+impl ScoredImage {
+    /// The map as a `size x size` grey plane in `[0, 1]` for display: `map / (2 threshold)`,
+    /// so mid-grey is the decision threshold and white twice it.
+    pub fn map_plane(
+        &self,
+        size: usize,
+        threshold: f32,
+    ) -> std::result::Result<medvlm_io::Plane, String> {
+        let t = threshold.max(1e-6);
+        medvlm_io::Plane::new(
+            size,
+            size,
+            1,
+            self.map
+                .iter()
+                .map(|v| (v / (2.0 * t)).clamp(0.0, 1.0))
+                .collect(),
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
 /// Metrics of one method on one modality.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MethodMetrics {
@@ -841,17 +863,9 @@ impl AnomalyDetector {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "image".into());
-            let map_plane = medvlm_io::Plane::new(
-                size,
-                size,
-                1,
-                scored
-                    .map
-                    .iter()
-                    .map(|v| (v / (2.0 * t)).clamp(0.0, 1.0))
-                    .collect(),
-            )
-            .map_err(|e| file_err(&file, e))?;
+            let map_plane = scored
+                .map_plane(size, det.threshold.value)
+                .map_err(|e| file_err(&file, e))?;
             let map_png = out.join(format!("{stem}_anomaly.png"));
             medvlm_io::raster::write_png(&map_png, &map_plane)
                 .map_err(|e| file_err(&map_png, medvlm_io::guard::error_chain(&e)))?;
