@@ -73,7 +73,8 @@ use crate::detection::{
 use crate::segmentation_pipeline::{
     class_name, default_prompts, encode_patches, load_head_artefact, load_images,
     model_fingerprint, plane_of, prepare, prompt_embeddings, read_json_card, save_head_artefact,
-    seg_preprocess, stem_of, write_png, LoadedImage, SegClass, SegPipelineError, SegTask,
+    seg_preprocess, stem_of, volume_planes, write_png, LoadedImage, SegClass, SegPipelineError,
+    SegTask, VolumePlanes,
 };
 
 /// Errors of the detection pipeline; each names the file and the reason.
@@ -1227,6 +1228,100 @@ pub struct PredictedBoxes {
     pub overlay_png: PathBuf,
     /// The JSON of this record.
     pub json: PathBuf,
+    /// For a 3-D NIfTI volume: the boxes of every slice and the grounded 3-D box;
+    /// `grounding`, `detections` and the overlay are then those of the best slice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeBoxes>,
+}
+
+/// Boxes of a volume read slice by slice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeBoxes {
+    /// The axis cut across (0, 1, 2 = NIfTI x, y, z).
+    pub axis: usize,
+    /// The slice with the highest grounding score.
+    pub best_slice: usize,
+    /// Each slice's grounded box and detections, in its plane's pixels (`x` = column,
+    /// `y` = row; the plane's rows and columns are the two other axes in order).
+    pub per_slice: Vec<PlaneBoxes>,
+    /// The grounded 3-D box ([`link_slices`]).
+    pub grounding: VoxelBox,
+}
+
+/// A box of voxels, inclusive index ranges in NIfTI axis order (x, y, z).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct VoxelBox {
+    /// Smallest voxel index per axis.
+    pub min: [usize; 3],
+    /// Largest voxel index per axis.
+    pub max: [usize; 3],
+    /// The best slice's grounding score.
+    pub score: f64,
+}
+
+/// Minimum overlap of the grounded boxes of neighbouring slices for one 3-D box.
+pub const SLICE_LINK_IOU: f64 = 0.3;
+
+/// The grounded 3-D box of a volume from its slices' grounded boxes (`per_slice[k]` of slice
+/// `k` across `axis`, planes of `rows x cols`): the best-scoring slice's box, extended to the
+/// neighbouring slices, one at a time in both directions, while the next slice's grounded box
+/// scores at least `min_score` and overlaps the last one taken by IoU >= [`SLICE_LINK_IOU`];
+/// the in-plane extent is the union of the linked boxes, rounded outwards to whole pixels.
+pub fn link_slices(
+    per_slice: &[PlaneBoxes],
+    axis: usize,
+    (rows, cols): (usize, usize),
+    min_score: f64,
+) -> Option<(usize, VoxelBox)> {
+    let best = (0..per_slice.len()).max_by(|&a, &b| {
+        per_slice[a]
+            .grounding
+            .score
+            .total_cmp(&per_slice[b].grounding.score)
+            .then(b.cmp(&a))
+    })?;
+    let linked = |k: usize, prev: usize| {
+        let (g, p) = (&per_slice[k].grounding, &per_slice[prev].grounding);
+        g.score >= min_score && box_iou(&g.bbox, &p.bbox) >= SLICE_LINK_IOU
+    };
+    let (mut lo, mut hi) = (best, best);
+    while lo > 0 && linked(lo - 1, lo) {
+        lo -= 1;
+    }
+    while hi + 1 < per_slice.len() && linked(hi + 1, hi) {
+        hi += 1;
+    }
+    let mut b = per_slice[best].grounding.bbox;
+    for s in &per_slice[lo..=hi] {
+        let g = s.grounding.bbox;
+        b = [
+            b[0].min(g[0]),
+            b[1].min(g[1]),
+            b[2].max(g[2]),
+            b[3].max(g[3]),
+        ];
+    }
+    let span = |a: f64, z: f64, n: usize| {
+        let first = (a.floor().max(0.0) as usize).min(n.saturating_sub(1));
+        let last = ((z.ceil() as usize).saturating_sub(1)).clamp(first, n.saturating_sub(1));
+        (first, last)
+    };
+    let (r0, r1) = span(b[1], b[3], rows);
+    let (c0, c1) = span(b[0], b[2], cols);
+    let others: Vec<usize> = (0..3).filter(|&a| a != axis).collect();
+    let mut min = [0usize; 3];
+    let mut max = [0usize; 3];
+    (min[axis], max[axis]) = (lo, hi);
+    (min[others[0]], max[others[0]]) = (r0, r1);
+    (min[others[1]], max[others[1]]) = (c0, c1);
+    Some((
+        best,
+        VoxelBox {
+            min,
+            max,
+            score: per_slice[best].grounding.score,
+        },
+    ))
 }
 
 /// The boxes [`Detector::boxes_in_plane`] finds, in the plane's pixels.
@@ -1330,15 +1425,17 @@ impl Detector {
         })
     }
 
-    /// Boxes what `text` names in one 2-D image file (PNG/JPEG/TIFF, or the default plane of
-    /// a DICOM/NIfTI/npy file) and writes `<stem>_boxes.png` (the image with the grounded box
-    /// in red and the other detections scoring at least `min_score` in yellow) and
-    /// `<stem>_boxes.json` to `out`.
+    /// Boxes what `text` names in one image file and writes `<stem>_boxes.png` (the image
+    /// with the grounded box in red and the other detections scoring at least `min_score` in
+    /// yellow) and `<stem>_boxes.json` to `out`. PNG/JPEG/TIFF/DICOM/npy: one plane. NIfTI:
+    /// every slice across `axis` (0, 1, 2 = x, y, z; a 2-D NIfTI across its unit axis), the
+    /// slices linked into a grounded 3-D box ([`link_slices`]); the PNG shows the best slice.
     pub fn predict_file(
         &self,
         input: &Path,
         text: &Tensor,
         min_score: f64,
+        axis: usize,
         out: &Path,
         device: &Device,
     ) -> Result<PredictedBoxes> {
@@ -1349,8 +1446,43 @@ impl Detector {
                 reason: medvlm_io::guard::error_chain(&e),
             })
         })?;
-        let plane = plane_of(input, &img, &PlaneSelect::default())?;
-        let found = self.boxes_in_plane(&plane, text, min_score, device)?;
+        let is_nifti = matches!(
+            img.format,
+            medvlm_io::SourceFormat::Nifti1 | medvlm_io::SourceFormat::Nifti2
+        );
+        let (plane, found, volume) = if is_nifti {
+            let VolumePlanes {
+                planes,
+                axis,
+                dims3,
+            } = volume_planes(input, &img, axis)?;
+            let per_slice = planes
+                .iter()
+                .map(|p| self.boxes_in_plane(p, text, min_score, device))
+                .collect::<Result<Vec<_>>>()?;
+            let (rows, cols) = (planes[0].rows, planes[0].cols);
+            let (best, grounding) = link_slices(&per_slice, axis, (rows, cols), min_score)
+                .ok_or_else(|| {
+                    DetPipelineError::Invalid(format!("{}: no slices", input.display()))
+                })?;
+            debug_assert_eq!(dims3[axis], per_slice.len());
+            let found = per_slice[best].clone();
+            let plane = planes[best].clone();
+            (
+                plane,
+                found,
+                Some(VolumeBoxes {
+                    axis,
+                    best_slice: best,
+                    per_slice,
+                    grounding,
+                }),
+            )
+        } else {
+            let plane = plane_of(input, &img, &PlaneSelect::default())?;
+            let found = self.boxes_in_plane(&plane, text, min_score, device)?;
+            (plane, found, None)
+        };
         let stem = stem_of(input);
         let overlay_png = out.join(format!("{stem}_boxes.png"));
         let json = out.join(format!("{stem}_boxes.json"));
@@ -1361,6 +1493,7 @@ impl Detector {
             detections: found.detections,
             overlay_png,
             json: json.clone(),
+            volume,
         };
         let bytes = serde_json::to_vec_pretty(&rec).map_err(|e| file_err(&json, e))?;
         medvlm_io::atomic::write_atomic(&json, &bytes)
@@ -1379,6 +1512,7 @@ pub fn predict_files(
     free_text: bool,
     inputs: &[PathBuf],
     min_score: f64,
+    axis: usize,
     out: &Path,
     device: &Device,
 ) -> Result<(Vec<PredictedBoxes>, Option<String>, Option<String>)> {
@@ -1394,7 +1528,43 @@ pub fn predict_files(
     }
     let files = inputs
         .iter()
-        .map(|p| det.predict_file(p, &text, min_score, out, device))
+        .map(|p| det.predict_file(p, &text, min_score, axis, out, device))
         .collect::<Result<Vec<_>>>()?;
     Ok((files, class, warning))
+}
+
+#[cfg(test)]
+mod link_tests {
+    use super::*;
+
+    fn slice(bbox: Bbox, score: f64) -> PlaneBoxes {
+        PlaneBoxes {
+            grounding: ScoredBox { bbox, score },
+            detections: vec![],
+        }
+    }
+
+    #[test]
+    fn slices_link_while_they_overlap_and_score() {
+        let a = [10.0, 20.0, 30.0, 40.0];
+        let per = vec![
+            slice([40.0, 40.0, 50.0, 50.0], 0.9), // high score but elsewhere: not linked
+            slice(a, 0.6),
+            slice([11.0, 21.0, 31.5, 41.0], 0.95), // best
+            slice(a, 0.2),                         // overlaps but scores too low
+            slice(a, 0.8),
+        ];
+        let (best, b) = link_slices(&per, 0, (64, 48), 0.5).unwrap();
+        assert_eq!(best, 2);
+        // Slices 1..=2 across axis 0; rows (y) are axis 1, columns (x) axis 2.
+        assert_eq!(b.min, [1, 20, 10]);
+        assert_eq!(b.max, [2, 40, 31]);
+        assert_eq!(b.score, 0.95);
+        // Across axis 2 the plane rows are axis 0 and the columns axis 1; clamped to the
+        // plane.
+        let per = vec![slice([-3.0, 50.0, 60.0, 70.0], 0.7)];
+        let (_, b) = link_slices(&per, 2, (64, 48), 0.5).unwrap();
+        assert_eq!((b.min, b.max), ([50, 0, 0], [63, 47, 0]));
+        assert!(link_slices(&[], 2, (64, 48), 0.5).is_none());
+    }
 }

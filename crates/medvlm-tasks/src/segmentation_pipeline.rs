@@ -1526,6 +1526,60 @@ fn mask_plane(mask: &[u8], rows: usize, cols: usize) -> Plane {
     }
 }
 
+/// The slices of a 2-D or 3-D NIfTI volume across one axis, as the task heads read them.
+pub struct VolumePlanes {
+    /// One plane per slice; plane rows and columns are the two remaining axes in order.
+    pub planes: Vec<Plane>,
+    /// The axis cut across: the one asked for, or for a 2-D volume (one of a single slice)
+    /// its unit axis.
+    pub axis: usize,
+    /// The first three dimensions (missing ones 1).
+    pub dims3: [usize; 3],
+}
+
+/// Cuts a NIfTI volume into its slices across `axis` (0, 1 or 2; NIfTI axes x, y, z). 4-D
+/// volumes (a fourth dimension above 1) are refused.
+pub fn volume_planes(input: &Path, img: &medvlm_io::MedImage, axis: usize) -> Result<VolumePlanes> {
+    if axis > 2 {
+        return Err(SegPipelineError::Invalid(format!(
+            "axis {axis} is not 0, 1 or 2"
+        )));
+    }
+    let dims = &img.shape;
+    if dims.len() > 3 && dims[3..].iter().any(|&d| d > 1) {
+        return Err(SegPipelineError::Invalid(format!(
+            "{}: a {}-D volume ({dims:?}); only 2-D and 3-D NIfTI are read slice by slice",
+            input.display(),
+            dims.len()
+        )));
+    }
+    let mut d3 = [1usize; 3];
+    for (i, d) in dims.iter().take(3).enumerate() {
+        d3[i] = *d;
+    }
+    // A 2-D NIfTI (or one of a single slice) is cut across its unit axis.
+    let axis = if d3.iter().all(|&d| d > 1) {
+        axis
+    } else {
+        (0..3).rev().find(|&a| d3[a] == 1).unwrap_or(axis)
+    };
+    let planes = (0..d3[axis])
+        .map(|k| {
+            let sel = PlaneSelect {
+                axis: Some(axis),
+                slice: Some(k),
+                ..Default::default()
+            };
+            plane_of(input, img, &sel)
+        })
+        .collect::<Result<_>>()?;
+    Ok(VolumePlanes {
+        planes,
+        axis,
+        dims3: d3,
+    })
+}
+
 impl Segmenter {
     /// Segments one file for one text embedding and writes `<stem>_mask.png` and
     /// `<stem>_overlay.png` to `out`; for NIfTI input also `<stem>_mask.nii.gz`, float32
@@ -1570,35 +1624,13 @@ impl Segmenter {
                 slices: 1,
             });
         }
+        let VolumePlanes {
+            planes,
+            axis,
+            dims3: d3,
+        } = volume_planes(input, &img, axis)?;
         let dims = img.shape.clone();
-        if dims.len() > 3 && dims[3..].iter().any(|&d| d > 1) {
-            return Err(SegPipelineError::Invalid(format!(
-                "{}: a {}-D volume ({dims:?}); only 2-D and 3-D NIfTI are segmented",
-                input.display(),
-                dims.len()
-            )));
-        }
-        let mut d3 = [1usize; 3];
-        for (i, d) in dims.iter().take(3).enumerate() {
-            d3[i] = *d;
-        }
-        // A 2-D NIfTI (or one of a single slice) is cut across its unit axis.
-        let axis = if d3.iter().all(|&d| d > 1) {
-            axis
-        } else {
-            (0..3).rev().find(|&a| d3[a] == 1).unwrap_or(axis)
-        };
         let n_slices = d3[axis];
-        let planes: Vec<Plane> = (0..n_slices)
-            .map(|k| {
-                let sel = PlaneSelect {
-                    axis: Some(axis),
-                    slice: Some(k),
-                    ..Default::default()
-                };
-                plane_of(input, &img, &sel)
-            })
-            .collect::<Result<_>>()?;
         let masks = self.segment_planes(&planes, text, device)?;
         let (ny, nz) = (d3[1], d3[2]);
         let mut volume = vec![0f32; d3[0] * ny * nz];

@@ -191,8 +191,58 @@ fn saved_detector_predicts_the_same_boxes_and_refuses_unknown_prompts() {
     let name = det.card.classes[0].name.clone();
     let (text, _) = loaded.prompt_embedding(&name, false, &Device::Cpu).unwrap();
     let rec = loaded
-        .predict_file(&task.items[0].image, &text, 0.0, &pred_dir, &Device::Cpu)
+        .predict_file(&task.items[0].image, &text, 0.0, 2, &pred_dir, &Device::Cpu)
         .unwrap();
+    assert!(rec.volume.is_none());
+
+    // A NIfTI volume of 4 identical slices across z is boxed slice by slice: every slice
+    // gives what the same image as a one-slice NIfTI gives, and the grounded 3-D box spans
+    // all four slices with the 2-D box's pixels.
+    let plane = medvlm_tasks::segmentation_pipeline::read_plane(&task.items[0].image).unwrap();
+    let (h, w) = (plane.rows, plane.cols);
+    let grey: Vec<f32> = plane
+        .data
+        .chunks(plane.channels)
+        .map(|px| px.iter().sum::<f32>() / px.len() as f32)
+        .collect();
+    let affine = medvlm_io::volume::affine_from_spacing([1.0, 1.0, 2.5]);
+    let flat = dir.path().join("one.nii.gz");
+    medvlm_io::volume::write_nifti1(&flat, &grey, &[h, w, 1], &affine).unwrap();
+    let depth = 4;
+    let mut vol = vec![0f32; h * w * depth];
+    for x in 0..h {
+        for y in 0..w {
+            for z in 0..depth {
+                vol[(x * w + y) * depth + z] = grey[x * w + y];
+            }
+        }
+    }
+    let stack = dir.path().join("stack.nii.gz");
+    medvlm_io::volume::write_nifti1(&stack, &vol, &[h, w, depth], &affine).unwrap();
+    let one = loaded
+        .predict_file(&flat, &text, 0.0, 2, &pred_dir, &Device::Cpu)
+        .unwrap();
+    let three = loaded
+        .predict_file(&stack, &text, 0.0, 2, &pred_dir, &Device::Cpu)
+        .unwrap();
+    let v = three.volume.as_ref().unwrap();
+    assert_eq!((v.axis, v.per_slice.len(), v.best_slice), (2, depth, 0));
+    for s in &v.per_slice {
+        assert_eq!(s.grounding, one.grounding);
+    }
+    let g = one.grounding.bbox;
+    assert_eq!(v.grounding.min[2], 0);
+    assert_eq!(v.grounding.max[2], depth - 1);
+    // Rows of the plane are NIfTI x, columns y.
+    assert_eq!(v.grounding.min[0], g[1].floor() as usize);
+    assert_eq!(v.grounding.min[1], g[0].floor() as usize);
+    assert_eq!(v.grounding.max[0], (g[3].ceil() as usize - 1).min(h - 1));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&three.json).unwrap()).unwrap();
+    assert_eq!(json["volume"]["per_slice"].as_array().unwrap().len(), depth);
+    assert!(loaded
+        .predict_file(&stack, &text, 0.0, 3, &pred_dir, &Device::Cpu)
+        .is_err());
     assert!(rec.overlay_png.is_file() && rec.json.is_file());
     let b = rec.grounding.bbox;
     assert!(
@@ -206,6 +256,7 @@ fn saved_detector_predicts_the_same_boxes_and_refuses_unknown_prompts() {
         false,
         &[dir.path().join("missing.png")],
         0.3,
+        2,
         &pred_dir,
         &Device::Cpu,
     ) {

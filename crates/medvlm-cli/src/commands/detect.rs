@@ -100,6 +100,10 @@ pub struct PredictArgs {
     /// Model to use instead of the one named in the detector (same weights, moved).
     #[arg(long)]
     pub model: Option<String>,
+    /// Axis across which NIfTI volumes are cut into slices (0 = x, 1 = y, 2 = z); the
+    /// slices' boxes are linked into one grounded 3-D box.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub axis: u8,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -180,6 +184,7 @@ fn predict(a: PredictArgs) -> anyhow::Result<()> {
         a.free_text,
         &a.images,
         a.min_score,
+        usize::from(a.axis),
         &a.out,
         &device,
     )?;
@@ -207,6 +212,21 @@ fn predict(a: PredictArgs) -> anyhow::Result<()> {
             a.min_score,
             f.overlay_png.display()
         );
+        if let Some(v) = &f.volume {
+            let g = &v.grounding;
+            println!(
+                "  volume: {} slices across axis {}; best slice {}; grounded voxels x {}..={}, y {}..={}, z {}..={}",
+                v.per_slice.len(),
+                v.axis,
+                v.best_slice,
+                g.min[0],
+                g.max[0],
+                g.min[1],
+                g.max[1],
+                g.min[2],
+                g.max[2]
+            );
+        }
     }
     Ok(())
 }
