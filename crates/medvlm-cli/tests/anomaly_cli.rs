@@ -127,6 +127,54 @@ fn anomaly_fit_then_eval_and_predict() {
     }
     assert!(out.join("scores.csv").is_file());
 
+    // A NIfTI volume of three copies of the first image is scored slice by slice: its score
+    // is the one-slice NIfTI's, and the map volume has the input's shape.
+    let plane = medvlm_io::load_any(&brains[0])
+        .unwrap()
+        .plane(&medvlm_io::PlaneSelect::default())
+        .unwrap();
+    let (h, w) = (plane.rows, plane.cols);
+    let grey: Vec<f32> = plane
+        .data
+        .chunks(plane.channels)
+        .map(|px| px.iter().sum::<f32>() / px.len() as f32)
+        .collect();
+    let affine = medvlm_io::volume::affine_from_spacing([1.0, 1.0, 3.0]);
+    let one = tmp.path().join("one.nii.gz");
+    medvlm_io::volume::write_nifti1(&one, &grey, &[h, w, 1], &affine).unwrap();
+    let mut vol = vec![0f32; h * w * 3];
+    for (i, g) in grey.iter().enumerate() {
+        for z in 0..3 {
+            vol[i * 3 + z] = *g;
+        }
+    }
+    let stack = tmp.path().join("stack.nii.gz");
+    medvlm_io::volume::write_nifti1(&stack, &vol, &[h, w, 3], &affine).unwrap();
+    let vout = tmp.path().join("vol");
+    let csv = ok(&run(&[
+        "anomaly",
+        "predict",
+        "--detector",
+        arg(&det),
+        "--modality",
+        "brain_mri",
+        arg(&one),
+        arg(&stack),
+        "--out",
+        arg(&vout),
+    ]));
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{csv}");
+    assert_eq!(rows[0][1], rows[1][1], "slice scores differ: {csv}");
+    assert_eq!(rows[1][6], "0", "{csv}");
+    let map = medvlm_io::load_any(std::path::Path::new(rows[1][5])).unwrap();
+    assert_eq!(map.shape[..3], [h, w, 3], "{csv}");
+    assert!(vout.join("stack_anomaly.png").is_file());
+
     // Two modalities and no --modality: the error says so.
     let err = fails(
         &bin()

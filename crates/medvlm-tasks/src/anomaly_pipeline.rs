@@ -832,63 +832,207 @@ impl AnomalyEvaluation {
 pub struct PredictedAnomaly {
     /// The input.
     pub input: PathBuf,
-    /// Image score.
+    /// Image score (a volume: the highest slice score).
     pub score: f32,
     /// Whether the score is above the modality's threshold.
     pub anomalous: bool,
-    /// The anomaly map as an 8-bit PNG (0 = lowest, 128 = the threshold, 255 = twice it).
+    /// The anomaly map as an 8-bit PNG (0 = lowest, 128 = the threshold, 255 = twice it);
+    /// a volume: the slice with the highest score.
     pub map_png: PathBuf,
-    /// The image with the region above the threshold outlined.
+    /// The image with the region above the threshold outlined (a volume: the same slice).
     pub overlay_png: PathBuf,
+    /// A NIfTI input: the anomaly map of every slice at the input's grid, float32, with its
+    /// affine (`<stem>_anomaly.nii.gz`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub map_nifti: Option<PathBuf>,
+    /// A NIfTI input: the axis cut across, each slice's score and the slice shown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slices: Option<SliceScores>,
+}
+
+/// The slices of a volume scored by [`AnomalyDetector::predict_and_write`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SliceScores {
+    /// Axis cut across (0, 1, 2 = NIfTI x, y, z).
+    pub axis: usize,
+    /// Each slice's image score.
+    pub scores: Vec<f32>,
+    /// The slice with the highest score (shown in the PNGs).
+    pub best: usize,
 }
 
 impl AnomalyDetector {
     /// Scores image files of a modality and writes `<stem>_anomaly.png` and
-    /// `<stem>_overlay.png` per image into `out` (atomically).
+    /// `<stem>_overlay.png` per image into `out` (atomically). A NIfTI file is scored slice
+    /// by slice across `axis` (0, 1, 2 = x, y, z; a 2-D NIfTI across its unit axis): its score
+    /// is the highest slice score, its PNGs show that slice, and `<stem>_anomaly.nii.gz` holds
+    /// every slice's map resized to the slice (triangle filter) with the input's affine.
     pub fn predict_and_write(
         &self,
         files: &[PathBuf],
         modality: Option<&str>,
+        axis: usize,
         out: &Path,
         device: &Device,
     ) -> Result<Vec<PredictedAnomaly>> {
+        if axis > 2 {
+            return Err(AnomalyPipelineError::Invalid(format!(
+                "axis {axis} is not 0, 1 or 2"
+            )));
+        }
         std::fs::create_dir_all(out).map_err(|e| file_err(out, e))?;
         let det = self.detector_of(&modality.map(str::to_string))?;
-        let t = det.threshold.value.max(1e-6);
-        let size = self.card.image_size;
-        let mut rows = Vec::new();
-        for (image, scored, called) in self.predict_files(files, modality, device)? {
-            let file = image.path.clone();
-            let stem = file
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "image".into());
-            let map_plane = scored
-                .map_plane(size, det.threshold.value)
-                .map_err(|e| file_err(&file, e))?;
-            let map_png = out.join(format!("{stem}_anomaly.png"));
-            medvlm_io::raster::write_png(&map_png, &map_plane)
-                .map_err(|e| file_err(&map_png, medvlm_io::guard::error_chain(&e)))?;
-            // The image as the model saw it, so the outline sits on the map's pixels.
-            let grey = grey_of(&image)?;
-            let seen =
-                medvlm_io::Plane::new(size, size, 1, grey).map_err(|e| file_err(&file, e))?;
-            let region: Vec<u8> = scored.map.iter().map(|&v| u8::from(v > t)).collect();
-            let overlay_png = out.join(format!("{stem}_overlay.png"));
-            medvlm_io::raster::write_png(
-                &overlay_png,
-                &crate::segmentation_pipeline::overlay(&seen, &region),
-            )
-            .map_err(|e| file_err(&overlay_png, medvlm_io::guard::error_chain(&e)))?;
-            rows.push(PredictedAnomaly {
-                input: file,
-                score: scored.score,
-                anomalous: called,
-                map_png,
-                overlay_png,
+        let mut loaded: Vec<Option<medvlm_io::MedImage>> = Vec::with_capacity(files.len());
+        for f in files {
+            // Only NIfTI files are read here; the others go through the batched 2-D path.
+            let is_nifti = {
+                let name = f.to_string_lossy().to_ascii_lowercase();
+                name.ends_with(".nii") || name.ends_with(".nii.gz")
+            };
+            loaded.push(if is_nifti {
+                Some(medvlm_io::load_any(f).map_err(|e| {
+                    AnomalyPipelineError::from(SegPipelineError::Image {
+                        path: f.clone(),
+                        reason: medvlm_io::guard::error_chain(&e),
+                    })
+                })?)
+            } else {
+                None
             });
         }
+        let flat: Vec<PathBuf> = files
+            .iter()
+            .zip(&loaded)
+            .filter(|(_, l)| l.is_none())
+            .map(|(f, _)| f.clone())
+            .collect();
+        let mut flat_scored = if flat.is_empty() {
+            Vec::new()
+        } else {
+            self.predict_files(&flat, modality, device)?
+        }
+        .into_iter();
+        let mut rows = Vec::with_capacity(files.len());
+        for (file, img) in files.iter().zip(loaded) {
+            match img {
+                None => {
+                    let (image, scored, called) = flat_scored
+                        .next()
+                        .ok_or_else(|| AnomalyPipelineError::Invalid("missing score".into()))?;
+                    let (map_png, overlay_png) =
+                        self.write_pngs(file, &image, &scored, det, out)?;
+                    rows.push(PredictedAnomaly {
+                        input: file.clone(),
+                        score: scored.score,
+                        anomalous: called,
+                        map_png,
+                        overlay_png,
+                        map_nifti: None,
+                        slices: None,
+                    });
+                }
+                Some(img) => rows.push(self.predict_volume(file, &img, det, axis, out, device)?),
+            }
+        }
         Ok(rows)
+    }
+
+    /// `<stem>_anomaly.png` and `<stem>_overlay.png` of one scored image.
+    fn write_pngs(
+        &self,
+        file: &Path,
+        image: &LoadedImage,
+        scored: &ScoredImage,
+        det: &ModalityDetector,
+        out: &Path,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let size = self.card.image_size;
+        let t = det.threshold.value.max(1e-6);
+        let stem = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into());
+        let stem = stem.strip_suffix(".nii").unwrap_or(&stem).to_string();
+        let map_plane = scored
+            .map_plane(size, det.threshold.value)
+            .map_err(|e| file_err(file, e))?;
+        let map_png = out.join(format!("{stem}_anomaly.png"));
+        medvlm_io::raster::write_png(&map_png, &map_plane)
+            .map_err(|e| file_err(&map_png, medvlm_io::guard::error_chain(&e)))?;
+        // The image as the model saw it, so the outline sits on the map's pixels.
+        let grey = grey_of(image)?;
+        let seen = medvlm_io::Plane::new(size, size, 1, grey).map_err(|e| file_err(file, e))?;
+        let region: Vec<u8> = scored.map.iter().map(|&v| u8::from(v > t)).collect();
+        let overlay_png = out.join(format!("{stem}_overlay.png"));
+        medvlm_io::raster::write_png(
+            &overlay_png,
+            &crate::segmentation_pipeline::overlay(&seen, &region),
+        )
+        .map_err(|e| file_err(&overlay_png, medvlm_io::guard::error_chain(&e)))?;
+        Ok((map_png, overlay_png))
+    }
+
+    fn predict_volume(
+        &self,
+        file: &Path,
+        img: &medvlm_io::MedImage,
+        det: &ModalityDetector,
+        axis: usize,
+        out: &Path,
+        device: &Device,
+    ) -> Result<PredictedAnomaly> {
+        use crate::segmentation_pipeline::{load_planes, scatter_slice, volume_planes};
+        let vp = volume_planes(file, img, axis)?;
+        let images = load_planes(&self.model, &vp.planes, file, det.modality.clone(), device)?;
+        let scored = self.score(det, &images)?;
+        let scores: Vec<f32> = scored.iter().map(|s| s.score).collect();
+        let best = (0..scores.len())
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(b.cmp(&a)))
+            .ok_or_else(|| {
+                AnomalyPipelineError::Invalid(format!("{}: no slices", file.display()))
+            })?;
+        let size = self.card.image_size;
+        let mut volume = vec![0f32; vp.dims3.iter().product()];
+        for (k, (s, plane)) in scored.iter().zip(&vp.planes).enumerate() {
+            let map = medvlm_io::Plane::new(size, size, 1, s.map.clone())
+                .and_then(|m| medvlm_io::transforms::resize(&m, plane.rows, plane.cols))
+                .map_err(|e| file_err(file, medvlm_io::guard::error_chain(&e)))?;
+            scatter_slice(
+                &mut volume,
+                vp.dims3,
+                vp.axis,
+                k,
+                (plane.rows, plane.cols),
+                &map.data,
+            );
+        }
+        let (map_png, overlay_png) =
+            self.write_pngs(file, &images[best], &scored[best], det, out)?;
+        let stem = map_png
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix("_anomaly.png"))
+            .unwrap_or("image")
+            .to_string();
+        let nii = out.join(format!("{stem}_anomaly.nii.gz"));
+        let affine = img
+            .affine
+            .unwrap_or_else(|| medvlm_io::volume::affine_from_spacing([1.0, 1.0, 1.0]));
+        medvlm_io::volume::write_nifti1(&nii, &volume, &img.shape, &affine)
+            .map_err(|e| file_err(&nii, medvlm_io::guard::error_chain(&e)))?;
+        Ok(PredictedAnomaly {
+            input: file.to_path_buf(),
+            score: scores[best],
+            anomalous: scores[best] > det.threshold.value,
+            map_png,
+            overlay_png,
+            map_nifti: Some(nii),
+            slices: Some(SliceScores {
+                axis: vp.axis,
+                scores,
+                best,
+            }),
+        })
     }
 }
 

@@ -482,6 +482,43 @@ pub fn load_images(m: &LoadedModel, task: &SegTask, device: &Device) -> Result<V
     Ok(out)
 }
 
+/// Planes (e.g. the slices of a volume, all from `path`) prepared as [`load_images`] prepares
+/// files, without masks.
+pub fn load_planes(
+    m: &LoadedModel,
+    planes: &[Plane],
+    path: &Path,
+    modality: Option<String>,
+    device: &Device,
+) -> Result<Vec<LoadedImage>> {
+    let size = m.model.image_size();
+    let pre = seg_preprocess(m, size);
+    let mut out = Vec::with_capacity(planes.len());
+    for chunk in planes.chunks(32) {
+        let mut pixels = Vec::with_capacity(chunk.len());
+        let mut greys = Vec::with_capacity(chunk.len());
+        for plane in chunk {
+            let p = prepare(&pre, plane, size, path)?;
+            pixels.push(p.pixels);
+            greys.push((p.grey, (plane.rows, plane.cols)));
+        }
+        let px = pre.batch(&pixels, device)?;
+        let (patches, projected) = encode_patches(m, &px)?;
+        for (i, (grey, shape)) in greys.into_iter().enumerate() {
+            out.push(LoadedImage {
+                path: path.to_path_buf(),
+                modality: modality.clone(),
+                grey: Tensor::from_vec(grey, (1, size, size), &Device::Cpu)?,
+                patches: patches.get(i)?,
+                projected: projected.as_ref().map(|p| p.get(i)).transpose()?,
+                masks: BTreeMap::new(),
+                shape,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Patch tokens `[B, N, D]` and, when the tower has them, projected patch tokens `[B, N, E]`,
 /// as f32 on the CPU.
 pub(crate) fn encode_patches(m: &LoadedModel, px: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
@@ -1537,6 +1574,30 @@ pub struct VolumePlanes {
     pub dims3: [usize; 3],
 }
 
+/// Writes the `rows x cols` values of slice `k` across `axis` into a volume of `dims3`
+/// (index `(x ny + y) nz + z`, the layout `medvlm_io::volume::write_nifti1` reads); the
+/// slice's rows and columns are the two remaining axes in order, as [`volume_planes`] cuts.
+pub fn scatter_slice(
+    volume: &mut [f32],
+    dims3: [usize; 3],
+    axis: usize,
+    k: usize,
+    (rows, cols): (usize, usize),
+    values: &[f32],
+) {
+    let (ny, nz) = (dims3[1], dims3[2]);
+    for r in 0..rows {
+        for c in 0..cols {
+            let (x, y, z) = match axis {
+                0 => (k, r, c),
+                1 => (r, k, c),
+                _ => (r, c, k),
+            };
+            volume[(x * ny + y) * nz + z] = values[r * cols + c];
+        }
+    }
+}
+
 /// Cuts a NIfTI volume into its slices across `axis` (0, 1 or 2; NIfTI axes x, y, z). 4-D
 /// volumes (a fourth dimension above 1) are refused.
 pub fn volume_planes(input: &Path, img: &medvlm_io::MedImage, axis: usize) -> Result<VolumePlanes> {
@@ -1632,20 +1693,10 @@ impl Segmenter {
         let dims = img.shape.clone();
         let n_slices = d3[axis];
         let masks = self.segment_planes(&planes, text, device)?;
-        let (ny, nz) = (d3[1], d3[2]);
-        let mut volume = vec![0f32; d3[0] * ny * nz];
+        let mut volume = vec![0f32; d3.iter().product()];
         for (k, (mask, plane)) in masks.iter().zip(&planes).enumerate() {
-            for r in 0..plane.rows {
-                for c in 0..plane.cols {
-                    // The plane's rows and columns are the two remaining axes in order.
-                    let (x, y, z) = match axis {
-                        0 => (k, r, c),
-                        1 => (r, k, c),
-                        _ => (r, c, k),
-                    };
-                    volume[(x * ny + y) * nz + z] = f32::from(mask[r * plane.cols + c]);
-                }
-            }
+            let values: Vec<f32> = mask.iter().map(|&v| f32::from(v)).collect();
+            scatter_slice(&mut volume, d3, axis, k, (plane.rows, plane.cols), &values);
         }
         let best = masks
             .iter()

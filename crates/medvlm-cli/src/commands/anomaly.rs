@@ -104,7 +104,7 @@ pub struct PredictArgs {
     /// several).
     #[arg(long)]
     pub modality: Option<String>,
-    /// Image files (PNG/JPEG/TIFF, DICOM, NIfTI slices).
+    /// Image files (PNG/JPEG/TIFF, DICOM, NIfTI; a NIfTI volume is scored slice by slice).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
     /// Output folder.
@@ -113,6 +113,9 @@ pub struct PredictArgs {
     /// Model to use instead of the one named in the detector (same weights, moved).
     #[arg(long)]
     pub model: Option<String>,
+    /// Axis across which NIfTI volumes are cut into slices (0 = x, 1 = y, 2 = z).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub axis: u8,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -193,16 +196,30 @@ fn predict(a: PredictArgs) -> anyhow::Result<()> {
                 .join(", ")
         ),
     };
-    let rows = det.predict_and_write(&a.images, modality.as_deref(), &a.out, &device)?;
-    let mut csv = String::from("image,score,anomalous,map,overlay\n");
+    let rows = det.predict_and_write(
+        &a.images,
+        modality.as_deref(),
+        usize::from(a.axis),
+        &a.out,
+        &device,
+    )?;
+    let mut csv = String::from("image,score,anomalous,map,overlay,map_nifti,best_slice\n");
     for r in &rows {
         csv.push_str(&format!(
-            "{},{:.6},{},{},{}\n",
+            "{},{:.6},{},{},{},{},{}\n",
             csv_field(&r.input.display().to_string()),
             r.score,
             r.anomalous,
             csv_field(&r.map_png.display().to_string()),
-            csv_field(&r.overlay_png.display().to_string())
+            csv_field(&r.overlay_png.display().to_string()),
+            r.map_nifti
+                .as_ref()
+                .map(|p| csv_field(&p.display().to_string()))
+                .unwrap_or_default(),
+            r.slices
+                .as_ref()
+                .map(|s| s.best.to_string())
+                .unwrap_or_default()
         ));
     }
     print!("{csv}");
