@@ -1,0 +1,183 @@
+//! `medvlm vqa train|answer|eval`: visual question answering on a frozen VLM, as
+//! classification over the training answers (PubMedCLIP's recipe;
+//! `medvlm_tasks::vqa_pipeline`, docs/vqa.md).
+//!
+//! * `train --model M --manifest train.jsonl --out DIR`: trains the fused classifier and the
+//!   question-only baseline on the manifest's `qa` pairs and writes the answerer folder.
+//! * `answer --answerer DIR --question Q IMAGES...`: prints one answer per image.
+//! * `eval --answerer DIR --manifest test.jsonl [--json OUT]`: closed, open, overall and
+//!   per-kind accuracy of the classifier, the question-only and the majority baselines.
+
+use std::path::PathBuf;
+
+use medvlm_tasks::vqa::VqaConfig;
+use medvlm_tasks::vqa_pipeline::{
+    answer_files, evaluate_manifest, train_and_save, Trained, VqaTrainOptions,
+};
+
+use super::common::write_file;
+use super::embed::DeviceArgs;
+
+/// Arguments of `medvlm vqa`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: VqaCommand,
+}
+
+/// The subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum VqaCommand {
+    /// Train an answerer on a manifest whose records carry `qa` lists.
+    Train(TrainArgs),
+    /// Answer one question about each image (PNG/JPEG/TIFF, DICOM, NIfTI).
+    Answer(AnswerArgs),
+    /// Evaluate an answerer and its baselines on a manifest.
+    Eval(EvalArgs),
+}
+
+/// `medvlm vqa train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Vision-language model: a directory, hf:ORG/NAME or a preset.
+    #[arg(long)]
+    pub model: String,
+    /// Training manifest (.jsonl / .csv) with `qa` question-answer pairs.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Only the records of this split of the manifest.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Output folder of the answerer.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Passes over the training pairs (default 30).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub epochs: Option<usize>,
+    /// Pairs per update (default 128).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub batch: Option<usize>,
+    /// Hidden width of the classifier (default 256).
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub hidden: Option<usize>,
+    /// Peak learning rate (default 2e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of initialisation and batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `medvlm vqa answer`.
+#[derive(clap::Args, Debug)]
+pub struct AnswerArgs {
+    /// Answerer folder written by `medvlm vqa train`.
+    #[arg(long)]
+    pub answerer: PathBuf,
+    /// The question.
+    #[arg(long, short)]
+    pub question: String,
+    /// Image files.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// `medvlm vqa eval`.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Answerer folder written by `medvlm vqa train`.
+    #[arg(long)]
+    pub answerer: PathBuf,
+    /// Test manifest with `qa` question-answer pairs.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Only the records of this split of the manifest.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Also write the evaluation as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Runs `medvlm vqa`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        VqaCommand::Train(a) => train(a),
+        VqaCommand::Answer(a) => answer(a),
+        VqaCommand::Eval(a) => eval(a),
+    }
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let d = VqaConfig::default();
+    let config = VqaConfig {
+        epochs: a.epochs.unwrap_or(d.epochs),
+        batch: a.batch.unwrap_or(d.batch),
+        hidden: a.hidden.unwrap_or(d.hidden),
+        lr: a.lr.unwrap_or(d.lr),
+        seed: a.seed,
+        ..d
+    };
+    let opts = VqaTrainOptions {
+        model_spec: a.model.clone(),
+        config,
+        split: a.split.clone(),
+    };
+    let t0 = std::time::Instant::now();
+    let card = train_and_save(&a.manifest, &opts, &a.out, &device, &mut |which, e, loss| {
+        let name = match which {
+            Trained::Fused => "image+question",
+            Trained::QuestionOnly => "question only",
+        };
+        eprintln!("{name} epoch {} loss {loss:.4}", e + 1)
+    })?;
+    println!(
+        "trained a VQA answerer on {} question-answer pairs ({} images, {} distinct questions, {} answers) in {:.1} s; final loss {:.4} (question only {:.4})",
+        card.n_train_pairs,
+        card.n_train_images,
+        card.n_train_questions,
+        card.answers.len(),
+        t0.elapsed().as_secs_f64(),
+        card.epoch_losses.last().copied().unwrap_or(f32::NAN),
+        card.question_only_epoch_losses
+            .last()
+            .copied()
+            .unwrap_or(f32::NAN)
+    );
+    println!("answerer written to {}", a.out.display());
+    Ok(())
+}
+
+fn answer(a: AnswerArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let (answers, warning) = answer_files(&a.answerer, &a.images, &a.question, &device)?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    for (img, ans) in a.images.iter().zip(answers) {
+        println!("{}\t{}\t{:.3}", img.display(), ans.answer, ans.confidence);
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let (evaluation, warning) =
+        evaluate_manifest(&a.answerer, &a.manifest, a.split.as_deref(), &device)?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    print!("{}", evaluation.render_table());
+    if let Some(path) = &a.json {
+        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
+        println!("evaluation written to {}", path.display());
+    }
+    Ok(())
+}

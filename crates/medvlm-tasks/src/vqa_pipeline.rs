@@ -1,0 +1,924 @@
+//! Visual question answering as a task: question-answer pairs from a manifest's `qa` lists,
+//! the frozen VLM's image and question embeddings (cached once per image and per distinct
+//! question), the fused classifier of [`crate::vqa`] and its question-only baseline trained
+//! on them, the saved answerer folder, evaluation the VQA-RAD way beside two baselines, and
+//! answers for image files.
+//!
+//! Protocol ([`evaluate`]): every question-answer pair of the evaluated manifest (or split)
+//! gets one answer, the training answer with the highest probability. **Answer rule**: exact
+//! match after normalisation (trim, lower-case, runs of white space made one space) of the
+//! predicted and the reference answer; an answer never seen in training cannot be predicted
+//! and counts as wrong (such pairs are counted in the evaluation). A question is **closed**
+//! when the record's `qa_closed` flags say so (what `medvlm phantoms generate` writes) or,
+//! without flags, when its answer is yes or no (VQA-RAD's closed questions); every other
+//! question is open. Accuracy is reported for closed, open and all questions (VQA-RAD's
+//! "closed", "open" and "overall") and per question `kind`, for:
+//! - the fused classifier (image and question);
+//! - the question-only baseline: the same classifier trained with the image zeroed, what
+//!   language priors alone reach;
+//! - the majority baseline: the most frequent training answer of the same question text
+//!   (of the same `kind` for a question never seen in training, else of all questions).
+//!
+//! Artefact folder ([`VqaModel::save`], written to a temporary folder and renamed):
+//! `vqa_model.json` (the card: settings, the answer vocabulary, the VLM's spec and
+//! fingerprint, the majority baseline, the training record) and `classifier.safetensors`
+//! (`fused.*` and `question_only.*` classifiers, `image_mean`/`image_std` and
+//! `question_mean`/`question_std` standardisers).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use medvlm_models::LoadedModel;
+use serde::{Deserialize, Serialize};
+
+use crate::vqa::{
+    predict_pairs, train_head, Result, Standardiser, VqaConfig, VqaError, VqaHead, VqaPairs,
+};
+
+/// Format tag of the card.
+pub const FORMAT: &str = "medvlm-vqa/1";
+const CARD_FILE: &str = "vqa_model.json";
+const WEIGHTS_FILE: &str = "classifier.safetensors";
+
+/// The answer rule, as the evaluation states it.
+pub const ANSWER_RULE: &str = "exact match after trim, lower-case and single spaces; answers unseen in training count as wrong";
+
+fn file_err(path: &Path, reason: impl std::fmt::Display) -> VqaError {
+    VqaError::File {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// An answer (or question) as compared: trimmed, lower-cased, white space runs as one space.
+pub fn normalise_answer(s: &str) -> String {
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+/// One question about one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VqaItem {
+    /// The image file.
+    pub image: PathBuf,
+    /// The question, trimmed.
+    pub question: String,
+    /// The reference answer, normalised ([`normalise_answer`]).
+    pub answer: String,
+    /// The question's `kind`, when given.
+    pub kind: Option<String>,
+    /// Closed (yes/no) or open; see the module documentation.
+    pub closed: bool,
+}
+
+/// Question-answer pairs read from a manifest.
+#[derive(Debug, Clone)]
+pub struct VqaTask {
+    /// The manifest.
+    pub manifest: PathBuf,
+    /// The pairs, in manifest order.
+    pub items: Vec<VqaItem>,
+}
+
+impl VqaTask {
+    /// The `qa` pairs of the records of `manifest` (those of `split` when given). Records
+    /// without questions are skipped; an empty question or answer, or `qa_closed` flags that
+    /// do not match the questions, is an error naming the record.
+    pub fn from_manifest(manifest: &Path, split: Option<&str>) -> Result<Self> {
+        let m = medvlm_io::read_manifest(manifest).map_err(|e| file_err(manifest, e))?;
+        let mut items = Vec::new();
+        for (i, rec) in m.records.iter().enumerate() {
+            if split.is_some_and(|s| rec.split.as_deref() != Some(s)) {
+                continue;
+            }
+            let flags: Option<Vec<bool>> = match rec.extra.get("qa_closed") {
+                None => None,
+                Some(v) => {
+                    let flags = v
+                        .as_array()
+                        .map(|a| a.iter().map(|b| b.as_bool()).collect::<Option<Vec<_>>>());
+                    match flags {
+                        Some(Some(f)) if f.len() == rec.qa.len() => Some(f),
+                        _ => {
+                            return Err(file_err(
+                                manifest,
+                                format!(
+                                    "record {} ({}): `qa_closed` must be a list of {} true/false flags, one per question",
+                                    i + 1,
+                                    rec.image,
+                                    rec.qa.len()
+                                ),
+                            ))
+                        }
+                    }
+                }
+            };
+            for (j, qa) in rec.qa.iter().enumerate() {
+                let question = qa.question.trim();
+                if question.is_empty() {
+                    return Err(file_err(
+                        manifest,
+                        format!(
+                            "record {} ({}): question {} is empty",
+                            i + 1,
+                            rec.image,
+                            j + 1
+                        ),
+                    ));
+                }
+                let answer = normalise_answer(&qa.answer);
+                if answer.is_empty() {
+                    return Err(file_err(
+                        manifest,
+                        format!(
+                            "record {} ({}): question {:?} has no answer",
+                            i + 1,
+                            rec.image,
+                            question
+                        ),
+                    ));
+                }
+                let closed = match &flags {
+                    Some(f) => f[j],
+                    None => answer == "yes" || answer == "no",
+                };
+                items.push(VqaItem {
+                    image: m.image_path(rec),
+                    question: question.to_string(),
+                    answer,
+                    kind: qa.kind.clone(),
+                    closed,
+                });
+            }
+        }
+        if items.is_empty() {
+            return Err(file_err(
+                manifest,
+                match split {
+                    Some(s) => format!("no question-answer pair (`qa`) in split {s:?}"),
+                    None => "no question-answer pair (`qa`) in any record".to_string(),
+                },
+            ));
+        }
+        Ok(Self {
+            manifest: manifest.to_path_buf(),
+            items,
+        })
+    }
+}
+
+/// Frozen embeddings of a task's distinct images and questions, and which rows each pair reads.
+#[derive(Debug)]
+pub struct EncodedPairs {
+    /// L2-normalised image embeddings `[I, E]`, one per distinct image.
+    pub images: Tensor,
+    /// L2-normalised text-tower embeddings `[Q, E]`, one per distinct question.
+    pub questions: Tensor,
+    /// Per pair: image row, question row.
+    pub index: Vec<(u32, u32)>,
+}
+
+/// L2-normalised image embeddings `[N, E]` of files (an unreadable file is an error naming it).
+pub fn image_embeddings(m: &LoadedModel, files: &[PathBuf], device: &Device) -> Result<Tensor> {
+    let e = medvlm_models::embed::embed_image_files(m, files, 32, false, device, &|_| {})?;
+    let t = e
+        .embeds
+        .ok_or_else(|| VqaError::Invalid("no image could be embedded".into()))?;
+    Ok(medvlm_models::vlm::l2_normalize(&t)?.to_device(device)?)
+}
+
+/// L2-normalised text-tower embeddings `[N, E]` of questions (each must be non-empty).
+pub fn question_embeddings(m: &LoadedModel, questions: &[String], device: &Device) -> Result<Tensor> {
+    if let Some(i) = questions.iter().position(|q| q.trim().is_empty()) {
+        return Err(VqaError::Invalid(format!(
+            "question {} is empty; ask something about the image",
+            i + 1
+        )));
+    }
+    let t = medvlm_models::embed::embed_texts(m, questions, 64, device)?;
+    Ok(medvlm_models::vlm::l2_normalize(&t)?.to_device(device)?)
+}
+
+/// Embeds each distinct image and question of `items` once.
+pub fn encode_pairs(m: &LoadedModel, items: &[VqaItem], device: &Device) -> Result<EncodedPairs> {
+    let mut image_row: HashMap<&Path, u32> = HashMap::new();
+    let mut files = Vec::new();
+    let mut question_row: HashMap<&str, u32> = HashMap::new();
+    let mut questions = Vec::new();
+    let mut index = Vec::with_capacity(items.len());
+    for it in items {
+        let i = *image_row.entry(it.image.as_path()).or_insert_with(|| {
+            files.push(it.image.clone());
+            files.len() as u32 - 1
+        });
+        let q = *question_row.entry(it.question.as_str()).or_insert_with(|| {
+            questions.push(it.question.clone());
+            questions.len() as u32 - 1
+        });
+        index.push((i, q));
+    }
+    Ok(EncodedPairs {
+        images: image_embeddings(m, &files, device)?,
+        questions: question_embeddings(m, &questions, device)?,
+        index,
+    })
+}
+
+/// The majority baseline: the most frequent training answer per question text, per kind,
+/// and overall (ties: the answer first seen).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MajorityBaseline {
+    /// Normalised question -> answer.
+    pub by_question: BTreeMap<String, String>,
+    /// Kind -> answer.
+    pub by_kind: BTreeMap<String, String>,
+    /// The most frequent answer of all.
+    pub overall: String,
+}
+
+fn most_frequent<'a>(answers: impl Iterator<Item = &'a str>) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for a in answers {
+        match counts.iter_mut().find(|(b, _)| *b == a) {
+            Some(c) => c.1 += 1,
+            None => counts.push((a, 1)),
+        }
+    }
+    // max_by_key keeps the last of equals; reverse so the first seen wins ties.
+    counts
+        .iter()
+        .rev()
+        .max_by_key(|c| c.1)
+        .map(|c| c.0.to_string())
+        .unwrap_or_default()
+}
+
+impl MajorityBaseline {
+    /// The baseline of training pairs.
+    pub fn fit(items: &[VqaItem]) -> Self {
+        let mut by_q: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        let mut by_k: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        for it in items {
+            by_q.entry(normalise_answer(&it.question))
+                .or_default()
+                .push(&it.answer);
+            if let Some(k) = &it.kind {
+                by_k.entry(k.clone()).or_default().push(&it.answer);
+            }
+        }
+        Self {
+            by_question: by_q
+                .into_iter()
+                .map(|(q, a)| (q, most_frequent(a.into_iter())))
+                .collect(),
+            by_kind: by_k
+                .into_iter()
+                .map(|(k, a)| (k, most_frequent(a.into_iter())))
+                .collect(),
+            overall: most_frequent(items.iter().map(|i| i.answer.as_str())),
+        }
+    }
+
+    /// The baseline's answer to a question.
+    pub fn answer(&self, question: &str, kind: Option<&str>) -> &str {
+        self.by_question
+            .get(&normalise_answer(question))
+            .or_else(|| kind.and_then(|k| self.by_kind.get(k)))
+            .unwrap_or(&self.overall)
+    }
+}
+
+/// What the saved answerer records of its training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VqaCard {
+    /// [`FORMAT`].
+    pub format: String,
+    /// The VLM as given (`--model`).
+    pub model_spec: String,
+    /// Fingerprint of the VLM's folder.
+    pub model_fingerprint: String,
+    /// Width of its image and text embeddings.
+    pub embed_dim: usize,
+    /// Classifier settings.
+    pub config: VqaConfig,
+    /// The answer vocabulary (normalised training answers, most frequent first).
+    pub answers: Vec<String>,
+    /// Training pairs of each answer.
+    pub answer_counts: Vec<usize>,
+    /// The majority baseline.
+    pub majority: MajorityBaseline,
+    /// The training manifest.
+    pub train_manifest: String,
+    /// Split used, if any.
+    pub train_split: Option<String>,
+    /// Training question-answer pairs.
+    pub n_train_pairs: usize,
+    /// Distinct training images.
+    pub n_train_images: usize,
+    /// Distinct training questions.
+    pub n_train_questions: usize,
+    /// Mean loss of each epoch of the fused classifier.
+    pub epoch_losses: Vec<f32>,
+    /// Mean loss of each epoch of the question-only baseline.
+    pub question_only_epoch_losses: Vec<f32>,
+}
+
+/// A trained answerer: the fused classifier, the baselines and the standardisers.
+pub struct VqaModel {
+    /// The card.
+    pub card: VqaCard,
+    /// Image and question classifier.
+    pub fused: VqaHead,
+    /// Question-only baseline.
+    pub question_only: VqaHead,
+    /// Image embedding standardiser.
+    pub image_norm: Standardiser,
+    /// Question embedding standardiser.
+    pub question_norm: Standardiser,
+    weights: HashMap<String, Tensor>,
+}
+
+/// Settings of [`train`].
+#[derive(Debug, Clone)]
+pub struct VqaTrainOptions {
+    /// VLM spec (`medvlm_models::load_model`).
+    pub model_spec: String,
+    /// Classifier settings.
+    pub config: VqaConfig,
+    /// Split of the manifest to train on (`None`: every record).
+    pub split: Option<String>,
+}
+
+/// Which classifier an epoch callback reports on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trained {
+    /// The fused classifier.
+    Fused,
+    /// The question-only baseline.
+    QuestionOnly,
+}
+
+/// Trains the fused classifier and the question-only baseline on `task` with the VLM `m`
+/// (loaded from `opts.model_spec`); `on_epoch(which, epoch, loss)` after each epoch.
+pub fn train(
+    task: &VqaTask,
+    m: &LoadedModel,
+    opts: &VqaTrainOptions,
+    device: &Device,
+    on_epoch: &mut dyn FnMut(Trained, usize, f32),
+) -> Result<VqaModel> {
+    opts.config.validate()?;
+    let enc = encode_pairs(m, &task.items, device)?;
+    // Answer vocabulary, most frequent first (ties in order of first appearance).
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    let mut row: HashMap<&str, usize> = HashMap::new();
+    for it in &task.items {
+        let r = *row.entry(it.answer.as_str()).or_insert_with(|| {
+            counts.push((it.answer.clone(), 0));
+            counts.len() - 1
+        });
+        counts[r].1 += 1;
+    }
+    let mut order: Vec<usize> = (0..counts.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(counts[i].1), i));
+    let answers: Vec<String> = order.iter().map(|&i| counts[i].0.clone()).collect();
+    let answer_counts: Vec<usize> = order.iter().map(|&i| counts[i].1).collect();
+    let answer_index: HashMap<&str, u32> = answers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.as_str(), i as u32))
+        .collect();
+    let image_norm = Standardiser::fit(&enc.images)?;
+    let question_norm = Standardiser::fit(&enc.questions)?;
+    let images = image_norm.apply(&enc.images)?;
+    let questions = question_norm.apply(&enc.questions)?;
+    let pairs: Vec<(u32, u32, u32)> = task
+        .items
+        .iter()
+        .zip(&enc.index)
+        .map(|(it, &(i, q))| (i, q, answer_index[it.answer.as_str()]))
+        .collect();
+    let data = VqaPairs {
+        images: &images,
+        questions: &questions,
+        pairs: &pairs,
+    };
+    let fused = train_head(&opts.config, &data, answers.len(), true, &mut |e, l| {
+        on_epoch(Trained::Fused, e, l)
+    })?;
+    let q_only = train_head(&opts.config, &data, answers.len(), false, &mut |e, l| {
+        on_epoch(Trained::QuestionOnly, e, l)
+    })?;
+    let mut weights = HashMap::new();
+    for (prefix, vm) in [("fused", &fused.varmap), ("question_only", &q_only.varmap)] {
+        for (k, v) in medvlm_models::model_dir::varmap_tensors(vm)? {
+            weights.insert(format!("{prefix}.{k}"), v);
+        }
+    }
+    weights.insert("image_mean".into(), image_norm.mean.clone());
+    weights.insert("image_std".into(), image_norm.std.clone());
+    weights.insert("question_mean".into(), question_norm.mean.clone());
+    weights.insert("question_std".into(), question_norm.std.clone());
+    let card = VqaCard {
+        format: FORMAT.into(),
+        model_spec: opts.model_spec.clone(),
+        model_fingerprint: crate::segmentation_pipeline::model_fingerprint(&opts.model_spec, m),
+        embed_dim: enc.images.dim(1)?,
+        config: opts.config.clone(),
+        answers,
+        answer_counts,
+        majority: MajorityBaseline::fit(&task.items),
+        train_manifest: task.manifest.display().to_string(),
+        train_split: opts.split.clone(),
+        n_train_pairs: pairs.len(),
+        n_train_images: enc.images.dim(0)?,
+        n_train_questions: enc.questions.dim(0)?,
+        epoch_losses: fused.epoch_losses,
+        question_only_epoch_losses: q_only.epoch_losses,
+    };
+    Ok(VqaModel {
+        card,
+        fused: fused.head,
+        question_only: q_only.head,
+        image_norm,
+        question_norm,
+        weights,
+    })
+}
+
+/// One answer with the classifier's probability for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    /// The answer (normalised form of a training answer).
+    pub answer: String,
+    /// Its softmax probability.
+    pub confidence: f32,
+}
+
+impl VqaModel {
+    /// Writes the artefact folder `out` (see the module documentation), replacing an earlier
+    /// one only once the new one is complete.
+    pub fn save(&self, out: &Path) -> Result<()> {
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| file_err(parent, e))?;
+        let tmp = parent.join(format!(
+            ".{}.tmp-{}",
+            out.file_name().and_then(|n| n.to_str()).unwrap_or("vqa-model"),
+            std::process::id()
+        ));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
+        let card = serde_json::to_string_pretty(&self.card).map_err(|e| file_err(out, e))?;
+        std::fs::write(tmp.join(CARD_FILE), card).map_err(|e| file_err(&tmp.join(CARD_FILE), e))?;
+        let cpu: HashMap<String, Tensor> = self
+            .weights
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        candle_core::safetensors::save(&cpu, tmp.join(WEIGHTS_FILE))
+            .map_err(|e| file_err(&tmp.join(WEIGHTS_FILE), e))?;
+        if out.exists() {
+            std::fs::remove_dir_all(out).map_err(|e| file_err(out, e))?;
+        }
+        std::fs::rename(&tmp, out).map_err(|e| file_err(out, e))?;
+        Ok(())
+    }
+
+    /// Reads an artefact folder (without its VLM).
+    pub fn read(dir: &Path, device: &Device) -> Result<Self> {
+        let card_path = dir.join(CARD_FILE);
+        let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
+        let card: VqaCard = serde_json::from_str(&text).map_err(|e| file_err(&card_path, e))?;
+        if card.format != FORMAT {
+            return Err(file_err(
+                &card_path,
+                format!("format {:?}, expected {FORMAT:?}", card.format),
+            ));
+        }
+        if card.answers.is_empty() || card.answers.len() != card.answer_counts.len() {
+            return Err(file_err(
+                &card_path,
+                "the answer vocabulary is empty or its counts do not match it",
+            ));
+        }
+        let wpath = dir.join(WEIGHTS_FILE);
+        let weights =
+            candle_core::safetensors::load(&wpath, device).map_err(|e| file_err(&wpath, e))?;
+        let get = |name: &str| {
+            weights
+                .get(name)
+                .cloned()
+                .ok_or_else(|| file_err(&wpath, format!("no `{name}` tensor")))
+        };
+        let image_norm = Standardiser {
+            mean: get("image_mean")?,
+            std: get("image_std")?,
+        };
+        let question_norm = Standardiser {
+            mean: get("question_mean")?,
+            std: get("question_std")?,
+        };
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, device);
+        let head = |prefix: &str| {
+            VqaHead::new(
+                vb.pp(prefix),
+                card.embed_dim,
+                card.config.hidden,
+                card.answers.len(),
+            )
+            .map_err(|e| {
+                file_err(
+                    &wpath,
+                    format!(
+                        "{prefix} classifier does not fit the card ({} answers, width {}): {e}",
+                        card.answers.len(),
+                        card.embed_dim
+                    ),
+                )
+            })
+        };
+        let fused = head("fused")?;
+        let question_only = head("question_only")?;
+        Ok(Self {
+            card,
+            fused,
+            question_only,
+            image_norm,
+            question_norm,
+            weights,
+        })
+    }
+
+    /// Reads an artefact folder and loads its VLM; the second value is a warning when the
+    /// VLM's fingerprint differs from the card's.
+    pub fn load(dir: &Path, device: &Device) -> Result<(Self, LoadedModel, Option<String>)> {
+        let model = Self::read(dir, device)?;
+        let lopts = medvlm_models::LoadOptions {
+            device: device.clone(),
+            ..Default::default()
+        };
+        let m = medvlm_models::load_model(&model.card.model_spec, &lopts)?;
+        let fp = crate::segmentation_pipeline::model_fingerprint(&model.card.model_spec, &m);
+        let warning = (fp != model.card.model_fingerprint).then(|| {
+            format!(
+                "the model {} is not the one the answerer was trained with (fingerprint differs)",
+                model.card.model_spec
+            )
+        });
+        Ok((model, m, warning))
+    }
+
+    fn to_answers(&self, best: Vec<(u32, f32)>) -> Vec<Answer> {
+        best.into_iter()
+            .map(|(i, p)| Answer {
+                answer: self.card.answers[i as usize].clone(),
+                confidence: p,
+            })
+            .collect()
+    }
+
+    /// Answers of the fused classifier (`use_image`) or of the question-only baseline for
+    /// pairs of L2-normalised embeddings: `pairs` index rows of `images` `[I, E]` and
+    /// `questions` `[Q, E]`.
+    pub fn answer_embedded(
+        &self,
+        images: &Tensor,
+        questions: &Tensor,
+        pairs: &[(u32, u32)],
+        use_image: bool,
+    ) -> Result<Vec<Answer>> {
+        let images = self.image_norm.apply(images)?;
+        let questions = self.question_norm.apply(questions)?;
+        let triples: Vec<(u32, u32, u32)> = pairs.iter().map(|&(i, q)| (i, q, 0)).collect();
+        let data = VqaPairs {
+            images: &images,
+            questions: &questions,
+            pairs: &triples,
+        };
+        let head = if use_image {
+            &self.fused
+        } else {
+            &self.question_only
+        };
+        Ok(self.to_answers(predict_pairs(head, &data, use_image)?))
+    }
+}
+
+/// Accuracy over a set of questions.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Accuracy {
+    /// Questions answered correctly.
+    pub correct: usize,
+    /// Questions.
+    pub n: usize,
+    /// `correct / n` (0 when `n` is 0).
+    pub accuracy: f64,
+}
+
+impl Accuracy {
+    fn add(&mut self, ok: bool) {
+        self.n += 1;
+        self.correct += usize::from(ok);
+        self.accuracy = self.correct as f64 / self.n as f64;
+    }
+}
+
+/// Accuracies of one method.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct VqaScores {
+    /// Closed questions.
+    pub closed: Accuracy,
+    /// Open questions.
+    pub open: Accuracy,
+    /// All questions.
+    pub overall: Accuracy,
+    /// Per question kind (`-` for pairs without one).
+    pub per_kind: BTreeMap<String, Accuracy>,
+}
+
+fn score(items: &[VqaItem], predicted: &[String]) -> VqaScores {
+    let mut s = VqaScores::default();
+    for (it, p) in items.iter().zip(predicted) {
+        let ok = normalise_answer(p) == it.answer;
+        if it.closed {
+            s.closed.add(ok);
+        } else {
+            s.open.add(ok);
+        }
+        s.overall.add(ok);
+        s.per_kind
+            .entry(it.kind.clone().unwrap_or_else(|| "-".into()))
+            .or_default()
+            .add(ok);
+    }
+    s
+}
+
+/// One example of the evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VqaExample {
+    /// Image file.
+    pub image: String,
+    /// The question.
+    pub question: String,
+    /// Its kind.
+    pub kind: Option<String>,
+    /// The reference answer.
+    pub truth: String,
+    /// The fused classifier's answer.
+    pub predicted: String,
+    /// Its probability.
+    pub confidence: f32,
+    /// The question-only baseline's answer.
+    pub question_only: String,
+    /// The majority baseline's answer.
+    pub majority: String,
+}
+
+/// The evaluation of an answerer on a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VqaEvaluation {
+    /// The manifest evaluated.
+    pub manifest: String,
+    /// Question-answer pairs scored.
+    pub n_pairs: usize,
+    /// Distinct images.
+    pub n_images: usize,
+    /// The answer rule ([`ANSWER_RULE`]).
+    pub answer_rule: String,
+    /// Pairs whose reference answer is not in the training answers (wrong for every method).
+    pub n_unseen_answers: usize,
+    /// Of those, closed ones.
+    pub n_unseen_closed: usize,
+    /// The fused classifier.
+    pub model: VqaScores,
+    /// The question-only baseline.
+    pub question_only: VqaScores,
+    /// The majority-answer-per-question baseline.
+    pub majority: VqaScores,
+    /// One example per question kind (the first pair of each), then the first mistakes.
+    pub examples: Vec<VqaExample>,
+}
+
+/// Evaluates an answerer and its baselines on `task` (see the module documentation).
+pub fn evaluate(
+    model: &VqaModel,
+    image_model: &LoadedModel,
+    task: &VqaTask,
+    device: &Device,
+) -> Result<VqaEvaluation> {
+    let enc = encode_pairs(image_model, &task.items, device)?;
+    let fused = model.answer_embedded(&enc.images, &enc.questions, &enc.index, true)?;
+    let q_only = model.answer_embedded(&enc.images, &enc.questions, &enc.index, false)?;
+    let majority: Vec<String> = task
+        .items
+        .iter()
+        .map(|it| {
+            model
+                .card
+                .majority
+                .answer(&it.question, it.kind.as_deref())
+                .to_string()
+        })
+        .collect();
+    let known: std::collections::HashSet<&str> =
+        model.card.answers.iter().map(String::as_str).collect();
+    let unseen: Vec<&VqaItem> = task
+        .items
+        .iter()
+        .filter(|it| !known.contains(it.answer.as_str()))
+        .collect();
+    let fused_answers: Vec<String> = fused.iter().map(|a| a.answer.clone()).collect();
+    let q_answers: Vec<String> = q_only.iter().map(|a| a.answer.clone()).collect();
+    let example = |i: usize| VqaExample {
+        image: task.items[i].image.display().to_string(),
+        question: task.items[i].question.clone(),
+        kind: task.items[i].kind.clone(),
+        truth: task.items[i].answer.clone(),
+        predicted: fused[i].answer.clone(),
+        confidence: fused[i].confidence,
+        question_only: q_answers[i].clone(),
+        majority: majority[i].clone(),
+    };
+    let mut seen_kinds = std::collections::HashSet::new();
+    let mut examples: Vec<VqaExample> = (0..task.items.len())
+        .filter(|&i| seen_kinds.insert(task.items[i].kind.clone()))
+        .map(example)
+        .collect();
+    examples.extend(
+        (0..task.items.len())
+            .filter(|&i| fused[i].answer != task.items[i].answer)
+            .take(4)
+            .map(example),
+    );
+    Ok(VqaEvaluation {
+        manifest: task.manifest.display().to_string(),
+        n_pairs: task.items.len(),
+        n_images: enc.images.dim(0)?,
+        answer_rule: ANSWER_RULE.into(),
+        n_unseen_answers: unseen.len(),
+        n_unseen_closed: unseen.iter().filter(|it| it.closed).count(),
+        model: score(&task.items, &fused_answers),
+        question_only: score(&task.items, &q_answers),
+        majority: score(&task.items, &majority),
+        examples,
+    })
+}
+
+/// Reads `manifest`, loads the VLM, trains and writes the artefact folder `out`.
+pub fn train_and_save(
+    manifest: &Path,
+    opts: &VqaTrainOptions,
+    out: &Path,
+    device: &Device,
+    on_epoch: &mut dyn FnMut(Trained, usize, f32),
+) -> Result<VqaCard> {
+    let task = VqaTask::from_manifest(manifest, opts.split.as_deref())?;
+    let lopts = medvlm_models::LoadOptions {
+        device: device.clone(),
+        ..Default::default()
+    };
+    let m = medvlm_models::load_model(&opts.model_spec, &lopts)?;
+    let model = train(&task, &m, opts, device, on_epoch)?;
+    model.save(out)?;
+    Ok(model.card)
+}
+
+/// Loads the artefact `dir` and evaluates it on `manifest` (its `split` when given); the
+/// second value is the model warning of [`VqaModel::load`].
+pub fn evaluate_manifest(
+    dir: &Path,
+    manifest: &Path,
+    split: Option<&str>,
+    device: &Device,
+) -> Result<(VqaEvaluation, Option<String>)> {
+    let task = VqaTask::from_manifest(manifest, split)?;
+    let (model, m, warning) = VqaModel::load(dir, device)?;
+    Ok((evaluate(&model, &m, &task, device)?, warning))
+}
+
+/// An answerer with the VLM it reads, ready to answer questions about image files (what
+/// `medvlm vqa answer` uses).
+pub struct Answerer {
+    /// The classifier and baselines.
+    pub model: VqaModel,
+    /// Its VLM.
+    pub image_model: LoadedModel,
+}
+
+impl Answerer {
+    /// Loads the artefact `dir` and its VLM; the second value is the model warning of
+    /// [`VqaModel::load`].
+    pub fn load(dir: &Path, device: &Device) -> Result<(Self, Option<String>)> {
+        let (model, image_model, warning) = VqaModel::load(dir, device)?;
+        Ok((Self { model, image_model }, warning))
+    }
+
+    /// The answer to `question` about each image file, in input order (an empty question or
+    /// an unreadable file is an error naming it).
+    pub fn answer_files(
+        &self,
+        images: &[PathBuf],
+        question: &str,
+        device: &Device,
+    ) -> Result<Vec<Answer>> {
+        let q = question_embeddings(&self.image_model, &[question.trim().to_string()], device)?;
+        let v = image_embeddings(&self.image_model, images, device)?;
+        let pairs: Vec<(u32, u32)> = (0..images.len() as u32).map(|i| (i, 0)).collect();
+        self.model.answer_embedded(&v, &q, &pairs, true)
+    }
+}
+
+/// Answers to `question` about image files with the artefact `dir`, in input order.
+pub fn answer_files(
+    dir: &Path,
+    images: &[PathBuf],
+    question: &str,
+    device: &Device,
+) -> Result<(Vec<Answer>, Option<String>)> {
+    if question.trim().is_empty() {
+        return Err(VqaError::Invalid(
+            "the question is empty; ask something about the image".into(),
+        ));
+    }
+    let (a, warning) = Answerer::load(dir, device)?;
+    Ok((a.answer_files(images, question, device)?, warning))
+}
+
+impl VqaEvaluation {
+    /// A plain-text table: closed, open, overall and per-kind accuracy of the classifier and
+    /// the two baselines, then examples.
+    pub fn render_table(&self) -> String {
+        let mut s = format!(
+            "{} questions about {} images of {}\nanswer rule: {}\n{} questions ({} closed) have an answer never seen in training\n",
+            self.n_pairs,
+            self.n_images,
+            self.manifest,
+            self.answer_rule,
+            self.n_unseen_answers,
+            self.n_unseen_closed
+        );
+        s.push_str(&format!(
+            "{:<22} {:>6} {:>12} {:>14} {:>10}\n",
+            "questions", "n", "image+question", "question only", "majority"
+        ));
+        let mut rows: Vec<(String, Accuracy, Accuracy, Accuracy)> = vec![
+            (
+                "closed".into(),
+                self.model.closed,
+                self.question_only.closed,
+                self.majority.closed,
+            ),
+            (
+                "open".into(),
+                self.model.open,
+                self.question_only.open,
+                self.majority.open,
+            ),
+            (
+                "overall".into(),
+                self.model.overall,
+                self.question_only.overall,
+                self.majority.overall,
+            ),
+        ];
+        for (k, a) in &self.model.per_kind {
+            let get = |m: &VqaScores| m.per_kind.get(k).copied().unwrap_or_default();
+            rows.push((
+                format!("kind {k}"),
+                *a,
+                get(&self.question_only),
+                get(&self.majority),
+            ));
+        }
+        for (name, a, q, m) in rows {
+            s.push_str(&format!(
+                "{:<22} {:>6} {:>14.3} {:>14.3} {:>10.3}\n",
+                name, a.n, a.accuracy, q.accuracy, m.accuracy
+            ));
+        }
+        for e in self.examples.iter().take(6) {
+            s.push_str(&format!(
+                "\n{}\n  Q: {} ({})\n  true: {}  predicted: {} ({:.2})  question only: {}  majority: {}\n",
+                e.image,
+                e.question,
+                e.kind.as_deref().unwrap_or("-"),
+                e.truth,
+                e.predicted,
+                e.confidence,
+                e.question_only,
+                e.majority
+            ));
+        }
+        s
+    }
+}

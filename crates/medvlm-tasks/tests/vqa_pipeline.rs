@@ -1,0 +1,224 @@
+//! The VQA pipeline on files: manifest errors name the file, record and reason; the closed
+//! rule and the majority baseline give known answers; on tiny phantoms the fused classifier
+//! answers the modality question (which needs the image) better than the question-only
+//! baseline; the saved answerer answers exactly as the trained one; a broken artefact is
+//! refused with the file named. On the tiny CLIP parity fixture (random weights, 32 px).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
+use medvlm_tasks::vqa::VqaConfig;
+use medvlm_tasks::vqa_pipeline::{
+    answer_files, encode_pairs, evaluate, normalise_answer, train, MajorityBaseline, VqaItem,
+    VqaModel, VqaTask, VqaTrainOptions,
+};
+
+fn fixture() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../medvlm-models/tests/fixtures/clip")
+        .display()
+        .to_string()
+}
+
+fn phantoms(dir: &Path, n: u64) {
+    medvlm_phantoms::write_dataset(&DatasetConfig {
+        out: dir.to_path_buf(),
+        n,
+        seed: 5,
+        modalities: vec![Modality::Dermoscopy, Modality::Histology],
+        options: StudyOptions {
+            size: 32,
+            max_findings: 1,
+            registration: false,
+            ..Default::default()
+        },
+        force: false,
+    })
+    .unwrap();
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn manifest_errors_name_the_file_record_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty_q = write(
+        dir.path(),
+        "q.jsonl",
+        "{\"image\": \"a.png\", \"qa\": [{\"question\": \"Is it?\", \"answer\": \"yes\"}]}\n\
+         {\"image\": \"b.png\", \"qa\": [{\"question\": \"  \", \"answer\": \"no\"}]}\n",
+    );
+    let err = VqaTask::from_manifest(&empty_q, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("q.jsonl") && err.contains("record 2 (b.png)") && err.contains("empty"),
+        "{err}"
+    );
+    let empty_a = write(
+        dir.path(),
+        "a.jsonl",
+        "{\"image\": \"a.png\", \"qa\": [{\"question\": \"Where?\", \"answer\": \" \"}]}\n",
+    );
+    let err = VqaTask::from_manifest(&empty_a, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("a.jsonl") && err.contains("\"Where?\" has no answer"),
+        "{err}"
+    );
+    // A question without an answer field does not parse; the reader names the line.
+    let no_a = write(
+        dir.path(),
+        "n.jsonl",
+        "{\"image\": \"a.png\", \"qa\": [{\"question\": \"Where?\"}]}\n",
+    );
+    let err = VqaTask::from_manifest(&no_a, None).unwrap_err().to_string();
+    assert!(err.contains("n.jsonl") && err.contains("answer"), "{err}");
+    let flags = write(
+        dir.path(),
+        "f.jsonl",
+        "{\"image\": \"a.png\", \"qa\": [{\"question\": \"Is it?\", \"answer\": \"yes\"}], \"qa_closed\": [true, false]}\n",
+    );
+    let err = VqaTask::from_manifest(&flags, None).unwrap_err().to_string();
+    assert!(err.contains("qa_closed") && err.contains("record 1"), "{err}");
+    let none = write(dir.path(), "e.jsonl", "{\"image\": \"a.png\"}\n");
+    let err = VqaTask::from_manifest(&none, None).unwrap_err().to_string();
+    assert!(err.contains("e.jsonl") && err.contains("no question-answer pair"), "{err}");
+}
+
+#[test]
+fn closed_questions_follow_the_flags_or_the_yes_no_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = write(
+        dir.path(),
+        "m.jsonl",
+        "{\"image\": \"a.png\", \"qa\": [{\"question\": \"Is it?\", \"answer\": \" Yes \"}, {\"question\": \"Where?\", \"answer\": \"Left  Lung\", \"kind\": \"location\"}]}\n\
+         {\"image\": \"b.png\", \"qa\": [{\"question\": \"Is it?\", \"answer\": \"no\"}, {\"question\": \"Which?\", \"answer\": \"a\"}], \"qa_closed\": [false, true]}\n",
+    );
+    let t = VqaTask::from_manifest(&m, None).unwrap();
+    let closed: Vec<bool> = t.items.iter().map(|i| i.closed).collect();
+    assert_eq!(closed, [true, false, false, true]);
+    assert_eq!(t.items[0].answer, "yes");
+    assert_eq!(t.items[1].answer, "left lung");
+    assert_eq!(t.items[1].kind.as_deref(), Some("location"));
+    assert_eq!(normalise_answer("  Brain \t MRI "), "brain mri");
+}
+
+#[test]
+fn majority_baseline_answers_per_question_then_kind_then_overall() {
+    let item = |q: &str, a: &str, k: Option<&str>| VqaItem {
+        image: PathBuf::from("x.png"),
+        question: q.into(),
+        answer: a.into(),
+        kind: k.map(str::to_string),
+        closed: false,
+    };
+    let items = [
+        item("Is it normal?", "no", Some("abnormality")),
+        item("Is it normal?", "yes", Some("abnormality")),
+        item("Is it normal?", "yes", Some("abnormality")),
+        item("Where?", "left", Some("location")),
+        item("Where?", "right", Some("location")),
+        item("How many?", "2", None),
+    ];
+    let m = MajorityBaseline::fit(&items);
+    assert_eq!(m.answer("is it  NORMAL?", None), "yes");
+    // Ties go to the answer seen first.
+    assert_eq!(m.answer("Where?", None), "left");
+    assert_eq!(m.answer("Where exactly?", Some("location")), "left");
+    assert_eq!(m.answer("What?", Some("other")), "yes");
+}
+
+#[test]
+fn fused_classifier_beats_the_question_only_baseline_and_survives_saving() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = dir.path().join("bench");
+    phantoms(&bench, 80);
+    let manifest = bench.join("manifest.jsonl");
+    let train_task = VqaTask::from_manifest(&manifest, Some("train")).unwrap();
+    let test_task = VqaTask::from_manifest(&manifest, Some("test")).unwrap();
+    let dev = Device::Cpu;
+    let m = medvlm_models::load_model(&fixture(), &Default::default()).unwrap();
+    let opts = VqaTrainOptions {
+        model_spec: fixture(),
+        config: VqaConfig {
+            hidden: 64,
+            epochs: 40,
+            batch: 32,
+            lr: 3e-3,
+            ..Default::default()
+        },
+        split: Some("train".into()),
+    };
+    let mut epochs = 0;
+    let model = train(&train_task, &m, &opts, &dev, &mut |_, _, _| epochs += 1).unwrap();
+    assert_eq!(epochs, 80, "both classifiers report their epochs");
+    assert_eq!(model.card.n_train_pairs, train_task.items.len());
+    assert!(model.card.answers.contains(&"dermoscopy".to_string()));
+
+    let ev = evaluate(&model, &m, &test_task, &dev).unwrap();
+    assert_eq!(ev.n_pairs, test_task.items.len());
+    assert_eq!(
+        ev.model.closed.n + ev.model.open.n,
+        ev.model.overall.n,
+        "every pair is closed or open"
+    );
+    // "What imaging modality is shown?" has two answers here; only the image tells which.
+    let modality = |s: &medvlm_tasks::vqa_pipeline::VqaScores| s.per_kind["modality"].accuracy;
+    assert!(
+        modality(&ev.model) >= 0.9 && modality(&ev.model) > modality(&ev.question_only) + 0.15,
+        "fused {} question-only {}",
+        modality(&ev.model),
+        modality(&ev.question_only)
+    );
+    assert!(ev.model.overall.accuracy > ev.question_only.overall.accuracy);
+    assert!(ev.render_table().contains("kind modality"));
+
+    let out = dir.path().join("answerer");
+    model.save(&out).unwrap();
+    let loaded = VqaModel::read(&out, &dev).unwrap();
+    assert_eq!(loaded.card, model.card);
+    let enc = encode_pairs(&m, &test_task.items, &dev).unwrap();
+    for use_image in [true, false] {
+        assert_eq!(
+            model
+                .answer_embedded(&enc.images, &enc.questions, &enc.index, use_image)
+                .unwrap(),
+            loaded
+                .answer_embedded(&enc.images, &enc.questions, &enc.index, use_image)
+                .unwrap()
+        );
+    }
+    let image = test_task.items[0].image.clone();
+    let (answers, warning) =
+        answer_files(&out, &[image.clone()], "What imaging modality is shown?", &dev).unwrap();
+    assert!(warning.is_none(), "{warning:?}");
+    assert_eq!(answers.len(), 1);
+    assert!(answers[0].confidence > 0.0 && answers[0].confidence <= 1.0);
+
+    // An empty question, a missing image and a broken artefact are refused with the reason.
+    let err = answer_files(&out, &[image.clone()], "  ", &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("question is empty"), "{err}");
+    let err = answer_files(&out, &[dir.path().join("nowhere.png")], "Is it?", &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("nowhere.png"), "{err}");
+    std::fs::remove_file(out.join("classifier.safetensors")).unwrap();
+    let err = VqaModel::read(&out, &dev).err().unwrap().to_string();
+    assert!(err.contains("classifier.safetensors"), "{err}");
+    let err = VqaModel::read(&dir.path().join("none"), &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("vqa_model.json"), "{err}");
+}
