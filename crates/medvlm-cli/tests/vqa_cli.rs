@@ -52,7 +52,9 @@ fn vqa_train_then_eval_and_answer() {
         arg(&json),
     ]));
     assert!(
-        table.contains("question only") && table.contains("kind modality") && table.contains("answer rule: exact match"),
+        table.contains("question only")
+            && table.contains("kind modality")
+            && table.contains("answer rule: exact match"),
         "{table}"
     );
     let ev: serde_json::Value =
@@ -86,7 +88,10 @@ fn vqa_train_then_eval_and_answer() {
     assert!(printed.starts_with(arg(&images[0])), "{printed}");
     let first = printed.lines().next().unwrap();
     let answer = first.split('\t').nth(1).unwrap();
-    assert!(answer == "dermoscopy" || answer == "brain mri", "{printed}");
+    assert!(
+        answer == "dermoscopy image" || answer == "brain mri",
+        "{printed}"
+    );
 
     // A missing image, an empty question, an unknown answerer folder and a manifest without
     // answers are named.

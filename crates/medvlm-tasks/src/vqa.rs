@@ -10,17 +10,23 @@
 //! tower's pooled embedding and the frozen text tower's embedding of the question (both
 //! L2-normalised, in the model's shared space). Unlike PubMedCLIP, which encodes the question
 //! with GloVe vectors and an LSTM trained with the classifier, the question here goes
-//! through the same VLM's frozen text tower, so training is the fusion MLP alone.
+//! through the same VLM's frozen text tower; because a tower trained on reports can map
+//! different questions to nearly the same point (its vocabulary lacks "how", "which",
+//! "many"), a learned bag of word vectors over the training questions' words (the trained
+//! part of PubMedCLIP's question encoder, without the LSTM's word order) is added to it by
+//! default (`question_words`).
 //!
-//! Fusion ([`VqaHead`]): each embedding is standardised with the training mean and standard
-//! deviation of its dimensions, then `[v, q, v * q]` (concatenation with the element-wise
-//! product, the bilinear term of MLB/MUTAN kept to its diagonal) goes through
-//! `3E -> H -> GELU -> H -> GELU -> A` over the `A` training answers. The loss is
-//! cross-entropy. The question-only baseline ([`train_head`] with `use_image: false`) is the
+//! Fusion ([`VqaHead`]): each frozen embedding is standardised with the training mean and
+//! standard deviation of its dimensions; the question vector is `q = q_tower + W b`, with `b`
+//! the mean one-hot of the question's known words and `W` learned (`E x V`, no bias); then
+//! `[v, q, v * q]` (concatenation with the element-wise product, the bilinear term of
+//! MLB/MUTAN kept to its diagonal) goes through `3E -> H -> GELU -> H -> GELU -> A` over the
+//! `A` training answers. The loss is cross-entropy. The question-only baseline ([`train_head`] with `use_image: false`) is the
 //! same MLP with `v` set to zero (so `v * q` is zero too): what language priors alone reach.
 //!
-//! Defaults ([`VqaConfig::default`]): hidden width 256, AdamW lr 2e-3 (weight decay 0.01 on
-//! matrices) with 5 % warm-up and cosine decay, batch 128, 30 epochs, seed 0.
+//! Defaults ([`VqaConfig::default`]): word vectors on, hidden width 256, AdamW lr 2e-3
+//! (weight decay 0.01 on matrices) with 5 % warm-up and cosine decay, batch 128, 30 epochs,
+//! seed 0.
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
@@ -75,11 +81,14 @@ pub struct VqaConfig {
     pub weight_decay: f64,
     /// Seed of initialisation and batch order.
     pub seed: u64,
+    /// Add learned word vectors of the question's words to its frozen text embedding.
+    pub question_words: bool,
 }
 
 impl Default for VqaConfig {
     fn default() -> Self {
         Self {
+            question_words: true,
             hidden: 256,
             epochs: 30,
             batch: 128,
@@ -149,6 +158,7 @@ impl Standardiser {
 /// The fused classifier over answers (see the module documentation).
 #[derive(Debug, Clone)]
 pub struct VqaHead {
+    words: Option<Linear>,
     l1: Linear,
     l2: Linear,
     out: Linear,
@@ -156,27 +166,47 @@ pub struct VqaHead {
     pub dim: usize,
     /// Number of answers `A`.
     pub n_answers: usize,
+    /// Question word vocabulary size `V` (0: no word vectors).
+    pub n_words: usize,
 }
 
 impl VqaHead {
-    /// Parameters `l1`, `l2`, `out` under `vb`.
-    pub fn new(vb: VarBuilder, dim: usize, hidden: usize, n_answers: usize) -> Result<Self> {
+    /// Parameters `l1`, `l2`, `out` (and `words` when `n_words > 0`) under `vb`.
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        hidden: usize,
+        n_answers: usize,
+        n_words: usize,
+    ) -> Result<Self> {
         if dim == 0 || hidden == 0 || n_answers == 0 {
             return Err(VqaError::Invalid(format!(
                 "a classifier needs positive widths and answers (embeddings {dim}, hidden {hidden}, answers {n_answers})"
             )));
         }
         Ok(Self {
+            words: if n_words > 0 {
+                Some(candle_nn::linear_no_bias(n_words, dim, vb.pp("words"))?)
+            } else {
+                None
+            },
             l1: candle_nn::linear(3 * dim, hidden, vb.pp("l1"))?,
             l2: candle_nn::linear(hidden, hidden, vb.pp("l2"))?,
             out: candle_nn::linear(hidden, n_answers, vb.pp("out"))?,
             dim,
             n_answers,
+            n_words,
         })
     }
 
-    /// Answer logits `[B, A]` of standardised image and question embeddings `[B, E]`.
-    pub fn forward(&self, image: &Tensor, question: &Tensor) -> Result<Tensor> {
+    /// Answer logits `[B, A]` of standardised image and question embeddings `[B, E]` and the
+    /// questions' bags of words `[B, V]` (ignored, and may be `None`, without word vectors).
+    pub fn forward(
+        &self,
+        image: &Tensor,
+        question: &Tensor,
+        words: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if image.dims() != question.dims() || image.dim(1)? != self.dim {
             return Err(VqaError::Invalid(format!(
                 "image {:?} and question {:?} embeddings must both be [B, {}]",
@@ -185,7 +215,20 @@ impl VqaHead {
                 self.dim
             )));
         }
-        let fused = Tensor::cat(&[image, question, &(image * question)?], 1)?;
+        let question = match (&self.words, words) {
+            (Some(w), Some(b)) if b.dims() == [question.dim(0)?, self.n_words] => {
+                (question + w.forward(b)?)?
+            }
+            (Some(_), _) => {
+                return Err(VqaError::Invalid(format!(
+                    "the classifier reads bags of {} question words; got {:?}",
+                    self.n_words,
+                    words.map(|b| b.dims().to_vec())
+                )))
+            }
+            (None, _) => question.clone(),
+        };
+        let fused = Tensor::cat(&[image, &question, &(image * &question)?], 1)?;
         let h = self.l1.forward(&fused)?.gelu()?;
         let h = self.l2.forward(&h)?.gelu()?;
         Ok(self.out.forward(&h)?)
@@ -219,6 +262,8 @@ pub struct VqaPairs<'a> {
     pub images: &'a Tensor,
     /// Standardised question embeddings `[Q, E]`.
     pub questions: &'a Tensor,
+    /// Bags of words of the questions `[Q, V]` (`None`: no word vectors).
+    pub question_words: Option<&'a Tensor>,
     /// Per pair: row of `images`, row of `questions`, answer index.
     pub pairs: &'a [(u32, u32, u32)],
 }
@@ -233,13 +278,13 @@ pub struct TrainedHead {
     pub epoch_losses: Vec<f32>,
 }
 
-/// Image and question inputs `[B, E]` of a batch of pairs; the image is zeros when
-/// `use_image` is false (the question-only baseline).
+/// Image and question inputs `[B, E]` and bags of words `[B, V]` of a batch of pairs; the
+/// image is zeros when `use_image` is false (the question-only baseline).
 pub fn batch_inputs(
     data: &VqaPairs,
     batch: &[(u32, u32, u32)],
     use_image: bool,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let dev = data.images.device();
     let qi = Tensor::from_vec(
         batch.iter().map(|p| p.1).collect::<Vec<_>>(),
@@ -247,6 +292,10 @@ pub fn batch_inputs(
         dev,
     )?;
     let q = data.questions.index_select(&qi, 0)?;
+    let w = data
+        .question_words
+        .map(|b| b.index_select(&qi, 0))
+        .transpose()?;
     let v = if use_image {
         let ii = Tensor::from_vec(
             batch.iter().map(|p| p.0).collect::<Vec<_>>(),
@@ -257,7 +306,7 @@ pub fn batch_inputs(
     } else {
         q.zeros_like()?
     };
-    Ok((v, q))
+    Ok((v, q, w))
 }
 
 /// Trains a classifier over `n_answers` answers on `data` with cross-entropy, the engine's
@@ -279,7 +328,9 @@ pub fn train_head(
         )));
     }
     if data.pairs.is_empty() {
-        return Err(VqaError::Invalid("no question-answer pairs to train on".into()));
+        return Err(VqaError::Invalid(
+            "no question-answer pairs to train on".into(),
+        ));
     }
     if let Some(p) = data
         .pairs
@@ -290,6 +341,19 @@ pub fn train_head(
             "pair {p:?} is out of range ({n_img} images, {n_q} questions, {n_answers} answers)"
         )));
     }
+    let n_words = match data.question_words {
+        Some(b) => {
+            let (rows, v) = b.dims2()?;
+            if rows != n_q || v == 0 {
+                return Err(VqaError::Invalid(format!(
+                    "bags of words {:?} for {n_q} questions",
+                    b.dims()
+                )));
+            }
+            v
+        }
+        None => 0,
+    };
     let dev = data.images.device().clone();
     let varmap = VarMap::new();
     let head = VqaHead::new(
@@ -297,6 +361,7 @@ pub fn train_head(
         dim,
         cfg.hidden,
         n_answers,
+        n_words,
     )?;
     let params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
@@ -324,13 +389,13 @@ pub fn train_head(
         order.shuffle(&mut rng);
         let mut sum = 0.0f64;
         for chunk in order.chunks(cfg.batch) {
-            let (v, q) = batch_inputs(data, chunk, use_image)?;
+            let (v, q, w) = batch_inputs(data, chunk, use_image)?;
             let y = Tensor::from_vec(
                 chunk.iter().map(|p| p.2).collect::<Vec<_>>(),
                 chunk.len(),
                 &dev,
             )?;
-            let loss = candle_nn::loss::cross_entropy(&head.forward(&v, &q)?, &y)?;
+            let loss = candle_nn::loss::cross_entropy(&head.forward(&v, &q, w.as_ref())?, &y)?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(VqaError::Invalid(format!(
@@ -362,15 +427,11 @@ pub fn best_answers(logits: &Tensor) -> Result<Vec<(u32, f32)>> {
 }
 
 /// Predicted answer indices for every pair of `data`, in batches of 512.
-pub fn predict_pairs(
-    head: &VqaHead,
-    data: &VqaPairs,
-    use_image: bool,
-) -> Result<Vec<(u32, f32)>> {
+pub fn predict_pairs(head: &VqaHead, data: &VqaPairs, use_image: bool) -> Result<Vec<(u32, f32)>> {
     let mut out = Vec::with_capacity(data.pairs.len());
     for chunk in data.pairs.chunks(512) {
-        let (v, q) = batch_inputs(data, chunk, use_image)?;
-        out.extend(best_answers(&head.forward(&v, &q)?)?);
+        let (v, q, w) = batch_inputs(data, chunk, use_image)?;
+        out.extend(best_answers(&head.forward(&v, &q, w.as_ref())?)?);
     }
     Ok(out)
 }
@@ -398,7 +459,13 @@ mod tests {
         let images = Tensor::from_vec(img, (80, 8), &dev).unwrap();
         let questions = Tensor::from_vec(
             (0..16)
-                .map(|i| if i < 8 { (i as f32).sin() } else { (i as f32).cos() })
+                .map(|i| {
+                    if i < 8 {
+                        (i as f32).sin()
+                    } else {
+                        (i as f32).cos()
+                    }
+                })
                 .collect::<Vec<_>>(),
             (2, 8),
             &dev,
@@ -425,6 +492,7 @@ mod tests {
         let data = VqaPairs {
             images: &images,
             questions: &questions,
+            question_words: None,
             pairs: train,
         };
         let mut seen = Vec::new();
@@ -432,13 +500,12 @@ mod tests {
         assert_eq!(seen, fused.epoch_losses);
         assert!(seen[0] > 0.8 && *seen.last().unwrap() < 0.1, "{seen:?}");
         let q_only = train_head(&cfg, &data, 4, false, &mut |_, _| {}).unwrap();
-        let test_data = VqaPairs { pairs: test, ..data };
+        let test_data = VqaPairs {
+            pairs: test,
+            ..data
+        };
         let acc = |pred: Vec<(u32, f32)>| {
-            pred.iter()
-                .zip(test)
-                .filter(|(p, t)| p.0 == t.2)
-                .count() as f32
-                / test.len() as f32
+            pred.iter().zip(test).filter(|(p, t)| p.0 == t.2).count() as f32 / test.len() as f32
         };
         let fused_acc = acc(predict_pairs(&fused.head, &test_data, true).unwrap());
         let q_acc = acc(predict_pairs(&q_only.head, &test_data, false).unwrap());
@@ -448,12 +515,7 @@ mod tests {
         // The question-only prediction never depends on the image.
         let preds = predict_pairs(&q_only.head, &test_data, false).unwrap();
         for (p, t) in preds.iter().zip(test) {
-            let same_q = preds
-                .iter()
-                .zip(test)
-                .find(|(_, u)| u.1 == t.1)
-                .unwrap()
-                .0;
+            let same_q = preds.iter().zip(test).find(|(_, u)| u.1 == t.1).unwrap().0;
             assert_eq!(p.0, same_q.0);
         }
     }
@@ -467,6 +529,7 @@ mod tests {
         let data = VqaPairs {
             images: &images,
             questions: &questions,
+            question_words: None,
             pairs: &pairs,
         };
         let cfg = VqaConfig {
@@ -479,10 +542,19 @@ mod tests {
         let b = train_head(&cfg, &data, 2, true, &mut |_, _| {}).unwrap();
         assert_eq!(a.epoch_losses, b.epoch_losses);
         let bad = [(0, 0, 2)];
-        let err = train_head(&cfg, &VqaPairs { pairs: &bad, ..data.clone() }, 2, true, &mut |_, _| {})
-            .err()
-            .unwrap()
-            .to_string();
+        let err = train_head(
+            &cfg,
+            &VqaPairs {
+                pairs: &bad,
+                ..data.clone()
+            },
+            2,
+            true,
+            &mut |_, _| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(err.contains("out of range"), "{err}");
         let wide = Tensor::zeros((1, 3), DType::F32, &dev).unwrap();
         let err = train_head(
@@ -507,5 +579,46 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("at least 1"), "{err}");
+    }
+
+    /// Two questions the frozen tower maps to the same point, with different answers: only
+    /// the learned word vectors tell them apart.
+    #[test]
+    fn word_vectors_separate_questions_the_tower_confuses() {
+        let dev = Device::Cpu;
+        let images = Tensor::zeros((1, 4), DType::F32, &dev).unwrap();
+        let questions =
+            Tensor::new(&[[0.3f32, -0.1, 0.2, 0.5], [0.3, -0.1, 0.2, 0.5]], &dev).unwrap();
+        // Words: 0 "how", 1 "many", 2 "is", 3 "there".
+        let bags = Tensor::new(&[[0.5f32, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]], &dev).unwrap();
+        let pairs: Vec<(u32, u32, u32)> = (0..20).map(|i| (0, i % 2, i % 2)).collect();
+        let cfg = VqaConfig {
+            hidden: 8,
+            epochs: 30,
+            batch: 4,
+            lr: 1e-2,
+            ..Default::default()
+        };
+        let with_words = VqaPairs {
+            images: &images,
+            questions: &questions,
+            question_words: Some(&bags),
+            pairs: &pairs,
+        };
+        let without = VqaPairs {
+            question_words: None,
+            ..with_words.clone()
+        };
+        let acc = |data: &VqaPairs| {
+            let t = train_head(&cfg, data, 2, false, &mut |_, _| {}).unwrap();
+            predict_pairs(&t.head, data, false)
+                .unwrap()
+                .iter()
+                .zip(&pairs)
+                .filter(|(p, t)| p.0 == t.2)
+                .count()
+        };
+        assert_eq!(acc(&with_words), 20);
+        assert_eq!(acc(&without), 10);
     }
 }

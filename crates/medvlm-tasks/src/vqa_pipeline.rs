@@ -20,9 +20,9 @@
 //!   (of the same `kind` for a question never seen in training, else of all questions).
 //!
 //! Artefact folder ([`VqaModel::save`], written to a temporary folder and renamed):
-//! `vqa_model.json` (the card: settings, the answer vocabulary, the VLM's spec and
+//! `vqa_model.json` (the card: settings, the answer and question-word vocabularies, the VLM's spec and
 //! fingerprint, the majority baseline, the training record) and `classifier.safetensors`
-//! (`fused.*` and `question_only.*` classifiers, `image_mean`/`image_std` and
+//! (`fused.*` and `question_only.*` classifiers with their word vectors, `image_mean`/`image_std` and
 //! `question_mean`/`question_std` standardisers).
 
 use std::collections::{BTreeMap, HashMap};
@@ -178,6 +178,8 @@ pub struct EncodedPairs {
     pub images: Tensor,
     /// L2-normalised text-tower embeddings `[Q, E]`, one per distinct question.
     pub questions: Tensor,
+    /// The distinct questions, in row order.
+    pub question_texts: Vec<String>,
     /// Per pair: image row, question row.
     pub index: Vec<(u32, u32)>,
 }
@@ -192,7 +194,11 @@ pub fn image_embeddings(m: &LoadedModel, files: &[PathBuf], device: &Device) -> 
 }
 
 /// L2-normalised text-tower embeddings `[N, E]` of questions (each must be non-empty).
-pub fn question_embeddings(m: &LoadedModel, questions: &[String], device: &Device) -> Result<Tensor> {
+pub fn question_embeddings(
+    m: &LoadedModel,
+    questions: &[String],
+    device: &Device,
+) -> Result<Tensor> {
     if let Some(i) = questions.iter().position(|q| q.trim().is_empty()) {
         return Err(VqaError::Invalid(format!(
             "question {} is empty; ask something about the image",
@@ -224,8 +230,45 @@ pub fn encode_pairs(m: &LoadedModel, items: &[VqaItem], device: &Device) -> Resu
     Ok(EncodedPairs {
         images: image_embeddings(m, &files, device)?,
         questions: question_embeddings(m, &questions, device)?,
+        question_texts: questions,
         index,
     })
+}
+
+/// The words of a question as the word vectors read them: lower-cased runs of letters and
+/// digits.
+pub fn question_tokens(question: &str) -> Vec<String> {
+    question
+        .to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The sorted distinct words of questions.
+pub fn question_vocabulary(questions: &[String]) -> Vec<String> {
+    let mut words: Vec<String> = questions.iter().flat_map(|q| question_tokens(q)).collect();
+    words.sort();
+    words.dedup();
+    words
+}
+
+/// Bags of words `[Q, V]`: row `i` is the mean one-hot of the words of question `i` found in
+/// `vocab` (sorted); unknown words are left out, and a question with none is a zero row.
+pub fn bags_of_words(questions: &[String], vocab: &[String], device: &Device) -> Result<Tensor> {
+    let v = vocab.len();
+    let mut data = vec![0f32; questions.len() * v];
+    for (i, q) in questions.iter().enumerate() {
+        let known: Vec<usize> = question_tokens(q)
+            .iter()
+            .filter_map(|w| vocab.binary_search(w).ok())
+            .collect();
+        for &k in &known {
+            data[i * v + k] += 1.0 / known.len() as f32;
+        }
+    }
+    Ok(Tensor::from_vec(data, (questions.len(), v), device)?)
 }
 
 /// The majority baseline: the most frequent training answer per question text, per kind,
@@ -307,6 +350,10 @@ pub struct VqaCard {
     pub config: VqaConfig,
     /// The answer vocabulary (normalised training answers, most frequent first).
     pub answers: Vec<String>,
+    /// The word vectors' vocabulary: the training questions' words, sorted (empty without
+    /// word vectors).
+    #[serde(default)]
+    pub question_words: Vec<String>,
     /// Training pairs of each answer.
     pub answer_counts: Vec<usize>,
     /// The majority baseline.
@@ -396,6 +443,16 @@ pub fn train(
     let question_norm = Standardiser::fit(&enc.questions)?;
     let images = image_norm.apply(&enc.images)?;
     let questions = question_norm.apply(&enc.questions)?;
+    let question_words = if opts.config.question_words {
+        question_vocabulary(&enc.question_texts)
+    } else {
+        Vec::new()
+    };
+    let bags = if question_words.is_empty() {
+        None
+    } else {
+        Some(bags_of_words(&enc.question_texts, &question_words, device)?)
+    };
     let pairs: Vec<(u32, u32, u32)> = task
         .items
         .iter()
@@ -405,6 +462,7 @@ pub fn train(
     let data = VqaPairs {
         images: &images,
         questions: &questions,
+        question_words: bags.as_ref(),
         pairs: &pairs,
     };
     let fused = train_head(&opts.config, &data, answers.len(), true, &mut |e, l| {
@@ -430,6 +488,7 @@ pub fn train(
         embed_dim: enc.images.dim(1)?,
         config: opts.config.clone(),
         answers,
+        question_words,
         answer_counts,
         majority: MajorityBaseline::fit(&task.items),
         train_manifest: task.manifest.display().to_string(),
@@ -470,7 +529,9 @@ impl VqaModel {
         std::fs::create_dir_all(parent).map_err(|e| file_err(parent, e))?;
         let tmp = parent.join(format!(
             ".{}.tmp-{}",
-            out.file_name().and_then(|n| n.to_str()).unwrap_or("vqa-model"),
+            out.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("vqa-model"),
             std::process::id()
         ));
         if tmp.exists() {
@@ -534,6 +595,7 @@ impl VqaModel {
                 card.embed_dim,
                 card.config.hidden,
                 card.answers.len(),
+                card.question_words.len(),
             )
             .map_err(|e| {
                 file_err(
@@ -588,20 +650,38 @@ impl VqaModel {
 
     /// Answers of the fused classifier (`use_image`) or of the question-only baseline for
     /// pairs of L2-normalised embeddings: `pairs` index rows of `images` `[I, E]` and
-    /// `questions` `[Q, E]`.
+    /// `questions` `[Q, E]`, the embeddings of `question_texts`.
     pub fn answer_embedded(
         &self,
         images: &Tensor,
         questions: &Tensor,
+        question_texts: &[String],
         pairs: &[(u32, u32)],
         use_image: bool,
     ) -> Result<Vec<Answer>> {
+        if question_texts.len() != questions.dim(0)? {
+            return Err(VqaError::Invalid(format!(
+                "{} question texts for {} question embeddings",
+                question_texts.len(),
+                questions.dim(0)?
+            )));
+        }
         let images = self.image_norm.apply(images)?;
         let questions = self.question_norm.apply(questions)?;
+        let bags = if self.card.question_words.is_empty() {
+            None
+        } else {
+            Some(bags_of_words(
+                question_texts,
+                &self.card.question_words,
+                questions.device(),
+            )?)
+        };
         let triples: Vec<(u32, u32, u32)> = pairs.iter().map(|&(i, q)| (i, q, 0)).collect();
         let data = VqaPairs {
             images: &images,
             questions: &questions,
+            question_words: bags.as_ref(),
             pairs: &triples,
         };
         let head = if use_image {
@@ -717,8 +797,20 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<VqaEvaluation> {
     let enc = encode_pairs(image_model, &task.items, device)?;
-    let fused = model.answer_embedded(&enc.images, &enc.questions, &enc.index, true)?;
-    let q_only = model.answer_embedded(&enc.images, &enc.questions, &enc.index, false)?;
+    let fused = model.answer_embedded(
+        &enc.images,
+        &enc.questions,
+        &enc.question_texts,
+        &enc.index,
+        true,
+    )?;
+    let q_only = model.answer_embedded(
+        &enc.images,
+        &enc.questions,
+        &enc.question_texts,
+        &enc.index,
+        false,
+    )?;
     let majority: Vec<String> = task
         .items
         .iter()
@@ -831,10 +923,11 @@ impl Answerer {
         question: &str,
         device: &Device,
     ) -> Result<Vec<Answer>> {
-        let q = question_embeddings(&self.image_model, &[question.trim().to_string()], device)?;
+        let texts = [question.trim().to_string()];
+        let q = question_embeddings(&self.image_model, &texts, device)?;
         let v = image_embeddings(&self.image_model, images, device)?;
         let pairs: Vec<(u32, u32)> = (0..images.len() as u32).map(|i| (i, 0)).collect();
-        self.model.answer_embedded(&v, &q, &pairs, true)
+        self.model.answer_embedded(&v, &q, &texts, &pairs, true)
     }
 }
 

@@ -85,11 +85,19 @@ fn manifest_errors_name_the_file_record_and_reason() {
         "f.jsonl",
         "{\"image\": \"a.png\", \"qa\": [{\"question\": \"Is it?\", \"answer\": \"yes\"}], \"qa_closed\": [true, false]}\n",
     );
-    let err = VqaTask::from_manifest(&flags, None).unwrap_err().to_string();
-    assert!(err.contains("qa_closed") && err.contains("record 1"), "{err}");
+    let err = VqaTask::from_manifest(&flags, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("qa_closed") && err.contains("record 1"),
+        "{err}"
+    );
     let none = write(dir.path(), "e.jsonl", "{\"image\": \"a.png\"}\n");
     let err = VqaTask::from_manifest(&none, None).unwrap_err().to_string();
-    assert!(err.contains("e.jsonl") && err.contains("no question-answer pair"), "{err}");
+    assert!(
+        err.contains("e.jsonl") && err.contains("no question-answer pair"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -160,7 +168,7 @@ fn fused_classifier_beats_the_question_only_baseline_and_survives_saving() {
     let model = train(&train_task, &m, &opts, &dev, &mut |_, _, _| epochs += 1).unwrap();
     assert_eq!(epochs, 80, "both classifiers report their epochs");
     assert_eq!(model.card.n_train_pairs, train_task.items.len());
-    assert!(model.card.answers.contains(&"dermoscopy".to_string()));
+    assert!(model.card.answers.contains(&"dermoscopy image".to_string()));
 
     let ev = evaluate(&model, &m, &test_task, &dev).unwrap();
     assert_eq!(ev.n_pairs, test_task.items.len());
@@ -188,22 +196,39 @@ fn fused_classifier_beats_the_question_only_baseline_and_survives_saving() {
     for use_image in [true, false] {
         assert_eq!(
             model
-                .answer_embedded(&enc.images, &enc.questions, &enc.index, use_image)
+                .answer_embedded(
+                    &enc.images,
+                    &enc.questions,
+                    &enc.question_texts,
+                    &enc.index,
+                    use_image
+                )
                 .unwrap(),
             loaded
-                .answer_embedded(&enc.images, &enc.questions, &enc.index, use_image)
+                .answer_embedded(
+                    &enc.images,
+                    &enc.questions,
+                    &enc.question_texts,
+                    &enc.index,
+                    use_image
+                )
                 .unwrap()
         );
     }
     let image = test_task.items[0].image.clone();
-    let (answers, warning) =
-        answer_files(&out, &[image.clone()], "What imaging modality is shown?", &dev).unwrap();
+    let (answers, warning) = answer_files(
+        &out,
+        std::slice::from_ref(&image),
+        "What imaging modality is shown?",
+        &dev,
+    )
+    .unwrap();
     assert!(warning.is_none(), "{warning:?}");
     assert_eq!(answers.len(), 1);
     assert!(answers[0].confidence > 0.0 && answers[0].confidence <= 1.0);
 
     // An empty question, a missing image and a broken artefact are refused with the reason.
-    let err = answer_files(&out, &[image.clone()], "  ", &dev)
+    let err = answer_files(&out, std::slice::from_ref(&image), "  ", &dev)
         .err()
         .unwrap()
         .to_string();

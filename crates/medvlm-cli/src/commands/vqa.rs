@@ -66,6 +66,9 @@ pub struct TrainArgs {
     /// Seed of initialisation and batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Embed the question with the frozen text tower only, without learned word vectors.
+    #[arg(long)]
+    pub no_question_words: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -123,6 +126,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         hidden: a.hidden.unwrap_or(d.hidden),
         lr: a.lr.unwrap_or(d.lr),
         seed: a.seed,
+        question_words: !a.no_question_words,
         ..d
     };
     let opts = VqaTrainOptions {
@@ -131,18 +135,25 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         split: a.split.clone(),
     };
     let t0 = std::time::Instant::now();
-    let card = train_and_save(&a.manifest, &opts, &a.out, &device, &mut |which, e, loss| {
-        let name = match which {
-            Trained::Fused => "image+question",
-            Trained::QuestionOnly => "question only",
-        };
-        eprintln!("{name} epoch {} loss {loss:.4}", e + 1)
-    })?;
+    let card = train_and_save(
+        &a.manifest,
+        &opts,
+        &a.out,
+        &device,
+        &mut |which, e, loss| {
+            let name = match which {
+                Trained::Fused => "image+question",
+                Trained::QuestionOnly => "question only",
+            };
+            eprintln!("{name} epoch {} loss {loss:.4}", e + 1)
+        },
+    )?;
     println!(
-        "trained a VQA answerer on {} question-answer pairs ({} images, {} distinct questions, {} answers) in {:.1} s; final loss {:.4} (question only {:.4})",
+        "trained a VQA answerer on {} question-answer pairs ({} images, {} distinct questions, {} question words, {} answers) in {:.1} s; final loss {:.4} (question only {:.4})",
         card.n_train_pairs,
         card.n_train_images,
         card.n_train_questions,
+        card.question_words.len(),
         card.answers.len(),
         t0.elapsed().as_secs_f64(),
         card.epoch_losses.last().copied().unwrap_or(f32::NAN),
