@@ -16,17 +16,28 @@
 //! part of PubMedCLIP's question encoder, without the LSTM's word order) is added to it by
 //! default (`question_words`).
 //!
-//! Fusion ([`VqaHead`]): each frozen embedding is standardised with the training mean and
+//! Image features: the pooled, projected embedding `v_e` (L2-normalised, the question's
+//! shared space) and, by default (`image_grid` 2), the tower's last-layer patch tokens
+//! mean-pooled on a 2 x 2 grid, `v_g` (4 D values): one pooled vector cannot say which side a
+//! finding is on, the grid can. PubMedCLIP feeds the pooled features only (`image_grid` 0).
+//!
+//! Fusion ([`VqaHead`]): each frozen input is standardised with the training mean and
 //! standard deviation of its dimensions; the question vector is `q = q_tower + W b`, with `b`
 //! the mean one-hot of the question's known words and `W` learned (`E x V`, no bias); then
-//! `[v, q, v * q]` (concatenation with the element-wise product, the bilinear term of
-//! MLB/MUTAN kept to its diagonal) goes through `3E -> H -> GELU -> H -> GELU -> A` over the
-//! `A` training answers. The loss is cross-entropy. The question-only baseline ([`train_head`] with `use_image: false`) is the
-//! same MLP with `v` set to zero (so `v * q` is zero too): what language priors alone reach.
+//! `[v_e, v_g, q, v_e * q]` (concatenation with the element-wise product, the bilinear term
+//! of MLB/MUTAN kept to its diagonal) goes through `H -> GELU -> H -> GELU -> A` over the `A`
+//! training answers. The loss is cross-entropy. The question-only baseline ([`train_head`]
+//! with `use_image: false`) is the same MLP with the image set to zero (so `v_e * q` is zero
+//! too): what language priors alone reach.
 //!
-//! Defaults ([`VqaConfig::default`]): word vectors on, hidden width 256, AdamW lr 2e-3
-//! (weight decay 0.01 on matrices) with 5 % warm-up and cosine decay, batch 128, 30 epochs,
-//! seed 0.
+//! At prediction a question seen in training may only get an answer it had there
+//! (`mask_answers`; [`predict_pairs`]'s mask): a classifier over all answers otherwise
+//! sometimes answers "where is ...?" with "no" on images unlike its training images, the
+//! mistake that question-type-conditioned answering (QCR, Zhan et al. 2020) removes.
+//!
+//! Defaults ([`VqaConfig::default`]): word vectors on, 2 x 2 patch grid, answers masked per
+//! question, hidden width 256, AdamW lr 2e-3 (weight decay 0.01 on matrices) with 5 % warm-up
+//! and cosine decay, batch 128, 30 epochs, seed 0.
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
@@ -83,12 +94,20 @@ pub struct VqaConfig {
     pub seed: u64,
     /// Add learned word vectors of the question's words to its frozen text embedding.
     pub question_words: bool,
+    /// Also feed the image tower's patch tokens mean-pooled on a `g x g` grid (0: only the
+    /// pooled image embedding).
+    pub image_grid: usize,
+    /// Limit a question seen in training to the answers it had there (closed questions to
+    /// yes/no, "where" questions to places, ...); unseen questions may get any answer.
+    pub mask_answers: bool,
 }
 
 impl Default for VqaConfig {
     fn default() -> Self {
         Self {
             question_words: true,
+            image_grid: 2,
+            mask_answers: true,
             hidden: 256,
             epochs: 30,
             batch: 128,
@@ -164,6 +183,8 @@ pub struct VqaHead {
     out: Linear,
     /// Embedding width `E` of image and question.
     pub dim: usize,
+    /// Image features after the embedding (`G`, the pooled patch-token grid; 0 without).
+    pub extra: usize,
     /// Number of answers `A`.
     pub n_answers: usize,
     /// Question word vocabulary size `V` (0: no word vectors).
@@ -171,10 +192,12 @@ pub struct VqaHead {
 }
 
 impl VqaHead {
-    /// Parameters `l1`, `l2`, `out` (and `words` when `n_words > 0`) under `vb`.
+    /// Parameters `l1`, `l2`, `out` (and `words` when `n_words > 0`) under `vb`; the image
+    /// input is `E + extra` wide.
     pub fn new(
         vb: VarBuilder,
         dim: usize,
+        extra: usize,
         hidden: usize,
         n_answers: usize,
         n_words: usize,
@@ -190,28 +213,32 @@ impl VqaHead {
             } else {
                 None
             },
-            l1: candle_nn::linear(3 * dim, hidden, vb.pp("l1"))?,
+            l1: candle_nn::linear(3 * dim + extra, hidden, vb.pp("l1"))?,
             l2: candle_nn::linear(hidden, hidden, vb.pp("l2"))?,
             out: candle_nn::linear(hidden, n_answers, vb.pp("out"))?,
             dim,
+            extra,
             n_answers,
             n_words,
         })
     }
 
-    /// Answer logits `[B, A]` of standardised image and question embeddings `[B, E]` and the
-    /// questions' bags of words `[B, V]` (ignored, and may be `None`, without word vectors).
+    /// Answer logits `[B, A]` of standardised image features `[B, E + extra]` (the embedding
+    /// first), question embeddings `[B, E]` and the questions' bags of words `[B, V]`
+    /// (ignored, and may be `None`, without word vectors).
     pub fn forward(
         &self,
         image: &Tensor,
         question: &Tensor,
         words: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if image.dims() != question.dims() || image.dim(1)? != self.dim {
+        let b = question.dim(0)?;
+        if image.dims() != [b, self.dim + self.extra] || question.dims() != [b, self.dim] {
             return Err(VqaError::Invalid(format!(
-                "image {:?} and question {:?} embeddings must both be [B, {}]",
+                "image {:?} and question {:?} inputs must be [B, {}] and [B, {}]",
                 image.dims(),
                 question.dims(),
+                self.dim + self.extra,
                 self.dim
             )));
         }
@@ -228,7 +255,8 @@ impl VqaHead {
             }
             (None, _) => question.clone(),
         };
-        let fused = Tensor::cat(&[image, &question, &(image * &question)?], 1)?;
+        let product = (image.narrow(1, 0, self.dim)? * &question)?;
+        let fused = Tensor::cat(&[image, &question, &product], 1)?;
         let h = self.l1.forward(&fused)?.gelu()?;
         let h = self.l2.forward(&h)?.gelu()?;
         Ok(self.out.forward(&h)?)
@@ -258,7 +286,7 @@ fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
 /// Training data: cached embeddings and, per pair, which image, which question, which answer.
 #[derive(Debug, Clone)]
 pub struct VqaPairs<'a> {
-    /// Standardised image embeddings `[I, E]`.
+    /// Standardised image features `[I, E + G]`: the embedding, then any grid features.
     pub images: &'a Tensor,
     /// Standardised question embeddings `[Q, E]`.
     pub questions: &'a Tensor,
@@ -304,7 +332,7 @@ pub fn batch_inputs(
         )?;
         data.images.index_select(&ii, 0)?
     } else {
-        q.zeros_like()?
+        Tensor::zeros((batch.len(), data.images.dim(1)?), DType::F32, dev)?
     };
     Ok((v, q, w))
 }
@@ -320,11 +348,11 @@ pub fn train_head(
     on_epoch: &mut dyn FnMut(usize, f32),
 ) -> Result<TrainedHead> {
     cfg.validate()?;
-    let (n_img, dim) = data.images.dims2()?;
-    let (n_q, qdim) = data.questions.dims2()?;
-    if dim != qdim {
+    let (n_img, image_width) = data.images.dims2()?;
+    let (n_q, dim) = data.questions.dims2()?;
+    if image_width < dim {
         return Err(VqaError::Invalid(format!(
-            "image embeddings are {dim} wide and question embeddings {qdim}; the fusion needs one shared width"
+            "image features are {image_width} wide and question embeddings {dim}; the fusion needs the image embedding in the question's shared width first"
         )));
     }
     if data.pairs.is_empty() {
@@ -359,6 +387,7 @@ pub fn train_head(
     let head = VqaHead::new(
         VarBuilder::from_varmap(&varmap, DType::F32, &dev),
         dim,
+        image_width - dim,
         cfg.hidden,
         n_answers,
         n_words,
@@ -426,12 +455,38 @@ pub fn best_answers(logits: &Tensor) -> Result<Vec<(u32, f32)>> {
     Ok(best.into_iter().zip(p).collect())
 }
 
-/// Predicted answer indices for every pair of `data`, in batches of 512.
-pub fn predict_pairs(head: &VqaHead, data: &VqaPairs, use_image: bool) -> Result<Vec<(u32, f32)>> {
+/// Predicted answer indices and probabilities for every pair of `data`, in batches of 512.
+/// `answer_mask` `[Q, A]` (0 for an allowed answer, a large negative number otherwise) limits
+/// each question to its allowed answers; the probability is then within those.
+pub fn predict_pairs(
+    head: &VqaHead,
+    data: &VqaPairs,
+    use_image: bool,
+    answer_mask: Option<&Tensor>,
+) -> Result<Vec<(u32, f32)>> {
+    if let Some(m) = answer_mask {
+        if m.dims() != [data.questions.dim(0)?, head.n_answers] {
+            return Err(VqaError::Invalid(format!(
+                "answer mask {:?} for {} questions and {} answers",
+                m.dims(),
+                data.questions.dim(0)?,
+                head.n_answers
+            )));
+        }
+    }
     let mut out = Vec::with_capacity(data.pairs.len());
     for chunk in data.pairs.chunks(512) {
         let (v, q, w) = batch_inputs(data, chunk, use_image)?;
-        out.extend(best_answers(&head.forward(&v, &q, w.as_ref())?)?);
+        let mut logits = head.forward(&v, &q, w.as_ref())?;
+        if let Some(m) = answer_mask {
+            let qi = Tensor::from_vec(
+                chunk.iter().map(|p| p.1).collect::<Vec<_>>(),
+                chunk.len(),
+                m.device(),
+            )?;
+            logits = (logits + m.index_select(&qi, 0)?)?;
+        }
+        out.extend(best_answers(&logits)?);
     }
     Ok(out)
 }
@@ -507,13 +562,13 @@ mod tests {
         let acc = |pred: Vec<(u32, f32)>| {
             pred.iter().zip(test).filter(|(p, t)| p.0 == t.2).count() as f32 / test.len() as f32
         };
-        let fused_acc = acc(predict_pairs(&fused.head, &test_data, true).unwrap());
-        let q_acc = acc(predict_pairs(&q_only.head, &test_data, false).unwrap());
+        let fused_acc = acc(predict_pairs(&fused.head, &test_data, true, None).unwrap());
+        let q_acc = acc(predict_pairs(&q_only.head, &test_data, false, None).unwrap());
         assert_eq!(fused_acc, 1.0);
         // Without the image each question has two equally likely answers.
         assert!((0.4..=0.6).contains(&q_acc), "{q_acc}");
         // The question-only prediction never depends on the image.
-        let preds = predict_pairs(&q_only.head, &test_data, false).unwrap();
+        let preds = predict_pairs(&q_only.head, &test_data, false, None).unwrap();
         for (p, t) in preds.iter().zip(test) {
             let same_q = preds.iter().zip(test).find(|(_, u)| u.1 == t.1).unwrap().0;
             assert_eq!(p.0, same_q.0);
@@ -557,6 +612,7 @@ mod tests {
         .to_string();
         assert!(err.contains("out of range"), "{err}");
         let wide = Tensor::zeros((1, 3), DType::F32, &dev).unwrap();
+        // A question wider than the image embedding cannot be multiplied with it.
         let err = train_head(
             &cfg,
             &VqaPairs {
@@ -570,7 +626,7 @@ mod tests {
         .err()
         .unwrap()
         .to_string();
-        assert!(err.contains("shared width"), "{err}");
+        assert!(err.contains("shared width first"), "{err}");
         let err = VqaConfig {
             batch: 0,
             ..Default::default()
@@ -611,7 +667,7 @@ mod tests {
         };
         let acc = |data: &VqaPairs| {
             let t = train_head(&cfg, data, 2, false, &mut |_, _| {}).unwrap();
-            predict_pairs(&t.head, data, false)
+            predict_pairs(&t.head, data, false, None)
                 .unwrap()
                 .iter()
                 .zip(&pairs)

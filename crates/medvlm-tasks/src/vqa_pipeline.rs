@@ -71,6 +71,8 @@ pub struct VqaItem {
     pub answer: String,
     /// The question's `kind`, when given.
     pub kind: Option<String>,
+    /// The record's `modality`, when given.
+    pub modality: Option<String>,
     /// Closed (yes/no) or open; see the module documentation.
     pub closed: bool,
 }
@@ -151,6 +153,11 @@ impl VqaTask {
                     question: question.to_string(),
                     answer,
                     kind: qa.kind.clone(),
+                    modality: rec
+                        .extra
+                        .get("modality")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string),
                     closed,
                 });
             }
@@ -174,7 +181,7 @@ impl VqaTask {
 /// Frozen embeddings of a task's distinct images and questions, and which rows each pair reads.
 #[derive(Debug)]
 pub struct EncodedPairs {
-    /// L2-normalised image embeddings `[I, E]`, one per distinct image.
+    /// Image features `[I, E + G]` ([`image_features`]), one row per distinct image.
     pub images: Tensor,
     /// L2-normalised text-tower embeddings `[Q, E]`, one per distinct question.
     pub questions: Tensor,
@@ -209,8 +216,76 @@ pub fn question_embeddings(
     Ok(medvlm_models::vlm::l2_normalize(&t)?.to_device(device)?)
 }
 
-/// Embeds each distinct image and question of `items` once.
-pub fn encode_pairs(m: &LoadedModel, items: &[VqaItem], device: &Device) -> Result<EncodedPairs> {
+/// Mean of patch tokens `[B, N, D]` (a square `s x s` grid, row-major) over each cell of a
+/// `g x g` grid (cell `i` spans rows `i s / g` to `(i + 1) s / g`), as `[B, g g D]` (cells
+/// row-major, then channels).
+pub fn grid_pool(tokens: &Tensor, g: usize) -> Result<Tensor> {
+    let (b, n, d) = tokens.dims3()?;
+    let side = (n as f64).sqrt().round() as usize;
+    if side * side != n {
+        return Err(VqaError::Invalid(format!(
+            "{n} patch tokens do not form a square grid"
+        )));
+    }
+    if g == 0 || g > side {
+        return Err(VqaError::Invalid(format!(
+            "a {g} x {g} grid does not fit {side} x {side} patch tokens"
+        )));
+    }
+    let t = tokens.reshape((b, side, side, d))?;
+    let mut cells = Vec::with_capacity(g * g);
+    for cy in 0..g {
+        let (y0, y1) = (cy * side / g, (cy + 1) * side / g);
+        for cx in 0..g {
+            let (x0, x1) = (cx * side / g, (cx + 1) * side / g);
+            cells.push(
+                t.narrow(1, y0, y1 - y0)?
+                    .narrow(2, x0, x1 - x0)?
+                    .mean((1, 2))?,
+            );
+        }
+    }
+    Ok(Tensor::cat(&cells, 1)?)
+}
+
+/// Image features `[N, E + g g D]`: the L2-normalised embedding, then (when `grid > 0`) the
+/// patch tokens mean-pooled on a `grid x grid` grid ([`grid_pool`]); an unreadable file is an
+/// error naming it.
+pub fn image_features(
+    m: &LoadedModel,
+    files: &[PathBuf],
+    grid: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    if grid == 0 {
+        return image_embeddings(m, files, device);
+    }
+    let mut rows = Vec::new();
+    medvlm_models::embed::for_each_pixel_batch(m, files, 32, false, device, &|_| {}, |px| {
+        let out = m.model.encode_image(px)?;
+        let e = medvlm_models::vlm::l2_normalize(&out.embeds.to_dtype(DType::F32)?)?;
+        let cells = grid_pool(&out.patch_tokens()?.to_dtype(DType::F32)?, grid).map_err(|e| {
+            VqaError::Invalid(format!(
+                "{e}; image_grid 0 (`--image-grid 0`) uses the pooled embedding only"
+            ))
+        })?;
+        rows.push(Tensor::cat(&[e, cells], 1)?.to_device(&Device::Cpu)?);
+        Ok::<(), VqaError>(())
+    })?;
+    if rows.is_empty() {
+        return Err(VqaError::Invalid("no image could be embedded".into()));
+    }
+    Ok(Tensor::cat(&rows, 0)?.to_device(device)?)
+}
+
+/// Embeds each distinct image (features of [`image_features`] with `grid`) and question of
+/// `items` once.
+pub fn encode_pairs(
+    m: &LoadedModel,
+    items: &[VqaItem],
+    grid: usize,
+    device: &Device,
+) -> Result<EncodedPairs> {
     let mut image_row: HashMap<&Path, u32> = HashMap::new();
     let mut files = Vec::new();
     let mut question_row: HashMap<&str, u32> = HashMap::new();
@@ -228,7 +303,7 @@ pub fn encode_pairs(m: &LoadedModel, items: &[VqaItem], device: &Device) -> Resu
         index.push((i, q));
     }
     Ok(EncodedPairs {
-        images: image_embeddings(m, &files, device)?,
+        images: image_features(m, &files, grid, device)?,
         questions: question_embeddings(m, &questions, device)?,
         question_texts: questions,
         index,
@@ -346,6 +421,9 @@ pub struct VqaCard {
     pub model_fingerprint: String,
     /// Width of its image and text embeddings.
     pub embed_dim: usize,
+    /// Width of the image features (the embedding, then the pooled grid).
+    #[serde(default)]
+    pub image_dim: usize,
     /// Classifier settings.
     pub config: VqaConfig,
     /// The answer vocabulary (normalised training answers, most frequent first).
@@ -356,6 +434,10 @@ pub struct VqaCard {
     pub question_words: Vec<String>,
     /// Training pairs of each answer.
     pub answer_counts: Vec<usize>,
+    /// Normalised training question -> the answers (indices) it had in training, the
+    /// mask of `mask_answers`.
+    #[serde(default)]
+    pub answers_by_question: BTreeMap<String, Vec<u32>>,
     /// The majority baseline.
     pub majority: MajorityBaseline,
     /// The training manifest.
@@ -419,7 +501,7 @@ pub fn train(
     on_epoch: &mut dyn FnMut(Trained, usize, f32),
 ) -> Result<VqaModel> {
     opts.config.validate()?;
-    let enc = encode_pairs(m, &task.items, device)?;
+    let enc = encode_pairs(m, &task.items, opts.config.image_grid, device)?;
     // Answer vocabulary, most frequent first (ties in order of first appearance).
     let mut counts: Vec<(String, usize)> = Vec::new();
     let mut row: HashMap<&str, usize> = HashMap::new();
@@ -481,15 +563,26 @@ pub fn train(
     weights.insert("image_std".into(), image_norm.std.clone());
     weights.insert("question_mean".into(), question_norm.mean.clone());
     weights.insert("question_std".into(), question_norm.std.clone());
+    let mut answers_by_question: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (it, p) in task.items.iter().zip(&pairs) {
+        let a = answers_by_question
+            .entry(normalise_answer(&it.question))
+            .or_default();
+        if let Err(at) = a.binary_search(&p.2) {
+            a.insert(at, p.2);
+        }
+    }
     let card = VqaCard {
         format: FORMAT.into(),
         model_spec: opts.model_spec.clone(),
         model_fingerprint: crate::segmentation_pipeline::model_fingerprint(&opts.model_spec, m),
-        embed_dim: enc.images.dim(1)?,
+        embed_dim: enc.questions.dim(1)?,
+        image_dim: enc.images.dim(1)?,
         config: opts.config.clone(),
         answers,
         question_words,
         answer_counts,
+        answers_by_question,
         majority: MajorityBaseline::fit(&task.items),
         train_manifest: task.manifest.display().to_string(),
         train_split: opts.split.clone(),
@@ -593,6 +686,7 @@ impl VqaModel {
             VqaHead::new(
                 vb.pp(prefix),
                 card.embed_dim,
+                card.image_dim.saturating_sub(card.embed_dim),
                 card.config.hidden,
                 card.answers.len(),
                 card.question_words.len(),
@@ -601,8 +695,9 @@ impl VqaModel {
                 file_err(
                     &wpath,
                     format!(
-                        "{prefix} classifier does not fit the card ({} answers, width {}): {e}",
+                        "{prefix} classifier does not fit the card ({} answers, widths {} and {}): {e}",
                         card.answers.len(),
+                        card.image_dim,
                         card.embed_dim
                     ),
                 )
@@ -689,7 +784,31 @@ impl VqaModel {
         } else {
             &self.question_only
         };
-        Ok(self.to_answers(predict_pairs(head, &data, use_image)?))
+        let mask = if self.card.config.mask_answers {
+            Some(self.answer_mask(question_texts, questions.device())?)
+        } else {
+            None
+        };
+        Ok(self.to_answers(predict_pairs(head, &data, use_image, mask.as_ref())?))
+    }
+
+    /// The additive answer mask `[Q, A]` of questions: for a question seen in training, 0 at
+    /// the answers it had and -1e9 elsewhere; zeros for a question never seen.
+    pub fn answer_mask(&self, question_texts: &[String], device: &Device) -> Result<Tensor> {
+        let a = self.card.answers.len();
+        let mut data = vec![0f32; question_texts.len() * a];
+        for (i, q) in question_texts.iter().enumerate() {
+            if let Some(allowed) = self.card.answers_by_question.get(&normalise_answer(q)) {
+                let row = &mut data[i * a..(i + 1) * a];
+                row.fill(-1e9);
+                for &k in allowed {
+                    if let Some(x) = row.get_mut(k as usize) {
+                        *x = 0.0;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(data, (question_texts.len(), a), device)?)
     }
 }
 
@@ -723,6 +842,8 @@ pub struct VqaScores {
     pub overall: Accuracy,
     /// Per question kind (`-` for pairs without one).
     pub per_kind: BTreeMap<String, Accuracy>,
+    /// Per record `modality` (`-` for records without one): closed, open, all.
+    pub per_modality: BTreeMap<String, [Accuracy; 3]>,
 }
 
 fn score(items: &[VqaItem], predicted: &[String]) -> VqaScores {
@@ -739,6 +860,12 @@ fn score(items: &[VqaItem], predicted: &[String]) -> VqaScores {
             .entry(it.kind.clone().unwrap_or_else(|| "-".into()))
             .or_default()
             .add(ok);
+        let m = s
+            .per_modality
+            .entry(it.modality.clone().unwrap_or_else(|| "-".into()))
+            .or_default();
+        m[usize::from(!it.closed)].add(ok);
+        m[2].add(ok);
     }
     s
 }
@@ -796,7 +923,12 @@ pub fn evaluate(
     task: &VqaTask,
     device: &Device,
 ) -> Result<VqaEvaluation> {
-    let enc = encode_pairs(image_model, &task.items, device)?;
+    let enc = encode_pairs(
+        image_model,
+        &task.items,
+        model.card.config.image_grid,
+        device,
+    )?;
     let fused = model.answer_embedded(
         &enc.images,
         &enc.questions,
@@ -885,16 +1017,21 @@ pub fn train_and_save(
     Ok(model.card)
 }
 
-/// Loads the artefact `dir` and evaluates it on `manifest` (its `split` when given); the
-/// second value is the model warning of [`VqaModel::load`].
+/// Loads the artefact `dir` and evaluates it on `manifest` (its `split` when given);
+/// `mask_answers` overrides the card's setting. The second value is the model warning of
+/// [`VqaModel::load`].
 pub fn evaluate_manifest(
     dir: &Path,
     manifest: &Path,
     split: Option<&str>,
+    mask_answers: Option<bool>,
     device: &Device,
 ) -> Result<(VqaEvaluation, Option<String>)> {
     let task = VqaTask::from_manifest(manifest, split)?;
-    let (model, m, warning) = VqaModel::load(dir, device)?;
+    let (mut model, m, warning) = VqaModel::load(dir, device)?;
+    if let Some(mask) = mask_answers {
+        model.card.config.mask_answers = mask;
+    }
     Ok((evaluate(&model, &m, &task, device)?, warning))
 }
 
@@ -925,7 +1062,12 @@ impl Answerer {
     ) -> Result<Vec<Answer>> {
         let texts = [question.trim().to_string()];
         let q = question_embeddings(&self.image_model, &texts, device)?;
-        let v = image_embeddings(&self.image_model, images, device)?;
+        let v = image_features(
+            &self.image_model,
+            images,
+            self.model.card.config.image_grid,
+            device,
+        )?;
         let pairs: Vec<(u32, u32)> = (0..images.len() as u32).map(|i| (i, 0)).collect();
         self.model.answer_embedded(&v, &q, &texts, &pairs, true)
     }
@@ -992,6 +1134,17 @@ impl VqaEvaluation {
                 get(&self.question_only),
                 get(&self.majority),
             ));
+        }
+        for (modality, a) in &self.model.per_modality {
+            let get = |m: &VqaScores| m.per_modality.get(modality).copied().unwrap_or_default();
+            for (i, part) in ["closed", "open"].iter().enumerate() {
+                rows.push((
+                    format!("{modality} {part}"),
+                    a[i],
+                    get(&self.question_only)[i],
+                    get(&self.majority)[i],
+                ));
+            }
         }
         for (name, a, q, m) in rows {
             s.push_str(&format!(

@@ -10,8 +10,8 @@ use candle_core::Device;
 use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
 use medvlm_tasks::vqa::VqaConfig;
 use medvlm_tasks::vqa_pipeline::{
-    answer_files, encode_pairs, evaluate, normalise_answer, train, MajorityBaseline, VqaItem,
-    VqaModel, VqaTask, VqaTrainOptions,
+    answer_files, encode_pairs, evaluate, grid_pool, normalise_answer, train, MajorityBaseline,
+    VqaItem, VqaModel, VqaTask, VqaTrainOptions,
 };
 
 fn fixture() -> String {
@@ -125,6 +125,7 @@ fn majority_baseline_answers_per_question_then_kind_then_overall() {
         question: q.into(),
         answer: a.into(),
         kind: k.map(str::to_string),
+        modality: None,
         closed: false,
     };
     let items = [
@@ -186,13 +187,63 @@ fn fused_classifier_beats_the_question_only_baseline_and_survives_saving() {
         modality(&ev.question_only)
     );
     assert!(ev.model.overall.accuracy > ev.question_only.overall.accuracy);
+    // With the default answer mask a training question only gets answers it had in
+    // training: every closed phantom question is answered yes or no.
+    assert!(model.card.config.mask_answers);
+    let enc = encode_pairs(&m, &test_task.items, model.card.config.image_grid, &dev).unwrap();
+    let answers = model
+        .answer_embedded(
+            &enc.images,
+            &enc.questions,
+            &enc.question_texts,
+            &enc.index,
+            true,
+        )
+        .unwrap();
+    for (it, a) in test_task.items.iter().zip(&answers) {
+        if let Some(allowed) = model
+            .card
+            .answers_by_question
+            .get(&normalise_answer(&it.question))
+        {
+            let k = model
+                .card
+                .answers
+                .iter()
+                .position(|x| *x == a.answer)
+                .unwrap();
+            assert!(
+                allowed.contains(&(k as u32)),
+                "{} -> {}",
+                it.question,
+                a.answer
+            );
+        }
+        if it.closed {
+            assert!(
+                a.answer == "yes" || a.answer == "no",
+                "{} -> {}",
+                it.question,
+                a.answer
+            );
+        }
+    }
+    let never = ["What colour is the sky?".to_string()];
+    let row = model
+        .answer_mask(&never, &dev)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert!(
+        row[0].iter().all(|&x| x == 0.0),
+        "an unseen question is not masked"
+    );
     assert!(ev.render_table().contains("kind modality"));
 
     let out = dir.path().join("answerer");
     model.save(&out).unwrap();
     let loaded = VqaModel::read(&out, &dev).unwrap();
     assert_eq!(loaded.card, model.card);
-    let enc = encode_pairs(&m, &test_task.items, &dev).unwrap();
     for use_image in [true, false] {
         assert_eq!(
             model
@@ -246,4 +297,27 @@ fn fused_classifier_beats_the_question_only_baseline_and_survives_saving() {
         .unwrap()
         .to_string();
     assert!(err.contains("vqa_model.json"), "{err}");
+}
+
+#[test]
+fn grid_pool_averages_each_cell_of_the_patch_grid() {
+    let dev = Device::Cpu;
+    // A 4 x 4 grid of one-channel tokens numbered row by row.
+    let t = candle_core::Tensor::arange(0f32, 16.0, &dev)
+        .unwrap()
+        .reshape((1, 16, 1))
+        .unwrap();
+    let g2 = grid_pool(&t, 2).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(g2, [[2.5, 4.5, 10.5, 12.5]]);
+    // Uneven cells: rows and columns 0, 1, 2..4.
+    let g3 = grid_pool(&t, 3).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(g3[0].len(), 9);
+    assert_eq!(g3[0][0], 0.0);
+    assert_eq!(g3[0][1], 1.0);
+    assert_eq!(g3[0][8], 12.5);
+    let odd = candle_core::Tensor::zeros((1, 15, 2), candle_core::DType::F32, &dev).unwrap();
+    let err = grid_pool(&odd, 2).unwrap_err().to_string();
+    assert!(err.contains("15 patch tokens"), "{err}");
+    let err = grid_pool(&t, 5).unwrap_err().to_string();
+    assert!(err.contains("does not fit 4 x 4"), "{err}");
 }

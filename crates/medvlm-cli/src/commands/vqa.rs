@@ -69,6 +69,10 @@ pub struct TrainArgs {
     /// Embed the question with the frozen text tower only, without learned word vectors.
     #[arg(long)]
     pub no_question_words: bool,
+    /// Also feed the image tower's patch tokens mean-pooled on a G x G grid (default 2;
+    /// 0: only the pooled image embedding).
+    #[arg(long)]
+    pub image_grid: Option<usize>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -104,6 +108,10 @@ pub struct EvalArgs {
     /// Also write the evaluation as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Let every question get any training answer (default: a question seen in training
+    /// only gets answers it had there).
+    #[arg(long)]
+    pub no_answer_mask: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -127,6 +135,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         lr: a.lr.unwrap_or(d.lr),
         seed: a.seed,
         question_words: !a.no_question_words,
+        image_grid: a.image_grid.unwrap_or(d.image_grid),
         ..d
     };
     let opts = VqaTrainOptions {
@@ -180,8 +189,13 @@ fn answer(a: AnswerArgs) -> anyhow::Result<()> {
 
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = a.device.device()?;
-    let (evaluation, warning) =
-        evaluate_manifest(&a.answerer, &a.manifest, a.split.as_deref(), &device)?;
+    let (evaluation, warning) = evaluate_manifest(
+        &a.answerer,
+        &a.manifest,
+        a.split.as_deref(),
+        a.no_answer_mask.then_some(false),
+        &device,
+    )?;
     if let Some(w) = warning {
         eprintln!("warning: {w}");
     }
