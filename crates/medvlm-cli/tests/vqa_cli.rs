@@ -145,3 +145,78 @@ fn vqa_train_then_eval_and_answer() {
         "{err}"
     );
 }
+
+#[test]
+fn vqa_generative_train_eval_and_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let gen = tmp.path().join("gen");
+    let manifest = ph.join("manifest.jsonl");
+    let out = ok(&run(&[
+        "vqa",
+        "train",
+        "--generative",
+        "--model",
+        arg(&model()),
+        "--manifest",
+        arg(&manifest),
+        "--out",
+        arg(&gen),
+        "--epochs",
+        "2",
+    ]));
+    assert!(out.contains("trained a generative VQA answerer"), "{out}");
+    for f in [
+        "vqa_generator.json",
+        "generator.safetensors",
+        "tokenizer.json",
+        "image_norm.safetensors",
+    ] {
+        assert!(gen.join(f).is_file(), "{f}");
+    }
+    let table = ok(&run(&[
+        "vqa",
+        "eval",
+        "--answerer",
+        arg(&gen),
+        "--manifest",
+        arg(&manifest),
+    ]));
+    assert!(
+        table.contains("generative decoder") && table.contains("kind modality"),
+        "{table}"
+    );
+    let image = std::fs::read_dir(ph.join("images"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let printed = ok(&run(&[
+        "vqa",
+        "answer",
+        "--answerer",
+        arg(&gen),
+        "--question",
+        "Is this study normal?",
+        arg(&image),
+    ]));
+    assert_eq!(printed.lines().count(), 1, "{printed}");
+    assert!(printed.starts_with(arg(&image)), "{printed}");
+    // A tokenizer that does not match the decoder's vocabulary is named.
+    std::fs::write(
+        gen.join("tokenizer.json"),
+        std::fs::read_to_string(model().join("tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let err = fails(&run(&[
+        "vqa",
+        "answer",
+        "--answerer",
+        arg(&gen),
+        "--question",
+        "Is this study normal?",
+        arg(&image),
+    ]));
+    assert!(err.contains("tokenizer.json"), "{err}");
+}

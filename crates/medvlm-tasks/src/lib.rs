@@ -57,4 +57,5 @@ pub mod segmentation_pipeline;
 pub mod super_resolution;
 pub mod super_resolution_pipeline;
 pub mod vqa;
+pub mod vqa_generative;
 pub mod vqa_pipeline;

@@ -60,6 +60,9 @@ pub enum VqaError {
     /// Model loading or encoding error.
     #[error(transparent)]
     Model(#[from] medvlm_models::ModelError),
+    /// Error of the report decoder (generative answers).
+    #[error(transparent)]
+    Report(#[from] crate::report_generation::ReportError),
     /// A file could not be read or written, or holds bad data.
     #[error("{path}: {reason}")]
     File {

@@ -881,12 +881,12 @@ pub struct VqaExample {
     pub kind: Option<String>,
     /// The reference answer.
     pub truth: String,
-    /// The fused classifier's answer.
+    /// The answerer's answer.
     pub predicted: String,
-    /// Its probability.
-    pub confidence: f32,
-    /// The question-only baseline's answer.
-    pub question_only: String,
+    /// Its probability (the classifier's; `None` for generated answers).
+    pub confidence: Option<f32>,
+    /// The question-only baseline's answer (classifier only).
+    pub question_only: Option<String>,
     /// The majority baseline's answer.
     pub majority: String,
 }
@@ -896,20 +896,23 @@ pub struct VqaExample {
 pub struct VqaEvaluation {
     /// The manifest evaluated.
     pub manifest: String,
+    /// What answered: the classifier over the training answers, or the generative decoder.
+    pub method: String,
     /// Question-answer pairs scored.
     pub n_pairs: usize,
     /// Distinct images.
     pub n_images: usize,
     /// The answer rule ([`ANSWER_RULE`]).
     pub answer_rule: String,
-    /// Pairs whose reference answer is not in the training answers (wrong for every method).
+    /// Pairs whose reference answer is not in the training answers (wrong for the
+    /// classifiers and the majority baseline).
     pub n_unseen_answers: usize,
     /// Of those, closed ones.
     pub n_unseen_closed: usize,
-    /// The fused classifier.
+    /// The answerer (fused classifier or generative decoder).
     pub model: VqaScores,
-    /// The question-only baseline.
-    pub question_only: VqaScores,
+    /// The question-only baseline (trained beside the classifier only).
+    pub question_only: Option<VqaScores>,
     /// The majority-answer-per-question baseline.
     pub majority: VqaScores,
     /// One example per question kind (the first pair of each), then the first mistakes.
@@ -943,34 +946,58 @@ pub fn evaluate(
         &enc.index,
         false,
     )?;
+    let q_answers: Vec<String> = q_only.into_iter().map(|a| a.answer).collect();
+    Ok(assemble_evaluation(
+        task,
+        "classifier over the training answers".into(),
+        enc.images.dim(0)?,
+        fused
+            .into_iter()
+            .map(|a| (a.answer, Some(a.confidence)))
+            .collect(),
+        Some(q_answers),
+        &model.card.majority,
+        &model.card.answers,
+    ))
+}
+
+/// Scores the answerer's answers (with their probabilities, when it has them), the
+/// question-only answers (when given) and the majority baseline on `task`, and picks the
+/// examples: the first pair of each kind, then the first 4 mistakes.
+pub fn assemble_evaluation(
+    task: &VqaTask,
+    method: String,
+    n_images: usize,
+    answers: Vec<(String, Option<f32>)>,
+    question_only: Option<Vec<String>>,
+    majority_baseline: &MajorityBaseline,
+    training_answers: &[String],
+) -> VqaEvaluation {
     let majority: Vec<String> = task
         .items
         .iter()
         .map(|it| {
-            model
-                .card
-                .majority
+            majority_baseline
                 .answer(&it.question, it.kind.as_deref())
                 .to_string()
         })
         .collect();
     let known: std::collections::HashSet<&str> =
-        model.card.answers.iter().map(String::as_str).collect();
+        training_answers.iter().map(String::as_str).collect();
     let unseen: Vec<&VqaItem> = task
         .items
         .iter()
         .filter(|it| !known.contains(it.answer.as_str()))
         .collect();
-    let fused_answers: Vec<String> = fused.iter().map(|a| a.answer.clone()).collect();
-    let q_answers: Vec<String> = q_only.iter().map(|a| a.answer.clone()).collect();
+    let predicted: Vec<String> = answers.iter().map(|a| a.0.clone()).collect();
     let example = |i: usize| VqaExample {
         image: task.items[i].image.display().to_string(),
         question: task.items[i].question.clone(),
         kind: task.items[i].kind.clone(),
         truth: task.items[i].answer.clone(),
-        predicted: fused[i].answer.clone(),
-        confidence: fused[i].confidence,
-        question_only: q_answers[i].clone(),
+        predicted: answers[i].0.clone(),
+        confidence: answers[i].1,
+        question_only: question_only.as_ref().map(|q| q[i].clone()),
         majority: majority[i].clone(),
     };
     let mut seen_kinds = std::collections::HashSet::new();
@@ -980,22 +1007,23 @@ pub fn evaluate(
         .collect();
     examples.extend(
         (0..task.items.len())
-            .filter(|&i| fused[i].answer != task.items[i].answer)
+            .filter(|&i| normalise_answer(&answers[i].0) != task.items[i].answer)
             .take(4)
             .map(example),
     );
-    Ok(VqaEvaluation {
+    VqaEvaluation {
         manifest: task.manifest.display().to_string(),
+        method,
         n_pairs: task.items.len(),
-        n_images: enc.images.dim(0)?,
+        n_images,
         answer_rule: ANSWER_RULE.into(),
         n_unseen_answers: unseen.len(),
         n_unseen_closed: unseen.iter().filter(|it| it.closed).count(),
-        model: score(&task.items, &fused_answers),
-        question_only: score(&task.items, &q_answers),
+        model: score(&task.items, &predicted),
+        question_only: question_only.as_ref().map(|q| score(&task.items, q)),
         majority: score(&task.items, &majority),
         examples,
-    })
+    }
 }
 
 /// Reads `manifest`, loads the VLM, trains and writes the artefact folder `out`.
@@ -1094,74 +1122,67 @@ impl VqaEvaluation {
     /// the two baselines, then examples.
     pub fn render_table(&self) -> String {
         let mut s = format!(
-            "{} questions about {} images of {}\nanswer rule: {}\n{} questions ({} closed) have an answer never seen in training\n",
+            "{} questions about {} images of {}; answerer: {}\nanswer rule: {}\n{} questions ({} closed) have an answer never seen in training\n",
             self.n_pairs,
             self.n_images,
             self.manifest,
+            self.method,
             self.answer_rule,
             self.n_unseen_answers,
             self.n_unseen_closed
         );
         s.push_str(&format!(
-            "{:<22} {:>6} {:>12} {:>14} {:>10}\n",
+            "{:<22} {:>6} {:>14} {:>14} {:>10}\n",
             "questions", "n", "image+question", "question only", "majority"
         ));
-        let mut rows: Vec<(String, Accuracy, Accuracy, Accuracy)> = vec![
-            (
-                "closed".into(),
-                self.model.closed,
-                self.question_only.closed,
-                self.majority.closed,
-            ),
-            (
-                "open".into(),
-                self.model.open,
-                self.question_only.open,
-                self.majority.open,
-            ),
-            (
-                "overall".into(),
-                self.model.overall,
-                self.question_only.overall,
-                self.majority.overall,
-            ),
+        // (row name, how to read one accuracy of a method's scores)
+        type Pick<'a> = Box<dyn Fn(&VqaScores) -> Accuracy + 'a>;
+        let mut rows: Vec<(String, Pick)> = vec![
+            ("closed".into(), Box::new(|m: &VqaScores| m.closed)),
+            ("open".into(), Box::new(|m: &VqaScores| m.open)),
+            ("overall".into(), Box::new(|m: &VqaScores| m.overall)),
         ];
-        for (k, a) in &self.model.per_kind {
-            let get = |m: &VqaScores| m.per_kind.get(k).copied().unwrap_or_default();
+        for k in self.model.per_kind.keys() {
             rows.push((
                 format!("kind {k}"),
-                *a,
-                get(&self.question_only),
-                get(&self.majority),
+                Box::new(move |m: &VqaScores| m.per_kind.get(k).copied().unwrap_or_default()),
             ));
         }
-        for (modality, a) in &self.model.per_modality {
-            let get = |m: &VqaScores| m.per_modality.get(modality).copied().unwrap_or_default();
+        for modality in self.model.per_modality.keys() {
             for (i, part) in ["closed", "open"].iter().enumerate() {
                 rows.push((
                     format!("{modality} {part}"),
-                    a[i],
-                    get(&self.question_only)[i],
-                    get(&self.majority)[i],
+                    Box::new(move |m: &VqaScores| {
+                        m.per_modality.get(modality).copied().unwrap_or_default()[i]
+                    }),
                 ));
             }
         }
-        for (name, a, q, m) in rows {
+        for (name, pick) in rows {
+            let a = pick(&self.model);
+            let q = match &self.question_only {
+                Some(q) => format!("{:.3}", pick(q).accuracy),
+                None => "-".into(),
+            };
             s.push_str(&format!(
-                "{:<22} {:>6} {:>14.3} {:>14.3} {:>10.3}\n",
-                name, a.n, a.accuracy, q.accuracy, m.accuracy
+                "{:<22} {:>6} {:>14.3} {:>14} {:>10.3}\n",
+                name,
+                a.n,
+                a.accuracy,
+                q,
+                pick(&self.majority).accuracy
             ));
         }
         for e in self.examples.iter().take(6) {
             s.push_str(&format!(
-                "\n{}\n  Q: {} ({})\n  true: {}  predicted: {} ({:.2})  question only: {}  majority: {}\n",
+                "\n{}\n  Q: {} ({})\n  true: {}  predicted: {}{}  question only: {}  majority: {}\n",
                 e.image,
                 e.question,
                 e.kind.as_deref().unwrap_or("-"),
                 e.truth,
                 e.predicted,
-                e.confidence,
-                e.question_only,
+                e.confidence.map(|c| format!(" ({c:.2})")).unwrap_or_default(),
+                e.question_only.as_deref().unwrap_or("-"),
                 e.majority
             ));
         }

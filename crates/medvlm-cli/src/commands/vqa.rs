@@ -3,7 +3,9 @@
 //! `medvlm_tasks::vqa_pipeline`, docs/vqa.md).
 //!
 //! * `train --model M --manifest train.jsonl --out DIR`: trains the fused classifier and the
-//!   question-only baseline on the manifest's `qa` pairs and writes the answerer folder.
+//!   question-only baseline on the manifest's `qa` pairs and writes the answerer folder;
+//!   `--generative` trains the report decoder to write answers instead
+//!   (`medvlm_tasks::vqa_generative`).
 //! * `answer --answerer DIR --question Q IMAGES...`: prints one answer per image.
 //! * `eval --answerer DIR --manifest test.jsonl [--json OUT]`: closed, open, overall and
 //!   per-kind accuracy of the classifier, the question-only and the majority baselines.
@@ -11,8 +13,12 @@
 use std::path::PathBuf;
 
 use medvlm_tasks::vqa::VqaConfig;
+use medvlm_tasks::vqa_generative::{
+    answer_files_generative, evaluate_generative, generative_config, is_generative,
+    train_generative_and_save, GenTrainOptions, GenVqaModel,
+};
 use medvlm_tasks::vqa_pipeline::{
-    answer_files, evaluate_manifest, train_and_save, Trained, VqaTrainOptions,
+    answer_files, evaluate_manifest, train_and_save, Trained, VqaTask, VqaTrainOptions,
 };
 
 use super::common::write_file;
@@ -51,10 +57,10 @@ pub struct TrainArgs {
     /// Output folder of the answerer.
     #[arg(long)]
     pub out: PathBuf,
-    /// Passes over the training pairs (default 30).
+    /// Passes over the training pairs (default 30; generative 5).
     #[arg(long, value_parser = crate::commands::at_least_one)]
     pub epochs: Option<usize>,
-    /// Pairs per update (default 128).
+    /// Pairs per update (default 128; generative 64).
     #[arg(long, value_parser = crate::commands::at_least_one)]
     pub batch: Option<usize>,
     /// Hidden width of the classifier (default 256).
@@ -73,6 +79,10 @@ pub struct TrainArgs {
     /// 0: only the pooled image embedding).
     #[arg(long)]
     pub image_grid: Option<usize>,
+    /// Train the generative variant: the report decoder writes the answer after the image
+    /// prefix and the question (defaults: 5 epochs, batch 64, lr 2e-3).
+    #[arg(long)]
+    pub generative: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -126,6 +136,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn train(a: TrainArgs) -> anyhow::Result<()> {
+    if a.generative {
+        return train_gen(a);
+    }
     let device = a.device.device()?;
     let d = VqaConfig::default();
     let config = VqaConfig {
@@ -175,8 +188,52 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn train_gen(a: TrainArgs) -> anyhow::Result<()> {
+    let device = a.device.device()?;
+    let d = generative_config();
+    let config = medvlm_tasks::report_generation::ReportGenConfig {
+        epochs: a.epochs.unwrap_or(d.epochs),
+        batch: a.batch.unwrap_or(d.batch),
+        lr: a.lr.unwrap_or(d.lr),
+        seed: a.seed,
+        ..d
+    };
+    let opts = GenTrainOptions {
+        model_spec: a.model.clone(),
+        config,
+        image_grid: a.image_grid.unwrap_or(VqaConfig::default().image_grid),
+        split: a.split.clone(),
+    };
+    let t0 = std::time::Instant::now();
+    let card = train_generative_and_save(&a.manifest, &opts, &a.out, &device, &mut |e, loss| {
+        eprintln!("generative epoch {} loss {loss:.4}", e + 1)
+    })?;
+    println!(
+        "trained a generative VQA answerer on {} question-answer pairs ({} words in the vocabulary, {} cut to {} tokens) in {:.1} s; final loss {:.4}",
+        card.n_train_pairs,
+        card.vocab_size,
+        card.n_truncated,
+        card.config.max_tokens,
+        t0.elapsed().as_secs_f64(),
+        card.epoch_losses.last().copied().unwrap_or(f32::NAN)
+    );
+    println!("answerer written to {}", a.out.display());
+    Ok(())
+}
+
 fn answer(a: AnswerArgs) -> anyhow::Result<()> {
     let device = a.device.device()?;
+    if is_generative(&a.answerer) {
+        let (answers, warning) =
+            answer_files_generative(&a.answerer, &a.images, &a.question, &device)?;
+        if let Some(w) = warning {
+            eprintln!("warning: {w}");
+        }
+        for (img, ans) in a.images.iter().zip(answers) {
+            println!("{}\t{ans}", img.display());
+        }
+        return Ok(());
+    }
     let (answers, warning) = answer_files(&a.answerer, &a.images, &a.question, &device)?;
     if let Some(w) = warning {
         eprintln!("warning: {w}");
@@ -189,13 +246,19 @@ fn answer(a: AnswerArgs) -> anyhow::Result<()> {
 
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = a.device.device()?;
-    let (evaluation, warning) = evaluate_manifest(
-        &a.answerer,
-        &a.manifest,
-        a.split.as_deref(),
-        a.no_answer_mask.then_some(false),
-        &device,
-    )?;
+    let (evaluation, warning) = if is_generative(&a.answerer) {
+        let task = VqaTask::from_manifest(&a.manifest, a.split.as_deref())?;
+        let (model, m, warning) = GenVqaModel::load(&a.answerer, &device)?;
+        (evaluate_generative(&model, &m, &task, &device)?, warning)
+    } else {
+        evaluate_manifest(
+            &a.answerer,
+            &a.manifest,
+            a.split.as_deref(),
+            a.no_answer_mask.then_some(false),
+            &device,
+        )?
+    };
     if let Some(w) = warning {
         eprintln!("warning: {w}");
     }
