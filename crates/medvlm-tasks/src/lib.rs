@@ -20,8 +20,9 @@
 //! - super-resolution of grey images ([`super_resolution`], [`super_resolution_pipeline`]): an
 //!   EDSR-style residual network over bicubic upsampling, x2 and x4, scored with PSNR/SSIM
 //!   against bicubic;
-//! - visual question answering ([`vqa`], [`vqa_pipeline`]): PubMedCLIP-style classification
-//!   over the training answers from frozen image and question embeddings, scored VQA-RAD's
+//! - visual question answering ([`vqa`], [`vqa_pipeline`], [`vqa_generative`]):
+//!   PubMedCLIP-style classification over the training answers from frozen image and
+//!   question embeddings, and generative answers from the report decoder, scored VQA-RAD's
 //!   way (closed, open, overall accuracy) against question-only and majority baselines.
 //!
 //! ```

@@ -12,17 +12,19 @@
 //! when the record's `qa_closed` flags say so (what `medvlm phantoms generate` writes) or,
 //! without flags, when its answer is yes or no (VQA-RAD's closed questions); every other
 //! question is open. Accuracy is reported for closed, open and all questions (VQA-RAD's
-//! "closed", "open" and "overall") and per question `kind`, for:
-//! - the fused classifier (image and question);
+//! "closed", "open" and "overall"), per question `kind` and per record `modality`, for:
+//! - the fused classifier (image and question), or the generated answers of
+//!   [`crate::vqa_generative`] (same rule, [`assemble_evaluation`]);
 //! - the question-only baseline: the same classifier trained with the image zeroed, what
 //!   language priors alone reach;
 //! - the majority baseline: the most frequent training answer of the same question text
 //!   (of the same `kind` for a question never seen in training, else of all questions).
 //!
 //! Artefact folder ([`VqaModel::save`], written to a temporary folder and renamed):
-//! `vqa_model.json` (the card: settings, the answer and question-word vocabularies, the VLM's spec and
-//! fingerprint, the majority baseline, the training record) and `classifier.safetensors`
-//! (`fused.*` and `question_only.*` classifiers with their word vectors, `image_mean`/`image_std` and
+//! `vqa_model.json` (the card: settings, the answer and question-word vocabularies, the
+//! per-question answer sets, the VLM's spec and fingerprint, the majority baseline, the
+//! training record) and `classifier.safetensors` (`fused.*` and `question_only.*`
+//! classifiers with their word vectors, `image_mean`/`image_std` and
 //! `question_mean`/`question_std` standardisers).
 
 use std::collections::{BTreeMap, HashMap};
