@@ -31,7 +31,7 @@ use crate::report_generation::{train_generator, ReportGenConfig, ReportGenerator
 use crate::vqa::{Result, Standardiser, VqaError};
 use crate::vqa_pipeline::{
     assemble_evaluation, encode_pairs, image_features, normalise_answer, MajorityBaseline,
-    VqaEvaluation, VqaTask,
+    VqaEvaluation, VqaTask, GENERATED_ANSWER_RULE,
 };
 
 /// Format tag of the generative answerer's card.
@@ -381,6 +381,7 @@ pub fn evaluate_generative(
     Ok(assemble_evaluation(
         task,
         "generative decoder (greedy)".into(),
+        GENERATED_ANSWER_RULE,
         enc.images.dim(0)?,
         answers.into_iter().map(|a| (a, None)).collect(),
         None,

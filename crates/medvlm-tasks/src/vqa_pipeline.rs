@@ -44,8 +44,11 @@ pub const FORMAT: &str = "medvlm-vqa/1";
 const CARD_FILE: &str = "vqa_model.json";
 const WEIGHTS_FILE: &str = "classifier.safetensors";
 
-/// The answer rule, as the evaluation states it.
+/// The answer rule of the classifier, as the evaluation states it.
 pub const ANSWER_RULE: &str = "exact match after trim, lower-case and single spaces; answers unseen in training count as wrong";
+/// The answer rule of generated answers.
+pub const GENERATED_ANSWER_RULE: &str =
+    "exact match of the generated text after trim, lower-case and single spaces";
 
 fn file_err(path: &Path, reason: impl std::fmt::Display) -> VqaError {
     VqaError::File {
@@ -904,7 +907,7 @@ pub struct VqaEvaluation {
     pub n_pairs: usize,
     /// Distinct images.
     pub n_images: usize,
-    /// The answer rule ([`ANSWER_RULE`]).
+    /// The answer rule ([`ANSWER_RULE`] or [`GENERATED_ANSWER_RULE`]).
     pub answer_rule: String,
     /// Pairs whose reference answer is not in the training answers (wrong for the
     /// classifiers and the majority baseline).
@@ -952,6 +955,7 @@ pub fn evaluate(
     Ok(assemble_evaluation(
         task,
         "classifier over the training answers".into(),
+        ANSWER_RULE,
         enc.images.dim(0)?,
         fused
             .into_iter()
@@ -969,6 +973,7 @@ pub fn evaluate(
 pub fn assemble_evaluation(
     task: &VqaTask,
     method: String,
+    answer_rule: &str,
     n_images: usize,
     answers: Vec<(String, Option<f32>)>,
     question_only: Option<Vec<String>>,
@@ -1018,7 +1023,7 @@ pub fn assemble_evaluation(
         method,
         n_pairs: task.items.len(),
         n_images,
-        answer_rule: ANSWER_RULE.into(),
+        answer_rule: answer_rule.into(),
         n_unseen_answers: unseen.len(),
         n_unseen_closed: unseen.iter().filter(|it| it.closed).count(),
         model: score(&task.items, &predicted),
