@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use crate::report_generation::{train_generator, ReportGenConfig, ReportGenerator, EOS_ID};
 use crate::vqa::{Result, Standardiser, VqaError};
 use crate::vqa_pipeline::{
-    assemble_evaluation, encode_pairs, image_features, normalise_answer, MajorityBaseline,
-    VqaEvaluation, VqaTask, GENERATED_ANSWER_RULE,
+    assemble_evaluation, encode_pairs, image_features, normalise_answer, AnswerSet,
+    MajorityBaseline, VqaEvaluation, VqaTask, GENERATED_ANSWER_RULE,
 };
 
 /// Format tag of the generative answerer's card.
@@ -380,11 +380,13 @@ pub fn evaluate_generative(
     let answers = model.answer_features(&enc.images, &enc.question_texts, &enc.index)?;
     Ok(assemble_evaluation(
         task,
-        "generative decoder (greedy)".into(),
-        GENERATED_ANSWER_RULE,
         enc.images.dim(0)?,
-        answers.into_iter().map(|a| (a, None)).collect(),
-        None,
+        AnswerSet {
+            method: "generative decoder (greedy)".into(),
+            answer_rule: GENERATED_ANSWER_RULE,
+            answers: answers.into_iter().map(|a| (a, None)).collect(),
+            question_only: None,
+        },
         &model.card.majority,
         &model.card.answers,
     ))

@@ -954,17 +954,32 @@ pub fn evaluate(
     let q_answers: Vec<String> = q_only.into_iter().map(|a| a.answer).collect();
     Ok(assemble_evaluation(
         task,
-        "classifier over the training answers".into(),
-        ANSWER_RULE,
         enc.images.dim(0)?,
-        fused
-            .into_iter()
-            .map(|a| (a.answer, Some(a.confidence)))
-            .collect(),
-        Some(q_answers),
+        AnswerSet {
+            method: "classifier over the training answers".into(),
+            answer_rule: ANSWER_RULE,
+            answers: fused
+                .into_iter()
+                .map(|a| (a.answer, Some(a.confidence)))
+                .collect(),
+            question_only: Some(q_answers),
+        },
         &model.card.majority,
         &model.card.answers,
     ))
+}
+
+/// An answerer's answers to a task's questions, in task order.
+#[derive(Debug, Clone)]
+pub struct AnswerSet {
+    /// What answered.
+    pub method: String,
+    /// Its answer rule.
+    pub answer_rule: &'static str,
+    /// Each answer, with its probability when the answerer gives one.
+    pub answers: Vec<(String, Option<f32>)>,
+    /// The question-only baseline's answers, when one was trained.
+    pub question_only: Option<Vec<String>>,
 }
 
 /// Scores the answerer's answers (with their probabilities, when it has them), the
@@ -972,14 +987,17 @@ pub fn evaluate(
 /// examples: the first pair of each kind, then the first 4 mistakes.
 pub fn assemble_evaluation(
     task: &VqaTask,
-    method: String,
-    answer_rule: &str,
     n_images: usize,
-    answers: Vec<(String, Option<f32>)>,
-    question_only: Option<Vec<String>>,
+    set: AnswerSet,
     majority_baseline: &MajorityBaseline,
     training_answers: &[String],
 ) -> VqaEvaluation {
+    let AnswerSet {
+        method,
+        answer_rule,
+        answers,
+        question_only,
+    } = set;
     let majority: Vec<String> = task
         .items
         .iter()
