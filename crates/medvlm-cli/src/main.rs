@@ -135,9 +135,9 @@ enum Command {
     /// Report generation: train a prefix-mapping decoder on image-report pairs, write reports,
     /// evaluate against the nearest-neighbour-report baseline.
     Report(commands::report::Args),
-    /// Visual question answering: train a classifier over the training answers on frozen
-    /// image and question embeddings, answer questions, evaluate closed/open accuracy against
-    /// question-only and majority baselines.
+    /// Visual question answering: train a classifier over the training answers (or a
+    /// generative decoder) on frozen image and question embeddings, answer questions, evaluate
+    /// closed/open accuracy against question-only and majority baselines.
     Vqa(commands::vqa::Args),
     /// Detection and phrase grounding: train an OWL-ViT-style box head on frozen patch
     /// tokens, box what a prompt names, evaluate against the heatmap and centre baselines.
