@@ -135,6 +135,10 @@ enum Command {
     /// Report generation: train a prefix-mapping decoder on image-report pairs, write reports,
     /// evaluate against the nearest-neighbour-report baseline.
     Report(commands::report::Args),
+    /// Visual question answering: train a classifier over the training answers (or a
+    /// generative decoder) on frozen image and question embeddings, answer questions, evaluate
+    /// closed/open accuracy against question-only and majority baselines.
+    Vqa(commands::vqa::Args),
     /// Detection and phrase grounding: train an OWL-ViT-style box head on frozen patch
     /// tokens, box what a prompt names, evaluate against the heatmap and centre baselines.
     Detect(commands::detect::Args),
@@ -186,6 +190,7 @@ fn main() {
         Command::Anomaly(a) => commands::anomaly::run(a),
         Command::Segment(a) => commands::segment::run(a),
         Command::Report(a) => commands::report::run(a),
+        Command::Vqa(a) => commands::vqa::run(a),
         Command::Detect(a) => commands::detect::run(a),
         Command::Upscale(a) => commands::upscale::run(a),
         Command::Register(a) => commands::register::run(a),

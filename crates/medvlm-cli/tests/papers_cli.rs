@@ -56,15 +56,19 @@ fn papers_filters_and_shows_the_commands() {
     let all = medvlm_papers::catalogue().unwrap();
     assert!(list.len() < all.len());
 
-    // Segmentation papers link `medvlm segment`; VQA has no command yet.
+    // Segmentation papers link `medvlm segment`, VQA papers `medvlm vqa`; synthesis has no
+    // command yet.
     let r = medvlm(&["papers", "--task", "segmentation", "--implemented"]);
     let out = String::from_utf8_lossy(&r.stdout);
     assert!(out.contains("medvlm segment"), "{out}");
     let r = medvlm(&["papers", "--task", "vqa", "--implemented"]);
     let out = String::from_utf8_lossy(&r.stdout);
+    assert!(out.contains("medvlm vqa"), "{out}");
+    let r = medvlm(&["papers", "--task", "synthesis", "--implemented"]);
+    let out = String::from_utf8_lossy(&r.stdout);
     assert!(
         out.contains("no paper matches"),
-        "no VQA command yet: {out}"
+        "no synthesis command yet: {out}"
     );
 
     let r = medvlm(&["papers", "--task", "astrology"]);

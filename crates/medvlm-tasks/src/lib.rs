@@ -19,7 +19,11 @@
 //!   Dice of warped masks and folding;
 //! - super-resolution of grey images ([`super_resolution`], [`super_resolution_pipeline`]): an
 //!   EDSR-style residual network over bicubic upsampling, x2 and x4, scored with PSNR/SSIM
-//!   against bicubic.
+//!   against bicubic;
+//! - visual question answering ([`vqa`], [`vqa_pipeline`], [`vqa_generative`]):
+//!   PubMedCLIP-style classification over the training answers from frozen image and
+//!   question embeddings, and generative answers from the report decoder, scored VQA-RAD's
+//!   way (closed, open, overall accuracy) against question-only and majority baselines.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -53,3 +57,6 @@ pub mod segmentation;
 pub mod segmentation_pipeline;
 pub mod super_resolution;
 pub mod super_resolution_pipeline;
+pub mod vqa;
+pub mod vqa_generative;
+pub mod vqa_pipeline;

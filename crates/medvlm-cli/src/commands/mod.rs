@@ -23,6 +23,7 @@ pub mod search;
 pub mod segment;
 pub mod serve;
 pub mod upscale;
+pub mod vqa;
 pub mod zero_shot;
 
 /// clap parser of counts that must be at least 1 (`--batch 0` would embed nothing, or loop).
