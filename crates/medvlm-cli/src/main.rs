@@ -149,7 +149,7 @@ enum Command {
     /// a moving image onto a fixed one, evaluate against known fields.
     Register(commands::register::Args),
     /// Serve the model, adapted artefacts and task heads over HTTP (embeddings, zero-shot,
-    /// predict, segment, anomaly, detect, report, upscale, register).
+    /// predict, segment, anomaly, detect, report, upscale, register, answer).
     Serve(commands::serve::Args),
     /// Benchmarks (throughput, memory, few-shot sweeps).
     Bench(commands::bench::Args),

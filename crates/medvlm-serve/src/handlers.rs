@@ -1015,61 +1015,69 @@ pub async fn models(State(svc): State<Service>) -> Json<Value> {
     }))
 }
 
-/// The served task heads: kind, name, route, the form field that names one, and whether a
-/// request needs a `prompt`.
+/// The served task heads: kind, name, route, the form field that names one, and the text
+/// field a request needs (`prompt`, `question`, or none).
 fn head_list(h: &crate::service::TaskHeads) -> Vec<Value> {
     fn names<T>(heads: &[(String, std::sync::Arc<T>)]) -> Vec<&str> {
         heads.iter().map(|(n, _)| n.as_str()).collect()
     }
+    // (kind, served names, route, the field naming the head, the text field it needs)
     let kinds = [
         (
             "segmenter",
             names(&h.segmenters),
             "/v1/segment",
             "segmenter",
-            true,
+            Some("prompt"),
         ),
         (
             "anomaly detector",
             names(&h.detectors),
             "/v1/anomaly",
             "detector",
-            false,
+            None,
         ),
         (
             "box detector",
             names(&h.box_detectors),
             "/v1/detect",
             "box_detector",
-            true,
+            Some("prompt"),
         ),
         (
             "report generator",
             names(&h.reporters),
             "/v1/report",
             "reporter",
-            false,
+            None,
         ),
         (
             "upscaler",
             names(&h.upscalers),
             "/v1/upscale",
             "upscaler",
-            false,
+            None,
         ),
         (
             "registrar",
             names(&h.registrars),
             "/v1/register",
             "registrar",
-            false,
+            None,
+        ),
+        (
+            "answerer",
+            names(&h.answerers),
+            "/v1/answer",
+            "answerer",
+            Some("question"),
         ),
     ];
     let mut out = Vec::new();
-    for (kind, served, route, field, prompt) in kinds {
+    for (kind, served, route, field, text) in kinds {
         for name in served {
-            let mut e = json!({"kind": kind, "name": name, "route": route, "field": field,
-                               "needs_prompt": prompt});
+            let mut text_field = text;
+            let mut e = json!({"kind": kind, "name": name, "route": route, "field": field});
             if let Some((_, d)) = h.detectors.iter().find(|(n, _)| n == name) {
                 if kind == "anomaly detector" {
                     // The modalities it has a memory for: a request names one when there are
@@ -1082,10 +1090,11 @@ fn head_list(h: &crate::service::TaskHeads) -> Vec<Value> {
                 }
             }
             if let Some((_, r)) = h.registrars.iter().find(|(n, _)| n == name) {
-                if kind == "registrar" {
-                    e["needs_prompt"] = json!(r.card.text_model.is_some());
+                if kind == "registrar" && r.card.text_model.is_some() {
+                    text_field = Some("prompt");
                 }
             }
+            e["text_field"] = json!(text_field);
             out.push(e);
         }
     }
@@ -1786,6 +1795,49 @@ pub async fn register(State(svc): State<Service>, req: Request) -> Response {
             }))
         })
         .await?;
+        Ok(Json(v))
+    })
+    .await
+}
+
+/// `POST /v1/answer`: the answer to `question` about the image from a VQA answerer
+/// (`--answerer DIR`), one of its training answers, with the classifier's probability.
+pub async fn answer_question(State(svc): State<Service>, req: Request) -> Response {
+    with_timeout(&svc, async {
+        let payload = read_payload(&svc, req).await?;
+        let (fields, image) = fields_and_image(payload, &["answerer", "question"])?;
+        let question = fields
+            .get("question")
+            .map(|q| q.trim().to_string())
+            .filter(|q| !q.is_empty())
+            .ok_or_else(|| ApiError::unprocessable("field \"question\" is required (non-empty)"))?;
+        let (name, ans) = pick(
+            &svc.inner.heads.answerers,
+            fields.get("answerer"),
+            "answerer",
+        )?;
+        let name = name.clone();
+        let device = svc.inner.opts.device.clone();
+        let v = svc
+            .inner
+            .head_gate
+            .run(move || {
+                crate::decode::with_upload(&image, |path, _| {
+                    let a = ans
+                        .answer_files(&[path.to_path_buf()], &question, &device)
+                        .map_err(|e| e.to_string())?
+                        .remove(0);
+                    Ok(json!({
+                        "object": "answer",
+                        "answerer": name,
+                        "question": question,
+                        "answer": a.answer,
+                        "confidence": a.confidence,
+                    }))
+                })
+                .map_err(decode_error)
+            })
+            .await?;
         Ok(Json(v))
     })
     .await

@@ -73,6 +73,8 @@ pub struct ServeConfig {
     pub upscalers: Vec<PathBuf>,
     /// Registrar folders (`medvlm register train`), served by `/v1/register`.
     pub registrars: Vec<PathBuf>,
+    /// VQA answerer folders (`medvlm vqa train`), served by `/v1/answer`.
+    pub answerers: Vec<PathBuf>,
     /// Address to bind (port 0: any free port; the bound address is printed on stderr).
     pub addr: SocketAddr,
     /// File holding the API key (first line); `/v1/*` then needs `Authorization: Bearer`.
@@ -106,6 +108,7 @@ impl Default for ServeConfig {
             box_detectors: vec![],
             upscalers: vec![],
             registrars: vec![],
+            answerers: vec![],
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key_file: None,
             max_batch: 16,
@@ -277,6 +280,18 @@ impl ServeConfig {
                     reason: e.to_string(),
                 })?;
             heads.registrars.push((name, std::sync::Arc::new(reg)));
+        }
+        for dir in &self.answerers {
+            let name = folder_name(dir)?;
+            let (ans, warning) = medvlm_tasks::vqa_pipeline::Answerer::load(dir, &self.device)
+                .map_err(|e| ServeError::Head {
+                    dir: dir.clone(),
+                    reason: e.to_string(),
+                })?;
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+            heads.answerers.push((name, std::sync::Arc::new(ans)));
         }
         Service::with_heads(self.model.clone(), model, artefacts, heads, opts)
             .map_err(ServeError::Runtime)

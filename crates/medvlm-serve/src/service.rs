@@ -20,6 +20,7 @@ use medvlm_tasks::registration_pipeline::Registrar;
 use medvlm_tasks::report_pipeline::Reporter;
 use medvlm_tasks::segmentation_pipeline::Segmenter;
 use medvlm_tasks::super_resolution_pipeline::Upscaler;
+use medvlm_tasks::vqa_pipeline::Answerer;
 
 use crate::batcher::{BatchConfig, Batcher, Engine};
 use crate::error::ApiError;
@@ -92,6 +93,8 @@ pub struct TaskHeads {
     pub upscalers: Vec<(String, Arc<Upscaler>)>,
     /// Registration networks (`medvlm register train`), for `/v1/register`.
     pub registrars: Vec<(String, Arc<Registrar>)>,
+    /// VQA answerers (`medvlm vqa train`), for `/v1/answer`.
+    pub answerers: Vec<(String, Arc<Answerer>)>,
 }
 
 pub(crate) struct Inner {
@@ -244,6 +247,7 @@ pub fn routes() -> Vec<RouteSpec> {
         r("/v1/detect", Method::POST, post(handlers::detect)),
         r("/v1/upscale", Method::POST, post(handlers::upscale)),
         r("/v1/register", Method::POST, post(handlers::register)),
+        r("/v1/answer", Method::POST, post(handlers::answer_question)),
         r("/v1/papers", Method::GET, get(handlers::papers)),
     ]
 }

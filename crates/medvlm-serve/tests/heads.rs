@@ -491,7 +491,7 @@ async fn register_answers_as_the_library() {
     assert_eq!(
         models["heads"],
         json!([{"kind": "registrar", "name": "reg", "route": "/v1/register",
-                "field": "registrar", "needs_prompt": false}])
+                "field": "registrar", "text_field": null}])
     );
     let pair = &pairs[0];
     let moving = std::fs::read(&pair.moving_path).unwrap();
@@ -588,4 +588,75 @@ async fn register_answers_as_the_library() {
         .as_str()
         .unwrap()
         .starts_with("moving image:"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_answers_as_the_library() {
+    use medvlm_tasks::vqa::VqaConfig;
+    use medvlm_tasks::vqa_pipeline::{train_and_save, Answerer, VqaTrainOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let dev = Device::Cpu;
+    let dir = tmp.path().join("vqa");
+    train_and_save(
+        &ph.join("manifest.jsonl"),
+        &VqaTrainOptions {
+            model_spec: clip_fixture(),
+            config: VqaConfig {
+                hidden: 16,
+                epochs: 2,
+                ..Default::default()
+            },
+            split: None,
+        },
+        &dir,
+        &dev,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let (lib, _) = Answerer::load(&dir, &dev).unwrap();
+    let (served, _) = Answerer::load(&dir, &dev).unwrap();
+    let router = router_with(TaskHeads {
+        answerers: vec![("vqa".into(), Arc::new(served))],
+        ..Default::default()
+    });
+    let image = first_image(&ph);
+    let bytes = std::fs::read(&image).unwrap();
+    let question = "Is this study normal?";
+    let (s, v) = call(
+        &router,
+        "/v1/answer",
+        &json!({"image": b64(&bytes), "question": question}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let want = lib
+        .answer_files(std::slice::from_ref(&image), question, &dev)
+        .unwrap()
+        .remove(0);
+    assert_eq!(v["answer"], want.answer.as_str());
+    assert!((v["confidence"].as_f64().unwrap() as f32 - want.confidence).abs() < 1e-6);
+    assert_eq!(v["answerer"], "vqa");
+    // A question is required; an unknown answerer is named.
+    for (body, needle) in [
+        (
+            json!({"image": b64(&bytes)}),
+            "field \"question\" is required",
+        ),
+        (
+            json!({"image": b64(&bytes), "question": "  "}),
+            "is required",
+        ),
+        (
+            json!({"image": b64(&bytes), "question": question, "answerer": "x"}),
+            "no answerer named",
+        ),
+    ] {
+        let (s, e) = call(&router, "/v1/answer", &body).await;
+        assert!(s.is_client_error(), "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(needle),
+            "{needle}: {e}"
+        );
+    }
 }

@@ -42,6 +42,10 @@ pub struct Args {
     /// its folder name (repeatable).
     #[arg(long = "registrar")]
     pub registrars: Vec<PathBuf>,
+    /// A VQA answerer folder written by `medvlm vqa train`, served by /v1/answer under its
+    /// folder name (repeatable).
+    #[arg(long = "answerer")]
+    pub answerers: Vec<PathBuf>,
     /// Address to listen on (port 0: any free port; the address is printed on stderr).
     /// A non-loopback address without --api-key-file prints a warning.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -85,6 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         box_detectors: args.box_detectors,
         upscalers: args.upscalers,
         registrars: args.registrars,
+        answerers: args.answerers,
         addr: args.addr,
         api_key_file: args.api_key_file,
         max_batch: args.max_batch,
