@@ -53,3 +53,5 @@ pub mod segmentation;
 pub mod segmentation_pipeline;
 pub mod super_resolution;
 pub mod super_resolution_pipeline;
+pub mod synthesis;
+pub mod synthesis_pipeline;
