@@ -63,6 +63,30 @@ fn synthesize_train_sample_eval_and_bad_input() {
         assert_eq!((plane.rows, plane.cols, plane.channels), (32, 32, 3));
     }
     assert!(samples.join("grid.png").is_file());
+    // The saved model and the seed fix the images; another seed changes them.
+    let again = tmp.path().join("again");
+    let other = tmp.path().join("other");
+    for (dir, seed) in [(&again, "0"), (&other, "1")] {
+        ok(&run(&[
+            "synthesize",
+            "sample",
+            "--synthesizer",
+            arg(&synth),
+            "--prompt",
+            "chest_xray",
+            "--n",
+            "3",
+            "--ddim-steps",
+            "2",
+            "--seed",
+            seed,
+            "--out",
+            arg(dir),
+        ]));
+    }
+    let png = |d: &std::path::Path| std::fs::read(d.join("sample_001.png")).unwrap();
+    assert_eq!(png(&samples), png(&again));
+    assert_ne!(png(&samples), png(&other));
     let free = tmp.path().join("free");
     let out = ok(&run(&[
         "synthesize",

@@ -97,9 +97,9 @@ pub enum SynthPipelineError {
         /// Why.
         reason: String,
     },
-    /// Artefact files, images and model errors (named there).
+    /// Artefact files, images and model errors (named there; boxed, it is large).
     #[error(transparent)]
-    Files(#[from] SegPipelineError),
+    Files(Box<SegPipelineError>),
     /// The diffusion model failed.
     #[error(transparent)]
     Model(#[from] SynthError),
@@ -120,11 +120,17 @@ pub enum SynthPipelineError {
 /// Result of this module.
 pub type Result<T> = std::result::Result<T, SynthPipelineError>;
 
+impl From<SegPipelineError> for SynthPipelineError {
+    fn from(e: SegPipelineError) -> Self {
+        Self::Files(Box::new(e))
+    }
+}
+
 fn file_err(path: &Path, reason: impl ToString) -> SynthPipelineError {
-    SynthPipelineError::Files(SegPipelineError::File {
+    SynthPipelineError::Files(Box::new(SegPipelineError::File {
         path: path.to_path_buf(),
         reason: reason.to_string(),
-    })
+    }))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -352,15 +358,13 @@ pub fn load_pixels(path: &Path, size: usize, channels: usize) -> Result<Vec<f32>
         }
     }
     let mut out = Vec::with_capacity(size * size * channels);
+    let px = |i: usize, k: usize| match (c_in, channels) {
+        (1, _) => planes[0][i],
+        (3, 1) => 0.299 * planes[0][i] + 0.587 * planes[1][i] + 0.114 * planes[2][i],
+        _ => planes[k.min(c_in - 1)][i],
+    };
     for i in 0..size * size {
-        for k in 0..channels {
-            let v = match (c_in, channels) {
-                (1, _) => planes[0][i],
-                (3, 1) => 0.299 * planes[0][i] + 0.587 * planes[1][i] + 0.114 * planes[2][i],
-                _ => planes[k.min(c_in - 1)][i],
-            };
-            out.push(v.clamp(0.0, 1.0));
-        }
+        out.extend((0..channels).map(|k| px(i, k).clamp(0.0, 1.0)));
     }
     Ok(out)
 }
