@@ -1152,6 +1152,47 @@ mod tests {
     }
 
     #[test]
+    fn guided_samples_follow_their_prompt() {
+        // Long enough on the two-class set for the whole chain (conditioning, guidance, DDIM)
+        // to draw each class's bright half; a sampler or conditioning bug fails this.
+        let cfg = SynthConfig {
+            steps: 400,
+            batch: 16,
+            ..tiny_cfg()
+        };
+        let t = train_ddpm(&cfg, &tiny_samples(16), &Device::Cpu, &mut |_, _| {}).unwrap();
+        let opts = DdimOptions {
+            steps: 20,
+            ..DdimOptions::default()
+        };
+        let text = [vec![1.0, 0.0, 0.0, 0.0], vec![0.0, 1.0, 0.0, 0.0]];
+        for (cls, e) in text.iter().enumerate() {
+            let imgs = sample(&t.net, &vec![e.clone(); 8], 3.0, &opts, 11).unwrap();
+            let (mut left, mut right, mut top, mut bottom) = (0.0, 0.0, 0.0, 0.0);
+            for img in &imgs {
+                for (p, v) in img.iter().enumerate() {
+                    let (y, x) = (p / 8, p % 8);
+                    if x < 4 {
+                        left += v
+                    } else {
+                        right += v
+                    }
+                    if y < 4 {
+                        top += v
+                    } else {
+                        bottom += v
+                    }
+                }
+            }
+            if cls == 0 {
+                assert!(left > right + 50.0, "class 0: left {left} right {right}");
+            } else {
+                assert!(bottom > top + 50.0, "class 1: top {top} bottom {bottom}");
+            }
+        }
+    }
+
+    #[test]
     fn bad_settings_and_inputs_are_refused() {
         // Two levels need an even size.
         let cfg = SynthConfig {
