@@ -148,6 +148,10 @@ enum Command {
     /// Deformable registration: train a VoxelMorph-style network on image pairs, register
     /// a moving image onto a fixed one, evaluate against known fields.
     Register(commands::register::Args),
+    /// Text-conditioned image synthesis: train a small conditional diffusion model on the
+    /// VLM's prompt embeddings, sample with classifier-free guidance and DDIM, evaluate
+    /// FID/KID in the VLM's feature space and a real-trained classifier on generated images.
+    Synthesize(commands::synthesize::Args),
     /// Serve the model, adapted artefacts and task heads over HTTP (embeddings, zero-shot,
     /// predict, segment, anomaly, detect, report, upscale, register, answer).
     Serve(commands::serve::Args),
@@ -194,6 +198,7 @@ fn main() {
         Command::Detect(a) => commands::detect::run(a),
         Command::Upscale(a) => commands::upscale::run(a),
         Command::Register(a) => commands::register::run(a),
+        Command::Synthesize(a) => commands::synthesize::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Papers(a) => commands::papers::run(a),

@@ -25,6 +25,8 @@
 //! * [`registration`]: end-point error, folding (non-positive Jacobian determinant) and Dice
 //!   of warped masks for deformable registration, with the field algebra they need.
 //! * [`image_quality`]: PSNR and SSIM with BasicSR's conventions (8-bit scale, border crop).
+//! * [`generative`]: FID and KID of generated images on given features (medvlm computes
+//!   them in the VLM's image-feature space), with a Jacobi symmetric eigendecomposition.
 //! * [`fewshot_table`]: mean ± std tables over seeds.
 //! * [`plots`]: line plots, confusion-matrix heatmaps, reliability diagrams (SVG/PNG).
 //! * [`report`]: self-contained HTML reports.
@@ -54,6 +56,7 @@ pub mod detection;
 pub mod error;
 pub mod evaluation;
 pub mod fewshot_table;
+pub mod generative;
 pub mod image_quality;
 pub mod multilabel;
 pub mod plots;

@@ -50,6 +50,7 @@ const SUBCOMMANDS: [&str; 12] = [
     "upscale",
     "register",
     "vqa",
+    "synthesize",
 ];
 
 const CLIP_TITLE: &str = "Learning Transferable Visual Models From Natural Language Supervision";
@@ -485,7 +486,8 @@ fn task_papers_link_only_their_task_command() {
             // Detection, registration and super-resolution papers.
             Task::Other => &["detect", "register", "upscale"],
             Task::Vqa => &["vqa"],
-            Task::Synthesis | Task::MultiTask => &[],
+            Task::Synthesis => &["synthesize"],
+            Task::MultiTask => &[],
             _ => continue,
         };
         for i in &p.implemented_by {
@@ -502,7 +504,7 @@ fn task_papers_link_only_their_task_command() {
     // Every task medvlm runs is linked from the papers of that task.
     let linked = subcommands_linked(&papers());
     for sub in [
-        "segment", "anomaly", "report", "detect", "upscale", "register", "vqa",
+        "segment", "anomaly", "report", "detect", "upscale", "register", "vqa", "synthesize",
     ] {
         assert!(linked.contains(sub), "{sub}");
     }

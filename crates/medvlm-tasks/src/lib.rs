@@ -57,6 +57,8 @@ pub mod segmentation;
 pub mod segmentation_pipeline;
 pub mod super_resolution;
 pub mod super_resolution_pipeline;
+pub mod synthesis;
+pub mod synthesis_pipeline;
 pub mod vqa;
 pub mod vqa_generative;
 pub mod vqa_pipeline;

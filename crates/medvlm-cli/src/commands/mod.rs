@@ -22,6 +22,7 @@ pub mod report;
 pub mod search;
 pub mod segment;
 pub mod serve;
+pub mod synthesize;
 pub mod upscale;
 pub mod vqa;
 pub mod zero_shot;
