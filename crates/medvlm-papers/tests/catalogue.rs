@@ -37,7 +37,7 @@ const METHODS: [&str; 21] = [
 
 /// The subcommands a paper may link to: the ones that implement something of the
 /// literature today.
-const SUBCOMMANDS: [&str; 12] = [
+const SUBCOMMANDS: [&str; 13] = [
     "adapt",
     "zero-shot",
     "pretrain",
