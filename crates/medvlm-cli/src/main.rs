@@ -135,6 +135,9 @@ enum Command {
     /// Report generation: train a prefix-mapping decoder on image-report pairs, write reports,
     /// evaluate against the nearest-neighbour-report baseline.
     Report(commands::report::Args),
+    /// Multi-task learning: one shared trunk on a frozen tower with findings, VQA and report
+    /// heads trained jointly with per-task loss weights, compared with single-task models.
+    Multitask(commands::multitask::Args),
     /// Detection and phrase grounding: train an OWL-ViT-style box head on frozen patch
     /// tokens, box what a prompt names, evaluate against the heatmap and centre baselines.
     Detect(commands::detect::Args),
@@ -186,6 +189,7 @@ fn main() {
         Command::Anomaly(a) => commands::anomaly::run(a),
         Command::Segment(a) => commands::segment::run(a),
         Command::Report(a) => commands::report::run(a),
+        Command::Multitask(a) => commands::multitask::run(a),
         Command::Detect(a) => commands::detect::run(a),
         Command::Upscale(a) => commands::upscale::run(a),
         Command::Register(a) => commands::register::run(a),

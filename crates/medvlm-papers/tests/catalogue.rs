@@ -37,7 +37,7 @@ const METHODS: [&str; 21] = [
 
 /// The subcommands a paper may link to: the ones that implement something of the
 /// literature today.
-const SUBCOMMANDS: [&str; 11] = [
+const SUBCOMMANDS: [&str; 12] = [
     "adapt",
     "zero-shot",
     "pretrain",
@@ -49,6 +49,7 @@ const SUBCOMMANDS: [&str; 11] = [
     "detect",
     "upscale",
     "register",
+    "multitask",
 ];
 
 const CLIP_TITLE: &str = "Learning Transferable Visual Models From Natural Language Supervision";
@@ -483,7 +484,8 @@ fn task_papers_link_only_their_task_command() {
             Task::ReportGeneration => &["report"],
             // Detection, registration and super-resolution papers.
             Task::Other => &["detect", "register", "upscale"],
-            Task::Vqa | Task::Synthesis | Task::MultiTask => &[],
+            Task::MultiTask => &["multitask"],
+            Task::Vqa | Task::Synthesis => &[],
             _ => continue,
         };
         for i in &p.implemented_by {
@@ -500,7 +502,13 @@ fn task_papers_link_only_their_task_command() {
     // Every task medvlm runs is linked from the papers of that task.
     let linked = subcommands_linked(&papers());
     for sub in [
-        "segment", "anomaly", "report", "detect", "upscale", "register",
+        "segment",
+        "anomaly",
+        "report",
+        "detect",
+        "upscale",
+        "register",
+        "multitask",
     ] {
         assert!(linked.contains(sub), "{sub}");
     }

@@ -20,6 +20,9 @@
 //! - super-resolution of grey images ([`super_resolution`], [`super_resolution_pipeline`]): an
 //!   EDSR-style residual network over bicubic upsampling, x2 and x4, scored with PSNR/SSIM
 //!   against bicubic.
+//! - multi-task learning ([`multitask`], [`multitask_pipeline`]): one shared trunk on the
+//!   frozen image embedding with findings-classification, VQA and report heads trained
+//!   jointly with per-task loss weights, compared with single-task models of the same shape.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -45,6 +48,8 @@ pub mod anomaly;
 pub mod anomaly_pipeline;
 pub mod detection;
 pub mod detection_pipeline;
+pub mod multitask;
+pub mod multitask_pipeline;
 pub mod registration;
 pub mod registration_pipeline;
 pub mod report_generation;
