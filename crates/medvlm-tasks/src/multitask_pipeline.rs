@@ -1096,6 +1096,106 @@ mod tests {
         p
     }
 
+    /// Two kinds of image (embeddings near two points) with their findings, answers and
+    /// reports: the trained model scores perfectly on them, and the saved folder loads back
+    /// into a model that predicts the same.
+    #[test]
+    fn trained_model_scores_its_toy_task_and_survives_a_save_and_load() {
+        use rand::{Rng, SeedableRng};
+        let dev = Device::Cpu;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let reports = [
+            "a small nodule in the right upper lobe.",
+            "no acute cardiopulmonary abnormality.",
+        ];
+        let mut x = Vec::new();
+        let mut items = Vec::new();
+        for i in 0..48 {
+            let k = i % 2;
+            x.extend(
+                (0..8)
+                    .map(|d| (if d % 2 == k { 1.0 } else { 0.0 }) + rng.random_range(-0.1f32..0.1)),
+            );
+            items.push(MultiTaskItem {
+                image: PathBuf::from(format!("img{i}.png")),
+                findings: Some(vec![if k == 0 { "nodule" } else { "normal" }.to_string()]),
+                report: Some(reports[k].to_string()),
+                qa: vec![QaItem {
+                    question: "Is this study normal?".into(),
+                    answer: if k == 0 { "no" } else { "yes" }.into(),
+                    closed: true,
+                }],
+            });
+        }
+        let set = MultiTaskSet {
+            manifest: PathBuf::from("toy.jsonl"),
+            items,
+        };
+        let emb = EmbeddedSet {
+            images: Tensor::from_vec(x, (48, 8), &dev).unwrap(),
+            questions: vec!["Is this study normal?".into()],
+            question_embeds: Tensor::new(&[[0.6f32, 0.8]], &dev).unwrap(),
+            question_rows: vec![vec![0]; 48],
+        };
+        let cfg = MultiTaskConfig {
+            trunk_width: 16,
+            trunk_layers: 1,
+            vqa_hidden: 16,
+            report_prefix: 2,
+            report_width: 16,
+            report_layers: 1,
+            report_heads: 2,
+            report_max_tokens: 16,
+            min_word_count: 1,
+            epochs: 25,
+            batch: 16,
+            lr: 3e-3,
+            ..Default::default()
+        };
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../medvlm-models/tests/fixtures/clip"
+        );
+        let model = train_embedded(&set, &emb, &cfg, fixture, "fp", None, &mut |_, _| {}).unwrap();
+        assert_eq!(model.card.findings, ["nodule", "normal"]);
+        assert_eq!(model.card.answers, ["no", "yes"]);
+        let s = evaluate(&model, &set, &emb).unwrap();
+        let c = s.classification.unwrap();
+        assert_eq!((c.n, c.macro_auroc, c.macro_f1), (48, Some(1.0), 1.0));
+        let v = s.vqa.unwrap();
+        assert_eq!(
+            (v.n_closed, v.n_open, v.closed, v.overall),
+            (48, 0, Some(1.0), 1.0)
+        );
+        let r = s.report.unwrap();
+        assert_eq!(r.n, 48);
+        assert!(r.ce_micro_f1 > 0.99, "{r:?}");
+        let generated = model.reports(&emb.images.narrow(0, 0, 2).unwrap()).unwrap();
+        assert_eq!(generated, reports);
+
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("mt");
+        model.save(&out).unwrap();
+        let (back, _, warning) = MultiTaskModel::load(&out, &dev).unwrap();
+        // The card's fingerprint is not the fixture's.
+        assert!(warning.is_some());
+        assert_eq!(back.card, model.card);
+        assert_eq!(
+            back.finding_probs(&emb.images).unwrap(),
+            model.finding_probs(&emb.images).unwrap()
+        );
+        assert_eq!(
+            back.reports(&emb.images.narrow(0, 0, 2).unwrap()).unwrap(),
+            generated
+        );
+        // A card with another format is refused by name.
+        let card = out.join("multitask.json");
+        let text = std::fs::read_to_string(&card).unwrap();
+        std::fs::write(&card, text.replace(FORMAT, "medvlm-multitask/0")).unwrap();
+        let e = MultiTaskModel::load(&out, &dev).err().unwrap().to_string();
+        assert!(e.contains("multitask.json") && e.contains("format"), "{e}");
+    }
+
     #[test]
     fn manifests_without_targets_or_records_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
