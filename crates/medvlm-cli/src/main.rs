@@ -139,6 +139,9 @@ enum Command {
     /// generative decoder) on frozen image and question embeddings, answer questions, evaluate
     /// closed/open accuracy against question-only and majority baselines.
     Vqa(commands::vqa::Args),
+    /// Multi-task learning: one shared trunk on a frozen tower with findings, VQA and report
+    /// heads trained jointly with per-task loss weights, compared with single-task models.
+    Multitask(commands::multitask::Args),
     /// Detection and phrase grounding: train an OWL-ViT-style box head on frozen patch
     /// tokens, box what a prompt names, evaluate against the heatmap and centre baselines.
     Detect(commands::detect::Args),
@@ -195,6 +198,7 @@ fn main() {
         Command::Segment(a) => commands::segment::run(a),
         Command::Report(a) => commands::report::run(a),
         Command::Vqa(a) => commands::vqa::run(a),
+        Command::Multitask(a) => commands::multitask::run(a),
         Command::Detect(a) => commands::detect::run(a),
         Command::Upscale(a) => commands::upscale::run(a),
         Command::Register(a) => commands::register::run(a),

@@ -56,12 +56,12 @@ fn papers_filters_and_shows_the_commands() {
     let all = medvlm_papers::catalogue().unwrap();
     assert!(list.len() < all.len());
 
-    // Segmentation papers link `medvlm segment`, VQA papers `medvlm vqa`, synthesis papers
-    // `medvlm synthesize`.
+    // Each task's papers link its command (segmentation, VQA, synthesis, multi-task).
     for (task, command) in [
         ("segmentation", "medvlm segment"),
         ("vqa", "medvlm vqa"),
         ("synthesis", "medvlm synthesize"),
+        ("multi-task", "medvlm multitask"),
     ] {
         let r = medvlm(&["papers", "--task", task, "--implemented"]);
         let out = String::from_utf8_lossy(&r.stdout);

@@ -37,7 +37,7 @@ const METHODS: [&str; 21] = [
 
 /// The subcommands a paper may link to: the ones that implement something of the
 /// literature today.
-const SUBCOMMANDS: [&str; 13] = [
+const SUBCOMMANDS: [&str; 14] = [
     "adapt",
     "zero-shot",
     "pretrain",
@@ -51,6 +51,7 @@ const SUBCOMMANDS: [&str; 13] = [
     "register",
     "vqa",
     "synthesize",
+    "multitask",
 ];
 
 const CLIP_TITLE: &str = "Learning Transferable Visual Models From Natural Language Supervision";
@@ -487,7 +488,7 @@ fn task_papers_link_only_their_task_command() {
             Task::Other => &["detect", "register", "upscale"],
             Task::Vqa => &["vqa"],
             Task::Synthesis => &["synthesize"],
-            Task::MultiTask => &[],
+            Task::MultiTask => &["multitask"],
             _ => continue,
         };
         for i in &p.implemented_by {
@@ -504,7 +505,15 @@ fn task_papers_link_only_their_task_command() {
     // Every task medvlm runs is linked from the papers of that task.
     let linked = subcommands_linked(&papers());
     for sub in [
-        "segment", "anomaly", "report", "detect", "upscale", "register", "vqa", "synthesize",
+        "segment",
+        "anomaly",
+        "report",
+        "detect",
+        "upscale",
+        "register",
+        "vqa",
+        "synthesize",
+        "multitask",
     ] {
         assert!(linked.contains(sub), "{sub}");
     }

@@ -23,7 +23,14 @@
 //! - visual question answering ([`vqa`], [`vqa_pipeline`], [`vqa_generative`]):
 //!   PubMedCLIP-style classification over the training answers from frozen image and
 //!   question embeddings, and generative answers from the report decoder, scored VQA-RAD's
-//!   way (closed, open, overall accuracy) against question-only and majority baselines.
+//!   way (closed, open, overall accuracy) against question-only and majority baselines;
+//! - text-conditioned image synthesis ([`synthesis`], [`synthesis_pipeline`]): a small
+//!   conditional DDPM on the VLM's prompt embedding with classifier-free guidance and a DDIM
+//!   sampler, scored with FID/KID in the VLM's feature space, prompt alignment and a
+//!   real-trained classifier on generated images;
+//! - multi-task learning ([`multitask`], [`multitask_pipeline`]): one shared trunk on the
+//!   frozen image embedding with findings-classification, VQA and report heads trained
+//!   jointly with per-task loss weights, compared with single-task models of the same shape.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -49,6 +56,8 @@ pub mod anomaly;
 pub mod anomaly_pipeline;
 pub mod detection;
 pub mod detection_pipeline;
+pub mod multitask;
+pub mod multitask_pipeline;
 pub mod registration;
 pub mod registration_pipeline;
 pub mod report_generation;

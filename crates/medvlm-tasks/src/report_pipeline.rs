@@ -240,7 +240,7 @@ pub struct ReportTrainOptions {
 }
 
 /// Token ids of a report: its words then EOS, cut to `max_tokens` (the cut keeps EOS).
-fn encode_report(
+pub fn encode_report(
     tok: &tokenizers::Tokenizer,
     text: &str,
     max_tokens: usize,

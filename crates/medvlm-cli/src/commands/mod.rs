@@ -11,6 +11,7 @@ pub mod embed;
 pub mod finetune;
 pub mod index;
 pub mod models;
+pub mod multitask;
 pub mod papers;
 pub mod phantoms;
 pub mod predict;
