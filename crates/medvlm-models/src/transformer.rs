@@ -87,6 +87,8 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
+    // candle-nn's fused kernel is used only when no gradient is tracked.
+    #[allow(clippy::disallowed_methods)]
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;
         if x.track_op() || self.weight.track_op() || self.bias.track_op() {

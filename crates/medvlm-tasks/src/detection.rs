@@ -37,7 +37,9 @@
 //! computed once ([`DetSample`]).
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder, VarMap};
+use candle_nn::{Linear, VarBuilder, VarMap};
+// medvlm's layer norm: candle-nn's fused one passes no gradient to its weight and bias.
+use medvlm_models::transformer::LayerNorm;
 use pathfinding::prelude::{kuhn_munkres_min, Matrix};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -211,7 +213,7 @@ impl DetectionHead {
         let n = cfg.grid.0 * cfg.grid.1;
         Ok(Self {
             cfg: cfg.clone(),
-            norm: candle_nn::layer_norm(d, 1e-5, vb.pp("norm"))?,
+            norm: medvlm_models::transformer::layer_norm(vb.pp("norm"), d, 1e-5)?,
             box1: candle_nn::linear(d, w, vb.pp("box1"))?,
             box2: candle_nn::linear(w, w, vb.pp("box2"))?,
             box_out: candle_nn::linear(w, 4, vb.pp("box_out"))?,

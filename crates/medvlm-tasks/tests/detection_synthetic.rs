@@ -88,6 +88,22 @@ fn short_training_grounds_better_than_the_centre_box() {
     assert_eq!(before.accuracy_at_50, 0.0);
 
     let trained = train_head(&cfg, &train, &Device::Cpu).unwrap();
+    // Every parameter trains, the input layer norm's included (candle-nn's fused layer norm
+    // would leave its weight at one and its bias at zero).
+    for (name, var) in medvlm_train::optim::varmap_params(&trained.varmap) {
+        let t = var.as_tensor();
+        let moved = if name == "norm.weight" {
+            (t - 1.0).unwrap().abs().unwrap().max_all().unwrap()
+        } else if name == "norm.bias" {
+            t.abs().unwrap().max_all().unwrap()
+        } else {
+            continue;
+        };
+        assert!(
+            moved.to_scalar::<f32>().unwrap() > 0.0,
+            "{name} did not train"
+        );
+    }
     let first = trained.losses[0].total;
     let last = trained.losses.last().unwrap().total;
     assert!(last < 0.5 * first, "loss {first} -> {last}");
