@@ -37,6 +37,7 @@ pub mod decode;
 pub mod error;
 mod handlers;
 pub mod head_gate;
+pub mod load_test;
 pub mod metrics;
 pub mod openapi;
 pub mod service;

@@ -315,3 +315,41 @@ fn the_openapi_document_describes_every_route_of_the_router() {
         }
     }
 }
+
+#[test]
+fn the_load_test_counts_every_answer_of_a_level() {
+    use medvlm_serve::load_test::{run_levels, LoadSpec};
+    let svc = service(opts(8, Duration::from_millis(2), 64));
+    let body = serde_json::json!({"input": ["a chest x-ray", "a brain mri"]}).to_string();
+    let levels: Vec<LoadSpec> = [1, 4]
+        .into_iter()
+        .map(|clients| LoadSpec {
+            route: "/v1/embeddings".into(),
+            body: body.clone().into_bytes(),
+            clients,
+            requests: 12,
+            api_key: None,
+        })
+        .collect();
+    // A route that does not exist: every answer is counted as failed, none as ok.
+    let missing = LoadSpec {
+        route: "/v1/nothing".into(),
+        ..levels[0].clone()
+    };
+    let mut all = levels.clone();
+    all.push(missing);
+    let r = run_levels(svc, &all).unwrap();
+    for (res, spec) in r.iter().zip(&all) {
+        assert_eq!(res.requests, 12, "{res:?}");
+        assert_eq!(res.clients, spec.clients);
+    }
+    for res in &r[..2] {
+        assert_eq!((res.ok, res.rejected, res.failed), (12, 0, 0), "{res:?}");
+        assert!(
+            res.p50_ms <= res.p99_ms && res.p99_ms <= res.max_ms,
+            "{res:?}"
+        );
+        assert!(res.ok_per_second > 0.0);
+    }
+    assert_eq!((r[2].ok, r[2].failed), (0, 12), "{:?}", r[2]);
+}

@@ -5,6 +5,7 @@ pub mod fewshot;
 pub mod io;
 pub mod phantoms;
 pub mod retrieval;
+pub mod serve;
 
 /// Benchmarks.
 #[derive(clap::Args, Debug)]
@@ -27,6 +28,8 @@ enum BenchCommand {
     Phantoms(phantoms::Args),
     /// Exact vs HNSW search: recall, queries/s, build time, memory (synthetic vectors).
     Retrieval(retrieval::Args),
+    /// Loopback load test of `medvlm serve`: requests/s, p50/p99 latency, 429s, peak RSS.
+    Serve(serve::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -36,5 +39,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BenchCommand::Io(a) => io::run(a),
         BenchCommand::Phantoms(a) => phantoms::run(a),
         BenchCommand::Retrieval(a) => retrieval::run(a),
+        BenchCommand::Serve(a) => serve::run(a),
     }
 }
