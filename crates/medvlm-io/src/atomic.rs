@@ -98,6 +98,36 @@ fn temp_name(path: &Path) -> String {
     }
 }
 
+/// Writes a folder atomically: `fill` writes the files into a fresh temporary sibling
+/// `.NAME.tmp-PID`, which then replaces `out` (an earlier folder at `out` is removed only once
+/// the new one is complete, so a failure leaves the old folder). The temporary folder is
+/// removed when `fill` fails. `io_err` turns a file-system error on a path into the caller's
+/// error type.
+pub fn write_dir_atomic<E>(
+    out: &Path,
+    fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
+    io_err: impl Fn(&Path, std::io::Error) -> E,
+) -> std::result::Result<(), E> {
+    let parent = parent_dir(out);
+    std::fs::create_dir_all(&parent).map_err(|e| io_err(&parent, e))?;
+    let tmp = parent.join(temp_name(out));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| io_err(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| io_err(out, e))?;
+    // Best effort: the rename is durable once the parent is synced.
+    let _ = sync_dir(&parent);
+    Ok(())
+}
+
 fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -108,6 +138,42 @@ fn parent_dir(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_is_replaced_only_once_the_new_one_is_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("model");
+        let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+        write_dir_atomic(
+            &out,
+            |t| std::fs::write(t.join("a"), b"1").map_err(|e| io(t, e)),
+            io,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(out.join("a")).unwrap(), b"1");
+        // A failing writer leaves the old folder and no temporary one.
+        let e = write_dir_atomic(
+            &out,
+            |t| {
+                std::fs::write(t.join("a"), b"2").map_err(|e| io(t, e))?;
+                Err("disk full".to_string())
+            },
+            io,
+        )
+        .unwrap_err();
+        assert_eq!(e, "disk full");
+        assert_eq!(std::fs::read(out.join("a")).unwrap(), b"1");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "a temporary folder was left behind");
+        // A complete writer replaces it, old files included.
+        write_dir_atomic(
+            &out,
+            |t| std::fs::write(t.join("b"), b"3").map_err(|e| io(t, e)),
+            io,
+        )
+        .unwrap();
+        assert!(!out.join("a").exists() && out.join("b").is_file());
+    }
 
     #[test]
     fn replaces_the_file_and_leaves_no_temporary() {

@@ -307,42 +307,31 @@ impl ReportModel {
     /// Writes the artefact folder `out` (see the module documentation), replacing an earlier
     /// one only once the new one is complete.
     pub fn save(&self, out: &Path) -> Result<()> {
-        let parent = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| file_err(parent, e))?;
-        let tmp = parent.join(format!(
-            ".{}.tmp-{}",
-            out.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("report-model"),
-            std::process::id()
-        ));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-        let card = serde_json::to_string_pretty(&self.card).map_err(|e| file_err(out, e))?;
-        std::fs::write(tmp.join(CARD_FILE), card).map_err(|e| file_err(&tmp.join(CARD_FILE), e))?;
-        candle_core::safetensors::save(&self.weights, tmp.join(WEIGHTS_FILE))?;
-        self.tokenizer
-            .save(tmp.join(TOKENIZER_FILE), false)
-            .map_err(|e| file_err(&tmp.join(TOKENIZER_FILE), e))?;
-        let mut te = HashMap::new();
-        te.insert(
-            "embeddings".to_string(),
-            self.train_embeds.to_device(&Device::Cpu)?,
-        );
-        candle_core::safetensors::save(&te, tmp.join(TRAIN_EMBEDS_FILE))?;
-        let reports = serde_json::to_string(&self.train_reports).map_err(|e| file_err(out, e))?;
-        std::fs::write(tmp.join(TRAIN_REPORTS_FILE), reports)
-            .map_err(|e| file_err(&tmp.join(TRAIN_REPORTS_FILE), e))?;
-        if out.exists() {
-            std::fs::remove_dir_all(out).map_err(|e| file_err(out, e))?;
-        }
-        std::fs::rename(&tmp, out).map_err(|e| file_err(out, e))?;
-        Ok(())
+        medvlm_io::atomic::write_dir_atomic(
+            out,
+            |tmp: &Path| -> Result<()> {
+                let card =
+                    serde_json::to_string_pretty(&self.card).map_err(|e| file_err(out, e))?;
+                std::fs::write(tmp.join(CARD_FILE), card)
+                    .map_err(|e| file_err(&tmp.join(CARD_FILE), e))?;
+                candle_core::safetensors::save(&self.weights, tmp.join(WEIGHTS_FILE))?;
+                self.tokenizer
+                    .save(tmp.join(TOKENIZER_FILE), false)
+                    .map_err(|e| file_err(&tmp.join(TOKENIZER_FILE), e))?;
+                let mut te = HashMap::new();
+                te.insert(
+                    "embeddings".to_string(),
+                    self.train_embeds.to_device(&Device::Cpu)?,
+                );
+                candle_core::safetensors::save(&te, tmp.join(TRAIN_EMBEDS_FILE))?;
+                let reports =
+                    serde_json::to_string(&self.train_reports).map_err(|e| file_err(out, e))?;
+                std::fs::write(tmp.join(TRAIN_REPORTS_FILE), reports)
+                    .map_err(|e| file_err(&tmp.join(TRAIN_REPORTS_FILE), e))?;
+                Ok(())
+            },
+            |p, e| file_err(p, e),
+        )
     }
 
     /// Loads an artefact folder and its image model; the second value is a warning when the

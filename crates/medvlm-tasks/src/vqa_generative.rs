@@ -204,48 +204,35 @@ impl GenVqaModel {
     /// Writes the folder `out` (card, `generator.safetensors`, `tokenizer.json`,
     /// `image_norm.safetensors`), replacing an earlier one only once the new one is complete.
     pub fn save(&self, out: &Path) -> Result<()> {
-        let parent = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| file_err(parent, e))?;
-        let tmp = parent.join(format!(
-            ".{}.tmp-{}",
-            out.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("vqa-generator"),
-            std::process::id()
-        ));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-        let card = serde_json::to_string_pretty(&self.card).map_err(|e| file_err(out, e))?;
-        std::fs::write(tmp.join(GEN_CARD_FILE), card)
-            .map_err(|e| file_err(&tmp.join(GEN_CARD_FILE), e))?;
-        let cpu = |m: &HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>> {
-            m.iter()
-                .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
-                .collect()
-        };
-        candle_core::safetensors::save(&cpu(&self.weights)?, tmp.join(WEIGHTS_FILE))
-            .map_err(|e| file_err(&tmp.join(WEIGHTS_FILE), e))?;
-        let norm: HashMap<String, Tensor> = [
-            ("image_mean".to_string(), self.image_norm.mean.clone()),
-            ("image_std".to_string(), self.image_norm.std.clone()),
-        ]
-        .into_iter()
-        .collect();
-        candle_core::safetensors::save(&cpu(&norm)?, tmp.join(NORM_FILE))
-            .map_err(|e| file_err(&tmp.join(NORM_FILE), e))?;
-        self.tokenizer
-            .save(tmp.join(TOKENIZER_FILE), false)
-            .map_err(|e| file_err(&tmp.join(TOKENIZER_FILE), e))?;
-        if out.exists() {
-            std::fs::remove_dir_all(out).map_err(|e| file_err(out, e))?;
-        }
-        std::fs::rename(&tmp, out).map_err(|e| file_err(out, e))?;
-        Ok(())
+        medvlm_io::atomic::write_dir_atomic(
+            out,
+            |tmp: &Path| -> Result<()> {
+                let card =
+                    serde_json::to_string_pretty(&self.card).map_err(|e| file_err(out, e))?;
+                std::fs::write(tmp.join(GEN_CARD_FILE), card)
+                    .map_err(|e| file_err(&tmp.join(GEN_CARD_FILE), e))?;
+                let cpu = |m: &HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>> {
+                    m.iter()
+                        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
+                        .collect()
+                };
+                candle_core::safetensors::save(&cpu(&self.weights)?, tmp.join(WEIGHTS_FILE))
+                    .map_err(|e| file_err(&tmp.join(WEIGHTS_FILE), e))?;
+                let norm: HashMap<String, Tensor> = [
+                    ("image_mean".to_string(), self.image_norm.mean.clone()),
+                    ("image_std".to_string(), self.image_norm.std.clone()),
+                ]
+                .into_iter()
+                .collect();
+                candle_core::safetensors::save(&cpu(&norm)?, tmp.join(NORM_FILE))
+                    .map_err(|e| file_err(&tmp.join(NORM_FILE), e))?;
+                self.tokenizer
+                    .save(tmp.join(TOKENIZER_FILE), false)
+                    .map_err(|e| file_err(&tmp.join(TOKENIZER_FILE), e))?;
+                Ok(())
+            },
+            |p, e| file_err(p, e),
+        )
     }
 
     /// Reads a generative answerer folder (without its VLM). A tokenizer whose vocabulary

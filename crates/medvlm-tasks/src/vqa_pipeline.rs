@@ -620,36 +620,24 @@ impl VqaModel {
     /// Writes the artefact folder `out` (see the module documentation), replacing an earlier
     /// one only once the new one is complete.
     pub fn save(&self, out: &Path) -> Result<()> {
-        let parent = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| file_err(parent, e))?;
-        let tmp = parent.join(format!(
-            ".{}.tmp-{}",
-            out.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("vqa-model"),
-            std::process::id()
-        ));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-        let card = serde_json::to_string_pretty(&self.card).map_err(|e| file_err(out, e))?;
-        std::fs::write(tmp.join(CARD_FILE), card).map_err(|e| file_err(&tmp.join(CARD_FILE), e))?;
-        let cpu: HashMap<String, Tensor> = self
-            .weights
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
-            .collect::<Result<_>>()?;
-        candle_core::safetensors::save(&cpu, tmp.join(WEIGHTS_FILE))
-            .map_err(|e| file_err(&tmp.join(WEIGHTS_FILE), e))?;
-        if out.exists() {
-            std::fs::remove_dir_all(out).map_err(|e| file_err(out, e))?;
-        }
-        std::fs::rename(&tmp, out).map_err(|e| file_err(out, e))?;
-        Ok(())
+        medvlm_io::atomic::write_dir_atomic(
+            out,
+            |tmp: &Path| -> Result<()> {
+                let card =
+                    serde_json::to_string_pretty(&self.card).map_err(|e| file_err(out, e))?;
+                std::fs::write(tmp.join(CARD_FILE), card)
+                    .map_err(|e| file_err(&tmp.join(CARD_FILE), e))?;
+                let cpu: HashMap<String, Tensor> = self
+                    .weights
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
+                    .collect::<Result<_>>()?;
+                candle_core::safetensors::save(&cpu, tmp.join(WEIGHTS_FILE))
+                    .map_err(|e| file_err(&tmp.join(WEIGHTS_FILE), e))?;
+                Ok(())
+            },
+            |p, e| file_err(p, e),
+        )
     }
 
     /// Reads an artefact folder (without its VLM).
