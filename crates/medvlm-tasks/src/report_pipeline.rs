@@ -330,7 +330,7 @@ impl ReportModel {
                     .map_err(|e| file_err(&tmp.join(TRAIN_REPORTS_FILE), e))?;
                 Ok(())
             },
-            |p, e| file_err(p, e),
+            file_err,
         )
     }
 

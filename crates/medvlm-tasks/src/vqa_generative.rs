@@ -231,7 +231,7 @@ impl GenVqaModel {
                     .map_err(|e| file_err(&tmp.join(TOKENIZER_FILE), e))?;
                 Ok(())
             },
-            |p, e| file_err(p, e),
+            file_err,
         )
     }
 

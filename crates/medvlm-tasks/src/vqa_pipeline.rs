@@ -636,7 +636,7 @@ impl VqaModel {
                     .map_err(|e| file_err(&tmp.join(WEIGHTS_FILE), e))?;
                 Ok(())
             },
-            |p, e| file_err(p, e),
+            file_err,
         )
     }
 
