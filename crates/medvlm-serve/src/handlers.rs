@@ -883,13 +883,20 @@ fn conformal_fields(
         TaskKind::MultiClass => card.metrics.as_ref().and_then(|m| m.temperature.as_ref()),
         TaskKind::MultiLabel => None,
     };
-    let calibrated = temperature.and_then(|t| {
+    let calibrated = temperature.map(|t| {
         medvlm_eval::temperature::apply_temperature(probs, names.len(), t.fit.temperature)
-            .ok()
             .map(|c| (t, c))
     });
     match calibrated {
-        Some((t, c)) => {
+        // A recorded temperature that cannot be applied is said, not passed off as absent.
+        Some(Err(e)) => {
+            out.insert("calibrated_probabilities".into(), Value::Null);
+            out.insert(
+                "calibration_reason".into(),
+                json!(format!("the recorded temperature cannot be applied: {e}")),
+            );
+        }
+        Some(Ok((t, c))) => {
             out.insert("calibrated_probabilities".into(), json!(ranked(names, &c)));
             out.insert(
                 "calibration".into(),

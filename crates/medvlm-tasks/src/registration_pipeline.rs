@@ -1188,8 +1188,8 @@ mod tests {
             reg.register(&pairs).unwrap(),
             back.register(&pairs).unwrap()
         );
-        // The prompt is part of the input: the same pair under another prompt differs once
-        // the FiLM layer has moved from zero.
+        // Each pair's own prompt reaches the network: two pairs with different prompts get
+        // different text rows (that the network uses them is registration.rs's test).
         let tensors = crate::registration_pipeline::pair_tensors(
             &pairs[..2],
             false,
@@ -1199,6 +1199,14 @@ mod tests {
         .unwrap();
         let t = tensors.text.unwrap();
         assert_eq!(t.dims(), &[2, dim]);
+        let rows = t.to_vec2::<f32>().unwrap();
+        assert!(
+            rows[0]
+                .iter()
+                .zip(&rows[1])
+                .any(|(a, b)| (a - b).abs() > 1e-6),
+            "two prompts gave one text embedding"
+        );
         // Prompts are required by apply, and an empty one is refused.
         for p in [None, Some("  ")] {
             let e = apply_files(
