@@ -6,7 +6,9 @@
 //! It knows nothing of adaptation methods: `medvlm-adapt`'s methods and the task heads use it,
 //! never the other way round. The entry point of a training run is [`trainer::train`], which
 //! drives any [`trainer::TrainModel`] over a [`trainer::BatchSource`]; `medvlm pretrain` builds
-//! one with [`pretrain`], `medvlm finetune` with [`finetune`]. The losses are plain functions:
+//! one with [`pretrain`], `medvlm finetune` with [`finetune`]. The task heads of `medvlm-tasks`
+//! train in loops of their own, seeded with [`init`] (parameters) and [`minibatch`] (sample
+//! order, AdamW and its schedule). The losses are plain functions:
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -27,8 +29,10 @@
 pub mod checkpoint;
 pub mod data;
 pub mod finetune;
+pub mod init;
 pub mod lora;
 pub mod losses;
+pub mod minibatch;
 pub mod optim;
 pub mod pretrain;
 pub mod pretrain_run;
