@@ -32,6 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::anomaly::{anomaly_maps, image_scores, MemoryConfig, NormalMemory, Threshold};
+use crate::card::read_json_card;
 use crate::segmentation_pipeline::{
     load_images, model_fingerprint, LoadedImage, SegItem, SegPipelineError, SegTask,
 };
@@ -705,16 +706,14 @@ impl AnomalyDetector {
 
     /// Loads a saved detector with its model (`model`: another spec for the same weights).
     pub fn load(dir: &Path, model: Option<&str>, device: &Device) -> Result<Self> {
-        let card_path = dir.join(CARD_FILE);
-        let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
-        let card: AnomalyCard = serde_json::from_str(&text)
-            .map_err(|e| file_err(&card_path, format!("not an anomaly detector card: {e}")))?;
-        if card.format != CARD_FORMAT {
-            return Err(file_err(
-                &card_path,
-                format!("format `{}`, expected `{CARD_FORMAT}`", card.format),
-            ));
-        }
+        let card: AnomalyCard = read_json_card(
+            dir,
+            CARD_FILE,
+            CARD_FORMAT,
+            "anomaly detector",
+            |c: &AnomalyCard| c.format.as_str(),
+            file_err,
+        )?;
         let spec = model.unwrap_or(&card.model_spec).to_string();
         let opts = medvlm_models::LoadOptions {
             device: device.clone(),

@@ -41,12 +41,11 @@ use candle_nn::{Linear, VarBuilder, VarMap};
 // medvlm's layer norm: candle-nn's fused one passes no gradient to its weight and bias.
 use medvlm_models::transformer::LayerNorm;
 use pathfinding::prelude::{kuhn_munkres_min, Matrix};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use medvlm_train::optim::{AdamW, AdamWConfig, Gradients, NamedVar, WeightDecayRule};
+use medvlm_train::init::{self, Init};
+use medvlm_train::minibatch::{adamw, ShuffledEpochs};
+use medvlm_train::optim::{Gradients, NamedVar};
 
 /// Errors of the detection head.
 #[derive(Debug, thiserror::Error)]
@@ -532,26 +531,17 @@ pub fn set_loss(
 /// RNG): weights Kaiming-normal `N(0, 2 / fan_in)`, biases zero, layer-norm weights one, and
 /// the box MLP's last layer zero so that an untrained head proposes each token's own cell.
 fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
-    use rand_distr::{Distribution, Normal};
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xde7_ec7);
-    for (name, var) in params {
-        let t = var.as_tensor();
-        let dims = t.dims().to_vec();
-        let values: Vec<f32> = if name.starts_with("norm.") && name.ends_with("weight") {
-            vec![1.0; t.elem_count()]
+    Ok(init::seeded_init(params, seed, 0xde7_ec7, |name, dims| {
+        if name.starts_with("norm.") && name.ends_with("weight") {
+            Init::Ones
         } else if name.ends_with("bias") || name.starts_with("box_out.") {
-            vec![0.0; t.elem_count()]
+            Init::Zeros
         } else {
-            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
-            let normal = Normal::new(0.0f32, (2.0 / fan_in as f32).sqrt())
-                .map_err(|e| DetError::Invalid(e.to_string()))?;
-            (0..t.elem_count())
-                .map(|_| normal.sample(&mut rng))
-                .collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, t.device())?)?;
-    }
-    Ok(())
+            Init::Normal {
+                std: init::kaiming_std(dims),
+            }
+        }
+    })?)
 }
 
 /// A freshly initialised head (seeded, see `seeded_init`) and its parameters.
@@ -588,25 +578,15 @@ pub fn train_head(
     }
     let (head, varmap) = init_head(cfg, device)?;
     let params = medvlm_train::optim::varmap_params(&varmap);
-    let opt_cfg = AdamWConfig {
-        weight_decay: cfg.weight_decay,
-        ..AdamWConfig::default()
-    };
-    let mut opt = AdamW::new(params.clone(), opt_cfg, &WeightDecayRule::default())?;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut order: Vec<usize> = (0..samples.len()).collect();
-    let mut pos = order.len();
+    let mut opt = adamw(params.clone(), cfg.weight_decay)?;
+    let mut sampler = ShuffledEpochs::new(samples.len(), cfg.seed);
     let mut losses = Vec::with_capacity(cfg.steps);
     for _ in 0..cfg.steps {
-        let mut batch = Vec::with_capacity(cfg.batch);
-        while batch.len() < cfg.batch.min(samples.len()) {
-            if pos == order.len() {
-                order.shuffle(&mut rng);
-                pos = 0;
-            }
-            batch.push(&samples[order[pos]]);
-            pos += 1;
-        }
+        let batch: Vec<&DetSample> = sampler
+            .batch(cfg.batch)
+            .into_iter()
+            .map(|i| &samples[i])
+            .collect();
         let (p, t) = stack(&batch)?;
         let (p, t) = (p.to_device(device)?, t.to_device(device)?);
         let (boxes, logits) = head.forward(&p, &t)?;

@@ -66,15 +66,16 @@ use medvlm_eval::detection::{
 use medvlm_io::{Plane, PlaneSelect};
 use medvlm_models::LoadedModel;
 
+use crate::card::read_json_card;
 use crate::detection::{
     centre_box, detect, ground, heatmap_box, token_predictions, train_head, Bbox, DetError,
     DetHeadConfig, DetSample, DetectionHead,
 };
 use crate::segmentation_pipeline::{
     class_name, default_prompts, encode_patches, load_head_artefact, load_images,
-    model_fingerprint, plane_of, prepare, prompt_embeddings, read_json_card, save_head_artefact,
-    seg_preprocess, stem_of, volume_planes, write_png, LoadedImage, SegClass, SegPipelineError,
-    SegTask, VolumePlanes,
+    model_fingerprint, plane_of, prepare, prompt_embeddings, save_head_artefact, seg_preprocess,
+    stem_of, volume_planes, write_png, LoadedImage, SegClass, SegPipelineError, SegTask,
+    VolumePlanes,
 };
 
 /// Errors of the detection pipeline; each names the file and the reason.
@@ -591,13 +592,14 @@ impl Detector {
 
     /// Reads a detector folder's card.
     pub fn read_card(dir: &Path) -> Result<DetCard> {
-        Ok(read_json_card(
+        read_json_card(
             dir,
             CARD_FILE,
             CARD_FORMAT,
             "detector",
             |c: &DetCard| c.format.as_str(),
-        )?)
+            file_err,
+        )
     }
 
     /// Loads a detector folder with its model: `model` when given (a spec), else the card's

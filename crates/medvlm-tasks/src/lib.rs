@@ -54,6 +54,7 @@
 
 pub mod anomaly;
 pub mod anomaly_pipeline;
+mod card;
 pub mod detection;
 pub mod detection_pipeline;
 pub mod multitask;

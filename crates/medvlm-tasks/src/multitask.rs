@@ -36,11 +36,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
-use medvlm_train::optim::{AdamW, AdamWConfig, Gradients, NamedVar, WeightDecayRule};
-use medvlm_train::schedule::WarmupCosine;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use medvlm_train::init::{self, Init};
+use medvlm_train::minibatch::{EpochTraining, EpochTrainingConfig};
+use medvlm_train::optim::{Gradients, NamedVar};
 use serde::{Deserialize, Serialize};
 
 use crate::report_generation::{pad_batch, ReportError, ReportGenConfig, ReportGenerator};
@@ -503,29 +501,25 @@ pub struct TrainedMultiTask {
 /// RNG): biases 0, layer-norm scales 1, the report decoder's matrices and embeddings
 /// N(0, 0.02) as GPT-2, other matrices N(0, 1 / fan_in). Parameters are visited in name order.
 pub fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
-    use rand_distr::{Distribution, Normal};
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6d75_6c74);
-    for (name, var) in params {
-        let t = var.as_tensor();
-        let dims = t.dims().to_vec();
-        let n = t.elem_count();
-        let values: Vec<f32> = if name.ends_with("bias") {
-            vec![0.0; n]
-        } else if (name.contains(".ln_") || name.contains(".norm")) && name.ends_with("weight") {
-            vec![1.0; n]
-        } else {
-            let std = if name.starts_with("report.decoder.") {
-                0.02
+    Ok(init::seeded_init(
+        params,
+        seed,
+        0x6d75_6c74,
+        |name, dims| {
+            if name.ends_with("bias") {
+                Init::Zeros
+            } else if (name.contains(".ln_") || name.contains(".norm")) && name.ends_with("weight")
+            {
+                Init::Ones
+            } else if name.starts_with("report.decoder.") {
+                Init::Normal { std: 0.02 }
             } else {
-                (1.0 / dims.get(1).copied().unwrap_or(1).max(1) as f32).sqrt()
-            };
-            let normal =
-                Normal::new(0.0f32, std).map_err(|e| MultiTaskError::Invalid(e.to_string()))?;
-            (0..n).map(|_| normal.sample(&mut rng)).collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, t.device())?)?;
-    }
-    Ok(())
+                Init::Normal {
+                    std: (1.0 / dims.get(1).copied().unwrap_or(1).max(1) as f32).sqrt(),
+                }
+            }
+        },
+    )?)
 }
 
 fn index_tensor(rows: &[usize], dev: &Device) -> Result<Tensor> {
@@ -665,33 +659,24 @@ pub fn train_multitask(
     )?;
     let params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
-    let mut opt = AdamW::new(
+    let mut run = EpochTraining::new(
         params.clone(),
-        AdamWConfig {
+        n,
+        &EpochTrainingConfig {
+            epochs: cfg.epochs,
+            batch: cfg.batch,
+            lr: cfg.lr,
             weight_decay: cfg.weight_decay,
-            ..AdamWConfig::default()
+            seed: cfg.seed,
         },
-        &WeightDecayRule::default(),
     )?;
-    let steps_per_epoch = n.div_ceil(cfg.batch);
-    let total = (steps_per_epoch * cfg.epochs) as u64;
-    let schedule = WarmupCosine {
-        base_lr: cfg.lr,
-        warmup_steps: total / 20,
-        total_steps: total,
-        min_lr: 0.0,
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut step = 0u64;
     let mut epoch_losses = Vec::with_capacity(cfg.epochs);
     for epoch in 0..cfg.epochs {
-        order.shuffle(&mut rng);
         let mut sums = [0.0f64; 3];
         let mut counts = [0usize; 3];
         let mut total_sum = 0.0f64;
-        for chunk in order.chunks(cfg.batch) {
-            let losses = batch_losses(&net, data, chunk, &heads)?;
+        for chunk in run.epoch_batches() {
+            let losses = batch_losses(&net, data, &chunk, &heads)?;
             if losses.is_empty() {
                 continue;
             }
@@ -700,8 +685,9 @@ pub fn train_multitask(
                 let v = l.to_scalar::<f32>()?;
                 if !v.is_finite() {
                     return Err(MultiTaskError::Invalid(format!(
-                        "the {} loss is not finite ({v}) at update {step}; lower the learning rate",
-                        head.name()
+                        "the {} loss is not finite ({v}) at update {}; lower the learning rate",
+                        head.name(),
+                        run.updates()
                     )));
                 }
                 let k = *head as usize;
@@ -716,8 +702,7 @@ pub fn train_multitask(
             let Some(loss) = sum else { continue };
             total_sum += loss.to_scalar::<f32>()? as f64;
             let grads = Gradients::from_grad_store(&loss.backward()?, &params);
-            opt.step(&grads, schedule.lr(step))?;
-            step += 1;
+            run.update(&grads)?;
         }
         let mean = |k: usize| (counts[k] > 0).then(|| (sums[k] / counts[k] as f64) as f32);
         let updates = counts.iter().copied().max().unwrap_or(0).max(1);
@@ -741,7 +726,8 @@ pub fn train_multitask(
 mod tests {
     use super::*;
     use crate::report_generation::EOS_ID;
-    use rand::Rng;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     /// Sixty images of two kinds (embeddings near two points): kind 0 has finding 0, answers
     /// 0 to question 0 and 1 to question 1, and report A; kind 1 the opposite and report B.

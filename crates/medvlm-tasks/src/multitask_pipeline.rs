@@ -34,6 +34,7 @@ use medvlm_eval::report_labeller::clinical_efficacy;
 use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
+use crate::card::read_json_card;
 use crate::multitask::{
     file_err, train_multitask, EpochLosses, Head, MultiTaskConfig, MultiTaskError, MultiTaskNet,
     NetDims, Result, TaskWeights, TrainTargets,
@@ -444,15 +445,14 @@ impl MultiTaskModel {
     /// model's fingerprint differs from the card's.
     pub fn load(dir: &Path, device: &Device) -> Result<(Self, LoadedModel, Option<String>)> {
         let card_path = dir.join(CARD_FILE);
-        let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
-        let card: MultiTaskCard =
-            serde_json::from_str(&text).map_err(|e| file_err(&card_path, e))?;
-        if card.format != FORMAT {
-            return Err(file_err(
-                &card_path,
-                format!("format {:?}, expected {FORMAT:?}", card.format),
-            ));
-        }
+        let card: MultiTaskCard = read_json_card(
+            dir,
+            CARD_FILE,
+            FORMAT,
+            "multi-task model",
+            |c: &MultiTaskCard| c.format.as_str(),
+            file_err,
+        )?;
         card.config
             .validate()
             .map_err(|e| file_err(&card_path, e))?;

@@ -52,12 +52,11 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use medvlm_train::optim::{AdamW, AdamWConfig, Gradients, NamedVar, WeightDecayRule};
+use medvlm_train::init::{self, Init};
+use medvlm_train::minibatch::{adamw, ShuffledEpochs};
+use medvlm_train::optim::{Gradients, NamedVar};
 
 /// Errors of the registration network.
 #[derive(Debug, thiserror::Error)]
@@ -571,28 +570,22 @@ impl RegNet {
 /// deviation 1e-5 (VoxelMorph's initialisation of its flow layer), so the first fields are
 /// near the identity; the FiLM layer starts at zero (no modulation).
 fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
-    use rand_distr::{Distribution, Normal};
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7e9_157e);
-    for (name, var) in params {
-        let t = var.as_tensor();
-        let dims = t.dims().to_vec();
-        let values: Vec<f32> = if name.ends_with("bias") || name.starts_with("film") {
-            vec![0.0; t.elem_count()]
-        } else {
-            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
-            let std = if name.starts_with("velocity") {
-                1e-5
+    Ok(init::seeded_init(
+        params,
+        seed,
+        0x7e9_157e,
+        |name, dims| {
+            if name.ends_with("bias") || name.starts_with("film") {
+                Init::Zeros
+            } else if name.starts_with("velocity") {
+                Init::Normal { std: 1e-5 }
             } else {
-                (2.0 / fan_in as f32).sqrt()
-            };
-            let normal = Normal::new(0.0f32, std).map_err(|e| RegError::Invalid(e.to_string()))?;
-            (0..t.elem_count())
-                .map(|_| normal.sample(&mut rng))
-                .collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, t.device())?)?;
-    }
-    Ok(())
+                Init::Normal {
+                    std: init::kaiming_std(dims),
+                }
+            }
+        },
+    )?)
 }
 
 /// Training pairs held as tensors `[N, 1, H, W]`; masks (optional) `[N, 1, H, W]` of 0/1,
@@ -678,25 +671,15 @@ pub fn train(
     let net = RegNet::new(vb, cfg)?;
     let params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
-    let opt_cfg = AdamWConfig {
-        weight_decay: cfg.weight_decay,
-        ..AdamWConfig::default()
-    };
-    let mut opt = AdamW::new(params.clone(), opt_cfg, &WeightDecayRule::default())?;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    let mut pos = order.len();
+    let mut opt = adamw(params.clone(), cfg.weight_decay)?;
+    let mut sampler = ShuffledEpochs::new(n, cfg.seed);
     let mut history = Vec::with_capacity(cfg.steps);
     for step in 0..cfg.steps {
-        let mut idx = Vec::with_capacity(cfg.batch);
-        while idx.len() < cfg.batch.min(n) {
-            if pos == order.len() {
-                order.shuffle(&mut rng);
-                pos = 0;
-            }
-            idx.push(order[pos]);
-            pos += 1;
-        }
+        let idx: Vec<u32> = sampler
+            .batch(cfg.batch)
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
         let idx = Tensor::new(idx.as_slice(), device)?;
         let m = pairs.moving.index_select(&idx, 0)?;
         let f = pairs.fixed.index_select(&idx, 0)?;

@@ -17,11 +17,9 @@
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
 use medvlm_models::gpt2::{Gpt2Config, Gpt2LmHeadModel};
-use medvlm_train::optim::{AdamW, AdamWConfig, Gradients, NamedVar, WeightDecayRule};
-use medvlm_train::schedule::WarmupCosine;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use medvlm_train::init::{self, Init};
+use medvlm_train::minibatch::{EpochTraining, EpochTrainingConfig};
+use medvlm_train::optim::{Gradients, NamedVar};
 use serde::{Deserialize, Serialize};
 
 /// Errors of report generation.
@@ -298,29 +296,24 @@ impl ReportGenerator {
 /// RNG): biases 0, layer-norm scales 1, decoder matrices and embeddings N(0, 0.02) as GPT-2,
 /// mapper matrices N(0, 1 / fan_in). Parameters are visited in name order.
 fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
-    use rand_distr::{Distribution, Normal};
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x2e90_77ca);
-    for (name, var) in params {
-        let t = var.as_tensor();
-        let dims = t.dims().to_vec();
-        let n = t.elem_count();
-        let values: Vec<f32> = if name.ends_with("bias") {
-            vec![0.0; n]
-        } else if name.contains(".ln_") && name.ends_with("weight") {
-            vec![1.0; n]
-        } else {
-            let std = if name.starts_with("mapper.") {
-                (1.0 / dims.get(1).copied().unwrap_or(1).max(1) as f32).sqrt()
+    Ok(init::seeded_init(
+        params,
+        seed,
+        0x2e90_77ca,
+        |name, dims| {
+            if name.ends_with("bias") {
+                Init::Zeros
+            } else if name.contains(".ln_") && name.ends_with("weight") {
+                Init::Ones
+            } else if name.starts_with("mapper.") {
+                Init::Normal {
+                    std: (1.0 / dims.get(1).copied().unwrap_or(1).max(1) as f32).sqrt(),
+                }
             } else {
-                0.02
-            };
-            let normal =
-                Normal::new(0.0f32, std).map_err(|e| ReportError::Invalid(e.to_string()))?;
-            (0..n).map(|_| normal.sample(&mut rng)).collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, t.device())?)?;
-    }
-    Ok(())
+                Init::Normal { std: 0.02 }
+            }
+        },
+    )?)
 }
 
 /// Report token ids padded to one length: `[B, T]` with [`PAD_ID`].
@@ -382,30 +375,21 @@ pub fn train_generator(
     )?;
     let params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
-    let mut opt = AdamW::new(
+    let mut run = EpochTraining::new(
         params.clone(),
-        AdamWConfig {
+        n,
+        &EpochTrainingConfig {
+            epochs: cfg.epochs,
+            batch: cfg.batch,
+            lr: cfg.lr,
             weight_decay: cfg.weight_decay,
-            ..AdamWConfig::default()
+            seed: cfg.seed,
         },
-        &WeightDecayRule::default(),
     )?;
-    let steps_per_epoch = n.div_ceil(cfg.batch);
-    let total = (steps_per_epoch * cfg.epochs) as u64;
-    let schedule = WarmupCosine {
-        base_lr: cfg.lr,
-        warmup_steps: total / 20,
-        total_steps: total,
-        min_lr: 0.0,
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut step = 0u64;
     let mut epoch_losses = Vec::with_capacity(cfg.epochs);
     for epoch in 0..cfg.epochs {
-        order.shuffle(&mut rng);
         let mut sum = 0.0f64;
-        for chunk in order.chunks(cfg.batch) {
+        for chunk in run.epoch_batches() {
             let idx = Tensor::from_vec(
                 chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(),
                 chunk.len(),
@@ -418,12 +402,12 @@ pub fn train_generator(
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(ReportError::Invalid(format!(
-                    "the loss is not finite ({value}) at update {step}; lower the learning rate"
+                    "the loss is not finite ({value}) at update {}; lower the learning rate",
+                    run.updates()
                 )));
             }
             let grads = Gradients::from_grad_store(&loss.backward()?, &params);
-            opt.step(&grads, schedule.lr(step))?;
-            step += 1;
+            run.update(&grads)?;
             sum += value as f64 * chunk.len() as f64;
         }
         let mean = (sum / n as f64) as f32;
@@ -440,6 +424,8 @@ pub fn train_generator(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
 
     /// Two kinds of "image" (embeddings near two points) with one report each: the generator
     /// learns to write each kind's report for unseen embeddings of that kind, greedy and

@@ -33,6 +33,7 @@ use medvlm_eval::report_metrics::{score_reports, ReportScores};
 use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
+use crate::card::read_json_card;
 use crate::report_generation::{
     train_generator, ReportError, ReportGenConfig, ReportGenerator, Result, EOS_ID,
 };
@@ -337,15 +338,14 @@ impl ReportModel {
     /// Loads an artefact folder and its image model; the second value is a warning when the
     /// image model's fingerprint differs from the card's.
     pub fn load(dir: &Path, device: &Device) -> Result<(Self, LoadedModel, Option<String>)> {
-        let card_path = dir.join(CARD_FILE);
-        let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
-        let card: ReportCard = serde_json::from_str(&text).map_err(|e| file_err(&card_path, e))?;
-        if card.format != FORMAT {
-            return Err(file_err(
-                &card_path,
-                format!("format {:?}, expected {FORMAT:?}", card.format),
-            ));
-        }
+        let card: ReportCard = read_json_card(
+            dir,
+            CARD_FILE,
+            FORMAT,
+            "report generator",
+            |c: &ReportCard| c.format.as_str(),
+            file_err,
+        )?;
         let tok_path = dir.join(TOKENIZER_FILE);
         let tokenizer =
             tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| file_err(&tok_path, e))?;

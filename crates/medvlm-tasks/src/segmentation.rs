@@ -14,13 +14,12 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use medvlm_train::init::{self, Init};
 use medvlm_train::losses::{bce_with_logits, soft_dice_loss};
-use medvlm_train::optim::{AdamW, AdamWConfig, Gradients, NamedVar, WeightDecayRule};
+use medvlm_train::minibatch::{adamw, ShuffledEpochs};
+use medvlm_train::optim::{Gradients, NamedVar};
 
 /// Errors of the segmentation head.
 #[derive(Debug, thiserror::Error)]
@@ -246,24 +245,20 @@ fn stack(samples: &[&SegSample]) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
 /// candle's default, biases zero. Parameters are visited in name order, so a seed gives the
 /// same head on every run.
 fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
-    use rand_distr::{Distribution, Normal};
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5e9_4ead);
-    for (name, var) in params {
-        let t = var.as_tensor();
-        let dims = t.dims().to_vec();
-        let values: Vec<f32> = if name.ends_with("bias") {
-            vec![0.0; t.elem_count()]
-        } else {
-            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
-            let normal = Normal::new(0.0f32, (2.0 / fan_in as f32).sqrt())
-                .map_err(|e| SegError::Invalid(e.to_string()))?;
-            (0..t.elem_count())
-                .map(|_| normal.sample(&mut rng))
-                .collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, t.device())?)?;
-    }
-    Ok(())
+    Ok(init::seeded_init(
+        params,
+        seed,
+        0x5e9_4ead,
+        |name, dims| {
+            if name.ends_with("bias") {
+                Init::Zeros
+            } else {
+                Init::Normal {
+                    std: init::kaiming_std(dims),
+                }
+            }
+        },
+    )?)
 }
 
 /// A trained head with its parameters.
@@ -290,25 +285,15 @@ pub fn train_head(
     let head = TextSegHead::new(vb, cfg)?;
     let params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
-    let opt_cfg = AdamWConfig {
-        weight_decay: cfg.weight_decay,
-        ..AdamWConfig::default()
-    };
-    let mut opt = AdamW::new(params.clone(), opt_cfg, &WeightDecayRule::default())?;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut order: Vec<usize> = (0..samples.len()).collect();
-    let mut pos = order.len();
+    let mut opt = adamw(params.clone(), cfg.weight_decay)?;
+    let mut sampler = ShuffledEpochs::new(samples.len(), cfg.seed);
     let mut losses = Vec::with_capacity(cfg.steps);
     for _ in 0..cfg.steps {
-        let mut batch = Vec::with_capacity(cfg.batch);
-        while batch.len() < cfg.batch.min(samples.len()) {
-            if pos == order.len() {
-                order.shuffle(&mut rng);
-                pos = 0;
-            }
-            batch.push(&samples[order[pos]]);
-            pos += 1;
-        }
+        let batch: Vec<&SegSample> = sampler
+            .batch(cfg.batch)
+            .into_iter()
+            .map(|i| &samples[i])
+            .collect();
         let (p, t, g, m) = stack(&batch)?;
         let logits = head.forward(&p, &t, &g)?;
         let loss = (bce_with_logits(&logits, &m)? + soft_dice_loss(&logits, &m, 1e-5)?)?;

@@ -57,6 +57,7 @@ use medvlm_io::{Plane, PlaneSelect, SourceFormat, Window};
 use medvlm_models::preprocess::Resize;
 use medvlm_models::{LoadedModel, PreprocessConfig};
 
+use crate::card::read_json_card;
 use crate::segmentation::{
     predict_masks, similarity_masks, train_head, SegError, SegHeadConfig, SegSample, TextSegHead,
 };
@@ -978,27 +979,6 @@ pub(crate) fn load_head_artefact(
     Ok(class_text)
 }
 
-/// Reads a JSON card `dir/card_file` whose `format` field must be `format`.
-pub(crate) fn read_json_card<C: serde::de::DeserializeOwned>(
-    dir: &Path,
-    card_file: &str,
-    format: &str,
-    what: &str,
-    format_of: impl Fn(&C) -> &str,
-) -> Result<C> {
-    let card_path = dir.join(card_file);
-    let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
-    let card: C = serde_json::from_str(&text)
-        .map_err(|e| file_err(&card_path, format!("not a {what} card: {e}")))?;
-    if format_of(&card) != format {
-        return Err(file_err(
-            &card_path,
-            format!("format `{}`, expected `{format}`", format_of(&card)),
-        ));
-    }
-    Ok(card)
-}
-
 impl Segmenter {
     /// Writes `dir/head.safetensors` (the head's parameters and the classes' text embeddings)
     /// and then `dir/segmenter.json` (the card), each atomically (temporary file + rename).
@@ -1015,9 +995,14 @@ impl Segmenter {
 
     /// Reads a segmenter folder's card.
     pub fn read_card(dir: &Path) -> Result<SegCard> {
-        read_json_card(dir, CARD_FILE, CARD_FORMAT, "segmenter", |c: &SegCard| {
-            c.format.as_str()
-        })
+        read_json_card(
+            dir,
+            CARD_FILE,
+            CARD_FORMAT,
+            "segmenter",
+            |c: &SegCard| c.format.as_str(),
+            file_err,
+        )
     }
 
     /// Loads a segmenter folder with its model: `model` when given (a spec), else the card's

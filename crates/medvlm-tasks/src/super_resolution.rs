@@ -45,7 +45,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use medvlm_train::optim::{AdamW, AdamWConfig, Gradients, NamedVar, WeightDecayRule};
+use medvlm_train::init::{self, Init};
+use medvlm_train::minibatch::adamw;
+use medvlm_train::optim::{Gradients, NamedVar};
 use medvlm_train::schedule::WarmupCosine;
 
 /// Errors of the super-resolution model.
@@ -445,24 +447,15 @@ pub fn check_hr_size(rows: usize, cols: usize, scale: usize) -> Result<()> {
 /// RNG): weights Kaiming-normal `N(0, 2 / fan_in)`, biases zero, the tail convolution zero
 /// (so the untrained network is the bicubic baseline). Parameters are visited in name order.
 fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
-    use rand_distr::{Distribution, Normal};
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5e_ed5a);
-    for (name, var) in params {
-        let t = var.as_tensor();
-        let dims = t.dims().to_vec();
-        let values: Vec<f32> = if name.ends_with("bias") || name.starts_with("tail.") {
-            vec![0.0; t.elem_count()]
+    Ok(init::seeded_init(params, seed, 0x5e_ed5a, |name, dims| {
+        if name.ends_with("bias") || name.starts_with("tail.") {
+            Init::Zeros
         } else {
-            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
-            let normal = Normal::new(0.0f32, (2.0 / fan_in as f32).sqrt())
-                .map_err(|e| SrError::Invalid(e.to_string()))?;
-            (0..t.elem_count())
-                .map(|_| normal.sample(&mut rng))
-                .collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, t.device())?)?;
-    }
-    Ok(())
+            Init::Normal {
+                std: init::kaiming_std(dims),
+            }
+        }
+    })?)
 }
 
 /// One of the 8 flips/rotations of a square `n x n` image (`k` in `0..8`: bit 0 flips
@@ -532,11 +525,7 @@ pub fn train_sr(
     let net = SrNet::new(VarBuilder::from_varmap(&varmap, DType::F32, device), cfg)?;
     let params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
-    let opt_cfg = AdamWConfig {
-        weight_decay: 0.0,
-        ..AdamWConfig::default()
-    };
-    let mut opt = AdamW::new(params.clone(), opt_cfg, &WeightDecayRule::default())?;
+    let mut opt = adamw(params.clone(), 0.0)?;
     let schedule = WarmupCosine {
         base_lr: cfg.lr,
         warmup_steps: cfg.warmup_steps.min(cfg.steps) as u64,

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use medvlm_eval::image_quality::{psnr, ssim, ImageRef};
 use medvlm_io::{Plane, PlaneSelect, SourceFormat, Window};
 
+use crate::card::read_json_card;
 use crate::super_resolution::{
     bicubic_resize, check_hr_size, quantise_u8, train_sr, upscale, SrConfig, SrError, SrNet,
     SrPair, MIN_LR_SIDE,
@@ -289,15 +290,14 @@ impl Upscaler {
     /// Loads an upscaler folder written by [`Self::save`].
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let card_path = dir.join(CARD_FILE);
-        let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
-        let card: UpscalerCard = serde_json::from_str(&text)
-            .map_err(|e| file_err(&card_path, format!("not an upscaler card: {e}")))?;
-        if card.format != CARD_FORMAT {
-            return Err(file_err(
-                &card_path,
-                format!("format `{}`, expected `{CARD_FORMAT}`", card.format),
-            ));
-        }
+        let card: UpscalerCard = read_json_card(
+            dir,
+            CARD_FILE,
+            CARD_FORMAT,
+            "upscaler",
+            |c: &UpscalerCard| c.format.as_str(),
+            file_err,
+        )?;
         card.config
             .validate()
             .map_err(|e| file_err(&card_path, e))?;

@@ -61,7 +61,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use medvlm_train::optim::{AdamW, AdamWConfig, Gradients, NamedVar, WeightDecayRule};
+use medvlm_train::init::{self, Init};
+use medvlm_train::minibatch::adamw;
+use medvlm_train::optim::{Gradients, NamedVar};
 use medvlm_train::schedule::WarmupCosine;
 
 /// Errors of the diffusion model.
@@ -716,30 +718,30 @@ pub fn condition_rows(
 /// GroupNorm scales one, and zero for each residual block's second convolution and the
 /// output convolution (DDPM's zero-initialised layers, so the untrained model predicts 0).
 fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
-    use rand_distr::{Distribution, Normal};
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xd1ff_0515);
-    for (name, var) in params {
-        let t = var.as_tensor();
-        let dims = t.dims().to_vec();
-        let n = t.elem_count();
-        let values: Vec<f32> = if name.ends_with("gamma") {
-            vec![1.0; n]
-        } else if name.ends_with("bias")
-            || name.ends_with("beta")
-            || name.starts_with("out.")
-            || name.contains(".conv2.")
-        {
-            vec![0.0; n]
-        } else {
-            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
-            let gain = if dims.len() == 4 { 2.0 } else { 1.0 };
-            let normal = Normal::new(0.0f32, (gain / fan_in as f32).sqrt())
-                .map_err(|e| SynthError::Invalid(e.to_string()))?;
-            (0..n).map(|_| normal.sample(&mut rng)).collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, t.device())?)?;
-    }
-    Ok(())
+    Ok(init::seeded_init(
+        params,
+        seed,
+        0xd1ff_0515,
+        |name, dims| {
+            if name.ends_with("gamma") {
+                Init::Ones
+            } else if name.ends_with("bias")
+                || name.ends_with("beta")
+                || name.starts_with("out.")
+                || name.contains(".conv2.")
+            {
+                Init::Zeros
+            } else if dims.len() == 4 {
+                Init::Normal {
+                    std: init::kaiming_std(dims),
+                }
+            } else {
+                Init::Normal {
+                    std: (1.0 / init::fan_in(dims) as f32).sqrt(),
+                }
+            }
+        },
+    )?)
 }
 
 /// One training image and the text embedding of its prompt.
@@ -799,11 +801,7 @@ pub fn train_ddpm(
     for ((_, e), (_, p)) in ema_params.iter().zip(&params) {
         e.set(p.as_tensor())?;
     }
-    let opt_cfg = AdamWConfig {
-        weight_decay: 0.0,
-        ..AdamWConfig::default()
-    };
-    let mut opt = AdamW::new(params.clone(), opt_cfg, &WeightDecayRule::default())?;
+    let mut opt = adamw(params.clone(), 0.0)?;
     let lr_schedule = WarmupCosine {
         base_lr: cfg.lr,
         warmup_steps: cfg.warmup_steps.min(cfg.steps) as u64,

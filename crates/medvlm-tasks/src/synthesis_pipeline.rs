@@ -61,9 +61,10 @@ use medvlm_eval::generative::{frechet_distance, kernel_distance, KidConfig};
 use medvlm_io::Plane;
 use medvlm_models::LoadedModel;
 
+use crate::card::read_json_card;
 use crate::segmentation_pipeline::{
-    load_head_artefact, model_fingerprint, read_json_card, read_plane, save_head_artefact,
-    seg_preprocess, SegPipelineError,
+    load_head_artefact, model_fingerprint, read_plane, save_head_artefact, seg_preprocess,
+    SegPipelineError,
 };
 use crate::super_resolution::bicubic_resize;
 use crate::synthesis::{
@@ -635,13 +636,14 @@ impl Synthesizer {
                 format!("not a synthesizer folder (no {CARD_FILE}); train one with `medvlm synthesize train`"),
             ));
         }
-        Ok(read_json_card(
+        read_json_card(
             dir,
             CARD_FILE,
             CARD_FORMAT,
             "synthesizer",
             |c: &SynthCard| c.format.as_str(),
-        )?)
+            file_err,
+        )
     }
 
     /// Loads a synthesizer folder with its VLM (`model` instead of the card's spec when

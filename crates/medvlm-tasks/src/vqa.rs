@@ -41,11 +41,9 @@
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
-use medvlm_train::optim::{AdamW, AdamWConfig, Gradients, NamedVar, WeightDecayRule};
-use medvlm_train::schedule::WarmupCosine;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use medvlm_train::init::{self, Init};
+use medvlm_train::minibatch::{EpochTraining, EpochTrainingConfig};
+use medvlm_train::optim::{Gradients, NamedVar};
 use serde::{Deserialize, Serialize};
 
 /// Errors of visual question answering.
@@ -269,21 +267,20 @@ impl VqaHead {
 /// Weights uniform in `+-1/sqrt(fan_in)` (PyTorch's `nn.Linear` range), biases zero, from a
 /// seeded generator so that a seed gives the same classifier.
 fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
-    use rand::Rng;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7a11_5e3d);
-    for (name, var) in params {
-        let t = var.as_tensor();
-        let dims = t.dims().to_vec();
-        let n = t.elem_count();
-        let values: Vec<f32> = if name.ends_with("bias") {
-            vec![0.0; n]
-        } else {
-            let bound = 1.0 / (dims.get(1).copied().unwrap_or(1).max(1) as f32).sqrt();
-            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, t.device())?)?;
-    }
-    Ok(())
+    Ok(init::seeded_init(
+        params,
+        seed,
+        0x7a11_5e3d,
+        |name, dims| {
+            if name.ends_with("bias") {
+                Init::Zeros
+            } else {
+                Init::Uniform {
+                    bound: 1.0 / (dims.get(1).copied().unwrap_or(1).max(1) as f32).sqrt(),
+                }
+            }
+        },
+    )?)
 }
 
 /// Training data: cached embeddings and, per pair, which image, which question, which answer.
@@ -397,31 +394,24 @@ pub fn train_head(
     )?;
     let params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
-    let mut opt = AdamW::new(
-        params.clone(),
-        AdamWConfig {
-            weight_decay: cfg.weight_decay,
-            ..AdamWConfig::default()
-        },
-        &WeightDecayRule::default(),
-    )?;
     let n = data.pairs.len();
-    let total = (n.div_ceil(cfg.batch) * cfg.epochs) as u64;
-    let schedule = WarmupCosine {
-        base_lr: cfg.lr,
-        warmup_steps: total / 20,
-        total_steps: total,
-        min_lr: 0.0,
-    };
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut order: Vec<(u32, u32, u32)> = data.pairs.to_vec();
-    let mut step = 0u64;
+    let mut run = EpochTraining::new(
+        params.clone(),
+        n,
+        &EpochTrainingConfig {
+            epochs: cfg.epochs,
+            batch: cfg.batch,
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            seed: cfg.seed,
+        },
+    )?;
     let mut epoch_losses = Vec::with_capacity(cfg.epochs);
     for epoch in 0..cfg.epochs {
-        order.shuffle(&mut rng);
         let mut sum = 0.0f64;
-        for chunk in order.chunks(cfg.batch) {
-            let (v, q, w) = batch_inputs(data, chunk, use_image)?;
+        for rows in run.epoch_batches() {
+            let chunk: Vec<(u32, u32, u32)> = rows.iter().map(|&i| data.pairs[i]).collect();
+            let (v, q, w) = batch_inputs(data, &chunk, use_image)?;
             let y = Tensor::from_vec(
                 chunk.iter().map(|p| p.2).collect::<Vec<_>>(),
                 chunk.len(),
@@ -431,12 +421,12 @@ pub fn train_head(
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(VqaError::Invalid(format!(
-                    "the loss is not finite ({value}) at update {step}; lower the learning rate"
+                    "the loss is not finite ({value}) at update {}; lower the learning rate",
+                    run.updates()
                 )));
             }
             let grads = Gradients::from_grad_store(&loss.backward()?, &params);
-            opt.step(&grads, schedule.lr(step))?;
-            step += 1;
+            run.update(&grads)?;
             sum += value as f64 * chunk.len() as f64;
         }
         let mean = (sum / n as f64) as f32;
@@ -498,7 +488,8 @@ pub fn predict_pairs(
 mod tests {
     use super::*;
     use candle_core::Device;
-    use rand::Rng;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     /// Two questions about two kinds of image. Question 0 ("which kind?") needs the image;
     /// question 1 ("is it kind 0?") has an answer that also depends on the image. The fused

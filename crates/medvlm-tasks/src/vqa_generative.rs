@@ -27,6 +27,7 @@ use candle_nn::VarBuilder;
 use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
+use crate::card::read_json_card;
 use crate::report_generation::{train_generator, ReportGenConfig, ReportGenerator, EOS_ID};
 use crate::vqa::{Result, Standardiser, VqaError};
 use crate::vqa_pipeline::{
@@ -238,15 +239,14 @@ impl GenVqaModel {
     /// Reads a generative answerer folder (without its VLM). A tokenizer whose vocabulary
     /// does not match the decoder's is refused, naming the tokenizer file.
     pub fn read(dir: &Path, device: &Device) -> Result<Self> {
-        let card_path = dir.join(GEN_CARD_FILE);
-        let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
-        let card: GenVqaCard = serde_json::from_str(&text).map_err(|e| file_err(&card_path, e))?;
-        if card.format != GEN_FORMAT {
-            return Err(file_err(
-                &card_path,
-                format!("format {:?}, expected {GEN_FORMAT:?}", card.format),
-            ));
-        }
+        let card: GenVqaCard = read_json_card(
+            dir,
+            GEN_CARD_FILE,
+            GEN_FORMAT,
+            "generative VQA answerer",
+            |c: &GenVqaCard| c.format.as_str(),
+            file_err,
+        )?;
         let tok_path = dir.join(TOKENIZER_FILE);
         let tokenizer =
             tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| file_err(&tok_path, e))?;

@@ -35,6 +35,7 @@ use candle_nn::VarBuilder;
 use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
+use crate::card::read_json_card;
 use crate::vqa::{
     predict_pairs, train_head, Result, Standardiser, VqaConfig, VqaError, VqaHead, VqaPairs,
 };
@@ -643,14 +644,14 @@ impl VqaModel {
     /// Reads an artefact folder (without its VLM).
     pub fn read(dir: &Path, device: &Device) -> Result<Self> {
         let card_path = dir.join(CARD_FILE);
-        let text = std::fs::read_to_string(&card_path).map_err(|e| file_err(&card_path, e))?;
-        let card: VqaCard = serde_json::from_str(&text).map_err(|e| file_err(&card_path, e))?;
-        if card.format != FORMAT {
-            return Err(file_err(
-                &card_path,
-                format!("format {:?}, expected {FORMAT:?}", card.format),
-            ));
-        }
+        let card: VqaCard = read_json_card(
+            dir,
+            CARD_FILE,
+            FORMAT,
+            "VQA answerer",
+            |c: &VqaCard| c.format.as_str(),
+            file_err,
+        )?;
         if card.answers.is_empty() || card.answers.len() != card.answer_counts.len() {
             return Err(file_err(
                 &card_path,
