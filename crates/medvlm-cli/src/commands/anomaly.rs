@@ -18,6 +18,7 @@ use medvlm_adapt::pipeline::csv_field;
 
 use super::common::write_file;
 use super::embed::{load, DeviceArgs};
+use super::task_args::EvalJsonArg;
 
 /// Arguments of `medvlm anomaly`.
 #[derive(clap::Args, Debug)]
@@ -84,9 +85,8 @@ pub struct EvalArgs {
     /// Only this split.
     #[arg(long)]
     pub split: Option<String>,
-    /// Also write the evaluation as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub json: EvalJsonArg,
     /// Model to use instead of the one named in the detector (same weights, moved).
     #[arg(long)]
     pub model: Option<String>,
@@ -173,11 +173,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let det = AnomalyDetector::load(&a.detector, a.model.as_deref(), &device)?;
     let task = AnomalyTask::from_manifest(&a.manifest, a.split.as_deref())?;
     let evaluation = det.evaluate(&task, &device)?;
-    print!("{}", evaluation.render_table());
-    if let Some(path) = &a.json {
-        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
-        println!("evaluation written to {}", path.display());
-    }
+    a.json.print(&evaluation.render_table(), &evaluation)?;
     Ok(())
 }
 

@@ -15,8 +15,8 @@ use medvlm_tasks::detection_pipeline::{
     evaluate_manifest, predict_files, train_and_save, TrainOptions,
 };
 
-use super::common::write_file;
 use super::embed::DeviceArgs;
+use super::task_args::{warn, EvalJsonArg, SplitArg};
 
 /// Arguments of `medvlm detect`.
 #[derive(clap::Args, Debug)]
@@ -46,9 +46,8 @@ pub struct TrainArgs {
     /// Training manifest (.jsonl / .csv) with `boxes` [{label, x0, y0, x1, y1}] per image.
     #[arg(long)]
     pub manifest: PathBuf,
-    /// Only the records of this split of the manifest.
-    #[arg(long)]
-    pub split: Option<String>,
+    #[command(flatten)]
+    pub split: SplitArg,
     /// Validation manifest: evaluated after training, table printed.
     #[arg(long)]
     pub val: Option<PathBuf>,
@@ -117,12 +116,10 @@ pub struct EvalArgs {
     /// Test manifest with boxes.
     #[arg(long)]
     pub manifest: PathBuf,
-    /// Only the records of this split of the manifest.
-    #[arg(long)]
-    pub split: Option<String>,
-    /// Also write the evaluation as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub split: SplitArg,
+    #[command(flatten)]
+    pub json: EvalJsonArg,
     /// Write overlays (true box green, head red, heatmap blue) of the first phrases here.
     #[arg(long)]
     pub overlays: Option<PathBuf>,
@@ -154,7 +151,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         width: a.width,
         lr: a.lr,
         seed: a.seed,
-        split: a.split.clone(),
+        split: a.split.split.clone(),
     };
     let t0 = std::time::Instant::now();
     let (card, val) = train_and_save(&a.manifest, a.val.as_deref(), &opts, &a.out, &device)?;
@@ -188,9 +185,7 @@ fn predict(a: PredictArgs) -> anyhow::Result<()> {
         &a.out,
         &device,
     )?;
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
+    warn(warning);
     match class {
         Some(c) => println!("prompt `{}`: the detector's class `{c}`", a.prompt),
         None => println!(
@@ -237,17 +232,11 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         &a.detector,
         a.model.as_deref(),
         &a.manifest,
-        a.split.as_deref(),
+        a.split.get(),
         a.overlays.as_deref().map(|d| (d, a.n_overlays)),
         &device,
     )?;
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
-    print!("{}", evaluation.render_table());
-    if let Some(path) = &a.json {
-        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
-        println!("evaluation written to {}", path.display());
-    }
+    warn(warning);
+    a.json.print(&evaluation.render_table(), &evaluation)?;
     Ok(())
 }

@@ -24,6 +24,7 @@ pub mod search;
 pub mod segment;
 pub mod serve;
 pub mod synthesize;
+pub mod task_args;
 pub mod upscale;
 pub mod vqa;
 pub mod zero_shot;

@@ -20,6 +20,7 @@ use medvlm_tasks::multitask_pipeline::{
 
 use super::common::write_file;
 use super::embed::DeviceArgs;
+use super::task_args::warn;
 
 /// Arguments of `medvlm multitask`.
 #[derive(clap::Args, Debug)]
@@ -251,9 +252,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = a.device.device()?;
     let (scores, warning) =
         evaluate_manifest(&a.multitask, &a.manifest, a.split.as_deref(), &device)?;
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
+    warn(warning);
     print!("{}", scores.render());
     if let Some(path) = &a.json {
         write_file(path, &serde_json::to_vec_pretty(&scores)?)?;
@@ -287,9 +286,7 @@ fn compare_cmd(a: CompareArgs) -> anyhow::Result<()> {
 fn predict(a: PredictArgs) -> anyhow::Result<()> {
     let device = a.device.device()?;
     let (preds, warning) = predict_files(&a.multitask, &a.images, &a.questions, &device)?;
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
+    warn(warning);
     for p in preds {
         println!("{}", p.image);
         if !p.findings.is_empty() {

@@ -21,6 +21,7 @@ use medvlm_tasks::registration_pipeline::{
 
 use super::common::write_file;
 use super::embed::DeviceArgs;
+use super::task_args::EvalJsonArg;
 
 /// Arguments of `medvlm register`.
 #[derive(clap::Args, Debug)]
@@ -140,9 +141,8 @@ pub struct EvalArgs {
     /// At most this many pairs.
     #[arg(long, value_parser = crate::commands::at_least_one)]
     pub limit: Option<usize>,
-    /// Also write the evaluation as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub json: EvalJsonArg,
     /// Also write an image grid here (PNG): one pair per modality first.
     #[arg(long)]
     pub grid: Option<PathBuf>,
@@ -254,11 +254,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         a.limit,
         &device,
     )?;
-    print!("{}", evaluation.render_table());
-    if let Some(path) = &a.json {
-        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
-        println!("evaluation written to {}", path.display());
-    }
+    a.json.print(&evaluation.render_table(), &evaluation)?;
     if let Some(path) = &a.grid {
         let chosen = figure_pairs(&pairs, a.grid_rows);
         let p: Vec<_> = chosen.iter().map(|&i| pairs[i].clone()).collect();

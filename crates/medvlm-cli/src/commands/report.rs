@@ -15,8 +15,8 @@ use medvlm_tasks::report_pipeline::{
     evaluate_manifest, generate_files, train_and_save, Decoding, ReportTrainOptions,
 };
 
-use super::common::write_file;
 use super::embed::DeviceArgs;
+use super::task_args::{warn, EvalJsonArg, SplitArg};
 
 /// Arguments of `medvlm report`.
 #[derive(clap::Args, Debug)]
@@ -45,9 +45,8 @@ pub struct TrainArgs {
     /// Training manifest (.jsonl / .csv) with a `text` report per image.
     #[arg(long)]
     pub manifest: PathBuf,
-    /// Only the records of this split of the manifest.
-    #[arg(long)]
-    pub split: Option<String>,
+    #[command(flatten)]
+    pub split: SplitArg,
     /// Output folder of the generator.
     #[arg(long)]
     pub out: PathBuf,
@@ -120,16 +119,14 @@ pub struct EvalArgs {
     /// Test manifest with a `text` report per image.
     #[arg(long)]
     pub manifest: PathBuf,
-    /// Only the records of this split of the manifest.
-    #[arg(long)]
-    pub split: Option<String>,
+    #[command(flatten)]
+    pub split: SplitArg,
     /// Findings lexicon (JSON: {"findings": [{"label", "match_terms": [...]}]}) for clinical
     /// efficacy (default: the phantom vocabulary).
     #[arg(long)]
     pub lexicon: Option<PathBuf>,
-    /// Also write the evaluation as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub json: EvalJsonArg,
     #[command(flatten)]
     pub decoding: DecodingArgs,
     #[command(flatten)]
@@ -162,7 +159,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     let opts = ReportTrainOptions {
         model_spec: a.model.clone(),
         config,
-        split: a.split.clone(),
+        split: a.split.split.clone(),
     };
     let t0 = std::time::Instant::now();
     let card = train_and_save(&a.manifest, &opts, &a.out, &device, &mut |e, loss| {
@@ -185,9 +182,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let device = a.device.device()?;
     let (reports, warning) =
         generate_files(&a.generator, &a.images, a.decoding.decoding(), &device)?;
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
+    warn(warning);
     for (img, r) in a.images.iter().zip(reports) {
         println!("{}\t{r}", img.display());
     }
@@ -199,18 +194,12 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let (evaluation, warning) = evaluate_manifest(
         &a.generator,
         &a.manifest,
-        a.split.as_deref(),
+        a.split.get(),
         a.decoding.decoding(),
         a.lexicon.as_deref(),
         &device,
     )?;
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
-    print!("{}", evaluation.render_table());
-    if let Some(path) = &a.json {
-        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
-        println!("evaluation written to {}", path.display());
-    }
+    warn(warning);
+    a.json.print(&evaluation.render_table(), &evaluation)?;
     Ok(())
 }

@@ -16,8 +16,8 @@ use medvlm_tasks::segmentation_pipeline::{
     evaluate_manifest, predict_files, train_and_save, TrainOptions,
 };
 
-use super::common::write_file;
 use super::embed::DeviceArgs;
+use super::task_args::{warn, EvalJsonArg, SplitArg};
 
 /// Arguments of `medvlm segment`.
 #[derive(clap::Args, Debug)]
@@ -46,9 +46,8 @@ pub struct TrainArgs {
     /// Training manifest (.jsonl / .csv) with `masks` [{label, path}] per image.
     #[arg(long)]
     pub manifest: PathBuf,
-    /// Only the records of this split of the manifest.
-    #[arg(long)]
-    pub split: Option<String>,
+    #[command(flatten)]
+    pub split: SplitArg,
     /// Validation manifest: evaluated after training, table printed.
     #[arg(long)]
     pub val: Option<PathBuf>,
@@ -109,12 +108,10 @@ pub struct EvalArgs {
     /// Test manifest with masks.
     #[arg(long)]
     pub manifest: PathBuf,
-    /// Only the records of this split of the manifest.
-    #[arg(long)]
-    pub split: Option<String>,
-    /// Also write the evaluation as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub split: SplitArg,
+    #[command(flatten)]
+    pub json: EvalJsonArg,
     /// Model to use instead of the one named in the segmenter (same weights, moved).
     #[arg(long)]
     pub model: Option<String>,
@@ -140,7 +137,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         width: a.width,
         lr: a.lr,
         seed: a.seed,
-        split: a.split.clone(),
+        split: a.split.split.clone(),
     };
     let t0 = std::time::Instant::now();
     let (card, val) = train_and_save(&a.manifest, a.val.as_deref(), &opts, &a.out, &device)?;
@@ -171,9 +168,7 @@ fn predict(a: PredictArgs) -> anyhow::Result<()> {
         &a.out,
         &device,
     )?;
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
+    warn(warning);
     match class {
         Some(c) => println!("prompt `{}`: the segmenter's class `{c}`", a.prompt),
         None => println!(
@@ -202,16 +197,10 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         &a.segmenter,
         a.model.as_deref(),
         &a.manifest,
-        a.split.as_deref(),
+        a.split.get(),
         &device,
     )?;
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
-    print!("{}", evaluation.render_table());
-    if let Some(path) = &a.json {
-        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
-        println!("evaluation written to {}", path.display());
-    }
+    warn(warning);
+    a.json.print(&evaluation.render_table(), &evaluation)?;
     Ok(())
 }

@@ -18,8 +18,8 @@ use medvlm_tasks::synthesis_pipeline::{
     EvalOptions, SampleOptions, Synthesizer, TrainOptions,
 };
 
-use super::common::write_file;
 use super::embed::DeviceArgs;
+use super::task_args::{warn, EvalJsonArg};
 
 /// Arguments of `medvlm synthesize`.
 #[derive(clap::Args, Debug)]
@@ -175,9 +175,8 @@ pub struct EvalArgs {
     pub n_per_class: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Also write the evaluation as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub json: EvalJsonArg,
     /// Also write a grid (per class: a row of real test images, a row of generated ones).
     #[arg(long)]
     pub grid: Option<PathBuf>,
@@ -258,9 +257,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
 fn sample(a: SampleArgs) -> anyhow::Result<()> {
     let device = a.device.device()?;
     let (synth, warning) = Synthesizer::load(&a.synthesizer, a.model.as_deref(), &device)?;
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
+    warn(warning);
     let files = sample_to_files(&synth, &a.prompt, a.n, &a.sampling.options(), &a.out)?;
     match &files.class {
         Some(c) => println!("prompt `{}`: the synthesizer's class `{c}`", a.prompt),
@@ -281,9 +278,7 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = a.device.device()?;
     let (synth, warning) = Synthesizer::load(&a.synthesizer, a.model.as_deref(), &device)?;
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
+    warn(warning);
     let opts = EvalOptions {
         n_per_class: a.n_per_class,
         sample: a.sampling.options(),
@@ -296,11 +291,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         a.train_split.as_deref(),
         &opts,
     )?;
-    print!("{}", evaluation.render_table());
-    if let Some(path) = &a.json {
-        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
-        println!("evaluation written to {}", path.display());
-    }
+    a.json.print(&evaluation.render_table(), &evaluation)?;
     if let Some(path) = &a.grid {
         let cfg = &synth.card.config;
         write_examples_grid(path, &examples, cfg.image_size, cfg.channels, a.grid_zoom)?;

@@ -16,8 +16,8 @@ use medvlm_tasks::super_resolution_pipeline::{
     apply_files, evaluate_manifest, train_upscaler, write_grid, TrainOptions, Upscaler,
 };
 
-use super::common::write_file;
 use super::embed::DeviceArgs;
+use super::task_args::EvalJsonArg;
 
 /// Arguments of `medvlm upscale`.
 #[derive(clap::Args, Debug)]
@@ -92,9 +92,8 @@ pub struct EvalArgs {
     /// Only this split.
     #[arg(long)]
     pub split: Option<String>,
-    /// Also write the evaluation as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub json: EvalJsonArg,
     /// Also write a figure (input, bicubic, output, ground truth, error x4; the first image
     /// of each modality) as a PNG here.
     #[arg(long)]
@@ -177,11 +176,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = a.device.device()?;
     let up = Upscaler::load(&a.upscaler, &device)?;
     let (evaluation, examples) = evaluate_manifest(&up, &a.manifest, a.split.as_deref())?;
-    print!("{}", evaluation.report());
-    if let Some(path) = &a.json {
-        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
-        println!("evaluation written to {}", path.display());
-    }
+    a.json.print(&evaluation.report(), &evaluation)?;
     if let Some(path) = &a.grid {
         write_grid(path, &examples, a.grid_zoom)?;
         println!("figure written to {}", path.display());

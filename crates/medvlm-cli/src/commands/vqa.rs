@@ -21,8 +21,8 @@ use medvlm_tasks::vqa_pipeline::{
     answer_files, evaluate_manifest, train_and_save, Trained, VqaTask, VqaTrainOptions,
 };
 
-use super::common::write_file;
 use super::embed::DeviceArgs;
+use super::task_args::{warn, EvalJsonArg, SplitArg};
 
 /// Arguments of `medvlm vqa`.
 #[derive(clap::Args, Debug)]
@@ -51,9 +51,8 @@ pub struct TrainArgs {
     /// Training manifest (.jsonl / .csv) with `qa` question-answer pairs.
     #[arg(long)]
     pub manifest: PathBuf,
-    /// Only the records of this split of the manifest.
-    #[arg(long)]
-    pub split: Option<String>,
+    #[command(flatten)]
+    pub split: SplitArg,
     /// Output folder of the answerer.
     #[arg(long)]
     pub out: PathBuf,
@@ -112,12 +111,10 @@ pub struct EvalArgs {
     /// Test manifest with `qa` question-answer pairs.
     #[arg(long)]
     pub manifest: PathBuf,
-    /// Only the records of this split of the manifest.
-    #[arg(long)]
-    pub split: Option<String>,
-    /// Also write the evaluation as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub split: SplitArg,
+    #[command(flatten)]
+    pub json: EvalJsonArg,
     /// Let every question get any training answer (default: a question seen in training
     /// only gets answers it had there).
     #[arg(long)]
@@ -154,7 +151,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     let opts = VqaTrainOptions {
         model_spec: a.model.clone(),
         config,
-        split: a.split.clone(),
+        split: a.split.split.clone(),
     };
     let t0 = std::time::Instant::now();
     let card = train_and_save(
@@ -202,7 +199,7 @@ fn train_gen(a: TrainArgs) -> anyhow::Result<()> {
         model_spec: a.model.clone(),
         config,
         image_grid: a.image_grid.unwrap_or(VqaConfig::default().image_grid),
-        split: a.split.clone(),
+        split: a.split.split.clone(),
     };
     let t0 = std::time::Instant::now();
     let card = train_generative_and_save(&a.manifest, &opts, &a.out, &device, &mut |e, loss| {
@@ -226,18 +223,14 @@ fn answer(a: AnswerArgs) -> anyhow::Result<()> {
     if is_generative(&a.answerer) {
         let (answers, warning) =
             answer_files_generative(&a.answerer, &a.images, &a.question, &device)?;
-        if let Some(w) = warning {
-            eprintln!("warning: {w}");
-        }
+        warn(warning);
         for (img, ans) in a.images.iter().zip(answers) {
             println!("{}\t{ans}", img.display());
         }
         return Ok(());
     }
     let (answers, warning) = answer_files(&a.answerer, &a.images, &a.question, &device)?;
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
+    warn(warning);
     for (img, ans) in a.images.iter().zip(answers) {
         println!("{}\t{}\t{:.3}", img.display(), ans.answer, ans.confidence);
     }
@@ -247,25 +240,19 @@ fn answer(a: AnswerArgs) -> anyhow::Result<()> {
 fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = a.device.device()?;
     let (evaluation, warning) = if is_generative(&a.answerer) {
-        let task = VqaTask::from_manifest(&a.manifest, a.split.as_deref())?;
+        let task = VqaTask::from_manifest(&a.manifest, a.split.get())?;
         let (model, m, warning) = GenVqaModel::load(&a.answerer, &device)?;
         (evaluate_generative(&model, &m, &task, &device)?, warning)
     } else {
         evaluate_manifest(
             &a.answerer,
             &a.manifest,
-            a.split.as_deref(),
+            a.split.get(),
             a.no_answer_mask.then_some(false),
             &device,
         )?
     };
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
-    }
-    print!("{}", evaluation.render_table());
-    if let Some(path) = &a.json {
-        write_file(path, &serde_json::to_vec_pretty(&evaluation)?)?;
-        println!("evaluation written to {}", path.display());
-    }
+    warn(warning);
+    a.json.print(&evaluation.render_table(), &evaluation)?;
     Ok(())
 }
