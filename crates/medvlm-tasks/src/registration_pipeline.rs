@@ -47,8 +47,8 @@ use crate::registration::{
     predict_fields, train, LossTerms, PairTensors, RegConfig, RegError, RegNet, TrainedRegNet,
 };
 use crate::segmentation_pipeline::read_plane;
-pub use crate::text_condition::TextConditioner;
 use crate::text_condition::TextConditionError;
+pub use crate::text_condition::TextConditioner;
 
 /// Errors of the registration pipeline; each names the file and the reason.
 #[derive(Debug, thiserror::Error)]

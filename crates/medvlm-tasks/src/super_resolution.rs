@@ -488,19 +488,17 @@ fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
     for (name, var) in params {
         let t = var.as_tensor();
         let dims = t.dims().to_vec();
-        let values: Vec<f32> = if name.ends_with("bias")
-            || name.starts_with("tail.")
-            || name.starts_with("film.")
-        {
-            vec![0.0; t.elem_count()]
-        } else {
-            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
-            let normal = Normal::new(0.0f32, (2.0 / fan_in as f32).sqrt())
-                .map_err(|e| SrError::Invalid(e.to_string()))?;
-            (0..t.elem_count())
-                .map(|_| normal.sample(&mut rng))
-                .collect()
-        };
+        let values: Vec<f32> =
+            if name.ends_with("bias") || name.starts_with("tail.") || name.starts_with("film.") {
+                vec![0.0; t.elem_count()]
+            } else {
+                let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+                let normal = Normal::new(0.0f32, (2.0 / fan_in as f32).sqrt())
+                    .map_err(|e| SrError::Invalid(e.to_string()))?;
+                (0..t.elem_count())
+                    .map(|_| normal.sample(&mut rng))
+                    .collect()
+            };
         var.set(&Tensor::from_vec(values, dims, t.device())?)?;
     }
     Ok(())
@@ -891,7 +889,10 @@ mod tests {
         let lr = &text_pairs[0].lr;
         let a = upscale(&plain.net, lr, 16, 16).unwrap();
         let b = upscale_conditioned(&cond.net, lr, 16, 16, Some(&[0.6, 0.0, 0.8])).unwrap();
-        assert!(a.iter().zip(&text_pairs[0].bicubic).any(|(x, y)| (x - y.clamp(0.0, 1.0)).abs() > 1e-3));
+        assert!(a
+            .iter()
+            .zip(&text_pairs[0].bicubic)
+            .any(|(x, y)| (x - y.clamp(0.0, 1.0)).abs() > 1e-3));
         assert_eq!(a, b);
         // A non-zero FiLM map would change the output (so the equality above is not vacuous).
         set_param(&cond.varmap, "film.0.weight", |i| 0.3 * (i % 3) as f32);
@@ -908,7 +909,10 @@ mod tests {
         let gap = |t: &TrainedSr| -> f32 {
             let a = upscale_conditioned(&t.net, lr, 16, 16, Some(&ta)).unwrap();
             let b = upscale_conditioned(&t.net, lr, 16, 16, Some(&tb)).unwrap();
-            a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+            a.iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max)
         };
         // Untrained, FiLM is zero: the text changes nothing.
         let t0 = train_sr(&small_text_cfg(2, 0), &pairs, &dev, &mut |_, _| {}).unwrap();
@@ -923,23 +927,50 @@ mod tests {
         let dev = Device::Cpu;
         // Text given to an unconditioned network, missing or of the wrong width for a
         // conditioned one.
-        let e = train_sr(&small_text_cfg(0, 1), &texted_pairs(&[vec![1.0, 0.0]]), &dev, &mut |_, _| {})
-            .err()
-            .unwrap()
-            .to_string();
+        let e = train_sr(
+            &small_text_cfg(0, 1),
+            &texted_pairs(&[vec![1.0, 0.0]]),
+            &dev,
+            &mut |_, _| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("not text-conditioned"), "{e}");
-        let e = train_sr(&small_text_cfg(2, 1), &texted_pairs(&[vec![1.0, 0.0], vec![]]), &dev, &mut |_, _| {})
-            .err()
-            .unwrap()
-            .to_string();
+        let e = train_sr(
+            &small_text_cfg(2, 1),
+            &texted_pairs(&[vec![1.0, 0.0], vec![]]),
+            &dev,
+            &mut |_, _| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("pair 1 has no text embedding"), "{e}");
-        let e = train_sr(&small_text_cfg(3, 1), &texted_pairs(&[vec![1.0, 0.0]]), &dev, &mut |_, _| {})
-            .err()
-            .unwrap()
-            .to_string();
+        let e = train_sr(
+            &small_text_cfg(3, 1),
+            &texted_pairs(&[vec![1.0, 0.0]]),
+            &dev,
+            &mut |_, _| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("2-wide") && e.contains("reads 3"), "{e}");
-        let plain = train_sr(&small_text_cfg(0, 0), &texted_pairs(&[vec![]]), &dev, &mut |_, _| {}).unwrap();
-        let cond = train_sr(&small_text_cfg(2, 0), &texted_pairs(&[vec![1.0, 0.0]]), &dev, &mut |_, _| {}).unwrap();
+        let plain = train_sr(
+            &small_text_cfg(0, 0),
+            &texted_pairs(&[vec![]]),
+            &dev,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let cond = train_sr(
+            &small_text_cfg(2, 0),
+            &texted_pairs(&[vec![1.0, 0.0]]),
+            &dev,
+            &mut |_, _| {},
+        )
+        .unwrap();
         let lr = vec![0.5f32; 16 * 16];
         let e = upscale_conditioned(&plain.net, &lr, 16, 16, Some(&[1.0, 0.0]))
             .unwrap_err()

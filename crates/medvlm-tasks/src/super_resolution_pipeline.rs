@@ -47,8 +47,8 @@ use medvlm_io::{Plane, PlaneSelect, SourceFormat, Window};
 use medvlm_train::text_section::TextSection;
 
 use crate::super_resolution::{
-    bicubic_resize, check_hr_size, quantise_u8, train_sr, upscale_conditioned, SrConfig,
-    SrError, SrNet, SrPair, MIN_LR_SIDE,
+    bicubic_resize, check_hr_size, quantise_u8, train_sr, upscale_conditioned, SrConfig, SrError,
+    SrNet, SrPair, MIN_LR_SIDE,
 };
 use crate::text_condition::{TextConditionError, TextConditioner};
 
@@ -463,7 +463,9 @@ impl Upscaler {
             SrPipelineError::Invalid("this upscaler is not text-conditioned".into())
         })?;
         let device = self.net_device();
-        Ok(t.embed(prompts, &device)?.to_device(&Device::Cpu)?.to_vec2()?)
+        Ok(t.embed(prompts, &device)?
+            .to_device(&Device::Cpu)?
+            .to_vec2()?)
     }
 
     fn net_device(&self) -> Device {
@@ -1084,17 +1086,27 @@ mod tests {
         assert_eq!(back.card, up.card);
         let lr = read_grey(&dir.path().join("im4.png")).unwrap();
         let a = up.upscale_prompted(&lr, Some("Chest. Effusion.")).unwrap();
-        assert_eq!(a, back.upscale_prompted(&lr, Some("Chest. Effusion.")).unwrap());
+        assert_eq!(
+            a,
+            back.upscale_prompted(&lr, Some("Chest. Effusion."))
+                .unwrap()
+        );
         // The prompt reaches the network (trained FiLM maps are no longer zero).
         let b = back.upscale_prompted(&lr, Some("Brain. Normal.")).unwrap();
-        assert!(a.iter().zip(&b).any(|(x, y)| x != y), "two prompts, one output");
+        assert!(
+            a.iter().zip(&b).any(|(x, y)| x != y),
+            "two prompts, one output"
+        );
         // A prompt is required, non-empty and within the context; nothing is written
         // otherwise.
         let out = dir.path().join("out");
         let file = [dir.path().join("im4.png")];
         for p in [None, Some("  ")] {
             let e = apply_files(&back, &file, p, &out).unwrap_err().to_string();
-            assert!(e.contains("text-conditioned") && e.contains("give a prompt"), "{e}");
+            assert!(
+                e.contains("text-conditioned") && e.contains("give a prompt"),
+                "{e}"
+            );
         }
         let long = "Chest radiograph with a large effusion. ".repeat(3);
         let e = apply_files(&back, &file, Some(&long), &out)
@@ -1147,7 +1159,10 @@ mod tests {
         .err()
         .unwrap()
         .to_string();
-        assert!(e.contains("im2.png") && e.contains("context of 24 tokens"), "{e}");
+        assert!(
+            e.contains("im2.png") && e.contains("context of 24 tokens"),
+            "{e}"
+        );
         // Another text model (here: the same files under another fingerprint) is refused.
         let card_path = art.join(CARD_FILE);
         let original = std::fs::read(&card_path).unwrap();
@@ -1158,7 +1173,10 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("upscaler.json") && e.contains("fingerprint differs"), "{e}");
+        assert!(
+            e.contains("upscaler.json") && e.contains("fingerprint differs"),
+            "{e}"
+        );
         // A card whose text model disagrees with text_dim is refused.
         let mut card: serde_json::Value = serde_json::from_slice(&original).unwrap();
         card["text_model"] = serde_json::Value::Null;

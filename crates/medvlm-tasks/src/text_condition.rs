@@ -146,8 +146,10 @@ impl TextConditioner {
             .iter()
             .map(|p| distinct.binary_search(p).unwrap_or(0) as u32)
             .collect();
-        Ok(e.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?
-            .to_device(device)?)
+        Ok(
+            e.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?
+                .to_device(device)?,
+        )
     }
 }
 

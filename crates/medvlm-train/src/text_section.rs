@@ -41,7 +41,9 @@ impl std::str::FromStr for TextSection {
         ]
         .into_iter()
         .find(|t| t.name() == s)
-        .ok_or_else(|| format!("text section {s:?}: expected report, impression or exam_impression"))
+        .ok_or_else(|| {
+            format!("text section {s:?}: expected report, impression or exam_impression")
+        })
     }
 }
 
