@@ -396,6 +396,7 @@ async fn upscale_answers_as_the_library() {
             },
             split: None,
             max_images: Some(4),
+            ..Default::default()
         },
         &dev,
         &mut |_, _| {},

@@ -19,7 +19,7 @@
 //!   Dice of warped masks and folding;
 //! - super-resolution of grey images ([`super_resolution`], [`super_resolution_pipeline`]): an
 //!   EDSR-style residual network over bicubic upsampling, x2 and x4, scored with PSNR/SSIM
-//!   against bicubic;
+//!   against bicubic, optionally conditioned on the report's text embedding;
 //! - visual question answering ([`vqa`], [`vqa_pipeline`], [`vqa_generative`]):
 //!   PubMedCLIP-style classification over the training answers from frozen image and
 //!   question embeddings, and generative answers from the report decoder, scored VQA-RAD's
@@ -28,6 +28,8 @@
 //!   conditional DDPM on the VLM's prompt embedding with classifier-free guidance and a DDIM
 //!   sampler, scored with FID/KID in the VLM's feature space, prompt alignment and a
 //!   real-trained classifier on generated images;
+//! - text conditioning shared by registration and super-resolution ([`text_condition`]): the
+//!   frozen VLM text tower, the prompt-length check and a zero-initialised FiLM layer;
 //! - multi-task learning ([`multitask`], [`multitask_pipeline`]): one shared trunk on the
 //!   frozen image embedding with findings-classification, VQA and report heads trained
 //!   jointly with per-task loss weights, compared with single-task models of the same shape.
@@ -69,6 +71,7 @@ pub mod super_resolution;
 pub mod super_resolution_pipeline;
 pub mod synthesis;
 pub mod synthesis_pipeline;
+pub mod text_condition;
 pub mod vqa;
 pub mod vqa_generative;
 pub mod vqa_pipeline;

@@ -58,6 +58,8 @@ use medvlm_train::init::{self, Init};
 use medvlm_train::minibatch::{adamw, ShuffledEpochs};
 use medvlm_train::optim::{Gradients, NamedVar};
 
+use crate::text_condition::{check_text_input, Channels, Film};
+
 /// Errors of the registration network.
 #[derive(Debug, thiserror::Error)]
 pub enum RegError {
@@ -118,8 +120,9 @@ pub struct RegConfig {
     pub seed: u64,
     /// Width of the text embedding that conditions the network (0 = unconditioned): FiLM
     /// of the bottleneck features, `x (1 + γ(t)) + β(t)` with `(γ, β)` a linear map of the
-    /// L2-normalised text embedding `t` (TextSCF's idea, Chen et al.), initialised to zero so
-    /// training starts from the unconditioned network.
+    /// L2-normalised text embedding `t` (TextSCF's idea, Chen et al.;
+    /// [`crate::text_condition::Film`]), initialised to zero so training starts from the
+    /// unconditioned network.
     pub text_dim: usize,
 }
 
@@ -442,7 +445,7 @@ pub struct RegNet {
     dec: Vec<Conv3x3>,
     refine: Conv3x3,
     velocity: Conv3x3,
-    film: Option<candle_nn::Linear>,
+    film: Option<Film>,
     cfg: RegConfig,
 }
 
@@ -470,7 +473,7 @@ impl RegNet {
         let velocity = Conv3x3::new(vb.pp("velocity"), w, 2, 1)?;
         let bottleneck = if cfg.levels == 0 { w } else { w2 };
         let film = (cfg.text_dim > 0)
-            .then(|| candle_nn::linear(cfg.text_dim, 2 * bottleneck, vb.pp("film")))
+            .then(|| Film::new(vb.pp("film"), cfg.text_dim, bottleneck))
             .transpose()?;
         Ok(Self {
             enc,
@@ -512,32 +515,12 @@ impl RegNet {
             skips.push(x.clone());
         }
         skips.pop();
-        match (&self.film, text) {
-            (Some(film), Some(t)) => {
-                if t.dims2()? != (b, self.cfg.text_dim) {
-                    return Err(RegError::Invalid(format!(
-                        "text embeddings are {:?}; the network reads [{b}, {}]",
-                        t.dims(),
-                        self.cfg.text_dim
-                    )));
-                }
-                let gb = candle_nn::Module::forward(film, t)?;
-                let ch = gb.dim(1)? / 2;
-                let gamma = gb.narrow(1, 0, ch)?.reshape((b, ch, 1, 1))?;
-                let beta = gb.narrow(1, ch, ch)?.reshape((b, ch, 1, 1))?;
-                x = x.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(&beta)?;
-            }
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(RegError::Invalid(
-                    "this registration network is text-conditioned: give a prompt".into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(RegError::Invalid(
-                    "this registration network is not text-conditioned: it takes no prompt".into(),
-                ))
-            }
+        check_text_input(self.cfg.text_dim, text, b, "registration network")
+            .map_err(|e| RegError::Invalid(e.to_string()))?;
+        if let (Some(film), Some(t)) = (&self.film, text) {
+            x = film
+                .modulate(&x, t, Channels::First)
+                .map_err(|e| RegError::Invalid(e.to_string()))?;
         }
         for conv in &self.dec {
             let skip = skips

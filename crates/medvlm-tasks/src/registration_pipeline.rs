@@ -35,7 +35,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use medvlm_eval::registration::{
@@ -48,6 +47,8 @@ use crate::registration::{
     predict_fields, train, LossTerms, PairTensors, RegConfig, RegError, RegNet, TrainedRegNet,
 };
 use crate::segmentation_pipeline::read_plane;
+use crate::text_condition::TextConditionError;
+pub use crate::text_condition::TextConditioner;
 
 /// Errors of the registration pipeline; each names the file and the reason.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,9 @@ pub enum RegPipelineError {
     /// Tensor error.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The text tower or a prompt failed.
+    #[error(transparent)]
+    Text(#[from] TextConditionError),
     /// Inputs or settings that cannot work (the message says which).
     #[error("{0}")]
     Invalid(String),
@@ -325,59 +329,6 @@ pub fn load_pairs(
         });
     }
     Ok(pairs)
-}
-
-/// The text tower that conditions a registrar: the loaded VLM, its spec and fingerprint.
-pub struct TextConditioner {
-    /// Model spec as given (`medvlm_models::load_model`).
-    pub spec: String,
-    /// The model (its text tower is used).
-    pub model: LoadedModel,
-}
-
-impl TextConditioner {
-    /// Loads the model of `spec`.
-    pub fn load(spec: &str, device: &Device) -> Result<Self> {
-        let opts = medvlm_models::LoadOptions {
-            device: device.clone(),
-            ..Default::default()
-        };
-        let model = medvlm_models::load_model(spec, &opts)
-            .map_err(|e| RegPipelineError::Invalid(format!("text model {spec}: {e}")))?;
-        Ok(Self {
-            spec: spec.to_string(),
-            model,
-        })
-    }
-
-    /// The model's fingerprint (files, family), as the other heads record it.
-    pub fn fingerprint(&self) -> String {
-        crate::segmentation_pipeline::model_fingerprint(&self.spec, &self.model)
-    }
-
-    /// L2-normalised text embeddings `[N, D]` of `prompts`, each distinct prompt embedded once.
-    pub fn embed(&self, prompts: &[String], device: &Device) -> Result<Tensor> {
-        let mut distinct: Vec<String> = prompts.to_vec();
-        distinct.sort();
-        distinct.dedup();
-        if distinct.iter().any(|p| p.trim().is_empty()) {
-            return Err(RegPipelineError::Invalid(
-                "a text-conditioned registrar needs a non-empty prompt for every pair".into(),
-            ));
-        }
-        let e = medvlm_models::embed::embed_texts(&self.model, &distinct, 64, device)
-            .map_err(|e| RegPipelineError::Invalid(format!("text model {}: {e}", self.spec)))?;
-        let e = medvlm_models::vlm::l2_normalize(&e)
-            .map_err(|e| RegPipelineError::Invalid(format!("text model {}: {e}", self.spec)))?;
-        let idx: Vec<u32> = prompts
-            .iter()
-            .map(|p| distinct.binary_search(p).unwrap_or(0) as u32)
-            .collect();
-        Ok(
-            e.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu)?, 0)?
-                .to_device(device)?,
-        )
-    }
 }
 
 /// Stacks pairs into `[N, 1, H, W]` tensors (with masks when `with_masks`, and the prompts'

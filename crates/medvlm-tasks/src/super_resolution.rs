@@ -16,6 +16,12 @@
 //! to zero, so an untrained network returns the bicubic image exactly and training starts
 //! from the baseline.
 //!
+//! **Text conditioning** (optional, `text_dim > 0`): after each residual block the body
+//! features are modulated by FiLM from the report's L2-normalised text embedding `t`
+//! (per-channel `r (1 + γ_i(t)) + β_i(t)`, one linear map per block;
+//! [`crate::text_condition::Film`]). The FiLM maps start at zero, so the conditioned network
+//! starts exactly as the unconditioned one of the same seed and the text's effect is learned.
+//!
 //! Convolutions are channels-last and run on `medvlm_models::conv::conv2d` (im2col + gemm
 //! with its own backward, much faster than candle's CPU convolution backward).
 //!
@@ -37,7 +43,8 @@
 //!
 //! Defaults ([`SrConfig::default`]): scale 2, 32 features, 4 residual blocks, residual
 //! scaling 1.0 (EDSR-baseline; EDSR uses 0.1 only for its 256-wide model), patch 32 px,
-//! 1500 steps of batch 16, learning rate 5e-4, 50 warm-up steps, seed 0.
+//! 1500 steps of batch 16, learning rate 5e-4, 50 warm-up steps, seed 0, no text
+//! conditioning (`text_dim` 0).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -49,6 +56,8 @@ use medvlm_train::init::{self, Init};
 use medvlm_train::minibatch::adamw;
 use medvlm_train::optim::{Gradients, NamedVar};
 use medvlm_train::schedule::WarmupCosine;
+
+use crate::text_condition::{check_text_input, Channels, Film};
 
 /// Errors of the super-resolution model.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +104,9 @@ pub struct SrConfig {
     pub warmup_steps: usize,
     /// Seed of the initialisation, crops and augmentation.
     pub seed: u64,
+    /// Width of the text embedding that conditions the body by FiLM (0 = unconditioned;
+    /// see the module doc).
+    pub text_dim: usize,
 }
 
 impl Default for SrConfig {
@@ -110,6 +122,7 @@ impl Default for SrConfig {
             lr: 5e-4,
             warmup_steps: 50,
             seed: 0,
+            text_dim: 0,
         }
     }
 }
@@ -298,6 +311,7 @@ pub struct SrNet {
     cfg: SrConfig,
     head: Conv3,
     blocks: Vec<(Conv3, Conv3)>,
+    films: Vec<Film>,
     body_tail: Conv3,
     ups: Vec<Conv3>,
     tail: Conv3,
@@ -305,7 +319,8 @@ pub struct SrNet {
 
 impl SrNet {
     /// A network with its parameters in `vb` (candle's default initialisation; training
-    /// re-draws them from the seed, see [`train_sr`]).
+    /// re-draws them from the seed, see [`train_sr`]); with `text_dim > 0` one FiLM map per
+    /// residual block (`film.i`).
     pub fn new(vb: VarBuilder, cfg: &SrConfig) -> Result<Self> {
         cfg.validate()?;
         let f = cfg.features;
@@ -317,6 +332,13 @@ impl SrNet {
                 ))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let films = if cfg.text_dim > 0 {
+            (0..cfg.blocks)
+                .map(|i| Film::new(vb.pp(format!("film.{i}")), cfg.text_dim, f))
+                .collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         let ups = (0..cfg.stages())
             .map(|i| Conv3::new(vb.pp(format!("up.{i}")), f, 4 * f))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -324,6 +346,7 @@ impl SrNet {
             cfg: cfg.clone(),
             head: Conv3::new(vb.pp("head"), 1, f)?,
             blocks,
+            films,
             body_tail: Conv3::new(vb.pp("body_tail"), f, f)?,
             ups,
             tail: Conv3::new(vb.pp("tail"), f, 1)?,
@@ -336,8 +359,10 @@ impl SrNet {
     }
 
     /// Super-resolved images `[B, H, W, 1]` from low-resolution ones `[B, h, w, 1]` (values
-    /// in `[0, 1]`) and their bicubic upsampling `[B, H, W, 1]` (`H = s h`, `W = s w`).
-    pub fn forward(&self, lr: &Tensor, bicubic: &Tensor) -> Result<Tensor> {
+    /// in `[0, 1]`) and their bicubic upsampling `[B, H, W, 1]` (`H = s h`, `W = s w`),
+    /// conditioned on text embeddings `[B, text_dim]` when the network has `text_dim > 0`
+    /// (then required; refused otherwise).
+    pub fn forward(&self, lr: &Tensor, bicubic: &Tensor, text: Option<&Tensor>) -> Result<Tensor> {
         let (b, h, w, c) = lr.dims4()?;
         let s = self.cfg.scale;
         if c != 1 || bicubic.dims() != [b, h * s, w * s, 1] {
@@ -347,11 +372,18 @@ impl SrNet {
                 bicubic.dims()
             )));
         }
+        check_text_input(self.cfg.text_dim, text, b, "super-resolution network")
+            .map_err(|e| SrError::Invalid(e.to_string()))?;
         let f0 = self.head.forward(&(lr - 0.5)?)?;
         let mut r = f0.clone();
-        for (c1, c2) in &self.blocks {
+        for (i, (c1, c2)) in self.blocks.iter().enumerate() {
             let branch = c2.forward(&c1.forward(&r)?.relu()?)?;
             r = (r + branch.affine(self.cfg.res_scale, 0.0)?)?;
+            if let (Some(film), Some(t)) = (self.films.get(i), text) {
+                r = film
+                    .modulate(&r, t, Channels::Last)
+                    .map_err(|e| SrError::Invalid(e.to_string()))?;
+            }
         }
         let mut x = (self.body_tail.forward(&r)? + f0)?;
         for up in &self.ups {
@@ -393,6 +425,9 @@ pub struct SrPair {
     pub lr: Vec<f32>,
     /// `rows x cols` bicubic upsampling of `lr`.
     pub bicubic: Vec<f32>,
+    /// The text embedding that conditions a text-conditioned network on this image (its
+    /// report's); `None` for an unconditioned one.
+    pub text: Option<Vec<f32>>,
 }
 
 impl SrPair {
@@ -418,6 +453,7 @@ impl SrPair {
             hr,
             lr,
             bicubic,
+            text: None,
         })
     }
 }
@@ -445,10 +481,12 @@ pub fn check_hr_size(rows: usize, cols: usize, scale: usize) -> Result<()> {
 
 /// Re-draws every parameter from a seeded generator (candle's initialisers use the thread's
 /// RNG): weights Kaiming-normal `N(0, 2 / fan_in)`, biases zero, the tail convolution zero
-/// (so the untrained network is the bicubic baseline). Parameters are visited in name order.
+/// (so the untrained network is the bicubic baseline), the FiLM maps zero (so the conditioned
+/// network starts as the plain one; no draw is spent on them, so the other parameters equal
+/// the plain network's of the same seed). Parameters are visited in name order.
 fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
     Ok(init::seeded_init(params, seed, 0x5e_ed5a, |name, dims| {
-        if name.ends_with("bias") || name.starts_with("tail.") {
+        if name.ends_with("bias") || name.starts_with("tail.") || name.starts_with("film.") {
             Init::Zeros
         } else {
             Init::Normal {
@@ -498,8 +536,9 @@ pub struct TrainedSr {
     pub losses: Vec<f32>,
 }
 
-/// Trains a network on `pairs` (all at `cfg.scale`); `progress(step, loss)` is called after
-/// each step.
+/// Trains a network on `pairs` (all at `cfg.scale`; with `cfg.text_dim > 0` each pair
+/// carries its `text_dim`-wide text embedding, which conditions its crops); `progress(step,
+/// loss)` is called after each step.
 pub fn train_sr(
     cfg: &SrConfig,
     pairs: &[SrPair],
@@ -515,6 +554,25 @@ pub fn train_sr(
             "a x{} training pair for a x{} network",
             p.scale, cfg.scale
         )));
+    }
+    // Text exactly when conditioned, of the network's width: nothing is dropped silently.
+    if let Some((i, p)) = pairs
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.text.as_ref().map_or(0, Vec::len) != cfg.text_dim)
+    {
+        return Err(SrError::Invalid(match (&p.text, cfg.text_dim) {
+            (Some(_), 0) => format!(
+                "training pair {i} has a text embedding but the network is not text-conditioned"
+            ),
+            (None, d) => format!(
+                "training pair {i} has no text embedding for a network conditioned on {d}-wide text"
+            ),
+            (Some(t), d) => format!(
+                "training pair {i} has a {}-wide text embedding; the network reads {d}",
+                t.len()
+            ),
+        }));
     }
     let s = cfg.scale;
     // Square crops: the patch, or the largest multiple of the scale that fits every image.
@@ -536,8 +594,12 @@ pub fn train_sr(
     let mut losses = Vec::with_capacity(cfg.steps);
     for step in 0..cfg.steps {
         let (mut lr_b, mut bic_b, mut hr_b) = (Vec::new(), Vec::new(), Vec::new());
+        let mut text_b = Vec::new();
         for _ in 0..cfg.batch {
             let p = &pairs[rng.random_range(0..pairs.len())];
+            if let Some(t) = &p.text {
+                text_b.extend_from_slice(t);
+            }
             let ly = rng.random_range(0..=p.rows / s - lp);
             let lx = rng.random_range(0..=p.cols / s - lp);
             let k: u8 = rng.random_range(0..8);
@@ -557,7 +619,10 @@ pub fn train_sr(
         let lr_t = Tensor::from_vec(lr_b, (b, lp, lp, 1), device)?;
         let bic_t = Tensor::from_vec(bic_b, (b, patch, patch, 1), device)?;
         let hr_t = Tensor::from_vec(hr_b, (b, patch, patch, 1), device)?;
-        let loss = l1_loss(&net.forward(&lr_t, &bic_t)?, &hr_t)?;
+        let text_t = (cfg.text_dim > 0)
+            .then(|| Tensor::from_vec(text_b, (b, cfg.text_dim), device))
+            .transpose()?;
+        let loss = l1_loss(&net.forward(&lr_t, &bic_t, text_t.as_ref())?, &hr_t)?;
         let grads = Gradients::from_grad_store(&loss.backward()?, &params);
         opt.step(&grads, schedule.lr(step as u64))?;
         let l = loss.to_scalar::<f32>()?;
@@ -576,9 +641,22 @@ pub fn train_sr(
     })
 }
 
-/// Super-resolves one low-resolution image (row-major `rows x cols`, `[0, 1]`) with `net`:
-/// returns the `s rows x s cols` output clipped to `[0, 1]` (not quantised).
+/// Super-resolves one low-resolution image (row-major `rows x cols`, `[0, 1]`) with an
+/// unconditioned `net`: returns the `s rows x s cols` output clipped to `[0, 1]` (not
+/// quantised).
 pub fn upscale(net: &SrNet, lr: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
+    upscale_conditioned(net, lr, rows, cols, None)
+}
+
+/// [`upscale`] with the text embedding `text` (`text_dim` wide) that a text-conditioned
+/// network needs (and an unconditioned one refuses).
+pub fn upscale_conditioned(
+    net: &SrNet,
+    lr: &[f32],
+    rows: usize,
+    cols: usize,
+    text: Option<&[f32]>,
+) -> Result<Vec<f32>> {
     let s = net.config().scale;
     if rows < MIN_LR_SIDE || cols < MIN_LR_SIDE {
         return Err(SrError::Invalid(format!(
@@ -589,8 +667,11 @@ pub fn upscale(net: &SrNet, lr: &[f32], rows: usize, cols: usize) -> Result<Vec<
     let device = net.head.weight.device().clone();
     let lr_t = Tensor::from_slice(lr, (1, rows, cols, 1), &device)?;
     let bic_t = Tensor::from_vec(bic, (1, rows * s, cols * s, 1), &device)?;
+    let text_t = text
+        .map(|t| Tensor::from_slice(t, (1, t.len()), &device))
+        .transpose()?;
     let out = net
-        .forward(&lr_t, &bic_t)?
+        .forward(&lr_t, &bic_t, text_t.as_ref())?
         .flatten_all()?
         .to_vec1::<f32>()?;
     Ok(out.into_iter().map(|v| v.clamp(0.0, 1.0)).collect())
@@ -599,6 +680,7 @@ pub fn upscale(net: &SrNet, lr: &[f32], rows: usize, cols: usize) -> Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     #[test]
     fn pixel_shuffle_known_answer_and_pytorch_order() {
@@ -727,6 +809,167 @@ mod tests {
             ..SrConfig::default()
         };
         assert!(cfg.validate().is_err());
+    }
+
+    fn small_text_cfg(text_dim: usize, steps: usize) -> SrConfig {
+        SrConfig {
+            features: 8,
+            blocks: 2,
+            patch: 16,
+            steps,
+            batch: 4,
+            lr: 2e-3,
+            warmup_steps: 2,
+            text_dim,
+            ..SrConfig::default()
+        }
+    }
+
+    fn texted_pairs(texts: &[Vec<f32>]) -> Vec<SrPair> {
+        synthetic_images(texts.len(), 32, 5)
+            .into_iter()
+            .zip(texts)
+            .map(|(hr, t)| {
+                let mut p = SrPair::from_hr(hr, 32, 32, 2).unwrap();
+                p.text = (!t.is_empty()).then(|| t.clone());
+                p
+            })
+            .collect()
+    }
+
+    fn set_param(varmap: &VarMap, name: &str, f: impl Fn(usize) -> f32) {
+        let (_, var) = medvlm_train::optim::varmap_params(varmap)
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap();
+        let t = var.as_tensor();
+        let v: Vec<f32> = (0..t.elem_count()).map(f).collect();
+        var.set(&Tensor::from_vec(v, t.dims(), t.device()).unwrap())
+            .unwrap();
+    }
+
+    #[test]
+    fn zero_film_is_the_plain_network_of_the_same_seed() {
+        let plain_pairs = texted_pairs(&[vec![], vec![]]);
+        let text_pairs = texted_pairs(&[vec![0.6, 0.0, 0.8], vec![0.0, 1.0, 0.0]]);
+        let dev = Device::Cpu;
+        let plain = train_sr(&small_text_cfg(0, 0), &plain_pairs, &dev, &mut |_, _| {}).unwrap();
+        let cond = train_sr(&small_text_cfg(3, 0), &text_pairs, &dev, &mut |_, _| {}).unwrap();
+        // Every parameter the plain network has is drawn identically; the FiLM maps are zero.
+        let cp: HashMap<String, Vec<f32>> = medvlm_train::optim::varmap_params(&cond.varmap)
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+            .collect();
+        let pp = medvlm_train::optim::varmap_params(&plain.varmap);
+        for (name, var) in &pp {
+            let v: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(Some(&v), cp.get(name), "{name}");
+        }
+        let films: Vec<&String> = cp.keys().filter(|n| n.starts_with("film.")).collect();
+        assert_eq!(films.len(), 4, "a weight and a bias per block");
+        assert_eq!(cp.len(), pp.len() + 4);
+        assert!(films.iter().all(|n| cp[*n].iter().all(|&v| v == 0.0)));
+        // The untrained tail is zero (output = bicubic whatever the body does): give both the
+        // same non-zero tail so the body, FiLM included, reaches the output.
+        for vm in [&plain.varmap, &cond.varmap] {
+            set_param(vm, "tail.weight", |i| 0.05 * ((i as f32) * 0.7).sin());
+        }
+        let lr = &text_pairs[0].lr;
+        let a = upscale(&plain.net, lr, 16, 16).unwrap();
+        let b = upscale_conditioned(&cond.net, lr, 16, 16, Some(&[0.6, 0.0, 0.8])).unwrap();
+        assert!(a
+            .iter()
+            .zip(&text_pairs[0].bicubic)
+            .any(|(x, y)| (x - y.clamp(0.0, 1.0)).abs() > 1e-3));
+        assert_eq!(a, b);
+        // A non-zero FiLM map would change the output (so the equality above is not vacuous).
+        set_param(&cond.varmap, "film.0.weight", |i| 0.3 * (i % 3) as f32);
+        let c = upscale_conditioned(&cond.net, lr, 16, 16, Some(&[0.6, 0.0, 0.8])).unwrap();
+        assert!(a.iter().zip(&c).any(|(x, y)| (x - y).abs() > 1e-4));
+    }
+
+    #[test]
+    fn trained_film_makes_two_texts_give_two_outputs() {
+        let (ta, tb) = (vec![1.0f32, 0.0], vec![0.0f32, 1.0]);
+        let pairs = texted_pairs(&[ta.clone(), tb.clone(), ta.clone(), tb.clone()]);
+        let dev = Device::Cpu;
+        let lr = &pairs[0].lr;
+        let gap = |t: &TrainedSr| -> f32 {
+            let a = upscale_conditioned(&t.net, lr, 16, 16, Some(&ta)).unwrap();
+            let b = upscale_conditioned(&t.net, lr, 16, 16, Some(&tb)).unwrap();
+            a.iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max)
+        };
+        // Untrained, FiLM is zero: the text changes nothing.
+        let t0 = train_sr(&small_text_cfg(2, 0), &pairs, &dev, &mut |_, _| {}).unwrap();
+        assert_eq!(gap(&t0), 0.0);
+        let t = train_sr(&small_text_cfg(2, 20), &pairs, &dev, &mut |_, _| {}).unwrap();
+        let g = gap(&t);
+        assert!(g > 1e-4, "two texts gave one output (max difference {g})");
+    }
+
+    #[test]
+    fn text_must_match_the_conditioning() {
+        let dev = Device::Cpu;
+        // Text given to an unconditioned network, missing or of the wrong width for a
+        // conditioned one.
+        let e = train_sr(
+            &small_text_cfg(0, 1),
+            &texted_pairs(&[vec![1.0, 0.0]]),
+            &dev,
+            &mut |_, _| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("not text-conditioned"), "{e}");
+        let e = train_sr(
+            &small_text_cfg(2, 1),
+            &texted_pairs(&[vec![1.0, 0.0], vec![]]),
+            &dev,
+            &mut |_, _| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("pair 1 has no text embedding"), "{e}");
+        let e = train_sr(
+            &small_text_cfg(3, 1),
+            &texted_pairs(&[vec![1.0, 0.0]]),
+            &dev,
+            &mut |_, _| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("2-wide") && e.contains("reads 3"), "{e}");
+        let plain = train_sr(
+            &small_text_cfg(0, 0),
+            &texted_pairs(&[vec![]]),
+            &dev,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let cond = train_sr(
+            &small_text_cfg(2, 0),
+            &texted_pairs(&[vec![1.0, 0.0]]),
+            &dev,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let lr = vec![0.5f32; 16 * 16];
+        let e = upscale_conditioned(&plain.net, &lr, 16, 16, Some(&[1.0, 0.0]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not text-conditioned"), "{e}");
+        let e = upscale(&cond.net, &lr, 16, 16).unwrap_err().to_string();
+        assert!(e.contains("text-conditioned: give a prompt"), "{e}");
+        let e = upscale_conditioned(&cond.net, &lr, 16, 16, Some(&[1.0]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[1, 2]"), "{e}");
     }
 
     /// Synthetic images with sharp edges (discs and bars of random grey levels), which the

@@ -21,6 +21,17 @@
 //!   BasicSR's `crop_border`), averaged over images; overall and per modality (the manifest's
 //!   `modality` field).
 //!
+//! * **Text conditioning** (optional, `TrainOptions::text_model`): each image is conditioned
+//!   on its record's report (`text`), the section given by `text_section` (default
+//!   `exam_impression`, the examination line and impression the quickstart text tower was
+//!   trained on; [`TextSection`]), embedded by the model's text tower and L2-normalised
+//!   ([`TextConditioner`]); the network reads it by FiLM ([`crate::super_resolution`]). The
+//!   card records the text model, its fingerprint and the section; loading refuses a text
+//!   model whose fingerprint differs. `eval` conditions each image on its own report,
+//!   `apply` on the prompt given. A record without a report, a prompt longer than the text
+//!   tower's context, a conditioned upscaler without text or an unconditioned one with a
+//!   prompt are errors.
+//!
 //! The size must be divisible by the scale (2 or 4) and leave at least
 //! [`MIN_LR_SIDE`] low-resolution pixels per side; otherwise the error names the file.
 
@@ -33,12 +44,14 @@ use serde::{Deserialize, Serialize};
 
 use medvlm_eval::image_quality::{psnr, ssim, ImageRef};
 use medvlm_io::{Plane, PlaneSelect, SourceFormat, Window};
+use medvlm_train::text_section::TextSection;
 
 use crate::card::read_json_card;
 use crate::super_resolution::{
-    bicubic_resize, check_hr_size, quantise_u8, train_sr, upscale, SrConfig, SrError, SrNet,
-    SrPair, MIN_LR_SIDE,
+    bicubic_resize, check_hr_size, quantise_u8, train_sr, upscale_conditioned, SrConfig, SrError,
+    SrNet, SrPair, MIN_LR_SIDE,
 };
+use crate::text_condition::{TextConditionError, TextConditioner};
 
 /// Errors of the super-resolution pipeline; each names the file and the reason.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +89,9 @@ pub enum SrPipelineError {
     /// Tensor error.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The text tower or a prompt failed.
+    #[error(transparent)]
+    Text(#[from] TextConditionError),
     /// Inputs or settings that cannot work (the message says which).
     #[error("{0}")]
     Invalid(String),
@@ -109,6 +125,24 @@ pub struct SrItem {
     pub image: PathBuf,
     /// The manifest's `modality`, if any.
     pub modality: Option<String>,
+    /// The record's report (`text`), if any.
+    pub report: Option<String>,
+}
+
+impl SrItem {
+    /// The text that conditions a text-conditioned upscaler on this image: the `section` of
+    /// its report; no report (or an empty section) is an error naming the image.
+    pub fn prompt(&self, section: TextSection) -> Result<String> {
+        let report = self.report.as_deref().unwrap_or("").trim();
+        let text = section.select(report).text;
+        if text.trim().is_empty() {
+            return Err(image_err(
+                &self.image,
+                "no report (`text`) to condition the text-conditioned upscaler on",
+            ));
+        }
+        Ok(text)
+    }
 }
 
 /// The images of a manifest (or split).
@@ -138,6 +172,7 @@ impl SrTask {
                     .get("modality")
                     .and_then(|v| v.as_str())
                     .map(str::to_string),
+                report: r.text.clone(),
             })
             .collect();
         if items.is_empty() {
@@ -249,6 +284,15 @@ pub struct UpscalerCard {
     pub final_loss: f32,
     /// Wall-clock training time in seconds.
     pub train_seconds: f64,
+    /// The model whose text tower conditions the network (`config.text_dim > 0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_model: Option<String>,
+    /// Its fingerprint when trained (loading refuses another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_model_fingerprint: Option<String>,
+    /// The part of each report that was embedded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_section: Option<TextSection>,
 }
 
 /// Format tag of the card.
@@ -266,6 +310,8 @@ pub struct Upscaler {
     pub net: SrNet,
     /// Its parameters.
     pub varmap: VarMap,
+    /// The text tower of a text-conditioned upscaler.
+    pub text: Option<TextConditioner>,
 }
 
 impl Upscaler {
@@ -287,7 +333,8 @@ impl Upscaler {
             .map_err(|e| file_err(&card_path, medvlm_io::guard::error_chain(&e)))
     }
 
-    /// Loads an upscaler folder written by [`Self::save`].
+    /// Loads an upscaler folder written by [`Self::save`] (and, for a text-conditioned one,
+    /// its text model, refused when its fingerprint differs from the card's).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let card_path = dir.join(CARD_FILE);
         let card: UpscalerCard = read_json_card(
@@ -316,7 +363,45 @@ impl Upscaler {
             var.set(t)
                 .map_err(|e| file_err(&weights, format!("tensor `{name}`: {e}")))?;
         }
-        Ok(Self { card, net, varmap })
+        let text = match (&card.text_model, card.config.text_dim) {
+            (Some(spec), d) if d > 0 => {
+                let t = TextConditioner::load(spec, device)?;
+                if t.embed_dim() != d {
+                    return Err(file_err(
+                        &card_path,
+                        format!(
+                            "the text model {spec} embeds {} wide; the network reads {d}",
+                            t.embed_dim()
+                        ),
+                    ));
+                }
+                if card.text_model_fingerprint.as_deref() != Some(t.fingerprint().as_str()) {
+                    // Another tower embeds the same report elsewhere: the FiLM maps would
+                    // read meaningless conditions.
+                    return Err(file_err(
+                        &card_path,
+                        format!(
+                            "the text model {spec} is not the one the upscaler was trained with \
+                             (its fingerprint differs: files changed or another model)"
+                        ),
+                    ));
+                }
+                Some(t)
+            }
+            (None, 0) => None,
+            _ => {
+                return Err(file_err(
+                    &card_path,
+                    "text_dim and text_model disagree (one is set without the other)",
+                ))
+            }
+        };
+        Ok(Self {
+            card,
+            net,
+            varmap,
+            text,
+        })
     }
 
     /// The upscaling factor.
@@ -324,21 +409,88 @@ impl Upscaler {
         self.card.config.scale
     }
 
-    /// Super-resolves a low-resolution grey image: `scale` times larger, in `[0, 1]`.
+    /// Super-resolves a low-resolution grey image with an unconditioned upscaler: `scale`
+    /// times larger, in `[0, 1]` (a text-conditioned one refuses: see
+    /// [`Self::upscale_prompted`]).
     pub fn upscale(&self, lr: &GreyImage) -> Result<Vec<f32>> {
-        Ok(upscale(&self.net, &lr.data, lr.rows, lr.cols)?)
+        self.upscale_prompted(lr, None)
+    }
+
+    /// [`Self::upscale`] conditioned on `prompt`, which a text-conditioned upscaler needs and
+    /// an unconditioned one refuses ([`Self::check_prompt`]).
+    pub fn upscale_prompted(&self, lr: &GreyImage, prompt: Option<&str>) -> Result<Vec<f32>> {
+        let text = match self.check_prompt(prompt)? {
+            Some(p) => self.text_embeddings(&[p])?.pop(),
+            None => None,
+        };
+        Ok(upscale_conditioned(
+            &self.net,
+            &lr.data,
+            lr.rows,
+            lr.cols,
+            text.as_deref(),
+        )?)
+    }
+
+    /// The prompt a user gives: required (non-empty, within the text tower's context) by a
+    /// text-conditioned upscaler, refused by an unconditioned one.
+    pub fn check_prompt(&self, prompt: Option<&str>) -> Result<Option<String>> {
+        match (&self.text, prompt.map(str::trim)) {
+            (Some(t), Some(p)) if !p.is_empty() => {
+                t.check_fits(p)?;
+                Ok(Some(p.to_string()))
+            }
+            (Some(t), _) => Err(SrPipelineError::Invalid(format!(
+                "this upscaler is text-conditioned (trained with the text tower of {}): give a \
+                 prompt, the report's {} (e.g. \"Single PA view of the chest. Moderate pleural \
+                 effusion.\")",
+                t.spec,
+                self.card
+                    .text_section
+                    .unwrap_or(TextSection::ExamImpression)
+                    .name()
+            ))),
+            (None, Some(_)) => Err(SrPipelineError::Invalid(
+                "this upscaler is not text-conditioned: it takes no prompt".into(),
+            )),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The L2-normalised text embedding of each prompt (a text-conditioned upscaler only).
+    pub fn text_embeddings(&self, prompts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let t = self.text.as_ref().ok_or_else(|| {
+            SrPipelineError::Invalid("this upscaler is not text-conditioned".into())
+        })?;
+        let device = self.net_device();
+        Ok(t.embed(prompts, &device)?
+            .to_device(&Device::Cpu)?
+            .to_vec2()?)
+    }
+
+    fn net_device(&self) -> Device {
+        medvlm_train::optim::varmap_params(&self.varmap)
+            .first()
+            .map(|(_, v)| v.as_tensor().device().clone())
+            .unwrap_or(Device::Cpu)
     }
 }
 
 /// Options of [`train_upscaler`].
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
-    /// Network and training settings.
+    /// Network and training settings (`config.text_dim` is set from the text model).
     pub config: SrConfig,
     /// Split of the manifest to train on (`None`: every record).
     pub split: Option<String>,
     /// Use at most this many images (the first ones), for quick runs.
     pub max_images: Option<usize>,
+    /// Condition each image on its report through this model's text tower (`None`: an
+    /// unconditioned upscaler).
+    pub text_model: Option<String>,
+    /// The part of each report embedded (default `exam_impression`); only with
+    /// `text_model`.
+    pub text_section: Option<TextSection>,
 }
 
 /// Trains an upscaler on the images of `manifest`; `progress(step, loss)` after each step.
@@ -349,20 +501,47 @@ pub fn train_upscaler(
     progress: &mut dyn FnMut(usize, f32),
 ) -> Result<Upscaler> {
     opts.config.validate()?;
+    if opts.text_section.is_some() && opts.text_model.is_none() {
+        return Err(SrPipelineError::Invalid(
+            "a report section is only used with a text model".into(),
+        ));
+    }
     let task = SrTask::from_manifest(manifest, opts.split.as_deref())?;
     let n = opts
         .max_images
         .unwrap_or(task.items.len())
         .min(task.items.len());
+    let text = opts
+        .text_model
+        .as_deref()
+        .map(|spec| TextConditioner::load(spec, device))
+        .transpose()?;
+    let section = text
+        .as_ref()
+        .map(|_| opts.text_section.unwrap_or(TextSection::ExamImpression));
+    let mut config = opts.config.clone();
+    config.text_dim = text.as_ref().map_or(0, TextConditioner::embed_dim);
     let mut pairs = Vec::with_capacity(n);
+    let mut prompts = Vec::new();
     let mut colour = 0;
     for item in &task.items[..n] {
-        let (p, c) = load_pair(&item.image, opts.config.scale)?;
+        if let (Some(t), Some(sec)) = (&text, section) {
+            let p = item.prompt(sec)?;
+            t.check_fits(&p).map_err(|e| image_err(&item.image, e))?;
+            prompts.push(p);
+        }
+        let (p, c) = load_pair(&item.image, config.scale)?;
         colour += usize::from(c);
         pairs.push(p);
     }
+    if let Some(t) = &text {
+        let rows = t.embed(&prompts, device)?.to_vec2::<f32>()?;
+        for (p, row) in pairs.iter_mut().zip(rows) {
+            p.text = Some(row);
+        }
+    }
     let t0 = std::time::Instant::now();
-    let trained = train_sr(&opts.config, &pairs, device, progress)?;
+    let trained = train_sr(&config, &pairs, device, progress)?;
     let tail = &trained.losses[trained.losses.len().saturating_sub(50)..];
     let final_loss = if tail.is_empty() {
         f32::NAN
@@ -372,7 +551,7 @@ pub fn train_upscaler(
     Ok(Upscaler {
         card: UpscalerCard {
             format: CARD_FORMAT.into(),
-            config: opts.config.clone(),
+            config,
             protocol: PROTOCOL.into(),
             train_manifest: manifest.display().to_string(),
             train_split: opts.split.clone(),
@@ -380,9 +559,13 @@ pub fn train_upscaler(
             n_colour_converted: colour,
             final_loss,
             train_seconds: t0.elapsed().as_secs_f64(),
+            text_model: text.as_ref().map(|t| t.spec.clone()),
+            text_model_fingerprint: text.as_ref().map(TextConditioner::fingerprint),
+            text_section: section,
         },
         net: trained.net,
         varmap: trained.varmap,
+        text,
     })
 }
 
@@ -508,18 +691,41 @@ pub struct EvaluatedImage {
     pub output: Vec<f32>,
 }
 
-/// Evaluates `up` on every image of `task` (see the module doc); also returns the first
-/// image of each modality, for a figure.
+/// Evaluates `up` on every image of `task` (see the module doc; a text-conditioned upscaler
+/// reads each image's own report); also returns the first image of each modality, for a
+/// figure.
 pub fn evaluate(up: &Upscaler, task: &SrTask) -> Result<(SrEvaluation, Vec<EvaluatedImage>)> {
     let s = up.scale();
+    let texts: Vec<Option<Vec<f32>>> = match &up.text {
+        Some(t) => {
+            let sec = up.card.text_section.unwrap_or(TextSection::ExamImpression);
+            let mut prompts = Vec::with_capacity(task.items.len());
+            for item in &task.items {
+                let p = item.prompt(sec)?;
+                t.check_fits(&p).map_err(|e| image_err(&item.image, e))?;
+                prompts.push(p);
+            }
+            up.text_embeddings(&prompts)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        None => vec![None; task.items.len()],
+    };
     let mut groups: BTreeMap<String, Vec<[f64; 4]>> = BTreeMap::new();
     let mut all = Vec::new();
     let mut colour = 0;
     let mut examples: Vec<EvaluatedImage> = Vec::new();
-    for item in &task.items {
+    for (item, text) in task.items.iter().zip(&texts) {
         let (pair, c) = load_pair(&item.image, s)?;
         colour += usize::from(c);
-        let out = upscale(&up.net, &pair.lr, pair.rows / s, pair.cols / s)?;
+        let out = upscale_conditioned(
+            &up.net,
+            &pair.lr,
+            pair.rows / s,
+            pair.cols / s,
+            text.as_deref(),
+        )?;
         let (bp, bs) = quality(&pair.bicubic, &pair.hr, pair.rows, pair.cols, s)?;
         let (mp, ms) = quality(&out, &pair.hr, pair.rows, pair.cols, s)?;
         let row = [bp, bs, mp, ms];
@@ -691,10 +897,21 @@ pub fn check_lr_size(g: &GreyImage, path: &Path) -> Result<()> {
 }
 
 /// Upscales each file (taken as a low-resolution image, any size of at least
-/// [`MIN_LR_SIDE`] px per side) and writes `<stem>_x<scale>.png` (8-bit grey) to `out`.
-/// Every file is checked before any is written; an unreadable one is an error naming it.
-pub fn apply_files(up: &Upscaler, files: &[PathBuf], out: &Path) -> Result<Vec<AppliedFile>> {
+/// [`MIN_LR_SIDE`] px per side) and writes `<stem>_x<scale>.png` (8-bit grey) to `out`; a
+/// text-conditioned upscaler reads `prompt` for every file (required; an unconditioned one
+/// refuses it). The prompt and every file are checked before any is written; an unreadable
+/// file is an error naming it.
+pub fn apply_files(
+    up: &Upscaler,
+    files: &[PathBuf],
+    prompt: Option<&str>,
+    out: &Path,
+) -> Result<Vec<AppliedFile>> {
     let s = up.scale();
+    let text = match up.check_prompt(prompt)? {
+        Some(p) => up.text_embeddings(&[p])?.pop(),
+        None => None,
+    };
     let mut inputs = Vec::with_capacity(files.len());
     for f in files {
         let g = read_grey(f)?;
@@ -704,7 +921,7 @@ pub fn apply_files(up: &Upscaler, files: &[PathBuf], out: &Path) -> Result<Vec<A
     std::fs::create_dir_all(out).map_err(|e| file_err(out, e))?;
     let mut done = Vec::with_capacity(files.len());
     for (f, g) in files.iter().zip(inputs) {
-        let hr = up.upscale(&g)?;
+        let hr = upscale_conditioned(&up.net, &g.data, g.rows, g.cols, text.as_deref())?;
         let dest = out.join(format!("{}_x{s}.png", stem_of(f)));
         let plane = Plane {
             rows: g.rows * s,
@@ -778,7 +995,7 @@ mod tests {
                 ..SrConfig::default()
             },
             split: Some("train".into()),
-            max_images: None,
+            ..TrainOptions::default()
         }
     }
 
@@ -801,7 +1018,12 @@ mod tests {
         let bic = bicubic_upscale(&lr, 2).unwrap();
         assert!(a.iter().zip(&bic).any(|(x, y)| (x - y).abs() > 1e-4));
         let out = dir.path().join("out");
-        let done = apply_files(&back, &[dir.path().join("im4.png")], &out).unwrap();
+        let e = apply_files(&back, &[dir.path().join("im4.png")], Some("Chest."), &out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not text-conditioned"), "{e}");
+        assert!(!out.exists());
+        let done = apply_files(&back, &[dir.path().join("im4.png")], None, &out).unwrap();
         assert_eq!(done[0].output_size, (64, 64));
         let written = read_grey(&done[0].output).unwrap();
         assert_eq!((written.rows, written.cols), (64, 64));
@@ -813,6 +1035,171 @@ mod tests {
         write_grid(&grid, &ex, 1).unwrap();
         let g = read_grey(&grid).unwrap();
         assert_eq!((g.rows, g.cols), (2 * 32 + 3 * 2, 5 * 32 + 6 * 2));
+    }
+
+    fn clip_fixture() -> String {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../medvlm-models/tests/fixtures/clip")
+            .display()
+            .to_string()
+    }
+
+    /// `tiny_manifest` with a short report per record (the fixture's context is 24 tokens).
+    fn texted_manifest(dir: &Path, n: usize, side: usize) -> PathBuf {
+        let m = tiny_manifest(dir, n, side);
+        let reports = ["Chest. Effusion.", "Brain. Normal.", "Skin. Naevus."];
+        let lines: String = std::fs::read_to_string(&m)
+            .unwrap()
+            .lines()
+            .enumerate()
+            .map(|(i, l)| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["text"] = serde_json::json!(reports[i % 3]);
+                format!("{v}\n")
+            })
+            .collect();
+        std::fs::write(&m, lines).unwrap();
+        m
+    }
+
+    #[test]
+    fn a_text_conditioned_upscaler_reads_reports_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = texted_manifest(dir.path(), 5, 32);
+        let fixture = clip_fixture();
+        let opts = TrainOptions {
+            text_model: Some(fixture.clone()),
+            ..tiny_options()
+        };
+        let up = train_upscaler(&m, &opts, &Device::Cpu, &mut |_, _| {}).unwrap();
+        let dim = up.text.as_ref().unwrap().embed_dim();
+        assert_eq!(up.card.config.text_dim, dim);
+        assert_eq!(up.card.text_model.as_deref(), Some(fixture.as_str()));
+        assert_eq!(up.card.text_section, Some(TextSection::ExamImpression));
+        assert_eq!(
+            up.card.text_model_fingerprint,
+            Some(up.text.as_ref().unwrap().fingerprint())
+        );
+        let art = dir.path().join("up-text");
+        up.save(&art).unwrap();
+        let back = Upscaler::load(&art, &Device::Cpu).unwrap();
+        assert_eq!(back.card, up.card);
+        let lr = read_grey(&dir.path().join("im4.png")).unwrap();
+        let a = up.upscale_prompted(&lr, Some("Chest. Effusion.")).unwrap();
+        assert_eq!(
+            a,
+            back.upscale_prompted(&lr, Some("Chest. Effusion."))
+                .unwrap()
+        );
+        // The prompt reaches the network (trained FiLM maps are no longer zero).
+        let b = back.upscale_prompted(&lr, Some("Brain. Normal.")).unwrap();
+        assert!(
+            a.iter().zip(&b).any(|(x, y)| x != y),
+            "two prompts, one output"
+        );
+        // A prompt is required, non-empty and within the context; nothing is written
+        // otherwise.
+        let out = dir.path().join("out");
+        let file = [dir.path().join("im4.png")];
+        for p in [None, Some("  ")] {
+            let e = apply_files(&back, &file, p, &out).unwrap_err().to_string();
+            assert!(
+                e.contains("text-conditioned") && e.contains("give a prompt"),
+                "{e}"
+            );
+        }
+        let long = "Chest radiograph with a large effusion. ".repeat(3);
+        let e = apply_files(&back, &file, Some(&long), &out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("context of 24 tokens"), "{e}");
+        assert!(!out.exists(), "nothing written for a bad prompt");
+        let done = apply_files(&back, &file, Some("Skin. Naevus."), &out).unwrap();
+        assert_eq!(done[0].output_size, (64, 64));
+        // eval conditions each image on its own report.
+        let (ev, _) = evaluate_manifest(&back, &m, Some("test")).unwrap();
+        assert_eq!(ev.overall.n, 2);
+        // A record without a report cannot be evaluated (or trained on): the error names it.
+        let bare = dir.path().join("bare.jsonl");
+        std::fs::write(&bare, "{\"image\":\"im1.png\"}\n").unwrap();
+        let e = evaluate_manifest(&back, &bare, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("im1.png") && e.contains("no report"), "{e}");
+        let e = train_upscaler(
+            &bare,
+            &TrainOptions {
+                split: None,
+                ..opts.clone()
+            },
+            &Device::Cpu,
+            &mut |_, _| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("im1.png") && e.contains("no report"), "{e}");
+        // A report longer than the context: the error names the image.
+        let verbose = dir.path().join("verbose.jsonl");
+        std::fs::write(
+            &verbose,
+            format!("{{\"image\":\"im2.png\",\"text\":\"{long}\"}}\n"),
+        )
+        .unwrap();
+        let e = train_upscaler(
+            &verbose,
+            &TrainOptions {
+                split: None,
+                ..opts.clone()
+            },
+            &Device::Cpu,
+            &mut |_, _| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("im2.png") && e.contains("context of 24 tokens"),
+            "{e}"
+        );
+        // Another text model (here: the same files under another fingerprint) is refused.
+        let card_path = art.join(CARD_FILE);
+        let original = std::fs::read(&card_path).unwrap();
+        let mut card: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        card["text_model_fingerprint"] = serde_json::json!("0000");
+        std::fs::write(&card_path, serde_json::to_vec(&card).unwrap()).unwrap();
+        let e = Upscaler::load(&art, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("upscaler.json") && e.contains("fingerprint differs"),
+            "{e}"
+        );
+        // A card whose text model disagrees with text_dim is refused.
+        let mut card: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        card["text_model"] = serde_json::Value::Null;
+        std::fs::write(&card_path, serde_json::to_vec(&card).unwrap()).unwrap();
+        let e = Upscaler::load(&art, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("text_dim and text_model disagree"), "{e}");
+        // A report section without a text model is refused.
+        let e = train_upscaler(
+            &m,
+            &TrainOptions {
+                text_section: Some(TextSection::Report),
+                ..tiny_options()
+            },
+            &Device::Cpu,
+            &mut |_, _| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("only used with a text model"), "{e}");
     }
 
     #[test]
@@ -845,6 +1232,7 @@ mod tests {
         let e = apply_files(
             &train_upscaler(&m, &tiny_options(), &Device::Cpu, &mut |_, _| {}).unwrap(),
             &[dir.path().join("im0.png"), dir.path().join("tiny.png")],
+            None,
             &out,
         )
         .unwrap_err()

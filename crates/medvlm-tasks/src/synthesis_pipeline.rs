@@ -289,35 +289,16 @@ impl SynthTask {
 }
 
 /// Refuses a prompt longer than the text tower's context (counted with the tokenizer's
-/// special tokens, without its truncation), naming both lengths.
+/// special tokens, without its truncation), naming both lengths
+/// ([`crate::text_condition::check_prompt_fits`]).
 pub fn check_prompt_fits(m: &LoadedModel, prompt: &str) -> Result<()> {
-    let ctx = m.tokenizer.context_length();
-    let mut tok = m.tokenizer.inner().clone();
-    let short: String = prompt.chars().take(60).collect();
-    let shown = if short.len() < prompt.len() {
-        format!("{short}...")
-    } else {
-        short
-    };
-    let perr = |reason: String| SynthPipelineError::Prompt {
-        prompt: shown.clone(),
-        reason,
-    };
-    tok.with_truncation(None).map_err(|e| perr(e.to_string()))?;
-    tok.with_padding(None);
-    let n = tok
-        .encode(prompt, true)
-        .map_err(|e| perr(e.to_string()))?
-        .len();
-    if n > ctx {
-        return Err(perr(format!(
-            "{n} tokens, longer than the text tower's context of {ctx} tokens; shorten the prompt"
-        )));
-    }
-    if prompt.trim().is_empty() {
-        return Err(perr("empty prompt".into()));
-    }
-    Ok(())
+    use crate::text_condition::TextConditionError;
+    crate::text_condition::check_prompt_fits(m, prompt).map_err(|e| match e {
+        TextConditionError::Prompt { prompt, reason } => {
+            SynthPipelineError::Prompt { prompt, reason }
+        }
+        other => SynthPipelineError::Invalid(other.to_string()),
+    })
 }
 
 /// L2-normalised text embeddings `[T, E]` of prompts (each checked to fit the context).

@@ -29,6 +29,24 @@ pub enum TextSection {
     ExamImpression,
 }
 
+impl std::str::FromStr for TextSection {
+    type Err = String;
+
+    /// Parses a configuration name (`report`, `impression`, `exam_impression`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            TextSection::Report,
+            TextSection::Impression,
+            TextSection::ExamImpression,
+        ]
+        .into_iter()
+        .find(|t| t.name() == s)
+        .ok_or_else(|| {
+            format!("text section {s:?}: expected report, impression or exam_impression")
+        })
+    }
+}
+
 /// The selected text and whether the impression had to fall back to the last sentence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selected {
@@ -124,6 +142,18 @@ mod tests {
     const UNHEADED: &str =
         "Frontal view of the chest. No evidence of pneumothorax, consolidation, \
         nodule or mass. Both lungs are clear. Normal chest radiograph.";
+
+    #[test]
+    fn names_parse_back() {
+        for t in [
+            TextSection::Report,
+            TextSection::Impression,
+            TextSection::ExamImpression,
+        ] {
+            assert_eq!(t.name().parse::<TextSection>(), Ok(t));
+        }
+        assert!("findings".parse::<TextSection>().is_err());
+    }
 
     #[test]
     fn impression_is_the_text_after_the_last_header() {

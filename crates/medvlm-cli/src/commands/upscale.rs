@@ -4,10 +4,12 @@
 //!
 //! * `train --manifest M [--split train] --out DIR [--scale 2] [--steps 1500] ...`: pairs made
 //!   by bicubic downsampling of the manifest's images; writes `weights.safetensors` +
-//!   `upscaler.json`.
+//!   `upscaler.json`. `--text-model M` conditions each image on its report (`text`, the
+//!   `--text-section`, default `exam_impression`) through M's text tower (FiLM).
 //! * `eval --upscaler DIR --manifest M [--split test] [--json OUT] [--grid PNG]`: PSNR/SSIM of
 //!   the network and of bicubic upsampling, overall and per modality.
-//! * `apply --upscaler DIR IMAGES... --out DIR`: `<stem>_x<scale>.png` per image.
+//! * `apply --upscaler DIR IMAGES... --out DIR [--prompt TEXT]`: `<stem>_x<scale>.png` per
+//!   image; a text-conditioned upscaler needs `--prompt`.
 
 use std::path::PathBuf;
 
@@ -15,6 +17,7 @@ use medvlm_tasks::super_resolution::SrConfig;
 use medvlm_tasks::super_resolution_pipeline::{
     apply_files, evaluate_manifest, train_upscaler, write_grid, TrainOptions, Upscaler,
 };
+use medvlm_train::text_section::TextSection;
 
 use super::embed::DeviceArgs;
 use super::task_args::EvalJsonArg;
@@ -73,6 +76,14 @@ pub struct TrainArgs {
     /// Use at most this many images (the first ones).
     #[arg(long)]
     pub max_images: Option<usize>,
+    /// Condition each image on its report (the manifest's `text`) through this model's
+    /// text tower (FiLM on the residual body); the upscaler then needs a prompt.
+    #[arg(long)]
+    pub text_model: Option<String>,
+    /// The part of each report embedded with --text-model: report, impression or
+    /// exam_impression [default: exam_impression].
+    #[arg(long)]
+    pub text_section: Option<TextSection>,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -118,6 +129,11 @@ pub struct ApplyArgs {
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
+    /// The text of a text-conditioned upscaler (the report section it was trained on, e.g.
+    /// "Single PA view of the chest. Moderate pleural effusion."); refused by an
+    /// unconditioned one.
+    #[arg(long)]
+    pub prompt: Option<String>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -148,6 +164,8 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         config,
         split: a.split.clone(),
         max_images: a.max_images,
+        text_model: a.text_model.clone(),
+        text_section: a.text_section,
     };
     let every = (a.steps / 20).max(1);
     let mut window = Vec::new();
@@ -169,6 +187,12 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         up.card.final_loss,
         a.out.display()
     );
+    if let Some(m) = &up.card.text_model {
+        println!(
+            "conditioned on each report's {} through the text tower of {m}",
+            up.card.text_section.map_or("?", TextSection::name)
+        );
+    }
     Ok(())
 }
 
@@ -187,7 +211,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
 fn apply(a: ApplyArgs) -> anyhow::Result<()> {
     let device = a.device.device()?;
     let up = Upscaler::load(&a.upscaler, &device)?;
-    for f in apply_files(&up, &a.images, &a.out)? {
+    for f in apply_files(&up, &a.images, a.prompt.as_deref(), &a.out)? {
         println!(
             "{} ({}x{}{}) -> {} ({}x{})",
             f.input.display(),
