@@ -170,6 +170,9 @@ fn segment_train_reads_the_layers_it_is_given() {
     assert!(table.contains("dermoscopy"), "{table}");
     // The fixture's vision tower has 2 layers.
     let err = fails(&train("1,4", &tmp.path().join("bad")));
-    assert!(err.contains("layer 4 does not exist: the tower has 2 layers"), "{err}");
+    assert!(
+        err.contains("layer 4 does not exist: the tower has 2 layers"),
+        "{err}"
+    );
     assert!(!tmp.path().join("bad").join("segmenter.json").exists());
 }

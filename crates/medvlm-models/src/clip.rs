@@ -412,7 +412,11 @@ impl ClipVisionTransformer {
 
     /// The encoder's input (class token + patches + positions, prompts inserted, then
     /// `pre_layrnorm`) and the number of prompt tokens.
-    fn embed(&self, pixel_values: &Tensor, prompts: Option<&VisualPrompts>) -> Result<(Tensor, usize)> {
+    fn embed(
+        &self,
+        pixel_values: &Tensor,
+        prompts: Option<&VisualPrompts>,
+    ) -> Result<(Tensor, usize)> {
         let c = &self.cfg;
         let dims = pixel_values.dims();
         if dims.len() != 4

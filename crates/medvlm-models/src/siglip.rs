@@ -398,7 +398,11 @@ impl SiglipVisionTransformer {
 
     /// The encoder's input (patches + positions, prompts inserted) and the number of prompt
     /// tokens.
-    fn embed(&self, pixel_values: &Tensor, prompts: Option<&VisualPrompts>) -> Result<(Tensor, usize)> {
+    fn embed(
+        &self,
+        pixel_values: &Tensor,
+        prompts: Option<&VisualPrompts>,
+    ) -> Result<(Tensor, usize)> {
         let c = &self.cfg;
         let dims = pixel_values.dims();
         if dims.len() != 4

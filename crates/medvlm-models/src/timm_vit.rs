@@ -269,7 +269,11 @@ impl TimmVit {
 
     /// The blocks' input (class token + patches + positions, prompts inserted) and the
     /// number of prompt tokens.
-    fn embed(&self, pixel_values: &Tensor, prompts: Option<&VisualPrompts>) -> Result<(Tensor, usize)> {
+    fn embed(
+        &self,
+        pixel_values: &Tensor,
+        prompts: Option<&VisualPrompts>,
+    ) -> Result<(Tensor, usize)> {
         let dims = pixel_values.dims();
         let s = self.cfg.image_size;
         if dims.len() != 4 || dims[1] != 3 || dims[2] != s || dims[3] != s {

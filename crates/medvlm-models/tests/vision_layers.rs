@@ -72,7 +72,10 @@ fn clip_last_layer_is_the_forward_and_layer_one_is_a_one_layer_tower() {
         0.0
     );
     assert_eq!(
-        max_abs_diff(&states.patch_tokens(0).unwrap(), &out.patch_tokens().unwrap()),
+        max_abs_diff(
+            &states.patch_tokens(0).unwrap(),
+            &out.patch_tokens().unwrap()
+        ),
         0.0
     );
     // ... and transformers' CLIPVisionModel output.

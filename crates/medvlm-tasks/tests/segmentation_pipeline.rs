@@ -313,10 +313,9 @@ fn multi_layer_head_trains_and_round_trips_its_card() {
     assert_eq!(json["head"]["layers"], serde_json::json!([1, 2]));
     let art_default = dir.path().join("seg-default");
     default.segmenter.save(&art_default).unwrap();
-    let json_default: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(art_default.join("segmenter.json")).unwrap(),
-    )
-    .unwrap();
+    let json_default: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art_default.join("segmenter.json")).unwrap())
+            .unwrap();
     assert!(json_default["head"].get("layers").is_none());
 
     let (loaded, warning) = Segmenter::load(&art, None, &dev).unwrap();
@@ -343,7 +342,11 @@ fn multi_layer_head_trains_and_round_trips_its_card() {
 
     // A card whose layers the model does not have fails to load, naming the card.
     let text = std::fs::read_to_string(art.join("segmenter.json")).unwrap();
-    let bad = text.replacen("\"layers\": [\n      1,\n      2\n    ]", "\"layers\": [1, 5]", 1);
+    let bad = text.replacen(
+        "\"layers\": [\n      1,\n      2\n    ]",
+        "\"layers\": [1, 5]",
+        1,
+    );
     assert_ne!(bad, text, "the card's layers were rewritten");
     std::fs::write(art.join("segmenter.json"), bad).unwrap();
     let err = match Segmenter::load(&art, None, &dev) {
