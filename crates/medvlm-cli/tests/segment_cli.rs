@@ -130,3 +130,49 @@ fn segment_train_then_eval_and_predict() {
     ]));
     assert!(err.contains("nowhere_mask.png"), "{err}");
 }
+
+#[test]
+fn segment_train_reads_the_layers_it_is_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let seg = tmp.path().join("seg-layers");
+    let train = |layers: &str, out: &Path| {
+        run(&[
+            "segment",
+            "train",
+            "--model",
+            arg(&model()),
+            "--manifest",
+            arg(&ph.join("manifest.jsonl")),
+            "--out",
+            arg(out),
+            "--steps",
+            "5",
+            "--width",
+            "16",
+            "--layers",
+            layers,
+        ])
+    };
+    let out = ok(&train("1,2", &seg));
+    assert!(out.contains("image-tower layers read: [1, 2]"), "{out}");
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(seg.join("segmenter.json")).unwrap()).unwrap();
+    assert_eq!(card["head"]["layers"], serde_json::json!([1, 2]));
+    let table = ok(&run(&[
+        "segment",
+        "eval",
+        "--segmenter",
+        arg(&seg),
+        "--manifest",
+        arg(&ph.join("manifest.jsonl")),
+    ]));
+    assert!(table.contains("dermoscopy"), "{table}");
+    // The fixture's vision tower has 2 layers.
+    let err = fails(&train("1,4", &tmp.path().join("bad")));
+    assert!(
+        err.contains("layer 4 does not exist: the tower has 2 layers"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("bad").join("segmenter.json").exists());
+}

@@ -494,6 +494,18 @@ impl ImageEncoder for BiomedClip {
         })
     }
 
+    fn encode_image_layers(
+        &self,
+        pixel_values: &Tensor,
+        layers: &[usize],
+    ) -> Result<crate::vlm::VisionLayerStates> {
+        Ok(crate::vlm::VisionLayerStates {
+            layers: layers.to_vec(),
+            hidden_states: self.vision.forward_layers(pixel_values, layers)?,
+            num_prefix_tokens: 1,
+        })
+    }
+
     fn vision_hidden_size(&self) -> usize {
         self.cfg.vision.width
     }

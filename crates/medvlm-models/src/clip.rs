@@ -383,6 +383,40 @@ impl ClipVisionTransformer {
         pixel_values: &Tensor,
         prompts: Option<&VisualPrompts>,
     ) -> Result<(Tensor, Tensor, usize)> {
+        let (x, n_prompt) = self.embed(pixel_values, prompts)?;
+        let deep = prompts.map(|p| &p.deep);
+        let between = |i: usize, x: Tensor| -> Result<Tensor> {
+            match deep.and_then(|d| d.get(i)).and_then(|p| p.as_ref()) {
+                Some(p) if n_prompt > 0 => replace_prompt_tokens(&x, p, 1, n_prompt),
+                Some(_) => Err(ModelError::invalid(
+                    "deep visual prompts need shallow prompts of the same length",
+                )),
+                None => Ok(x),
+            }
+        };
+        let h = self.encoder.forward(&x, None, Some(&between))?;
+        let pooled = self
+            .post_layernorm
+            .forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?;
+        Ok((h, pooled, 1 + n_prompt))
+    }
+
+    /// The outputs of encoder layers `layers` (counted from 1, HF's `hidden_states[k]`),
+    /// before `post_layernorm`, without prompts; layer `num_hidden_layers` equals
+    /// [`Self::forward`]'s last hidden state. Each is `[B, 1 + N, D]` (class token first).
+    pub fn forward_layers(&self, pixel_values: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
+        crate::vlm::check_vision_layers(layers, self.cfg.num_hidden_layers)?;
+        let (x, _) = self.embed(pixel_values, None)?;
+        self.encoder.forward_layers(&x, None, layers)
+    }
+
+    /// The encoder's input (class token + patches + positions, prompts inserted, then
+    /// `pre_layrnorm`) and the number of prompt tokens.
+    fn embed(
+        &self,
+        pixel_values: &Tensor,
+        prompts: Option<&VisualPrompts>,
+    ) -> Result<(Tensor, usize)> {
         let c = &self.cfg;
         let dims = pixel_values.dims();
         if dims.len() != 4
@@ -414,22 +448,7 @@ impl ClipVisionTransformer {
             Some(p) => insert_prompt_tokens(&x, p, 1)?,
             None => x,
         };
-        let x = self.pre_layrnorm.forward(&x)?;
-        let deep = prompts.map(|p| &p.deep);
-        let between = |i: usize, x: Tensor| -> Result<Tensor> {
-            match deep.and_then(|d| d.get(i)).and_then(|p| p.as_ref()) {
-                Some(p) if n_prompt > 0 => replace_prompt_tokens(&x, p, 1, n_prompt),
-                Some(_) => Err(ModelError::invalid(
-                    "deep visual prompts need shallow prompts of the same length",
-                )),
-                None => Ok(x),
-            }
-        };
-        let h = self.encoder.forward(&x, None, Some(&between))?;
-        let pooled = self
-            .post_layernorm
-            .forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?;
-        Ok((h, pooled, 1 + n_prompt))
+        Ok((self.pre_layrnorm.forward(&x)?, n_prompt))
     }
 }
 
@@ -535,6 +554,17 @@ impl ImageEncoder for ClipModel {
     }
     fn image_size(&self) -> usize {
         self.cfg.vision_config.image_size
+    }
+    fn encode_image_layers(
+        &self,
+        pixel_values: &Tensor,
+        layers: &[usize],
+    ) -> Result<crate::vlm::VisionLayerStates> {
+        Ok(crate::vlm::VisionLayerStates {
+            layers: layers.to_vec(),
+            hidden_states: self.vision_model.forward_layers(pixel_values, layers)?,
+            num_prefix_tokens: 1,
+        })
     }
     fn project_patch_tokens(&self, out: &VisionOutput) -> Result<Option<Tensor>> {
         // The class token is pooled by post_layernorm + visual_projection; the same two maps

@@ -370,6 +370,39 @@ impl SiglipVisionTransformer {
         pixel_values: &Tensor,
         prompts: Option<&VisualPrompts>,
     ) -> Result<(Tensor, Tensor, usize)> {
+        let (x, n_prompt) = self.embed(pixel_values, prompts)?;
+        let deep = prompts.map(|p| &p.deep);
+        let between = |i: usize, x: Tensor| -> Result<Tensor> {
+            match deep.and_then(|d| d.get(i)).and_then(|p| p.as_ref()) {
+                Some(p) if n_prompt > 0 => replace_prompt_tokens(&x, p, 0, n_prompt),
+                Some(_) => Err(ModelError::invalid(
+                    "deep visual prompts need shallow prompts of the same length",
+                )),
+                None => Ok(x),
+            }
+        };
+        let h = self.encoder.forward(&x, None, Some(&between))?;
+        let h = self.post_layernorm.forward(&h)?;
+        let pooled = self.head.forward(&h)?;
+        Ok((h, pooled, n_prompt))
+    }
+
+    /// The outputs of encoder layers `layers` (counted from 1, HF's `hidden_states[k]`),
+    /// before `post_layernorm` (so the last one is [`Self::forward`]'s last hidden state
+    /// without that norm), without prompts; each `[B, N, D]` (no class token).
+    pub fn forward_layers(&self, pixel_values: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
+        crate::vlm::check_vision_layers(layers, self.cfg.num_hidden_layers)?;
+        let (x, _) = self.embed(pixel_values, None)?;
+        self.encoder.forward_layers(&x, None, layers)
+    }
+
+    /// The encoder's input (patches + positions, prompts inserted) and the number of prompt
+    /// tokens.
+    fn embed(
+        &self,
+        pixel_values: &Tensor,
+        prompts: Option<&VisualPrompts>,
+    ) -> Result<(Tensor, usize)> {
         let c = &self.cfg;
         let dims = pixel_values.dims();
         if dims.len() != 4
@@ -394,20 +427,7 @@ impl SiglipVisionTransformer {
             Some(p) => insert_prompt_tokens(&x, p, 0)?,
             None => x,
         };
-        let deep = prompts.map(|p| &p.deep);
-        let between = |i: usize, x: Tensor| -> Result<Tensor> {
-            match deep.and_then(|d| d.get(i)).and_then(|p| p.as_ref()) {
-                Some(p) if n_prompt > 0 => replace_prompt_tokens(&x, p, 0, n_prompt),
-                Some(_) => Err(ModelError::invalid(
-                    "deep visual prompts need shallow prompts of the same length",
-                )),
-                None => Ok(x),
-            }
-        };
-        let h = self.encoder.forward(&x, None, Some(&between))?;
-        let h = self.post_layernorm.forward(&h)?;
-        let pooled = self.head.forward(&h)?;
-        Ok((h, pooled, n_prompt))
+        Ok((x, n_prompt))
     }
 }
 
@@ -489,6 +509,17 @@ impl ImageEncoder for SiglipModel {
             pooled,
             last_hidden_state: h,
             num_prefix_tokens: n,
+        })
+    }
+    fn encode_image_layers(
+        &self,
+        pixel_values: &Tensor,
+        layers: &[usize],
+    ) -> Result<crate::vlm::VisionLayerStates> {
+        Ok(crate::vlm::VisionLayerStates {
+            layers: layers.to_vec(),
+            hidden_states: self.vision_model.forward_layers(pixel_values, layers)?,
+            num_prefix_tokens: 0,
         })
     }
     fn vision_hidden_size(&self) -> usize {

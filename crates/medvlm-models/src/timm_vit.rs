@@ -240,6 +240,40 @@ impl TimmVit {
         pixel_values: &Tensor,
         prompts: Option<&VisualPrompts>,
     ) -> Result<(Tensor, usize)> {
+        let (mut x, n_prompts) = self.embed(pixel_values, prompts)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            if i > 0 && n_prompts > 0 {
+                if let Some(Some(deep)) = prompts.and_then(|p| p.deep.get(i)) {
+                    x = replace_prompt_tokens(&x, deep, 1, n_prompts)?;
+                }
+            }
+            x = block.forward(&x)?;
+        }
+        Ok((self.norm.forward(&x)?, 1 + n_prompts))
+    }
+
+    /// The outputs of blocks `layers` (counted from 1 as HF's `hidden_states[k]`; timm's
+    /// `blocks[k - 1]`), before the final norm, without prompts, each `[B, 1 + N, D]`
+    /// (class token first); blocks after the deepest one asked are not run.
+    pub fn forward_layers(&self, pixel_values: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
+        crate::vlm::check_vision_layers(layers, self.blocks.len())?;
+        let (mut x, _) = self.embed(pixel_values, None)?;
+        let deepest = layers.iter().copied().max().unwrap_or(0);
+        let mut states = Vec::with_capacity(deepest);
+        for block in self.blocks.iter().take(deepest) {
+            x = block.forward(&x)?;
+            states.push(x.clone());
+        }
+        Ok(layers.iter().map(|&k| states[k - 1].clone()).collect())
+    }
+
+    /// The blocks' input (class token + patches + positions, prompts inserted) and the
+    /// number of prompt tokens.
+    fn embed(
+        &self,
+        pixel_values: &Tensor,
+        prompts: Option<&VisualPrompts>,
+    ) -> Result<(Tensor, usize)> {
         let dims = pixel_values.dims();
         let s = self.cfg.image_size;
         if dims.len() != 4 || dims[1] != 3 || dims[2] != s || dims[3] != s {
@@ -262,15 +296,7 @@ impl TimmVit {
                 n_prompts = p.len();
             }
         }
-        for (i, block) in self.blocks.iter().enumerate() {
-            if i > 0 && n_prompts > 0 {
-                if let Some(Some(deep)) = prompts.and_then(|p| p.deep.get(i)) {
-                    x = replace_prompt_tokens(&x, deep, 1, n_prompts)?;
-                }
-            }
-            x = block.forward(&x)?;
-        }
-        Ok((self.norm.forward(&x)?, 1 + n_prompts))
+        Ok((x, n_prompts))
     }
 
     /// Class-token pooling (timm `global_pool="token"`): `tokens[:, 0]`.

@@ -327,6 +327,29 @@ impl Encoder {
         Ok(x)
     }
 
+    /// The outputs of the layers `keep` (counted from 1: `k` is the output of layer `k - 1`
+    /// of `self.layers`, HF's `hidden_states[k]`), in the order asked, each the running
+    /// sequence exactly as [`Encoder::forward`] computes it without a `between` hook; layers
+    /// after the deepest one asked are not run. `keep` is checked by the caller
+    /// ([`crate::vlm::check_vision_layers`]); an index out of range is an error here too.
+    pub fn forward_layers(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        keep: &[usize],
+    ) -> crate::Result<Vec<Tensor>> {
+        crate::vlm::check_vision_layers(keep, self.layers.len())?;
+        let deepest = keep.iter().copied().max().unwrap_or(0);
+        // states[k - 1] is the output of layer k.
+        let mut states = Vec::with_capacity(deepest);
+        let mut x = x.clone();
+        for layer in self.layers.iter().take(deepest) {
+            x = layer.forward(&x, mask)?;
+            states.push(x.clone());
+        }
+        Ok(keep.iter().map(|&k| states[k - 1].clone()).collect())
+    }
+
     /// All linear layers, in layer order.
     pub fn linears(&self) -> Vec<&LinearLayer> {
         self.layers.iter().flat_map(|l| l.linears()).collect()

@@ -160,6 +160,48 @@ impl VisionOutput {
     }
 }
 
+/// Hidden states of chosen blocks of a vision transformer
+/// ([`ImageEncoder::encode_image_layers`]).
+#[derive(Debug, Clone)]
+pub struct VisionLayerStates {
+    /// The blocks asked for, counted from 1 (HF's `hidden_states[k]`), in the order asked.
+    pub layers: Vec<usize>,
+    /// One `[B, T, D]` per entry of `layers`: the block's raw output (no final norm),
+    /// class token included.
+    pub hidden_states: Vec<Tensor>,
+    /// Tokens before the patch tokens (the class token; 0 without one).
+    pub num_prefix_tokens: usize,
+}
+
+impl VisionLayerStates {
+    /// Patch tokens `[B, num_patches, D]` of the `i`-th requested layer.
+    pub fn patch_tokens(&self, i: usize) -> Result<Tensor> {
+        let h = self.hidden_states.get(i).ok_or_else(|| {
+            ModelError::invalid(format!(
+                "layer entry {i} of {} requested layers",
+                self.hidden_states.len()
+            ))
+        })?;
+        let t = h.dim(1)?;
+        Ok(h.narrow(1, self.num_prefix_tokens, t - self.num_prefix_tokens)?)
+    }
+}
+
+/// Checks block indices for [`ImageEncoder::encode_image_layers`]: non-empty, each in
+/// `1..=depth` (counted from 1 as HF's `hidden_states`, whose entry 0 is the embeddings).
+pub fn check_vision_layers(layers: &[usize], depth: usize) -> Result<()> {
+    if layers.is_empty() {
+        return Err(ModelError::invalid("no image-tower layer requested"));
+    }
+    if let Some(&bad) = layers.iter().find(|&&k| k == 0 || k > depth) {
+        return Err(ModelError::invalid(format!(
+            "image-tower layer {bad} does not exist: the tower has {depth} layers, counted \
+             from 1 (layer {depth} is the last)"
+        )));
+    }
+    Ok(())
+}
+
 /// A text tower.
 pub trait TextEncoder: Send + Sync {
     /// Encode a batch, optionally substituting token embeddings.
@@ -216,6 +258,25 @@ pub trait ImageEncoder: Send + Sync {
     /// pooling heads). Default: `None`.
     fn project_patch_tokens(&self, _out: &VisionOutput) -> Result<Option<Tensor>> {
         Ok(None)
+    }
+    /// The hidden states after the transformer blocks `layers` (counted from 1 as HF's
+    /// `hidden_states[k]`: layer `k` is the output of the `k`-th block; the last layer is
+    /// [`ImageEncoder::vision_num_layers`]), for dense heads that read several depths
+    /// (CLIPSeg, Lüddecke & Ecker, CVPR 2022, reads layers 3, 6 and 9 of ViT-B/16's 12). Raw
+    /// block outputs, before any final norm, without visual prompts; the same computation
+    /// as [`ImageEncoder::encode_image`] up to the deepest layer asked, whose later blocks
+    /// are not run. A layer 0 or beyond the tower's depth is an error
+    /// ([`check_vision_layers`]). Default: an error (towers without a token sequence per
+    /// block, such as the ResNets).
+    fn encode_image_layers(
+        &self,
+        _pixel_values: &Tensor,
+        _layers: &[usize],
+    ) -> Result<VisionLayerStates> {
+        Err(ModelError::invalid(
+            "this image tower does not give the hidden states of its intermediate layers \
+             (available for the vision transformers: CLIP, SigLIP, BiomedCLIP)",
+        ))
     }
 }
 

@@ -108,6 +108,7 @@ async fn segment_and_anomaly_answer_as_the_library() {
             lr: None,
             seed: 0,
             split: None,
+            layers: Vec::new(),
         },
         &seg_dir,
         &dev,

@@ -8,9 +8,16 @@
 //! than the patch grid. Loss: binary cross-entropy + soft Dice
 //! ([`medvlm_train::losses::bce_with_logits`], [`medvlm_train::losses::soft_dice_loss`]).
 //!
+//! Several layers ([`SegHeadConfig::layers`], CLIPSeg reads blocks 3, 6 and 9 of ViT-B/16):
+//! each chosen layer's patch tokens get their own linear reduction to the head's width and
+//! are added into the decoder at successive stages on the patch grid, deepest first, as
+//! CLIPSeg adds them between its decoder blocks (see [`TextSegHead`]). Default: the final
+//! layer only.
+//!
 //! Defaults ([`SegHeadConfig::new`]): width 64, AdamW lr 1e-3, weight decay 1e-4, 300
-//! steps of batch 16, threshold 0.5 on the sigmoid. Only the head trains; the image and text
-//! towers stay frozen, so their features are computed once ([`SegSample`]).
+//! steps of batch 16, threshold 0.5 on the sigmoid, the final layer only. Only the head
+//! trains; the image and text towers stay frozen, so their features are computed once
+//! ([`SegSample`]).
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
@@ -46,7 +53,7 @@ pub type Result<T> = std::result::Result<T, SegError>;
 pub struct SegHeadConfig {
     /// Width of the reduced patch features and of the decoder.
     pub width: usize,
-    /// Width of the image tower's patch tokens.
+    /// Width of the image tower's patch tokens (of each layer read).
     pub feature_dim: usize,
     /// Width of the text embeddings.
     pub text_dim: usize,
@@ -66,6 +73,14 @@ pub struct SegHeadConfig {
     pub threshold: f32,
     /// Seed of the initialisation and the sample order.
     pub seed: u64,
+    /// Image-tower layers read, in increasing order, counted from 1 as HF's
+    /// `hidden_states[k]` (the output of the `k`-th transformer block, before any final norm;
+    /// `medvlm_models::ImageEncoder::encode_image_layers`). Empty (the default, and what cards
+    /// without the field mean): the tower's final patch tokens as
+    /// `medvlm_models::VisionOutput::patch_tokens` gives them. The head's patch input then
+    /// holds the layers' tokens side by side, `[B, N, layers.len() * feature_dim]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<usize>,
 }
 
 impl SegHeadConfig {
@@ -88,7 +103,30 @@ impl SegHeadConfig {
             weight_decay: 1e-4,
             threshold: 0.5,
             seed: 0,
+            layers: Vec::new(),
         }
+    }
+
+    /// Number of token sets the head reads: `layers.len()`, or 1 (the final tokens).
+    pub fn n_layer_inputs(&self) -> usize {
+        self.layers.len().max(1)
+    }
+
+    /// Checks `layers` (see the field): increasing, no repeats, counted from 1. The tower's
+    /// depth is checked where the tower is known.
+    pub fn check_layers(&self) -> Result<()> {
+        if self.layers.first() == Some(&0) {
+            return Err(SegError::Invalid(
+                "image-tower layers are counted from 1 (layer 0 does not exist)".into(),
+            ));
+        }
+        if self.layers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(SegError::Invalid(format!(
+                "image-tower layers {:?} must be listed in increasing order without repeats",
+                self.layers
+            )));
+        }
+        Ok(())
     }
 
     /// Number of x2 upsampling steps from the grid to the input size.
@@ -148,11 +186,24 @@ fn upsample2_nhwc(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The head: reduce + FiLM + decoder (channels-last inside).
+///
+/// With several layers (CLIPSeg's design): the deepest layer is reduced (`reduce`),
+/// conditioned by FiLM and passed through the first grid convolution (`grid`), exactly as
+/// with one layer; then each shallower layer, deepest first, is reduced by its own linear
+/// map (`skip.{i}.reduce`), added to the running features and passed through its own 3x3
+/// convolution on the grid (`skip.{i}.conv`), before the upsampling convolutions. This is
+/// CLIPSeg's `a = block(reduce(activation) + a)` with a convolution for its transformer
+/// block. Why not sum every layer before the decoder: adding them at successive stages lets
+/// the shallower layers (closer to the pixels, less abstract) correct the conditioned deep
+/// features through a non-linearity of their own, and FiLM acts once, on the layer that
+/// carries the text-aligned content, as in CLIPSeg (conditioning at its first block).
 pub struct TextSegHead {
     cfg: SegHeadConfig,
     reduce: Linear,
     film: Linear,
     grid_conv: Conv3,
+    /// Shallower layers, deepest first: (reduction, grid convolution).
+    skips: Vec<(Linear, Conv3)>,
     up_convs: Vec<Conv3>,
     pixel_conv: Conv3,
     out: Linear,
@@ -163,15 +214,26 @@ impl TextSegHead {
     /// `vb`.
     pub fn new(vb: VarBuilder, cfg: &SegHeadConfig) -> Result<Self> {
         let steps = cfg.upsample_steps()?;
+        cfg.check_layers()?;
         let w = cfg.width;
         let up_convs = (0..steps)
             .map(|i| Conv3::new(vb.pp(format!("up.{i}")), w, w))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let skips = (1..cfg.n_layer_inputs())
+            .map(|i| {
+                let vb = vb.pp(format!("skip.{i}"));
+                Ok((
+                    candle_nn::linear(cfg.feature_dim, w, vb.pp("reduce"))?,
+                    Conv3::new(vb.pp("conv"), w, w)?,
+                ))
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
             reduce: candle_nn::linear(cfg.feature_dim, w, vb.pp("reduce"))?,
             film: candle_nn::linear(cfg.text_dim, 2 * w, vb.pp("film"))?,
             grid_conv: Conv3::new(vb.pp("grid"), w, w)?,
+            skips,
             up_convs,
             pixel_conv: Conv3::new(vb.pp("pixel"), w + 1, w)?,
             out: candle_nn::linear(w, 1, vb.pp("out"))?,
@@ -183,24 +245,42 @@ impl TextSegHead {
         &self.cfg
     }
 
-    /// Mask logits `[B, 1, S, S]` from patch tokens `[B, N, D]` (N = grid cells), text
-    /// embeddings `[B, E]` (normalised) and the grey input `[B, 1, S, S]`.
+    /// Mask logits `[B, 1, S, S]` from patch tokens `[B, N, L * D]` (N = grid cells, the
+    /// `L` layers of [`SegHeadConfig::layers`] side by side, shallowest first; `L = 1` by
+    /// default), text embeddings `[B, E]` (normalised) and the grey input `[B, 1, S, S]`.
     pub fn forward(&self, patches: &Tensor, text: &Tensor, grey: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = patches.dims3()?;
+        let (b, n, dim) = patches.dims3()?;
         let (gh, gw) = self.cfg.grid;
         if n != gh * gw {
             return Err(SegError::Invalid(format!(
                 "{n} patch tokens for a {gh}x{gw} grid"
             )));
         }
+        let n_layers = self.cfg.n_layer_inputs();
+        let d = self.cfg.feature_dim;
+        if dim != n_layers * d {
+            return Err(SegError::Invalid(format!(
+                "patch features of width {dim} for {n_layers} layer(s) of width {d}"
+            )));
+        }
+        let layer = |i: usize| patches.narrow(2, i * d, d);
         let w = self.cfg.width;
         // Patch tokens are row-major over the grid, so [B, N, w] is already [B, gh, gw, w].
-        let x = self.reduce.forward(patches)?.reshape((b, gh, gw, w))?;
+        let x = self
+            .reduce
+            .forward(&layer(n_layers - 1)?)?
+            .reshape((b, gh, gw, w))?;
         let film = self.film.forward(text)?;
         let gamma = film.narrow(1, 0, w)?.reshape((b, 1, 1, w))?;
         let beta = film.narrow(1, w, w)?.reshape((b, 1, 1, w))?;
         let mut x = x.broadcast_mul(&(gamma + 1.0)?)?.broadcast_add(&beta)?;
         x = self.grid_conv.forward(&x)?.relu()?;
+        for (i, (reduce, conv)) in self.skips.iter().enumerate() {
+            let r = reduce
+                .forward(&layer(n_layers - 2 - i)?)?
+                .reshape((b, gh, gw, w))?;
+            x = conv.forward(&(x + r)?)?.relu()?;
+        }
         for conv in &self.up_convs {
             x = conv.forward(&upsample2_nhwc(&x)?)?.relu()?;
         }
@@ -217,7 +297,7 @@ impl TextSegHead {
 /// embedding and the target mask (all zeros when the prompted finding is absent).
 #[derive(Debug, Clone)]
 pub struct SegSample {
-    /// Patch tokens `[N, D]`.
+    /// Patch tokens `[N, D]` (`[N, L * D]` for `L` layers, see [`TextSegHead::forward`]).
     pub patches: Tensor,
     /// Text embedding `[E]` (L2-normalised).
     pub text: Tensor,

@@ -37,7 +37,8 @@
 //! # Defaults
 //!
 //! Head: [`SegHeadConfig::new`] (width 64, 300 AdamW steps of batch 16, lr 1e-3, threshold
-//! 0.5). Baseline: one threshold per class on the cosine similarity, chosen among 41 evenly
+//! 0.5, the tower's final patch tokens; [`TrainOptions::layers`] picks intermediate layers
+//! instead, recorded in the card and used by evaluation and prediction). Baseline: one threshold per class on the cosine similarity, chosen among 41 evenly
 //! spaced values between the smallest and largest similarity seen on the training split to
 //! maximise the mean Dice of that class's present training pairs.
 
@@ -431,7 +432,8 @@ pub struct LoadedImage {
     pub modality: Option<String>,
     /// Grey input `[1, S, S]`.
     pub grey: Tensor,
-    /// Patch tokens `[N, D]` of the frozen tower.
+    /// Patch tokens `[N, D]` of the frozen tower (read with layers: the layers' patch tokens
+    /// side by side, `[N, L * D]`, see [`load_images_with_layers`]).
     pub patches: Tensor,
     /// Patch tokens in the joint space `[N, E]` (baseline), when the tower has them.
     pub projected: Option<Tensor>,
@@ -445,6 +447,18 @@ pub struct LoadedImage {
 /// stops it with an error naming the file) and computes the frozen patch tokens, in
 /// batches of 32.
 pub fn load_images(m: &LoadedModel, task: &SegTask, device: &Device) -> Result<Vec<LoadedImage>> {
+    load_images_with_layers(m, task, &[], device)
+}
+
+/// [`load_images`] with the patch tokens of the image-tower layers `layers` (counted from 1,
+/// see [`SegHeadConfig::layers`]) side by side in [`LoadedImage::patches`]; empty `layers`:
+/// the final patch tokens, as [`load_images`].
+pub fn load_images_with_layers(
+    m: &LoadedModel,
+    task: &SegTask,
+    layers: &[usize],
+    device: &Device,
+) -> Result<Vec<LoadedImage>> {
     let size = m.model.image_size();
     let pre = seg_preprocess(m, size);
     let mut out = Vec::with_capacity(task.items.len());
@@ -467,7 +481,7 @@ pub fn load_images(m: &LoadedModel, task: &SegTask, device: &Device) -> Result<V
             partial.push((it, p.grey, masks, shape));
         }
         let px = pre.batch(&pixels, device)?;
-        let (patches, projected) = encode_patches(m, &px)?;
+        let (patches, projected) = encode_patches_with_layers(m, &px, layers)?;
         for (i, (it, grey, masks, shape)) in partial.into_iter().enumerate() {
             out.push(LoadedImage {
                 path: it.image.clone(),
@@ -523,13 +537,47 @@ pub fn load_planes(
 /// Patch tokens `[B, N, D]` and, when the tower has them, projected patch tokens `[B, N, E]`,
 /// as f32 on the CPU.
 pub(crate) fn encode_patches(m: &LoadedModel, px: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    encode_patches_with_layers(m, px, &[])
+}
+
+/// [`encode_patches`] with the patch tokens of `layers` (counted from 1) side by side,
+/// `[B, N, L * D]`, in place of the final ones (empty `layers`: the final ones). The
+/// projected tokens (the baseline's) stay those of the final output.
+pub(crate) fn encode_patches_with_layers(
+    m: &LoadedModel,
+    px: &Tensor,
+    layers: &[usize],
+) -> Result<(Tensor, Option<Tensor>)> {
     let out = m.model.encode_image(px)?;
     let cpu = |t: Tensor| -> candle_core::Result<Tensor> {
         t.to_dtype(DType::F32)?.to_device(&Device::Cpu)
     };
-    let patches = cpu(out.patch_tokens()?)?;
+    let patches = if layers.is_empty() {
+        cpu(out.patch_tokens()?)?
+    } else {
+        let states = m.model.encode_image_layers(px, layers)?;
+        let tokens = (0..layers.len())
+            .map(|i| states.patch_tokens(i))
+            .collect::<medvlm_models::Result<Vec<_>>>()?;
+        cpu(Tensor::cat(&tokens, 2)?)?
+    };
     let projected = m.model.project_patch_tokens(&out)?.map(cpu).transpose()?;
     Ok((patches, projected))
+}
+
+/// Checks image-tower layers for the segmentation head against the model: the head's rules
+/// ([`SegHeadConfig::check_layers`]) and the tower's depth (a clear error naming it).
+pub fn check_layers_for_model(layers: &[usize], m: &LoadedModel) -> Result<()> {
+    if layers.is_empty() {
+        return Ok(());
+    }
+    let probe = SegHeadConfig {
+        layers: layers.to_vec(),
+        ..SegHeadConfig::new(1, 1, (1, 1), 1)
+    };
+    probe.check_layers()?;
+    medvlm_models::vlm::check_vision_layers(layers, m.model.vision_num_layers())?;
+    Ok(())
 }
 
 fn l2_rows(t: &Tensor) -> candle_core::Result<Tensor> {
@@ -638,6 +686,9 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Split of the training manifest to use (`None`: every record).
     pub split: Option<String>,
+    /// Image-tower layers the head reads (counted from 1, increasing; see
+    /// [`SegHeadConfig::layers`]); empty: the final patch tokens (the default).
+    pub layers: Vec<usize>,
 }
 
 /// A trained segmenter in memory (what the artefact folder holds).
@@ -741,11 +792,13 @@ pub fn train_segmenter(
             task.manifest.display()
         )));
     }
-    let images = load_images(&m, task, device)?;
+    check_layers_for_model(&opts.layers, &m)?;
+    let images = load_images_with_layers(&m, task, &opts.layers, device)?;
     let prompts: Vec<Vec<String>> = classes.iter().map(|c| c.prompts.clone()).collect();
     let class_text = prompt_embeddings(&m, &prompts, device)?;
     let size = m.model.image_size();
-    let (n_tokens, feature_dim) = images[0].patches.dims2()?;
+    let (n_tokens, joined_dim) = images[0].patches.dims2()?;
+    let feature_dim = joined_dim / opts.layers.len().max(1);
     let side = (n_tokens as f64).sqrt().round() as usize;
     if side * side != n_tokens {
         return Err(SegPipelineError::Invalid(format!(
@@ -754,6 +807,7 @@ pub fn train_segmenter(
     }
     let mut cfg = SegHeadConfig::new(feature_dim, class_text.dim(1)?, (side, side), size);
     cfg.seed = opts.seed;
+    cfg.layers = opts.layers.clone();
     if let Some(v) = opts.steps {
         cfg.steps = v;
     }
@@ -1050,6 +1104,12 @@ impl Segmenter {
                 card.head.image_size
             )));
         }
+        check_layers_for_model(&card.head.layers, &m).map_err(|e| {
+            file_err(
+                &dir.join(CARD_FILE),
+                format!("the segmenter's image-tower layers do not fit the model `{spec}`: {e}"),
+            )
+        })?;
         Ok((
             Self {
                 card,
@@ -1100,7 +1160,8 @@ impl Segmenter {
                 greys.push(prep.grey);
             }
             let px = pre.batch(&pixels, device)?;
-            let (patches, _) = encode_patches(&self.model, &px)?;
+            let (patches, _) =
+                encode_patches_with_layers(&self.model, &px, &self.card.head.layers)?;
             let samples: Vec<SegSample> = greys
                 .into_iter()
                 .enumerate()
@@ -1273,7 +1334,7 @@ impl Segmenter {
     /// Evaluates the head and the baseline on every (image, class of its modality) pair of
     /// `task` (see the module docs for how present and absent findings are counted).
     pub fn evaluate(&self, task: &SegTask, device: &Device) -> Result<SegEvaluation> {
-        let images = load_images(&self.model, task, device)?;
+        let images = load_images_with_layers(&self.model, task, &self.card.head.layers, device)?;
         let classes = &self.card.classes;
         let size = self.card.head.image_size;
         let (prs, unknown) = pairs(&images, classes);

@@ -52,6 +52,7 @@ fn options(steps: usize) -> TrainOptions {
         lr: None,
         seed: 3,
         split: None,
+        layers: Vec::new(),
     }
 }
 
@@ -249,4 +250,135 @@ fn short_training_beats_the_similarity_baseline() {
     );
     assert!(eval.n_present > 0 && eval.n_absent > 0);
     assert!(eval.skipped_findings.is_empty());
+}
+
+/// The fixture CLIP's vision tower has 2 layers of width 32. A head on layer 2 only reads the
+/// final patch tokens (CLIP returns them before `post_layernorm`, as the layers are), so it
+/// trains exactly as the default head; a head on layers 1 and 2 has its own reductions,
+/// trains, and its card and masks survive a save and a load.
+#[test]
+fn multi_layer_head_trains_and_round_trips_its_card() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ph");
+    phantoms(&data, 24, 5, vec![Modality::Dermoscopy, Modality::BrainMri]);
+    let task = SegTask::from_manifest(&data.join("manifest.jsonl"), None).unwrap();
+    let dev = Device::Cpu;
+    let steps = 40;
+
+    let default = train_segmenter(model(), &task, &options(steps), &dev).unwrap();
+    assert!(default.segmenter.card.head.layers.is_empty());
+    let last = train_segmenter(
+        model(),
+        &task,
+        &TrainOptions {
+            layers: vec![2],
+            ..options(steps)
+        },
+        &dev,
+    )
+    .unwrap();
+    assert_eq!(last.segmenter.card.head.layers, vec![2]);
+    assert_eq!(last.losses, default.losses, "layer 2 is the final layer");
+
+    let multi = train_segmenter(
+        model(),
+        &task,
+        &TrainOptions {
+            layers: vec![1, 2],
+            ..options(steps)
+        },
+        &dev,
+    )
+    .unwrap();
+    let card = &multi.segmenter.card;
+    assert_eq!(card.head.layers, vec![1, 2]);
+    assert_eq!(card.head.feature_dim, 32, "width of one layer's tokens");
+    assert_ne!(multi.losses, default.losses, "layer 1 reaches the head");
+    let first: f32 = multi.losses[..5].iter().sum::<f32>() / 5.0;
+    let end: f32 = multi.losses[steps - 5..].iter().sum::<f32>() / 5.0;
+    assert!(end < first, "the loss went from {first} to {end}");
+    {
+        let vars = multi.segmenter.varmap.data().lock().unwrap();
+        assert!(vars.contains_key("skip.1.reduce.weight"));
+        assert!(vars.contains_key("skip.1.conv.weight"));
+        assert!(!vars.contains_key("skip.2.reduce.weight"));
+    }
+
+    // The card records the layers; a default card does not carry the field at all.
+    let art = dir.path().join("seg-multi");
+    multi.segmenter.save(&art).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("segmenter.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["head"]["layers"], serde_json::json!([1, 2]));
+    let art_default = dir.path().join("seg-default");
+    default.segmenter.save(&art_default).unwrap();
+    let json_default: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art_default.join("segmenter.json")).unwrap())
+            .unwrap();
+    assert!(json_default["head"].get("layers").is_none());
+
+    let (loaded, warning) = Segmenter::load(&art, None, &dev).unwrap();
+    assert_eq!(warning, None);
+    assert_eq!(loaded.card, multi.segmenter.card);
+    let planes: Vec<Plane> = task
+        .items
+        .iter()
+        .map(|i| read_plane(&i.image).unwrap())
+        .collect();
+    let mut any = 0usize;
+    for c in &card.classes {
+        let (t, _) = loaded.prompt_embedding(&c.name, &dev).unwrap();
+        let a = multi.segmenter.segment_planes(&planes, &t, &dev).unwrap();
+        let b = loaded.segment_planes(&planes, &t, &dev).unwrap();
+        assert_eq!(a, b, "class {}", c.name);
+        any += a.iter().flatten().map(|&v| v as usize).sum::<usize>();
+    }
+    assert!(any > 0, "the comparison would be vacuous on empty masks");
+    assert_eq!(
+        multi.segmenter.evaluate(&task, &dev).unwrap(),
+        loaded.evaluate(&task, &dev).unwrap()
+    );
+
+    // A card whose layers the model does not have fails to load, naming the card.
+    let text = std::fs::read_to_string(art.join("segmenter.json")).unwrap();
+    let bad = text.replacen(
+        "\"layers\": [\n      1,\n      2\n    ]",
+        "\"layers\": [1, 5]",
+        1,
+    );
+    assert_ne!(bad, text, "the card's layers were rewritten");
+    std::fs::write(art.join("segmenter.json"), bad).unwrap();
+    let err = match Segmenter::load(&art, None, &dev) {
+        Ok(_) => panic!("a card with layer 5 of a 2-layer tower loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("segmenter.json") && err.contains("layer 5") && err.contains("2 layers"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_layer_indices_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ph");
+    phantoms(&data, 6, 2, vec![Modality::Dermoscopy]);
+    let task = SegTask::from_manifest(&data.join("manifest.jsonl"), None).unwrap();
+    for (layers, want) in [
+        (vec![1, 3], "layer 3 does not exist: the tower has 2 layers"),
+        (vec![0, 1], "counted from 1"),
+        (vec![2, 1], "increasing order"),
+        (vec![1, 1], "increasing order"),
+    ] {
+        let opts = TrainOptions {
+            layers: layers.clone(),
+            ..options(1)
+        };
+        let err = match train_segmenter(model(), &task, &opts, &Device::Cpu) {
+            Ok(_) => panic!("layers {layers:?} were accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(want), "{layers:?}: {err}");
+    }
 }

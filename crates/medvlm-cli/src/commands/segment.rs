@@ -69,6 +69,11 @@ pub struct TrainArgs {
     /// Seed of the head's initialisation, sample order and absent pairs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Image-tower layers the head reads, CLIPSeg-style (e.g. `3,6,9` of a 12-layer ViT):
+    /// transformer blocks counted from 1 (HF's `hidden_states[k]`), increasing; the last is
+    /// the tower's depth. Default: the final patch tokens only.
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -138,6 +143,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         lr: a.lr,
         seed: a.seed,
         split: a.split.split.clone(),
+        layers: a.layers.clone(),
     };
     let t0 = std::time::Instant::now();
     let (card, val) = train_and_save(&a.manifest, a.val.as_deref(), &opts, &a.out, &device)?;
@@ -150,6 +156,9 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         card.head.steps,
         card.final_loss
     );
+    if !card.head.layers.is_empty() {
+        println!("image-tower layers read: {:?}", card.head.layers);
+    }
     println!("segmenter written to {}", a.out.display());
     if let Some(e) = val {
         print!("{}", e.render_table());
