@@ -28,6 +28,7 @@
 //! * [`generative`]: FID and KID of generated images on given features (medvlm computes
 //!   them in the VLM's image-feature space), with a Jacobi symmetric eigendecomposition.
 //! * [`fewshot_table`]: mean ± std tables over seeds.
+//! * [`latency`]: nearest-rank percentiles (p50/p99) of measured times.
 //! * [`plots`]: line plots, confusion-matrix heatmaps, reliability diagrams (SVG/PNG).
 //! * [`report`]: self-contained HTML reports.
 //! * [`evaluation`]: every metric of one test evaluation, multi-class ([`evaluation::evaluate`])
@@ -58,6 +59,7 @@ pub mod evaluation;
 pub mod fewshot_table;
 pub mod generative;
 pub mod image_quality;
+pub mod latency;
 pub mod multilabel;
 pub mod plots;
 pub mod registration;

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use medvlm_eval::latency::nearest_rank_percentile;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -119,15 +120,6 @@ fn request_bytes(spec: &LoadSpec, addr: SocketAddr) -> Vec<u8> {
     out
 }
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 /// Runs one load level against the service at `addr`.
 pub async fn drive(addr: SocketAddr, spec: &LoadSpec) -> LoadResult {
     let request = Arc::new(request_bytes(spec, addr));
@@ -187,8 +179,8 @@ pub async fn drive(addr: SocketAddr, spec: &LoadSpec) -> LoadResult {
         failed: answers.len() - ok - rejected,
         seconds,
         ok_per_second: ok as f64 / seconds.max(1e-9),
-        p50_ms: percentile(&ok_ms, 0.5),
-        p99_ms: percentile(&ok_ms, 0.99),
+        p50_ms: nearest_rank_percentile(&ok_ms, 50.0),
+        p99_ms: nearest_rank_percentile(&ok_ms, 99.0),
         max_ms: ok_ms.last().copied().unwrap_or(f64::NAN),
     }
 }
@@ -251,18 +243,4 @@ pub fn render_table(results: &[LoadResult]) -> String {
         ));
     }
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 0.5), 50.0);
-        assert_eq!(percentile(&v, 0.99), 99.0);
-        assert_eq!(percentile(&v[..1], 0.99), 1.0);
-        assert!(percentile(&[], 0.5).is_nan());
-    }
 }
