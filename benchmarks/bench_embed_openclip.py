@@ -7,7 +7,9 @@ Needs: pip install torch open_clip_torch timm
 The tower is open_clip's TimmModel as BiomedCLIP builds it: timm `vit_base_patch16_224`
 (class-token pooling, timm_pool "") + a bias-free linear projection to 512 dimensions
 (timm_proj "linear"). `--tower openclip` instead uses open_clip's own ViT-B-16 image
-encoder (CLIP layout, same size). Inference mode, no autograd, float32.
+encoder (CLIP layout, same size). Inference mode, no autograd; float32, or bf16/f16
+autocast with `--autocast`; `--device cuda` runs on GPU 0 (peak memory is then torch's peak
+allocation). Per-batch p50/p99 are nearest-rank; batch-1 latency is `--batch 1 --batches 100`.
 
 Peak memory is the process's peak RSS (VmHWM in /proc/self/status), which includes the
 Python interpreter and the torch libraries; the RSS before building the model is printed
@@ -18,9 +20,11 @@ Example (same settings as `medvlm bench embed --arch vit-b16 --batch 32 --thread
 """
 import argparse
 import json
-import time
 
 import torch
+
+from bench_common import (autocast, dtype_label, mib, peak_memory_mib, percentile,
+                          proc_status_kib, time_batches)
 
 ARCHS = {
     "vit-b16": ("vit_base_patch16_224", "ViT-B-16"),
@@ -28,21 +32,6 @@ ARCHS = {
     "vit-s16": ("vit_small_patch16_224", None),
     "vit-l16": ("vit_large_patch16_224", None),
 }
-
-
-def proc_status_kib(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def mib(kib):
-    return "n/a" if kib is None else f"{kib / 1024:.0f} MiB"
 
 
 def build(arch, tower, embed_dim):
@@ -68,6 +57,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--embed-dim", type=int, default=512)
+    ap.add_argument("--autocast", choices=["none", "bf16", "f16"], default="none")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU 0)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -75,40 +66,38 @@ def main():
     threads = torch.get_num_threads()
     rss_before = proc_status_kib("VmRSS")
 
-    model = build(args.arch, args.tower, args.embed_dim).eval()
+    model = build(args.arch, args.tower, args.embed_dim).eval().to(args.device)
     params = sum(p.numel() for p in model.parameters())
-    pixels = torch.randn(args.batch, 3, 224, 224)
+    pixels = torch.randn(args.batch, 3, 224, 224).to(args.device)
 
-    with torch.inference_mode():
-        for _ in range(args.warmup):
-            model(pixels)
-        per_batch = []
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            t = time.perf_counter()
-            model(pixels)
-            per_batch.append(time.perf_counter() - t)
-        total = time.perf_counter() - start
+    with torch.inference_mode(), autocast(args.autocast, args.device):
+        total, per_batch = time_batches(lambda: model(pixels), args.warmup, args.batches,
+                                        args.device)
     throughput = args.batch * args.batches / total
-    peak = proc_status_kib("VmHWM")
+    peak = peak_memory_mib(args.device)
+    p50, p99 = percentile(per_batch, 50), percentile(per_batch, 99)
+    memory = "peak allocated (torch.cuda)" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
 
     print(f"PyTorch {torch.__version__} ({args.tower}) {args.arch} "
           f"[{ARCHS[args.arch][0]} + linear proj {args.embed_dim}], {params / 1e6:.1f} M params, "
-          f"float32 on cpu, {threads} threads")
+          f"{dtype_label(args.autocast)} on {args.device}, {threads} threads")
     print(f"batch {args.batch}: {args.warmup} warm-up + {args.batches} timed batches in "
-          f"{total:.2f} s -> {throughput:.2f} images/s (per batch: "
-          + ", ".join(f"{t:.2f} s" for t in per_batch) + ")")
-    print(f"peak RSS (VmHWM) {mib(peak)}; RSS before building the model {mib(rss_before)}")
+          f"{total:.2f} s -> {throughput:.2f} images/s (per batch p50 {p50 * 1e3:.1f} ms, "
+          f"p99 {p99 * 1e3:.1f} ms)")
+    print(f"{memory} {mib(None if peak is None else peak * 1024)}; "
+          f"RSS before building the model {mib(rss_before)}")
     if args.json:
         print(json.dumps({
-            "impl": f"pytorch-{torch.__version__}-{args.tower}", "arch": ARCHS[args.arch][0],
-            "batch": args.batch, "batches": args.batches, "warmup": args.warmup,
-            "threads": threads, "params": params, "seconds": total,
-            "images_per_s": throughput,
-            "peak_rss_mib": None if peak is None else peak / 1024,
+            "impl": f"pytorch-{torch.__version__}-{args.tower}", "tower": "image",
+            "arch": ARCHS[args.arch][0], "batch": args.batch, "batches": args.batches,
+            "warmup": args.warmup, "threads": threads, "dtype": dtype_label(args.autocast),
+            "device": args.device, "params": params, "seconds": total,
+            "items_per_s": throughput, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3,
+            "peak_mib": peak,
+            "peak_kind": ("torch.cuda peak allocated" if args.device.startswith("cuda")
+                          else "VmHWM"),
             "rss_before_model_mib": None if rss_before is None else rss_before / 1024,
         }))
-
 
 if __name__ == "__main__":
     main()

@@ -86,3 +86,37 @@ fn bench_io_and_phantoms_report_progress_in_a_log() {
     assert!(err.contains("bench phantoms: 2/2 steps (100 %)"), "{err}");
     assert!(err.contains("32 px: 4 studies in memory"), "{err}");
 }
+
+/// The text towers are the published sizes: their parameter counts equal what PyTorch builds
+/// for the same architectures (open_clip ViT-B-16's text tower: 63,428,096; BiomedCLIP's
+/// PubMedBERT without pooler + mlp projection: 109,710,848, as printed by
+/// `benchmarks/bench_text_pytorch.py --json`), and the JSON line carries latency percentiles.
+#[test]
+fn bench_embed_text_towers_have_the_published_sizes() {
+    for (arch, params, context) in [
+        ("clip-b16", 63_428_096u64, 77),
+        ("pubmedbert", 109_710_848, 256),
+    ] {
+        let r = Command::new(env!("CARGO_BIN_EXE_medvlm"))
+            .args([
+                "bench", "embed", "--arch", arch, "--batch", "1", "--warmup", "0",
+            ])
+            .args(["--batches", "1", "--threads", "1", "--json"])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&r.stdout);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert!(
+            out.contains(&format!("text tower {arch} [context {context}")),
+            "{out}"
+        );
+        let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        assert_eq!(v["tower"], "text");
+        assert_eq!(v["params"].as_u64(), Some(params), "{arch}");
+        let (p50, p99) = (v["p50_ms"].as_f64().unwrap(), v["p99_ms"].as_f64().unwrap());
+        assert!(
+            p50 > 0.0 && p50 == p99,
+            "one timed batch: p50 = p99 = its time ({p50}, {p99})"
+        );
+    }
+}

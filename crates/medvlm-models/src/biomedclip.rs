@@ -310,7 +310,12 @@ pub enum TextProjection {
 }
 
 impl TextProjection {
-    fn load(vb: VarBuilder, kind: TextProjKind, d: usize, e: usize) -> candle_core::Result<Self> {
+    pub(crate) fn load(
+        vb: VarBuilder,
+        kind: TextProjKind,
+        d: usize,
+        e: usize,
+    ) -> candle_core::Result<Self> {
         Ok(match kind {
             TextProjKind::Mlp => {
                 let hidden = (d + e) / 2;
@@ -324,7 +329,7 @@ impl TextProjection {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             TextProjection::Mlp(a, b) => b.forward(&a.forward(x)?.gelu_erf()?),
             TextProjection::Linear(l) => l.forward(x),

@@ -446,17 +446,22 @@ impl CustomOp2 for ActGrad {
     }
 }
 
-/// Scaled dot-product attention `softmax(scale q kᵀ) v` on `[B, H, T, hd]` tensors without a
-/// mask, for inference: one task per (batch, head) pair over the rayon pool, each running its
-/// two small matmuls single-threaded with the scores `[Tq, Tk]` in a per-thread buffer.
-/// candle's batched matmul instead runs B·H tiny matmuls one after the other, each split
-/// over the threads, and half its time went to that synchronisation on ViT-B/16
-/// (docs/benchmarks.md). Returns `None` when this path does not apply (gradients tracked, not
-/// f32 on CPU, mismatched shapes): the caller then composes the attention from candle ops.
+/// Scaled dot-product attention `softmax(scale q kᵀ + mask) v` on `[B, H, T, hd]` tensors,
+/// for inference: one task per (batch, head) pair over the rayon pool, each running its two
+/// small matmuls single-threaded with the scores `[Tq, Tk]` in a per-thread buffer. candle's
+/// batched matmul instead runs B·H tiny matmuls one after the other, each split over the
+/// threads, and half its time went to that synchronisation on ViT-B/16 (docs/benchmarks.md).
+///
+/// `mask` is an additive f32 mask broadcastable to `[B, H, Tq, Tk]` with a full last
+/// dimension, as the text towers build them: causal `[1, 1, T, T]`, padding `[B, 1, 1, T]`,
+/// or both `[B, 1, T, T]`. Returns `None` when this path does not apply (gradients tracked,
+/// not f32 on CPU, shapes it does not cover): the caller then composes the attention from
+/// candle ops.
 pub fn attention_inference(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Option<Tensor>> {
     let all = [q, k, v];
@@ -466,22 +471,54 @@ pub fn attention_inference(
     {
         return Ok(None);
     }
-    let (b, h, _, d) = q.dims4()?;
+    let (b, h, tq, d) = q.dims4()?;
     let (bk, hk, tk, dk) = k.dims4()?;
     if (bk, hk, dk) != (b, h, d) || v.dims() != k.dims() || tk == 0 || d == 0 {
         return Ok(None);
     }
+    let mask = match mask {
+        None => None,
+        Some(m) => {
+            if !fusable(m) || m.track_op() || m.rank() != 4 {
+                return Ok(None);
+            }
+            let (mb, mh, mq, mk) = m.dims4()?;
+            let fits = |n: usize, full: usize| n == 1 || n == full;
+            if !(fits(mb, b) && fits(mh, h) && fits(mq, tq) && mk == tk) {
+                return Ok(None);
+            }
+            // Element strides of a contiguous copy, 0 along broadcast dimensions.
+            let strides = [
+                if mb == 1 { 0 } else { mh * mq * mk },
+                if mh == 1 { 0 } else { mq * mk },
+                if mq == 1 { 0 } else { mk },
+            ];
+            Some(AttentionMask {
+                values: m.flatten_all()?.to_vec1::<f32>()?,
+                strides,
+            })
+        }
+    };
     Ok(Some(q.contiguous()?.apply_op3_no_bwd(
         &k.contiguous()?,
         &v.contiguous()?,
         &Attention {
             scale: scale as f32,
+            mask,
         },
     )?))
 }
 
+/// An additive mask read by [`Attention`]: row `(bi, hi, qi)` of the scores gets
+/// `values[bi * strides[0] + hi * strides[1] + qi * strides[2]..][..tk]` added.
+struct AttentionMask {
+    values: Vec<f32>,
+    strides: [usize; 3],
+}
+
 struct Attention {
     scale: f32,
+    mask: Option<AttentionMask>,
 }
 
 impl CustomOp3 for Attention {
@@ -541,6 +578,15 @@ impl CustomOp3 for Attention {
                         false,
                         Parallelism::None,
                     );
+                    if let Some(m) = &self.mask {
+                        let (bi, hi) = (i / h, i % h);
+                        for (qi, row) in scores.chunks_exact_mut(tk).enumerate() {
+                            let at = bi * m.strides[0] + hi * m.strides[1] + qi * m.strides[2];
+                            for (s, add) in row.iter_mut().zip(&m.values[at..at + tk]) {
+                                *s += add;
+                            }
+                        }
+                    }
                     fastmath::softmax_rows_in_place(&mut scores, tk);
                     gemm(
                         tq,
@@ -902,15 +948,49 @@ mod tests {
             randn(&[2, 3, 5, 16], 9),
         );
         let scale = 0.25;
-        let fused = attention_inference(&q, &k, &v, scale).unwrap().unwrap();
-        let scores = ((q.matmul(&k.t().unwrap()).unwrap()) * scale).unwrap();
-        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
-        let composed = probs.matmul(&v).unwrap();
+        let composed = |mask: Option<&Tensor>| {
+            let mut scores = ((q.matmul(&k.t().unwrap()).unwrap()) * scale).unwrap();
+            if let Some(m) = mask {
+                scores = scores.broadcast_add(m).unwrap();
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+            probs.matmul(&v).unwrap()
+        };
+        let fused = attention_inference(&q, &k, &v, None, scale)
+            .unwrap()
+            .unwrap();
         assert_eq!(fused.dims(), &[2, 3, 7, 16]);
-        assert!(max_abs_diff(&fused, &composed) < 1e-5);
+        assert!(max_abs_diff(&fused, &composed(None)) < 1e-5);
+        // The masks the text towers build: causal-like [1, 1, Tq, Tk], padding [B, 1, 1, Tk]
+        // (row 1 keeps only its first 2 keys) and both [B, 1, Tq, Tk]; blocked entries get
+        // a large finite negative value, as `causal_mask` and BERT's `additive_mask` do.
+        let block = -1e9f32;
+        let causal: Vec<f32> = (0..7 * 5)
+            .map(|i| if i % 5 > i / 5 { block } else { 0.0 })
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, 7, 5), &Device::Cpu).unwrap();
+        let padding: Vec<f32> = (0..2 * 5)
+            .map(|i| if i / 5 == 1 && i % 5 >= 2 { block } else { 0.0 })
+            .collect();
+        let padding = Tensor::from_vec(padding, (2, 1, 1, 5), &Device::Cpu).unwrap();
+        let both = causal.broadcast_add(&padding).unwrap();
+        for (name, m) in [("causal", &causal), ("padding", &padding), ("both", &both)] {
+            let fused = attention_inference(&q, &k, &v, Some(m), scale)
+                .unwrap()
+                .unwrap();
+            let d = max_abs_diff(&fused, &composed(Some(m)));
+            assert!(d < 1e-5, "{name}: {d}");
+            // The mask matters: the unmasked result is far from it.
+            assert!(max_abs_diff(&fused, &composed(None)) > 1e-2, "{name}");
+        }
+        // A mask shape this path does not cover: the caller composes (None).
+        let odd = Tensor::zeros((2, 3, 1, 1), DType::F32, &Device::Cpu).unwrap();
+        assert!(attention_inference(&q, &k, &v, Some(&odd), scale)
+            .unwrap()
+            .is_none());
         // Gradients tracked: the caller must compose (None).
         let qv = Var::from_tensor(&q).unwrap();
-        assert!(attention_inference(qv.as_tensor(), &k, &v, scale)
+        assert!(attention_inference(qv.as_tensor(), &k, &v, None, scale)
             .unwrap()
             .is_none());
     }

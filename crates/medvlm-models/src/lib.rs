@@ -18,6 +18,8 @@
 //! image files and texts into embeddings with it.
 //!
 //! - [`embed`]: image files (PNG ... DICOM, NIfTI) and texts to embeddings.
+//! - [`random_towers`] (and [`timm_vit::RandomVitTower`]): full-size towers with random
+//!   weights for `medvlm bench embed`.
 //!
 //! ```
 //! use medvlm_models::{embed::embed_texts, load_model, LoadOptions};
@@ -49,6 +51,7 @@ pub mod modified_resnet;
 pub mod openclip;
 pub mod preprocess;
 pub mod presets;
+pub mod random_towers;
 pub mod siglip;
 pub mod source;
 pub mod timm_vit;

@@ -300,7 +300,8 @@ pub struct OpenClipText {
 }
 
 impl OpenClipText {
-    fn load(
+    /// Load from the checkpoint root (open_clip keeps the text tensors at the top level).
+    pub(crate) fn load(
         vb: VarBuilder,
         c: &OpenClipTextConfig,
         e: usize,
@@ -387,7 +388,21 @@ impl OpenClipText {
             .collect())
     }
 
-    fn forward(&self, tokens: &TokenBatch, prompt: Option<&TextPrompt>) -> Result<TextOutput> {
+    /// The context length.
+    pub fn context_length(&self) -> usize {
+        self.cfg.context_length
+    }
+
+    /// The vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    pub(crate) fn forward(
+        &self,
+        tokens: &TokenBatch,
+        prompt: Option<&TextPrompt>,
+    ) -> Result<TextOutput> {
         let (b, l) = tokens.input_ids.dims2()?;
         if l > self.cfg.context_length {
             return Err(ModelError::invalid(format!(

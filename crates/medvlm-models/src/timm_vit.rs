@@ -16,7 +16,7 @@
 //! and `mlp.fc2` is a [`LinearLayer`].
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder, VarMap};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::transformer::LayerNorm;
 use serde::Deserialize;
@@ -350,33 +350,16 @@ impl RandomVitTower {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        // First pass: let the model declare its tensors (names and shapes) in a VarMap.
-        let vars = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vars, dtype, device);
-        TimmVit::load(vb.pp("trunk"), cfg)?;
-        LinearLayer::load(vb.pp("head").pp("proj"), cfg.width, embed_dim, false)?;
-        let mut tensors = std::collections::HashMap::new();
-        let mut num_parameters = 0;
-        {
-            let data = vars
-                .data()
-                .lock()
-                .map_err(|_| ModelError::invalid("poisoned VarMap"))?;
-            for (name, var) in data.iter() {
-                let t = if name.contains("norm") && name.ends_with("weight") {
-                    var.ones_like()?.detach()
-                } else {
-                    Tensor::randn(0f32, 0.02, var.shape(), device)?.to_dtype(dtype)?
-                };
-                num_parameters += t.elem_count();
-                tensors.insert(name.clone(), t);
-            }
-        }
-        // Second pass: build the model from the constant tensors.
-        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let ((vit, proj), num_parameters) =
+            crate::random_towers::build_with_random_weights(dtype, device, |vb| {
+                Ok((
+                    TimmVit::load(vb.pp("trunk"), cfg)?,
+                    LinearLayer::load(vb.pp("head").pp("proj"), cfg.width, embed_dim, false)?,
+                ))
+            })?;
         Ok(Self {
-            vit: TimmVit::load(vb.pp("trunk"), cfg)?,
-            proj: LinearLayer::load(vb.pp("head").pp("proj"), cfg.width, embed_dim, false)?,
+            vit,
+            proj,
             num_parameters,
         })
     }

@@ -192,10 +192,8 @@ pub fn attention(
 ) -> candle_core::Result<Tensor> {
     let dtype = q.dtype();
     let scale = 1.0 / (head_dim as f64).sqrt();
-    if mask.is_none() {
-        if let Some(ctx) = crate::fused::attention_inference(q, k, v, scale)? {
-            return Ok(ctx);
-        }
+    if let Some(ctx) = crate::fused::attention_inference(q, k, v, mask, scale)? {
+        return Ok(ctx);
     }
     let q32 = (q.to_dtype(DType::F32)? * scale)?;
     let k32 = k.to_dtype(DType::F32)?;

@@ -1,11 +1,19 @@
-//! `medvlm bench embed`: image-embedding throughput and peak memory of a
-//! full-size image tower with random weights (no checkpoint needed).
+//! `medvlm bench embed`: embedding throughput, per-batch latency and peak memory of a
+//! full-size image or text tower with random weights (no checkpoint needed).
 //!
-//! The tower is BiomedCLIP's: a timm ViT (Dosovitskiy et al. 2021) with
-//! class-token pooling and a bias-free linear projection to 512 dimensions.
-//! `benchmarks/bench_embed_openclip.py` runs the same architecture in PyTorch
-//! (open_clip's `TimmModel`) with the same batch and thread count, so the two
-//! can be compared on one machine (see docs/benchmarks.md).
+//! - `--tower image` (default): BiomedCLIP's image tower, a timm ViT (Dosovitskiy et al.
+//!   2021) with class-token pooling and a bias-free linear projection to 512 dimensions.
+//!   `benchmarks/bench_embed_openclip.py` runs the same architecture in PyTorch (open_clip's
+//!   `TimmModel`).
+//! - `--tower text`: open_clip ViT-B-16's text transformer at context 77 (`clip-b16`) or
+//!   BiomedCLIP's PubMedBERT at context 256 (`pubmedbert`), see
+//!   [`medvlm_models::random_towers`]; `benchmarks/bench_text_pytorch.py` is the PyTorch
+//!   counterpart. Every text fills the context.
+//!
+//! Both PyTorch scripts take the same batch and thread count, so the two can be compared on
+//! one machine (see docs/benchmarks.md). Batch-1 latency, the service's case, is
+//! `--batch 1 --batches 100`: the p50 and p99 printed are over the timed batches
+//! (nearest-rank percentiles).
 //!
 //! Peak memory is the process's peak resident set size (`VmHWM` in
 //! /proc/self/status, Linux only), which includes the binary and its
@@ -17,7 +25,26 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 
 use crate::commands::progress::Progress;
+use medvlm_models::random_towers::RandomTextTower;
 use medvlm_models::timm_vit::{RandomVitTower, TimmVitConfig};
+
+/// Which tower `bench embed` runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tower {
+    /// An image tower (architectures vit-*).
+    Image,
+    /// A text tower (architectures clip-b16, pubmedbert).
+    Text,
+}
+
+impl Tower {
+    fn name(self) -> &'static str {
+        match self {
+            Tower::Image => "image",
+            Tower::Text => "text",
+        }
+    }
+}
 
 /// Architectures `bench embed` can build.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,15 +61,34 @@ pub enum Arch {
     /// ViT-L/16 at 224 px (timm `vit_large_patch16_224`).
     #[value(name = "vit-l16")]
     VitL16,
+    /// open_clip ViT-B-16's text tower at context 77 (63.4 M parameters).
+    #[value(name = "clip-b16")]
+    ClipB16,
+    /// BiomedCLIP's PubMedBERT-base text tower at context 256 (109.7 M parameters).
+    #[value(name = "pubmedbert")]
+    PubMedBert,
 }
 
 impl Arch {
-    fn timm_name(self) -> &'static str {
+    /// The timm name of an image architecture; `None` for a text one.
+    fn timm_name(self) -> Option<&'static str> {
         match self {
-            Arch::VitB16 => "vit_base_patch16_224",
-            Arch::VitB32 => "vit_base_patch32_224",
-            Arch::VitS16 => "vit_small_patch16_224",
-            Arch::VitL16 => "vit_large_patch16_224",
+            Arch::VitB16 => Some("vit_base_patch16_224"),
+            Arch::VitB32 => Some("vit_base_patch32_224"),
+            Arch::VitS16 => Some("vit_small_patch16_224"),
+            Arch::VitL16 => Some("vit_large_patch16_224"),
+            Arch::ClipB16 | Arch::PubMedBert => None,
+        }
+    }
+
+    fn cli_name(self) -> &'static str {
+        match self {
+            Arch::VitB16 => "vit-b16",
+            Arch::VitB32 => "vit-b32",
+            Arch::VitS16 => "vit-s16",
+            Arch::VitL16 => "vit-l16",
+            Arch::ClipB16 => "clip-b16",
+            Arch::PubMedBert => "pubmedbert",
         }
     }
 }
@@ -68,10 +114,13 @@ impl From<BenchDType> for DType {
 /// Arguments of `medvlm bench embed`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Image tower architecture.
-    #[arg(long, value_enum, default_value = "vit-b16")]
-    pub arch: Arch,
-    /// Images per batch.
+    /// The tower to run (default: the tower of --arch, else image).
+    #[arg(long, value_enum)]
+    pub tower: Option<Tower>,
+    /// Architecture (default: vit-b16 for the image tower, clip-b16 for the text tower).
+    #[arg(long, value_enum)]
+    pub arch: Option<Arch>,
+    /// Images or texts per batch.
     #[arg(long, default_value_t = 32, value_parser = crate::commands::at_least_one)]
     pub batch: usize,
     /// Timed batches (after the warm-up).
@@ -125,6 +174,22 @@ fn parse_device(spec: &str) -> anyhow::Result<Device> {
     bail!("unknown --device {spec:?} (expected cpu or cuda:N)")
 }
 
+/// The tower being measured and its fixed input batch.
+enum BenchModel {
+    Image {
+        tower: RandomVitTower,
+        pixels: Tensor,
+        params: usize,
+        label: String,
+    },
+    Text {
+        tower: RandomTextTower,
+        tokens: medvlm_models::vlm::TokenBatch,
+        params: usize,
+        label: String,
+    },
+}
+
 fn mib(kib: Option<u64>) -> String {
     kib.map(|k| format!("{:.0} MiB", k as f64 / 1024.0))
         .unwrap_or_else(|| "n/a".into())
@@ -149,18 +214,72 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Refused before the weights are made, with what to use instead.
     medvlm_models::compute::check_compute_dtype(dtype, &device)
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-    let cfg = TimmVitConfig::from_timm_name(args.arch.timm_name())
-        .context("internal: architecture table")?;
+    let (tower, arch) = match (args.tower, args.arch) {
+        (None | Some(Tower::Image), None) => (Tower::Image, Arch::VitB16),
+        (Some(Tower::Text), None) => (Tower::Text, Arch::ClipB16),
+        (Some(t), Some(a)) => (t, a),
+        (None, Some(a)) if a.timm_name().is_some() => (Tower::Image, a),
+        (None, Some(a)) => (Tower::Text, a),
+    };
+    if (tower == Tower::Image) != arch.timm_name().is_some() {
+        bail!(
+            "--arch {} is not a{} tower (image: vit-b16, vit-b32, vit-s16, vit-l16; \
+             text: clip-b16, pubmedbert)",
+            arch.cli_name(),
+            if tower == Tower::Image {
+                "n image"
+            } else {
+                " text"
+            }
+        );
+    }
     let rss_before_kib = proc_status_kib("VmRSS");
 
-    let tower = RandomVitTower::new(&cfg, args.embed_dim, dtype, &device)
-        .context("building the random-weight image tower")?;
-    let params = tower.num_parameters();
-    let s = cfg.image_size;
-    let pixels = Tensor::randn(0f32, 1.0, (args.batch, 3, s, s), &device)?.to_dtype(dtype)?;
+    let model = match arch.timm_name() {
+        Some(timm) => {
+            let cfg =
+                TimmVitConfig::from_timm_name(timm).context("internal: architecture table")?;
+            let tower = RandomVitTower::new(&cfg, args.embed_dim, dtype, &device)
+                .context("building the random-weight image tower")?;
+            let s = cfg.image_size;
+            let pixels =
+                Tensor::randn(0f32, 1.0, (args.batch, 3, s, s), &device)?.to_dtype(dtype)?;
+            BenchModel::Image {
+                params: tower.num_parameters(),
+                tower,
+                pixels,
+                label: format!("[timm {timm} + linear proj {}]", args.embed_dim),
+            }
+        }
+        None => {
+            let (tower, params) = match arch {
+                Arch::PubMedBert => RandomTextTower::pubmedbert(args.embed_dim, dtype, &device),
+                _ => RandomTextTower::clip_b16(args.embed_dim, dtype, &device),
+            }
+            .context("building the random-weight text tower")?;
+            let tokens = tower.full_context_batch(args.batch, 0, &device)?;
+            BenchModel::Text {
+                label: format!(
+                    "[context {}, proj {}]",
+                    tower.context_length(),
+                    args.embed_dim
+                ),
+                tower,
+                tokens,
+                params,
+            }
+        }
+    };
+    let (params, unit) = match &model {
+        BenchModel::Image { params, .. } => (*params, "images"),
+        BenchModel::Text { params, .. } => (*params, "texts"),
+    };
 
     let run_batch = || -> anyhow::Result<()> {
-        let e = tower.embed(&pixels)?;
+        let e = match &model {
+            BenchModel::Image { tower, pixels, .. } => tower.embed(pixels)?,
+            BenchModel::Text { tower, tokens, .. } => tower.embed(tokens)?,
+        };
         // Force the computation to finish (asynchronous on CUDA).
         let _ = e.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         Ok(())
@@ -186,37 +305,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     progress.finish();
     let total = start.elapsed().as_secs_f64();
-    let images = (args.batch * args.batches) as f64;
-    let throughput = images / total;
+    let items = (args.batch * args.batches) as f64;
+    let throughput = items / total;
     let peak_kib = proc_status_kib("VmHWM");
+    let p50 = medvlm_eval::latency::nearest_rank_percentile(&per_batch, 50.0);
+    let p99 = medvlm_eval::latency::nearest_rank_percentile(&per_batch, 99.0);
 
+    let label = match &model {
+        BenchModel::Image { label, .. } | BenchModel::Text { label, .. } => label,
+    };
     println!(
-        "medvlm (candle) {} [timm {} + linear proj {}], {:.1} M params, {:?} on {}, {} threads",
-        match args.arch {
-            Arch::VitB16 => "vit-b16",
-            Arch::VitB32 => "vit-b32",
-            Arch::VitS16 => "vit-s16",
-            Arch::VitL16 => "vit-l16",
-        },
-        args.arch.timm_name(),
-        args.embed_dim,
+        "medvlm (candle) {} tower {} {label}, {:.1} M params, {:?} on {}, {} threads",
+        tower.name(),
+        arch.cli_name(),
         params as f64 / 1e6,
         dtype,
         args.device,
         threads
     );
     println!(
-        "batch {}: {} warm-up + {} timed batches in {:.2} s -> {:.2} images/s (per batch: {})",
+        "batch {}: {} warm-up + {} timed batches in {:.2} s -> {:.2} {unit}/s \
+         (per batch p50 {:.1} ms, p99 {:.1} ms)",
         args.batch,
         args.warmup,
         args.batches,
         total,
         throughput,
-        per_batch
-            .iter()
-            .map(|t| format!("{t:.2} s"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        p50 * 1e3,
+        p99 * 1e3,
     );
     println!(
         "peak RSS (VmHWM) {}; RSS before building the model {}",
@@ -226,7 +342,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.json {
         let v = serde_json::json!({
             "impl": "medvlm-candle",
-            "arch": args.arch.timm_name(),
+            "tower": tower.name(),
+            "arch": arch.timm_name().unwrap_or(arch.cli_name()),
             "batch": args.batch,
             "batches": args.batches,
             "warmup": args.warmup,
@@ -235,7 +352,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "device": args.device,
             "params": params,
             "seconds": total,
-            "images_per_s": throughput,
+            "items_per_s": throughput,
+            "p50_ms": p50 * 1e3,
+            "p99_ms": p99 * 1e3,
             "peak_rss_mib": peak_kib.map(|k| k as f64 / 1024.0),
             "rss_before_model_mib": rss_before_kib.map(|k| k as f64 / 1024.0),
         });
