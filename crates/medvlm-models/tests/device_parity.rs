@@ -7,7 +7,8 @@
 mod support;
 
 use candle_core::{DType, Device, Tensor};
-use medvlm_models::{load_model, LoadOptions, TokenBatch};
+use medvlm_models::openclip::OpenClipResNet;
+use medvlm_models::{load_model, LoadMode, LoadOptions, TokenBatch, VisionLanguageModel};
 use support::{fixture, load_st, max_abs_diff};
 
 /// The device under test, refused loudly when it cannot be opened (never a silent CPU run).
@@ -21,18 +22,41 @@ fn device() -> Device {
     }
 }
 
-/// Loads `family`'s fixture on the device under test and compares both embeddings with the
-/// reference implementation's, within `tol` (max absolute difference).
+/// Loads `family`'s fixture on the device under test through `load_model` (what every user
+/// goes through) and compares both embeddings with the reference implementation's.
 fn check(family: &str, pixels: &str, ids: &str, image_key: &str, text_key: &str, tol: f32) {
     let dev = device();
-    let dir = fixture(family);
     let opts = LoadOptions {
         device: dev.clone(),
         dtype: DType::F32,
         ..LoadOptions::default()
     };
-    let m = load_model(dir.to_str().unwrap(), &opts)
+    let m = load_model(fixture(family).to_str().unwrap(), &opts)
         .unwrap_or_else(|e| panic!("{family}: loading on {dev:?}: {e}"));
+    compare(
+        family,
+        m.model.as_ref(),
+        pixels,
+        ids,
+        image_key,
+        text_key,
+        tol,
+    );
+}
+
+/// Compares both embeddings of `model` (already on the device under test) with the reference
+/// implementation's, within `tol` (max absolute difference).
+fn compare(
+    family: &str,
+    model: &dyn VisionLanguageModel,
+    pixels: &str,
+    ids: &str,
+    image_key: &str,
+    text_key: &str,
+    tol: f32,
+) {
+    let dev = device();
+    let dir = fixture(family);
     let expected = load_st(dir.join("expected.safetensors"));
     let inputs = if dir.join("inputs.safetensors").exists() {
         load_st(dir.join("inputs.safetensors"))
@@ -50,8 +74,8 @@ fn check(family: &str, pixels: &str, ids: &str, image_key: &str, text_key: &str,
         input_ids,
         attention_mask,
     };
-    let img = m.model.encode_image(&to_dev(&inputs[pixels])).unwrap();
-    let txt = m.model.encode_text(&tokens).unwrap();
+    let img = model.encode_image(&to_dev(&inputs[pixels])).unwrap();
+    let txt = model.encode_text(&tokens).unwrap();
     assert!(
         img.embeds.device().same_device(&dev),
         "{family}: ran off the device"
@@ -107,8 +131,18 @@ fn biomedclip_fixture_matches_open_clip_on_the_test_device() {
 
 #[test]
 fn openclip_resnet_fixture_matches_open_clip_on_the_test_device() {
-    check(
+    // The fixture holds open_clip's weights and config but no tokenizer file (its inputs are
+    // token ids), so it is loaded as the model alone, on the device under test.
+    let model = OpenClipResNet::from_dir(
+        &fixture("openclip_resnet"),
+        DType::F32,
+        &device(),
+        &LoadMode::Frozen,
+    )
+    .unwrap_or_else(|e| panic!("openclip_resnet: loading on {:?}: {e}", device()));
+    compare(
         "openclip_resnet",
+        &model,
         "pixel_values",
         "input_ids",
         "image_embeds",
