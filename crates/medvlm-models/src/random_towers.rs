@@ -67,7 +67,7 @@ pub enum RandomTextTower {
     /// BERT with a pooling rule and a projection (BiomedCLIP's text tower).
     Bert {
         /// The transformer.
-        bert: BertModel,
+        bert: Box<BertModel>,
         /// The projection of the pooled state.
         proj: TextProjection,
         /// The pooling rule.
@@ -112,7 +112,7 @@ impl RandomTextTower {
             let proj =
                 TextProjection::load(vb.pp("proj"), TextProjKind::Mlp, cfg.hidden_size, embed_dim)?;
             Ok(Self::Bert {
-                bert,
+                bert: Box::new(bert),
                 proj,
                 pooling: BertPooling::Cls,
                 context: 256,

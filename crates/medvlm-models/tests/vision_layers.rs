@@ -54,7 +54,10 @@ fn siglip(layers: usize) -> SiglipModel {
 }
 
 fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Tensor {
-    candle_nn::ops::layer_norm(x, w, b, eps).unwrap()
+    use candle_core::Module;
+    medvlm_models::transformer::LayerNorm::new(w.clone(), b.clone(), eps as f64)
+        .forward(x)
+        .unwrap()
 }
 
 #[test]
