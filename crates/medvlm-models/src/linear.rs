@@ -73,6 +73,13 @@ impl LinearLayer {
         } else {
             None
         };
+        // Frozen (non-Var) f32 CPU weights take the layout the inference product multiplies
+        // fastest; trainable ones stay row-major, as their optimiser updates them.
+        let weight = if weight.is_variable() {
+            weight
+        } else {
+            crate::fused::inference_weight_layout(&weight)?
+        };
         Ok(Self::new(vb.prefix(), weight, bias))
     }
 
