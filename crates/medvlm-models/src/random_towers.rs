@@ -15,9 +15,11 @@
 //! pass alive and inflate peak memory.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
 
 use crate::bert::{BertConfig, BertModel, BertPooling};
 use crate::biomedclip::{TextProjKind, TextProjection};
@@ -26,37 +28,70 @@ use crate::openclip::{OpenClipText, OpenClipTextConfig, TextPool};
 use crate::transformer::Activation;
 use crate::vlm::TokenBatch;
 
-/// Builds a model twice: once into a `VarMap` to learn the names and shapes of its tensors,
-/// then from constant tensors drawn from `N(0, 0.02²)` (layer-norm scales 1, as timm and HF
-/// initialise them). Returns the model and its number of parameters.
+/// Builds a model from tensors drawn as it asks for them: `N(0, 0.02²)`, layer-norm scales 1
+/// (as timm and HF initialise them). Drawing on demand, rather than from a map of every
+/// tensor, lets a layer that re-lays out its weight (the linear layers' inference layout)
+/// free the drawn one at once, so peak memory stays one copy of the weights. Returns the
+/// model and its number of parameters (each tensor name counted once).
 pub fn build_with_random_weights<T>(
     dtype: DType,
     device: &Device,
     build: impl Fn(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<(T, usize)> {
-    let vars = VarMap::new();
-    build(VarBuilder::from_varmap(&vars, dtype, device))?;
-    let mut tensors = HashMap::new();
-    let mut num_parameters = 0;
-    {
-        let data = vars
-            .data()
-            .lock()
-            .map_err(|_| ModelError::invalid("poisoned VarMap"))?;
-        for (name, var) in data.iter() {
-            let is_norm_scale = (name.contains("norm") || name.contains("ln_"))
-                && (name.ends_with("weight") || name.ends_with("gamma"));
-            let t = if is_norm_scale {
-                var.ones_like()?.detach()
-            } else {
-                Tensor::randn(0f32, 0.02, var.shape(), device)?.to_dtype(dtype)?
-            };
-            num_parameters += t.elem_count();
-            tensors.insert(name.clone(), t);
-        }
-    }
-    let model = build(VarBuilder::from_tensors(tensors, dtype, device))?;
+    let backend = RandomWeights::default();
+    let model = build(VarBuilder::from_backend(
+        Box::new(backend.clone()),
+        dtype,
+        device.clone(),
+    ))?;
+    let num_parameters = backend
+        .counted
+        .lock()
+        .map_err(|_| ModelError::invalid("poisoned parameter count"))?
+        .values()
+        .sum();
     Ok((model, num_parameters))
+}
+
+/// The backend of [`build_with_random_weights`]: every `get` draws a fresh tensor and records
+/// its size under its name.
+#[derive(Clone, Default)]
+struct RandomWeights {
+    counted: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _hint: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let is_norm_scale = (name.contains("norm") || name.contains("ln_"))
+            && (name.ends_with("weight") || name.ends_with("gamma"));
+        let t = if is_norm_scale {
+            Tensor::ones(shape, dtype, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?
+        };
+        self.counted
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned parameter count".into()))?
+            .insert(name.to_string(), t.elem_count());
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    // As an empty `VarMap` answers: optional tensors are absent, so the model takes the same
+    // branches as when it is built from scratch.
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
 }
 
 /// A text tower with random weights (see the module documentation).
