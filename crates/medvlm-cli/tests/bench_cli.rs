@@ -1,6 +1,6 @@
 //! `medvlm bench embed`, `bench io` and `bench phantoms`: progress lines when stderr is a file,
-//! and (embed) a dtype the device cannot compute in refused before any work, without a stack
-//! trace even under RUST_BACKTRACE=1.
+//! and (embed) bf16 on the CPU either running its linear layers in bf16 or, on a CPU without
+//! AVX512-BF16, refused before any work, without a stack trace even under RUST_BACKTRACE=1.
 
 use std::process::Command;
 
@@ -25,17 +25,39 @@ fn bench_embed_reports_progress_and_refuses_an_unsupported_dtype_up_front() {
     assert!(err.contains("bench embed: 2/2 batches"), "{err}");
     assert!(String::from_utf8_lossy(&r.stdout).contains("images/s"));
 
-    let supported = medvlm_models::compute::check_compute_dtype(
-        candle_core::DType::BF16,
-        &candle_core::Device::Cpu,
-    )
-    .is_ok();
+    // bf16 on the CPU: linear layers in bf16 where the CPU has AVX512-BF16, else refused.
+    let supported = medvlm_models::bf16_gemm::cpu_has_bf16_dot();
     let r = bench_embed(&["--dtype", "bf16"]);
     let err = String::from_utf8_lossy(&r.stderr);
     if supported {
         assert!(r.status.success(), "{err}");
+        let out = String::from_utf8_lossy(&r.stdout);
+        assert!(
+            out.contains("BF16 linear layers (f32 accumulation), F32 elsewhere"),
+            "{out}"
+        );
     } else {
         assert!(!r.status.success());
+        assert!(
+            err.contains("--dtype") && err.contains("AVX512-BF16") && err.contains("use f32"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("   0:") && !err.contains("bench embed:"),
+            "refused before work: {err}"
+        );
+    }
+
+    // f16 on the CPU: candle's kernels decide, as before (its convolution has no f16 path).
+    let f16 = medvlm_models::compute::check_compute_dtype(
+        candle_core::DType::F16,
+        &candle_core::Device::Cpu,
+    )
+    .is_ok();
+    let r = bench_embed(&["--dtype", "f16"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.success(), f16, "{err}");
+    if !f16 {
         assert!(err.contains("--dtype") && err.contains("use f32"), "{err}");
         assert!(
             !err.contains("   0:") && !err.contains("bench embed:"),

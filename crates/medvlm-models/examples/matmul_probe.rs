@@ -3,8 +3,15 @@
 //! 197 x 64). A measurement tool, not a test (docs/benchmarks.md compares it with PyTorch's
 //! `addmm` / `bmm` on the same machine):
 //!
-//!     cargo run --release -p medvlm-models --example matmul_probe
+//!     cargo run --release -p medvlm-models --example matmul_probe [-- bf16]
+//!
+//! With `bf16` it times instead the linear layers of a ViT-B/16 block at batch 32 (6304 rows)
+//! and of open_clip's ViT-B-16 text block at batch 128 (9856 rows), f32 (medvlm's fused
+//! linear) against the bf16 product with f32 accumulation (`medvlm_models::bf16_gemm`).
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
+use medvlm_models::bf16_gemm::PackedBf16Weight;
 fn time(
     name: &str,
     flops: f64,
@@ -25,7 +32,36 @@ fn time(
     );
     Ok(())
 }
+fn bf16_linears() -> candle_core::Result<()> {
+    let shapes = [
+        ("vit qkv", 6304, 768, 2304),
+        ("vit proj", 6304, 768, 768),
+        ("vit fc1", 6304, 768, 3072),
+        ("vit fc2", 6304, 3072, 768),
+        ("text qkv", 9856, 512, 512),
+        ("text fc1", 9856, 512, 2048),
+        ("text fc2", 9856, 2048, 512),
+    ];
+    for (name, m, k, n) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 0.02, (n, k), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 0.02, n, &Device::Cpu)?;
+        let packed = Arc::new(PackedBf16Weight::from_tensor(&w)?);
+        let flops = 2.0 * (m * k * n) as f64;
+        time(&format!("{name} {m}x{k}x{n} f32 "), flops, || {
+            medvlm_models::fused::linear(&x, &w, &b)
+        })?;
+        time(&format!("{name} {m}x{k}x{n} bf16"), flops, || {
+            medvlm_models::bf16_gemm::linear(&x, &packed, Some(&b), name)
+        })?;
+    }
+    Ok(())
+}
+
 fn main() -> candle_core::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("bf16") {
+        return bf16_linears();
+    }
     let x = Tensor::randn(0f32, 1.0, (6304, 768), &Device::Cpu)?;
     let w = Tensor::randn(0f32, 1.0, (3072, 768), &Device::Cpu)?;
     let wt = w.t()?;

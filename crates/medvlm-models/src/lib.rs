@@ -35,6 +35,7 @@
 //! ```
 
 pub mod bert;
+pub mod bf16_gemm;
 pub mod biomedclip;
 pub mod clip;
 pub mod compute;

@@ -16,12 +16,19 @@
 //!
 //! Wrappers run in the order they were pushed; with none the layer is exactly
 //! `candle_nn::Linear`.
+//!
+//! For inference on a CPU with AVX512-BF16, [`LinearLayer::pack_bf16`] (or
+//! [`LinearLayers::pack_linear_bf16`] for a whole model) makes the product `x Wᵀ + b` run in
+//! bf16 with f32 accumulation ([`crate::bf16_gemm`]); inputs, outputs, bias and wrappers stay
+//! f32, as under PyTorch's CPU autocast.
 
 use std::any::Any;
 use std::sync::Arc;
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
+
+use crate::bf16_gemm::PackedBf16Weight;
 
 /// A modification of a linear layer's output (LoRA, adapters, ...).
 pub trait LinearWrapper: Send + Sync + std::fmt::Debug {
@@ -42,6 +49,8 @@ pub struct LinearLayer {
     weight: Tensor,
     bias: Option<Tensor>,
     wrappers: Vec<Arc<dyn LinearWrapper>>,
+    /// The weight rounded to bf16 and packed, when the product runs in bf16.
+    bf16: Option<Arc<PackedBf16Weight>>,
 }
 
 impl LinearLayer {
@@ -52,6 +61,7 @@ impl LinearLayer {
             weight,
             bias,
             wrappers: Vec::new(),
+            bf16: None,
         }
     }
 
@@ -113,6 +123,10 @@ impl LinearLayer {
                 self.weight.dims()
             )
         }
+        // A bf16 layer keeps computing in bf16, with the new weight.
+        if self.bf16.is_some() {
+            self.bf16 = Some(Arc::new(PackedBf16Weight::from_tensor(&weight)?));
+        }
         self.weight = weight;
         Ok(())
     }
@@ -143,9 +157,56 @@ impl LinearLayer {
     pub fn take_wrappers(&mut self) -> Vec<Arc<dyn LinearWrapper>> {
         std::mem::take(&mut self.wrappers)
     }
+    /// Makes the product run in bf16 with f32 accumulation ([`crate::bf16_gemm`]): the weight
+    /// is rounded to bf16 and packed once (the f32 weight is kept, for [`Self::weight`] and
+    /// [`Self::unpack_bf16`], as PyTorch's autocast keeps its bf16 copies next to the f32
+    /// parameters); inputs are rounded to bf16 in every forward pass. Inference only: a
+    /// trainable weight (a `Var`) is refused here, and a forward pass that gradients would
+    /// flow through is refused there. Refused too on a device other than the CPU and on a
+    /// CPU without AVX512-BF16 ([`crate::bf16_gemm::require_cpu_support`]).
+    pub fn pack_bf16(&mut self) -> candle_core::Result<()> {
+        self.check_bf16()?;
+        self.bf16 = Some(Arc::new(PackedBf16Weight::from_tensor(&self.weight)?));
+        Ok(())
+    }
+
+    /// Why [`Self::pack_bf16`] would refuse this layer, if it would.
+    fn check_bf16(&self) -> candle_core::Result<()> {
+        if let Err(e) = crate::bf16_gemm::require_cpu_support() {
+            candle_core::bail!("{}: {e}", self.path)
+        }
+        if !self.weight.device().is_cpu() {
+            candle_core::bail!(
+                "{}: bf16 linear layers are a CPU mode (on a GPU, load the model in bf16)",
+                self.path
+            )
+        }
+        if self.weight.is_variable() {
+            candle_core::bail!(
+                "{}: bf16 linear layers are for inference, and this weight is trainable (a Var); \
+                 load the model frozen, or keep f32",
+                self.path
+            )
+        }
+        Ok(())
+    }
+
+    /// Back to the f32 product (drops the packed bf16 weight).
+    pub fn unpack_bf16(&mut self) {
+        self.bf16 = None;
+    }
+
+    /// Whether the product runs in bf16 ([`Self::pack_bf16`]).
+    pub fn is_bf16(&self) -> bool {
+        self.bf16.is_some()
+    }
+
     /// `x Wᵀ + b` without wrappers (with a bias, one matmul that accumulates onto it:
-    /// [`crate::fused::linear`]).
+    /// [`crate::fused::linear`]; after [`Self::pack_bf16`], the bf16 product).
     pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(w) = &self.bf16 {
+            return crate::bf16_gemm::linear(x, w, self.bias.as_ref(), &self.path);
+        }
         match &self.bias {
             Some(b) => crate::fused::linear(x, &self.weight, b),
             None => candle_nn::Linear::new(self.weight.clone(), None).forward(x),
@@ -193,6 +254,23 @@ pub trait LinearLayers {
                 paths.iter().take(6).cloned().collect::<Vec<_>>().join(", ")
             ))),
         }
+    }
+
+    /// Runs every linear layer's product in bf16 with f32 accumulation
+    /// ([`LinearLayer::pack_bf16`]): the CPU's `--dtype bf16`. Everything else (norms,
+    /// softmax, activations, attention, convolutions, embeddings) stays f32. Checks every
+    /// layer first, so a refusal (no AVX512-BF16, a trainable weight, a GPU tensor) leaves the
+    /// model unchanged. Returns the number of layers switched.
+    fn pack_linear_bf16(&mut self) -> crate::Result<usize> {
+        crate::bf16_gemm::require_cpu_support().map_err(crate::ModelError::Invalid)?;
+        let mut layers = self.linear_layers_mut();
+        for l in &layers {
+            l.check_bf16()?;
+        }
+        for l in &mut layers {
+            l.pack_bf16()?;
+        }
+        Ok(layers.len())
     }
 
     /// Push `wrapper` onto the layer at `path`.

@@ -25,7 +25,10 @@ use crate::weights::{save_safetensors_atomic, LoadMode, WeightFile, DEFAULT_IGNO
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: Device,
-    /// Compute dtype (default f32).
+    /// Compute dtype (default f32). bf16 on the CPU loads the weights in f32 and runs the
+    /// linear layers' products in bf16 with f32 accumulation, everything else in f32
+    /// ([`crate::compute::ComputePlan::CpuBf16Linear`]; needs AVX512-BF16 and
+    /// [`LoadMode::Frozen`]); the model then reports f32 as its dtype.
     pub dtype: DType,
     pub mode: LoadMode,
 }
@@ -145,6 +148,22 @@ fn open_clip_preprocess(size: usize, mean: [f32; 3], std: [f32; 3]) -> Preproces
 /// Load a model directory.
 pub fn load_model_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let family = detect_family(dir)?;
+    // bf16 on the CPU: f32 weights with bf16 linear products, refused before reading weights
+    // on a CPU without the instruction or for a trainable model.
+    let cpu_bf16 = opts.dtype == DType::BF16 && opts.device.is_cpu();
+    if cpu_bf16 {
+        crate::compute::compute_plan(opts.dtype, &opts.device)?;
+        if !matches!(opts.mode, LoadMode::Frozen) {
+            return Err(ModelError::invalid(
+                "bf16 on the CPU is for inference (linear layers in bf16 have no backward \
+                 pass); load a trainable model in f32",
+            ));
+        }
+    }
+    let opts = &LoadOptions {
+        dtype: if cpu_bf16 { DType::F32 } else { opts.dtype },
+        ..opts.clone()
+    };
     let (model, tokenizer, preprocess): (Box<dyn VisionLanguageModel>, _, _) = match family {
         Family::Clip => {
             let cfg = ClipConfig::from_file(&dir.join("config.json"))?;
@@ -207,6 +226,10 @@ pub fn load_model_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             (Box::new(m), tok, pre)
         }
     };
+    let mut model = model;
+    if cpu_bf16 {
+        model.pack_linear_bf16()?;
+    }
     Ok(LoadedModel {
         model,
         tokenizer,

@@ -24,6 +24,7 @@ use candle_nn::VarBuilder;
 use crate::bert::{BertConfig, BertModel, BertPooling};
 use crate::biomedclip::{TextProjKind, TextProjection};
 use crate::error::{ModelError, Result};
+use crate::linear::{LinearLayer, LinearLayers};
 use crate::openclip::{OpenClipText, OpenClipTextConfig, TextPool};
 use crate::transformer::Activation;
 use crate::vlm::TokenBatch;
@@ -218,6 +219,45 @@ impl RandomTextTower {
                 let h = bert.forward(&tokens.input_ids, Some(mask), None)?;
                 let pooled = bert.pool(&h, Some(mask), *pooling)?;
                 Ok(proj.forward(&pooled)?)
+            }
+        }
+    }
+}
+
+impl LinearLayers for RandomTextTower {
+    fn linear_layers(&self) -> Vec<&LinearLayer> {
+        match self {
+            Self::OpenClip(t) => {
+                let mut v = t.encoder.linears();
+                v.push(&t.projection);
+                v
+            }
+            Self::Bert { bert, proj, .. } => {
+                let mut v = bert.linear_layers();
+                match proj {
+                    TextProjection::Mlp(a, b) => v.extend([a, b]),
+                    TextProjection::Linear(l) => v.push(l),
+                    TextProjection::Identity => {}
+                }
+                v
+            }
+        }
+    }
+    fn linear_layers_mut(&mut self) -> Vec<&mut LinearLayer> {
+        match self {
+            Self::OpenClip(t) => {
+                let mut v = t.encoder.linears_mut();
+                v.push(&mut t.projection);
+                v
+            }
+            Self::Bert { bert, proj, .. } => {
+                let mut v = bert.linear_layers_mut();
+                match proj {
+                    TextProjection::Mlp(a, b) => v.extend([a, b]),
+                    TextProjection::Linear(l) => v.push(l),
+                    TextProjection::Identity => {}
+                }
+                v
             }
         }
     }

@@ -376,6 +376,19 @@ impl RandomVitTower {
     }
 }
 
+impl LinearLayers for RandomVitTower {
+    fn linear_layers(&self) -> Vec<&LinearLayer> {
+        let mut v = self.vit.linear_layers();
+        v.push(&self.proj);
+        v
+    }
+    fn linear_layers_mut(&mut self) -> Vec<&mut LinearLayer> {
+        let mut v = self.vit.linear_layers_mut();
+        v.push(&mut self.proj);
+        v
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

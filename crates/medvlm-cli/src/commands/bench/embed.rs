@@ -15,6 +15,10 @@
 //! `--batch 1 --batches 100`: the p50 and p99 printed are over the timed batches
 //! (nearest-rank percentiles).
 //!
+//! `--dtype bf16` on the CPU builds the tower in f32 and runs its linear layers in bf16 with
+//! f32 accumulation ([`medvlm_models::bf16_gemm`]), everything else in f32; it needs a CPU
+//! with AVX512-BF16 and is refused up front elsewhere.
+//!
 //! Peak memory is the process's peak resident set size (`VmHWM` in
 //! /proc/self/status, Linux only), which includes the binary and its
 //! libraries; the RSS before building the model is printed next to it.
@@ -25,8 +29,10 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 
 use crate::commands::progress::Progress;
+use medvlm_models::compute::ComputePlan;
 use medvlm_models::random_towers::RandomTextTower;
 use medvlm_models::timm_vit::{RandomVitTower, TimmVitConfig};
+use medvlm_models::LinearLayers;
 
 /// Which tower `bench embed` runs.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,8 +102,13 @@ impl Arch {
 /// Compute dtype.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BenchDType {
+    /// f32 everywhere.
     F32,
+    /// On a GPU: bf16 everywhere. On the CPU (needs AVX512-BF16): linear layers in bf16 with
+    /// f32 accumulation, everything else f32 (norms, softmax, GELU, attention, patch
+    /// convolution), as PyTorch's CPU autocast.
     Bf16,
+    /// f16 everywhere (GPU only).
     F16,
 }
 
@@ -132,7 +143,8 @@ pub struct Args {
     /// CPU threads (default: candle's default, the physical cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Compute dtype.
+    /// Compute dtype. bf16 on the CPU means: linear layers in bf16 with f32 accumulation,
+    /// everything else f32 (needs AVX512-BF16; refused otherwise).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: BenchDType,
     /// Device: `cpu` or `cuda:N` (needs a build with `--features cuda`).
@@ -210,10 +222,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let threads = candle_core::utils::get_num_threads();
     let device = parse_device(&args.device)?;
-    let dtype: DType = args.dtype.into();
     // Refused before the weights are made, with what to use instead.
-    medvlm_models::compute::check_compute_dtype(dtype, &device)
+    let plan = medvlm_models::compute::compute_plan(args.dtype.into(), &device)
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let dtype = plan.storage_dtype();
+    let bf16_linear = plan == ComputePlan::CpuBf16Linear;
     let (tower, arch) = match (args.tower, args.arch) {
         (None | Some(Tower::Image), None) => (Tower::Image, Arch::VitB16),
         (Some(Tower::Text), None) => (Tower::Text, Arch::ClipB16),
@@ -239,8 +252,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(timm) => {
             let cfg =
                 TimmVitConfig::from_timm_name(timm).context("internal: architecture table")?;
-            let tower = RandomVitTower::new(&cfg, args.embed_dim, dtype, &device)
+            let mut tower = RandomVitTower::new(&cfg, args.embed_dim, dtype, &device)
                 .context("building the random-weight image tower")?;
+            if bf16_linear {
+                tower.pack_linear_bf16()?;
+            }
             let s = cfg.image_size;
             let pixels =
                 Tensor::randn(0f32, 1.0, (args.batch, 3, s, s), &device)?.to_dtype(dtype)?;
@@ -252,11 +268,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         None => {
-            let (tower, params) = match arch {
+            let (mut tower, params) = match arch {
                 Arch::PubMedBert => RandomTextTower::pubmedbert(args.embed_dim, dtype, &device),
                 _ => RandomTextTower::clip_b16(args.embed_dim, dtype, &device),
             }
             .context("building the random-weight text tower")?;
+            if bf16_linear {
+                tower.pack_linear_bf16()?;
+            }
             let tokens = tower.full_context_batch(args.batch, 0, &device)?;
             BenchModel::Text {
                 label: format!(
@@ -315,11 +334,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BenchModel::Image { label, .. } | BenchModel::Text { label, .. } => label,
     };
     println!(
-        "medvlm (candle) {} tower {} {label}, {:.1} M params, {:?} on {}, {} threads",
+        "medvlm (candle) {} tower {} {label}, {:.1} M params, {} on {}, {} threads",
         tower.name(),
         arch.cli_name(),
         params as f64 / 1e6,
-        dtype,
+        plan.describe(),
         args.device,
         threads
     );
@@ -348,7 +367,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "batches": args.batches,
             "warmup": args.warmup,
             "threads": threads,
-            "dtype": format!("{dtype:?}"),
+            "dtype": format!("{:?}", DType::from(args.dtype)),
+            "precision": plan.describe(),
             "device": args.device,
             "params": params,
             "seconds": total,
