@@ -1,8 +1,8 @@
 //! bf16 matrix product for linear layers on the CPU: `y = x Wᵀ + b` with `x` `[m, k]` f32,
 //! `W` `[n, k]` packed once into bf16, f32 accumulation and f32 output.
 //!
-//! Why: candle's CPU backend has no bf16 matrix product worth using (its bf16 path widens
-//! to f32 and its convolution refuses bf16), so `--dtype bf16` on a CPU used to be refused.
+//! Why: candle's CPU backend has no fast bf16 matrix product (and its convolution has no bf16
+//! path at all), so `--dtype bf16` on a CPU used to be refused.
 //! CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake / Sapphire Rapids) have
 //! `vdpbf16ps`, which in one instruction multiplies 16 pairs of bf16 values and adds both
 //! products to 16 f32 accumulators: 32 multiply-adds, twice the 16 of an f32 FMA on the same

@@ -108,7 +108,7 @@ pub enum BenchDType {
     /// f32 accumulation, everything else f32 (norms, softmax, GELU, attention, patch
     /// convolution), as PyTorch's CPU autocast.
     Bf16,
-    /// f16 everywhere (GPU only).
+    /// f16 everywhere, through candle's kernels.
     F16,
 }
 
