@@ -15,7 +15,7 @@ use medvlm_models::openclip::OpenClipResNet;
 use medvlm_models::{
     load_model_dir, LinearLayers, LoadMode, LoadOptions, TokenBatch, VisionLanguageModel,
 };
-use support::{fixture, inputs, load_st};
+use support::{fixture, inputs, load_st, max_abs_diff};
 
 /// Cosine similarity of each row of `a` and `b` `[N, E]`.
 fn row_cosines(a: &Tensor, b: &Tensor) -> Vec<f64> {
@@ -30,19 +30,6 @@ fn row_cosines(a: &Tensor, b: &Tensor) -> Vec<f64> {
             dot / (nx * ny)
         })
         .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// The bf16 model's image and text embeddings against the f32 model's.
