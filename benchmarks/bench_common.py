@@ -64,3 +64,15 @@ def peak_memory_mib(device):
         return torch.cuda.max_memory_allocated() / 2**20
     kib = proc_status_kib("VmHWM")
     return None if kib is None else kib / 1024
+
+
+def add_run_args(ap, batch):
+    """The options every PyTorch benchmark here shares with `medvlm bench embed`."""
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--embed-dim", type=int, default=512)
+    ap.add_argument("--autocast", choices=["none", "bf16", "f16"], default="none")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU 0)")
+    ap.add_argument("--json", action="store_true")

@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from bench_common import (autocast, dtype_label, mib, peak_memory_mib, percentile,
+from bench_common import (add_run_args, autocast, dtype_label, mib, peak_memory_mib, percentile,
                           proc_status_kib, time_batches)
 
 ARCHS = {
@@ -52,14 +52,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=sorted(ARCHS), default="vit-b16")
     ap.add_argument("--tower", choices=["timm", "openclip"], default="timm")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--embed-dim", type=int, default=512)
-    ap.add_argument("--autocast", choices=["none", "bf16", "f16"], default="none")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU 0)")
-    ap.add_argument("--json", action="store_true")
+    add_run_args(ap, batch=32)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,7 +26,7 @@ import json
 
 import torch
 
-from bench_common import (autocast, dtype_label, mib, peak_memory_mib, percentile,
+from bench_common import (add_run_args, autocast, dtype_label, mib, peak_memory_mib, percentile,
                           proc_status_kib, time_batches)
 
 
@@ -66,14 +66,7 @@ def build(arch, embed_dim):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=["clip-b16", "pubmedbert"], default="clip-b16")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--batches", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--embed-dim", type=int, default=512)
-    ap.add_argument("--autocast", choices=["none", "bf16", "f16"], default="none")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU 0)")
-    ap.add_argument("--json", action="store_true")
+    add_run_args(ap, batch=128)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

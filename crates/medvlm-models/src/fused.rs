@@ -657,7 +657,12 @@ pub fn inference_weight_layout(w: &Tensor) -> Result<Tensor> {
 
 /// Whether `w` `[n, k]` is the transpose of a row-major `[k, n]` matrix (strides `[1, n]`).
 fn is_transposed_row_major(w: &Tensor) -> bool {
-    let (dims, stride) = (w.dims(), w.stride());
+    transposed_row_major(w.dims(), w.stride())
+}
+
+/// [`is_transposed_row_major`] on a shape and its strides (with `n, k > 1`, so never also
+/// row-major).
+fn transposed_row_major(dims: &[usize], stride: &[usize]) -> bool {
     dims.len() == 2 && stride == [1, dims[0]] && dims[0] > 1 && dims[1] > 1
 }
 
@@ -681,7 +686,7 @@ impl CustomOp3 for LinearBias {
         let x = f32_slice(s1, l1, "linear (x)")?;
         let (n, kw) = l2.shape().dims2()?;
         // Row-major [n, k], or the inference layout: the transpose of a row-major [k, n].
-        let transposed = !l2.is_contiguous() && l2.stride() == [1, n];
+        let transposed = transposed_row_major(l2.dims(), l2.stride());
         let w = if transposed {
             let CpuStorage::F32(v) = s2 else {
                 candle_core::bail!("linear (weight): f32 storage expected")
@@ -715,58 +720,34 @@ impl CustomOp3 for LinearBias {
         } else {
             Parallelism::None
         };
-        if transposed {
-            // SAFETY: y [m, n] row-major is yᵀ [n, m] column-major (row stride 1, column
-            // stride n); w holds Wᵀ row-major, i.e. W [n, k] column-major (row stride 1,
-            // column stride n); x [m, k] row-major is xᵀ [k, m] column-major (row stride 1,
-            // column stride k). With read_dst the product is added onto the bias in y.
-            unsafe {
-                gemm(
-                    n,
-                    m,
-                    k,
-                    y.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    true,
-                    w.as_ptr(),
-                    n as isize,
-                    1,
-                    x.as_ptr(),
-                    k as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
-            let mut dims = l1.shape().dims().to_vec();
-            if let Some(last) = dims.last_mut() {
-                *last = n;
-            }
-            return Ok((CpuStorage::F32(y), Shape::from(dims)));
-        }
-        // SAFETY: y is the row-major [m, n] output, x the row-major [m, k] input and w the
-        // row-major [n, k] weight read as Wᵀ [k, n] (column stride k, row stride 1); with
-        // read_dst the product is added onto the bias rows already in y.
+        // gemm's (rows, cols, dst col/row strides, lhs, its col/row strides, rhs, its col/row
+        // strides) for the two weight layouts.
+        let (rows, cols, dst_cs, dst_rs, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs) = if transposed {
+            // y [m, n] row-major is yᵀ [n, m] column-major; w holds Wᵀ row-major, i.e. W
+            // [n, k] column-major; x [m, k] row-major is xᵀ [k, m] column-major.
+            (n, m, n, 1, w, n, 1, x, k, 1)
+        } else {
+            // y [m, n] and x [m, k] row-major; the row-major [n, k] weight read as Wᵀ [k, n].
+            (m, n, 1, n, x, 1, k, w, k, 1)
+        };
+        // SAFETY: the strides above address exactly y's m * n, x's m * k and w's n * k
+        // values (shapes checked above); with read_dst the product is added onto the bias
+        // already in y.
         unsafe {
             gemm(
-                m,
-                n,
+                rows,
+                cols,
                 k,
                 y.as_mut_ptr(),
-                1,
-                n as isize,
+                dst_cs as isize,
+                dst_rs as isize,
                 true,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
+                lhs.as_ptr(),
+                lhs_cs as isize,
+                lhs_rs as isize,
+                rhs.as_ptr(),
+                rhs_cs as isize,
+                rhs_rs as isize,
                 1.0,
                 1.0,
                 false,
