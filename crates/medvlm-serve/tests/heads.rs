@@ -109,6 +109,7 @@ async fn segment_and_anomaly_answer_as_the_library() {
             seed: 0,
             split: None,
             layers: Vec::new(),
+            pixel_width: None,
         },
         &seg_dir,
         &dev,
@@ -246,6 +247,8 @@ async fn report_answers_as_the_library() {
                 ..Default::default()
             },
             split: None,
+            diagnosis_prompt: None,
+            lexicon: None,
         },
         &dir,
         &dev,

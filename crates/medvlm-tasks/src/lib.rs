@@ -63,6 +63,7 @@ pub mod multitask;
 pub mod multitask_pipeline;
 pub mod registration;
 pub mod registration_pipeline;
+pub mod report_findings;
 pub mod report_generation;
 pub mod report_pipeline;
 pub mod segmentation;

@@ -266,6 +266,7 @@ impl MultiTaskConfig {
             weight_decay: self.weight_decay,
             seed: self.seed,
             min_word_count: self.min_word_count,
+            findings: 0,
         }
     }
 

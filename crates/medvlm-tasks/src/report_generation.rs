@@ -84,6 +84,14 @@ pub struct ReportGenConfig {
     pub seed: u64,
     /// Minimum count of a word to enter the vocabulary.
     pub min_word_count: usize,
+    /// Findings of the diagnosis prompt (PromptMRG's idea, see [`ReportGenerator`]); 0 (the
+    /// default, and what cards without the field mean): no prompt.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub findings: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 impl Default for ReportGenConfig {
@@ -100,6 +108,7 @@ impl Default for ReportGenConfig {
             weight_decay: 0.01,
             seed: 0,
             min_word_count: 2,
+            findings: 0,
         }
     }
 }
@@ -130,7 +139,7 @@ impl ReportGenConfig {
     pub fn decoder_config(&self, vocab: usize) -> Gpt2Config {
         let mut c = Gpt2Config::small(
             vocab,
-            self.prefix_len + self.max_tokens,
+            self.prefix_len + self.findings + self.max_tokens,
             self.width,
             self.layers,
             self.heads,
@@ -173,10 +182,22 @@ impl PrefixMapper {
 }
 
 /// The prefix mapper and the decoder.
+///
+/// With a diagnosis prompt ([`ReportGenConfig::findings`] = `F` > 0; PromptMRG, Jin et al.,
+/// AAAI 2024, "Promptmrg: Diagnosis-driven prompts for medical report generation"): after the
+/// image prefix come `F` more prefix embeddings, one per finding of a lexicon, each a learned
+/// vector for "finding k absent" or "finding k present" (`prompt.weight`, row `2k + state`).
+/// Training feeds the states a labeller reads in the reference report; generation feeds the
+/// states a findings classifier predicts ([`crate::report_findings`]). Why: the decoder
+/// trained on one pooled embedding writes the most probable report and names rare findings
+/// seldom; a classifier with per-finding thresholds decides each finding on its own, and
+/// the decoder learns to state what the prompt says.
 #[derive(Debug, Clone)]
 pub struct ReportGenerator {
     /// Image embedding -> prefix.
     pub mapper: PrefixMapper,
+    /// Finding-state embeddings `[2F, W]` of the diagnosis prompt (`None` without one).
+    pub prompt: Option<candle_nn::Embedding>,
     /// The decoder.
     pub decoder: Gpt2LmHeadModel,
     /// Settings.
@@ -196,20 +217,76 @@ impl ReportGenerator {
     ) -> Result<Self> {
         cfg.validate()?;
         let dcfg = cfg.decoder_config(vocab);
+        let prompt = if cfg.findings > 0 {
+            Some(candle_nn::embedding(
+                2 * cfg.findings,
+                cfg.width,
+                vb.pp("prompt"),
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             mapper: PrefixMapper::new(vb.pp("mapper"), image_dim, cfg.prefix_len, cfg.width)?,
+            prompt,
             decoder: Gpt2LmHeadModel::load(vb.pp("decoder"), &dcfg, "transformer")?,
             cfg: cfg.clone(),
             image_dim,
         })
     }
 
+    /// Length of the whole prefix: the image prefix and the diagnosis prompt.
+    pub fn prefix_len(&self) -> usize {
+        self.cfg.prefix_len + self.cfg.findings
+    }
+
+    /// The decoder's prefix `[B, P (+ F), W]`: the mapped image embeddings `[B, E]`, then with
+    /// a diagnosis prompt the embeddings of the finding states `[B, F]` (u32, 0 absent, 1
+    /// present), which it then requires.
+    pub fn prefix(&self, images: &Tensor, states: Option<&Tensor>) -> Result<Tensor> {
+        let mapped = self.mapper.forward(images)?;
+        match (&self.prompt, states) {
+            (None, None) => Ok(mapped),
+            (Some(table), Some(states)) => {
+                let (b, f) = states.dims2()?;
+                if f != self.cfg.findings || b != images.dim(0)? {
+                    return Err(ReportError::Invalid(format!(
+                        "finding states {:?} for {} images and a prompt of {} findings",
+                        states.dims(),
+                        images.dim(0)?,
+                        self.cfg.findings
+                    )));
+                }
+                let offsets = Tensor::arange_step(0u32, 2 * f as u32, 2, states.device())?;
+                let rows = states.broadcast_add(&offsets.unsqueeze(0)?)?;
+                Ok(Tensor::cat(&[&mapped, &table.forward(&rows)?], 1)?)
+            }
+            (None, Some(_)) => Err(ReportError::Invalid(
+                "finding states given to a generator without a diagnosis prompt".into(),
+            )),
+            (Some(_), None) => Err(ReportError::Invalid(
+                "this generator reads a diagnosis prompt: finding states are required".into(),
+            )),
+        }
+    }
+
     /// Mean token cross-entropy of `targets` `[B, T]` (report tokens then EOS, right-padded
     /// with [`PAD_ID`]) given image embeddings `[B, E]`.
     pub fn loss(&self, images: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        self.loss_prompted(images, None, targets)
+    }
+
+    /// [`Self::loss`] with the diagnosis prompt's finding states `[B, F]` (see
+    /// [`Self::prefix`]).
+    pub fn loss_prompted(
+        &self,
+        images: &Tensor,
+        states: Option<&Tensor>,
+        targets: &Tensor,
+    ) -> Result<Tensor> {
         let (b, t) = targets.dims2()?;
-        let p = self.cfg.prefix_len;
-        let prefix = self.mapper.forward(images)?;
+        let p = self.prefix_len();
+        let prefix = self.prefix(images, states)?;
         // The decoder reads the prefix and every target token but the last; position
         // p - 1 + i predicts target i.
         let embeds = if t > 1 {
@@ -240,9 +317,19 @@ impl ReportGenerator {
     /// Greedy decoding of a batch of image embeddings `[B, E]`: up to `max_new` tokens each,
     /// a report ending at its first EOS (not included).
     pub fn generate_greedy(&self, images: &Tensor, max_new: usize) -> Result<Vec<Vec<u32>>> {
+        self.generate_greedy_prompted(images, None, max_new)
+    }
+
+    /// [`Self::generate_greedy`] with the diagnosis prompt's finding states `[B, F]`.
+    pub fn generate_greedy_prompted(
+        &self,
+        images: &Tensor,
+        states: Option<&Tensor>,
+        max_new: usize,
+    ) -> Result<Vec<Vec<u32>>> {
         let b = images.dim(0)?;
         let max_new = max_new.min(self.cfg.max_tokens);
-        let prefix = self.mapper.forward(images)?;
+        let prefix = self.prefix(images, states)?;
         let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut done = vec![false; b];
         for step in 0..max_new {
@@ -279,7 +366,21 @@ impl ReportGenerator {
     /// Beam search for one image embedding `[E]` ([`Gpt2LmHeadModel::beam_search`], length
     /// penalty 1); the report without its EOS.
     pub fn generate_beam(&self, image: &Tensor, beams: usize, max_new: usize) -> Result<Vec<u32>> {
-        let prefix = self.mapper.forward(&image.unsqueeze(0)?)?.squeeze(0)?;
+        self.generate_beam_prompted(image, None, beams, max_new)
+    }
+
+    /// [`Self::generate_beam`] with the diagnosis prompt's finding states `[F]`.
+    pub fn generate_beam_prompted(
+        &self,
+        image: &Tensor,
+        states: Option<&Tensor>,
+        beams: usize,
+        max_new: usize,
+    ) -> Result<Vec<u32>> {
+        let states = states.map(|s| s.unsqueeze(0)).transpose()?;
+        let prefix = self
+            .prefix(&image.unsqueeze(0)?, states.as_ref())?
+            .squeeze(0)?;
         let d = self.decoder.beam_search(
             Some(&prefix),
             &[],
@@ -293,8 +394,8 @@ impl ReportGenerator {
 }
 
 /// Re-draws every parameter from a seeded generator (candle's initialisers use the thread's
-/// RNG): biases 0, layer-norm scales 1, decoder matrices and embeddings N(0, 0.02) as GPT-2,
-/// mapper matrices N(0, 1 / fan_in). Parameters are visited in name order.
+/// RNG): biases 0, layer-norm scales 1, decoder matrices and embeddings (the diagnosis
+/// prompt's too) N(0, 0.02) as GPT-2, mapper matrices N(0, 1 / fan_in). Parameters are visited in name order.
 fn seeded_init(params: &[NamedVar], seed: u64) -> Result<()> {
     Ok(init::seeded_init(
         params,
@@ -343,6 +444,19 @@ pub struct TrainedGenerator {
 pub fn train_generator(
     cfg: &ReportGenConfig,
     images: &Tensor,
+    reports: &[Vec<u32>],
+    vocab: usize,
+    on_epoch: &mut dyn FnMut(usize, f32),
+) -> Result<TrainedGenerator> {
+    train_generator_prompted(cfg, images, None, reports, vocab, on_epoch)
+}
+
+/// [`train_generator`] with the diagnosis prompt's finding states `[N, F]` (u32 0/1, the
+/// findings the reference reports state; required exactly when `cfg.findings > 0`).
+pub fn train_generator_prompted(
+    cfg: &ReportGenConfig,
+    images: &Tensor,
+    states: Option<&Tensor>,
     reports: &[Vec<u32>],
     vocab: usize,
     on_epoch: &mut dyn FnMut(usize, f32),
@@ -396,9 +510,10 @@ pub fn train_generator(
                 &dev,
             )?;
             let x = images.index_select(&idx, 0)?;
+            let st = states.map(|s| s.index_select(&idx, 0)).transpose()?;
             let rows: Vec<&[u32]> = chunk.iter().map(|&i| reports[i].as_slice()).collect();
             let y = pad_batch(&rows, &dev)?;
-            let loss = generator.loss(&x, &y)?;
+            let loss = generator.loss_prompted(&x, st.as_ref(), &y)?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(ReportError::Invalid(format!(
@@ -473,6 +588,63 @@ mod tests {
             .generate_beam(&test.i(1).unwrap(), 3, 8)
             .unwrap();
         assert_eq!(beam, reports[1][..3]);
+    }
+
+    /// Images that say nothing (noise) and a diagnosis prompt that says everything: the
+    /// generator writes the report the finding states call for, and flipping the states flips
+    /// the report.
+    #[test]
+    fn the_diagnosis_prompt_decides_what_the_report_states() {
+        use rand::Rng;
+        let dev = Device::Cpu;
+        let reports: [Vec<u32>; 2] = [vec![4, 5, 6, EOS_ID], vec![7, 8, EOS_ID]];
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let n = 64;
+        let x: Vec<f32> = (0..n * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let images = Tensor::from_vec(x, (n, 8), &dev).unwrap();
+        // Finding 0 present -> report 0; finding 1 present -> report 1.
+        let states: Vec<u32> = (0..n)
+            .flat_map(|i| [(i % 2 == 0) as u32, (i % 2) as u32])
+            .collect();
+        let states = Tensor::from_vec(states, (n, 2), &dev).unwrap();
+        let y: Vec<Vec<u32>> = (0..n).map(|i| reports[i % 2].clone()).collect();
+        let cfg = ReportGenConfig {
+            prefix_len: 2,
+            width: 32,
+            layers: 1,
+            heads: 2,
+            max_tokens: 8,
+            epochs: 30,
+            batch: 16,
+            lr: 3e-3,
+            findings: 2,
+            ..Default::default()
+        };
+        let t =
+            train_generator_prompted(&cfg, &images, Some(&states), &y, 12, &mut |_, _| {}).unwrap();
+        let g = &t.generator;
+        assert_eq!(g.prefix_len(), 4);
+        let test = images.narrow(0, 0, 2).unwrap();
+        // Rows 0 and 1 trained with states (1, 0) and (0, 1); ask for the opposite.
+        let flipped = Tensor::new(&[[0u32, 1], [1, 0]], &dev).unwrap();
+        let out = g
+            .generate_greedy_prompted(&test, Some(&flipped), 8)
+            .unwrap();
+        assert_eq!(out[0], reports[1][..2]);
+        assert_eq!(out[1], reports[0][..3]);
+        let beam = g
+            .generate_beam_prompted(&test.i(0).unwrap(), Some(&flipped.i(0).unwrap()), 2, 8)
+            .unwrap();
+        assert_eq!(beam, reports[1][..2]);
+        // Without states, or with the wrong number, it refuses.
+        let err = g.generate_greedy(&test, 8).unwrap_err().to_string();
+        assert!(err.contains("finding states are required"), "{err}");
+        let three = Tensor::new(&[[0u32, 1, 0], [1, 0, 0]], &dev).unwrap();
+        let err = g
+            .generate_greedy_prompted(&test, Some(&three), 8)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prompt of 2 findings"), "{err}");
     }
 
     #[test]

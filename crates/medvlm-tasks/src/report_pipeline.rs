@@ -19,7 +19,9 @@
 //! `report_model.json` (the card: settings, the image model's spec and fingerprint, the
 //! training record), `generator.safetensors` (`mapper.*` and the decoder under
 //! `decoder.transformer.*`, GPT-2's layout), `tokenizer.json`, and for the baseline
-//! `train_embeddings.safetensors` and `train_reports.json`.
+//! `train_embeddings.safetensors` and `train_reports.json`; with a diagnosis prompt also
+//! `findings.safetensors` (the findings classifier of [`crate::report_findings`]; its
+//! thresholds and the lexicon are in the card).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -34,8 +36,11 @@ use medvlm_models::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use crate::card::read_json_card;
+use crate::report_findings::{
+    load_findings, train_findings, FindingsCard, FindingsClassifier, FindingsConfig,
+};
 use crate::report_generation::{
-    train_generator, ReportError, ReportGenConfig, ReportGenerator, Result, EOS_ID,
+    train_generator_prompted, ReportError, ReportGenConfig, ReportGenerator, Result, EOS_ID,
 };
 
 /// Format tag of the card.
@@ -45,6 +50,7 @@ const WEIGHTS_FILE: &str = "generator.safetensors";
 const TOKENIZER_FILE: &str = "tokenizer.json";
 const TRAIN_EMBEDS_FILE: &str = "train_embeddings.safetensors";
 const TRAIN_REPORTS_FILE: &str = "train_reports.json";
+const FINDINGS_FILE: &str = "findings.safetensors";
 
 fn file_err(path: &Path, reason: impl std::fmt::Display) -> ReportError {
     ReportError::File {
@@ -202,6 +208,12 @@ pub struct ReportCard {
     pub n_truncated: usize,
     /// Mean loss of each epoch.
     pub epoch_losses: Vec<f32>,
+    /// The diagnosis prompt's findings classifier (absent without a prompt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub findings: Option<FindingsCard>,
+    /// The lexicon whose findings the prompt states (with a prompt only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexicon: Option<FindingLexicon>,
 }
 
 /// How reports are decoded.
@@ -225,8 +237,12 @@ pub struct ReportModel {
     pub train_embeds: Tensor,
     /// Their reports.
     pub train_reports: Vec<String>,
+    /// The diagnosis prompt's findings classifier (with a prompt only).
+    pub findings: Option<FindingsClassifier>,
     /// The generator's parameters by name (what `generator.safetensors` holds).
     weights: HashMap<String, Tensor>,
+    /// The findings classifier's tensors (what `findings.safetensors` holds).
+    findings_tensors: Option<HashMap<String, Tensor>>,
 }
 
 /// Settings of [`train`].
@@ -238,6 +254,29 @@ pub struct ReportTrainOptions {
     pub config: ReportGenConfig,
     /// Split of the manifest to train on (`None`: every record).
     pub split: Option<String>,
+    /// Condition the decoder on a diagnosis prompt (PromptMRG; see
+    /// [`crate::report_generation::ReportGenerator`]) with this findings classifier's
+    /// settings; `None`: no prompt.
+    pub diagnosis_prompt: Option<FindingsConfig>,
+    /// The findings the prompt states; `None`: the phantom vocabulary.
+    pub lexicon: Option<FindingLexicon>,
+}
+
+/// The findings `text` states as present or uncertain (1.0) or not (0.0), in lexicon order:
+/// what clinical efficacy counts as a positive (uncertain mentions count as present).
+pub fn stated_findings(text: &str, lexicon: &FindingLexicon) -> Vec<f32> {
+    medvlm_eval::report_labeller::label_report(text, lexicon)
+        .into_iter()
+        .map(|m| {
+            matches!(
+                m,
+                Some(
+                    medvlm_eval::report_labeller::Mention::Positive
+                        | medvlm_eval::report_labeller::Mention::Uncertain
+                )
+            ) as u8 as f32
+        })
+        .collect()
 }
 
 /// Token ids of a report: its words then EOS, cut to `max_tokens` (the cut keeps EOS).
@@ -280,19 +319,50 @@ pub fn train(
         reports.push(ids);
     }
     let vocab = tokenizer.get_vocab_size(true);
-    let trained = train_generator(&opts.config, &embeds, &reports, vocab, on_epoch)?;
+    let mut config = opts.config.clone();
+    let mut prompt = None;
+    if let Some(fcfg) = &opts.diagnosis_prompt {
+        let lexicon = opts.lexicon.clone().unwrap_or_else(phantom_lexicon);
+        let f = lexicon.findings.len();
+        let targets: Vec<f32> = texts
+            .iter()
+            .flat_map(|t| stated_findings(t, &lexicon))
+            .collect();
+        let y = Tensor::from_vec(targets, (texts.len(), f), device)?;
+        let labels: Vec<String> = lexicon.findings.iter().map(|t| t.label.clone()).collect();
+        let classifier = train_findings(fcfg, &embeds, &y, &labels)?;
+        // Training feeds the states the reference reports state (teacher forcing of the
+        // prompt); generation feeds the classifier's.
+        let states = y.to_dtype(DType::U32)?;
+        config.findings = f;
+        prompt = Some((lexicon, classifier, states));
+    }
+    let trained = train_generator_prompted(
+        &config,
+        &embeds,
+        prompt.as_ref().map(|(_, _, s)| s),
+        &reports,
+        vocab,
+        on_epoch,
+    )?;
     let card = ReportCard {
         format: FORMAT.into(),
         model_spec: opts.model_spec.clone(),
         model_fingerprint: crate::segmentation_pipeline::model_fingerprint(&opts.model_spec, m),
         image_dim: embeds.dim(1)?,
         vocab_size: vocab,
-        config: opts.config.clone(),
+        config,
         train_manifest: task.manifest.display().to_string(),
         train_split: opts.split.clone(),
         n_train: reports.len(),
         n_truncated,
         epoch_losses: trained.epoch_losses.clone(),
+        findings: prompt.as_ref().map(|(_, c, _)| c.card.clone()),
+        lexicon: prompt.as_ref().map(|(l, _, _)| l.clone()),
+    };
+    let (findings, findings_tensors) = match prompt {
+        Some((_, c, _)) => (Some(c.classifier), Some(c.tensors)),
+        None => (None, None),
     };
     Ok(ReportModel {
         card,
@@ -300,7 +370,9 @@ pub fn train(
         tokenizer,
         train_embeds: embeds,
         train_reports: texts.iter().map(|s| s.to_string()).collect(),
+        findings,
         weights: medvlm_models::model_dir::varmap_tensors(&trained.varmap)?,
+        findings_tensors,
     })
 }
 
@@ -316,6 +388,9 @@ impl ReportModel {
                 std::fs::write(tmp.join(CARD_FILE), card)
                     .map_err(|e| file_err(&tmp.join(CARD_FILE), e))?;
                 candle_core::safetensors::save(&self.weights, tmp.join(WEIGHTS_FILE))?;
+                if let Some(t) = &self.findings_tensors {
+                    candle_core::safetensors::save(t, tmp.join(FINDINGS_FILE))?;
+                }
                 self.tokenizer
                     .save(tmp.join(TOKENIZER_FILE), false)
                     .map_err(|e| file_err(&tmp.join(TOKENIZER_FILE), e))?;
@@ -394,6 +469,27 @@ impl ReportModel {
                 "not as many reports as training embeddings",
             ));
         }
+        let (findings, findings_tensors) = match &card.findings {
+            None => (None, None),
+            Some(fc) => {
+                let fpath = dir.join(FINDINGS_FILE);
+                let tensors = candle_core::safetensors::load(&fpath, device)
+                    .map_err(|e| file_err(&fpath, e))?;
+                if fc.labels.len() != card.config.findings {
+                    return Err(file_err(
+                        &dir.join(CARD_FILE),
+                        format!(
+                            "the findings classifier names {} findings, the decoder's prompt {}",
+                            fc.labels.len(),
+                            card.config.findings
+                        ),
+                    ));
+                }
+                let c = load_findings(tensors.clone(), card.image_dim, fc, device)
+                    .map_err(|e| file_err(&fpath, e))?;
+                (Some(c), Some(tensors))
+            }
+        };
         let lopts = medvlm_models::LoadOptions {
             device: device.clone(),
             ..Default::default()
@@ -413,7 +509,9 @@ impl ReportModel {
                 tokenizer,
                 train_embeds,
                 train_reports,
+                findings,
                 weights,
+                findings_tensors,
             },
             m,
             warning,
@@ -430,20 +528,31 @@ impl ReportModel {
             )));
         }
         let max = self.card.config.max_tokens;
+        let states = self
+            .findings
+            .as_ref()
+            .map(|c| c.states(embeds))
+            .transpose()?;
         let ids: Vec<Vec<u32>> = match decoding {
             Decoding::Greedy => {
                 let mut out = Vec::new();
                 for start in (0..embeds.dim(0)?).step_by(64) {
                     let n = 64.min(embeds.dim(0)? - start);
-                    out.extend(
-                        self.generator
-                            .generate_greedy(&embeds.narrow(0, start, n)?, max)?,
-                    );
+                    let st = states.as_ref().map(|s| s.narrow(0, start, n)).transpose()?;
+                    out.extend(self.generator.generate_greedy_prompted(
+                        &embeds.narrow(0, start, n)?,
+                        st.as_ref(),
+                        max,
+                    )?);
                 }
                 out
             }
             Decoding::Beam(k) => (0..embeds.dim(0)?)
-                .map(|i| self.generator.generate_beam(&embeds.get(i)?, k, max))
+                .map(|i| {
+                    let st = states.as_ref().map(|s| s.get(i)).transpose()?;
+                    self.generator
+                        .generate_beam_prompted(&embeds.get(i)?, st.as_ref(), k, max)
+                })
                 .collect::<Result<_>>()?,
         };
         ids.iter().map(|t| self.detok(t)).collect()

@@ -14,8 +14,13 @@
 //! CLIPSeg adds them between its decoder blocks (see [`TextSegHead`]). Default: the final
 //! layer only.
 //!
+//! A pixel encoder ([`SegHeadConfig::pixel_width`]; U-Net's skips, see [`TextSegHead`]) gives
+//! the decoder the image's own features at each resolution, for findings smaller than a
+//! patch.
+//!
 //! Defaults ([`SegHeadConfig::new`]): width 64, AdamW lr 1e-3, weight decay 1e-4, 300
-//! steps of batch 16, threshold 0.5 on the sigmoid, the final layer only. Only the head
+//! steps of batch 16, threshold 0.5 on the sigmoid, the final layer only, a pixel encoder of
+//! width 16. Only the head
 //! trains; the image and text towers stay frozen, so their features are computed once
 //! ([`SegSample`]).
 
@@ -81,6 +86,17 @@ pub struct SegHeadConfig {
     /// holds the layers' tokens side by side, `[B, N, layers.len() * feature_dim]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<usize>,
+    /// Width of the pixel encoder (see [`TextSegHead`]): a small trainable convolutional
+    /// path on the grey input whose features at each decoder resolution are joined to the
+    /// decoder there, U-Net's skip connections. 0 (what cards written before the encoder
+    /// existed mean): no pixel encoder, the grey input joined before the last convolution
+    /// only. Default 16.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pixel_width: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 impl SegHeadConfig {
@@ -104,6 +120,7 @@ impl SegHeadConfig {
             threshold: 0.5,
             seed: 0,
             layers: Vec::new(),
+            pixel_width: 16,
         }
     }
 
@@ -185,6 +202,27 @@ fn upsample2_nhwc(x: &Tensor) -> candle_core::Result<Tensor> {
         .reshape((b, 2 * h, 2 * w, c))
 }
 
+/// 2x2 average pooling of a channels-last `[B, H, W, C]` tensor with even `H` and `W`.
+fn avgpool2_nhwc(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    x.reshape((b, h / 2, 2, w / 2, 2, c))?
+        .sum(4)?
+        .sum(2)?
+        .affine(0.25, 0.0)
+}
+
+/// The pixel encoder's two 3x3 convolutions at one resolution.
+struct PixelLevel {
+    first: Conv3,
+    second: Conv3,
+}
+
+impl PixelLevel {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.second.forward(&self.first.forward(x)?.relu()?)?.relu()
+    }
+}
+
 /// The head: reduce + FiLM + decoder (channels-last inside).
 ///
 /// With several layers (CLIPSeg's design): the deepest layer is reduced (`reduce`),
@@ -197,6 +235,16 @@ fn upsample2_nhwc(x: &Tensor) -> candle_core::Result<Tensor> {
 /// the shallower layers (closer to the pixels, less abstract) correct the conditioned deep
 /// features through a non-linearity of their own, and FiLM acts once, on the layer that
 /// carries the text-aligned content, as in CLIPSeg (conditioning at its first block).
+///
+/// With a pixel encoder ([`SegHeadConfig::pixel_width`] > 0): two 3x3 convolutions (ReLU)
+/// on the grey input at full resolution (`pix.0`), then at each halved resolution (2x2
+/// average pooling, `pix.{k}`) down to twice the patch grid; each upsampling convolution of
+/// the decoder takes the encoder's features of its resolution beside its own, as U-Net's
+/// skip connections (Ronneberger et al., MICCAI 2015) and the CNN branch of text-guided
+/// medical segmenters (LViT, Li et al., IEEE TMI 2023). Why: a ViT's tokens hold one vector
+/// per patch (8 px for the quickstart tower), and findings smaller than a patch (a nodule,
+/// a pneumothorax rim) can only be drawn from pixels; the text still decides *which*
+/// structure through the FiLM-conditioned tokens.
 pub struct TextSegHead {
     cfg: SegHeadConfig,
     reduce: Linear,
@@ -205,6 +253,8 @@ pub struct TextSegHead {
     /// Shallower layers, deepest first: (reduction, grid convolution).
     skips: Vec<(Linear, Conv3)>,
     up_convs: Vec<Conv3>,
+    /// Pixel encoder, finest level first (empty without one).
+    pixel_levels: Vec<PixelLevel>,
     pixel_conv: Conv3,
     out: Linear,
 }
@@ -216,9 +266,23 @@ impl TextSegHead {
         let steps = cfg.upsample_steps()?;
         cfg.check_layers()?;
         let w = cfg.width;
+        let pw = cfg.pixel_width;
         let up_convs = (0..steps)
-            .map(|i| Conv3::new(vb.pp(format!("up.{i}")), w, w))
+            .map(|i| Conv3::new(vb.pp(format!("up.{i}")), w + pw, w))
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let pixel_levels = if pw == 0 {
+            Vec::new()
+        } else {
+            (0..steps)
+                .map(|k| {
+                    let vb = vb.pp(format!("pix.{k}"));
+                    Ok(PixelLevel {
+                        first: Conv3::new(vb.pp("a"), if k == 0 { 1 } else { pw }, pw)?,
+                        second: Conv3::new(vb.pp("b"), pw, pw)?,
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
         let skips = (1..cfg.n_layer_inputs())
             .map(|i| {
                 let vb = vb.pp(format!("skip.{i}"));
@@ -235,6 +299,7 @@ impl TextSegHead {
             grid_conv: Conv3::new(vb.pp("grid"), w, w)?,
             skips,
             up_convs,
+            pixel_levels,
             pixel_conv: Conv3::new(vb.pp("pixel"), w + 1, w)?,
             out: candle_nn::linear(w, 1, vb.pp("out"))?,
         })
@@ -281,12 +346,29 @@ impl TextSegHead {
                 .reshape((b, gh, gw, w))?;
             x = conv.forward(&(x + r)?)?.relu()?;
         }
-        for conv in &self.up_convs {
-            x = conv.forward(&upsample2_nhwc(&x)?)?.relu()?;
-        }
         let s = self.cfg.image_size;
         // One channel: [B, 1, S, S] and [B, S, S, 1] hold the same values in the same order.
         let grey = grey.reshape((b, s, s, 1))?;
+        // Pixel encoder features, finest first: [B, S / 2^k, S / 2^k, pw].
+        let mut pixel = Vec::with_capacity(self.pixel_levels.len());
+        for (k, level) in self.pixel_levels.iter().enumerate() {
+            let input = if k == 0 {
+                grey.clone()
+            } else {
+                avgpool2_nhwc(&pixel[k - 1])?
+            };
+            pixel.push(level.forward(&input)?);
+        }
+        let n_up = self.up_convs.len();
+        for (i, conv) in self.up_convs.iter().enumerate() {
+            let up = upsample2_nhwc(&x)?;
+            // The i-th upsampling reaches S / 2^(n_up - 1 - i), the encoder's level there.
+            let up = match pixel.get(n_up - 1 - i) {
+                Some(p) => Tensor::cat(&[&up, p], 3)?,
+                None => up,
+            };
+            x = conv.forward(&up)?.relu()?;
+        }
         let x = Tensor::cat(&[&x, &grey], 3)?;
         let x = self.pixel_conv.forward(&x)?.relu()?;
         Ok(self.out.forward(&x)?.reshape((b, 1, s, s))?)

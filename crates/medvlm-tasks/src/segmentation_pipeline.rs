@@ -37,8 +37,9 @@
 //! # Defaults
 //!
 //! Head: [`SegHeadConfig::new`] (width 64, 300 AdamW steps of batch 16, lr 1e-3, threshold
-//! 0.5, the tower's final patch tokens; [`TrainOptions::layers`] picks intermediate layers
-//! instead, recorded in the card and used by evaluation and prediction). Baseline: one threshold per class on the cosine similarity, chosen among 41 evenly
+//! 0.5, the tower's final patch tokens, a pixel encoder of width 16; [`TrainOptions::layers`]
+//! picks intermediate layers instead, recorded in the card and used by evaluation and
+//! prediction). Baseline: one threshold per class on the cosine similarity, chosen among 41 evenly
 //! spaced values between the smallest and largest similarity seen on the training split to
 //! maximise the mean Dice of that class's present training pairs.
 
@@ -689,6 +690,8 @@ pub struct TrainOptions {
     /// Image-tower layers the head reads (counted from 1, increasing; see
     /// [`SegHeadConfig::layers`]); empty: the final patch tokens (the default).
     pub layers: Vec<usize>,
+    /// Width of the pixel encoder ([`SegHeadConfig::pixel_width`]); `None`: the default.
+    pub pixel_width: Option<usize>,
 }
 
 /// A trained segmenter in memory (what the artefact folder holds).
@@ -819,6 +822,9 @@ pub fn train_segmenter(
     }
     if let Some(v) = opts.lr {
         cfg.lr = v;
+    }
+    if let Some(v) = opts.pixel_width {
+        cfg.pixel_width = v;
     }
     let (all_pairs, _) = pairs(&images, &classes);
     // Every present pair, and one absent pair per image (seeded).

@@ -64,6 +64,7 @@ pub fn generative_config() -> ReportGenConfig {
         weight_decay: 0.01,
         seed: 0,
         min_word_count: 1,
+        findings: 0,
     }
 }
 

@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
+use medvlm_tasks::report_findings::FindingsConfig;
 use medvlm_tasks::report_generation::ReportGenConfig;
 use medvlm_tasks::report_pipeline::{
-    detokenize, evaluate, image_embeddings, train, Decoding, ReportModel, ReportTask,
-    ReportTrainOptions,
+    detokenize, evaluate, image_embeddings, stated_findings, train, Decoding, ReportModel,
+    ReportTask, ReportTrainOptions,
 };
 
 fn fixture() -> String {
@@ -91,6 +92,8 @@ fn saved_generator_reproduces_reports_and_the_baseline_finds_itself() {
             ..Default::default()
         },
         split: None,
+        diagnosis_prompt: None,
+        lexicon: None,
     };
     let mut epochs = 0;
     let model = train(&task, &m, &opts, &dev, &mut |_, _| epochs += 1).unwrap();
@@ -141,4 +144,71 @@ fn saved_generator_reproduces_reports_and_the_baseline_finds_itself() {
         err.contains("tokenizer.json") && err.contains("trained for 7"),
         "{err}"
     );
+}
+
+/// A generator with a diagnosis prompt: the card records the lexicon and the classifier's
+/// thresholds, the saved folder writes the same reports, and a folder without the
+/// classifier's weights is refused, naming the file.
+#[test]
+fn diagnosis_prompted_generator_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = dir.path().join("bench");
+    phantoms(&bench, 40);
+    let task = ReportTask::from_manifest(&bench.join("manifest.jsonl"), None).unwrap();
+    let dev = Device::Cpu;
+    let m = medvlm_models::load_model(&fixture(), &Default::default()).unwrap();
+    let opts = ReportTrainOptions {
+        model_spec: fixture(),
+        config: ReportGenConfig {
+            width: 16,
+            layers: 1,
+            heads: 2,
+            prefix_len: 2,
+            epochs: 2,
+            batch: 16,
+            ..Default::default()
+        },
+        split: None,
+        diagnosis_prompt: Some(FindingsConfig {
+            hidden: 8,
+            steps: 20,
+            ..Default::default()
+        }),
+        lexicon: None,
+    };
+    let model = train(&task, &m, &opts, &dev, &mut |_, _| {}).unwrap();
+    let lexicon = medvlm_tasks::report_pipeline::phantom_lexicon();
+    let f = lexicon.findings.len();
+    assert_eq!(model.card.config.findings, f);
+    let fc = model.card.findings.as_ref().unwrap();
+    assert_eq!(fc.labels.len(), f);
+    assert_eq!(fc.thresholds.len(), f);
+    assert_eq!(model.card.lexicon.as_ref(), Some(&lexicon));
+    // The targets are what the labeller reads in the reports: every training report of a
+    // finding-free phantom states nothing; the counts add up to the stated findings.
+    let stated: usize = task
+        .items
+        .iter()
+        .map(|i| stated_findings(&i.report, &lexicon).iter().sum::<f32>() as usize)
+        .sum();
+    assert!(stated > 0);
+    assert_eq!(fc.train_positives.iter().sum::<usize>(), stated);
+
+    let out = dir.path().join("gen");
+    model.save(&out).unwrap();
+    assert!(out.join("findings.safetensors").is_file());
+    let (loaded, m2, _) = ReportModel::load(&out, &dev).unwrap();
+    assert_eq!(loaded.card, model.card);
+    let files: Vec<PathBuf> = task.items.iter().take(6).map(|i| i.image.clone()).collect();
+    let e = image_embeddings(&m2, &files, &dev).unwrap();
+    for d in [Decoding::Greedy, Decoding::Beam(2)] {
+        assert_eq!(
+            model.generate(&e, d).unwrap(),
+            loaded.generate(&e, d).unwrap()
+        );
+    }
+
+    std::fs::remove_file(out.join("findings.safetensors")).unwrap();
+    let err = ReportModel::load(&out, &dev).err().unwrap().to_string();
+    assert!(err.contains("findings.safetensors"), "{err}");
 }

@@ -53,6 +53,7 @@ fn options(steps: usize) -> TrainOptions {
         seed: 3,
         split: None,
         layers: Vec::new(),
+        pixel_width: None,
     }
 }
 
@@ -121,7 +122,8 @@ fn saved_segmenter_predicts_the_same_masks_and_nifti_keeps_the_affine() {
     phantoms(&data, 24, 5, vec![Modality::Dermoscopy, Modality::BrainMri]);
     let task = SegTask::from_manifest(&data.join("manifest.jsonl"), None).unwrap();
     let dev = Device::Cpu;
-    let trained = train_segmenter(model(), &task, &options(20), &dev).unwrap();
+    // 80 steps: enough for the head to mark some pixels (the comparison below needs them).
+    let trained = train_segmenter(model(), &task, &options(80), &dev).unwrap();
     let seg = trained.segmenter;
     let art = dir.path().join("seg");
     seg.save(&art).unwrap();
@@ -381,4 +383,75 @@ fn bad_layer_indices_are_clear_errors() {
         };
         assert!(err.contains(want), "{layers:?}: {err}");
     }
+}
+
+/// A head with a pixel encoder records its width in the card, has the encoder's parameters,
+/// and predicts after a save and a load exactly what it did; a card without the field (as
+/// written before the encoder existed) loads as a head without one.
+#[test]
+fn pixel_encoder_head_round_trips_its_card() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ph");
+    phantoms(&data, 16, 6, vec![Modality::Dermoscopy]);
+    let task = SegTask::from_manifest(&data.join("manifest.jsonl"), None).unwrap();
+    let dev = Device::Cpu;
+    let trained = train_segmenter(
+        model(),
+        &task,
+        &TrainOptions {
+            pixel_width: Some(8),
+            ..options(20)
+        },
+        &dev,
+    )
+    .unwrap();
+    let seg = &trained.segmenter;
+    assert_eq!(seg.card.head.pixel_width, 8);
+    {
+        let vars = seg.varmap.data().lock().unwrap();
+        // 32 px over a 4x4 grid: three resolutions (32, 16, 8 px), finest first.
+        for k in 0..3 {
+            assert!(vars.contains_key(&format!("pix.{k}.a.weight")), "level {k}");
+        }
+        assert!(!vars.contains_key("pix.3.a.weight"));
+        assert_eq!(vars["up.0.weight"].dims(), &[32, 32 + 8, 3, 3]);
+    }
+    let art = dir.path().join("seg-pix");
+    seg.save(&art).unwrap();
+    let card_path = art.join("segmenter.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&card_path).unwrap()).unwrap();
+    assert_eq!(json["head"]["pixel_width"], serde_json::json!(8));
+    let (loaded, _) = Segmenter::load(&art, None, &dev).unwrap();
+    assert_eq!(loaded.card, seg.card);
+    let planes: Vec<Plane> = task
+        .items
+        .iter()
+        .map(|i| read_plane(&i.image).unwrap())
+        .collect();
+    let (t, _) = loaded
+        .prompt_embedding(&seg.card.classes[0].name, &dev)
+        .unwrap();
+    assert_eq!(
+        seg.segment_planes(&planes, &t, &dev).unwrap(),
+        loaded.segment_planes(&planes, &t, &dev).unwrap()
+    );
+
+    // An older card (no `pixel_width`) is a head without the encoder.
+    let default = train_segmenter(
+        model(),
+        &task,
+        &TrainOptions {
+            pixel_width: Some(0),
+            ..options(2)
+        },
+        &dev,
+    )
+    .unwrap();
+    let art0 = dir.path().join("seg-old");
+    default.segmenter.save(&art0).unwrap();
+    let text = std::fs::read_to_string(art0.join("segmenter.json")).unwrap();
+    assert!(!text.contains("pixel_width"), "{text}");
+    let (old, _) = Segmenter::load(&art0, None, &dev).unwrap();
+    assert_eq!(old.card.head.pixel_width, 0);
 }

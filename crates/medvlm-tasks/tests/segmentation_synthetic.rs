@@ -174,3 +174,90 @@ fn the_head_segments_the_prompted_finding_and_beats_the_baselines() {
     let once = train_head(&SegHeadConfig { steps: 5, ..cfg }, &train, &dev).unwrap();
     assert_eq!(again.losses, once.losses);
 }
+
+/// A grey image with 1 to 3 faint 3x3 dots (smaller than the fixture's 8-pixel patches) on
+/// noise, and their mask.
+fn dots_image(rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<f32>) {
+    let mut img: Vec<f32> = (0..S * S)
+        .map(|_| 0.3 + rng.random_range(-0.1..0.1))
+        .collect();
+    let mut mask = vec![0f32; S * S];
+    for _ in 0..rng.random_range(1..=3) {
+        let (y0, x0) = (rng.random_range(1..S - 4), rng.random_range(1..S - 4));
+        for y in y0..y0 + 3 {
+            for x in x0..x0 + 3 {
+                img[y * S + x] = 0.7 + rng.random_range(-0.1..0.1);
+                mask[y * S + x] = 1.0;
+            }
+        }
+    }
+    (img, mask)
+}
+
+/// Findings smaller than a patch: the pixel encoder (U-Net skips from the image into the
+/// decoder) draws them, where the head on patch tokens alone can only mark whole patches or
+/// rely on its one last convolution over the grey input.
+#[test]
+fn the_pixel_encoder_draws_findings_smaller_than_a_patch() {
+    let dev = Device::Cpu;
+    let m =
+        medvlm_models::load_model(clip_fixture().to_str().unwrap(), &Default::default()).unwrap();
+    let text =
+        medvlm_models::embed::embed_texts(&m, &["small bright dots".to_string()], 1, &dev).unwrap();
+    let text = text
+        .broadcast_div(&text.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap())
+        .unwrap()
+        .get(0)
+        .unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut make = |n: usize| -> Vec<SegSample> {
+        (0..n)
+            .map(|_| {
+                let (img, mask) = dots_image(&mut rng);
+                let pre = m.preprocess.apply_array(&img, S, S, 1).unwrap();
+                let px = m.preprocess.batch(&[pre], &dev).unwrap();
+                let out = m.model.encode_image(&px).unwrap();
+                SegSample {
+                    patches: out.patch_tokens().unwrap().squeeze(0).unwrap(),
+                    text: text.clone(),
+                    grey: Tensor::from_vec(img, (1, S, S), &dev).unwrap(),
+                    mask: Tensor::from_vec(mask, (1, S, S), &dev).unwrap(),
+                }
+            })
+            .collect()
+    };
+    let train = make(96);
+    let test = make(32);
+    let mut cfg = SegHeadConfig::new(
+        train[0].patches.dim(1).unwrap(),
+        text.dim(0).unwrap(),
+        (4, 4),
+        S,
+    );
+    cfg.width = 16;
+    cfg.steps = 150;
+    cfg.pixel_width = 0;
+    let mean_dice = |cfg: &SegHeadConfig| -> f32 {
+        let trained = train_head(cfg, &train, &dev).unwrap();
+        let pred = predict_masks(&trained.head, &test).unwrap();
+        pred.iter()
+            .zip(&test)
+            .map(|(p, s)| dice(p, &s.mask))
+            .sum::<f32>()
+            / test.len() as f32
+    };
+    let tokens_only = mean_dice(&cfg);
+    let with_pixels = mean_dice(&SegHeadConfig {
+        pixel_width: 8,
+        ..cfg.clone()
+    });
+    eprintln!("dots: Dice {tokens_only} without the pixel encoder, {with_pixels} with it");
+    assert!(
+        with_pixels > 0.8,
+        "with the pixel encoder: Dice {with_pixels}"
+    );
+    assert!(
+        with_pixels > tokens_only + 0.1,
+        "pixel encoder {with_pixels} vs tokens only {tokens_only}"
+    );
+}

@@ -10,9 +10,10 @@
 
 use std::path::PathBuf;
 
+use medvlm_tasks::report_findings::FindingsConfig;
 use medvlm_tasks::report_generation::ReportGenConfig;
 use medvlm_tasks::report_pipeline::{
-    evaluate_manifest, generate_files, train_and_save, Decoding, ReportTrainOptions,
+    evaluate_manifest, generate_files, read_lexicon, train_and_save, Decoding, ReportTrainOptions,
 };
 
 use super::embed::DeviceArgs;
@@ -74,6 +75,13 @@ pub struct TrainArgs {
     /// Seed of initialisation and batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Condition the decoder on a diagnosis prompt (PromptMRG): a findings classifier with
+    /// per-finding thresholds decides which findings the report states.
+    #[arg(long)]
+    pub diagnosis_prompt: bool,
+    /// Findings lexicon (JSON) of the diagnosis prompt; default: the phantom vocabulary.
+    #[arg(long, requires = "diagnosis_prompt")]
+    pub lexicon: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -160,6 +168,11 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         model_spec: a.model.clone(),
         config,
         split: a.split.split.clone(),
+        diagnosis_prompt: a.diagnosis_prompt.then(|| FindingsConfig {
+            seed: a.seed,
+            ..Default::default()
+        }),
+        lexicon: a.lexicon.as_deref().map(read_lexicon).transpose()?,
     };
     let t0 = std::time::Instant::now();
     let card = train_and_save(&a.manifest, &opts, &a.out, &device, &mut |e, loss| {

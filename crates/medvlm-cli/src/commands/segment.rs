@@ -74,6 +74,11 @@ pub struct TrainArgs {
     /// the tower's depth. Default: the final patch tokens only.
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<usize>,
+    /// Width of the pixel encoder: a small convolutional path on the image whose features
+    /// join the decoder at each resolution (U-Net skips), for findings smaller than a patch
+    /// (default 16; 0 turns it off).
+    #[arg(long)]
+    pub pixel_width: Option<usize>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -144,6 +149,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         seed: a.seed,
         split: a.split.split.clone(),
         layers: a.layers.clone(),
+        pixel_width: a.pixel_width,
     };
     let t0 = std::time::Instant::now();
     let (card, val) = train_and_save(&a.manifest, a.val.as_deref(), &opts, &a.out, &device)?;
