@@ -45,6 +45,8 @@ fn report_train_then_eval_and_generate() {
         "tokenizer.json",
         "train_embeddings.safetensors",
         "train_reports.json",
+        // The diagnosis prompt's findings classifier, on by default.
+        "findings.safetensors",
     ] {
         assert!(gen.join(f).is_file(), "{f}");
     }
@@ -111,4 +113,70 @@ fn report_train_then_eval_and_generate() {
         err.contains("bad.jsonl") && err.contains("no report text"),
         "{err}"
     );
+}
+
+/// The diagnosis prompt: off with `--no-diagnosis-prompt` (no classifier written), and a
+/// lexicon whose findings no training report states is refused rather than training a
+/// prompt that always says "absent".
+#[test]
+fn report_train_diagnosis_prompt_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let base = |out: &Path| -> Vec<String> {
+        [
+            "report",
+            "train",
+            "--model",
+            arg(&model()),
+            "--manifest",
+            arg(&ph.join("manifest.jsonl")),
+            "--out",
+            arg(out),
+            "--epochs",
+            "1",
+            "--width",
+            "16",
+            "--layers",
+            "1",
+            "--prefix",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let plain = tmp.path().join("plain");
+    let mut args = base(&plain);
+    args.push("--no-diagnosis-prompt".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&run(&refs));
+    assert!(plain.join("generator.safetensors").is_file());
+    assert!(!plain.join("findings.safetensors").exists());
+
+    let lexicon = tmp.path().join("lexicon.json");
+    std::fs::write(
+        &lexicon,
+        r#"{"findings": [{"label": "fracture", "match_terms": ["fracture"]}]}"#,
+    )
+    .unwrap();
+    let out = tmp.path().join("fracture");
+    let mut args = base(&out);
+    args.extend(["--lexicon".into(), arg(&lexicon).to_string()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails(&run(&refs));
+    assert!(
+        err.contains("fracture") && err.contains("finds no finding stated"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    let mut args = base(&out);
+    args.extend([
+        "--no-diagnosis-prompt".into(),
+        "--lexicon".into(),
+        arg(&lexicon).to_string(),
+    ]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails(&run(&refs));
+    assert!(err.contains("cannot be used with"), "{err}");
 }

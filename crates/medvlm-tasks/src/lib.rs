@@ -10,9 +10,10 @@
 //! - detection and phrase grounding ([`detection`], [`detection_pipeline`]): an OWL-ViT-style
 //!   box head with Hungarian matching and focal + L1 + GIoU losses, against the heatmap and
 //!   centre-box baselines, scored with COCO mAP and grounding Acc@0.5;
-//! - report generation ([`report_generation`], [`report_pipeline`]): a ClipCap prefix mapping
-//!   into a GPT-2-layout decoder, scored with language and clinical-efficacy metrics against
-//!   the nearest-neighbour-report baseline;
+//! - report generation ([`report_generation`], [`report_findings`], [`report_pipeline`]): a
+//!   ClipCap prefix mapping into a GPT-2-layout decoder with a PromptMRG-style diagnosis
+//!   prompt from a findings classifier, scored with language and clinical-efficacy metrics
+//!   against the nearest-neighbour-report baseline;
 //! - deformable registration ([`registration`], [`registration_pipeline`]): a
 //!   VoxelMorph-style U-Net predicting a velocity field, scaling and squaring, a
 //!   differentiable bilinear spatial transformer, scored with EPE against the known field,

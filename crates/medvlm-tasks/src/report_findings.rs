@@ -16,8 +16,11 @@
 //! positive there). The classifier kept is then retrained on every training image with the
 //! same settings, and uses those thresholds.
 //!
+//! Inputs: the pooled embedding and, why: small findings live in a few patches that the pooled
+//! embedding averages away, the patch tokens mean-pooled on a 2 x 2 grid.
+//!
 //! Defaults ([`FindingsConfig::default`]): hidden width 256, 300 full-batch AdamW steps at
-//! lr 2e-3, weight decay 0.01, seed 0.
+//! lr 2e-3, weight decay 0.01, seed 0, a 2 x 2 grid of patch tokens.
 
 use std::collections::HashMap;
 
@@ -47,6 +50,10 @@ pub struct FindingsConfig {
     pub weight_decay: f64,
     /// Seed of the initialisation and of the held-back fifth.
     pub seed: u64,
+    /// The classifier also reads the image tower's patch tokens mean-pooled on a
+    /// `image_grid x image_grid` grid after the pooled embedding (as the VQA answerer,
+    /// [`crate::vqa_pipeline::image_features`]); 0: the pooled embedding only.
+    pub image_grid: usize,
 }
 
 impl Default for FindingsConfig {
@@ -57,6 +64,7 @@ impl Default for FindingsConfig {
             lr: 2e-3,
             weight_decay: 0.01,
             seed: 0,
+            image_grid: 2,
         }
     }
 }
@@ -288,13 +296,21 @@ pub fn train_findings(
     })
 }
 
-/// Loads a classifier's tensors from `tensors` (what [`TrainedFindings::tensors`] held).
+/// Loads a classifier's tensors from `tensors` (what [`TrainedFindings::tensors`] held); its
+/// input width is that of the saved standardiser.
 pub fn load_findings(
     tensors: HashMap<String, Tensor>,
-    input: usize,
     card: &FindingsCard,
     device: &Device,
 ) -> Result<FindingsClassifier> {
+    let input = match tensors.get("mean").map(|t| t.dims2()) {
+        Some(Ok((1, d))) => d,
+        _ => {
+            return Err(ReportError::Invalid(
+                "no `mean` tensor of shape [1, D] for the findings classifier's inputs".into(),
+            ))
+        }
+    };
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     FindingsClassifier::load(vb, input, card)
 }
@@ -368,7 +384,7 @@ mod tests {
         // The rare finding: the calibrated threshold calls it better than 0.5 does.
         assert!(scores[1].0 > scores[1].1 + 0.05, "rare finding: {scores:?}");
         // Saved tensors give the same states.
-        let back = load_findings(t.tensors.clone(), 4, &t.card, &dev).unwrap();
+        let back = load_findings(t.tensors.clone(), &t.card, &dev).unwrap();
         assert_eq!(
             back.states(&xt).unwrap().to_vec2::<u32>().unwrap(),
             t.classifier.states(&xt).unwrap().to_vec2::<u32>().unwrap()

@@ -136,6 +136,26 @@ pub fn image_embeddings(m: &LoadedModel, files: &[PathBuf], device: &Device) -> 
     Ok(medvlm_models::vlm::l2_normalize(&t)?.to_device(device)?)
 }
 
+/// The findings classifier's inputs: the embeddings `[N, E]` already computed, or with
+/// `grid > 0` the features of [`crate::vqa_pipeline::image_features`] (the embedding, then
+/// the patch tokens pooled on a `grid x grid` grid).
+fn classifier_inputs(
+    m: &LoadedModel,
+    files: &[PathBuf],
+    embeds: &Tensor,
+    grid: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    if grid == 0 {
+        return Ok(embeds.clone());
+    }
+    crate::vqa_pipeline::image_features(m, files, grid, device).map_err(|e| {
+        ReportError::Invalid(format!(
+            "the findings classifier's inputs: {e} (for the report generator: `--findings-grid 0`)"
+        ))
+    })
+}
+
 /// Text of word tokens as a report: punctuation attached to its word, hyphens and `&`
 /// joining theirs (`t1 - weighted` -> `t1-weighted`).
 pub fn detokenize(words: &[String]) -> String {
@@ -223,6 +243,14 @@ pub enum Decoding {
     Greedy,
     /// Beam search with this many beams.
     Beam(usize),
+}
+
+/// What a generator reads of a set of images ([`ReportModel::image_inputs`]).
+pub struct ImageInputs {
+    /// L2-normalised image embeddings `[N, E]` (the decoder's prefix and the baseline).
+    pub embeds: Tensor,
+    /// The findings classifier's inputs `[N, F_in]` (with a diagnosis prompt only).
+    pub findings: Option<Tensor>,
 }
 
 /// A trained generator with its tokenizer and baseline memory.
@@ -322,15 +350,32 @@ pub fn train(
     let mut config = opts.config.clone();
     let mut prompt = None;
     if let Some(fcfg) = &opts.diagnosis_prompt {
+        let features = classifier_inputs(m, &files, &embeds, fcfg.image_grid, device)?;
         let lexicon = opts.lexicon.clone().unwrap_or_else(phantom_lexicon);
         let f = lexicon.findings.len();
         let targets: Vec<f32> = texts
             .iter()
             .flat_map(|t| stated_findings(t, &lexicon))
             .collect();
+        if !targets.iter().any(|&v| v > 0.0) {
+            return Err(ReportError::Invalid(format!(
+                "the diagnosis prompt's lexicon ({f} findings: {}) finds no finding stated in \
+                 any training report of {}; give the lexicon of these reports or train without \
+                 the prompt",
+                lexicon
+                    .findings
+                    .iter()
+                    .take(5)
+                    .map(|t| t.label.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    + if f > 5 { ", ..." } else { "" },
+                task.manifest.display()
+            )));
+        }
         let y = Tensor::from_vec(targets, (texts.len(), f), device)?;
         let labels: Vec<String> = lexicon.findings.iter().map(|t| t.label.clone()).collect();
-        let classifier = train_findings(fcfg, &embeds, &y, &labels)?;
+        let classifier = train_findings(fcfg, &features, &y, &labels)?;
         // Training feeds the states the reference reports state (teacher forcing of the
         // prompt); generation feeds the classifier's.
         let states = y.to_dtype(DType::U32)?;
@@ -485,8 +530,8 @@ impl ReportModel {
                         ),
                     ));
                 }
-                let c = load_findings(tensors.clone(), card.image_dim, fc, device)
-                    .map_err(|e| file_err(&fpath, e))?;
+                let c =
+                    load_findings(tensors.clone(), fc, device).map_err(|e| file_err(&fpath, e))?;
                 (Some(c), Some(tensors))
             }
         };
@@ -518,8 +563,67 @@ impl ReportModel {
         ))
     }
 
-    /// Reports for L2-normalised image embeddings `[N, E]`.
+    /// What [`Self::generate`] reads for image files: the L2-normalised embeddings `[N, E]`
+    /// and, with a diagnosis prompt, the findings classifier's inputs (see
+    /// [`crate::report_findings::FindingsConfig::image_grid`]).
+    pub fn image_inputs(
+        &self,
+        m: &LoadedModel,
+        files: &[PathBuf],
+        device: &Device,
+    ) -> Result<ImageInputs> {
+        let embeds = image_embeddings(m, files, device)?;
+        let findings = match &self.card.findings {
+            Some(fc) => Some(classifier_inputs(
+                m,
+                files,
+                &embeds,
+                fc.config.image_grid,
+                device,
+            )?),
+            None => None,
+        };
+        Ok(ImageInputs { embeds, findings })
+    }
+
+    /// Reports for image inputs ([`Self::image_inputs`]).
+    pub fn generate_for(&self, inputs: &ImageInputs, decoding: Decoding) -> Result<Vec<String>> {
+        let states = match (&self.findings, &inputs.findings) {
+            (Some(c), Some(x)) => Some(c.states(x)?),
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ReportError::Invalid(
+                    "this generator's diagnosis prompt needs the findings classifier's inputs"
+                        .into(),
+                ))
+            }
+        };
+        self.decode(&inputs.embeds, states.as_ref(), decoding)
+    }
+
+    /// Reports for L2-normalised image embeddings `[N, E]` of a generator without a
+    /// diagnosis prompt, or whose findings classifier reads the embeddings alone
+    /// (`image_grid` 0); otherwise use [`Self::generate_for`].
     pub fn generate(&self, embeds: &Tensor, decoding: Decoding) -> Result<Vec<String>> {
+        let states = match (&self.findings, &self.card.findings) {
+            (Some(c), Some(fc)) if fc.config.image_grid == 0 => Some(c.states(embeds)?),
+            (None, _) => None,
+            _ => {
+                return Err(ReportError::Invalid(
+                    "this generator's findings classifier reads patch tokens: use generate_for"
+                        .into(),
+                ))
+            }
+        };
+        self.decode(embeds, states.as_ref(), decoding)
+    }
+
+    fn decode(
+        &self,
+        embeds: &Tensor,
+        states: Option<&Tensor>,
+        decoding: Decoding,
+    ) -> Result<Vec<String>> {
         if embeds.dim(1)? != self.card.image_dim {
             return Err(ReportError::Invalid(format!(
                 "image embeddings are {} wide; the generator reads {}",
@@ -528,17 +632,12 @@ impl ReportModel {
             )));
         }
         let max = self.card.config.max_tokens;
-        let states = self
-            .findings
-            .as_ref()
-            .map(|c| c.states(embeds))
-            .transpose()?;
         let ids: Vec<Vec<u32>> = match decoding {
             Decoding::Greedy => {
                 let mut out = Vec::new();
                 for start in (0..embeds.dim(0)?).step_by(64) {
                     let n = 64.min(embeds.dim(0)? - start);
-                    let st = states.as_ref().map(|s| s.narrow(0, start, n)).transpose()?;
+                    let st = states.map(|s| s.narrow(0, start, n)).transpose()?;
                     out.extend(self.generator.generate_greedy_prompted(
                         &embeds.narrow(0, start, n)?,
                         st.as_ref(),
@@ -549,7 +648,7 @@ impl ReportModel {
             }
             Decoding::Beam(k) => (0..embeds.dim(0)?)
                 .map(|i| {
-                    let st = states.as_ref().map(|s| s.get(i)).transpose()?;
+                    let st = states.map(|s| s.get(i)).transpose()?;
                     self.generator
                         .generate_beam_prompted(&embeds.get(i)?, st.as_ref(), k, max)
                 })
@@ -673,9 +772,9 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<ReportEvaluation> {
     let files: Vec<PathBuf> = task.items.iter().map(|i| i.image.clone()).collect();
-    let embeds = image_embeddings(image_model, &files, device)?;
-    let generated = model.generate(&embeds, decoding)?;
-    let nearest = model.nearest_reports(&embeds)?;
+    let inputs = model.image_inputs(image_model, &files, device)?;
+    let generated = model.generate_for(&inputs, decoding)?;
+    let nearest = model.nearest_reports(&inputs.embeds)?;
     let default_lex = phantom_lexicon();
     let lex = lexicon.unwrap_or(&default_lex);
     let examples = task
@@ -773,8 +872,8 @@ impl Reporter {
         decoding: Decoding,
         device: &Device,
     ) -> Result<Vec<String>> {
-        let embeds = image_embeddings(&self.image_model, images, device)?;
-        self.model.generate(&embeds, decoding)
+        let inputs = self.model.image_inputs(&self.image_model, images, device)?;
+        self.model.generate_for(&inputs, decoding)
     }
 }
 

@@ -200,13 +200,25 @@ fn diagnosis_prompted_generator_round_trips() {
     let (loaded, m2, _) = ReportModel::load(&out, &dev).unwrap();
     assert_eq!(loaded.card, model.card);
     let files: Vec<PathBuf> = task.items.iter().take(6).map(|i| i.image.clone()).collect();
-    let e = image_embeddings(&m2, &files, &dev).unwrap();
+    let inputs = loaded.image_inputs(&m2, &files, &dev).unwrap();
+    // The classifier reads the embedding and a 2 x 2 grid of the fixture's 32-wide tokens.
+    let e = inputs.embeds.dim(1).unwrap();
+    assert_eq!(
+        inputs.findings.as_ref().unwrap().dim(1).unwrap(),
+        e + 4 * 32
+    );
     for d in [Decoding::Greedy, Decoding::Beam(2)] {
         assert_eq!(
-            model.generate(&e, d).unwrap(),
-            loaded.generate(&e, d).unwrap()
+            model.generate_for(&inputs, d).unwrap(),
+            loaded.generate_for(&inputs, d).unwrap()
         );
     }
+    // The embeddings alone are not what this classifier reads.
+    let err = loaded
+        .generate(&inputs.embeds, Decoding::Greedy)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("generate_for"), "{err}");
 
     std::fs::remove_file(out.join("findings.safetensors")).unwrap();
     let err = ReportModel::load(&out, &dev).err().unwrap().to_string();

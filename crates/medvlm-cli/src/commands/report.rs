@@ -75,13 +75,19 @@ pub struct TrainArgs {
     /// Seed of initialisation and batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Condition the decoder on a diagnosis prompt (PromptMRG): a findings classifier with
-    /// per-finding thresholds decides which findings the report states.
+    /// Train without the diagnosis prompt (PromptMRG's idea, on by default: a findings
+    /// classifier with per-finding thresholds decides which findings of the lexicon the
+    /// report states, and the decoder writes them).
+    #[arg(long, conflicts_with_all = ["lexicon", "findings_grid"])]
+    pub no_diagnosis_prompt: bool,
+    /// Findings lexicon (JSON, as for `report eval --lexicon`) of the diagnosis prompt;
+    /// default: the phantom vocabulary.
     #[arg(long)]
-    pub diagnosis_prompt: bool,
-    /// Findings lexicon (JSON) of the diagnosis prompt; default: the phantom vocabulary.
-    #[arg(long, requires = "diagnosis_prompt")]
     pub lexicon: Option<PathBuf>,
+    /// The findings classifier also reads the patch tokens pooled on an N x N grid (default
+    /// 2; 0: the pooled embedding only, for towers without patch tokens).
+    #[arg(long)]
+    pub findings_grid: Option<usize>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -168,9 +174,13 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         model_spec: a.model.clone(),
         config,
         split: a.split.split.clone(),
-        diagnosis_prompt: a.diagnosis_prompt.then(|| FindingsConfig {
-            seed: a.seed,
-            ..Default::default()
+        diagnosis_prompt: (!a.no_diagnosis_prompt).then(|| {
+            let d = FindingsConfig::default();
+            FindingsConfig {
+                seed: a.seed,
+                image_grid: a.findings_grid.unwrap_or(d.image_grid),
+                ..d
+            }
         }),
         lexicon: a.lexicon.as_deref().map(read_lexicon).transpose()?,
     };
