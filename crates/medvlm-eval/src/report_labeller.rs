@@ -249,13 +249,53 @@ pub fn clinical_efficacy(
         Some(Mention::Uncertain) => uncertain_as_positive,
         _ => false,
     };
-    let k = lexicon.findings.len();
+    let read = |text: &String| -> Vec<bool> {
+        label_report(text, lexicon)
+            .into_iter()
+            .map(present)
+            .collect()
+    };
+    let predicted: Vec<Vec<bool>> = generated.iter().map(read).collect();
+    let truth: Vec<Vec<bool>> = reference.iter().map(read).collect();
+    let labels: Vec<String> = lexicon.findings.iter().map(|f| f.label.clone()).collect();
+    efficacy_from_labels(&predicted, &truth, &labels, uncertain_as_positive)
+}
+
+/// Clinical efficacy of finding decisions already made: `predicted[i][k]` and
+/// `reference[i][k]` say whether finding `labels[k]` is present in case `i` (what
+/// [`clinical_efficacy`] computes after labelling reports; also for a findings classifier's
+/// own decisions). `uncertain_as_positive` is recorded as given.
+pub fn efficacy_from_labels(
+    predicted: &[Vec<bool>],
+    reference: &[Vec<bool>],
+    labels: &[String],
+    uncertain_as_positive: bool,
+) -> Result<ClinicalEfficacy> {
+    if predicted.len() != reference.len() {
+        return Err(EvalError::LengthMismatch {
+            what: "reference cases",
+            got: reference.len(),
+            expected: predicted.len(),
+        });
+    }
+    if predicted.is_empty() {
+        return Err(EvalError::Empty("cases to score"));
+    }
+    if labels.is_empty() {
+        return Err(EvalError::Empty("findings in the lexicon"));
+    }
+    let k = labels.len();
+    if let Some(row) = predicted.iter().chain(reference).find(|r| r.len() != k) {
+        return Err(EvalError::LengthMismatch {
+            what: "findings of a case",
+            got: row.len(),
+            expected: k,
+        });
+    }
     let mut counts = vec![(0usize, 0usize, 0usize); k];
-    for (g, r) in generated.iter().zip(reference) {
-        let lg = label_report(g, lexicon);
-        let lr = label_report(r, lexicon);
+    for (g, r) in predicted.iter().zip(reference) {
         for f in 0..k {
-            match (present(lg[f]), present(lr[f])) {
+            match (g[f], r[f]) {
                 (true, true) => counts[f].0 += 1,
                 (true, false) => counts[f].1 += 1,
                 (false, true) => counts[f].2 += 1,
@@ -263,12 +303,11 @@ pub fn clinical_efficacy(
             }
         }
     }
-    let per_finding: Vec<FindingEfficacy> = lexicon
-        .findings
+    let per_finding: Vec<FindingEfficacy> = labels
         .iter()
         .zip(&counts)
-        .map(|(f, &(tp, fp, fn_))| FindingEfficacy {
-            label: f.label.clone(),
+        .map(|(label, &(tp, fp, fn_))| FindingEfficacy {
+            label: label.clone(),
             true_positives: tp,
             false_positives: fp,
             false_negatives: fn_,
@@ -289,7 +328,7 @@ pub fn clinical_efficacy(
         },
         per_finding,
         uncertain_as_positive,
-        n: generated.len(),
+        n: predicted.len(),
     })
 }
 
@@ -309,6 +348,24 @@ mod tests {
                 f("nodule", &["nodul"]),
             ],
         }
+    }
+
+    #[test]
+    fn efficacy_from_decisions_by_hand() {
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let pred = vec![vec![true, false], vec![true, true]];
+        let truth = vec![vec![true, false], vec![false, true]];
+        let ce = efficacy_from_labels(&pred, &truth, &labels, true).unwrap();
+        // a: tp 1, fp 1 -> P 0.5, R 1, F1 2/3; b: tp 1 -> F1 1; micro: tp 2, fp 1 -> F1 0.8.
+        assert_eq!(ce.per_finding[0].false_positives, 1);
+        assert!((ce.per_finding[0].scores.f1 - 2.0 / 3.0).abs() < 1e-12);
+        assert!((ce.per_finding[1].scores.f1 - 1.0).abs() < 1e-12);
+        assert!((ce.micro.f1 - 0.8).abs() < 1e-12);
+        assert!((ce.macro_avg.f1 - (2.0 / 3.0 + 1.0) / 2.0).abs() < 1e-12);
+        assert_eq!(ce.n, 2);
+        let short = vec![vec![true], vec![true, true]];
+        let err = efficacy_from_labels(&short, &truth, &labels, true).unwrap_err();
+        assert!(err.to_string().contains("findings of a case"), "{err}");
     }
 
     #[test]

@@ -267,6 +267,7 @@ impl MultiTaskConfig {
             seed: self.seed,
             min_word_count: self.min_word_count,
             findings: 0,
+            image_dropout: 0.0,
         }
     }
 

@@ -88,6 +88,16 @@ pub struct ReportGenConfig {
     /// default, and what cards without the field mean): no prompt.
     #[serde(skip_serializing_if = "is_zero")]
     pub findings: usize,
+    /// With a diagnosis prompt: probability that a training report's image embedding is
+    /// zeroed for an update, so that the decoder learns to state findings from the prompt
+    /// alone (why: trained only with prompts that agree with the image, it can learn to
+    /// follow the image prefix and drop findings the prompt calls). 0: never.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub image_dropout: f64,
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
 }
 
 fn is_zero(v: &usize) -> bool {
@@ -109,6 +119,7 @@ impl Default for ReportGenConfig {
             seed: 0,
             min_word_count: 2,
             findings: 0,
+            image_dropout: 0.0,
         }
     }
 }
@@ -131,6 +142,12 @@ impl ReportGenConfig {
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("lr {} must be positive", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.image_dropout) {
+            return bad(format!(
+                "image_dropout {} must be in [0, 1)",
+                self.image_dropout
+            ));
         }
         Ok(())
     }
@@ -501,6 +518,10 @@ pub fn train_generator_prompted(
         },
     )?;
     let mut epoch_losses = Vec::with_capacity(cfg.epochs);
+    let mut dropout_rng = {
+        use rand::SeedableRng;
+        rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x1ad6_d809)
+    };
     for epoch in 0..cfg.epochs {
         let mut sum = 0.0f64;
         for chunk in run.epoch_batches() {
@@ -509,7 +530,15 @@ pub fn train_generator_prompted(
                 chunk.len(),
                 &dev,
             )?;
-            let x = images.index_select(&idx, 0)?;
+            let mut x = images.index_select(&idx, 0)?;
+            if cfg.image_dropout > 0.0 && states.is_some() {
+                use rand::Rng;
+                let keep: Vec<f32> = (0..chunk.len())
+                    .map(|_| f32::from(!dropout_rng.random_bool(cfg.image_dropout)))
+                    .collect();
+                let keep = Tensor::from_vec(keep, (chunk.len(), 1), &dev)?;
+                x = x.broadcast_mul(&keep)?;
+            }
             let st = states.map(|s| s.index_select(&idx, 0)).transpose()?;
             let rows: Vec<&[u32]> = chunk.iter().map(|&i| reports[i].as_slice()).collect();
             let y = pad_batch(&rows, &dev)?;
@@ -636,6 +665,35 @@ mod tests {
             .generate_beam_prompted(&test.i(0).unwrap(), Some(&flipped.i(0).unwrap()), 2, 8)
             .unwrap();
         assert_eq!(beam, reports[1][..2]);
+        // Image dropout trains on zeroed embeddings for some reports (so the losses differ)
+        // and still follows the prompt; a probability of 1 is refused.
+        let dropped = train_generator_prompted(
+            &ReportGenConfig {
+                image_dropout: 0.5,
+                ..cfg.clone()
+            },
+            &images,
+            Some(&states),
+            &y,
+            12,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_ne!(dropped.epoch_losses, t.epoch_losses);
+        let out = dropped
+            .generator
+            .generate_greedy_prompted(&test, Some(&flipped), 8)
+            .unwrap();
+        assert_eq!(out[0], reports[1][..2]);
+        let bad = ReportGenConfig {
+            image_dropout: 1.0,
+            ..cfg.clone()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("image_dropout"));
         // Without states, or with the wrong number, it refuses.
         let err = g.generate_greedy(&test, 8).unwrap_err().to_string();
         assert!(err.contains("finding states are required"), "{err}");

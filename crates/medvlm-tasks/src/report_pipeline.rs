@@ -720,6 +720,26 @@ pub struct ReportEvaluation {
     pub nearest_neighbour: ReportMetrics,
     /// The first few examples.
     pub examples: Vec<ReportExample>,
+    /// With a diagnosis prompt: how good its decisions were and how faithfully the reports
+    /// followed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis_prompt: Option<PromptEvaluation>,
+}
+
+/// The diagnosis prompt's part of an evaluation, over the prompt's lexicon (the card's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptEvaluation {
+    /// The findings classifier's decisions scored as clinical efficacy against the findings
+    /// the reference reports state: the most the reports could reach if they stated exactly
+    /// what the prompt said.
+    pub classifier: ClinicalEfficacy,
+    /// Share of (report, finding) pairs where the labeller reads in the generated report what
+    /// the prompt said (present or not).
+    pub agreement: f64,
+    /// Findings the prompt called present.
+    pub prompted_present: usize,
+    /// Of those, the ones the generated report states.
+    pub stated_when_prompted: usize,
 }
 
 fn score(
@@ -774,6 +794,13 @@ pub fn evaluate(
     let files: Vec<PathBuf> = task.items.iter().map(|i| i.image.clone()).collect();
     let inputs = model.image_inputs(image_model, &files, device)?;
     let generated = model.generate_for(&inputs, decoding)?;
+    let diagnosis_prompt = match (&model.findings, &inputs.findings, &model.card.lexicon) {
+        (Some(c), Some(x), Some(lexicon)) => {
+            let states: Vec<Vec<u32>> = c.states(x)?.to_vec2()?;
+            Some(prompt_evaluation(&states, &generated, task, lexicon)?)
+        }
+        _ => None,
+    };
     let nearest = model.nearest_reports(&inputs.embeds)?;
     let default_lex = phantom_lexicon();
     let lex = lexicon.unwrap_or(&default_lex);
@@ -797,6 +824,49 @@ pub fn evaluate(
         generated: score(&generated, task, lex, lexicon.is_some())?,
         nearest_neighbour: score(&nearest, task, lex, lexicon.is_some())?,
         examples,
+        diagnosis_prompt,
+    })
+}
+
+fn prompt_evaluation(
+    states: &[Vec<u32>],
+    generated: &[String],
+    task: &ReportTask,
+    lexicon: &FindingLexicon,
+) -> Result<PromptEvaluation> {
+    let as_bools = |v: Vec<f32>| -> Vec<bool> { v.into_iter().map(|x| x > 0.5).collect() };
+    let prompted: Vec<Vec<bool>> = states
+        .iter()
+        .map(|r| r.iter().map(|&s| s == 1).collect())
+        .collect();
+    let reference: Vec<Vec<bool>> = task
+        .items
+        .iter()
+        .map(|i| as_bools(stated_findings(&i.report, lexicon)))
+        .collect();
+    let written: Vec<Vec<bool>> = generated
+        .iter()
+        .map(|g| as_bools(stated_findings(g, lexicon)))
+        .collect();
+    let labels: Vec<String> = lexicon.findings.iter().map(|f| f.label.clone()).collect();
+    let classifier =
+        medvlm_eval::report_labeller::efficacy_from_labels(&prompted, &reference, &labels, true)?;
+    let pairs = prompted
+        .iter()
+        .zip(&written)
+        .flat_map(|(p, w)| p.iter().zip(w));
+    let (mut same, mut total, mut present, mut stated) = (0usize, 0usize, 0usize, 0usize);
+    for (&p, &w) in pairs {
+        total += 1;
+        same += usize::from(p == w);
+        present += usize::from(p);
+        stated += usize::from(p && w);
+    }
+    Ok(PromptEvaluation {
+        classifier,
+        agreement: same as f64 / total.max(1) as f64,
+        prompted_present: present,
+        stated_when_prompted: stated,
     })
 }
 
@@ -947,6 +1017,18 @@ impl ReportEvaluation {
                     ce.macro_avg.f1
                 ));
             }
+        }
+        if let Some(p) = &self.diagnosis_prompt {
+            s.push_str(&format!(
+                "\ndiagnosis prompt: the findings classifier's own decisions score CE F1 micro {:.3}, macro {:.3} (P {:.3}, R {:.3}); the generated reports state what the prompt said for {:.1} % of (report, finding) pairs, {} of the {} findings it called present\n",
+                p.classifier.micro.f1,
+                p.classifier.macro_avg.f1,
+                p.classifier.micro.precision,
+                p.classifier.micro.recall,
+                100.0 * p.agreement,
+                p.stated_when_prompted,
+                p.prompted_present
+            ));
         }
         for e in self.examples.iter().take(3) {
             s.push_str(&format!(

@@ -65,6 +65,7 @@ pub fn generative_config() -> ReportGenConfig {
         seed: 0,
         min_word_count: 1,
         findings: 0,
+        image_dropout: 0.0,
     }
 }
 

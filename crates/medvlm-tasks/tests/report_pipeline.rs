@@ -124,6 +124,7 @@ fn saved_generator_reproduces_reports_and_the_baseline_finds_itself() {
     }
     assert!((ev.nearest_neighbour.language.bleu[3] - 1.0).abs() < 1e-9);
     assert!((ev.nearest_neighbour.clinical.micro.f1 - 1.0).abs() < 1e-9);
+    assert!(ev.diagnosis_prompt.is_none(), "trained without a prompt");
     assert_eq!(ev.nearest_neighbour.per_modality.len(), 2);
     // Three epochs on 60 reports do not make a generator as good as copying the answer.
     assert!(ev.generated.language.bleu[3] < 0.99);
@@ -219,6 +220,32 @@ fn diagnosis_prompted_generator_round_trips() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("generate_for"), "{err}");
+
+    // The evaluation scores the prompt's own decisions and the reports' faithfulness to it.
+    let ev = evaluate(&loaded, &m2, &task, Decoding::Greedy, None, &dev).unwrap();
+    let p = ev.diagnosis_prompt.as_ref().unwrap();
+    assert_eq!(p.classifier.n, task.items.len());
+    assert_eq!(p.classifier.per_finding.len(), f);
+    let called: usize = p
+        .classifier
+        .per_finding
+        .iter()
+        .map(|c| c.true_positives + c.false_positives)
+        .sum();
+    assert_eq!(called, p.prompted_present);
+    let truth: usize = p
+        .classifier
+        .per_finding
+        .iter()
+        .map(|c| c.true_positives + c.false_negatives)
+        .sum();
+    assert_eq!(
+        truth, stated,
+        "the reference findings are the training targets here"
+    );
+    assert!(p.stated_when_prompted <= p.prompted_present);
+    assert!((0.0..=1.0).contains(&p.agreement));
+    assert!(ev.render_table().contains("diagnosis prompt:"));
 
     std::fs::remove_file(out.join("findings.safetensors")).unwrap();
     let err = ReportModel::load(&out, &dev).err().unwrap().to_string();

@@ -88,6 +88,10 @@ pub struct TrainArgs {
     /// 2; 0: the pooled embedding only, for towers without patch tokens).
     #[arg(long)]
     pub findings_grid: Option<usize>,
+    /// Probability of zeroing a training report's image embedding for an update, so that the
+    /// decoder learns to state the prompt's findings (default 0).
+    #[arg(long, conflicts_with = "no_diagnosis_prompt")]
+    pub image_dropout: Option<f64>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -168,6 +172,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         max_tokens: a.max_tokens.unwrap_or(d.max_tokens),
         lr: a.lr.unwrap_or(d.lr),
         seed: a.seed,
+        image_dropout: a.image_dropout.unwrap_or(d.image_dropout),
         ..d
     };
     let opts = ReportTrainOptions {
