@@ -145,6 +145,11 @@ pub fn decode_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         shape,
         data_offset,
     } = parse_header(bytes)?;
+    // A descriptor is an ASCII byte-order mark, a kind letter and a size (`<f4`, `|u1`); a
+    // damaged header can hold anything, and the slicing below needs ASCII.
+    if !descr.is_ascii() || descr.len() < 3 {
+        return Err(format!("unsupported dtype {descr:?}"));
+    }
     let (start, hlen) = (data_offset, 0usize);
     let n = crate::medimage::checked_len(&shape)
         .ok_or_else(|| format!("shape {shape:?} is too large"))?;
@@ -197,4 +202,29 @@ pub fn decode_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         data = crate::medimage::fortran_to_c(&data, &shape);
     }
     Ok(NpyArray { shape, descr, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header whose descriptor is not ASCII (found by the fuzzer: the decoder sliced it at
+    /// a byte inside a multi-byte character and panicked) is an error naming the descriptor.
+    #[test]
+    fn non_ascii_or_short_descriptors_are_errors() {
+        let good = encode_npy_f32(&[2], &[1.0, 2.0]).unwrap();
+        assert_eq!(decode_npy(&good).unwrap().shape, vec![2]);
+        // Replacements of the same byte length as `'<f4'`, so the header length still holds.
+        for bad in ["'|\u{283}'", "'|\u{39a}'", "'|u' "] {
+            assert_eq!(bad.len(), 5);
+            let at = good.windows(5).position(|w| w == b"'<f4'").unwrap();
+            let mut bytes = good.clone();
+            bytes[at..at + 5].copy_from_slice(bad.as_bytes());
+            let err = match decode_npy(&bytes) {
+                Ok(_) => panic!("{bad:?} accepted"),
+                Err(e) => e,
+            };
+            assert!(err.contains("unsupported dtype"), "{bad:?}: {err}");
+        }
+    }
 }
