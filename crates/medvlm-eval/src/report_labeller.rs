@@ -231,19 +231,7 @@ pub fn clinical_efficacy(
     lexicon: &FindingLexicon,
     uncertain_as_positive: bool,
 ) -> Result<ClinicalEfficacy> {
-    if generated.len() != reference.len() {
-        return Err(EvalError::LengthMismatch {
-            what: "reference reports",
-            got: reference.len(),
-            expected: generated.len(),
-        });
-    }
-    if generated.is_empty() {
-        return Err(EvalError::Empty("reports to label"));
-    }
-    if lexicon.findings.is_empty() {
-        return Err(EvalError::Empty("findings in the lexicon"));
-    }
+    // Lengths and emptiness are checked by `efficacy_from_labels`.
     let present = |m: Option<Mention>| match m {
         Some(Mention::Positive) => true,
         Some(Mention::Uncertain) => uncertain_as_positive,
