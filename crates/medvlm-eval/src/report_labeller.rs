@@ -223,6 +223,23 @@ pub struct ClinicalEfficacy {
     pub n: usize,
 }
 
+/// Whether `text` states each finding of the lexicon as present (stated positive, or
+/// uncertain when `uncertain_as_positive`), in lexicon order: what clinical efficacy counts.
+pub fn findings_present(
+    text: &str,
+    lexicon: &FindingLexicon,
+    uncertain_as_positive: bool,
+) -> Vec<bool> {
+    label_report(text, lexicon)
+        .into_iter()
+        .map(|m| match m {
+            Some(Mention::Positive) => true,
+            Some(Mention::Uncertain) => uncertain_as_positive,
+            _ => false,
+        })
+        .collect()
+}
+
 /// Clinical efficacy of `generated` reports against their `reference` reports, both labelled
 /// with [`label_report`].
 pub fn clinical_efficacy(
@@ -232,17 +249,7 @@ pub fn clinical_efficacy(
     uncertain_as_positive: bool,
 ) -> Result<ClinicalEfficacy> {
     // Lengths and emptiness are checked by `efficacy_from_labels`.
-    let present = |m: Option<Mention>| match m {
-        Some(Mention::Positive) => true,
-        Some(Mention::Uncertain) => uncertain_as_positive,
-        _ => false,
-    };
-    let read = |text: &String| -> Vec<bool> {
-        label_report(text, lexicon)
-            .into_iter()
-            .map(present)
-            .collect()
-    };
+    let read = |text: &String| findings_present(text, lexicon, uncertain_as_positive);
     let predicted: Vec<Vec<bool>> = generated.iter().map(read).collect();
     let truth: Vec<Vec<bool>> = reference.iter().map(read).collect();
     let labels: Vec<String> = lexicon.findings.iter().map(|f| f.label.clone()).collect();

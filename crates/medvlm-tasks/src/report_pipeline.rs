@@ -136,24 +136,42 @@ pub fn image_embeddings(m: &LoadedModel, files: &[PathBuf], device: &Device) -> 
     Ok(medvlm_models::vlm::l2_normalize(&t)?.to_device(device)?)
 }
 
-/// The findings classifier's inputs: the embeddings `[N, E]` already computed, or with
-/// `grid > 0` the features of [`crate::vqa_pipeline::image_features`] (the embedding, then
-/// the patch tokens pooled on a `grid x grid` grid).
-fn classifier_inputs(
+/// What a generator reads of image files, from one pass of the tower: the L2-normalised
+/// embeddings `[N, E]` and, when `findings_grid` is given (a diagnosis prompt), the findings
+/// classifier's inputs: the embeddings alone (grid 0) or the features of
+/// [`crate::vqa_pipeline::image_features`] (the same embeddings, then the patch tokens pooled
+/// on a `grid x grid` grid).
+fn read_image_inputs(
     m: &LoadedModel,
     files: &[PathBuf],
-    embeds: &Tensor,
-    grid: usize,
+    findings_grid: Option<usize>,
     device: &Device,
-) -> Result<Tensor> {
-    if grid == 0 {
-        return Ok(embeds.clone());
+) -> Result<ImageInputs> {
+    match findings_grid {
+        None => Ok(ImageInputs {
+            embeds: image_embeddings(m, files, device)?,
+            findings: None,
+        }),
+        Some(0) => {
+            let embeds = image_embeddings(m, files, device)?;
+            Ok(ImageInputs {
+                findings: Some(embeds.clone()),
+                embeds,
+            })
+        }
+        Some(grid) => {
+            let features =
+                crate::vqa_pipeline::image_features(m, files, grid, device).map_err(|e| {
+                    ReportError::Invalid(format!(
+                        "the findings classifier's inputs: {e} (for the report generator: `--findings-grid 0`)"
+                    ))
+                })?;
+            Ok(ImageInputs {
+                embeds: features.narrow(1, 0, m.model.embed_dim())?.contiguous()?,
+                findings: Some(features),
+            })
+        }
     }
-    crate::vqa_pipeline::image_features(m, files, grid, device).map_err(|e| {
-        ReportError::Invalid(format!(
-            "the findings classifier's inputs: {e} (for the report generator: `--findings-grid 0`)"
-        ))
-    })
 }
 
 /// Text of word tokens as a report: punctuation attached to its word, hyphens and `&`
@@ -293,17 +311,9 @@ pub struct ReportTrainOptions {
 /// The findings `text` states as present or uncertain (1.0) or not (0.0), in lexicon order:
 /// what clinical efficacy counts as a positive (uncertain mentions count as present).
 pub fn stated_findings(text: &str, lexicon: &FindingLexicon) -> Vec<f32> {
-    medvlm_eval::report_labeller::label_report(text, lexicon)
+    medvlm_eval::report_labeller::findings_present(text, lexicon, true)
         .into_iter()
-        .map(|m| {
-            matches!(
-                m,
-                Some(
-                    medvlm_eval::report_labeller::Mention::Positive
-                        | medvlm_eval::report_labeller::Mention::Uncertain
-                )
-            ) as u8 as f32
-        })
+        .map(|p| f32::from(u8::from(p)))
         .collect()
 }
 
@@ -334,7 +344,8 @@ pub fn train(
 ) -> Result<ReportModel> {
     opts.config.validate()?;
     let files: Vec<PathBuf> = task.items.iter().map(|i| i.image.clone()).collect();
-    let embeds = image_embeddings(m, &files, device)?;
+    let grid = opts.diagnosis_prompt.as_ref().map(|f| f.image_grid);
+    let ImageInputs { embeds, findings } = read_image_inputs(m, &files, grid, device)?;
     let texts: Vec<&str> = task.items.iter().map(|i| i.report.as_str()).collect();
     let tokenizer =
         medvlm_train::pretrain::build_word_tokenizer(&texts, opts.config.min_word_count)
@@ -349,8 +360,7 @@ pub fn train(
     let vocab = tokenizer.get_vocab_size(true);
     let mut config = opts.config.clone();
     let mut prompt = None;
-    if let Some(fcfg) = &opts.diagnosis_prompt {
-        let features = classifier_inputs(m, &files, &embeds, fcfg.image_grid, device)?;
+    if let (Some(fcfg), Some(features)) = (&opts.diagnosis_prompt, &findings) {
         let lexicon = opts.lexicon.clone().unwrap_or_else(phantom_lexicon);
         let f = lexicon.findings.len();
         let targets: Vec<f32> = texts
@@ -375,7 +385,7 @@ pub fn train(
         }
         let y = Tensor::from_vec(targets, (texts.len(), f), device)?;
         let labels: Vec<String> = lexicon.findings.iter().map(|t| t.label.clone()).collect();
-        let classifier = train_findings(fcfg, &features, &y, &labels)?;
+        let classifier = train_findings(fcfg, features, &y, &labels)?;
         // Training feeds the states the reference reports state (teacher forcing of the
         // prompt); generation feeds the classifier's.
         let states = y.to_dtype(DType::U32)?;
@@ -563,59 +573,35 @@ impl ReportModel {
         ))
     }
 
-    /// What [`Self::generate`] reads for image files: the L2-normalised embeddings `[N, E]`
-    /// and, with a diagnosis prompt, the findings classifier's inputs (see
-    /// [`crate::report_findings::FindingsConfig::image_grid`]).
+    /// What the generator reads of image files (one pass of the tower): the L2-normalised
+    /// embeddings `[N, E]` and, with a diagnosis prompt, the findings classifier's inputs
+    /// (see [`crate::report_findings::FindingsConfig::image_grid`]).
     pub fn image_inputs(
         &self,
         m: &LoadedModel,
         files: &[PathBuf],
         device: &Device,
     ) -> Result<ImageInputs> {
-        let embeds = image_embeddings(m, files, device)?;
-        let findings = match &self.card.findings {
-            Some(fc) => Some(classifier_inputs(
-                m,
-                files,
-                &embeds,
-                fc.config.image_grid,
-                device,
-            )?),
-            None => None,
-        };
-        Ok(ImageInputs { embeds, findings })
+        let grid = self.card.findings.as_ref().map(|f| f.config.image_grid);
+        read_image_inputs(m, files, grid, device)
+    }
+
+    /// The diagnosis prompt's finding states `[N, F]` for image inputs (`None` without a
+    /// prompt).
+    pub fn prompt_states(&self, inputs: &ImageInputs) -> Result<Option<Tensor>> {
+        match (&self.findings, &inputs.findings) {
+            (Some(c), Some(x)) => Ok(Some(c.states(x)?)),
+            (None, _) => Ok(None),
+            (Some(_), None) => Err(ReportError::Invalid(
+                "this generator's diagnosis prompt needs the findings classifier's inputs".into(),
+            )),
+        }
     }
 
     /// Reports for image inputs ([`Self::image_inputs`]).
     pub fn generate_for(&self, inputs: &ImageInputs, decoding: Decoding) -> Result<Vec<String>> {
-        let states = match (&self.findings, &inputs.findings) {
-            (Some(c), Some(x)) => Some(c.states(x)?),
-            (None, _) => None,
-            (Some(_), None) => {
-                return Err(ReportError::Invalid(
-                    "this generator's diagnosis prompt needs the findings classifier's inputs"
-                        .into(),
-                ))
-            }
-        };
+        let states = self.prompt_states(inputs)?;
         self.decode(&inputs.embeds, states.as_ref(), decoding)
-    }
-
-    /// Reports for L2-normalised image embeddings `[N, E]` of a generator without a
-    /// diagnosis prompt, or whose findings classifier reads the embeddings alone
-    /// (`image_grid` 0); otherwise use [`Self::generate_for`].
-    pub fn generate(&self, embeds: &Tensor, decoding: Decoding) -> Result<Vec<String>> {
-        let states = match (&self.findings, &self.card.findings) {
-            (Some(c), Some(fc)) if fc.config.image_grid == 0 => Some(c.states(embeds)?),
-            (None, _) => None,
-            _ => {
-                return Err(ReportError::Invalid(
-                    "this generator's findings classifier reads patch tokens: use generate_for"
-                        .into(),
-                ))
-            }
-        };
-        self.decode(embeds, states.as_ref(), decoding)
     }
 
     fn decode(
@@ -793,12 +779,15 @@ pub fn evaluate(
 ) -> Result<ReportEvaluation> {
     let files: Vec<PathBuf> = task.items.iter().map(|i| i.image.clone()).collect();
     let inputs = model.image_inputs(image_model, &files, device)?;
-    let generated = model.generate_for(&inputs, decoding)?;
-    let diagnosis_prompt = match (&model.findings, &inputs.findings, &model.card.lexicon) {
-        (Some(c), Some(x), Some(lexicon)) => {
-            let states: Vec<Vec<u32>> = c.states(x)?.to_vec2()?;
-            Some(prompt_evaluation(&states, &generated, task, lexicon)?)
-        }
+    let states = model.prompt_states(&inputs)?;
+    let generated = model.decode(&inputs.embeds, states.as_ref(), decoding)?;
+    let diagnosis_prompt = match (&states, &model.card.lexicon) {
+        (Some(s), Some(lexicon)) => Some(prompt_evaluation(
+            &s.to_vec2::<u32>()?,
+            &generated,
+            task,
+            lexicon,
+        )?),
         _ => None,
     };
     let nearest = model.nearest_reports(&inputs.embeds)?;
@@ -834,20 +823,13 @@ fn prompt_evaluation(
     task: &ReportTask,
     lexicon: &FindingLexicon,
 ) -> Result<PromptEvaluation> {
-    let as_bools = |v: Vec<f32>| -> Vec<bool> { v.into_iter().map(|x| x > 0.5).collect() };
+    let read = |text: &str| medvlm_eval::report_labeller::findings_present(text, lexicon, true);
     let prompted: Vec<Vec<bool>> = states
         .iter()
         .map(|r| r.iter().map(|&s| s == 1).collect())
         .collect();
-    let reference: Vec<Vec<bool>> = task
-        .items
-        .iter()
-        .map(|i| as_bools(stated_findings(&i.report, lexicon)))
-        .collect();
-    let written: Vec<Vec<bool>> = generated
-        .iter()
-        .map(|g| as_bools(stated_findings(g, lexicon)))
-        .collect();
+    let reference: Vec<Vec<bool>> = task.items.iter().map(|i| read(&i.report)).collect();
+    let written: Vec<Vec<bool>> = generated.iter().map(|g| read(g)).collect();
     let labels: Vec<String> = lexicon.findings.iter().map(|f| f.label.clone()).collect();
     let classifier =
         medvlm_eval::report_labeller::efficacy_from_labels(&prompted, &reference, &labels, true)?;

@@ -105,10 +105,11 @@ fn saved_generator_reproduces_reports_and_the_baseline_finds_itself() {
     assert!(warning.is_none(), "{warning:?}");
 
     let files: Vec<PathBuf> = task.items.iter().take(6).map(|i| i.image.clone()).collect();
-    let e = image_embeddings(&m2, &files, &dev).unwrap();
+    let e = loaded.image_inputs(&m2, &files, &dev).unwrap();
+    assert!(e.findings.is_none(), "trained without a prompt");
     for d in [Decoding::Greedy, Decoding::Beam(2)] {
-        let a = model.generate(&e, d).unwrap();
-        let b = loaded.generate(&e, d).unwrap();
+        let a = model.generate_for(&e, d).unwrap();
+        let b = loaded.generate_for(&e, d).unwrap();
         assert_eq!(a, b, "{d:?}");
         assert!(
             a.iter().all(|r| !r.contains("<|") && !r.contains("<unk>")),
@@ -214,12 +215,30 @@ fn diagnosis_prompted_generator_round_trips() {
             loaded.generate_for(&inputs, d).unwrap()
         );
     }
-    // The embeddings alone are not what this classifier reads.
+    // The embeddings are the first columns of the classifier's inputs (one tower pass),
+    // and equal those of the tower's own embedding path.
+    let direct = image_embeddings(&m2, &files, &dev).unwrap();
+    let diff = (&inputs.embeds - &direct)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-5, "{diff}");
+    let no_features = medvlm_tasks::report_pipeline::ImageInputs {
+        embeds: inputs.embeds.clone(),
+        findings: None,
+    };
     let err = loaded
-        .generate(&inputs.embeds, Decoding::Greedy)
+        .generate_for(&no_features, Decoding::Greedy)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("generate_for"), "{err}");
+    assert!(
+        err.contains("needs the findings classifier's inputs"),
+        "{err}"
+    );
 
     // The evaluation scores the prompt's own decisions and the reports' faithfulness to it.
     let ev = evaluate(&loaded, &m2, &task, Decoding::Greedy, None, &dev).unwrap();
