@@ -23,6 +23,12 @@
 //! `uncertain_as_positive` (the "U-Ones" policy), also when it is uncertain; negative and
 //! unmentioned are absent. Precision of a finding never predicted is 0, as scikit-learn's
 //! `zero_division=0`; macro averages run over every finding of the lexicon.
+//!
+//! One lexicon can cover several modalities whose terms overlap (a brain tumour and a
+//! histology tumour; a chest mass and a brain "mass"): a finding with a `modality` is read
+//! only in reports of that modality, so a chest report's mass is not also a brain tumour.
+//! Scoring with such a lexicon needs every report's modality ([`clinical_efficacy`] refuses a
+//! report without one rather than count its scoped findings as absent).
 
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +48,45 @@ pub struct FindingTerms {
     pub label: String,
     /// Lower-case substrings, any of which marks a mention (e.g. `effusion`, `pleural fluid`).
     pub match_terms: Vec<String>,
+    /// Only reports of this modality (the manifest's `modality`) can state the finding;
+    /// `None`: any report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modality: Option<String>,
+}
+
+impl FindingLexicon {
+    /// Whether any finding is read only in reports of one modality.
+    pub fn is_scoped(&self) -> bool {
+        self.findings.iter().any(|f| f.modality.is_some())
+    }
+
+    /// Checks that `modalities` (one per report, or empty: none known) lets every finding be
+    /// read: with a scoped lexicon every report needs its modality.
+    pub fn check_modalities(&self, modalities: &[Option<String>], n_reports: usize) -> Result<()> {
+        let Some(scoped) = self.findings.iter().find(|f| f.modality.is_some()) else {
+            return Ok(());
+        };
+        let missing = if modalities.is_empty() {
+            (n_reports > 0).then_some(0)
+        } else {
+            crate::error::check_len("report modalities", modalities.len(), n_reports)?;
+            modalities.iter().position(Option::is_none)
+        };
+        match missing {
+            Some(i) => Err(EvalError::InvalidParameter {
+                name: "modality",
+                reason: format!(
+                    "the lexicon reads finding {:?} only in {} reports, but report {} has no \
+                     modality (give each record a `modality`, or a lexicon without modality \
+                     scopes)",
+                    scoped.label,
+                    scoped.modality.as_deref().unwrap_or_default(),
+                    i + 1
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What a report says about a finding.
@@ -140,13 +185,21 @@ fn sentence_mention(sentence: &str, at: usize) -> Mention {
     }
 }
 
-/// What `text` says about each finding of the lexicon, in lexicon order (`None`: not
-/// mentioned).
-pub fn label_report(text: &str, lexicon: &FindingLexicon) -> Vec<Option<Mention>> {
+/// What `text`, a report of `modality` (`None`: unknown), says about each finding of the
+/// lexicon, in lexicon order (`None`: not mentioned). A finding scoped to another modality,
+/// or to any modality when the report's is unknown, is not mentioned.
+pub fn label_report(
+    text: &str,
+    lexicon: &FindingLexicon,
+    modality: Option<&str>,
+) -> Vec<Option<Mention>> {
     let lower = text.to_lowercase();
     let mut out = vec![None; lexicon.findings.len()];
     for sentence in lower.split(['.', ';', '!', '?', '\n']) {
         for (k, f) in lexicon.findings.iter().enumerate() {
+            if f.modality.is_some() && f.modality.as_deref() != modality {
+                continue;
+            }
             for term in &f.match_terms {
                 for (at, _) in sentence.match_indices(term.as_str()) {
                     let m = sentence_mention(sentence, at);
@@ -223,14 +276,16 @@ pub struct ClinicalEfficacy {
     pub n: usize,
 }
 
-/// Whether `text` states each finding of the lexicon as present (stated positive, or
-/// uncertain when `uncertain_as_positive`), in lexicon order: what clinical efficacy counts.
+/// Whether `text`, a report of `modality`, states each finding of the lexicon as present
+/// (stated positive, or uncertain when `uncertain_as_positive`), in lexicon order: what
+/// clinical efficacy counts.
 pub fn findings_present(
     text: &str,
     lexicon: &FindingLexicon,
+    modality: Option<&str>,
     uncertain_as_positive: bool,
 ) -> Vec<bool> {
-    label_report(text, lexicon)
+    label_report(text, lexicon, modality)
         .into_iter()
         .map(|m| match m {
             Some(Mention::Positive) => true,
@@ -241,17 +296,27 @@ pub fn findings_present(
 }
 
 /// Clinical efficacy of `generated` reports against their `reference` reports, both labelled
-/// with [`label_report`].
+/// with [`label_report`]; `modalities` holds each pair's modality, or is empty when none is
+/// known (an error with a lexicon that scopes findings to modalities).
 pub fn clinical_efficacy(
     generated: &[String],
     reference: &[String],
+    modalities: &[Option<String>],
     lexicon: &FindingLexicon,
     uncertain_as_positive: bool,
 ) -> Result<ClinicalEfficacy> {
     // Lengths and emptiness are checked by `efficacy_from_labels`.
-    let read = |text: &String| findings_present(text, lexicon, uncertain_as_positive);
-    let predicted: Vec<Vec<bool>> = generated.iter().map(read).collect();
-    let truth: Vec<Vec<bool>> = reference.iter().map(read).collect();
+    lexicon.check_modalities(modalities, generated.len())?;
+    let modality = |i: usize| modalities.get(i).and_then(|m| m.as_deref());
+    let read = |texts: &[String]| -> Vec<Vec<bool>> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| findings_present(t, lexicon, modality(i), uncertain_as_positive))
+            .collect()
+    };
+    let predicted = read(generated);
+    let truth = read(reference);
     let labels: Vec<String> = lexicon.findings.iter().map(|f| f.label.clone()).collect();
     efficacy_from_labels(&predicted, &truth, &labels, uncertain_as_positive)
 }
@@ -335,6 +400,7 @@ mod tests {
         let f = |label: &str, terms: &[&str]| FindingTerms {
             label: label.into(),
             match_terms: terms.iter().map(|t| t.to_string()).collect(),
+            modality: None,
         };
         FindingLexicon {
             findings: vec![
@@ -368,29 +434,82 @@ mod tests {
         let lex = lexicon();
         use Mention::*;
         assert_eq!(
-            label_report("Small right effusion. No pneumothorax.", &lex),
+            label_report("Small right effusion. No pneumothorax.", &lex, None),
             vec![Some(Positive), Some(Negative), None]
         );
         assert_eq!(
-            label_report("No pneumothorax, nodule or effusion is identified.", &lex),
+            label_report(
+                "No pneumothorax, nodule or effusion is identified.",
+                &lex,
+                None
+            ),
             vec![Some(Negative), Some(Negative), Some(Negative)]
         );
         assert_eq!(
-            label_report("Effusion is not seen; a nodule cannot be excluded.", &lex),
+            label_report(
+                "Effusion is not seen; a nodule cannot be excluded.",
+                &lex,
+                None
+            ),
             vec![Some(Negative), None, Some(Uncertain)]
         );
         assert_eq!(
-            label_report("No pneumothorax but a new nodular opacity.", &lex),
+            label_report("No pneumothorax but a new nodular opacity.", &lex, None),
             vec![None, Some(Negative), Some(Positive)]
         );
         // Positive wins over a denial elsewhere in the report.
         assert_eq!(
             label_report(
                 "No effusion on the left. Right pleural fluid collection.",
-                &lex
+                &lex,
+                None
             )[0],
             Some(Positive)
         );
+    }
+
+    #[test]
+    fn modality_scoped_findings_are_read_only_in_their_modality() {
+        let f = |label: &str, terms: &[&str], m: &str| FindingTerms {
+            label: label.into(),
+            match_terms: terms.iter().map(|t| t.to_string()).collect(),
+            modality: Some(m.into()),
+        };
+        let lex = FindingLexicon {
+            findings: vec![
+                f("chest_xray/mass", &["mass"], "chest_xray"),
+                f("brain_mri/tumour", &["tumour", "mass"], "brain_mri"),
+                f("histology/tumour", &["tumour"], "histology"),
+            ],
+        };
+        use Mention::*;
+        let text = "A mass. Tumour present.";
+        assert_eq!(
+            label_report(text, &lex, Some("chest_xray")),
+            vec![Some(Positive), None, None]
+        );
+        assert_eq!(
+            label_report(text, &lex, Some("brain_mri")),
+            vec![None, Some(Positive), None]
+        );
+        assert_eq!(label_report(text, &lex, None), vec![None, None, None]);
+        // A histology tumour written for a brain image is a false positive of neither tumour
+        // row's other modality: each report is read in its own modality.
+        let generated = vec!["Tumour.".to_string(), "Tumour.".to_string()];
+        let reference = vec!["Tumour.".to_string(), "No tumour.".to_string()];
+        let mods = vec![Some("histology".to_string()), Some("brain_mri".to_string())];
+        let ce = clinical_efficacy(&generated, &reference, &mods, &lex, true).unwrap();
+        let c: Vec<_> = ce
+            .per_finding
+            .iter()
+            .map(|f| (f.true_positives, f.false_positives, f.false_negatives))
+            .collect();
+        assert_eq!(c, vec![(0, 0, 0), (0, 1, 0), (1, 0, 0)]);
+        // Without modalities a scoped lexicon cannot be read: an error, not zeros.
+        let err = clinical_efficacy(&generated, &reference, &[], &lex, true).unwrap_err();
+        assert!(err.to_string().contains("has no modality"), "{err}");
+        let err = clinical_efficacy(&generated, &reference, &mods[..1], &lex, true).unwrap_err();
+        assert!(err.to_string().contains("report modalities"), "{err}");
     }
 
     #[test]
@@ -404,7 +523,7 @@ mod tests {
             "Effusion and nodule.".to_string(),
             "Effusion. No pneumothorax.".to_string(),
         ];
-        let ce = clinical_efficacy(&generated, &reference, &lex, false).unwrap();
+        let ce = clinical_efficacy(&generated, &reference, &[], &lex, false).unwrap();
         // effusion: TP 1, FN 1; pneumothorax: FP 1; nodule: FN 1 (uncertain is absent).
         let c: Vec<_> = ce
             .per_finding
@@ -417,8 +536,8 @@ mod tests {
         assert!((ce.micro.recall - 1.0 / 3.0).abs() < 1e-12);
         // Macro F1: effusion 2/3, the others 0.
         assert!((ce.macro_avg.f1 - (2.0 / 3.0) / 3.0).abs() < 1e-12);
-        let u1 = clinical_efficacy(&generated, &reference, &lex, true).unwrap();
+        let u1 = clinical_efficacy(&generated, &reference, &[], &lex, true).unwrap();
         assert_eq!(u1.per_finding[2].true_positives, 1);
-        assert!(clinical_efficacy(&generated, &reference[..1], &lex, false).is_err());
+        assert!(clinical_efficacy(&generated, &reference[..1], &[], &lex, false).is_err());
     }
 }

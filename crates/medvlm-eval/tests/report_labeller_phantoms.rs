@@ -15,6 +15,7 @@ fn lexicon(m: Modality) -> FindingLexicon {
             .map(|v| FindingTerms {
                 label: v.label.to_string(),
                 match_terms: v.match_terms.iter().map(|t| t.to_string()).collect(),
+                modality: None,
             })
             .collect(),
     }
@@ -32,7 +33,7 @@ fn labels_of_phantom_reports_are_the_generators_findings() {
         let mut reports = Vec::new();
         for i in 0..150 {
             let s = generate_study(m, 11, i, &opts);
-            let labels = label_report(&s.report, &lex);
+            let labels = label_report(&s.report, &lex, None);
             for (f, got) in lex.findings.iter().zip(&labels) {
                 let finding = s.findings.iter().find(|x| x.label == f.label);
                 let expected_state = match finding {
@@ -56,7 +57,7 @@ fn labels_of_phantom_reports_are_the_generators_findings() {
             }
             reports.push(s.report.clone());
         }
-        let ce = clinical_efficacy(&reports, &reports, &lex, true).unwrap();
+        let ce = clinical_efficacy(&reports, &reports, &[], &lex, true).unwrap();
         for f in &ce.per_finding {
             assert_eq!(f.false_positives + f.false_negatives, 0, "{}", f.label);
         }

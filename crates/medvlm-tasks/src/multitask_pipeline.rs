@@ -70,6 +70,8 @@ pub struct MultiTaskItem {
     pub report: Option<String>,
     /// Its questions.
     pub qa: Vec<QaItem>,
+    /// The record's `modality`, when given (reports are labelled in their modality).
+    pub modality: Option<String>,
 }
 
 /// The records of a manifest with their targets.
@@ -129,6 +131,11 @@ impl MultiTaskSet {
                 findings,
                 report,
                 qa,
+                modality: rec
+                    .extra
+                    .get("modality")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string),
             });
         }
         if items.is_empty() {
@@ -748,7 +755,12 @@ pub fn evaluate(
                 .iter()
                 .filter_map(|&r| set.items[r].report.clone())
                 .collect();
-            let ce = clinical_efficacy(&generated, &refs, &phantom_lexicon(), true)?;
+            let modalities: Vec<Option<String>> = rows
+                .iter()
+                .map(|&r| set.items[r].modality.clone())
+                .collect();
+            let ce = clinical_efficacy(&generated, &refs, &modalities, &phantom_lexicon(), true)
+                .map_err(|e| file_err(&set.manifest, e))?;
             scores.report = Some(ReportScores {
                 n: rows.len(),
                 ce_macro_f1: ce.macro_avg.f1,
@@ -1125,6 +1137,7 @@ mod tests {
                     answer: if k == 0 { "no" } else { "yes" }.into(),
                     closed: true,
                 }],
+                modality: Some("chest_xray".into()),
             });
         }
         let set = MultiTaskSet {

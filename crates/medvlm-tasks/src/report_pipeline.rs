@@ -80,6 +80,11 @@ pub struct ReportTask {
 }
 
 impl ReportTask {
+    /// Each record's `modality`, in order.
+    pub fn modalities(&self) -> Vec<Option<String>> {
+        self.items.iter().map(|i| i.modality.clone()).collect()
+    }
+
     /// The records of `manifest` (those of `split` when given); each must carry a non-empty
     /// `text` (the report), otherwise the error names the record.
     pub fn from_manifest(manifest: &Path, split: Option<&str>) -> Result<Self> {
@@ -191,16 +196,14 @@ pub fn detokenize(words: &[String]) -> String {
     out
 }
 
-/// The phantom vocabulary's findings (every modality) as a labeller lexicon.
+/// The phantom vocabulary's findings (every modality) as a labeller lexicon. Each finding is
+/// labelled `modality/finding` and read only in reports of its modality: the brain tumour and
+/// the histology tumour share terms, as do the chest mass and the brain tumour's "mass".
 pub fn phantom_lexicon() -> FindingLexicon {
     FindingLexicon {
         findings: medvlm_phantoms::Modality::ALL
             .iter()
-            .flat_map(|m| m.vocab().iter())
-            .map(|v| FindingTerms {
-                label: v.label.to_string(),
-                match_terms: v.match_terms.iter().map(|t| t.to_string()).collect(),
-            })
+            .flat_map(|&m| modality_terms(m, true))
             .collect(),
     }
 }
@@ -210,15 +213,25 @@ fn phantom_modality_lexicon(name: &str) -> Option<FindingLexicon> {
         .into_iter()
         .find(|m| m.name() == name)?;
     Some(FindingLexicon {
-        findings: m
-            .vocab()
-            .iter()
-            .map(|v| FindingTerms {
-                label: v.label.to_string(),
-                match_terms: v.match_terms.iter().map(|t| t.to_string()).collect(),
-            })
-            .collect(),
+        findings: modality_terms(m, false),
     })
+}
+
+/// The findings of modality `m`; `scoped`: labelled `modality/finding` and read only in its
+/// reports.
+fn modality_terms(m: medvlm_phantoms::Modality, scoped: bool) -> Vec<FindingTerms> {
+    m.vocab()
+        .iter()
+        .map(|v| FindingTerms {
+            label: if scoped {
+                format!("{}/{}", m.name(), v.label)
+            } else {
+                v.label.to_string()
+            },
+            match_terms: v.match_terms.iter().map(|t| t.to_string()).collect(),
+            modality: scoped.then(|| m.name().to_string()),
+        })
+        .collect()
 }
 
 /// What the saved generator records of its training.
@@ -308,10 +321,11 @@ pub struct ReportTrainOptions {
     pub lexicon: Option<FindingLexicon>,
 }
 
-/// The findings `text` states as present or uncertain (1.0) or not (0.0), in lexicon order:
-/// what clinical efficacy counts as a positive (uncertain mentions count as present).
-pub fn stated_findings(text: &str, lexicon: &FindingLexicon) -> Vec<f32> {
-    medvlm_eval::report_labeller::findings_present(text, lexicon, true)
+/// The findings `text`, a report of `modality`, states as present or uncertain (1.0) or not
+/// (0.0), in lexicon order: what clinical efficacy counts as a positive (uncertain mentions
+/// count as present).
+pub fn stated_findings(text: &str, lexicon: &FindingLexicon, modality: Option<&str>) -> Vec<f32> {
+    medvlm_eval::report_labeller::findings_present(text, lexicon, modality, true)
         .into_iter()
         .map(|p| f32::from(u8::from(p)))
         .collect()
@@ -363,9 +377,14 @@ pub fn train(
     if let (Some(fcfg), Some(features)) = (&opts.diagnosis_prompt, &findings) {
         let lexicon = opts.lexicon.clone().unwrap_or_else(phantom_lexicon);
         let f = lexicon.findings.len();
+        let modalities = task.modalities();
+        lexicon
+            .check_modalities(&modalities, texts.len())
+            .map_err(|e| file_err(&task.manifest, e))?;
         let targets: Vec<f32> = texts
             .iter()
-            .flat_map(|t| stated_findings(t, &lexicon))
+            .zip(&modalities)
+            .flat_map(|(t, m)| stated_findings(t, &lexicon, m.as_deref()))
             .collect();
         if !targets.iter().any(|&v| v > 0.0) {
             return Err(ReportError::Invalid(format!(
@@ -737,7 +756,9 @@ fn score(
     let refs: Vec<Vec<String>> = task.items.iter().map(|i| vec![i.report.clone()]).collect();
     let ref_texts: Vec<String> = task.items.iter().map(|i| i.report.clone()).collect();
     let language = score_reports(generated, &refs)?;
-    let clinical = clinical_efficacy(generated, &ref_texts, lexicon, true)?;
+    let modalities = task.modalities();
+    let clinical = clinical_efficacy(generated, &ref_texts, &modalities, lexicon, true)
+        .map_err(|e| file_err(&task.manifest, e))?;
     let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, it) in task.items.iter().enumerate() {
         groups
@@ -751,12 +772,13 @@ fn score(
             let g: Vec<String> = idx.iter().map(|&i| generated[i].clone()).collect();
             let r: Vec<String> = idx.iter().map(|&i| ref_texts[i].clone()).collect();
             let rr: Vec<Vec<String>> = r.iter().map(|x| vec![x.clone()]).collect();
+            let mods: Vec<Option<String>> = idx.iter().map(|&i| modalities[i].clone()).collect();
             let lex = if custom_lexicon {
                 None
             } else {
                 phantom_modality_lexicon(&m)
             };
-            let ce = clinical_efficacy(&g, &r, lex.as_ref().unwrap_or(lexicon), true)?;
+            let ce = clinical_efficacy(&g, &r, &mods, lex.as_ref().unwrap_or(lexicon), true)?;
             per_modality.insert(m, (score_reports(&g, &rr)?, ce));
         }
     }
@@ -823,13 +845,33 @@ fn prompt_evaluation(
     task: &ReportTask,
     lexicon: &FindingLexicon,
 ) -> Result<PromptEvaluation> {
-    let read = |text: &str| medvlm_eval::report_labeller::findings_present(text, lexicon, true);
+    let modalities = task.modalities();
+    lexicon
+        .check_modalities(&modalities, task.items.len())
+        .map_err(|e| file_err(&task.manifest, e))?;
+    let read = |text: &str, i: usize| {
+        medvlm_eval::report_labeller::findings_present(
+            text,
+            lexicon,
+            modalities[i].as_deref(),
+            true,
+        )
+    };
     let prompted: Vec<Vec<bool>> = states
         .iter()
         .map(|r| r.iter().map(|&s| s == 1).collect())
         .collect();
-    let reference: Vec<Vec<bool>> = task.items.iter().map(|i| read(&i.report)).collect();
-    let written: Vec<Vec<bool>> = generated.iter().map(|g| read(g)).collect();
+    let reference: Vec<Vec<bool>> = task
+        .items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| read(&it.report, i))
+        .collect();
+    let written: Vec<Vec<bool>> = generated
+        .iter()
+        .enumerate()
+        .map(|(i, g)| read(g, i))
+        .collect();
     let labels: Vec<String> = lexicon.findings.iter().map(|f| f.label.clone()).collect();
     let classifier =
         medvlm_eval::report_labeller::efficacy_from_labels(&prompted, &reference, &labels, true)?;

@@ -148,6 +148,32 @@ fn saved_generator_reproduces_reports_and_the_baseline_finds_itself() {
     );
 }
 
+/// The phantom lexicon holds every modality's findings, labelled `modality/finding`; terms
+/// shared across modalities (the brain tumour's "mass" and "tumour") are read only in their
+/// own modality's reports.
+#[test]
+fn phantom_lexicon_reads_each_report_in_its_modality() {
+    let lex = medvlm_tasks::report_pipeline::phantom_lexicon();
+    let labels: Vec<&str> = lex.findings.iter().map(|f| f.label.as_str()).collect();
+    let mut unique = labels.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), labels.len(), "{labels:?}");
+    let present = |text: &str, m: &str| -> Vec<&str> {
+        stated_findings(text, &lex, Some(m))
+            .iter()
+            .zip(&labels)
+            .filter(|(v, _)| **v > 0.0)
+            .map(|(_, l)| *l)
+            .collect()
+    };
+    let text = "A mass in the right upper lobe. Tumour cells.";
+    assert_eq!(present(text, "chest_xray"), vec!["chest_xray/mass"]);
+    assert_eq!(present(text, "brain_mri"), vec!["brain_mri/tumour"]);
+    assert_eq!(present(text, "histology"), vec!["histology/tumour"]);
+    assert!(stated_findings(text, &lex, None).iter().all(|&v| v == 0.0));
+}
+
 /// A generator with a diagnosis prompt: the card records the lexicon and the classifier's
 /// thresholds, the saved folder writes the same reports, and a folder without the
 /// classifier's weights is refused, naming the file.
@@ -191,10 +217,29 @@ fn diagnosis_prompted_generator_round_trips() {
     let stated: usize = task
         .items
         .iter()
-        .map(|i| stated_findings(&i.report, &lexicon).iter().sum::<f32>() as usize)
+        .map(|i| {
+            stated_findings(&i.report, &lexicon, i.modality.as_deref())
+                .iter()
+                .sum::<f32>() as usize
+        })
         .sum();
     assert!(stated > 0);
     assert_eq!(fc.train_positives.iter().sum::<usize>(), stated);
+
+    // The phantom lexicon reads each report in its own modality, so a manifest without
+    // modalities is refused (naming it) rather than trained on empty targets.
+    let mut bare = task.clone();
+    for it in &mut bare.items {
+        it.modality = None;
+    }
+    let err = train(&bare, &m, &opts, &dev, &mut |_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("has no modality") && err.contains("manifest.jsonl"),
+        "{err}"
+    );
 
     let out = dir.path().join("gen");
     model.save(&out).unwrap();
