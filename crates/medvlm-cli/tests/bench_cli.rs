@@ -66,6 +66,32 @@ fn bench_embed_reports_progress_and_refuses_an_unsupported_dtype_up_front() {
     }
 }
 
+/// int8 on the CPU: every linear layer of ViT-S/16 (widths 384 and 1536, multiples of 32)
+/// runs with Q8_0 weights, said in the output and the JSON; on a GPU device it is refused
+/// before any work.
+#[test]
+fn bench_embed_int8_quantises_the_linear_layers_and_is_a_cpu_mode() {
+    let r = bench_embed(&["--dtype", "int8", "--json"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    let out = String::from_utf8_lossy(&r.stdout);
+    // 12 blocks x (qkv, proj, fc1, fc2) + the projection head.
+    assert!(
+        out.contains("INT8 (Q8_0) weights in 49 linear layers, F32 elsewhere"),
+        "{out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["dtype"], "Int8");
+    assert!(v["items_per_s"].as_f64().unwrap() > 0.0);
+    let r = bench_embed(&["--dtype", "int8", "--device", "cuda:0"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert!(
+        err.contains("int8") && !err.contains("bench embed:") && !err.contains("   0:"),
+        "{err}"
+    );
+}
+
 /// `bench io` and `bench phantoms` say how far they are when stderr is a file, and keep their
 /// tables on stdout.
 #[test]

@@ -63,7 +63,7 @@ pub mod vlm;
 pub mod weights;
 
 pub use error::{ModelError, Result};
-pub use linear::{LinearLayer, LinearLayers, LinearWrapper};
+pub use linear::{Int8Packing, LinearLayer, LinearLayers, LinearWrapper};
 pub use model_dir::{load_model, load_model_dir, LoadOptions, LoadedModel};
 pub use preprocess::PreprocessConfig;
 pub use tokenizer::{Padding, TextTokenizer};

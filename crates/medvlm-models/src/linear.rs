@@ -21,6 +21,13 @@
 //! [`LinearLayers::pack_linear_bf16`] for a whole model) makes the product `x Wᵀ + b` run in
 //! bf16 with f32 accumulation ([`crate::bf16_gemm`]); inputs, outputs, bias and wrappers stay
 //! f32, as under PyTorch's CPU autocast.
+//!
+//! For int8 inference, [`LinearLayer::pack_int8`] (or [`LinearLayers::pack_linear_int8`])
+//! quantises the weight to GGML's Q8_0 through candle's `quantized` module (int8 values in
+//! blocks of 32 along the input dimension, one f16 scale per block; the f32 weight is dropped,
+//! a quarter of its memory remains) and runs the product with candle's quantised matmul, which
+//! quantises each input row to int8 too (blocks of 256, Q8_K) and accumulates in integers
+//! (AVX512-VNNI where the CPU has it). Bias and wrappers stay f32.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -29,6 +36,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::bf16_gemm::PackedBf16Weight;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 
 /// A modification of a linear layer's output (LoRA, adapters, ...).
 pub trait LinearWrapper: Send + Sync + std::fmt::Debug {
@@ -51,7 +59,13 @@ pub struct LinearLayer {
     wrappers: Vec<Arc<dyn LinearWrapper>>,
     /// The weight rounded to bf16 and packed, when the product runs in bf16.
     bf16: Option<Arc<PackedBf16Weight>>,
+    /// The weight quantised to Q8_0, when the product runs in int8 (then `weight` is a
+    /// placeholder of its shape that holds no data).
+    int8: Option<Arc<QMatMul>>,
 }
+
+/// Input width a Q8_0 weight needs to be a multiple of (its block length).
+pub const INT8_BLOCK: usize = 32;
 
 impl LinearLayer {
     /// A layer from tensors; `path` is its module path (used to address it).
@@ -62,6 +76,7 @@ impl LinearLayer {
             bias,
             wrappers: Vec::new(),
             bf16: None,
+            int8: None,
         }
     }
 
@@ -97,7 +112,8 @@ impl LinearLayer {
     pub fn path(&self) -> &str {
         &self.path
     }
-    /// The weight `[out, in]`.
+    /// The weight `[out, in]`. After [`Self::pack_int8`] a placeholder of that shape, device
+    /// and dtype without data (zeros): the weight is the Q8_0 one ([`Self::is_int8`]).
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
@@ -123,9 +139,13 @@ impl LinearLayer {
                 self.weight.dims()
             )
         }
-        // A bf16 layer keeps computing in bf16, with the new weight.
+        // A bf16 or int8 layer keeps computing in its precision, with the new weight.
         if self.bf16.is_some() {
             self.bf16 = Some(Arc::new(PackedBf16Weight::from_tensor(&weight)?));
+        }
+        if self.int8.is_some() {
+            self.weight = weight;
+            return self.pack_int8();
         }
         self.weight = weight;
         Ok(())
@@ -172,6 +192,9 @@ impl LinearLayer {
 
     /// Why [`Self::pack_bf16`] would refuse this layer, if it would.
     fn check_bf16(&self) -> candle_core::Result<()> {
+        if self.int8.is_some() {
+            candle_core::bail!("{}: the layer already runs in int8", self.path)
+        }
         if let Err(e) = crate::bf16_gemm::require_cpu_support() {
             candle_core::bail!("{}: {e}", self.path)
         }
@@ -201,11 +224,86 @@ impl LinearLayer {
         self.bf16.is_some()
     }
 
+    /// Makes the product run in int8: the weight is quantised to Q8_0 (see the module
+    /// documentation) and the f32 weight dropped ([`Self::weight`] becomes a placeholder).
+    /// Inference only: refused for a trainable weight (a `Var`), a weight not on the CPU, a
+    /// layer already in bf16, and an input width that is not a multiple of [`INT8_BLOCK`].
+    pub fn pack_int8(&mut self) -> candle_core::Result<()> {
+        self.check_int8()?;
+        // A fresh buffer of exactly the weight's elements: candle's quantiser reads the whole
+        // storage, and a fused projection's q/k/v weights are contiguous views of one buffer.
+        let values = self
+            .weight
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let w = Tensor::from_vec(values, self.weight.shape(), self.weight.device())?;
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        self.int8 = Some(Arc::new(QMatMul::from_qtensor(q)?));
+        // A zero-stride placeholder: the shape, device and dtype stay visible, the memory goes.
+        self.weight = Tensor::zeros((), self.weight.dtype(), self.weight.device())?
+            .broadcast_as(self.weight.dims())?;
+        Ok(())
+    }
+
+    /// Why [`Self::pack_int8`] would refuse this layer, if it would.
+    fn check_int8(&self) -> candle_core::Result<()> {
+        if !self.weight.device().is_cpu() {
+            candle_core::bail!("{}: int8 linear layers are a CPU mode", self.path)
+        }
+        if self.weight.is_variable() {
+            candle_core::bail!(
+                "{}: int8 linear layers are for inference, and this weight is trainable (a \
+                 Var); load the model frozen, or keep f32",
+                self.path
+            )
+        }
+        if self.bf16.is_some() {
+            candle_core::bail!("{}: the layer already runs in bf16", self.path)
+        }
+        if !self.in_features().is_multiple_of(INT8_BLOCK) {
+            candle_core::bail!(
+                "{}: input width {} is not a multiple of {INT8_BLOCK}, Q8_0's block length",
+                self.path,
+                self.in_features()
+            )
+        }
+        Ok(())
+    }
+
+    /// Whether the product runs in int8 ([`Self::pack_int8`]).
+    pub fn is_int8(&self) -> bool {
+        self.int8.is_some()
+    }
+
+    /// The Q8_0 weight dequantised to f32 `[out, in]` (what the int8 product multiplies by),
+    /// if the layer runs in int8.
+    pub fn int8_weight(&self) -> candle_core::Result<Option<Tensor>> {
+        match self.int8.as_deref() {
+            Some(QMatMul::QTensor(q)) => Ok(Some(q.dequantize(self.weight.device())?)),
+            Some(_) => candle_core::bail!("{}: int8 weight was not kept quantised", self.path),
+            None => Ok(None),
+        }
+    }
+
     /// `x Wᵀ + b` without wrappers (with a bias, one matmul that accumulates onto it:
     /// [`crate::fused::linear`]; after [`Self::pack_bf16`], the bf16 product).
     pub fn forward_base(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(w) = &self.bf16 {
             return crate::bf16_gemm::linear(x, w, self.bias.as_ref(), &self.path);
+        }
+        if let Some(q) = &self.int8 {
+            if x.track_op() {
+                candle_core::bail!(
+                    "{}: int8 linear layers have no backward pass (inference only)",
+                    self.path
+                )
+            }
+            let y = q.forward(&x.contiguous()?)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
         }
         match &self.bias {
             Some(b) => crate::fused::linear(x, &self.weight, b),
@@ -222,6 +320,15 @@ impl Module for LinearLayer {
         }
         Ok(y)
     }
+}
+
+/// What [`LinearLayers::pack_linear_int8`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Int8Packing {
+    /// Layers now in int8.
+    pub int8: usize,
+    /// Module paths of the layers left in f32 (input width not a multiple of [`INT8_BLOCK`]).
+    pub kept_f32: Vec<String>,
 }
 
 /// Access to all [`LinearLayer`]s of a model, by module path.
@@ -271,6 +378,35 @@ pub trait LinearLayers {
             l.pack_bf16()?;
         }
         Ok(layers.len())
+    }
+
+    /// Runs the linear layers' products in int8 ([`LinearLayer::pack_int8`]: Q8_0 weights,
+    /// inputs quantised per row in each product). A layer whose input width is not a multiple
+    /// of [`INT8_BLOCK`] stays f32 and is counted in the result; a trainable, non-CPU or bf16
+    /// layer is refused (every layer is checked first, so a refusal leaves the model
+    /// unchanged).
+    fn pack_linear_int8(&mut self) -> crate::Result<Int8Packing> {
+        let mut layers = self.linear_layers_mut();
+        let fits = |l: &LinearLayer| l.in_features().is_multiple_of(INT8_BLOCK);
+        for l in layers.iter().filter(|l| fits(l)) {
+            l.check_int8()?;
+        }
+        let mut out = Int8Packing::default();
+        for l in &mut layers {
+            if fits(l) {
+                l.pack_int8()?;
+                out.int8 += 1;
+            } else {
+                out.kept_f32.push(l.path().to_string());
+            }
+        }
+        if out.int8 == 0 {
+            return Err(crate::ModelError::invalid(format!(
+                "int8: no linear layer has an input width that is a multiple of {INT8_BLOCK} \
+                 (Q8_0's block length); the model stays f32"
+            )));
+        }
+        Ok(out)
     }
 
     /// Push `wrapper` onto the layer at `path`.

@@ -514,6 +514,14 @@ pub fn merge_lora(model: &mut dyn LinearLayers, base: Option<&VarMap>) -> Result
         if !layer.wrappers().iter().any(|w| lora_of(w).is_some()) {
             continue;
         }
+        if layer.is_int8() {
+            return Err(medvlm_models::ModelError::invalid(format!(
+                "{}: the layer runs in int8 (its f32 weight was dropped); merge LoRA before \
+                 quantising",
+                layer.path()
+            ))
+            .into());
+        }
         let wrappers = layer.take_wrappers();
         let mut weight = layer.weight().detach();
         for w in &wrappers {
@@ -850,6 +858,30 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("finetune.lora.dropout"));
+    }
+
+    /// A LoRA adapter cannot be folded into a layer whose f32 weight int8 packing dropped:
+    /// refused, naming the layer, rather than merged into the placeholder.
+    #[test]
+    fn merging_into_an_int8_layer_is_refused() {
+        struct One(LinearLayer);
+        impl LinearLayers for One {
+            fn linear_layers(&self) -> Vec<&LinearLayer> {
+                vec![&self.0]
+            }
+            fn linear_layers_mut(&mut self) -> Vec<&mut LinearLayer> {
+                vec![&mut self.0]
+            }
+        }
+        let dev = candle_core::Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (8, 32), &dev).unwrap();
+        let mut m = One(LinearLayer::new("enc.fc1", w, None));
+        let lora = LoraLinear::new(&m.0, &LoraSpec::default(), 0).unwrap();
+        m.0.push_wrapper(Arc::new(lora));
+        m.0.pack_int8().unwrap();
+        let e = merge_lora(&mut m, None).unwrap_err().to_string();
+        assert!(e.contains("enc.fc1") && e.contains("int8"), "{e}");
+        assert_eq!(m.0.wrappers().len(), 1, "the adapter stays");
     }
 
     #[test]

@@ -17,7 +17,10 @@
 //!
 //! `--dtype bf16` on the CPU builds the tower in f32 and runs its linear layers in bf16 with
 //! f32 accumulation ([`medvlm_models::bf16_gemm`]), everything else in f32; it needs a CPU
-//! with AVX512-BF16 and is refused up front elsewhere.
+//! with AVX512-BF16 and is refused up front elsewhere. `--dtype int8` (CPU only) builds it in
+//! f32 and quantises every linear layer whose input width is a multiple of 32 to Q8_0
+//! ([`medvlm_models::LinearLayers::pack_linear_int8`]: int8 weights with one scale per block
+//! of 32, inputs quantised in each product, candle's quantised matmul); the rest stays f32.
 //!
 //! Peak memory is the process's peak resident set size (`VmHWM` in
 //! /proc/self/status, Linux only), which includes the binary and its
@@ -110,6 +113,9 @@ pub enum BenchDType {
     Bf16,
     /// f16 everywhere, through candle's kernels.
     F16,
+    /// CPU only: linear layers with int8 weights (GGML Q8_0, one f16 scale per 32 weights)
+    /// and int8-quantised inputs through candle's quantised matmul, everything else f32.
+    Int8,
 }
 
 impl From<BenchDType> for DType {
@@ -118,6 +124,8 @@ impl From<BenchDType> for DType {
             BenchDType::F32 => DType::F32,
             BenchDType::Bf16 => DType::BF16,
             BenchDType::F16 => DType::F16,
+            // Int8 is a treatment of f32 linear layers: the tower is built in f32.
+            BenchDType::Int8 => DType::F32,
         }
     }
 }
@@ -144,7 +152,8 @@ pub struct Args {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Compute dtype. bf16 on the CPU means: linear layers in bf16 with f32 accumulation,
-    /// everything else f32 (needs AVX512-BF16; refused otherwise).
+    /// everything else f32 (needs AVX512-BF16; refused otherwise). int8 (CPU only): linear
+    /// layers with Q8_0 int8 weights and int8-quantised inputs, everything else f32.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: BenchDType,
     /// Device: `cpu` or `cuda:N` (needs a build with `--features cuda`).
@@ -202,6 +211,22 @@ enum BenchModel {
     },
 }
 
+/// The precision line of an int8 run: how many layers run in int8 and which stayed f32.
+fn int8_precision(p: medvlm_models::Int8Packing) -> String {
+    let mut out = format!(
+        "INT8 (Q8_0) weights in {} linear layers, F32 elsewhere",
+        p.int8
+    );
+    if !p.kept_f32.is_empty() {
+        out += &format!(
+            " ({} linear layers kept F32: input width not a multiple of 32, e.g. {})",
+            p.kept_f32.len(),
+            p.kept_f32[0]
+        );
+    }
+    out
+}
+
 fn mib(kib: Option<u64>) -> String {
     kib.map(|k| format!("{:.0} MiB", k as f64 / 1024.0))
         .unwrap_or_else(|| "n/a".into())
@@ -221,12 +246,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
     }
     let threads = candle_core::utils::get_num_threads();
+    if args.dtype == BenchDType::Int8 && args.device != "cpu" {
+        bail!(
+            "--dtype int8 is a CPU mode (candle's Q8_0 product), not for --device {}; on a GPU \
+             use --dtype bf16 or f16",
+            args.device
+        );
+    }
     let device = parse_device(&args.device)?;
     // Refused before the weights are made, with what to use instead.
     let plan = medvlm_models::compute::compute_plan(args.dtype.into(), &device)
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let dtype = plan.storage_dtype();
     let bf16_linear = plan == ComputePlan::CpuBf16Linear;
+    let int8 = args.dtype == BenchDType::Int8;
+    let mut precision = plan.describe();
     let (tower, arch) = match (args.tower, args.arch) {
         (None | Some(Tower::Image), None) => (Tower::Image, Arch::VitB16),
         (Some(Tower::Text), None) => (Tower::Text, Arch::ClipB16),
@@ -257,6 +291,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if bf16_linear {
                 tower.pack_linear_bf16()?;
             }
+            if int8 {
+                precision = int8_precision(tower.pack_linear_int8()?);
+            }
             let s = cfg.image_size;
             let pixels =
                 Tensor::randn(0f32, 1.0, (args.batch, 3, s, s), &device)?.to_dtype(dtype)?;
@@ -275,6 +312,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .context("building the random-weight text tower")?;
             if bf16_linear {
                 tower.pack_linear_bf16()?;
+            }
+            if int8 {
+                precision = int8_precision(tower.pack_linear_int8()?);
             }
             let tokens = tower.full_context_batch(args.batch, 0, &device)?;
             BenchModel::Text {
@@ -338,7 +378,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tower.name(),
         arch.cli_name(),
         params as f64 / 1e6,
-        plan.describe(),
+        precision,
         args.device,
         threads
     );
@@ -367,8 +407,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "batches": args.batches,
             "warmup": args.warmup,
             "threads": threads,
-            "dtype": format!("{:?}", DType::from(args.dtype)),
-            "precision": plan.describe(),
+            "dtype": if int8 { "Int8".to_string() } else { format!("{:?}", DType::from(args.dtype)) },
+            "precision": precision,
             "device": args.device,
             "params": params,
             "seconds": total,
