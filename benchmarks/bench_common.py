@@ -38,6 +38,26 @@ def autocast(kind, device):
     return torch.autocast(device.split(":")[0], dtype=dtype)
 
 
+def quantize_int8(model, args):
+    """PyTorch's dynamic int8 quantisation of `model`'s nn.Linear layers when `--int8`."""
+    if not args.int8:
+        return model
+    if args.device != "cpu" or args.autocast != "none":
+        raise SystemExit("--int8 is a CPU float32 mode (no --device cuda, no --autocast)")
+    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    # open_clip's text transformer asks its first MLP layer for the weight dtype; a quantised
+    # layer answers through the attribute open_clip reads for int8 layers.
+    for m in model.modules():
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+            m.int8_original_dtype = torch.float32
+    return model
+
+
+def run_label(args):
+    """The precision a run used, for its output line and JSON."""
+    return "qint8 dynamic (nn.Linear)" if args.int8 else dtype_label(args.autocast)
+
+
 def dtype_label(kind):
     return {"none": "float32", "bf16": "bfloat16 autocast", "f16": "float16 autocast"}[kind]
 
@@ -74,5 +94,9 @@ def add_run_args(ap, batch):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--embed-dim", type=int, default=512)
     ap.add_argument("--autocast", choices=["none", "bf16", "f16"], default="none")
+    ap.add_argument("--int8", action="store_true",
+                    help="CPU: torch.ao.quantization.quantize_dynamic of every nn.Linear to "
+                         "qint8 (int8 weights per tensor, inputs quantised per batch), the "
+                         "counterpart of medvlm's --dtype int8")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU 0)")
     ap.add_argument("--json", action="store_true")

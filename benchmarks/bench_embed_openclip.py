@@ -23,8 +23,8 @@ import json
 
 import torch
 
-from bench_common import (add_run_args, autocast, dtype_label, mib, peak_memory_mib, percentile,
-                          proc_status_kib, time_batches)
+from bench_common import (add_run_args, autocast, mib, peak_memory_mib, percentile,
+                          proc_status_kib, quantize_int8, run_label, time_batches)
 
 ARCHS = {
     "vit-b16": ("vit_base_patch16_224", "ViT-B-16"),
@@ -61,6 +61,7 @@ def main():
 
     model = build(args.arch, args.tower, args.embed_dim).eval().to(args.device)
     params = sum(p.numel() for p in model.parameters())
+    model = quantize_int8(model, args)
     pixels = torch.randn(args.batch, 3, 224, 224).to(args.device)
 
     with torch.inference_mode(), autocast(args.autocast, args.device):
@@ -73,7 +74,7 @@ def main():
 
     print(f"PyTorch {torch.__version__} ({args.tower}) {args.arch} "
           f"[{ARCHS[args.arch][0]} + linear proj {args.embed_dim}], {params / 1e6:.1f} M params, "
-          f"{dtype_label(args.autocast)} on {args.device}, {threads} threads")
+          f"{run_label(args)} on {args.device}, {threads} threads")
     print(f"batch {args.batch}: {args.warmup} warm-up + {args.batches} timed batches in "
           f"{total:.2f} s -> {throughput:.2f} images/s (per batch p50 {p50 * 1e3:.1f} ms, "
           f"p99 {p99 * 1e3:.1f} ms)")
@@ -83,7 +84,7 @@ def main():
         print(json.dumps({
             "impl": f"pytorch-{torch.__version__}-{args.tower}", "tower": "image",
             "arch": ARCHS[args.arch][0], "batch": args.batch, "batches": args.batches,
-            "warmup": args.warmup, "threads": threads, "dtype": dtype_label(args.autocast),
+            "warmup": args.warmup, "threads": threads, "dtype": run_label(args),
             "device": args.device, "params": params, "seconds": total,
             "items_per_s": throughput, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3,
             "peak_mib": peak,

@@ -26,8 +26,8 @@ import json
 
 import torch
 
-from bench_common import (add_run_args, autocast, dtype_label, mib, peak_memory_mib, percentile,
-                          proc_status_kib, time_batches)
+from bench_common import (add_run_args, autocast, mib, peak_memory_mib, percentile,
+                          proc_status_kib, quantize_int8, run_label, time_batches)
 
 
 class BertTower(torch.nn.Module):
@@ -75,6 +75,7 @@ def main():
 
     model = build(args.arch, args.embed_dim).eval().to(args.device)
     params = sum(p.numel() for p in model.parameters())
+    model = quantize_int8(model, args)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, model.vocab - 1, (args.batch, model.context), generator=g)
     ids[:, -1] = model.vocab - 1
@@ -90,7 +91,7 @@ def main():
     memory = "peak allocated (torch.cuda)" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
 
     print(f"PyTorch {torch.__version__} text {args.arch} (context {model.context}), "
-          f"{params / 1e6:.1f} M params, {dtype_label(args.autocast)} on {args.device}, "
+          f"{params / 1e6:.1f} M params, {run_label(args)} on {args.device}, "
           f"{threads} threads")
     print(f"batch {args.batch}: {args.warmup} warm-up + {args.batches} timed batches in "
           f"{total:.2f} s -> {throughput:.2f} texts/s (per batch p50 {p50 * 1e3:.1f} ms, "
@@ -101,7 +102,7 @@ def main():
         print(json.dumps({
             "impl": f"pytorch-{torch.__version__}", "tower": "text", "arch": args.arch,
             "batch": args.batch, "batches": args.batches, "warmup": args.warmup,
-            "threads": threads, "dtype": dtype_label(args.autocast), "device": args.device,
+            "threads": threads, "dtype": run_label(args), "device": args.device,
             "params": params, "seconds": total, "items_per_s": throughput,
             "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "peak_mib": peak,
             "peak_kind": ("torch.cuda peak allocated" if args.device.startswith("cuda")

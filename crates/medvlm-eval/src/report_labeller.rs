@@ -229,7 +229,8 @@ pub struct Prf {
 }
 
 impl Prf {
-    fn from_counts(tp: usize, fp: usize, fn_: usize) -> Self {
+    /// From true-positive, false-positive and false-negative counts (0 where undefined).
+    pub fn from_counts(tp: usize, fp: usize, fn_: usize) -> Self {
         let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         let precision = ratio(tp, tp + fp);
         let recall = ratio(tp, tp + fn_);

@@ -52,7 +52,9 @@ pub struct FindingsConfig {
     pub seed: u64,
     /// The classifier also reads the image tower's patch tokens mean-pooled on a
     /// `image_grid x image_grid` grid after the pooled embedding (as the VQA answerer,
-    /// [`crate::vqa_pipeline::image_features`]); 0: the pooled embedding only.
+    /// [`crate::vqa_pipeline::image_features`]); 0: the pooled embedding only. Missing from
+    /// a saved card: 0, as classifiers were before the grid existed.
+    #[serde(default)]
     pub image_grid: usize,
 }
 
@@ -209,6 +211,8 @@ fn fit(
     Ok((clf, tensors))
 }
 
+/// F1 of decisions `pred` against `truth`; `None` when `truth` has no positive (F1 undefined,
+/// so the threshold search skips it).
 fn f1(pred: &[bool], truth: &[bool]) -> Option<f64> {
     let tp = pred.iter().zip(truth).filter(|(p, t)| **p && **t).count();
     let pos = truth.iter().filter(|t| **t).count();
@@ -216,7 +220,7 @@ fn f1(pred: &[bool], truth: &[bool]) -> Option<f64> {
         return None;
     }
     let fp = pred.iter().zip(truth).filter(|(p, t)| **p && !**t).count();
-    Some(2.0 * tp as f64 / (2 * tp + fp + pos - tp) as f64)
+    Some(medvlm_eval::report_labeller::Prf::from_counts(tp, fp, pos - tp).f1)
 }
 
 /// Trains the classifier on image embeddings `[N, E]` and targets `[N, F]` (0/1 f32, the
@@ -323,6 +327,19 @@ mod tests {
     /// Two findings read off two directions of the embedding, one common and one rare: the
     /// classifier calls both on unseen embeddings, and the rare one's threshold comes out
     /// below 0.5.
+    /// A card written before the patch-token grid existed has no `image_grid`: its classifier
+    /// read the pooled embedding only, so it loads as grid 0 (not today's default of 2, which
+    /// would feed it features of the wrong width).
+    #[test]
+    fn cards_without_a_grid_load_as_grid_0() {
+        let old = r#"{"hidden": 256, "steps": 300, "lr": 0.002, "weight_decay": 0.01, "seed": 0}"#;
+        let c: FindingsConfig = serde_json::from_str(old).unwrap();
+        assert_eq!((c.image_grid, c.hidden), (0, 256));
+        let now = serde_json::to_string(&FindingsConfig::default()).unwrap();
+        let back: FindingsConfig = serde_json::from_str(&now).unwrap();
+        assert_eq!(back.image_grid, 2);
+    }
+
     #[test]
     fn learns_each_finding_and_calibrates_the_rare_one() {
         let dev = Device::Cpu;
