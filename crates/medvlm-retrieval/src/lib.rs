@@ -274,23 +274,53 @@ fn hit_order(a: &Hit, b: &Hit) -> std::cmp::Ordering {
     b.score.total_cmp(&a.score).then(a.row.cmp(&b.row))
 }
 
-/// The `k` best hits of `scores` (row = position), in [`hit_order`].
+/// The `k` best hits of `scores` (row = position), in [`hit_order`]. The result holds `k`
+/// hits, not `scores.len()`: a batch of exact searches keeps one result per query, so a
+/// result that kept the capacity of all rows would cost `queries x rows x 16` bytes (16 GB for
+/// 1000 queries of a million rows).
 fn top_k(scores: Vec<f32>, k: usize) -> Vec<Hit> {
-    let mut hits: Vec<Hit> = scores
-        .into_iter()
-        .enumerate()
-        .map(|(row, score)| Hit { row, score })
-        .collect();
-    let k = k.min(hits.len());
+    let k = k.min(scores.len());
     if k == 0 {
         return Vec::new();
     }
-    if k < hits.len() {
-        hits.select_nth_unstable_by(k - 1, hit_order);
-        hits.truncate(k);
+    if k > SMALL_K {
+        let mut hits: Vec<Hit> = scores
+            .into_iter()
+            .enumerate()
+            .map(|(row, score)| Hit { row, score })
+            .collect();
+        if k < hits.len() {
+            hits.select_nth_unstable_by(k - 1, hit_order);
+            hits.truncate(k);
+        }
+        hits.sort_by(hit_order);
+        hits.shrink_to_fit();
+        return hits;
     }
-    hits.sort_by(hit_order);
-    hits
+    // Few hits wanted: keep the best k sorted as we go; most rows only meet the worst kept.
+    let mut best: Vec<Hit> = Vec::with_capacity(k + 1);
+    for (row, score) in scores.into_iter().enumerate() {
+        let hit = Hit { row, score };
+        if best.len() == k {
+            if hit_order(&hit, &best[k - 1]) != std::cmp::Ordering::Less {
+                continue;
+            }
+            best.pop();
+        }
+        let at = best.partition_point(|h| hit_order(h, &hit) == std::cmp::Ordering::Less);
+        best.insert(at, hit);
+    }
+    best.shrink_to_fit();
+    best
+}
+
+/// Up to this many hits, [`top_k`] keeps a sorted list (O(rows x log k), no copy of the
+/// rows); above it, a selection over all rows.
+const SMALL_K: usize = 256;
+
+thread_local! {
+    /// The HNSW search state of this thread ([`EmbeddingIndex::search_ann`]).
+    static SEARCH_STATE: RefCell<Search> = RefCell::new(Search::default());
 }
 
 /// An index of L2-normalised embeddings with exact and HNSW search.
@@ -469,18 +499,21 @@ impl EmbeddingIndex {
             }),
             row: 0,
         };
-        let mut search = Search::default();
-        let mut hits: Vec<Hit> = self
-            .graph
-            .search(&qp, &mut search)
-            .map(|item| {
-                let row = item.point.row as usize;
-                Hit {
-                    row,
-                    score: dot(qp.vector(), self.rows.row(row)),
-                }
-            })
-            .collect();
+        // One search state per thread, reused: its visited set is a byte per indexed row,
+        // which a fresh state would allocate and zero for every query (1 MB at a million).
+        let mut hits: Vec<Hit> = SEARCH_STATE.with(|state| {
+            let mut search = state.borrow_mut();
+            self.graph
+                .search(&qp, &mut search)
+                .map(|item| {
+                    let row = item.point.row as usize;
+                    Hit {
+                        row,
+                        score: dot(qp.vector(), self.rows.row(row)),
+                    }
+                })
+                .collect()
+        });
         hits.sort_by(hit_order);
         hits.truncate(k);
         Ok(hits)
@@ -712,6 +745,37 @@ mod erased_json {
     impl<T: serde::Serialize> Json for T {
         fn write(&self, w: &mut dyn std::io::Write) -> serde_json::Result<()> {
             serde_json::to_writer(w, self)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every k, both paths of `top_k`, against a full sort; ties broken by row; the result
+    /// holds no more than k hits of memory.
+    #[test]
+    fn top_k_matches_a_full_sort_and_keeps_only_k_hits() {
+        let mut rng = synthetic::SplitMix64::new(3);
+        // Coarse scores so ties occur.
+        let scores: Vec<f32> = (0..2000)
+            .map(|_| (rng.uniform() * 50.0).floor() as f32)
+            .collect();
+        let mut all: Vec<Hit> = scores
+            .iter()
+            .enumerate()
+            .map(|(row, &score)| Hit { row, score })
+            .collect();
+        all.sort_by(hit_order);
+        for k in [0, 1, 2, 10, SMALL_K, SMALL_K + 1, 1999, 2000, 5000] {
+            let got = top_k(scores.clone(), k);
+            assert_eq!(got, all[..k.min(2000)].to_vec(), "k = {k}");
+            assert!(
+                got.capacity() <= k.min(2000) + 1,
+                "k = {k}: {}",
+                got.capacity()
+            );
         }
     }
 }
