@@ -198,7 +198,9 @@ mod tests {
             })
         };
         let first = job(1);
-        until(|| gate.load().running == 1).await;
+        // `running` counts the slot as soon as it is taken; the blocking thread may start the
+        // closure later (seen on a loaded machine), so wait for the closure itself too.
+        until(|| gate.load().running == 1 && started.load(Ordering::SeqCst) == 1).await;
         let second = job(2);
         until(|| gate.load().waiting == 1).await;
         // One computing, one waiting: the third is refused at once.
