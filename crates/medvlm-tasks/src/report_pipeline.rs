@@ -559,6 +559,27 @@ impl ReportModel {
                         ),
                     ));
                 }
+                // The classifier's card names its findings so it stands alone; in a report
+                // card they must be the prompt lexicon's, in its order, or the prompt would
+                // state one finding under another's name.
+                let lexicon_labels: Option<Vec<&str>> = card
+                    .lexicon
+                    .as_ref()
+                    .map(|l| l.findings.iter().map(|f| f.label.as_str()).collect());
+                let ok = match &lexicon_labels {
+                    Some(l) => l.iter().copied().eq(fc.labels.iter().map(|s| s.as_str())),
+                    None => false,
+                };
+                if !ok {
+                    return Err(file_err(
+                        &dir.join(CARD_FILE),
+                        format!(
+                            "the findings classifier's findings ({}) are not the prompt lexicon's ({})",
+                            fc.labels.join(", "),
+                            lexicon_labels.map_or("no lexicon".into(), |l| l.join(", "))
+                        ),
+                    ));
+                }
                 let c =
                     load_findings(tensors.clone(), fc, device).map_err(|e| file_err(&fpath, e))?;
                 (Some(c), Some(tensors))

@@ -311,6 +311,24 @@ fn diagnosis_prompted_generator_round_trips() {
     assert!((0.0..=1.0).contains(&p.agreement));
     assert!(ev.render_table().contains("diagnosis prompt:"));
 
+    // A card whose classifier names its findings in another order than the lexicon would
+    // prompt one finding under another's name: refused, naming the card.
+    let card_path = out.join("report_model.json");
+    let original = std::fs::read_to_string(&card_path).unwrap();
+    let mut card: serde_json::Value = serde_json::from_str(&original).unwrap();
+    card["findings"]["labels"]
+        .as_array_mut()
+        .unwrap()
+        .swap(0, 1);
+    std::fs::write(&card_path, serde_json::to_string(&card).unwrap()).unwrap();
+    let err = ReportModel::load(&out, &dev).err().unwrap().to_string();
+    assert!(
+        err.contains("report_model.json") && err.contains("not the prompt lexicon's"),
+        "{err}"
+    );
+    std::fs::write(&card_path, original).unwrap();
+    assert!(ReportModel::load(&out, &dev).is_ok());
+
     std::fs::remove_file(out.join("findings.safetensors")).unwrap();
     let err = ReportModel::load(&out, &dev).err().unwrap().to_string();
     assert!(err.contains("findings.safetensors"), "{err}");
