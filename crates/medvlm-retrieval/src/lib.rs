@@ -183,8 +183,21 @@ impl Rows {
     }
 }
 
-/// Dot product with eight independent accumulators (lets the compiler vectorise).
+/// Dot product of two equal-length vectors: AVX2 + FMA where the CPU has them (checked at
+/// run time: the build targets baseline x86-64, whose 4-wide SSE without FMA spent most of an
+/// HNSW build's time here), else eight independent accumulators the compiler vectorises.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { dot_avx2_fma(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
@@ -199,6 +212,43 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// [`dot`] with two 8-wide fused multiply-add accumulators.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::{
+        _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+    };
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    // SAFETY: every load reads 8 floats at i or i + 8 with i + 16 <= n, inside both slices.
+    unsafe {
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                acc1,
+            );
+            i += 16;
+        }
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc0, acc1)) };
+    lanes.iter().sum::<f32>()
+        + a[i..n]
+            .iter()
+            .zip(&b[i..n])
+            .map(|(x, y)| x * y)
+            .sum::<f32>()
 }
 
 /// L2-normalises `v` in place; `what` names the vector in the error (zero or non-finite).
@@ -752,6 +802,24 @@ mod erased_json {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both dot products against an f64 sum, at lengths around the 8- and 16-wide steps.
+    #[test]
+    fn dot_matches_an_f64_sum_at_every_length() {
+        let mut rng = synthetic::SplitMix64::new(9);
+        for n in [0, 1, 7, 8, 15, 16, 17, 31, 33, 512, 515] {
+            let a: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+            let b: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let tol = 1e-5 * (1.0 + n as f64);
+            for (name, got) in [("dot", dot(&a, &b)), ("portable", dot_portable(&a, &b))] {
+                assert!(
+                    (got as f64 - exact).abs() < tol,
+                    "{name} at length {n}: {got} vs {exact}"
+                );
+            }
+        }
+    }
 
     /// Every k, both paths of `top_k`, against a full sort; ties broken by row; the result
     /// holds no more than k hits of memory.
