@@ -398,9 +398,32 @@ impl EmbeddingIndex {
         model: &str,
         model_fingerprint: &str,
         entries: Vec<Entry>,
+        embeddings: Vec<f32>,
+        dim: usize,
+        params: HnswParams,
+    ) -> Result<Self> {
+        Self::build_with_progress(
+            model,
+            model_fingerprint,
+            entries,
+            embeddings,
+            dim,
+            params,
+            &|_, _| {},
+        )
+    }
+
+    /// [`Self::build`] that reports the graph build: `progress(inserted, total)` about once
+    /// a second while the graph grows (instant-distance counts insertions in steps of 1000),
+    /// and `(total, total)` when it is done.
+    pub fn build_with_progress(
+        model: &str,
+        model_fingerprint: &str,
+        entries: Vec<Entry>,
         mut embeddings: Vec<f32>,
         dim: usize,
         params: HnswParams,
+        progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<Self> {
         if entries.is_empty() || dim == 0 {
             return Err(RetrievalError::Invalid(
@@ -450,11 +473,33 @@ impl EmbeddingIndex {
                 row,
             })
             .collect();
-        let (graph, _ids) = Builder::default()
+        let total = points.len() as u64;
+        let bar = indicatif_017::ProgressBar::hidden();
+        let builder = Builder::default()
             .ef_construction(params.ef_construction)
             .ef_search(params.ef_search)
             .seed(params.seed)
-            .build_hnsw(points);
+            .progress(bar.clone());
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (graph, _ids) = std::thread::scope(|scope| {
+            let poller = scope.spawn(|| {
+                let mut last = None;
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let pos = bar.position().min(total);
+                    if last != Some(pos) {
+                        progress(pos, total);
+                        last = Some(pos);
+                    }
+                    std::thread::park_timeout(std::time::Duration::from_secs(1));
+                }
+            });
+            let built = builder.build_hnsw(points);
+            done.store(true, std::sync::atomic::Ordering::Release);
+            // Wake the poller so a small build does not wait out its second.
+            poller.thread().unpark();
+            built
+        });
+        progress(total, total);
         let card = IndexCard {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,

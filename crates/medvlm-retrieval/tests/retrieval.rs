@@ -333,3 +333,35 @@ fn shard_merge_equals_building_at_once_and_names_missing_or_mismatched_files() {
     let e = shards::read_embeddings(&bad).unwrap_err().to_string();
     assert!(e.contains("bad.safetensors") && e.contains("shape"), "{e}");
 }
+
+/// The graph build reports its progress: positions never go back, stay within the total,
+/// and end at (total, total); the index equals one built without a reporter.
+#[test]
+fn graph_build_reports_progress_up_to_the_total() {
+    let (n, dim) = (4000, 16);
+    let values = clustered(n, dim, 10, 1.0, 3, 0);
+    let seen = std::sync::Mutex::new(Vec::new());
+    let index = EmbeddingIndex::build_with_progress(
+        "m",
+        "fp",
+        entries(n),
+        values.clone(),
+        dim,
+        HnswParams::default(),
+        &|pos, total| seen.lock().unwrap().push((pos, total)),
+    )
+    .unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.last(), Some(&(n as u64, n as u64)), "{seen:?}");
+    assert!(
+        seen.iter().all(|&(p, t)| t == n as u64 && p <= t),
+        "{seen:?}"
+    );
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+    let plain = build(values, dim);
+    let queries = clustered(20, dim, 10, 1.0, 3, 1);
+    assert_eq!(
+        index.search_ann_batch(&queries, 5).unwrap(),
+        plain.search_ann_batch(&queries, 5).unwrap()
+    );
+}

@@ -10,6 +10,7 @@ use medvlm_retrieval::shards;
 use medvlm_retrieval::{EmbeddingIndex, Entry, HnswParams};
 
 use crate::commands::embed::{self, DeviceArgs};
+use crate::commands::progress::Progress;
 
 /// Arguments of `medvlm index`.
 #[derive(clap::Args, Debug)]
@@ -115,14 +116,17 @@ fn build(args: BuildArgs) -> anyhow::Result<()> {
     };
     let count = merged.entries.len();
     let start = std::time::Instant::now();
-    let index = EmbeddingIndex::build(
+    let progress = Progress::new("index build: HNSW graph", count as u64, "rows");
+    let index = EmbeddingIndex::build_with_progress(
         &merged.model,
         &merged.model_fingerprint,
         merged.entries,
         merged.values,
         merged.dim,
         params,
+        &|pos, _| progress.set_position(pos),
     )?;
+    progress.finish();
     let build_s = start.elapsed().as_secs_f64();
     index
         .save(&args.out)

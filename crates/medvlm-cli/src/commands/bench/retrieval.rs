@@ -11,6 +11,7 @@ use medvlm_retrieval::synthetic::clustered;
 use medvlm_retrieval::{recall_at_k, EmbeddingIndex, Entry, HnswParams};
 
 use crate::commands::bench::embed::proc_status_kib;
+use crate::commands::progress::Progress;
 
 /// Arguments of `medvlm bench retrieval`.
 #[derive(clap::Args, Debug)]
@@ -66,7 +67,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         let entries = (0..n).map(|i| Entry::from_path(format!("v{i}"))).collect();
         let t = Instant::now();
-        let index = EmbeddingIndex::build(
+        let progress = Progress::new(
+            &format!("bench retrieval: HNSW graph of {n}"),
+            n as u64,
+            "rows",
+        );
+        let index = EmbeddingIndex::build_with_progress(
             "synthetic",
             "synthetic",
             entries,
@@ -77,7 +83,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 ef_search: args.ef_search,
                 seed: args.seed,
             },
+            &|pos, _| progress.set_position(pos),
         )?;
+        progress.finish();
         let build_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let exact = index.search_exact_batch(&queries, 10)?;
