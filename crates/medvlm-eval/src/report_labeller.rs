@@ -55,11 +55,6 @@ pub struct FindingTerms {
 }
 
 impl FindingLexicon {
-    /// Whether any finding is read only in reports of one modality.
-    pub fn is_scoped(&self) -> bool {
-        self.findings.iter().any(|f| f.modality.is_some())
-    }
-
     /// Checks that `modalities` (one per report, or empty: none known) lets every finding be
     /// read: with a scoped lexicon every report needs its modality.
     pub fn check_modalities(&self, modalities: &[Option<String>], n_reports: usize) -> Result<()> {

@@ -15,22 +15,7 @@ use medvlm_models::openclip::OpenClipResNet;
 use medvlm_models::{
     load_model_dir, LinearLayers, LoadMode, LoadOptions, TokenBatch, VisionLanguageModel,
 };
-use support::{fixture, inputs, load_st, max_abs_diff};
-
-/// Cosine similarity of each row of `a` and `b` `[N, E]`.
-fn row_cosines(a: &Tensor, b: &Tensor) -> Vec<f64> {
-    let a: Vec<Vec<f32>> = a.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
-    let b: Vec<Vec<f32>> = b.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| {
-            let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
-            let nx: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
-            let ny: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt();
-            dot / (nx * ny)
-        })
-        .collect()
-}
+use support::{fixture, inputs, load_st};
 
 /// The bf16 model's image and text embeddings against the f32 model's.
 fn compare(
@@ -48,34 +33,7 @@ fn compare(
     );
     assert!(f32_model.linear_layers().iter().all(|l| !l.is_bf16()));
     assert_eq!(bf16_model.dtype(), DType::F32, "{name}: f32 activations");
-    for (what, a, b) in [
-        (
-            "image",
-            f32_model.encode_image(pixels).unwrap().embeds,
-            bf16_model.encode_image(pixels).unwrap().embeds,
-        ),
-        (
-            "text",
-            f32_model.encode_text(tokens).unwrap().embeds,
-            bf16_model.encode_text(tokens).unwrap().embeds,
-        ),
-    ] {
-        let cos = row_cosines(&a, &b);
-        assert!(!cos.is_empty());
-        for (i, c) in cos.iter().enumerate() {
-            assert!(
-                *c >= 0.999,
-                "{name} {what} embedding {i}: cosine {c} < 0.999"
-            );
-        }
-        // Rounded weights and inputs must show: equal outputs would mean f32 ran.
-        let d = max_abs_diff(&a, &b);
-        assert!(d > 1e-6, "{name} {what}: bf16 equals f32 (max |diff| {d})");
-        eprintln!(
-            "{name} {what}: min cosine {:.6}, max |diff| {d:.2e}",
-            cos.iter().cloned().fold(1.0, f64::min)
-        );
-    }
+    support::assert_embeddings_near_f32(name, "bf16", f32_model, bf16_model, pixels, tokens);
 }
 
 fn bf16_options() -> LoadOptions {

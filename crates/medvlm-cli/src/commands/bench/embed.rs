@@ -219,8 +219,9 @@ fn int8_precision(p: medvlm_models::Int8Packing) -> String {
     );
     if !p.kept_f32.is_empty() {
         out += &format!(
-            " ({} linear layers kept F32: input width not a multiple of 32, e.g. {})",
+            " ({} linear layers kept F32: input width not a multiple of {}, e.g. {})",
             p.kept_f32.len(),
+            medvlm_models::linear::INT8_BLOCK,
             p.kept_f32[0]
         );
     }
