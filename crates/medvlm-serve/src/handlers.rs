@@ -1467,11 +1467,13 @@ pub async fn anomaly(State(svc): State<Service>, req: Request) -> Response {
 }
 
 /// `POST /v1/report`: a report for the image from a report generator (`--reporter DIR`),
-/// greedy or with `beams` (a JSON number or string, 1 to 8).
+/// greedy or with `beams` (a JSON number or string, 1 to 8), or, with `guidance` (0 to 10),
+/// greedy decoding held to the diagnosis prompt with that guidance scale
+/// ([`medvlm_tasks::report_pipeline::Decoding::GreedyFaithful`]).
 pub async fn report(State(svc): State<Service>, req: Request) -> Response {
     with_timeout(&svc, async {
         let payload = read_payload(&svc, req).await?;
-        let (fields, image) = fields_and_image(payload, &["reporter", "beams"])?;
+        let (fields, image) = fields_and_image(payload, &["reporter", "beams", "guidance"])?;
         let (name, rep) = pick(
             &svc.inner.heads.reporters,
             fields.get("reporter"),
@@ -1489,11 +1491,35 @@ pub async fn report(State(svc): State<Service>, req: Request) -> Response {
                 }
             },
         };
-        let decoding = if beams > 1 {
-            medvlm_tasks::report_pipeline::Decoding::Beam(beams)
-        } else {
-            medvlm_tasks::report_pipeline::Decoding::Greedy
+        let guidance = match fields.get("guidance") {
+            None => None,
+            Some(g) => match g.trim().parse::<f64>() {
+                Ok(x) if (0.0..=10.0).contains(&x) => Some(x),
+                _ => {
+                    return Err(ApiError::unprocessable(format!(
+                        "field \"guidance\" = {g:?}: expected a number from 0 to 10"
+                    )))
+                }
+            },
         };
+        use medvlm_tasks::report_pipeline::Decoding;
+        let decoding = match (beams, guidance) {
+            (1, Some(guidance)) => Decoding::GreedyFaithful { guidance },
+            (_, Some(_)) => {
+                return Err(ApiError::unprocessable(
+                    "fields \"beams\" and \"guidance\": guidance applies to greedy decoding \
+                     (beams 1)",
+                ))
+            }
+            (1, None) => Decoding::Greedy,
+            (k, None) => Decoding::Beam(k),
+        };
+        if guidance.is_some() && rep.model.card.findings.is_none() {
+            return Err(ApiError::unprocessable(format!(
+                "field \"guidance\": reporter {name:?} was trained without a diagnosis prompt, \
+                 so there is nothing to guide its reports towards"
+            )));
+        }
         let device = svc.inner.opts.device.clone();
         let v = svc
             .inner
@@ -1508,6 +1534,7 @@ pub async fn report(State(svc): State<Service>, req: Request) -> Response {
                         "object": "report",
                         "reporter": name,
                         "beams": beams,
+                        "guidance": guidance,
                         "report": report,
                     }))
                 })

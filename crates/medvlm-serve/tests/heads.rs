@@ -227,6 +227,7 @@ async fn segment_and_anomaly_answer_as_the_library() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_answers_as_the_library() {
+    use medvlm_tasks::report_findings::FindingsConfig;
     use medvlm_tasks::report_generation::ReportGenConfig;
     use medvlm_tasks::report_pipeline::{self, Decoding, ReportTrainOptions, Reporter};
     let tmp = tempfile::tempdir().unwrap();
@@ -247,7 +248,11 @@ async fn report_answers_as_the_library() {
                 ..Default::default()
             },
             split: None,
-            diagnosis_prompt: None,
+            diagnosis_prompt: Some(FindingsConfig {
+                hidden: 8,
+                steps: 20,
+                ..Default::default()
+            }),
             lexicon: None,
         },
         &dir,
@@ -255,24 +260,60 @@ async fn report_answers_as_the_library() {
         &mut |_, _| {},
     )
     .unwrap();
+    let plain = tmp.path().join("plain-reports");
+    report_pipeline::train_and_save(
+        &ph.join("manifest.jsonl"),
+        &ReportTrainOptions {
+            model_spec: clip_fixture(),
+            config: ReportGenConfig {
+                width: 16,
+                layers: 1,
+                heads: 2,
+                prefix_len: 2,
+                epochs: 1,
+                batch: 8,
+                ..Default::default()
+            },
+            split: None,
+            diagnosis_prompt: None,
+            lexicon: None,
+        },
+        &plain,
+        &dev,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let (lib, _) = Reporter::load(&dir, &dev).unwrap();
     let heads = TaskHeads {
-        reporters: vec![(
-            "skin-reports".into(),
-            Arc::new(Reporter::load(&dir, &dev).unwrap().0),
-        )],
+        reporters: vec![
+            (
+                "skin-reports".into(),
+                Arc::new(Reporter::load(&dir, &dev).unwrap().0),
+            ),
+            (
+                "plain".into(),
+                Arc::new(Reporter::load(&plain, &dev).unwrap().0),
+            ),
+        ],
         ..Default::default()
     };
     let router = router_with(heads);
     let image = first_image(&ph);
     let bytes = std::fs::read(&image).unwrap();
-    for (beams, decoding) in [(json!(1), Decoding::Greedy), (json!(2), Decoding::Beam(2))] {
-        let (s, v) = call(
-            &router,
-            "/v1/report",
-            &json!({"image": b64(&bytes), "beams": beams}),
-        )
-        .await;
+    for (beams, guidance, decoding) in [
+        (json!(1), json!(null), Decoding::Greedy),
+        (json!(2), json!(null), Decoding::Beam(2)),
+        (
+            json!(1),
+            json!(2.5),
+            Decoding::GreedyFaithful { guidance: 2.5 },
+        ),
+    ] {
+        let mut body = json!({"image": b64(&bytes), "beams": beams, "reporter": "skin-reports"});
+        if !guidance.is_null() {
+            body["guidance"] = guidance.clone();
+        }
+        let (s, v) = call(&router, "/v1/report", &body).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         let want = lib
             .report_files(std::slice::from_ref(&image), decoding, &dev)
@@ -280,13 +321,25 @@ async fn report_answers_as_the_library() {
         assert_eq!(v["report"].as_str().unwrap(), want[0]);
         assert_eq!(v["reporter"], "skin-reports");
     }
-    let (s, v) = call(
-        &router,
-        "/v1/report",
-        &json!({"image": b64(&bytes), "beams": 0}),
-    )
-    .await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    for (body, says) in [
+        (json!({"beams": 0}), "beams"),
+        (json!({"guidance": "lots"}), "guidance"),
+        (json!({"guidance": 11}), "guidance"),
+        (json!({"guidance": 1, "beams": 2}), "greedy"),
+        (
+            json!({"guidance": 1, "reporter": "plain"}),
+            "without a diagnosis prompt",
+        ),
+    ] {
+        let mut body = body;
+        body["image"] = json!(b64(&bytes));
+        if body.get("reporter").is_none() {
+            body["reporter"] = json!("skin-reports");
+        }
+        let (s, v) = call(&router, "/v1/report", &body).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert!(v.to_string().contains(says), "{v}");
+    }
     let (s, v) = call(
         &router,
         "/v1/report",

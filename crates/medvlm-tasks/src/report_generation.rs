@@ -344,29 +344,77 @@ impl ReportGenerator {
         states: Option<&Tensor>,
         max_new: usize,
     ) -> Result<Vec<Vec<u32>>> {
+        self.generate_greedy_held(images, states, None, max_new, &mut |_, _| true)
+    }
+
+    /// Greedy decoding whose end is held: where row `i` would emit EOS after `tokens` and
+    /// `may_end(i, tokens)` says no, it takes its most probable word instead (ids 0-3, the
+    /// special tokens, excluded) and goes on. A row that reaches `max_new` tokens without
+    /// being let end is cut back to where its end was first held, so holding never leaves a
+    /// report longer than unheld decoding plus whatever the decoder wrote until it was let
+    /// end. With `may_end` always true this is [`Self::generate_greedy_prompted`].
+    ///
+    /// Why: a decoder trained on reports whose findings agree with the image prefix sometimes
+    /// ends a report before stating a finding the diagnosis prompt calls present;
+    /// `ReportModel`'s faithful decoding holds the end until the report states them.
+    pub fn generate_greedy_held(
+        &self,
+        images: &Tensor,
+        states: Option<&Tensor>,
+        guidance: Option<PromptGuidance>,
+        max_new: usize,
+        may_end: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ) -> Result<Vec<Vec<u32>>> {
         let b = images.dim(0)?;
         let max_new = max_new.min(self.cfg.max_tokens);
         let prefix = self.prefix(images, states)?;
+        let contrast = guidance
+            .as_ref()
+            .map(|g| self.prefix(images, Some(g.contrast_states)))
+            .transpose()?;
         let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); b];
         let mut done = vec![false; b];
+        let mut first_hold: Vec<Option<usize>> = vec![None; b];
         for step in 0..max_new {
-            let embeds = if step == 0 {
-                prefix.clone()
-            } else {
-                let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
-                let ids = Tensor::from_vec(flat, (b, step), images.device())?;
-                Tensor::cat(&[&prefix, &self.decoder.transformer.embed_tokens(&ids)?], 1)?
+            let next = |prefix: &Tensor| -> Result<Tensor> {
+                let embeds = if step == 0 {
+                    prefix.clone()
+                } else {
+                    let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
+                    let ids = Tensor::from_vec(flat, (b, step), images.device())?;
+                    Tensor::cat(&[prefix, &self.decoder.transformer.embed_tokens(&ids)?], 1)?
+                };
+                let t = embeds.dim(1)?;
+                Ok(self
+                    .decoder
+                    .forward_embeds(&embeds, None)?
+                    .i((.., t - 1, ..))?)
             };
-            let t = embeds.dim(1)?;
-            let last = self
-                .decoder
-                .forward_embeds(&embeds, None)?
-                .i((.., t - 1, ..))?
-                .argmax(D::Minus1)?
-                .to_vec1::<u32>()?;
+            let logits = next(&prefix)?;
+            let logits = match (&guidance, &contrast) {
+                (Some(g), Some(c)) => {
+                    // Classifier-free guidance on log-probabilities: lp + s (lp - lp_contrast).
+                    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+                    let lc = candle_nn::ops::log_softmax(&next(c)?, D::Minus1)?;
+                    (&lp + ((&lp - lc)? * g.scale)?)?
+                }
+                _ => logits,
+            };
+            let last = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
             for (i, &tok) in last.iter().enumerate() {
                 // A finished report keeps emitting EOS so all rows stay one length.
-                let tok = if done[i] { EOS_ID } else { tok };
+                let tok = if done[i] {
+                    EOS_ID
+                } else if tok == EOS_ID && !may_end(i, &tokens[i]) {
+                    first_hold[i].get_or_insert(tokens[i].len());
+                    let row = logits.get(i)?.to_vec1::<f32>()?;
+                    let best = (EOS_ID as usize + 1..row.len())
+                        .max_by(|&a, &c| row[a].total_cmp(&row[c]))
+                        .unwrap_or(EOS_ID as usize);
+                    best as u32
+                } else {
+                    tok
+                };
                 done[i] |= tok == EOS_ID;
                 tokens[i].push(tok);
             }
@@ -376,7 +424,17 @@ impl ReportGenerator {
         }
         Ok(tokens
             .into_iter()
-            .map(|t| t.into_iter().take_while(|&x| x != EOS_ID).collect())
+            .zip(done.iter().zip(&first_hold))
+            .map(|(t, (&ended, &held))| {
+                let keep = match held {
+                    Some(at) if !ended => at,
+                    _ => t.len(),
+                };
+                t.into_iter()
+                    .take(keep)
+                    .take_while(|&x| x != EOS_ID)
+                    .collect()
+            })
             .collect())
     }
 
@@ -408,6 +466,19 @@ impl ReportGenerator {
         )?;
         Ok(d.tokens.into_iter().take_while(|&x| x != EOS_ID).collect())
     }
+}
+
+/// Classifier-free guidance of greedy decoding towards the diagnosis prompt (Sanchez et al.
+/// 2023, "Stay on topic with classifier-free guidance"): each step's log-probabilities
+/// `lp` under the prompt become `lp + scale (lp - lp_c)`, `lp_c` those under
+/// `contrast_states` (e.g. every finding absent), so the words the prompt's findings make
+/// likelier are made likelier still. `scale` 0 is plain decoding.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptGuidance<'a> {
+    /// The finding states `[B, F]` to contrast with.
+    pub contrast_states: &'a Tensor,
+    /// The guidance scale.
+    pub scale: f64,
 }
 
 /// Re-draws every parameter from a seeded generator (candle's initialisers use the thread's
@@ -612,6 +683,31 @@ mod tests {
         let out = t.generator.generate_greedy(&test, 8).unwrap();
         assert_eq!(out[0], reports[0][..4]);
         assert_eq!(out[1], reports[1][..3]);
+        // Held ends: never let end -> cut back to where the end was first held (the unheld
+        // report); held once (row 1 only) -> the unheld report, then words (no special
+        // token), until the decoder ends it again.
+        let never = t
+            .generator
+            .generate_greedy_held(&test, None, None, 8, &mut |_, _| false)
+            .unwrap();
+        assert_eq!(never, out);
+        let mut asked: Vec<(usize, Vec<u32>)> = Vec::new();
+        let once = t
+            .generator
+            .generate_greedy_held(&test, None, None, 8, &mut |i, ids| {
+                asked.push((i, ids.to_vec()));
+                !(i == 1 && asked.iter().filter(|(r, _)| *r == 1).count() == 1)
+            })
+            .unwrap();
+        assert_eq!(once[0], out[0]);
+        assert!(asked.contains(&(0, out[0].clone())), "{asked:?}");
+        assert!(asked.contains(&(1, out[1].clone())), "{asked:?}");
+        assert!(once[1].len() > out[1].len(), "{once:?}");
+        assert_eq!(once[1][..out[1].len()], out[1][..]);
+        assert!(
+            once[1][out[1].len()..].iter().all(|&x| x > EOS_ID),
+            "{once:?}"
+        );
         let beam = t
             .generator
             .generate_beam(&test.i(1).unwrap(), 3, 8)
@@ -665,6 +761,46 @@ mod tests {
             .generate_beam_prompted(&test.i(0).unwrap(), Some(&flipped.i(0).unwrap()), 2, 8)
             .unwrap();
         assert_eq!(beam, reports[1][..2]);
+        // Guidance: scale 0 is plain decoding; otherwise each step takes the argmax of
+        // lp + s (lp - lp_contrast), checked by hand on the first token (contrast: the
+        // training states, the opposite of the prompt).
+        let train_states = states.narrow(0, 0, 2).unwrap();
+        let guided = |scale: f64| {
+            g.generate_greedy_held(
+                &test,
+                Some(&flipped),
+                Some(PromptGuidance {
+                    contrast_states: &train_states,
+                    scale,
+                }),
+                8,
+                &mut |_, _| true,
+            )
+            .unwrap()
+        };
+        assert_eq!(guided(0.0), out);
+        let first_lp = |st: &Tensor| {
+            let logits = g
+                .decoder
+                .forward_embeds(&g.prefix(&test, Some(st)).unwrap(), None)
+                .unwrap();
+            let t = logits.dim(1).unwrap();
+            candle_nn::ops::log_softmax(&logits.i((.., t - 1, ..)).unwrap(), D::Minus1)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let (lp, lc) = (first_lp(&flipped), first_lp(&train_states));
+        for scale in [0.5, 3.0] {
+            let got = guided(scale);
+            for row in 0..2 {
+                let score = |k: usize| lp[row][k] + scale as f32 * (lp[row][k] - lc[row][k]);
+                let best = (0..lp[row].len())
+                    .max_by(|&a, &b| score(a).total_cmp(&score(b)))
+                    .unwrap();
+                assert_eq!(got[row][0] as usize, best, "scale {scale}, row {row}");
+            }
+        }
         // Image dropout trains on zeroed embeddings for some reports (so the losses differ)
         // and still follows the prompt; a probability of 1 is refused.
         let dropped = train_generator_prompted(

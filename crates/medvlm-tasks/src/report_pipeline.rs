@@ -40,7 +40,8 @@ use crate::report_findings::{
     load_findings, train_findings, FindingsCard, FindingsClassifier, FindingsConfig,
 };
 use crate::report_generation::{
-    train_generator_prompted, ReportError, ReportGenConfig, ReportGenerator, Result, EOS_ID,
+    train_generator_prompted, PromptGuidance, ReportError, ReportGenConfig, ReportGenerator,
+    Result, EOS_ID,
 };
 
 /// Format tag of the card.
@@ -268,12 +269,22 @@ pub struct ReportCard {
 }
 
 /// How reports are decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Decoding {
     /// Greedy (batched).
     Greedy,
     /// Beam search with this many beams.
     Beam(usize),
+    /// Greedy, with the report's end held until it states every finding the diagnosis
+    /// prompt calls present ([`ReportGenerator::generate_greedy_held`]; read by the
+    /// labeller in the finding's own modality), and with `guidance` > 0 each step's
+    /// log-probabilities guided towards the prompt against an all-absent prompt
+    /// ([`crate::report_generation::PromptGuidance`]). Needs a generator with a diagnosis
+    /// prompt.
+    GreedyFaithful {
+        /// Classifier-free guidance scale (0: none).
+        guidance: f64,
+    },
 }
 
 /// What a generator reads of a set of images ([`ReportModel::image_inputs`]).
@@ -672,6 +683,36 @@ impl ReportModel {
                 }
                 out
             }
+            Decoding::GreedyFaithful { guidance } => {
+                let (Some(states), Some(lexicon)) = (states, self.card.lexicon.as_ref()) else {
+                    return Err(ReportError::Invalid(
+                        "faithful decoding holds a report to its diagnosis prompt; this \
+                         generator was trained without one (--no-diagnosis-prompt)"
+                            .into(),
+                    ));
+                };
+                let mut out = Vec::new();
+                for start in (0..embeds.dim(0)?).step_by(64) {
+                    let n = 64.min(embeds.dim(0)? - start);
+                    let st = states.narrow(0, start, n)?;
+                    let prompted = st.to_vec2::<u32>()?;
+                    let mut may_end =
+                        |i: usize, ids: &[u32]| self.states_prompt(ids, &prompted[i], lexicon);
+                    let none = st.zeros_like()?;
+                    let guide = (guidance > 0.0).then_some(PromptGuidance {
+                        contrast_states: &none,
+                        scale: guidance,
+                    });
+                    out.extend(self.generator.generate_greedy_held(
+                        &embeds.narrow(0, start, n)?,
+                        Some(&st),
+                        guide,
+                        max,
+                        &mut may_end,
+                    )?);
+                }
+                out
+            }
             Decoding::Beam(k) => (0..embeds.dim(0)?)
                 .map(|i| {
                     let st = states.map(|s| s.get(i)).transpose()?;
@@ -680,10 +721,30 @@ impl ReportModel {
                 })
                 .collect::<Result<_>>()?,
         };
-        ids.iter().map(|t| self.detok(t)).collect()
+        Ok(ids.iter().map(|t| self.detok(t)).collect())
     }
 
-    fn detok(&self, ids: &[u32]) -> Result<String> {
+    /// Whether the report `ids` states every finding the prompt row `prompted` calls
+    /// present, each read in its own modality (a finding without one, in any report).
+    fn states_prompt(&self, ids: &[u32], prompted: &[u32], lexicon: &FindingLexicon) -> bool {
+        let text = self.detok(ids);
+        lexicon
+            .findings
+            .iter()
+            .zip(prompted)
+            .enumerate()
+            .filter(|(_, (_, &s))| s == 1)
+            .all(|(k, (f, _))| {
+                medvlm_eval::report_labeller::findings_present(
+                    &text,
+                    lexicon,
+                    f.modality.as_deref(),
+                    true,
+                )[k]
+            })
+    }
+
+    fn detok(&self, ids: &[u32]) -> String {
         // Ids 0-3 are the word tokenizer's padding, start, unknown and end tokens: a report
         // shows none of them (an unknown word, e.g. a measurement seen once, is left out).
         let words: Vec<String> = ids
@@ -691,7 +752,7 @@ impl ReportModel {
             .filter(|&&i| i > EOS_ID)
             .filter_map(|&i| self.tokenizer.id_to_token(i))
             .collect();
-        Ok(detokenize(&words))
+        detokenize(&words)
     }
 
     /// The nearest-neighbour baseline: for each embedding `[N, E]`, the training report of
@@ -1014,6 +1075,10 @@ impl ReportEvaluation {
             match self.decoding {
                 Decoding::Greedy => "greedy decoding".to_string(),
                 Decoding::Beam(k) => format!("beam search, {k} beams"),
+                Decoding::GreedyFaithful { guidance } if guidance > 0.0 =>
+                    format!("greedy decoding held to the diagnosis prompt, guidance {guidance}"),
+                Decoding::GreedyFaithful { .. } =>
+                    "greedy decoding held to the diagnosis prompt".to_string(),
             }
         );
         s.push_str(&format!(

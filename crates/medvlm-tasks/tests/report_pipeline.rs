@@ -116,6 +116,12 @@ fn saved_generator_reproduces_reports_and_the_baseline_finds_itself() {
             "{a:?}"
         );
     }
+    // Faithful decoding holds a report to its diagnosis prompt: without one, refused.
+    let err = loaded
+        .generate_for(&e, Decoding::GreedyFaithful { guidance: 0.0 })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--no-diagnosis-prompt"), "{err}");
 
     // On its own training images the baseline's nearest neighbour is the image itself.
     let ev = evaluate(&loaded, &m2, &task, Decoding::Greedy, None, &dev).unwrap();
@@ -310,6 +316,42 @@ fn diagnosis_prompted_generator_round_trips() {
     assert!(p.stated_when_prompted <= p.prompted_present);
     assert!((0.0..=1.0).contains(&p.agreement));
     assert!(ev.render_table().contains("diagnosis prompt:"));
+
+    // Faithful decoding: a report that already states every finding its prompt calls is
+    // written as greedy decoding writes it; the others are held open, so the reports state
+    // at least as many of the prompted findings.
+    let states = loaded.prompt_states(&inputs).unwrap().unwrap();
+    let states = states.to_vec2::<u32>().unwrap();
+    let greedy = loaded.generate_for(&inputs, Decoding::Greedy).unwrap();
+    let faithful = loaded
+        .generate_for(&inputs, Decoding::GreedyFaithful { guidance: 0.0 })
+        .unwrap();
+    for (i, (g, fa)) in greedy.iter().zip(&faithful).enumerate() {
+        let modality = task.items[i].modality.as_deref();
+        let said = stated_findings(g, &lexicon, modality);
+        let complete = states[i]
+            .iter()
+            .zip(&said)
+            .all(|(&s, &w)| s == 0 || w == 1.0);
+        if complete {
+            assert_eq!(fa, g, "report {i}");
+        } else {
+            assert!(fa.starts_with(g.as_str()), "report {i}: {g:?} -> {fa:?}");
+        }
+    }
+    let evf = evaluate(
+        &loaded,
+        &m2,
+        &task,
+        Decoding::GreedyFaithful { guidance: 0.0 },
+        None,
+        &dev,
+    )
+    .unwrap();
+    let pf = evf.diagnosis_prompt.as_ref().unwrap();
+    assert_eq!(pf.prompted_present, p.prompted_present);
+    assert!(pf.stated_when_prompted >= p.stated_when_prompted);
+    assert!(evf.render_table().contains("held to the diagnosis prompt"));
 
     // A card whose classifier names its findings in another order than the lexicon would
     // prompt one finding under another's name: refused, naming the card.

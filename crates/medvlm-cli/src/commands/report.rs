@@ -100,13 +100,24 @@ pub struct TrainArgs {
 #[derive(clap::Args, Debug)]
 pub struct DecodingArgs {
     /// Beam search with this many beams (default: greedy decoding).
-    #[arg(long, value_parser = crate::commands::at_least_one)]
+    #[arg(long, value_parser = crate::commands::at_least_one, conflicts_with = "faithful")]
     pub beams: Option<usize>,
+    /// Greedy decoding that holds each report's end until it states every finding the
+    /// diagnosis prompt calls present (generators trained with the prompt only).
+    #[arg(long)]
+    pub faithful: bool,
+    /// With --faithful: classifier-free guidance scale towards the diagnosis prompt
+    /// (0: none).
+    #[arg(long, default_value_t = 0.0, requires = "faithful")]
+    pub guidance: f64,
 }
 
 impl DecodingArgs {
     fn decoding(&self) -> Decoding {
         match self.beams {
+            _ if self.faithful => Decoding::GreedyFaithful {
+                guidance: self.guidance,
+            },
             Some(k) if k > 1 => Decoding::Beam(k),
             _ => Decoding::Greedy,
         }
