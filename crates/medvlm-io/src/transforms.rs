@@ -1,6 +1,6 @@
 //! Image transforms on windowed planes (values in `[0, 1]`, HWC): aspect-preserving
 //! resize with pad or crop, centre and random crops, flips, small rotations,
-//! brightness/contrast/gamma jitter and Gaussian noise.
+//! Gaussian blur, brightness/contrast/gamma jitter and Gaussian noise.
 //!
 //! Two pipelines: [`EvalTransform`] (deterministic resize only) and
 //! [`TrainTransform`] (random augmentation). Randomness is seeded per sample:
@@ -180,6 +180,49 @@ pub fn rotate(plane: &Plane, degrees: f32) -> Plane {
     }
 }
 
+/// Gaussian blur of each channel with standard deviation `sigma` pixels (separable kernel
+/// of radius `ceil(3 sigma)`, normalised, edges clamped); `sigma <= 0` returns a copy.
+pub fn gaussian_blur(plane: &Plane, sigma: f32) -> Plane {
+    if sigma <= 0.0 || plane.data.is_empty() {
+        return plane.clone();
+    }
+    let radius = (3.0 * sigma).ceil() as isize;
+    let mut kernel: Vec<f32> = (-radius..=radius)
+        .map(|d| (-((d * d) as f32) / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let total: f32 = kernel.iter().sum();
+    kernel.iter_mut().for_each(|k| *k /= total);
+    let (rows, cols, ch) = (plane.rows as isize, plane.cols as isize, plane.channels);
+    let pass = |src: &[f32], along_rows: bool| -> Vec<f32> {
+        let mut out = vec![0.0f32; src.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                for k in 0..ch {
+                    let mut acc = 0.0f32;
+                    for (j, w) in kernel.iter().enumerate() {
+                        let d = j as isize - radius;
+                        let (rr, cc) = if along_rows {
+                            ((r + d).clamp(0, rows - 1), c)
+                        } else {
+                            (r, (c + d).clamp(0, cols - 1))
+                        };
+                        acc += w * src[((rr * cols + cc) as usize) * ch + k];
+                    }
+                    out[((r * cols + c) as usize) * ch + k] = acc;
+                }
+            }
+        }
+        out
+    };
+    let horizontal = pass(&plane.data, false);
+    Plane {
+        rows: plane.rows,
+        cols: plane.cols,
+        channels: ch,
+        data: pass(&horizontal, true),
+    }
+}
+
 /// Deterministic evaluation pipeline: aspect-preserving resize to a square.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalTransform {
@@ -226,6 +269,9 @@ pub struct TrainTransform {
     pub gamma: (f32, f32),
     /// Standard deviation of Gaussian noise; default 0.01.
     pub noise_std: f32,
+    /// Range of the Gaussian blur's sigma in output pixels, drawn uniformly (an
+    /// acquisition's point-spread function); default (0, 0): no blur.
+    pub blur_sigma: (f32, f32),
 }
 
 impl Default for TrainTransform {
@@ -240,6 +286,7 @@ impl Default for TrainTransform {
             contrast: 0.1,
             gamma: (0.8, 1.25),
             noise_std: 0.01,
+            blur_sigma: (0.0, 0.0),
         }
     }
 }
@@ -282,6 +329,15 @@ impl TrainTransform {
         if self.max_rotation_deg > 0.0 {
             let a = rng.random_range(-self.max_rotation_deg..=self.max_rotation_deg);
             p = rotate(&p, a);
+        }
+        let (s0, s1) = self.blur_sigma;
+        if s1 > 0.0 {
+            let sigma = if s1 > s0 {
+                rng.random_range(s0..=s1)
+            } else {
+                s1
+            };
+            p = gaussian_blur(&p, sigma);
         }
         let b = if self.brightness > 0.0 {
             rng.random_range(-self.brightness..=self.brightness)

@@ -381,3 +381,58 @@ fn fortran_ordered_npy_is_reordered_to_c() {
     let e = medvlm_io::npy::decode_npy(&bytes[..bytes.len() - 2]).unwrap_err();
     assert!(e.contains("truncated"), "{e}");
 }
+
+/// The blur against its definition: a constant plane stays constant, an impulse far from
+/// the edges spreads into the normalised, symmetric Gaussian (values by hand), sigma 0 is
+/// the identity, and a TrainTransform with a blur range smooths what one without it does not.
+#[test]
+fn gaussian_blur_matches_its_definition() {
+    let flat = Plane::new(9, 7, 3, vec![0.4; 9 * 7 * 3]).unwrap();
+    let b = transforms::gaussian_blur(&flat, 1.3);
+    assert!(b.data.iter().all(|v| (v - 0.4).abs() < 1e-6));
+
+    let mut data = vec![0.0f32; 15 * 15];
+    data[7 * 15 + 7] = 1.0;
+    let impulse = Plane::new(15, 15, 1, data).unwrap();
+    let sigma = 1.0f32;
+    let b = transforms::gaussian_blur(&impulse, sigma);
+    let w = |d: i32| (-(d * d) as f32 / (2.0 * sigma * sigma)).exp();
+    let norm: f32 = (-3..=3).map(w).sum();
+    for (dr, dc) in [(0, 0), (1, 0), (0, 2), (3, 3), (-2, 1)] {
+        let want = w(dr) * w(dc) / (norm * norm);
+        let got = b.at((7 + dr) as usize, (7 + dc) as usize, 0);
+        assert!((got - want).abs() < 1e-6, "({dr}, {dc}): {got} vs {want}");
+    }
+    assert_eq!(b.at(7, 11, 0), 0.0, "beyond the kernel's radius of 3");
+    assert!((b.data.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    assert_eq!(transforms::gaussian_blur(&impulse, 0.0), impulse);
+
+    let p = ramp_plane(16, 16);
+    let mut checker = p.clone();
+    for (i, v) in checker.data.iter_mut().enumerate() {
+        *v = ((i / 16 + i % 16) % 2) as f32;
+    }
+    let plain = TrainTransform {
+        size: 16,
+        crop_scale: (1.0, 1.0),
+        hflip_p: 0.0,
+        max_rotation_deg: 0.0,
+        brightness: 0.0,
+        contrast: 0.0,
+        gamma: (1.0, 1.0),
+        noise_std: 0.0,
+        ..Default::default()
+    };
+    let blurred = TrainTransform {
+        blur_sigma: (1.0, 1.5),
+        ..plain.clone()
+    };
+    let a = plain.apply_seeded(&checker, 1, 0).unwrap();
+    let b = blurred.apply_seeded(&checker, 1, 0).unwrap();
+    let spread = |q: &Plane| {
+        let m = q.data.iter().sum::<f32>() / q.data.len() as f32;
+        q.data.iter().map(|v| (v - m).abs()).sum::<f32>() / q.data.len() as f32
+    };
+    assert!(spread(&a) > 0.45, "{}", spread(&a));
+    assert!(spread(&b) < 0.1, "{}", spread(&b));
+}

@@ -186,8 +186,7 @@ pub fn samples_from_manifest(
 }
 
 /// The training augmentation of `[data.augment]` at `size` pixels. `crop_scale` is an area
-/// range; `TrainTransform` takes a side fraction, hence the square root. Gamma and noise are
-/// off (not configurable in the TOML file).
+/// range; `TrainTransform` takes a side fraction, hence the square root.
 pub fn train_transform(aug: &AugmentConfig, size: usize) -> TrainTransform {
     TrainTransform {
         size,
@@ -200,8 +199,9 @@ pub fn train_transform(aug: &AugmentConfig, size: usize) -> TrainTransform {
         max_rotation_deg: aug.rotation_degrees as f32,
         brightness: aug.brightness as f32,
         contrast: aug.contrast as f32,
-        gamma: (1.0, 1.0),
-        noise_std: 0.0,
+        gamma: ((1.0 / (1.0 + aug.gamma)) as f32, (1.0 + aug.gamma) as f32),
+        noise_std: aug.noise_std as f32,
+        blur_sigma: (0.0, aug.blur_sigma as f32),
     }
 }
 
@@ -212,6 +212,9 @@ pub fn augment_is_identity(aug: &AugmentConfig) -> bool {
         && aug.rotation_degrees == 0.0
         && aug.brightness == 0.0
         && aug.contrast == 0.0
+        && aug.gamma == 0.0
+        && aug.noise_std == 0.0
+        && aug.blur_sigma == 0.0
 }
 
 /// Seed of the augmentation generators of epoch `epoch` (sample `i` uses stream `i`).

@@ -292,6 +292,18 @@ pub struct AugmentConfig {
     /// Maximum relative contrast change, 0 to 1. Default 0.
     #[serde(default)]
     pub contrast: f64,
+    /// Gamma drawn log-uniformly in `[1 / (1 + g), 1 + g]`, 0 to 1. Default 0 (off).
+    #[serde(default)]
+    pub gamma: f64,
+    /// Standard deviation of additive Gaussian noise on the `[0, 1]` scale, 0 to 0.5.
+    /// Default 0 (off).
+    #[serde(default)]
+    pub noise_std: f64,
+    /// Maximum sigma of a Gaussian blur in pixels at the training size (drawn uniformly
+    /// from 0), 0 to 5. Default 0 (off). Blur, gamma and noise mimic other scanners and
+    /// sites (acquisition point-spread, display curve, detector noise).
+    #[serde(default)]
+    pub blur_sigma: f64,
 }
 
 impl Default for AugmentConfig {
@@ -302,6 +314,9 @@ impl Default for AugmentConfig {
             rotation_degrees: 0.0,
             brightness: 0.0,
             contrast: 0.0,
+            gamma: 0.0,
+            noise_std: 0.0,
+            blur_sigma: 0.0,
         }
     }
 }
@@ -822,6 +837,9 @@ impl TrainConfig {
         )?;
         in_range("data.augment.brightness", a.brightness, 0.0, 1.0, true)?;
         in_range("data.augment.contrast", a.contrast, 0.0, 1.0, true)?;
+        in_range("data.augment.gamma", a.gamma, 0.0, 1.0, true)?;
+        in_range("data.augment.noise_std", a.noise_std, 0.0, 0.5, true)?;
+        in_range("data.augment.blur_sigma", a.blur_sigma, 0.0, 5.0, true)?;
 
         let l = &self.loss;
         if let Some(t) = l.temperature_init {

@@ -114,6 +114,12 @@ fn invalid_key(extra: &str, command: Command) -> String {
 fn out_of_range_values_name_the_key() {
     let cases = [
         ("[optim]\nlr = 0.0", "optim.lr"),
+        ("[data.augment]\ngamma = 1.5", "data.augment.gamma"),
+        ("[data.augment]\nnoise_std = -0.1", "data.augment.noise_std"),
+        (
+            "[data.augment]\nblur_sigma = 9.0",
+            "data.augment.blur_sigma",
+        ),
         ("[optim]\nlr = -1e-3", "optim.lr"),
         ("[optim]\nbetas = [0.9, 1.0]", "optim.betas"),
         ("[optim]\neps = 0.0", "optim.eps"),
@@ -265,4 +271,32 @@ fn trajectory_hash_ignores_bookkeeping_only() {
     let mut reseeded = base.clone();
     reseeded.seed = 1;
     assert_ne!(base.trajectory_hash(), reseeded.trajectory_hash());
+}
+
+/// The site-style augmentation keys reach the image transform: gamma log-symmetric around
+/// 1, noise and the blur's upper sigma as given; any of them makes the augmentation active.
+#[test]
+fn acquisition_augmentation_reaches_the_transform() {
+    use medvlm_train::data::{augment_is_identity, train_transform};
+    let cfg = parse(&format!(
+        "{MINIMAL}\n[data.augment]\ngamma = 0.5\nnoise_std = 0.03\nblur_sigma = 1.0\n"
+    ));
+    cfg.validate(Command::Pretrain).unwrap();
+    let a = &cfg.data.augment;
+    let t = train_transform(a, 32);
+    assert!((t.gamma.0 - 1.0 / 1.5).abs() < 1e-6 && (t.gamma.1 - 1.5).abs() < 1e-6);
+    assert!((t.noise_std - 0.03).abs() < 1e-7);
+    assert_eq!(t.blur_sigma, (0.0, 1.0));
+    assert!(!augment_is_identity(a));
+    for one in ["gamma = 0.1", "noise_std = 0.01", "blur_sigma = 0.5"] {
+        let c = parse(&format!("{MINIMAL}\n[data.augment]\n{one}\n"));
+        assert!(!augment_is_identity(&c.data.augment), "{one}");
+    }
+    let plain = parse(MINIMAL);
+    assert!(augment_is_identity(&plain.data.augment));
+    let t = train_transform(&plain.data.augment, 32);
+    assert_eq!(
+        (t.gamma, t.noise_std, t.blur_sigma),
+        ((1.0, 1.0), 0.0, (0.0, 0.0))
+    );
 }
