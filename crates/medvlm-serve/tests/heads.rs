@@ -233,56 +233,42 @@ async fn report_answers_as_the_library() {
     let tmp = tempfile::tempdir().unwrap();
     let ph = phantoms(tmp.path());
     let dev = Device::Cpu;
-    let dir = tmp.path().join("skin-reports");
-    report_pipeline::train_and_save(
-        &ph.join("manifest.jsonl"),
-        &ReportTrainOptions {
-            model_spec: clip_fixture(),
-            config: ReportGenConfig {
-                width: 16,
-                layers: 1,
-                heads: 2,
-                prefix_len: 2,
-                epochs: 2,
-                batch: 8,
-                ..Default::default()
+    // One reporter with the diagnosis prompt, one without (guidance is refused there).
+    let train = |name: &str, prompt: Option<FindingsConfig>| {
+        let dir = tmp.path().join(name);
+        report_pipeline::train_and_save(
+            &ph.join("manifest.jsonl"),
+            &ReportTrainOptions {
+                model_spec: clip_fixture(),
+                config: ReportGenConfig {
+                    width: 16,
+                    layers: 1,
+                    heads: 2,
+                    prefix_len: 2,
+                    epochs: 2,
+                    batch: 8,
+                    ..Default::default()
+                },
+                split: None,
+                diagnosis_prompt: prompt,
+                lexicon: None,
             },
-            split: None,
-            diagnosis_prompt: Some(FindingsConfig {
-                hidden: 8,
-                steps: 20,
-                ..Default::default()
-            }),
-            lexicon: None,
-        },
-        &dir,
-        &dev,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    let plain = tmp.path().join("plain-reports");
-    report_pipeline::train_and_save(
-        &ph.join("manifest.jsonl"),
-        &ReportTrainOptions {
-            model_spec: clip_fixture(),
-            config: ReportGenConfig {
-                width: 16,
-                layers: 1,
-                heads: 2,
-                prefix_len: 2,
-                epochs: 1,
-                batch: 8,
-                ..Default::default()
-            },
-            split: None,
-            diagnosis_prompt: None,
-            lexicon: None,
-        },
-        &plain,
-        &dev,
-        &mut |_, _| {},
-    )
-    .unwrap();
+            &dir,
+            &dev,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        dir
+    };
+    let dir = train(
+        "skin-reports",
+        Some(FindingsConfig {
+            hidden: 8,
+            steps: 20,
+            ..Default::default()
+        }),
+    );
+    let plain = train("plain-reports", None);
     let (lib, _) = Reporter::load(&dir, &dev).unwrap();
     let heads = TaskHeads {
         reporters: vec![
