@@ -684,6 +684,11 @@ impl ReportModel {
                 out
             }
             Decoding::GreedyFaithful { guidance } => {
+                if !(guidance >= 0.0 && guidance.is_finite()) {
+                    return Err(ReportError::Invalid(format!(
+                        "guidance scale {guidance} must be a finite number >= 0 (0: none)"
+                    )));
+                }
                 let (Some(states), Some(lexicon)) = (states, self.card.lexicon.as_ref()) else {
                     return Err(ReportError::Invalid(
                         "faithful decoding holds a report to its diagnosis prompt; this \

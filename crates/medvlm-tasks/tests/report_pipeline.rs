@@ -352,6 +352,13 @@ fn diagnosis_prompted_generator_round_trips() {
     assert_eq!(pf.prompted_present, p.prompted_present);
     assert!(pf.stated_when_prompted >= p.stated_when_prompted);
     assert!(evf.render_table().contains("held to the diagnosis prompt"));
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        let err = loaded
+            .generate_for(&inputs, Decoding::GreedyFaithful { guidance: bad })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("guidance scale"), "{err}");
+    }
 
     // A card whose classifier names its findings in another order than the lexicon would
     // prompt one finding under another's name: refused, naming the card.

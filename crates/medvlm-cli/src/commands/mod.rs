@@ -29,6 +29,15 @@ pub mod upscale;
 pub mod vqa;
 pub mod zero_shot;
 
+/// clap parser of finite numbers that must not be negative (a scale or a weight).
+pub fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        Ok(x) => Err(format!("{x} must be a finite number >= 0")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// clap parser of counts that must be at least 1 (`--batch 0` would embed nothing, or loop).
 pub fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {

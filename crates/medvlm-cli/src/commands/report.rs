@@ -108,7 +108,7 @@ pub struct DecodingArgs {
     pub faithful: bool,
     /// With --faithful: classifier-free guidance scale towards the diagnosis prompt
     /// (0: none).
-    #[arg(long, default_value_t = 0.0, requires = "faithful")]
+    #[arg(long, default_value_t = 0.0, requires = "faithful", value_parser = crate::commands::non_negative)]
     pub guidance: f64,
 }
 
