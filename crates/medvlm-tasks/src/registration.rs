@@ -33,7 +33,7 @@
 //! with 7 scaling-and-squaring steps, then resized bilinearly to the image, similarity MSE
 //! (or local NCC with a 9x9 window), smoothness weight λ = 0.1 on the squared spatial
 //! gradient of the velocity field (VoxelMorph's `Grad('l2')` on the pre-integration flow),
-//! optional soft-Dice weight 0 on warped masks, 450 AdamW steps of batch 16 at lr 2e-3,
+//! optional soft-Dice weight 0 on warped masks, 3000 AdamW steps of batch 16 at lr 2e-3,
 //! weight decay 0, seed 0.
 //!
 //! ```
@@ -137,7 +137,7 @@ impl Default for RegConfig {
             ncc_window: 9,
             smoothness: 0.1,
             mask_dice_weight: 0.0,
-            steps: 450,
+            steps: 3000,
             batch: 16,
             lr: 2e-3,
             weight_decay: 0.0,

@@ -62,7 +62,7 @@ pub struct TrainArgs {
     /// Output folder of the registrar.
     #[arg(long)]
     pub out: PathBuf,
-    /// Optimiser steps (default 450).
+    /// Optimiser steps (default 3000).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Pairs per step (default 16).
