@@ -180,47 +180,77 @@ pub fn rotate(plane: &Plane, degrees: f32) -> Plane {
     }
 }
 
-/// Gaussian blur of each channel with standard deviation `sigma` pixels (separable kernel
-/// of radius `ceil(3 sigma)`, normalised, edges clamped); `sigma <= 0` returns a copy.
-pub fn gaussian_blur(plane: &Plane, sigma: f32) -> Plane {
-    if sigma <= 0.0 || plane.data.is_empty() {
-        return plane.clone();
+/// Separable Gaussian blur of an interleaved `w x h x ch` buffer in place: kernel of
+/// radius `ceil(truncate sigma)`, normalised, borders clamped; `sigma <= 0` leaves the
+/// buffer as it is. (The phantom generator's acquisition blur, truncate 2.5, and the
+/// training augmentation's, 3.)
+pub fn gaussian_blur_in_place(
+    buf: &mut [f32],
+    w: usize,
+    h: usize,
+    ch: usize,
+    sigma: f32,
+    truncate: f32,
+) {
+    if sigma <= 0.0 || w == 0 || h == 0 {
+        return;
     }
-    let radius = (3.0 * sigma).ceil() as isize;
+    let radius = (truncate * sigma).ceil() as isize;
     let mut kernel: Vec<f32> = (-radius..=radius)
-        .map(|d| (-((d * d) as f32) / (2.0 * sigma * sigma)).exp())
+        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
         .collect();
     let total: f32 = kernel.iter().sum();
     kernel.iter_mut().for_each(|k| *k /= total);
-    let (rows, cols, ch) = (plane.rows as isize, plane.cols as isize, plane.channels);
-    let pass = |src: &[f32], along_rows: bool| -> Vec<f32> {
-        let mut out = vec![0.0f32; src.len()];
-        for r in 0..rows {
-            for c in 0..cols {
-                for k in 0..ch {
-                    let mut acc = 0.0f32;
-                    for (j, w) in kernel.iter().enumerate() {
-                        let d = j as isize - radius;
-                        let (rr, cc) = if along_rows {
-                            ((r + d).clamp(0, rows - 1), c)
-                        } else {
-                            (r, (c + d).clamp(0, cols - 1))
-                        };
-                        acc += w * src[((rr * cols + cc) as usize) * ch + k];
-                    }
-                    out[((r * cols + c) as usize) * ch + k] = acc;
-                }
+    // Each row / column is copied into a border-padded line once, so the
+    // inner loop has no clamping and vectorises.
+    let r = radius as usize;
+    let mut line = vec![0.0f32; w.max(h) + 2 * r];
+    for c in 0..ch {
+        for y in 0..h {
+            let row = y * w;
+            for (i, v) in line.iter_mut().take(w + 2 * r).enumerate() {
+                let sx = (i as isize - radius).clamp(0, w as isize - 1) as usize;
+                *v = buf[(row + sx) * ch + c];
+            }
+            for x in 0..w {
+                let acc: f32 = kernel
+                    .iter()
+                    .zip(&line[x..x + 2 * r + 1])
+                    .map(|(k, v)| k * v)
+                    .sum();
+                buf[(row + x) * ch + c] = acc;
             }
         }
-        out
-    };
-    let horizontal = pass(&plane.data, false);
-    Plane {
-        rows: plane.rows,
-        cols: plane.cols,
-        channels: ch,
-        data: pass(&horizontal, true),
+        for x in 0..w {
+            for (i, v) in line.iter_mut().take(h + 2 * r).enumerate() {
+                let sy = (i as isize - radius).clamp(0, h as isize - 1) as usize;
+                *v = buf[(sy * w + x) * ch + c];
+            }
+            for y in 0..h {
+                let acc: f32 = kernel
+                    .iter()
+                    .zip(&line[y..y + 2 * r + 1])
+                    .map(|(k, v)| k * v)
+                    .sum();
+                buf[(y * w + x) * ch + c] = acc;
+            }
+        }
     }
+}
+
+/// Gaussian blur of each channel with standard deviation `sigma` pixels (kernel cut at 3
+/// sigma, [`gaussian_blur_in_place`]); `sigma <= 0` returns a copy.
+pub fn gaussian_blur(plane: &Plane, sigma: f32) -> Plane {
+    let mut out = plane.clone();
+    gaussian_blur_in_place(
+        &mut out.data,
+        plane.cols,
+        plane.rows,
+        plane.channels,
+        sigma,
+        3.0,
+    );
+    out
 }
 
 /// Deterministic evaluation pipeline: aspect-preserving resize to a square.

@@ -6,53 +6,14 @@ use rand::Rng;
 use crate::noise::ValueNoise;
 
 /// Separable Gaussian blur of an interleaved `w x h x ch` buffer in place,
-/// with the kernel cut at 2.5 sigma and clamped borders. Skipped below
-/// sigma = 0.3 px, where the kernel is a near-identity.
+/// with the kernel cut at 2.5 sigma and clamped borders
+/// ([`medvlm_io::transforms::gaussian_blur_in_place`]). Skipped below sigma =
+/// 0.3 px, where the kernel is a near-identity.
 pub(crate) fn gaussian_blur(buf: &mut [f32], w: usize, h: usize, ch: usize, sigma: f32) {
     if sigma < 0.3 {
         return;
     }
-    let radius = (2.5 * sigma).ceil() as isize;
-    let mut kernel: Vec<f32> = (-radius..=radius)
-        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
-        .collect();
-    let total: f32 = kernel.iter().sum();
-    kernel.iter_mut().for_each(|k| *k /= total);
-    // Each row / column is copied into a border-padded line once, so the
-    // inner loop has no clamping and vectorises.
-    let r = radius as usize;
-    let mut line = vec![0.0f32; w.max(h) + 2 * r];
-    for c in 0..ch {
-        for y in 0..h {
-            let row = y * w;
-            for (i, v) in line.iter_mut().take(w + 2 * r).enumerate() {
-                let sx = (i as isize - radius).clamp(0, w as isize - 1) as usize;
-                *v = buf[(row + sx) * ch + c];
-            }
-            for x in 0..w {
-                let acc: f32 = kernel
-                    .iter()
-                    .zip(&line[x..x + 2 * r + 1])
-                    .map(|(k, v)| k * v)
-                    .sum();
-                buf[(row + x) * ch + c] = acc;
-            }
-        }
-        for x in 0..w {
-            for (i, v) in line.iter_mut().take(h + 2 * r).enumerate() {
-                let sy = (i as isize - radius).clamp(0, h as isize - 1) as usize;
-                *v = buf[(sy * w + x) * ch + c];
-            }
-            for y in 0..h {
-                let acc: f32 = kernel
-                    .iter()
-                    .zip(&line[y..y + 2 * r + 1])
-                    .map(|(k, v)| k * v)
-                    .sum();
-                buf[(y * w + x) * ch + c] = acc;
-            }
-        }
-    }
+    medvlm_io::transforms::gaussian_blur_in_place(buf, w, h, ch, sigma, 2.5);
 }
 
 /// Quantise a `[0, 1]` value to u8 with rounding.

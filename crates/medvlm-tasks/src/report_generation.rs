@@ -376,13 +376,18 @@ impl ReportGenerator {
         let mut done = vec![false; b];
         let mut first_hold: Vec<Option<usize>> = vec![None; b];
         for step in 0..max_new {
+            // The report so far, embedded once for the prompt's prefix and the contrast's.
+            let written = if step == 0 {
+                None
+            } else {
+                let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
+                let ids = Tensor::from_vec(flat, (b, step), images.device())?;
+                Some(self.decoder.transformer.embed_tokens(&ids)?)
+            };
             let next = |prefix: &Tensor| -> Result<Tensor> {
-                let embeds = if step == 0 {
-                    prefix.clone()
-                } else {
-                    let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
-                    let ids = Tensor::from_vec(flat, (b, step), images.device())?;
-                    Tensor::cat(&[prefix, &self.decoder.transformer.embed_tokens(&ids)?], 1)?
+                let embeds = match &written {
+                    None => prefix.clone(),
+                    Some(w) => Tensor::cat(&[prefix, w], 1)?,
                 };
                 let t = embeds.dim(1)?;
                 Ok(self

@@ -730,9 +730,11 @@ impl ReportModel {
     }
 
     /// Whether the report `ids` states every finding the prompt row `prompted` calls
-    /// present, each read in its own modality (a finding without one, in any report).
+    /// present, each read in its own modality (a finding without one, in any report): the
+    /// report is labelled once per modality among those findings.
     fn states_prompt(&self, ids: &[u32], prompted: &[u32], lexicon: &FindingLexicon) -> bool {
         let text = self.detok(ids);
+        let mut read: Vec<(Option<&str>, Vec<bool>)> = Vec::new();
         lexicon
             .findings
             .iter()
@@ -740,12 +742,18 @@ impl ReportModel {
             .enumerate()
             .filter(|(_, (_, &s))| s == 1)
             .all(|(k, (f, _))| {
-                medvlm_eval::report_labeller::findings_present(
-                    &text,
-                    lexicon,
-                    f.modality.as_deref(),
-                    true,
-                )[k]
+                let modality = f.modality.as_deref();
+                let i = match read.iter().position(|(m, _)| *m == modality) {
+                    Some(i) => i,
+                    None => {
+                        let labels = medvlm_eval::report_labeller::findings_present(
+                            &text, lexicon, modality, true,
+                        );
+                        read.push((modality, labels));
+                        read.len() - 1
+                    }
+                };
+                read[i].1[k]
             })
     }
 
