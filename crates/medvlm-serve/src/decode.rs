@@ -111,7 +111,7 @@ pub enum DecodeError {
     Temp(#[source] std::io::Error),
 }
 
-fn scrub(msg: &str, path: &Path) -> String {
+pub(crate) fn scrub(msg: &str, path: &Path) -> String {
     msg.replace(&path.display().to_string(), "<upload>")
 }
 

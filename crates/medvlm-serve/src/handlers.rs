@@ -1169,6 +1169,28 @@ fn decode_error(e: DecodeError) -> ApiError {
     }
 }
 
+/// Runs a head's `task` on an upload once `decode` has read it. Only a failure of `decode` is
+/// the upload's (415; 422 when empty): a failure of `task` on an image that decoded is the
+/// request's (422, its message kept), never reported as an undecodable image. Messages have
+/// the upload's temporary path replaced by `<upload>`.
+fn on_decoded_upload<D, T>(
+    bytes: &[u8],
+    decode: impl FnOnce(&std::path::Path) -> Result<D, String>,
+    task: impl FnOnce(&std::path::Path, D) -> Result<T, String>,
+) -> Result<T, ApiError> {
+    crate::decode::with_upload(bytes, |path, _| {
+        let decoded = decode(path)?;
+        Ok(task(path, decoded).map_err(|m| crate::decode::scrub(&m, path)))
+    })
+    .map_err(decode_error)?
+    .map_err(ApiError::unprocessable)
+}
+
+/// Reads an upload as a plane (the check that it decodes, for [`on_decoded_upload`]).
+fn read_upload_plane(path: &std::path::Path) -> Result<medvlm_io::Plane, String> {
+    medvlm_tasks::segmentation_pipeline::read_plane(path).map_err(|e| e.to_string())
+}
+
 /// `POST /v1/preview`: the uploaded image as a PNG, windowed as the model sees it (an image
 /// and an optional `window`, as `/v1/predict` takes them).
 pub async fn preview(State(svc): State<Service>, req: Request) -> Response {
@@ -1353,9 +1375,7 @@ pub async fn segment(State(svc): State<Service>, req: Request) -> Response {
             .inner
             .head_gate
             .run(move || {
-                crate::decode::with_upload(&image, |path, _| {
-                    let plane = medvlm_tasks::segmentation_pipeline::read_plane(path)
-                        .map_err(|e| e.to_string())?;
+                on_decoded_upload(&image, read_upload_plane, |_, plane| {
                     let (text, class) = seg
                         .prompt_embedding(&prompt, &device)
                         .map_err(|e| e.to_string())?;
@@ -1383,7 +1403,6 @@ pub async fn segment(State(svc): State<Service>, req: Request) -> Response {
                         "overlay_png": png_base64(&overlay)?,
                     }))
                 })
-                .map_err(decode_error)
             })
             .await?;
         Ok(Json(v))
@@ -1434,7 +1453,7 @@ pub async fn anomaly(State(svc): State<Service>, req: Request) -> Response {
             .inner
             .head_gate
             .run(move || {
-                crate::decode::with_upload(&image, |path, _| {
+                on_decoded_upload(&image, read_upload_plane, |path, _| {
                     let (_, scored, anomalous) = det
                         .predict_files(&[path.to_path_buf()], modality.as_deref(), &device)
                         .map_err(|e| e.to_string())?
@@ -1458,7 +1477,6 @@ pub async fn anomaly(State(svc): State<Service>, req: Request) -> Response {
                         "map_png": png_base64(&map)?,
                     }))
                 })
-                .map_err(decode_error)
             })
             .await?;
         Ok(Json(v))
@@ -1525,7 +1543,7 @@ pub async fn report(State(svc): State<Service>, req: Request) -> Response {
             .inner
             .head_gate
             .run(move || {
-                crate::decode::with_upload(&image, |path, _| {
+                on_decoded_upload(&image, read_upload_plane, |path, _| {
                     let report = rep
                         .report_files(&[path.to_path_buf()], decoding, &device)
                         .map_err(|e| e.to_string())?
@@ -1538,7 +1556,6 @@ pub async fn report(State(svc): State<Service>, req: Request) -> Response {
                         "report": report,
                     }))
                 })
-                .map_err(decode_error)
             })
             .await?;
         Ok(Json(v))
@@ -1594,9 +1611,7 @@ pub async fn detect(State(svc): State<Service>, req: Request) -> Response {
             .inner
             .head_gate
             .run(move || {
-                crate::decode::with_upload(&image, |path, _| {
-                    let plane = medvlm_tasks::segmentation_pipeline::read_plane(path)
-                        .map_err(|e| e.to_string())?;
+                on_decoded_upload(&image, read_upload_plane, |_, plane| {
                     let found = det
                         .boxes_in_plane(&plane, &text, min_score, &device)
                         .map_err(|e| e.to_string())?;
@@ -1614,7 +1629,6 @@ pub async fn detect(State(svc): State<Service>, req: Request) -> Response {
                         "overlay_png": png_base64(&overlay)?,
                     }))
                 })
-                .map_err(decode_error)
             })
             .await?;
         Ok(Json(v))
@@ -1642,43 +1656,41 @@ pub async fn upscale(State(svc): State<Service>, req: Request) -> Response {
             .inner
             .head_gate
             .run(move || {
-                crate::decode::with_upload(&image, |path, _| {
-                    use medvlm_tasks::super_resolution_pipeline as sr;
-                    let g = sr::read_grey(path).map_err(|e| e.to_string())?;
-                    // A decodable image of a size the upscaler cannot take is the request's
-                    // fault (422), not a decoding failure (415).
-                    let s = up.scale();
-                    if g.rows < medvlm_tasks::super_resolution::MIN_LR_SIDE
-                        || g.cols < medvlm_tasks::super_resolution::MIN_LR_SIDE
-                    {
-                        return Ok(Err(ApiError::unprocessable(format!(
-                            "{}x{} is too small to upscale (at least {} px per side)",
-                            g.rows,
-                            g.cols,
-                            medvlm_tasks::super_resolution::MIN_LR_SIDE
-                        ))));
-                    }
-                    if g.rows * g.cols * s * s > MAX_UPSCALED_PIXELS {
-                        return Ok(Err(ApiError::unprocessable(format!(
-                            "{}x{} upscaled x{s} exceeds {MAX_UPSCALED_PIXELS} pixels",
-                            g.rows, g.cols
-                        ))));
-                    }
-                    let hr = up.upscale(&g).map_err(|e| e.to_string())?;
-                    let plane = medvlm_io::Plane::new(g.rows * s, g.cols * s, 1, hr)
-                        .map_err(|e| e.to_string())?;
-                    Ok(Ok(json!({
-                        "object": "upscale",
-                        "upscaler": name,
-                        "scale": s,
-                        "input_size": [g.rows, g.cols],
-                        "output_size": [g.rows * s, g.cols * s],
-                        "from_colour": g.from_colour,
-                        "image_png": png_base64(&plane)?,
-                    })))
-                })
-                .map_err(decode_error)
-                .and_then(|answer| answer)
+                use medvlm_tasks::super_resolution_pipeline as sr;
+                on_decoded_upload(
+                    &image,
+                    |path| sr::read_grey(path).map_err(|e| e.to_string()),
+                    |_, g| {
+                        // A decodable image of a size the upscaler cannot take is the
+                        // request's fault (422), as any failure after decoding.
+                        let s = up.scale();
+                        let min = medvlm_tasks::super_resolution::MIN_LR_SIDE;
+                        if g.rows < min || g.cols < min {
+                            return Err(format!(
+                                "{}x{} is too small to upscale (at least {min} px per side)",
+                                g.rows, g.cols
+                            ));
+                        }
+                        if g.rows * g.cols * s * s > MAX_UPSCALED_PIXELS {
+                            return Err(format!(
+                                "{}x{} upscaled x{s} exceeds {MAX_UPSCALED_PIXELS} pixels",
+                                g.rows, g.cols
+                            ));
+                        }
+                        let hr = up.upscale(&g).map_err(|e| e.to_string())?;
+                        let plane = medvlm_io::Plane::new(g.rows * s, g.cols * s, 1, hr)
+                            .map_err(|e| e.to_string())?;
+                        Ok(json!({
+                            "object": "upscale",
+                            "upscaler": name,
+                            "scale": s,
+                            "input_size": [g.rows, g.cols],
+                            "output_size": [g.rows * s, g.cols * s],
+                            "from_colour": g.from_colour,
+                            "image_png": png_base64(&plane)?,
+                        }))
+                    },
+                )
             })
             .await?;
         Ok(Json(v))
@@ -1856,7 +1868,7 @@ pub async fn answer_question(State(svc): State<Service>, req: Request) -> Respon
             .inner
             .head_gate
             .run(move || {
-                crate::decode::with_upload(&image, |path, _| {
+                on_decoded_upload(&image, read_upload_plane, |path, _| {
                     let a = ans
                         .answer_files(&[path.to_path_buf()], &question, &device)
                         .map_err(|e| e.to_string())?
@@ -1869,10 +1881,53 @@ pub async fn answer_question(State(svc): State<Service>, req: Request) -> Respon
                         "confidence": a.confidence,
                     }))
                 })
-                .map_err(decode_error)
             })
             .await?;
         Ok(Json(v))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(rows: usize, cols: usize) -> Vec<u8> {
+        let plane = medvlm_io::Plane::new(rows, cols, 1, vec![0.5; rows * cols]).unwrap();
+        medvlm_io::raster::encode_png(&plane).unwrap()
+    }
+
+    /// The shared path of every image head: only a failure to decode is a 415; a head that
+    /// fails on an image that decoded answers 422 with its own message, the upload's
+    /// temporary path hidden.
+    #[test]
+    fn head_failures_after_decoding_are_422_not_415() {
+        let ok = on_decoded_upload(&png(4, 6), read_upload_plane, |_, p| {
+            Ok::<_, String>((p.rows, p.cols))
+        })
+        .unwrap();
+        assert_eq!(ok, (4, 6));
+
+        let e = on_decoded_upload(&png(4, 6), read_upload_plane, |path, _| {
+            Err::<(), _>(format!("the head cannot read {}", path.display()))
+        })
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", e.message);
+        assert_eq!(e.message, "the head cannot read <upload>");
+
+        let e = on_decoded_upload(b"\x89PNG\r\n\x1a\nbroken", read_upload_plane, |_, _| {
+            Ok::<_, String>(())
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("medvlm-upload-"), "{}", e.message);
+
+        let e = on_decoded_upload(b"", read_upload_plane, |_, _| Ok::<_, String>(())).unwrap_err();
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", e.message);
+    }
 }
