@@ -439,24 +439,53 @@ pub fn train_head(
     samples: &[SegSample],
     device: &Device,
 ) -> Result<TrainedSegHead> {
+    train_head_with(cfg, samples, None, device)
+}
+
+/// The image tower trained with the head (VLSM-Adapter's setting, Dhakal et al., MICCAI 2024:
+/// adapters in a frozen VLM's image tower trained with the decoder): its trainable
+/// parameters (e.g. LoRA's, [`medvlm_train::lora::apply_lora`]) and how to compute a batch's
+/// patch tokens through it.
+pub struct TunedTower<'a> {
+    /// The tower's trainable parameters; they join the head's in one AdamW.
+    pub params: Vec<NamedVar>,
+    /// Patch tokens `[B, N, D]` (as [`SegSample::patches`]) of the samples at these indices,
+    /// computed through the tower so that the loss reaches `params`.
+    pub encode: &'a dyn Fn(&[usize]) -> Result<Tensor>,
+}
+
+/// [`train_head`], optionally training part of the image tower with the head: with `tower`,
+/// each batch's patch tokens come from [`TunedTower::encode`] instead of the samples' frozen
+/// [`SegSample::patches`], and the tower's parameters are updated with the head's (same
+/// learning rate and weight decay).
+pub fn train_head_with(
+    cfg: &SegHeadConfig,
+    samples: &[SegSample],
+    tower: Option<&TunedTower>,
+    device: &Device,
+) -> Result<TrainedSegHead> {
     if samples.is_empty() {
         return Err(SegError::Invalid("no training samples".into()));
     }
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let head = TextSegHead::new(vb, cfg)?;
-    let params = medvlm_train::optim::varmap_params(&varmap);
+    let mut params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
+    if let Some(t) = tower {
+        params.extend(t.params.iter().cloned());
+    }
     let mut opt = adamw(params.clone(), cfg.weight_decay)?;
     let mut sampler = ShuffledEpochs::new(samples.len(), cfg.seed);
     let mut losses = Vec::with_capacity(cfg.steps);
     for _ in 0..cfg.steps {
-        let batch: Vec<&SegSample> = sampler
-            .batch(cfg.batch)
-            .into_iter()
-            .map(|i| &samples[i])
-            .collect();
-        let (p, t, g, m) = stack(&batch)?;
+        let idx = sampler.batch(cfg.batch);
+        let batch: Vec<&SegSample> = idx.iter().map(|&i| &samples[i]).collect();
+        let (frozen, t, g, m) = stack(&batch)?;
+        let p = match tower {
+            Some(tw) => (tw.encode)(&idx)?,
+            None => frozen,
+        };
         let logits = head.forward(&p, &t, &g)?;
         let loss = (bce_with_logits(&logits, &m)? + soft_dice_loss(&logits, &m, 1e-5)?)?;
         let grads = Gradients::from_grad_store(&loss.backward()?, &params);
@@ -470,21 +499,29 @@ pub fn train_head(
     })
 }
 
-/// Predicted masks `[B, 1, S, S]` of 0/1 (f32) for samples (their targets are not used).
-pub fn predict_masks(head: &TextSegHead, samples: &[SegSample]) -> Result<Vec<Tensor>> {
+/// Predicted probabilities `[1, S, S]` (the sigmoid of the head's logits) for samples (their
+/// targets are not used).
+pub fn predict_probabilities(head: &TextSegHead, samples: &[SegSample]) -> Result<Vec<Tensor>> {
     let mut out = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(32) {
         let refs: Vec<&SegSample> = chunk.iter().collect();
         let (p, t, g, _) = stack(&refs)?;
         let prob = candle_nn::ops::sigmoid(&head.forward(&p, &t, &g)?)?;
-        let masks = prob
-            .ge(head.config().threshold as f64)?
-            .to_dtype(DType::F32)?;
         for i in 0..chunk.len() {
-            out.push(masks.get(i)?);
+            out.push(prob.get(i)?);
         }
     }
     Ok(out)
+}
+
+/// Predicted masks `[1, S, S]` of 0/1 (f32) for samples: the probabilities of
+/// [`predict_probabilities`] at the head's threshold.
+pub fn predict_masks(head: &TextSegHead, samples: &[SegSample]) -> Result<Vec<Tensor>> {
+    let thr = head.config().threshold as f64;
+    predict_probabilities(head, samples)?
+        .into_iter()
+        .map(|p| Ok(p.ge(thr)?.to_dtype(DType::F32)?))
+        .collect()
 }
 
 /// The patch-text similarity baseline without training (MaskCLIP's idea, Zhou et al., ECCV

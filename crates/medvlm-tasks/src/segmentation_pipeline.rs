@@ -61,7 +61,13 @@ use medvlm_models::{LoadedModel, PreprocessConfig};
 
 use crate::card::read_json_card;
 use crate::segmentation::{
-    predict_masks, similarity_masks, train_head, SegError, SegHeadConfig, SegSample, TextSegHead,
+    predict_masks, similarity_masks, train_head_with, SegError, SegHeadConfig, SegSample,
+    TextSegHead, TunedTower,
+};
+use medvlm_train::finetune::Towers;
+use medvlm_train::lora::{
+    apply_lora, load_lora_adapters, save_lora_adapters, set_lora_enabled, set_lora_training,
+    LoraSpec,
 };
 
 /// Errors of the segmentation pipeline; each names the file and the reason.
@@ -111,6 +117,9 @@ pub enum SegPipelineError {
     /// Tensor error.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// LoRA adapters of the image tower could not be applied, saved or loaded.
+    #[error(transparent)]
+    Lora(#[from] medvlm_train::finetune::FinetuneError),
     /// Inputs or settings that cannot work (the message says which).
     #[error("{0}")]
     Invalid(String),
@@ -541,6 +550,40 @@ pub(crate) fn encode_patches(m: &LoadedModel, px: &Tensor) -> Result<(Tensor, Op
     encode_patches_with_layers(m, px, &[])
 }
 
+/// The pixel tensors `[3, S, S]` of `task`'s images on `device`, in its order, as
+/// [`load_images`] prepares them (for training through the image tower).
+fn load_pixels(m: &LoadedModel, task: &SegTask, device: &Device) -> Result<Vec<Tensor>> {
+    let size = m.model.image_size();
+    let pre = seg_preprocess(m, size);
+    let mut out = Vec::with_capacity(task.items.len());
+    for chunk in task.items.chunks(32) {
+        let mut pixels = Vec::with_capacity(chunk.len());
+        for it in chunk {
+            pixels.push(prepare(&pre, &read_plane(&it.image)?, size, &it.image)?.pixels);
+        }
+        let px = pre.batch(&pixels, device)?;
+        for i in 0..chunk.len() {
+            out.push(px.get(i)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Patch tokens `[B, N, D]` (of `layers` side by side, or the final ones) in f32, keeping
+/// the graph to the tower's parameters.
+fn encode_tokens(m: &LoadedModel, px: &Tensor, layers: &[usize]) -> Result<Tensor> {
+    let t = if layers.is_empty() {
+        m.model.encode_image(px)?.patch_tokens()?
+    } else {
+        let states = m.model.encode_image_layers(px, layers)?;
+        let tokens = (0..layers.len())
+            .map(|i| states.patch_tokens(i))
+            .collect::<medvlm_models::Result<Vec<_>>>()?;
+        Tensor::cat(&tokens, 2)?
+    };
+    Ok(t.to_dtype(DType::F32)?)
+}
+
 /// [`encode_patches`] with the patch tokens of `layers` (counted from 1) side by side,
 /// `[B, N, L * D]`, in place of the final ones (empty `layers`: the final ones). The
 /// projected tokens (the baseline's) stay those of the final output.
@@ -692,7 +735,51 @@ pub struct TrainOptions {
     pub layers: Vec<usize>,
     /// Width of the pixel encoder ([`SegHeadConfig::pixel_width`]); `None`: the default.
     pub pixel_width: Option<usize>,
+    /// LoRA adapters in the image tower, trained with the head (see [`SegLora`]); `None`:
+    /// the tower stays frozen (the default).
+    pub lora: Option<SegLora>,
 }
+
+/// LoRA in the image tower of a segmenter (Hu et al., ICLR 2022), trained with the head from
+/// the segmentation loss: VLSM-Adapter's setting (Dhakal et al., MICCAI 2024, adapters in a
+/// frozen vision-language segmenter's encoder) with the engine's LoRA wrapping
+/// ([`medvlm_train::lora`]). Only the image tower is adapted; the text tower and so the
+/// classes' embeddings stay as they are. Saved beside the head in PEFT's layout (`lora/`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegLora {
+    /// Rank `r`.
+    pub rank: usize,
+    /// Scaling numerator (`alpha / r`).
+    pub alpha: f64,
+    /// Target layers in [`medvlm_train::lora`]'s notation (`q`, `v`, `fc1`, ...), image
+    /// tower only.
+    pub targets: Vec<String>,
+}
+
+impl SegLora {
+    /// Rank 8, alpha 16 (PEFT's common setting), on `q` and `v` of every block.
+    pub fn new(rank: usize) -> Self {
+        Self {
+            rank,
+            alpha: 2.0 * rank as f64,
+            targets: vec!["q".into(), "v".into()],
+        }
+    }
+
+    /// The engine's spec: these settings on the image tower, no dropout.
+    pub fn spec(&self) -> LoraSpec {
+        LoraSpec {
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: 0.0,
+            targets: self.targets.clone(),
+            towers: Towers::Vision,
+        }
+    }
+}
+
+/// Folder of a segmenter's LoRA adapters inside its artefact folder.
+pub const LORA_DIR: &str = "lora";
 
 /// A trained segmenter in memory (what the artefact folder holds).
 pub struct Segmenter {
@@ -734,6 +821,10 @@ pub struct SegCard {
     pub n_train_samples: usize,
     /// Mean loss of the last 10 steps.
     pub final_loss: f32,
+    /// LoRA adapters of the image tower trained with the head (in `lora/`); absent: the
+    /// tower is frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<SegLora>,
 }
 
 /// Format tag of the card.
@@ -783,7 +874,7 @@ pub struct TrainOutcome {
 /// Trains a segmenter on `task` with the loaded model `m`: classes from the task, frozen
 /// features, the head, and the baseline's thresholds.
 pub fn train_segmenter(
-    m: LoadedModel,
+    mut m: LoadedModel,
     task: &SegTask,
     opts: &TrainOptions,
     device: &Device,
@@ -850,7 +941,36 @@ pub fn train_segmenter(
             )
         })
         .collect::<Result<_>>()?;
-    let trained = train_head(&cfg, &samples, device)?;
+    let trained = match &opts.lora {
+        None => train_head_with(&cfg, &samples, None, device)?,
+        Some(lora) => {
+            if lora.rank == 0 {
+                return Err(SegPipelineError::Invalid(
+                    "the LoRA rank must be at least 1".into(),
+                ));
+            }
+            let pixels = load_pixels(&m, task, device)?;
+            let adapters = VarMap::new();
+            let params = apply_lora(m.model.as_mut(), &lora.spec(), &adapters, opts.seed)?;
+            let image_of: Vec<usize> = chosen.iter().map(|p| p.image).collect();
+            let model = &m;
+            let layers = &opts.layers;
+            let encode = |idx: &[usize]| -> crate::segmentation::Result<Tensor> {
+                let px: Vec<&Tensor> = idx.iter().map(|&i| &pixels[image_of[i]]).collect();
+                let px = Tensor::stack(&px, 0)?;
+                encode_tokens(model, &px, layers)
+                    .map_err(|e| SegError::Invalid(format!("image tower: {e}")))
+            };
+            set_lora_training(m.model.as_ref(), true);
+            let tower = TunedTower {
+                params,
+                encode: &encode,
+            };
+            let trained = train_head_with(&cfg, &samples, Some(&tower), device);
+            set_lora_training(m.model.as_ref(), false);
+            trained?
+        }
+    };
     let baseline_thresholds = choose_baseline_thresholds(&images, &classes, &class_text, &cfg)?;
     let tail = &trained.losses[trained.losses.len().saturating_sub(10)..];
     let final_loss = tail.iter().sum::<f32>() / tail.len().max(1) as f32;
@@ -866,6 +986,7 @@ pub fn train_segmenter(
         n_train_images: images.len(),
         n_train_samples: samples.len(),
         final_loss,
+        lora: opts.lora.clone(),
     };
     Ok(TrainOutcome {
         losses: trained.losses,
@@ -1043,6 +1164,10 @@ impl Segmenter {
     /// Writes `dir/head.safetensors` (the head's parameters and the classes' text embeddings)
     /// and then `dir/segmenter.json` (the card), each atomically (temporary file + rename).
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if let Some(lora) = &self.card.lora {
+            // Before the card, which is written last: a folder with a card is complete.
+            save_lora_adapters(self.model.model.as_ref(), &lora.spec(), &dir.join(LORA_DIR))?;
+        }
         save_head_artefact(
             dir,
             HEAD_FILE,
@@ -1086,7 +1211,7 @@ impl Segmenter {
     pub fn with_model(
         dir: &Path,
         card: SegCard,
-        m: LoadedModel,
+        mut m: LoadedModel,
         spec: &str,
         device: &Device,
     ) -> Result<(Self, Option<String>)> {
@@ -1116,6 +1241,15 @@ impl Segmenter {
                 format!("the segmenter's image-tower layers do not fit the model `{spec}`: {e}"),
             )
         })?;
+        if card.lora.is_some() {
+            let lora_dir = dir.join(LORA_DIR);
+            load_lora_adapters(m.model.as_mut(), &lora_dir, &VarMap::new()).map_err(|e| {
+                file_err(
+                    &lora_dir,
+                    format!("the segmenter's image-tower LoRA adapters do not load onto the model `{spec}`: {e}"),
+                )
+            })?;
+        }
         Ok((
             Self {
                 card,
@@ -1337,10 +1471,27 @@ fn method_eval(scored: &[Scored], classes: &[SegClass], size: usize) -> Result<M
 }
 
 impl Segmenter {
+    /// Runs `f` with the image tower's LoRA adapters (if any) switched off, and on again after.
+    fn without_lora<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        set_lora_enabled(self.model.model.as_ref(), false);
+        let out = f();
+        set_lora_enabled(self.model.model.as_ref(), true);
+        out
+    }
+
     /// Evaluates the head and the baseline on every (image, class of its modality) pair of
     /// `task` (see the module docs for how present and absent findings are counted).
     pub fn evaluate(&self, task: &SegTask, device: &Device) -> Result<SegEvaluation> {
-        let images = load_images_with_layers(&self.model, task, &self.card.head.layers, device)?;
+        let mut images =
+            load_images_with_layers(&self.model, task, &self.card.head.layers, device)?;
+        if self.card.lora.is_some() {
+            // The training-free baseline reads the tower as published, without the adapters
+            // trained for the head.
+            let frozen = self.without_lora(|| load_images(&self.model, task, device))?;
+            for (img, f) in images.iter_mut().zip(frozen) {
+                img.projected = f.projected;
+            }
+        }
         let classes = &self.card.classes;
         let size = self.card.head.image_size;
         let (prs, unknown) = pairs(&images, classes);

@@ -10,7 +10,8 @@ use candle_core::Device;
 use medvlm_io::Plane;
 use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
 use medvlm_tasks::segmentation_pipeline::{
-    load_images, read_plane, train_segmenter, SegPipelineError, SegTask, Segmenter, TrainOptions,
+    load_images, read_plane, train_segmenter, SegLora, SegPipelineError, SegTask, Segmenter,
+    TrainOptions,
 };
 
 fn fixture() -> String {
@@ -54,6 +55,7 @@ fn options(steps: usize) -> TrainOptions {
         split: None,
         layers: Vec::new(),
         pixel_width: None,
+        lora: None,
     }
 }
 
@@ -454,4 +456,104 @@ fn pixel_encoder_head_round_trips_its_card() {
     assert!(!text.contains("pixel_width"), "{text}");
     let (old, _) = Segmenter::load(&art0, None, &dev).unwrap();
     assert_eq!(old.card.head.pixel_width, 0);
+}
+
+/// LoRA in the image tower (`--lora-rank`): the adapters train with the head (their `B` moves
+/// off zero, so the patch tokens change), are saved in `lora/` and loaded back onto the
+/// model (same masks), while the training-free baseline reads the tower without them (the
+/// same thresholds and scores as beside a frozen tower). A folder without its adapters and a
+/// rank of 0 are clear errors.
+#[test]
+fn lora_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ph");
+    phantoms(&data, 16, 4, vec![Modality::Dermoscopy]);
+    let task = SegTask::from_manifest(&data.join("manifest.jsonl"), None).unwrap();
+    let dev = Device::Cpu;
+    let lora_opts = TrainOptions {
+        lora: Some(SegLora::new(2)),
+        ..options(20)
+    };
+    let trained = train_segmenter(model(), &task, &lora_opts, &dev).unwrap();
+    let seg = &trained.segmenter;
+    assert_eq!(seg.card.lora, Some(SegLora::new(2)));
+    // q and v of the fixture's 2 vision blocks; none in the text tower.
+    let adapters = medvlm_train::lora::lora_adapters(seg.model.model.as_ref());
+    assert_eq!(adapters.len(), 4);
+    let frozen_tokens = load_images(&model(), &task, &dev).unwrap();
+    let tuned_tokens = load_images(&seg.model, &task, &dev).unwrap();
+    let diff = frozen_tokens[0]
+        .patches
+        .sub(&tuned_tokens[0].patches)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff > 1e-4,
+        "the adapted tower gives the frozen tokens ({diff})"
+    );
+
+    let frozen = train_segmenter(model(), &task, &options(20), &dev).unwrap();
+    assert_eq!(
+        frozen.segmenter.card.baseline_thresholds,
+        seg.card.baseline_thresholds
+    );
+    let e_lora = seg.evaluate(&task, &dev).unwrap();
+    let e_frozen = frozen.segmenter.evaluate(&task, &dev).unwrap();
+    let (b_lora, b_frozen) = (e_lora.baseline.unwrap(), e_frozen.baseline.unwrap());
+    assert_eq!(b_lora.findings.mean_dice, b_frozen.findings.mean_dice);
+    assert_eq!(b_lora.findings.mean_iou, b_frozen.findings.mean_iou);
+
+    let art = dir.path().join("seg-lora");
+    seg.save(&art).unwrap();
+    assert!(art.join("lora/adapter_config.json").is_file());
+    assert!(art.join("lora/adapter_model.safetensors").is_file());
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("segmenter.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["lora"]["rank"], serde_json::json!(2));
+    let (loaded, _) = Segmenter::load(&art, None, &dev).unwrap();
+    assert_eq!(loaded.card, seg.card);
+    let planes: Vec<Plane> = task
+        .items
+        .iter()
+        .map(|i| read_plane(&i.image).unwrap())
+        .collect();
+    let (t, _) = loaded
+        .prompt_embedding(&seg.card.classes[0].name, &dev)
+        .unwrap();
+    assert!(
+        seg.segment_planes(&planes, &t, &dev).unwrap()
+            == loaded.segment_planes(&planes, &t, &dev).unwrap()
+    );
+    // The loaded model carries the trained adapters: the same tokens, bit for bit.
+    let reloaded_tokens = load_images(&loaded.model, &task, &dev).unwrap();
+    for (a, b) in tuned_tokens.iter().zip(&reloaded_tokens) {
+        let d = a.patches.sub(&b.patches).unwrap().abs().unwrap();
+        assert_eq!(d.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    std::fs::remove_dir_all(art.join("lora")).unwrap();
+    let err = Segmenter::load(&art, None, &dev)
+        .err()
+        .expect("no adapters");
+    let msg = err.to_string();
+    assert!(msg.contains("lora") && msg.contains("LoRA"), "{msg}");
+
+    let err = train_segmenter(
+        model(),
+        &task,
+        &TrainOptions {
+            lora: Some(SegLora::new(0)),
+            ..options(2)
+        },
+        &dev,
+    )
+    .err()
+    .expect("rank 0");
+    assert!(err.to_string().contains("rank"), "{err}");
 }

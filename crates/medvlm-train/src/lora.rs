@@ -267,6 +267,7 @@ pub struct LoraLinear {
     scaling: f64,
     dropout: f64,
     training: AtomicBool,
+    enabled: AtomicBool,
     rng: Mutex<ChaCha8Rng>,
 }
 
@@ -314,6 +315,7 @@ impl LoraLinear {
             scaling,
             dropout,
             training: AtomicBool::new(false),
+            enabled: AtomicBool::new(true),
             // A stream distinct from the one that drew A.
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0x9E37_79B9_7F4A_7C15)),
         })
@@ -342,6 +344,16 @@ impl LoraLinear {
     /// Switch dropout on (training) or off (evaluation, the default).
     pub fn set_training(&self, on: bool) {
         self.training.store(on, Ordering::Relaxed)
+    }
+    /// Whether the adapter adds its update (the default) or passes the base layer's output
+    /// through unchanged.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+    /// Switch the adapter's update on (the default) or off, as PEFT's `disable_adapter()`:
+    /// off, the layer computes the base model's output.
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed)
     }
     /// PEFT names of the two parameters with their vars.
     pub fn named_vars(&self) -> Vec<NamedVar> {
@@ -386,6 +398,9 @@ impl LinearWrapper for LoraLinear {
         "lora"
     }
     fn forward(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        if !self.is_enabled() {
+            return Ok(y);
+        }
         let x = self.dropout_input(x)?;
         let h = candle_nn::Linear::new(self.a.as_tensor().clone(), None).forward(&x)?;
         let d = candle_nn::Linear::new(self.b.as_tensor().clone(), None).forward(&h)?;
@@ -471,6 +486,19 @@ pub fn set_lora_training(model: &dyn LinearLayers, on: bool) -> usize {
     for w in &adapters {
         if let Some(l) = lora_of(w) {
             l.set_training(on);
+        }
+    }
+    adapters.len()
+}
+
+/// Switches every LoRA adapter on `model` on (`true`, the default) or off: off, the model
+/// computes the base model's outputs (PEFT's `disable_adapter()`), e.g. for a baseline that
+/// must not see the adaptation. Returns how many adapters were switched.
+pub fn set_lora_enabled(model: &dyn LinearLayers, on: bool) -> usize {
+    let adapters = lora_adapters(model);
+    for w in &adapters {
+        if let Some(l) = lora_of(w) {
+            l.set_enabled(on);
         }
     }
     adapters.len()

@@ -14,7 +14,9 @@ use medvlm_train::finetune::{
     export_model_dir, prepare, snapshot, train_contrastive, FinetuneError, FinetuneSpec, Mode,
     PairData, Towers,
 };
-use medvlm_train::lora::{lora_adapters, merge_lora, set_lora_training, LoraSpec};
+use medvlm_train::lora::{
+    lora_adapters, merge_lora, set_lora_enabled, set_lora_training, LoraSpec,
+};
 use medvlm_train::losses::{ContrastiveHead, LossKind};
 use medvlm_train::optim::{AdamWConfig, NamedVar};
 use medvlm_train::trainer::{LoopConfig, NoCallbacks, RunPaths};
@@ -285,6 +287,32 @@ fn lora_dropout_only_in_training_and_reproducible() {
     );
     let (eval_c, _) = embeds(&lm, &data);
     assert_eq!(max_abs_diff(&eval_a, &eval_c), 0.0);
+}
+
+#[test]
+fn disabled_adapters_give_the_base_model_outputs() {
+    let (mut lm, vm) = load_trainable();
+    let data = pairs(2, 3);
+    let (base_img, base_txt) = embeds(&lm, &data);
+    let adapters = VarMap::new();
+    let prep = prepare(lm.model.as_mut(), &vm, &adapters, &lora_spec(4), 1).unwrap();
+    for (name, var) in &prep.params {
+        if name.ends_with("lora_B.weight") {
+            let t = (var.as_tensor().ones_like().unwrap() * 0.5).unwrap();
+            var.set(&t).unwrap();
+        }
+    }
+    let (on_img, on_txt) = embeds(&lm, &data);
+    assert!(max_abs_diff(&on_img, &base_img) > 1e-3);
+    assert!(max_abs_diff(&on_txt, &base_txt) > 1e-3);
+    let n = set_lora_enabled(lm.model.as_ref(), false);
+    assert_eq!(n, prep.lora_layers.len());
+    let (off_img, off_txt) = embeds(&lm, &data);
+    assert_eq!(max_abs_diff(&off_img, &base_img), 0.0);
+    assert_eq!(max_abs_diff(&off_txt, &base_txt), 0.0);
+    set_lora_enabled(lm.model.as_ref(), true);
+    let (again, _) = embeds(&lm, &data);
+    assert_eq!(max_abs_diff(&again, &on_img), 0.0);
 }
 
 #[test]

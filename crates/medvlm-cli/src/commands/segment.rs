@@ -3,7 +3,8 @@
 //!
 //! * `train --model M --manifest train.jsonl [--val val.jsonl] --out DIR`: trains the head
 //!   on the manifest's images and per-finding masks and writes the segmenter folder
-//!   (`head.safetensors` + `segmenter.json`); with `--val`, prints its evaluation there.
+//!   (`head.safetensors` + `segmenter.json`, and `lora/` with `--lora-rank`); with `--val`,
+//!   prints its evaluation there.
 //! * `predict --segmenter DIR --prompt TEXT IMAGES... --out DIR`: writes `<stem>_mask.png`
 //!   and `<stem>_overlay.png` per image, and `<stem>_mask.nii.gz` (the input's affine and
 //!   shape) for NIfTI input, 3-D volumes segmented slice by slice across `--axis`.
@@ -13,7 +14,7 @@
 use std::path::PathBuf;
 
 use medvlm_tasks::segmentation_pipeline::{
-    evaluate_manifest, predict_files, train_and_save, TrainOptions,
+    evaluate_manifest, predict_files, train_and_save, SegLora, TrainOptions,
 };
 
 use super::embed::DeviceArgs;
@@ -79,6 +80,17 @@ pub struct TrainArgs {
     /// (default 16; 0 turns it off).
     #[arg(long)]
     pub pixel_width: Option<usize>,
+    /// Train LoRA adapters of this rank in the image tower with the head (VLSM-Adapter's
+    /// setting; saved in the segmenter's `lora/` in PEFT's layout). Default: a frozen tower.
+    #[arg(long, value_parser = crate::commands::at_least_one)]
+    pub lora_rank: Option<usize>,
+    /// LoRA scaling numerator (update `alpha / rank`; default twice the rank).
+    #[arg(long, requires = "lora_rank")]
+    pub lora_alpha: Option<f64>,
+    /// Image-tower layers given LoRA (`q`, `k`, `v`, `out`, `fc1`, `fc2` or module names;
+    /// default `q,v`).
+    #[arg(long, value_delimiter = ',', requires = "lora_rank")]
+    pub lora_targets: Vec<String>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -150,6 +162,16 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         split: a.split.split.clone(),
         layers: a.layers.clone(),
         pixel_width: a.pixel_width,
+        lora: a.lora_rank.map(|r| {
+            let mut l = SegLora::new(r);
+            if let Some(alpha) = a.lora_alpha {
+                l.alpha = alpha;
+            }
+            if !a.lora_targets.is_empty() {
+                l.targets = a.lora_targets.clone();
+            }
+            l
+        }),
     };
     let t0 = std::time::Instant::now();
     let (card, val) = train_and_save(&a.manifest, a.val.as_deref(), &opts, &a.out, &device)?;
@@ -164,6 +186,14 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     );
     if !card.head.layers.is_empty() {
         println!("image-tower layers read: {:?}", card.head.layers);
+    }
+    if let Some(l) = &card.lora {
+        println!(
+            "image-tower LoRA trained with the head: rank {}, alpha {}, on {}",
+            l.rank,
+            l.alpha,
+            l.targets.join(",")
+        );
     }
     println!("segmenter written to {}", a.out.display());
     if let Some(e) = val {
