@@ -201,3 +201,74 @@ fn anomaly_fit_then_eval_and_predict() {
     );
     assert!(err.contains("fewer than the 500 shots"), "{err}");
 }
+
+/// `--supervised-steps`: the fit says what the head trained on, the card records it, the
+/// evaluation adds the supervised table, and predictions are called at its threshold.
+#[test]
+fn anomaly_fit_with_a_supervised_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let det = tmp.path().join("det");
+    let fit_out = ok(&run(&[
+        "anomaly",
+        "fit",
+        "--model",
+        arg(&model()),
+        "--manifest",
+        arg(&ph.join("manifest.jsonl")),
+        "--shots",
+        "3",
+        "--fpr",
+        "0.2",
+        "--supervised-steps",
+        "5",
+        "--out",
+        arg(&det),
+    ]));
+    assert!(
+        fit_out.contains("supervised head: 5 steps on 48 training images"),
+        "{fit_out}"
+    );
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(det.join("anomaly.json")).unwrap()).unwrap();
+    assert_eq!(card["supervised"]["head"]["steps"], 5);
+    let thr = card["modalities"][0]["supervised_threshold"]["value"]
+        .as_f64()
+        .unwrap();
+    assert!(det.join("supervised.safetensors").is_file());
+    let table = ok(&run(&[
+        "anomaly",
+        "eval",
+        "--detector",
+        arg(&det),
+        "--manifest",
+        arg(&ph.join("manifest.jsonl")),
+    ]));
+    assert!(table.contains("Supervised head"), "{table}");
+    let modality = card["modalities"][0]["modality"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let man = std::fs::read_to_string(ph.join("manifest.jsonl")).unwrap();
+    let image = man
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["modality"] == modality.as_str())
+        .map(|v| ph.join(v["image"].as_str().unwrap()))
+        .unwrap();
+    let out = tmp.path().join("pred");
+    let csv = ok(&run(&[
+        "anomaly",
+        "predict",
+        "--detector",
+        arg(&det),
+        "--modality",
+        &modality,
+        arg(&image),
+        "--out",
+        arg(&out),
+    ]));
+    let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    let score: f64 = row[1].parse().unwrap();
+    assert_eq!(row[2] == "true", score > thr, "{csv} (threshold {thr})");
+}

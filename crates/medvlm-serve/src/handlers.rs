@@ -1464,14 +1464,14 @@ pub async fn anomaly(State(svc): State<Service>, req: Request) -> Response {
                         .find(|d| d.modality == modality)
                         .ok_or("no detector for the modality")?;
                     let size = det.card.image_size;
-                    let map = scored.map_plane(size, d.threshold.value)?;
+                    let map = scored.map_plane(size, d.decision_threshold().value)?;
                     Ok(json!({
                         "object": "anomaly",
                         "detector": name,
                         "modality": modality,
                         "score": scored.score,
-                        "threshold": d.threshold.value,
-                        "target_false_positive_rate": d.threshold.target_false_positive_rate,
+                        "threshold": d.decision_threshold().value,
+                        "target_false_positive_rate": d.decision_threshold().target_false_positive_rate,
                         "anomalous": anomalous,
                         "map_size": size,
                         "map_png": png_base64(&map)?,

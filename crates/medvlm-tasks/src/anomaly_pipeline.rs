@@ -18,7 +18,16 @@
 //!   cosine distance of an image's mean patch token to the nearest normal one (image level
 //!   only), and *pixel difference*, the smoothed absolute difference from the mean normal
 //!   image (localisation). Pixel metrics use the images whose every finding has a mask
-//!   (anomalous studies with an unmasked finding are counted and left out of them).
+//!   (anomalous studies with an unmasked finding are counted and left out of them);
+//! * **supervised** (optional, [`AnomalyOptions::supervised_steps`]): where the training
+//!   manifest has finding masks, a head trained on them, the "masks where present" variant of
+//!   MVFA (Huang et al., CVPR 2024) and AnomalyCLIP (Zhou et al., ICLR 2024): the text-guided
+//!   segmentation head ([`crate::segmentation::TextSegHead`]) trained to draw the union of an
+//!   image's finding masks (empty for a normal image) from the frozen patch tokens, the image,
+//!   and the modality's abnormal-state text embedding; its sigmoid map is the anomaly map and
+//!   the map's maximum the image score, with its own threshold on the same calibration
+//!   normals. When a detector has it, it is the method `predict` (and the service) decide with;
+//!   `eval` reports it beside the memory.
 
 use std::path::{Path, PathBuf};
 
@@ -33,9 +42,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::anomaly::{anomaly_maps, image_scores, MemoryConfig, NormalMemory, Threshold};
 use crate::card::read_json_card;
+use crate::segmentation::{
+    predict_probabilities, train_head, SegHeadConfig, SegSample, TextSegHead,
+};
 use crate::segmentation_pipeline::{
     load_images, model_fingerprint, LoadedImage, SegItem, SegPipelineError, SegTask,
 };
+use candle_nn::{VarBuilder, VarMap};
 
 /// Errors of the anomaly pipeline (they name the file and the reason).
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +68,9 @@ pub enum AnomalyPipelineError {
     /// The model.
     #[error(transparent)]
     Model(#[from] medvlm_models::ModelError),
+    /// The supervised head.
+    #[error(transparent)]
+    Head(#[from] crate::segmentation::SegError),
     /// A file could not be read or written.
     #[error("{path}: {reason}")]
     File {
@@ -164,6 +180,19 @@ pub struct AnomalyOptions {
     pub fpr: f64,
     /// Memory size limit and map smoothing.
     pub memory: MemoryConfig,
+    /// Steps of the supervised head trained on the training manifest's finding masks (see
+    /// the module docs); 0 (the default): no supervised branch, the detector sees normal
+    /// images only.
+    #[serde(default)]
+    pub supervised_steps: usize,
+    /// Most training images of the supervised head (normal or with every finding masked; a
+    /// seeded draw beyond it). Default 800.
+    #[serde(default = "default_supervised_images")]
+    pub supervised_images: usize,
+}
+
+fn default_supervised_images() -> usize {
+    800
 }
 
 impl Default for AnomalyOptions {
@@ -173,8 +202,42 @@ impl Default for AnomalyOptions {
             seed: 0,
             fpr: 0.05,
             memory: MemoryConfig::default(),
+            supervised_steps: 0,
+            supervised_images: default_supervised_images(),
         }
     }
+}
+
+/// The supervised branch of one modality: its abnormal-state text and its threshold.
+#[derive(Debug, Clone)]
+pub struct SupervisedModality {
+    /// The modality's abnormal-state text embedding `[E]` (L2-normalised), the head's prompt.
+    pub text: Tensor,
+    /// The decision threshold on the supervised image scores.
+    pub threshold: Threshold,
+}
+
+/// The supervised head shared by the modalities, with its parameters.
+pub struct SupervisedHead {
+    /// The head.
+    pub head: TextSegHead,
+    /// Its parameters.
+    pub varmap: VarMap,
+}
+
+/// The supervised branch in the card.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SupervisedCard {
+    /// The head's configuration.
+    pub head: SegHeadConfig,
+    /// Training images (normal, or anomalous with every finding masked).
+    pub n_train_images: usize,
+    /// Of them, anomalous.
+    pub n_train_anomalous: usize,
+    /// Anomalous training images left out because a finding has no mask.
+    pub n_skipped_unmasked: usize,
+    /// Mean loss of the last 10 steps.
+    pub final_loss: f32,
 }
 
 /// The fitted detector of one modality.
@@ -195,6 +258,18 @@ pub struct ModalityDetector {
     /// Zero-shot branch: L2-normalised text embeddings `[1 + F, E]`, row 0 the normal state
     /// and one row per abnormal state (`None`: the tower has no projected patch tokens).
     pub zero_shot_text: Option<Tensor>,
+    /// The supervised branch (`None`: the detector has no supervised head).
+    pub supervised: Option<SupervisedModality>,
+}
+
+impl ModalityDetector {
+    /// The threshold of the method the detector decides with: the supervised branch's when
+    /// it has one, else the memory's.
+    pub fn decision_threshold(&self) -> &Threshold {
+        self.supervised
+            .as_ref()
+            .map_or(&self.threshold, |s| &s.threshold)
+    }
 }
 
 /// The normal and abnormal state prompts of a modality's zero-shot branch: for a phantom
@@ -253,6 +328,9 @@ pub struct AnomalyCard {
     pub options: AnomalyOptions,
     /// Per modality: name, threshold, memory images, patch grid.
     pub modalities: Vec<ModalityCard>,
+    /// The supervised branch (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervised: Option<SupervisedCard>,
     /// medvlm version.
     pub medvlm_version: String,
 }
@@ -268,6 +346,9 @@ pub struct ModalityCard {
     pub memory_images: Vec<PathBuf>,
     /// The patch grid.
     pub grid: (usize, usize),
+    /// The supervised branch's threshold (absent: no supervised branch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervised_threshold: Option<Threshold>,
 }
 
 /// A fitted detector with its model.
@@ -276,12 +357,139 @@ pub struct AnomalyDetector {
     pub modalities: Vec<ModalityDetector>,
     /// The card.
     pub card: AnomalyCard,
+    /// The supervised head (`None`: no supervised branch).
+    pub supervised: Option<SupervisedHead>,
     model: LoadedModel,
 }
 
 const CARD_FORMAT: &str = "medvlm-anomaly/1";
 const CARD_FILE: &str = "anomaly.json";
 const TENSORS_FILE: &str = "memory.safetensors";
+const SUPERVISED_FILE: &str = "supervised.safetensors";
+
+/// The union of an image's finding masks as 0/1 floats (`size * size`).
+fn union_mask(img: &LoadedImage, size: usize) -> Vec<f32> {
+    let mut d = vec![0f32; size * size];
+    for m in img.masks.values() {
+        for (a, &b) in d.iter_mut().zip(m) {
+            if b != 0 {
+                *a = 1.0;
+            }
+        }
+    }
+    d
+}
+
+/// One abnormal-state text embedding per modality (the normalised mean of the embeddings of
+/// every abnormal prompt of [`state_prompts`]), `[E]`.
+fn abnormal_text(m: &LoadedModel, modality: Option<&str>, device: &Device) -> Result<Tensor> {
+    let (_, abnormal) = state_prompts(modality);
+    let all: Vec<String> = abnormal.into_iter().flatten().collect();
+    Ok(crate::segmentation_pipeline::prompt_embeddings(m, &[all], device)?.get(0)?)
+}
+
+/// Trains the supervised head on `train`'s normal images and its anomalous images whose every
+/// finding has a mask (at most `options.supervised_images`, a seeded draw), each paired with
+/// its modality's abnormal text and the union of its masks.
+fn train_supervised(
+    m: &LoadedModel,
+    train: &AnomalyTask,
+    texts: &[(Option<String>, Tensor)],
+    options: &AnomalyOptions,
+    device: &Device,
+) -> Result<(SupervisedHead, SupervisedCard)> {
+    let mut idx: Vec<usize> = (0..train.items.len())
+        .filter(|&i| train.items[i].fully_masked)
+        .collect();
+    let n_skipped_unmasked = train.items.len() - idx.len();
+    let mut rng = ChaCha8Rng::seed_from_u64(options.seed ^ 0x5b9e_7a11);
+    idx.shuffle(&mut rng);
+    idx.truncate(options.supervised_images);
+    idx.sort_unstable();
+    if idx.is_empty() {
+        return Err(AnomalyPipelineError::Invalid(format!(
+            "{}: no normal or fully masked images to train the supervised head on",
+            train.manifest.display()
+        )));
+    }
+    let n_train_anomalous = idx.iter().filter(|&&i| !train.items[i].normal).count();
+    if n_train_anomalous == 0 {
+        return Err(AnomalyPipelineError::Invalid(format!(
+            "{}: the supervised head needs anomalous images with finding masks; none found",
+            train.manifest.display()
+        )));
+    }
+    let images = load_images(m, &train.seg_task(&idx), device)?;
+    let size = images[0].grey.dim(1)?;
+    let mut samples = Vec::with_capacity(images.len());
+    for img in &images {
+        let text = texts
+            .iter()
+            .find(|(mo, _)| mo == &img.modality)
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| {
+                AnomalyPipelineError::Invalid(format!(
+                    "{}: no abnormal text for its modality",
+                    img.path.display()
+                ))
+            })?;
+        samples.push(SegSample {
+            patches: img.patches.clone(),
+            text,
+            grey: img.grey.clone(),
+            mask: Tensor::from_vec(union_mask(img, size), (1, size, size), &Device::Cpu)?,
+        });
+    }
+    let (n_tokens, dim) = images[0].patches.dims2()?;
+    let grid = grid_of(m, n_tokens)?;
+    let mut cfg = SegHeadConfig::new(dim, texts[0].1.dim(0)?, grid, size);
+    cfg.steps = options.supervised_steps;
+    cfg.seed = options.seed;
+    let trained = train_head(&cfg, &samples, device)?;
+    let tail = &trained.losses[trained.losses.len().saturating_sub(10)..];
+    let final_loss = tail.iter().sum::<f32>() / tail.len().max(1) as f32;
+    Ok((
+        SupervisedHead {
+            head: trained.head,
+            varmap: trained.varmap,
+        },
+        SupervisedCard {
+            head: cfg,
+            n_train_images: images.len(),
+            n_train_anomalous,
+            n_skipped_unmasked,
+            final_loss,
+        },
+    ))
+}
+
+/// Supervised maps (sigmoid probabilities at the input size) and scores (the map maximum).
+fn score_supervised(
+    head: &SupervisedHead,
+    text: &Tensor,
+    images: &[LoadedImage],
+) -> Result<Vec<ScoredImage>> {
+    let samples: Vec<SegSample> = images
+        .iter()
+        .map(|img| {
+            let (_, s, _) = img.grey.dims3()?;
+            Ok(SegSample {
+                patches: img.patches.clone(),
+                text: text.clone(),
+                grey: img.grey.clone(),
+                mask: Tensor::zeros((1, s, s), DType::F32, &Device::Cpu)?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    predict_probabilities(&head.head, &samples)?
+        .into_iter()
+        .map(|p| {
+            let map: Vec<f32> = p.flatten_all()?.to_vec1()?;
+            let score = map.iter().copied().fold(f32::MIN, f32::max);
+            Ok(ScoredImage { map, score })
+        })
+        .collect()
+}
 
 fn grid_of(m: &LoadedModel, patches: usize) -> Result<(usize, usize)> {
     let g = (patches as f64).sqrt().round() as usize;
@@ -331,6 +539,16 @@ pub fn fit(
     let mut modalities = Vec::new();
     let mut cards = Vec::new();
     let mut size = 0;
+    let supervised = if options.supervised_steps > 0 {
+        let texts: Vec<(Option<String>, Tensor)> = train
+            .modalities()
+            .into_iter()
+            .map(|mo| Ok((mo.clone(), abnormal_text(&m, mo.as_deref(), device)?)))
+            .collect::<Result<_>>()?;
+        Some((train_supervised(&m, train, &texts, options, device)?, texts))
+    } else {
+        None
+    };
     for modality in train.modalities() {
         let mut normals: Vec<usize> = (0..train.items.len())
             .filter(|&i| train.items[i].normal && train.items[i].item.modality == modality)
@@ -376,6 +594,26 @@ pub fn fit(
         let s = memory.patch_scores(&stack_patches(&calib_images)?)?;
         let maps = anomaly_maps(&s, grid, size, options.memory.sigma)?;
         let threshold = Threshold::on_normals(&image_scores(&maps), options.fpr)?;
+        let supervised_branch = match &supervised {
+            Some(((head, _), texts)) => {
+                let text = texts
+                    .iter()
+                    .find(|(mo, _)| mo == &modality)
+                    .map(|(_, t)| t.clone())
+                    .ok_or_else(|| {
+                        AnomalyPipelineError::Invalid(format!("modality {name}: no abnormal text"))
+                    })?;
+                let scores: Vec<f32> = score_supervised(head, &text, &calib_images)?
+                    .iter()
+                    .map(|s| s.score)
+                    .collect();
+                Some(SupervisedModality {
+                    text,
+                    threshold: Threshold::on_normals(&scores, options.fpr)?,
+                })
+            }
+            None => None,
+        };
         let memory_images: Vec<PathBuf> = mem_images.iter().map(|i| i.path.clone()).collect();
         let zero_shot_text = if mem_images[0].projected.is_some() {
             let (normal, abnormal) = state_prompts(modality.as_deref());
@@ -392,6 +630,7 @@ pub fn fit(
             threshold,
             memory_images: memory_images.clone(),
             grid,
+            supervised_threshold: supervised_branch.as_ref().map(|s| s.threshold),
         });
         modalities.push(ModalityDetector {
             modality,
@@ -401,8 +640,13 @@ pub fn fit(
             normal_grey,
             memory_images,
             zero_shot_text,
+            supervised: supervised_branch,
         });
     }
+    let (supervised, supervised_card) = match supervised {
+        Some(((head, card), _)) => (Some(head), Some(card)),
+        None => (None, None),
+    };
     let card = AnomalyCard {
         format: CARD_FORMAT.into(),
         model_spec: model_spec.to_string(),
@@ -410,11 +654,13 @@ pub fn fit(
         image_size: size,
         options: options.clone(),
         modalities: cards,
+        supervised: supervised_card,
         medvlm_version: env!("CARGO_PKG_VERSION").into(),
     };
     Ok(AnomalyDetector {
         modalities,
         card,
+        supervised,
         model: m,
     })
 }
@@ -486,6 +732,20 @@ pub struct ModalityEvaluation {
     pub true_positive_rate: f64,
     /// The threshold's target FPR.
     pub target_false_positive_rate: f64,
+    /// The supervised branch (`None`: the detector has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervised: Option<SupervisedEvaluation>,
+}
+
+/// The supervised branch's metrics and its decision at its own threshold.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SupervisedEvaluation {
+    /// Image AUROC, pixel AUROC, AUPRO.
+    pub metrics: MethodMetrics,
+    /// Share of normal test images above its threshold.
+    pub false_positive_rate: f64,
+    /// Share of anomalous test images above its threshold.
+    pub true_positive_rate: f64,
 }
 
 /// Evaluation of a detector on a task.
@@ -520,8 +780,22 @@ impl AnomalyDetector {
             })
     }
 
-    /// Memory-method maps and scores of loaded images of one modality.
+    /// Maps and scores of loaded images of one modality by the method the detector decides
+    /// with: the supervised branch when it has one, else the memory (compare with
+    /// [`ModalityDetector::decision_threshold`]).
     pub fn score(
+        &self,
+        det: &ModalityDetector,
+        images: &[LoadedImage],
+    ) -> Result<Vec<ScoredImage>> {
+        match (&self.supervised, &det.supervised) {
+            (Some(head), Some(s)) => score_supervised(head, &s.text, images),
+            _ => self.score_memory(det, images),
+        }
+    }
+
+    /// Memory-method maps and scores of loaded images of one modality.
+    pub fn score_memory(
         &self,
         det: &ModalityDetector,
         images: &[LoadedImage],
@@ -553,7 +827,7 @@ impl AnomalyDetector {
                 .filter(|&i| task.items[i].item.modality == modality)
                 .collect();
             let images = load_images(&self.model, &task.seg_task(&idx), device)?;
-            let scored = self.score(det, &images)?;
+            let scored = self.score_memory(det, &images)?;
             let anomalous: Vec<bool> = idx.iter().map(|&i| !task.items[i].normal).collect();
             let masked: Vec<bool> = idx.iter().map(|&i| task.items[i].fully_masked).collect();
             let size = self.card.image_size;
@@ -637,6 +911,38 @@ impl AnomalyDetector {
                 }
                 _ => None,
             };
+            let rates = |called: &[bool]| {
+                let rate = |want: bool| {
+                    let n = anomalous.iter().filter(|&&a| a == want).count();
+                    let hit = called
+                        .iter()
+                        .zip(&anomalous)
+                        .filter(|(&c, &a)| c && a == want)
+                        .count();
+                    if n == 0 {
+                        0.0
+                    } else {
+                        hit as f64 / n as f64
+                    }
+                };
+                (rate(false), rate(true))
+            };
+            let supervised = match (&self.supervised, &det.supervised) {
+                (Some(head), Some(s)) => {
+                    let sc = score_supervised(head, &s.text, &images)?;
+                    let mut metrics =
+                        pixel_metrics(&sc.iter().map(|x| &x.map).collect::<Vec<_>>())?;
+                    let sscores: Vec<f32> = sc.iter().map(|x| x.score).collect();
+                    metrics.image_auroc = auroc_binary(&sscores, &anomalous)?;
+                    let (fpr, tpr) = rates(&s.threshold.decide(&sscores));
+                    Some(SupervisedEvaluation {
+                        metrics,
+                        false_positive_rate: fpr,
+                        true_positive_rate: tpr,
+                    })
+                }
+                _ => None,
+            };
             let called = det.threshold.decide(&scores);
             let rate = |want: bool| {
                 let n = anomalous.iter().filter(|&&a| a == want).count();
@@ -667,6 +973,7 @@ impl AnomalyDetector {
                 false_positive_rate: rate(false),
                 true_positive_rate: rate(true),
                 target_false_positive_rate: det.threshold.target_false_positive_rate,
+                supervised,
             });
         }
         Ok(AnomalyEvaluation {
@@ -698,6 +1005,28 @@ impl AnomalyDetector {
             candle_core::safetensors::save(&tensors, tmp).map_err(std::io::Error::other)
         })
         .map_err(|e| file_err(&path, medvlm_io::guard::error_chain(&e)))?;
+        if let Some(head) = &self.supervised {
+            let mut t: std::collections::HashMap<String, Tensor> = {
+                let data = head
+                    .varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| AnomalyPipelineError::Invalid("poisoned varmap".into()))?;
+                data.iter()
+                    .map(|(k, v)| (format!("head.{k}"), v.as_tensor().clone()))
+                    .collect()
+            };
+            for (i, d) in self.modalities.iter().enumerate() {
+                if let Some(s) = &d.supervised {
+                    t.insert(format!("{i}.abnormal_text"), s.text.clone());
+                }
+            }
+            let path = dir.join(SUPERVISED_FILE);
+            medvlm_io::atomic::write_atomic_via(&path, |tmp| {
+                candle_core::safetensors::save(&t, tmp).map_err(std::io::Error::other)
+            })
+            .map_err(|e| file_err(&path, medvlm_io::guard::error_chain(&e)))?;
+        }
         let card_path = dir.join(CARD_FILE);
         let json = serde_json::to_vec_pretty(&self.card).map_err(|e| file_err(&card_path, e))?;
         medvlm_io::atomic::write_atomic(&card_path, &json)
@@ -729,8 +1058,60 @@ impl AnomalyDetector {
                 .cloned()
                 .ok_or_else(|| file_err(&path, format!("tensor `{k}` is missing")))
         };
+        let supervised_tensors = match &card.supervised {
+            Some(_) => {
+                let p = dir.join(SUPERVISED_FILE);
+                Some((
+                    candle_core::safetensors::load(&p, &Device::Cpu)
+                        .map_err(|e| file_err(&p, e))?,
+                    p,
+                ))
+            }
+            None => None,
+        };
+        let supervised = match (&card.supervised, &supervised_tensors) {
+            (Some(sc), Some((t, p))) => {
+                let varmap = VarMap::new();
+                let head = TextSegHead::new(
+                    VarBuilder::from_varmap(&varmap, DType::F32, device),
+                    &sc.head,
+                )?;
+                let data = varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| AnomalyPipelineError::Invalid("poisoned varmap".into()))?;
+                for (name, var) in data.iter() {
+                    let v = t
+                        .get(&format!("head.{name}"))
+                        .ok_or_else(|| file_err(p, format!("tensor `head.{name}` is missing")))?;
+                    var.set(v)
+                        .map_err(|e| file_err(p, format!("tensor `head.{name}`: {e}")))?;
+                }
+                drop(data);
+                Some(SupervisedHead { head, varmap })
+            }
+            _ => None,
+        };
         let mut modalities = Vec::new();
         for (i, mc) in card.modalities.iter().enumerate() {
+            let supervised_branch = match (&mc.supervised_threshold, &supervised_tensors) {
+                (Some(th), Some((t, p))) => Some(SupervisedModality {
+                    text: t
+                        .get(&format!("{i}.abnormal_text"))
+                        .cloned()
+                        .ok_or_else(|| {
+                            file_err(p, format!("tensor `{i}.abnormal_text` is missing"))
+                        })?,
+                    threshold: *th,
+                }),
+                (Some(_), None) => {
+                    return Err(file_err(
+                        &dir.join(CARD_FILE),
+                        "a modality has a supervised threshold but the card no supervised head",
+                    ))
+                }
+                _ => None,
+            };
             modalities.push(ModalityDetector {
                 modality: mc.modality.clone(),
                 memory: NormalMemory {
@@ -743,11 +1124,13 @@ impl AnomalyDetector {
                 normal_grey: get(format!("{i}.normal_grey"))?.to_vec1()?,
                 memory_images: mc.memory_images.clone(),
                 zero_shot_text: tensors.get(&format!("{i}.zero_shot_text")).cloned(),
+                supervised: supervised_branch,
             });
         }
         Ok(Self {
             modalities,
             card,
+            supervised,
             model: m,
         })
     }
@@ -781,7 +1164,7 @@ impl AnomalyDetector {
             .into_iter()
             .zip(scored)
             .map(|(im, s)| {
-                let called = s.score > det.threshold.value;
+                let called = s.score > det.decision_threshold().value;
                 (im, s, called)
             })
             .collect())
@@ -821,6 +1204,24 @@ impl AnomalyEvaluation {
                 m.true_positive_rate,
                 m.target_false_positive_rate
             ));
+        }
+        if self.modalities.iter().any(|m| m.supervised.is_some()) {
+            s.push_str(
+                "\nSupervised head (trained on the training manifest's finding masks; the detector decides with it):\n\n| modality | image AUROC | pixel AUROC | AUPRO@0.3 | FPR / TPR at its threshold |\n|---|---|---|---|---|\n",
+            );
+            for m in &self.modalities {
+                if let Some(sv) = &m.supervised {
+                    s.push_str(&format!(
+                        "| {} | {} | {} | {} | {:.3} / {:.3} |\n",
+                        m.modality.as_deref().unwrap_or("-"),
+                        f(sv.metrics.image_auroc),
+                        f(sv.metrics.pixel_auroc),
+                        f(sv.metrics.aupro),
+                        sv.false_positive_rate,
+                        sv.true_positive_rate
+                    ));
+                }
+            }
         }
         s
     }
@@ -946,14 +1347,14 @@ impl AnomalyDetector {
         out: &Path,
     ) -> Result<(PathBuf, PathBuf)> {
         let size = self.card.image_size;
-        let t = det.threshold.value.max(1e-6);
+        let t = det.decision_threshold().value.max(1e-6);
         let stem = file
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "image".into());
         let stem = stem.strip_suffix(".nii").unwrap_or(&stem).to_string();
         let map_plane = scored
-            .map_plane(size, det.threshold.value)
+            .map_plane(size, det.decision_threshold().value)
             .map_err(|e| file_err(file, e))?;
         let map_png = out.join(format!("{stem}_anomaly.png"));
         medvlm_io::raster::write_png(&map_png, &map_plane)
@@ -1022,7 +1423,7 @@ impl AnomalyDetector {
         Ok(PredictedAnomaly {
             input: file.to_path_buf(),
             score: scores[best],
-            anomalous: scores[best] > det.threshold.value,
+            anomalous: scores[best] > det.decision_threshold().value,
             map_png,
             overlay_png,
             map_nifti: Some(nii),

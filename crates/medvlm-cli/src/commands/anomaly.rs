@@ -66,6 +66,13 @@ pub struct FitArgs {
     /// Gaussian smoothing of the maps in pixels.
     #[arg(long, default_value_t = 4.0)]
     pub sigma: f64,
+    /// Also train a supervised head for this many steps on the manifest's finding masks
+    /// (normal images: empty masks); the detector then decides with it. 0: normal images only.
+    #[arg(long, default_value_t = 0)]
+    pub supervised_steps: usize,
+    /// Most training images of the supervised head (a seeded draw beyond it).
+    #[arg(long, default_value_t = 800, value_parser = crate::commands::at_least_one)]
+    pub supervised_images: usize,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -147,6 +154,8 @@ fn fit_cmd(a: FitArgs) -> anyhow::Result<()> {
             sigma: a.sigma,
             ..Default::default()
         },
+        supervised_steps: a.supervised_steps,
+        supervised_images: a.supervised_images,
     };
     let det = fit(m, &a.model, &train, calib.as_ref(), &options, &device)?;
     det.save(&a.out)?;
@@ -163,6 +172,29 @@ fn fit_cmd(a: FitArgs) -> anyhow::Result<()> {
             100.0 * d.threshold.target_false_positive_rate,
             d.threshold.n_calibration
         );
+    }
+    if let Some(sc) = &det.card.supervised {
+        println!(
+            "supervised head: {} steps on {} training images ({} anomalous with masks; {} left \
+             out for an unmasked finding), final loss {:.4}; the detector decides with it",
+            sc.head.steps,
+            sc.n_train_images,
+            sc.n_train_anomalous,
+            sc.n_skipped_unmasked,
+            sc.final_loss
+        );
+        for d in &det.modalities {
+            if let Some(s) = &d.supervised {
+                println!(
+                    "{}: supervised threshold {:.3e} (at most {:.0} % of {} calibration normals \
+                     above it)",
+                    d.modality.as_deref().unwrap_or("(no modality)"),
+                    s.threshold.value,
+                    100.0 * s.threshold.target_false_positive_rate,
+                    s.threshold.n_calibration
+                );
+            }
+        }
     }
     println!("detector written to {}", a.out.display());
     Ok(())
