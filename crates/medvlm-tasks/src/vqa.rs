@@ -20,11 +20,13 @@
 //! shared space) and, by default (`image_grid` 2), the tower's last-layer patch tokens
 //! mean-pooled on a 2 x 2 grid, `v_g` (4 D values): one pooled vector cannot say which side a
 //! finding is on, the grid can. PubMedCLIP feeds the pooled features only (`image_grid` 0).
+//! By default (`pixel_grid` 16) the image's own grey levels follow, averaged on a 16 x 16
+//! grid and standardised per image, `v_p` (256 values; see [`VqaConfig::pixel_grid`]).
 //!
 //! Fusion ([`VqaHead`]): each frozen input is standardised with the training mean and
 //! standard deviation of its dimensions; the question vector is `q = q_tower + W b`, with `b`
 //! the mean one-hot of the question's known words and `W` learned (`E x V`, no bias); then
-//! `[v_e, v_g, q, v_e * q]` (concatenation with the element-wise product, the bilinear term
+//! `[v_e, v_g, v_p, q, v_e * q]` (concatenation with the element-wise product, the bilinear term
 //! of MLB/MUTAN kept to its diagonal) goes through `H -> GELU -> H -> GELU -> A` over the `A`
 //! training answers. The loss is cross-entropy. The question-only baseline ([`train_head`]
 //! with `use_image: false`) is the same MLP with the image set to zero (so `v_e * q` is zero
@@ -35,7 +37,8 @@
 //! sometimes answers "where is ...?" with "no" on images unlike its training images, the
 //! mistake that question-type-conditioned answering (QCR, Zhan et al. 2020) removes.
 //!
-//! Defaults ([`VqaConfig::default`]): word vectors on, 2 x 2 patch grid, answers masked per
+//! Defaults ([`VqaConfig::default`]): word vectors on, 2 x 2 patch grid, 16 x 16 pixel grid,
+//! answers masked per
 //! question, hidden width 256, AdamW lr 2e-3 (weight decay 0.01 on matrices) with 5 % warm-up
 //! and cosine decay, batch 128, 30 epochs, seed 0.
 
@@ -98,6 +101,14 @@ pub struct VqaConfig {
     /// Also feed the image tower's patch tokens mean-pooled on a `g x g` grid (0: only the
     /// pooled image embedding).
     pub image_grid: usize,
+    /// Also feed the image's own pixels: the tower's input grey levels (the mean of its
+    /// normalised channels) averaged on a `k x k` grid, each image standardised by its own
+    /// mean and spread (default 16; 0: none). A small tower's features miss small findings
+    /// and shift with the site; the low-resolution pixels are the segmentation head's pixel
+    /// encoder idea (U-Net's skips) for a classifier. Saved answerers without the field read
+    /// 0, as they were trained.
+    #[serde(default)]
+    pub pixel_grid: usize,
     /// Limit a question seen in training to the answers it had there (closed questions to
     /// yes/no, "where" questions to places, ...); unseen questions may get any answer.
     pub mask_answers: bool,
@@ -108,6 +119,7 @@ impl Default for VqaConfig {
         Self {
             question_words: true,
             image_grid: 2,
+            pixel_grid: 16,
             mask_answers: true,
             hidden: 256,
             epochs: 30,

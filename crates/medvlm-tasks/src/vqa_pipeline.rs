@@ -284,12 +284,77 @@ pub fn image_features(
     Ok(Tensor::cat(&rows, 0)?.to_device(device)?)
 }
 
+/// Grey levels of the tower's input (the mean of its normalised channels) averaged on a
+/// `k x k` grid (cells as [`grid_pool`]'s, any input size), each image then standardised by
+/// its own mean and spread over the cells, `[N, k k]` (cells row-major).
+pub fn pixel_features(
+    m: &LoadedModel,
+    files: &[PathBuf],
+    k: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let size = m.model.image_size();
+    if k == 0 || k > size {
+        return Err(VqaError::Invalid(format!(
+            "a {k} x {k} pixel grid does not fit the model's {size} px input"
+        )));
+    }
+    let mut rows = Vec::new();
+    medvlm_models::embed::for_each_pixel_batch(m, files, 32, false, device, &|_| {}, |px| {
+        let b = px.dim(0)?;
+        let grey = px
+            .to_dtype(DType::F32)?
+            .mean(1)?
+            .reshape((b, size * size, 1))?;
+        let cells = grid_pool(&grey, k)?;
+        // Per-image z-scoring (as nnU-Net normalises MRI): a site's brightness and contrast
+        // drop out; what is left is where the image is brighter or darker than itself.
+        let mean = cells.mean_keepdim(1)?;
+        let centred = cells.broadcast_sub(&mean)?;
+        let std = (centred.sqr()?.mean_keepdim(1)? + 1e-6)?.sqrt()?;
+        rows.push(centred.broadcast_div(&std)?.to_device(&Device::Cpu)?);
+        Ok::<(), VqaError>(())
+    })?;
+    if rows.is_empty() {
+        return Err(VqaError::Invalid("no image could be read".into()));
+    }
+    Ok(Tensor::cat(&rows, 0)?.to_device(device)?)
+}
+
+/// The answerer's image features: [`image_features`] with `grid`, then, when `pixel_grid >
+/// 0`, [`pixel_features`] on that grid.
+pub fn answerer_image_features(
+    m: &LoadedModel,
+    files: &[PathBuf],
+    grid: usize,
+    pixel_grid: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let v = image_features(m, files, grid, device)?;
+    if pixel_grid == 0 {
+        return Ok(v);
+    }
+    let p = pixel_features(m, files, pixel_grid, device)?;
+    Ok(Tensor::cat(&[v, p], 1)?)
+}
+
 /// Embeds each distinct image (features of [`image_features`] with `grid`) and question of
 /// `items` once.
 pub fn encode_pairs(
     m: &LoadedModel,
     items: &[VqaItem],
     grid: usize,
+    device: &Device,
+) -> Result<EncodedPairs> {
+    encode_pairs_with_pixels(m, items, grid, 0, device)
+}
+
+/// [`encode_pairs`] with the image features of [`answerer_image_features`].
+pub fn encode_pairs_with_pixels(
+    m: &LoadedModel,
+    items: &[VqaItem],
+    grid: usize,
+    pixel_grid: usize,
     device: &Device,
 ) -> Result<EncodedPairs> {
     let mut image_row: HashMap<&Path, u32> = HashMap::new();
@@ -309,7 +374,7 @@ pub fn encode_pairs(
         index.push((i, q));
     }
     Ok(EncodedPairs {
-        images: image_features(m, &files, grid, device)?,
+        images: answerer_image_features(m, &files, grid, pixel_grid, device)?,
         questions: question_embeddings(m, &questions, device)?,
         question_texts: questions,
         index,
@@ -507,7 +572,13 @@ pub fn train(
     on_epoch: &mut dyn FnMut(Trained, usize, f32),
 ) -> Result<VqaModel> {
     opts.config.validate()?;
-    let enc = encode_pairs(m, &task.items, opts.config.image_grid, device)?;
+    let enc = encode_pairs_with_pixels(
+        m,
+        &task.items,
+        opts.config.image_grid,
+        opts.config.pixel_grid,
+        device,
+    )?;
     // Answer vocabulary, most frequent first (ties in order of first appearance).
     let mut counts: Vec<(String, usize)> = Vec::new();
     let mut row: HashMap<&str, usize> = HashMap::new();
@@ -920,10 +991,11 @@ pub fn evaluate(
     task: &VqaTask,
     device: &Device,
 ) -> Result<VqaEvaluation> {
-    let enc = encode_pairs(
+    let enc = encode_pairs_with_pixels(
         image_model,
         &task.items,
         model.card.config.image_grid,
+        model.card.config.pixel_grid,
         device,
     )?;
     let fused = model.answer_embedded(
@@ -1104,10 +1176,11 @@ impl Answerer {
     ) -> Result<Vec<Answer>> {
         let texts = [question.trim().to_string()];
         let q = question_embeddings(&self.image_model, &texts, device)?;
-        let v = image_features(
+        let v = answerer_image_features(
             &self.image_model,
             images,
             self.model.card.config.image_grid,
+            self.model.card.config.pixel_grid,
             device,
         )?;
         let pairs: Vec<(u32, u32)> = (0..images.len() as u32).map(|i| (i, 0)).collect();

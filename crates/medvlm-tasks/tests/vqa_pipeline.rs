@@ -7,11 +7,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use medvlm_io::Plane;
 use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
 use medvlm_tasks::vqa::VqaConfig;
 use medvlm_tasks::vqa_pipeline::{
-    answer_files, encode_pairs, evaluate, grid_pool, normalise_answer, train, MajorityBaseline,
-    VqaItem, VqaModel, VqaTask, VqaTrainOptions,
+    answer_files, encode_pairs_with_pixels, evaluate, grid_pool, normalise_answer, pixel_features,
+    train, MajorityBaseline, VqaItem, VqaModel, VqaTask, VqaTrainOptions,
 };
 
 fn fixture() -> String {
@@ -191,7 +192,14 @@ fn fused_classifier_beats_the_question_only_baseline_and_survives_saving() {
     // With the default answer mask a training question only gets answers it had in
     // training: every closed phantom question is answered yes or no.
     assert!(model.card.config.mask_answers);
-    let enc = encode_pairs(&m, &test_task.items, model.card.config.image_grid, &dev).unwrap();
+    let enc = encode_pairs_with_pixels(
+        &m,
+        &test_task.items,
+        model.card.config.image_grid,
+        model.card.config.pixel_grid,
+        &dev,
+    )
+    .unwrap();
     let answers = model
         .answer_embedded(
             &enc.images,
@@ -321,4 +329,44 @@ fn grid_pool_averages_each_cell_of_the_patch_grid() {
     assert!(err.contains("15 patch tokens"), "{err}");
     let err = grid_pool(&t, 5).unwrap_err().to_string();
     assert!(err.contains("does not fit 4 x 4"), "{err}");
+}
+
+/// The pixel features (`--pixel-grid`): the image's grey levels averaged on a k x k grid and
+/// standardised per image. A 32 px image, white on its left half and black on its right,
+/// gives cells of +1 on the left and -1 on the right whatever the model's channel
+/// normalisation (an affine map of the grey level, which the per-image standardisation
+/// removes); the same image darker and with less contrast gives the same features; a grid
+/// larger than the input is refused; an answerer card without the field reads 0.
+#[test]
+fn pixel_features_are_per_image_standardised_cells() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = medvlm_models::load_model(&fixture(), &Default::default()).unwrap();
+    let side = m.model.image_size();
+    let half = |hi: f32, lo: f32| -> Vec<f32> {
+        (0..side * side)
+            .map(|i| if i % side < side / 2 { hi } else { lo })
+            .collect()
+    };
+    let a = dir.path().join("a.png");
+    let b = dir.path().join("b.png");
+    medvlm_io::raster::write_png(&a, &Plane::new(side, side, 1, half(1.0, 0.0)).unwrap()).unwrap();
+    medvlm_io::raster::write_png(&b, &Plane::new(side, side, 1, half(0.6, 0.2)).unwrap()).unwrap();
+    let f = pixel_features(&m, &[a, b], 2, &Device::Cpu).unwrap();
+    assert_eq!(f.dims(), &[2, 4]);
+    let v: Vec<Vec<f32>> = f.to_vec2().unwrap();
+    for row in &v {
+        for (got, want) in row.iter().zip([1.0f32, -1.0, 1.0, -1.0]) {
+            assert!((got - want).abs() < 1e-3, "{row:?}");
+        }
+    }
+    let err = pixel_features(&m, &[dir.path().join("a.png")], side + 1, &Device::Cpu)
+        .err()
+        .expect("grid larger than the input");
+    assert!(err.to_string().contains("pixel grid"), "{err}");
+    let mut card = serde_json::to_value(VqaConfig::default()).unwrap();
+    assert_eq!(card["pixel_grid"], 16);
+    card.as_object_mut().unwrap().remove("pixel_grid");
+    let old: VqaConfig = serde_json::from_value(card).unwrap();
+    assert_eq!(old.pixel_grid, 0);
+    assert_eq!(old.image_grid, VqaConfig::default().image_grid);
 }

@@ -78,6 +78,10 @@ pub struct TrainArgs {
     /// 0: only the pooled image embedding).
     #[arg(long)]
     pub image_grid: Option<usize>,
+    /// Also feed the image's own grey levels averaged on a K x K grid, each image
+    /// standardised by its own mean and spread (default 16; 0: none). Not with --generative.
+    #[arg(long)]
+    pub pixel_grid: Option<usize>,
     /// Train the generative variant: the report decoder writes the answer after the image
     /// prefix and the question (defaults: 5 epochs, batch 64, lr 2e-3).
     #[arg(long)]
@@ -146,6 +150,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         seed: a.seed,
         question_words: !a.no_question_words,
         image_grid: a.image_grid.unwrap_or(d.image_grid),
+        pixel_grid: a.pixel_grid.unwrap_or(d.pixel_grid),
         ..d
     };
     let opts = VqaTrainOptions {
@@ -186,6 +191,11 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn train_gen(a: TrainArgs) -> anyhow::Result<()> {
+    if a.pixel_grid.is_some_and(|k| k > 0) {
+        anyhow::bail!(
+            "--pixel-grid feeds the classifier; the generative answerer does not take it"
+        );
+    }
     let device = a.device.device()?;
     let d = generative_config();
     let config = medvlm_tasks::report_generation::ReportGenConfig {
