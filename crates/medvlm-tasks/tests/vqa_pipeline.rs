@@ -360,8 +360,7 @@ fn pixel_features_are_per_image_standardised_cells() {
         }
     }
     let err = pixel_features(&m, &[dir.path().join("a.png")], side + 1, &Device::Cpu)
-        .err()
-        .expect("grid larger than the input");
+        .expect_err("grid larger than the input");
     assert!(err.to_string().contains("pixel grid"), "{err}");
     let mut card = serde_json::to_value(VqaConfig::default()).unwrap();
     assert_eq!(card["pixel_grid"], 16);
