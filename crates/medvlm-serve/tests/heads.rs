@@ -110,6 +110,7 @@ async fn segment_and_anomaly_answer_as_the_library() {
             split: None,
             layers: Vec::new(),
             pixel_width: None,
+            grey_standardise: None,
             lora: None,
         },
         &seg_dir,

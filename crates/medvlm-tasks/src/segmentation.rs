@@ -20,9 +20,9 @@
 //!
 //! Defaults ([`SegHeadConfig::new`]): width 64, AdamW lr 1e-3, weight decay 1e-4, 300
 //! steps of batch 16, threshold 0.5 on the sigmoid, the final layer only, a pixel encoder of
-//! width 16. Only the head
-//! trains; the image and text towers stay frozen, so their features are computed once
-//! ([`SegSample`]).
+//! width 16, the grey input standardised per image ([`SegHeadConfig::grey_standardise`]).
+//! Only the head trains (unless the pipeline adds LoRA in the tower); the image and text
+//! towers stay frozen, so their features are computed once ([`SegSample`]).
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
@@ -93,6 +93,12 @@ pub struct SegHeadConfig {
     /// only. Default 16.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub pixel_width: usize,
+    /// Standardise each image's grey input by its own mean and spread before the pixel
+    /// encoder and the last convolution (per-image z-scoring, as nnU-Net normalises MRI), so
+    /// that a site's brightness and contrast drop out. Default `true`; `false` (what cards
+    /// written before the option existed mean): the grey levels in `[0, 1]` as read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grey_standardise: bool,
 }
 
 fn is_zero(v: &usize) -> bool {
@@ -121,6 +127,7 @@ impl SegHeadConfig {
             seed: 0,
             layers: Vec::new(),
             pixel_width: 16,
+            grey_standardise: true,
         }
     }
 
@@ -348,7 +355,14 @@ impl TextSegHead {
         }
         let s = self.cfg.image_size;
         // One channel: [B, 1, S, S] and [B, S, S, 1] hold the same values in the same order.
-        let grey = grey.reshape((b, s, s, 1))?;
+        let grey = if self.cfg.grey_standardise {
+            let flat = grey.reshape((b, s * s))?;
+            let centred = flat.broadcast_sub(&flat.mean_keepdim(1)?)?;
+            let std = (centred.sqr()?.mean_keepdim(1)? + 1e-6)?.sqrt()?;
+            centred.broadcast_div(&std)?.reshape((b, s, s, 1))?
+        } else {
+            grey.reshape((b, s, s, 1))?
+        };
         // Pixel encoder features, finest first: [B, S / 2^k, S / 2^k, pw].
         let mut pixel = Vec::with_capacity(self.pixel_levels.len());
         for (k, level) in self.pixel_levels.iter().enumerate() {
@@ -550,4 +564,55 @@ pub fn similarity_masks(
         .reshape((b, 1, grid.0, grid.1))?;
     let up = sim.upsample_nearest2d(image_size, image_size)?;
     Ok(up.ge(threshold as f64)?.to_dtype(DType::F32)?)
+}
+
+#[cfg(test)]
+mod grey_tests {
+    use super::*;
+
+    fn head(standardise: bool) -> (TextSegHead, VarMap) {
+        let mut cfg = SegHeadConfig::new(8, 4, (4, 4), 16);
+        cfg.grey_standardise = standardise;
+        let varmap = VarMap::new();
+        let head = TextSegHead::new(
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            &cfg,
+        )
+        .unwrap();
+        seeded_init(&medvlm_train::optim::varmap_params(&varmap), 5).unwrap();
+        (head, varmap)
+    }
+
+    /// With `grey_standardise` the head sees only where an image is brighter or darker than
+    /// itself: a grey input and its affine copy (`0.4 g + 0.3`, a darker, flatter site) give
+    /// the same logits; without it they differ. A card without the field reads `false`.
+    #[test]
+    fn standardised_grey_input_ignores_brightness_and_contrast() {
+        let dev = Device::Cpu;
+        let patches = Tensor::randn(0f32, 1.0, (2, 16, 8), &dev).unwrap();
+        let text = Tensor::randn(0f32, 1.0, (2, 4), &dev).unwrap();
+        let grey = Tensor::rand(0f32, 1.0, (2, 1, 16, 16), &dev).unwrap();
+        let site = ((&grey * 0.4).unwrap() + 0.3).unwrap();
+        let diff = |h: &TextSegHead| -> f32 {
+            let a = h.forward(&patches, &text, &grey).unwrap();
+            let b = h.forward(&patches, &text, &site).unwrap();
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let (on, _) = head(true);
+        assert!(diff(&on) < 1e-3, "{}", diff(&on));
+        let (off, _) = head(false);
+        assert!(diff(&off) > 1e-2, "{}", diff(&off));
+        let mut card = serde_json::to_value(on.config()).unwrap();
+        assert_eq!(card["grey_standardise"], true);
+        card.as_object_mut().unwrap().remove("grey_standardise");
+        let old: SegHeadConfig = serde_json::from_value(card).unwrap();
+        assert!(!old.grey_standardise);
+    }
 }

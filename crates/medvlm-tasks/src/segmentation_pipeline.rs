@@ -735,6 +735,9 @@ pub struct TrainOptions {
     pub layers: Vec<usize>,
     /// Width of the pixel encoder ([`SegHeadConfig::pixel_width`]); `None`: the default.
     pub pixel_width: Option<usize>,
+    /// Standardise each image's grey input ([`SegHeadConfig::grey_standardise`]); `None`:
+    /// the default.
+    pub grey_standardise: Option<bool>,
     /// LoRA adapters in the image tower, trained with the head (see [`SegLora`]); `None`:
     /// the tower stays frozen (the default).
     pub lora: Option<SegLora>,
@@ -916,6 +919,9 @@ pub fn train_segmenter(
     }
     if let Some(v) = opts.pixel_width {
         cfg.pixel_width = v;
+    }
+    if let Some(v) = opts.grey_standardise {
+        cfg.grey_standardise = v;
     }
     let (all_pairs, _) = pairs(&images, &classes);
     // Every present pair, and one absent pair per image (seeded).

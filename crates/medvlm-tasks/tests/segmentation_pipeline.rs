@@ -55,6 +55,7 @@ fn options(steps: usize) -> TrainOptions {
         split: None,
         layers: Vec::new(),
         pixel_width: None,
+        grey_standardise: None,
         lora: None,
     }
 }

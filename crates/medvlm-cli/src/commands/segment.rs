@@ -80,6 +80,10 @@ pub struct TrainArgs {
     /// (default 16; 0 turns it off).
     #[arg(long)]
     pub pixel_width: Option<usize>,
+    /// Standardise each image's grey input by its own mean and spread before the pixel
+    /// encoder (a site's brightness and contrast drop out): `true` or `false`.
+    #[arg(long)]
+    pub grey_standardise: Option<bool>,
     /// Train LoRA adapters of this rank in the image tower with the head (VLSM-Adapter's
     /// setting; saved in the segmenter's `lora/` in PEFT's layout). Default: a frozen tower.
     #[arg(long, value_parser = crate::commands::at_least_one)]
@@ -162,6 +166,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         split: a.split.split.clone(),
         layers: a.layers.clone(),
         pixel_width: a.pixel_width,
+        grey_standardise: a.grey_standardise,
         lora: a.lora_rank.map(|r| {
             let mut l = SegLora::new(r);
             if let Some(alpha) = a.lora_alpha {
