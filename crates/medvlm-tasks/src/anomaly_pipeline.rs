@@ -1280,6 +1280,7 @@ impl AnomalyDetector {
                 "axis {axis} is not 0, 1 or 2"
             )));
         }
+        crate::segmentation_pipeline::check_distinct_stems(files)?;
         std::fs::create_dir_all(out).map_err(|e| file_err(out, e))?;
         let det = self.detector_of(&modality.map(str::to_string))?;
         let mut loaded: Vec<Option<medvlm_io::MedImage>> = Vec::with_capacity(files.len());

@@ -1518,6 +1518,7 @@ pub fn predict_files(
     out: &Path,
     device: &Device,
 ) -> Result<(Vec<PredictedBoxes>, Option<String>, Option<String>)> {
+    crate::segmentation_pipeline::check_distinct_stems(inputs)?;
     let (det, warning) = Detector::load(detector, model, device)?;
     let (text, class) = det.prompt_embedding(prompt, free_text, device)?;
     for p in inputs {

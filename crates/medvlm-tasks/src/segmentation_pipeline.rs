@@ -1716,6 +1716,25 @@ pub struct PredictedFile {
     pub slices: usize,
 }
 
+/// Refuses inputs whose output files would share a name (`<stem>_...`: the file name without
+/// its image extension), such as `a.dcm` and `a.nii` from two folders: the second would
+/// silently overwrite the first's outputs. The error names both files.
+pub(crate) fn check_distinct_stems(inputs: &[PathBuf]) -> Result<()> {
+    let mut seen: HashMap<String, &PathBuf> = HashMap::new();
+    for p in inputs {
+        if let Some(first) = seen.insert(stem_of(p), p) {
+            return Err(SegPipelineError::Invalid(format!(
+                "{} and {} would write outputs of the same name (`{}_...`); rename one or \
+                 predict them into different folders",
+                first.display(),
+                p.display(),
+                stem_of(p)
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn stem_of(path: &Path) -> String {
     let name = path
         .file_name()
@@ -1944,6 +1963,7 @@ pub fn predict_files(
     out: &Path,
     device: &Device,
 ) -> Result<(Vec<PredictedFile>, Option<String>, Option<String>)> {
+    check_distinct_stems(inputs)?;
     let (seg, warning) = Segmenter::load(segmenter, model, device)?;
     let (text, class) = seg.prompt_embedding(prompt, device)?;
     let files = inputs
@@ -1951,4 +1971,25 @@ pub fn predict_files(
         .map(|p| seg.predict_file(p, &text, axis, out, device))
         .collect::<Result<Vec<_>>>()?;
     Ok((files, class, warning))
+}
+
+#[cfg(test)]
+mod stem_tests {
+    use super::*;
+
+    /// Two inputs whose outputs would share a name (the same stem from two folders, or a
+    /// study's DICOM and NIfTI copies) are refused, naming both; distinct stems pass.
+    #[test]
+    fn inputs_with_the_same_output_name_are_refused() {
+        let ok = [PathBuf::from("a/x.png"), PathBuf::from("a/y.png")];
+        assert!(check_distinct_stems(&ok).is_ok());
+        for pair in [
+            ["a/x.png", "b/x.png"],
+            ["s/brain_5.dcm", "s/brain_5.nii.gz"],
+        ] {
+            let inputs: Vec<PathBuf> = pair.iter().map(PathBuf::from).collect();
+            let msg = check_distinct_stems(&inputs).unwrap_err().to_string();
+            assert!(msg.contains(pair[0]) && msg.contains(pair[1]), "{msg}");
+        }
+    }
 }
