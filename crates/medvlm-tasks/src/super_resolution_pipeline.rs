@@ -866,21 +866,6 @@ pub struct AppliedFile {
     pub from_colour: bool,
 }
 
-fn stem_of(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "image".into());
-    for ext in [
-        ".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".npy",
-    ] {
-        if name.to_ascii_lowercase().ends_with(ext) {
-            return name[..name.len() - ext.len()].to_string();
-        }
-    }
-    name
-}
-
 /// Refuses a low-resolution image smaller than [`MIN_LR_SIDE`] px per side (the error names
 /// `path`).
 pub fn check_lr_size(g: &GreyImage, path: &Path) -> Result<()> {
@@ -907,6 +892,8 @@ pub fn apply_files(
     prompt: Option<&str>,
     out: &Path,
 ) -> Result<Vec<AppliedFile>> {
+    crate::segmentation_pipeline::check_distinct_stems(files)
+        .map_err(|e| SrPipelineError::Invalid(e.to_string()))?;
     let s = up.scale();
     let text = match up.check_prompt(prompt)? {
         Some(p) => up.text_embeddings(&[p])?.pop(),
@@ -922,7 +909,10 @@ pub fn apply_files(
     let mut done = Vec::with_capacity(files.len());
     for (f, g) in files.iter().zip(inputs) {
         let hr = upscale_conditioned(&up.net, &g.data, g.rows, g.cols, text.as_deref())?;
-        let dest = out.join(format!("{}_x{s}.png", stem_of(f)));
+        let dest = out.join(format!(
+            "{}_x{s}.png",
+            crate::segmentation_pipeline::stem_of(f)
+        ));
         let plane = Plane {
             rows: g.rows * s,
             cols: g.cols * s,
@@ -1022,6 +1012,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not text-conditioned"), "{e}");
+        assert!(!out.exists());
+        // Two inputs that would both write `im4_x2.png`: refused before anything is written.
+        std::fs::create_dir_all(dir.path().join("copy")).unwrap();
+        std::fs::copy(dir.path().join("im4.png"), dir.path().join("copy/im4.png")).unwrap();
+        let same = [dir.path().join("im4.png"), dir.path().join("copy/im4.png")];
+        let e = apply_files(&back, &same, None, &out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("same name"), "{e}");
         assert!(!out.exists());
         let done = apply_files(&back, &[dir.path().join("im4.png")], None, &out).unwrap();
         assert_eq!(done[0].output_size, (64, 64));
