@@ -911,6 +911,7 @@ impl AnomalyDetector {
                 }
                 _ => None,
             };
+            // Share of normal (false) and anomalous (true) images called anomalous.
             let rates = |called: &[bool]| {
                 let rate = |want: bool| {
                     let n = anomalous.iter().filter(|&&a| a == want).count();
@@ -943,20 +944,7 @@ impl AnomalyDetector {
                 }
                 _ => None,
             };
-            let called = det.threshold.decide(&scores);
-            let rate = |want: bool| {
-                let n = anomalous.iter().filter(|&&a| a == want).count();
-                let hit = called
-                    .iter()
-                    .zip(&anomalous)
-                    .filter(|(&c, &a)| c && a == want)
-                    .count();
-                if n == 0 {
-                    0.0
-                } else {
-                    hit as f64 / n as f64
-                }
-            };
+            let (memory_fpr, memory_tpr) = rates(&det.threshold.decide(&scores));
             out.push(ModalityEvaluation {
                 modality,
                 n_normal: anomalous.iter().filter(|&&a| !a).count(),
@@ -970,8 +958,8 @@ impl AnomalyDetector {
                 zero_shot,
                 global_baseline_image_auroc: auroc_binary(&global, &anomalous)?,
                 pixel_difference_baseline: diff,
-                false_positive_rate: rate(false),
-                true_positive_rate: rate(true),
+                false_positive_rate: memory_fpr,
+                true_positive_rate: memory_tpr,
                 target_false_positive_rate: det.threshold.target_false_positive_rate,
                 supervised,
             });

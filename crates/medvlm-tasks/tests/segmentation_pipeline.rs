@@ -60,6 +60,14 @@ fn options(steps: usize) -> TrainOptions {
     }
 }
 
+/// Every image of `task`, read as the segmenter reads files.
+fn planes_of(task: &SegTask) -> Vec<Plane> {
+    task.items
+        .iter()
+        .map(|i| read_plane(&i.image).unwrap())
+        .collect()
+}
+
 fn grey_png(path: &Path, side: usize) {
     let plane = Plane::new(side, side, 1, vec![0.5; side * side]).unwrap();
     medvlm_io::raster::write_png(path, &plane).unwrap();
@@ -136,11 +144,7 @@ fn saved_segmenter_predicts_the_same_masks_and_nifti_keeps_the_affine() {
     assert_eq!(loaded.card, seg.card);
 
     // Identical masks on the task's images, for every class.
-    let planes: Vec<Plane> = task
-        .items
-        .iter()
-        .map(|i| read_plane(&i.image).unwrap())
-        .collect();
+    let planes = planes_of(&task);
     let mut any = 0usize;
     for c in &seg.card.classes {
         let (t0, _) = seg.prompt_embedding(&c.name, &dev).unwrap();
@@ -326,11 +330,7 @@ fn multi_layer_head_trains_and_round_trips_its_card() {
     let (loaded, warning) = Segmenter::load(&art, None, &dev).unwrap();
     assert_eq!(warning, None);
     assert_eq!(loaded.card, multi.segmenter.card);
-    let planes: Vec<Plane> = task
-        .items
-        .iter()
-        .map(|i| read_plane(&i.image).unwrap())
-        .collect();
+    let planes = planes_of(&task);
     let mut any = 0usize;
     for c in &card.classes {
         let (t, _) = loaded.prompt_embedding(&c.name, &dev).unwrap();
@@ -427,11 +427,7 @@ fn pixel_encoder_head_round_trips_its_card() {
     assert_eq!(json["head"]["pixel_width"], serde_json::json!(8));
     let (loaded, _) = Segmenter::load(&art, None, &dev).unwrap();
     assert_eq!(loaded.card, seg.card);
-    let planes: Vec<Plane> = task
-        .items
-        .iter()
-        .map(|i| read_plane(&i.image).unwrap())
-        .collect();
+    let planes = planes_of(&task);
     let (t, _) = loaded
         .prompt_embedding(&seg.card.classes[0].name, &dev)
         .unwrap();
@@ -519,11 +515,7 @@ fn lora_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
     assert_eq!(json["lora"]["rank"], serde_json::json!(2));
     let (loaded, _) = Segmenter::load(&art, None, &dev).unwrap();
     assert_eq!(loaded.card, seg.card);
-    let planes: Vec<Plane> = task
-        .items
-        .iter()
-        .map(|i| read_plane(&i.image).unwrap())
-        .collect();
+    let planes = planes_of(&task);
     let (t, _) = loaded
         .prompt_embedding(&seg.card.classes[0].name, &dev)
         .unwrap();
