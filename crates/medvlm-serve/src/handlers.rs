@@ -1169,24 +1169,28 @@ fn decode_error(e: DecodeError) -> ApiError {
     }
 }
 
-/// Runs a head's `task` on an upload once `decode` has read it. Only a failure of `decode` is
-/// the upload's (415; 422 when empty): a failure of `task` on an image that decoded is the
-/// request's (422, its message kept), never reported as an undecodable image. Messages have
-/// the upload's temporary path replaced by `<upload>`.
-fn on_decoded_upload<D, T>(
+/// Runs a head's `task` on an upload (written to a temporary file; the task reads it once).
+/// When the task fails, the upload is read again, on that path only, to say whose fault it
+/// is: an upload that does not decode as an image is the upload's (415; 422 when empty); a
+/// task failing on an image that decodes is the request's (422, the task's message kept),
+/// never reported as an undecodable image. Messages have the temporary path replaced by
+/// `<upload>`.
+fn on_upload<T>(
     bytes: &[u8],
-    decode: impl FnOnce(&std::path::Path) -> Result<D, String>,
-    task: impl FnOnce(&std::path::Path, D) -> Result<T, String>,
+    task: impl FnOnce(&std::path::Path) -> Result<T, String>,
 ) -> Result<T, ApiError> {
-    crate::decode::with_upload(bytes, |path, _| {
-        let decoded = decode(path)?;
-        Ok(task(path, decoded).map_err(|m| crate::decode::scrub(&m, path)))
+    crate::decode::with_upload(bytes, |path, _| match task(path) {
+        Ok(v) => Ok(Ok(v)),
+        Err(message) => {
+            read_upload_plane(path)?;
+            Ok(Err(crate::decode::scrub(&message, path)))
+        }
     })
     .map_err(decode_error)?
     .map_err(ApiError::unprocessable)
 }
 
-/// Reads an upload as a plane (the check that it decodes, for [`on_decoded_upload`]).
+/// Reads an upload as a plane (and tells [`on_upload`] whether an upload decodes).
 fn read_upload_plane(path: &std::path::Path) -> Result<medvlm_io::Plane, String> {
     medvlm_tasks::segmentation_pipeline::read_plane(path).map_err(|e| e.to_string())
 }
@@ -1375,7 +1379,8 @@ pub async fn segment(State(svc): State<Service>, req: Request) -> Response {
             .inner
             .head_gate
             .run(move || {
-                on_decoded_upload(&image, read_upload_plane, |_, plane| {
+                on_upload(&image, |path| {
+                    let plane = read_upload_plane(path)?;
                     let (text, class) = seg
                         .prompt_embedding(&prompt, &device)
                         .map_err(|e| e.to_string())?;
@@ -1453,7 +1458,7 @@ pub async fn anomaly(State(svc): State<Service>, req: Request) -> Response {
             .inner
             .head_gate
             .run(move || {
-                on_decoded_upload(&image, read_upload_plane, |path, _| {
+                on_upload(&image, |path| {
                     let (_, scored, anomalous) = det
                         .predict_files(&[path.to_path_buf()], modality.as_deref(), &device)
                         .map_err(|e| e.to_string())?
@@ -1543,7 +1548,7 @@ pub async fn report(State(svc): State<Service>, req: Request) -> Response {
             .inner
             .head_gate
             .run(move || {
-                on_decoded_upload(&image, read_upload_plane, |path, _| {
+                on_upload(&image, |path| {
                     let report = rep
                         .report_files(&[path.to_path_buf()], decoding, &device)
                         .map_err(|e| e.to_string())?
@@ -1611,7 +1616,8 @@ pub async fn detect(State(svc): State<Service>, req: Request) -> Response {
             .inner
             .head_gate
             .run(move || {
-                on_decoded_upload(&image, read_upload_plane, |_, plane| {
+                on_upload(&image, |path| {
+                    let plane = read_upload_plane(path)?;
                     let found = det
                         .boxes_in_plane(&plane, &text, min_score, &device)
                         .map_err(|e| e.to_string())?;
@@ -1657,40 +1663,37 @@ pub async fn upscale(State(svc): State<Service>, req: Request) -> Response {
             .head_gate
             .run(move || {
                 use medvlm_tasks::super_resolution_pipeline as sr;
-                on_decoded_upload(
-                    &image,
-                    |path| sr::read_grey(path).map_err(|e| e.to_string()),
-                    |_, g| {
-                        // A decodable image of a size the upscaler cannot take is the
-                        // request's fault (422), as any failure after decoding.
-                        let s = up.scale();
-                        let min = medvlm_tasks::super_resolution::MIN_LR_SIDE;
-                        if g.rows < min || g.cols < min {
-                            return Err(format!(
-                                "{}x{} is too small to upscale (at least {min} px per side)",
-                                g.rows, g.cols
-                            ));
-                        }
-                        if g.rows * g.cols * s * s > MAX_UPSCALED_PIXELS {
-                            return Err(format!(
-                                "{}x{} upscaled x{s} exceeds {MAX_UPSCALED_PIXELS} pixels",
-                                g.rows, g.cols
-                            ));
-                        }
-                        let hr = up.upscale(&g).map_err(|e| e.to_string())?;
-                        let plane = medvlm_io::Plane::new(g.rows * s, g.cols * s, 1, hr)
-                            .map_err(|e| e.to_string())?;
-                        Ok(json!({
-                            "object": "upscale",
-                            "upscaler": name,
-                            "scale": s,
-                            "input_size": [g.rows, g.cols],
-                            "output_size": [g.rows * s, g.cols * s],
-                            "from_colour": g.from_colour,
-                            "image_png": png_base64(&plane)?,
-                        }))
-                    },
-                )
+                on_upload(&image, |path| {
+                    let g = sr::read_grey(path).map_err(|e| e.to_string())?;
+                    // A decodable image of a size the upscaler cannot take is the
+                    // request's fault (422), as any failure after decoding.
+                    let s = up.scale();
+                    let min = medvlm_tasks::super_resolution::MIN_LR_SIDE;
+                    if g.rows < min || g.cols < min {
+                        return Err(format!(
+                            "{}x{} is too small to upscale (at least {min} px per side)",
+                            g.rows, g.cols
+                        ));
+                    }
+                    if g.rows * g.cols * s * s > MAX_UPSCALED_PIXELS {
+                        return Err(format!(
+                            "{}x{} upscaled x{s} exceeds {MAX_UPSCALED_PIXELS} pixels",
+                            g.rows, g.cols
+                        ));
+                    }
+                    let hr = up.upscale(&g).map_err(|e| e.to_string())?;
+                    let plane = medvlm_io::Plane::new(g.rows * s, g.cols * s, 1, hr)
+                        .map_err(|e| e.to_string())?;
+                    Ok(json!({
+                        "object": "upscale",
+                        "upscaler": name,
+                        "scale": s,
+                        "input_size": [g.rows, g.cols],
+                        "output_size": [g.rows * s, g.cols * s],
+                        "from_colour": g.from_colour,
+                        "image_png": png_base64(&plane)?,
+                    }))
+                })
             })
             .await?;
         Ok(Json(v))
@@ -1868,7 +1871,7 @@ pub async fn answer_question(State(svc): State<Service>, req: Request) -> Respon
             .inner
             .head_gate
             .run(move || {
-                on_decoded_upload(&image, read_upload_plane, |path, _| {
+                on_upload(&image, |path| {
                     let a = ans
                         .answer_files(&[path.to_path_buf()], &question, &device)
                         .map_err(|e| e.to_string())?
@@ -1897,26 +1900,29 @@ mod tests {
         medvlm_io::raster::encode_png(&plane).unwrap()
     }
 
-    /// The shared path of every image head: only a failure to decode is a 415; a head that
-    /// fails on an image that decoded answers 422 with its own message, the upload's
-    /// temporary path hidden.
+    /// The shared path of every image head: only an upload that does not decode is a 415; a
+    /// head that fails on an image that decodes answers 422 with its own message, the
+    /// upload's temporary path hidden; the task reads the upload itself (once).
     #[test]
     fn head_failures_after_decoding_are_422_not_415() {
-        let ok = on_decoded_upload(&png(4, 6), read_upload_plane, |_, p| {
+        let ok = on_upload(&png(4, 6), |path| {
+            let p = read_upload_plane(path)?;
             Ok::<_, String>((p.rows, p.cols))
         })
         .unwrap();
         assert_eq!(ok, (4, 6));
 
-        let e = on_decoded_upload(&png(4, 6), read_upload_plane, |path, _| {
+        let e = on_upload(&png(4, 6), |path| {
             Err::<(), _>(format!("the head cannot read {}", path.display()))
         })
         .unwrap_err();
         assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", e.message);
         assert_eq!(e.message, "the head cannot read <upload>");
 
-        let e = on_decoded_upload(b"\x89PNG\r\n\x1a\nbroken", read_upload_plane, |_, _| {
-            Ok::<_, String>(())
+        // A task failing on an upload that does not decode: the upload's fault, whatever
+        // the task said.
+        let e = on_upload(b"\x89PNG\r\n\x1a\nbroken", |path| {
+            Err::<(), _>(format!("head error on {}", path.display()))
         })
         .unwrap_err();
         assert_eq!(
@@ -1926,8 +1932,9 @@ mod tests {
             e.message
         );
         assert!(!e.message.contains("medvlm-upload-"), "{}", e.message);
+        assert!(!e.message.contains("head error"), "{}", e.message);
 
-        let e = on_decoded_upload(b"", read_upload_plane, |_, _| Ok::<_, String>(())).unwrap_err();
+        let e = on_upload(b"", |_| Ok::<_, String>(())).unwrap_err();
         assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", e.message);
     }
 }
