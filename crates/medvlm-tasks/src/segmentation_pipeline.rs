@@ -469,9 +469,33 @@ pub fn load_images_with_layers(
     layers: &[usize],
     device: &Device,
 ) -> Result<Vec<LoadedImage>> {
+    Ok(load_images_for_head(m, task, layers, HeadLoading::default(), device)?.0)
+}
+
+/// What [`load_images_for_head`] does besides [`load_images_with_layers`]'s work.
+#[derive(Debug, Clone, Copy, Default)]
+struct HeadLoading {
+    /// Also return each image's pixel tensor `[3, S, S]` (on the device), for training
+    /// through the image tower.
+    keep_pixels: bool,
+    /// Compute the projected tokens (the training-free baseline's) with the tower's LoRA
+    /// adapters switched off, the patch tokens with them on.
+    frozen_projection: bool,
+}
+
+/// [`load_images_with_layers`] and, by `how`, the pixel tensors and a projection of the
+/// tower without its adapters, each image read once.
+fn load_images_for_head(
+    m: &LoadedModel,
+    task: &SegTask,
+    layers: &[usize],
+    how: HeadLoading,
+    device: &Device,
+) -> Result<(Vec<LoadedImage>, Vec<Tensor>)> {
     let size = m.model.image_size();
     let pre = seg_preprocess(m, size);
     let mut out = Vec::with_capacity(task.items.len());
+    let mut kept = Vec::new();
     for chunk in task.items.chunks(32) {
         let mut pixels = Vec::with_capacity(chunk.len());
         let mut partial = Vec::with_capacity(chunk.len());
@@ -491,7 +515,23 @@ pub fn load_images_with_layers(
             partial.push((it, p.grey, masks, shape));
         }
         let px = pre.batch(&pixels, device)?;
-        let (patches, projected) = encode_patches_with_layers(m, &px, layers)?;
+        let (patches, projected) = if how.frozen_projection {
+            let projected = with_lora_off(m, || {
+                let out = m.model.encode_image(&px)?;
+                Ok(m.model
+                    .project_patch_tokens(&out)?
+                    .map(to_cpu_f32)
+                    .transpose()?)
+            })?;
+            (to_cpu_f32(encode_tokens(m, &px, layers)?)?, projected)
+        } else {
+            encode_patches_with_layers(m, &px, layers)?
+        };
+        if how.keep_pixels {
+            for i in 0..chunk.len() {
+                kept.push(px.get(i)?);
+            }
+        }
         for (i, (it, grey, masks, shape)) in partial.into_iter().enumerate() {
             out.push(LoadedImage {
                 path: it.image.clone(),
@@ -504,7 +544,19 @@ pub fn load_images_with_layers(
             });
         }
     }
-    Ok(out)
+    Ok((out, kept))
+}
+
+/// Runs `f` with the LoRA adapters on `m` (if any) switched off, and on again after.
+fn with_lora_off<T>(m: &LoadedModel, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    set_lora_enabled(m.model.as_ref(), false);
+    let out = f();
+    set_lora_enabled(m.model.as_ref(), true);
+    out
+}
+
+fn to_cpu_f32(t: Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F32)?.to_device(&Device::Cpu)
 }
 
 /// Planes (e.g. the slices of a volume, all from `path`) prepared as [`load_images`] prepares
@@ -550,38 +602,24 @@ pub(crate) fn encode_patches(m: &LoadedModel, px: &Tensor) -> Result<(Tensor, Op
     encode_patches_with_layers(m, px, &[])
 }
 
-/// The pixel tensors `[3, S, S]` of `task`'s images on `device`, in its order, as
-/// [`load_images`] prepares them (for training through the image tower).
-fn load_pixels(m: &LoadedModel, task: &SegTask, device: &Device) -> Result<Vec<Tensor>> {
-    let size = m.model.image_size();
-    let pre = seg_preprocess(m, size);
-    let mut out = Vec::with_capacity(task.items.len());
-    for chunk in task.items.chunks(32) {
-        let mut pixels = Vec::with_capacity(chunk.len());
-        for it in chunk {
-            pixels.push(prepare(&pre, &read_plane(&it.image)?, size, &it.image)?.pixels);
-        }
-        let px = pre.batch(&pixels, device)?;
-        for i in 0..chunk.len() {
-            out.push(px.get(i)?);
-        }
-    }
-    Ok(out)
-}
-
 /// Patch tokens `[B, N, D]` (of `layers` side by side, or the final ones) in f32, keeping
 /// the graph to the tower's parameters.
 fn encode_tokens(m: &LoadedModel, px: &Tensor, layers: &[usize]) -> Result<Tensor> {
     let t = if layers.is_empty() {
         m.model.encode_image(px)?.patch_tokens()?
     } else {
-        let states = m.model.encode_image_layers(px, layers)?;
-        let tokens = (0..layers.len())
-            .map(|i| states.patch_tokens(i))
-            .collect::<medvlm_models::Result<Vec<_>>>()?;
-        Tensor::cat(&tokens, 2)?
+        layer_tokens(m, px, layers)?
     };
     Ok(t.to_dtype(DType::F32)?)
+}
+
+/// The patch tokens of `layers` (counted from 1, non-empty) side by side, `[B, N, L * D]`.
+fn layer_tokens(m: &LoadedModel, px: &Tensor, layers: &[usize]) -> Result<Tensor> {
+    let states = m.model.encode_image_layers(px, layers)?;
+    let tokens = (0..layers.len())
+        .map(|i| states.patch_tokens(i))
+        .collect::<medvlm_models::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&tokens, 2)?)
 }
 
 /// [`encode_patches`] with the patch tokens of `layers` (counted from 1) side by side,
@@ -593,19 +631,16 @@ pub(crate) fn encode_patches_with_layers(
     layers: &[usize],
 ) -> Result<(Tensor, Option<Tensor>)> {
     let out = m.model.encode_image(px)?;
-    let cpu = |t: Tensor| -> candle_core::Result<Tensor> {
-        t.to_dtype(DType::F32)?.to_device(&Device::Cpu)
-    };
     let patches = if layers.is_empty() {
-        cpu(out.patch_tokens()?)?
+        to_cpu_f32(out.patch_tokens()?)?
     } else {
-        let states = m.model.encode_image_layers(px, layers)?;
-        let tokens = (0..layers.len())
-            .map(|i| states.patch_tokens(i))
-            .collect::<medvlm_models::Result<Vec<_>>>()?;
-        cpu(Tensor::cat(&tokens, 2)?)?
+        to_cpu_f32(layer_tokens(m, px, layers)?)?
     };
-    let projected = m.model.project_patch_tokens(&out)?.map(cpu).transpose()?;
+    let projected = m
+        .model
+        .project_patch_tokens(&out)?
+        .map(to_cpu_f32)
+        .transpose()?;
     Ok((patches, projected))
 }
 
@@ -890,7 +925,17 @@ pub fn train_segmenter(
         )));
     }
     check_layers_for_model(&opts.layers, &m)?;
-    let images = load_images_with_layers(&m, task, &opts.layers, device)?;
+    // With LoRA the pixels are kept for the tower's passes during training (read once).
+    let (images, pixels) = load_images_for_head(
+        &m,
+        task,
+        &opts.layers,
+        HeadLoading {
+            keep_pixels: opts.lora.is_some(),
+            ..Default::default()
+        },
+        device,
+    )?;
     let prompts: Vec<Vec<String>> = classes.iter().map(|c| c.prompts.clone()).collect();
     let class_text = prompt_embeddings(&m, &prompts, device)?;
     let size = m.model.image_size();
@@ -955,7 +1000,6 @@ pub fn train_segmenter(
                     "the LoRA rank must be at least 1".into(),
                 ));
             }
-            let pixels = load_pixels(&m, task, device)?;
             let adapters = VarMap::new();
             let params = apply_lora(m.model.as_mut(), &lora.spec(), &adapters, opts.seed)?;
             let image_of: Vec<usize> = chosen.iter().map(|p| p.image).collect();
@@ -1477,27 +1521,21 @@ fn method_eval(scored: &[Scored], classes: &[SegClass], size: usize) -> Result<M
 }
 
 impl Segmenter {
-    /// Runs `f` with the image tower's LoRA adapters (if any) switched off, and on again after.
-    fn without_lora<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        set_lora_enabled(self.model.model.as_ref(), false);
-        let out = f();
-        set_lora_enabled(self.model.model.as_ref(), true);
-        out
-    }
-
     /// Evaluates the head and the baseline on every (image, class of its modality) pair of
     /// `task` (see the module docs for how present and absent findings are counted).
     pub fn evaluate(&self, task: &SegTask, device: &Device) -> Result<SegEvaluation> {
-        let mut images =
-            load_images_with_layers(&self.model, task, &self.card.head.layers, device)?;
-        if self.card.lora.is_some() {
-            // The training-free baseline reads the tower as published, without the adapters
-            // trained for the head.
-            let frozen = self.without_lora(|| load_images(&self.model, task, device))?;
-            for (img, f) in images.iter_mut().zip(frozen) {
-                img.projected = f.projected;
-            }
-        }
+        // The training-free baseline reads the tower as published, without the adapters
+        // trained for the head.
+        let (images, _) = load_images_for_head(
+            &self.model,
+            task,
+            &self.card.head.layers,
+            HeadLoading {
+                frozen_projection: self.card.lora.is_some(),
+                ..Default::default()
+            },
+            device,
+        )?;
         let classes = &self.card.classes;
         let size = self.card.head.image_size;
         let (prs, unknown) = pairs(&images, classes);
