@@ -263,66 +263,35 @@ pub fn image_features(
     grid: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    if grid == 0 {
-        return image_embeddings(m, files, device);
-    }
-    let mut rows = Vec::new();
-    medvlm_models::embed::for_each_pixel_batch(m, files, 32, false, device, &|_| {}, |px| {
-        let out = m.model.encode_image(px)?;
-        let e = medvlm_models::vlm::l2_normalize(&out.embeds.to_dtype(DType::F32)?)?;
-        let cells = grid_pool(&out.patch_tokens()?.to_dtype(DType::F32)?, grid).map_err(|e| {
-            VqaError::Invalid(format!(
-                "{e}; image_grid 0 (`--image-grid 0`) uses the pooled embedding only"
-            ))
-        })?;
-        rows.push(Tensor::cat(&[e, cells], 1)?.to_device(&Device::Cpu)?);
-        Ok::<(), VqaError>(())
-    })?;
-    if rows.is_empty() {
-        return Err(VqaError::Invalid("no image could be embedded".into()));
-    }
-    Ok(Tensor::cat(&rows, 0)?.to_device(device)?)
+    answerer_image_features(m, files, grid, 0, device)
 }
 
-/// Grey levels of the tower's input (the mean of its normalised channels) averaged on a
-/// `k x k` grid (cells as [`grid_pool`]'s, any input size), each image then standardised by
-/// its own mean and spread over the cells, `[N, k k]` (cells row-major).
-pub fn pixel_features(
-    m: &LoadedModel,
-    files: &[PathBuf],
-    k: usize,
-    device: &Device,
-) -> Result<Tensor> {
-    let size = m.model.image_size();
+/// Grey levels of the tower's input `px` `[B, C, S, S]` (the mean of its normalised channels)
+/// averaged on a `k x k` grid (cells as [`grid_pool`]'s, any input size), each image then
+/// standardised by its own mean and spread over the cells: `[B, k k]` (cells row-major).
+pub fn pixel_cells(px: &Tensor, k: usize) -> Result<Tensor> {
+    let (b, _, size, _) = px.dims4()?;
     if k == 0 || k > size {
         return Err(VqaError::Invalid(format!(
             "a {k} x {k} pixel grid does not fit the model's {size} px input"
         )));
     }
-    let mut rows = Vec::new();
-    medvlm_models::embed::for_each_pixel_batch(m, files, 32, false, device, &|_| {}, |px| {
-        let b = px.dim(0)?;
-        let grey = px
-            .to_dtype(DType::F32)?
-            .mean(1)?
-            .reshape((b, size * size, 1))?;
-        let cells = grid_pool(&grey, k)?;
-        // Per-image z-scoring (as nnU-Net normalises MRI): a site's brightness and contrast
-        // drop out; what is left is where the image is brighter or darker than itself.
-        let mean = cells.mean_keepdim(1)?;
-        let centred = cells.broadcast_sub(&mean)?;
-        let std = (centred.sqr()?.mean_keepdim(1)? + 1e-6)?.sqrt()?;
-        rows.push(centred.broadcast_div(&std)?.to_device(&Device::Cpu)?);
-        Ok::<(), VqaError>(())
-    })?;
-    if rows.is_empty() {
-        return Err(VqaError::Invalid("no image could be read".into()));
-    }
-    Ok(Tensor::cat(&rows, 0)?.to_device(device)?)
+    let grey = px
+        .to_dtype(DType::F32)?
+        .mean(1)?
+        .reshape((b, size * size, 1))?;
+    let cells = grid_pool(&grey, k)?;
+    // Per-image z-scoring (as nnU-Net normalises MRI): a site's brightness and contrast drop
+    // out; what is left is where the image is brighter or darker than itself.
+    let centred = cells.broadcast_sub(&cells.mean_keepdim(1)?)?;
+    let std = (centred.sqr()?.mean_keepdim(1)? + 1e-6)?.sqrt()?;
+    Ok(centred.broadcast_div(&std)?)
 }
 
-/// The answerer's image features: [`image_features`] with `grid`, then, when `pixel_grid >
-/// 0`, [`pixel_features`] on that grid.
+/// The answerer's image features, each file read once: the L2-normalised embedding, then (when
+/// `grid > 0`) the patch tokens pooled on a `grid x grid` grid ([`grid_pool`]), then (when
+/// `pixel_grid > 0`) the image's own grey levels on a `pixel_grid x pixel_grid` grid
+/// ([`pixel_cells`]); an unreadable file is an error naming it.
 pub fn answerer_image_features(
     m: &LoadedModel,
     files: &[PathBuf],
@@ -330,12 +299,34 @@ pub fn answerer_image_features(
     pixel_grid: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let v = image_features(m, files, grid, device)?;
-    if pixel_grid == 0 {
-        return Ok(v);
+    if grid == 0 && pixel_grid == 0 {
+        return image_embeddings(m, files, device);
     }
-    let p = pixel_features(m, files, pixel_grid, device)?;
-    Ok(Tensor::cat(&[v, p], 1)?)
+    let mut rows = Vec::new();
+    medvlm_models::embed::for_each_pixel_batch(m, files, 32, false, device, &|_| {}, |px| {
+        let out = m.model.encode_image(px)?;
+        let mut parts = vec![medvlm_models::vlm::l2_normalize(
+            &out.embeds.to_dtype(DType::F32)?,
+        )?];
+        if grid > 0 {
+            parts.push(
+                grid_pool(&out.patch_tokens()?.to_dtype(DType::F32)?, grid).map_err(|e| {
+                    VqaError::Invalid(format!(
+                        "{e}; image_grid 0 (`--image-grid 0`) uses the pooled embedding only"
+                    ))
+                })?,
+            );
+        }
+        if pixel_grid > 0 {
+            parts.push(pixel_cells(px, pixel_grid)?);
+        }
+        rows.push(Tensor::cat(&parts, 1)?.to_device(&Device::Cpu)?);
+        Ok::<(), VqaError>(())
+    })?;
+    if rows.is_empty() {
+        return Err(VqaError::Invalid("no image could be embedded".into()));
+    }
+    Ok(Tensor::cat(&rows, 0)?.to_device(device)?)
 }
 
 /// Embeds each distinct image (features of [`image_features`] with `grid`) and question of

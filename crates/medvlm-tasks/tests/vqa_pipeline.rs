@@ -11,8 +11,8 @@ use medvlm_io::Plane;
 use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
 use medvlm_tasks::vqa::VqaConfig;
 use medvlm_tasks::vqa_pipeline::{
-    answer_files, encode_pairs_with_pixels, evaluate, grid_pool, normalise_answer, pixel_features,
-    train, MajorityBaseline, VqaItem, VqaModel, VqaTask, VqaTrainOptions,
+    answer_files, answerer_image_features, encode_pairs_with_pixels, evaluate, grid_pool,
+    normalise_answer, train, MajorityBaseline, VqaItem, VqaModel, VqaTask, VqaTrainOptions,
 };
 
 fn fixture() -> String {
@@ -351,15 +351,29 @@ fn pixel_features_are_per_image_standardised_cells() {
     let b = dir.path().join("b.png");
     medvlm_io::raster::write_png(&a, &Plane::new(side, side, 1, half(1.0, 0.0)).unwrap()).unwrap();
     medvlm_io::raster::write_png(&b, &Plane::new(side, side, 1, half(0.6, 0.2)).unwrap()).unwrap();
-    let f = pixel_features(&m, &[a, b], 2, &Device::Cpu).unwrap();
-    assert_eq!(f.dims(), &[2, 4]);
+    // The embedding first, then the 2 x 2 pixel cells, from one read of the files.
+    let files = [a, b];
+    let all = answerer_image_features(&m, &files, 0, 2, &Device::Cpu).unwrap();
+    let emb = answerer_image_features(&m, &files, 0, 0, &Device::Cpu).unwrap();
+    let e = emb.dim(1).unwrap();
+    assert_eq!(all.dims(), &[2, e + 4]);
+    let diff: f32 = (all.narrow(1, 0, e).unwrap() - &emb)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-5, "{diff}");
+    let f = all.narrow(1, e, 4).unwrap();
     let v: Vec<Vec<f32>> = f.to_vec2().unwrap();
     for row in &v {
         for (got, want) in row.iter().zip([1.0f32, -1.0, 1.0, -1.0]) {
             assert!((got - want).abs() < 1e-3, "{row:?}");
         }
     }
-    let err = pixel_features(&m, &[dir.path().join("a.png")], side + 1, &Device::Cpu)
+    let err = answerer_image_features(&m, &[dir.path().join("a.png")], 0, side + 1, &Device::Cpu)
         .expect_err("grid larger than the input");
     assert!(err.to_string().contains("pixel grid"), "{err}");
     let mut card = serde_json::to_value(VqaConfig::default()).unwrap();
