@@ -205,35 +205,25 @@ pub fn gaussian_blur_in_place(
     // inner loop has no clamping and vectorises.
     let r = radius as usize;
     let mut line = vec![0.0f32; w.max(h) + 2 * r];
+    // One pass along a line of `len` samples at buffer positions `at(0..len)`.
+    let mut blur_line = |buf: &mut [f32], len: usize, at: &dyn Fn(usize) -> usize| {
+        for (i, v) in line.iter_mut().take(len + 2 * r).enumerate() {
+            *v = buf[at((i as isize - radius).clamp(0, len as isize - 1) as usize)];
+        }
+        for p in 0..len {
+            buf[at(p)] = kernel
+                .iter()
+                .zip(&line[p..p + 2 * r + 1])
+                .map(|(k, v)| k * v)
+                .sum();
+        }
+    };
     for c in 0..ch {
         for y in 0..h {
-            let row = y * w;
-            for (i, v) in line.iter_mut().take(w + 2 * r).enumerate() {
-                let sx = (i as isize - radius).clamp(0, w as isize - 1) as usize;
-                *v = buf[(row + sx) * ch + c];
-            }
-            for x in 0..w {
-                let acc: f32 = kernel
-                    .iter()
-                    .zip(&line[x..x + 2 * r + 1])
-                    .map(|(k, v)| k * v)
-                    .sum();
-                buf[(row + x) * ch + c] = acc;
-            }
+            blur_line(buf, w, &|x| (y * w + x) * ch + c);
         }
         for x in 0..w {
-            for (i, v) in line.iter_mut().take(h + 2 * r).enumerate() {
-                let sy = (i as isize - radius).clamp(0, h as isize - 1) as usize;
-                *v = buf[(sy * w + x) * ch + c];
-            }
-            for y in 0..h {
-                let acc: f32 = kernel
-                    .iter()
-                    .zip(&line[y..y + 2 * r + 1])
-                    .map(|(k, v)| k * v)
-                    .sum();
-                buf[(y * w + x) * ch + c] = acc;
-            }
+            blur_line(buf, h, &|y| (y * w + x) * ch + c);
         }
     }
 }
