@@ -33,25 +33,35 @@ fn phantoms(dir: &Path) -> PathBuf {
     out
 }
 
-#[test]
-fn anomaly_fit_then_eval_and_predict() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ph = phantoms(tmp.path());
-    let det = tmp.path().join("det");
-    let fit_out = ok(&run(&[
+/// `medvlm anomaly fit` on the phantoms' manifest, 3 shots, FPR 0.2, with `extra` arguments;
+/// its standard output.
+fn fit(ph: &Path, det: &Path, extra: &[&str]) -> String {
+    let model = model();
+    let manifest = ph.join("manifest.jsonl");
+    let mut args = vec![
         "anomaly",
         "fit",
         "--model",
-        arg(&model()),
+        arg(&model),
         "--manifest",
-        arg(&ph.join("manifest.jsonl")),
+        arg(&manifest),
         "--shots",
         "3",
         "--fpr",
         "0.2",
         "--out",
-        arg(&det),
-    ]));
+        arg(det),
+    ];
+    args.extend_from_slice(extra);
+    ok(&run(&args))
+}
+
+#[test]
+fn anomaly_fit_then_eval_and_predict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let det = tmp.path().join("det");
+    let fit_out = fit(&ph, &det, &[]);
     assert!(
         fit_out.contains("brain_mri: memory of 3 normal image(s)"),
         "{fit_out}"
@@ -209,22 +219,7 @@ fn anomaly_fit_with_a_supervised_head() {
     let tmp = tempfile::tempdir().unwrap();
     let ph = phantoms(tmp.path());
     let det = tmp.path().join("det");
-    let fit_out = ok(&run(&[
-        "anomaly",
-        "fit",
-        "--model",
-        arg(&model()),
-        "--manifest",
-        arg(&ph.join("manifest.jsonl")),
-        "--shots",
-        "3",
-        "--fpr",
-        "0.2",
-        "--supervised-steps",
-        "5",
-        "--out",
-        arg(&det),
-    ]));
+    let fit_out = fit(&ph, &det, &["--supervised-steps", "5"]);
     assert!(
         fit_out.contains("supervised head: 5 steps on 48 training images"),
         "{fit_out}"

@@ -10,16 +10,8 @@ use candle_core::Device;
 use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
 use medvlm_tasks::anomaly_pipeline::{fit, AnomalyDetector, AnomalyOptions, AnomalyTask};
 
-fn fixture() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../medvlm-models/tests/fixtures/clip")
-        .display()
-        .to_string()
-}
-
-fn model() -> medvlm_models::LoadedModel {
-    medvlm_models::load_model(&fixture(), &Default::default()).unwrap()
-}
+mod common;
+use common::{fixture, model};
 
 fn phantoms(dir: &Path, n: u64, seed: u64) -> PathBuf {
     medvlm_phantoms::write_dataset(&DatasetConfig {

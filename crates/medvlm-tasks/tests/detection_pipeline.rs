@@ -2,7 +2,7 @@
 //! errors, and the saved detector predicts exactly what the trained one did. On the tiny
 //! CLIP parity fixture (random weights, 32 px, a 4x4 patch grid) and phantoms at 32 px.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 
@@ -12,16 +12,8 @@ use medvlm_tasks::detection_pipeline::{
     patch_grid, read_task, train_detector, DetPipelineError, Detector, TrainOptions,
 };
 
-fn fixture() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../medvlm-models/tests/fixtures/clip")
-        .display()
-        .to_string()
-}
-
-fn model() -> medvlm_models::LoadedModel {
-    medvlm_models::load_model(&fixture(), &Default::default()).unwrap()
-}
+mod common;
+use common::{fixture, model};
 
 fn phantoms(dir: &Path, n: u64, seed: u64, modalities: Vec<Modality>) {
     medvlm_phantoms::write_dataset(&DatasetConfig {

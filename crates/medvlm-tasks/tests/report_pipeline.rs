@@ -15,12 +15,8 @@ use medvlm_tasks::report_pipeline::{
     ReportTask, ReportTrainOptions,
 };
 
-fn fixture() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../medvlm-models/tests/fixtures/clip")
-        .display()
-        .to_string()
-}
+mod common;
+use common::{fixture, max_abs_diff};
 
 fn phantoms(dir: &Path, n: u64) {
     medvlm_phantoms::write_dataset(&DatasetConfig {
@@ -269,14 +265,7 @@ fn diagnosis_prompted_generator_round_trips() {
     // The embeddings are the first columns of the classifier's inputs (one tower pass),
     // and equal those of the tower's own embedding path.
     let direct = image_embeddings(&m2, &files, &dev).unwrap();
-    let diff = (&inputs.embeds - &direct)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&inputs.embeds, &direct);
     assert!(diff < 1e-5, "{diff}");
     let no_features = medvlm_tasks::report_pipeline::ImageInputs {
         embeds: inputs.embeds.clone(),

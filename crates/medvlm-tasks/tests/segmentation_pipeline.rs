@@ -3,7 +3,7 @@
 //! shape, and a short training on phantoms beats the similarity baseline. All on the tiny
 //! CLIP parity fixture (random weights, 32 px, a 4x4 patch grid) and phantoms at 32 px.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 
@@ -14,16 +14,8 @@ use medvlm_tasks::segmentation_pipeline::{
     TrainOptions,
 };
 
-fn fixture() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../medvlm-models/tests/fixtures/clip")
-        .display()
-        .to_string()
-}
-
-fn model() -> medvlm_models::LoadedModel {
-    medvlm_models::load_model(&fixture(), &Default::default()).unwrap()
-}
+mod common;
+use common::{fixture, max_abs_diff, model};
 
 /// Phantoms at 32 px (one finding type per study) in `dir`.
 fn phantoms(dir: &Path, n: u64, seed: u64, modalities: Vec<Modality>) {
@@ -479,16 +471,7 @@ fn lora_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
     assert_eq!(adapters.len(), 4);
     let frozen_tokens = load_images(&model(), &task, &dev).unwrap();
     let tuned_tokens = load_images(&seg.model, &task, &dev).unwrap();
-    let diff = frozen_tokens[0]
-        .patches
-        .sub(&tuned_tokens[0].patches)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&frozen_tokens[0].patches, &tuned_tokens[0].patches);
     assert!(
         diff > 1e-4,
         "the adapted tower gives the frozen tokens ({diff})"
@@ -526,8 +509,7 @@ fn lora_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
     // The loaded model carries the trained adapters: the same tokens, bit for bit.
     let reloaded_tokens = load_images(&loaded.model, &task, &dev).unwrap();
     for (a, b) in tuned_tokens.iter().zip(&reloaded_tokens) {
-        let d = a.patches.sub(&b.patches).unwrap().abs().unwrap();
-        assert_eq!(d.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(max_abs_diff(&a.patches, &b.patches), 0.0);
     }
 
     std::fs::remove_dir_all(art.join("lora")).unwrap();

@@ -3,7 +3,7 @@
 //! the saved answerer writes exactly what the trained one writes; a tokenizer whose
 //! vocabulary does not match the decoder is refused with the file named.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
@@ -13,12 +13,8 @@ use medvlm_tasks::vqa_generative::{
 };
 use medvlm_tasks::vqa_pipeline::{encode_pairs, VqaTask};
 
-fn fixture() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../medvlm-models/tests/fixtures/clip")
-        .display()
-        .to_string()
-}
+mod common;
+use common::fixture;
 
 fn phantoms(dir: &Path, n: u64) {
     medvlm_phantoms::write_dataset(&DatasetConfig {

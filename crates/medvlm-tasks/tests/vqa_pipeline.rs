@@ -15,12 +15,8 @@ use medvlm_tasks::vqa_pipeline::{
     normalise_answer, train, MajorityBaseline, VqaItem, VqaModel, VqaTask, VqaTrainOptions,
 };
 
-fn fixture() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../medvlm-models/tests/fixtures/clip")
-        .display()
-        .to_string()
-}
+mod common;
+use common::{fixture, max_abs_diff};
 
 fn phantoms(dir: &Path, n: u64) {
     medvlm_phantoms::write_dataset(&DatasetConfig {
@@ -357,14 +353,7 @@ fn pixel_features_are_per_image_standardised_cells() {
     let emb = answerer_image_features(&m, &files, 0, 0, &Device::Cpu).unwrap();
     let e = emb.dim(1).unwrap();
     assert_eq!(all.dims(), &[2, e + 4]);
-    let diff: f32 = (all.narrow(1, 0, e).unwrap() - &emb)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = max_abs_diff(&all.narrow(1, 0, e).unwrap(), &emb);
     assert!(diff < 1e-5, "{diff}");
     let f = all.narrow(1, e, 4).unwrap();
     let v: Vec<Vec<f32>> = f.to_vec2().unwrap();

@@ -1,0 +1,33 @@
+//! Helpers shared by the task tests that run on the tiny CLIP parity fixture (random weights,
+//! 32 px, a 4x4 patch grid; `mod common;` in each test file).
+// Each test binary compiles its own copy of this module and uses a subset of it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The CLIP parity fixture's folder, as a model spec.
+pub fn fixture() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../medvlm-models/tests/fixtures/clip")
+        .display()
+        .to_string()
+}
+
+/// The CLIP parity fixture, loaded on the CPU.
+pub fn model() -> medvlm_models::LoadedModel {
+    medvlm_models::load_model(&fixture(), &Default::default()).unwrap()
+}
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
