@@ -511,6 +511,18 @@ impl ImageEncoder for BiomedClip {
         })
     }
 
+    fn supports_image_windows(&self) -> bool {
+        true
+    }
+    fn encode_image_windows(
+        &self,
+        pixel_values: &Tensor,
+        windows: &[Vec<usize>],
+    ) -> Result<Tensor> {
+        let pooled = self.vision.forward_windows(pixel_values, windows)?;
+        Ok(self.vision_proj.forward(&pooled)?)
+    }
+
     fn vision_hidden_size(&self) -> usize {
         self.cfg.vision.width
     }

@@ -410,6 +410,20 @@ impl ClipVisionTransformer {
         self.encoder.forward_layers(&x, None, layers)
     }
 
+    /// The pooled class token (after `post_layernorm`) of each window of patches, `[B, W, D]`
+    /// (see [`crate::vlm::ImageEncoder::encode_image_windows`]); `pre_layrnorm` acts token by
+    /// token, so choosing tokens after it is choosing them before it.
+    pub fn forward_windows(&self, pixel_values: &Tensor, windows: &[Vec<usize>]) -> Result<Tensor> {
+        let (x, _) = self.embed(pixel_values, None)?;
+        let b = x.dim(0)?;
+        let seqs = crate::vlm::window_token_sequences(&x, 1, windows)?;
+        let h = self.encoder.forward(&seqs, None, None)?;
+        let pooled = self
+            .post_layernorm
+            .forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?;
+        Ok(pooled.reshape((b, windows.len(), self.cfg.hidden_size))?)
+    }
+
     /// The encoder's input (class token + patches + positions, prompts inserted, then
     /// `pre_layrnorm`) and the number of prompt tokens.
     fn embed(
@@ -565,6 +579,17 @@ impl ImageEncoder for ClipModel {
             hidden_states: self.vision_model.forward_layers(pixel_values, layers)?,
             num_prefix_tokens: 1,
         })
+    }
+    fn supports_image_windows(&self) -> bool {
+        true
+    }
+    fn encode_image_windows(
+        &self,
+        pixel_values: &Tensor,
+        windows: &[Vec<usize>],
+    ) -> Result<Tensor> {
+        let pooled = self.vision_model.forward_windows(pixel_values, windows)?;
+        Ok(self.visual_projection.forward(&pooled)?)
     }
     fn project_patch_tokens(&self, out: &VisionOutput) -> Result<Option<Tensor>> {
         // The class token is pooled by post_layernorm + visual_projection; the same two maps

@@ -267,6 +267,19 @@ impl TimmVit {
         Ok(layers.iter().map(|&k| states[k - 1].clone()).collect())
     }
 
+    /// The class token after the final norm for each window of patches, `[B, W, D]` (see
+    /// [`crate::vlm::ImageEncoder::encode_image_windows`]).
+    pub fn forward_windows(&self, pixel_values: &Tensor, windows: &[Vec<usize>]) -> Result<Tensor> {
+        let (x, _) = self.embed(pixel_values, None)?;
+        let b = x.dim(0)?;
+        let mut x = crate::vlm::window_token_sequences(&x, 1, windows)?;
+        for block in &self.blocks {
+            x = block.forward(&x)?;
+        }
+        let pooled = Self::pool(&self.norm.forward(&x)?)?;
+        Ok(pooled.reshape((b, windows.len(), self.cfg.width))?)
+    }
+
     /// The blocks' input (class token + patches + positions, prompts inserted) and the
     /// number of prompt tokens.
     fn embed(

@@ -202,6 +202,52 @@ pub fn check_vision_layers(layers: &[usize], depth: usize) -> Result<()> {
     Ok(())
 }
 
+/// The sequences of WinCLIP's window masking ([`ImageEncoder::encode_image_windows`]):
+/// from `x` `[B, prefix + N, D]` (the prefix tokens, then the `N` patch tokens, position
+/// embeddings added), for every window the prefix tokens and the window's patch tokens, as
+/// `[B * W, prefix + k, D]` (image-major: row `b * W + w`). Every window must hold the same
+/// number `k >= 1` of distinct patch indices below `N`.
+pub fn window_token_sequences(x: &Tensor, prefix: usize, windows: &[Vec<usize>]) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let n = t.checked_sub(prefix).unwrap_or(0);
+    let k = windows.first().map_or(0, Vec::len);
+    if windows.is_empty() || k == 0 {
+        return Err(ModelError::invalid(
+            "no window of patch tokens given (each window needs at least one patch)",
+        ));
+    }
+    for (i, w) in windows.iter().enumerate() {
+        if w.len() != k {
+            return Err(ModelError::invalid(format!(
+                "window {i} holds {} patches, window 0 holds {k}: windows of one call must \
+                 have the same size",
+                w.len()
+            )));
+        }
+        if let Some(&bad) = w.iter().find(|&&p| p >= n) {
+            return Err(ModelError::invalid(format!(
+                "window {i} names patch {bad}, but the image has {n} patches"
+            )));
+        }
+        let mut sorted = w.clone();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|p| p[0] == p[1]) {
+            return Err(ModelError::invalid(format!(
+                "window {i} names a patch twice"
+            )));
+        }
+    }
+    let idx: Vec<u32> = windows
+        .iter()
+        .flat_map(|w| (0..prefix).chain(w.iter().map(|&p| prefix + p)))
+        .map(|i| i as u32)
+        .collect();
+    let idx = Tensor::new(idx.as_slice(), x.device())?;
+    let w = windows.len();
+    // [B, W * (prefix + k), D] -> [B * W, prefix + k, D]
+    Ok(x.index_select(&idx, 1)?.reshape((b * w, prefix + k, d))?)
+}
+
 /// A text tower.
 pub trait TextEncoder: Send + Sync {
     /// Encode a batch, optionally substituting token embeddings.
@@ -276,6 +322,29 @@ pub trait ImageEncoder: Send + Sync {
         Err(ModelError::invalid(
             "this image tower does not give the hidden states of its intermediate layers \
              (available for the vision transformers: CLIP, SigLIP, BiomedCLIP)",
+        ))
+    }
+    /// Whether [`ImageEncoder::encode_image_windows`] is available.
+    fn supports_image_windows(&self) -> bool {
+        false
+    }
+    /// Embeddings in the joint space of windows of the patch grid, `[B, W, E]` (not
+    /// normalised): for each window (a list of patch indices, row-major on the grid, all
+    /// windows of one call the same size) the tower runs on its prefix tokens and the
+    /// window's patch tokens only, each with its own position embedding, and pools and
+    /// projects as for the whole image; patches outside the window do not take part
+    /// (WinCLIP's window masking, Jeong et al., CVPR 2023, section 4.2: the transformer
+    /// takes a subset of tokens, so one forward pass per window costs as many tokens as the
+    /// window holds). A window of every patch gives [`ImageEncoder::encode_image`]'s
+    /// `embeds`. Default: an error (towers without a token sequence).
+    fn encode_image_windows(
+        &self,
+        _pixel_values: &Tensor,
+        _windows: &[Vec<usize>],
+    ) -> Result<Tensor> {
+        Err(ModelError::invalid(
+            "this image tower cannot encode windows of its patch grid (available for the \
+             vision transformers with a class token: CLIP, BiomedCLIP)",
         ))
     }
 }
