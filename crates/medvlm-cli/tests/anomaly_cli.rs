@@ -103,7 +103,19 @@ fn anomaly_fit_then_eval_and_predict() {
         assert!(m["memory"]["image_auroc"].is_number(), "{m}");
         // The CLIP fixture projects its patch tokens: the zero-shot branch is evaluated too.
         assert!(m["zero_shot"]["image_auroc"].is_number(), "{m}");
+        // ... and encodes windows: WinCLIP's windows and WinCLIP+.
+        for key in ["zero_shot_windows", "winclip_plus"] {
+            for metric in ["image_auroc", "pixel_auroc", "aupro"] {
+                let v = m[key][metric].as_f64().unwrap_or(-1.0);
+                assert!((0.0..=1.0).contains(&v), "{key}.{metric}: {m}");
+            }
+        }
     }
+    assert!(table.contains("WinCLIP windows"), "{table}");
+    assert_eq!(
+        card["options"]["windows"]["scales"],
+        serde_json::json!([2, 3])
+    );
 
     // Predict on two brain MRI images: maps, overlays, scores.
     let man = std::fs::read_to_string(ph.join("manifest.jsonl")).unwrap();
@@ -210,6 +222,31 @@ fn anomaly_fit_then_eval_and_predict() {
             .unwrap(),
     );
     assert!(err.contains("fewer than the 500 shots"), "{err}");
+    // A window larger than the 4 x 4 patch grid: refused before fitting.
+    let err = fails(
+        &bin()
+            .args([
+                "anomaly",
+                "fit",
+                "--shots",
+                "3",
+                "--window-scales",
+                "2,5",
+                "--model",
+            ])
+            .arg(model())
+            .arg("--manifest")
+            .arg(ph.join("manifest.jsonl"))
+            .arg("--out")
+            .arg(tmp.path().join("z"))
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        err.contains("5 x 5 patches does not fit the 4 x 4"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("z").exists());
 }
 
 /// `--supervised-steps`: the fit says what the head trained on, the card records it, the

@@ -209,7 +209,7 @@ pub fn check_vision_layers(layers: &[usize], depth: usize) -> Result<()> {
 /// number `k >= 1` of distinct patch indices below `N`.
 pub fn window_token_sequences(x: &Tensor, prefix: usize, windows: &[Vec<usize>]) -> Result<Tensor> {
     let (b, t, d) = x.dims3()?;
-    let n = t.checked_sub(prefix).unwrap_or(0);
+    let n = t.saturating_sub(prefix);
     let k = windows.first().map_or(0, Vec::len);
     if windows.is_empty() || k == 0 {
         return Err(ModelError::invalid(

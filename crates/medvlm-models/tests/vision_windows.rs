@@ -95,13 +95,17 @@ fn clip_window_sees_only_its_patches_each_at_its_position() {
     let (px, _) = inputs("clip");
     // 4 x 4 grid of 8 px patches; window: the 2 x 2 square at the top left.
     let window = vec![0, 1, 4, 5];
-    let base = m.encode_image_windows(&px, &[window.clone()]).unwrap();
+    let base = m
+        .encode_image_windows(&px, std::slice::from_ref(&window))
+        .unwrap();
     // Every patch outside the window painted over: the same embedding.
     let mut outside = px.clone();
     for p in (0..16).filter(|p| !window.contains(p)) {
         outside = paint_patch(&outside, p, 4, 8, 3.0);
     }
-    let same = m.encode_image_windows(&outside, &[window.clone()]).unwrap();
+    let same = m
+        .encode_image_windows(&outside, std::slice::from_ref(&window))
+        .unwrap();
     assert_close("outside pixels changed", &same, &base, 1e-6);
     // ... while the whole image's embedding moves.
     assert!(
@@ -112,7 +116,9 @@ fn clip_window_sees_only_its_patches_each_at_its_position() {
     );
     // One patch inside painted: the embedding moves.
     let inside = paint_patch(&px, 5, 4, 8, 3.0);
-    let moved = m.encode_image_windows(&inside, &[window.clone()]).unwrap();
+    let moved = m
+        .encode_image_windows(&inside, std::slice::from_ref(&window))
+        .unwrap();
     assert!(max_abs_diff(&moved, &base) > 1e-3);
     // The order in which the window lists its patches does not matter ...
     let reordered = m.encode_image_windows(&px, &[vec![5, 0, 4, 1]]).unwrap();

@@ -27,6 +27,9 @@ pub enum AnomalyError {
     /// Tensor error.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The model.
+    #[error(transparent)]
+    Model(#[from] medvlm_models::ModelError),
     /// Inputs or settings that cannot work (the message says which).
     #[error("{0}")]
     Invalid(String),

@@ -8,10 +8,17 @@
 //!   false-positive rate on other normal images (the calibration split when given, else the
 //!   training normals outside the memory);
 //! * **score**: anomaly maps at the model's input size and image scores (the map maximum);
-//! * **zero-shot** (no normal images; WinCLIP's two-state comparison, Jeong et al., CVPR
-//!   2023, without its multi-scale windows): each projected patch token's highest cosine to an
-//!   abnormal state's prompts minus its cosine to the normal state's ([`state_prompts`]), mapped
-//!   like the memory's scores; evaluated beside the memory method;
+//! * **zero-shot** (no normal images; WinCLIP, Jeong et al., CVPR 2023), two variants
+//!   evaluated beside the memory method, both against the state prompts of [`state_prompts`]:
+//!   *patch tokens*, each projected patch token's highest cosine to an abnormal state minus its
+//!   cosine to the normal state, mapped like the memory's scores; and *windows*
+//!   ([`crate::winclip`]), WinCLIP's multi-scale windows of patches embedded like whole images,
+//!   their abnormal probabilities aggregated per patch (harmonic mean) and averaged over the
+//!   scales ([`AnomalyOptions::windows`]), the image score the whole image's abnormal
+//!   probability;
+//! * **WinCLIP+** (evaluated when the tower has windows): the mean of the windows' map and
+//!   the memory's map, and of the two image scores, WinCLIP+'s combination of its zero-shot
+//!   and few-shot branches;
 //! * **evaluate** ([`AnomalyDetector::evaluate`]): image AUROC, pixel AUROC and AUPRO
 //!   ([`medvlm_eval::anomaly`]) and the decision's false-positive and true-positive rates at
 //!   the threshold; the same for two baselines with the same normal images: *global*, the
@@ -46,8 +53,10 @@ use crate::segmentation::{
     predict_probabilities, train_head, SegHeadConfig, SegSample, TextSegHead,
 };
 use crate::segmentation_pipeline::{
-    load_images, model_fingerprint, LoadedImage, SegItem, SegPipelineError, SegTask,
+    load_images, load_images_visiting, model_fingerprint, LoadedImage, SegItem, SegPipelineError,
+    SegTask,
 };
+use crate::winclip::WindowScores;
 use candle_nn::{VarBuilder, VarMap};
 
 /// Errors of the anomaly pipeline (they name the file and the reason).
@@ -189,6 +198,10 @@ pub struct AnomalyOptions {
     /// seeded draw beyond it). Default 800.
     #[serde(default = "default_supervised_images")]
     pub supervised_images: usize,
+    /// WinCLIP's window scales of the zero-shot branch (sides in patches). Cards written
+    /// before the windows existed read the default.
+    #[serde(default)]
+    pub windows: crate::winclip::WindowConfig,
 }
 
 fn default_supervised_images() -> usize {
@@ -204,6 +217,7 @@ impl Default for AnomalyOptions {
             memory: MemoryConfig::default(),
             supervised_steps: 0,
             supervised_images: default_supervised_images(),
+            windows: Default::default(),
         }
     }
 }
@@ -288,18 +302,45 @@ pub fn state_prompts(modality: Option<&str>) -> (Vec<String>, Vec<Vec<String>>) 
             return (normal, abnormal);
         }
     }
-    let what = modality.unwrap_or("medical").replace('_', " ");
-    (
-        vec![
-            format!("a normal {what} image"),
-            format!("a {what} image without abnormality"),
-        ],
-        vec![vec![
-            format!("an abnormal {what} image"),
-            format!("a {what} image with a lesion"),
-        ]],
-    )
+    let what = format!("{} image", modality.unwrap_or("medical").replace('_', " "));
+    let compose = |states: &[&str]| -> Vec<String> {
+        states
+            .iter()
+            .flat_map(|st| {
+                let object = st.replace("{}", &what);
+                STATE_TEMPLATES
+                    .iter()
+                    .map(move |t| t.replace("{}", &object))
+            })
+            .collect()
+    };
+    (compose(NORMAL_STATES), vec![compose(ABNORMAL_STATES)])
 }
+
+/// WinCLIP's compositional prompt ensemble (Jeong et al., CVPR 2023, section 4.1): state
+/// words, each in every template, the embeddings of a state averaged. WinCLIP's words describe
+/// industrial objects ("flawless", "damaged"); these describe findings.
+const NORMAL_STATES: &[&str] = &[
+    "a normal {}",
+    "a healthy {}",
+    "an unremarkable {}",
+    "a {} without abnormality",
+    "a {} with no findings",
+];
+const ABNORMAL_STATES: &[&str] = &[
+    "an abnormal {}",
+    "a {} with a lesion",
+    "a {} with an abnormality",
+    "a {} with a pathological finding",
+    "a {} showing disease",
+];
+const STATE_TEMPLATES: &[&str] = &[
+    "{}.",
+    "a photo of {}.",
+    "an example of {}.",
+    "a medical image of {}.",
+    "a scan showing {}.",
+];
 
 /// Zero-shot patch scores `[N, P]`: for each projected patch token, the highest cosine to an
 /// abnormal state minus the cosine to the normal state (WinCLIP's two-state comparison; the
@@ -569,6 +610,16 @@ pub fn fit(
         size = (mem_images[0].grey.dim(1)?).max(size);
         let patches = stack_patches(&mem_images)?;
         let grid = grid_of(&m, patches.dim(1)?)?;
+        if m.model.supports_image_windows() {
+            if options.windows.scales.is_empty() {
+                return Err(AnomalyPipelineError::Invalid(
+                    "no WinCLIP window scale given".into(),
+                ));
+            }
+            for &side in &options.windows.scales {
+                crate::winclip::square_windows(grid, side, options.windows.stride)?;
+            }
+        }
         let memory = NormalMemory::fit(&patches, grid, options.memory.clone())?;
         let normal_means = l2(&patches.mean(1)?)?;
         let greys: Vec<Vec<f32>> = mem_images.iter().map(grey_of).collect::<Result<_>>()?;
@@ -615,16 +666,17 @@ pub fn fit(
             None => None,
         };
         let memory_images: Vec<PathBuf> = mem_images.iter().map(|i| i.path.clone()).collect();
-        let zero_shot_text = if mem_images[0].projected.is_some() {
-            let (normal, abnormal) = state_prompts(modality.as_deref());
-            let mut lists = vec![normal];
-            lists.extend(abnormal);
-            Some(crate::segmentation_pipeline::prompt_embeddings(
-                &m, &lists, device,
-            )?)
-        } else {
-            None
-        };
+        let zero_shot_text =
+            if mem_images[0].projected.is_some() || m.model.supports_image_windows() {
+                let (normal, abnormal) = state_prompts(modality.as_deref());
+                let mut lists = vec![normal];
+                lists.extend(abnormal);
+                Some(crate::segmentation_pipeline::prompt_embeddings(
+                    &m, &lists, device,
+                )?)
+            } else {
+                None
+            };
         cards.push(ModalityCard {
             modality: modality.clone(),
             threshold,
@@ -720,8 +772,15 @@ pub struct ModalityEvaluation {
     pub n_unmasked: usize,
     /// The memory method.
     pub memory: MethodMetrics,
-    /// The zero-shot branch (no normal images; `None` without projected patch tokens).
+    /// The zero-shot branch on patch tokens (no normal images; `None` without projected
+    /// patch tokens).
     pub zero_shot: Option<MethodMetrics>,
+    /// The zero-shot branch on WinCLIP's windows (`None`: the tower has no windows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero_shot_windows: Option<MethodMetrics>,
+    /// WinCLIP+: the mean of the windows' and the memory's maps and image scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winclip_plus: Option<MethodMetrics>,
     /// Baseline: mean patch token's distance to the nearest normal (image level).
     pub global_baseline_image_auroc: Option<f64>,
     /// Baseline: smoothed difference from the mean normal image (localisation).
@@ -826,7 +885,34 @@ impl AnomalyDetector {
             let idx: Vec<usize> = (0..task.items.len())
                 .filter(|&i| task.items[i].item.modality == modality)
                 .collect();
-            let images = load_images(&self.model, &task.seg_task(&idx), device)?;
+            // WinCLIP's windows read the pixels of each batch as the images are loaded.
+            let mut windows: Option<WindowScores> = None;
+            let images = match (
+                &det.zero_shot_text,
+                self.model.model.supports_image_windows(),
+            ) {
+                (Some(text), true) => {
+                    let acc = windows.get_or_insert(WindowScores {
+                        patch_maps: Vec::new(),
+                        image_scores: Vec::new(),
+                    });
+                    let mut visit = |px: &Tensor| -> std::result::Result<(), SegPipelineError> {
+                        let z = crate::winclip::zero_shot(
+                            self.model.model.as_ref(),
+                            px,
+                            text,
+                            det.memory.grid,
+                            &self.card.options.windows,
+                        )
+                        .map_err(|e| SegPipelineError::Invalid(format!("WinCLIP windows: {e}")))?;
+                        acc.patch_maps.extend(z.patch_maps);
+                        acc.image_scores.extend(z.image_scores);
+                        Ok(())
+                    };
+                    load_images_visiting(&self.model, &task.seg_task(&idx), &mut visit, device)?
+                }
+                _ => load_images(&self.model, &task.seg_task(&idx), device)?,
+            };
             let scored = self.score_memory(det, &images)?;
             let anomalous: Vec<bool> = idx.iter().map(|&i| !task.items[i].normal).collect();
             let masked: Vec<bool> = idx.iter().map(|&i| task.items[i].fully_masked).collect();
@@ -911,6 +997,40 @@ impl AnomalyDetector {
                 }
                 _ => None,
             };
+            let (zero_shot_windows, winclip_plus) = match &windows {
+                Some(z) => {
+                    let flat: Vec<f32> = z.patch_maps.iter().flatten().copied().collect();
+                    let n = z.patch_maps.len();
+                    let maps = anomaly_maps(
+                        &Tensor::from_vec(
+                            flat,
+                            (n, det.memory.grid.0 * det.memory.grid.1),
+                            &Device::Cpu,
+                        )?,
+                        det.memory.grid,
+                        size,
+                        det.memory.config.sigma,
+                    )?;
+                    let mut zm = pixel_metrics(&maps.iter().collect::<Vec<_>>())?;
+                    zm.image_auroc = auroc_binary(&z.image_scores, &anomalous)?;
+                    // WinCLIP+: the mean of the zero-shot and few-shot maps and image scores.
+                    let plus_maps: Vec<Vec<f32>> = maps
+                        .iter()
+                        .zip(&scored)
+                        .map(|(a, b)| a.iter().zip(&b.map).map(|(x, y)| (x + y) / 2.0).collect())
+                        .collect();
+                    let plus_scores: Vec<f32> = z
+                        .image_scores
+                        .iter()
+                        .zip(&scores)
+                        .map(|(a, b)| (a + b) / 2.0)
+                        .collect();
+                    let mut pm = pixel_metrics(&plus_maps.iter().collect::<Vec<_>>())?;
+                    pm.image_auroc = auroc_binary(&plus_scores, &anomalous)?;
+                    (Some(zm), Some(pm))
+                }
+                None => (None, None),
+            };
             // Share of normal (false) and anomalous (true) images called anomalous.
             let rates = |called: &[bool]| {
                 let rate = |want: bool| {
@@ -956,6 +1076,8 @@ impl AnomalyDetector {
                     .count(),
                 memory,
                 zero_shot,
+                zero_shot_windows,
+                winclip_plus,
                 global_baseline_image_auroc: auroc_binary(&global, &anomalous)?,
                 pixel_difference_baseline: diff,
                 false_positive_rate: memory_fpr,
@@ -1192,6 +1314,29 @@ impl AnomalyEvaluation {
                 m.true_positive_rate,
                 m.target_false_positive_rate
             ));
+        }
+        if self
+            .modalities
+            .iter()
+            .any(|m| m.zero_shot_windows.is_some() || m.winclip_plus.is_some())
+        {
+            s.push_str(
+                "\nWinCLIP windows (zero-shot: window embeddings against the state prompts) and WinCLIP+ (their mean with the memory):\n\n| modality | image AUROC (windows / WinCLIP+) | pixel AUROC (windows / WinCLIP+) | AUPRO@0.3 (windows / WinCLIP+) |\n|---|---|---|---|\n",
+            );
+            for m in &self.modalities {
+                let w = m.zero_shot_windows.as_ref();
+                let p = m.winclip_plus.as_ref();
+                s.push_str(&format!(
+                    "| {} | {} / {} | {} / {} | {} / {} |\n",
+                    m.modality.as_deref().unwrap_or("-"),
+                    f(w.and_then(|x| x.image_auroc)),
+                    f(p.and_then(|x| x.image_auroc)),
+                    f(w.and_then(|x| x.pixel_auroc)),
+                    f(p.and_then(|x| x.pixel_auroc)),
+                    f(w.and_then(|x| x.aupro)),
+                    f(p.and_then(|x| x.aupro)),
+                ));
+            }
         }
         if self.modalities.iter().any(|m| m.supervised.is_some()) {
             s.push_str(
@@ -1436,14 +1581,20 @@ mod tests {
         let m: medvlm_phantoms::Modality = "chest_xray".parse().unwrap();
         assert_eq!(abnormal.len(), m.findings().len());
         assert!(abnormal.iter().all(|p| !p.is_empty()));
+        // Other modalities: WinCLIP's compositional ensemble, every state in every template.
         let (normal, abnormal) = state_prompts(Some("ultrasound"));
-        assert_eq!(normal[0], "a normal ultrasound image");
+        assert_eq!(normal.len(), NORMAL_STATES.len() * STATE_TEMPLATES.len());
+        assert_eq!(abnormal.len(), 1);
         assert_eq!(
-            abnormal,
-            vec![vec![
-                "an abnormal ultrasound image".to_string(),
-                "a ultrasound image with a lesion".to_string()
-            ]]
+            abnormal[0].len(),
+            ABNORMAL_STATES.len() * STATE_TEMPLATES.len()
         );
+        assert_eq!(normal[0], "a normal ultrasound image.");
+        assert!(normal.contains(&"a photo of an unremarkable ultrasound image.".to_string()));
+        assert!(abnormal[0]
+            .contains(&"a medical image of a ultrasound image with a lesion.".to_string()));
+        assert!(normal.iter().all(|p| p.contains("ultrasound image")));
+        let (n2, _) = state_prompts(Some("knee_mri"));
+        assert!(n2.contains(&"a scan showing a healthy knee mri image.".to_string()));
     }
 }

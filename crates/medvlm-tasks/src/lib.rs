@@ -77,3 +77,4 @@ pub mod text_condition;
 pub mod vqa;
 pub mod vqa_generative;
 pub mod vqa_pipeline;
+pub mod winclip;

@@ -469,7 +469,23 @@ pub fn load_images_with_layers(
     layers: &[usize],
     device: &Device,
 ) -> Result<Vec<LoadedImage>> {
-    Ok(load_images_for_head(m, task, layers, HeadLoading::default(), device)?.0)
+    Ok(load_images_for_head(m, task, layers, HeadLoading::default(), None, device)?.0)
+}
+
+/// A function shown every batch of preprocessed pixels `[B, 3, S, S]` (on the device) as
+/// [`load_images_visiting`] reads them, in the order of the task's items.
+pub type PixelVisitor<'a> = &'a mut dyn FnMut(&Tensor) -> Result<()>;
+
+/// [`load_images`], showing each batch's pixel tensor to `visit` (for another pass of the
+/// tower over the same pixels, e.g. WinCLIP's windows) without reading the files again or
+/// keeping every image's pixels.
+pub fn load_images_visiting(
+    m: &LoadedModel,
+    task: &SegTask,
+    visit: PixelVisitor,
+    device: &Device,
+) -> Result<Vec<LoadedImage>> {
+    Ok(load_images_for_head(m, task, &[], HeadLoading::default(), Some(visit), device)?.0)
 }
 
 /// What [`load_images_for_head`] does besides [`load_images_with_layers`]'s work.
@@ -490,6 +506,7 @@ fn load_images_for_head(
     task: &SegTask,
     layers: &[usize],
     how: HeadLoading,
+    mut visit: Option<PixelVisitor>,
     device: &Device,
 ) -> Result<(Vec<LoadedImage>, Vec<Tensor>)> {
     let size = m.model.image_size();
@@ -527,6 +544,9 @@ fn load_images_for_head(
         } else {
             encode_patches_with_layers(m, &px, layers)?
         };
+        if let Some(v) = visit.as_mut() {
+            v(&px)?;
+        }
         if how.keep_pixels {
             for i in 0..chunk.len() {
                 kept.push(px.get(i)?);
@@ -934,6 +954,7 @@ pub fn train_segmenter(
             keep_pixels: opts.lora.is_some(),
             ..Default::default()
         },
+        None,
         device,
     )?;
     let prompts: Vec<Vec<String>> = classes.iter().map(|c| c.prompts.clone()).collect();
@@ -1534,6 +1555,7 @@ impl Segmenter {
                 frozen_projection: self.card.lora.is_some(),
                 ..Default::default()
             },
+            None,
             device,
         )?;
         let classes = &self.card.classes;

@@ -73,6 +73,10 @@ pub struct FitArgs {
     /// Most training images of the supervised head (a seeded draw beyond it).
     #[arg(long, default_value_t = 800, value_parser = crate::commands::at_least_one)]
     pub supervised_images: usize,
+    /// Window sides in patches of the WinCLIP zero-shot branch (one map per side,
+    /// averaged), e.g. 2,3 (the default); each must fit the tower's patch grid.
+    #[arg(long, value_delimiter = ',', default_value = "2,3", value_parser = crate::commands::at_least_one)]
+    pub window_scales: Vec<usize>,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -156,6 +160,10 @@ fn fit_cmd(a: FitArgs) -> anyhow::Result<()> {
         },
         supervised_steps: a.supervised_steps,
         supervised_images: a.supervised_images,
+        windows: medvlm_tasks::winclip::WindowConfig {
+            scales: a.window_scales,
+            stride: 1,
+        },
     };
     let det = fit(m, &a.model, &train, calib.as_ref(), &options, &device)?;
     det.save(&a.out)?;
