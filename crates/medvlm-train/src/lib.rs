@@ -26,6 +26,7 @@
 //! # }
 //! ```
 
+pub mod bottleneck;
 pub mod checkpoint;
 pub mod data;
 pub mod finetune;
