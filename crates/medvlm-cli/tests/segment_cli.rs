@@ -176,3 +176,65 @@ fn segment_train_reads_the_layers_it_is_given() {
     );
     assert!(!tmp.path().join("bad").join("segmenter.json").exists());
 }
+
+/// `--adapter-bottleneck`: the tower's adapters train with the head, are saved in `adapter/`
+/// and the card says so; with `--lora-rank` too, or `--adapter-targets` alone, it is refused.
+#[test]
+fn segment_train_with_bottleneck_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ph = phantoms(tmp.path());
+    let train = |extra: &[&str], out: &Path| {
+        let model = model();
+        let manifest = ph.join("manifest.jsonl");
+        let mut args = vec![
+            "segment",
+            "train",
+            "--model",
+            arg(&model),
+            "--manifest",
+            arg(&manifest),
+            "--out",
+            arg(out),
+            "--steps",
+            "5",
+            "--width",
+            "16",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let seg = tmp.path().join("seg-adapter");
+    let out = ok(&train(
+        &["--adapter-bottleneck", "4", "--adapter-targets", "fc2"],
+        &seg,
+    ));
+    assert!(
+        out.contains("image-tower bottleneck adapters trained with the head: width 4, on fc2"),
+        "{out}"
+    );
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(seg.join("segmenter.json")).unwrap()).unwrap();
+    assert_eq!(card["adapter"]["bottleneck"], serde_json::json!(4));
+    assert!(seg.join("adapter/adapter_model.safetensors").is_file());
+    let table = ok(&run(&[
+        "segment",
+        "eval",
+        "--segmenter",
+        arg(&seg),
+        "--manifest",
+        arg(&ph.join("manifest.jsonl")),
+    ]));
+    assert!(table.contains("dermoscopy"), "{table}");
+    let err = fails(&train(
+        &["--adapter-bottleneck", "4", "--lora-rank", "2"],
+        &tmp.path().join("both"),
+    ));
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = fails(&train(&["--adapter-targets", "fc2"], &tmp.path().join("t")));
+    assert!(err.contains("--adapter-bottleneck"), "{err}");
+    let err = fails(&train(
+        &["--adapter-bottleneck", "0"],
+        &tmp.path().join("z"),
+    ));
+    assert!(err.contains("at least 1"), "{err}");
+}

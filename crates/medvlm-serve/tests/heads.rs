@@ -112,6 +112,7 @@ async fn segment_and_anomaly_answer_as_the_library() {
             pixel_width: None,
             grey_standardise: None,
             lora: None,
+            adapter: None,
         },
         &seg_dir,
         &dev,

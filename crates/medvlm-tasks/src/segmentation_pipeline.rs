@@ -64,6 +64,10 @@ use crate::segmentation::{
     predict_masks, similarity_masks, train_head_with, SegError, SegHeadConfig, SegSample,
     TextSegHead, TunedTower,
 };
+use medvlm_train::bottleneck::{
+    apply_bottleneck_adapters, load_bottleneck_adapters, save_bottleneck_adapters,
+    set_bottleneck_enabled, AdapterSpec,
+};
 use medvlm_train::finetune::Towers;
 use medvlm_train::lora::{
     apply_lora, load_lora_adapters, save_lora_adapters, set_lora_enabled, set_lora_training,
@@ -494,8 +498,8 @@ struct HeadLoading {
     /// Also return each image's pixel tensor `[3, S, S]` (on the device), for training
     /// through the image tower.
     keep_pixels: bool,
-    /// Compute the projected tokens (the training-free baseline's) with the tower's LoRA
-    /// adapters switched off, the patch tokens with them on.
+    /// Compute the projected tokens (the training-free baseline's) with the tower's LoRA or
+    /// bottleneck adapters switched off, the patch tokens with them on.
     frozen_projection: bool,
 }
 
@@ -533,7 +537,7 @@ fn load_images_for_head(
         }
         let px = pre.batch(&pixels, device)?;
         let (patches, projected) = if how.frozen_projection {
-            let projected = with_lora_off(m, || {
+            let projected = with_adapters_off(m, || {
                 let out = m.model.encode_image(&px)?;
                 Ok(m.model
                     .project_patch_tokens(&out)?
@@ -567,11 +571,14 @@ fn load_images_for_head(
     Ok((out, kept))
 }
 
-/// Runs `f` with the LoRA adapters on `m` (if any) switched off, and on again after.
-fn with_lora_off<T>(m: &LoadedModel, f: impl FnOnce() -> Result<T>) -> Result<T> {
+/// Runs `f` with the image tower's adapters on `m` (LoRA, bottleneck; if any) switched off,
+/// and on again after.
+fn with_adapters_off<T>(m: &LoadedModel, f: impl FnOnce() -> Result<T>) -> Result<T> {
     set_lora_enabled(m.model.as_ref(), false);
+    set_bottleneck_enabled(m.model.as_ref(), false);
     let out = f();
     set_lora_enabled(m.model.as_ref(), true);
+    set_bottleneck_enabled(m.model.as_ref(), true);
     out
 }
 
@@ -796,6 +803,9 @@ pub struct TrainOptions {
     /// LoRA adapters in the image tower, trained with the head (see [`SegLora`]); `None`:
     /// the tower stays frozen (the default).
     pub lora: Option<SegLora>,
+    /// Bottleneck adapters in the image tower, trained with the head (see [`SegAdapter`]);
+    /// `None`: none (the default). Not together with `lora`.
+    pub adapter: Option<SegAdapter>,
 }
 
 /// LoRA in the image tower of a segmenter (Hu et al., ICLR 2022), trained with the head from
@@ -838,6 +848,41 @@ impl SegLora {
 
 /// Folder of a segmenter's LoRA adapters inside its artefact folder.
 pub const LORA_DIR: &str = "lora";
+
+/// Bottleneck adapters in the image tower of a segmenter (Houlsby et al., ICML 2019), trained
+/// with the head from the segmentation loss: VLSM-Adapter's adapter variant (Dhakal et al.,
+/// MICCAI 2024) with the engine's wrapping ([`medvlm_train::bottleneck`]). Image tower only;
+/// saved beside the head in `adapter/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegAdapter {
+    /// Bottleneck width.
+    pub bottleneck: usize,
+    /// Target layers in [`medvlm_train::lora`]'s notation (default `out`, `fc2`: Houlsby's
+    /// two places in each block).
+    pub targets: Vec<String>,
+}
+
+impl SegAdapter {
+    /// Houlsby's placement (after the attention output and the MLP) with this bottleneck.
+    pub fn new(bottleneck: usize) -> Self {
+        Self {
+            bottleneck,
+            targets: AdapterSpec::default().targets,
+        }
+    }
+
+    /// The engine's spec: these settings on the image tower.
+    pub fn spec(&self) -> AdapterSpec {
+        AdapterSpec {
+            bottleneck: self.bottleneck,
+            targets: self.targets.clone(),
+            towers: Towers::Vision,
+        }
+    }
+}
+
+/// Folder of a segmenter's bottleneck adapters inside its artefact folder.
+pub const ADAPTER_DIR: &str = "adapter";
 
 /// A trained segmenter in memory (what the artefact folder holds).
 pub struct Segmenter {
@@ -883,6 +928,16 @@ pub struct SegCard {
     /// tower is frozen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<SegLora>,
+    /// Bottleneck adapters of the image tower trained with the head (in `adapter/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<SegAdapter>,
+}
+
+impl SegCard {
+    /// Whether the image tower carries adapters trained with the head (LoRA or bottleneck).
+    pub fn tower_tuned(&self) -> bool {
+        self.lora.is_some() || self.adapter.is_some()
+    }
 }
 
 /// Format tag of the card.
@@ -945,13 +1000,18 @@ pub fn train_segmenter(
         )));
     }
     check_layers_for_model(&opts.layers, &m)?;
-    // With LoRA the pixels are kept for the tower's passes during training (read once).
+    if opts.lora.is_some() && opts.adapter.is_some() {
+        return Err(SegPipelineError::Invalid(
+            "choose LoRA or bottleneck adapters for the image tower, not both".into(),
+        ));
+    }
+    // With LoRA or adapters the pixels are kept for the tower's passes during training (read once).
     let (images, pixels) = load_images_for_head(
         &m,
         task,
         &opts.layers,
         HeadLoading {
-            keep_pixels: opts.lora.is_some(),
+            keep_pixels: opts.lora.is_some() || opts.adapter.is_some(),
             ..Default::default()
         },
         None,
@@ -1013,16 +1073,33 @@ pub fn train_segmenter(
             )
         })
         .collect::<Result<_>>()?;
-    let trained = match &opts.lora {
-        None => train_head_with(&cfg, &samples, None, device)?,
-        Some(lora) => {
+    // The tower's trainable parameters: LoRA's or the bottleneck adapters'.
+    let adapters = VarMap::new();
+    let tuned = match (&opts.lora, &opts.adapter) {
+        (Some(lora), _) => {
             if lora.rank == 0 {
                 return Err(SegPipelineError::Invalid(
                     "the LoRA rank must be at least 1".into(),
                 ));
             }
-            let adapters = VarMap::new();
-            let params = apply_lora(m.model.as_mut(), &lora.spec(), &adapters, opts.seed)?;
+            Some(apply_lora(
+                m.model.as_mut(),
+                &lora.spec(),
+                &adapters,
+                opts.seed,
+            )?)
+        }
+        (None, Some(a)) => Some(apply_bottleneck_adapters(
+            m.model.as_mut(),
+            &a.spec(),
+            &adapters,
+            opts.seed,
+        )?),
+        (None, None) => None,
+    };
+    let trained = match tuned {
+        None => train_head_with(&cfg, &samples, None, device)?,
+        Some(params) => {
             let image_of: Vec<usize> = chosen.iter().map(|p| p.image).collect();
             let model = &m;
             let layers = &opts.layers;
@@ -1058,6 +1135,7 @@ pub fn train_segmenter(
         n_train_samples: samples.len(),
         final_loss,
         lora: opts.lora.clone(),
+        adapter: opts.adapter.clone(),
     };
     Ok(TrainOutcome {
         losses: trained.losses,
@@ -1239,6 +1317,9 @@ impl Segmenter {
             // Before the card, which is written last: a folder with a card is complete.
             save_lora_adapters(self.model.model.as_ref(), &lora.spec(), &dir.join(LORA_DIR))?;
         }
+        if let Some(a) = &self.card.adapter {
+            save_bottleneck_adapters(self.model.model.as_ref(), &a.spec(), &dir.join(ADAPTER_DIR))?;
+        }
         save_head_artefact(
             dir,
             HEAD_FILE,
@@ -1320,6 +1401,17 @@ impl Segmenter {
                     format!("the segmenter's image-tower LoRA adapters do not load onto the model `{spec}`: {e}"),
                 )
             })?;
+        }
+        if card.adapter.is_some() {
+            let adapter_dir = dir.join(ADAPTER_DIR);
+            load_bottleneck_adapters(m.model.as_mut(), &adapter_dir, &VarMap::new()).map_err(
+                |e| {
+                    file_err(
+                        &adapter_dir,
+                        format!("the segmenter's image-tower bottleneck adapters do not load onto the model `{spec}`: {e}"),
+                    )
+                },
+            )?;
         }
         Ok((
             Self {
@@ -1552,7 +1644,7 @@ impl Segmenter {
             task,
             &self.card.head.layers,
             HeadLoading {
-                frozen_projection: self.card.lora.is_some(),
+                frozen_projection: self.card.tower_tuned(),
                 ..Default::default()
             },
             None,

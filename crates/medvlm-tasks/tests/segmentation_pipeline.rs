@@ -10,8 +10,8 @@ use candle_core::Device;
 use medvlm_io::Plane;
 use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
 use medvlm_tasks::segmentation_pipeline::{
-    load_images, read_plane, train_segmenter, SegLora, SegPipelineError, SegTask, Segmenter,
-    TrainOptions,
+    load_images, read_plane, train_segmenter, SegAdapter, SegLora, SegPipelineError, SegTask,
+    Segmenter, TrainOptions,
 };
 
 mod common;
@@ -49,6 +49,7 @@ fn options(steps: usize) -> TrainOptions {
         pixel_width: None,
         grey_standardise: None,
         lora: None,
+        adapter: None,
     }
 }
 
@@ -447,28 +448,27 @@ fn pixel_encoder_head_round_trips_its_card() {
     assert_eq!(old.card.head.pixel_width, 0);
 }
 
-/// LoRA in the image tower (`--lora-rank`): the adapters train with the head (their `B` moves
-/// off zero, so the patch tokens change), are saved in `lora/` and loaded back onto the
-/// model (same masks), while the training-free baseline reads the tower without them (the
-/// same thresholds and scores as beside a frozen tower). A folder without its adapters and a
-/// rank of 0 are clear errors.
-#[test]
-fn lora_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("ph");
+/// What every tuned-tower segmenter (LoRA, bottleneck adapters) must do: its adapters train
+/// with the head (the patch tokens change), are saved in `folder` and loaded back onto the
+/// model (the same masks, the same tokens bit for bit), while the training-free baseline
+/// reads the tower without them (the same thresholds and scores as beside a frozen tower);
+/// a folder without its adapters is a clear error naming `folder` and `what`. Works in
+/// `dir`; returns the task for the caller's own checks.
+fn check_tuned_tower(
+    dir: &Path,
+    tuned: TrainOptions,
+    folder: &str,
+    what: &str,
+    n_adapters: fn(&Segmenter) -> usize,
+    want_adapters: usize,
+) -> SegTask {
+    let data = dir.join("ph");
     phantoms(&data, 16, 4, vec![Modality::Dermoscopy]);
     let task = SegTask::from_manifest(&data.join("manifest.jsonl"), None).unwrap();
     let dev = Device::Cpu;
-    let lora_opts = TrainOptions {
-        lora: Some(SegLora::new(2)),
-        ..options(20)
-    };
-    let trained = train_segmenter(model(), &task, &lora_opts, &dev).unwrap();
+    let trained = train_segmenter(model(), &task, &tuned, &dev).unwrap();
     let seg = &trained.segmenter;
-    assert_eq!(seg.card.lora, Some(SegLora::new(2)));
-    // q and v of the fixture's 2 vision blocks; none in the text tower.
-    let adapters = medvlm_train::lora::lora_adapters(seg.model.model.as_ref());
-    assert_eq!(adapters.len(), 4);
+    assert_eq!(n_adapters(seg), want_adapters);
     let frozen_tokens = load_images(&model(), &task, &dev).unwrap();
     let tuned_tokens = load_images(&seg.model, &task, &dev).unwrap();
     let diff = max_abs_diff(&frozen_tokens[0].patches, &tuned_tokens[0].patches);
@@ -482,20 +482,16 @@ fn lora_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
         frozen.segmenter.card.baseline_thresholds,
         seg.card.baseline_thresholds
     );
-    let e_lora = seg.evaluate(&task, &dev).unwrap();
+    let e_tuned = seg.evaluate(&task, &dev).unwrap();
     let e_frozen = frozen.segmenter.evaluate(&task, &dev).unwrap();
-    let (b_lora, b_frozen) = (e_lora.baseline.unwrap(), e_frozen.baseline.unwrap());
-    assert_eq!(b_lora.findings.mean_dice, b_frozen.findings.mean_dice);
-    assert_eq!(b_lora.findings.mean_iou, b_frozen.findings.mean_iou);
+    let (b_tuned, b_frozen) = (e_tuned.baseline.unwrap(), e_frozen.baseline.unwrap());
+    assert_eq!(b_tuned.findings.mean_dice, b_frozen.findings.mean_dice);
+    assert_eq!(b_tuned.findings.mean_iou, b_frozen.findings.mean_iou);
 
-    let art = dir.path().join("seg-lora");
+    let art = dir.join("seg-tuned");
     seg.save(&art).unwrap();
-    assert!(art.join("lora/adapter_config.json").is_file());
-    assert!(art.join("lora/adapter_model.safetensors").is_file());
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(art.join("segmenter.json")).unwrap())
-            .unwrap();
-    assert_eq!(json["lora"]["rank"], serde_json::json!(2));
+    assert!(art.join(folder).join("adapter_config.json").is_file());
+    assert!(art.join(folder).join("adapter_model.safetensors").is_file());
     let (loaded, _) = Segmenter::load(&art, None, &dev).unwrap();
     assert_eq!(loaded.card, seg.card);
     let planes = planes_of(&task);
@@ -512,13 +508,34 @@ fn lora_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
         assert_eq!(max_abs_diff(&a.patches, &b.patches), 0.0);
     }
 
-    std::fs::remove_dir_all(art.join("lora")).unwrap();
+    std::fs::remove_dir_all(art.join(folder)).unwrap();
     let err = Segmenter::load(&art, None, &dev)
         .err()
         .expect("no adapters");
     let msg = err.to_string();
-    assert!(msg.contains("lora") && msg.contains("LoRA"), "{msg}");
+    assert!(msg.contains(folder) && msg.contains(what), "{msg}");
+    task
+}
 
+/// LoRA in the image tower (`--lora-rank`), the checks of [`check_tuned_tower`]; a rank of 0
+/// is a clear error.
+#[test]
+fn lora_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
+    let lora_opts = TrainOptions {
+        lora: Some(SegLora::new(2)),
+        ..options(20)
+    };
+    // q and v of the fixture's 2 vision blocks; none in the text tower.
+    let dir = tempfile::tempdir().unwrap();
+    let task = check_tuned_tower(
+        dir.path(),
+        lora_opts,
+        "lora",
+        "LoRA",
+        |s| medvlm_train::lora::lora_adapters(s.model.model.as_ref()).len(),
+        4,
+    );
+    let dev = Device::Cpu;
     let err = train_segmenter(
         model(),
         &task,
@@ -531,4 +548,37 @@ fn lora_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
     .err()
     .expect("rank 0");
     assert!(err.to_string().contains("rank"), "{err}");
+}
+
+/// Bottleneck adapters in the image tower (`--adapter-bottleneck`), the checks of
+/// [`check_tuned_tower`]; LoRA and adapters together are refused.
+#[test]
+fn adapter_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
+    let opts = TrainOptions {
+        adapter: Some(SegAdapter::new(4)),
+        ..options(20)
+    };
+    // out and fc2 of the fixture's 2 vision blocks.
+    let dir = tempfile::tempdir().unwrap();
+    let task = check_tuned_tower(
+        dir.path(),
+        opts,
+        "adapter",
+        "bottleneck",
+        |s| medvlm_train::bottleneck::bottleneck_adapters(s.model.model.as_ref()).len(),
+        4,
+    );
+    let err = train_segmenter(
+        model(),
+        &task,
+        &TrainOptions {
+            lora: Some(SegLora::new(2)),
+            adapter: Some(SegAdapter::new(4)),
+            ..options(2)
+        },
+        &Device::Cpu,
+    )
+    .err()
+    .expect("both");
+    assert!(err.to_string().contains("not both"), "{err}");
 }

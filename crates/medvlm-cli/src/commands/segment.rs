@@ -3,7 +3,8 @@
 //!
 //! * `train --model M --manifest train.jsonl [--val val.jsonl] --out DIR`: trains the head
 //!   on the manifest's images and per-finding masks and writes the segmenter folder
-//!   (`head.safetensors` + `segmenter.json`, and `lora/` with `--lora-rank`); with `--val`,
+//!   (`head.safetensors` + `segmenter.json`, and `lora/` with `--lora-rank` or
+//!   `adapter/` with `--adapter-bottleneck`); with `--val`,
 //!   prints its evaluation there.
 //! * `predict --segmenter DIR --prompt TEXT IMAGES... --out DIR`: writes `<stem>_mask.png`
 //!   and `<stem>_overlay.png` per image, and `<stem>_mask.nii.gz` (the input's affine and
@@ -14,7 +15,7 @@
 use std::path::PathBuf;
 
 use medvlm_tasks::segmentation_pipeline::{
-    evaluate_manifest, predict_files, train_and_save, SegLora, TrainOptions,
+    evaluate_manifest, predict_files, train_and_save, SegAdapter, SegLora, TrainOptions,
 };
 
 use super::embed::DeviceArgs;
@@ -31,7 +32,7 @@ pub struct Args {
 #[derive(clap::Subcommand, Debug)]
 pub enum SegmentCommand {
     /// Train a segmentation head on a manifest of images and per-finding masks.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Segment images (PNG/JPEG/TIFF, DICOM, NIfTI) for a prompt.
     Predict(PredictArgs),
     /// Evaluate a segmenter and the similarity baseline on a manifest.
@@ -95,6 +96,15 @@ pub struct TrainArgs {
     /// default `q,v`).
     #[arg(long, value_delimiter = ',', requires = "lora_rank")]
     pub lora_targets: Vec<String>,
+    /// Train bottleneck adapters of this width in the image tower with the head (Houlsby's
+    /// adapters, VLSM-Adapter's adapter variant; saved in the segmenter's `adapter/`).
+    /// Not with `--lora-rank`.
+    #[arg(long, value_parser = crate::commands::at_least_one, conflicts_with = "lora_rank")]
+    pub adapter_bottleneck: Option<usize>,
+    /// Image-tower layers given an adapter on their output (`out`, `fc2`, ... or module
+    /// names; default `out,fc2`: after the attention block and the MLP of every block).
+    #[arg(long, value_delimiter = ',', requires = "adapter_bottleneck")]
+    pub adapter_targets: Vec<String>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -148,7 +158,7 @@ pub struct EvalArgs {
 /// Runs `medvlm segment`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
-        SegmentCommand::Train(a) => train(a),
+        SegmentCommand::Train(a) => train(*a),
         SegmentCommand::Predict(a) => predict(a),
         SegmentCommand::Eval(a) => eval(a),
     }
@@ -177,6 +187,13 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
             }
             l
         }),
+        adapter: a.adapter_bottleneck.map(|m| {
+            let mut ad = SegAdapter::new(m);
+            if !a.adapter_targets.is_empty() {
+                ad.targets = a.adapter_targets.clone();
+            }
+            ad
+        }),
     };
     let t0 = std::time::Instant::now();
     let (card, val) = train_and_save(&a.manifest, a.val.as_deref(), &opts, &a.out, &device)?;
@@ -198,6 +215,13 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
             l.rank,
             l.alpha,
             l.targets.join(",")
+        );
+    }
+    if let Some(ad) = &card.adapter {
+        println!(
+            "image-tower bottleneck adapters trained with the head: width {}, on {}",
+            ad.bottleneck,
+            ad.targets.join(",")
         );
     }
     println!("segmenter written to {}", a.out.display());
