@@ -103,15 +103,16 @@ fn anomaly_fit_then_eval_and_predict() {
         assert!(m["memory"]["image_auroc"].is_number(), "{m}");
         // The CLIP fixture projects its patch tokens: the zero-shot branch is evaluated too.
         assert!(m["zero_shot"]["image_auroc"].is_number(), "{m}");
-        // ... and encodes windows: WinCLIP's windows and WinCLIP+.
-        for key in ["zero_shot_windows", "winclip_plus"] {
+        // ... and encodes windows: WinCLIP's windows, the window memory and WinCLIP+.
+        // The window memory went through save and load (eval reads the saved detector).
+        for key in ["zero_shot_windows", "window_memory", "winclip_plus"] {
             for metric in ["image_auroc", "pixel_auroc", "aupro"] {
                 let v = m[key][metric].as_f64().unwrap_or(-1.0);
                 assert!((0.0..=1.0).contains(&v), "{key}.{metric}: {m}");
             }
         }
     }
-    assert!(table.contains("WinCLIP windows"), "{table}");
+    assert!(table.contains("WinCLIP (zero-shot windows"), "{table}");
     assert_eq!(
         card["options"]["windows"]["scales"],
         serde_json::json!([2, 3])

@@ -274,6 +274,9 @@ pub struct ModalityDetector {
     pub zero_shot_text: Option<Tensor>,
     /// The supervised branch (`None`: the detector has no supervised head).
     pub supervised: Option<SupervisedModality>,
+    /// WinCLIP+'s window-level memory of the memory images (`None`: the tower has no
+    /// windows, or the detector predates them).
+    pub window_memory: Option<crate::winclip::WindowMemory>,
 }
 
 impl ModalityDetector {
@@ -606,7 +609,31 @@ pub fn fit(
         let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
         normals.shuffle(&mut rng);
         let (mem_idx, rest) = normals.split_at(options.shots);
-        let mem_images = load_images(&m, &train.seg_task(mem_idx), device)?;
+        // The memory images' windows (WinCLIP+), read from the same pixels as their tokens.
+        let mut mem_windows: Vec<Vec<Tensor>> = Vec::new();
+        let mem_images = if m.model.supports_image_windows() {
+            let mut grid_seen: Option<(usize, usize)> = None;
+            let mut visit = |px: &Tensor| -> std::result::Result<(), SegPipelineError> {
+                // The patch grid, from one image of the first batch.
+                let grid = match grid_seen {
+                    Some(g) => g,
+                    None => {
+                        let one = m.model.encode_image(&px.narrow(0, 0, 1)?)?;
+                        let g = grid_of(&m, one.patch_tokens()?.dim(1)?)
+                            .map_err(|e| SegPipelineError::Invalid(e.to_string()))?;
+                        *grid_seen.insert(g)
+                    }
+                };
+                let (per_scale, _) =
+                    crate::winclip::window_embeddings(m.model.as_ref(), px, grid, &options.windows)
+                        .map_err(|e| SegPipelineError::Invalid(format!("WinCLIP windows: {e}")))?;
+                mem_windows.push(per_scale);
+                Ok(())
+            };
+            load_images_visiting(&m, &train.seg_task(mem_idx), &mut visit, device)?
+        } else {
+            load_images(&m, &train.seg_task(mem_idx), device)?
+        };
         size = (mem_images[0].grey.dim(1)?).max(size);
         let patches = stack_patches(&mem_images)?;
         let grid = grid_of(&m, patches.dim(1)?)?;
@@ -677,6 +704,17 @@ pub fn fit(
             } else {
                 None
             };
+        let window_memory = if mem_windows.is_empty() {
+            None
+        } else {
+            let per_scale = (0..options.windows.scales.len())
+                .map(|k| {
+                    let parts: Vec<&Tensor> = mem_windows.iter().map(|b| &b[k]).collect();
+                    Tensor::cat(&parts, 0)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(crate::winclip::WindowMemory::fit(&per_scale)?)
+        };
         cards.push(ModalityCard {
             modality: modality.clone(),
             threshold,
@@ -693,6 +731,7 @@ pub fn fit(
             memory_images,
             zero_shot_text,
             supervised: supervised_branch,
+            window_memory,
         });
     }
     let (supervised, supervised_card) = match supervised {
@@ -778,7 +817,11 @@ pub struct ModalityEvaluation {
     /// The zero-shot branch on WinCLIP's windows (`None`: the tower has no windows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zero_shot_windows: Option<MethodMetrics>,
-    /// WinCLIP+: the mean of the windows' and the memory's maps and image scores.
+    /// WinCLIP+'s window-level memory alone (`None`: the detector has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_memory: Option<MethodMetrics>,
+    /// WinCLIP+: the mean of the zero-shot windows' map and the few-shot map (the mean of the
+    /// patch memory's and the window memory's), and of their image scores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub winclip_plus: Option<MethodMetrics>,
     /// Baseline: mean patch token's distance to the nearest normal (image level).
@@ -885,8 +928,10 @@ impl AnomalyDetector {
             let idx: Vec<usize> = (0..task.items.len())
                 .filter(|&i| task.items[i].item.modality == modality)
                 .collect();
-            // WinCLIP's windows read the pixels of each batch as the images are loaded.
+            // WinCLIP's windows read the pixels of each batch as the images are loaded: the
+            // zero-shot scores and, with a window memory, its maps.
             let mut windows: Option<WindowScores> = None;
+            let mut window_memory_maps: Vec<Vec<f32>> = Vec::new();
             let images = match (
                 &det.zero_shot_text,
                 self.model.model.supports_image_windows(),
@@ -896,17 +941,25 @@ impl AnomalyDetector {
                         patch_maps: Vec::new(),
                         image_scores: Vec::new(),
                     });
+                    let wm_maps = &mut window_memory_maps;
                     let mut visit = |px: &Tensor| -> std::result::Result<(), SegPipelineError> {
-                        let z = crate::winclip::zero_shot(
-                            self.model.model.as_ref(),
-                            px,
-                            text,
-                            det.memory.grid,
-                            &self.card.options.windows,
+                        let err = |e: crate::anomaly::AnomalyError| {
+                            SegPipelineError::Invalid(format!("WinCLIP windows: {e}"))
+                        };
+                        let model = self.model.model.as_ref();
+                        let (grid, cfg) = (det.memory.grid, &self.card.options.windows);
+                        let (per_scale, whole) =
+                            crate::winclip::window_embeddings(model, px, grid, cfg).map_err(err)?;
+                        let scale = crate::winclip::logit_scale(model).map_err(err)?;
+                        let z = crate::winclip::zero_shot_from(
+                            &per_scale, &whole, text, scale, grid, cfg,
                         )
-                        .map_err(|e| SegPipelineError::Invalid(format!("WinCLIP windows: {e}")))?;
+                        .map_err(err)?;
                         acc.patch_maps.extend(z.patch_maps);
                         acc.image_scores.extend(z.image_scores);
+                        if let Some(wm) = &det.window_memory {
+                            wm_maps.extend(wm.patch_maps(&per_scale, grid, cfg).map_err(err)?);
+                        }
                         Ok(())
                     };
                     load_images_visiting(&self.model, &task.seg_task(&idx), &mut visit, device)?
@@ -997,39 +1050,56 @@ impl AnomalyDetector {
                 }
                 _ => None,
             };
-            let (zero_shot_windows, winclip_plus) = match &windows {
+            let grid_maps = |patch_maps: &[Vec<f32>]| -> Result<Vec<Vec<f32>>> {
+                let flat: Vec<f32> = patch_maps.iter().flatten().copied().collect();
+                let cells = det.memory.grid.0 * det.memory.grid.1;
+                Ok(anomaly_maps(
+                    &Tensor::from_vec(flat, (patch_maps.len(), cells), &Device::Cpu)?,
+                    det.memory.grid,
+                    size,
+                    det.memory.config.sigma,
+                )?)
+            };
+            let mean_maps = |a: &[Vec<f32>], b: &[Vec<f32>]| -> Vec<Vec<f32>> {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p + q) / 2.0).collect())
+                    .collect()
+            };
+            let metrics_of = |maps: &[Vec<f32>], image: &[f32]| -> Result<MethodMetrics> {
+                let mut m = pixel_metrics(&maps.iter().collect::<Vec<_>>())?;
+                m.image_auroc = auroc_binary(image, &anomalous)?;
+                Ok(m)
+            };
+            let memory_maps: Vec<Vec<f32>> = scored.iter().map(|s| s.map.clone()).collect();
+            let (zero_shot_windows, window_memory, winclip_plus) = match &windows {
                 Some(z) => {
-                    let flat: Vec<f32> = z.patch_maps.iter().flatten().copied().collect();
-                    let n = z.patch_maps.len();
-                    let maps = anomaly_maps(
-                        &Tensor::from_vec(
-                            flat,
-                            (n, det.memory.grid.0 * det.memory.grid.1),
-                            &Device::Cpu,
-                        )?,
-                        det.memory.grid,
-                        size,
-                        det.memory.config.sigma,
-                    )?;
-                    let mut zm = pixel_metrics(&maps.iter().collect::<Vec<_>>())?;
-                    zm.image_auroc = auroc_binary(&z.image_scores, &anomalous)?;
-                    // WinCLIP+: the mean of the zero-shot and few-shot maps and image scores.
-                    let plus_maps: Vec<Vec<f32>> = maps
-                        .iter()
-                        .zip(&scored)
-                        .map(|(a, b)| a.iter().zip(&b.map).map(|(x, y)| (x + y) / 2.0).collect())
-                        .collect();
+                    let zero = grid_maps(&z.patch_maps)?;
+                    // WinCLIP+: the few-shot map is the mean of the patch memory's and the
+                    // window memory's (when the detector has one); the result, the mean of
+                    // the zero-shot and few-shot maps, and of their image scores (the
+                    // zero-shot probability, the few-shot map's maximum).
+                    let (few, window_memory) = if window_memory_maps.is_empty() {
+                        (memory_maps.clone(), None)
+                    } else {
+                        let wmaps = grid_maps(&window_memory_maps)?;
+                        let wm = metrics_of(&wmaps, &image_scores(&wmaps))?;
+                        (mean_maps(&memory_maps, &wmaps), Some(wm))
+                    };
+                    let plus_maps = mean_maps(&zero, &few);
                     let plus_scores: Vec<f32> = z
                         .image_scores
                         .iter()
-                        .zip(&scores)
+                        .zip(image_scores(&few))
                         .map(|(a, b)| (a + b) / 2.0)
                         .collect();
-                    let mut pm = pixel_metrics(&plus_maps.iter().collect::<Vec<_>>())?;
-                    pm.image_auroc = auroc_binary(&plus_scores, &anomalous)?;
-                    (Some(zm), Some(pm))
+                    (
+                        Some(metrics_of(&zero, &z.image_scores)?),
+                        window_memory,
+                        Some(metrics_of(&plus_maps, &plus_scores)?),
+                    )
                 }
-                None => (None, None),
+                None => (None, None, None),
             };
             // Share of normal (false) and anomalous (true) images called anomalous.
             let rates = |called: &[bool]| {
@@ -1077,6 +1147,7 @@ impl AnomalyDetector {
                 memory,
                 zero_shot,
                 zero_shot_windows,
+                window_memory,
                 winclip_plus,
                 global_baseline_image_auroc: auroc_binary(&global, &anomalous)?,
                 pixel_difference_baseline: diff,
@@ -1103,6 +1174,11 @@ impl AnomalyDetector {
             tensors.insert(format!("{i}.normal_means"), d.normal_means.clone());
             if let Some(t) = &d.zero_shot_text {
                 tensors.insert(format!("{i}.zero_shot_text"), t.clone());
+            }
+            if let Some(wm) = &d.window_memory {
+                for (k, t) in wm.per_scale.iter().enumerate() {
+                    tensors.insert(format!("{i}.window_memory.{k}"), t.clone());
+                }
             }
             let n = d.normal_grey.len();
             tensors.insert(
@@ -1235,6 +1311,11 @@ impl AnomalyDetector {
                 memory_images: mc.memory_images.clone(),
                 zero_shot_text: tensors.get(&format!("{i}.zero_shot_text")).cloned(),
                 supervised: supervised_branch,
+                // Detectors written before the window memory have none.
+                window_memory: (0..card.options.windows.scales.len())
+                    .map(|k| tensors.get(&format!("{i}.window_memory.{k}")).cloned())
+                    .collect::<Option<Vec<_>>>()
+                    .map(|per_scale| crate::winclip::WindowMemory { per_scale }),
             });
         }
         Ok(Self {
@@ -1321,20 +1402,26 @@ impl AnomalyEvaluation {
             .any(|m| m.zero_shot_windows.is_some() || m.winclip_plus.is_some())
         {
             s.push_str(
-                "\nWinCLIP windows (zero-shot: window embeddings against the state prompts) and WinCLIP+ (their mean with the memory):\n\n| modality | image AUROC (windows / WinCLIP+) | pixel AUROC (windows / WinCLIP+) | AUPRO@0.3 (windows / WinCLIP+) |\n|---|---|---|---|\n",
+                "\nWinCLIP (zero-shot windows: window embeddings against the state prompts; window memory: nearest normal window; WinCLIP+: zero-shot and few-shot maps averaged):\n\n| modality | image AUROC (windows / window memory / WinCLIP+) | pixel AUROC (windows / window memory / WinCLIP+) | AUPRO@0.3 (windows / window memory / WinCLIP+) |\n|---|---|---|---|\n",
             );
             for m in &self.modalities {
                 let w = m.zero_shot_windows.as_ref();
+                let wm = m.window_memory.as_ref();
                 let p = m.winclip_plus.as_ref();
+                let three = |g: fn(&MethodMetrics) -> Option<f64>| {
+                    format!(
+                        "{} / {} / {}",
+                        f(w.and_then(g)),
+                        f(wm.and_then(g)),
+                        f(p.and_then(g))
+                    )
+                };
                 s.push_str(&format!(
-                    "| {} | {} / {} | {} / {} | {} / {} |\n",
+                    "| {} | {} | {} | {} |\n",
                     m.modality.as_deref().unwrap_or("-"),
-                    f(w.and_then(|x| x.image_auroc)),
-                    f(p.and_then(|x| x.image_auroc)),
-                    f(w.and_then(|x| x.pixel_auroc)),
-                    f(p.and_then(|x| x.pixel_auroc)),
-                    f(w.and_then(|x| x.aupro)),
-                    f(p.and_then(|x| x.aupro)),
+                    three(|x| x.image_auroc),
+                    three(|x| x.pixel_auroc),
+                    three(|x| x.aupro),
                 ));
             }
         }

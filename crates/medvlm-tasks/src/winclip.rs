@@ -14,6 +14,10 @@
 //! The image score is the abnormal probability of the whole image (WinCLIP's zero-shot
 //! classification).
 //!
+//! WinCLIP+ (few-shot) adds a window-level memory of normal reference images
+//! ([`WindowMemory`]): each test window's cosine distance to the nearest reference window of
+//! its scale, aggregated the same way.
+//!
 //! Defaults ([`WindowConfig::default`]): windows of 2 x 2 and 3 x 3 patches (WinCLIP's small
 //! and middle scales on ViT-B/16+'s 15 x 15 grid), stride 1 patch.
 
@@ -155,6 +159,100 @@ pub struct WindowScores {
     pub image_scores: Vec<f32>,
 }
 
+/// The embeddings of every window of each scale of `config`, `[B, W_s, E]` per scale
+/// (L2-normalised, f32 on the CPU), and of the whole images `[B, E]` (likewise).
+pub fn window_embeddings(
+    model: &dyn VisionLanguageModel,
+    pixels: &Tensor,
+    grid: (usize, usize),
+    config: &WindowConfig,
+) -> Result<(Vec<Tensor>, Tensor)> {
+    if config.scales.is_empty() {
+        return Err(AnomalyError::Invalid("no window scale given".into()));
+    }
+    let cpu = |t: Tensor| -> Result<Tensor> {
+        Ok(l2_last(
+            &t.to_dtype(DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?,
+        )?)
+    };
+    let whole = cpu(model.encode_image(pixels)?.embeds)?;
+    let per_scale = config
+        .scales
+        .iter()
+        .map(|&side| {
+            let windows = square_windows(grid, side, config.stride)?;
+            cpu(model.encode_image_windows(pixels, &windows)?)
+        })
+        .collect::<Result<_>>()?;
+    Ok((per_scale, whole))
+}
+
+fn l2_last(t: &Tensor) -> candle_core::Result<Tensor> {
+    let n = t
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
+    t.broadcast_div(&n)
+}
+
+/// The model's logit scale `exp(logit_scale)`.
+pub fn logit_scale(model: &dyn VisionLanguageModel) -> Result<f64> {
+    Ok(model
+        .logit_scale()
+        .to_dtype(DType::F32)?
+        .exp()?
+        .to_scalar::<f32>()? as f64)
+}
+
+/// Per image, the mean over the scales of the harmonic aggregation of per-window scores
+/// (`scores[s]` `[B, W_s]` for scale `s` of `config`).
+fn aggregate_scales(
+    scores: &[Vec<Vec<f32>>],
+    grid: (usize, usize),
+    config: &WindowConfig,
+) -> Result<Vec<Vec<f32>>> {
+    let n_patches = grid.0 * grid.1;
+    let b = scores.first().map_or(0, Vec::len);
+    let mut maps = vec![vec![0f32; n_patches]; b];
+    for (s, &side) in scores.iter().zip(&config.scales) {
+        let windows = square_windows(grid, side, config.stride)?;
+        for (map, per_image) in maps.iter_mut().zip(s) {
+            let agg = harmonic_aggregate(per_image, &windows, n_patches)?;
+            for (m, a) in map.iter_mut().zip(agg) {
+                *m += a / config.scales.len() as f32;
+            }
+        }
+    }
+    Ok(maps)
+}
+
+/// WinCLIP's zero-shot scores from [`window_embeddings`]' output against the state
+/// embeddings `states` `[1 + F, E]` (normal first) at logit scale `scale`.
+pub fn zero_shot_from(
+    per_scale: &[Tensor],
+    whole: &Tensor,
+    states: &Tensor,
+    scale: f64,
+    grid: (usize, usize),
+    config: &WindowConfig,
+) -> Result<WindowScores> {
+    let image_scores = abnormal_probabilities(whole, states, scale)?;
+    let scores = per_scale
+        .iter()
+        .map(|emb| {
+            let (b, w, e) = emb.dims3()?;
+            let p = abnormal_probabilities(&emb.reshape((b * w, e))?, states, scale)?;
+            Ok(p.chunks(w).map(<[f32]>::to_vec).collect())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(WindowScores {
+        patch_maps: aggregate_scales(&scores, grid, config)?,
+        image_scores,
+    })
+}
+
 /// WinCLIP's zero-shot patch maps and image scores of `pixels` `[B, 3, S, S]` on the tower's
 /// patch `grid`, against the state embeddings `states` `[1 + F, E]` (normal first), at the
 /// model's logit scale.
@@ -165,35 +263,72 @@ pub fn zero_shot(
     grid: (usize, usize),
     config: &WindowConfig,
 ) -> Result<WindowScores> {
-    if config.scales.is_empty() {
-        return Err(AnomalyError::Invalid("no window scale given".into()));
+    let (per_scale, whole) = window_embeddings(model, pixels, grid, config)?;
+    zero_shot_from(
+        &per_scale,
+        &whole,
+        states,
+        logit_scale(model)?,
+        grid,
+        config,
+    )
+}
+
+/// WinCLIP+'s window-level reference memory (section 4.3): per scale, the embeddings of every
+/// window of the normal reference images. A test window scores `1 - max cos` against the
+/// windows of its scale (any position); patches aggregate like the zero-shot maps (harmonic
+/// mean over their windows, mean over scales).
+#[derive(Debug, Clone)]
+pub struct WindowMemory {
+    /// Per scale of the config, `[M_s, E]` rows of unit length.
+    pub per_scale: Vec<Tensor>,
+}
+
+impl WindowMemory {
+    /// The memory of the normal images' window embeddings (per scale `[N, W_s, E]`, as
+    /// [`window_embeddings`] gives them).
+    pub fn fit(per_scale: &[Tensor]) -> Result<Self> {
+        Ok(Self {
+            per_scale: per_scale
+                .iter()
+                .map(|t| {
+                    let (n, w, e) = t.dims3()?;
+                    Ok(l2_last(&t.reshape((n * w, e))?)?)
+                })
+                .collect::<Result<_>>()?,
+        })
     }
-    let scale = model
-        .logit_scale()
-        .to_dtype(DType::F32)?
-        .exp()?
-        .to_scalar::<f32>()? as f64;
-    let b = pixels.dim(0)?;
-    let n_patches = grid.0 * grid.1;
-    let whole = model.encode_image(pixels)?.embeds;
-    let image_scores = abnormal_probabilities(&whole, states, scale)?;
-    let mut patch_maps = vec![vec![0f32; n_patches]; b];
-    for &side in &config.scales {
-        let windows = square_windows(grid, side, config.stride)?;
-        let emb = model.encode_image_windows(pixels, &windows)?;
-        let (_, w, e) = emb.dims3()?;
-        let probs = abnormal_probabilities(&emb.reshape((b * w, e))?, states, scale)?;
-        for (i, map) in patch_maps.iter_mut().enumerate() {
-            let agg = harmonic_aggregate(&probs[i * w..(i + 1) * w], &windows, n_patches)?;
-            for (m, a) in map.iter_mut().zip(agg) {
-                *m += a / config.scales.len() as f32;
-            }
+
+    /// Patch maps of test images from their window embeddings (per scale `[B, W_s, E]`).
+    pub fn patch_maps(
+        &self,
+        per_scale: &[Tensor],
+        grid: (usize, usize),
+        config: &WindowConfig,
+    ) -> Result<Vec<Vec<f32>>> {
+        if per_scale.len() != self.per_scale.len() || per_scale.len() != config.scales.len() {
+            return Err(AnomalyError::Invalid(format!(
+                "{} window scales against a memory of {} (config: {})",
+                per_scale.len(),
+                self.per_scale.len(),
+                config.scales.len()
+            )));
         }
+        let scores = per_scale
+            .iter()
+            .zip(&self.per_scale)
+            .map(|(emb, mem)| {
+                let (b, w, e) = emb.dims3()?;
+                let best = l2_last(&emb.reshape((b * w, e))?)?
+                    .matmul(&mem.t()?)?
+                    .max(D::Minus1)?
+                    .affine(-1.0, 1.0)?
+                    .to_vec1::<f32>()?;
+                Ok(best.chunks(w).map(<[f32]>::to_vec).collect())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        aggregate_scales(&scores, grid, config)
     }
-    Ok(WindowScores {
-        patch_maps,
-        image_scores,
-    })
 }
 
 #[cfg(test)]

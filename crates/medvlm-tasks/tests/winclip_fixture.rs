@@ -6,7 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use medvlm_tasks::winclip::{
-    abnormal_probabilities, harmonic_aggregate, square_windows, zero_shot, WindowConfig,
+    abnormal_probabilities, harmonic_aggregate, square_windows, window_embeddings, zero_shot,
+    WindowConfig, WindowMemory,
 };
 
 fn pixels() -> Tensor {
@@ -109,4 +110,61 @@ fn a_window_larger_than_the_grid_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("5 x 5") && err.contains("4 x 4"), "{err}");
+}
+
+#[test]
+fn window_memory_of_an_image_finds_its_own_windows_normal() {
+    let m = common::model();
+    let px = pixels();
+    let cfg = WindowConfig::default();
+    let (per_scale, _) = window_embeddings(m.model.as_ref(), &px, (4, 4), &cfg).unwrap();
+    // The memory holds image 0's windows only.
+    let first: Vec<Tensor> = per_scale.iter().map(|t| t.i(0..1).unwrap()).collect();
+    let memory = WindowMemory::fit(&first).unwrap();
+    assert_eq!(
+        memory.per_scale[0].dims(),
+        &[9, per_scale[0].dim(2).unwrap()]
+    );
+    assert_eq!(memory.per_scale[1].dims()[0], 4);
+    let maps = memory.patch_maps(&per_scale, (4, 4), &cfg).unwrap();
+    // Image 0: every window is in the memory, distance 0 (floored) everywhere.
+    assert!(maps[0].iter().all(|&v| v < 1e-4), "{:?}", maps[0]);
+    // Image 1: by hand, its windows' distances to the nearest memory window, aggregated.
+    let mut want = vec![0f32; 16];
+    for (k, side) in [2usize, 3].into_iter().enumerate() {
+        let windows = square_windows((4, 4), side, 1).unwrap();
+        let d: Vec<f32> = (0..windows.len())
+            .map(|w| {
+                let q = per_scale[k].i((1, w)).unwrap();
+                let best = (0..windows.len())
+                    .map(|r| {
+                        let mrow = per_scale[k].i((0, r)).unwrap();
+                        (&q * &mrow)
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap()
+                    })
+                    .fold(f32::MIN, f32::max);
+                1.0 - best
+            })
+            .collect();
+        for (a, b) in want
+            .iter_mut()
+            .zip(harmonic_aggregate(&d, &windows, 16).unwrap())
+        {
+            *a += b / 2.0;
+        }
+    }
+    for (g, w) in maps[1].iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+    }
+    assert!(maps[1].iter().all(|&v| v > 1e-4), "{:?}", maps[1]);
+    // A memory of other scales is refused.
+    let three = WindowConfig {
+        scales: vec![2, 3, 4],
+        stride: 1,
+    };
+    assert!(memory.patch_maps(&per_scale, (4, 4), &three).is_err());
 }
