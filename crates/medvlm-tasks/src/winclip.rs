@@ -130,15 +130,7 @@ pub fn abnormal_probabilities(embeds: &Tensor, states: &Tensor, scale: f64) -> R
             states.dims()
         )));
     }
-    let norm = |t: &Tensor| -> candle_core::Result<Tensor> {
-        let t = t.to_dtype(DType::F32)?;
-        let n = t
-            .sqr()?
-            .sum_keepdim(D::Minus1)?
-            .sqrt()?
-            .clamp(1e-12, f64::MAX)?;
-        t.broadcast_div(&n)
-    };
+    let norm = |t: &Tensor| l2_last(&t.to_dtype(DType::F32)?);
     let states = norm(states)?.to_device(embeds.device())?;
     let logits = (norm(embeds)?.matmul(&states.t()?)? * scale)?;
     let p = candle_nn::ops::softmax_last_dim(&logits)?;

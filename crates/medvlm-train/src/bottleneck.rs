@@ -219,16 +219,7 @@ fn adapter_of(w: &Arc<dyn LinearWrapper>) -> Option<&BottleneckAdapter> {
 
 /// The bottleneck adapters on `model`'s layers, in model order.
 pub fn bottleneck_adapters(model: &dyn LinearLayers) -> Vec<Arc<dyn LinearWrapper>> {
-    model
-        .linear_layers()
-        .into_iter()
-        .flat_map(|l| {
-            l.wrappers()
-                .iter()
-                .filter(|w| adapter_of(w).is_some())
-                .cloned()
-        })
-        .collect()
+    crate::lora::wrappers_of::<BottleneckAdapter>(model)
 }
 
 /// Switches every bottleneck adapter on `model` on or off (off: the base model's outputs).

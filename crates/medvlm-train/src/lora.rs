@@ -467,13 +467,18 @@ pub fn apply_lora(
 
 /// The LoRA adapters currently on `model`'s layers.
 pub fn lora_adapters(model: &dyn LinearLayers) -> Vec<Arc<dyn LinearWrapper>> {
+    wrappers_of::<LoraLinear>(model)
+}
+
+/// The wrappers of type `T` on `model`'s layers, in model order.
+pub(crate) fn wrappers_of<T: 'static>(model: &dyn LinearLayers) -> Vec<Arc<dyn LinearWrapper>> {
     model
         .linear_layers()
         .into_iter()
         .flat_map(|l| {
             l.wrappers()
                 .iter()
-                .filter(|w| lora_of(w).is_some())
+                .filter(|w| w.as_any().is::<T>())
                 .cloned()
         })
         .collect()
