@@ -223,6 +223,38 @@ fn anomaly_fit_then_eval_and_predict() {
             .unwrap(),
     );
     assert!(err.contains("fewer than the 500 shots"), "{err}");
+    // Deciding with the window memory: the fit says so with its threshold, predict writes
+    // its maps; an unknown method is refused.
+    let detw = tmp.path().join("detw");
+    let out = fit(&ph, &detw, &["--decide-with", "window-memory"]);
+    assert!(
+        out.contains("brain_mri: decides with the window memory, threshold"),
+        "{out}"
+    );
+    let csv = ok(&run(&[
+        "anomaly",
+        "predict",
+        "--detector",
+        arg(&detw),
+        "--modality",
+        "brain_mri",
+        arg(&brains[0]),
+        "--out",
+        arg(&tmp.path().join("predw")),
+    ]));
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+    let err = fails(
+        &bin()
+            .args(["anomaly", "fit", "--decide-with", "best", "--model"])
+            .arg(model())
+            .arg("--manifest")
+            .arg(ph.join("manifest.jsonl"))
+            .arg("--out")
+            .arg(tmp.path().join("w"))
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("memory or window-memory"), "{err}");
     // A window larger than the 4 x 4 patch grid: refused before fitting.
     let err = fails(
         &bin()

@@ -202,6 +202,34 @@ pub struct AnomalyOptions {
     /// before the windows existed read the default.
     #[serde(default)]
     pub windows: crate::winclip::WindowConfig,
+    /// The method the detector decides with when it has no supervised head (which decides
+    /// when present). Cards written before the choice existed read `memory`.
+    #[serde(default)]
+    pub decide_with: DecisionMethod,
+}
+
+/// What a detector without a supervised head decides with (`predict`, the service).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecisionMethod {
+    /// The memory of normal patch tokens (the default).
+    #[default]
+    Memory,
+    /// WinCLIP+'s window memory (needs a tower with windows; see [`crate::winclip`]).
+    WindowMemory,
+}
+
+impl std::str::FromStr for DecisionMethod {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "memory" => Ok(Self::Memory),
+            "window-memory" => Ok(Self::WindowMemory),
+            _ => Err(format!(
+                "unknown decision method {s:?} (memory or window-memory)"
+            )),
+        }
+    }
 }
 
 fn default_supervised_images() -> usize {
@@ -218,6 +246,7 @@ impl Default for AnomalyOptions {
             supervised_steps: 0,
             supervised_images: default_supervised_images(),
             windows: Default::default(),
+            decide_with: DecisionMethod::Memory,
         }
     }
 }
@@ -277,15 +306,74 @@ pub struct ModalityDetector {
     /// WinCLIP+'s window-level memory of the memory images (`None`: the tower has no
     /// windows, or the detector predates them).
     pub window_memory: Option<crate::winclip::WindowMemory>,
+    /// The window memory's threshold on the calibration normals (with a window memory).
+    pub window_threshold: Option<Threshold>,
+    /// The method decided with when there is no supervised branch.
+    pub decide_with: DecisionMethod,
 }
 
 impl ModalityDetector {
+    /// Whether decisions come from the window memory: no supervised branch, `decide_with`
+    /// asks for it, and the detector has it (fit and load refuse the choice otherwise).
+    pub fn decides_with_windows(&self) -> bool {
+        self.supervised.is_none()
+            && self.decide_with == DecisionMethod::WindowMemory
+            && self.window_memory.is_some()
+            && self.window_threshold.is_some()
+    }
+
     /// The threshold of the method the detector decides with: the supervised branch's when
-    /// it has one, else the memory's.
+    /// it has one, else the window memory's or the memory's by `decide_with`.
     pub fn decision_threshold(&self) -> &Threshold {
-        self.supervised
-            .as_ref()
-            .map_or(&self.threshold, |s| &s.threshold)
+        match (&self.supervised, &self.window_threshold) {
+            (Some(s), _) => &s.threshold,
+            (None, Some(t)) if self.decides_with_windows() => t,
+            _ => &self.threshold,
+        }
+    }
+}
+
+/// Anomaly maps at `size` and image scores (the maps' maxima) from per-patch scores on
+/// `grid`, smoothed with `sigma`.
+fn scored_from_patch_maps(
+    patch_maps: &[Vec<f32>],
+    grid: (usize, usize),
+    size: usize,
+    sigma: f64,
+) -> Result<Vec<ScoredImage>> {
+    let flat: Vec<f32> = patch_maps.iter().flatten().copied().collect();
+    let maps = anomaly_maps(
+        &Tensor::from_vec(flat, (patch_maps.len(), grid.0 * grid.1), &Device::Cpu)?,
+        grid,
+        size,
+        sigma,
+    )?;
+    let scores = image_scores(&maps);
+    Ok(maps
+        .into_iter()
+        .zip(scores)
+        .map(|(map, score)| ScoredImage { map, score })
+        .collect())
+}
+
+/// A pixel visitor (for [`load_images_visiting`], [`load_planes_visiting`]) that appends the
+/// window memory's patch maps of each batch to `out`.
+fn window_memory_visitor<'a>(
+    model: &'a LoadedModel,
+    memory: &'a crate::winclip::WindowMemory,
+    grid: (usize, usize),
+    config: &'a crate::winclip::WindowConfig,
+    out: &'a mut Vec<Vec<f32>>,
+) -> impl FnMut(&Tensor) -> std::result::Result<(), SegPipelineError> + 'a {
+    move |px: &Tensor| {
+        let err = |e: crate::anomaly::AnomalyError| {
+            SegPipelineError::Invalid(format!("WinCLIP windows: {e}"))
+        };
+        let (per_scale, _) =
+            crate::winclip::window_embeddings(model.model.as_ref(), px, grid, config)
+                .map_err(err)?;
+        out.extend(memory.patch_maps(&per_scale, grid, config).map_err(err)?);
+        Ok(())
     }
 }
 
@@ -393,6 +481,9 @@ pub struct ModalityCard {
     /// The supervised branch's threshold (absent: no supervised branch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervised_threshold: Option<Threshold>,
+    /// The window memory's threshold (absent: no window memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_threshold: Option<Threshold>,
 }
 
 /// A fitted detector with its model.
@@ -653,15 +744,45 @@ pub fn fit(
         let normal_grey: Vec<f32> = (0..greys[0].len())
             .map(|p| greys.iter().map(|g| g[p]).sum::<f32>() / greys.len() as f32)
             .collect();
-        // Calibration normals.
-        let calib_images = match calib {
+        let window_memory = if mem_windows.is_empty() {
+            None
+        } else {
+            let per_scale = (0..options.windows.scales.len())
+                .map(|k| {
+                    let parts: Vec<&Tensor> = mem_windows.iter().map(|b| &b[k]).collect();
+                    Tensor::cat(&parts, 0)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(crate::winclip::WindowMemory::fit(&per_scale)?)
+        };
+        if options.decide_with == DecisionMethod::WindowMemory
+            && window_memory.is_none()
+            && options.supervised_steps == 0
+        {
+            return Err(AnomalyPipelineError::Invalid(
+                "deciding with the window memory needs an image tower that encodes windows \
+                 (a ViT with a class token: CLIP, BiomedCLIP)"
+                    .into(),
+            ));
+        }
+        // Calibration normals (with the window memory's maps of the same pixels).
+        let calib_task = match calib {
             Some(c) => {
                 let idx: Vec<usize> = (0..c.items.len())
                     .filter(|&i| c.items[i].normal && c.items[i].item.modality == modality)
                     .collect();
-                load_images(&m, &c.seg_task(&idx), device)?
+                c.seg_task(&idx)
             }
-            None => load_images(&m, &train.seg_task(rest), device)?,
+            None => train.seg_task(rest),
+        };
+        let mut calib_window_maps = Vec::new();
+        let calib_images = match &window_memory {
+            Some(wm) => {
+                let mut visit =
+                    window_memory_visitor(&m, wm, grid, &options.windows, &mut calib_window_maps);
+                load_images_visiting(&m, &calib_task, &mut visit, device)?
+            }
+            None => load_images(&m, &calib_task, device)?,
         };
         if calib_images.is_empty() {
             return Err(AnomalyPipelineError::Invalid(format!(
@@ -672,6 +793,15 @@ pub fn fit(
         let s = memory.patch_scores(&stack_patches(&calib_images)?)?;
         let maps = anomaly_maps(&s, grid, size, options.memory.sigma)?;
         let threshold = Threshold::on_normals(&image_scores(&maps), options.fpr)?;
+        let window_threshold = match &window_memory {
+            Some(_) => {
+                let scored =
+                    scored_from_patch_maps(&calib_window_maps, grid, size, options.memory.sigma)?;
+                let scores: Vec<f32> = scored.iter().map(|s| s.score).collect();
+                Some(Threshold::on_normals(&scores, options.fpr)?)
+            }
+            None => None,
+        };
         let supervised_branch = match &supervised {
             Some(((head, _), texts)) => {
                 let text = texts
@@ -704,23 +834,13 @@ pub fn fit(
             } else {
                 None
             };
-        let window_memory = if mem_windows.is_empty() {
-            None
-        } else {
-            let per_scale = (0..options.windows.scales.len())
-                .map(|k| {
-                    let parts: Vec<&Tensor> = mem_windows.iter().map(|b| &b[k]).collect();
-                    Tensor::cat(&parts, 0)
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Some(crate::winclip::WindowMemory::fit(&per_scale)?)
-        };
         cards.push(ModalityCard {
             modality: modality.clone(),
             threshold,
             memory_images: memory_images.clone(),
             grid,
             supervised_threshold: supervised_branch.as_ref().map(|s| s.threshold),
+            window_threshold,
         });
         modalities.push(ModalityDetector {
             modality,
@@ -732,6 +852,8 @@ pub fn fit(
             zero_shot_text,
             supervised: supervised_branch,
             window_memory,
+            window_threshold,
+            decide_with: options.decide_with,
         });
     }
     let (supervised, supervised_card) = match supervised {
@@ -820,6 +942,10 @@ pub struct ModalityEvaluation {
     /// WinCLIP+'s window-level memory alone (`None`: the detector has none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_memory: Option<MethodMetrics>,
+    /// The window memory's decision at its threshold: shares of normal (FPR) and anomalous
+    /// (TPR) images called anomalous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_memory_rates: Option<(f64, f64)>,
     /// WinCLIP+: the mean of the zero-shot windows' map and the few-shot map (the mean of the
     /// patch memory's and the window memory's), and of their image scores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -885,13 +1011,31 @@ impl AnomalyDetector {
     /// Maps and scores of loaded images of one modality by the method the detector decides
     /// with: the supervised branch when it has one, else the memory (compare with
     /// [`ModalityDetector::decision_threshold`]).
+    /// `window_maps`: the window memory's patch maps of the same images, needed when the
+    /// detector decides with it ([`ModalityDetector::decides_with_windows`]).
     pub fn score(
         &self,
         det: &ModalityDetector,
         images: &[LoadedImage],
+        window_maps: &[Vec<f32>],
     ) -> Result<Vec<ScoredImage>> {
         match (&self.supervised, &det.supervised) {
             (Some(head), Some(s)) => score_supervised(head, &s.text, images),
+            _ if det.decides_with_windows() => {
+                if window_maps.len() != images.len() {
+                    return Err(AnomalyPipelineError::Invalid(format!(
+                        "{} window-memory maps for {} images",
+                        window_maps.len(),
+                        images.len()
+                    )));
+                }
+                scored_from_patch_maps(
+                    window_maps,
+                    det.memory.grid,
+                    self.card.image_size,
+                    det.memory.config.sigma,
+                )
+            }
             _ => self.score_memory(det, images),
         }
     }
@@ -1051,14 +1195,13 @@ impl AnomalyDetector {
                 _ => None,
             };
             let grid_maps = |patch_maps: &[Vec<f32>]| -> Result<Vec<Vec<f32>>> {
-                let flat: Vec<f32> = patch_maps.iter().flatten().copied().collect();
-                let cells = det.memory.grid.0 * det.memory.grid.1;
-                Ok(anomaly_maps(
-                    &Tensor::from_vec(flat, (patch_maps.len(), cells), &Device::Cpu)?,
-                    det.memory.grid,
-                    size,
-                    det.memory.config.sigma,
-                )?)
+                let sigma = det.memory.config.sigma;
+                Ok(
+                    scored_from_patch_maps(patch_maps, det.memory.grid, size, sigma)?
+                        .into_iter()
+                        .map(|s| s.map)
+                        .collect(),
+                )
             };
             let mean_maps = |a: &[Vec<f32>], b: &[Vec<f32>]| -> Vec<Vec<f32>> {
                 a.iter()
@@ -1072,6 +1215,7 @@ impl AnomalyDetector {
                 Ok(m)
             };
             let memory_maps: Vec<Vec<f32>> = scored.iter().map(|s| s.map.clone()).collect();
+            let mut window_memory_scores: Option<Vec<f32>> = None;
             let (zero_shot_windows, window_memory, winclip_plus) = match &windows {
                 Some(z) => {
                     let zero = grid_maps(&z.patch_maps)?;
@@ -1084,6 +1228,7 @@ impl AnomalyDetector {
                     } else {
                         let wmaps = grid_maps(&window_memory_maps)?;
                         let wm = metrics_of(&wmaps, &image_scores(&wmaps))?;
+                        window_memory_scores = Some(image_scores(&wmaps));
                         (mean_maps(&memory_maps, &wmaps), Some(wm))
                     };
                     let plus_maps = mean_maps(&zero, &few);
@@ -1135,6 +1280,10 @@ impl AnomalyDetector {
                 _ => None,
             };
             let (memory_fpr, memory_tpr) = rates(&det.threshold.decide(&scores));
+            let window_memory_rates = match (&det.window_threshold, &window_memory_scores) {
+                (Some(t), Some(sc)) => Some(rates(&t.decide(sc))),
+                _ => None,
+            };
             out.push(ModalityEvaluation {
                 modality,
                 n_normal: anomalous.iter().filter(|&&a| !a).count(),
@@ -1148,6 +1297,7 @@ impl AnomalyDetector {
                 zero_shot,
                 zero_shot_windows,
                 window_memory,
+                window_memory_rates,
                 winclip_plus,
                 global_baseline_image_auroc: auroc_binary(&global, &anomalous)?,
                 pixel_difference_baseline: diff,
@@ -1316,7 +1466,25 @@ impl AnomalyDetector {
                     .map(|k| tensors.get(&format!("{i}.window_memory.{k}")).cloned())
                     .collect::<Option<Vec<_>>>()
                     .map(|per_scale| crate::winclip::WindowMemory { per_scale }),
+                window_threshold: mc.window_threshold,
+                decide_with: card.options.decide_with,
             });
+            let d = modalities
+                .last()
+                .ok_or_else(|| AnomalyPipelineError::Invalid("no modality loaded".into()))?;
+            if d.supervised.is_none()
+                && d.decide_with == DecisionMethod::WindowMemory
+                && !d.decides_with_windows()
+            {
+                return Err(file_err(
+                    &path,
+                    format!(
+                        "the detector decides with the window memory, but modality {} has no \
+                         window memory or threshold",
+                        d.modality.as_deref().unwrap_or("(none)")
+                    ),
+                ));
+            }
         }
         Ok(Self {
             modalities,
@@ -1349,8 +1517,17 @@ impl AnomalyDetector {
                 })
                 .collect(),
         };
-        let images = load_images(&self.model, &task, device)?;
-        let scored = self.score(det, &images)?;
+        let mut window_maps = Vec::new();
+        let images = match (&det.window_memory, det.decides_with_windows()) {
+            (Some(wm), true) => {
+                let cfg = &self.card.options.windows;
+                let mut visit =
+                    window_memory_visitor(&self.model, wm, det.memory.grid, cfg, &mut window_maps);
+                load_images_visiting(&self.model, &task, &mut visit, device)?
+            }
+            _ => load_images(&self.model, &task, device)?,
+        };
+        let scored = self.score(det, &images, &window_maps)?;
         Ok(images
             .into_iter()
             .zip(scored)
@@ -1402,7 +1579,7 @@ impl AnomalyEvaluation {
             .any(|m| m.zero_shot_windows.is_some() || m.winclip_plus.is_some())
         {
             s.push_str(
-                "\nWinCLIP (zero-shot windows: window embeddings against the state prompts; window memory: nearest normal window; WinCLIP+: zero-shot and few-shot maps averaged):\n\n| modality | image AUROC (windows / window memory / WinCLIP+) | pixel AUROC (windows / window memory / WinCLIP+) | AUPRO@0.3 (windows / window memory / WinCLIP+) |\n|---|---|---|---|\n",
+                "\nWinCLIP (zero-shot windows: window embeddings against the state prompts; window memory: nearest normal window; WinCLIP+: zero-shot and few-shot maps averaged):\n\n| modality | image AUROC (windows / window memory / WinCLIP+) | pixel AUROC (windows / window memory / WinCLIP+) | AUPRO@0.3 (windows / window memory / WinCLIP+) | window memory FPR / TPR at its threshold |\n|---|---|---|---|---|\n",
             );
             for m in &self.modalities {
                 let w = m.zero_shot_windows.as_ref();
@@ -1417,11 +1594,13 @@ impl AnomalyEvaluation {
                     )
                 };
                 s.push_str(&format!(
-                    "| {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} |\n",
                     m.modality.as_deref().unwrap_or("-"),
                     three(|x| x.image_auroc),
                     three(|x| x.pixel_auroc),
                     three(|x| x.aupro),
+                    m.window_memory_rates
+                        .map_or("-".to_string(), |(f, t)| format!("{f:.3} / {t:.3}")),
                 ));
             }
         }
@@ -1602,10 +1781,34 @@ impl AnomalyDetector {
         out: &Path,
         device: &Device,
     ) -> Result<PredictedAnomaly> {
-        use crate::segmentation_pipeline::{load_planes, scatter_slice, volume_planes};
+        use crate::segmentation_pipeline::{load_planes_visiting, scatter_slice, volume_planes};
         let vp = volume_planes(file, img, axis)?;
-        let images = load_planes(&self.model, &vp.planes, file, det.modality.clone(), device)?;
-        let scored = self.score(det, &images)?;
+        let mut window_maps = Vec::new();
+        let images = match (&det.window_memory, det.decides_with_windows()) {
+            (Some(wm), true) => {
+                let cfg = &self.card.options.windows;
+                let mut visit =
+                    window_memory_visitor(&self.model, wm, det.memory.grid, cfg, &mut window_maps);
+                let v: crate::segmentation_pipeline::PixelVisitor = &mut visit;
+                load_planes_visiting(
+                    &self.model,
+                    &vp.planes,
+                    file,
+                    det.modality.clone(),
+                    Some(v),
+                    device,
+                )?
+            }
+            _ => load_planes_visiting(
+                &self.model,
+                &vp.planes,
+                file,
+                det.modality.clone(),
+                None,
+                device,
+            )?,
+        };
+        let scored = self.score(det, &images, &window_maps)?;
         let scores: Vec<f32> = scored.iter().map(|s| s.score).collect();
         let best = (0..scores.len())
             .max_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(b.cmp(&a)))

@@ -595,6 +595,19 @@ pub fn load_planes(
     modality: Option<String>,
     device: &Device,
 ) -> Result<Vec<LoadedImage>> {
+    load_planes_visiting(m, planes, path, modality, None, device)
+}
+
+/// [`load_planes`], showing each batch's pixel tensor to `visit` (as
+/// [`load_images_visiting`]).
+pub fn load_planes_visiting(
+    m: &LoadedModel,
+    planes: &[Plane],
+    path: &Path,
+    modality: Option<String>,
+    mut visit: Option<PixelVisitor>,
+    device: &Device,
+) -> Result<Vec<LoadedImage>> {
     let size = m.model.image_size();
     let pre = seg_preprocess(m, size);
     let mut out = Vec::with_capacity(planes.len());
@@ -607,6 +620,9 @@ pub fn load_planes(
             greys.push((p.grey, (plane.rows, plane.cols)));
         }
         let px = pre.batch(&pixels, device)?;
+        if let Some(v) = visit.as_mut() {
+            v(&px)?;
+        }
         let (patches, projected) = encode_patches(m, &px)?;
         for (i, (grey, shape)) in greys.into_iter().enumerate() {
             out.push(LoadedImage {

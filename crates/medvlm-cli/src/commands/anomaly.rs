@@ -77,6 +77,11 @@ pub struct FitArgs {
     /// averaged), e.g. 2,3 (the default); each must fit the tower's patch grid.
     #[arg(long, value_delimiter = ',', default_value = "2,3", value_parser = crate::commands::at_least_one)]
     pub window_scales: Vec<usize>,
+    /// What the detector decides with when it has no supervised head: `memory` (patch
+    /// tokens, the default) or `window-memory` (WinCLIP+'s window memory; needs a ViT with a
+    /// class token).
+    #[arg(long, default_value = "memory")]
+    pub decide_with: medvlm_tasks::anomaly_pipeline::DecisionMethod,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -164,6 +169,7 @@ fn fit_cmd(a: FitArgs) -> anyhow::Result<()> {
             scales: a.window_scales,
             stride: 1,
         },
+        decide_with: a.decide_with,
     };
     let det = fit(m, &a.model, &train, calib.as_ref(), &options, &device)?;
     det.save(&a.out)?;
@@ -203,6 +209,17 @@ fn fit_cmd(a: FitArgs) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    for d in det.modalities.iter().filter(|d| d.decides_with_windows()) {
+        let t = d.decision_threshold();
+        println!(
+            "{}: decides with the window memory, threshold {:.4} (at most {:.0} % of {} \
+             calibration normals above it)",
+            d.modality.as_deref().unwrap_or("(no modality)"),
+            t.value,
+            100.0 * t.target_false_positive_rate,
+            t.n_calibration
+        );
     }
     println!("detector written to {}", a.out.display());
     Ok(())

@@ -1,0 +1,132 @@
+//! A detector that decides with WinCLIP+'s window memory (`--decide-with window-memory`) on
+//! the random-weight CLIP fixture: its threshold is the window memory's on the calibration
+//! normals, `predict` scores files with the window memory (the calibration normals
+//! themselves are called anomalous at no more than the target rate, which holds only when
+//! prediction computes the maps calibration computed), the choice survives save and load,
+//! and a tower without windows cannot be asked for it.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
+use medvlm_tasks::anomaly_pipeline::{
+    fit, AnomalyDetector, AnomalyOptions, AnomalyTask, DecisionMethod,
+};
+
+mod common;
+use common::{fixture, model};
+
+fn phantoms(dir: &Path) -> PathBuf {
+    medvlm_phantoms::write_dataset(&DatasetConfig {
+        out: dir.to_path_buf(),
+        n: 60,
+        seed: 31,
+        modalities: vec![Modality::Dermoscopy],
+        options: StudyOptions {
+            size: 32,
+            max_findings: 1,
+            normal_fraction: 0.5,
+            registration: false,
+            ..Default::default()
+        },
+        force: false,
+    })
+    .unwrap();
+    dir.join("manifest.jsonl")
+}
+
+#[test]
+fn window_memory_decides_at_its_own_threshold_and_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = phantoms(&tmp.path().join("ph"));
+    let task = AnomalyTask::from_manifest(&manifest, None).unwrap();
+    let dev = Device::Cpu;
+    let fpr = 0.2;
+    let options = AnomalyOptions {
+        shots: 3,
+        fpr,
+        decide_with: DecisionMethod::WindowMemory,
+        ..Default::default()
+    };
+    let det = fit(model(), &fixture(), &task, None, &options, &dev).unwrap();
+    let d = &det.modalities[0];
+    assert!(d.decides_with_windows());
+    let wt = d.window_threshold.expect("a window threshold");
+    assert_eq!(d.decision_threshold(), &wt);
+    assert_ne!(wt, d.threshold);
+    // The calibration normals: the training normals outside the memory.
+    let calib: Vec<PathBuf> = task
+        .items
+        .iter()
+        .filter(|it| it.normal && !d.memory_images.contains(&it.item.image))
+        .map(|it| it.item.image.clone())
+        .collect();
+    assert_eq!(wt.n_calibration, calib.len());
+    let (images, predicted): (Vec<_>, Vec<_>) = det
+        .predict_files(&calib, Some("dermoscopy"), &dev)
+        .unwrap()
+        .into_iter()
+        .map(|(im, s, c)| (im, (s, c)))
+        .unzip();
+    let called = predicted.iter().filter(|(_, c)| *c).count();
+    assert!(
+        called as f64 <= fpr * calib.len() as f64,
+        "{called} of {} calibration normals called anomalous",
+        calib.len()
+    );
+    // The scores are the window memory's, not the patch memory's.
+    let by_memory = det.score_memory(d, &images).unwrap();
+    assert!(predicted
+        .iter()
+        .zip(&by_memory)
+        .any(|((s, _), m)| (s.score - m.score).abs() > 1e-4));
+
+    let dir = tmp.path().join("det");
+    det.save(&dir).unwrap();
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("anomaly.json")).unwrap()).unwrap();
+    assert_eq!(card["options"]["decide_with"], "window-memory");
+    let loaded = AnomalyDetector::load(&dir, None, &dev).unwrap();
+    let again = loaded
+        .predict_files(&calib, Some("dermoscopy"), &dev)
+        .unwrap();
+    for ((a, ca), (_, b, cb)) in predicted.iter().zip(&again) {
+        assert_eq!(a.score, b.score);
+        assert_eq!(ca, cb);
+    }
+    // A detector that decides with windows but lost its window memory is refused on load.
+    let tensors = candle_core::safetensors::load(dir.join("memory.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| !k.contains("window_memory"))
+        .collect::<std::collections::HashMap<_, _>>();
+    candle_core::safetensors::save(&tensors, dir.join("memory.safetensors")).unwrap();
+    let err = AnomalyDetector::load(&dir, None, &dev)
+        .err()
+        .expect("no window memory")
+        .to_string();
+    assert!(err.contains("no window memory"), "{err}");
+}
+
+#[test]
+fn a_tower_without_windows_cannot_decide_with_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = phantoms(&tmp.path().join("ph"));
+    let task = AnomalyTask::from_manifest(&manifest, None).unwrap();
+    // SigLIP pools with an attention head: patch tokens, but no windows.
+    let siglip = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../medvlm-models/tests/fixtures/siglip")
+        .display()
+        .to_string();
+    let m = medvlm_models::load_model(&siglip, &Default::default()).unwrap();
+    let options = AnomalyOptions {
+        shots: 3,
+        decide_with: DecisionMethod::WindowMemory,
+        ..Default::default()
+    };
+    let err = fit(m, &siglip, &task, None, &options, &Device::Cpu)
+        .err()
+        .expect("no windows")
+        .to_string();
+    assert!(err.contains("encodes windows"), "{err}");
+}
