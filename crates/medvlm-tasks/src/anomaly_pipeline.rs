@@ -342,12 +342,18 @@ fn scored_from_patch_maps(
     sigma: f64,
 ) -> Result<Vec<ScoredImage>> {
     let flat: Vec<f32> = patch_maps.iter().flatten().copied().collect();
-    let maps = anomaly_maps(
-        &Tensor::from_vec(flat, (patch_maps.len(), grid.0 * grid.1), &Device::Cpu)?,
-        grid,
-        size,
-        sigma,
-    )?;
+    let t = Tensor::from_vec(flat, (patch_maps.len(), grid.0 * grid.1), &Device::Cpu)?;
+    scored_from_patch_scores(&t, grid, size, sigma)
+}
+
+/// [`scored_from_patch_maps`] from a tensor of patch scores `[N, P]`.
+fn scored_from_patch_scores(
+    patch_scores: &Tensor,
+    grid: (usize, usize),
+    size: usize,
+    sigma: f64,
+) -> Result<Vec<ScoredImage>> {
+    let maps = anomaly_maps(patch_scores, grid, size, sigma)?;
     let scores = image_scores(&maps);
     Ok(maps
         .into_iter()
@@ -1050,18 +1056,12 @@ impl AnomalyDetector {
             return Ok(Vec::new());
         }
         let s = det.memory.patch_scores(&stack_patches(images)?)?;
-        let maps = anomaly_maps(
+        scored_from_patch_scores(
             &s,
             det.memory.grid,
             self.card.image_size,
             det.memory.config.sigma,
-        )?;
-        let scores = image_scores(&maps);
-        Ok(maps
-            .into_iter()
-            .zip(scores)
-            .map(|(map, score)| ScoredImage { map, score })
-            .collect())
+        )
     }
 
     /// Evaluates on `task` per modality (see the module docs).

@@ -317,10 +317,6 @@ pub fn save_bottleneck_adapters(
             "the model carries no bottleneck adapter to save",
         ));
     }
-    std::fs::create_dir_all(dir).map_err(|source| FinetuneError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
     let config = serde_json::json!({
         "adapter_type": "bottleneck",
         "bottleneck": spec.bottleneck,
@@ -328,14 +324,7 @@ pub fn save_bottleneck_adapters(
         "target_modules": spec.targets,
         "medvlm_towers": spec.towers.to_string(),
     });
-    let cfg_path = dir.join(ADAPTER_CONFIG);
-    let bytes =
-        serde_json::to_vec_pretty(&config).map_err(|e| adapter_err(&cfg_path, e.to_string()))?;
-    medvlm_io::atomic::write_atomic(&cfg_path, &bytes).map_err(|e| FinetuneError::Io {
-        path: cfg_path.clone(),
-        source: e.into_io(),
-    })?;
-    medvlm_models::weights::save_safetensors_atomic(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
+    crate::lora::write_adapter_files(dir, &config, &tensors)?;
     Ok(n)
 }
 

@@ -645,10 +645,6 @@ pub fn save_lora_adapters(model: &dyn LinearLayers, spec: &LoraSpec, dir: &Path)
             "the model carries no LoRA adapter to save",
         ));
     }
-    std::fs::create_dir_all(dir).map_err(|source| FinetuneError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
     let config = serde_json::json!({
         "peft_type": "LORA",
         "r": spec.rank,
@@ -658,15 +654,30 @@ pub fn save_lora_adapters(model: &dyn LinearLayers, spec: &LoraSpec, dir: &Path)
         "bias": "none",
         "medvlm_towers": spec.towers.to_string(),
     });
+    write_adapter_files(dir, &config, &tensors)?;
+    Ok(n)
+}
+
+/// Writes an adapter folder: `dir/adapter_config.json` (`config`) and
+/// `dir/adapter_model.safetensors` (`tensors`), each atomically.
+pub(crate) fn write_adapter_files(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| FinetuneError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let cfg_path = dir.join(ADAPTER_CONFIG);
     let bytes =
-        serde_json::to_vec_pretty(&config).map_err(|e| adapter_err(&cfg_path, e.to_string()))?;
+        serde_json::to_vec_pretty(config).map_err(|e| adapter_err(&cfg_path, e.to_string()))?;
     medvlm_io::atomic::write_atomic(&cfg_path, &bytes).map_err(|e| FinetuneError::Io {
         path: cfg_path.clone(),
         source: e.into_io(),
     })?;
-    medvlm_models::weights::save_safetensors_atomic(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
-    Ok(n)
+    medvlm_models::weights::save_safetensors_atomic(&dir.join(ADAPTER_WEIGHTS), tensors)?;
+    Ok(())
 }
 
 /// Reads an adapter saved by [`save_lora_adapters`] (or by PEFT for the same architecture)
