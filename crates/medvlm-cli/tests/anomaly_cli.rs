@@ -226,7 +226,11 @@ fn anomaly_fit_then_eval_and_predict() {
     // Deciding with the window memory: the fit says so with its threshold, predict writes
     // its maps; an unknown method is refused.
     let detw = tmp.path().join("detw");
-    let out = fit(&ph, &detw, &["--decide-with", "window-memory"]);
+    let out = fit(
+        &ph,
+        &detw,
+        &["--decide-with", "window-memory", "--weak-steps", "20"],
+    );
     assert!(
         out.contains("brain_mri: decides with the window memory, threshold"),
         "{out}"
@@ -243,6 +247,16 @@ fn anomaly_fit_then_eval_and_predict() {
         arg(&tmp.path().join("predw")),
     ]));
     assert_eq!(csv.lines().count(), 2, "{csv}");
+    // The weak window scorer is evaluated from the saved detector.
+    let table = ok(&run(&[
+        "anomaly",
+        "eval",
+        "--detector",
+        arg(&detw),
+        "--manifest",
+        arg(&ph.join("manifest.jsonl")),
+    ]));
+    assert!(table.contains("Weakly supervised window scorer"), "{table}");
     let err = fails(
         &bin()
             .args(["anomaly", "fit", "--decide-with", "best", "--model"])

@@ -206,6 +206,11 @@ pub struct AnomalyOptions {
     /// when present). Cards written before the choice existed read `memory`.
     #[serde(default)]
     pub decide_with: DecisionMethod,
+    /// Steps of the weakly supervised window scorer trained from the training manifest's
+    /// image labels only ([`crate::window_mil`]); 0 (the default): none. Its training images
+    /// are a seeded draw of at most `supervised_images` per modality.
+    #[serde(default)]
+    pub weak_steps: usize,
 }
 
 /// What a detector without a supervised head decides with (`predict`, the service).
@@ -247,6 +252,7 @@ impl Default for AnomalyOptions {
             supervised_images: default_supervised_images(),
             windows: Default::default(),
             decide_with: DecisionMethod::Memory,
+            weak_steps: 0,
         }
     }
 }
@@ -310,6 +316,8 @@ pub struct ModalityDetector {
     pub window_threshold: Option<Threshold>,
     /// The method decided with when there is no supervised branch.
     pub decide_with: DecisionMethod,
+    /// The window scorer trained from image labels (`None`: not asked for, or no windows).
+    pub weak: Option<crate::window_mil::WindowScorer>,
 }
 
 impl ModalityDetector {
@@ -632,6 +640,57 @@ fn score_supervised(
         .collect()
 }
 
+/// The weakly supervised window scorer of one modality (see [`crate::window_mil`]): trained
+/// on the window embeddings of a seeded draw of at most `supervised_images` of the
+/// modality's training images with their normal / abnormal labels, from the zero-shot
+/// direction of the state embeddings `text`.
+fn train_weak(
+    m: &LoadedModel,
+    train: &AnomalyTask,
+    modality: &Option<String>,
+    text: &Tensor,
+    grid: (usize, usize),
+    options: &AnomalyOptions,
+    device: &Device,
+) -> Result<crate::window_mil::WindowScorer> {
+    let mut idx: Vec<usize> = (0..train.items.len())
+        .filter(|&i| &train.items[i].item.modality == modality)
+        .collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(options.seed ^ 0x3ea4_91c5);
+    idx.shuffle(&mut rng);
+    idx.truncate(options.supervised_images);
+    idx.sort_unstable();
+    let mut batches: Vec<Vec<Tensor>> = Vec::new();
+    let mut visit = |px: &Tensor| -> std::result::Result<(), SegPipelineError> {
+        let (per_scale, _) =
+            crate::winclip::window_embeddings(m.model.as_ref(), px, grid, &options.windows)
+                .map_err(|e| SegPipelineError::Invalid(format!("WinCLIP windows: {e}")))?;
+        batches.push(per_scale);
+        Ok(())
+    };
+    load_images_visiting(m, &train.seg_task(&idx), &mut visit, device)?;
+    let per_scale = (0..options.windows.scales.len())
+        .map(|k| Tensor::cat(&batches.iter().map(|b| &b[k]).collect::<Vec<_>>(), 0))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let labels: Vec<bool> = idx.iter().map(|&i| !train.items[i].normal).collect();
+    let init = crate::window_mil::zero_shot_direction(
+        text,
+        crate::winclip::logit_scale(m.model.as_ref())?,
+    )?;
+    let config = crate::window_mil::WindowMilConfig {
+        steps: options.weak_steps,
+        ..Default::default()
+    };
+    let (scorer, _) = crate::window_mil::train_window_scorer(&per_scale, &labels, &init, &config)
+        .map_err(|e| {
+        AnomalyPipelineError::Invalid(format!(
+            "modality {}: weak supervision: {e}",
+            modality.as_deref().unwrap_or("(none)")
+        ))
+    })?;
+    Ok(scorer)
+}
+
 fn grid_of(m: &LoadedModel, patches: usize) -> Result<(usize, usize)> {
     let g = (patches as f64).sqrt().round() as usize;
     if g * g != patches {
@@ -840,6 +899,19 @@ pub fn fit(
             } else {
                 None
             };
+        let weak = match (&window_memory, &zero_shot_text, options.weak_steps) {
+            (Some(_), Some(text), steps) if steps > 0 => Some(train_weak(
+                &m, train, &modality, text, grid, options, device,
+            )?),
+            (None, _, steps) if steps > 0 => {
+                return Err(AnomalyPipelineError::Invalid(
+                    "weak supervision trains on WinCLIP windows: it needs an image tower that \
+                     encodes windows (a ViT with a class token: CLIP, BiomedCLIP)"
+                        .into(),
+                ))
+            }
+            _ => None,
+        };
         cards.push(ModalityCard {
             modality: modality.clone(),
             threshold,
@@ -860,6 +932,7 @@ pub fn fit(
             window_memory,
             window_threshold,
             decide_with: options.decide_with,
+            weak,
         });
     }
     let (supervised, supervised_card) = match supervised {
@@ -952,6 +1025,9 @@ pub struct ModalityEvaluation {
     /// (TPR) images called anomalous.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_memory_rates: Option<(f64, f64)>,
+    /// The window scorer trained from image labels only (`None`: the detector has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_weak: Option<MethodMetrics>,
     /// WinCLIP+: the mean of the zero-shot windows' map and the few-shot map (the mean of the
     /// patch memory's and the window memory's), and of their image scores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1076,6 +1152,8 @@ impl AnomalyDetector {
             // zero-shot scores and, with a window memory, its maps.
             let mut windows: Option<WindowScores> = None;
             let mut window_memory_maps: Vec<Vec<f32>> = Vec::new();
+            let mut weak_maps: Vec<Vec<f32>> = Vec::new();
+            let mut weak_scores: Vec<f32> = Vec::new();
             let images = match (
                 &det.zero_shot_text,
                 self.model.model.supports_image_windows(),
@@ -1086,6 +1164,7 @@ impl AnomalyDetector {
                         image_scores: Vec::new(),
                     });
                     let wm_maps = &mut window_memory_maps;
+                    let (wk_maps, wk_scores) = (&mut weak_maps, &mut weak_scores);
                     let mut visit = |px: &Tensor| -> std::result::Result<(), SegPipelineError> {
                         let err = |e: crate::anomaly::AnomalyError| {
                             SegPipelineError::Invalid(format!("WinCLIP windows: {e}"))
@@ -1103,6 +1182,11 @@ impl AnomalyDetector {
                         acc.image_scores.extend(z.image_scores);
                         if let Some(wm) = &det.window_memory {
                             wm_maps.extend(wm.patch_maps(&per_scale, grid, cfg).map_err(err)?);
+                        }
+                        if let Some(w) = &det.weak {
+                            let (maps, scores) = w.score(&per_scale, grid, cfg).map_err(err)?;
+                            wk_maps.extend(maps);
+                            wk_scores.extend(scores);
                         }
                         Ok(())
                     };
@@ -1216,6 +1300,11 @@ impl AnomalyDetector {
             };
             let memory_maps: Vec<Vec<f32>> = scored.iter().map(|s| s.map.clone()).collect();
             let mut window_memory_scores: Option<Vec<f32>> = None;
+            let window_weak = if det.weak.is_some() && !weak_maps.is_empty() {
+                Some(metrics_of(&grid_maps(&weak_maps)?, &weak_scores)?)
+            } else {
+                None
+            };
             let (zero_shot_windows, window_memory, winclip_plus) = match &windows {
                 Some(z) => {
                     let zero = grid_maps(&z.patch_maps)?;
@@ -1298,6 +1387,7 @@ impl AnomalyDetector {
                 zero_shot_windows,
                 window_memory,
                 window_memory_rates,
+                window_weak,
                 winclip_plus,
                 global_baseline_image_auroc: auroc_binary(&global, &anomalous)?,
                 pixel_difference_baseline: diff,
@@ -1324,6 +1414,10 @@ impl AnomalyDetector {
             tensors.insert(format!("{i}.normal_means"), d.normal_means.clone());
             if let Some(t) = &d.zero_shot_text {
                 tensors.insert(format!("{i}.zero_shot_text"), t.clone());
+            }
+            if let Some(w) = &d.weak {
+                tensors.insert(format!("{i}.weak_direction"), w.direction.clone());
+                tensors.insert(format!("{i}.weak_bias"), w.bias.clone());
             }
             if let Some(wm) = &d.window_memory {
                 for (k, t) in wm.per_scale.iter().enumerate() {
@@ -1468,6 +1562,22 @@ impl AnomalyDetector {
                     .map(|per_scale| crate::winclip::WindowMemory { per_scale }),
                 window_threshold: mc.window_threshold,
                 decide_with: card.options.decide_with,
+                weak: match (
+                    tensors.get(&format!("{i}.weak_direction")),
+                    tensors.get(&format!("{i}.weak_bias")),
+                ) {
+                    (Some(d), Some(b)) => Some(crate::window_mil::WindowScorer {
+                        direction: d.clone(),
+                        bias: b.clone(),
+                    }),
+                    _ if card.options.weak_steps > 0 => {
+                        return Err(file_err(
+                            &path,
+                            format!("tensors `{i}.weak_direction` / `{i}.weak_bias` are missing"),
+                        ))
+                    }
+                    _ => None,
+                },
             });
             let d = modalities
                 .last()
@@ -1602,6 +1712,22 @@ impl AnomalyEvaluation {
                     m.window_memory_rates
                         .map_or("-".to_string(), |(f, t)| format!("{f:.3} / {t:.3}")),
                 ));
+            }
+        }
+        if self.modalities.iter().any(|m| m.window_weak.is_some()) {
+            s.push_str(
+                "\nWeakly supervised window scorer (trained from image labels only, MIL over the WinCLIP windows):\n\n| modality | image AUROC | pixel AUROC | AUPRO@0.3 |\n|---|---|---|---|\n",
+            );
+            for m in &self.modalities {
+                if let Some(w) = &m.window_weak {
+                    s.push_str(&format!(
+                        "| {} | {} | {} | {} |\n",
+                        m.modality.as_deref().unwrap_or("-"),
+                        f(w.image_auroc),
+                        f(w.pixel_auroc),
+                        f(w.aupro)
+                    ));
+                }
             }
         }
         if self.modalities.iter().any(|m| m.supervised.is_some()) {

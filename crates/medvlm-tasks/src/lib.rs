@@ -78,3 +78,4 @@ pub mod vqa;
 pub mod vqa_generative;
 pub mod vqa_pipeline;
 pub mod winclip;
+pub mod window_mil;

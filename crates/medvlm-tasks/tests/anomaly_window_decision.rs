@@ -3,7 +3,8 @@
 //! normals, `predict` scores files with the window memory (the calibration normals
 //! themselves are called anomalous at no more than the target rate, which holds only when
 //! prediction computes the maps calibration computed), the choice survives save and load,
-//! and a tower without windows cannot be asked for it.
+//! and a tower without windows cannot be asked for it. Also the weakly supervised window
+//! scorer (`weak_steps`).
 
 use std::path::{Path, PathBuf};
 
@@ -129,4 +130,72 @@ fn a_tower_without_windows_cannot_decide_with_them() {
         .expect("no windows")
         .to_string();
     assert!(err.contains("encodes windows"), "{err}");
+}
+
+/// `weak_steps`: a window scorer trained from the image labels moves off its zero-shot
+/// start, is evaluated, and is saved and loaded back as it was; a detector that lost it is
+/// refused.
+#[test]
+fn weak_window_scorer_trains_evaluates_and_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = phantoms(&tmp.path().join("ph"));
+    let task = AnomalyTask::from_manifest(&manifest, None).unwrap();
+    let dev = Device::Cpu;
+    let options = AnomalyOptions {
+        shots: 3,
+        fpr: 0.2,
+        weak_steps: 40,
+        ..Default::default()
+    };
+    let det = fit(model(), &fixture(), &task, None, &options, &dev).unwrap();
+    let d = &det.modalities[0];
+    let weak = d.weak.as_ref().expect("a weak scorer");
+    let text = d.zero_shot_text.as_ref().unwrap();
+    let scale = medvlm_tasks::winclip::logit_scale(det.model().model.as_ref()).unwrap();
+    let start = medvlm_tasks::window_mil::zero_shot_direction(text, scale).unwrap();
+    let moved = (&weak.direction - &start)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 1e-3, "the scorer did not train ({moved})");
+    let e = det.evaluate(&task, &dev).unwrap();
+    let w = e.modalities[0].window_weak.as_ref().expect("weak metrics");
+    for v in [w.image_auroc, w.pixel_auroc, w.aupro] {
+        let v = v.expect("a metric");
+        assert!((0.0..=1.0).contains(&v), "{v}");
+    }
+    assert!(e.render_table().contains("Weakly supervised window scorer"));
+
+    let dir = tmp.path().join("det");
+    det.save(&dir).unwrap();
+    let loaded = AnomalyDetector::load(&dir, None, &dev).unwrap();
+    let lw = loaded.modalities[0].weak.as_ref().unwrap();
+    assert_eq!(
+        lw.direction.to_vec1::<f32>().unwrap(),
+        weak.direction.to_vec1::<f32>().unwrap()
+    );
+    let again = loaded.evaluate(&task, &dev).unwrap();
+    assert_eq!(
+        again.modalities[0]
+            .window_weak
+            .as_ref()
+            .unwrap()
+            .pixel_auroc,
+        w.pixel_auroc
+    );
+    let tensors = candle_core::safetensors::load(dir.join("memory.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| !k.contains("weak"))
+        .collect::<std::collections::HashMap<_, _>>();
+    candle_core::safetensors::save(&tensors, dir.join("memory.safetensors")).unwrap();
+    let err = AnomalyDetector::load(&dir, None, &dev)
+        .err()
+        .expect("no weak scorer")
+        .to_string();
+    assert!(err.contains("weak_direction"), "{err}");
 }

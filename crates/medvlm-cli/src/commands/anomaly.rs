@@ -82,6 +82,11 @@ pub struct FitArgs {
     /// class token).
     #[arg(long, default_value = "memory")]
     pub decide_with: medvlm_tasks::anomaly_pipeline::DecisionMethod,
+    /// Also train a window scorer for this many steps from the manifest's image labels only
+    /// (normal / abnormal; weak supervision by multiple-instance learning over the WinCLIP
+    /// windows; `--supervised-images` caps its images per modality). 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub weak_steps: usize,
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -170,6 +175,7 @@ fn fit_cmd(a: FitArgs) -> anyhow::Result<()> {
             stride: 1,
         },
         decide_with: a.decide_with,
+        weak_steps: a.weak_steps,
     };
     let det = fit(m, &a.model, &train, calib.as_ref(), &options, &device)?;
     det.save(&a.out)?;
