@@ -151,6 +151,9 @@ pub struct WindowScores {
     pub image_scores: Vec<f32>,
 }
 
+/// Most window sequences [`window_embeddings`] sends through the tower at once.
+const WINDOW_SEQUENCES: usize = 2048;
+
 /// The embeddings of every window of each scale of `config`, `[B, W_s, E]` per scale
 /// (L2-normalised, f32 on the CPU), and of the whole images `[B, E]` (likewise).
 pub fn window_embeddings(
@@ -158,6 +161,18 @@ pub fn window_embeddings(
     pixels: &Tensor,
     grid: (usize, usize),
     config: &WindowConfig,
+) -> Result<(Vec<Tensor>, Tensor)> {
+    window_embeddings_in_passes(model, pixels, grid, config, WINDOW_SEQUENCES)
+}
+
+/// [`window_embeddings`] with at most `max_sequences` window sequences per pass of the tower
+/// (at least one window per pass).
+pub fn window_embeddings_in_passes(
+    model: &dyn VisionLanguageModel,
+    pixels: &Tensor,
+    grid: (usize, usize),
+    config: &WindowConfig,
+    max_sequences: usize,
 ) -> Result<(Vec<Tensor>, Tensor)> {
     if config.scales.is_empty() {
         return Err(AnomalyError::Invalid("no window scale given".into()));
@@ -169,12 +184,20 @@ pub fn window_embeddings(
         )?)
     };
     let whole = cpu(model.encode_image(pixels)?.embeds)?;
+    // At most WINDOW_SEQUENCES sequences per pass of the tower (a 224 px ViT-B/16 has 169
+    // windows of 2 x 2 patches per image), so memory stays bounded for large batches.
+    let b = pixels.dim(0)?.max(1);
+    let per_pass = (max_sequences / b).max(1);
     let per_scale = config
         .scales
         .iter()
         .map(|&side| {
             let windows = square_windows(grid, side, config.stride)?;
-            cpu(model.encode_image_windows(pixels, &windows)?)
+            let parts = windows
+                .chunks(per_pass)
+                .map(|w| cpu(model.encode_image_windows(pixels, w)?))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts, 1)?)
         })
         .collect::<Result<_>>()?;
     Ok((per_scale, whole))

@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use medvlm_tasks::winclip::{
-    abnormal_probabilities, harmonic_aggregate, square_windows, window_embeddings, zero_shot,
-    WindowConfig, WindowMemory,
+    abnormal_probabilities, harmonic_aggregate, square_windows, window_embeddings,
+    window_embeddings_in_passes, zero_shot, WindowConfig, WindowMemory,
 };
 
 fn pixels() -> Tensor {
@@ -167,4 +167,19 @@ fn window_memory_of_an_image_finds_its_own_windows_normal() {
         stride: 1,
     };
     assert!(memory.patch_maps(&per_scale, (4, 4), &three).is_err());
+}
+
+#[test]
+fn windows_embedded_in_several_passes_are_the_same() {
+    let m = common::model();
+    let cfg = WindowConfig::default();
+    let (one, whole) = window_embeddings(m.model.as_ref(), &pixels(), (4, 4), &cfg).unwrap();
+    // 2 images: 3 sequences per pass is one window per pass.
+    let (many, whole2) =
+        window_embeddings_in_passes(m.model.as_ref(), &pixels(), (4, 4), &cfg, 3).unwrap();
+    assert_eq!(common::max_abs_diff(&whole, &whole2), 0.0);
+    for (a, b) in one.iter().zip(&many) {
+        assert_eq!(a.dims(), b.dims());
+        assert!(common::max_abs_diff(a, b) < 1e-6);
+    }
 }
