@@ -143,6 +143,7 @@ fn anomaly_fit_then_eval_and_predict() {
         arg(&out),
     ]));
     assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(csv.lines().skip(1).all(|l| l.ends_with(",memory")), "{csv}");
     for b in &brains {
         let stem = b.file_stem().unwrap().to_string_lossy().to_string();
         assert!(out.join(format!("{stem}_anomaly.png")).is_file());
@@ -247,6 +248,8 @@ fn anomaly_fit_then_eval_and_predict() {
         arg(&tmp.path().join("predw")),
     ]));
     assert_eq!(csv.lines().count(), 2, "{csv}");
+    assert!(csv.lines().next().unwrap().ends_with(",method"), "{csv}");
+    assert!(csv.lines().nth(1).unwrap().ends_with(",window-memory"), "{csv}");
     // The weak window scorer is evaluated from the saved detector.
     let table = ok(&run(&[
         "anomaly",

@@ -1475,6 +1475,7 @@ pub async fn anomaly(State(svc): State<Service>, req: Request) -> Response {
                         "detector": name,
                         "modality": modality,
                         "score": scored.score,
+                        "method": d.decision_method(),
                         "threshold": d.decision_threshold().value,
                         "target_false_positive_rate": d.decision_threshold().target_false_positive_rate,
                         "anomalous": anomalous,

@@ -206,6 +206,7 @@ async fn segment_and_anomaly_answer_as_the_library() {
         "{v}"
     );
     assert_eq!(v["anomalous"].as_bool(), Some(called));
+    assert_eq!(v["method"], "memory");
     assert_eq!(v["modality"], "dermoscopy");
 
     // Errors: no prompt, an unknown segmenter, an unknown modality.

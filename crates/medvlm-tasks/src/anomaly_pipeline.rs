@@ -330,6 +330,18 @@ impl ModalityDetector {
             && self.window_threshold.is_some()
     }
 
+    /// The name of the method the detector decides with: `supervised`, `window-memory` or
+    /// `memory`.
+    pub fn decision_method(&self) -> &'static str {
+        if self.supervised.is_some() {
+            "supervised"
+        } else if self.decides_with_windows() {
+            "window-memory"
+        } else {
+            "memory"
+        }
+    }
+
     /// The threshold of the method the detector decides with: the supervised branch's when
     /// it has one, else the window memory's or the memory's by `decide_with`.
     pub fn decision_threshold(&self) -> &Threshold {

@@ -262,10 +262,16 @@ fn predict(a: PredictArgs) -> anyhow::Result<()> {
         &a.out,
         &device,
     )?;
-    let mut csv = String::from("image,score,anomalous,map,overlay,map_nifti,best_slice\n");
+    // The method that decided (the same for every row of one modality).
+    let method = det
+        .modalities
+        .iter()
+        .find(|d| d.modality == modality)
+        .map_or("memory", |d| d.decision_method());
+    let mut csv = String::from("image,score,anomalous,map,overlay,map_nifti,best_slice,method\n");
     for r in &rows {
         csv.push_str(&format!(
-            "{},{:.6},{},{},{},{},{}\n",
+            "{},{:.6},{},{},{},{},{},{method}\n",
             csv_field(&r.input.display().to_string()),
             r.score,
             r.anomalous,
