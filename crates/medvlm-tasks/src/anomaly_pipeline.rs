@@ -16,9 +16,14 @@
 //!   their abnormal probabilities aggregated per patch (harmonic mean) and averaged over the
 //!   scales ([`AnomalyOptions::windows`]), the image score the whole image's abnormal
 //!   probability;
-//! * **WinCLIP+** (evaluated when the tower has windows): the mean of the windows' map and
-//!   the memory's map, and of the two image scores, WinCLIP+'s combination of its zero-shot
-//!   and few-shot branches;
+//! * **window memory and WinCLIP+** (when the tower has windows): the memory images' window
+//!   embeddings per scale ([`crate::winclip::WindowMemory`]), a test window scored by its
+//!   distance to the nearest normal window, with its own threshold on the calibration
+//!   normals; WinCLIP+ averages the zero-shot windows' map with the few-shot map (the mean
+//!   of the patch memory's and the window memory's), and likewise the image scores. With
+//!   [`AnomalyOptions::decide_with`] the window memory is what `predict` decides with;
+//! * **weak supervision** (optional, [`AnomalyOptions::weak_steps`]): a window scorer trained
+//!   from the training manifest's normal / abnormal labels only ([`crate::window_mil`]);
 //! * **evaluate** ([`AnomalyDetector::evaluate`]): image AUROC, pixel AUROC and AUPRO
 //!   ([`medvlm_eval::anomaly`]) and the decision's false-positive and true-positive rates at
 //!   the threshold; the same for two baselines with the same normal images: *global*, the
