@@ -249,7 +249,10 @@ fn anomaly_fit_then_eval_and_predict() {
     ]));
     assert_eq!(csv.lines().count(), 2, "{csv}");
     assert!(csv.lines().next().unwrap().ends_with(",method"), "{csv}");
-    assert!(csv.lines().nth(1).unwrap().ends_with(",window-memory"), "{csv}");
+    assert!(
+        csv.lines().nth(1).unwrap().ends_with(",window-memory"),
+        "{csv}"
+    );
     // The weak window scorer is evaluated from the saved detector.
     let table = ok(&run(&[
         "anomaly",

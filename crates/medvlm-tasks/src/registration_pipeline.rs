@@ -1,6 +1,6 @@
 //! Deformable registration end to end (issue #18): image pairs read from a manifest (the
 //! phantom benchmark's `moved/` copies and their known `deformation/` fields), the
-//! [`RegNet`](crate::registration::RegNet) trained on them without labels, the trained
+//! [`crate::registration::RegNet`] trained on them without labels, the trained
 //! network saved as a folder ([`Registrar`]) and applied to image files, and evaluated with
 //! `medvlm_eval::registration` against the identity and the known field.
 //!
@@ -425,7 +425,7 @@ const CARD_FILE: &str = "registrar.json";
 impl Registrar {
     /// Trains on the pairs of `manifest` (see [`load_pairs`]), conditioned on each pair's
     /// prompt through the text tower of `text_model` when given; `progress` as in
-    /// [`train`](crate::registration::train).
+    /// [`crate::registration::train`].
     pub fn train(
         manifest: &Path,
         split: Option<&str>,

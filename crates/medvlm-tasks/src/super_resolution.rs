@@ -530,7 +530,7 @@ fn crop(src: &[f32], cols: usize, y0: usize, x0: usize, n: usize) -> Vec<f32> {
 pub struct TrainedSr {
     /// The network.
     pub net: SrNet,
-    /// Its parameters (save with [`named_vars`]).
+    /// Its parameters.
     pub varmap: VarMap,
     /// Loss of each step.
     pub losses: Vec<f32>,
