@@ -41,18 +41,23 @@ def write_png(path, w, h, pix):
     open(path, 'wb').write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0))
                            + chunk(b'IDAT', zlib.compress(raw, 9)) + chunk(b'IEND', b''))
 
-image, gt, pred, out = sys.argv[1:5]
-im, g, p = read_png(image), read_png(gt), read_png(pred)
-w, h, S, gap = im[0], im[1], 4, 4
-W = 3 * w * S + 2 * gap
-pix = [(255, 255, 255)] * (W * h * S)
-def blend(c, col, on):
-    return tuple(int(v * 0.55 + k * 0.45) for v, k in zip(c, col)) if on else c
-for y in range(h * S):
-    for x in range(w * S):
-        sx, sy = x // S, y // S
-        c = rgb_at(im, sx, sy)
-        panels = [c, blend(c, (0, 255, 0), rgb_at(g, sx, sy)[0] > 0), blend(c, (255, 0, 0), rgb_at(p, sx, sy)[0] > 0)]
-        for k, v in enumerate(panels):
-            pix[y * W + k * (w * S + gap) + x] = v
-write_png(out, W, h * S, pix)
+def main():
+    image, gt, pred, out = sys.argv[1:5]
+    im, g, p = read_png(image), read_png(gt), read_png(pred)
+    w, h, S, gap = im[0], im[1], 4, 4
+    W = 3 * w * S + 2 * gap
+    pix = [(255, 255, 255)] * (W * h * S)
+    def blend(c, col, on):
+        return tuple(int(v * 0.55 + k * 0.45) for v, k in zip(c, col)) if on else c
+    for y in range(h * S):
+        for x in range(w * S):
+            sx, sy = x // S, y // S
+            c = rgb_at(im, sx, sy)
+            panels = [c, blend(c, (0, 255, 0), rgb_at(g, sx, sy)[0] > 0), blend(c, (255, 0, 0), rgb_at(p, sx, sy)[0] > 0)]
+            for k, v in enumerate(panels):
+                pix[y * W + k * (w * S + gap) + x] = v
+    write_png(out, W, h * S, pix)
+
+
+if __name__ == "__main__":
+    main()
