@@ -275,6 +275,29 @@ fn anomaly_fit_then_eval_and_predict() {
             .unwrap(),
     );
     assert!(err.contains("memory or window-memory"), "{err}");
+    // --no-windows: no WinCLIP branch is kept or evaluated.
+    let detn = tmp.path().join("detn");
+    fit(&ph, &detn, &["--no-windows"]);
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(detn.join("anomaly.json")).unwrap()).unwrap();
+    assert_eq!(card["options"]["windows"]["scales"], serde_json::json!([]));
+    let jn = tmp.path().join("evaln.json");
+    ok(&run(&[
+        "anomaly",
+        "eval",
+        "--detector",
+        arg(&detn),
+        "--manifest",
+        arg(&ph.join("manifest.jsonl")),
+        "--json",
+        arg(&jn),
+    ]));
+    let e: serde_json::Value = serde_json::from_slice(&std::fs::read(&jn).unwrap()).unwrap();
+    for m in e["modalities"].as_array().unwrap() {
+        assert!(m["memory"]["image_auroc"].is_number(), "{m}");
+        assert!(m.get("zero_shot_windows").is_none(), "{m}");
+        assert!(m.get("window_memory").is_none(), "{m}");
+    }
     // A window larger than the 4 x 4 patch grid: refused before fitting.
     let err = fails(
         &bin()

@@ -203,8 +203,9 @@ pub struct AnomalyOptions {
     /// seeded draw beyond it). Default 800.
     #[serde(default = "default_supervised_images")]
     pub supervised_images: usize,
-    /// WinCLIP's window scales of the zero-shot branch (sides in patches). Cards written
-    /// before the windows existed read the default.
+    /// WinCLIP's window scales (sides in patches) of the zero-shot windows, the window memory
+    /// and the weak scorer; empty: no windows (evaluation as cheap as the memory's). Cards
+    /// written before the windows existed read the default.
     #[serde(default)]
     pub windows: crate::winclip::WindowConfig,
     /// The method the detector decides with when it has no supervised head (which decides
@@ -753,6 +754,9 @@ pub fn fit(
             "shots must be at least 1".into(),
         ));
     }
+    // WinCLIP's windows (zero-shot windows, window memory, weak scorer): when the tower
+    // encodes windows and scales are given (none: `--no-windows`).
+    let uses_windows = m.model.supports_image_windows() && !options.windows.scales.is_empty();
     let mut modalities = Vec::new();
     let mut cards = Vec::new();
     let mut size = 0;
@@ -784,7 +788,7 @@ pub fn fit(
         let (mem_idx, rest) = normals.split_at(options.shots);
         // The memory images' windows (WinCLIP+), read from the same pixels as their tokens.
         let mut mem_windows: Vec<Vec<Tensor>> = Vec::new();
-        let mem_images = if m.model.supports_image_windows() {
+        let mem_images = if uses_windows {
             let mut grid_seen: Option<(usize, usize)> = None;
             let mut visit = |px: &Tensor| -> std::result::Result<(), SegPipelineError> {
                 // The patch grid, from one image of the first batch.
@@ -810,12 +814,7 @@ pub fn fit(
         size = (mem_images[0].grey.dim(1)?).max(size);
         let patches = stack_patches(&mem_images)?;
         let grid = grid_of(&m, patches.dim(1)?)?;
-        if m.model.supports_image_windows() {
-            if options.windows.scales.is_empty() {
-                return Err(AnomalyPipelineError::Invalid(
-                    "no WinCLIP window scale given".into(),
-                ));
-            }
+        if uses_windows {
             for &side in &options.windows.scales {
                 crate::winclip::square_windows(grid, side, options.windows.stride)?;
             }
@@ -842,8 +841,8 @@ pub fn fit(
             && options.supervised_steps == 0
         {
             return Err(AnomalyPipelineError::Invalid(
-                "deciding with the window memory needs an image tower that encodes windows \
-                 (a ViT with a class token: CLIP, BiomedCLIP)"
+                "deciding with the window memory needs WinCLIP's windows: an image tower that \
+                 encodes them (a ViT with a class token: CLIP, BiomedCLIP) and window scales"
                     .into(),
             ));
         }
@@ -905,17 +904,16 @@ pub fn fit(
             None => None,
         };
         let memory_images: Vec<PathBuf> = mem_images.iter().map(|i| i.path.clone()).collect();
-        let zero_shot_text =
-            if mem_images[0].projected.is_some() || m.model.supports_image_windows() {
-                let (normal, abnormal) = state_prompts(modality.as_deref());
-                let mut lists = vec![normal];
-                lists.extend(abnormal);
-                Some(crate::segmentation_pipeline::prompt_embeddings(
-                    &m, &lists, device,
-                )?)
-            } else {
-                None
-            };
+        let zero_shot_text = if mem_images[0].projected.is_some() || uses_windows {
+            let (normal, abnormal) = state_prompts(modality.as_deref());
+            let mut lists = vec![normal];
+            lists.extend(abnormal);
+            Some(crate::segmentation_pipeline::prompt_embeddings(
+                &m, &lists, device,
+            )?)
+        } else {
+            None
+        };
         let weak = match (&window_memory, &zero_shot_text, options.weak_steps) {
             (Some(_), Some(text), steps) if steps > 0 => Some(train_weak(
                 &m, train, &modality, text, grid, options, device,
@@ -923,7 +921,7 @@ pub fn fit(
             (None, _, steps) if steps > 0 => {
                 return Err(AnomalyPipelineError::Invalid(
                     "weak supervision trains on WinCLIP windows: it needs an image tower that \
-                     encodes windows (a ViT with a class token: CLIP, BiomedCLIP)"
+                     encodes them (a ViT with a class token: CLIP, BiomedCLIP) and window scales"
                         .into(),
                 ))
             }
@@ -1173,7 +1171,8 @@ impl AnomalyDetector {
             let mut weak_scores: Vec<f32> = Vec::new();
             let images = match (
                 &det.zero_shot_text,
-                self.model.model.supports_image_windows(),
+                self.model.model.supports_image_windows()
+                    && !self.card.options.windows.scales.is_empty(),
             ) {
                 (Some(text), true) => {
                     let acc = windows.get_or_insert(WindowScores {
@@ -1576,6 +1575,7 @@ impl AnomalyDetector {
                 window_memory: (0..card.options.windows.scales.len())
                     .map(|k| tensors.get(&format!("{i}.window_memory.{k}")).cloned())
                     .collect::<Option<Vec<_>>>()
+                    .filter(|per_scale| !per_scale.is_empty())
                     .map(|per_scale| crate::winclip::WindowMemory { per_scale }),
                 window_threshold: mc.window_threshold,
                 decide_with: card.options.decide_with,

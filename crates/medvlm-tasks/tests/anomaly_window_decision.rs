@@ -129,7 +129,7 @@ fn a_tower_without_windows_cannot_decide_with_them() {
         .err()
         .expect("no windows")
         .to_string();
-    assert!(err.contains("encodes windows"), "{err}");
+    assert!(err.contains("encodes them"), "{err}");
 }
 
 /// `weak_steps`: a window scorer trained from the image labels moves off its zero-shot
@@ -198,4 +198,47 @@ fn weak_window_scorer_trains_evaluates_and_round_trips() {
         .expect("no weak scorer")
         .to_string();
     assert!(err.contains("weak_direction"), "{err}");
+}
+
+#[test]
+fn without_window_scales_there_is_no_window_memory_to_decide_with() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = phantoms(&tmp.path().join("ph"));
+    let task = AnomalyTask::from_manifest(&manifest, None).unwrap();
+    let no_windows = medvlm_tasks::winclip::WindowConfig {
+        scales: Vec::new(),
+        stride: 1,
+    };
+    let options = AnomalyOptions {
+        shots: 3,
+        windows: no_windows.clone(),
+        ..Default::default()
+    };
+    let det = fit(model(), &fixture(), &task, None, &options, &Device::Cpu).unwrap();
+    assert!(det.modalities[0].window_memory.is_none());
+    assert!(det.modalities[0].window_threshold.is_none());
+    let dir = tmp.path().join("det");
+    det.save(&dir).unwrap();
+    let loaded = AnomalyDetector::load(&dir, None, &Device::Cpu).unwrap();
+    assert!(loaded.modalities[0].window_memory.is_none());
+    for options in [
+        AnomalyOptions {
+            shots: 3,
+            windows: no_windows.clone(),
+            decide_with: DecisionMethod::WindowMemory,
+            ..Default::default()
+        },
+        AnomalyOptions {
+            shots: 3,
+            windows: no_windows.clone(),
+            weak_steps: 5,
+            ..Default::default()
+        },
+    ] {
+        let err = fit(model(), &fixture(), &task, None, &options, &Device::Cpu)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("window scales"), "{err}");
+    }
 }

@@ -77,6 +77,10 @@ pub struct FitArgs {
     /// averaged), e.g. 2,3 (the default); each must fit the tower's patch grid.
     #[arg(long, value_delimiter = ',', default_value = "2,3", value_parser = crate::commands::at_least_one)]
     pub window_scales: Vec<usize>,
+    /// No WinCLIP windows (no zero-shot windows, window memory or weak scorer): `eval` then
+    /// costs what the memory costs (windows multiply a ViT-B/16's tokens by about 12).
+    #[arg(long, conflicts_with_all = ["decide_with", "weak_steps"])]
+    pub no_windows: bool,
     /// What the detector decides with when it has no supervised head: `memory` (patch
     /// tokens, the default) or `window-memory` (WinCLIP+'s window memory; needs a ViT with a
     /// class token).
@@ -171,7 +175,11 @@ fn fit_cmd(a: FitArgs) -> anyhow::Result<()> {
         supervised_steps: a.supervised_steps,
         supervised_images: a.supervised_images,
         windows: medvlm_tasks::winclip::WindowConfig {
-            scales: a.window_scales,
+            scales: if a.no_windows {
+                Vec::new()
+            } else {
+                a.window_scales
+            },
             stride: 1,
         },
         decide_with: a.decide_with,
