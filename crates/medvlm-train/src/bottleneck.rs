@@ -262,12 +262,27 @@ pub fn apply_bottleneck_adapters(
 ) -> Result<Vec<NamedVar>> {
     let targets = adapter_targets(&model.linear_paths(), spec)?;
     for layer in model.linear_layers() {
-        if targets.iter().any(|t| t == layer.path())
-            && layer.wrappers().iter().any(|w| adapter_of(w).is_some())
-        {
+        if !targets.iter().any(|t| t == layer.path()) {
+            continue;
+        }
+        if layer.wrappers().iter().any(|w| adapter_of(w).is_some()) {
             return Err(setting(
                 "adapter",
                 format!("{} already carries a bottleneck adapter", layer.path()),
+            ));
+        }
+        // A bottleneck narrower than the layer is the point (and an absurd width would
+        // exhaust memory).
+        if spec.bottleneck > layer.out_features() {
+            return Err(setting(
+                "adapter.bottleneck",
+                format!(
+                    "{} is wider than the output of {} ({}): a bottleneck must be at most the \
+                     layer's width",
+                    spec.bottleneck,
+                    layer.path(),
+                    layer.out_features()
+                ),
             ));
         }
     }

@@ -437,6 +437,21 @@ pub fn apply_lora(
                 reason: format!("{} already carries a LoRA adapter", layer.path()),
             });
         }
+        // B A has rank at most min(in, out): a larger rank adds parameters, not capacity
+        // (and an absurd one would exhaust memory).
+        let full = layer.in_features().min(layer.out_features());
+        if chosen.contains(layer.path()) && spec.rank > full {
+            return Err(FinetuneError::Setting {
+                key: "finetune.lora.rank".into(),
+                reason: format!(
+                    "rank {} exceeds the full rank {full} of {} ({} -> {})",
+                    spec.rank,
+                    layer.path(),
+                    layer.in_features(),
+                    layer.out_features()
+                ),
+            });
+        }
     }
     let mut out = Vec::new();
     let mut data = adapters

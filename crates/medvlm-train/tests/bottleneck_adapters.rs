@@ -246,6 +246,15 @@ fn settings_that_cannot_work_are_refused_before_touching_the_model() {
         &mut m,
     );
     assert!(e.contains("\"nonexistent\" matches no linear layer"), "{e}");
+    // Wider than the fixture's 32-wide layers: refused (an absurd width would exhaust memory).
+    let e = bad(
+        AdapterSpec {
+            bottleneck: 1_000_000_000,
+            ..Default::default()
+        },
+        &mut m,
+    );
+    assert!(e.contains("at most the layer's width"), "{e}");
     assert!(bottleneck_adapters(m.model.as_ref()).is_empty());
     apply_bottleneck_adapters(m.model.as_mut(), &AdapterSpec::default(), &vm, 0).unwrap();
     let e = bad(AdapterSpec::default(), &mut m);

@@ -109,3 +109,20 @@ fn saved_adapters_reload_onto_a_fresh_model() {
         .to_string();
     assert!(err.contains("already carries"), "{err}");
 }
+
+#[test]
+fn a_rank_beyond_the_layers_full_rank_is_refused_before_touching_the_model() {
+    let (mut lm, _) = load("clip");
+    let spec = LoraSpec {
+        rank: 1_000_000_000,
+        alpha: 1.0,
+        dropout: 0.0,
+        targets: vec!["q".into()],
+        towers: Towers::Vision,
+    };
+    let err = medvlm_train::lora::apply_lora(lm.model.as_mut(), &spec, &VarMap::new(), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("exceeds the full rank 32"), "{err}");
+    assert!(lora_adapters(lm.model.as_ref()).is_empty());
+}
