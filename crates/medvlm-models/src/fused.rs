@@ -219,7 +219,7 @@ impl CustomOp3 for LayerNorm {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -231,10 +231,14 @@ impl CustomOp3 for LayerNorm {
             &grad_res.contiguous()?,
             &LayerNormGrad { eps: self.eps },
         )?;
-        let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dw = all.get(rows)?;
-        let db = all.get(rows + 1)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        // Gradients only for what the graph tracks (a frozen norm's weight and bias are not).
+        let dx = x
+            .track_op()
+            .then(|| all.narrow(0, 0, rows)?.reshape(x.shape()))
+            .transpose()?;
+        let dw = weight.track_op().then(|| all.get(rows)).transpose()?;
+        let db = bias.track_op().then(|| all.get(rows + 1)).transpose()?;
+        Ok((dx, dw, db))
     }
 }
 
@@ -767,18 +771,27 @@ impl CustomOp3 for LinearBias {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
         let m = x.elem_count() / k;
         let dy = grad_res.contiguous()?.reshape((m, n))?;
-        let x2 = x.reshape((m, k))?;
-        let dx = dy.matmul(w)?.reshape(x.shape())?;
-        let dw = dy.t()?.matmul(&x2)?;
-        let db = dy.sum(0)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        // Only the gradients the graph needs: a frozen weight (LoRA, adapters, a frozen
+        // tower) is not tracked, and its `dW = dyᵀ x` is a product as large as `dx` itself.
+        let dx = if x.track_op() {
+            Some(dy.matmul(w)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(dy.t()?.matmul(&x.reshape((m, k))?)?)
+        } else {
+            None
+        };
+        let db = if b.track_op() { Some(dy.sum(0)?) } else { None };
+        Ok((dx, dw, db))
     }
 }
 
@@ -1081,6 +1094,43 @@ mod tests {
                 "linear gradient of {name} differs"
             );
         }
+    }
+
+    #[test]
+    fn linear_with_a_frozen_weight_gives_only_the_gradients_needed() {
+        // The LoRA / frozen-tower case: x tracked, weight and bias plain tensors. The
+        // gradient of x is candle's; none is produced for the weight or the bias.
+        let x = Var::from_tensor(&randn(&[2, 50, 24], 30)).unwrap();
+        let w = randn(&[40, 24], 31);
+        let b = randn(&[40], 32);
+        let weights = randn(&[2, 50, 40], 33);
+        let loss = |y: Tensor| (y * &weights).unwrap().sum_all().unwrap();
+        let g = loss(linear(x.as_tensor(), &w, &b).unwrap())
+            .backward()
+            .unwrap();
+        let reference = candle_nn::Linear::new(w.clone(), Some(b.clone()));
+        let g_ref = loss(candle_nn::Module::forward(&reference, x.as_tensor()).unwrap())
+            .backward()
+            .unwrap();
+        assert!(max_abs_diff(g.get(&x).unwrap(), g_ref.get(&x).unwrap()) < 1e-4);
+        assert!(g.get(&w).is_none() && g.get(&b).is_none());
+        // Weight tracked, input not (a first layer): the weight's gradient, no input's.
+        let wv = Var::from_tensor(&w).unwrap();
+        let xs = randn(&[2, 50, 24], 30);
+        let g = loss(linear(&xs, wv.as_tensor(), &b).unwrap())
+            .backward()
+            .unwrap();
+        let g_ref = loss(
+            candle_nn::Module::forward(
+                &candle_nn::Linear::new(wv.as_tensor().clone(), Some(b.clone())),
+                &xs,
+            )
+            .unwrap(),
+        )
+        .backward()
+        .unwrap();
+        assert!(max_abs_diff(g.get(&wv).unwrap(), g_ref.get(&wv).unwrap()) < 1e-4);
+        assert!(g.get(&xs).is_none());
     }
 
     #[test]
