@@ -1731,6 +1731,15 @@ impl AnomalyEvaluation {
                 ));
             }
         }
+        // Image AUROC, pixel AUROC and AUPRO as three table cells.
+        let cells = |x: &MethodMetrics| {
+            format!(
+                "{} | {} | {}",
+                f(x.image_auroc),
+                f(x.pixel_auroc),
+                f(x.aupro)
+            )
+        };
         if self.modalities.iter().any(|m| m.window_weak.is_some()) {
             s.push_str(
                 "\nWeakly supervised window scorer (trained from image labels only, MIL over the WinCLIP windows):\n\n| modality | image AUROC | pixel AUROC | AUPRO@0.3 |\n|---|---|---|---|\n",
@@ -1738,11 +1747,9 @@ impl AnomalyEvaluation {
             for m in &self.modalities {
                 if let Some(w) = &m.window_weak {
                     s.push_str(&format!(
-                        "| {} | {} | {} | {} |\n",
+                        "| {} | {} |\n",
                         m.modality.as_deref().unwrap_or("-"),
-                        f(w.image_auroc),
-                        f(w.pixel_auroc),
-                        f(w.aupro)
+                        cells(w)
                     ));
                 }
             }
@@ -1754,11 +1761,9 @@ impl AnomalyEvaluation {
             for m in &self.modalities {
                 if let Some(sv) = &m.supervised {
                     s.push_str(&format!(
-                        "| {} | {} | {} | {} | {:.3} / {:.3} |\n",
+                        "| {} | {} | {:.3} / {:.3} |\n",
                         m.modality.as_deref().unwrap_or("-"),
-                        f(sv.metrics.image_auroc),
-                        f(sv.metrics.pixel_auroc),
-                        f(sv.metrics.aupro),
+                        cells(&sv.metrics),
                         sv.false_positive_rate,
                         sv.true_positive_rate
                     ));
