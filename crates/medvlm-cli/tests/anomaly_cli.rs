@@ -236,6 +236,10 @@ fn anomaly_fit_then_eval_and_predict() {
         out.contains("brain_mri: decides with the window memory, threshold"),
         "{out}"
     );
+    assert!(
+        out.contains("brain_mri: weak window scorer trained from image labels on 24 images"),
+        "{out}"
+    );
     let csv = ok(&run(&[
         "anomaly",
         "predict",

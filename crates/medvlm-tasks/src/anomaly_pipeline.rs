@@ -516,6 +516,9 @@ pub struct ModalityCard {
     /// The window memory's threshold (absent: no window memory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_threshold: Option<Threshold>,
+    /// What the weak window scorer trained on (absent: no weak scorer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weak_training: Option<WeakTraining>,
 }
 
 /// A fitted detector with its model.
@@ -670,7 +673,7 @@ fn train_weak(
     grid: (usize, usize),
     options: &AnomalyOptions,
     device: &Device,
-) -> Result<crate::window_mil::WindowScorer> {
+) -> Result<(crate::window_mil::WindowScorer, WeakTraining)> {
     let mut idx: Vec<usize> = (0..train.items.len())
         .filter(|&i| &train.items[i].item.modality == modality)
         .collect();
@@ -699,14 +702,35 @@ fn train_weak(
         steps: options.weak_steps,
         ..Default::default()
     };
-    let (scorer, _) = crate::window_mil::train_window_scorer(&per_scale, &labels, &init, &config)
-        .map_err(|e| {
+    let (scorer, losses) = crate::window_mil::train_window_scorer(
+        &per_scale, &labels, &init, &config,
+    )
+    .map_err(|e| {
         AnomalyPipelineError::Invalid(format!(
             "modality {}: weak supervision: {e}",
             modality.as_deref().unwrap_or("(none)")
         ))
     })?;
-    Ok(scorer)
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    Ok((
+        scorer,
+        WeakTraining {
+            n_images: labels.len(),
+            n_abnormal: labels.iter().filter(|&&l| l).count(),
+            final_loss: tail.iter().sum::<f32>() / tail.len().max(1) as f32,
+        },
+    ))
+}
+
+/// What a modality's weak window scorer was trained on (in the card).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WeakTraining {
+    /// Training images (normal and abnormal).
+    pub n_images: usize,
+    /// Of them abnormal.
+    pub n_abnormal: usize,
+    /// Mean loss of the last 10 steps.
+    pub final_loss: f32,
 }
 
 fn grid_of(m: &LoadedModel, patches: usize) -> Result<(usize, usize)> {
@@ -927,6 +951,10 @@ pub fn fit(
             }
             _ => None,
         };
+        let (weak, weak_training) = match weak {
+            Some((scorer, t)) => (Some(scorer), Some(t)),
+            None => (None, None),
+        };
         cards.push(ModalityCard {
             modality: modality.clone(),
             threshold,
@@ -934,6 +962,7 @@ pub fn fit(
             grid,
             supervised_threshold: supervised_branch.as_ref().map(|s| s.threshold),
             window_threshold,
+            weak_training,
         });
         modalities.push(ModalityDetector {
             modality,

@@ -150,6 +150,15 @@ fn weak_window_scorer_trains_evaluates_and_round_trips() {
     let det = fit(model(), &fixture(), &task, None, &options, &dev).unwrap();
     let d = &det.modalities[0];
     let weak = d.weak.as_ref().expect("a weak scorer");
+    let wt = det.card.modalities[0]
+        .weak_training
+        .expect("its training in the card");
+    assert_eq!(wt.n_images, task.items.len());
+    assert_eq!(
+        wt.n_abnormal,
+        task.items.iter().filter(|it| !it.normal).count()
+    );
+    assert!(wt.final_loss.is_finite() && wt.final_loss > 0.0);
     let text = d.zero_shot_text.as_ref().unwrap();
     let scale = medvlm_tasks::winclip::logit_scale(det.model().model.as_ref()).unwrap();
     let start = medvlm_tasks::window_mil::zero_shot_direction(text, scale).unwrap();

@@ -224,6 +224,18 @@ fn fit_cmd(a: FitArgs) -> anyhow::Result<()> {
             }
         }
     }
+    for mc in &det.card.modalities {
+        if let Some(w) = &mc.weak_training {
+            println!(
+                "{}: weak window scorer trained from image labels on {} images ({} abnormal), \
+                 final loss {:.4}",
+                mc.modality.as_deref().unwrap_or("(no modality)"),
+                w.n_images,
+                w.n_abnormal,
+                w.final_loss
+            );
+        }
+    }
     for d in det.modalities.iter().filter(|d| d.decides_with_windows()) {
         let t = d.decision_threshold();
         println!(
