@@ -380,9 +380,14 @@ pub trait VisionLanguageModel: ImageEncoder + TextEncoder + LinearLayers {
     }
 }
 
-/// `x / ||x||` along the last dimension.
+/// `x / ||x||` along the last dimension; a zero row stays zero (the norm is floored at
+/// 1e-12, which leaves every other row exactly as the plain division would).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
     Ok(x.broadcast_div(&norm)?)
 }
 
@@ -478,6 +483,14 @@ pub fn replace_prompt_tokens(x: &Tensor, prompts: &Tensor, at: usize, n: usize) 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn l2_normalize_gives_unit_rows_and_keeps_a_zero_row_zero() -> Result<()> {
+        let x = Tensor::new(&[[3f32, 4.0], [0.0, 0.0]], &Device::Cpu)?;
+        let y = l2_normalize(&x)?.to_vec2::<f32>()?;
+        assert_eq!(y, vec![vec![0.6, 0.8], vec![0.0, 0.0]]);
+        Ok(())
+    }
+
     use super::*;
 
     #[test]

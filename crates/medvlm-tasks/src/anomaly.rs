@@ -16,6 +16,7 @@
 //! rate on the calibration normals.
 
 use candle_core::{DType, Device, Tensor, D};
+use medvlm_models::vlm::l2_normalize;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -70,15 +71,6 @@ pub struct NormalMemory {
     pub config: MemoryConfig,
 }
 
-fn l2_rows(t: &Tensor) -> Result<Tensor> {
-    let norm = t
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::MAX)?;
-    Ok(t.broadcast_div(&norm)?)
-}
-
 impl NormalMemory {
     /// The memory of normal images' patch tokens `[N, P, D]` on a `grid` (`P = rows * cols`).
     pub fn fit(
@@ -110,7 +102,7 @@ impl NormalMemory {
             rows = rows.index_select(&idx, 0)?;
         }
         Ok(Self {
-            features: l2_rows(&rows)?,
+            features: l2_normalize(&rows)?,
             grid,
             config,
         })
@@ -129,7 +121,7 @@ impl NormalMemory {
                 self.grid.1
             )));
         }
-        let q = l2_rows(&patches.to_dtype(DType::F32)?.reshape((n * p, d))?)?;
+        let q = l2_normalize(&patches.to_dtype(DType::F32)?.reshape((n * p, d))?)?;
         // In chunks of queries, so the similarity matrix stays small.
         let chunk = 1024;
         let mut best = Vec::with_capacity(n * p);

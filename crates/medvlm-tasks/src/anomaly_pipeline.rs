@@ -46,6 +46,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, D};
 use medvlm_eval::anomaly::{aupro, pixel_auroc, PixelMap, DEFAULT_FPR_LIMIT};
 use medvlm_eval::auroc::auroc_binary;
+use medvlm_models::vlm::l2_normalize;
 use medvlm_models::LoadedModel;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -470,7 +471,7 @@ const STATE_TEMPLATES: &[&str] = &[
 /// difference orders patches as the softmax over the states does).
 fn zero_shot_patch_scores(projected: &Tensor, text: &Tensor) -> Result<Tensor> {
     let (n, p, e) = projected.dims3()?;
-    let q = l2(&projected.reshape((n * p, e))?)?;
+    let q = l2_normalize(&projected.reshape((n * p, e))?)?;
     let sims = q.matmul(&text.t()?)?; // [N*P, 1+F]
     let normal = sims.narrow(1, 0, 1)?.squeeze(1)?;
     let abnormal = sims.narrow(1, 1, text.dim(0)? - 1)?.max(D::Minus1)?;
@@ -745,15 +746,6 @@ fn grid_of(m: &LoadedModel, patches: usize) -> Result<(usize, usize)> {
     Ok((g, g))
 }
 
-fn l2(t: &Tensor) -> Result<Tensor> {
-    Ok(t.broadcast_div(
-        &t.sqr()?
-            .sum_keepdim(D::Minus1)?
-            .sqrt()?
-            .clamp(1e-12, f64::MAX)?,
-    )?)
-}
-
 fn stack_patches(images: &[LoadedImage]) -> Result<Tensor> {
     let v: Vec<Tensor> = images.iter().map(|i| i.patches.clone()).collect();
     Ok(Tensor::stack(&v, 0)?)
@@ -844,7 +836,7 @@ pub fn fit(
             }
         }
         let memory = NormalMemory::fit(&patches, grid, options.memory.clone())?;
-        let normal_means = l2(&patches.mean(1)?)?;
+        let normal_means = l2_normalize(&patches.mean(1)?)?;
         let greys: Vec<Vec<f32>> = mem_images.iter().map(grey_of).collect::<Result<_>>()?;
         let normal_grey: Vec<f32> = (0..greys[0].len())
             .map(|p| greys.iter().map(|g| g[p]).sum::<f32>() / greys.len() as f32)
@@ -1286,7 +1278,7 @@ impl AnomalyDetector {
             let mut memory = pixel_metrics(&scored.iter().map(|s| &s.map).collect::<Vec<_>>())?;
             memory.image_auroc = auroc_binary(&scores, &anomalous)?;
             // Baselines with the same normal images.
-            let means = l2(&stack_patches(&images)?.mean(1)?)?;
+            let means = l2_normalize(&stack_patches(&images)?.mean(1)?)?;
             let global: Vec<f32> = means
                 .matmul(&det.normal_means.t()?)?
                 .max(D::Minus1)?

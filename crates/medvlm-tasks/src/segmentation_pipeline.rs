@@ -702,10 +702,6 @@ pub fn check_layers_for_model(layers: &[usize], m: &LoadedModel) -> Result<()> {
     Ok(())
 }
 
-fn l2_rows(t: &Tensor) -> candle_core::Result<Tensor> {
-    t.broadcast_div(&t.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?)
-}
-
 /// One L2-normalised text embedding per prompt list (the normalised mean of its prompts'
 /// normalised embeddings), `[C, E]` f32 on the CPU.
 pub fn prompt_embeddings(
@@ -718,10 +714,12 @@ pub fn prompt_embeddings(
         if prompts.is_empty() {
             return Err(SegPipelineError::Invalid("a class has no prompts".into()));
         }
-        let e = l2_rows(&medvlm_models::embed::embed_texts(m, prompts, 64, device)?)?;
+        let e = medvlm_models::vlm::l2_normalize(&medvlm_models::embed::embed_texts(
+            m, prompts, 64, device,
+        )?)?;
         rows.push(e.mean_keepdim(0)?);
     }
-    Ok(l2_rows(&Tensor::cat(&rows, 0)?)?)
+    Ok(medvlm_models::vlm::l2_normalize(&Tensor::cat(&rows, 0)?)?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1167,7 +1165,7 @@ pub fn train_segmenter(
 
 /// Cosine similarity of each patch with the text, `[N]`.
 fn patch_similarity(projected: &Tensor, text: &Tensor) -> Result<Vec<f32>> {
-    let p = l2_rows(projected)?;
+    let p = medvlm_models::vlm::l2_normalize(projected)?;
     Ok(p.matmul(&text.unsqueeze(1)?)?.squeeze(1)?.to_vec1()?)
 }
 

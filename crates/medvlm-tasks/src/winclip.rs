@@ -22,6 +22,7 @@
 //! and middle scales on ViT-B/16+'s 15 x 15 grid), stride 1 patch.
 
 use candle_core::{DType, Tensor, D};
+use medvlm_models::vlm::l2_normalize;
 use medvlm_models::VisionLanguageModel;
 use serde::{Deserialize, Serialize};
 
@@ -130,7 +131,7 @@ pub fn abnormal_probabilities(embeds: &Tensor, states: &Tensor, scale: f64) -> R
             states.dims()
         )));
     }
-    let norm = |t: &Tensor| l2_last(&t.to_dtype(DType::F32)?);
+    let norm = |t: &Tensor| l2_normalize(&t.to_dtype(DType::F32)?);
     let states = norm(states)?.to_device(embeds.device())?;
     let logits = (norm(embeds)?.matmul(&states.t()?)? * scale)?;
     let p = candle_nn::ops::softmax_last_dim(&logits)?;
@@ -178,7 +179,7 @@ pub fn window_embeddings_in_passes(
         return Err(AnomalyError::Invalid("no window scale given".into()));
     }
     let cpu = |t: Tensor| -> Result<Tensor> {
-        Ok(l2_last(
+        Ok(l2_normalize(
             &t.to_dtype(DType::F32)?
                 .to_device(&candle_core::Device::Cpu)?,
         )?)
@@ -201,15 +202,6 @@ pub fn window_embeddings_in_passes(
         })
         .collect::<Result<_>>()?;
     Ok((per_scale, whole))
-}
-
-fn l2_last(t: &Tensor) -> candle_core::Result<Tensor> {
-    let n = t
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::MAX)?;
-    t.broadcast_div(&n)
 }
 
 /// The model's logit scale `exp(logit_scale)`.
@@ -308,7 +300,7 @@ impl WindowMemory {
                 .iter()
                 .map(|t| {
                     let (n, w, e) = t.dims3()?;
-                    Ok(l2_last(&t.reshape((n * w, e))?)?)
+                    Ok(l2_normalize(&t.reshape((n * w, e))?)?)
                 })
                 .collect::<Result<_>>()?,
         })
@@ -334,7 +326,7 @@ impl WindowMemory {
             .zip(&self.per_scale)
             .map(|(emb, mem)| {
                 let (b, w, e) = emb.dims3()?;
-                let best = l2_last(&emb.reshape((b * w, e))?)?
+                let best = l2_normalize(&emb.reshape((b * w, e))?)?
                     .matmul(&mem.t()?)?
                     .max(D::Minus1)?
                     .affine(-1.0, 1.0)?

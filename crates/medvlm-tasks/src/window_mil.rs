@@ -15,7 +15,7 @@
 //!
 //! Defaults ([`WindowMilConfig::default`]): 300 steps, lr 1e-2, no weight decay.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::anomaly::{AnomalyError, Result};
@@ -57,8 +57,8 @@ pub fn zero_shot_direction(states: &Tensor, scale: f64) -> Result<Tensor> {
             "the state embeddings need a normal and at least one abnormal row".into(),
         ));
     }
-    let s = states.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    let s = s.broadcast_div(&s.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?;
+    let s =
+        medvlm_models::vlm::l2_normalize(&states.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
     let normal = s.get(0)?;
     let abnormal = s.narrow(0, 1, k - 1)?.mean(0)?;
     Ok(((abnormal - normal)? * scale)?)
