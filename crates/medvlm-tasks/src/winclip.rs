@@ -215,11 +215,18 @@ pub fn logit_scale(model: &dyn VisionLanguageModel) -> Result<f64> {
 
 /// Per image, the mean over the scales of the harmonic aggregation of per-window scores
 /// (`scores[s]` `[B, W_s]` for scale `s` of `config`).
-fn aggregate_scales(
+pub(crate) fn aggregate_scales(
     scores: &[Vec<Vec<f32>>],
     grid: (usize, usize),
     config: &WindowConfig,
 ) -> Result<Vec<Vec<f32>>> {
+    if scores.len() != config.scales.len() {
+        return Err(AnomalyError::Invalid(format!(
+            "window scores of {} scales for a config of {}",
+            scores.len(),
+            config.scales.len()
+        )));
+    }
     let n_patches = grid.0 * grid.1;
     let b = scores.first().map_or(0, Vec::len);
     let mut maps = vec![vec![0f32; n_patches]; b];

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::anomaly::{AnomalyError, Result};
-use crate::winclip::{harmonic_aggregate, square_windows, WindowConfig};
+use crate::winclip::{aggregate_scales, WindowConfig};
 
 /// Training settings of [`train_window_scorer`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,27 +153,16 @@ impl WindowScorer {
         grid: (usize, usize),
         config: &WindowConfig,
     ) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
-        if per_scale.len() != config.scales.len() {
-            return Err(AnomalyError::Invalid(format!(
-                "{} window scales for a config of {}",
-                per_scale.len(),
-                config.scales.len()
-            )));
-        }
-        let n_patches = grid.0 * grid.1;
-        let b = per_scale.first().map_or(0, |t| t.dims()[0]);
-        let mut maps = vec![vec![0f32; n_patches]; b];
-        for (emb, &side) in per_scale.iter().zip(&config.scales) {
-            let windows = square_windows(grid, side, config.stride)?;
-            let p = candle_nn::ops::sigmoid(&logits(&self.direction, &self.bias, emb)?)?
-                .to_vec2::<f32>()?;
-            for (map, probs) in maps.iter_mut().zip(&p) {
-                let agg = harmonic_aggregate(probs, &windows, n_patches)?;
-                for (m, a) in map.iter_mut().zip(agg) {
-                    *m += a / config.scales.len() as f32;
-                }
-            }
-        }
+        let probs = per_scale
+            .iter()
+            .map(|emb| {
+                Ok(
+                    candle_nn::ops::sigmoid(&logits(&self.direction, &self.bias, emb)?)?
+                        .to_vec2::<f32>()?,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let maps = aggregate_scales(&probs, grid, config)?;
         let scores =
             candle_nn::ops::sigmoid(&image_logits(&self.direction, &self.bias, per_scale)?)?
                 .to_vec1::<f32>()?;
