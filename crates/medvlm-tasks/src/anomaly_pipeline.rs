@@ -1315,62 +1315,72 @@ impl AnomalyDetector {
                 }
                 _ => None,
             };
-            let grid_maps = |patch_maps: &[Vec<f32>]| -> Result<Vec<Vec<f32>>> {
-                let sigma = det.memory.config.sigma;
-                Ok(
-                    scored_from_patch_maps(patch_maps, det.memory.grid, size, sigma)?
-                        .into_iter()
-                        .map(|s| s.map)
-                        .collect(),
-                )
+            // The WinCLIP branches' maps at the image size (maps and image scores).
+            let at_size = |patch_maps: &[Vec<f32>]| {
+                scored_from_patch_maps(patch_maps, det.memory.grid, size, det.memory.config.sigma)
             };
-            let mean_maps = |a: &[Vec<f32>], b: &[Vec<f32>]| -> Vec<Vec<f32>> {
+            fn maps_of(s: &[ScoredImage]) -> Vec<&Vec<f32>> {
+                s.iter().map(|x| &x.map).collect()
+            }
+            fn scores_of(s: &[ScoredImage]) -> Vec<f32> {
+                s.iter().map(|x| x.score).collect()
+            }
+            let mean_maps = |a: &[&Vec<f32>], b: &[&Vec<f32>]| -> Vec<Vec<f32>> {
                 a.iter()
                     .zip(b)
-                    .map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p + q) / 2.0).collect())
+                    .map(|(x, y)| x.iter().zip(y.iter()).map(|(p, q)| (p + q) / 2.0).collect())
                     .collect()
             };
-            let metrics_of = |maps: &[Vec<f32>], image: &[f32]| -> Result<MethodMetrics> {
-                let mut m = pixel_metrics(&maps.iter().collect::<Vec<_>>())?;
+            let metrics_of = |maps: &[&Vec<f32>], image: &[f32]| -> Result<MethodMetrics> {
+                let mut m = pixel_metrics(maps)?;
                 m.image_auroc = auroc_binary(image, &anomalous)?;
                 Ok(m)
             };
-            let memory_maps: Vec<Vec<f32>> = scored.iter().map(|s| s.map.clone()).collect();
-            let mut window_memory_scores: Option<Vec<f32>> = None;
+            let window_scored = if window_memory_maps.is_empty() {
+                None
+            } else {
+                Some(at_size(&window_memory_maps)?)
+            };
+            let window_memory = match &window_scored {
+                Some(ws) => Some(metrics_of(&maps_of(ws), &scores_of(ws))?),
+                None => None,
+            };
             let window_weak = if det.weak.is_some() && !weak_maps.is_empty() {
-                Some(metrics_of(&grid_maps(&weak_maps)?, &weak_scores)?)
+                Some(metrics_of(&maps_of(&at_size(&weak_maps)?), &weak_scores)?)
             } else {
                 None
             };
-            let (zero_shot_windows, window_memory, winclip_plus) = match &windows {
+            let (zero_shot_windows, winclip_plus) = match &windows {
                 Some(z) => {
-                    let zero = grid_maps(&z.patch_maps)?;
+                    let zero = at_size(&z.patch_maps)?;
                     // WinCLIP+: the few-shot map is the mean of the patch memory's and the
                     // window memory's (when the detector has one); the result, the mean of
                     // the zero-shot and few-shot maps, and of their image scores (the
                     // zero-shot probability, the few-shot map's maximum).
-                    let (few, window_memory) = if window_memory_maps.is_empty() {
-                        (memory_maps.clone(), None)
-                    } else {
-                        let wmaps = grid_maps(&window_memory_maps)?;
-                        let wm = metrics_of(&wmaps, &image_scores(&wmaps))?;
-                        window_memory_scores = Some(image_scores(&wmaps));
-                        (mean_maps(&memory_maps, &wmaps), Some(wm))
+                    let memory_maps = maps_of(&scored);
+                    let few_mean = window_scored
+                        .as_ref()
+                        .map(|ws| mean_maps(&memory_maps, &maps_of(ws)));
+                    let (few, few_scores) = match &few_mean {
+                        Some(m) => (m.iter().collect(), image_scores(m)),
+                        None => (memory_maps, scores_of(&scored)),
                     };
-                    let plus_maps = mean_maps(&zero, &few);
+                    let plus_maps = mean_maps(&maps_of(&zero), &few);
                     let plus_scores: Vec<f32> = z
                         .image_scores
                         .iter()
-                        .zip(image_scores(&few))
+                        .zip(few_scores)
                         .map(|(a, b)| (a + b) / 2.0)
                         .collect();
                     (
-                        Some(metrics_of(&zero, &z.image_scores)?),
-                        window_memory,
-                        Some(metrics_of(&plus_maps, &plus_scores)?),
+                        Some(metrics_of(&maps_of(&zero), &z.image_scores)?),
+                        Some(metrics_of(
+                            &plus_maps.iter().collect::<Vec<_>>(),
+                            &plus_scores,
+                        )?),
                     )
                 }
-                None => (None, None, None),
+                None => (None, None),
             };
             // Share of normal (false) and anomalous (true) images called anomalous.
             let rates = |called: &[bool]| {
@@ -1406,8 +1416,8 @@ impl AnomalyDetector {
                 _ => None,
             };
             let (memory_fpr, memory_tpr) = rates(&det.threshold.decide(&scores));
-            let window_memory_rates = match (&det.window_threshold, &window_memory_scores) {
-                (Some(t), Some(sc)) => Some(rates(&t.decide(sc))),
+            let window_memory_rates = match (&det.window_threshold, &window_scored) {
+                (Some(t), Some(ws)) => Some(rates(&t.decide(&scores_of(ws)))),
                 _ => None,
             };
             out.push(ModalityEvaluation {
