@@ -691,9 +691,7 @@ fn train_weak(
         Ok(())
     };
     load_images_visiting(m, &train.seg_task(&idx), &mut visit, device)?;
-    let per_scale = (0..options.windows.scales.len())
-        .map(|k| Tensor::cat(&batches.iter().map(|b| &b[k]).collect::<Vec<_>>(), 0))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let per_scale = cat_scales(&batches)?;
     let labels: Vec<bool> = idx.iter().map(|&i| !train.items[i].normal).collect();
     let init = crate::window_mil::zero_shot_direction(
         text,
@@ -732,6 +730,15 @@ pub struct WeakTraining {
     pub n_abnormal: usize,
     /// Mean loss of the last 10 steps.
     pub final_loss: f32,
+}
+
+/// Window embeddings of several batches (each per scale `[B_i, W_s, E]`) joined per scale
+/// along the images.
+fn cat_scales(batches: &[Vec<Tensor>]) -> Result<Vec<Tensor>> {
+    let n_scales = batches.first().map_or(0, Vec::len);
+    Ok((0..n_scales)
+        .map(|k| Tensor::cat(&batches.iter().map(|b| &b[k]).collect::<Vec<_>>(), 0))
+        .collect::<candle_core::Result<Vec<_>>>()?)
 }
 
 fn grid_of(m: &LoadedModel, patches: usize) -> Result<(usize, usize)> {
@@ -802,28 +809,15 @@ pub fn fit(
         let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
         normals.shuffle(&mut rng);
         let (mem_idx, rest) = normals.split_at(options.shots);
-        // The memory images' windows (WinCLIP+), read from the same pixels as their tokens.
-        let mut mem_windows: Vec<Vec<Tensor>> = Vec::new();
+        // The memory images' pixels (a few shots) are kept for their windows (WinCLIP+),
+        // embedded once the patch grid is known.
+        let mut mem_pixels: Vec<Tensor> = Vec::new();
         let mem_images = if uses_windows {
-            let mut grid_seen: Option<(usize, usize)> = None;
-            let mut visit = |px: &Tensor| -> std::result::Result<(), SegPipelineError> {
-                // The patch grid, from one image of the first batch.
-                let grid = match grid_seen {
-                    Some(g) => g,
-                    None => {
-                        let one = m.model.encode_image(&px.narrow(0, 0, 1)?)?;
-                        let g = grid_of(&m, one.patch_tokens()?.dim(1)?)
-                            .map_err(|e| SegPipelineError::Invalid(e.to_string()))?;
-                        *grid_seen.insert(g)
-                    }
-                };
-                let (per_scale, _) =
-                    crate::winclip::window_embeddings(m.model.as_ref(), px, grid, &options.windows)
-                        .map_err(|e| SegPipelineError::Invalid(format!("WinCLIP windows: {e}")))?;
-                mem_windows.push(per_scale);
+            let mut keep = |px: &Tensor| -> std::result::Result<(), SegPipelineError> {
+                mem_pixels.push(px.clone());
                 Ok(())
             };
-            load_images_visiting(&m, &train.seg_task(mem_idx), &mut visit, device)?
+            load_images_visiting(&m, &train.seg_task(mem_idx), &mut keep, device)?
         } else {
             load_images(&m, &train.seg_task(mem_idx), device)?
         };
@@ -841,16 +835,22 @@ pub fn fit(
         let normal_grey: Vec<f32> = (0..greys[0].len())
             .map(|p| greys.iter().map(|g| g[p]).sum::<f32>() / greys.len() as f32)
             .collect();
-        let window_memory = if mem_windows.is_empty() {
+        let window_memory = if mem_pixels.is_empty() {
             None
         } else {
-            let per_scale = (0..options.windows.scales.len())
-                .map(|k| {
-                    let parts: Vec<&Tensor> = mem_windows.iter().map(|b| &b[k]).collect();
-                    Tensor::cat(&parts, 0)
+            let batches = mem_pixels
+                .iter()
+                .map(|px| {
+                    Ok(crate::winclip::window_embeddings(
+                        m.model.as_ref(),
+                        px,
+                        grid,
+                        &options.windows,
+                    )?
+                    .0)
                 })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Some(crate::winclip::WindowMemory::fit(&per_scale)?)
+                .collect::<Result<Vec<_>>>()?;
+            Some(crate::winclip::WindowMemory::fit(&cat_scales(&batches)?)?)
         };
         if options.decide_with == DecisionMethod::WindowMemory
             && window_memory.is_none()
