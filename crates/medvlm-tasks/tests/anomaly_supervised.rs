@@ -7,29 +7,20 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
+use medvlm_phantoms::Modality;
 use medvlm_tasks::anomaly_pipeline::{fit, AnomalyDetector, AnomalyOptions, AnomalyTask};
 
 mod common;
 use common::{fixture, model};
 
 fn phantoms(dir: &Path, n: u64, seed: u64) -> PathBuf {
-    medvlm_phantoms::write_dataset(&DatasetConfig {
-        out: dir.to_path_buf(),
+    common::anomaly_phantoms(
+        dir,
         n,
         seed,
-        modalities: vec![Modality::Dermoscopy, Modality::BrainMri],
-        options: StudyOptions {
-            size: 32,
-            max_findings: 1,
-            normal_fraction: 0.4,
-            registration: false,
-            ..Default::default()
-        },
-        force: false,
-    })
-    .unwrap();
-    dir.join("manifest.jsonl")
+        vec![Modality::Dermoscopy, Modality::BrainMri],
+        0.4,
+    )
 }
 
 #[test]

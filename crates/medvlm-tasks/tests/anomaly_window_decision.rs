@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use medvlm_phantoms::{DatasetConfig, Modality, StudyOptions};
+use medvlm_phantoms::Modality;
 use medvlm_tasks::anomaly_pipeline::{
     fit, AnomalyDetector, AnomalyOptions, AnomalyTask, DecisionMethod,
 };
@@ -18,22 +18,7 @@ mod common;
 use common::{fixture, model};
 
 fn phantoms(dir: &Path) -> PathBuf {
-    medvlm_phantoms::write_dataset(&DatasetConfig {
-        out: dir.to_path_buf(),
-        n: 60,
-        seed: 31,
-        modalities: vec![Modality::Dermoscopy],
-        options: StudyOptions {
-            size: 32,
-            max_findings: 1,
-            normal_fraction: 0.5,
-            registration: false,
-            ..Default::default()
-        },
-        force: false,
-    })
-    .unwrap();
-    dir.join("manifest.jsonl")
+    common::anomaly_phantoms(dir, 60, 31, vec![Modality::Dermoscopy], 0.5)
 }
 
 #[test]

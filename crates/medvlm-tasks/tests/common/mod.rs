@@ -31,3 +31,30 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// A 32 px phantom set of `n` studies of `modalities` (one finding at most, `normal_fraction`
+/// of them normal, no registration copies) in `dir`; its manifest.
+pub fn anomaly_phantoms(
+    dir: &std::path::Path,
+    n: u64,
+    seed: u64,
+    modalities: Vec<medvlm_phantoms::Modality>,
+    normal_fraction: f32,
+) -> PathBuf {
+    medvlm_phantoms::write_dataset(&medvlm_phantoms::DatasetConfig {
+        out: dir.to_path_buf(),
+        n,
+        seed,
+        modalities,
+        options: medvlm_phantoms::StudyOptions {
+            size: 32,
+            max_findings: 1,
+            normal_fraction,
+            registration: false,
+            ..Default::default()
+        },
+        force: false,
+    })
+    .unwrap();
+    dir.join("manifest.jsonl")
+}
