@@ -320,11 +320,35 @@ pub fn eot_positions(ids: &[Vec<u32>], eos_token_id: u32) -> Vec<u32> {
 }
 
 /// `h[b, pos[b], :]` for each row, `[B, D]`.
+///
+/// One `index_select` on the flattened `[B·L, D]` states: its backward is one scatter-add.
+/// (Row-by-row `get` + `stack` put 2·B narrows in the graph, and each narrow's backward pads
+/// its row to the full `[B, L, D]` with zeros and adds that into the states' gradient: B
+/// full-size temporaries per text batch.)
 pub fn gather_rows(h: &Tensor, pos: &[u32], b: usize) -> Result<Tensor> {
-    let rows = (0..b)
-        .map(|i| h.get(i)?.get(pos[i] as usize))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&rows, 0)?)
+    let (hb, l, d) = h.dims3()?;
+    if hb != b || pos.len() != b {
+        return Err(crate::ModelError::invalid(format!(
+            "gather_rows: {b} rows asked of states {:?} with {} positions",
+            h.dims(),
+            pos.len()
+        )));
+    }
+    let flat: Vec<u32> = pos
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            if (p as usize) < l {
+                Ok((i * l) as u32 + p)
+            } else {
+                Err(crate::ModelError::invalid(format!(
+                    "gather_rows: position {p} of row {i} outside the {l} positions"
+                )))
+            }
+        })
+        .collect::<Result<_>>()?;
+    let index = Tensor::new(flat, h.device())?;
+    Ok(h.reshape((b * l, d))?.index_select(&index, 0)?)
 }
 
 /// The CLIP vision transformer (`vision_model.*`).
@@ -639,7 +663,39 @@ impl VisionLanguageModel for ClipModel {
 
 #[cfg(test)]
 mod tests {
-    use super::eot_positions;
+    use super::{eot_positions, gather_rows};
+    use candle_core::{Device, Tensor, Var};
+
+    #[test]
+    fn gather_rows_picks_each_rows_position_and_scatters_the_gradient_back() {
+        let dev = Device::Cpu;
+        // h[i, t, :] = [100 i + 10 t, 100 i + 10 t + 1]
+        let vals: Vec<f32> = (0..3)
+            .flat_map(|i| (0..4).flat_map(move |t| [0, 1].map(|c| (100 * i + 10 * t + c) as f32)))
+            .collect();
+        let h = Var::from_vec(vals, (3, 4, 2), &dev).unwrap();
+        let pooled = gather_rows(h.as_tensor(), &[2, 0, 3], 3).unwrap();
+        assert_eq!(
+            pooled.to_vec2::<f32>().unwrap(),
+            vec![vec![20.0, 21.0], vec![100.0, 101.0], vec![230.0, 231.0]]
+        );
+        let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev).unwrap();
+        let grads = (pooled * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = grads.get(h.as_tensor()).unwrap().to_vec3::<f32>().unwrap();
+        let mut expected = vec![vec![vec![0f32; 2]; 4]; 3];
+        expected[0][2] = vec![1.0, 2.0];
+        expected[1][0] = vec![3.0, 4.0];
+        expected[2][3] = vec![5.0, 6.0];
+        assert_eq!(g, expected);
+        // A position outside the sequence or a row count that does not match: an error.
+        assert!(gather_rows(h.as_tensor(), &[2, 0, 4], 3).is_err());
+        assert!(gather_rows(h.as_tensor(), &[2, 0], 2).is_err());
+    }
 
     #[test]
     fn eot_pooling_follows_hf_for_legacy_and_new_configs() {

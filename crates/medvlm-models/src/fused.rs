@@ -790,8 +790,56 @@ impl CustomOp3 for LinearBias {
         } else {
             None
         };
-        let db = if b.track_op() { Some(dy.sum(0)?) } else { None };
+        let db = if b.track_op() {
+            Some(dy.apply_op1_no_bwd(&ColumnSums)?)
+        } else {
+            None
+        };
         Ok((dx, dw, db))
+    }
+}
+
+/// `Σᵢ yᵢ` over the rows of a contiguous f32 `[m, n]` tensor: a linear layer's bias
+/// gradient. candle's `sum(0)` walks the reduced dimension with a strided loop per output
+/// element (about 280 µs for a `[1536, 64]` gradient, against 80 µs for that layer's whole
+/// `dx` product); this adds rows onto a running row, which vectorises. Partial sums of
+/// [`COLUMN_SUM_ROWS`] rows each are added at the end, so the f32 sum of a long column is
+/// two-level rather than one running total.
+struct ColumnSums;
+
+/// Rows per partial sum (and per rayon task) of [`ColumnSums`].
+const COLUMN_SUM_ROWS: usize = 256;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "medvlm-column-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s, l, "column sums")?;
+        let (_, n) = l.shape().dims2()?;
+        if n == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from(0)));
+        }
+        let add_rows = |rows: &[f32]| {
+            let mut acc = vec![0f32; n];
+            for row in rows.chunks_exact(n) {
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            acc
+        };
+        let sums = y.par_chunks(n * COLUMN_SUM_ROWS).map(add_rows).reduce(
+            || vec![0f32; n],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                a
+            },
+        );
+        Ok((CpuStorage::F32(sums), Shape::from(n)))
     }
 }
 
@@ -1094,6 +1142,37 @@ mod tests {
                 "linear gradient of {name} differs"
             );
         }
+    }
+
+    #[test]
+    fn column_sums_add_every_row_across_partial_sums() {
+        // 1000 rows: three full partial sums of COLUMN_SUM_ROWS and a shorter fourth.
+        let (m, n) = (1000, 7);
+        let vals: Vec<f32> = (0..m * n).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+        let y = Tensor::from_vec(vals.clone(), (m, n), &Device::Cpu).unwrap();
+        let sums = y
+            .apply_op1_no_bwd(&ColumnSums)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // Small integers: the f32 sums are exact, whatever the order.
+        let expected: Vec<f32> = (0..n)
+            .map(|j| (0..m).map(|i| vals[i * n + j]).sum())
+            .collect();
+        assert_eq!(sums, expected);
+        assert_eq!(sums, y.sum(0).unwrap().to_vec1::<f32>().unwrap());
+        // No rows: zeros; no columns: empty.
+        let empty = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            empty
+                .apply_op1_no_bwd(&ColumnSums)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            vec![0.0; 3]
+        );
+        let none = Tensor::zeros((4, 0), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(none.apply_op1_no_bwd(&ColumnSums).unwrap().dims(), &[0]);
     }
 
     #[test]
