@@ -69,6 +69,9 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--phase-times", action="store_true",
+                    help="print the median forward / backward / optimiser milliseconds per update "
+                         "(the phases medvlm's `update timing` debug log reports)")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
@@ -125,26 +128,38 @@ def main():
         lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
     )
     gen = torch.Generator().manual_seed(a.seed)
+    phases = {"forward": [], "backward": [], "optimiser": []}
     t0 = time.time()
     for epoch in range(a.epochs):
         order = torch.randperm(len(train), generator=gen)
         for s in range(per_epoch):
             idx = order[s * a.batch:(s + 1) * a.batch]
             ids, mask = encode([texts[i] for i in idx])
+            t_fwd = time.perf_counter()
             img = torch.nn.functional.normalize(encode_image(x_train[idx]), dim=-1)
             txt = torch.nn.functional.normalize(encode_text(ids, mask), dim=-1)
             logits = logit_scale.exp() * img @ txt.T
             target = torch.arange(len(idx))
             loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
             opt.zero_grad()
+            t_bwd = time.perf_counter()
             loss.backward()
+            t_opt = time.perf_counter()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             with torch.no_grad():
                 logit_scale.clamp_(0, math.log(100))
+            t_end = time.perf_counter()
+            phases["forward"].append(t_bwd - t_fwd)
+            phases["backward"].append(t_opt - t_bwd)
+            phases["optimiser"].append(t_end - t_opt)
         print(f"epoch {epoch} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
     print(f"training: {time.time() - t0:.1f} s for {a.epochs} epochs ({total} updates, {a.threads} threads)")
+    if a.phase_times:
+        med = {k: 1e3 * float(np.median(v)) for k, v in phases.items()}
+        print("median per update: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items())
+              + f", step {sum(med.values()):.1f} ms")
     model.eval()
     with torch.no_grad():
         img = torch.nn.functional.normalize(encode_image(x_test), dim=-1)
