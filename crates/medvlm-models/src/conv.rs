@@ -309,8 +309,10 @@ impl candle_core::CustomOp3 for Conv2dIm2colGrad {
         }
         let taps = self.window.kernel.0 * self.window.kernel.1;
         // Without `need_dx` (the input is a leaf without gradient, such as the pixels) dx is
-        // left empty and not computed.
-        let mut dx = vec![0f32; if self.need_dx { x.len() } else { 0 }];
+        // left empty and not computed. Room for `dw` after it, so appending `dw` at the end
+        // does not copy `dx`.
+        let mut dx = Vec::with_capacity(if self.need_dx { x.len() } else { 0 } + o * k);
+        dx.resize(if self.need_dx { x.len() } else { 0 }, 0f32);
         let task_len = (IMAGES_PER_TASK * img_len).max(1);
         let dy_len = (IMAGES_PER_TASK * rows * o).max(1);
         // One task: `dw` of its images, and their `dx` when asked. As in the forward, one
@@ -634,12 +636,14 @@ impl candle_core::CustomOp3 for BatchNormTrainGrad {
         };
         let n = x.len() / c;
         let rows = bn_rows_per_task(c) * c;
-        // Pass 1: Σ g and Σ g·xhat per channel.
+        // Pass 1: Σ g and Σ g·xhat per channel: f32 within a task (about 16k values, so at
+        // most a few thousand rows per sum; f32 lanes vectorise twice as wide as f64), f64
+        // across tasks.
         let sums = x
             .par_chunks(rows)
             .zip(dy.par_chunks(rows))
             .map(|(xb, gb)| {
-                let mut acc = vec![0f64; 2 * c];
+                let mut acc = vec![0f32; 2 * c];
                 let (sg, sgx) = acc.split_at_mut(c);
                 for (xr, gr) in xb.chunks_exact(c).zip(gb.chunks_exact(c)) {
                     if self.relu {
@@ -648,15 +652,16 @@ impl candle_core::CustomOp3 for BatchNormTrainGrad {
                         bn_grad_row_sums::<false>(xr, gr, st, sg, sgx);
                     }
                 }
-                acc
+                acc.into_iter().map(f64::from).collect::<Vec<f64>>()
             })
             .reduce(|| vec![0f64; 2 * c], add_into);
         let mean_g: Vec<f32> = sums[..c].iter().map(|s| (s / n as f64) as f32).collect();
         let mean_gx: Vec<f32> = sums[c..].iter().map(|s| (s / n as f64) as f32).collect();
         let coef: Vec<f32> = w.iter().zip(&st.rstd).map(|(w, r)| w * r).collect();
         let means = (mean_g.as_slice(), mean_gx.as_slice(), coef.as_slice());
-        // Pass 2: dx, written without zero-filling first; then the two parameter rows.
-        let mut out = crate::fastmath::par_fill(n * c, rows, |i, out| {
+        // Pass 2: dx, written without zero-filling first; then the two parameter rows (room
+        // reserved for them, so appending them does not copy dx).
+        let mut out = crate::fastmath::par_fill_with_room(n * c, 2 * c, rows, |i, out| {
             for ((dr, xr), gr) in out
                 .chunks_mut(c)
                 .zip(x[i..].chunks(c))
@@ -693,8 +698,8 @@ fn bn_grad_row_sums<const RELU: bool>(
     x: &[f32],
     dy: &[f32],
     st: &BnStats,
-    sum_g: &mut [f64],
-    sum_gx: &mut [f64],
+    sum_g: &mut [f32],
+    sum_gx: &mut [f32],
 ) {
     let affine = st.scale.iter().zip(&st.shift);
     let norm = st.mean.iter().zip(&st.rstd);
@@ -703,8 +708,8 @@ fn bn_grad_row_sums<const RELU: bool>(
         x.iter().zip(dy).zip(affine).zip(norm).zip(acc)
     {
         let g = bn_gate::<RELU>(x, dy, s, t);
-        *a += f64::from(g);
-        *b += f64::from(g * ((x - m) * r));
+        *a += g;
+        *b += g * ((x - m) * r);
     }
 }
 

@@ -216,8 +216,20 @@ pub fn par_fill(
     chunk: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
 ) -> Vec<f32> {
+    par_fill_with_room(n, 0, chunk, fill)
+}
+
+/// [`par_fill`] with capacity for `room` more elements, for a kernel that appends a few values
+/// after the filled ones (a backward pass's parameter gradients after `dx`): pushing past the
+/// capacity of an exactly sized vector would reallocate and copy all `n` elements.
+pub fn par_fill_with_room(
+    n: usize,
+    room: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
     use rayon::prelude::*;
-    let mut y: Vec<f32> = Vec::with_capacity(n);
+    let mut y: Vec<f32> = Vec::with_capacity(n + room);
     y.spare_capacity_mut()[..n]
         .par_chunks_mut(chunk.max(1))
         .enumerate()
