@@ -315,21 +315,12 @@ impl candle_core::CustomOp3 for Conv2dIm2colGrad {
         dx.resize(if self.need_dx { x.len() } else { 0 }, 0f32);
         let task_len = (IMAGES_PER_TASK * img_len).max(1);
         let dy_len = (IMAGES_PER_TASK * rows * o).max(1);
-        // One task: `dw` of its images, and their `dx` when asked. As in the forward, one
-        // gemm per task for all its images.
-        let task = |dxb: Option<&mut [f32]>, xb: &[f32], gb: &[f32]| -> Vec<f32> {
+        // One task: adds its images' `dw` into `dw`, and writes their `dx` when asked. As in
+        // the forward, one gemm per task for all its images.
+        let task = |dw: &mut [f32], dxb: Option<&mut [f32]>, xb: &[f32], gb: &[f32]| {
             let images = xb.len() / img_len.max(1);
             let cols = im2col_images(xb, images, self.window, (h, w, c), rows * k);
-            let mut dw = vec![0f32; o * k];
-            sgemm(
-                (o, k, images * rows),
-                &mut dw,
-                true,
-                gb,
-                (1, o),
-                &cols,
-                (k, 1),
-            );
+            sgemm((o, k, images * rows), dw, true, gb, (1, o), &cols, (k, 1));
             if let Some(dxb) = dxb {
                 let mut dcols = cols;
                 sgemm(
@@ -351,20 +342,38 @@ impl candle_core::CustomOp3 for Conv2dIm2colGrad {
                     });
                 }
             }
+        };
+        // The tasks in one contiguous group per thread, each group summing its own `dw`, and
+        // the groups' sums added in order: the same sum in every run (rayon's `reduce`
+        // groups partial sums as work stealing happens to split the tasks, so f32 results
+        // could differ between runs, and a resumed training would not repeat its run).
+        let n_tasks = x.len().div_ceil(task_len);
+        let groups = rayon::current_num_threads().clamp(1, n_tasks.max(1));
+        let per_group = n_tasks.div_ceil(groups).max(1);
+        let (group_x, group_dy) = (per_group * task_len, per_group * dy_len);
+        let run_group = |dxg: Option<&mut [f32]>, xg: &[f32], gg: &[f32]| {
+            let mut dw = vec![0f32; o * k];
+            let tasks = xg.chunks(task_len).zip(gg.chunks(dy_len));
+            match dxg {
+                Some(dxg) => {
+                    for (dxb, (xb, gb)) in dxg.chunks_mut(task_len).zip(tasks) {
+                        task(&mut dw, Some(dxb), xb, gb);
+                    }
+                }
+                None => tasks.for_each(|(xb, gb)| task(&mut dw, None, xb, gb)),
+            }
             dw
         };
-        let sum = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).map(|(x, y)| x + y).collect();
-        let tasks = x.par_chunks(task_len).zip(dy.par_chunks(dy_len));
-        let dw: Vec<f32> = if self.need_dx {
-            dx.par_chunks_mut(task_len)
-                .zip(tasks)
-                .map(|(dxb, (xb, gb))| task(Some(dxb), xb, gb))
-                .reduce(|| vec![0f32; o * k], sum)
+        let groups_in = x.par_chunks(group_x).zip(dy.par_chunks(group_dy));
+        let partials: Vec<Vec<f32>> = if self.need_dx {
+            dx.par_chunks_mut(group_x)
+                .zip(groups_in)
+                .map(|(dxg, (xg, gg))| run_group(Some(dxg), xg, gg))
+                .collect()
         } else {
-            tasks
-                .map(|(xb, gb)| task(None, xb, gb))
-                .reduce(|| vec![0f32; o * k], sum)
+            groups_in.map(|(xg, gg)| run_group(None, xg, gg)).collect()
         };
+        let dw = crate::fastmath::sum_in_order(partials, o * k);
         let len = dx.len() + dw.len();
         dx.extend(dw);
         Ok((CpuStorage::F32(dx), Shape::from(len)))
@@ -443,14 +452,6 @@ fn bn_rows_per_task(c: usize) -> usize {
     ((1 << 14) / c.max(1)).max(1)
 }
 
-/// Adds `b` into `a` elementwise (the reduction step of the per-task channel sums).
-fn add_into(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
-    for (x, y) in a.iter_mut().zip(b) {
-        *x += y;
-    }
-    a
-}
-
 /// Per-channel mean and biased variance of `x` `[N, C]` (rows in parallel). Sums of values and
 /// of squares are f64, so `E[x²] − E[x]²` does not cancel catastrophically; the loops run over
 /// zipped slices so that they vectorise.
@@ -470,7 +471,8 @@ fn channel_moments(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
             }
             acc
         })
-        .reduce(|| vec![0f64; 2 * c], add_into);
+        .collect::<Vec<_>>();
+    let sums = crate::fastmath::sum_in_order(sums, 2 * c);
     let mean: Vec<f64> = sums[..c].iter().map(|s| s / n as f64).collect();
     let var = sums[c..]
         .iter()
@@ -654,7 +656,8 @@ impl candle_core::CustomOp3 for BatchNormTrainGrad {
                 }
                 acc.into_iter().map(f64::from).collect::<Vec<f64>>()
             })
-            .reduce(|| vec![0f64; 2 * c], add_into);
+            .collect::<Vec<_>>();
+        let sums = crate::fastmath::sum_in_order(sums, 2 * c);
         let mean_g: Vec<f32> = sums[..c].iter().map(|s| (s / n as f64) as f32).collect();
         let mean_gx: Vec<f32> = sums[c..].iter().map(|s| (s / n as f64) as f32).collect();
         let coef: Vec<f32> = w.iter().zip(&st.rstd).map(|(w, r)| w * r).collect();

@@ -209,6 +209,24 @@ dispatch!(softmax_rows_in_place, softmax_rows_in_place_with, (x: &mut [f32], d: 
     }
 });
 
+/// Adds per-chunk partial sums (each `len` long) in chunk order. Kernels collect their
+/// parallel partial sums and add them here rather than with rayon's `reduce`, whose grouping
+/// follows work stealing: floating-point sums would then differ between runs of the same
+/// computation, and a resumed training would not repeat the uninterrupted one bit for bit.
+pub fn sum_in_order<T: Copy + Default + std::ops::AddAssign>(
+    parts: Vec<Vec<T>>,
+    len: usize,
+) -> Vec<T> {
+    let mut parts = parts.into_iter();
+    let mut total = parts.next().unwrap_or_else(|| vec![T::default(); len]);
+    for p in parts {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
 /// Fills a new vector of `n` elements in parallel chunks of `chunk` elements: `fill(i, out)`
 /// must write every element of `out`, the chunk starting at element `i`.
 pub fn par_fill(
@@ -247,6 +265,18 @@ mod tests {
         (0..n)
             .map(|i| lo + (hi - lo) * i as f32 / (n - 1) as f32)
             .collect()
+    }
+
+    #[test]
+    fn partial_sums_are_added_in_chunk_order() {
+        // f32 addition is not associative: (1e8 + 1) - 1e8 = 0 (1e8 + 1 rounds to 1e8), while
+        // (1e8 - 1e8) + 1 = 1. In chunk order, the first.
+        let parts = vec![vec![1e8f32, 2.0], vec![1.0, 3.0], vec![-1e8, 4.0]];
+        assert_eq!(sum_in_order(parts, 2), vec![0.0, 9.0]);
+        let reordered = vec![vec![1e8f32, 2.0], vec![-1e8, 4.0], vec![1.0, 3.0]];
+        assert_eq!(sum_in_order(reordered, 2), vec![1.0, 9.0]);
+        // No parts: zeros of the asked length.
+        assert_eq!(sum_in_order(Vec::<Vec<f64>>::new(), 3), vec![0.0; 3]);
     }
 
     #[test]
