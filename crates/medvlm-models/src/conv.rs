@@ -131,7 +131,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
 /// element `(i, j)` of `A` is `a[i·a_rs + j·a_cs]`. Single-threaded: callers parallelise over
 /// images.
 #[allow(clippy::too_many_arguments)]
-fn sgemm(
+pub(crate) fn sgemm(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,

@@ -79,7 +79,7 @@ fn last_dim(shape: &Shape) -> Result<usize> {
 }
 
 /// Whether the fused path applies to `x`.
-fn fusable(x: &Tensor) -> bool {
+pub(crate) fn fusable(x: &Tensor) -> bool {
     x.dtype() == DType::F32 && x.device().is_cpu()
 }
 
@@ -480,28 +480,8 @@ pub fn attention_inference(
     if (bk, hk, dk) != (b, h, d) || v.dims() != k.dims() || tk == 0 || d == 0 {
         return Ok(None);
     }
-    let mask = match mask {
-        None => None,
-        Some(m) => {
-            if !fusable(m) || m.track_op() || m.rank() != 4 {
-                return Ok(None);
-            }
-            let (mb, mh, mq, mk) = m.dims4()?;
-            let fits = |n: usize, full: usize| n == 1 || n == full;
-            if !(fits(mb, b) && fits(mh, h) && fits(mq, tq) && mk == tk) {
-                return Ok(None);
-            }
-            // Element strides of a contiguous copy, 0 along broadcast dimensions.
-            let strides = [
-                if mb == 1 { 0 } else { mh * mq * mk },
-                if mh == 1 { 0 } else { mq * mk },
-                if mq == 1 { 0 } else { mk },
-            ];
-            Some(AttentionMask {
-                values: m.flatten_all()?.to_vec1::<f32>()?,
-                strides,
-            })
-        }
+    let Some(mask) = attention_mask(mask, (b, h, tq, tk))? else {
+        return Ok(None);
     };
     Ok(Some(q.contiguous()?.apply_op3_no_bwd(
         &k.contiguous()?,
@@ -513,11 +493,97 @@ pub fn attention_inference(
     )?))
 }
 
-/// An additive mask read by [`Attention`]: row `(bi, hi, qi)` of the scores gets
-/// `values[bi * strides[0] + hi * strides[1] + qi * strides[2]..][..tk]` added.
-struct AttentionMask {
+/// The mask of the fused attention kernels: `Ok(None)` when they cannot take it (tracked, not
+/// f32 on the CPU, not broadcastable to `[B, H, Tq, Tk]` with a full last dimension), else
+/// `Ok(Some(mask))` (`Some(None)` without a mask).
+pub(crate) fn attention_mask(
+    mask: Option<&Tensor>,
+    (b, h, tq, tk): (usize, usize, usize, usize),
+) -> Result<Option<Option<AttentionMask>>> {
+    let Some(m) = mask else {
+        return Ok(Some(None));
+    };
+    if !fusable(m) || m.track_op() || m.rank() != 4 {
+        return Ok(None);
+    }
+    let (mb, mh, mq, mk) = m.dims4()?;
+    let fits = |n: usize, full: usize| n == 1 || n == full;
+    if !(fits(mb, b) && fits(mh, h) && fits(mq, tq) && mk == tk) {
+        return Ok(None);
+    }
+    // Element strides of a contiguous copy, 0 along broadcast dimensions.
+    let strides = [
+        if mb == 1 { 0 } else { mh * mq * mk },
+        if mh == 1 { 0 } else { mq * mk },
+        if mq == 1 { 0 } else { mk },
+    ];
+    Ok(Some(Some(AttentionMask {
+        values: m.flatten_all()?.to_vec1::<f32>()?,
+        strides,
+    })))
+}
+
+/// An additive mask read by the fused attention kernels: row `(bi, hi, qi)` of the scores
+/// gets `values[bi * strides[0] + hi * strides[1] + qi * strides[2]..][..tk]` added.
+pub(crate) struct AttentionMask {
     values: Vec<f32>,
     strides: [usize; 3],
+}
+
+/// The attention probabilities of one (batch, head) pair `i` (of `h` heads):
+/// `softmax(scale q_i k_iᵀ + mask)` into `probs` `[tq, tk]`, from row-major `q_i` `[tq, d]`
+/// and `k_i` `[tk, d]`. The inference kernel, the training forward and its backward pass (which
+/// recomputes them rather than keeping a `[B, H, Tq, Tk]` tensor) all call this, so the
+/// backward pass sees the forward's probabilities bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_probs(
+    qi: &[f32],
+    ki: &[f32],
+    (tq, tk, d): (usize, usize, usize),
+    scale: f32,
+    mask: Option<&AttentionMask>,
+    (i, h): (usize, usize),
+    probs: &mut [f32],
+) {
+    use gemm::{gemm, Parallelism};
+    assert!(qi.len() >= tq * d && ki.len() >= tk * d && probs.len() >= tq * tk);
+    // SAFETY: the pointers and strides describe the row-major matrices q_i [tq, d], k_i
+    // [tk, d] (read as kᵀ [d, tk]: column stride d, row stride 1) and probs [tq, tk], within
+    // the lengths asserted above.
+    unsafe {
+        gemm(
+            tq,
+            tk,
+            d,
+            probs.as_mut_ptr(),
+            1,
+            tk as isize,
+            false,
+            qi.as_ptr(),
+            1,
+            d as isize,
+            ki.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+    let probs = &mut probs[..tq * tk];
+    if let Some(m) = mask {
+        let (bi, hi) = (i / h, i % h);
+        for (qi, row) in probs.chunks_exact_mut(tk).enumerate() {
+            let at = bi * m.strides[0] + hi * m.strides[1] + qi * m.strides[2];
+            for (s, add) in row.iter_mut().zip(&m.values[at..at + tk]) {
+                *s += add;
+            }
+        }
+    }
+    fastmath::softmax_rows_in_place(probs, tk);
 }
 
 struct Attention {
@@ -556,42 +622,19 @@ impl CustomOp3 for Attention {
             SCORES.with(|cell| {
                 let mut scores = cell.borrow_mut();
                 scores.resize(tq * tk, 0.0);
-                // SAFETY: the pointers and strides describe the row-major matrices
-                // q_i [tq, d], k_i [tk, d] (read as kᵀ [d, tk]: column stride d, row stride 1),
-                // the scores [tq, tk] and v_i [tk, d]; `out` holds tq * d elements, all of which
-                // the second product writes (read_dst = false).
+                attention_probs(
+                    qi,
+                    ki,
+                    (tq, tk, d),
+                    scale,
+                    self.mask.as_ref(),
+                    (i, h),
+                    &mut scores,
+                );
+                // SAFETY: the pointers and strides describe the row-major probabilities
+                // [tq, tk] and v_i [tk, d]; `out` holds tq * d elements, all of which the
+                // product writes (read_dst = false).
                 unsafe {
-                    gemm(
-                        tq,
-                        tk,
-                        d,
-                        scores.as_mut_ptr(),
-                        1,
-                        tk as isize,
-                        false,
-                        qi.as_ptr(),
-                        1,
-                        d as isize,
-                        ki.as_ptr(),
-                        d as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                    if let Some(m) = &self.mask {
-                        let (bi, hi) = (i / h, i % h);
-                        for (qi, row) in scores.chunks_exact_mut(tk).enumerate() {
-                            let at = bi * m.strides[0] + hi * m.strides[1] + qi * m.strides[2];
-                            for (s, add) in row.iter_mut().zip(&m.values[at..at + tk]) {
-                                *s += add;
-                            }
-                        }
-                    }
-                    fastmath::softmax_rows_in_place(&mut scores, tk);
                     gemm(
                         tq,
                         d,

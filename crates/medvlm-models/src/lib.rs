@@ -34,6 +34,7 @@
 //! # }
 //! ```
 
+pub mod attention_train;
 pub mod bert;
 pub mod bf16_gemm;
 pub mod biomedclip;

@@ -195,6 +195,9 @@ pub fn attention(
     if let Some(ctx) = crate::fused::attention_inference(q, k, v, mask, scale)? {
         return Ok(ctx);
     }
+    if let Some(ctx) = crate::attention_train::attention(q, k, v, mask, scale)? {
+        return Ok(ctx);
+    }
     let q32 = (q.to_dtype(DType::F32)? * scale)?;
     let k32 = k.to_dtype(DType::F32)?;
     let mut scores = q32.matmul(&k32.t()?)?;
