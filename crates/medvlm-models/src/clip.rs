@@ -470,9 +470,7 @@ impl ClipVisionTransformer {
         let b = dims[0];
         let d = c.hidden_size;
         let px = pixel_values.to_dtype(self.class_embedding.dtype())?;
-        let patches = self
-            .patch_embedding
-            .forward(&px)?
+        let patches = crate::conv::patch_embedding(&self.patch_embedding, &px)?
             .flatten_from(2)?
             .transpose(1, 2)?;
         let cls = self

@@ -127,6 +127,49 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
         .reshape((b, ho, wo, o))
 }
 
+/// A ViT's patch embedding: candle's `Conv2d` with stride = kernel and no padding on `x`
+/// `[B, C, H, W]`, giving `[B, O, H/p, W/p]`. While its weight is trained (tracked, f32 on the
+/// CPU) it runs as the patches `[B·N, C·p·p]` times the flattened weight through the fused
+/// linear layer: candle's convolution backward also computes the pixels' gradient (a
+/// transposed convolution) that nothing uses, a quarter of the quickstart ViT's backward
+/// pass. Otherwise (inference, a frozen tower) candle's convolution, as the parity fixtures
+/// were checked with.
+pub fn patch_embedding(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
+    let w = conv.weight();
+    let cfg = conv.config();
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let (o, c, kh, kw) = w.dims4()?;
+    let applies = w.track_op()
+        && on_cpu_f32(w)
+        && on_cpu_f32(x)
+        && x.rank() == 4
+        && kh == kw
+        && cfg.stride == kh
+        && cfg.padding == 0
+        && cfg.dilation == 1
+        && cfg.groups == 1;
+    if !applies {
+        return candle_core::Module::forward(conv, x);
+    }
+    let (b, xc, h, wd) = x.dims4()?;
+    if xc != c || h % kh != 0 || wd % kw != 0 {
+        // Let candle's convolution report (or handle) the mismatch as it always has.
+        return candle_core::Module::forward(conv, x);
+    }
+    let (gh, gw) = (h / kh, wd / kw);
+    // Patch rows in the weight's (channel, row, column) order.
+    let patches = x
+        .reshape((b, c, gh, kh, gw, kw))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b * gh * gw, c * kh * kw))?;
+    let w2 = w.reshape((o, c * kh * kw))?;
+    let y = match conv.bias() {
+        Some(bias) => crate::fused::linear(&patches, &w2, bias)?,
+        None => patches.matmul(&w2.t()?)?,
+    };
+    y.reshape((b, gh, gw, o))?.permute((0, 3, 1, 2))
+}
+
 /// `y = A·B` (or `y += A·B`) on row-major buffers addressed by (row stride, column stride):
 /// element `(i, j)` of `A` is `a[i·a_rs + j·a_cs]`. Single-threaded: callers parallelise over
 /// images.
@@ -928,6 +971,40 @@ mod tests {
             gt.get(w.as_tensor()).unwrap(),
         )?;
         assert!(d < 1e-4, "kernel gradient without dx differs by {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn trained_patch_embedding_matches_candles_convolution_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = candle_nn::Conv2dConfig {
+            stride: 4,
+            ..Default::default()
+        };
+        let w = Var::randn(0f32, 0.2, (5, 3, 4, 4), &dev)?;
+        let b = Var::randn(0f32, 0.2, 5, &dev)?;
+        let conv = candle_nn::Conv2d::new(w.as_tensor().clone(), Some(b.as_tensor().clone()), cfg);
+        // Non-square: 8 x 12 pixels, a 2 x 3 patch grid.
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 12), &dev)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 5, 2, 3), &dev)?;
+        let ours = patch_embedding(&conv, &x)?;
+        let theirs = candle_core::Module::forward(&conv, &x)?;
+        assert_eq!(ours.dims(), &[2, 5, 2, 3]);
+        assert!(max_abs_diff(&ours, &theirs)? < 1e-5);
+        let g_ours = (ours * &probe)?.sum_all()?.backward()?;
+        let g_theirs = (theirs * &probe)?.sum_all()?.backward()?;
+        for v in [w.as_tensor(), b.as_tensor()] {
+            let d = max_abs_diff(g_ours.get(v).unwrap(), g_theirs.get(v).unwrap())?;
+            assert!(d < 1e-4, "patch-embedding gradient differs by {d}");
+        }
+        // A frozen weight (inference): candle's convolution itself, bit for bit.
+        let frozen =
+            candle_nn::Conv2d::new(w.as_tensor().detach(), Some(b.as_tensor().detach()), cfg);
+        let y = patch_embedding(&frozen, &x)?;
+        assert_eq!(
+            max_abs_diff(&y, &candle_core::Module::forward(&frozen, &x)?)?,
+            0.0
+        );
         Ok(())
     }
 

@@ -416,9 +416,7 @@ impl SiglipVisionTransformer {
             )));
         }
         let px = pixel_values.to_dtype(self.position_embedding.dtype())?;
-        let x = self
-            .patch_embedding
-            .forward(&px)?
+        let x = crate::conv::patch_embedding(&self.patch_embedding, &px)?
             .flatten_from(2)?
             .transpose(1, 2)?
             .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;

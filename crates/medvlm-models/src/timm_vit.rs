@@ -296,7 +296,7 @@ impl TimmVit {
         }
         let b = dims[0];
         let dtype = self.pos_embed.dtype();
-        let x = self.patch_embed.forward(&pixel_values.to_dtype(dtype)?)?;
+        let x = crate::conv::patch_embedding(&self.patch_embed, &pixel_values.to_dtype(dtype)?)?;
         // [B, D, gh, gw] -> [B, N, D]
         let x = x.flatten_from(2)?.transpose(1, 2)?;
         let d = self.cfg.width;
