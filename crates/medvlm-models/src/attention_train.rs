@@ -246,19 +246,8 @@ impl CustomOp3 for AttentionTrainGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::test_values::{max_abs_diff, randn as pattern};
     use candle_core::{DType, Device, Var, D};
-
-    fn pattern(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| {
-                let t = (i as f64 + 1.0) * 0.754_877_666_246_692_7
-                    + seed as f64 * 0.569_840_290_998_053_2;
-                ((t.fract() - 0.5) * 3.0) as f32
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     /// The composed attention (candle ops), the reference.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
@@ -269,19 +258,6 @@ mod tests {
         candle_nn::ops::softmax(&s, D::Minus1)
             .unwrap()
             .matmul(&v.contiguous().unwrap())
-            .unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
             .unwrap()
     }
 

@@ -881,13 +881,13 @@ impl CustomOp1 for ColumnSums {
     }
 }
 
+/// Inputs and comparisons of the kernels' tests (here and in `attention_train`).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
+pub(crate) mod test_values {
+    use candle_core::{Device, Tensor};
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        // A deterministic, non-trivial pattern (no RNG dependency).
+    /// A deterministic, non-trivial pattern in [-3, 3) (no RNG dependency).
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
             .map(|i| {
@@ -898,7 +898,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -910,6 +910,13 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_values::{max_abs_diff, randn};
+    use super::*;
+    use candle_core::{Device, Var};
 
     #[test]
     fn softmax_matches_the_composed_form_in_value_and_gradient() {
