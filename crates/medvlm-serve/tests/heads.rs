@@ -106,6 +106,7 @@ async fn segment_and_anomaly_answer_as_the_library() {
             batch: Some(4),
             width: Some(8),
             lr: None,
+            tower_lr: None,
             seed: 0,
             split: None,
             layers: Vec::new(),

@@ -72,6 +72,12 @@ pub struct SegHeadConfig {
     pub batch: usize,
     /// AdamW learning rate.
     pub lr: f64,
+    /// Learning rate of the image tower's trained parameters (LoRA, bottleneck adapters)
+    /// when they train with the head; `None` (the default, and what cards without the field
+    /// mean): `lr`, one rate for all. A lower tower rate lets the head learn the small
+    /// findings before the adapted tokens move (discriminative learning rates, ULMFiT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tower_lr: Option<f64>,
     /// AdamW weight decay.
     pub weight_decay: f64,
     /// Sigmoid threshold of a predicted mask.
@@ -122,6 +128,7 @@ impl SegHeadConfig {
             steps: 300,
             batch: 16,
             lr: 1e-3,
+            tower_lr: None,
             weight_decay: 1e-4,
             threshold: 0.5,
             seed: 0,
@@ -486,8 +493,19 @@ pub fn train_head_with(
     let head = TextSegHead::new(vb, cfg)?;
     let mut params = medvlm_train::optim::varmap_params(&varmap);
     seeded_init(&params, cfg.seed)?;
+    // The tower's parameters join the head's AdamW, or get their own at `tower_lr`.
+    let mut tower_opt = None;
     if let Some(t) = tower {
-        params.extend(t.params.iter().cloned());
+        match cfg.tower_lr {
+            None => params.extend(t.params.iter().cloned()),
+            Some(lr) => {
+                tower_opt = Some((
+                    t.params.clone(),
+                    adamw(t.params.clone(), cfg.weight_decay)?,
+                    lr,
+                ))
+            }
+        }
     }
     let mut opt = adamw(params.clone(), cfg.weight_decay)?;
     let mut sampler = ShuffledEpochs::new(samples.len(), cfg.seed);
@@ -502,8 +520,11 @@ pub fn train_head_with(
         };
         let logits = head.forward(&p, &t, &g)?;
         let loss = (bce_with_logits(&logits, &m)? + soft_dice_loss(&logits, &m, 1e-5)?)?;
-        let grads = Gradients::from_grad_store(&loss.backward()?, &params);
-        opt.step(&grads, cfg.lr)?;
+        let store = loss.backward()?;
+        opt.step(&Gradients::from_grad_store(&store, &params), cfg.lr)?;
+        if let Some((tower_params, tower_adamw, lr)) = tower_opt.as_mut() {
+            tower_adamw.step(&Gradients::from_grad_store(&store, tower_params), *lr)?;
+        }
         losses.push(loss.to_scalar::<f32>()?);
     }
     Ok(TrainedSegHead {

@@ -802,6 +802,9 @@ pub struct TrainOptions {
     pub width: Option<usize>,
     /// Learning rate; `None`: the default (1e-3).
     pub lr: Option<f64>,
+    /// Learning rate of the tower's LoRA or adapters; `None`: the head's
+    /// ([`SegHeadConfig::tower_lr`]).
+    pub tower_lr: Option<f64>,
     /// Seed of the head and of the absent pairs drawn.
     pub seed: u64,
     /// Split of the training manifest to use (`None`: every record).
@@ -1019,6 +1022,21 @@ pub fn train_segmenter(
             "choose LoRA or bottleneck adapters for the image tower, not both".into(),
         ));
     }
+    match opts.tower_lr {
+        Some(_) if opts.lora.is_none() && opts.adapter.is_none() => {
+            return Err(SegPipelineError::Invalid(
+                "a tower learning rate needs LoRA or bottleneck adapters in the tower (the frozen \
+                 tower has nothing to train)"
+                    .into(),
+            ))
+        }
+        Some(lr) if !(lr.is_finite() && lr > 0.0) => {
+            return Err(SegPipelineError::Invalid(format!(
+                "tower learning rate {lr}: must be a positive number"
+            )))
+        }
+        _ => {}
+    }
     // With LoRA or adapters the pixels are kept for the tower's passes during training (read once).
     let (images, pixels) = load_images_for_head(
         &m,
@@ -1057,6 +1075,7 @@ pub fn train_segmenter(
     if let Some(v) = opts.lr {
         cfg.lr = v;
     }
+    cfg.tower_lr = opts.tower_lr;
     if let Some(v) = opts.pixel_width {
         cfg.pixel_width = v;
     }

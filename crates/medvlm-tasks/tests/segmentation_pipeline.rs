@@ -43,6 +43,7 @@ fn options(steps: usize) -> TrainOptions {
         batch: Some(16),
         width: Some(32),
         lr: None,
+        tower_lr: None,
         seed: 3,
         split: None,
         layers: Vec::new(),
@@ -581,4 +582,56 @@ fn adapter_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
     .err()
     .expect("both");
     assert!(err.to_string().contains("not both"), "{err}");
+}
+
+/// `tower_lr` (`--tower-lr`): the tower's adapters train at their own rate (at a negligible
+/// rate they stay where they started, the head still trains) and the card records it; it
+/// needs LoRA or adapters, and a positive rate.
+#[test]
+fn tower_learning_rate_applies_to_the_tower_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ph");
+    phantoms(&data, 8, 4, vec![Modality::Dermoscopy]);
+    let task = SegTask::from_manifest(&data.join("manifest.jsonl"), None).unwrap();
+    let dev = Device::Cpu;
+    let frozen_tokens = load_images(&model(), &task, &dev).unwrap();
+    let with_rate = |tower_lr: Option<f64>| TrainOptions {
+        adapter: Some(SegAdapter::new(4)),
+        tower_lr,
+        ..options(5)
+    };
+    let still = train_segmenter(model(), &task, &with_rate(Some(1e-30)), &dev).unwrap();
+    assert_eq!(still.segmenter.card.head.tower_lr, Some(1e-30));
+    let still_tokens = load_images(&still.segmenter.model, &task, &dev).unwrap();
+    let diff = max_abs_diff(&frozen_tokens[0].patches, &still_tokens[0].patches);
+    // (The wrapped layers sum in another order than the plain ones: rounding, not training.)
+    assert!(diff < 1e-5, "adapters moved at a negligible rate ({diff})");
+    let moved = train_segmenter(model(), &task, &with_rate(Some(1e-2)), &dev).unwrap();
+    let moved_tokens = load_images(&moved.segmenter.model, &task, &dev).unwrap();
+    let diff = max_abs_diff(&frozen_tokens[0].patches, &moved_tokens[0].patches);
+    assert!(
+        diff > 1e-3,
+        "adapters did not train at their own rate ({diff})"
+    );
+    // The head trained in both runs (its loss moved).
+    for run in [&still, &moved] {
+        let l = &run.losses;
+        assert!(l.first() != l.last(), "{l:?}");
+    }
+
+    for (opts, want) in [
+        (
+            TrainOptions {
+                tower_lr: Some(1e-4),
+                ..options(2)
+            },
+            "needs LoRA or bottleneck adapters",
+        ),
+        (with_rate(Some(-1.0)), "must be a positive number"),
+    ] {
+        let err = train_segmenter(model(), &task, &opts, &dev)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains(want), "{err}");
+    }
 }

@@ -68,6 +68,10 @@ pub struct TrainArgs {
     /// AdamW learning rate (default 1e-3).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Learning rate of the tower's LoRA or bottleneck adapters (default: --lr). Needs
+    /// --lora-rank or --adapter-bottleneck.
+    #[arg(long)]
+    pub tower_lr: Option<f64>,
     /// Seed of the head's initialisation, sample order and absent pairs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -172,6 +176,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         batch: a.batch,
         width: a.width,
         lr: a.lr,
+        tower_lr: a.tower_lr,
         seed: a.seed,
         split: a.split.split.clone(),
         layers: a.layers.clone(),
