@@ -585,8 +585,9 @@ fn adapter_segmenter_trains_the_tower_and_keeps_the_baseline_frozen() {
 }
 
 /// `tower_lr` (`--tower-lr`): the tower's adapters train at their own rate (at a negligible
-/// rate they stay where they started, the head still trains) and the card records it; it
-/// needs LoRA or adapters, and a positive rate.
+/// rate they stay where they started, the head still trains; without one, at
+/// `ADAPTER_TOWER_LR`) and the card records it; it needs LoRA or adapters, and a positive
+/// rate.
 #[test]
 fn tower_learning_rate_applies_to_the_tower_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -612,6 +613,12 @@ fn tower_learning_rate_applies_to_the_tower_alone() {
     assert!(
         diff > 1e-3,
         "adapters did not train at their own rate ({diff})"
+    );
+    // Without a rate the adapters train at their default, not at the head's.
+    let default = train_segmenter(model(), &task, &with_rate(None), &dev).unwrap();
+    assert_eq!(
+        default.segmenter.card.head.tower_lr,
+        Some(medvlm_tasks::segmentation_pipeline::ADAPTER_TOWER_LR)
     );
     // The head trained in both runs (its loss moved).
     for run in [&still, &moved] {

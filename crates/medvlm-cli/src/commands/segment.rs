@@ -68,8 +68,8 @@ pub struct TrainArgs {
     /// AdamW learning rate (default 1e-3).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Learning rate of the tower's LoRA or bottleneck adapters (default: --lr). Needs
-    /// --lora-rank or --adapter-bottleneck.
+    /// Learning rate of the tower's LoRA or bottleneck adapters (default: 3e-4 for the
+    /// adapters, --lr for LoRA). Needs --lora-rank or --adapter-bottleneck.
     #[arg(long)]
     pub tower_lr: Option<f64>,
     /// Seed of the head's initialisation, sample order and absent pairs.
