@@ -34,7 +34,7 @@
 //! # }
 //! ```
 
-pub mod attention_train;
+pub mod attention;
 pub mod bert;
 pub mod bf16_gemm;
 pub mod biomedclip;

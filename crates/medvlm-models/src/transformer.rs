@@ -192,10 +192,7 @@ pub fn attention(
 ) -> candle_core::Result<Tensor> {
     let dtype = q.dtype();
     let scale = 1.0 / (head_dim as f64).sqrt();
-    if let Some(ctx) = crate::fused::attention_inference(q, k, v, mask, scale)? {
-        return Ok(ctx);
-    }
-    if let Some(ctx) = crate::attention_train::attention(q, k, v, mask, scale)? {
+    if let Some(ctx) = crate::attention::attention(q, k, v, mask, scale)? {
         return Ok(ctx);
     }
     let q32 = (q.to_dtype(DType::F32)? * scale)?;
