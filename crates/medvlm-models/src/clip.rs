@@ -275,7 +275,7 @@ impl ClipTextTransformer {
         tokens: &TokenBatch,
         prompt: Option<&TextPrompt>,
     ) -> Result<(Tensor, Tensor)> {
-        let (b, l) = tokens.input_ids.dims2()?;
+        let (_, l) = tokens.input_ids.dims2()?;
         if l > self.cfg.max_position_embeddings {
             return Err(ModelError::invalid(format!(
                 "text of {l} tokens exceeds the context length {}",
@@ -293,7 +293,7 @@ impl ClipTextTransformer {
         let h = self.encoder.forward(&x, Some(&mask), None)?;
         let h = self.final_layer_norm.forward(&h)?;
         let pos = self.pool_positions(&tokens.input_ids)?;
-        let pooled = gather_rows(&h, &pos, b)?;
+        let pooled = gather_rows(&h, &pos)?;
         Ok((h, pooled))
     }
 }
@@ -325,13 +325,13 @@ pub fn eot_positions(ids: &[Vec<u32>], eos_token_id: u32) -> Vec<u32> {
 /// (Row-by-row `get` + `stack` put 2·B narrows in the graph, and each narrow's backward pads
 /// its row to the full `[B, L, D]` with zeros and adds that into the states' gradient: B
 /// full-size temporaries per text batch.)
-pub fn gather_rows(h: &Tensor, pos: &[u32], b: usize) -> Result<Tensor> {
-    let (hb, l, d) = h.dims3()?;
-    if hb != b || pos.len() != b {
+pub fn gather_rows(h: &Tensor, pos: &[u32]) -> Result<Tensor> {
+    let (b, l, d) = h.dims3()?;
+    if pos.len() != b {
         return Err(crate::ModelError::invalid(format!(
-            "gather_rows: {b} rows asked of states {:?} with {} positions",
-            h.dims(),
-            pos.len()
+            "gather_rows: {} positions for states {:?}",
+            pos.len(),
+            h.dims()
         )));
     }
     let flat: Vec<u32> = pos
@@ -672,7 +672,7 @@ mod tests {
             .flat_map(|i| (0..4).flat_map(move |t| [0, 1].map(|c| (100 * i + 10 * t + c) as f32)))
             .collect();
         let h = Var::from_vec(vals, (3, 4, 2), &dev).unwrap();
-        let pooled = gather_rows(h.as_tensor(), &[2, 0, 3], 3).unwrap();
+        let pooled = gather_rows(h.as_tensor(), &[2, 0, 3]).unwrap();
         assert_eq!(
             pooled.to_vec2::<f32>().unwrap(),
             vec![vec![20.0, 21.0], vec![100.0, 101.0], vec![230.0, 231.0]]
@@ -690,9 +690,9 @@ mod tests {
         expected[1][0] = vec![3.0, 4.0];
         expected[2][3] = vec![5.0, 6.0];
         assert_eq!(g, expected);
-        // A position outside the sequence or a row count that does not match: an error.
-        assert!(gather_rows(h.as_tensor(), &[2, 0, 4], 3).is_err());
-        assert!(gather_rows(h.as_tensor(), &[2, 0], 2).is_err());
+        // A position outside the sequence or a position count that does not match: an error.
+        assert!(gather_rows(h.as_tensor(), &[2, 0, 4]).is_err());
+        assert!(gather_rows(h.as_tensor(), &[2, 0]).is_err());
     }
 
     #[test]

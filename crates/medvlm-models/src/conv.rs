@@ -137,11 +137,10 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
 pub fn patch_embedding(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
     let w = conv.weight();
     let cfg = conv.config();
-    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     let (o, c, kh, kw) = w.dims4()?;
     let applies = w.track_op()
-        && on_cpu_f32(w)
-        && on_cpu_f32(x)
+        && crate::fused::fusable(w)
+        && crate::fused::fusable(x)
         && x.rank() == 4
         && kh == kw
         && cfg.stride == kh

@@ -626,8 +626,9 @@ impl CustomOp3 for LinearBias {
 
 /// `Σᵢ yᵢ` over the rows of a contiguous f32 `[m, n]` tensor: a linear layer's bias
 /// gradient. candle's `sum(0)` walks the reduced dimension with a strided loop per output
-/// element (about 280 µs for a `[1536, 64]` gradient, against 80 µs for that layer's whole
-/// `dx` product); this adds rows onto a running row, which vectorises. Partial sums of
+/// element, slower than the layer's whole `dx` product at the text towers' sizes; this adds
+/// rows onto a running row, which vectorises (docs/benchmarks.md, the ResNet step's third
+/// round). Partial sums of
 /// [`COLUMN_SUM_ROWS`] rows each are added at the end, in order (the same sum in every run),
 /// so the f32 sum of a long column is two-level rather than one running total.
 struct ColumnSums;

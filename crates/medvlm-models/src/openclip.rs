@@ -403,7 +403,7 @@ impl OpenClipText {
         tokens: &TokenBatch,
         prompt: Option<&TextPrompt>,
     ) -> Result<TextOutput> {
-        let (b, l) = tokens.input_ids.dims2()?;
+        let (_, l) = tokens.input_ids.dims2()?;
         if l > self.cfg.context_length {
             return Err(ModelError::invalid(format!(
                 "text of {l} tokens exceeds the context length {}",
@@ -419,7 +419,7 @@ impl OpenClipText {
         let mask = causal_mask(l, x.device())?;
         let h = self.encoder.forward(&x, Some(&mask), None)?;
         let h = self.ln_final.forward(&h)?;
-        let pooled = crate::clip::gather_rows(&h, &self.pool_positions(&ids)?, b)?;
+        let pooled = crate::clip::gather_rows(&h, &self.pool_positions(&ids)?)?;
         Ok(TextOutput {
             embeds: self.projection.forward(&pooled)?,
             pooled,
